@@ -1,0 +1,246 @@
+//! Every setting Pushline has, with its default, in one place.
+//!
+//! A setting comes from (highest first) a command-line flag, a `PUSHLINE_*` environment
+//! variable, the TOML file named by `--config`, or the default written here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use serde::Serialize;
+
+/// What a connection whose outbound queue is full gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumer {
+    /// Discard the oldest queued message (counted as `queue_full`) and keep the connection.
+    DropOldest,
+    /// Close the connection with code 1013 (counted as `slow_consumer`).
+    Disconnect,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegistryKind {
+    /// One node, sessions held in this process. No dependencies.
+    Memory,
+}
+
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(name = "pushline", version, about = "A push server for millions of long-lived, mostly idle connections")]
+#[command(args_override_self = true)]
+pub struct Config {
+    /// TOML file with settings (keys are the flag names, with `-` or `_`).
+    #[arg(long, env = "PUSHLINE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Client listener: WebSocket, SSE and the /v1 publish API. Port 0 picks a free port.
+    #[arg(long, env = "PUSHLINE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Admin listener: /metrics, /healthz, /readyz. Keep it off the public network.
+    #[arg(long, env = "PUSHLINE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    pub admin_listen: SocketAddr,
+
+    /// Where sessions are registered.
+    #[arg(long, env = "PUSHLINE_REGISTRY", value_enum, default_value = "memory")]
+    pub registry: RegistryKind,
+
+    /// This node's id (0-1023); it is encoded in every session id and message id.
+    #[arg(long, env = "PUSHLINE_NODE_ID", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1023))]
+    pub node_id: u16,
+
+    /// Set SO_REUSEPORT on the client listener so several processes can share the port.
+    #[arg(long, env = "PUSHLINE_REUSE_PORT", default_value_t = false)]
+    pub reuse_port: bool,
+
+    /// HS256 secret for client JWTs. Without it the server runs in open mode (`?uid=`),
+    /// which is refused unless every listener is bound to loopback.
+    #[arg(long, env = "PUSHLINE_JWT_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    pub jwt_secret: Option<String>,
+
+    /// Key the /v1 publish API requires (`Authorization: Bearer KEY` or `X-Api-Key: KEY`).
+    /// Required unless in open mode.
+    #[arg(long, env = "PUSHLINE_API_KEY", hide_env_values = true)]
+    #[serde(skip)]
+    pub api_key: Option<String>,
+
+    /// Most WebSocket + SSE connections held at once; more are refused with 503.
+    #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    pub max_connections: usize,
+
+    /// Close a WebSocket connection that sent nothing for this long (2 x the talk's 270 s heartbeat).
+    #[arg(long, env = "PUSHLINE_IDLE_TIMEOUT", default_value = "540s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub idle_timeout: Duration,
+
+    /// Send a WebSocket ping to every connection this often; 0s turns server pings off.
+    #[arg(long, env = "PUSHLINE_PING_INTERVAL", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub ping_interval: Duration,
+
+    /// Write an SSE comment line this often so proxies keep the stream open; 0s turns it off.
+    #[arg(long, env = "PUSHLINE_SSE_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub sse_keepalive: Duration,
+
+    /// Most messages waiting in one connection's outbound queue.
+    #[arg(long, env = "PUSHLINE_QUEUE_MAX_MESSAGES", default_value_t = 64)]
+    pub queue_max_messages: usize,
+
+    /// Most bytes waiting in one connection's outbound queue.
+    #[arg(long, env = "PUSHLINE_QUEUE_MAX_BYTES", default_value_t = 256 * 1024)]
+    pub queue_max_bytes: usize,
+
+    /// What happens when a connection's outbound queue is full.
+    #[arg(long, env = "PUSHLINE_SLOW_CONSUMER", value_enum, default_value = "drop-oldest")]
+    pub slow_consumer: SlowConsumer,
+
+    /// Largest `data` a publish may carry (bytes of JSON); larger is a 413.
+    #[arg(long, env = "PUSHLINE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Bytes queued across all connections above which publishes get 503 + Retry-After.
+    #[arg(long, env = "PUSHLINE_NODE_QUEUE_MAX_BYTES", default_value_t = 1 << 30)]
+    pub node_queue_max_bytes: usize,
+
+    /// Largest frame a client may send (its frames are pings and subscriptions).
+    #[arg(long, env = "PUSHLINE_MAX_CLIENT_FRAME_BYTES", default_value_t = 16 * 1024)]
+    pub max_client_frame_bytes: usize,
+
+    /// Most topics one connection may subscribe to.
+    #[arg(long, env = "PUSHLINE_MAX_TOPICS_PER_CONNECTION", default_value_t = 64)]
+    pub max_topics_per_connection: usize,
+
+    /// Connections a fan-out enqueues to before yielding, so accepts and pings keep running.
+    #[arg(long, env = "PUSHLINE_FANOUT_BATCH", default_value_t = 512)]
+    pub fanout_batch: usize,
+
+    /// Time a new connection has to send its HTTP request head.
+    #[arg(long, env = "PUSHLINE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub handshake_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, time given to in-flight publishes and to clients to take their
+    /// close frame before the process exits anyway.
+    #[arg(long, env = "PUSHLINE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub shutdown_grace: Duration,
+
+    /// Log filter (tracing-subscriber `EnvFilter` syntax, e.g. `info,pushline=debug`).
+    #[arg(long, env = "PUSHLINE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn as_humantime<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// Flags whose values may repeat; a TOML array is only accepted for these.
+const REPEATABLE: &[&str] = &[];
+
+impl Config {
+    /// Reads flags, environment and the `--config` file, in that order of precedence.
+    pub fn load() -> Result<Config, String> {
+        Self::load_from(std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect())
+    }
+
+    pub fn load_from(args: Vec<String>) -> Result<Config, String> {
+        let first = Config::try_parse_from(&args).map_err(|e| e.render().to_string())?;
+        let Some(path) = first.config.clone() else {
+            return Ok(first);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        // TOML values become flags placed before the user's own, so a later flag overrides
+        // them (args_override_self); a key whose environment variable is set is skipped so
+        // the environment wins over the file.
+        let command = Config::command();
+        let mut from_file = Vec::new();
+        for (key, value) in &table {
+            let flag = key.replace('_', "-");
+            let Some(arg) = command.get_arguments().find(|a| a.get_long() == Some(flag.as_str())) else {
+                return Err(format!("config file {}: unknown setting `{key}`", path.display()));
+            };
+            if flag == "config" {
+                return Err(format!("config file {}: `config` cannot name another file", path.display()));
+            }
+            if let Some(env) = arg.get_env() {
+                if std::env::var_os(env).is_some() {
+                    continue;
+                }
+            }
+            let values = match value {
+                toml::Value::Array(items) if REPEATABLE.contains(&flag.as_str()) => items.clone(),
+                toml::Value::Array(_) => {
+                    return Err(format!("config file {}: `{key}` takes one value", path.display()))
+                }
+                other => vec![other.clone()],
+            };
+            for v in values {
+                let text = match v {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    other => {
+                        return Err(format!("config file {}: `{key}` has an unsupported value {other}", path.display()))
+                    }
+                };
+                from_file.push(format!("--{flag}={text}"));
+            }
+        }
+        let mut merged = Vec::with_capacity(args.len() + from_file.len());
+        merged.extend(args.first().cloned());
+        merged.extend(from_file);
+        merged.extend(args.into_iter().skip(1));
+        let matches = Config::command()
+            .try_get_matches_from(merged)
+            .map_err(|e| e.render().to_string())?;
+        Config::from_arg_matches(&matches).map_err(|e| e.render().to_string())
+    }
+
+    /// Checks settings against each other; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.jwt_secret.is_none() {
+            for (name, addr) in [("--listen", self.listen), ("--admin-listen", self.admin_listen)] {
+                if !addr.ip().is_loopback() {
+                    return Err(format!(
+                        "open mode (no --jwt-secret) refuses a non-loopback listener: {name} {addr}; \
+                         set --jwt-secret and --api-key, or bind to 127.0.0.1"
+                    ));
+                }
+            }
+        } else if self.api_key.is_none() {
+            return Err("--jwt-secret is set but --api-key is not: the publish API needs its key".into());
+        }
+        if self.max_message_bytes > self.queue_max_bytes {
+            return Err(format!(
+                "--max-message-bytes ({}) is larger than --queue-max-bytes ({}): no message that large could ever be queued",
+                self.max_message_bytes, self.queue_max_bytes
+            ));
+        }
+        if self.queue_max_messages == 0 || self.fanout_batch == 0 {
+            return Err("--queue-max-messages and --fanout-batch must be at least 1".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("--idle-timeout must be more than 0s".into());
+        }
+        Ok(())
+    }
+
+    pub fn open_mode(&self) -> bool {
+        self.jwt_secret.is_none()
+    }
+
+    /// A config for tests and embedding: both listeners on free loopback ports, open mode.
+    pub fn for_loopback() -> Config {
+        Config::try_parse_from(["pushline", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .expect("built-in arguments parse")
+    }
+}

@@ -1,0 +1,60 @@
+//! The one timer for all connections: closes WebSocket connections that have been silent
+//! past `idle_timeout`, and sends server pings and SSE keep-alives when they are due.
+//!
+//! A timer per connection would cost a timer-wheel entry and a wake-up each; one sweep
+//! over the hub costs a few nanoseconds per connection, and nothing between sweeps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::clock_ms;
+use super::wire::Transport;
+use crate::hub::Hub;
+use crate::telemetry::CloseReason;
+
+/// How often to sweep: a quarter of the shortest deadline it keeps, within 50 ms..30 s.
+pub fn period(idle_timeout: Duration, ping_interval: Duration, sse_keepalive: Duration) -> Duration {
+    let shortest = [idle_timeout, ping_interval, sse_keepalive].into_iter().filter(|d| !d.is_zero()).min();
+    (shortest.unwrap_or(idle_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
+}
+
+pub async fn run(hub: Arc<Hub>, stop: CancellationToken) {
+    let config = hub.config();
+    let idle_ms = config.idle_timeout.as_millis() as u64;
+    let ping_ms = config.ping_interval.as_millis() as u64;
+    let keepalive_ms = config.sse_keepalive.as_millis() as u64;
+    let mut ticks = tokio::time::interval(period(config.idle_timeout, config.ping_interval, config.sse_keepalive));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_ping, mut last_keepalive) = (clock_ms(), clock_ms());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = clock_ms();
+        let ping_due = ping_ms > 0 && now - last_ping >= ping_ms;
+        let keepalive_due = keepalive_ms > 0 && now - last_keepalive >= keepalive_ms;
+        if ping_due {
+            last_ping = now;
+        }
+        if keepalive_due {
+            last_keepalive = now;
+        }
+        hub.for_each(|conn| match conn.transport {
+            Transport::WebSocket => {
+                if now.saturating_sub(conn.last_inbound_ms()) >= idle_ms {
+                    conn.request_close(CloseReason::IdleTimeout);
+                } else if ping_due {
+                    conn.ping();
+                }
+            }
+            Transport::Sse => {
+                if keepalive_due {
+                    conn.ping();
+                }
+            }
+        });
+    }
+}

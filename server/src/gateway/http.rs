@@ -1,0 +1,162 @@
+//! Just enough HTTP/1.1 to route a new connection: read and parse the request head,
+//! answer a refusal, and hand the bytes already read on to hyper when the request is for
+//! the publish API.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// The parts of a request head the gateway looks at.
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    pub fn query(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// True if a comma-separated header lists `token` (case-insensitive).
+    pub fn header_has(&self, name: &str, token: &str) -> bool {
+        self.header(name).is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+    }
+
+    /// The token from `?token=`, or from `Authorization: Bearer`.
+    pub fn bearer(&self) -> Option<&str> {
+        self.query("token").or_else(|| {
+            let value = self.header("authorization")?;
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+    }
+}
+
+pub enum ReadHead {
+    /// The head, and how many bytes of `buf` it used.
+    Complete(Head, usize),
+    /// The client closed, or sent nothing usable; nothing to answer.
+    Closed,
+    Malformed(String),
+}
+
+/// Reads until a complete request head is in `buf` (which may then hold more).
+pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<ReadHead> {
+    loop {
+        if let Some(outcome) = parse(buf) {
+            return Ok(outcome);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Ok(ReadHead::Malformed(format!("request head over {MAX_HEAD} bytes")));
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve(1024);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Ok(ReadHead::Closed);
+        }
+    }
+}
+
+fn parse(buf: &[u8]) -> Option<ReadHead> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => None,
+        Err(e) => Some(ReadHead::Malformed(format!("malformed request: {e}"))),
+        Ok(httparse::Status::Complete(len)) => {
+            let target = req.path.unwrap_or("/");
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let head = Head {
+                method: req.method.unwrap_or("").to_owned(),
+                path: path.to_owned(),
+                query: form_urlencoded::parse(query.as_bytes()).into_owned().collect(),
+                headers: req
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect(),
+            };
+            Some(ReadHead::Complete(head, len))
+        }
+    }
+}
+
+/// Writes a complete response with a JSON body and closes the connection.
+pub async fn respond(stream: &mut TcpStream, status: u16, extra_headers: &str, body: &str) {
+    let reason = match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+pub fn error_body(error: &str) -> String {
+    serde_json::json!({ "error": error }).to_string()
+}
+
+/// A stream that first yields bytes already read from it.
+pub struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl Prefixed {
+    pub fn new(prefix: Vec<u8>, inner: TcpStream) -> Prefixed {
+        Prefixed { prefix, at: 0, inner }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            if self.at == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,38 @@
+//! The WebSocket opening handshake (RFC 6455 section 4.2).
+
+use base64::Engine;
+use sha1::{Digest, Sha1};
+
+use super::http::Head;
+use super::Refusal;
+
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+pub(super) fn check_upgrade(head: &Head) -> Result<(), Refusal> {
+    if !head.header_has("upgrade", "websocket") || !head.header_has("connection", "upgrade") {
+        return Err(Refusal::bad_request("/ws needs a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade)"));
+    }
+    if head.header("sec-websocket-version") != Some("13") {
+        return Err(Refusal {
+            status: 426,
+            reason: crate::telemetry::RefuseReason::BadRequest,
+            headers: "Sec-WebSocket-Version: 13\r\n",
+            message: "WebSocket version 13 is the one supported".into(),
+        });
+    }
+    match head.header("sec-websocket-key") {
+        Some(key) if base64::engine::general_purpose::STANDARD.decode(key.trim()).is_ok_and(|k| k.len() == 16) => Ok(()),
+        _ => Err(Refusal::bad_request("Sec-WebSocket-Key missing or not 16 bytes of base64")),
+    }
+}
+
+pub(super) fn accept_response(head: &Head) -> String {
+    let key = head.header("sec-websocket-key").unwrap_or_default().trim();
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID.as_bytes());
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+}

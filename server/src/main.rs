@@ -1,0 +1,44 @@
+//! The `pushline` binary: settings, logging, then the server until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use pushline::{telemetry, Config, Server};
+use tokio::signal::unix::{signal, SignalKind};
+
+fn main() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(message) => {
+            eprint!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("pushline").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pushline: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match Server::start(config).await {
+            Ok(server) => server,
+            Err(message) => {
+                tracing::error!("{message}");
+                eprintln!("pushline: {message}");
+                return ExitCode::from(2);
+            }
+        };
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            eprintln!("pushline: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,351 @@
+//! Metric names, their handles, and log set-up. Every metric the server exports is
+//! defined here, once.
+//!
+//! Each server owns its own Prometheus recorder (no global recorder), so two servers in
+//! one process (as in tests) count separately. Handles are registered once at start;
+//! the hot path only touches atomics.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::conn::wire::Transport;
+
+pub const CONNECTIONS: &str = "pushline_connections";
+pub const CONNECTIONS_OPENED: &str = "pushline_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "pushline_connections_closed_total";
+pub const CONNECTIONS_REFUSED: &str = "pushline_connections_refused_total";
+pub const ACCEPT_ERRORS: &str = "pushline_accept_errors_total";
+pub const MESSAGES_PUBLISHED: &str = "pushline_messages_published_total";
+pub const MESSAGES_DELIVERED: &str = "pushline_messages_delivered_total";
+pub const MESSAGES_DROPPED: &str = "pushline_messages_dropped_total";
+pub const DELIVERY_LATENCY: &str = "pushline_delivery_latency_seconds";
+pub const OUTBOUND_QUEUED_BYTES: &str = "pushline_outbound_queued_bytes";
+pub const OUTBOUND_QUEUED_MESSAGES: &str = "pushline_outbound_queued_messages";
+pub const CLIENT_ERRORS: &str = "pushline_client_errors_total";
+pub const API_REQUESTS: &str = "pushline_api_requests_total";
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// Why a connection closed. Label `reason` of `pushline_connections_closed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// The client sent a close frame or closed its end.
+    Client = 0,
+    IdleTimeout,
+    /// Outbound queue overflowed under `--slow-consumer disconnect`.
+    SlowConsumer,
+    Shutdown,
+    ProtocolError,
+    /// A read or write failed (reset, broken pipe).
+    IoError,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 6] = [
+        CloseReason::Client,
+        CloseReason::IdleTimeout,
+        CloseReason::SlowConsumer,
+        CloseReason::Shutdown,
+        CloseReason::ProtocolError,
+        CloseReason::IoError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::IoError => "io_error",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<CloseReason> {
+        CloseReason::ALL.get(v as usize).copied()
+    }
+}
+
+/// Why a message did not reach a connection. Label `reason` of `pushline_messages_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Discarded by drop-oldest to make room in a full queue.
+    QueueFull,
+    /// Discarded with the connection closed by the disconnect policy.
+    SlowConsumer,
+    /// Still queued when its connection closed.
+    ConnectionClosed,
+    /// A whole publish refused with 503 because the node's queued bytes were over budget.
+    NodeOverBudget,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] =
+        [DropReason::QueueFull, DropReason::SlowConsumer, DropReason::ConnectionClosed, DropReason::NodeOverBudget];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::ConnectionClosed => "connection_closed",
+            DropReason::NodeOverBudget => "node_over_budget",
+        }
+    }
+}
+
+/// Why a connection attempt was turned away. Label `reason` of `pushline_connections_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefuseReason {
+    MaxConnections,
+    Unauthorized,
+    BadRequest,
+    HandshakeTimeout,
+    ShuttingDown,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 5] = [
+        RefuseReason::MaxConnections,
+        RefuseReason::Unauthorized,
+        RefuseReason::BadRequest,
+        RefuseReason::HandshakeTimeout,
+        RefuseReason::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::MaxConnections => "max_connections",
+            RefuseReason::Unauthorized => "unauthorized",
+            RefuseReason::BadRequest => "bad_request",
+            RefuseReason::HandshakeTimeout => "handshake_timeout",
+            RefuseReason::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// What a publish addressed. Label `kind` of `pushline_messages_published_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishKind {
+    Push,
+    Topic,
+    Broadcast,
+}
+
+impl PublishKind {
+    pub const ALL: [PublishKind; 3] = [PublishKind::Push, PublishKind::Topic, PublishKind::Broadcast];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishKind::Push => "push",
+            PublishKind::Topic => "topic",
+            PublishKind::Broadcast => "broadcast",
+        }
+    }
+}
+
+/// A client frame the server could not use. Label `reason` of `pushline_client_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    BadJson,
+    UnknownType,
+    TooManyTopics,
+    BinaryFrame,
+}
+
+impl ClientError {
+    pub const ALL: [ClientError; 4] =
+        [ClientError::BadJson, ClientError::UnknownType, ClientError::TooManyTopics, ClientError::BinaryFrame];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientError::BadJson => "bad_json",
+            ClientError::UnknownType => "unknown_type",
+            ClientError::TooManyTopics => "too_many_topics",
+            ClientError::BinaryFrame => "binary_frame",
+        }
+    }
+}
+
+/// Accept failures; EMFILE/ENFILE mean the file table is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptError {
+    FileLimit,
+    Other,
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    connections: [Gauge; 2],
+    opened: [Counter; 2],
+    closed: [[Counter; CloseReason::ALL.len()]; 2],
+    refused: [Counter; RefuseReason::ALL.len()],
+    accept_errors: [Counter; 2],
+    published: [Counter; PublishKind::ALL.len()],
+    pub delivered: Counter,
+    dropped: [Counter; DropReason::ALL.len()],
+    client_errors: [Counter; ClientError::ALL.len()],
+    pub delivery_latency: Histogram,
+    queued_bytes: Gauge,
+    queued_messages: Gauge,
+    /// Outbound bytes and messages queued on this node right now; the gauges are set from
+    /// these at scrape time, and the publish API checks the byte budget against them.
+    pub queued_bytes_now: AtomicUsize,
+    pub queued_messages_now: AtomicUsize,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
+            .expect("latency buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::from_static_parts(k, v)).collect();
+            recorder.register_counter(&Key::from_parts(name, labels), &META)
+        };
+        let gauge = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::from_static_parts(k, v)).collect();
+            recorder.register_gauge(&Key::from_parts(name, labels), &META)
+        };
+        let by_transport = |name| Transport::ALL.map(|t| counter(name, &[("transport", t.as_str())]));
+        let describe = |name: &'static str, unit: Unit, text: &'static str| {
+            recorder.describe_counter(KeyName::from_const_str(name), Some(unit), SharedString::const_str(text));
+        };
+        describe(CONNECTIONS_OPENED, Unit::Count, "Connections that completed their handshake.");
+        describe(CONNECTIONS_CLOSED, Unit::Count, "Connections closed, by reason.");
+        describe(CONNECTIONS_REFUSED, Unit::Count, "Connection attempts turned away, by reason.");
+        describe(ACCEPT_ERRORS, Unit::Count, "accept() failures; file_limit means EMFILE/ENFILE.");
+        describe(MESSAGES_PUBLISHED, Unit::Count, "Messages accepted by the publish API, by kind.");
+        describe(MESSAGES_DELIVERED, Unit::Count, "Messages written to a client socket.");
+        describe(MESSAGES_DROPPED, Unit::Count, "Messages that did not reach a connection, by reason.");
+        describe(CLIENT_ERRORS, Unit::Count, "Client frames the server could not use, by reason.");
+        describe(API_REQUESTS, Unit::Count, "Publish API requests, by route and status.");
+        recorder.describe_gauge(
+            KeyName::from_const_str(CONNECTIONS),
+            Some(Unit::Count),
+            SharedString::const_str("Open client connections, by transport."),
+        );
+        recorder.describe_gauge(
+            KeyName::from_const_str(OUTBOUND_QUEUED_BYTES),
+            Some(Unit::Bytes),
+            SharedString::const_str("Bytes waiting in outbound queues."),
+        );
+        recorder.describe_histogram(
+            KeyName::from_const_str(DELIVERY_LATENCY),
+            Some(Unit::Seconds),
+            SharedString::const_str("From publish accepted to bytes handed to the socket."),
+        );
+        Metrics {
+            connections: Transport::ALL.map(|t| gauge(CONNECTIONS, &[("transport", t.as_str())])),
+            opened: by_transport(CONNECTIONS_OPENED),
+            closed: Transport::ALL.map(|t| {
+                CloseReason::ALL.map(|r| counter(CONNECTIONS_CLOSED, &[("transport", t.as_str()), ("reason", r.as_str())]))
+            }),
+            refused: RefuseReason::ALL.map(|r| counter(CONNECTIONS_REFUSED, &[("reason", r.as_str())])),
+            accept_errors: [
+                counter(ACCEPT_ERRORS, &[("kind", "file_limit")]),
+                counter(ACCEPT_ERRORS, &[("kind", "other")]),
+            ],
+            published: PublishKind::ALL.map(|k| counter(MESSAGES_PUBLISHED, &[("kind", k.as_str())])),
+            delivered: counter(MESSAGES_DELIVERED, &[]),
+            dropped: DropReason::ALL.map(|r| counter(MESSAGES_DROPPED, &[("reason", r.as_str())])),
+            client_errors: ClientError::ALL.map(|r| counter(CLIENT_ERRORS, &[("reason", r.as_str())])),
+            delivery_latency: recorder.register_histogram(&Key::from_static_name(DELIVERY_LATENCY), &META),
+            queued_bytes: gauge(OUTBOUND_QUEUED_BYTES, &[]),
+            queued_messages: gauge(OUTBOUND_QUEUED_MESSAGES, &[]),
+            queued_bytes_now: AtomicUsize::new(0),
+            queued_messages_now: AtomicUsize::new(0),
+            recorder,
+            handle,
+        }
+    }
+
+    pub fn connection_opened(&self, t: Transport) {
+        self.opened[t.index()].increment(1);
+        self.connections[t.index()].increment(1.0);
+    }
+
+    pub fn connection_closed(&self, t: Transport, reason: CloseReason) {
+        self.closed[t.index()][reason as usize].increment(1);
+        self.connections[t.index()].decrement(1.0);
+    }
+
+    pub fn refused(&self, reason: RefuseReason) {
+        self.refused[reason as usize].increment(1);
+    }
+
+    pub fn accept_error(&self, kind: AcceptError) {
+        self.accept_errors[kind as usize].increment(1);
+    }
+
+    pub fn published(&self, kind: PublishKind) {
+        self.published[kind as usize].increment(1);
+    }
+
+    pub fn dropped(&self, reason: DropReason, count: usize) {
+        if count > 0 {
+            self.dropped[reason as usize].increment(count as u64);
+        }
+    }
+
+    pub fn client_error(&self, e: ClientError) {
+        self.client_errors[e as usize].increment(1);
+    }
+
+    pub fn queued(&self, messages: isize, bytes: isize) {
+        // Wrapping adds of a negative delta as two's complement keep this one atomic op.
+        self.queued_messages_now.fetch_add(messages as usize, Ordering::Relaxed);
+        self.queued_bytes_now.fetch_add(bytes as usize, Ordering::Relaxed);
+    }
+
+    pub fn api_request(&self, route: &'static str, status: u16) {
+        let status = match status {
+            200 => "200",
+            400 => "400",
+            401 => "401",
+            404 => "404",
+            405 => "405",
+            413 => "413",
+            503 => "503",
+            _ => "other",
+        };
+        let key = Key::from_parts(
+            API_REQUESTS,
+            vec![Label::from_static_parts("route", route), Label::from_static_parts("status", status)],
+        );
+        self.recorder.register_counter(&key, &META).increment(1);
+    }
+
+    /// Prometheus text exposition, with the gauges that are read at scrape time brought up to date.
+    pub fn render(&self) -> String {
+        self.queued_bytes.set(self.queued_bytes_now.load(Ordering::Relaxed) as f64);
+        self.queued_messages.set(self.queued_messages_now.load(Ordering::Relaxed) as f64);
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; without it they pile up between scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Logs to stderr through `tracing`; `filter` is an `EnvFilter` directive.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
