@@ -1,0 +1,211 @@
+//! What a client sees: welcome, pushes, topics, broadcast, SSE, pings, idle timeout.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn welcome_names_session_and_uid() {
+    let t = start(|_| {}).await;
+    let (_a, welcome) = ws(t.client, "uid=alice").await;
+    let (_b, other) = ws(t.client, "uid=alice").await;
+    assert_eq!(welcome["uid"], "alice");
+    let session: u64 = welcome["session"].as_str().unwrap().parse().unwrap();
+    let other: u64 = other["session"].as_str().unwrap().parse().unwrap();
+    assert_ne!(session, other);
+    assert_eq!(session >> 48, 0, "node id 0 is in the top bits");
+}
+
+#[tokio::test]
+async fn push_reaches_every_connection_of_a_uid_with_increasing_ids() {
+    let t = start(|_| {}).await;
+    let (mut a1, _) = ws(t.client, "uid=alice").await;
+    let (mut a2, _) = ws(t.client, "uid=alice").await;
+    let (mut b, _) = ws(t.client, "uid=bob").await;
+
+    let (status, reply) = post(t.client, "/v1/push", json!({"uids": ["alice", "nobody"], "data": {"n": 1}})).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["online"], 2);
+    assert_eq!(reply["delivered"], 2);
+    let (_, second) = post(t.client, "/v1/push", json!({"uids": ["alice", "bob"], "data": "two"})).await;
+    assert_eq!(second["online"], 3);
+
+    for ws in [&mut a1, &mut a2] {
+        let first = next_json(ws).await;
+        assert_eq!(first, json!({"type": "message", "id": reply["id"], "topic": null, "data": {"n": 1}}));
+        let next = next_json(ws).await;
+        assert_eq!(next["data"], "two");
+        let (id1, id2): (u64, u64) = (first["id"].as_str().unwrap().parse().unwrap(), next["id"].as_str().unwrap().parse().unwrap());
+        assert!(id2 > id1);
+    }
+    assert_eq!(next_json(&mut b).await["data"], "two", "bob got only the second push");
+}
+
+#[tokio::test]
+async fn topics_subscribe_and_unsubscribe() {
+    let t = start(|_| {}).await;
+    let (mut at_connect, _) = ws(t.client, "uid=a&topics=news,sport").await;
+    let (mut later, _) = ws(t.client, "uid=b").await;
+    subscribe(&mut later, &["news"]).await;
+
+    let (status, reply) = post(t.client, "/v1/publish", json!({"topic": "news", "data": [1, 2]})).await;
+    assert_eq!(status, 200);
+    assert_eq!(reply["delivered"], 2);
+    for ws in [&mut at_connect, &mut later] {
+        let msg = next_json(ws).await;
+        assert_eq!(msg["topic"], "news");
+        assert_eq!(msg["data"], json!([1, 2]));
+    }
+
+    send_json(&mut later, json!({"type": "unsubscribe", "topics": ["news"]})).await;
+    assert_eq!(next_json(&mut later).await["type"], "unsubscribed");
+    let (_, reply) = post(t.client, "/v1/publish", json!({"topic": "news", "data": 3})).await;
+    assert_eq!(reply["delivered"], 1);
+    assert_eq!(next_json(&mut at_connect).await["data"], 3);
+    let (_, reply) = post(t.client, "/v1/publish", json!({"topic": "sport", "data": 4})).await;
+    assert_eq!(reply["delivered"], 1);
+
+    // `later` gets nothing more: the next frame it sees is the pong to its own ping.
+    send_json(&mut later, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut later).await, json!({"type": "pong"}));
+}
+
+#[tokio::test]
+async fn broadcast_reaches_websocket_and_sse_alike() {
+    let t = start(|c| c.fanout_batch = 2).await;
+    let mut sockets = Vec::new();
+    for i in 0..5 {
+        sockets.push(ws(t.client, &format!("uid=u{i}")).await.0);
+    }
+    let (status, mut sse) = Sse::open(t.client, "uid=s1").await;
+    assert_eq!(status, 200);
+    let (event, _, welcome) = sse.next_event().await;
+    assert_eq!(event, "welcome");
+    assert_eq!(welcome["uid"], "s1");
+
+    let (_, reply) = post(t.client, "/v1/broadcast", json!({"data": {"hello": "all"}})).await;
+    assert_eq!(reply["delivered"], 6);
+    for ws in &mut sockets {
+        let msg = next_json(ws).await;
+        assert_eq!(msg["id"], reply["id"]);
+        assert_eq!(msg["data"]["hello"], "all");
+    }
+    let (event, id, data) = sse.next_event().await;
+    assert_eq!(event, "message");
+    assert_eq!(id.as_deref(), reply["id"].as_str());
+    assert_eq!(data["data"]["hello"], "all");
+    assert_eq!(data["type"], "message");
+}
+
+#[tokio::test]
+async fn sse_gets_pushes_and_topics() {
+    let t = start(|_| {}).await;
+    let (_, mut sse) = Sse::open(t.client, "uid=carol&topics=weather").await;
+    sse.next_event().await;
+    post(t.client, "/v1/push", json!({"uids": ["carol"], "data": 1})).await;
+    post(t.client, "/v1/publish", json!({"topic": "weather", "data": 2})).await;
+    let (_, first, one) = sse.next_event().await;
+    let (_, second, two) = sse.next_event().await;
+    assert_eq!((one["data"].clone(), two["data"].clone()), (json!(1), json!(2)));
+    assert_eq!(two["topic"], "weather");
+    assert!(second.unwrap().parse::<u64>().unwrap() > first.unwrap().parse::<u64>().unwrap());
+}
+
+#[tokio::test]
+async fn json_ping_and_websocket_ping_are_answered() {
+    let t = start(|_| {}).await;
+    let (mut ws, _) = ws(t.client, "uid=p").await;
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "pong"}));
+    ws.send(Message::Ping(b"abc".to_vec().into())).await.unwrap();
+    let pong = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(pong, Message::Pong(b"abc".to_vec().into()));
+}
+
+#[tokio::test]
+async fn server_pings_when_configured() {
+    let t = start(|c| c.ping_interval = std::time::Duration::from_millis(100)).await;
+    let (mut ws, _) = ws(t.client, "uid=p").await;
+    let frame = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(matches!(frame, Message::Ping(_)), "{frame:?}");
+}
+
+#[tokio::test]
+async fn silent_client_is_closed_after_idle_timeout() {
+    let t = start(|c| c.idle_timeout = std::time::Duration::from_millis(300)).await;
+    let (mut talker, _) = ws(t.client, "uid=talker").await;
+    let (mut silent, _) = ws(t.client, "uid=silent").await;
+    let close = tokio::time::timeout(WAIT, async {
+        loop {
+            // The talker keeps sending while the silent one waits for its close frame.
+            tokio::select! {
+                frame = silent.next() => return frame,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
+                    send_json(&mut talker, json!({"type": "ping"})).await;
+                    assert_eq!(next_json(&mut talker).await["type"], "pong");
+                }
+            }
+        }
+    })
+    .await
+    .expect("closed within the wait");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Normal);
+            assert_eq!(frame.reason.as_str(), "idle timeout");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    wait_metric(t.admin, r#"pushline_connections_closed_total{transport="ws",reason="idle_timeout"}"#, |v| v == 1.0).await;
+    send_json(&mut talker, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut talker).await["type"], "pong", "the talker is still connected");
+}
+
+#[tokio::test]
+async fn bad_client_frames_get_an_error_and_keep_the_connection() {
+    let t = start(|_| {}).await;
+    let (mut ws, _) = ws(t.client, "uid=x").await;
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let error = next_json(&mut ws).await;
+    assert_eq!(error["type"], "error");
+    assert!(error["error"].as_str().unwrap().starts_with("bad JSON"), "{error}");
+    send_json(&mut ws, json!({"type": "dance"})).await;
+    assert!(next_json(&mut ws).await["error"].as_str().unwrap().contains("unknown type `dance`"));
+    ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "error");
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, r#"pushline_client_errors_total{reason="bad_json"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_client_errors_total{reason="unknown_type"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_client_errors_total{reason="binary_frame"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn oversized_client_frame_closes_with_1009() {
+    let t = start(|c| c.max_client_frame_bytes = 1024).await;
+    let (mut ws, _) = ws(t.client, "uid=x").await;
+    ws.send(Message::Text("x".repeat(5000).into())).await.unwrap();
+    match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+    wait_metric(t.admin, r#"pushline_connections_closed_total{transport="ws",reason="protocol_error"}"#, |v| v == 1.0).await;
+}
+
+#[tokio::test]
+async fn client_close_is_echoed_and_unregisters() {
+    let t = start(|_| {}).await;
+    let (mut ws, _) = ws(t.client, "uid=leaver&topics=t").await;
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    wait_metric(t.admin, r#"pushline_connections{transport="ws"}"#, |v| v == 0.0).await;
+    let (_, reply) = post(t.client, "/v1/push", json!({"uids": ["leaver"], "data": 1})).await;
+    assert_eq!(reply["online"], 0);
+    let (_, reply) = post(t.client, "/v1/publish", json!({"topic": "t", "data": 1})).await;
+    assert_eq!(reply["delivered"], 0);
+}

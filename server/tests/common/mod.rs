@@ -1,0 +1,145 @@
+//! Test harness: real servers on free loopback ports, real WebSocket, SSE and HTTP clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use pushline::{Config, Server};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound on any single wait in a test: a safety net, not a synchronization.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct TestServer {
+    pub server: Server,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Starts an in-process server in open mode on free ports, after `tweak` edits its config.
+pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = Config::for_loopback();
+    config.log = "warn".into();
+    tweak(&mut config);
+    let server = Server::start(config).await.expect("server starts");
+    TestServer { client: server.client_addr(), admin: server.admin_addr(), server }
+}
+
+/// Opens `/ws?{query}` and returns the socket with its welcome frame.
+pub async fn ws(addr: SocketAddr, query: &str) -> (Ws, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?{query}")).await.expect("ws connects");
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+/// The next text frame as JSON (answers pings on the way, as any client does).
+pub async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("frame within the wait").expect("stream open").expect("frame ok");
+        match msg {
+            Message::Text(text) => return serde_json::from_str(&text).expect("server sends JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+pub async fn send_json(ws: &mut Ws, value: Value) {
+    ws.send(Message::Text(value.to_string().into())).await.expect("send");
+}
+
+/// Subscribes and waits for the server's acknowledgement.
+pub async fn subscribe(ws: &mut Ws, topics: &[&str]) {
+    send_json(ws, serde_json::json!({"type": "subscribe", "topics": topics})).await;
+    let ack = next_json(ws).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+}
+
+/// POSTs JSON text to the client listener; returns status, headers and the JSON body.
+pub async fn post_raw(addr: SocketAddr, path: &str, body: impl Into<reqwest::Body>, key: Option<&str>) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = reqwest::Client::new().post(format!("http://{addr}{path}")).body(body).header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let response = req.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("JSON body ({e}): {text}"));
+    (status, headers, json)
+}
+
+pub async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let (status, _, json) = post_raw(addr, path, body.to_string(), None).await;
+    (status, json)
+}
+
+pub async fn metrics(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape").text().await.expect("text")
+}
+
+/// The value of one series, e.g. `pushline_messages_dropped_total{reason="queue_full"}`; 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().expect("metric value"))
+        .unwrap_or(0.0)
+}
+
+/// Scrapes until `series` satisfies `ok`; metrics have no change notification to await.
+pub async fn wait_metric(admin: SocketAddr, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = metric(&metrics(admin).await, series);
+        if ok(value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{series} stayed at {value}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads SSE events from a streaming response: (event, id, data).
+pub struct Sse {
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+impl Sse {
+    pub async fn open(addr: SocketAddr, query: &str) -> (reqwest::StatusCode, Sse) {
+        let response = reqwest::get(format!("http://{addr}/sse?{query}")).await.expect("sse request");
+        let status = response.status();
+        (status, Sse { stream: Box::pin(response.bytes_stream()), buf: String::new() })
+    }
+
+    pub async fn next_event(&mut self) -> (String, Option<String>, Value) {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut event, mut id, mut data) = (String::from("message"), None, None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        event = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = Some(serde_json::from_str(v).expect("SSE data is JSON"));
+                    }
+                }
+                match data {
+                    Some(data) => return (event, id, data),
+                    None => continue, // a comment (keep-alive)
+                }
+            }
+            let chunk = tokio::time::timeout(WAIT, self.stream.next()).await.expect("event within the wait").expect("stream open").expect("chunk");
+            self.buf.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
+        }
+    }
+}
