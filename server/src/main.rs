@@ -22,6 +22,11 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Handlers first: a signal that arrives once the server is listening must be graceful.
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            eprintln!("pushline: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
         let server = match Server::start(config).await {
             Ok(server) => server,
             Err(message) => {
@@ -29,10 +34,6 @@ fn main() -> ExitCode {
                 eprintln!("pushline: {message}");
                 return ExitCode::from(2);
             }
-        };
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            eprintln!("pushline: cannot install signal handlers");
-            return ExitCode::FAILURE;
         };
         tokio::select! {
             _ = term.recv() => {}

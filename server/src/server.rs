@@ -78,7 +78,7 @@ impl Server {
             in_flight: TaskTracker::new(),
         });
         let admin_stop = CancellationToken::new();
-        admin::start(admin_listener, admin::Admin { hub: hub.clone(), metrics }, admin_stop.clone())
+        let admin_thread = admin::start(admin_listener, admin::Admin { hub: hub.clone(), metrics }, admin_stop.clone())
             .map_err(|e| format!("cannot start the admin listener: {e}"))?;
 
         let sweeper_stop = CancellationToken::new();
@@ -105,6 +105,7 @@ impl Server {
                 }
                 sweeper_stop.cancel();
                 admin_stop.cancel();
+                let _ = tokio::task::spawn_blocking(move || admin_thread.join()).await;
                 tracing::info!("shutdown complete");
             })
         };

@@ -347,5 +347,12 @@ impl Default for Metrics {
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // log_internal_errors(false): on a closed stderr, tracing-subscriber would otherwise
+    // eprintln! its write error, which panics, and take down whatever task was logging
+    // (seen: the accept loop, during an EMFILE backoff).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .try_init();
 }

@@ -206,6 +206,9 @@ struct Task {
 
 impl Drop for Task {
     fn drop(&mut self) {
+        if self.writing.as_ref().is_some_and(|w| w.accepted_at.is_some()) {
+            self.hub.metrics().dropped(DropReason::ConnectionClosed, 1);
+        }
         self.conn.close_outbox(&self.hub);
         self.hub.unregister(&self.conn, self.reason);
     }

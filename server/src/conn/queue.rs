@@ -137,10 +137,10 @@ mod tests {
 
     #[test]
     fn byte_budget_is_honoured() {
-        let one = msg(1).bytes(Transport::WebSocket).len();
+        let one = msg(11).bytes(Transport::WebSocket).len();
         let limits = Limits { max_messages: 100, max_bytes: one * 3, policy: SlowConsumer::DropOldest };
         let mut q = Outbox::default();
-        for id in 1..=10 {
+        for id in 11..=20 {
             q.push(&msg(id), Transport::WebSocket, &limits);
             assert!(q.bytes() <= one * 3);
         }

@@ -143,3 +143,89 @@ impl Sse {
         }
     }
 }
+
+/// Opens `/ws?{query}` from a socket with a tiny receive buffer, and returns it once the
+/// welcome is read. Such a client that stops reading backs up the server quickly.
+pub async fn slow_ws(addr: SocketAddr, query: &str) -> WebSocketStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws?{query}"), stream).await.expect("ws handshake");
+    let welcome = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(welcome.to_text().unwrap().contains("welcome"));
+    ws
+}
+
+/// A `pushline` process started from the built binary, with the addresses it logged.
+pub struct Process {
+    pub child: std::process::Child,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    /// What it logged up to and including the `listening` line.
+    pub startup_log: Vec<String>,
+}
+
+impl Process {
+    /// Starts the binary with `args` (plus free loopback ports), with `before_exec` run in
+    /// the child before exec (e.g. to lower its file limit).
+    pub fn spawn(args: &[&str], before_exec: Option<fn() -> std::io::Result<()>>) -> Process {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pushline"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log", "info"])
+            .args(args)
+            .stderr(std::process::Stdio::piped());
+        if let Some(f) = before_exec {
+            // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+            unsafe { command.pre_exec(f) };
+        }
+        let mut child = command.spawn().expect("pushline binary runs");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let mut startup_log = Vec::new();
+        loop {
+            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server logs its addresses");
+            startup_log.push(line);
+            if let Some(rest) = startup_log.last().unwrap().split("listening client=").nth(1) {
+                let (client, admin) = rest.split_once(" admin=").expect("both addresses");
+                let (client, admin) = (client.trim().parse().unwrap(), admin.trim().parse().unwrap());
+                // Its later log goes to the test's output (shown when a test fails).
+                std::thread::spawn(move || rx.into_iter().for_each(|line| eprintln!("[pushline] {line}")));
+                return Process { child, client, admin, startup_log };
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    /// Waits for the process to exit, within the wait.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "pushline did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
