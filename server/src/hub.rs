@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -38,14 +40,57 @@ impl Drop for Slot {
     }
 }
 
+/// The connections of one uid. Almost every uid has one, held without a Vec; the uid
+/// itself is read from the connections, so the table stores no key of its own.
+enum UidConns {
+    One(Arc<Conn>),
+    /// Never empty.
+    Many(Vec<Arc<Conn>>),
+}
+
+impl UidConns {
+    fn conns(&self) -> &[Arc<Conn>] {
+        match self {
+            UidConns::One(conn) => std::slice::from_ref(conn),
+            UidConns::Many(conns) => conns,
+        }
+    }
+
+    fn uid(&self) -> &str {
+        &self.conns()[0].uid
+    }
+
+    fn add(&mut self, conn: Arc<Conn>) {
+        match self {
+            UidConns::One(first) => *self = UidConns::Many(vec![first.clone(), conn]),
+            UidConns::Many(conns) => conns.push(conn),
+        }
+    }
+
+    /// Removes `conn`; false when none are left.
+    fn remove(&mut self, conn: &Arc<Conn>) -> bool {
+        match self {
+            UidConns::One(only) => !Arc::ptr_eq(only, conn),
+            UidConns::Many(conns) => {
+                conns.retain(|c| !Arc::ptr_eq(c, conn));
+                if let [last] = conns.as_slice() {
+                    *self = UidConns::One(last.clone());
+                }
+                true
+            }
+        }
+    }
+}
+
 pub struct Hub {
     config: Config,
     limits: Limits,
     metrics: Arc<Metrics>,
     pub session_ids: SessionIds,
     pub message_ids: MessageIds,
-    sessions: Box<[Mutex<HashMap<u64, Arc<Conn>>>]>,
-    uids: Box<[Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>>]>,
+    /// Every connection, by uid (sharded by the uid's hash). Broadcasts walk it too, so
+    /// there is no second map by session: each connection costs one 16-byte slot.
+    uids: Box<[Mutex<HashTable<UidConns>>]>,
     topics: RwLock<HashMap<Arc<str>, HashMap<u64, Arc<Conn>>>>,
     hasher: RandomState,
     /// Slots held: registered connections plus handshakes under way.
@@ -73,8 +118,7 @@ impl Hub {
             message_ids: MessageIds::new(config.node_id),
             limits,
             metrics,
-            sessions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            uids: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            uids: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             topics: RwLock::new(HashMap::new()),
             hasher: RandomState::new(),
             held: AtomicUsize::new(0),
@@ -97,12 +141,16 @@ impl Hub {
         &self.metrics
     }
 
-    fn uid_shard(&self, uid: &str) -> MutexGuard<'_, HashMap<Arc<str>, Vec<Arc<Conn>>>> {
-        lock(&self.uids[self.hasher.hash_one(uid) as usize % SHARDS])
+    /// The uid's hash and its shard, locked. The shard is picked by the high bits, which
+    /// the table (using the low ones) does not.
+    fn uid_shard(&self, uid: &str) -> (u64, MutexGuard<'_, HashTable<UidConns>>) {
+        let hash = self.hasher.hash_one(uid);
+        (hash, lock(&self.uids[(hash >> 58) as usize % SHARDS]))
     }
 
-    fn session_shard(&self, session: u64) -> MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
-        lock(&self.sessions[session as usize % SHARDS])
+    fn conns_of(&self, uid: &str) -> Vec<Arc<Conn>> {
+        let (hash, shard) = self.uid_shard(uid);
+        shard.find(hash, |e| e.uid() == uid).map(|e| e.conns().to_vec()).unwrap_or_default()
     }
 
     /// Takes a place for a new connection, or says why there is none.
@@ -123,8 +171,15 @@ impl Hub {
         if let Err(e) = self.subscribe(conn, topics) {
             tracing::warn!(session = %conn.session, error = %e, "topics given at connect were not checked");
         }
-        self.session_shard(conn.session.0).insert(conn.session.0, conn.clone());
-        self.uid_shard(&conn.uid).entry(conn.uid.clone()).or_default().push(conn.clone());
+        {
+            let (hash, mut shard) = self.uid_shard(&conn.uid);
+            match shard.find_mut(hash, |e| e.uid() == &*conn.uid) {
+                Some(entry) => entry.add(conn.clone()),
+                None => {
+                    shard.insert_unique(hash, UidConns::One(conn.clone()), |e| self.hasher.hash_one(e.uid()));
+                }
+            }
+        }
         self.open[conn.transport.index()].fetch_add(1, Ordering::Relaxed);
         self.metrics.connection_opened(conn.transport);
         if !self.is_accepting() {
@@ -137,13 +192,11 @@ impl Hub {
     pub fn unregister(&self, conn: &Arc<Conn>, reason: CloseReason) {
         let topics = std::mem::take(&mut *conn.topics());
         self.remove_from_topics(conn, &topics);
-        self.session_shard(conn.session.0).remove(&conn.session.0);
         {
-            let mut uids = self.uid_shard(&conn.uid);
-            if let Some(conns) = uids.get_mut(&conn.uid) {
-                conns.retain(|c| !Arc::ptr_eq(c, conn));
-                if conns.is_empty() {
-                    uids.remove(&conn.uid);
+            let (hash, mut shard) = self.uid_shard(&conn.uid);
+            if let Ok(mut entry) = shard.find_entry(hash, |e| e.uid() == &*conn.uid) {
+                if !entry.get_mut().remove(conn) {
+                    entry.remove();
                 }
             }
         }
@@ -218,8 +271,7 @@ impl Hub {
         let (mut online, mut delivered) = (0, 0);
         let mut since_yield = 0;
         for uid in uids {
-            let conns = self.uid_shard(uid).get(uid.as_str()).cloned().unwrap_or_default();
-            for conn in conns {
+            for conn in self.conns_of(uid) {
                 online += 1;
                 delivered += conn.deliver(msg, self) as usize;
             }
@@ -244,8 +296,8 @@ impl Hub {
     /// Delivers to every connection. Returns the messages queued.
     pub async fn broadcast(&self, msg: &Arc<Message>) -> usize {
         let mut delivered = 0;
-        for shard in self.sessions.iter() {
-            let conns: Vec<Arc<Conn>> = lock(shard).values().cloned().collect();
+        for shard in self.uids.iter() {
+            let conns: Vec<Arc<Conn>> = lock(shard).iter().flat_map(|e| e.conns().iter().cloned()).collect();
             delivered += self.deliver_paced(conns, msg).await;
         }
         delivered
@@ -264,8 +316,8 @@ impl Hub {
 
     /// Calls `f` on every registered connection, one shard at a time.
     pub fn for_each(&self, mut f: impl FnMut(&Arc<Conn>)) {
-        for shard in self.sessions.iter() {
-            for conn in lock(shard).values() {
+        for shard in self.uids.iter() {
+            for conn in lock(shard).iter().flat_map(|e| e.conns()) {
                 f(conn);
             }
         }

@@ -18,6 +18,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 pub mod admin;
+pub mod alloc;
 pub mod api;
 pub mod config;
 pub mod conn;

@@ -25,6 +25,8 @@ pub const OUTBOUND_QUEUED_BYTES: &str = "pushline_outbound_queued_bytes";
 pub const OUTBOUND_QUEUED_MESSAGES: &str = "pushline_outbound_queued_messages";
 pub const CLIENT_ERRORS: &str = "pushline_client_errors_total";
 pub const API_REQUESTS: &str = "pushline_api_requests_total";
+pub const JEMALLOC_BYTES: &str = "pushline_jemalloc_bytes";
+pub const JEMALLOC_FRAGMENTATION: &str = "pushline_jemalloc_fragmentation_ratio";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -194,6 +196,8 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     queued_bytes: Gauge,
     queued_messages: Gauge,
+    jemalloc: [Gauge; 6],
+    jemalloc_fragmentation: Gauge,
     /// Outbound bytes and messages queued on this node right now; the gauges are set from
     /// these at scrape time, and the publish API checks the byte budget against them.
     pub queued_bytes_now: AtomicUsize,
@@ -238,6 +242,16 @@ impl Metrics {
             Some(Unit::Bytes),
             SharedString::const_str("Bytes waiting in outbound queues."),
         );
+        recorder.describe_gauge(
+            KeyName::from_const_str(JEMALLOC_BYTES),
+            Some(Unit::Bytes),
+            SharedString::const_str("jemalloc statistics: allocated, active, resident, mapped, retained, metadata."),
+        );
+        recorder.describe_gauge(
+            KeyName::from_const_str(JEMALLOC_FRAGMENTATION),
+            None,
+            SharedString::const_str("jemalloc active / allocated; 1.0 is no space lost inside pages."),
+        );
         recorder.describe_histogram(
             KeyName::from_const_str(DELIVERY_LATENCY),
             Some(Unit::Seconds),
@@ -261,6 +275,9 @@ impl Metrics {
             delivery_latency: recorder.register_histogram(&Key::from_static_name(DELIVERY_LATENCY), &META),
             queued_bytes: gauge(OUTBOUND_QUEUED_BYTES, &[]),
             queued_messages: gauge(OUTBOUND_QUEUED_MESSAGES, &[]),
+            jemalloc: ["allocated", "active", "resident", "mapped", "retained", "metadata"]
+                .map(|stat| gauge(JEMALLOC_BYTES, &[("stat", stat)])),
+            jemalloc_fragmentation: gauge(JEMALLOC_FRAGMENTATION, &[]),
             queued_bytes_now: AtomicUsize::new(0),
             queued_messages_now: AtomicUsize::new(0),
             recorder,
@@ -328,6 +345,13 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.queued_bytes.set(self.queued_bytes_now.load(Ordering::Relaxed) as f64);
         self.queued_messages.set(self.queued_messages_now.load(Ordering::Relaxed) as f64);
+        if let Ok(stats) = crate::alloc::JemallocStats::read() {
+            let values = [stats.allocated, stats.active, stats.resident, stats.mapped, stats.retained, stats.metadata];
+            for (gauge, value) in self.jemalloc.iter().zip(values) {
+                gauge.set(value as f64);
+            }
+            self.jemalloc_fragmentation.set(stats.fragmentation());
+        }
         self.handle.render()
     }
 

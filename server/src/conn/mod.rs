@@ -216,7 +216,17 @@ impl Drop for Task {
 
 /// Serves a registered connection until it closes. `first` is the welcome frame,
 /// `early` any bytes the client sent right after its handshake.
-pub async fn serve(stream: TcpStream, conn: Arc<Conn>, hub: Arc<Hub>, slot: Slot, first: Bytes, early: Vec<u8>) {
+///
+/// Not an `async fn`: one would keep its arguments in the future beside the `Task`
+/// they are moved into, for the connection's whole life.
+pub fn serve(
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    hub: Arc<Hub>,
+    slot: Slot,
+    first: Bytes,
+    early: Vec<u8>,
+) -> impl std::future::Future<Output = ()> + Send {
     let mut task = Task {
         stream,
         conn,
@@ -224,17 +234,23 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>, hub: Arc<Hub>, slot: Slot
         partial: early,
         fragments: Vec::new(),
         in_fragmented_message: false,
-        replies: VecDeque::from([first]),
-        writing: None,
+        replies: VecDeque::new(),
+        writing: Some(Writing { bytes: first, written: 0, accepted_at: None }),
         reason: CloseReason::IoError,
         _slot: slot,
     };
-    // Frames that arrived with the handshake are handled as if just read.
-    let reason = match task.on_early_bytes() {
-        Ok(()) => task.run().await,
-        Err(Stop(reason)) => reason,
-    };
-    task.finish(reason).await;
+    // An `async move` block that uses `task` in place: an `async fn` taking the task (or
+    // these arguments) would hold a second copy of it in the future for its whole life.
+    async move {
+        // Frames that arrived with the handshake are handled as if just read.
+        let reason = match task.on_early_bytes() {
+            Ok(()) => task.run().await,
+            Err(Stop(reason)) => reason,
+        };
+        // Boxed: closing needs a timer and write futures, and an idle connection should
+        // not carry their space in its task for its whole life.
+        Box::pin(task.finish(reason)).await;
+    }
 }
 
 impl Task {
@@ -520,7 +536,7 @@ impl Task {
 
     /// Writes what the connection still owes the client (queued messages on a graceful
     /// shutdown, then the close frame), bounded in time, then closes the socket.
-    async fn finish(mut self, reason: CloseReason) {
+    async fn finish(&mut self, reason: CloseReason) {
         self.reason = reason;
         if reason != CloseReason::Shutdown {
             self.conn.close_outbox(&self.hub);
@@ -555,5 +571,24 @@ impl Task {
         if drained.is_err() {
             tracing::debug!(session = %self.conn.session, "close frame not taken in time");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection is its task and its `Conn`; these sizes are most of its memory
+    /// (see README, "Memory per connection"), so growing them should be a decision.
+    #[tokio::test]
+    async fn idle_connection_state_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let hub = Arc::new(Hub::new(crate::Config::for_loopback(), Arc::new(crate::telemetry::Metrics::new())));
+        let slot = hub.reserve().ok().unwrap();
+        let conn = Arc::new(Conn::new(hub.session_ids.next(), "u".into(), Transport::WebSocket));
+        let future = serve(stream, conn, hub, slot, Bytes::new(), Vec::new());
+        assert!(std::mem::size_of_val(&future) <= 256, "connection future is {} bytes", std::mem::size_of_val(&future));
+        assert!(std::mem::size_of::<Conn>() <= 160, "Conn is {} bytes", std::mem::size_of::<Conn>());
     }
 }

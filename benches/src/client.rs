@@ -1,0 +1,80 @@
+//! A minimal WebSocket client for load: it holds no buffer while idle, so the benchmark
+//! process can hold as many connections as the server, and its own memory stays out of
+//! the server's figures.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Source address for the i-th connection: 127.0.0.1 .. 127.0.0.`spread`, so one client
+/// process is not limited to one address's ~28k ephemeral ports.
+pub fn source_ip(i: usize, spread: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % spread.max(1) as usize) as u8))
+}
+
+/// Opens `/ws?uid=...` and reads up to the end of the welcome frame.
+pub async fn connect(server: SocketAddr, source: IpAddr, uid: &str) -> io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut stream = socket.connect(server).await?;
+    let request = format!(
+        "GET /ws?uid={uid} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(512);
+    let head_end = loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during handshake"));
+        }
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    if !buf.starts_with(b"HTTP/1.1 101") {
+        let line = String::from_utf8_lossy(&buf[..buf.iter().position(|b| *b == b'\r').unwrap_or(buf.len())]).into_owned();
+        return Err(io::Error::other(format!("handshake refused: {line}")));
+    }
+    let mut rest = buf.split_off(head_end);
+    loop {
+        if let Some((_, len)) = frame(&rest) {
+            rest.drain(..len);
+            return Ok(stream);
+        }
+        if stream.read_buf(&mut rest).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the welcome frame"));
+        }
+    }
+}
+
+/// The first complete server frame in `buf`: (opcode, bytes used).
+pub fn frame(buf: &[u8]) -> Option<(u8, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, at) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().ok()?) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (buf.len() >= at + len).then_some((buf[0] & 0x0F, at + len))
+}
+
+/// A masked client text frame.
+pub fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x81];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    // A zero mask: valid, and it leaves the payload as it is.
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+    out
+}

@@ -1,0 +1,73 @@
+//! `pushline-bench`: runs a scenario against a `pushline` it starts, prints a table, and
+//! optionally writes the rows as JSON.
+
+mod client;
+mod driver;
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pushline-bench", about = "Benchmarks for Pushline")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(clap::Args)]
+pub struct Common {
+    /// The server binary to run (default: `pushline` next to this binary).
+    #[arg(long, default_value_os_t = driver::default_server_bin())]
+    pub server_bin: PathBuf,
+    /// Extra flags for the server, e.g. --server-arg=--queue-max-messages=16 (repeatable).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub parallel: usize,
+    /// Source addresses 127.0.0.1..=N for client connections (ephemeral ports are per address).
+    #[arg(long, default_value_t = 8)]
+    pub spread: u8,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Hold N idle connections; report server memory per connection.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.scenario {
+        Scenario::Idle { connections } => scenarios::idle::run(&cli.common, connections).await,
+    };
+    match result {
+        Ok(rows) => {
+            report::print(&rows);
+            if let Some(path) = &cli.common.json {
+                if let Err(e) = report::write_json(&rows, path) {
+                    eprintln!("pushline-bench: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pushline-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

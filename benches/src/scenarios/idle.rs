@@ -1,0 +1,42 @@
+//! `idle`: hold N idle WebSocket connections and report what each costs the server:
+//! RSS growth per connection (user space), and kernel TCP memory per connection.
+
+use std::time::Duration;
+
+use crate::driver::{tcp_kernel_bytes, ServerProcess};
+use crate::report::Row;
+use crate::Common;
+
+/// Connections opened before the baseline, so one-time costs (thread-local buffers,
+/// runtime growth, first map allocations) are not charged to the rest.
+const WARMUP: usize = 200;
+
+const ALLOCATED: &str = r#"pushline_jemalloc_bytes{stat="allocated"}"#;
+
+pub async fn run(common: &Common, connections: usize) -> Result<Vec<Row>, String> {
+    let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
+    let warm = super::open_connections(server.client, WARMUP, common.parallel, common.spread, "warm").await?;
+    server.wait_metric(r#"pushline_connections{transport="ws"}"#, WARMUP as f64, Duration::from_secs(30)).await?;
+    let (rss0, kernel0) = (server.rss_bytes(), tcp_kernel_bytes());
+    let heap0 = server.metric(ALLOCATED).await as u64;
+
+    let n = connections.saturating_sub(WARMUP);
+    let held = super::open_connections(server.client, n, common.parallel, common.spread, "idle").await?;
+    server.wait_metric(r#"pushline_connections{transport="ws"}"#, connections as f64, Duration::from_secs(60)).await?;
+    // Let the allocator and the kernel settle before the reading.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss1, kernel1) = (server.rss_bytes(), tcp_kernel_bytes());
+    let heap1 = server.metric(ALLOCATED).await as u64;
+
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / n as f64;
+    let rows = vec![
+        Row::new("idle", "connections", connections as f64, "count"),
+        Row::new("idle", "server_rss_total", rss1 as f64, "bytes"),
+        Row::new("idle", "server_rss_per_connection", per(rss0, rss1), "bytes"),
+        Row::new("idle", "server_heap_allocated_per_connection", per(heap0, heap1), "bytes"),
+        // Both ends of each loopback connection are on this machine: half is the server's.
+        Row::new("idle", "kernel_tcp_per_connection_server_side", per(kernel0, kernel1) / 2.0, "bytes"),
+    ];
+    drop((warm, held));
+    Ok(rows)
+}
