@@ -46,6 +46,33 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
     },
+    /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client.
+    Fanout {
+        #[arg(long, default_value_t = 15_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Server CPU with N idle connections, then with each pinging every `interval`.
+    Heartbeat {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        /// Length of each of the two measuring windows.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number.parse().map_err(|_| format!("bad duration {s}"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" | "" => Ok(std::time::Duration::from_secs(n)),
+        _ => Err(format!("bad duration unit in {s}: use ms or s")),
+    }
 }
 
 #[tokio::main]
@@ -53,6 +80,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.scenario {
         Scenario::Idle { connections } => scenarios::idle::run(&cli.common, connections).await,
+        Scenario::Fanout { connections, rounds } => scenarios::fanout::run(&cli.common, connections, rounds).await,
+        Scenario::Heartbeat { connections, interval, seconds } => {
+            scenarios::heartbeat::run(&cli.common, connections, interval, seconds).await
+        }
     };
     match result {
         Ok(rows) => {

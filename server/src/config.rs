@@ -53,7 +53,8 @@ pub struct Config {
     pub node_id: u16,
 
     /// Set SO_REUSEPORT on the client listener so several processes can share the port.
-    #[arg(long, env = "PUSHLINE_REUSE_PORT", default_value_t = false)]
+    #[arg(long, env = "PUSHLINE_REUSE_PORT", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub reuse_port: bool,
 
     /// HS256 secret for client JWTs. Without it the server runs in open mode (`?uid=`),
@@ -225,6 +226,13 @@ impl Config {
                 self.max_message_bytes, self.queue_max_bytes
             ));
         }
+        if self.max_client_frame_bytes > crate::conn::MAX_CLIENT_FRAME {
+            return Err(format!(
+                "--max-client-frame-bytes ({}) is over {}: client frames are read whole into a per-thread buffer",
+                self.max_client_frame_bytes,
+                crate::conn::MAX_CLIENT_FRAME
+            ));
+        }
         if self.queue_max_messages == 0 || self.fanout_batch == 0 {
             return Err("--queue-max-messages and --fanout-batch must be at least 1".into());
         }
@@ -242,5 +250,46 @@ impl Config {
     pub fn for_loopback() -> Config {
         Config::try_parse_from(["pushline", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .expect("built-in arguments parse")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        std::iter::once("pushline").chain(list.iter().copied()).map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn file_sets_values_and_flags_override_them() {
+        let dir = std::env::temp_dir().join(format!("pushline-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pushline.toml");
+        std::fs::write(&path, "max_connections = 7\nidle-timeout = \"3s\"\nslow_consumer = \"disconnect\"\nreuse_port = true\n").unwrap();
+        let file = path.to_str().unwrap();
+        let config = Config::load_from(args(&["--config", file])).unwrap();
+        assert_eq!(config.max_connections, 7);
+        assert_eq!(config.idle_timeout, Duration::from_secs(3));
+        assert_eq!(config.slow_consumer, SlowConsumer::Disconnect);
+        assert!(config.reuse_port);
+        let config = Config::load_from(args(&["--config", file, "--max-connections", "9"])).unwrap();
+        assert_eq!(config.max_connections, 9, "a flag beats the file");
+
+        std::fs::write(&path, "max_conections = 7\n").unwrap();
+        let err = Config::load_from(args(&["--config", file])).unwrap_err();
+        assert!(err.contains("unknown setting `max_conections`"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn validation_explains_itself() {
+        let mut config = Config::for_loopback();
+        assert!(config.validate().is_ok());
+        config.max_message_bytes = config.queue_max_bytes + 1;
+        assert!(config.validate().unwrap_err().contains("--max-message-bytes"));
+        let mut config = Config::for_loopback();
+        config.max_client_frame_bytes = 1 << 20;
+        assert!(config.validate().unwrap_err().contains("--max-client-frame-bytes"));
     }
 }

@@ -1,5 +1,7 @@
 //! One module per scenario; each returns rows for the report.
 
+pub mod fanout;
+pub mod heartbeat;
 pub mod idle;
 
 use std::net::SocketAddr;
