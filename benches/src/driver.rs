@@ -49,8 +49,8 @@ impl ServerProcess {
         rss_bytes(self.pid())
     }
 
-    /// User + system CPU time the server has used.
-    pub fn cpu_time(&self) -> Duration {
+    /// CPU time the server has used: (user, system).
+    pub fn cpu_time(&self) -> CpuTime {
         cpu_time(self.pid())
     }
 
@@ -94,13 +94,30 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-pub fn cpu_time(pid: u32) -> Duration {
+/// CPU time in user space and in the kernel (where loopback TCP for both ends is charged).
+#[derive(Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user: Duration,
+    pub system: Duration,
+}
+
+impl CpuTime {
+    pub fn since(self, before: CpuTime) -> CpuTime {
+        CpuTime { user: self.user.saturating_sub(before.user), system: self.system.saturating_sub(before.system) }
+    }
+
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+}
+
+pub fn cpu_time(pid: u32) -> CpuTime {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at ")".
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // Clock ticks are USER_HZ, 100 on every Linux ABI Pushline runs on.
-    Duration::from_millis(ticks * 10)
+    CpuTime { user: Duration::from_millis(ticks(11) * 10), system: Duration::from_millis(ticks(12) * 10) }
 }
 
 /// Kernel memory in TCP sockets, machine-wide (the `mem` field of /proc/net/sockstat, in pages).

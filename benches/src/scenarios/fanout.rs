@@ -62,7 +62,7 @@ pub async fn run(common: &Common, connections: usize, rounds: usize) -> Result<V
         all.extend(latencies);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cpu = server.cpu_time().saturating_sub(cpu_before);
+    let cpu = server.cpu_time().since(cpu_before);
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e3;
     last_ms.sort_by(f64::total_cmp);
@@ -74,6 +74,7 @@ pub async fn run(common: &Common, connections: usize, rounds: usize) -> Result<V
         Row::new("fanout", "delivery_latency_p50", pct(0.50), "ms"),
         Row::new("fanout", "delivery_latency_p99", pct(0.99), "ms"),
         Row::new("fanout", "delivery_latency_max", pct(1.0), "ms"),
-        Row::new("fanout", "server_cpu_per_delivery", cpu.as_secs_f64() * 1e6 / (connections * rounds) as f64, "us"),
+        Row::new("fanout", "server_cpu_per_delivery", cpu.total().as_secs_f64() * 1e6 / (connections * rounds) as f64, "us"),
+        Row::new("fanout", "server_user_cpu_per_delivery", cpu.user.as_secs_f64() * 1e6 / (connections * rounds) as f64, "us"),
     ])
 }

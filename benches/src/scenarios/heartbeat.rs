@@ -19,7 +19,7 @@ pub async fn run(common: &Common, connections: usize, interval: Duration, second
 
     let idle_before = server.cpu_time();
     tokio::time::sleep(window).await;
-    let idle_cpu = server.cpu_time().saturating_sub(idle_before);
+    let idle_cpu = server.cpu_time().since(idle_before).total();
 
     let ping = client::text_frame(br#"{"type":"ping"}"#);
     let stop_at = Instant::now() + window;
@@ -47,12 +47,14 @@ pub async fn run(common: &Common, connections: usize, interval: Duration, second
     while let Some(sent) = tasks.join_next().await {
         heartbeats += sent.unwrap_or(0);
     }
-    let busy_cpu = server.cpu_time().saturating_sub(cpu_before);
+    let busy_cpu = server.cpu_time().since(cpu_before);
     Ok(vec![
         Row::new("heartbeat", "connections", connections as f64, "count"),
         Row::new("heartbeat", "idle_cpu_per_connection_second", idle_cpu.as_secs_f64() * 1e9 / (connections as f64 * window.as_secs_f64()), "ns"),
         Row::new("heartbeat", "idle_cpu_share", idle_cpu.as_secs_f64() / window.as_secs_f64() * 100.0, "% of a core"),
         Row::new("heartbeat", "heartbeats", heartbeats as f64, "count"),
-        Row::new("heartbeat", "server_cpu_per_heartbeat", busy_cpu.as_secs_f64() * 1e6 / heartbeats.max(1) as f64, "us"),
+        Row::new("heartbeat", "server_cpu_per_heartbeat", busy_cpu.total().as_secs_f64() * 1e6 / heartbeats.max(1) as f64, "us"),
+        Row::new("heartbeat", "server_user_cpu_per_heartbeat", busy_cpu.user.as_secs_f64() * 1e6 / heartbeats.max(1) as f64, "us"),
+        Row::new("heartbeat", "server_kernel_cpu_per_heartbeat", busy_cpu.system.as_secs_f64() * 1e6 / heartbeats.max(1) as f64, "us"),
     ])
 }

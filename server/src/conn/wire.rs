@@ -271,6 +271,11 @@ mod tests {
     }
 
     #[test]
+    fn static_pong_is_a_text_frame() {
+        assert_eq!(crate::conn::PONG, &ws_text(r#"{"type":"pong"}"#)[..]);
+    }
+
+    #[test]
     fn server_frames_have_right_lengths() {
         assert_eq!(&ws_frame(OP_TEXT, b"hi")[..], &[0x81, 2, b'h', b'i']);
         let f = ws_frame(OP_TEXT, &[0; 300]);
