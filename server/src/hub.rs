@@ -26,6 +26,50 @@ const SHARDS: usize = 64;
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC_BYTES: usize = 256;
 
+/// One connection, as the debug endpoints show it.
+#[derive(serde::Serialize)]
+pub struct ConnectionInfo {
+    pub uid: String,
+    pub session: String,
+    pub node: u16,
+    pub transport: &'static str,
+    pub topics: Vec<String>,
+    pub age_ms: u64,
+    /// Since the client last sent anything.
+    pub idle_ms: u64,
+    pub queued_messages: usize,
+    pub queued_bytes: usize,
+}
+
+impl ConnectionInfo {
+    fn of(conn: &Conn, now_ms: u64) -> ConnectionInfo {
+        let (queued_messages, queued_bytes) = conn.queued();
+        ConnectionInfo {
+            uid: conn.uid.to_string(),
+            session: conn.session.to_string(),
+            node: conn.session.node(),
+            transport: conn.transport.as_str(),
+            topics: conn.topics().iter().map(|t| t.to_string()).collect(),
+            age_ms: now_ms.saturating_sub(conn.opened_ms),
+            idle_ms: now_ms.saturating_sub(conn.last_inbound_ms()),
+            queued_messages,
+            queued_bytes,
+        }
+    }
+}
+
+/// Live objects by kind, counted from the maps.
+#[derive(serde::Serialize)]
+pub struct ObjectCounts {
+    pub connections: usize,
+    /// Distinct uids connected.
+    pub uids: usize,
+    pub topics: usize,
+    /// (connection, topic) pairs.
+    pub subscriptions: usize,
+    pub queued_messages: usize,
+}
+
 /// A place among `max_connections`, held from the handshake until the connection's task
 /// ends. Dropping it gives the place back.
 pub struct Slot {
@@ -229,6 +273,7 @@ impl Hub {
         if new.is_empty() {
             return Ok(());
         }
+        let _site = crate::alloc::sites::Site::Topics.enter();
         let mut index = self.topics.write().unwrap_or_else(|e| e.into_inner());
         for t in &new {
             let name: Arc<str> = match index.get_key_value(t.as_str()) {
@@ -320,6 +365,42 @@ impl Hub {
             for conn in lock(shard).iter().flat_map(|e| e.conns()) {
                 f(conn);
             }
+        }
+    }
+
+    /// Up to `limit` connections, shard by shard.
+    pub fn describe(&self, limit: usize) -> Vec<ConnectionInfo> {
+        let now = crate::conn::clock_ms();
+        let mut out = Vec::new();
+        for shard in self.uids.iter() {
+            for conn in lock(shard).iter().flat_map(|e| e.conns()) {
+                if out.len() >= limit {
+                    return out;
+                }
+                out.push(ConnectionInfo::of(conn, now));
+            }
+        }
+        out
+    }
+
+    /// Every connection of `uid` on this node.
+    pub fn describe_uid(&self, uid: &str) -> Vec<ConnectionInfo> {
+        let now = crate::conn::clock_ms();
+        self.conns_of(uid).iter().map(|c| ConnectionInfo::of(c, now)).collect()
+    }
+
+    pub fn objects(&self) -> ObjectCounts {
+        let uids = self.uids.iter().map(|s| lock(s).len()).sum();
+        let (topics, subscriptions) = {
+            let index = self.topics.read().unwrap_or_else(|e| e.into_inner());
+            (index.len(), index.values().map(HashMap::len).sum())
+        };
+        ObjectCounts {
+            connections: self.total_connections(),
+            uids,
+            topics,
+            subscriptions,
+            queued_messages: self.metrics.queued_messages_now.load(Ordering::Relaxed),
         }
     }
 

@@ -11,11 +11,12 @@
 //! - [`admin`] serves metrics and health on its own runtime; [`telemetry`] names every
 //!   metric; [`server`] wires it all and runs the graceful shutdown.
 //!
-//! jemalloc is the allocator: its statistics and heap profiles are what the debug
-//! endpoints and tools read.
+//! jemalloc is the allocator, wrapped by [`alloc::sites`] so every allocation is
+//! charged to a named site; those counters, jemalloc's statistics and its heap profiles
+//! are what the debug endpoints and tools read.
 
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: alloc::sites::SiteAllocator = alloc::sites::SiteAllocator;
 
 pub mod admin;
 pub mod alloc;

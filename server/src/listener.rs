@@ -10,6 +10,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::alloc::sites::Site;
 use crate::server::Shared;
 use crate::telemetry::AcceptError;
 
@@ -72,7 +73,8 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
             Ok((stream, _)) => {
                 backoff = Duration::ZERO;
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(crate::gateway::handle(stream, shared.clone()));
+                let handshake = Site::Http.instrument(crate::gateway::handle(stream, shared.clone()));
+                Site::Http.scope(|| tokio::spawn(handshake));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alloc::sites::Site;
 use crate::config::{Config, RegistryKind};
 use crate::gateway::auth::Auth;
 use crate::hub::Hub;
@@ -62,8 +63,8 @@ impl Server {
         let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
         let client = tokio::net::TcpListener::from_std(client).map_err(|e| e.to_string())?;
 
-        let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(config.clone(), metrics.clone()));
+        let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
+        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(config.clone(), metrics.clone())));
         let registry = match config.registry {
             RegistryKind::Memory => Registry::Memory,
         };
@@ -78,12 +79,15 @@ impl Server {
             in_flight: TaskTracker::new(),
         });
         let admin_stop = CancellationToken::new();
-        let admin_thread = admin::start(admin_listener, admin::Admin { hub: hub.clone(), metrics }, admin_stop.clone())
+        let admin = admin::Admin { hub: hub.clone(), metrics, runtime: tokio::runtime::Handle::current() };
+        let admin_thread = admin::start(admin_listener, admin, admin_stop.clone())
             .map_err(|e| format!("cannot start the admin listener: {e}"))?;
 
         let sweeper_stop = CancellationToken::new();
         tokio::spawn(conn::sweep::run(hub.clone(), sweeper_stop.clone()));
-        let accepting = tokio::spawn(listener::accept_loop(client, shared.clone(), shared.stopping.clone()));
+        let accept_loop = listener::accept_loop(client, shared.clone(), shared.stopping.clone());
+        // Sockets are registered with the runtime as they are accepted: connection memory.
+        let accepting = tokio::spawn(Site::ConnectionTask.instrument(accept_loop));
 
         tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "effective configuration");
         tracing::info!("listening client={client_addr} admin={admin_addr}");

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::alloc::sites::{Site, SITES};
 use crate::conn::wire::Transport;
 
 pub const CONNECTIONS: &str = "pushline_connections";
@@ -27,6 +28,12 @@ pub const CLIENT_ERRORS: &str = "pushline_client_errors_total";
 pub const API_REQUESTS: &str = "pushline_api_requests_total";
 pub const JEMALLOC_BYTES: &str = "pushline_jemalloc_bytes";
 pub const JEMALLOC_FRAGMENTATION: &str = "pushline_jemalloc_fragmentation_ratio";
+pub const ALLOC_SITE_LIVE_BYTES: &str = "pushline_alloc_site_live_bytes";
+pub const ALLOC_SITE_LIVE_ALLOCATIONS: &str = "pushline_alloc_site_live_allocations";
+pub const ALLOC_SITE_ALLOCATIONS: &str = "pushline_alloc_site_allocations_total";
+pub const TOKIO_WORKERS: &str = "pushline_tokio_workers";
+pub const TOKIO_ALIVE_TASKS: &str = "pushline_tokio_alive_tasks";
+pub const TOKIO_GLOBAL_QUEUE_DEPTH: &str = "pushline_tokio_global_queue_depth";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -198,6 +205,10 @@ pub struct Metrics {
     queued_messages: Gauge,
     jemalloc: [Gauge; 6],
     jemalloc_fragmentation: Gauge,
+    /// Per allocation site: live bytes, live allocations, allocations (as a gauge that
+    /// only grows: the count lives in the site table, not in the recorder).
+    sites: [[Gauge; 3]; SITES],
+    tokio: [Gauge; 3],
     /// Outbound bytes and messages queued on this node right now; the gauges are set from
     /// these at scrape time, and the publish API checks the byte budget against them.
     pub queued_bytes_now: AtomicUsize,
@@ -252,6 +263,16 @@ impl Metrics {
             None,
             SharedString::const_str("jemalloc active / allocated; 1.0 is no space lost inside pages."),
         );
+        for (name, unit, text) in [
+            (ALLOC_SITE_LIVE_BYTES, Unit::Bytes, "Bytes allocated by each site and not yet freed."),
+            (ALLOC_SITE_LIVE_ALLOCATIONS, Unit::Count, "Allocations made by each site and not yet freed."),
+            (ALLOC_SITE_ALLOCATIONS, Unit::Count, "Allocations each site has made since start."),
+            (TOKIO_WORKERS, Unit::Count, "Worker threads of the serving runtime."),
+            (TOKIO_ALIVE_TASKS, Unit::Count, "Tasks alive in the serving runtime."),
+            (TOKIO_GLOBAL_QUEUE_DEPTH, Unit::Count, "Tasks waiting in the serving runtime's global queue."),
+        ] {
+            recorder.describe_gauge(KeyName::from_const_str(name), Some(unit), SharedString::const_str(text));
+        }
         recorder.describe_histogram(
             KeyName::from_const_str(DELIVERY_LATENCY),
             Some(Unit::Seconds),
@@ -278,6 +299,11 @@ impl Metrics {
             jemalloc: ["allocated", "active", "resident", "mapped", "retained", "metadata"]
                 .map(|stat| gauge(JEMALLOC_BYTES, &[("stat", stat)])),
             jemalloc_fragmentation: gauge(JEMALLOC_FRAGMENTATION, &[]),
+            sites: Site::ALL.map(|site| {
+                [ALLOC_SITE_LIVE_BYTES, ALLOC_SITE_LIVE_ALLOCATIONS, ALLOC_SITE_ALLOCATIONS]
+                    .map(|name| gauge(name, &[("site", site.name())]))
+            }),
+            tokio: [TOKIO_WORKERS, TOKIO_ALIVE_TASKS, TOKIO_GLOBAL_QUEUE_DEPTH].map(|name| gauge(name, &[])),
             queued_bytes_now: AtomicUsize::new(0),
             queued_messages_now: AtomicUsize::new(0),
             recorder,
@@ -341,8 +367,18 @@ impl Metrics {
         self.recorder.register_counter(&key, &META).increment(1);
     }
 
-    /// Prometheus text exposition, with the gauges that are read at scrape time brought up to date.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition, with the gauges that are read at scrape time brought up
+    /// to date; `runtime` is the serving runtime's.
+    pub fn render(&self, runtime: &tokio::runtime::RuntimeMetrics) -> String {
+        for (gauges, stats) in self.sites.iter().zip(crate::alloc::sites::snapshot()) {
+            gauges[0].set(stats.live_bytes as f64);
+            gauges[1].set(stats.live_allocs as f64);
+            gauges[2].set(stats.total_allocs as f64);
+        }
+        let tokio = [runtime.num_workers(), runtime.num_alive_tasks(), runtime.global_queue_depth()];
+        for (gauge, value) in self.tokio.iter().zip(tokio) {
+            gauge.set(value as f64);
+        }
         self.queued_bytes.set(self.queued_bytes_now.load(Ordering::Relaxed) as f64);
         self.queued_messages.set(self.queued_messages_now.load(Ordering::Relaxed) as f64);
         if let Ok(stats) = crate::alloc::JemallocStats::read() {

@@ -13,12 +13,22 @@ const WARMUP: usize = 200;
 
 const ALLOCATED: &str = r#"pushline_jemalloc_bytes{stat="allocated"}"#;
 
+/// Live bytes of the connection_task, sessions and other sites.
+async fn site_bytes(server: &ServerProcess) -> [f64; 3] {
+    let mut out = [0.0; 3];
+    for (i, site) in ["connection_task", "sessions", "other"].iter().enumerate() {
+        out[i] = server.metric(&format!(r#"pushline_alloc_site_live_bytes{{site="{site}"}}"#)).await;
+    }
+    out
+}
+
 pub async fn run(common: &Common, connections: usize) -> Result<Vec<Row>, String> {
     let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
     let warm = super::open_connections(server.client, WARMUP, common.parallel, common.spread, "warm").await?;
     server.wait_metric(r#"pushline_connections{transport="ws"}"#, WARMUP as f64, Duration::from_secs(30)).await?;
     let (rss0, kernel0) = (server.rss_bytes(), tcp_kernel_bytes());
     let heap0 = server.metric(ALLOCATED).await as u64;
+    let sites0 = site_bytes(&server).await;
 
     let n = connections.saturating_sub(WARMUP);
     let held = super::open_connections(server.client, n, common.parallel, common.spread, "idle").await?;
@@ -27,6 +37,7 @@ pub async fn run(common: &Common, connections: usize) -> Result<Vec<Row>, String
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss1, kernel1) = (server.rss_bytes(), tcp_kernel_bytes());
     let heap1 = server.metric(ALLOCATED).await as u64;
+    let sites1 = site_bytes(&server).await;
 
     let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / n as f64;
     let rows = vec![
@@ -34,6 +45,9 @@ pub async fn run(common: &Common, connections: usize) -> Result<Vec<Row>, String
         Row::new("idle", "server_rss_total", rss1 as f64, "bytes"),
         Row::new("idle", "server_rss_per_connection", per(rss0, rss1), "bytes"),
         Row::new("idle", "server_heap_allocated_per_connection", per(heap0, heap1), "bytes"),
+        Row::new("idle", "site_connection_task_per_connection", (sites1[0] - sites0[0]) / n as f64, "bytes"),
+        Row::new("idle", "site_sessions_per_connection", (sites1[1] - sites0[1]) / n as f64, "bytes"),
+        Row::new("idle", "site_other_per_connection", (sites1[2] - sites0[2]) / n as f64, "bytes"),
         // Both ends of each loopback connection are on this machine: half is the server's.
         Row::new("idle", "kernel_tcp_per_connection_server_side", per(kernel0, kernel1) / 2.0, "bytes"),
     ];

@@ -1,9 +1,13 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: metrics, health, profiles and live introspection.
 //!
 //! It runs on a runtime and thread of its own (as TiKV's status server does), so a
 //! scrape or a profile never waits behind client traffic, and client traffic never waits
-//! behind it. It reads the hub's counters and the metrics registry; it never touches a
-//! connection.
+//! behind it. It reads the hub's maps and counters, the allocator's site table and
+//! jemalloc; it never touches a connection's socket. Allocations here are charged to
+//! the `admin` site.
+
+mod memory;
+mod profile;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +19,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
+use crate::alloc::sites::Site;
 use crate::hub::Hub;
 use crate::telemetry::Metrics;
+
+pub use memory::{rss_bytes, socket_memory, SocketMemory, CONNECTION_SITES};
+pub use profile::pprof_folded;
 
 /// How often histogram samples are folded into buckets between scrapes.
 const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
@@ -24,6 +32,8 @@ const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 pub struct Admin {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    /// The serving runtime, whose task counts the admin reports.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// Serves the admin endpoints on `listener` from a new thread until `stop` fires.
@@ -32,19 +42,20 @@ pub fn start(listener: std::net::TcpListener, admin: Admin, stop: CancellationTo
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let admin = Arc::new(admin);
     std::thread::Builder::new().name("pushline-admin".into()).spawn(move || {
+        let _site = Site::Admin.enter();
         runtime.block_on(async move {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,
                 Err(e) => return tracing::error!(error = %e, "admin listener unusable"),
             };
             let upkeep = admin.clone();
-            tokio::spawn(async move {
+            tokio::spawn(Site::Metrics.instrument(async move {
                 let mut ticks = tokio::time::interval(UPKEEP_PERIOD);
                 loop {
                     ticks.tick().await;
                     upkeep.metrics.run_upkeep();
                 }
-            });
+            }));
             loop {
                 let (stream, _) = tokio::select! {
                     _ = stop.cancelled() => return,
@@ -58,32 +69,98 @@ pub fn start(listener: std::net::TcpListener, admin: Admin, stop: CancellationTo
                     },
                 };
                 let admin = admin.clone();
-                tokio::spawn(async move {
+                tokio::spawn(Site::Admin.instrument(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let admin = admin.clone();
-                        async move { Ok::<_, Infallible>(route(req, &admin)) }
+                        async move { Ok::<_, Infallible>(route(req, &admin).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                });
+                }));
             }
         })
     })
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
     response
 }
 
-fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
+fn json(value: &serde_json::Value) -> Reply {
+    reply(StatusCode::OK, "application/json", value.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> Reply {
+    reply(status, "application/json", serde_json::json!({ "error": message }).to_string())
+}
+
+/// A request's query string, parsed.
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(req: &Request<hyper::body::Incoming>) -> Query {
+        Query(form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect())
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// A whole number within `range`, or `default` when absent; a 400 otherwise.
+    fn number(&self, name: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> Result<u64, Reply> {
+        let Some(text) = self.get(name) else { return Ok(default) };
+        match text.parse::<u64>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("{name}={text}: expected a whole number from {} to {}", range.start(), range.end()),
+            )),
+        }
+    }
+}
+
+async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
     const TEXT: &str = "text/plain; charset=utf-8";
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => reply(StatusCode::OK, TEXT, "ok\n"),
-        (&Method::GET, "/readyz") if admin.hub.is_accepting() => reply(StatusCode::OK, TEXT, "ready\n"),
-        (&Method::GET, "/readyz") => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "shutting down\n"),
-        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", admin.metrics.render()),
-        (_, path) => reply(StatusCode::NOT_FOUND, TEXT, format!("no admin endpoint {path}; see /metrics, /healthz, /readyz\n")),
+    let query = Query::parse(&req);
+    if req.method() != Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "admin endpoints take GET");
+    }
+    match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
+        "/readyz" if admin.hub.is_accepting() => reply(StatusCode::OK, TEXT, "ready\n"),
+        "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "shutting down\n"),
+        "/metrics" => {
+            let text = Site::Metrics.scope(|| admin.metrics.render(&admin.runtime.metrics()));
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        "/debug/pprof/profile" => profile::cpu(&query).await,
+        "/debug/pprof/heap" => profile::heap(&query).await,
+        "/debug/memory" => json(&memory::memory(admin)),
+        "/debug/objects" => json(&memory::objects(admin)),
+        "/debug/connections" => match query.number("limit", 100, 1..=100_000) {
+            Ok(limit) => json(&serde_json::json!({
+                "total": admin.hub.total_connections(),
+                "connections": admin.hub.describe(limit as usize),
+            })),
+            Err(reply) => reply,
+        },
+        path if path.starts_with("/debug/sessions/") => {
+            let raw = &path["/debug/sessions/".len()..];
+            let uid: String = form_urlencoded::parse(format!("u={raw}").as_bytes()).map(|(_, v)| v.into_owned()).next().unwrap_or_default();
+            let connections = admin.hub.describe_uid(&uid);
+            if connections.is_empty() {
+                error(StatusCode::NOT_FOUND, &format!("uid `{uid}` has no connection on this node"))
+            } else {
+                json(&serde_json::json!({ "uid": uid, "connections": connections }))
+            }
+        }
+        path => error(
+            StatusCode::NOT_FOUND,
+            &format!("no admin endpoint {path}; see /metrics, /healthz, /readyz, /debug/pprof/profile, /debug/pprof/heap, /debug/memory, /debug/objects, /debug/connections, /debug/sessions/<uid>"),
+        ),
     }
 }

@@ -1,7 +1,12 @@
-//! The allocator's own view of memory: jemalloc statistics.
+//! Where memory goes, from the allocator's side: the per-site counters (`sites`),
+//! jemalloc's statistics, and jemalloc's sampling heap profiler.
 //!
-//! This module and `lib.rs` (which installs jemalloc) are the only places that know
-//! which allocator runs.
+//! This module and `lib.rs` (which installs the allocator) are the only places that
+//! know which allocator runs.
+
+pub mod sites;
+
+use std::ffi::c_char;
 
 use serde::Serialize;
 use tikv_jemalloc_ctl::{epoch, stats};
@@ -44,4 +49,29 @@ impl JemallocStats {
             self.active as f64 / self.allocated as f64
         }
     }
+}
+
+#[repr(transparent)]
+pub struct MallocConf(*const c_char);
+
+// SAFETY: a pointer to a static, immutable C string.
+unsafe impl Sync for MallocConf {}
+
+/// jemalloc reads its options from this symbol at start. Heap profiling is on from the
+/// first allocation, sampling one allocation per 512 KiB allocated on average
+/// (`lg_prof_sample:19`): cheap enough to leave on in production.
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: MallocConf = MallocConf(c"prof:true,prof_active:true,lg_prof_sample:19".as_ptr());
+
+/// Turns jemalloc's heap sampling on or off (`prof.active`); returns what it was.
+pub fn set_heap_sampling(active: bool) -> Result<bool, String> {
+    // SAFETY: "prof.active" is a documented read-write bool.
+    unsafe { tikv_jemalloc_ctl::raw::update(b"prof.active\0", active) }.map_err(|e| format!("jemalloc prof.active: {e}"))
+}
+
+/// A heap profile of live memory, sampled, symbolized, as gzipped profile.proto.
+pub async fn heap_profile_pprof() -> Result<Vec<u8>, String> {
+    let ctl = jemalloc_pprof::PROF_CTL.as_ref().ok_or("jemalloc heap profiling is not enabled (prof:false)")?;
+    let mut ctl = ctl.lock().await;
+    ctl.dump_pprof().map_err(|e| format!("heap profile: {e}"))
 }

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::alloc::sites::Site;
 use crate::hub::{Hub, Slot};
 use crate::session::SessionId;
 use crate::telemetry::{ClientError, CloseReason, DropReason};
@@ -102,7 +103,7 @@ impl Conn {
     /// Every message that does not make it is counted with its reason.
     pub fn deliver(&self, msg: &Arc<Message>, hub: &Hub) -> bool {
         let size = msg.bytes(self.transport).len();
-        let outcome = self.outbox().push(msg, self.transport, hub.limits());
+        let outcome = Site::OutboundQueue.scope(|| self.outbox().push(msg, self.transport, hub.limits()));
         let metrics = hub.metrics();
         match outcome {
             Enqueued::Queued { dropped, dropped_bytes } => {

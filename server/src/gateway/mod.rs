@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::alloc::sites::Site;
 use crate::conn::{self, wire::Transport, Conn};
 use crate::hub::Slot;
 use crate::server::Shared;
@@ -80,8 +81,11 @@ pub async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
     let early = buf.split_off(used);
     drop(buf);
     let hub = &shared.hub;
-    let conn = Arc::new(Conn::new(hub.session_ids.next(), admitted.uid.into(), transport));
-    hub.register(&conn, &admitted.topics);
+    let conn = Site::Sessions.scope(|| {
+        let conn = Arc::new(Conn::new(hub.session_ids.next(), admitted.uid.into(), transport));
+        hub.register(&conn, &admitted.topics);
+        conn
+    });
     let welcome = serde_json::json!({
         "type": "welcome",
         "session": conn.session.to_string(),
@@ -93,7 +97,8 @@ pub async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
         Transport::Sse => conn::wire::sse_event("welcome", &welcome),
     };
     // A task of its own, so the long-lived future holds none of the handshake's state.
-    tokio::spawn(conn::serve(stream, conn, hub.clone(), admitted.slot, welcome, early));
+    let task = Site::ConnectionTask.instrument(conn::serve(stream, conn, hub.clone(), admitted.slot, welcome, early));
+    Site::ConnectionTask.scope(|| tokio::spawn(task));
 }
 
 fn admit(head: &Head, transport: Transport, shared: &Shared) -> Result<Admitted, Refusal> {

@@ -1,0 +1,222 @@
+//! `/debug/pprof/profile` (CPU, pprof-rs) and `/debug/pprof/heap` (jemalloc's sampled
+//! heap profile), each as gzipped profile.proto (what `go tool pprof` reads), an inferno
+//! flame graph SVG, or folded stacks.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use pprof::protos::Message;
+
+use super::{error, reply, Query, Reply};
+use hyper::StatusCode;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Pprof,
+    Svg,
+    Folded,
+}
+
+fn format(query: &Query) -> Result<Format, Reply> {
+    match query.get("format").unwrap_or("pprof") {
+        "pprof" => Ok(Format::Pprof),
+        "svg" => Ok(Format::Svg),
+        "folded" => Ok(Format::Folded),
+        other => Err(error(StatusCode::BAD_REQUEST, &format!("format `{other}`: use pprof, svg or folded"))),
+    }
+}
+
+/// One CPU profile at a time: a second would share pprof-rs's one SIGPROF timer.
+static CPU_PROFILE_RUNNING: AtomicBool = AtomicBool::new(false);
+
+struct CpuProfileSlot;
+
+impl CpuProfileSlot {
+    fn take() -> Option<CpuProfileSlot> {
+        CPU_PROFILE_RUNNING.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| CpuProfileSlot)
+    }
+}
+
+impl Drop for CpuProfileSlot {
+    fn drop(&mut self) {
+        CPU_PROFILE_RUNNING.store(false, Ordering::Release);
+    }
+}
+
+/// Pauses jemalloc's heap sampling while it lives: jemalloc unwinding a sampled
+/// allocation's stack while pprof-rs's SIGPROF handler unwinds the same thread can deadlock.
+struct HeapSamplingPaused(Option<bool>);
+
+impl HeapSamplingPaused {
+    fn new() -> Self {
+        HeapSamplingPaused(crate::alloc::set_heap_sampling(false).ok())
+    }
+}
+
+impl Drop for HeapSamplingPaused {
+    fn drop(&mut self) {
+        if let Some(was) = self.0 {
+            let _ = crate::alloc::set_heap_sampling(was);
+        }
+    }
+}
+
+pub async fn cpu(query: &Query) -> Reply {
+    let format = match format(query) {
+        Ok(f) => f,
+        Err(reply) => return reply,
+    };
+    let seconds = match query.number("seconds", 30, 1..=300) {
+        Ok(s) => s,
+        Err(reply) => return reply,
+    };
+    let frequency = match query.number("frequency", 99, 1..=1000) {
+        Ok(f) => f as i32,
+        Err(reply) => return reply,
+    };
+    let Some(slot) = CpuProfileSlot::take() else {
+        return error(StatusCode::CONFLICT, "a CPU profile is already running; one at a time");
+    };
+    let profiled = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let _paused = HeapSamplingPaused::new();
+        let guard = pprof::ProfilerGuardBuilder::default()
+            .frequency(frequency)
+            // Unwinding through these from a signal handler can deadlock or crash.
+            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+            .build()
+            .map_err(|e| format!("cannot start the CPU profiler: {e}"))?;
+        std::thread::sleep(Duration::from_secs(seconds));
+        let report = guard.report().build().map_err(|e| format!("cannot build the CPU profile: {e}"))?;
+        match format {
+            Format::Pprof => {
+                let profile = report.pprof().map_err(|e| format!("cannot encode the CPU profile: {e}"))?;
+                let bytes = profile.write_to_bytes().map_err(|e| format!("cannot encode the CPU profile: {e}"))?;
+                gzip(&bytes)
+            }
+            Format::Folded | Format::Svg => {
+                let lines = cpu_folded(&report);
+                if format == Format::Folded {
+                    Ok(lines.join("\n").into_bytes())
+                } else {
+                    svg(&lines, "Pushline CPU", "samples")
+                }
+            }
+        }
+    })
+    .await;
+    match profiled {
+        Ok(Ok(body)) => reply(StatusCode::OK, content_type(format), body),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("CPU profile task failed: {e}")),
+    }
+}
+
+pub async fn heap(query: &Query) -> Reply {
+    let format = match format(query) {
+        Ok(f) => f,
+        Err(reply) => return reply,
+    };
+    let pprof = match crate::alloc::heap_profile_pprof().await {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
+    };
+    if format == Format::Pprof {
+        return reply(StatusCode::OK, content_type(format), pprof);
+    }
+    let built = tokio::task::spawn_blocking(move || {
+        let lines = pprof_folded(&pprof)?;
+        if format == Format::Folded {
+            Ok(lines.join("\n").into_bytes())
+        } else {
+            svg(&lines, "Pushline heap: live bytes by stack (sampled)", "bytes")
+        }
+    })
+    .await;
+    match built {
+        Ok(Ok(body)) => reply(StatusCode::OK, content_type(format), body),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("heap profile task failed: {e}")),
+    }
+}
+
+fn content_type(format: Format) -> &'static str {
+    match format {
+        Format::Pprof => "application/octet-stream",
+        Format::Svg => "image/svg+xml",
+        Format::Folded => "text/plain; charset=utf-8",
+    }
+}
+
+fn gzip(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).and_then(|_| encoder.finish()).map_err(|e| format!("gzip: {e}"))
+}
+
+/// Folded stacks (`thread;root;...;leaf count`) from a pprof-rs report.
+fn cpu_folded(report: &pprof::Report) -> Vec<String> {
+    let mut lines: Vec<String> = report
+        .data
+        .iter()
+        .map(|(frames, count)| {
+            let mut line = frames.thread_name_or_id();
+            for frame in frames.frames.iter().rev() {
+                for symbol in frame.iter().rev() {
+                    line.push(';');
+                    line.push_str(&symbol.name().replace(';', ":"));
+                }
+            }
+            format!("{line} {count}")
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Folded stacks from a gzipped, symbolized profile.proto: root first, weight = first value.
+pub fn pprof_folded(gzipped: &[u8]) -> Result<Vec<String>, String> {
+    use std::collections::HashMap;
+    use std::io::Read;
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(gzipped).read_to_end(&mut raw).map_err(|e| format!("gunzip profile: {e}"))?;
+    let profile = pprof::protos::Profile::parse_from_bytes(&raw).map_err(|e| format!("decode profile: {e}"))?;
+    let strings = &profile.string_table;
+    let functions: HashMap<u64, &str> = profile
+        .function
+        .iter()
+        .map(|f| (f.id, strings.get(f.name as usize).map_or("?", String::as_str)))
+        .collect();
+    let locations: HashMap<u64, Vec<&str>> = profile
+        .location
+        .iter()
+        .map(|l| {
+            let names = l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?")).collect();
+            (l.id, names)
+        })
+        .collect();
+    let mut stacks: HashMap<String, i64> = HashMap::new();
+    for sample in &profile.sample {
+        let mut frames = Vec::new();
+        for id in sample.location_id.iter().rev() {
+            match locations.get(id) {
+                Some(names) => frames.extend(names.iter().rev().map(|n| n.replace(';', ":"))),
+                None => frames.push(format!("{id:#x}")),
+            }
+        }
+        *stacks.entry(frames.join(";")).or_default() += sample.value.first().copied().unwrap_or(0);
+    }
+    let mut lines: Vec<String> = stacks.into_iter().filter(|(_, w)| *w > 0).map(|(s, w)| format!("{s} {w}")).collect();
+    lines.sort();
+    Ok(lines)
+}
+
+fn svg(lines: &[String], title: &str, count_name: &str) -> Result<Vec<u8>, String> {
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = title.to_owned();
+    options.count_name = count_name.to_owned();
+    let mut out = Vec::new();
+    inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut out)
+        .map_err(|e| format!("flame graph: {e}"))?;
+    Ok(out)
+}
