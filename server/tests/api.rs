@@ -42,7 +42,7 @@ async fn admin_endpoints_live_only_on_the_admin_port() {
     let t = start(|_| {}).await;
     assert_eq!(reqwest::get(format!("http://{}/healthz", t.admin)).await.unwrap().status(), 200);
     assert_eq!(reqwest::get(format!("http://{}/readyz", t.admin)).await.unwrap().status(), 200);
-    for path in ["/metrics", "/healthz"] {
+    for path in ["/metrics", "/healthz", "/debug/memory", "/debug/pprof/heap", "/debug/connections"] {
         let status = reqwest::get(format!("http://{}{path}", t.client)).await.unwrap().status();
         assert_eq!(status, 404, "{path} must not be served on the public port");
     }

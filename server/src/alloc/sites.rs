@@ -33,8 +33,9 @@ pub enum Site {
     ConnectionTask = 1,
     /// Handshakes and the publish API's HTTP connections.
     Http = 2,
-    /// Published messages, framed for WebSocket and SSE.
-    Frames = 3,
+    /// The WebSocket/SSE codec: published messages framed for both transports, and the
+    /// per-thread buffers sockets are read into.
+    Codec = 3,
     /// Outbound queues of connections.
     OutboundQueue = 4,
     /// Session records (`Conn`) and the uid table.
@@ -56,7 +57,7 @@ impl Site {
         Site::Other,
         Site::ConnectionTask,
         Site::Http,
-        Site::Frames,
+        Site::Codec,
         Site::OutboundQueue,
         Site::Sessions,
         Site::Topics,
@@ -70,7 +71,7 @@ impl Site {
             Site::Other => "other",
             Site::ConnectionTask => "connection_task",
             Site::Http => "http",
-            Site::Frames => "frames",
+            Site::Codec => "codec",
             Site::OutboundQueue => "outbound_queue",
             Site::Sessions => "sessions",
             Site::Topics => "topics",

@@ -165,7 +165,7 @@ async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> 
             if let Some(reply) = too_big(push.data) {
                 return reply;
             }
-            let msg = Site::Frames.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, push.data, accepted_at)));
+            let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, push.data, accepted_at)));
             shared.metrics.published(kind);
             let pushed = shared.registry.push(hub, &push.uids, &msg).await;
             serde_json::json!({ "id": msg.id.to_string(), "online": pushed.online, "delivered": pushed.delivered })
@@ -181,7 +181,7 @@ async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> 
             if let Some(reply) = too_big(publish.data) {
                 return reply;
             }
-            let msg = Site::Frames.scope(|| Arc::new(Message::new(hub.message_ids.next(), Some(&publish.topic), publish.data, accepted_at)));
+            let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), Some(&publish.topic), publish.data, accepted_at)));
             shared.metrics.published(kind);
             let delivered = shared.registry.publish(hub, &publish.topic, &msg).await;
             serde_json::json!({ "id": msg.id.to_string(), "delivered": delivered })
@@ -194,7 +194,7 @@ async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> 
             if let Some(reply) = too_big(broadcast.data) {
                 return reply;
             }
-            let msg = Site::Frames.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, broadcast.data, accepted_at)));
+            let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, broadcast.data, accepted_at)));
             shared.metrics.published(kind);
             let delivered = shared.registry.broadcast(hub, &msg).await;
             serde_json::json!({ "id": msg.id.to_string(), "delivered": delivered })

@@ -163,7 +163,7 @@ impl Conn {
 thread_local! {
     /// Where every connection on this thread reads into; only the tail of an incomplete
     /// frame is copied out to the connection.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Site::Codec.scope(|| vec![0; 64 * 1024]));
 }
 
 /// The largest client frame the scratch buffer can hold whole.

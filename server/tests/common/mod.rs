@@ -169,12 +169,17 @@ impl Process {
     /// Starts the binary with `args` (plus free loopback ports), with `before_exec` run in
     /// the child before exec (e.g. to lower its file limit).
     pub fn spawn(args: &[&str], before_exec: Option<fn() -> std::io::Result<()>>) -> Process {
+        Process::spawn_with_env(args, before_exec, &[])
+    }
+
+    pub fn spawn_with_env(args: &[&str], before_exec: Option<fn() -> std::io::Result<()>>, env: &[(&str, &str)]) -> Process {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pushline"));
         command
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log", "info"])
             .args(args)
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped());
         if let Some(f) = before_exec {
             // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
@@ -228,4 +233,21 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub async fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let response = reqwest::get(format!("http://{addr}{path}")).await.expect("request");
+    assert_eq!(response.status(), 200, "GET {path}");
+    response.json().await.expect("JSON")
+}
+
+/// Opens `n` WebSocket connections as uids `{prefix}0..n`, with their welcomes read.
+pub async fn many_ws(addr: SocketAddr, n: usize, prefix: &str) -> Vec<Ws> {
+    let mut out = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let queries: Vec<String> = chunk.iter().map(|i| format!("uid={prefix}{i}")).collect();
+        let opened = futures_util::future::join_all(queries.iter().map(|q| ws(addr, q))).await;
+        out.extend(opened.into_iter().map(|(ws, _)| ws));
+    }
+    out
 }

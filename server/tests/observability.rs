@@ -1,0 +1,158 @@
+//! The server explains itself: CPU and heap profiles, per-site allocation counters,
+//! memory and object counts. Each test runs its own `pushline` process, since profiles
+//! and allocation counters are process-wide.
+
+mod common;
+
+use std::io::Read;
+
+use common::*;
+use pprof::protos::Message;
+use serde_json::json;
+
+/// Broadcasts to the server's clients until dropped, so profiles see it busy.
+struct Load(tokio::task::JoinHandle<()>);
+
+impl Load {
+    fn start(addr: std::net::SocketAddr) -> Load {
+        Load(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                let body = json!({"data": {"blob": "x".repeat(512)}}).to_string();
+                let _ = http.post(format!("http://{addr}/v1/broadcast")).body(body).send().await;
+            }
+        }))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps the clients reading, so broadcasts are written, not queued.
+fn drain(clients: Vec<Ws>) -> Vec<tokio::task::JoinHandle<()>> {
+    use futures_util::StreamExt;
+    clients.into_iter().map(|mut ws| tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} })).collect()
+}
+
+async fn get_bytes(url: String) -> (u16, Vec<u8>) {
+    let response = reqwest::get(url).await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.bytes().await.expect("body").to_vec())
+}
+
+#[tokio::test]
+async fn cpu_profile_of_a_busy_server_names_its_functions() {
+    let server = Process::spawn(&[], None);
+    let readers = drain(many_ws(server.client, 50, "c").await);
+    let _load = Load::start(server.client);
+    let admin = server.admin;
+
+    let first = tokio::spawn(get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=3")));
+    // The second asks while the first runs (it takes 3 s; this asks after 0.5 s).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=1")).await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("already running"));
+
+    let (status, gzipped) = first.await.unwrap();
+    assert_eq!(status, 200);
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&gzipped[..]).read_to_end(&mut raw).expect("gzip");
+    let profile = pprof::protos::Profile::parse_from_bytes(&raw).expect("profile.proto");
+    assert!(!profile.sample.is_empty(), "the busy server was sampled");
+    let names: Vec<&str> = profile.function.iter().map(|f| profile.string_table[f.name as usize].as_str()).collect();
+    assert!(names.iter().any(|n| n.starts_with("pushline::")), "server functions in the profile: {names:?}");
+
+    let (status, svg) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=2&format=svg")).await;
+    assert_eq!(status, 200);
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.contains("<svg"), "an SVG document");
+    assert!(svg.contains("pushline::"), "the flame graph names server functions");
+
+    let (status, folded) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=1&format=folded")).await;
+    assert_eq!(status, 200);
+    let folded = String::from_utf8(folded).unwrap();
+    assert!(folded.lines().all(|l| l.rsplit_once(' ').is_some_and(|(_, n)| n.parse::<u64>().is_ok())), "folded lines end in a count");
+    assert!(folded.contains("pushline::"));
+
+    let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=0")).await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    drop(readers);
+}
+
+/// Live bytes of the sites that grow with connections, from /debug/memory.
+async fn connection_site_bytes(admin: std::net::SocketAddr) -> i64 {
+    let memory = get_json(admin, "/debug/memory").await;
+    memory["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| ["connection_task", "sessions", "outbound_queue", "topics"].contains(&s["site"].as_str().unwrap()))
+        .map(|s| s["live_bytes"].as_i64().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn site_counters_grow_with_connections_and_return_when_they_close() {
+    const N: usize = 500;
+    let server = Process::spawn(&[], None);
+    // One round first, so tables have grown to hold N and stay that size: what is
+    // measured after is what connections themselves hold.
+    drop(many_ws(server.client, N, "warm").await);
+    wait_metric(server.admin, r#"pushline_connections{transport="ws"}"#, |v| v == 0.0).await;
+    let baseline = connection_site_bytes(server.admin).await;
+
+    let clients = many_ws(server.client, N, "s").await;
+    let objects = get_json(server.admin, "/debug/objects").await;
+    assert_eq!((objects["connections"].as_u64(), objects["sessions"].as_u64()), (Some(N as u64), Some(N as u64)), "{objects}");
+    let memory = get_json(server.admin, "/debug/memory").await;
+    assert_eq!(memory["connections"]["total"], N);
+    let grown = connection_site_bytes(server.admin).await - baseline;
+    let per_connection = grown as f64 / N as f64;
+    assert!((300.0..4000.0).contains(&per_connection), "{per_connection} bytes per connection at the connection sites");
+    let text = metrics(server.admin).await;
+    assert!(metric(&text, r#"pushline_alloc_site_live_bytes{site="connection_task"}"#) > 0.0);
+    assert!(metric(&text, r#"pushline_alloc_site_allocations_total{site="sessions"}"#) >= N as f64);
+
+    let listed = get_json(server.admin, "/debug/connections?limit=10").await;
+    assert_eq!(listed["total"], N);
+    assert_eq!(listed["connections"].as_array().unwrap().len(), 10);
+    let session = get_json(server.admin, "/debug/sessions/s7").await;
+    assert_eq!(session["connections"][0]["uid"], "s7");
+    assert_eq!(session["connections"][0]["transport"], "ws");
+
+    drop(clients);
+    wait_metric(server.admin, r#"pushline_connections{transport="ws"}"#, |v| v == 0.0).await;
+    let left = connection_site_bytes(server.admin).await - baseline;
+    assert!(left < grown / 10 + 16 * 1024, "{left} of {grown} bytes still live after every connection closed");
+    let (status, _) = get_bytes(format!("http://{}/debug/sessions/s7", server.admin)).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn heap_profile_charges_connection_memory_to_the_connection_path() {
+    const N: usize = 1000;
+    // Sample about every 4 KiB instead of 512 KiB, so a thousand connections show.
+    let server = Process::spawn_with_env(&[], None, &[("_RJEM_MALLOC_CONF", "lg_prof_sample:12")]);
+    let _clients = many_ws(server.client, N, "h").await;
+
+    let (status, folded) = get_bytes(format!("http://{}/debug/pprof/heap?format=folded", server.admin)).await;
+    assert_eq!(status, 200);
+    let folded = String::from_utf8(folded).unwrap();
+    let on_connection_path: i64 = folded
+        .lines()
+        .filter(|l| ["pushline::gateway::", "pushline::conn::", "pushline::hub::", "pushline::listener::"].iter().any(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, n)| n.parse::<i64>().ok()))
+        .sum();
+    assert!(on_connection_path > (N * 300) as i64, "{on_connection_path} live bytes under the connection path for {N} connections");
+
+    let (status, gzipped) = get_bytes(format!("http://{}/debug/pprof/heap", server.admin)).await;
+    assert_eq!(status, 200);
+    assert_eq!(&gzipped[..2], &[0x1f, 0x8b], "gzipped profile.proto");
+    let (status, svg) = get_bytes(format!("http://{}/debug/pprof/heap?format=svg", server.admin)).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&svg).contains("<svg"));
+}
