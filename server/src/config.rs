@@ -131,6 +131,11 @@ pub struct Config {
     #[serde(serialize_with = "as_humantime")]
     pub shutdown_grace: Duration,
 
+    /// Serve tokio-console's gRPC on this address (e.g. 127.0.0.1:6669); off when unset.
+    #[cfg(feature = "console")]
+    #[arg(long, env = "PUSHLINE_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
+
     /// Log filter (tracing-subscriber `EnvFilter` syntax, e.g. `info,pushline=debug`).
     #[arg(long, env = "PUSHLINE_LOG", default_value = "info")]
     pub log: String,

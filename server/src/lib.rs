@@ -9,7 +9,8 @@
 //! - [`conn`] owns each socket: its bounded queue, the wire format, and the sweeper that
 //!   enforces idle timeouts and pings for all connections at once;
 //! - [`admin`] serves metrics and health on its own runtime; [`telemetry`] names every
-//!   metric; [`server`] wires it all and runs the graceful shutdown.
+//!   metric; [`probes`] are the USDT probes bpftrace attaches to; [`server`] wires it
+//!   all and runs the graceful shutdown.
 //!
 //! jemalloc is the allocator, wrapped by [`alloc::sites`] so every allocation is
 //! charged to a named site; those counters, jemalloc's statistics and its heap profiles
@@ -26,6 +27,7 @@ pub mod conn;
 pub mod gateway;
 pub mod hub;
 pub mod listener;
+pub mod probes;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -13,7 +13,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(&config.log);
+    telemetry::init_logging(
+        &config.log,
+        #[cfg(feature = "console")]
+        config.console_listen,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("pushline").build() {
         Ok(rt) => rt,
         Err(e) => {

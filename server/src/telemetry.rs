@@ -335,6 +335,7 @@ impl Metrics {
 
     pub fn dropped(&self, reason: DropReason, count: usize) {
         if count > 0 {
+            crate::probes::msg_drop(reason as u8, count);
             self.dropped[reason as usize].increment(count as u64);
         }
     }
@@ -403,16 +404,22 @@ impl Default for Metrics {
     }
 }
 
-/// Logs to stderr through `tracing`; `filter` is an `EnvFilter` directive.
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to stderr through `tracing`; `filter` is an `EnvFilter` directive. With the
+/// `console` feature and an address, tokio-console's server runs there too.
+pub fn init_logging(filter: &str, #[cfg(feature = "console")] console: Option<std::net::SocketAddr>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // log_internal_errors(false): on a closed stderr, tracing-subscriber would otherwise
     // eprintln! its write error, which panics, and take down whatever task was logging
     // (seen: the accept loop, during an EMFILE backoff).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .log_internal_errors(false)
-        .try_init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).log_internal_errors(false).with_filter(filter);
+    let registry = tracing_subscriber::registry().with(fmt);
+    #[cfg(feature = "console")]
+    if let Some(addr) = console {
+        let _ = registry.with(console_subscriber::ConsoleLayer::builder().server_addr(addr).spawn()).try_init();
+        return;
+    }
+    let _ = registry.try_init();
 }

@@ -204,11 +204,27 @@ pub fn pprof_folded(gzipped: &[u8]) -> Result<Vec<String>, String> {
                 None => frames.push(format!("{id:#x}")),
             }
         }
+        // The allocator's own frames (jemalloc's sampler, the site wrapper) end every
+        // stack and say nothing about who allocated.
+        while frames.last().is_some_and(|f| is_allocator_frame(f)) {
+            frames.pop();
+        }
         *stacks.entry(frames.join(";")).or_default() += sample.value.first().copied().unwrap_or(0);
     }
     let mut lines: Vec<String> = stacks.into_iter().filter(|(_, w)| *w > 0).map(|(s, w)| format!("{s} {w}")).collect();
     lines.sort();
     Ok(lines)
+}
+
+/// Frames of the allocator and of the standard library's allocation paths, which end
+/// every heap stack and say nothing about who allocated.
+fn is_allocator_frame(frame: &str) -> bool {
+    const PREFIXES: [&str; 16] = [
+        "prof_", "_rjem_", "imalloc", "je_", "ialloc", "irealloc", "__rustc::", "__rust_", "__rdl_",
+        "tikv_jemallocator::", "<tikv_jemallocator::", "pushline::alloc::sites::", "<pushline::alloc::sites::",
+        "alloc::", "<alloc::", "hashbrown::raw::",
+    ];
+    PREFIXES.iter().any(|p| frame.starts_with(p)) || frame.starts_with("<hashbrown::alloc")
 }
 
 fn svg(lines: &[String], title: &str, count_name: &str) -> Result<Vec<u8>, String> {

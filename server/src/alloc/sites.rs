@@ -236,6 +236,7 @@ fn current_site() -> u8 {
 }
 
 fn charge(site: u8, bytes: usize) {
+    crate::probes::alloc(site, bytes);
     let c = &PUSHLINE_ALLOC_SITES.counters[(site as usize).min(SITES - 1)][shard()];
     c.live_bytes.fetch_add(bytes as i64, Ordering::Relaxed);
     c.live_allocs.fetch_add(1, Ordering::Relaxed);

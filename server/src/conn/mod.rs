@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 
 use crate::alloc::sites::Site;
 use crate::hub::{Hub, Slot};
+use crate::probes;
 use crate::session::SessionId;
 use crate::telemetry::{ClientError, CloseReason, DropReason};
 use queue::{Enqueued, Outbox};
@@ -106,7 +107,8 @@ impl Conn {
         let outcome = Site::OutboundQueue.scope(|| self.outbox().push(msg, self.transport, hub.limits()));
         let metrics = hub.metrics();
         match outcome {
-            Enqueued::Queued { dropped, dropped_bytes } => {
+            Enqueued::Queued { dropped, dropped_bytes, depth } => {
+                probes::msg_enqueue(self.session.0, size, depth);
                 metrics.dropped(DropReason::QueueFull, dropped);
                 metrics.queued(1 - dropped as isize, size as isize - dropped_bytes as isize);
                 self.signal(SIGNAL_WORK);
@@ -239,6 +241,7 @@ impl Drop for Task {
             self.hub.metrics().dropped(DropReason::ConnectionClosed, 1);
         }
         self.conn.close_outbox(&self.hub);
+        probes::conn_close(self.conn.session.0, self.reason as u8, clock_ms().saturating_sub(self.conn.opened_ms));
         self.hub.unregister(&self.conn, self.reason);
     }
 }
@@ -356,9 +359,11 @@ impl Task {
                     writing.written += n;
                     if writing.written == writing.bytes.len() {
                         if let Some(accepted_at) = writing.accepted_at {
+                            let latency = accepted_at.elapsed();
+                            probes::msg_write(self.conn.session.0, writing.bytes.len(), latency.as_nanos() as u64);
                             let metrics = self.hub.metrics();
                             metrics.delivered.increment(1);
-                            metrics.delivery_latency.record(accepted_at.elapsed().as_secs_f64());
+                            metrics.delivery_latency.record(latency.as_secs_f64());
                         }
                         self.writing = None;
                     }
@@ -462,10 +467,14 @@ impl Task {
     fn on_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> Result<(), Stop> {
         match opcode {
             wire::OP_PING => {
+                probes::heartbeat(self.conn.session.0, 1);
                 self.replies.push_back(wire::ws_frame(wire::OP_PONG, payload));
                 Ok(())
             }
-            wire::OP_PONG => Ok(()),
+            wire::OP_PONG => {
+                probes::heartbeat(self.conn.session.0, 2);
+                Ok(())
+            }
             wire::OP_CLOSE => {
                 // Echo the client's code, as RFC 6455 5.5.1 asks.
                 let code = match payload {
@@ -523,6 +532,7 @@ impl Task {
         }
         // The heartbeat, every 270 s from every client: answered without parsing.
         if text == br#"{"type":"ping"}"# {
+            probes::heartbeat(self.conn.session.0, 0);
             self.replies.push_back(Bytes::from_static(PONG));
             return Ok(());
         }
@@ -538,7 +548,10 @@ impl Task {
             }
         };
         match &*frame.kind {
-            "ping" => self.replies.push_back(Bytes::from_static(PONG)),
+            "ping" => {
+                probes::heartbeat(self.conn.session.0, 0);
+                self.replies.push_back(Bytes::from_static(PONG));
+            }
             "subscribe" => match self.hub.subscribe(&self.conn, &frame.topics) {
                 Ok(()) => self.reply_topics("subscribed", &frame.topics),
                 Err(e) => {

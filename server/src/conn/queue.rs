@@ -18,8 +18,9 @@ pub struct Limits {
 /// What happened to a message offered to a queue.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueued {
-    /// Queued; `dropped` older messages were discarded to make room (drop-oldest).
-    Queued { dropped: usize, dropped_bytes: usize },
+    /// Queued, making the queue `depth` long; `dropped` older messages were discarded to
+    /// make room (drop-oldest).
+    Queued { dropped: usize, dropped_bytes: usize, depth: usize },
     /// The queue was full under the disconnect policy: the connection must close with
     /// 1013, and the new message plus everything queued (`dropped`) is discarded.
     Overflow { dropped: usize, dropped_bytes: usize },
@@ -59,13 +60,13 @@ impl Outbox {
                     }
                     self.queue.push_back(msg.clone());
                     self.bytes += size;
-                    return Enqueued::Queued { dropped, dropped_bytes };
+                    return Enqueued::Queued { dropped, dropped_bytes, depth: self.queue.len() };
                 }
             }
         }
         self.queue.push_back(msg.clone());
         self.bytes += size;
-        Enqueued::Queued { dropped: 0, dropped_bytes: 0 }
+        Enqueued::Queued { dropped: 0, dropped_bytes: 0, depth: self.queue.len() }
     }
 
     pub fn pop(&mut self, transport: Transport) -> Option<Arc<Message>> {

@@ -96,6 +96,10 @@ pub async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
         Transport::WebSocket => conn::wire::ws_text(&welcome),
         Transport::Sse => conn::wire::sse_event("welcome", &welcome),
     };
+    {
+        use std::os::fd::AsRawFd;
+        crate::probes::conn_open(conn.session.0, stream.as_raw_fd(), transport as u8);
+    }
     // A task of its own, so the long-lived future holds none of the handshake's state.
     let task = Site::ConnectionTask.instrument(conn::serve(stream, conn, hub.clone(), admitted.slot, welcome, early));
     Site::ConnectionTask.scope(|| tokio::spawn(task));

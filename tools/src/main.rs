@@ -1,0 +1,148 @@
+//! `pushline-tools`: where a live Pushline server's bytes and CPU go.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pushline_tools::{audit, flame, heap, target::Admin};
+
+#[derive(Parser)]
+#[command(name = "pushline-tools", version, about = "Where a live Pushline server's bytes and CPU go")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-connection memory of a live server: kernel, allocator sites, process.
+    MemoryAudit {
+        pid: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// CPU flame graph of a live server (pid or admin address), or of saved stacks.
+    Flamegraph {
+        /// A pid or admin address (127.0.0.1:9091).
+        target: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Write the SVG here.
+        #[arg(short, long, default_value = "flamegraph.svg")]
+        output: PathBuf,
+        /// Also keep the collapsed stacks, in this file.
+        #[arg(long)]
+        folded: Option<PathBuf>,
+        /// A differential flame graph of two folded files: BEFORE AFTER.
+        #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"], conflicts_with = "target")]
+        diff: Option<Vec<PathBuf>>,
+        /// Render stacks printed by probes/cpu-stacks.bt or probes/offcpu.bt.
+        #[arg(long, conflicts_with_all = ["target", "diff"])]
+        from_bpftrace: Option<PathBuf>,
+    },
+    /// Live heap snapshot (folded stacks, SVG, site table), or what grew between two.
+    Heap {
+        /// A pid or admin address.
+        target: Option<String>,
+        /// Snapshot prefix: writes PREFIX.folded, PREFIX.svg, PREFIX.sites.json.
+        #[arg(short, long, default_value = "heap")]
+        output: PathBuf,
+        /// Compare two snapshots: BEFORE AFTER (prefixes).
+        #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"], conflicts_with = "target")]
+        diff: Option<Vec<PathBuf>>,
+        /// Rows to show in a diff.
+        #[arg(long, default_value_t = 15)]
+        top: usize,
+    },
+    /// Live objects by kind (the talk's lgcstat): connections, sessions, topics, tasks.
+    Objects {
+        /// A pid or admin address.
+        target: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pushline-tools: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::MemoryAudit { pid, json } => {
+            let audit = audit::audit(pid)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&audit).map_err(|e| e.to_string())?);
+            } else {
+                audit::print(&audit);
+            }
+        }
+        Command::Flamegraph { target, seconds, output, folded, diff, from_bpftrace } => {
+            let svg = if let Some(paths) = diff {
+                flame::diff_svg(&paths[0], &paths[1])?
+            } else if let Some(path) = from_bpftrace {
+                let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let stacks = flame::fold_bpftrace(&text);
+                if stacks.is_empty() {
+                    return Err(format!("{} holds no bpftrace stacks", path.display()));
+                }
+                if let Some(f) = &folded {
+                    write(f, stacks.as_bytes())?;
+                }
+                flame::svg(&stacks, "Pushline (bpftrace stacks)", "samples")?
+            } else {
+                let target = target.ok_or("give a pid or admin address, --diff BEFORE AFTER, or --from-bpftrace FILE")?;
+                let admin = Admin::find(&target)?;
+                eprintln!("profiling {} for {seconds} s", admin.addr);
+                let stacks = flame::cpu_folded(&admin, seconds)?;
+                if stacks.trim().is_empty() {
+                    return Err(format!("no samples in {seconds} s: the server was idle"));
+                }
+                if let Some(f) = &folded {
+                    write(f, stacks.as_bytes())?;
+                }
+                flame::svg(&stacks, "Pushline CPU", "samples")?
+            };
+            write(&output, &svg)?;
+            println!("{}", output.display());
+        }
+        Command::Heap { target, output, diff, top } => {
+            if let Some(paths) = diff {
+                let growth = heap::diff(&paths[0], &paths[1])?;
+                println!("grew, by site (live bytes):");
+                for (site, bytes) in growth.by_site.iter().filter(|(_, b)| *b != 0) {
+                    println!("  {bytes:>12}  {site}");
+                }
+                println!("grew, by stack (sampled live bytes; leaf first):");
+                for (stack, bytes) in growth.by_stack.iter().take(top) {
+                    println!("  {bytes:>12}  {}", heap::short_stack(stack, 6));
+                }
+            } else {
+                let target = target.ok_or("give a pid or admin address, or --diff BEFORE AFTER")?;
+                let admin = Admin::find(&target)?;
+                for path in heap::snapshot(&admin, &output)? {
+                    println!("{}", path.display());
+                }
+            }
+        }
+        Command::Objects { target } => {
+            let admin = Admin::find(&target)?;
+            let body = admin.get("/debug/objects", Duration::from_secs(10))?;
+            let objects: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+            for (kind, count) in objects.as_object().into_iter().flatten() {
+                println!("{kind:<16} {count}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! Each `pushline-tools` command against a real server with real connections.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_audit_agrees_with_the_machine_at_2000_connections() {
+    const N: usize = 2000;
+    require_root();
+    let server = Server::start(&[]);
+    // One round first so tables and per-thread buffers are at their working size.
+    drop(open(server.client, 200, "warm").await);
+    server.wait_connections(0).await;
+    let (rss0, slab0) = (server.rss(), slab_bytes());
+
+    let clients = open(server.client, N, "a").await;
+    server.wait_connections(N as u64).await;
+    let (rss1, slab1) = (server.rss(), slab_bytes());
+    let report: serde_json::Value = serde_json::from_str(&tools(&["memory-audit", &server.pid().to_string(), "--json"])).unwrap();
+
+    // What the machine says: the server's RSS growth, plus half the growth of kernel
+    // objects (client and server sockets are alike, and both ends are on this machine).
+    let machine = (rss1.saturating_sub(rss0) as f64 + slab1.saturating_sub(slab0) as f64 / 2.0) / N as f64;
+    let audited = report["per_connection"]["total"].as_f64().unwrap();
+    assert!(report["connections"].as_u64().unwrap() >= N as u64, "{report}");
+    let off = (audited - machine).abs() / machine;
+    eprintln!("memory-audit {audited:.0} B per connection, machine {machine:.0} B ({:.1}% apart)", off * 100.0);
+    assert!(off < 0.15, "memory-audit says {audited:.0} B per connection, the machine {machine:.0} B ({:.0}% off)\n{report}", off * 100.0);
+    assert!(report["per_connection"]["user_space"].as_f64().unwrap() > 300.0);
+    assert!(report["kernel"]["socket_struct_bytes"].as_u64().unwrap() > 1000);
+
+    let table = tools(&["memory-audit", &server.pid().to_string()]);
+    assert!(table.contains("connection_task") && table.contains("per connection:"), "{table}");
+    drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_audit_refuses_what_is_not_pushline() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pushline-tools"))
+        .args(["memory-audit", &std::process::id().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a Pushline server"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flamegraph_of_a_busy_server_from_its_pid() {
+    let server = Server::start(&[]);
+    let readers = drain(open(server.client, 50, "f").await);
+    let busy = load(server.client);
+    let dir = std::env::temp_dir().join(format!("pushline-flame-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (svg, folded) = (dir.join("cpu.svg"), dir.join("cpu.folded"));
+    tools(&["flamegraph", &server.pid().to_string(), "--seconds", "2", "-o", svg.to_str().unwrap(), "--folded", folded.to_str().unwrap()]);
+    busy.abort();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("pushline::"), "an SVG naming server functions");
+    assert!(std::fs::read_to_string(&folded).unwrap().contains("pushline::"));
+
+    // A diff of the profile with itself renders too.
+    let diff = dir.join("diff.svg");
+    tools(&["flamegraph", "--diff", folded.to_str().unwrap(), folded.to_str().unwrap(), "-o", diff.to_str().unwrap()]);
+    assert!(std::fs::read_to_string(&diff).unwrap().contains("<svg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop(readers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_diff_puts_the_connection_sites_on_top() {
+    const N: usize = 1000;
+    let server = Server::start(&[("_RJEM_MALLOC_CONF", "lg_prof_sample:12")]);
+    let dir = std::env::temp_dir().join(format!("pushline-heap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (before, after) = (dir.join("before"), dir.join("after"));
+    let admin = server.admin.to_string();
+    // The first heap profiles load the symbolizer's tables into the admin site; two
+    // snapshots before `before` keep most of that out of the diff.
+    for _ in 0..2 {
+        tools(&["heap", &admin, "-o", dir.join("warm").to_str().unwrap()]);
+    }
+    tools(&["heap", &admin, "-o", before.to_str().unwrap()]);
+    let clients = open(server.client, N, "h").await;
+    let written = tools(&["heap", &server.pid().to_string(), "-o", after.to_str().unwrap()]);
+    assert!(written.contains("after.svg"), "{written}");
+    assert!(std::fs::read_to_string(dir.join("after.svg")).unwrap().contains("<svg"));
+
+    let diff = tools(&["heap", "--diff", before.to_str().unwrap(), after.to_str().unwrap(), "--top", "40"]);
+    // The admin site may grow too: each heap profile's symbolizer keeps its tables.
+    let first_site = diff.lines().skip(1).take_while(|l| l.starts_with(' ')).find(|l| !l.contains("admin")).unwrap_or_default();
+    assert!(first_site.contains("connection_task") || first_site.contains("sessions"), "{diff}");
+    let stacks: Vec<&str> = diff.lines().skip_while(|l| !l.starts_with("grew, by stack")).skip(1).collect();
+    let connection_path = ["pushline::gateway::", "pushline::conn::", "pushline::hub::", "pushline::listener::"];
+    assert!(stacks.iter().any(|l| connection_path.iter().any(|p| l.contains(p))), "{diff}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_and_gdb_on_a_core_count_the_connections() {
+    const N: usize = 300;
+    require_root();
+    let server = Server::start(&[]);
+    let clients = open(server.client, N, "o").await;
+    let objects = tools(&["objects", &server.pid().to_string()]);
+    assert!(objects.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["connections", "300"]), "{objects}");
+
+    let dir = std::env::temp_dir().join(format!("pushline-core-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = dir.join("core");
+    let gcore = std::process::Command::new("gcore").args(["-o", prefix.to_str().unwrap(), &server.pid().to_string()]).output().expect("gcore (apt-get install gdb)");
+    assert!(gcore.status.success(), "gcore: {}", String::from_utf8_lossy(&gcore.stderr));
+    let core = format!("{}.{}", prefix.display(), server.pid());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/gdb/pushline.py");
+    let gdb = std::process::Command::new("gdb")
+        .args(["-batch", "-ex", &format!("source {script}"), "-ex", "pushline-sites", bin("pushline").to_str().unwrap(), &core])
+        .output()
+        .expect("gdb (apt-get install gdb)");
+    let out = String::from_utf8_lossy(&gdb.stdout);
+    let row = out.lines().find(|l| l.starts_with("connection_task")).unwrap_or_else(|| panic!("no site table in gdb output:\n{out}\n{}", String::from_utf8_lossy(&gdb.stderr)));
+    let live_allocs: i64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(live_allocs >= 2 * N as i64, "each connection holds its task and its socket registration: {row}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop(clients);
+}
