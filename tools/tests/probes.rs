@@ -1,0 +1,150 @@
+//! Every script in probes/ against a real server under a small load it makes, checking
+//! that each printed what the load should produce.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+const SCRIPTS: [&str; 8] =
+    ["conn-lifecycle", "delivery-latency", "queue-depth", "heartbeats", "alloc-sites", "alloc-stacks", "cpu-stacks", "offcpu"];
+
+/// Says exactly what is missing for bpftrace to run here, instead of passing silently.
+fn require_bpftrace() {
+    require_root();
+    let version = Command::new("bpftrace").arg("--version").output();
+    assert!(version.is_ok_and(|o| o.status.success()), "bpftrace is not installed: apt-get install -y bpftrace (scripts/test does this as root)");
+    assert!(
+        std::path::Path::new("/sys/kernel/tracing/uprobe_events").exists() || std::path::Path::new("/sys/kernel/debug/tracing/uprobe_events").exists(),
+        "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing (scripts/test does this as root)"
+    );
+}
+
+struct Trace {
+    name: &'static str,
+    child: Child,
+}
+
+impl Trace {
+    /// Starts a script and returns once its BEGIN probe has run, i.e. it is attached.
+    fn start(name: &'static str, pid: u32) -> Trace {
+        let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../probes")).join(format!("{name}.bt"));
+        let mut child = Command::new("bpftrace")
+            .args(["-B", "line", "-p", &pid.to_string(), script.to_str().unwrap(), &pid.to_string()])
+            // One symbol table per binary, not one read per stack frame (probes/README.md).
+            .env("BPFTRACE_CACHE_USER_SYMBOLS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftrace runs");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("{name}.bt exited before tracing: {err}");
+            }
+            if line.starts_with("Tracing pushline") {
+                break;
+            }
+        }
+        child.stdout = Some(stdout.into_inner());
+        Trace { name, child }
+    }
+
+    /// Stops it as Ctrl-C would; returns what it printed.
+    fn stop(mut self) -> String {
+        // SAFETY: kill on our own child.
+        unsafe { libc_kill(self.child.id() as i32, 2) };
+        let out = self.child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() || !text.is_empty(), "{}.bt failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        text
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+fn value(output: &str, key: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{key}` in:\n{output}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_probe_script_reports_the_load_it_saw() {
+    require_bpftrace();
+    let server = Server::start(&[]);
+    let pid = server.pid();
+    let traces: Vec<Trace> = std::thread::scope(|s| {
+        let handles: Vec<_> = SCRIPTS.iter().map(|name| s.spawn(move || Trace::start(name, pid))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    // The load: 20 connections; each pings twice (JSON, WebSocket) and gets one push;
+    // 10 close; then a few seconds of broadcasts to the other 10 for the CPU samplers.
+    let mut clients = open(server.client, 20, "p").await;
+    for ws in clients.iter_mut() {
+        ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await.unwrap();
+        ws.send(Message::Ping(b"hb".to_vec().into())).await.unwrap();
+    }
+    for i in 0..20 {
+        http(server.client, "POST", "/v1/push", &format!(r#"{{"uids":["p{i}"],"data":{i}}}"#)).await;
+    }
+    let rest = clients.split_off(10);
+    for mut ws in clients {
+        ws.close(None).await.unwrap();
+    }
+    let readers = drain(rest);
+    let busy = load(server.client);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    busy.abort();
+    server.wait_connections(10).await;
+
+    // Stopped together: each symbolizes its stacks as it exits.
+    let outputs: Vec<(&str, String)> = std::thread::scope(|s| {
+        let stopping: Vec<_> = traces.into_iter().map(|t| s.spawn(move || (t.name, t.stop()))).collect();
+        stopping.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let out = |name: &str| outputs.iter().find(|(n, _)| *n == name).map(|(_, o)| o.as_str()).unwrap();
+
+    assert_eq!(value(out("conn-lifecycle"), "@opened"), 20);
+    assert_eq!(value(out("conn-lifecycle"), "@closed"), 10);
+    assert_eq!(value(out("conn-lifecycle"), "@closed_by_reason[0]"), 10, "closed by the client");
+    assert!(value(out("delivery-latency"), "@written") >= 20);
+    assert!(out("delivery-latency").contains("@latency_us"));
+    assert!(value(out("queue-depth"), "@enqueued") >= 20);
+    assert_eq!(value(out("heartbeats"), "@heartbeats[0]"), 20, "JSON pings");
+    assert_eq!(value(out("heartbeats"), "@heartbeats[1]"), 20, "WebSocket pings");
+    assert!(value(out("alloc-sites"), "@allocations[1]") >= 20, "connection_task allocations");
+    assert!(value(out("alloc-stacks"), "@allocations") > 0);
+    assert!(out("alloc-stacks").contains("pushline::"), "allocation stacks name server functions");
+
+    let dir = std::env::temp_dir().join(format!("pushline-probes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["cpu-stacks", "offcpu"] {
+        let saved = dir.join(format!("{name}.out"));
+        std::fs::write(&saved, out(name)).unwrap();
+        let svg = dir.join(format!("{name}.svg"));
+        tools(&["flamegraph", "--from-bpftrace", saved.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+        let svg = std::fs::read_to_string(&svg).unwrap();
+        assert!(svg.contains("<svg"), "{name} renders");
+        if name == "cpu-stacks" {
+            assert!(svg.contains("pushline::"), "on-CPU stacks name server functions");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop(readers);
+}
