@@ -45,6 +45,9 @@ enum Scenario {
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+        /// Keep the connections open this many seconds after measuring (to profile them).
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
     },
     /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client.
     Fanout {
@@ -79,7 +82,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.scenario {
-        Scenario::Idle { connections } => scenarios::idle::run(&cli.common, connections).await,
+        Scenario::Idle { connections, hold } => scenarios::idle::run(&cli.common, connections, hold).await,
         Scenario::Fanout { connections, rounds } => scenarios::fanout::run(&cli.common, connections, rounds).await,
         Scenario::Heartbeat { connections, interval, seconds } => {
             scenarios::heartbeat::run(&cli.common, connections, interval, seconds).await

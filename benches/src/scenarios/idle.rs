@@ -22,7 +22,7 @@ async fn site_bytes(server: &ServerProcess) -> [f64; 3] {
     out
 }
 
-pub async fn run(common: &Common, connections: usize) -> Result<Vec<Row>, String> {
+pub async fn run(common: &Common, connections: usize, hold: u64) -> Result<Vec<Row>, String> {
     let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
     let warm = super::open_connections(server.client, WARMUP, common.parallel, common.spread, "warm").await?;
     server.wait_metric(r#"pushline_connections{transport="ws"}"#, WARMUP as f64, Duration::from_secs(30)).await?;
@@ -51,6 +51,7 @@ pub async fn run(common: &Common, connections: usize) -> Result<Vec<Row>, String
         // Both ends of each loopback connection are on this machine: half is the server's.
         Row::new("idle", "kernel_tcp_per_connection_server_side", per(kernel0, kernel1) / 2.0, "bytes"),
     ];
+    tokio::time::sleep(Duration::from_secs(hold)).await;
     drop((warm, held));
     Ok(rows)
 }

@@ -95,22 +95,11 @@ pub async fn cpu(query: &Query) -> Reply {
                 let bytes = profile.write_to_bytes().map_err(|e| format!("cannot encode the CPU profile: {e}"))?;
                 gzip(&bytes)
             }
-            Format::Folded | Format::Svg => {
-                let lines = cpu_folded(&report);
-                if format == Format::Folded {
-                    Ok(lines.join("\n").into_bytes())
-                } else {
-                    svg(&lines, "Pushline CPU", "samples")
-                }
-            }
+            Format::Folded | Format::Svg => stacks(format, &cpu_folded(&report), "Pushline CPU", "samples"),
         }
     })
     .await;
-    match profiled {
-        Ok(Ok(body)) => reply(StatusCode::OK, content_type(format), body),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("CPU profile task failed: {e}")),
-    }
+    answer(format, profiled, "CPU profile")
 }
 
 pub async fn heap(query: &Query) -> Reply {
@@ -126,18 +115,27 @@ pub async fn heap(query: &Query) -> Reply {
         return reply(StatusCode::OK, content_type(format), pprof);
     }
     let built = tokio::task::spawn_blocking(move || {
-        let lines = pprof_folded(&pprof)?;
-        if format == Format::Folded {
-            Ok(lines.join("\n").into_bytes())
-        } else {
-            svg(&lines, "Pushline heap: live bytes by stack (sampled)", "bytes")
-        }
+        stacks(format, &pprof_folded(&pprof)?, "Pushline heap: live bytes by stack (sampled)", "bytes")
     })
     .await;
+    answer(format, built, "heap profile")
+}
+
+/// Folded stacks as text, or rendered as a flame graph.
+fn stacks(format: Format, lines: &[String], title: &str, count_name: &str) -> Result<Vec<u8>, String> {
+    if format == Format::Folded {
+        Ok(lines.join("\n").into_bytes())
+    } else {
+        svg(lines, title, count_name)
+    }
+}
+
+/// The reply for a profile built on a blocking thread.
+fn answer(format: Format, built: Result<Result<Vec<u8>, String>, tokio::task::JoinError>, what: &str) -> Reply {
     match built {
         Ok(Ok(body)) => reply(StatusCode::OK, content_type(format), body),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("heap profile task failed: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{what} task failed: {e}")),
     }
 }
 
