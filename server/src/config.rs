@@ -145,9 +145,6 @@ fn as_humantime<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
-/// Flags whose values may repeat; a TOML array is only accepted for these.
-const REPEATABLE: &[&str] = &[];
-
 impl Config {
     /// Reads flags, environment and the `--config` file, in that order of precedence.
     pub fn load() -> Result<Config, String> {
@@ -181,25 +178,14 @@ impl Config {
                     continue;
                 }
             }
-            let values = match value {
-                toml::Value::Array(items) if REPEATABLE.contains(&flag.as_str()) => items.clone(),
-                toml::Value::Array(_) => {
-                    return Err(format!("config file {}: `{key}` takes one value", path.display()))
-                }
-                other => vec![other.clone()],
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => return Err(format!("config file {}: `{key}` takes one value, not {other}", path.display())),
             };
-            for v in values {
-                let text = match v {
-                    toml::Value::String(s) => s,
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::Boolean(b) => b.to_string(),
-                    toml::Value::Float(f) => f.to_string(),
-                    other => {
-                        return Err(format!("config file {}: `{key}` has an unsupported value {other}", path.display()))
-                    }
-                };
-                from_file.push(format!("--{flag}={text}"));
-            }
+            from_file.push(format!("--{flag}={text}"));
         }
         let mut merged = Vec::with_capacity(args.len() + from_file.len());
         merged.extend(args.first().cloned());
