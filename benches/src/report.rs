@@ -17,7 +17,7 @@ impl Row {
 }
 
 pub fn print(rows: &[Row]) {
-    println!("{:<10} {:<40} {:>16} {}", "scenario", "metric", "value", "unit");
+    println!("{:<10} {:<40} {:>16} unit", "scenario", "metric", "value");
     for r in rows {
         println!("{:<10} {:<40} {:>16.1} {}", r.scenario, r.metric, r.value, r.unit);
     }

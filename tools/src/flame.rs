@@ -44,7 +44,7 @@ pub fn fold_bpftrace(text: &str) -> String {
         } else if let Some(stack) = frames.as_mut() {
             if let Some(count) = trimmed.strip_prefix("]:") {
                 let count: u64 = count.trim().parse().unwrap_or(0);
-                let mut names: Vec<String> = stack.drain(..).collect();
+                let mut names: Vec<String> = std::mem::take(stack);
                 names.reverse();
                 if !names.is_empty() && count > 0 {
                     *stacks.entry(names.join(";")).or_default() += count;

@@ -58,10 +58,10 @@ pub fn diff(before: &Path, after: &Path) -> Result<Growth, String> {
     let mut by_stack: Vec<(String, i64)> = b.iter().map(|(s, n)| (s.clone(), n - a.get(s).copied().unwrap_or(0))).collect();
     by_stack.extend(a.iter().filter(|(s, _)| !b.contains_key(*s)).map(|(s, n)| (s.clone(), -n)));
     by_stack.retain(|(_, d)| *d != 0);
-    by_stack.sort_by(|x, y| y.1.cmp(&x.1));
+    by_stack.sort_by_key(|(_, grew)| std::cmp::Reverse(*grew));
     let (sa, sb) = (read_sites(&with(&before, "sites.json")), read_sites(&with(&after, "sites.json")));
     let mut by_site: Vec<(String, i64)> = sb.iter().map(|(s, n)| (s.clone(), n - sa.get(s).copied().unwrap_or(0))).collect();
-    by_site.sort_by(|x, y| y.1.cmp(&x.1));
+    by_site.sort_by_key(|(_, grew)| std::cmp::Reverse(*grew));
     Ok(Growth { by_stack, by_site })
 }
 

@@ -60,7 +60,7 @@ impl Trace {
     }
 
     /// Stops it as Ctrl-C would; returns what it printed.
-    fn stop(mut self) -> String {
+    fn stop(self) -> String {
         // SAFETY: kill on our own child.
         unsafe { libc_kill(self.child.id() as i32, 2) };
         let out = self.child.wait_with_output().unwrap();
