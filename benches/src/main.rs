@@ -66,6 +66,22 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// N clients connect at once, `handshakes` at a time.
+    Storm {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 2_000)]
+        handshakes: usize,
+    },
+    /// Pushes to random uids at `rate` per second for `seconds`; latency percentiles.
+    Unicast {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -86,6 +102,10 @@ async fn main() -> ExitCode {
         Scenario::Fanout { connections, rounds } => scenarios::fanout::run(&cli.common, connections, rounds).await,
         Scenario::Heartbeat { connections, interval, seconds } => {
             scenarios::heartbeat::run(&cli.common, connections, interval, seconds).await
+        }
+        Scenario::Storm { connections, handshakes } => scenarios::storm::run(&cli.common, connections, handshakes).await,
+        Scenario::Unicast { connections, rate, seconds } => {
+            scenarios::unicast::run(&cli.common, connections, rate, seconds).await
         }
     };
     match result {

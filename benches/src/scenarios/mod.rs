@@ -3,6 +3,8 @@
 pub mod fanout;
 pub mod heartbeat;
 pub mod idle;
+pub mod storm;
+pub mod unicast;
 
 use std::net::SocketAddr;
 

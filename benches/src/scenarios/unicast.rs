@@ -1,0 +1,81 @@
+//! `unicast`: pushes to random uids through `/v1/push` at a target rate; throughput and
+//! publish-to-delivery latency percentiles, measured by the clients (the same clock as
+//! the publisher: both are this process).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::client;
+use crate::driver::{http, ServerProcess};
+use crate::report::Row;
+use crate::Common;
+
+pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64) -> Result<Vec<Row>, String> {
+    let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
+    let streams = super::open_connections(server.client, connections, common.parallel, common.spread, "u").await?;
+    let base = Arc::new(Instant::now());
+    let (tx, mut rx) = mpsc::unbounded_channel::<Duration>();
+    for mut stream in streams {
+        let (tx, base) = (tx.clone(), base.clone());
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(512);
+            loop {
+                if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                while let Some((opcode, len)) = client::frame(&buf) {
+                    // The payload ends with `"data":<sent nanos>}`.
+                    let text = String::from_utf8_lossy(&buf[..len]);
+                    if let Some(sent) = text.rsplit_once("\"data\":").and_then(|(_, r)| r.trim_end_matches('}').parse::<u64>().ok()) {
+                        let now = base.elapsed();
+                        if opcode == 1 && tx.send(now.saturating_sub(Duration::from_nanos(sent))).is_err() {
+                            return;
+                        }
+                    }
+                    buf.drain(..len);
+                }
+            }
+        });
+    }
+    drop(tx);
+    let total = rate * seconds;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut publishers = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
+        let uid = (i.wrapping_mul(2_654_435_761) % connections as u64) as usize;
+        let body = format!(r#"{{"uids":["u{uid}"],"data":{}}}"#, base.elapsed().as_nanos());
+        let addr = server.client;
+        publishers.spawn(async move { http(addr, "POST", "/v1/push", &body).await.is_ok() });
+    }
+    let mut accepted = 0;
+    while let Some(ok) = publishers.join_next().await {
+        accepted += ok.unwrap_or(false) as u64;
+    }
+    let elapsed = start.elapsed();
+    let mut latencies = Vec::with_capacity(total as usize);
+    while latencies.len() < accepted as usize {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(l)) => latencies.push(l),
+            _ => break,
+        }
+    }
+    if latencies.is_empty() {
+        return Err("no push was delivered".into());
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+    Ok(vec![
+        Row::new("unicast", "connections", connections as f64, "count"),
+        Row::new("unicast", "pushes_sent", total as f64, "count"),
+        Row::new("unicast", "pushes_delivered", latencies.len() as f64, "count"),
+        Row::new("unicast", "throughput", latencies.len() as f64 / elapsed.as_secs_f64(), "1/s"),
+        Row::new("unicast", "latency_p50", pct(0.50), "ms"),
+        Row::new("unicast", "latency_p99", pct(0.99), "ms"),
+        Row::new("unicast", "latency_p999", pct(0.999), "ms"),
+    ])
+}
