@@ -37,7 +37,6 @@ pub struct Shared {
 pub struct Server {
     client_addr: SocketAddr,
     admin_addr: SocketAddr,
-    shared: Arc<Shared>,
     stop: CancellationToken,
     lifecycle: JoinHandle<()>,
 }
@@ -113,7 +112,7 @@ impl Server {
                 tracing::info!("shutdown complete");
             })
         };
-        Ok(Server { client_addr, admin_addr, shared, stop, lifecycle })
+        Ok(Server { client_addr, admin_addr, stop, lifecycle })
     }
 
     pub fn client_addr(&self) -> SocketAddr {
@@ -122,10 +121,6 @@ impl Server {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.shared.hub
     }
 
     /// Runs the graceful shutdown and waits for it to finish.
