@@ -16,7 +16,15 @@ pub fn source_ip(i: usize, spread: u8) -> IpAddr {
 
 /// Opens `/ws?uid=...` and reads up to the end of the welcome frame.
 pub async fn connect(server: SocketAddr, source: IpAddr, uid: &str) -> io::Result<TcpStream> {
+    connect_with(server, source, uid, None).await
+}
+
+/// As `connect`, with the socket's receive buffer set first (a slow client's small window).
+pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive_buffer: Option<u32>) -> io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
+    if let Some(size) = receive_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
     socket.bind(SocketAddr::new(source, 0))?;
     let mut stream = socket.connect(server).await?;
     let request = format!(

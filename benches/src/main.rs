@@ -82,6 +82,16 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// `slow_percent` of N clients stop reading during `rounds` 16 KB broadcasts.
+    Slow {
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 50)]
+        slow_percent: usize,
+        /// Enough to fill the kernel's send buffers (several MB per slow client) first.
+        #[arg(long, default_value_t = 500)]
+        rounds: usize,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -102,6 +112,9 @@ async fn main() -> ExitCode {
         Scenario::Fanout { connections, rounds } => scenarios::fanout::run(&cli.common, connections, rounds).await,
         Scenario::Heartbeat { connections, interval, seconds } => {
             scenarios::heartbeat::run(&cli.common, connections, interval, seconds).await
+        }
+        Scenario::Slow { connections, slow_percent, rounds } => {
+            scenarios::slow::run(&cli.common, connections, slow_percent, rounds).await
         }
         Scenario::Storm { connections, handshakes } => scenarios::storm::run(&cli.common, connections, handshakes).await,
         Scenario::Unicast { connections, rate, seconds } => {
