@@ -3,10 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
-
-use crate::client;
 use crate::driver::{http, ServerProcess};
 use crate::report::Row;
 use crate::Common;
@@ -16,27 +12,7 @@ pub async fn run(common: &Common, connections: usize, rounds: usize) -> Result<V
     let streams = super::open_connections(server.client, connections, common.parallel, common.spread, "fan").await?;
     server.wait_metric(r#"pushline_connections{transport="ws"}"#, connections as f64, Duration::from_secs(60)).await?;
 
-    // Each client reports the moment each message frame arrives.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
-    for mut stream in streams {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            loop {
-                if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let now = Instant::now();
-                while let Some((opcode, len)) = client::frame(&buf) {
-                    if opcode == 1 && tx.send(now).is_err() {
-                        return;
-                    }
-                    buf.drain(..len);
-                }
-            }
-        });
-    }
-    drop(tx);
+    let mut rx = super::arrivals(streams);
 
     // 100 bytes of JSON data, as in the talk.
     let body = format!(r#"{{"data":"{}"}}"#, "x".repeat(98));

@@ -9,7 +9,11 @@ pub mod unicast;
 
 use std::net::SocketAddr;
 
+use std::time::Instant;
+
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::client;
 
@@ -31,4 +35,28 @@ pub async fn open_connections(server: SocketAddr, n: usize, parallel: usize, spr
         next += batch;
     }
     Ok(streams)
+}
+
+/// Reads every stream on a task of its own and reports the moment each text frame arrives.
+pub fn arrivals(streams: Vec<TcpStream>) -> mpsc::UnboundedReceiver<Instant> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for mut stream in streams {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(4096);
+            loop {
+                if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let now = Instant::now();
+                while let Some((opcode, len)) = client::frame(&buf) {
+                    if opcode == 1 && tx.send(now).is_err() {
+                        return;
+                    }
+                    buf.drain(..len);
+                }
+            }
+        });
+    }
+    rx
 }

@@ -4,9 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
-
 use crate::client;
 use crate::driver::{http, ServerProcess};
 use crate::report::Row;
@@ -24,26 +21,7 @@ pub async fn run(common: &Common, connections: usize, slow_percent: usize, round
         slow.push(client::connect_with(server.client, source, &format!("slow{i}"), Some(4096)).await.map_err(|e| e.to_string())?);
     }
     server.wait_metric(r#"pushline_connections{transport="ws"}"#, connections as f64, Duration::from_secs(60)).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
-    for mut stream in streams {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(4096);
-            loop {
-                if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let now = Instant::now();
-                while let Some((opcode, len)) = client::frame(&buf) {
-                    if opcode == 1 && tx.send(now).is_err() {
-                        return;
-                    }
-                    buf.drain(..len);
-                }
-            }
-        });
-    }
-    drop(tx);
+    let mut rx = super::arrivals(streams);
     let rss0 = server.rss_bytes();
     let body = format!(r#"{{"data":"{}"}}"#, "x".repeat(16_000));
     let (mut latencies, mut max_queued) = (Vec::with_capacity(healthy * rounds), 0f64);
