@@ -63,7 +63,20 @@ impl Trace {
     fn stop(self) -> String {
         // SAFETY: kill on our own child.
         unsafe { libc_kill(self.child.id() as i32, 2) };
+        let pid = self.child.id() as i32;
+        let name = self.name;
+        let (exited, waited) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let hung = waited.recv_timeout(std::time::Duration::from_secs(60)).is_err();
+            if hung {
+                // SAFETY: kill on our own child, which has not been reaped yet.
+                unsafe { libc_kill(pid, 9) };
+            }
+            hung
+        });
         let out = self.child.wait_with_output().unwrap();
+        let _ = exited.send(());
+        assert!(!watchdog.join().unwrap(), "{name}.bt did not exit within 60 s of Ctrl-C");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success() || !text.is_empty(), "{}.bt failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
         text
@@ -88,10 +101,8 @@ async fn every_probe_script_reports_the_load_it_saw() {
     require_bpftrace();
     let server = Server::start(&[]);
     let pid = server.pid();
-    let traces: Vec<Trace> = std::thread::scope(|s| {
-        let handles: Vec<_> = SCRIPTS.iter().map(|name| s.spawn(move || Trace::start(name, pid))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    // One at a time: attaching several at once to the same process hung bpftrace once.
+    let traces: Vec<Trace> = SCRIPTS.iter().map(|name| Trace::start(name, pid)).collect();
 
     // The load: 20 connections; each pings twice (JSON, WebSocket) and gets one push;
     // 10 close; then a few seconds of broadcasts to the other 10 for the CPU samplers.
