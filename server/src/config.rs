@@ -25,6 +25,12 @@ pub enum SlowConsumer {
 pub enum RegistryKind {
     /// One node, sessions held in this process. No dependencies.
     Memory,
+    /// Many nodes on one Redis (`--redis-url`): sessions registered there, cross-node
+    /// delivery over pub/sub.
+    Redis,
+    /// Many nodes on a Redis Cluster (`--redis-url` per seed node): the same, with keys
+    /// spread over the shards and sharded pub/sub (Redis 7).
+    RedisCluster,
 }
 
 #[derive(Clone, Debug, Parser, Serialize)]
@@ -48,9 +54,26 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_REGISTRY", value_enum, default_value = "memory")]
     pub registry: RegistryKind,
 
-    /// This node's id (0-1023); it is encoded in every session id and message id.
-    #[arg(long, env = "PUSHLINE_NODE_ID", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1023))]
-    pub node_id: u16,
+    /// This node's id (0-1023); it is encoded in every session id and message id. Unset:
+    /// 0 on the memory registry; on Redis, a free id claimed atomically at start.
+    #[arg(long, env = "PUSHLINE_NODE_ID", value_parser = clap::value_parser!(u16).range(0..=1023))]
+    pub node_id: Option<u16>,
+
+    /// Redis URL (`redis://[:password@]host:port[/db]`). For redis-cluster, give each seed
+    /// node (repeat the flag, or separate with commas).
+    #[arg(long = "redis-url", env = "PUSHLINE_REDIS_URL", value_delimiter = ',', hide_env_values = true)]
+    #[serde(skip)]
+    pub redis_url: Vec<String>,
+
+    /// Prefix of every Redis key and channel this cluster of nodes uses.
+    #[arg(long, env = "PUSHLINE_REDIS_PREFIX", default_value = "pushline")]
+    pub redis_prefix: String,
+
+    /// A node counts as alive this long after its last liveness refresh (refreshed every
+    /// third of it); a killed node's sessions count as offline once it passes.
+    #[arg(long, env = "PUSHLINE_NODE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub node_ttl: Duration,
 
     /// Set SO_REUSEPORT on the client listener so several processes can share the port.
     #[arg(long, env = "PUSHLINE_REUSE_PORT", default_value_t = false, num_args = 0..=1,
@@ -183,6 +206,9 @@ impl Config {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Float(f) => f.to_string(),
+                toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
+                    items.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>().join(",")
+                }
                 other => return Err(format!("config file {}: `{key}` takes one value, not {other}", path.display())),
             };
             from_file.push(format!("--{flag}={text}"));
@@ -229,6 +255,21 @@ impl Config {
         }
         if self.idle_timeout.is_zero() {
             return Err("--idle-timeout must be more than 0s".into());
+        }
+        match (self.registry, self.redis_url.len()) {
+            (RegistryKind::Memory, 0) | (RegistryKind::Redis, 1) | (RegistryKind::RedisCluster, 1..) => {}
+            (RegistryKind::Memory, _) => {
+                return Err("--redis-url is set but --registry is memory; add --registry redis or redis-cluster".into())
+            }
+            (RegistryKind::Redis, 0) | (RegistryKind::RedisCluster, 0) => {
+                return Err("--registry redis and redis-cluster need --redis-url".into())
+            }
+            (RegistryKind::Redis, _) => {
+                return Err("--registry redis takes one --redis-url; for seed nodes use --registry redis-cluster".into())
+            }
+        }
+        if self.node_ttl < Duration::from_secs(1) {
+            return Err("--node-ttl must be at least 1s".into());
         }
         Ok(())
     }
@@ -282,5 +323,26 @@ mod tests {
         let mut config = Config::for_loopback();
         config.max_client_frame_bytes = 1 << 20;
         assert!(config.validate().unwrap_err().contains("--max-client-frame-bytes"));
+    }
+
+    #[test]
+    fn redis_settings_come_from_a_file_and_are_checked() {
+        let dir = std::env::temp_dir().join(format!("pushline-config-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pushline.toml");
+        std::fs::write(&path, "registry = \"redis-cluster\"\nredis_url = [\"redis://a:1\", \"redis://b:2\"]\nnode_id = 9\n").unwrap();
+        let config = Config::load_from(args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!((config.registry, config.redis_url.len(), config.node_id), (RegistryKind::RedisCluster, 2, Some(9)));
+        assert!(config.validate().is_ok());
+
+        let mut config = Config::for_loopback();
+        config.redis_url = vec!["redis://a:1".into()];
+        assert!(config.validate().unwrap_err().contains("--registry is memory"));
+        config.registry = RegistryKind::Redis;
+        assert!(config.validate().is_ok());
+        config.redis_url.push("redis://b:2".into());
+        assert!(config.validate().unwrap_err().contains("redis-cluster"));
+        config.redis_url.clear();
+        assert!(config.validate().unwrap_err().contains("need --redis-url"));
     }
 }

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::conn::queue::Limits;
 use crate::conn::wire::{Message, Transport};
 use crate::conn::Conn;
+use crate::registry::presence::{Change, Changes};
 use crate::session::{MessageIds, SessionIds};
 use crate::telemetry::{CloseReason, Metrics, RefuseReason};
 
@@ -143,6 +144,8 @@ pub struct Hub {
     open: [AtomicUsize; 2],
     accepting: AtomicBool,
     all_closed: Notify,
+    /// Where opens and closes are reported when sessions are also registered in Redis.
+    changes: Option<Changes>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,15 +154,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn new(config: Config, metrics: Arc<Metrics>) -> Hub {
+    /// `node` is this node's id; `changes`, when set, hears of every connection that
+    /// registers or unregisters.
+    pub fn new(config: Config, node: u16, metrics: Arc<Metrics>, changes: Option<Changes>) -> Hub {
         let limits = Limits {
             max_messages: config.queue_max_messages,
             max_bytes: config.queue_max_bytes,
             policy: config.slow_consumer,
         };
         Hub {
-            session_ids: SessionIds::new(config.node_id),
-            message_ids: MessageIds::new(config.node_id),
+            session_ids: SessionIds::new(node),
+            message_ids: MessageIds::new(node),
             limits,
             metrics,
             uids: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
@@ -169,6 +174,7 @@ impl Hub {
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
             accepting: AtomicBool::new(true),
             all_closed: Notify::new(),
+            changes,
             config,
         }
     }
@@ -226,6 +232,9 @@ impl Hub {
         }
         self.open[conn.transport.index()].fetch_add(1, Ordering::Relaxed);
         self.metrics.connection_opened(conn.transport);
+        if let Some(changes) = &self.changes {
+            let _ = changes.send(Change::Opened(conn.session, conn.uid.clone()));
+        }
         if !self.is_accepting() {
             // Shutdown began during this handshake, after close_all looked at the maps.
             conn.request_close(CloseReason::Shutdown);
@@ -246,6 +255,9 @@ impl Hub {
         }
         self.open[conn.transport.index()].fetch_sub(1, Ordering::Relaxed);
         self.metrics.connection_closed(conn.transport, reason);
+        if let Some(changes) = &self.changes {
+            let _ = changes.send(Change::Closed(conn.session, conn.uid.clone()));
+        }
     }
 
     /// Checks topic names, and that a connection holding `held` topics may add `topics`.
@@ -312,11 +324,11 @@ impl Hub {
     }
 
     /// Delivers to every connection of each uid. Returns (connections found, messages queued).
-    pub async fn push(&self, uids: &[String], msg: &Arc<Message>) -> (usize, usize) {
+    pub async fn push(&self, uids: &[impl AsRef<str>], msg: &Arc<Message>) -> (usize, usize) {
         let (mut online, mut delivered) = (0, 0);
         let mut since_yield = 0;
         for uid in uids {
-            for conn in self.conns_of(uid) {
+            for conn in self.conns_of(uid.as_ref()) {
                 online += 1;
                 delivered += conn.deliver(msg, self) as usize;
             }

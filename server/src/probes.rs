@@ -11,6 +11,8 @@
 //! | `msg_drop` | reason (`DropReason` as u8), messages |
 //! | `heartbeat` | session id, kind (0 JSON ping, 1 WebSocket ping, 2 WebSocket pong) |
 //! | `alloc` | site (`Site` as u8), bytes |
+//! | `redis_start` | command (`RedisCommand` as u8), commands in the batch |
+//! | `redis_end` | command, ns since start, 1 ok / 0 failed |
 
 #[inline(always)]
 pub fn conn_open(session: u64, fd: i32, transport: u8) {
@@ -45,4 +47,14 @@ pub fn heartbeat(session: u64, kind: u8) {
 #[inline(always)]
 pub fn alloc(site: u8, bytes: usize) {
     probe::probe!(pushline, alloc, site as u64, bytes as u64);
+}
+
+#[inline(always)]
+pub fn redis_start(command: u8, batch: usize) {
+    probe::probe!(pushline, redis_start, command as u64, batch as u64);
+}
+
+#[inline(always)]
+pub fn redis_end(command: u8, ns: u64, ok: bool) {
+    probe::probe!(pushline, redis_end, command as u64, ns, ok as u64);
 }

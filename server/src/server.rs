@@ -2,8 +2,9 @@
 //! runs the one graceful shutdown sequence.
 //!
 //! Shutdown, in order: stop accepting (readyz turns 503), let in-flight publishes finish,
-//! then close every client with 1001 after it has been sent what was queued for it, each
-//! step bounded by `shutdown_grace`.
+//! then close every client with 1001 after it has been sent what was queued for it, then
+//! (on Redis) remove this node's sessions and liveness key; each step bounded by
+//! `shutdown_grace`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alloc::sites::Site;
-use crate::config::{Config, RegistryKind};
+use crate::config::Config;
 use crate::gateway::auth::Auth;
 use crate::hub::Hub;
-use crate::registry::Registry;
+use crate::registry::{self, Registry};
 use crate::telemetry::{CloseReason, Metrics};
 use crate::{admin, conn, listener};
 
@@ -63,9 +64,16 @@ impl Server {
         let client = tokio::net::TcpListener::from_std(client).map_err(|e| e.to_string())?;
 
         let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
-        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(config.clone(), metrics.clone())));
-        let registry = match config.registry {
-            RegistryKind::Memory => Registry::Memory,
+        let connected = registry::connect(&config, metrics.clone()).await?;
+        let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);
+        let changes = connected.as_ref().map(|c| c.changes());
+        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(config.clone(), node, metrics.clone(), changes)));
+        let (registry, attached) = match connected {
+            None => (Registry::Memory, None),
+            Some(connected) => {
+                let (registry, attached) = connected.attach(hub.clone()).await?;
+                (registry, Some(attached))
+            }
         };
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
@@ -89,7 +97,7 @@ impl Server {
         let accepting = tokio::spawn(Site::ConnectionTask.instrument(accept_loop));
 
         tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "effective configuration");
-        tracing::info!("listening client={client_addr} admin={admin_addr}");
+        tracing::info!("node {node} listening client={client_addr} admin={admin_addr}");
 
         let lifecycle = {
             let (shared, stop, grace) = (shared.clone(), stop.clone(), config.shutdown_grace);
@@ -105,6 +113,9 @@ impl Server {
                 let left = shared.hub.close_all(CloseReason::Shutdown, grace).await;
                 if left > 0 {
                     tracing::warn!(connections = left, "connections still open after {grace:?}");
+                }
+                if let Some(attached) = attached {
+                    attached.leave(grace).await;
                 }
                 sweeper_stop.cancel();
                 admin_stop.cancel();

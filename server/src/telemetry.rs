@@ -34,6 +34,16 @@ pub const ALLOC_SITE_ALLOCATIONS: &str = "pushline_alloc_site_allocations_total"
 pub const TOKIO_WORKERS: &str = "pushline_tokio_workers";
 pub const TOKIO_ALIVE_TASKS: &str = "pushline_tokio_alive_tasks";
 pub const TOKIO_GLOBAL_QUEUE_DEPTH: &str = "pushline_tokio_global_queue_depth";
+pub const REDIS_COMMAND_SECONDS: &str = "pushline_redis_command_seconds";
+pub const REDIS_ERRORS: &str = "pushline_redis_errors_total";
+pub const REDIS_RECONNECTS: &str = "pushline_redis_reconnects_total";
+pub const REDIS_UP: &str = "pushline_redis_up";
+pub const REGISTRY_SESSIONS: &str = "pushline_registry_sessions";
+pub const REGISTRY_PENDING: &str = "pushline_registry_pending_changes";
+pub const RELAY_MESSAGES: &str = "pushline_relay_messages_total";
+
+const REDIS_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -92,11 +102,24 @@ pub enum DropReason {
     ConnectionClosed,
     /// A whole publish refused with 503 because the node's queued bytes were over budget.
     NodeOverBudget,
+    /// A publish that could not reach the other nodes because Redis failed (answered 503).
+    RegistryUnavailable,
+    /// Sent to a node's channel while that node was not subscribed (reconnecting to Redis).
+    NodeUnreachable,
+    /// A message from another node that could not be decoded.
+    BadRelay,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] =
-        [DropReason::QueueFull, DropReason::SlowConsumer, DropReason::ConnectionClosed, DropReason::NodeOverBudget];
+    pub const ALL: [DropReason; 7] = [
+        DropReason::QueueFull,
+        DropReason::SlowConsumer,
+        DropReason::ConnectionClosed,
+        DropReason::NodeOverBudget,
+        DropReason::RegistryUnavailable,
+        DropReason::NodeUnreachable,
+        DropReason::BadRelay,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -104,6 +127,9 @@ impl DropReason {
             DropReason::SlowConsumer => "slow_consumer",
             DropReason::ConnectionClosed => "connection_closed",
             DropReason::NodeOverBudget => "node_over_budget",
+            DropReason::RegistryUnavailable => "registry_unavailable",
+            DropReason::NodeUnreachable => "node_unreachable",
+            DropReason::BadRelay => "bad_relay",
         }
     }
 }
@@ -181,6 +207,56 @@ impl ClientError {
     }
 }
 
+/// A Redis command, as Pushline uses them. Label `command` of the Redis metrics; its
+/// number is the first argument of the `redis_start` / `redis_end` probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RedisCommand {
+    /// A batch of session changes (HSET / HDEL), one round trip on a single Redis.
+    Pipeline = 0,
+    Hgetall,
+    Hdel,
+    /// Liveness key refresh and node id claim.
+    Set,
+    Get,
+    Del,
+    Publish,
+    Subscribe,
+}
+
+impl RedisCommand {
+    pub const ALL: [RedisCommand; 8] = [
+        RedisCommand::Pipeline,
+        RedisCommand::Hgetall,
+        RedisCommand::Hdel,
+        RedisCommand::Set,
+        RedisCommand::Get,
+        RedisCommand::Del,
+        RedisCommand::Publish,
+        RedisCommand::Subscribe,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisCommand::Pipeline => "pipeline",
+            RedisCommand::Hgetall => "hgetall",
+            RedisCommand::Hdel => "hdel",
+            RedisCommand::Set => "set",
+            RedisCommand::Get => "get",
+            RedisCommand::Del => "del",
+            RedisCommand::Publish => "publish",
+            RedisCommand::Subscribe => "subscribe",
+        }
+    }
+}
+
+/// Direction of a message between nodes. Label `direction` of `pushline_relay_messages_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relayed {
+    Out,
+    In,
+}
+
 /// Accept failures; EMFILE/ENFILE mean the file table is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AcceptError {
@@ -209,6 +285,13 @@ pub struct Metrics {
     /// only grows: the count lives in the site table, not in the recorder).
     sites: [[Gauge; 3]; SITES],
     tokio: [Gauge; 3],
+    redis_latency: [Histogram; RedisCommand::ALL.len()],
+    redis_errors: [Counter; RedisCommand::ALL.len()],
+    pub redis_reconnects: Counter,
+    pub redis_up: Gauge,
+    pub registry_sessions: Gauge,
+    pub registry_pending: Gauge,
+    relayed: [[Counter; PublishKind::ALL.len()]; 2],
     /// Outbound bytes and messages queued on this node right now; the gauges are set from
     /// these at scrape time, and the publish API checks the byte budget against them.
     pub queued_bytes_now: AtomicUsize,
@@ -220,6 +303,8 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
             .expect("latency buckets are not empty")
+            .set_buckets_for_metric(Matcher::Full(REDIS_COMMAND_SECONDS.into()), REDIS_BUCKETS)
+            .expect("Redis buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
@@ -243,6 +328,9 @@ impl Metrics {
         describe(MESSAGES_DROPPED, Unit::Count, "Messages that did not reach a connection, by reason.");
         describe(CLIENT_ERRORS, Unit::Count, "Client frames the server could not use, by reason.");
         describe(API_REQUESTS, Unit::Count, "Publish API requests, by route and status.");
+        describe(REDIS_ERRORS, Unit::Count, "Redis commands that failed, by command.");
+        describe(REDIS_RECONNECTS, Unit::Count, "Times the Redis connection was lost (and reconnected).");
+        describe(RELAY_MESSAGES, Unit::Count, "Messages sent to or received from other nodes, by direction and kind.");
         recorder.describe_gauge(
             KeyName::from_const_str(CONNECTIONS),
             Some(Unit::Count),
@@ -270,6 +358,9 @@ impl Metrics {
             (TOKIO_WORKERS, Unit::Count, "Worker threads of the serving runtime."),
             (TOKIO_ALIVE_TASKS, Unit::Count, "Tasks alive in the serving runtime."),
             (TOKIO_GLOBAL_QUEUE_DEPTH, Unit::Count, "Tasks waiting in the serving runtime's global queue."),
+            (REDIS_UP, Unit::Count, "1 while the last Redis command succeeded, 0 after one failed."),
+            (REGISTRY_SESSIONS, Unit::Count, "This node's sessions registered in Redis."),
+            (REGISTRY_PENDING, Unit::Count, "Session changes waiting to be written to Redis."),
         ] {
             recorder.describe_gauge(KeyName::from_const_str(name), Some(unit), SharedString::const_str(text));
         }
@@ -277,6 +368,11 @@ impl Metrics {
             KeyName::from_const_str(DELIVERY_LATENCY),
             Some(Unit::Seconds),
             SharedString::const_str("From publish accepted to bytes handed to the socket."),
+        );
+        recorder.describe_histogram(
+            KeyName::from_const_str(REDIS_COMMAND_SECONDS),
+            Some(Unit::Seconds),
+            SharedString::const_str("Redis command round trips, by command."),
         );
         Metrics {
             connections: Transport::ALL.map(|t| gauge(CONNECTIONS, &[("transport", t.as_str())])),
@@ -304,6 +400,18 @@ impl Metrics {
                     .map(|name| gauge(name, &[("site", site.name())]))
             }),
             tokio: [TOKIO_WORKERS, TOKIO_ALIVE_TASKS, TOKIO_GLOBAL_QUEUE_DEPTH].map(|name| gauge(name, &[])),
+            redis_latency: RedisCommand::ALL.map(|c| {
+                let key = Key::from_parts(REDIS_COMMAND_SECONDS, vec![Label::from_static_parts("command", c.as_str())]);
+                recorder.register_histogram(&key, &META)
+            }),
+            redis_errors: RedisCommand::ALL.map(|c| counter(REDIS_ERRORS, &[("command", c.as_str())])),
+            redis_reconnects: counter(REDIS_RECONNECTS, &[]),
+            redis_up: gauge(REDIS_UP, &[]),
+            registry_sessions: gauge(REGISTRY_SESSIONS, &[]),
+            registry_pending: gauge(REGISTRY_PENDING, &[]),
+            relayed: [("out", 0), ("in", 1)].map(|(direction, _)| {
+                PublishKind::ALL.map(|k| counter(RELAY_MESSAGES, &[("direction", direction), ("kind", k.as_str())]))
+            }),
             queued_bytes_now: AtomicUsize::new(0),
             queued_messages_now: AtomicUsize::new(0),
             recorder,
@@ -338,6 +446,18 @@ impl Metrics {
             crate::probes::msg_drop(reason as u8, count);
             self.dropped[reason as usize].increment(count as u64);
         }
+    }
+
+    pub fn redis_command(&self, command: RedisCommand, seconds: f64, ok: bool) {
+        self.redis_latency[command as usize].record(seconds);
+        if !ok {
+            self.redis_errors[command as usize].increment(1);
+        }
+        self.redis_up.set(if ok { 1.0 } else { 0.0 });
+    }
+
+    pub fn relayed(&self, direction: Relayed, kind: PublishKind) {
+        self.relayed[direction as usize][kind as usize].increment(1);
     }
 
     pub fn client_error(&self, e: ClientError) {

@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use crate::alloc::sites::Site;
 use crate::conn::wire::Message;
 use crate::gateway::http::{error_body, Prefixed};
+use crate::registry::Unavailable;
 use crate::server::Shared;
 use crate::telemetry::{DropReason, PublishKind};
 
@@ -119,6 +120,20 @@ struct BroadcastBody<'a> {
     data: &'a RawValue,
 }
 
+/// 503: delivered to this node's connections, not to other nodes; retrying may repeat
+/// the local deliveries (same message id, so clients can tell).
+fn unavailable(msg: &Message, e: Unavailable) -> Reply {
+    let body = serde_json::json!({
+        "error": format!("registry unavailable, the message reached this node's connections only: {}", e.reason),
+        "id": msg.id.to_string(),
+        "online_local": e.local.online,
+        "delivered_local": e.local.delivered,
+    });
+    let mut reply = json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+    reply.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+    reply
+}
+
 async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> Reply {
     if let Some(key) = &shared.api_key {
         if !authorized(&req, key) {
@@ -167,8 +182,10 @@ async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> 
             }
             let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, push.data, accepted_at)));
             shared.metrics.published(kind);
-            let pushed = shared.registry.push(hub, &push.uids, &msg).await;
-            serde_json::json!({ "id": msg.id.to_string(), "online": pushed.online, "delivered": pushed.delivered })
+            match shared.registry.push(hub, &push.uids, &msg).await {
+                Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes }),
+                Err(e) => return unavailable(&msg, e),
+            }
         }
         PublishKind::Topic => {
             let publish: PublishBody = match serde_json::from_slice(&body) {
@@ -183,8 +200,10 @@ async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> 
             }
             let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), Some(&publish.topic), publish.data, accepted_at)));
             shared.metrics.published(kind);
-            let delivered = shared.registry.publish(hub, &publish.topic, &msg).await;
-            serde_json::json!({ "id": msg.id.to_string(), "delivered": delivered })
+            match shared.registry.publish(hub, &publish.topic, &msg).await {
+                Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
+                Err(e) => return unavailable(&msg, e),
+            }
         }
         PublishKind::Broadcast => {
             let broadcast: BroadcastBody = match serde_json::from_slice(&body) {
@@ -196,8 +215,10 @@ async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> 
             }
             let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, broadcast.data, accepted_at)));
             shared.metrics.published(kind);
-            let delivered = shared.registry.broadcast(hub, &msg).await;
-            serde_json::json!({ "id": msg.id.to_string(), "delivered": delivered })
+            match shared.registry.broadcast(hub, &msg).await {
+                Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
+                Err(e) => return unavailable(&msg, e),
+            }
         }
     };
     json(StatusCode::OK, body.to_string())

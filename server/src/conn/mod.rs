@@ -631,7 +631,7 @@ mod tests {
     async fn idle_connection_state_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let hub = Arc::new(Hub::new(crate::Config::for_loopback(), Arc::new(crate::telemetry::Metrics::new())));
+        let hub = Arc::new(Hub::new(crate::Config::for_loopback(), 0, Arc::new(crate::telemetry::Metrics::new()), None));
         let slot = hub.reserve().ok().unwrap();
         let conn = Arc::new(Conn::new(hub.session_ids.next(), "u".into(), Transport::WebSocket));
         let future = serve(stream, conn, hub, slot, Bytes::new(), Vec::new());

@@ -61,9 +61,24 @@ impl Message {
             None => "null".into(),
         };
         let envelope = format!(r#"{{"type":"message","id":"{id}","topic":{topic},"data":{}}}"#, data.get());
+        Message::from_envelope(id, &envelope, accepted_at)
+    }
+
+    /// A message another node framed: `envelope` is the JSON it sent its own clients.
+    pub fn from_envelope(id: u64, envelope: &str, accepted_at: Instant) -> Message {
         let ws = ws_frame(OP_TEXT, envelope.as_bytes());
         let sse = Bytes::from(format!("event: message\nid: {id}\ndata: {envelope}\n\n"));
         Message { id, ws, sse, accepted_at }
+    }
+
+    /// The JSON envelope, read back out of the WebSocket frame.
+    pub fn envelope(&self) -> &[u8] {
+        let header = match self.ws.get(1) {
+            Some(126) => 4,
+            Some(127) => 10,
+            _ => 2,
+        };
+        &self.ws[header.min(self.ws.len())..]
     }
 
     pub fn bytes(&self, transport: Transport) -> &Bytes {
@@ -216,6 +231,19 @@ pub fn decode_client_frame(buf: &mut [u8], max_payload: usize) -> Result<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relayed_envelope_frames_the_same_bytes() {
+        for len in [10, 200, 70_000] {
+            let data = format!("\"{}\"", "x".repeat(len));
+            let raw = serde_json::from_str::<&RawValue>(&data).unwrap();
+            let original = Message::new(42, Some("t"), raw, Instant::now());
+            let envelope = std::str::from_utf8(original.envelope()).unwrap();
+            let relayed = Message::from_envelope(42, envelope, Instant::now());
+            assert_eq!(relayed.bytes(Transport::WebSocket), original.bytes(Transport::WebSocket));
+            assert_eq!(relayed.bytes(Transport::Sse), original.bytes(Transport::Sse));
+        }
+    }
 
     fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
         let mask = [0x11, 0x22, 0x33, 0x44];

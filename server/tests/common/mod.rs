@@ -1,6 +1,8 @@
 //! Test harness: real servers on free loopback ports, real WebSocket, SSE and HTTP clients.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

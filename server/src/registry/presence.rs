@@ -1,0 +1,292 @@
+//! This node's presence in Redis: its node id and liveness key, and its sessions, written
+//! in batches.
+//!
+//! Keys (`P` is `--redis-prefix`):
+//! - `P:node:<id>`: the node's epoch (start time, ms), with a TTL of `--node-ttl`,
+//!   refreshed every third of it. Heartbeats from clients cost Redis nothing.
+//! - `P:uid:<uid>`: a hash, session id -> epoch of the node that holds it. One HSET when a
+//!   connection opens, one HDEL when it closes. An entry whose node key is gone, or holds
+//!   another epoch, is a dead node's session: lookups skip it and delete it.
+//!
+//! The hub reports each open and close on a channel; one task coalesces them and writes
+//! them as one pipeline per batch, so a storm of connects costs a few round trips. While
+//! Redis is down, changes wait (an open and a close of the same session cancel out); when
+//! the liveness key turns out to be missing (Redis restarted empty, or the node was gone
+//! longer than its TTL), every local session is written again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::{Cmd, Value};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio_util::sync::CancellationToken;
+
+use super::redis::Redis;
+use crate::hub::Hub;
+use crate::session::SessionId;
+use crate::telemetry::RedisCommand;
+
+/// Most session changes written in one pipeline.
+const BATCH: usize = 1024;
+/// First wait after a failed write; doubles up to `node_ttl / 3`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// A session opened or closed on this node, as the hub reports it.
+pub enum Change {
+    Opened(SessionId, Arc<str>),
+    Closed(SessionId, Arc<str>),
+}
+
+pub type Changes = UnboundedSender<Change>;
+
+/// Key and channel names under one prefix.
+#[derive(Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// Topic publishes and broadcasts go to one of this many channels, which every node
+/// subscribes to; on a cluster they hash to different shards, spreading the load.
+pub const FANOUT_CHANNELS: u64 = 16;
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys { prefix: prefix.to_string() }
+    }
+
+    pub fn node(&self, node: u16) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+
+    pub fn uid(&self, uid: &str) -> String {
+        format!("{}:uid:{uid}", self.prefix)
+    }
+
+    /// Pushes for sessions on `node`.
+    pub fn node_channel(&self, node: u16) -> String {
+        format!("{}:to:{node}", self.prefix)
+    }
+
+    pub fn fanout_channel(&self, n: u64) -> String {
+        format!("{}:fanout:{}", self.prefix, n % FANOUT_CHANNELS)
+    }
+}
+
+/// Takes a node id: `wanted`, waiting up to `ttl` for a previous holder's key to expire,
+/// or else the first free one from a pseudo-random start. Returns the id.
+pub async fn claim_node_id(redis: &Redis, keys: &Keys, wanted: Option<u16>, epoch: u64, ttl: Duration) -> Result<u16, String> {
+    let claim = |node: u16| {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(keys.node(node)).arg(epoch).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
+        cmd
+    };
+    let claimed = |v: Value| matches!(v, Value::Okay);
+    match wanted {
+        Some(node) => {
+            let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(1);
+            loop {
+                let v: Value = redis.query(RedisCommand::Set, &claim(node)).await.map_err(|e| format!("claiming node id {node}: {e}"))?;
+                if claimed(v) {
+                    return Ok(node);
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "node id {node} is held by a live node (key {} exists); choose another --node-id, or leave it unset to claim a free one",
+                        keys.node(node)
+                    ));
+                }
+                tracing::info!(node, "node id {node} is still held; waiting for its previous holder's key to expire");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        None => {
+            let start = (epoch % 1023) as u16 + 1;
+            for i in 0..1023u16 {
+                let node = (start + i - 1) % 1023 + 1;
+                let v: Value = redis.query(RedisCommand::Set, &claim(node)).await.map_err(|e| format!("claiming a node id: {e}"))?;
+                if claimed(v) {
+                    return Ok(node);
+                }
+            }
+            Err("every node id 1-1023 is held by a live node".into())
+        }
+    }
+}
+
+/// Writes this node's session changes and keeps its liveness key, until `stop`; then
+/// writes what is left, removes every session still registered and the liveness key.
+pub struct Registrar {
+    pub redis: Redis,
+    pub keys: Keys,
+    pub hub: Arc<Hub>,
+    pub node: u16,
+    pub epoch: u64,
+    pub ttl: Duration,
+}
+
+impl Registrar {
+    pub async fn run(self, mut changes: UnboundedReceiver<Change>, stop: CancellationToken) {
+        // Latest change per session not yet written: true = opened.
+        let mut pending: HashMap<SessionId, (Arc<str>, bool)> = HashMap::new();
+        let mut received = Vec::with_capacity(BATCH);
+        let refresh_every = self.ttl / 3;
+        let mut refresh = tokio::time::interval(refresh_every);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = RETRY_FIRST;
+        let mut failing = false;
+        let retry_timer = tokio::time::sleep(retry);
+        tokio::pin!(retry_timer);
+        loop {
+            let mut due = !failing;
+            tokio::select! {
+                n = changes.recv_many(&mut received, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for change in received.drain(..) {
+                        coalesce(&mut pending, change);
+                    }
+                }
+                _ = refresh.tick() => {
+                    self.refresh_liveness().await;
+                    due = true;
+                }
+                _ = &mut retry_timer, if failing => due = true,
+                _ = stop.cancelled() => break,
+            }
+            if due {
+                match self.flush(&mut pending).await {
+                    Ok(()) => {
+                        retry = RETRY_FIRST;
+                        failing = false;
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, pending = pending.len(), "cannot write sessions to Redis; will retry");
+                        }
+                        failing = true;
+                        retry_timer.as_mut().reset(tokio::time::Instant::now() + retry);
+                        retry = (retry * 2).min(refresh_every);
+                    }
+                }
+            }
+            self.hub.metrics().registry_pending.set(pending.len() as f64);
+        }
+        // Shutdown: every connection has closed and reported it by now.
+        while let Ok(change) = changes.try_recv() {
+            coalesce(&mut pending, change);
+        }
+        let left = self.leave(&mut pending).await;
+        match left {
+            Ok(()) => tracing::info!(node = self.node, "removed this node's sessions and liveness key from Redis"),
+            Err(e) => tracing::warn!(error = %e, "could not remove this node from Redis; its sessions expire with its liveness key"),
+        }
+    }
+
+    /// Writes pending changes, a batch at a time; what fails stays pending.
+    async fn flush(&self, pending: &mut HashMap<SessionId, (Arc<str>, bool)>) -> redis::RedisResult<()> {
+        while !pending.is_empty() {
+            let batch: Vec<(SessionId, Arc<str>, bool)> =
+                pending.iter().take(BATCH).map(|(s, (u, open))| (*s, u.clone(), *open)).collect();
+            let cmds: Vec<Cmd> = batch.iter().map(|(s, u, open)| self.change_cmd(*s, u, *open)).collect();
+            self.redis.batch(&cmds).await?;
+            let mut opened = 0.0;
+            for (session, _, open) in &batch {
+                pending.remove(session);
+                opened += if *open { 1.0 } else { -1.0 };
+            }
+            self.hub.metrics().registry_sessions.increment(opened);
+        }
+        Ok(())
+    }
+
+    fn change_cmd(&self, session: SessionId, uid: &str, open: bool) -> Cmd {
+        let mut cmd = redis::cmd(if open { "HSET" } else { "HDEL" });
+        cmd.arg(self.keys.uid(uid)).arg(session.0);
+        if open {
+            cmd.arg(self.epoch);
+        }
+        cmd
+    }
+
+    /// Refreshes the liveness key; if it had vanished, writes every local session again.
+    async fn refresh_liveness(&self) {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.keys.node(self.node)).arg(self.epoch).arg("PX").arg(self.ttl.as_millis() as u64).arg("GET");
+        match self.redis.query::<Option<u64>>(RedisCommand::Set, &cmd).await {
+            Ok(Some(epoch)) if epoch == self.epoch => {}
+            Ok(Some(other)) => tracing::error!(
+                node = self.node,
+                other_epoch = other,
+                "another process holds this node id (our liveness key expired while Redis was unreachable); restart one of them"
+            ),
+            Ok(None) => {
+                tracing::warn!(node = self.node, "liveness key was missing (Redis restarted or was unreachable past --node-ttl); registering every session again");
+                if let Err(e) = self.register_all().await {
+                    tracing::warn!(error = %e, "re-registering sessions failed; will try again at the next refresh");
+                    let _ = self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.node(self.node))).await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "liveness refresh failed"),
+        }
+    }
+
+    async fn register_all(&self) -> redis::RedisResult<()> {
+        let mut sessions = Vec::new();
+        self.hub.for_each(|conn| sessions.push((conn.session, conn.uid.clone())));
+        for chunk in sessions.chunks(BATCH) {
+            let cmds: Vec<Cmd> = chunk.iter().map(|(s, u)| self.change_cmd(*s, u, true)).collect();
+            self.redis.batch(&cmds).await?;
+        }
+        self.hub.metrics().registry_sessions.set(sessions.len() as f64);
+        Ok(())
+    }
+
+    async fn leave(&self, pending: &mut HashMap<SessionId, (Arc<str>, bool)>) -> redis::RedisResult<()> {
+        self.flush(pending).await?;
+        // Connections still open past the shutdown grace.
+        let mut open = Vec::new();
+        self.hub.for_each(|conn| open.push(self.change_cmd(conn.session, &conn.uid, false)));
+        for chunk in open.chunks(BATCH) {
+            self.redis.batch(chunk).await?;
+        }
+        self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.node(self.node))).await?;
+        self.hub.metrics().registry_sessions.set(0.0);
+        Ok(())
+    }
+}
+
+/// Keeps the latest change per session; an open and a close not yet written cancel out.
+fn coalesce(pending: &mut HashMap<SessionId, (Arc<str>, bool)>, change: Change) {
+    match change {
+        Change::Opened(session, uid) => {
+            pending.insert(session, (uid, true));
+        }
+        Change::Closed(session, uid) => {
+            if let Some((_, true)) = pending.get(&session) {
+                pending.remove(&session);
+            } else {
+                pending.insert(session, (uid, false));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_and_close_not_yet_written_cancel_out() {
+        let mut pending = HashMap::new();
+        let uid: Arc<str> = Arc::from("alice");
+        coalesce(&mut pending, Change::Opened(SessionId(1), uid.clone()));
+        coalesce(&mut pending, Change::Opened(SessionId(2), uid.clone()));
+        coalesce(&mut pending, Change::Closed(SessionId(1), uid.clone()));
+        coalesce(&mut pending, Change::Closed(SessionId(3), uid.clone()));
+        assert_eq!(pending.len(), 2);
+        assert!(pending[&SessionId(2)].1, "2 opened");
+        assert!(!pending[&SessionId(3)].1, "3 closed (opened in an earlier batch)");
+    }
+}

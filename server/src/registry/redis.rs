@@ -1,0 +1,174 @@
+//! One Redis or a Redis Cluster behind one handle: every command timed, counted and
+//! probed, and the pub/sub messages this node subscribes to handed out on a channel.
+//!
+//! Both speak RESP3 so that commands and subscriptions share one multiplexed connection;
+//! the `redis` crate reconnects and resubscribes by itself after a connection is lost.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::config::RegistryKind;
+use crate::telemetry::{Metrics, RedisCommand};
+
+/// Time to open a connection to one Redis server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time a command may take before it counts as failed; bounds a publish during an outage.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+#[derive(Clone)]
+pub struct Redis {
+    link: Link,
+    metrics: Arc<Metrics>,
+}
+
+impl Redis {
+    /// Connects to `urls` (one server, or a cluster's seed nodes). Messages from channels
+    /// this node subscribes to, and a `Disconnection` each time the link drops, arrive on
+    /// the returned receiver.
+    pub async fn connect(
+        kind: RegistryKind,
+        urls: &[String],
+        metrics: Arc<Metrics>,
+    ) -> Result<(Redis, UnboundedReceiver<PushInfo>), String> {
+        let (pushes, received) = unbounded_channel();
+        let shown = urls.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
+        let link = match kind {
+            RegistryKind::Memory => return Err("the memory registry has no Redis".into()),
+            RegistryKind::Redis => {
+                let info = urls[0].as_str().into_connection_info().map_err(|e| format!("--redis-url {shown}: {e}"))?;
+                let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(settings))
+                    .map_err(|e| format!("--redis-url {shown}: {e}"))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_push_sender(pushes)
+                    .set_automatic_resubscription()
+                    .set_number_of_retries(1)
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
+                let manager = tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_connection_manager_with_config(config))
+                    .await
+                    .map_err(|_| format!("cannot reach Redis at {shown}: timed out"))?
+                    .map_err(|e| format!("cannot reach Redis at {shown}: {e}"))?;
+                Link::Single(manager)
+            }
+            RegistryKind::RedisCluster => {
+                let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(pushes)
+                    .retries(1)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .build()
+                    .map_err(|e| format!("--redis-url {shown}: {e}"))?;
+                let connection = tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_async_connection())
+                    .await
+                    .map_err(|_| format!("cannot reach the Redis Cluster at {shown}: timed out"))?
+                    .map_err(|e| format!("cannot reach the Redis Cluster at {shown}: {e}"))?;
+                Link::Cluster(connection)
+            }
+        };
+        Ok((Redis { link, metrics }, received))
+    }
+
+    /// Whether channels are sharded (Redis Cluster: SPUBLISH / SSUBSCRIBE).
+    pub fn sharded(&self) -> bool {
+        matches!(self.link, Link::Cluster(_))
+    }
+
+    /// Runs one command.
+    pub async fn query<T: FromRedisValue>(&self, command: RedisCommand, cmd: &Cmd) -> RedisResult<T> {
+        self.timed(command, 1, async {
+            match self.link.clone() {
+                Link::Single(mut c) => cmd.query_async(&mut c).await,
+                Link::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    /// Runs commands as one batch: one pipeline (one round trip) on a single Redis; on a
+    /// cluster, where a pipeline must stay within one slot, all at once over the
+    /// multiplexed shard connections. Fails as a whole if any command failed.
+    pub async fn batch(&self, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.timed(RedisCommand::Pipeline, cmds.len(), async {
+            match self.link.clone() {
+                Link::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    for cmd in cmds {
+                        pipe.add_command(cmd.clone());
+                    }
+                    pipe.query_async(&mut c).await
+                }
+                Link::Cluster(c) => {
+                    let each = cmds.iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<Value>(&mut c).await }
+                    });
+                    futures_util::future::join_all(each).await.into_iter().collect()
+                }
+            }
+        })
+        .await
+    }
+
+    /// Subscribes to `channel` (sharded on a cluster); kept across reconnects.
+    pub async fn subscribe(&self, channel: &str) -> RedisResult<()> {
+        self.timed(RedisCommand::Subscribe, 1, async {
+            match self.link.clone() {
+                Link::Single(mut c) => c.subscribe(channel).await,
+                Link::Cluster(mut c) => c.ssubscribe(channel).await,
+            }
+        })
+        .await
+    }
+
+    /// PUBLISH, or SPUBLISH on a cluster; its answer is the subscribers that got it.
+    pub fn publish_cmd(&self, channel: &str, payload: &[u8]) -> Cmd {
+        let mut cmd = redis::cmd(if self.sharded() { "SPUBLISH" } else { "PUBLISH" });
+        cmd.arg(channel).arg(payload);
+        cmd
+    }
+
+    async fn timed<T>(&self, command: RedisCommand, batch: usize, run: impl Future<Output = RedisResult<T>>) -> RedisResult<T> {
+        crate::probes::redis_start(command as u8, batch);
+        let started = Instant::now();
+        let result = run.await;
+        let elapsed = started.elapsed();
+        crate::probes::redis_end(command as u8, elapsed.as_nanos() as u64, result.is_ok());
+        self.metrics.redis_command(command, elapsed.as_secs_f64(), result.is_ok());
+        result
+    }
+}
+
+/// A URL with any password replaced, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(super::redacted("redis://:secret@10.0.0.1:6379/0"), "redis://***@10.0.0.1:6379/0");
+        assert_eq!(super::redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

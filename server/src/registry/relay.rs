@@ -1,0 +1,202 @@
+//! Messages between nodes: how a publish is written onto a Redis channel, and the task
+//! that reads this node's channels and delivers what arrives to local connections.
+//!
+//! A relayed message carries its id and publish time, so every node frames the same
+//! envelope and delivery latency counts from the original publish.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::conn::wire::Message;
+use crate::hub::Hub;
+use crate::telemetry::{DropReason, PublishKind, Relayed};
+
+/// What a relayed message is addressed to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// These uids' connections on the receiving node.
+    Uids(Vec<&'a str>),
+    Topic(&'a str),
+    Everyone,
+}
+
+impl Target<'_> {
+    pub fn kind(&self) -> PublishKind {
+        match self {
+            Target::Uids(_) => PublishKind::Push,
+            Target::Topic(_) => PublishKind::Topic,
+            Target::Everyone => PublishKind::Broadcast,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Relay<'a> {
+    /// The node that took the publish; it has delivered locally already.
+    pub origin: u16,
+    pub id: u64,
+    /// Wall-clock milliseconds when the origin accepted it.
+    pub published_ms: u64,
+    pub target: Target<'a>,
+    /// The JSON envelope the origin sent its own clients.
+    pub envelope: &'a str,
+}
+
+const HEADER: usize = 1 + 2 + 8 + 8;
+
+impl<'a> Relay<'a> {
+    /// `kind(1) origin(2) id(8) published_ms(8)`, then for a topic `len(2) topic`, for
+    /// uids `count(4) (len(2) uid)*`, then the envelope to the end. Integers big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + self.envelope.len() + 64);
+        out.push(match self.target {
+            Target::Uids(_) => b'P',
+            Target::Topic(_) => b'T',
+            Target::Everyone => b'B',
+        });
+        out.extend_from_slice(&self.origin.to_be_bytes());
+        out.extend_from_slice(&self.id.to_be_bytes());
+        out.extend_from_slice(&self.published_ms.to_be_bytes());
+        match &self.target {
+            Target::Uids(uids) => {
+                out.extend_from_slice(&(uids.len() as u32).to_be_bytes());
+                for uid in uids {
+                    let uid = &uid.as_bytes()[..uid.len().min(u16::MAX as usize)];
+                    out.extend_from_slice(&(uid.len() as u16).to_be_bytes());
+                    out.extend_from_slice(uid);
+                }
+            }
+            Target::Topic(topic) => {
+                out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+                out.extend_from_slice(topic.as_bytes());
+            }
+            Target::Everyone => {}
+        }
+        out.extend_from_slice(self.envelope.as_bytes());
+        out
+    }
+
+    /// Reads what `encode` wrote; `None` for anything else.
+    pub fn decode(bytes: &'a [u8]) -> Option<Relay<'a>> {
+        let mut r = Reader(bytes);
+        let kind = r.take(1)?[0];
+        let origin = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
+        let id = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
+        let published_ms = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
+        let target = match kind {
+            b'P' => {
+                let count = u32::from_be_bytes(r.take(4)?.try_into().ok()?) as usize;
+                // Each uid takes at least its 2-byte length: a count the bytes cannot hold is bad input.
+                if count > r.0.len() / 2 {
+                    return None;
+                }
+                let mut uids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let len = u16::from_be_bytes(r.take(2)?.try_into().ok()?) as usize;
+                    uids.push(std::str::from_utf8(r.take(len)?).ok()?);
+                }
+                Target::Uids(uids)
+            }
+            b'T' => {
+                let len = u16::from_be_bytes(r.take(2)?.try_into().ok()?) as usize;
+                Target::Topic(std::str::from_utf8(r.take(len)?).ok()?)
+            }
+            b'B' => Target::Everyone,
+            _ => return None,
+        };
+        let envelope = std::str::from_utf8(r.0).ok()?;
+        Some(Relay { origin, id, published_ms, target, envelope })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads this node's subscriptions until the Redis link is dropped, delivering each
+/// message from another node to local connections, in the order Redis sent them.
+pub async fn deliver_incoming(mut pushes: UnboundedReceiver<PushInfo>, hub: Arc<Hub>, node: u16) {
+    while let Some(push) = pushes.recv().await {
+        match push.kind {
+            PushKind::Message | PushKind::SMessage => {}
+            PushKind::Disconnection => {
+                hub.metrics().redis_reconnects.increment(1);
+                tracing::warn!("lost the Redis connection; reconnecting and resubscribing");
+                continue;
+            }
+            _ => continue,
+        }
+        // data: [channel, payload]
+        let Some(Value::BulkString(payload)) = push.data.get(1) else {
+            hub.metrics().dropped(DropReason::BadRelay, 1);
+            continue;
+        };
+        let Some(relay) = Relay::decode(payload) else {
+            tracing::warn!(bytes = payload.len(), "undecodable message on a node channel");
+            hub.metrics().dropped(DropReason::BadRelay, 1);
+            continue;
+        };
+        if relay.origin == node {
+            // Our own topic publish or broadcast, already delivered here.
+            continue;
+        }
+        hub.metrics().relayed(Relayed::In, relay.target.kind());
+        let age = Duration::from_millis(now_ms().saturating_sub(relay.published_ms));
+        let accepted_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let msg = crate::alloc::sites::Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, accepted_at)));
+        match &relay.target {
+            Target::Uids(uids) => {
+                hub.push(uids, &msg).await;
+            }
+            Target::Topic(topic) => {
+                hub.publish(topic, &msg).await;
+            }
+            Target::Everyone => {
+                hub.broadcast(&msg).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_target_round_trips() {
+        for target in [Target::Uids(vec!["alice", "", "bob"]), Target::Topic("news"), Target::Everyone] {
+            let relay = Relay { origin: 7, id: 1 << 40, published_ms: 1_700_000_000_000, target, envelope: r#"{"a":[1,2]}"# };
+            assert_eq!(Relay::decode(&relay.encode()), Some(relay));
+        }
+    }
+
+    #[test]
+    fn truncated_or_unknown_input_is_refused() {
+        let bytes = Relay { origin: 1, id: 2, published_ms: 3, target: Target::Uids(vec!["x"]), envelope: "1" }.encode();
+        for cut in 0..HEADER + 4 + 2 + 1 {
+            assert_eq!(Relay::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut unknown = bytes.clone();
+        unknown[0] = b'Z';
+        assert_eq!(Relay::decode(&unknown), None);
+        let mut huge_count = bytes;
+        huge_count[HEADER..HEADER + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(Relay::decode(&huge_count), None);
+    }
+}

@@ -1,0 +1,266 @@
+//! Many nodes on one Redis and on a Redis Cluster: cross-node push, topics and broadcast,
+//! Redis restarting empty, a node killed, graceful leave, and SO_REUSEPORT sharing.
+//! Every Redis here is a real `redis-server` started by the test.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisCluster, RedisServer};
+use common::{next_json, post, subscribe, wait_metric, ws, Process, TestServer, Ws, WAIT};
+use pushline::config::RegistryKind;
+use serde_json::{json, Value};
+
+const SESSIONS: &str = "pushline_registry_sessions";
+
+async fn node(kind: RegistryKind, urls: Vec<String>) -> TestServer {
+    common::start(|c| {
+        c.registry = kind;
+        c.redis_url = urls;
+        c.node_ttl = Duration::from_millis(1500);
+    })
+    .await
+}
+
+async fn node_on(redis: &RedisServer) -> TestServer {
+    node(RegistryKind::Redis, vec![redis.url()]).await
+}
+
+/// Opens a client and waits until its node has written the session to Redis.
+async fn client(at: &TestServer, uid: &str) -> (Ws, Value) {
+    let before = common::metric(&common::metrics(at.admin).await, SESSIONS);
+    let opened = ws(at.client, &format!("uid={uid}")).await;
+    wait_metric(at.admin, SESSIONS, |n| n > before).await;
+    opened
+}
+
+fn node_of(welcome: &Value) -> u64 {
+    welcome["session"].as_str().expect("session id").parse::<u64>().expect("numeric") >> 48
+}
+
+async fn push(via: SocketAddr, uids: &[&str], data: Value) -> Value {
+    let (status, body) = post(via, "/v1/push", json!({ "uids": uids, "data": data })).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_push_reaches_a_uids_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let (a, b) = (node_on(&redis).await, node_on(&redis).await);
+    let (mut alice_b, welcome_b) = client(&b, "alice").await;
+    let (mut bob_a, welcome_a) = client(&a, "bob").await;
+    let (mut bob_b, _) = client(&b, "bob").await;
+    assert_ne!(node_of(&welcome_a), node_of(&welcome_b), "each node claimed its own id");
+
+    let body = push(a.client, &["alice"], json!({"n": 1})).await;
+    assert_eq!((body["online"].as_u64(), body["delivered"].as_u64(), body["nodes"].as_u64()), (Some(1), Some(1), Some(1)), "{body}");
+    let got = next_json(&mut alice_b).await;
+    assert_eq!((got["data"]["n"].as_u64(), got["id"].as_str()), (Some(1), body["id"].as_str()), "same envelope and id on the other node");
+
+    let body = push(a.client, &["bob", "nobody"], json!({"n": 2})).await;
+    assert_eq!((body["online"].as_u64(), body["delivered"].as_u64()), (Some(2), Some(2)), "{body}");
+    for bob in [&mut bob_a, &mut bob_b] {
+        assert_eq!(next_json(bob).await["data"]["n"], 2);
+    }
+    let metrics = common::metrics(b.admin).await;
+    assert_eq!(common::metric(&metrics, r#"pushline_relay_messages_total{direction="in",kind="push"}"#), 2.0);
+}
+
+#[tokio::test]
+async fn topics_and_broadcasts_reach_every_node() {
+    let redis = RedisServer::start();
+    let (a, b) = (node_on(&redis).await, node_on(&redis).await);
+    let (mut on_a, _) = ws(a.client, "uid=x").await;
+    let (mut on_b, _) = ws(b.client, "uid=y").await;
+    subscribe(&mut on_b, &["news"]).await;
+
+    let (status, body) = post(a.client, "/v1/publish", json!({"topic": "news", "data": "hello"})).await;
+    assert_eq!((status, body["nodes"].as_u64()), (200, Some(1)), "{body}");
+    let got = next_json(&mut on_b).await;
+    assert_eq!((got["topic"].as_str(), got["data"].as_str()), (Some("news"), Some("hello")));
+
+    let (status, body) = post(b.client, "/v1/broadcast", json!({"data": "all"})).await;
+    assert_eq!(status, 200, "{body}");
+    for client in [&mut on_a, &mut on_b] {
+        let got = next_json(client).await;
+        assert_eq!((got["data"].as_str(), got["id"].as_str()), (Some("all"), body["id"].as_str()));
+    }
+}
+
+#[tokio::test]
+async fn redis_restarting_empty_loses_nothing_silently_and_nodes_recover() {
+    let redis = RedisServer::start();
+    let (a, b) = (node_on(&redis).await, node_on(&redis).await);
+    let (mut local, _) = client(&a, "local").await;
+    let (mut remote, _) = client(&b, "remote").await;
+
+    let port = redis.kill();
+    // Redis is down: a push still reaches the node's own connections, and says it could
+    // not reach the others (503, Retry-After), counted as a drop.
+    let (status, body) = post(a.client, "/v1/push", json!({"uids": ["local", "remote"], "data": 1})).await;
+    assert_eq!((status, body["delivered_local"].as_u64()), (503, Some(1)), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("registry unavailable"), "{body}");
+    assert_eq!(next_json(&mut local).await["data"], 1);
+    wait_metric(a.admin, r#"pushline_messages_dropped_total{reason="registry_unavailable"}"#, |n| n >= 1.0).await;
+
+    // Back, and empty: each node notices its liveness key is gone and registers again.
+    let redis = RedisServer::start_on(port, &[]);
+    let deadline = Instant::now() + WAIT;
+    while redis.cli(&["hlen", "pushline:uid:remote"]) != "1" || redis.cli(&["hlen", "pushline:uid:local"]) != "1" {
+        assert!(Instant::now() < deadline, "sessions were not registered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Subscriptions come back too: a cross-node push delivers again, with no restart.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = post(a.client, "/v1/push", json!({"uids": ["remote"], "data": 2})).await;
+        if status == 200 && body["delivered"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cross-node push did not recover: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(next_json(&mut remote).await["data"], 2);
+    assert!(common::metric(&common::metrics(b.admin).await, "pushline_redis_reconnects_total") >= 1.0);
+}
+
+fn redis_args(redis: &RedisServer) -> Vec<String> {
+    ["--registry", "redis", "--redis-url", &redis.url(), "--node-ttl", "1s"].map(String::from).to_vec()
+}
+
+#[tokio::test]
+async fn a_killed_nodes_uids_go_offline_and_reach_clients_where_they_reconnect() {
+    let redis = RedisServer::start();
+    let a = node_on(&redis).await;
+    let args = redis_args(&redis);
+    let b = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let (_carol_b, welcome) = ws(b.client, "uid=carol").await;
+    let deadline = Instant::now() + WAIT;
+    while push(a.client, &["carol"], json!(0)).await["online"] != 1 {
+        assert!(Instant::now() < deadline, "carol never showed as online on node B");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    b.signal(libc::SIGKILL);
+    // Offline once B's liveness key expires (1 s), without anyone cleaning up for B.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let body = push(a.client, &["carol"], json!(0)).await;
+        if body["online"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "carol stayed online after node B died: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = node_on(&redis).await;
+    let (mut carol_c, _) = client(&c, "carol").await;
+    let body = push(a.client, &["carol"], json!("here")).await;
+    assert_eq!((body["online"].as_u64(), body["delivered"].as_u64()), (Some(1), Some(1)), "{body}");
+    assert_eq!(next_json(&mut carol_c).await["data"], "here");
+    // The lookup that found B's session dead deleted it.
+    let field = welcome["session"].as_str().unwrap();
+    assert_eq!(redis.cli(&["hexists", "pushline:uid:carol", field]), "0");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_removes_the_nodes_sessions_from_redis() {
+    let redis = RedisServer::start();
+    let args = redis_args(&redis);
+    let mut b = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(ws(b.client, &format!("uid=g{i}")).await);
+    }
+    let node = node_of(&clients[0].1);
+    wait_metric(b.admin, SESSIONS, |n| n == 20.0).await;
+    assert_eq!(redis.cli(&["exists", &format!("pushline:node:{node}")]), "1");
+
+    b.signal(libc::SIGTERM);
+    assert!(b.wait().success());
+    let left: Vec<String> = (0..20).map(|i| redis.cli(&["hlen", &format!("pushline:uid:g{i}")])).collect();
+    assert!(left.iter().all(|n| n == "0"), "sessions left in Redis: {left:?}");
+    assert_eq!(redis.cli(&["exists", &format!("pushline:node:{node}")]), "0");
+}
+
+#[tokio::test]
+async fn processes_share_one_port_with_reuse_port() {
+    let redis = RedisServer::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut args = redis_args(&redis);
+    args.extend(["--reuse-port".into(), "--listen".into(), format!("127.0.0.1:{port}")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (p1, p2) = (Process::spawn(&args, None), Process::spawn(&args, None));
+    assert_eq!((p1.client.port(), p2.client.port()), (port, port));
+    let shared: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        clients.push(ws(shared, &format!("uid=r{i}")).await.0);
+    }
+    let per_process = [
+        wait_metric(p1.admin, r#"pushline_connections{transport="ws"}"#, |n| n > 0.0).await,
+        wait_metric(p2.admin, r#"pushline_connections{transport="ws"}"#, |n| n > 0.0).await,
+    ];
+    assert_eq!(per_process.iter().sum::<f64>(), 40.0, "{per_process:?}");
+    wait_metric(p1.admin, SESSIONS, |n| n == per_process[0]).await;
+    wait_metric(p2.admin, SESSIONS, |n| n == per_process[1]).await;
+    // Whichever process takes the publish, every client gets it.
+    let uids: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+    let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+    let body = push(shared, &uids, json!("both")).await;
+    assert_eq!(body["delivered"], 40, "{body}");
+    for client in &mut clients {
+        assert_eq!(next_json(client).await["data"], "both");
+    }
+}
+
+#[tokio::test]
+async fn a_redis_cluster_spreads_sessions_over_its_shards() {
+    let cluster = RedisCluster::start();
+    let (a, b) = (node(RegistryKind::RedisCluster, cluster.urls()).await, node(RegistryKind::RedisCluster, cluster.urls()).await);
+    let mut on_b = Vec::new();
+    for i in 0..30 {
+        on_b.push(ws(b.client, &format!("uid=k{i}")).await.0);
+    }
+    wait_metric(b.admin, SESSIONS, |n| n == 30.0).await;
+    let keys_per_shard: Vec<u64> =
+        cluster.nodes.iter().map(|n| n.cli(&["dbsize"]).parse().unwrap()).collect();
+    assert!(keys_per_shard.iter().all(|n| *n > 0), "uid keys on every shard: {keys_per_shard:?}");
+
+    let uids: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+    let body = push(a.client, &uids, json!("sharded")).await;
+    assert_eq!((body["online"].as_u64(), body["delivered"].as_u64()), (Some(30), Some(30)), "{body}");
+    for client in &mut on_b {
+        assert_eq!(next_json(client).await["data"], "sharded");
+    }
+    subscribe(&mut on_b[0], &["t"]).await;
+    let (status, body) = post(a.client, "/v1/publish", json!({"topic": "t", "data": "spub"})).await;
+    assert_eq!((status, body["nodes"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(next_json(&mut on_b[0]).await["data"], "spub");
+    let (status, _) = post(a.client, "/v1/broadcast", json!({"data": "everyone"})).await;
+    assert_eq!(status, 200);
+    for client in &mut on_b {
+        assert_eq!(next_json(client).await["data"], "everyone");
+    }
+}
+
+#[tokio::test]
+async fn a_taken_node_id_is_refused_with_a_reason() {
+    let redis = RedisServer::start();
+    let first = common::start(|c| {
+        c.registry = RegistryKind::Redis;
+        c.redis_url = vec![redis.url()];
+        c.node_id = Some(5);
+    })
+    .await;
+    let mut config = pushline::Config::for_loopback();
+    config.registry = RegistryKind::Redis;
+    config.redis_url = vec![redis.url()];
+    config.node_id = Some(5);
+    config.node_ttl = Duration::from_secs(1);
+    let refused = pushline::Server::start(config).await.err().expect("second node 5 refused");
+    assert!(refused.contains("node id 5 is held by a live node"), "{refused}");
+    first.server.shutdown().await;
+}
