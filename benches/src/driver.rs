@@ -1,6 +1,7 @@
-//! Runs the server under test as a child process and reads what the machine says about
-//! it: RSS from /proc, CPU time from /proc/<pid>/stat, kernel socket memory from
-//! /proc/net/sockstat, and the server's own metrics.
+//! Runs the servers under test (and, for several nodes, a `redis-server`) as child
+//! processes and reads what the machine says about them: RSS from /proc, CPU time from
+//! /proc/<pid>/stat, kernel socket memory from /proc/net/sockstat, the servers' own
+//! metrics, and Redis's INFO.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -75,6 +76,128 @@ impl ServerProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// K server processes; with K > 1 they are nodes on a `redis-server` started here.
+pub struct Nodes {
+    pub servers: Vec<ServerProcess>,
+    pub redis: Option<RedisProcess>,
+}
+
+impl Nodes {
+    /// `shared`: every node on one port with SO_REUSEPORT (clients are spread by the
+    /// kernel); otherwise each on a port of its own.
+    pub fn start(common: &crate::Common, k: usize, shared: bool) -> Result<Nodes, String> {
+        let redis = if k > 1 { Some(RedisProcess::start()?) } else { None };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().map_err(|e| e.to_string())?.port();
+        let mut servers = Vec::with_capacity(k);
+        for _ in 0..k {
+            let mut args = Vec::new();
+            if let Some(redis) = &redis {
+                args.extend(["--registry".into(), "redis".into(), "--redis-url".into(), redis.url()]);
+            }
+            if shared {
+                args.extend(["--reuse-port".into(), "--listen".into(), format!("127.0.0.1:{port}")]);
+            }
+            args.extend(common.server_args.iter().cloned());
+            servers.push(ServerProcess::start(&common.server_bin, &args)?);
+        }
+        Ok(Nodes { servers, redis })
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        self.servers.iter().map(ServerProcess::rss_bytes).sum()
+    }
+
+    pub fn cpu_time(&self) -> CpuTime {
+        self.servers.iter().map(ServerProcess::cpu_time).fold(CpuTime::default(), |a, b| CpuTime { user: a.user + b.user, system: a.system + b.system })
+    }
+
+    /// A metric summed over the nodes.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let mut sum = 0.0;
+        for server in &self.servers {
+            sum += server.metric(series).await;
+        }
+        sum
+    }
+
+    /// Waits until the summed metric reaches `want`, up to `limit`.
+    pub async fn wait_metric(&self, series: &str, want: f64, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.metric(series).await;
+            if v >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{series} reached {v} over the nodes, not {want}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A `redis-server` on a free port with no persistence.
+pub struct RedisProcess {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisProcess {
+    pub fn start() -> Result<RedisProcess, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().map_err(|e| e.to_string())?.port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server ({e}); install it: apt-get install -y redis-server"))?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        loop {
+            let line = lines.next().ok_or("redis-server exited before it was ready")?.map_err(|e| e.to_string())?;
+            if line.contains("Ready to accept connections") {
+                break;
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(RedisProcess { child, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `INFO all`, as `field -> value` for the numeric fields, with each
+    /// `cmdstat_<command>`'s `calls` as `calls_<command>`.
+    pub async fn info(&self) -> Result<std::collections::HashMap<String, f64>, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.map_err(|e| e.to_string())?;
+        stream.write_all(b"*2\r\n$4\r\nINFO\r\n$3\r\nall\r\n*1\r\n$4\r\nQUIT\r\n").await.map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.map_err(|e| e.to_string())?;
+        let mut out = std::collections::HashMap::new();
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once(':') else { continue };
+            if let Some(command) = key.strip_prefix("cmdstat_") {
+                let calls = value.split(',').find_map(|kv| kv.strip_prefix("calls=")).and_then(|v| v.parse().ok());
+                out.insert(format!("calls_{command}"), calls.unwrap_or(0.0));
+            } else if let Ok(v) = value.trim().parse::<f64>() {
+                out.insert(key.to_string(), v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -81,6 +81,17 @@ enum Scenario {
         rate: u64,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// With 2 or more, nodes on a Redis: clients on the last node, pushes into the first.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+    },
+    /// Redis cost of sessions: commands and round trips per connect, heartbeat and
+    /// disconnect, Redis memory per session, with K nodes sharing a port.
+    Registry {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
     },
     /// `slow_percent` of N clients stop reading during `rounds` 16 KB broadcasts.
     Slow {
@@ -117,9 +128,10 @@ async fn main() -> ExitCode {
             scenarios::slow::run(&cli.common, connections, slow_percent, rounds).await
         }
         Scenario::Storm { connections, handshakes } => scenarios::storm::run(&cli.common, connections, handshakes).await,
-        Scenario::Unicast { connections, rate, seconds } => {
-            scenarios::unicast::run(&cli.common, connections, rate, seconds).await
+        Scenario::Unicast { connections, rate, seconds, nodes } => {
+            scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes).await
         }
+        Scenario::Registry { connections, nodes } => scenarios::registry::run(&cli.common, connections, nodes).await,
     };
     match result {
         Ok(rows) => {

@@ -19,7 +19,9 @@ impl Row {
 pub fn print(rows: &[Row]) {
     println!("{:<10} {:<40} {:>16} unit", "scenario", "metric", "value");
     for r in rows {
-        println!("{:<10} {:<40} {:>16.1} {}", r.scenario, r.metric, r.value, r.unit);
+        // Small ratios (round trips per connect) need more than one decimal.
+        let decimals = if r.value.abs() < 10.0 && r.value.fract() != 0.0 { 3 } else { 1 };
+        println!("{:<10} {:<40} {:>16.*} {}", r.scenario, r.metric, decimals, r.value, r.unit);
     }
 }
 

@@ -213,8 +213,10 @@ impl ClientError {
 #[repr(u8)]
 pub enum RedisCommand {
     /// A batch of session changes (HSET / HDEL), one round trip on a single Redis.
-    Pipeline = 0,
+    Sessions = 0,
+    /// Where the pushed uids are (HGETALL per uid, batched).
     Hgetall,
+    /// Deleting dead nodes' sessions found by a lookup.
     Hdel,
     /// Liveness key refresh and node id claim.
     Set,
@@ -226,7 +228,7 @@ pub enum RedisCommand {
 
 impl RedisCommand {
     pub const ALL: [RedisCommand; 8] = [
-        RedisCommand::Pipeline,
+        RedisCommand::Sessions,
         RedisCommand::Hgetall,
         RedisCommand::Hdel,
         RedisCommand::Set,
@@ -238,7 +240,7 @@ impl RedisCommand {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            RedisCommand::Pipeline => "pipeline",
+            RedisCommand::Sessions => "sessions",
             RedisCommand::Hgetall => "hgetall",
             RedisCommand::Hdel => "hdel",
             RedisCommand::Set => "set",

@@ -11,8 +11,17 @@ use common::*;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-const SCRIPTS: [&str; 8] =
-    ["conn-lifecycle", "delivery-latency", "queue-depth", "heartbeats", "alloc-sites", "alloc-stacks", "cpu-stacks", "offcpu"];
+const SCRIPTS: [&str; 9] = [
+    "conn-lifecycle",
+    "delivery-latency",
+    "queue-depth",
+    "heartbeats",
+    "alloc-sites",
+    "alloc-stacks",
+    "cpu-stacks",
+    "offcpu",
+    "redis-latency",
+];
 
 /// Says exactly what is missing for bpftrace to run here, instead of passing silently.
 fn require_bpftrace() {
@@ -99,7 +108,9 @@ fn value(output: &str, key: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_probe_script_reports_the_load_it_saw() {
     require_bpftrace();
-    let server = Server::start(&[]);
+    // On the Redis registry, so that the Redis probes fire too.
+    let redis = common::Redis::start();
+    let server = Server::start(&[("PUSHLINE_REGISTRY", "redis"), ("PUSHLINE_REDIS_URL", &redis.url)]);
     let pid = server.pid();
     // One at a time: attaching several at once to the same process hung bpftrace once.
     let traces: Vec<Trace> = SCRIPTS.iter().map(|name| Trace::start(name, pid)).collect();
@@ -142,6 +153,9 @@ async fn every_probe_script_reports_the_load_it_saw() {
     assert!(value(out("alloc-sites"), "@allocations[1]") >= 20, "connection_task allocations");
     assert!(value(out("alloc-stacks"), "@allocations") > 0);
     assert!(out("alloc-stacks").contains("pushline::"), "allocation stacks name server functions");
+    assert_eq!(value(out("redis-latency"), "@round_trips[1]"), 20, "one HGETALL round trip per push");
+    assert!(value(out("redis-latency"), "@commands[0]") >= 20, "a session write per connection");
+    assert!(out("redis-latency").contains("@latency_us[1]"));
 
     let dir = std::env::temp_dir().join(format!("pushline-probes-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

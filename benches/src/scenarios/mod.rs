@@ -3,6 +3,7 @@
 pub mod fanout;
 pub mod heartbeat;
 pub mod idle;
+pub mod registry;
 pub mod slow;
 pub mod storm;
 pub mod unicast;

@@ -1,6 +1,7 @@
 //! `unicast`: pushes to random uids through `/v1/push` at a target rate; throughput and
 //! publish-to-delivery latency percentiles, measured by the clients (the same clock as
-//! the publisher: both are this process).
+//! the publisher: both are this process). With `--nodes 2` the clients are on one node
+//! and the pushes go to the other, so every push crosses nodes through Redis.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,13 +10,17 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::client;
-use crate::driver::{http, ServerProcess};
+use crate::driver::{http, Nodes};
 use crate::report::Row;
 use crate::Common;
 
-pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64) -> Result<Vec<Row>, String> {
-    let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
-    let streams = super::open_connections(server.client, connections, common.parallel, common.spread, "u").await?;
+pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k: usize) -> Result<Vec<Row>, String> {
+    let nodes = Nodes::start(common, k, false)?;
+    let (publish_to, clients_on) = (&nodes.servers[0], nodes.servers.last().ok_or("no node")?);
+    let streams = super::open_connections(clients_on.client, connections, common.parallel, common.spread, "u").await?;
+    if k > 1 {
+        clients_on.wait_metric("pushline_registry_sessions", connections as f64, Duration::from_secs(60)).await?;
+    }
     let base = Arc::new(Instant::now());
     let (tx, mut rx) = mpsc::unbounded_channel::<Duration>();
     for mut stream in streams {
@@ -49,7 +54,7 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64) -
         tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
         let uid = (i.wrapping_mul(2_654_435_761) % connections as u64) as usize;
         let body = format!(r#"{{"uids":["u{uid}"],"data":{}}}"#, base.elapsed().as_nanos());
-        let addr = server.client;
+        let addr = publish_to.client;
         publishers.spawn(async move { http(addr, "POST", "/v1/push", &body).await.is_ok() });
     }
     let mut accepted = 0;
@@ -70,6 +75,7 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64) -
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
     Ok(vec![
+        Row::new("unicast", "nodes", k as f64, "count"),
         Row::new("unicast", "connections", connections as f64, "count"),
         Row::new("unicast", "pushes_sent", total as f64, "count"),
         Row::new("unicast", "pushes_delivered", latencies.len() as f64, "count"),

@@ -191,7 +191,7 @@ impl Nodes {
         };
         let uids: Vec<&str> = uids.iter().map(String::as_str).collect::<HashSet<_>>().into_iter().collect();
         let lookups: Vec<Cmd> = uids.iter().map(|uid| ::redis::cmd("HGETALL").arg(self.keys.uid(uid)).clone()).collect();
-        let found = match self.redis.batch(&lookups).await {
+        let found = match self.redis.batch(RedisCommand::Hgetall, &lookups).await {
             Ok(found) => found,
             Err(e) => return Err(unavailable(local, e)),
         };
@@ -248,7 +248,7 @@ impl Nodes {
                 self.redis.publish_cmd(&self.keys.node_channel(*node), &relay.encode())
             })
             .collect();
-        let receivers = match self.redis.batch(&publishes).await {
+        let receivers = match self.redis.batch(RedisCommand::Publish, &publishes).await {
             Ok(receivers) => receivers,
             Err(e) => return Err(unavailable(result, e)),
         };
@@ -310,7 +310,7 @@ impl Nodes {
             return Ok(live);
         }
         let reads: Vec<Cmd> = unknown.iter().map(|n| ::redis::cmd("GET").arg(self.keys.node(*n)).clone()).collect();
-        let epochs = self.redis.batch(&reads).await?;
+        let epochs = self.redis.batch(RedisCommand::Get, &reads).await?;
         let mut cache = self.liveness.lock().unwrap_or_else(|e| e.into_inner());
         for (node, value) in unknown.into_iter().zip(epochs) {
             let epoch = ::redis::from_redis_value::<Option<u64>>(value).ok().flatten();
@@ -332,7 +332,7 @@ impl Nodes {
             .collect();
         let redis = self.redis.clone();
         tokio::spawn(async move {
-            if let Err(e) = redis.batch(&cmds).await {
+            if let Err(e) = redis.batch(RedisCommand::Hdel, &cmds).await {
                 tracing::debug!(error = %e, "could not delete sessions of dead nodes");
             }
         });

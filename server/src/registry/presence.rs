@@ -190,7 +190,7 @@ impl Registrar {
             let batch: Vec<(SessionId, Arc<str>, bool)> =
                 pending.iter().take(BATCH).map(|(s, (u, open))| (*s, u.clone(), *open)).collect();
             let cmds: Vec<Cmd> = batch.iter().map(|(s, u, open)| self.change_cmd(*s, u, *open)).collect();
-            self.redis.batch(&cmds).await?;
+            self.redis.batch(RedisCommand::Sessions, &cmds).await?;
             let mut opened = 0.0;
             for (session, _, open) in &batch {
                 pending.remove(session);
@@ -237,7 +237,7 @@ impl Registrar {
         self.hub.for_each(|conn| sessions.push((conn.session, conn.uid.clone())));
         for chunk in sessions.chunks(BATCH) {
             let cmds: Vec<Cmd> = chunk.iter().map(|(s, u)| self.change_cmd(*s, u, true)).collect();
-            self.redis.batch(&cmds).await?;
+            self.redis.batch(RedisCommand::Sessions, &cmds).await?;
         }
         self.hub.metrics().registry_sessions.set(sessions.len() as f64);
         Ok(())
@@ -249,7 +249,7 @@ impl Registrar {
         let mut open = Vec::new();
         self.hub.for_each(|conn| open.push(self.change_cmd(conn.session, &conn.uid, false)));
         for chunk in open.chunks(BATCH) {
-            self.redis.batch(chunk).await?;
+            self.redis.batch(RedisCommand::Sessions, chunk).await?;
         }
         self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.node(self.node))).await?;
         self.hub.metrics().registry_sessions.set(0.0);

@@ -99,14 +99,14 @@ impl Redis {
         .await
     }
 
-    /// Runs commands as one batch: one pipeline (one round trip) on a single Redis; on a
+    /// Runs commands (of the kind `command` names) as one batch: one pipeline (one round trip) on a single Redis; on a
     /// cluster, where a pipeline must stay within one slot, all at once over the
     /// multiplexed shard connections. Fails as a whole if any command failed.
-    pub async fn batch(&self, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
+    pub async fn batch(&self, command: RedisCommand, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
-        self.timed(RedisCommand::Pipeline, cmds.len(), async {
+        self.timed(command, cmds.len(), async {
             match self.link.clone() {
                 Link::Single(mut c) => {
                     let mut pipe = redis::pipe();

@@ -152,3 +152,31 @@ pub fn require_root() {
 extern "C" {
     fn geteuid() -> u32;
 }
+
+/// A real `redis-server` on a free loopback port, with no persistence; killed on drop.
+pub struct Redis {
+    child: Child,
+    pub url: String,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redis-server runs; install it with `apt-get install -y redis-server` (scripts/test does this as root)");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        while !lines.next().expect("redis-server starts").unwrap().contains("Ready to accept connections") {}
+        std::thread::spawn(move || lines.for_each(drop));
+        Redis { child, url: format!("redis://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
