@@ -11,7 +11,12 @@ use tokio::net::{TcpSocket, TcpStream};
 /// Source address for the i-th connection: 127.0.0.1 .. 127.0.0.`spread`, so one client
 /// process is not limited to one address's ~28k ephemeral ports.
 pub fn source_ip(i: usize, spread: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % spread.max(1) as usize) as u8))
+    source_ip_in(0, i, spread)
+}
+
+/// As `source_ip`, in 127.`net`.0.0/24: each client process of a large run takes its own.
+pub fn source_ip_in(net: u8, i: usize, spread: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, net, 0, 1 + (i % spread.max(1) as usize) as u8))
 }
 
 /// Opens `/ws?uid=...` and reads up to the end of the welcome frame.

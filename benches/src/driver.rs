@@ -168,10 +168,6 @@ impl RedisProcess {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// `INFO all`, as `field -> value` for the numeric fields, with each
     /// `cmdstat_<command>`'s `calls` as `calls_<command>`.
     pub async fn info(&self) -> Result<std::collections::HashMap<String, f64>, String> {

@@ -5,6 +5,7 @@ mod client;
 mod driver;
 mod report;
 mod scenarios;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,6 +94,28 @@ enum Scenario {
         #[arg(long, default_value_t = 2)]
         nodes: usize,
     },
+    /// Past one process's file limit: K server processes on one port (SO_REUSEPORT, on
+    /// Redis when K > 1) and W client processes; memory per connection, one broadcast.
+    Scale {
+        #[arg(long, default_value_t = 200_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 12)]
+        nodes: usize,
+        #[arg(long, default_value_t = 12)]
+        workers: usize,
+    },
+    /// One client process of `scale` (started by it).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        server: std::net::SocketAddr,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        net: u8,
+    },
     /// `slow_percent` of N clients stop reading during `rounds` 16 KB broadcasts.
     Slow {
         #[arg(long, default_value_t = 200)]
@@ -130,6 +153,16 @@ async fn main() -> ExitCode {
         Scenario::Storm { connections, handshakes } => scenarios::storm::run(&cli.common, connections, handshakes).await,
         Scenario::Unicast { connections, rate, seconds, nodes } => {
             scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes).await
+        }
+        Scenario::Scale { connections, nodes, workers } => scenarios::scale::run(&cli.common, connections, nodes, workers).await,
+        Scenario::Worker { server, first, connections, net } => {
+            return match worker::run(&cli.common, server, first, connections, net).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    println!("error {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Scenario::Registry { connections, nodes } => scenarios::registry::run(&cli.common, connections, nodes).await,
     };

@@ -4,6 +4,7 @@ pub mod fanout;
 pub mod heartbeat;
 pub mod idle;
 pub mod registry;
+pub mod scale;
 pub mod slow;
 pub mod storm;
 pub mod unicast;
@@ -20,14 +21,26 @@ use crate::client;
 
 /// Opens `n` WebSocket connections (uids `{prefix}{i}`), `parallel` handshakes at a time.
 pub async fn open_connections(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<TcpStream>, String> {
-    let mut streams = Vec::with_capacity(n);
-    let mut next = 0;
+    open_connections_from(server, 0..n, parallel, spread, 0, prefix).await
+}
+
+/// As `open_connections`, for uids `{prefix}{i}` with i in `uids`, from 127.`net`.0.x.
+pub async fn open_connections_from(
+    server: SocketAddr,
+    uids: std::ops::Range<usize>,
+    parallel: usize,
+    spread: u8,
+    net: u8,
+    prefix: &str,
+) -> Result<Vec<TcpStream>, String> {
+    let mut streams = Vec::with_capacity(uids.len());
+    let (mut next, n) = (uids.start, uids.end);
     while next < n {
         let batch = parallel.min(n - next);
         let mut set = tokio::task::JoinSet::new();
         for i in next..next + batch {
             let uid = format!("{prefix}{i}");
-            set.spawn(async move { client::connect(server, client::source_ip(i, spread), &uid).await });
+            set.spawn(async move { client::connect(server, client::source_ip_in(net, i, spread), &uid).await });
         }
         while let Some(joined) = set.join_next().await {
             let stream = joined.map_err(|e| e.to_string())?.map_err(|e| format!("connection {}: {e}", streams.len()))?;
