@@ -1,0 +1,76 @@
+//! Criterion micro-benchmarks of the hot paths: framing a message, the JSON envelope and
+//! its relay between nodes, session and message ids, and enqueueing a fan-out.
+//!
+//!     cargo bench -p pushline-bench --bench hot_paths
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use pushline::conn::wire::{ws_frame, Message, Transport, OP_TEXT};
+use pushline::conn::Conn;
+use pushline::hub::Hub;
+use pushline::registry::relay::{Relay, Target};
+use pushline::session::{MessageIds, SessionIds};
+use serde_json::value::RawValue;
+
+const DATA_100B: &str = r#"{"title":"Pushline","body":"a hundred bytes of JSON payload for the benchmark, give or take a few.."}"#;
+
+fn framing(c: &mut Criterion) {
+    let payload = vec![b'x'; 100];
+    c.bench_function("ws_frame/100B", |b| b.iter(|| ws_frame(OP_TEXT, black_box(&payload))));
+    let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
+    c.bench_function("message_new/100B (envelope + ws + sse)", |b| {
+        b.iter(|| Message::new(black_box(42), Some("news"), data, Instant::now()))
+    });
+}
+
+fn relay(c: &mut Criterion) {
+    let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
+    let msg = Message::new(42, None, data, Instant::now());
+    let envelope = std::str::from_utf8(msg.envelope()).unwrap();
+    let relay = Relay { origin: 1, id: 42, published_ms: 0, target: Target::Uids(vec!["alice", "bob"]), envelope };
+    let bytes = relay.encode();
+    c.bench_function("relay_encode/push to 2 uids", |b| b.iter(|| black_box(&relay).encode()));
+    c.bench_function("relay_decode/push to 2 uids", |b| b.iter(|| Relay::decode(black_box(&bytes))));
+    c.bench_function("message_from_envelope/100B", |b| {
+        b.iter(|| Message::from_envelope(42, black_box(envelope), Instant::now()))
+    });
+}
+
+fn ids(c: &mut Criterion) {
+    let sessions = SessionIds::new(7);
+    let messages = MessageIds::new(7);
+    c.bench_function("session_id/next", |b| b.iter(|| sessions.next()));
+    c.bench_function("message_id/next", |b| b.iter(|| messages.next()));
+}
+
+fn fanout_enqueue(c: &mut Criterion) {
+    const CONNECTIONS: usize = 10_000;
+    let hub = Hub::new(pushline::Config::for_loopback(), 0, Arc::new(pushline::telemetry::Metrics::new()), None);
+    let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
+    let msg = Arc::new(Message::new(1, None, data, Instant::now()));
+    let mut group = c.benchmark_group("fanout_enqueue");
+    group.throughput(Throughput::Elements(CONNECTIONS as u64));
+    group.bench_function("100B to 10k connections", |b| {
+        b.iter_batched(
+            || {
+                (0..CONNECTIONS)
+                    .map(|i| Arc::new(Conn::new(hub.session_ids.next(), Arc::from(format!("u{i}")), Transport::WebSocket)))
+                    .collect::<Vec<_>>()
+            },
+            |conns| {
+                for conn in &conns {
+                    conn.deliver(&msg, &hub);
+                }
+                conns
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, framing, relay, ids, fanout_enqueue);
+criterion_main!(benches);
