@@ -187,8 +187,8 @@ impl Process {
             // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
             unsafe { command.pre_exec(f) };
         }
-        let mut child = command.spawn().expect("pushline binary runs");
-        let stderr = child.stderr.take().unwrap();
+        let mut child = KillOnDrop(Some(command.spawn().expect("pushline binary runs")));
+        let stderr = child.0.as_mut().unwrap().stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -207,7 +207,7 @@ impl Process {
                 let (client, admin) = (client.trim().parse().unwrap(), admin.trim().parse().unwrap());
                 // Its later log goes to the test's output (shown when a test fails).
                 std::thread::spawn(move || rx.into_iter().for_each(|line| eprintln!("[pushline] {line}")));
-                return Process { child, client, admin, startup_log };
+                return Process { child: child.0.take().unwrap(), client, admin, startup_log };
             }
         }
     }
@@ -226,6 +226,18 @@ impl Process {
             }
             assert!(Instant::now() < deadline, "pushline did not exit");
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Kills a child that a failed start leaves behind, so a failing test leaves no process.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
