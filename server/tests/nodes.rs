@@ -59,13 +59,18 @@ async fn a_push_reaches_a_uids_connections_on_every_node() {
     let got = next_json(&mut alice_b).await;
     assert_eq!((got["data"]["n"].as_u64(), got["id"].as_str()), (Some(1), body["id"].as_str()), "same envelope and id on the other node");
 
-    let body = push(a.client, &["bob", "nobody"], json!({"n": 2})).await;
+    // Listed twice, delivered once per connection.
+    let body = push(a.client, &["bob", "nobody", "bob"], json!({"n": 2})).await;
     assert_eq!((body["online"].as_u64(), body["delivered"].as_u64()), (Some(2), Some(2)), "{body}");
     for bob in [&mut bob_a, &mut bob_b] {
         assert_eq!(next_json(bob).await["data"]["n"], 2);
     }
+    push(a.client, &["bob"], json!({"n": 3})).await;
+    for bob in [&mut bob_a, &mut bob_b] {
+        assert_eq!(next_json(bob).await["data"]["n"], 3, "no second copy of n=2 in between");
+    }
     let metrics = common::metrics(b.admin).await;
-    assert_eq!(common::metric(&metrics, r#"pushline_relay_messages_total{direction="in",kind="push"}"#), 2.0);
+    assert_eq!(common::metric(&metrics, r#"pushline_relay_messages_total{direction="in",kind="push"}"#), 3.0);
 }
 
 #[tokio::test]
@@ -136,7 +141,7 @@ async fn a_killed_nodes_uids_go_offline_and_reach_clients_where_they_reconnect()
     let a = node_on(&redis).await;
     let args = redis_args(&redis);
     let b = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
-    let (_carol_b, welcome) = ws(b.client, "uid=carol").await;
+    let (_carol_b, _) = ws(b.client, "uid=carol").await;
     let deadline = Instant::now() + WAIT;
     while push(a.client, &["carol"], json!(0)).await["online"] != 1 {
         assert!(Instant::now() < deadline, "carol never showed as online on node B");
@@ -159,9 +164,8 @@ async fn a_killed_nodes_uids_go_offline_and_reach_clients_where_they_reconnect()
     let body = push(a.client, &["carol"], json!("here")).await;
     assert_eq!((body["online"].as_u64(), body["delivered"].as_u64()), (Some(1), Some(1)), "{body}");
     assert_eq!(next_json(&mut carol_c).await["data"], "here");
-    // The lookup that found B's session dead deleted it.
-    let field = welcome["session"].as_str().unwrap();
-    assert_eq!(redis.cli(&["hexists", "pushline:uid:carol", field]), "0");
+    // The lookup that found B's session dead deleted it: only C's is left.
+    assert_eq!(redis.cli(&["hlen", "pushline:uid:carol"]), "1");
 }
 
 #[tokio::test]

@@ -120,11 +120,12 @@ struct BroadcastBody<'a> {
     data: &'a RawValue,
 }
 
-/// 503: delivered to this node's connections, not to other nodes; retrying may repeat
-/// the local deliveries (same message id, so clients can tell).
+/// 503: delivered to this node's connections; other nodes may or may not have it (a
+/// batch can fail after part of it was applied). Retrying may repeat deliveries, with the
+/// same message id, so clients can tell.
 fn unavailable(msg: &Message, e: Unavailable) -> Reply {
     let body = serde_json::json!({
-        "error": format!("registry unavailable, the message reached this node's connections only: {}", e.reason),
+        "error": format!("registry unavailable: the message reached this node's connections; other nodes may not have it: {}", e.reason),
         "id": msg.id.to_string(),
         "online_local": e.local.online,
         "delivered_local": e.local.delivered,

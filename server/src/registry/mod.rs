@@ -58,11 +58,14 @@ pub struct Unavailable {
 
 impl Registry {
     pub async fn push(&self, hub: &Hub, uids: &[String], msg: &Arc<Message>) -> Result<Delivered, Unavailable> {
-        let (online, delivered) = hub.push(uids, msg).await;
+        // A uid listed twice gets the message once.
+        let mut seen = HashSet::with_capacity(uids.len());
+        let uids: Vec<&str> = uids.iter().map(String::as_str).filter(|u| seen.insert(*u)).collect();
+        let (online, delivered) = hub.push(&uids, msg).await;
         let local = Delivered { online, delivered, nodes: 0 };
         match self {
             Registry::Memory => Ok(local),
-            Registry::Redis(nodes) => nodes.push(hub, uids, msg, local).await,
+            Registry::Redis(nodes) => nodes.push(hub, &uids, msg, local).await,
         }
     }
 
@@ -184,12 +187,11 @@ impl Nodes {
         Ok(())
     }
 
-    async fn push(&self, hub: &Hub, uids: &[String], msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
+    async fn push(&self, hub: &Hub, uids: &[&str], msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
         let unavailable = |local, e: ::redis::RedisError| {
             hub.metrics().dropped(DropReason::RegistryUnavailable, 1);
             Unavailable { local, reason: format!("Redis: {e}") }
         };
-        let uids: Vec<&str> = uids.iter().map(String::as_str).collect::<HashSet<_>>().into_iter().collect();
         let lookups: Vec<Cmd> = uids.iter().map(|uid| ::redis::cmd("HGETALL").arg(self.keys.uid(uid)).clone()).collect();
         let found = match self.redis.batch(RedisCommand::Hgetall, &lookups).await {
             Ok(found) => found,
@@ -201,8 +203,8 @@ impl Nodes {
             for (session, epoch) in hash_entries(hash) {
                 let entry = Entry { uid, session: SessionId(session), epoch };
                 if entry.session.node() == self.node {
-                    // Local sessions were delivered above; an old epoch is a previous run of this node.
-                    if epoch != self.epoch {
+                    // Local sessions were delivered above; an older epoch is a previous run of this node.
+                    if epoch < self.epoch {
                         stale.push(entry);
                     }
                 } else {
@@ -211,21 +213,40 @@ impl Nodes {
             }
         }
         let wanted: Vec<u16> = remote.iter().map(|e| e.session.node()).collect::<HashSet<_>>().into_iter().collect();
-        let live = match self.live_epochs(&wanted).await {
+        let mut live = match self.live_epochs(&wanted, false).await {
             Ok(live) => live,
             Err(e) => return Err(unavailable(local, e)),
         };
+        // A cached answer that would make an entry dead is read again before anything is
+        // skipped or deleted: the node may have restarted within the cache's second.
+        let doubtful: Vec<u16> = remote
+            .iter()
+            .filter(|e| live.get(&e.session.node()) != Some(&Some(e.epoch)))
+            .map(|e| e.session.node())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !doubtful.is_empty() {
+            match self.live_epochs(&doubtful, true).await {
+                Ok(fresh) => live.extend(fresh),
+                Err(e) => return Err(unavailable(local, e)),
+            }
+        }
         // node -> (its uids, sessions of them there)
         let mut by_node: BTreeMap<u16, (Vec<&str>, usize)> = BTreeMap::new();
         for entry in remote {
-            if live.get(&entry.session.node()) == Some(&Some(entry.epoch)) {
-                let (node_uids, sessions) = by_node.entry(entry.session.node()).or_default();
-                if !node_uids.contains(&entry.uid) {
-                    node_uids.push(entry.uid);
+            match live.get(&entry.session.node()).copied().flatten() {
+                Some(epoch) if epoch == entry.epoch => {
+                    let (node_uids, sessions) = by_node.entry(entry.session.node()).or_default();
+                    if !node_uids.contains(&entry.uid) {
+                        node_uids.push(entry.uid);
+                    }
+                    *sessions += 1;
                 }
-                *sessions += 1;
-            } else {
-                stale.push(entry);
+                // Written by a run newer than the key just read: neither deliver nor delete.
+                Some(epoch) if epoch < entry.epoch => {}
+                // The node is gone, or a newer run holds its id.
+                _ => stale.push(entry),
             }
         }
         self.forget(stale);
@@ -290,12 +311,14 @@ impl Nodes {
     }
 
     /// The epoch each node's liveness key holds (None: gone), from a cache of at most
-    /// `LIVENESS_CACHE` age.
-    async fn live_epochs(&self, nodes: &[u16]) -> ::redis::RedisResult<HashMap<u16, Option<u64>>> {
+    /// `LIVENESS_CACHE` age unless `fresh`.
+    async fn live_epochs(&self, nodes: &[u16], fresh: bool) -> ::redis::RedisResult<HashMap<u16, Option<u64>>> {
         let now = Instant::now();
         let mut live = HashMap::new();
         let mut unknown = Vec::new();
-        {
+        if fresh {
+            unknown.extend_from_slice(nodes);
+        } else {
             let cache = self.liveness.lock().unwrap_or_else(|e| e.into_inner());
             for node in nodes {
                 match cache.get(node) {
@@ -321,14 +344,17 @@ impl Nodes {
     }
 
     /// Deletes sessions of dead nodes, in the background; a failure leaves them for the
-    /// next lookup.
+    /// next lookup. An entry is deleted only if it still holds the epoch found, so a new
+    /// run's session with the same id is kept.
     fn forget(&self, stale: Vec<Entry>) {
         if stale.is_empty() {
             return;
         }
+        const DELETE_IF_EPOCH: &str =
+            "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
         let cmds: Vec<Cmd> = stale
             .iter()
-            .map(|e| ::redis::cmd("HDEL").arg(self.keys.uid(e.uid)).arg(e.session.0).clone())
+            .map(|e| ::redis::cmd("EVAL").arg(DELETE_IF_EPOCH).arg(1).arg(self.keys.uid(e.uid)).arg(e.session.0).arg(e.epoch).clone())
             .collect();
         let redis = self.redis.clone();
         tokio::spawn(async move {

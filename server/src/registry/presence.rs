@@ -128,13 +128,14 @@ pub struct Registrar {
 impl Registrar {
     pub async fn run(self, mut changes: UnboundedReceiver<Change>, stop: CancellationToken) {
         // Latest change per session not yet written: true = opened.
-        let mut pending: HashMap<SessionId, (Arc<str>, bool)> = HashMap::new();
+        let mut pending: HashMap<SessionId, Pending> = HashMap::new();
         let mut received = Vec::with_capacity(BATCH);
         let refresh_every = self.ttl / 3;
         let mut refresh = tokio::time::interval(refresh_every);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = RETRY_FIRST;
         let mut failing = false;
+        let mut must_register = false;
         let retry_timer = tokio::time::sleep(retry);
         tokio::pin!(retry_timer);
         loop {
@@ -149,7 +150,13 @@ impl Registrar {
                     }
                 }
                 _ = refresh.tick() => {
-                    self.refresh_liveness().await;
+                    must_register |= self.refresh_liveness().await;
+                    if must_register {
+                        match self.register_all().await {
+                            Ok(()) => must_register = false,
+                            Err(e) => tracing::warn!(error = %e, "registering sessions again failed; will retry at the next refresh"),
+                        }
+                    }
                     due = true;
                 }
                 _ = &mut retry_timer, if failing => due = true,
@@ -185,12 +192,19 @@ impl Registrar {
     }
 
     /// Writes pending changes, a batch at a time; what fails stays pending.
-    async fn flush(&self, pending: &mut HashMap<SessionId, (Arc<str>, bool)>) -> redis::RedisResult<()> {
+    async fn flush(&self, pending: &mut HashMap<SessionId, Pending>) -> redis::RedisResult<()> {
         while !pending.is_empty() {
             let batch: Vec<(SessionId, Arc<str>, bool)> =
-                pending.iter().take(BATCH).map(|(s, (u, open))| (*s, u.clone(), *open)).collect();
+                pending.iter().take(BATCH).map(|(s, p)| (*s, p.uid.clone(), p.opened)).collect();
             let cmds: Vec<Cmd> = batch.iter().map(|(s, u, open)| self.change_cmd(*s, u, *open)).collect();
-            self.redis.batch(RedisCommand::Sessions, &cmds).await?;
+            if let Err(e) = self.redis.batch(RedisCommand::Sessions, &cmds).await {
+                for (session, _, _) in &batch {
+                    if let Some(p) = pending.get_mut(session) {
+                        p.tried = true;
+                    }
+                }
+                return Err(e);
+            }
             let mut opened = 0.0;
             for (session, _, open) in &batch {
                 pending.remove(session);
@@ -210,25 +224,31 @@ impl Registrar {
         cmd
     }
 
-    /// Refreshes the liveness key; if it had vanished, writes every local session again.
-    async fn refresh_liveness(&self) {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.keys.node(self.node)).arg(self.epoch).arg("PX").arg(self.ttl.as_millis() as u64).arg("GET");
+    /// Refreshes the liveness key, unless another process holds it. Returns true when the
+    /// key had vanished: every local session must be written again.
+    async fn refresh_liveness(&self) -> bool {
+        const REFRESH: &str = "local v = redis.call('GET', KEYS[1]) \
+            if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end return v";
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(REFRESH).arg(1).arg(self.keys.node(self.node)).arg(self.epoch).arg(self.ttl.as_millis() as u64);
         match self.redis.query::<Option<u64>>(RedisCommand::Set, &cmd).await {
-            Ok(Some(epoch)) if epoch == self.epoch => {}
-            Ok(Some(other)) => tracing::error!(
-                node = self.node,
-                other_epoch = other,
-                "another process holds this node id (our liveness key expired while Redis was unreachable); restart one of them"
-            ),
+            Ok(Some(epoch)) if epoch == self.epoch => false,
+            Ok(Some(other)) => {
+                tracing::error!(
+                    node = self.node,
+                    other_epoch = other,
+                    "another process claimed this node id while this one could not reach Redis; other nodes now see this node's sessions as gone: restart this node"
+                );
+                false
+            }
             Ok(None) => {
                 tracing::warn!(node = self.node, "liveness key was missing (Redis restarted or was unreachable past --node-ttl); registering every session again");
-                if let Err(e) = self.register_all().await {
-                    tracing::warn!(error = %e, "re-registering sessions failed; will try again at the next refresh");
-                    let _ = self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.node(self.node))).await;
-                }
+                true
             }
-            Err(e) => tracing::debug!(error = %e, "liveness refresh failed"),
+            Err(e) => {
+                tracing::debug!(error = %e, "liveness refresh failed");
+                false
+            }
         }
     }
 
@@ -243,7 +263,7 @@ impl Registrar {
         Ok(())
     }
 
-    async fn leave(&self, pending: &mut HashMap<SessionId, (Arc<str>, bool)>) -> redis::RedisResult<()> {
+    async fn leave(&self, pending: &mut HashMap<SessionId, Pending>) -> redis::RedisResult<()> {
         self.flush(pending).await?;
         // Connections still open past the shutdown grace.
         let mut open = Vec::new();
@@ -257,17 +277,25 @@ impl Registrar {
     }
 }
 
-/// Keeps the latest change per session; an open and a close not yet written cancel out.
-fn coalesce(pending: &mut HashMap<SessionId, (Arc<str>, bool)>, change: Change) {
+/// A session change not yet known to be written.
+struct Pending {
+    uid: Arc<str>,
+    opened: bool,
+    /// A write of it was sent and failed; Redis may have applied it anyway.
+    tried: bool,
+}
+
+/// Keeps the latest change per session; an open never sent and its close cancel out.
+fn coalesce(pending: &mut HashMap<SessionId, Pending>, change: Change) {
     match change {
         Change::Opened(session, uid) => {
-            pending.insert(session, (uid, true));
+            pending.insert(session, Pending { uid, opened: true, tried: false });
         }
         Change::Closed(session, uid) => {
-            if let Some((_, true)) = pending.get(&session) {
+            if let Some(Pending { opened: true, tried: false, .. }) = pending.get(&session) {
                 pending.remove(&session);
             } else {
-                pending.insert(session, (uid, false));
+                pending.insert(session, Pending { uid, opened: false, tried: false });
             }
         }
     }
@@ -286,7 +314,18 @@ mod tests {
         coalesce(&mut pending, Change::Closed(SessionId(1), uid.clone()));
         coalesce(&mut pending, Change::Closed(SessionId(3), uid.clone()));
         assert_eq!(pending.len(), 2);
-        assert!(pending[&SessionId(2)].1, "2 opened");
-        assert!(!pending[&SessionId(3)].1, "3 closed (opened in an earlier batch)");
+        assert!(pending[&SessionId(2)].opened, "2 opened");
+        assert!(!pending[&SessionId(3)].opened, "3 closed (opened in an earlier batch)");
+    }
+
+    #[test]
+    fn a_close_after_a_failed_open_is_still_written() {
+        let mut pending = HashMap::new();
+        let uid: Arc<str> = Arc::from("bob");
+        coalesce(&mut pending, Change::Opened(SessionId(1), uid.clone()));
+        // The HSET was sent and failed: Redis may hold it, so the HDEL must go out.
+        pending.get_mut(&SessionId(1)).unwrap().tried = true;
+        coalesce(&mut pending, Change::Closed(SessionId(1), uid));
+        assert!(!pending[&SessionId(1)].opened);
     }
 }
