@@ -65,17 +65,7 @@ impl ServerProcess {
 
     /// Waits until a metric reaches `want`, up to `limit`.
     pub async fn wait_metric(&self, series: &str, want: f64, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.metric(series).await;
-            if v >= want {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{series} reached {v}, not {want}"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll_metric(series, limit, |v| v >= want, || self.metric(series)).await
     }
 }
 
@@ -123,19 +113,14 @@ impl Nodes {
         sum
     }
 
+    /// Waits until the summed metric satisfies `ok`, up to `limit`.
+    pub async fn wait_metric_until(&self, series: &str, limit: Duration, ok: impl Fn(f64) -> bool) -> Result<(), String> {
+        poll_metric(series, limit, ok, || self.metric(series)).await.map_err(|e| format!("{e} (summed over the nodes)"))
+    }
+
     /// Waits until the summed metric reaches `want`, up to `limit`.
     pub async fn wait_metric(&self, series: &str, want: f64, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.metric(series).await;
-            if v >= want {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{series} reached {v} over the nodes, not {want}"));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_metric_until(series, limit, |v| v >= want).await
     }
 }
 
@@ -194,6 +179,27 @@ impl Drop for RedisProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reads a metric with `read` until `ok` holds for it; metrics have no change
+/// notification to await.
+async fn poll_metric<F: std::future::Future<Output = f64>>(
+    series: &str,
+    limit: Duration,
+    ok: impl Fn(f64) -> bool,
+    read: impl Fn() -> F,
+) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = read().await;
+        if ok(v) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{series} stayed at {v} for {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

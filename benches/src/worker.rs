@@ -29,9 +29,8 @@ pub async fn run(common: &Common, server: SocketAddr, first: usize, connections:
                     println!("received {}", last_ms.load(Ordering::Relaxed));
                 }
             }
-            // Held open until the process exits.
+            // The task owns the stream: it stays open until the process exits.
             std::future::pending::<()>().await;
-            drop(stream);
         });
     }
     let mut stdin = tokio::io::stdin();

@@ -56,13 +56,7 @@ pub async fn run(common: &Common, connections: usize, k: usize) -> Result<Vec<Ro
     let (c2, rt2, _) = snapshot(redis, &nodes).await?;
 
     drop(streams);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while nodes.metric(SESSIONS).await > 0.0 {
-        if Instant::now() > deadline {
-            return Err("sessions were not removed from Redis within 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    nodes.wait_metric_until(SESSIONS, Duration::from_secs(60), |n| n <= 0.0).await?;
     let (c3, rt3, _) = snapshot(redis, &nodes).await?;
 
     let n = connections as f64;

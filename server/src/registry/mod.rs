@@ -50,7 +50,8 @@ pub struct Delivered {
     pub nodes: usize,
 }
 
-/// Redis failed: the message reached this node's connections (`local`) and no other node.
+/// Redis failed: the message reached this node's connections (`local`); other nodes may
+/// not have it.
 pub struct Unavailable {
     pub local: Delivered,
     pub reason: String,
@@ -188,14 +189,10 @@ impl Nodes {
     }
 
     async fn push(&self, hub: &Hub, uids: &[&str], msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
-        let unavailable = |local, e: ::redis::RedisError| {
-            hub.metrics().dropped(DropReason::RegistryUnavailable, 1);
-            Unavailable { local, reason: format!("Redis: {e}") }
-        };
         let lookups: Vec<Cmd> = uids.iter().map(|uid| ::redis::cmd("HGETALL").arg(self.keys.uid(uid)).clone()).collect();
         let found = match self.redis.batch(RedisCommand::Hgetall, &lookups).await {
             Ok(found) => found,
-            Err(e) => return Err(unavailable(local, e)),
+            Err(e) => return Err(unavailable(hub, local, e)),
         };
         let mut remote: Vec<Entry> = Vec::new();
         let mut stale: Vec<Entry> = Vec::new();
@@ -215,7 +212,7 @@ impl Nodes {
         let wanted: Vec<u16> = remote.iter().map(|e| e.session.node()).collect::<HashSet<_>>().into_iter().collect();
         let mut live = match self.live_epochs(&wanted, false).await {
             Ok(live) => live,
-            Err(e) => return Err(unavailable(local, e)),
+            Err(e) => return Err(unavailable(hub, local, e)),
         };
         // A cached answer that would make an entry dead is read again before anything is
         // skipped or deleted: the node may have restarted within the cache's second.
@@ -229,7 +226,7 @@ impl Nodes {
         if !doubtful.is_empty() {
             match self.live_epochs(&doubtful, true).await {
                 Ok(fresh) => live.extend(fresh),
-                Err(e) => return Err(unavailable(local, e)),
+                Err(e) => return Err(unavailable(hub, local, e)),
             }
         }
         // node -> (its uids, sessions of them there)
@@ -271,7 +268,7 @@ impl Nodes {
             .collect();
         let receivers = match self.redis.batch(RedisCommand::Publish, &publishes).await {
             Ok(receivers) => receivers,
-            Err(e) => return Err(unavailable(result, e)),
+            Err(e) => return Err(unavailable(hub, result, e)),
         };
         for ((_, (_, sessions)), receivers) in by_node.iter().zip(receivers) {
             result.online += sessions;
@@ -303,10 +300,7 @@ impl Nodes {
                 // This node reads the channel too (and skips its own messages).
                 Ok(Delivered { nodes: (receivers.max(1) - 1) as usize, ..local })
             }
-            Err(e) => {
-                hub.metrics().dropped(DropReason::RegistryUnavailable, 1);
-                Err(Unavailable { local, reason: format!("Redis: {e}") })
-            }
+            Err(e) => Err(unavailable(hub, local, e)),
         }
     }
 
@@ -363,6 +357,12 @@ impl Nodes {
             }
         });
     }
+}
+
+/// Counts the publish as not reaching the other nodes and says why.
+fn unavailable(hub: &Hub, local: Delivered, e: ::redis::RedisError) -> Unavailable {
+    hub.metrics().dropped(DropReason::RegistryUnavailable, 1);
+    Unavailable { local, reason: format!("Redis: {e}") }
 }
 
 /// The envelope this node sent its own clients; other nodes frame the same bytes.

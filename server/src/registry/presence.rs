@@ -127,7 +127,7 @@ pub struct Registrar {
 
 impl Registrar {
     pub async fn run(self, mut changes: UnboundedReceiver<Change>, stop: CancellationToken) {
-        // Latest change per session not yet written: true = opened.
+        // Latest change per session not yet written.
         let mut pending: HashMap<SessionId, Pending> = HashMap::new();
         let mut received = Vec::with_capacity(BATCH);
         let refresh_every = self.ttl / 3;
@@ -252,25 +252,27 @@ impl Registrar {
         }
     }
 
-    async fn register_all(&self) -> redis::RedisResult<()> {
-        let mut sessions = Vec::new();
-        self.hub.for_each(|conn| sessions.push((conn.session, conn.uid.clone())));
-        for chunk in sessions.chunks(BATCH) {
-            let cmds: Vec<Cmd> = chunk.iter().map(|(s, u)| self.change_cmd(*s, u, true)).collect();
-            self.redis.batch(RedisCommand::Sessions, &cmds).await?;
+    /// Writes an open (HSET) or a close (HDEL) of every local session, a batch at a time.
+    /// Returns the number of sessions.
+    async fn write_every_session(&self, open: bool) -> redis::RedisResult<usize> {
+        let mut cmds = Vec::new();
+        self.hub.for_each(|conn| cmds.push(self.change_cmd(conn.session, &conn.uid, open)));
+        for chunk in cmds.chunks(BATCH) {
+            self.redis.batch(RedisCommand::Sessions, chunk).await?;
         }
-        self.hub.metrics().registry_sessions.set(sessions.len() as f64);
+        Ok(cmds.len())
+    }
+
+    async fn register_all(&self) -> redis::RedisResult<()> {
+        let sessions = self.write_every_session(true).await?;
+        self.hub.metrics().registry_sessions.set(sessions as f64);
         Ok(())
     }
 
     async fn leave(&self, pending: &mut HashMap<SessionId, Pending>) -> redis::RedisResult<()> {
         self.flush(pending).await?;
         // Connections still open past the shutdown grace.
-        let mut open = Vec::new();
-        self.hub.for_each(|conn| open.push(self.change_cmd(conn.session, &conn.uid, false)));
-        for chunk in open.chunks(BATCH) {
-            self.redis.batch(RedisCommand::Sessions, chunk).await?;
-        }
+        self.write_every_session(false).await?;
         self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.node(self.node))).await?;
         self.hub.metrics().registry_sessions.set(0.0);
         Ok(())
