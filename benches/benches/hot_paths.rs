@@ -8,18 +8,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pushline::conn::wire::{ws_frame, Message, Transport, OP_TEXT};
+use pushline::config::SlowConsumer;
+use pushline::conn::queue::Limits;
 use pushline::conn::Conn;
-use pushline::hub::Hub;
 use pushline::registry::relay::{Relay, Target};
 use pushline::session::{MessageIds, SessionIds};
+use pushline::telemetry::Metrics;
+use pushline::wire::ws::{self, OP_TEXT};
+use pushline::wire::{Message, Transport};
 use serde_json::value::RawValue;
 
 const DATA_100B: &str = r#"{"title":"Pushline","body":"a hundred bytes of JSON payload for the benchmark, give or take a few.."}"#;
 
 fn framing(c: &mut Criterion) {
     let payload = vec![b'x'; 100];
-    c.bench_function("ws_frame/100B", |b| b.iter(|| ws_frame(OP_TEXT, black_box(&payload))));
+    c.bench_function("ws_frame/100B", |b| b.iter(|| ws::frame(OP_TEXT, black_box(&payload))));
     let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
     c.bench_function("message_new/100B (envelope + ws + sse)", |b| {
         b.iter(|| Message::new(black_box(42), Some("news"), data, Instant::now()))
@@ -48,7 +51,10 @@ fn ids(c: &mut Criterion) {
 
 fn fanout_enqueue(c: &mut Criterion) {
     const CONNECTIONS: usize = 10_000;
-    let hub = Hub::new(pushline::Config::for_loopback(), 0, Arc::new(pushline::telemetry::Metrics::new()), None);
+    let metrics = Metrics::new();
+    let config = pushline::Config::for_loopback();
+    let limits = Limits { max_messages: config.queue_max_messages, max_bytes: config.queue_max_bytes, policy: SlowConsumer::DropOldest };
+    let sessions = SessionIds::new(0);
     let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
     let msg = Arc::new(Message::new(1, None, data, Instant::now()));
     let mut group = c.benchmark_group("fanout_enqueue");
@@ -57,12 +63,12 @@ fn fanout_enqueue(c: &mut Criterion) {
         b.iter_batched(
             || {
                 (0..CONNECTIONS)
-                    .map(|i| Arc::new(Conn::new(hub.session_ids.next(), Arc::from(format!("u{i}")), Transport::WebSocket)))
+                    .map(|i| Arc::new(Conn::new(sessions.next(), Arc::from(format!("u{i}")), Transport::WebSocket)))
                     .collect::<Vec<_>>()
             },
             |conns| {
                 for conn in &conns {
-                    conn.deliver(&msg, &hub);
+                    conn.deliver(&msg, &limits, &metrics);
                 }
                 conns
             },

@@ -211,12 +211,7 @@ impl Drop for ServerProcess {
 }
 
 pub fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    pushline_alloc::process::Resident::of(pid).map_or(0, |r| r.rss)
 }
 
 /// CPU time in user space and in the kernel (where loopback TCP for both ends is charged).
@@ -237,38 +232,35 @@ impl CpuTime {
 }
 
 pub fn cpu_time(pid: u32) -> CpuTime {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ")".
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // Clock ticks are USER_HZ, 100 on every Linux ABI Pushline runs on.
-    CpuTime { user: Duration::from_millis(ticks(11) * 10), system: Duration::from_millis(ticks(12) * 10) }
+    let Ok(stat) = procfs::process::Process::new(pid as i32).and_then(|p| p.stat()) else { return CpuTime::default() };
+    let ticks = procfs::ticks_per_second().max(1);
+    let of = |t: u64| Duration::from_micros(t * 1_000_000 / ticks);
+    CpuTime { user: of(stat.utime), system: of(stat.stime) }
 }
 
-/// Kernel memory in TCP sockets, machine-wide (the `mem` field of /proc/net/sockstat, in pages).
+/// Kernel memory in TCP sockets, machine-wide.
 pub fn tcp_kernel_bytes() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
-        .and_then(|p| p.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+    pushline_alloc::socket::TcpSockstat::read().map_or(0, |s| s.mem_bytes())
 }
 
-/// A plain HTTP/1.1 GET, enough for the admin endpoints.
-pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+/// A GET to the admin listener, enough for its endpoints.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     http(addr, "GET", path, "").await
 }
 
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_owned()))
+/// One HTTP request; the body of the answer, whatever its status.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<String, String> {
+    let (url, method, body) = (format!("http://{addr}{path}"), method.to_owned(), body.to_owned());
+    let request = move || {
+        let agent =
+            ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build());
+        let mut response = if method == "GET" {
+            agent.get(&url).call()
+        } else {
+            agent.post(&url).content_type("application/json").send(body.as_bytes())
+        }
+        .map_err(|e| e.to_string())?;
+        response.body_mut().with_config().limit(64 << 20).read_to_string().map_err(|e| e.to_string())
+    };
+    tokio::task::spawn_blocking(request).await.map_err(|e| e.to_string())?
 }

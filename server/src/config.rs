@@ -10,6 +10,12 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Serialize;
 
+use crate::error::Error;
+
+/// The largest `--max-client-frame-bytes`: client frames are read whole into a per-thread
+/// buffer of about this size.
+pub const MAX_CLIENT_FRAME_LIMIT: usize = 60 * 1024;
+
 /// What a connection whose outbound queue is full gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -159,6 +165,12 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_CONSOLE_LISTEN")]
     pub console_listen: Option<SocketAddr>,
 
+    /// Charge every allocation to a named site (`/debug/memory`, `memory-audit`). Off
+    /// saves its small CPU cost (README, "Allocation sites") and blinds those views.
+    #[arg(long, env = "PUSHLINE_ALLOC_TRACKING", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub alloc_tracking: bool,
+
     /// Log filter (tracing-subscriber `EnvFilter` syntax, e.g. `info,pushline=debug`).
     #[arg(long, env = "PUSHLINE_LOG", default_value = "info")]
     pub log: String,
@@ -170,19 +182,19 @@ fn as_humantime<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
 
 impl Config {
     /// Reads flags, environment and the `--config` file, in that order of precedence.
-    pub fn load() -> Result<Config, String> {
+    pub fn load() -> Result<Config, Error> {
         Self::load_from(std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect())
     }
 
-    pub fn load_from(args: Vec<String>) -> Result<Config, String> {
-        let first = Config::try_parse_from(&args).map_err(|e| e.render().to_string())?;
+    pub fn load_from(args: Vec<String>) -> Result<Config, Error> {
+        let first = Config::try_parse_from(&args).map_err(|e| Error::config(e.render().to_string()))?;
         let Some(path) = first.config.clone() else {
             return Ok(first);
         };
         let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+            .map_err(|e| Error::config(format!("cannot read config file {}: {e}", path.display())))?;
         let table: toml::Table =
-            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| Error::config(format!("config file {}: {e}", path.display())))?;
         // TOML values become flags placed before the user's own, so a later flag overrides
         // them (args_override_self); a key whose environment variable is set is skipped so
         // the environment wins over the file.
@@ -191,10 +203,10 @@ impl Config {
         for (key, value) in &table {
             let flag = key.replace('_', "-");
             let Some(arg) = command.get_arguments().find(|a| a.get_long() == Some(flag.as_str())) else {
-                return Err(format!("config file {}: unknown setting `{key}`", path.display()));
+                return Err(Error::config(format!("config file {}: unknown setting `{key}`", path.display())));
             };
             if flag == "config" {
-                return Err(format!("config file {}: `config` cannot name another file", path.display()));
+                return Err(Error::config(format!("config file {}: `config` cannot name another file", path.display())));
             }
             if let Some(env) = arg.get_env() {
                 if std::env::var_os(env).is_some() {
@@ -209,7 +221,7 @@ impl Config {
                 toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
                     items.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>().join(",")
                 }
-                other => return Err(format!("config file {}: `{key}` takes one value, not {other}", path.display())),
+                other => return Err(Error::config(format!("config file {}: `{key}` takes one value, not {other}", path.display()))),
             };
             from_file.push(format!("--{flag}={text}"));
         }
@@ -217,14 +229,16 @@ impl Config {
         merged.extend(args.first().cloned());
         merged.extend(from_file);
         merged.extend(args.into_iter().skip(1));
-        let matches = Config::command()
-            .try_get_matches_from(merged)
-            .map_err(|e| e.render().to_string())?;
-        Config::from_arg_matches(&matches).map_err(|e| e.render().to_string())
+        let matches = Config::command().try_get_matches_from(merged).map_err(|e| Error::config(e.render().to_string()))?;
+        Config::from_arg_matches(&matches).map_err(|e| Error::config(e.render().to_string()))
     }
 
     /// Checks settings against each other; the message says what to change.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Error> {
+        self.check().map_err(Error::config)
+    }
+
+    fn check(&self) -> Result<(), String> {
         if self.jwt_secret.is_none() {
             for (name, addr) in [("--listen", self.listen), ("--admin-listen", self.admin_listen)] {
                 if !addr.ip().is_loopback() {
@@ -243,11 +257,10 @@ impl Config {
                 self.max_message_bytes, self.queue_max_bytes
             ));
         }
-        if self.max_client_frame_bytes > crate::conn::MAX_CLIENT_FRAME {
+        if self.max_client_frame_bytes > MAX_CLIENT_FRAME_LIMIT {
             return Err(format!(
-                "--max-client-frame-bytes ({}) is over {}: client frames are read whole into a per-thread buffer",
-                self.max_client_frame_bytes,
-                crate::conn::MAX_CLIENT_FRAME
+                "--max-client-frame-bytes ({}) is over {MAX_CLIENT_FRAME_LIMIT}: client frames are read whole into a per-thread buffer",
+                self.max_client_frame_bytes
             ));
         }
         if self.queue_max_messages == 0 || self.fanout_batch == 0 {
@@ -272,10 +285,6 @@ impl Config {
             return Err("--node-ttl must be at least 1s".into());
         }
         Ok(())
-    }
-
-    pub fn open_mode(&self) -> bool {
-        self.jwt_secret.is_none()
     }
 
     /// A config for tests and embedding: both listeners on free loopback ports, open mode.
@@ -310,7 +319,7 @@ mod tests {
 
         std::fs::write(&path, "max_conections = 7\n").unwrap();
         let err = Config::load_from(args(&["--config", file])).unwrap_err();
-        assert!(err.contains("unknown setting `max_conections`"), "{err}");
+        assert!(err.message.contains("unknown setting `max_conections`"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -319,10 +328,10 @@ mod tests {
         let mut config = Config::for_loopback();
         assert!(config.validate().is_ok());
         config.max_message_bytes = config.queue_max_bytes + 1;
-        assert!(config.validate().unwrap_err().contains("--max-message-bytes"));
+        assert!(config.validate().unwrap_err().message.contains("--max-message-bytes"));
         let mut config = Config::for_loopback();
         config.max_client_frame_bytes = 1 << 20;
-        assert!(config.validate().unwrap_err().contains("--max-client-frame-bytes"));
+        assert!(config.validate().unwrap_err().message.contains("--max-client-frame-bytes"));
     }
 
     #[test]
@@ -337,12 +346,12 @@ mod tests {
 
         let mut config = Config::for_loopback();
         config.redis_url = vec!["redis://a:1".into()];
-        assert!(config.validate().unwrap_err().contains("--registry is memory"));
+        assert!(config.validate().unwrap_err().message.contains("--registry is memory"));
         config.registry = RegistryKind::Redis;
         assert!(config.validate().is_ok());
         config.redis_url.push("redis://b:2".into());
-        assert!(config.validate().unwrap_err().contains("redis-cluster"));
+        assert!(config.validate().unwrap_err().message.contains("redis-cluster"));
         config.redis_url.clear();
-        assert!(config.validate().unwrap_err().contains("need --redis-url"));
+        assert!(config.validate().unwrap_err().message.contains("need --redis-url"));
     }
 }

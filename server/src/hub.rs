@@ -1,88 +1,61 @@
-//! Who is connected here: connections by session, by uid and by topic, and the paced
-//! fan-out that delivers a message to them.
+//! Who is connected here: connections by uid and by topic, and the paced fan-out that
+//! delivers a message to them. Nothing else: admission, ids and settings belong to the
+//! layers that use them, and the few numbers the hub needs are handed in.
 //!
-//! Maps are sharded so that connects, disconnects and deliveries on different shards do
-//! not contend. A fan-out enqueues to `fanout_batch` connections, then yields, so that a
-//! broadcast to every connection does not starve accepts, pings and the writes it causes.
+//! Both maps are sharded so that connects, disconnects and deliveries on different
+//! shards do not contend. A fan-out enqueues to `fanout_batch` connections, then yields,
+//! so that a broadcast to every connection does not starve accepts, pings and the writes
+//! it causes.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashbrown::HashTable;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use pushline_alloc::Site;
+use strum::EnumCount;
+use tokio::sync::mpsc::UnboundedSender;
 
-use tokio::sync::Notify;
-
-use crate::config::Config;
+use crate::clock;
 use crate::conn::queue::Limits;
-use crate::conn::wire::{Message, Transport};
-use crate::conn::Conn;
-use crate::registry::presence::{Change, Changes};
-use crate::session::{MessageIds, SessionIds};
-use crate::telemetry::{CloseReason, Metrics, RefuseReason};
+use crate::conn::{Conn, ConnInfo};
+use crate::session::SessionId;
+use crate::telemetry::{CloseReason, Metrics};
+use crate::wire::{Message, Transport};
 
 const SHARDS: usize = 64;
 
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC_BYTES: usize = 256;
 
-/// One connection, as the debug endpoints show it.
-#[derive(serde::Serialize)]
-pub struct ConnectionInfo {
-    pub uid: String,
-    pub session: String,
-    pub node: u16,
-    pub transport: &'static str,
-    pub topics: Vec<String>,
-    pub age_ms: u64,
-    /// Since the client last sent anything.
-    pub idle_ms: u64,
-    pub queued_messages: usize,
-    pub queued_bytes: usize,
+/// A connection registered or unregistered here, as reported to whoever listens (the
+/// Redis registry writes them to Redis).
+pub enum Change {
+    Opened(SessionId, Arc<str>),
+    Closed(SessionId, Arc<str>),
 }
 
-impl ConnectionInfo {
-    fn of(conn: &Conn, now_ms: u64) -> ConnectionInfo {
-        let (queued_messages, queued_bytes) = conn.queued();
-        ConnectionInfo {
-            uid: conn.uid.to_string(),
-            session: conn.session.to_string(),
-            node: conn.session.node(),
-            transport: conn.transport.as_str(),
-            topics: conn.topics().iter().map(|t| t.to_string()).collect(),
-            age_ms: now_ms.saturating_sub(conn.opened_ms),
-            idle_ms: now_ms.saturating_sub(conn.last_inbound_ms()),
-            queued_messages,
-            queued_bytes,
-        }
-    }
+pub type Changes = UnboundedSender<Change>;
+
+/// What the hub needs to know of the configuration.
+pub struct Settings {
+    /// Limits of every connection's outbound queue.
+    pub limits: Limits,
+    pub max_topics_per_connection: usize,
+    /// Connections a fan-out enqueues to before yielding.
+    pub fanout_batch: usize,
 }
 
 /// Live objects by kind, counted from the maps.
 #[derive(serde::Serialize)]
-pub struct ObjectCounts {
+pub struct Counts {
     pub connections: usize,
     /// Distinct uids connected.
     pub uids: usize,
     pub topics: usize,
     /// (connection, topic) pairs.
     pub subscriptions: usize,
-    pub queued_messages: usize,
-}
-
-/// A place among `max_connections`, held from the handshake until the connection's task
-/// ends. Dropping it gives the place back.
-pub struct Slot {
-    hub: Arc<Hub>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if self.hub.held.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.hub.all_closed.notify_waiters();
-        }
-    }
 }
 
 /// The connections of one uid. Almost every uid has one, held without a Vec; the uid
@@ -127,24 +100,20 @@ impl UidConns {
     }
 }
 
+type Subscribers = HashMap<u64, Arc<Conn>>;
+
 pub struct Hub {
-    config: Config,
-    limits: Limits,
+    settings: Settings,
     metrics: Arc<Metrics>,
-    pub session_ids: SessionIds,
-    pub message_ids: MessageIds,
     /// Every connection, by uid (sharded by the uid's hash). Broadcasts walk it too, so
     /// there is no second map by session: each connection costs one 16-byte slot.
     uids: Box<[Mutex<HashTable<UidConns>>]>,
-    topics: RwLock<HashMap<Arc<str>, HashMap<u64, Arc<Conn>>>>,
+    /// Subscribers of each topic, by session (sharded by the topic's hash).
+    topics: Box<[RwLock<HashMap<Arc<str>, Subscribers>>]>,
     hasher: RandomState,
-    /// Slots held: registered connections plus handshakes under way.
-    held: AtomicUsize,
     /// Registered connections by transport.
-    open: [AtomicUsize; 2],
-    accepting: AtomicBool,
-    all_closed: Notify,
-    /// Where opens and closes are reported when sessions are also registered in Redis.
+    open: [AtomicUsize; Transport::COUNT],
+    /// Where opens and closes are reported when sessions are also registered elsewhere.
     changes: Option<Changes>,
 }
 
@@ -153,42 +122,38 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Checks a topic name.
+pub fn check_topic_name(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
+        return Err(format!("topic names are 1 to {MAX_TOPIC_BYTES} bytes; got {} bytes", topic.len()));
+    }
+    Ok(())
+}
+
 impl Hub {
-    /// `node` is this node's id; `changes`, when set, hears of every connection that
-    /// registers or unregisters.
-    pub fn new(config: Config, node: u16, metrics: Arc<Metrics>, changes: Option<Changes>) -> Hub {
-        let limits = Limits {
-            max_messages: config.queue_max_messages,
-            max_bytes: config.queue_max_bytes,
-            policy: config.slow_consumer,
-        };
+    /// `changes`, when set, hears of every connection that registers or unregisters.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>) -> Hub {
         Hub {
-            session_ids: SessionIds::new(node),
-            message_ids: MessageIds::new(node),
-            limits,
+            settings,
             metrics,
             uids: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
-            topics: RwLock::new(HashMap::new()),
+            topics: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            held: AtomicUsize::new(0),
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
-            accepting: AtomicBool::new(true),
-            all_closed: Notify::new(),
             changes,
-            config,
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    fn topic_shard(&self, topic: &str) -> &RwLock<HashMap<Arc<str>, Subscribers>> {
+        &self.topics[(self.hasher.hash_one(topic) >> 58) as usize % SHARDS]
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    fn read_topics(&self, topic: &str) -> RwLockReadGuard<'_, HashMap<Arc<str>, Subscribers>> {
+        self.topic_shard(topic).read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    fn write_topics(&self, topic: &str) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Subscribers>> {
+        self.topic_shard(topic).write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The uid's hash and its shard, locked. The shard is picked by the high bits, which
@@ -201,18 +166,6 @@ impl Hub {
     fn conns_of(&self, uid: &str) -> Vec<Arc<Conn>> {
         let (hash, shard) = self.uid_shard(uid);
         shard.find(hash, |e| e.uid() == uid).map(|e| e.conns().to_vec()).unwrap_or_default()
-    }
-
-    /// Takes a place for a new connection, or says why there is none.
-    pub fn reserve(self: &Arc<Self>) -> Result<Slot, RefuseReason> {
-        if !self.accepting.load(Ordering::Acquire) {
-            return Err(RefuseReason::ShuttingDown);
-        }
-        let max = self.config.max_connections;
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .map_err(|_| RefuseReason::MaxConnections)?;
-        Ok(Slot { hub: self.clone() })
     }
 
     /// Makes a connection reachable by session, uid and `topics` (already checked with
@@ -230,14 +183,10 @@ impl Hub {
                 }
             }
         }
-        self.open[conn.transport.index()].fetch_add(1, Ordering::Relaxed);
+        self.open[conn.transport as usize].fetch_add(1, Ordering::Relaxed);
         self.metrics.connection_opened(conn.transport);
         if let Some(changes) = &self.changes {
             let _ = changes.send(Change::Opened(conn.session, conn.uid.clone()));
-        }
-        if !self.is_accepting() {
-            // Shutdown began during this handshake, after close_all looked at the maps.
-            conn.request_close(CloseReason::Shutdown);
         }
     }
 
@@ -253,7 +202,7 @@ impl Hub {
                 }
             }
         }
-        self.open[conn.transport.index()].fetch_sub(1, Ordering::Relaxed);
+        self.open[conn.transport as usize].fetch_sub(1, Ordering::Relaxed);
         self.metrics.connection_closed(conn.transport, reason);
         if let Some(changes) = &self.changes {
             let _ = changes.send(Change::Closed(conn.session, conn.uid.clone()));
@@ -262,10 +211,10 @@ impl Hub {
 
     /// Checks topic names, and that a connection holding `held` topics may add `topics`.
     pub fn check_topics(&self, topics: &[String], held: usize) -> Result<(), String> {
-        if let Some(bad) = topics.iter().find(|t| t.is_empty() || t.len() > MAX_TOPIC_BYTES) {
-            return Err(format!("topic names are 1 to {MAX_TOPIC_BYTES} bytes; got {} bytes", bad.len()));
+        for topic in topics {
+            check_topic_name(topic)?;
         }
-        let max = self.config.max_topics_per_connection;
+        let max = self.settings.max_topics_per_connection;
         if held + topics.len() > max {
             return Err(format!("at most {max} topics per connection; this would make {}", held + topics.len()));
         }
@@ -285,9 +234,9 @@ impl Hub {
         if new.is_empty() {
             return Ok(());
         }
-        let _site = crate::alloc::sites::Site::Topics.enter();
-        let mut index = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let _site = Site::Topics.enter();
         for t in &new {
+            let mut index = self.write_topics(t);
             let name: Arc<str> = match index.get_key_value(t.as_str()) {
                 Some((name, _)) => name.clone(),
                 None => Arc::from(t.as_str()),
@@ -312,8 +261,8 @@ impl Hub {
         if topics.is_empty() {
             return;
         }
-        let mut index = self.topics.write().unwrap_or_else(|e| e.into_inner());
         for t in topics {
+            let mut index = self.write_topics(t);
             if let Some(subscribers) = index.get_mut(t) {
                 subscribers.remove(&conn.session.0);
                 if subscribers.is_empty() {
@@ -330,10 +279,10 @@ impl Hub {
         for uid in uids {
             for conn in self.conns_of(uid.as_ref()) {
                 online += 1;
-                delivered += conn.deliver(msg, self) as usize;
+                delivered += conn.deliver(msg, &self.settings.limits, &self.metrics) as usize;
             }
             since_yield += 1;
-            if since_yield >= self.config.fanout_batch {
+            if since_yield >= self.settings.fanout_batch {
                 since_yield = 0;
                 tokio::task::yield_now().await;
             }
@@ -343,10 +292,8 @@ impl Hub {
 
     /// Delivers to every subscriber of `topic`. Returns the messages queued.
     pub async fn publish(&self, topic: &str, msg: &Arc<Message>) -> usize {
-        let subscribers: Vec<Arc<Conn>> = {
-            let index = self.topics.read().unwrap_or_else(|e| e.into_inner());
-            index.get(topic).map(|s| s.values().cloned().collect()).unwrap_or_default()
-        };
+        let subscribers: Vec<Arc<Conn>> =
+            self.read_topics(topic).get(topic).map(|s| s.values().cloned().collect()).unwrap_or_default();
         self.deliver_paced(subscribers, msg).await
     }
 
@@ -362,9 +309,9 @@ impl Hub {
 
     async fn deliver_paced(&self, conns: Vec<Arc<Conn>>, msg: &Arc<Message>) -> usize {
         let mut delivered = 0;
-        for batch in conns.chunks(self.config.fanout_batch) {
+        for batch in conns.chunks(self.settings.fanout_batch) {
             for conn in batch {
-                delivered += conn.deliver(msg, self) as usize;
+                delivered += conn.deliver(msg, &self.settings.limits, &self.metrics) as usize;
             }
             tokio::task::yield_now().await;
         }
@@ -381,69 +328,44 @@ impl Hub {
     }
 
     /// Up to `limit` connections, shard by shard.
-    pub fn describe(&self, limit: usize) -> Vec<ConnectionInfo> {
-        let now = crate::conn::clock_ms();
+    pub fn describe(&self, limit: usize) -> Vec<ConnInfo> {
+        let now = clock::now_ms();
         let mut out = Vec::new();
-        for shard in self.uids.iter() {
-            for conn in lock(shard).iter().flat_map(|e| e.conns()) {
-                if out.len() >= limit {
-                    return out;
-                }
-                out.push(ConnectionInfo::of(conn, now));
+        self.for_each(|conn| {
+            if out.len() < limit {
+                out.push(conn.info(now));
             }
-        }
+        });
         out
     }
 
     /// Every connection of `uid` on this node.
-    pub fn describe_uid(&self, uid: &str) -> Vec<ConnectionInfo> {
-        let now = crate::conn::clock_ms();
-        self.conns_of(uid).iter().map(|c| ConnectionInfo::of(c, now)).collect()
+    pub fn describe_uid(&self, uid: &str) -> Vec<ConnInfo> {
+        let now = clock::now_ms();
+        self.conns_of(uid).iter().map(|c| c.info(now)).collect()
     }
 
-    pub fn objects(&self) -> ObjectCounts {
+    pub fn counts(&self) -> Counts {
         let uids = self.uids.iter().map(|s| lock(s).len()).sum();
-        let (topics, subscriptions) = {
-            let index = self.topics.read().unwrap_or_else(|e| e.into_inner());
-            (index.len(), index.values().map(HashMap::len).sum())
-        };
-        ObjectCounts {
-            connections: self.total_connections(),
-            uids,
-            topics,
-            subscriptions,
-            queued_messages: self.metrics.queued_messages_now.load(Ordering::Relaxed),
+        let (mut topics, mut subscriptions) = (0, 0);
+        for shard in self.topics.iter() {
+            let index = shard.read().unwrap_or_else(|e| e.into_inner());
+            topics += index.len();
+            subscriptions += index.values().map(HashMap::len).sum::<usize>();
         }
+        Counts { connections: self.total_connections(), uids, topics, subscriptions }
     }
 
     pub fn connections(&self, transport: Transport) -> usize {
-        self.open[transport.index()].load(Ordering::Relaxed)
+        self.open[transport as usize].load(Ordering::Relaxed)
     }
 
     pub fn total_connections(&self) -> usize {
-        Transport::ALL.iter().map(|t| self.connections(*t)).sum()
+        self.open.iter().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 
-    pub fn is_accepting(&self) -> bool {
-        self.accepting.load(Ordering::Acquire)
-    }
-
-    /// Refuses new connections from now on.
-    pub fn stop_accepting(&self) {
-        self.accepting.store(false, Ordering::Release);
-    }
-
-    /// Asks every connection to close and waits until all have (or `grace` passes).
-    /// Returns the number still open when it gave up.
-    pub async fn close_all(&self, reason: CloseReason, grace: std::time::Duration) -> usize {
-        let all_closed = self.all_closed.notified();
-        tokio::pin!(all_closed);
-        all_closed.as_mut().enable();
+    /// Asks every connection to close; their tasks unregister them as they end.
+    pub fn close_all(&self, reason: CloseReason) {
         self.for_each(|conn| conn.request_close(reason));
-        if self.held.load(Ordering::Acquire) == 0 {
-            return 0;
-        }
-        let _ = tokio::time::timeout(grace, all_closed).await;
-        self.held.load(Ordering::Acquire)
     }
 }

@@ -1,37 +1,44 @@
 //! Pushline: a push server for millions of long-lived, mostly idle connections.
 //!
-//! Data moves one way through these modules:
-//! - [`listener`] accepts TCP connections (SO_REUSEPORT, file-limit backoff);
-//! - [`gateway`] reads the first request, authenticates ([`gateway::auth`]) and upgrades
-//!   to WebSocket or SSE, or hands the connection to the publish [`api`];
-//! - [`hub`] registers connections by session ([`session`]), uid and topic, and fans
-//!   messages out to them, paced; [`registry`] is where delivery to other nodes plugs in;
-//! - [`conn`] owns each socket: its bounded queue, the wire format, and the sweeper that
-//!   enforces idle timeouts and pings for all connections at once;
-//! - [`admin`] serves metrics and health on its own runtime; [`telemetry`] names every
-//!   metric; [`probes`] are the USDT probes bpftrace attaches to; [`server`] wires it
-//!   all and runs the graceful shutdown.
+//! Data moves one way through these modules, top to bottom:
+//! - [`server`] builds every part, hands each what it needs, and runs [`shutdown`];
+//! - [`listener`] accepts TCP connections (SO_REUSEPORT, file-limit backoff), reads
+//!   each one's request head ([`http`]) and routes it: `/ws` and `/sse` to the
+//!   [`gateway`], everything else to the publish [`api`];
+//! - [`gateway`] authenticates ([`gateway::auth`]), takes a place ([`admission`]),
+//!   answers the handshake and registers the connection with the [`hub`];
+//! - [`api`] checks a publish and hands it to the [`registry`], which delivers through
+//!   the [`hub`] here and over Redis to other nodes;
+//! - [`client`] owns each connected socket: reads client frames, writes what the
+//!   connection is owed, closes; [`client::sweep`] keeps time for all of them;
+//! - [`hub`] knows who is connected and fans messages out to their [`conn`] handles,
+//!   whose bounded queues the client tasks drain;
+//! - [`wire`] frames bytes (the WebSocket codec, SSE, published messages), with no I/O.
 //!
-//! jemalloc is the allocator, wrapped by [`alloc::sites`] so every allocation is
-//! charged to a named site; those counters, jemalloc's statistics and its heap profiles
-//! are what the debug endpoints and tools read.
-
-#[global_allocator]
-static ALLOCATOR: alloc::sites::SiteAllocator = alloc::sites::SiteAllocator;
+//! Beside the flow: [`admin`] serves metrics, profiles and introspection on its own
+//! runtime; [`telemetry`] names every metric and probe; [`config`], [`error`],
+//! [`session`] ids and the [`clock`] are at the bottom. Memory accounting lives in the
+//! `pushline-alloc` crate; the binary installs its allocator.
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
-pub mod alloc;
+pub mod admission;
 pub mod api;
+pub mod client;
+pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod error;
 pub mod gateway;
+pub mod http;
 pub mod hub;
 pub mod listener;
-pub mod probes;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod telemetry;
+pub mod wire;
 
 pub use config::Config;
 pub use server::Server;

@@ -1,18 +1,24 @@
-//! The client listener: binding (with SO_REUSEPORT when asked), the open-file limit, and
-//! an accept loop that survives a full file table.
+//! The client listener: binding (with SO_REUSEPORT when asked), the open-file limit, an
+//! accept loop that survives a full file table, and the one place a new connection is
+//! routed: its request head is read here, then `/ws` and `/sse` go to the gateway and
+//! everything else to the publish API. Neither knows the other.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pushline_alloc::Site;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::alloc::sites::Site;
-use crate::server::Shared;
-use crate::telemetry::AcceptError;
+use crate::api::Api;
+use crate::error::{Error, Kind};
+use crate::gateway::Gateway;
+use crate::http::{self, ReadHead};
+use crate::telemetry::{AcceptError, Metrics};
+use crate::wire::Transport;
 
 /// Pending connections the kernel may hold before accept (capped by net.core.somaxconn).
 const BACKLOG: i32 = 65_535;
@@ -34,19 +40,7 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListe
 
 /// Raises the soft open-file limit to the hard limit; returns the limit now in force.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        limit = raised;
-    }
-    Ok(limit.rlim_cur)
+    rlimit::increase_nofile_limit(u64::MAX)
 }
 
 fn is_file_limit(e: &io::Error) -> bool {
@@ -61,8 +55,41 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-/// Accepts until `stop` fires, handing each connection to the gateway on a task of its own.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// Where accepted connections go.
+pub struct Router {
+    pub gateway: Gateway,
+    pub api: Arc<Api>,
+    /// Time a new connection has to send its request head.
+    pub handshake_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Router {
+    /// Reads the request head, then hands the connection to the gateway or the API.
+    async fn route(&self, mut stream: TcpStream) {
+        let mut buf = Vec::with_capacity(1024);
+        let (head, used) = match tokio::time::timeout(self.handshake_timeout, http::read_head(&mut stream, &mut buf)).await {
+            Ok(Ok(ReadHead::Complete(head, used))) => (head, used),
+            Ok(Ok(ReadHead::Closed)) | Ok(Err(_)) => return,
+            Ok(Ok(ReadHead::Malformed(error))) => return self.refuse(&mut stream, error).await,
+            Err(_) => return self.refuse(&mut stream, Error::new(Kind::Timeout, "request head not received in time")).await,
+        };
+        let transport = match (head.method.as_str(), head.path.as_str()) {
+            ("GET", "/ws") => Transport::WebSocket,
+            ("GET", "/sse") => Transport::Sse,
+            _ => return self.api.clone().serve(http::Prefixed::new(buf, stream)).await,
+        };
+        self.gateway.connect(stream, head, buf, used, transport).await
+    }
+
+    async fn refuse(&self, stream: &mut TcpStream, error: Error) {
+        self.metrics.refused(error.kind.refuse_reason());
+        http::respond_error(stream, &error, "").await
+    }
+}
+
+/// Accepts until `stop` fires, routing each connection on a task of its own.
+pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: CancellationToken) {
     let mut backoff = Duration::ZERO;
     loop {
         let accepted = tokio::select! {
@@ -73,13 +100,14 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
             Ok((stream, _)) => {
                 backoff = Duration::ZERO;
                 let _ = stream.set_nodelay(true);
-                let handshake = Site::Http.instrument(crate::gateway::handle(stream, shared.clone()));
+                let router = router.clone();
+                let handshake = Site::Http.instrument(async move { router.route(stream).await });
                 Site::Http.scope(|| tokio::spawn(handshake));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
                 let kind = if is_file_limit(&e) { AcceptError::FileLimit } else { AcceptError::Other };
-                shared.metrics.accept_error(kind);
+                router.metrics.accept_error(kind);
                 // Log when the backoff starts or grows, not on every retry.
                 backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_BACKOFF);
                 if backoff < MAX_BACKOFF {

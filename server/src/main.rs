@@ -2,18 +2,26 @@
 
 use std::process::ExitCode;
 
-use pushline::{telemetry, Config, Server};
-use tokio::signal::unix::{signal, SignalKind};
+use pushline::shutdown::Signals;
+use pushline::telemetry::logging;
+use pushline::{Config, Server};
+use pushline_alloc::SiteAllocator;
+
+#[global_allocator]
+static ALLOCATOR: SiteAllocator = SiteAllocator;
 
 fn main() -> ExitCode {
     let config = match Config::load() {
         Ok(config) => config,
-        Err(message) => {
-            eprint!("{message}");
+        Err(error) => {
+            eprint!("{error}");
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(
+    if !config.alloc_tracking {
+        pushline_alloc::allocator::disable_tracking();
+    }
+    logging::init(
         &config.log,
         #[cfg(feature = "console")]
         config.console_listen,
@@ -26,23 +34,19 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        // Handlers first: a signal that arrives once the server is listening must be graceful.
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let Ok(signals) = Signals::install() else {
             eprintln!("pushline: cannot install signal handlers");
             return ExitCode::FAILURE;
         };
         let server = match Server::start(config).await {
             Ok(server) => server,
-            Err(message) => {
-                tracing::error!("{message}");
-                eprintln!("pushline: {message}");
+            Err(error) => {
+                tracing::error!(fault = ?error.fault(), "{error}");
+                eprintln!("pushline: {error}");
                 return ExitCode::from(2);
             }
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        signals.first().await;
         server.shutdown().await;
         ExitCode::SUCCESS
     })

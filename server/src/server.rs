@@ -1,50 +1,57 @@
-//! Starting and stopping a node: binds both listeners, wires the parts together, and
-//! runs the one graceful shutdown sequence.
+//! A node from start to stop: binds both listeners, builds each part and hands it what
+//! it needs, and runs the shutdown phases in order.
 //!
-//! Shutdown, in order: stop accepting (readyz turns 503), let in-flight publishes finish,
-//! then close every client with 1001 after it has been sent what was queued for it, then
-//! (on Redis) remove this node's sessions and liveness key; each step bounded by
-//! `shutdown_grace`.
+//! Shutdown ([`Phase`]): stop accepting (readyz turns 503) and let accepted publishes
+//! finish; close every client with 1001 after it has been sent what was queued for it;
+//! (on Redis) remove this node's sessions and liveness key; stop the sweeper and the
+//! admin listener. Each phase is bounded by `shutdown_grace`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use pushline_alloc::Site;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::alloc::sites::Site;
+use crate::admission::Admission;
+use crate::api::Api;
+use crate::client::sweep::{self, Timers};
+use crate::client::Clients;
 use crate::config::Config;
+use crate::conn::queue::Limits;
+use crate::error::{Error, Kind};
 use crate::gateway::auth::Auth;
-use crate::hub::Hub;
-use crate::registry::{self, Registry};
+use crate::gateway::Gateway;
+use crate::hub::{self, Hub};
+use crate::listener::{self, Router};
+use crate::registry::{self, Attached, Registry};
+use crate::session::{MessageIds, SessionIds};
+use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{CloseReason, Metrics};
-use crate::{admin, conn, listener};
-
-/// What the client-facing parts of a node share.
-pub struct Shared {
-    pub hub: Arc<Hub>,
-    pub metrics: Arc<Metrics>,
-    pub auth: Auth,
-    pub api_key: Option<String>,
-    pub registry: Registry,
-    /// Fires when shutdown begins: API connections finish their request and close.
-    pub stopping: CancellationToken,
-    /// Publishes under way, so shutdown can wait for them.
-    pub in_flight: TaskTracker,
-}
+use crate::admin;
 
 /// A running node.
 pub struct Server {
     client_addr: SocketAddr,
     admin_addr: SocketAddr,
-    stop: CancellationToken,
-    lifecycle: JoinHandle<()>,
+    grace: Duration,
+    shutdown: Arc<Shutdown>,
+    admission: Arc<Admission>,
+    hub: Arc<Hub>,
+    accepting: JoinHandle<()>,
+    registry: Option<Attached>,
+    sweeper: CancellationToken,
+    admin: admin::Running,
+}
+
+fn io_error(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::new(Kind::Io, format!("{what}: {e}"))
 }
 
 impl Server {
     /// Binds, starts serving, and returns once both listeners are open.
-    pub async fn start(config: Config) -> Result<Server, String> {
+    pub async fn start(config: Config) -> Result<Server, Error> {
         config.validate()?;
         match listener::raise_nofile_limit() {
             Ok(limit) if (config.max_connections as u64).saturating_add(64) > limit => tracing::warn!(
@@ -56,18 +63,23 @@ impl Server {
             Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
         }
         let client = listener::bind(config.listen, config.reuse_port)
-            .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
+            .map_err(io_error(format!("cannot listen on {} (--listen)", config.listen)))?;
         let admin_listener = std::net::TcpListener::bind(config.admin_listen)
-            .map_err(|e| format!("cannot listen on {} (--admin-listen): {e}", config.admin_listen))?;
-        let client_addr = client.local_addr().map_err(|e| e.to_string())?;
-        let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
-        let client = tokio::net::TcpListener::from_std(client).map_err(|e| e.to_string())?;
+            .map_err(io_error(format!("cannot listen on {} (--admin-listen)", config.admin_listen)))?;
+        let client_addr = client.local_addr().map_err(io_error("client listener".into()))?;
+        let admin_addr = admin_listener.local_addr().map_err(io_error("admin listener".into()))?;
+        let client = tokio::net::TcpListener::from_std(client).map_err(io_error("client listener".into()))?;
 
         let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
         let connected = registry::connect(&config, metrics.clone()).await?;
         let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);
+        let settings = hub::Settings {
+            limits: Limits { max_messages: config.queue_max_messages, max_bytes: config.queue_max_bytes, policy: config.slow_consumer },
+            max_topics_per_connection: config.max_topics_per_connection,
+            fanout_batch: config.fanout_batch,
+        };
         let changes = connected.as_ref().map(|c| c.changes());
-        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(config.clone(), node, metrics.clone(), changes)));
+        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes)));
         let (registry, attached) = match connected {
             None => (Registry::Memory, None),
             Some(connected) => {
@@ -75,55 +87,61 @@ impl Server {
                 (registry, Some(attached))
             }
         };
-        let stop = CancellationToken::new();
-        let shared = Arc::new(Shared {
-            hub: hub.clone(),
-            metrics: metrics.clone(),
-            auth: Auth::new(config.jwt_secret.as_deref()),
-            api_key: config.api_key.clone(),
-            registry,
-            stopping: stop.child_token(),
-            in_flight: TaskTracker::new(),
-        });
-        let admin_stop = CancellationToken::new();
-        let admin = admin::Admin { hub: hub.clone(), metrics, runtime: tokio::runtime::Handle::current() };
-        let admin_thread = admin::start(admin_listener, admin, admin_stop.clone())
-            .map_err(|e| format!("cannot start the admin listener: {e}"))?;
 
-        let sweeper_stop = CancellationToken::new();
-        tokio::spawn(conn::sweep::run(hub.clone(), sweeper_stop.clone()));
-        let accept_loop = listener::accept_loop(client, shared.clone(), shared.stopping.clone());
+        let shutdown = Arc::new(Shutdown::new());
+        let admission = Arc::new(Admission::new(config.max_connections));
+        let clients =
+            Arc::new(Clients { hub: hub.clone(), metrics: metrics.clone(), max_message: config.max_client_frame_bytes });
+        let router = Arc::new(Router {
+            gateway: Gateway {
+                auth: Auth::new(config.jwt_secret.as_deref()),
+                admission: admission.clone(),
+                clients,
+                session_ids: SessionIds::new(node),
+                metrics: metrics.clone(),
+            },
+            api: Arc::new(Api {
+                registry,
+                hub: hub.clone(),
+                message_ids: MessageIds::new(node),
+                metrics: metrics.clone(),
+                api_key: config.api_key.clone(),
+                max_message_bytes: config.max_message_bytes,
+                node_queue_max_bytes: config.node_queue_max_bytes,
+                shutdown: shutdown.clone(),
+            }),
+            handshake_timeout: config.handshake_timeout,
+            metrics: metrics.clone(),
+        });
+        let admin = admin::Admin {
+            hub: hub.clone(),
+            metrics,
+            shutdown: shutdown.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let admin = admin::start(admin_listener, admin).map_err(io_error("cannot start the admin listener".into()))?;
+
+        let sweeper = CancellationToken::new();
+        let timers =
+            Timers { idle_timeout: config.idle_timeout, ping_interval: config.ping_interval, sse_keepalive: config.sse_keepalive };
+        tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
         // Sockets are registered with the runtime as they are accepted: connection memory.
-        let accepting = tokio::spawn(Site::ConnectionTask.instrument(accept_loop));
+        let accepting = tokio::spawn(Site::ConnectionTask.instrument(listener::accept_loop(client, router, shutdown.token())));
 
         tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "effective configuration");
         tracing::info!("node {node} listening client={client_addr} admin={admin_addr}");
-
-        let lifecycle = {
-            let (shared, stop, grace) = (shared.clone(), stop.clone(), config.shutdown_grace);
-            tokio::spawn(async move {
-                stop.cancelled().await;
-                tracing::info!("shutting down: no new connections");
-                shared.hub.stop_accepting();
-                let _ = accepting.await;
-                shared.in_flight.close();
-                if tokio::time::timeout(grace, shared.in_flight.wait()).await.is_err() {
-                    tracing::warn!("publishes still running after {grace:?}; closing clients anyway");
-                }
-                let left = shared.hub.close_all(CloseReason::Shutdown, grace).await;
-                if left > 0 {
-                    tracing::warn!(connections = left, "connections still open after {grace:?}");
-                }
-                if let Some(attached) = attached {
-                    attached.leave(grace).await;
-                }
-                sweeper_stop.cancel();
-                admin_stop.cancel();
-                let _ = tokio::task::spawn_blocking(move || admin_thread.join()).await;
-                tracing::info!("shutdown complete");
-            })
-        };
-        Ok(Server { client_addr, admin_addr, stop, lifecycle })
+        Ok(Server {
+            client_addr,
+            admin_addr,
+            grace: config.shutdown_grace,
+            shutdown,
+            admission,
+            hub,
+            accepting,
+            registry: attached,
+            sweeper,
+            admin,
+        })
     }
 
     pub fn client_addr(&self) -> SocketAddr {
@@ -134,9 +152,32 @@ impl Server {
         self.admin_addr
     }
 
-    /// Runs the graceful shutdown and waits for it to finish.
+    /// Runs the graceful shutdown, phase by phase, each bounded by the grace period.
     pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = self.lifecycle.await;
+        let grace = self.grace;
+
+        self.admission.stop_accepting();
+        self.shutdown.enter(Phase::Draining);
+        let _ = self.accepting.await;
+        if !self.shutdown.publishes_done(grace).await {
+            tracing::warn!("publishes still running after {grace:?}; closing clients anyway");
+        }
+
+        self.shutdown.enter(Phase::Closing);
+        self.hub.close_all(CloseReason::Shutdown);
+        let left = self.admission.released(grace).await;
+        if left > 0 {
+            tracing::warn!(connections = left, "connections still open after {grace:?}");
+        }
+
+        if let Some(attached) = self.registry {
+            self.shutdown.enter(Phase::Leaving);
+            attached.leave(grace).await;
+        }
+
+        self.shutdown.enter(Phase::Stopped);
+        self.sweeper.cancel();
+        self.admin.stop(grace).await;
+        tracing::info!("shutdown complete");
     }
 }

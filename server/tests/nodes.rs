@@ -265,6 +265,6 @@ async fn a_taken_node_id_is_refused_with_a_reason() {
     config.node_id = Some(5);
     config.node_ttl = Duration::from_secs(1);
     let refused = pushline::Server::start(config).await.err().expect("second node 5 refused");
-    assert!(refused.contains("node id 5 is held by a live node"), "{refused}");
+    assert!(refused.message.contains("node id 5 is held by a live node"), "{refused}");
     first.server.shutdown().await;
 }

@@ -7,10 +7,13 @@ use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
 use object::{Object, ObjectSymbol};
-use pushline::alloc::sites::{counters_offset, SHARDS, SITES};
+use pushline_alloc::process::Resident;
+use pushline_alloc::socket::SocketMemory;
+use pushline_alloc::table::{self, SiteStats};
+use pushline_alloc::Site;
 use serde::Serialize;
 
-use crate::target::{socket_inodes, tcp_table, TCP_ESTABLISHED};
+use crate::target::{is_established, socket_inodes, tcp_table};
 
 /// Slab caches a TCP socket's kernel state lives in, with how many objects each socket
 /// holds: the socket, its inode, its file and dentry, its epoll registration, and the
@@ -28,19 +31,11 @@ const SOCKET_SLABS: [(&str, f64); 8] = [
 ];
 
 #[derive(Serialize)]
-pub struct SiteRow {
-    pub site: String,
-    pub live_bytes: i64,
-    pub live_allocs: i64,
-    pub total_allocs: u64,
-}
-
-#[derive(Serialize)]
 pub struct Audit {
     pub pid: u32,
     pub connections: u64,
     pub process: Process,
-    pub sites: Vec<SiteRow>,
+    pub sites: Vec<SiteStats>,
     pub kernel: Kernel,
     pub per_connection: PerConnection,
 }
@@ -79,43 +74,31 @@ pub struct PerConnection {
     pub total: f64,
 }
 
-/// The connection-scaled sites (the same list as the server's `/debug/memory`).
-fn connection_sites() -> Vec<&'static str> {
-    pushline::admin::CONNECTION_SITES.iter().map(|s| s.name()).collect()
-}
-
 pub fn audit(pid: u32) -> Result<Audit, String> {
     let sites = read_site_table(pid)?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("pid {pid}: {e}"))?;
-    let kb = |key: &str| -> u64 {
-        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) * 1024
-    };
-    let (rss, rss_anon, rss_file) = (kb("VmRSS:"), kb("RssAnon:"), kb("RssFile:"));
+    let Resident { rss, anon: rss_anon, file: rss_file } = Resident::of(pid)?;
 
     let inodes: HashMap<u64, i32> = socket_inodes(pid)?.into_iter().map(|(fd, inode)| (inode, fd)).collect();
     let tcp: Vec<_> = tcp_table(pid).into_iter().filter(|e| inodes.contains_key(&e.inode)).collect();
-    let established: Vec<i32> = tcp.iter().filter(|e| e.state == TCP_ESTABLISHED).map(|e| inodes[&e.inode]).collect();
-    let (mut receive, mut send, mut forward, mut unreadable) = (0, 0, 0, 0);
+    let established = tcp.iter().filter(|e| is_established(e)).count();
+    let (mut buffers, mut unreadable) = (SocketMemory::default(), 0);
     match socket_buffers(pid, tcp.iter().map(|e| inodes[&e.inode])) {
-        Ok(buffers) => {
-            for b in buffers {
+        Ok(each) => {
+            for b in each {
                 match b {
-                    Some([rmem, _, _, _, fwd, wqueued, ..]) => {
-                        receive += rmem as u64;
-                        send += wqueued as u64;
-                        forward += fwd as u64;
-                    }
+                    Some(b) => buffers = buffers.add(b),
                     None => unreadable += 1,
                 }
             }
         }
         Err(_) => unreadable = tcp.len() as u64,
     }
+    let (receive, send, forward) = (buffers.rmem_alloc, buffers.wmem_queued, buffers.fwd_alloc);
     let socket_struct_bytes = slab_bytes_per_socket();
 
-    let connections = established.len() as u64;
+    let connections = established as u64;
     let per = |bytes: f64| if connections == 0 { 0.0 } else { bytes / connections as f64 };
-    let wanted = connection_sites();
+    let wanted = Site::PER_CONNECTION.map(Site::name);
     let by_site: HashMap<String, f64> =
         sites.iter().filter(|s| wanted.contains(&s.site.as_str())).map(|s| (s.site.clone(), per(s.live_bytes as f64))).collect();
     let user_space: f64 = by_site.values().sum();
@@ -141,8 +124,8 @@ pub fn audit(pid: u32) -> Result<Audit, String> {
 
 /// Reads `PUSHLINE_ALLOC_SITES` out of the live process: the symbol's address from the
 /// executable's symbol table, the load address from /proc/<pid>/maps, the bytes from
-/// /proc/<pid>/mem.
-pub fn read_site_table(pid: u32) -> Result<Vec<SiteRow>, String> {
+/// /proc/<pid>/mem, decoded by `pushline_alloc::table::parse` (the layout's one reader).
+pub fn read_site_table(pid: u32) -> Result<Vec<SiteStats>, String> {
     let exe = format!("/proc/{pid}/exe");
     let data = std::fs::read(&exe).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => format!("cannot read {exe}: permission denied (run as root or the server's user)"),
@@ -154,39 +137,15 @@ pub fn read_site_table(pid: u32) -> Result<Vec<SiteRow>, String> {
         .symbols()
         .find(|s| s.name() == Ok("PUSHLINE_ALLOC_SITES"))
         .ok_or_else(|| format!("pid {pid} is not a Pushline server, or was built without the site table (no PUSHLINE_ALLOC_SITES symbol in {exe})"))?;
-    let base = load_base(pid, &file)?;
-    let address = base + symbol.address();
-    let size = counters_offset() + SITES * SHARDS * 64;
+    let address = load_base(pid, &file)? + symbol.address();
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
         .map_err(|e| format!("cannot open /proc/{pid}/mem: {e} (needs ptrace permission: root, or the same user with kernel.yama.ptrace_scope=0)"))?;
-    let mut bytes = vec![0u8; size];
-    mem.read_exact_at(&mut bytes, address).map_err(|e| format!("cannot read the site table at {address:#x} in pid {pid}: {e}"))?;
-    parse_site_table(&bytes)
-}
-
-/// Decodes the table's bytes (layout: `pushline::alloc::sites::SiteTable`).
-pub fn parse_site_table(bytes: &[u8]) -> Result<Vec<SiteRow>, String> {
-    if bytes.get(..8) != Some(b"PLSITES1") {
-        return Err("site table has the wrong magic (not PLSITES1): a different Pushline version?".into());
-    }
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
-    let (sites, shards, name_len) = (u32_at(12), u32_at(16), u32_at(20));
-    let offset = counters_offset();
-    let i64_at = |at: usize| i64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
-    (0..sites.min(SITES))
-        .map(|site| {
-            let name = &bytes[24 + site * name_len..24 + (site + 1) * name_len];
-            let name = String::from_utf8_lossy(&name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())]).into_owned();
-            let mut row = SiteRow { site: name, live_bytes: 0, live_allocs: 0, total_allocs: 0 };
-            for shard in 0..shards.min(SHARDS) {
-                let at = offset + (site * shards + shard) * 64;
-                row.live_bytes += i64_at(at);
-                row.live_allocs += i64_at(at + 8);
-                row.total_allocs += i64_at(at + 16) as u64;
-            }
-            Ok(row)
-        })
-        .collect()
+    let read = |len: usize| {
+        let mut bytes = vec![0u8; len];
+        mem.read_exact_at(&mut bytes, address).map(|_| bytes).map_err(|e| format!("cannot read the site table at {address:#x} in pid {pid}: {e}"))
+    };
+    let len = table::len_from_header(&read(table::HEADER_LEN)?)?;
+    table::parse(&read(len)?)
 }
 
 /// Where the executable is mapped: for a position-independent binary, the start of its
@@ -209,25 +168,26 @@ fn load_base(pid: u32, file: &object::File) -> Result<u64, String> {
 }
 
 /// SO_MEMINFO of each of the process's sockets, through fds duplicated with pidfd_getfd.
-fn socket_buffers(pid: u32, fds: impl Iterator<Item = i32>) -> Result<Vec<Option<[u32; 9]>>, String> {
-    // SAFETY: plain syscalls on integers; every fd obtained is closed below.
+fn socket_buffers(pid: u32, fds: impl Iterator<Item = i32>) -> Result<Vec<Option<SocketMemory>>, String> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as i32;
     if pidfd < 0 {
         return Err(format!("pidfd_open({pid}): {}", std::io::Error::last_os_error()));
     }
     let out = fds
         .map(|fd| {
+            // SAFETY: pidfd_getfd takes integers and returns a new fd of ours, or -1.
             let local = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
             if local < 0 {
                 return None;
             }
-            let mut info = [0u32; 9];
-            let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
-            let ok = unsafe { libc::getsockopt(local, libc::SOL_SOCKET, libc::SO_MEMINFO, info.as_mut_ptr().cast(), &mut len) } == 0;
+            let memory = SocketMemory::of_fd(local);
+            // SAFETY: `local` is an fd this function opened and nothing else holds.
             unsafe { libc::close(local) };
-            ok.then_some(info)
+            memory
         })
         .collect();
+    // SAFETY: `pidfd` was opened above and is closed once.
     unsafe { libc::close(pidfd) };
     Ok(out)
 }

@@ -14,13 +14,7 @@ pub fn cpu_folded(admin: &Admin, seconds: u64) -> Result<String, String> {
 }
 
 pub fn svg(folded: &str, title: &str, count_name: &str) -> Result<Vec<u8>, String> {
-    let mut options = inferno::flamegraph::Options::default();
-    options.title = title.to_owned();
-    options.count_name = count_name.to_owned();
-    let mut out = Vec::new();
-    inferno::flamegraph::from_lines(&mut options, folded.lines().filter(|l| !l.trim().is_empty()), &mut out)
-        .map_err(|e| format!("flame graph: {e}"))?;
-    Ok(out)
+    pushline_alloc::flame::svg(folded.lines(), title, count_name)
 }
 
 /// A differential flame graph: frames coloured by how much they grew from `before` to `after`.

@@ -21,7 +21,7 @@ pub async fn run(common: &Common, connections: usize, rounds: usize) -> Result<V
     let cpu_before = server.cpu_time();
     for _ in 0..rounds {
         let start = Instant::now();
-        let reply = http(server.client, "POST", "/v1/broadcast", &body).await.map_err(|e| e.to_string())?;
+        let reply = http(server.client, "POST", "/v1/broadcast", &body).await?;
         if !reply.contains(&format!(r#""delivered":{connections}"#)) {
             return Err(format!("broadcast reached fewer than {connections}: {reply}"));
         }

@@ -22,10 +22,8 @@ fn read_number(path: &str) -> Option<u64> {
 
 /// Says which limit a run of `connections` over `k` servers and `w` clients would meet.
 fn check_limits(connections: usize, k: usize, w: usize) -> Result<(), String> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the struct it is given.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    let per_process = limit.rlim_max.saturating_sub(RESERVED_FDS);
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
+    let per_process = hard.saturating_sub(RESERVED_FDS);
     for (who, count, flag) in [("server", k, "--nodes"), ("client", w, "--workers")] {
         let each = connections.div_ceil(count.max(1)) as u64;
         // SO_REUSEPORT spreads connections by hash: leave room for an uneven share.
@@ -33,8 +31,7 @@ fn check_limits(connections: usize, k: usize, w: usize) -> Result<(), String> {
         if each > per_process {
             return Err(format!(
                 "{connections} connections over {count} {who} process(es) is ~{each} each, over the open-file hard limit \
-                 ({} here, less {RESERVED_FDS} kept for the process); raise `ulimit -Hn` or use more {flag}",
-                limit.rlim_max
+                 ({hard} here, less {RESERVED_FDS} kept for the process); raise `ulimit -Hn` or use more {flag}"
             ));
         }
     }
@@ -147,7 +144,7 @@ pub async fn run(common: &Common, connections: usize, k: usize, workers: usize) 
     let client_rss: u64 = clients.iter().map(|c| rss_bytes(c.child.id())).sum();
 
     let sent_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let reply = http(addr, "POST", "/v1/broadcast", &format!(r#"{{"data":"{}"}}"#, "x".repeat(64))).await.map_err(|e| e.to_string())?;
+    let reply = http(addr, "POST", "/v1/broadcast", &format!(r#"{{"data":"{}"}}"#, "x".repeat(64))).await?;
     if !reply.contains("\"id\"") {
         return Err(format!("broadcast refused: {reply}"));
     }

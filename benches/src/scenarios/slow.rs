@@ -35,7 +35,7 @@ pub async fn run(common: &Common, connections: usize, slow_percent: usize, round
     let queue_budget = slow_count as f64 * per_queue;
     for _ in 0..rounds {
         let start = Instant::now();
-        http(server.client, "POST", "/v1/broadcast", &body).await.map_err(|e| e.to_string())?;
+        http(server.client, "POST", "/v1/broadcast", &body).await?;
         for _ in 0..healthy {
             let at = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.map_err(|_| "healthy clients stalled")?.ok_or("clients gone")?;
             latencies.push(at.saturating_duration_since(start));

@@ -17,68 +17,95 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use pushline_alloc::Site;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::alloc::sites::Site;
 use crate::hub::Hub;
+use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
-
-pub use memory::{rss_bytes, socket_memory, SocketMemory, CONNECTION_SITES};
-pub use profile::pprof_folded;
 
 /// How often histogram samples are folded into buckets between scrapes.
 const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 
+/// What the admin endpoints read.
 pub struct Admin {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    pub shutdown: Arc<Shutdown>,
     /// The serving runtime, whose task counts the admin reports.
     pub runtime: tokio::runtime::Handle,
 }
 
-/// Serves the admin endpoints on `listener` from a new thread until `stop` fires.
-pub fn start(listener: std::net::TcpListener, admin: Admin, stop: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// The running admin listener.
+pub struct Running {
+    stop: CancellationToken,
+    stopped: oneshot::Receiver<()>,
+}
+
+impl Running {
+    /// Stops the listener and waits, at most `grace`, for its thread to end. A CPU
+    /// profile in progress (up to 300 s, on a blocking thread) is not waited for.
+    pub async fn stop(self, grace: Duration) {
+        self.stop.cancel();
+        if tokio::time::timeout(grace, self.stopped).await.is_err() {
+            tracing::warn!("the admin listener did not stop within {grace:?}; leaving it");
+        }
+    }
+}
+
+/// Serves the admin endpoints on `listener` from a new thread until stopped.
+pub fn start(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<Running> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let admin = Arc::new(admin);
+    let stop = CancellationToken::new();
+    let (stopped_tx, stopped) = oneshot::channel();
+    let stopping = stop.clone();
     std::thread::Builder::new().name("pushline-admin".into()).spawn(move || {
         let _site = Site::Admin.enter();
-        runtime.block_on(async move {
-            let listener = match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => l,
-                Err(e) => return tracing::error!(error = %e, "admin listener unusable"),
-            };
-            let upkeep = admin.clone();
-            tokio::spawn(Site::Metrics.instrument(async move {
-                let mut ticks = tokio::time::interval(UPKEEP_PERIOD);
-                loop {
-                    ticks.tick().await;
-                    upkeep.metrics.run_upkeep();
+        runtime.block_on(serve(listener, admin, stopping));
+        // Blocking tasks (a CPU profile) are left to finish or die with the process.
+        runtime.shutdown_timeout(Duration::from_millis(100));
+        let _ = stopped_tx.send(());
+    })?;
+    Ok(Running { stop, stopped })
+}
+
+async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!(error = %e, "admin listener unusable"),
+    };
+    let upkeep = admin.clone();
+    tokio::spawn(Site::Metrics.instrument(async move {
+        let mut ticks = tokio::time::interval(UPKEEP_PERIOD);
+        loop {
+            ticks.tick().await;
+            upkeep.metrics.run_upkeep();
+        }
+    }));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }));
-            loop {
-                let (stream, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(Site::Admin.instrument(async move {
+            let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                tokio::spawn(Site::Admin.instrument(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let admin = admin.clone();
-                        async move { Ok::<_, Infallible>(route(req, &admin).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                }));
-            }
-        })
-    })
+                async move { Ok::<_, Infallible>(route(req, &admin).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        }));
+    }
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -131,7 +158,7 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
     }
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
-        "/readyz" if admin.hub.is_accepting() => reply(StatusCode::OK, TEXT, "ready\n"),
+        "/readyz" if admin.shutdown.is_serving() => reply(StatusCode::OK, TEXT, "ready\n"),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "shutting down\n"),
         "/metrics" => {
             let text = Site::Metrics.scope(|| admin.metrics.render(&admin.runtime.metrics()));

@@ -6,10 +6,11 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use hyper::StatusCode;
 use pprof::protos::Message;
+use pushline_alloc::{flame, jemalloc};
 
 use super::{error, reply, Query, Reply};
-use hyper::StatusCode;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -50,14 +51,14 @@ struct HeapSamplingPaused(Option<bool>);
 
 impl HeapSamplingPaused {
     fn new() -> Self {
-        HeapSamplingPaused(crate::alloc::set_heap_sampling(false).ok())
+        HeapSamplingPaused(jemalloc::set_heap_sampling(false).ok())
     }
 }
 
 impl Drop for HeapSamplingPaused {
     fn drop(&mut self) {
         if let Some(was) = self.0 {
-            let _ = crate::alloc::set_heap_sampling(was);
+            let _ = jemalloc::set_heap_sampling(was);
         }
     }
 }
@@ -107,7 +108,7 @@ pub async fn heap(query: &Query) -> Reply {
         Ok(f) => f,
         Err(reply) => return reply,
     };
-    let pprof = match crate::alloc::heap_profile_pprof().await {
+    let pprof = match jemalloc::heap_profile_pprof().await {
         Ok(p) => p,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
     };
@@ -126,7 +127,7 @@ fn stacks(format: Format, lines: &[String], title: &str, count_name: &str) -> Re
     if format == Format::Folded {
         Ok(lines.join("\n").into_bytes())
     } else {
-        svg(lines, title, count_name)
+        flame::svg(lines.iter().map(String::as_str), title, count_name)
     }
 }
 
@@ -173,7 +174,7 @@ fn cpu_folded(report: &pprof::Report) -> Vec<String> {
 }
 
 /// Folded stacks from a gzipped, symbolized profile.proto: root first, weight = first value.
-pub fn pprof_folded(gzipped: &[u8]) -> Result<Vec<String>, String> {
+fn pprof_folded(gzipped: &[u8]) -> Result<Vec<String>, String> {
     use std::collections::HashMap;
     use std::io::Read;
     let mut raw = Vec::new();
@@ -219,18 +220,8 @@ pub fn pprof_folded(gzipped: &[u8]) -> Result<Vec<String>, String> {
 fn is_allocator_frame(frame: &str) -> bool {
     const PREFIXES: [&str; 16] = [
         "prof_", "_rjem_", "imalloc", "je_", "ialloc", "irealloc", "__rustc::", "__rust_", "__rdl_",
-        "tikv_jemallocator::", "<tikv_jemallocator::", "pushline::alloc::sites::", "<pushline::alloc::sites::",
+        "tikv_jemallocator::", "<tikv_jemallocator::", "pushline_alloc::", "<pushline_alloc::",
         "alloc::", "<alloc::", "hashbrown::raw::",
     ];
     PREFIXES.iter().any(|p| frame.starts_with(p)) || frame.starts_with("<hashbrown::alloc")
-}
-
-fn svg(lines: &[String], title: &str, count_name: &str) -> Result<Vec<u8>, String> {
-    let mut options = inferno::flamegraph::Options::default();
-    options.title = title.to_owned();
-    options.count_name = count_name.to_owned();
-    let mut out = Vec::new();
-    inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut out)
-        .map_err(|e| format!("flame graph: {e}"))?;
-    Ok(out)
 }

@@ -5,6 +5,7 @@
 //! registry, which delivers it.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,37 +14,33 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use pushline_alloc::Site;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::alloc::sites::Site;
-use crate::conn::wire::Message;
-use crate::gateway::http::{error_body, Prefixed};
-use crate::registry::Unavailable;
-use crate::server::Shared;
-use crate::telemetry::{DropReason, PublishKind};
+use crate::error::{Error, Kind};
+use crate::http::{bearer_token, Prefixed};
+use crate::hub::{self, Hub};
+use crate::registry::{Registry, Unavailable};
+use crate::session::MessageIds;
+use crate::shutdown::Shutdown;
+use crate::telemetry::{ApiRoute, DropReason, Metrics, PublishKind};
+use crate::wire::Message;
 
 /// Room in a request body for the envelope around `data` (uids, topic).
 const ENVELOPE_ALLOWANCE: usize = 1024 * 1024;
 
-/// Serves HTTP/1.1 requests on one connection until it closes or the server stops.
-pub async fn serve(io: Prefixed, shared: Arc<Shared>) {
-    let service_state = shared.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let shared = service_state.clone();
-        // Tracked, so a graceful shutdown waits for publishes already accepted.
-        let in_flight = shared.in_flight.clone();
-        in_flight.track_future(async move { Ok::<_, Infallible>(route(req, &shared).await) })
-    });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shared.stopping.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+pub struct Api {
+    pub registry: Registry,
+    pub hub: Arc<Hub>,
+    pub message_ids: MessageIds,
+    pub metrics: Arc<Metrics>,
+    /// None in open mode.
+    pub api_key: Option<String>,
+    pub max_message_bytes: usize,
+    /// Queued bytes across connections above which publishes are refused.
+    pub node_queue_max_bytes: usize,
+    pub shutdown: Arc<Shutdown>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -55,46 +52,76 @@ fn json(status: StatusCode, body: String) -> Reply {
     response
 }
 
-fn error(status: StatusCode, message: &str) -> Reply {
-    json(status, error_body(message))
-}
-
-async fn route(req: Request<Incoming>, shared: &Shared) -> Reply {
-    let kind = match req.uri().path() {
-        "/v1/push" => Some(PublishKind::Push),
-        "/v1/publish" => Some(PublishKind::Topic),
-        "/v1/broadcast" => Some(PublishKind::Broadcast),
-        _ => None,
-    };
-    let route_label = kind.map_or("other", |k| match k {
-        PublishKind::Push => "push",
-        PublishKind::Topic => "publish",
-        PublishKind::Broadcast => "broadcast",
-    });
-    let reply = match kind {
-        None if matches!(req.uri().path(), "/ws" | "/sse") => {
-            error(StatusCode::BAD_REQUEST, "open /ws and /sse on a connection of their own")
-        }
-        None => error(StatusCode::NOT_FOUND, &format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast", req.uri().path())),
-        Some(_) if req.method() != Method::POST => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
-        Some(kind) => publish(req, kind, shared).await,
-    };
-    shared.metrics.api_request(route_label, reply.status().as_u16());
+/// The one place an error becomes a response: its status, its `Retry-After`, `body`.
+fn error_reply(error: &Error, body: String) -> Reply {
+    let status = StatusCode::from_u16(error.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut reply = json(status, body);
+    if let Some(seconds) = error.kind.retry_after() {
+        reply.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
+    }
     reply
 }
 
-fn authorized(req: &Request<Incoming>, key: &str) -> bool {
-    let given = req
-        .headers()
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            let auth = req.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
-            let (scheme, token) = auth.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+impl From<Error> for Reply {
+    fn from(error: Error) -> Reply {
+        let body = error.body();
+        error_reply(&error, body)
+    }
+}
+
+impl Api {
+    /// Serves HTTP/1.1 requests on one connection until it closes or the server stops.
+    pub async fn serve(self: Arc<Self>, io: Prefixed) {
+        let api = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let api = api.clone();
+            // Tracked, so a graceful shutdown waits for publishes already accepted.
+            let shutdown = api.shutdown.clone();
+            shutdown.track(async move { Ok::<_, Infallible>(api.route(req).await) })
         });
-    // Compare in time independent of where the first difference is.
-    given.is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0)
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = self.shutdown.begun() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Reply {
+        let route = match req.uri().path() {
+            "/v1/push" => ApiRoute::Push,
+            "/v1/publish" => ApiRoute::Publish,
+            "/v1/broadcast" => ApiRoute::Broadcast,
+            _ => ApiRoute::Other,
+        };
+        let reply = match route {
+            ApiRoute::Other if matches!(req.uri().path(), "/ws" | "/sse") => {
+                Error::bad_request("open /ws and /sse on a connection of their own").into()
+            }
+            ApiRoute::Other => Error::new(
+                Kind::NotFound,
+                format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast", req.uri().path()),
+            )
+            .into(),
+            _ if req.method() != Method::POST => Error::new(Kind::MethodNotAllowed, "use POST").into(),
+            ApiRoute::Push => self.publish(req, PublishKind::Push).await,
+            ApiRoute::Publish => self.publish(req, PublishKind::Topic).await,
+            ApiRoute::Broadcast => self.publish(req, PublishKind::Broadcast).await,
+        };
+        self.metrics.api_request(route, reply.status().as_u16());
+        reply
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(key) = &self.api_key else { return true };
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let given = header("x-api-key").or_else(|| bearer_token(header("authorization")?));
+        // Compare in time independent of where the first difference is.
+        given.is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0)
+    }
 }
 
 #[derive(Deserialize)]
@@ -124,103 +151,109 @@ struct BroadcastBody<'a> {
 /// batch can fail after part of it was applied). Retrying may repeat deliveries, with the
 /// same message id, so clients can tell.
 fn unavailable(msg: &Message, e: Unavailable) -> Reply {
+    let error = Error::unavailable(format!(
+        "registry unavailable: the message reached this node's connections; other nodes may not have it: {}",
+        e.reason
+    ));
     let body = serde_json::json!({
-        "error": format!("registry unavailable: the message reached this node's connections; other nodes may not have it: {}", e.reason),
+        "error": error.message,
         "id": msg.id.to_string(),
         "online_local": e.local.online,
         "delivered_local": e.local.delivered,
     });
-    let mut reply = json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
-    reply.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
-    reply
+    error_reply(&error, body.to_string())
 }
 
-async fn publish(req: Request<Incoming>, kind: PublishKind, shared: &Shared) -> Reply {
-    if let Some(key) = &shared.api_key {
-        if !authorized(&req, key) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)");
+fn bad_json(e: serde_json::Error) -> Reply {
+    Error::bad_request(format!("bad JSON: {e}")).into()
+}
+
+impl Api {
+    async fn publish(&self, req: Request<Incoming>, kind: PublishKind) -> Reply {
+        if !self.authorized(&req) {
+            return Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)").into();
         }
+        let max = self.max_message_bytes;
+        let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
+        let budget = self.node_queue_max_bytes;
+        if queued > budget {
+            self.metrics.dropped(DropReason::NodeOverBudget, 1);
+            return Error::new(
+                Kind::Overloaded,
+                format!("node has {queued} bytes queued for slow clients, over its budget of {budget}; retry later"),
+            )
+            .into();
+        }
+        let limit = max + ENVELOPE_ALLOWANCE;
+        let body = match Limited::new(req.into_body(), limit).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")).into();
+            }
+            Err(e) => return Error::bad_request(format!("could not read body: {e}")).into(),
+        };
+        let accepted_at = Instant::now();
+        let too_big = |data: &RawValue| {
+            (data.get().len() > max).then(|| {
+                Reply::from(Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len())))
+            })
+        };
+        let frame = |topic: Option<&str>, data: &RawValue| {
+            Site::Codec.scope(|| Arc::new(Message::new(self.message_ids.next(), topic, data, accepted_at)))
+        };
+        let body = match kind {
+            PublishKind::Push => {
+                let push: PushBody = match serde_json::from_slice(&body) {
+                    Ok(p) => p,
+                    Err(e) => return bad_json(e),
+                };
+                if push.uids.is_empty() {
+                    return Error::bad_request("uids must list at least one uid").into();
+                }
+                if let Some(reply) = too_big(push.data) {
+                    return reply;
+                }
+                let msg = frame(None, push.data);
+                self.metrics.published(kind);
+                match self.registry.push(&self.hub, &push.uids, &msg).await {
+                    Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes }),
+                    Err(e) => return unavailable(&msg, e),
+                }
+            }
+            PublishKind::Topic => {
+                let publish: PublishBody = match serde_json::from_slice(&body) {
+                    Ok(p) => p,
+                    Err(e) => return bad_json(e),
+                };
+                if let Err(e) = hub::check_topic_name(&publish.topic) {
+                    return Error::bad_request(e).into();
+                }
+                if let Some(reply) = too_big(publish.data) {
+                    return reply;
+                }
+                let msg = frame(Some(&publish.topic), publish.data);
+                self.metrics.published(kind);
+                match self.registry.publish(&self.hub, &publish.topic, &msg).await {
+                    Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
+                    Err(e) => return unavailable(&msg, e),
+                }
+            }
+            PublishKind::Broadcast => {
+                let broadcast: BroadcastBody = match serde_json::from_slice(&body) {
+                    Ok(p) => p,
+                    Err(e) => return bad_json(e),
+                };
+                if let Some(reply) = too_big(broadcast.data) {
+                    return reply;
+                }
+                let msg = frame(None, broadcast.data);
+                self.metrics.published(kind);
+                match self.registry.broadcast(&self.hub, &msg).await {
+                    Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
+                    Err(e) => return unavailable(&msg, e),
+                }
+            }
+        };
+        json(StatusCode::OK, body.to_string())
     }
-    let max = shared.hub.config().max_message_bytes;
-    let queued = shared.metrics.queued_bytes_now.load(std::sync::atomic::Ordering::Relaxed);
-    let budget = shared.hub.config().node_queue_max_bytes;
-    if queued > budget {
-        shared.metrics.dropped(DropReason::NodeOverBudget, 1);
-        let mut reply = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("node has {queued} bytes queued for slow clients, over its budget of {budget}; retry later"),
-        );
-        reply.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
-        return reply;
-    }
-    let limit = max + ENVELOPE_ALLOWANCE;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body over {limit} bytes"));
-        }
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("could not read body: {e}")),
-    };
-    let accepted_at = Instant::now();
-    let bad_json = |e: serde_json::Error| error(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}"));
-    let too_big = |data: &RawValue| {
-        (data.get().len() > max).then(|| {
-            error(StatusCode::PAYLOAD_TOO_LARGE, &format!("data is {} bytes; the limit is {max}", data.get().len()))
-        })
-    };
-    let hub = &shared.hub;
-    let body = match kind {
-        PublishKind::Push => {
-            let push: PushBody = match serde_json::from_slice(&body) {
-                Ok(p) => p,
-                Err(e) => return bad_json(e),
-            };
-            if push.uids.is_empty() {
-                return error(StatusCode::BAD_REQUEST, "uids must list at least one uid");
-            }
-            if let Some(reply) = too_big(push.data) {
-                return reply;
-            }
-            let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, push.data, accepted_at)));
-            shared.metrics.published(kind);
-            match shared.registry.push(hub, &push.uids, &msg).await {
-                Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes }),
-                Err(e) => return unavailable(&msg, e),
-            }
-        }
-        PublishKind::Topic => {
-            let publish: PublishBody = match serde_json::from_slice(&body) {
-                Ok(p) => p,
-                Err(e) => return bad_json(e),
-            };
-            if let Err(e) = hub.check_topics(std::slice::from_ref(&publish.topic), 0) {
-                return error(StatusCode::BAD_REQUEST, &e);
-            }
-            if let Some(reply) = too_big(publish.data) {
-                return reply;
-            }
-            let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), Some(&publish.topic), publish.data, accepted_at)));
-            shared.metrics.published(kind);
-            match shared.registry.publish(hub, &publish.topic, &msg).await {
-                Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
-                Err(e) => return unavailable(&msg, e),
-            }
-        }
-        PublishKind::Broadcast => {
-            let broadcast: BroadcastBody = match serde_json::from_slice(&body) {
-                Ok(p) => p,
-                Err(e) => return bad_json(e),
-            };
-            if let Some(reply) = too_big(broadcast.data) {
-                return reply;
-            }
-            let msg = Site::Codec.scope(|| Arc::new(Message::new(hub.message_ids.next(), None, broadcast.data, accepted_at)));
-            shared.metrics.published(kind);
-            match shared.registry.broadcast(hub, &msg).await {
-                Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
-                Err(e) => return unavailable(&msg, e),
-            }
-        }
-    };
-    json(StatusCode::OK, body.to_string())
 }

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::config::SlowConsumer;
-use crate::conn::wire::{Message, Transport};
+use crate::wire::{Message, Transport};
 
 pub struct Limits {
     pub max_messages: usize,

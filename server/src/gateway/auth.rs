@@ -5,6 +5,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::error::{Error, Kind};
+
 /// Longest uid, in bytes.
 pub const MAX_UID_BYTES: usize = 256;
 
@@ -38,15 +40,16 @@ impl Auth {
     }
 
     /// `token` from `?token=` or `Authorization: Bearer`; `uid` from `?uid=` (open mode).
-    pub fn authenticate(&self, token: Option<&str>, uid: Option<&str>) -> Result<Identity, String> {
+    pub fn authenticate(&self, token: Option<&str>, uid: Option<&str>) -> Result<Identity, Error> {
+        let refused = |message: String| Error::new(Kind::Unauthorized, message);
         let uid = match self {
-            Auth::Open => uid.ok_or("open mode: pass the uid as ?uid=")?.to_owned(),
+            Auth::Open => uid.ok_or_else(|| refused("open mode: pass the uid as ?uid=".into()))?.to_owned(),
             Auth::Jwt { key, validation } => {
-                let token = token.ok_or("missing token: pass ?token= or Authorization: Bearer")?;
+                let token = token.ok_or_else(|| refused("missing token: pass ?token= or Authorization: Bearer".into()))?;
                 match jsonwebtoken::decode::<Claims>(token, key, validation) {
                     Ok(data) => data.claims.sub,
                     Err(e) => {
-                        return Err(match e.kind() {
+                        return Err(refused(match e.kind() {
                             ErrorKind::ExpiredSignature => "token expired".into(),
                             ErrorKind::InvalidSignature => "token signature does not verify".into(),
                             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
@@ -54,13 +57,13 @@ impl Auth {
                             }
                             ErrorKind::MissingRequiredClaim(claim) => format!("token has no `{claim}` claim"),
                             _ => format!("invalid token: {e}"),
-                        })
+                        }))
                     }
                 }
             }
         };
         if uid.is_empty() || uid.len() > MAX_UID_BYTES {
-            return Err(format!("uid must be 1 to {MAX_UID_BYTES} bytes"));
+            return Err(refused(format!("uid must be 1 to {MAX_UID_BYTES} bytes")));
         }
         Ok(Identity { uid })
     }

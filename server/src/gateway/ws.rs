@@ -3,26 +3,21 @@
 use base64::Engine;
 use sha1::{Digest, Sha1};
 
-use super::http::Head;
-use super::Refusal;
+use crate::error::{Error, Kind};
+use crate::http::Head;
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-pub(super) fn check_upgrade(head: &Head) -> Result<(), Refusal> {
+pub(super) fn check_upgrade(head: &Head) -> Result<(), Error> {
     if !head.header_has("upgrade", "websocket") || !head.header_has("connection", "upgrade") {
-        return Err(Refusal::bad_request("/ws needs a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade)"));
+        return Err(Error::bad_request("/ws needs a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade)"));
     }
     if head.header("sec-websocket-version") != Some("13") {
-        return Err(Refusal {
-            status: 426,
-            reason: crate::telemetry::RefuseReason::BadRequest,
-            headers: "Sec-WebSocket-Version: 13\r\n",
-            message: "WebSocket version 13 is the one supported".into(),
-        });
+        return Err(Error::new(Kind::UpgradeRequired, "WebSocket version 13 is the one supported"));
     }
     match head.header("sec-websocket-key") {
         Some(key) if base64::engine::general_purpose::STANDARD.decode(key.trim()).is_ok_and(|k| k.len() == 16) => Ok(()),
-        _ => Err(Refusal::bad_request("Sec-WebSocket-Key missing or not 16 bytes of base64")),
+        _ => Err(Error::bad_request("Sec-WebSocket-Key missing or not 16 bytes of base64")),
     }
 }
 

@@ -19,13 +19,15 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::alloc::sites::Site;
+use pushline_alloc::Site;
+
 use crate::config::{Config, RegistryKind};
-use crate::conn::wire::Message;
-use crate::hub::Hub;
+use crate::error::Error;
+use crate::hub::{Change, Changes, Hub};
 use crate::session::SessionId;
 use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
-use presence::{Change, Changes, Keys, Registrar};
+use crate::wire::Message;
+use presence::{Keys, Registrar};
 use redis::Redis;
 use relay::{Relay, Target};
 
@@ -66,7 +68,7 @@ impl Registry {
         let local = Delivered { online, delivered, nodes: 0 };
         match self {
             Registry::Memory => Ok(local),
-            Registry::Redis(nodes) => nodes.push(hub, &uids, msg, local).await,
+            Registry::Redis(nodes) => nodes.push(&uids, msg, local).await,
         }
     }
 
@@ -74,7 +76,7 @@ impl Registry {
         let local = Delivered { delivered: hub.publish(topic, msg).await, ..Delivered::default() };
         match self {
             Registry::Memory => Ok(local),
-            Registry::Redis(nodes) => nodes.fan_out(hub, Target::Topic(topic), msg, local).await,
+            Registry::Redis(nodes) => nodes.fan_out(Target::Topic(topic), msg, local).await,
         }
     }
 
@@ -82,7 +84,7 @@ impl Registry {
         let local = Delivered { delivered: hub.broadcast(msg).await, ..Delivered::default() };
         match self {
             Registry::Memory => Ok(local),
-            Registry::Redis(nodes) => nodes.fan_out(hub, Target::Everyone, msg, local).await,
+            Registry::Redis(nodes) => nodes.fan_out(Target::Everyone, msg, local).await,
         }
     }
 }
@@ -97,19 +99,20 @@ pub struct Connected {
     epoch: u64,
     ttl: Duration,
     changes: (Changes, UnboundedReceiver<Change>),
+    metrics: Arc<Metrics>,
 }
 
 /// Connects to Redis and claims a node id; `None` for the memory registry.
-pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Option<Connected>, String> {
+pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Option<Connected>, Error> {
     if config.registry == RegistryKind::Memory {
         return Ok(None);
     }
-    let (redis, pushes) = Site::Redis.instrument(Redis::connect(config.registry, &config.redis_url, metrics)).await?;
+    let (redis, pushes) = Site::Redis.instrument(Redis::connect(config.registry, &config.redis_url, metrics.clone())).await?;
     let keys = Keys::new(&config.redis_prefix);
     let epoch = relay::now_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;
     tracing::info!(node, registry = ?config.registry, "claimed node id {node} in Redis");
-    Ok(Some(Connected { redis, pushes, keys, node, epoch, ttl: config.node_ttl, changes: unbounded_channel() }))
+    Ok(Some(Connected { redis, pushes, keys, node, epoch, ttl: config.node_ttl, changes: unbounded_channel(), metrics }))
 }
 
 impl Connected {
@@ -119,8 +122,8 @@ impl Connected {
     }
 
     /// Subscribes and starts writing sessions and reading other nodes' messages.
-    pub async fn attach(self, hub: Arc<Hub>) -> Result<(Registry, Attached), String> {
-        let nodes = Nodes::new(self.redis.clone(), self.keys.clone(), self.node, self.epoch);
+    pub async fn attach(self, hub: Arc<Hub>) -> Result<(Registry, Attached), Error> {
+        let nodes = Nodes::new(self.redis.clone(), self.keys.clone(), self.node, self.epoch, self.metrics.clone());
         nodes.subscribe().await?;
         let stop = CancellationToken::new();
         let registrar = Registrar {
@@ -130,9 +133,10 @@ impl Connected {
             node: self.node,
             epoch: self.epoch,
             ttl: self.ttl,
+            metrics: self.metrics.clone(),
         };
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));
-        let reading = tokio::spawn(Site::Redis.instrument(relay::deliver_incoming(self.pushes, hub, self.node)));
+        let reading = tokio::spawn(Site::Redis.instrument(relay::deliver_incoming(self.pushes, hub, self.metrics, self.node)));
         Ok((Registry::Redis(nodes), Attached { writing, reading, stop }))
     }
 }
@@ -162,6 +166,7 @@ pub struct Nodes {
     keys: Keys,
     node: u16,
     epoch: u64,
+    metrics: Arc<Metrics>,
     /// node -> (its epoch, or None when its liveness key is gone; when it was read).
     liveness: Mutex<HashMap<u16, (Option<u64>, Instant)>>,
 }
@@ -174,25 +179,25 @@ struct Entry<'a> {
 }
 
 impl Nodes {
-    pub fn new(redis: Redis, keys: Keys, node: u16, epoch: u64) -> Nodes {
-        Nodes { redis, keys, node, epoch, liveness: Mutex::new(HashMap::new()) }
+    pub fn new(redis: Redis, keys: Keys, node: u16, epoch: u64, metrics: Arc<Metrics>) -> Nodes {
+        Nodes { redis, keys, node, epoch, metrics, liveness: Mutex::new(HashMap::new()) }
     }
 
     /// Subscribes to this node's channel and the fan-out channels.
-    pub async fn subscribe(&self) -> Result<(), String> {
+    pub async fn subscribe(&self) -> Result<(), Error> {
         let channels = std::iter::once(self.keys.node_channel(self.node))
             .chain((0..presence::FANOUT_CHANNELS).map(|n| self.keys.fanout_channel(n)));
         for channel in channels {
-            self.redis.subscribe(&channel).await.map_err(|e| format!("subscribing to {channel}: {e}"))?;
+            self.redis.subscribe(&channel).await.map_err(|e| Error::unavailable(format!("subscribing to {channel}: {e}")))?;
         }
         Ok(())
     }
 
-    async fn push(&self, hub: &Hub, uids: &[&str], msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
+    async fn push(&self, uids: &[&str], msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
         let lookups: Vec<Cmd> = uids.iter().map(|uid| ::redis::cmd("HGETALL").arg(self.keys.uid(uid)).clone()).collect();
         let found = match self.redis.batch(RedisCommand::Hgetall, &lookups).await {
             Ok(found) => found,
-            Err(e) => return Err(unavailable(hub, local, e)),
+            Err(e) => return Err(self.unavailable(local, e)),
         };
         let mut remote: Vec<Entry> = Vec::new();
         let mut stale: Vec<Entry> = Vec::new();
@@ -212,7 +217,7 @@ impl Nodes {
         let wanted: Vec<u16> = remote.iter().map(|e| e.session.node()).collect::<HashSet<_>>().into_iter().collect();
         let mut live = match self.live_epochs(&wanted, false).await {
             Ok(live) => live,
-            Err(e) => return Err(unavailable(hub, local, e)),
+            Err(e) => return Err(self.unavailable(local, e)),
         };
         // A cached answer that would make an entry dead is read again before anything is
         // skipped or deleted: the node may have restarted within the cache's second.
@@ -226,7 +231,7 @@ impl Nodes {
         if !doubtful.is_empty() {
             match self.live_epochs(&doubtful, true).await {
                 Ok(fresh) => live.extend(fresh),
-                Err(e) => return Err(unavailable(hub, local, e)),
+                Err(e) => return Err(self.unavailable(local, e)),
             }
         }
         // node -> (its uids, sessions of them there)
@@ -268,16 +273,16 @@ impl Nodes {
             .collect();
         let receivers = match self.redis.batch(RedisCommand::Publish, &publishes).await {
             Ok(receivers) => receivers,
-            Err(e) => return Err(unavailable(hub, result, e)),
+            Err(e) => return Err(self.unavailable(result, e)),
         };
         for ((_, (_, sessions)), receivers) in by_node.iter().zip(receivers) {
             result.online += sessions;
             if matches!(receivers, Value::Int(n) if n > 0) {
-                hub.metrics().relayed(Relayed::Out, PublishKind::Push);
+                self.metrics.relayed(Relayed::Out, PublishKind::Push);
                 result.delivered += sessions;
                 result.nodes += 1;
             } else {
-                hub.metrics().dropped(DropReason::NodeUnreachable, *sessions);
+                self.metrics.dropped(DropReason::NodeUnreachable, *sessions);
             }
         }
         Ok(result)
@@ -285,7 +290,7 @@ impl Nodes {
 
     /// Topic publishes and broadcasts: one message on a fan-out channel every node reads.
     /// A topic always uses the same channel, and broadcasts share one, so each stays in order.
-    async fn fan_out(&self, hub: &Hub, target: Target<'_>, msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
+    async fn fan_out(&self, target: Target<'_>, msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
         let channel = match target {
             Target::Topic(topic) => self.keys.fanout_channel(fnv1a(topic.as_bytes())),
             _ => self.keys.fanout_channel(0),
@@ -296,12 +301,18 @@ impl Nodes {
         let cmd = self.redis.publish_cmd(&channel, &relay.encode());
         match self.redis.query::<i64>(RedisCommand::Publish, &cmd).await {
             Ok(receivers) => {
-                hub.metrics().relayed(Relayed::Out, kind);
+                self.metrics.relayed(Relayed::Out, kind);
                 // This node reads the channel too (and skips its own messages).
                 Ok(Delivered { nodes: (receivers.max(1) - 1) as usize, ..local })
             }
-            Err(e) => Err(unavailable(hub, local, e)),
+            Err(e) => Err(self.unavailable(local, e)),
         }
+    }
+
+    /// Counts the publish as not reaching the other nodes and says why.
+    fn unavailable(&self, local: Delivered, e: ::redis::RedisError) -> Unavailable {
+        self.metrics.dropped(DropReason::RegistryUnavailable, 1);
+        Unavailable { local, reason: format!("Redis: {e}") }
     }
 
     /// The epoch each node's liveness key holds (None: gone), from a cache of at most
@@ -359,11 +370,6 @@ impl Nodes {
     }
 }
 
-/// Counts the publish as not reaching the other nodes and says why.
-fn unavailable(hub: &Hub, local: Delivered, e: ::redis::RedisError) -> Unavailable {
-    hub.metrics().dropped(DropReason::RegistryUnavailable, 1);
-    Unavailable { local, reason: format!("Redis: {e}") }
-}
 
 /// The envelope this node sent its own clients; other nodes frame the same bytes.
 fn envelope(msg: &Message) -> std::borrow::Cow<'_, str> {

@@ -19,26 +19,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{Cmd, Value};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
 use super::redis::Redis;
-use crate::hub::Hub;
+use crate::error::Error;
+use crate::hub::{Change, Hub};
 use crate::session::SessionId;
-use crate::telemetry::RedisCommand;
+use crate::telemetry::{Metrics, RedisCommand};
 
 /// Most session changes written in one pipeline.
 const BATCH: usize = 1024;
 /// First wait after a failed write; doubles up to `node_ttl / 3`.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
-
-/// A session opened or closed on this node, as the hub reports it.
-pub enum Change {
-    Opened(SessionId, Arc<str>),
-    Closed(SessionId, Arc<str>),
-}
-
-pub type Changes = UnboundedSender<Change>;
 
 /// Key and channel names under one prefix.
 #[derive(Clone)]
@@ -75,7 +68,7 @@ impl Keys {
 
 /// Takes a node id: `wanted`, waiting up to `ttl` for a previous holder's key to expire,
 /// or else the first free one from a pseudo-random start. Returns the id.
-pub async fn claim_node_id(redis: &Redis, keys: &Keys, wanted: Option<u16>, epoch: u64, ttl: Duration) -> Result<u16, String> {
+pub async fn claim_node_id(redis: &Redis, keys: &Keys, wanted: Option<u16>, epoch: u64, ttl: Duration) -> Result<u16, Error> {
     let claim = |node: u16| {
         let mut cmd = redis::cmd("SET");
         cmd.arg(keys.node(node)).arg(epoch).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
@@ -86,15 +79,15 @@ pub async fn claim_node_id(redis: &Redis, keys: &Keys, wanted: Option<u16>, epoc
         Some(node) => {
             let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(1);
             loop {
-                let v: Value = redis.query(RedisCommand::Set, &claim(node)).await.map_err(|e| format!("claiming node id {node}: {e}"))?;
+                let v: Value = redis.query(RedisCommand::Set, &claim(node)).await.map_err(|e| Error::unavailable(format!("claiming node id {node}: {e}")))?;
                 if claimed(v) {
                     return Ok(node);
                 }
                 if tokio::time::Instant::now() > deadline {
-                    return Err(format!(
+                    return Err(Error::config(format!(
                         "node id {node} is held by a live node (key {} exists); choose another --node-id, or leave it unset to claim a free one",
                         keys.node(node)
-                    ));
+                    )));
                 }
                 tracing::info!(node, "node id {node} is still held; waiting for its previous holder's key to expire");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -104,12 +97,12 @@ pub async fn claim_node_id(redis: &Redis, keys: &Keys, wanted: Option<u16>, epoc
             let start = (epoch % 1023) as u16 + 1;
             for i in 0..1023u16 {
                 let node = (start + i - 1) % 1023 + 1;
-                let v: Value = redis.query(RedisCommand::Set, &claim(node)).await.map_err(|e| format!("claiming a node id: {e}"))?;
+                let v: Value = redis.query(RedisCommand::Set, &claim(node)).await.map_err(|e| Error::unavailable(format!("claiming a node id: {e}")))?;
                 if claimed(v) {
                     return Ok(node);
                 }
             }
-            Err("every node id 1-1023 is held by a live node".into())
+            Err(Error::new(crate::error::Kind::Overloaded, "every node id 1-1023 is held by a live node"))
         }
     }
 }
@@ -123,6 +116,7 @@ pub struct Registrar {
     pub node: u16,
     pub epoch: u64,
     pub ttl: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Registrar {
@@ -178,7 +172,7 @@ impl Registrar {
                     }
                 }
             }
-            self.hub.metrics().registry_pending.set(pending.len() as f64);
+            self.metrics.registry_pending.set(pending.len() as f64);
         }
         // Shutdown: every connection has closed and reported it by now.
         while let Ok(change) = changes.try_recv() {
@@ -210,7 +204,7 @@ impl Registrar {
                 pending.remove(session);
                 opened += if *open { 1.0 } else { -1.0 };
             }
-            self.hub.metrics().registry_sessions.increment(opened);
+            self.metrics.registry_sessions.increment(opened);
         }
         Ok(())
     }
@@ -265,7 +259,7 @@ impl Registrar {
 
     async fn register_all(&self) -> redis::RedisResult<()> {
         let sessions = self.write_every_session(true).await?;
-        self.hub.metrics().registry_sessions.set(sessions as f64);
+        self.metrics.registry_sessions.set(sessions as f64);
         Ok(())
     }
 
@@ -274,7 +268,7 @@ impl Registrar {
         // Connections still open past the shutdown grace.
         self.write_every_session(false).await?;
         self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.node(self.node))).await?;
-        self.hub.metrics().registry_sessions.set(0.0);
+        self.metrics.registry_sessions.set(0.0);
         Ok(())
     }
 }

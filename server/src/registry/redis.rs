@@ -15,7 +15,8 @@ use redis::{Cmd, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::config::RegistryKind;
-use crate::telemetry::{Metrics, RedisCommand};
+use crate::error::Error;
+use crate::telemetry::{probes, Metrics, RedisCommand};
 
 /// Time to open a connection to one Redis server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -42,16 +43,16 @@ impl Redis {
         kind: RegistryKind,
         urls: &[String],
         metrics: Arc<Metrics>,
-    ) -> Result<(Redis, UnboundedReceiver<PushInfo>), String> {
+    ) -> Result<(Redis, UnboundedReceiver<PushInfo>), Error> {
         let (pushes, received) = unbounded_channel();
         let shown = urls.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
         let link = match kind {
-            RegistryKind::Memory => return Err("the memory registry has no Redis".into()),
+            RegistryKind::Memory => return Err(Error::config("the memory registry has no Redis")),
             RegistryKind::Redis => {
-                let info = urls[0].as_str().into_connection_info().map_err(|e| format!("--redis-url {shown}: {e}"))?;
+                let info = urls[0].as_str().into_connection_info().map_err(|e| Error::config(format!("--redis-url {shown}: {e}")))?;
                 let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
                 let client = redis::Client::open(info.set_redis_settings(settings))
-                    .map_err(|e| format!("--redis-url {shown}: {e}"))?;
+                    .map_err(|e| Error::config(format!("--redis-url {shown}: {e}")))?;
                 let config = ConnectionManagerConfig::new()
                     .set_push_sender(pushes)
                     .set_automatic_resubscription()
@@ -60,8 +61,8 @@ impl Redis {
                     .set_response_timeout(Some(RESPONSE_TIMEOUT));
                 let manager = tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_connection_manager_with_config(config))
                     .await
-                    .map_err(|_| format!("cannot reach Redis at {shown}: timed out"))?
-                    .map_err(|e| format!("cannot reach Redis at {shown}: {e}"))?;
+                    .map_err(|_| Error::unavailable(format!("cannot reach Redis at {shown}: timed out")))?
+                    .map_err(|e| Error::unavailable(format!("cannot reach Redis at {shown}: {e}")))?;
                 Link::Single(manager)
             }
             RegistryKind::RedisCluster => {
@@ -72,11 +73,11 @@ impl Redis {
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
                     .build()
-                    .map_err(|e| format!("--redis-url {shown}: {e}"))?;
+                    .map_err(|e| Error::config(format!("--redis-url {shown}: {e}")))?;
                 let connection = tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_async_connection())
                     .await
-                    .map_err(|_| format!("cannot reach the Redis Cluster at {shown}: timed out"))?
-                    .map_err(|e| format!("cannot reach the Redis Cluster at {shown}: {e}"))?;
+                    .map_err(|_| Error::unavailable(format!("cannot reach the Redis Cluster at {shown}: timed out")))?
+                    .map_err(|e| Error::unavailable(format!("cannot reach the Redis Cluster at {shown}: {e}")))?;
                 Link::Cluster(connection)
             }
         };
@@ -146,11 +147,11 @@ impl Redis {
     }
 
     async fn timed<T>(&self, command: RedisCommand, batch: usize, run: impl Future<Output = RedisResult<T>>) -> RedisResult<T> {
-        crate::probes::redis_start(command as u8, batch);
+        probes::redis_start(command as u8, batch);
         let started = Instant::now();
         let result = run.await;
         let elapsed = started.elapsed();
-        crate::probes::redis_end(command as u8, elapsed.as_nanos() as u64, result.is_ok());
+        probes::redis_end(command as u8, elapsed.as_nanos() as u64, result.is_ok());
         self.metrics.redis_command(command, elapsed.as_secs_f64(), result.is_ok());
         result
     }

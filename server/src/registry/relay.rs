@@ -10,9 +10,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::conn::wire::Message;
+use pushline_alloc::Site;
+
 use crate::hub::Hub;
-use crate::telemetry::{DropReason, PublishKind, Relayed};
+use crate::telemetry::{DropReason, Metrics, PublishKind, Relayed};
+use crate::wire::Message;
 
 /// What a relayed message is addressed to.
 #[derive(Debug, PartialEq, Eq)]
@@ -131,12 +133,12 @@ pub fn now_ms() -> u64 {
 
 /// Reads this node's subscriptions until the Redis link is dropped, delivering each
 /// message from another node to local connections, in the order Redis sent them.
-pub async fn deliver_incoming(mut pushes: UnboundedReceiver<PushInfo>, hub: Arc<Hub>, node: u16) {
+pub async fn deliver_incoming(mut pushes: UnboundedReceiver<PushInfo>, hub: Arc<Hub>, metrics: Arc<Metrics>, node: u16) {
     while let Some(push) = pushes.recv().await {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {}
             PushKind::Disconnection => {
-                hub.metrics().redis_reconnects.increment(1);
+                metrics.redis_reconnects.increment(1);
                 tracing::warn!("lost the Redis connection; reconnecting and resubscribing");
                 continue;
             }
@@ -144,22 +146,22 @@ pub async fn deliver_incoming(mut pushes: UnboundedReceiver<PushInfo>, hub: Arc<
         }
         // data: [channel, payload]
         let Some(Value::BulkString(payload)) = push.data.get(1) else {
-            hub.metrics().dropped(DropReason::BadRelay, 1);
+            metrics.dropped(DropReason::BadRelay, 1);
             continue;
         };
         let Some(relay) = Relay::decode(payload) else {
             tracing::warn!(bytes = payload.len(), "undecodable message on a node channel");
-            hub.metrics().dropped(DropReason::BadRelay, 1);
+            metrics.dropped(DropReason::BadRelay, 1);
             continue;
         };
         if relay.origin == node {
             // Our own topic publish or broadcast, already delivered here.
             continue;
         }
-        hub.metrics().relayed(Relayed::In, relay.target.kind());
+        metrics.relayed(Relayed::In, relay.target.kind());
         let age = Duration::from_millis(now_ms().saturating_sub(relay.published_ms));
         let accepted_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let msg = crate::alloc::sites::Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, accepted_at)));
+        let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, accepted_at)));
         match &relay.target {
             Target::Uids(uids) => {
                 hub.push(uids, &msg).await;

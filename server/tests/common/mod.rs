@@ -3,6 +3,10 @@
 
 pub mod redis;
 
+/// The server binary's allocator, so in-process servers count their sites as it does.
+#[global_allocator]
+static ALLOCATOR: pushline_alloc::SiteAllocator = pushline_alloc::SiteAllocator;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

@@ -10,7 +10,7 @@
 //! | `msg_write` | session id, bytes, ns from publish accepted to written |
 //! | `msg_drop` | reason (`DropReason` as u8), messages |
 //! | `heartbeat` | session id, kind (0 JSON ping, 1 WebSocket ping, 2 WebSocket pong) |
-//! | `alloc` | site (`Site` as u8), bytes |
+//! | `alloc` | site (`pushline_alloc::Site` as u8), bytes; fired by `pushline-alloc` |
 //! | `redis_start` | command (`RedisCommand` as u8), commands in the batch |
 //! | `redis_end` | command, ns since start, 1 ok / 0 failed |
 
@@ -42,11 +42,6 @@ pub fn msg_drop(reason: u8, messages: usize) {
 #[inline(always)]
 pub fn heartbeat(session: u64, kind: u8) {
     probe::probe!(pushline, heartbeat, session, kind as u64);
-}
-
-#[inline(always)]
-pub fn alloc(site: u8, bytes: usize) {
-    probe::probe!(pushline, alloc, site as u64, bytes as u64);
 }
 
 #[inline(always)]

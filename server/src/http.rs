@@ -1,6 +1,6 @@
 //! Just enough HTTP/1.1 to route a new connection: read and parse the request head,
 //! answer a refusal, and hand the bytes already read on to hyper when the request is for
-//! the publish API.
+//! the publish API. Shared by the listener, the gateway and the API.
 
 use std::io;
 use std::pin::Pin;
@@ -8,6 +8,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::error::Error;
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
@@ -36,12 +38,14 @@ impl Head {
 
     /// The token from `?token=`, or from `Authorization: Bearer`.
     pub fn bearer(&self) -> Option<&str> {
-        self.query("token").or_else(|| {
-            let value = self.header("authorization")?;
-            let (scheme, token) = value.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        })
+        self.query("token").or_else(|| bearer_token(self.header("authorization")?))
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header value.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 pub enum ReadHead {
@@ -49,7 +53,7 @@ pub enum ReadHead {
     Complete(Head, usize),
     /// The client closed, or sent nothing usable; nothing to answer.
     Closed,
-    Malformed(String),
+    Malformed(Error),
 }
 
 /// Reads until a complete request head is in `buf` (which may then hold more).
@@ -59,7 +63,7 @@ pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<
             return Ok(outcome);
         }
         if buf.len() >= MAX_HEAD {
-            return Ok(ReadHead::Malformed(format!("request head over {MAX_HEAD} bytes")));
+            return Ok(ReadHead::Malformed(Error::bad_request(format!("request head over {MAX_HEAD} bytes"))));
         }
         if buf.len() == buf.capacity() {
             buf.reserve(1024);
@@ -70,12 +74,13 @@ pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<
     }
 }
 
-fn parse(buf: &[u8]) -> Option<ReadHead> {
+/// Parses the request head at the start of `buf`; `None` while it is incomplete.
+pub fn parse(buf: &[u8]) -> Option<ReadHead> {
     let mut headers = [httparse::EMPTY_HEADER; 48];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Partial) => None,
-        Err(e) => Some(ReadHead::Malformed(format!("malformed request: {e}"))),
+        Err(e) => Some(ReadHead::Malformed(Error::bad_request(format!("malformed request: {e}")))),
         Ok(httparse::Status::Complete(len)) => {
             let target = req.path.unwrap_or("/");
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -94,27 +99,20 @@ fn parse(buf: &[u8]) -> Option<ReadHead> {
     }
 }
 
-/// Writes a complete response with a JSON body and closes the connection.
-pub async fn respond(stream: &mut TcpStream, status: u16, extra_headers: &str, body: &str) {
-    let reason = match status {
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        426 => "Upgrade Required",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
+/// Answers `error` (its status, `Retry-After` when it has one, and its JSON body) and
+/// closes the connection.
+pub async fn respond_error(stream: &mut TcpStream, error: &Error, extra_headers: &str) {
+    let status = hyper::StatusCode::from_u16(error.kind.status()).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = error.kind.retry_after().map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
+    let body = error.body();
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n{body}",
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{retry}{extra_headers}\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error"),
         body.len()
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
-}
-
-pub fn error_body(error: &str) -> String {
-    serde_json::json!({ "error": error }).to_string()
 }
 
 /// A stream that first yields bytes already read from it.

@@ -1,17 +1,24 @@
-//! Metric names, their handles, and log set-up. Every metric the server exports is
-//! defined here, once.
+//! Metric names and their handles: every metric the server exports is defined here,
+//! once, with the label values of [`labels`] and the USDT [`probes`] beside them.
 //!
 //! Each server owns its own Prometheus recorder (no global recorder), so two servers in
-//! one process (as in tests) count separately. Handles are registered once at start;
-//! the hot path only touches atomics.
+//! one process (as in tests) count separately. Every series is registered at start;
+//! the hot path only indexes an array of handles and touches atomics.
+
+pub mod labels;
+pub mod logging;
+pub mod probes;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pushline_alloc::site::{Site, SITES};
+use strum::{EnumCount, VariantArray};
 
-use crate::alloc::sites::{Site, SITES};
-use crate::conn::wire::Transport;
+pub use labels::{AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, PublishKind, RedisCommand, RefuseReason, Relayed};
+
+use crate::wire::Transport;
 
 pub const CONNECTIONS: &str = "pushline_connections";
 pub const CONNECTIONS_OPENED: &str = "pushline_connections_opened_total";
@@ -50,234 +57,18 @@ const LATENCY_BUCKETS: &[f64] =
 
 static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
-/// Why a connection closed. Label `reason` of `pushline_connections_closed_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum CloseReason {
-    /// The client sent a close frame or closed its end.
-    Client = 0,
-    IdleTimeout,
-    /// Outbound queue overflowed under `--slow-consumer disconnect`.
-    SlowConsumer,
-    Shutdown,
-    ProtocolError,
-    /// A read or write failed (reset, broken pipe).
-    IoError,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
-        CloseReason::Client,
-        CloseReason::IdleTimeout,
-        CloseReason::SlowConsumer,
-        CloseReason::Shutdown,
-        CloseReason::ProtocolError,
-        CloseReason::IoError,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Client => "client",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::SlowConsumer => "slow_consumer",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::ProtocolError => "protocol_error",
-            CloseReason::IoError => "io_error",
-        }
-    }
-
-    pub fn from_u8(v: u8) -> Option<CloseReason> {
-        CloseReason::ALL.get(v as usize).copied()
-    }
-}
-
-/// Why a message did not reach a connection. Label `reason` of `pushline_messages_dropped_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// Discarded by drop-oldest to make room in a full queue.
-    QueueFull,
-    /// Discarded with the connection closed by the disconnect policy.
-    SlowConsumer,
-    /// Still queued when its connection closed.
-    ConnectionClosed,
-    /// A whole publish refused with 503 because the node's queued bytes were over budget.
-    NodeOverBudget,
-    /// A publish that could not reach the other nodes because Redis failed (answered 503).
-    RegistryUnavailable,
-    /// Sent to a node's channel while that node was not subscribed (reconnecting to Redis).
-    NodeUnreachable,
-    /// A message from another node that could not be decoded.
-    BadRelay,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 7] = [
-        DropReason::QueueFull,
-        DropReason::SlowConsumer,
-        DropReason::ConnectionClosed,
-        DropReason::NodeOverBudget,
-        DropReason::RegistryUnavailable,
-        DropReason::NodeUnreachable,
-        DropReason::BadRelay,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::QueueFull => "queue_full",
-            DropReason::SlowConsumer => "slow_consumer",
-            DropReason::ConnectionClosed => "connection_closed",
-            DropReason::NodeOverBudget => "node_over_budget",
-            DropReason::RegistryUnavailable => "registry_unavailable",
-            DropReason::NodeUnreachable => "node_unreachable",
-            DropReason::BadRelay => "bad_relay",
-        }
-    }
-}
-
-/// Why a connection attempt was turned away. Label `reason` of `pushline_connections_refused_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RefuseReason {
-    MaxConnections,
-    Unauthorized,
-    BadRequest,
-    HandshakeTimeout,
-    ShuttingDown,
-}
-
-impl RefuseReason {
-    pub const ALL: [RefuseReason; 5] = [
-        RefuseReason::MaxConnections,
-        RefuseReason::Unauthorized,
-        RefuseReason::BadRequest,
-        RefuseReason::HandshakeTimeout,
-        RefuseReason::ShuttingDown,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefuseReason::MaxConnections => "max_connections",
-            RefuseReason::Unauthorized => "unauthorized",
-            RefuseReason::BadRequest => "bad_request",
-            RefuseReason::HandshakeTimeout => "handshake_timeout",
-            RefuseReason::ShuttingDown => "shutting_down",
-        }
-    }
-}
-
-/// What a publish addressed. Label `kind` of `pushline_messages_published_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PublishKind {
-    Push,
-    Topic,
-    Broadcast,
-}
-
-impl PublishKind {
-    pub const ALL: [PublishKind; 3] = [PublishKind::Push, PublishKind::Topic, PublishKind::Broadcast];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PublishKind::Push => "push",
-            PublishKind::Topic => "topic",
-            PublishKind::Broadcast => "broadcast",
-        }
-    }
-}
-
-/// A client frame the server could not use. Label `reason` of `pushline_client_errors_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientError {
-    BadJson,
-    UnknownType,
-    TooManyTopics,
-    BinaryFrame,
-}
-
-impl ClientError {
-    pub const ALL: [ClientError; 4] =
-        [ClientError::BadJson, ClientError::UnknownType, ClientError::TooManyTopics, ClientError::BinaryFrame];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientError::BadJson => "bad_json",
-            ClientError::UnknownType => "unknown_type",
-            ClientError::TooManyTopics => "too_many_topics",
-            ClientError::BinaryFrame => "binary_frame",
-        }
-    }
-}
-
-/// A Redis command, as Pushline uses them. Label `command` of the Redis metrics; its
-/// number is the first argument of the `redis_start` / `redis_end` probes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum RedisCommand {
-    /// A batch of session changes (HSET / HDEL), one round trip on a single Redis.
-    Sessions = 0,
-    /// Where the pushed uids are (HGETALL per uid, batched).
-    Hgetall,
-    /// Deleting dead nodes' sessions found by a lookup.
-    Hdel,
-    /// Liveness key refresh and node id claim.
-    Set,
-    Get,
-    Del,
-    Publish,
-    Subscribe,
-}
-
-impl RedisCommand {
-    pub const ALL: [RedisCommand; 8] = [
-        RedisCommand::Sessions,
-        RedisCommand::Hgetall,
-        RedisCommand::Hdel,
-        RedisCommand::Set,
-        RedisCommand::Get,
-        RedisCommand::Del,
-        RedisCommand::Publish,
-        RedisCommand::Subscribe,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RedisCommand::Sessions => "sessions",
-            RedisCommand::Hgetall => "hgetall",
-            RedisCommand::Hdel => "hdel",
-            RedisCommand::Set => "set",
-            RedisCommand::Get => "get",
-            RedisCommand::Del => "del",
-            RedisCommand::Publish => "publish",
-            RedisCommand::Subscribe => "subscribe",
-        }
-    }
-}
-
-/// Direction of a message between nodes. Label `direction` of `pushline_relay_messages_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Relayed {
-    Out,
-    In,
-}
-
-/// Accept failures; EMFILE/ENFILE mean the file table is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AcceptError {
-    FileLimit,
-    Other,
-}
-
 pub struct Metrics {
-    recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    connections: [Gauge; 2],
-    opened: [Counter; 2],
-    closed: [[Counter; CloseReason::ALL.len()]; 2],
-    refused: [Counter; RefuseReason::ALL.len()],
-    accept_errors: [Counter; 2],
-    published: [Counter; PublishKind::ALL.len()],
+    connections: [Gauge; Transport::COUNT],
+    opened: [Counter; Transport::COUNT],
+    closed: [[Counter; CloseReason::COUNT]; Transport::COUNT],
+    refused: [Counter; RefuseReason::COUNT],
+    accept_errors: [Counter; AcceptError::COUNT],
+    published: [Counter; PublishKind::COUNT],
     pub delivered: Counter,
-    dropped: [Counter; DropReason::ALL.len()],
-    client_errors: [Counter; ClientError::ALL.len()],
+    dropped: [Counter; DropReason::COUNT],
+    client_errors: [Counter; ClientError::COUNT],
+    api_requests: [[Counter; ApiStatus::COUNT]; ApiRoute::COUNT],
     pub delivery_latency: Histogram,
     queued_bytes: Gauge,
     queued_messages: Gauge,
@@ -287,13 +78,13 @@ pub struct Metrics {
     /// only grows: the count lives in the site table, not in the recorder).
     sites: [[Gauge; 3]; SITES],
     tokio: [Gauge; 3],
-    redis_latency: [Histogram; RedisCommand::ALL.len()],
-    redis_errors: [Counter; RedisCommand::ALL.len()],
+    redis_latency: [Histogram; RedisCommand::COUNT],
+    redis_errors: [Counter; RedisCommand::COUNT],
     pub redis_reconnects: Counter,
     pub redis_up: Gauge,
     pub registry_sessions: Gauge,
     pub registry_pending: Gauge,
-    relayed: [[Counter; PublishKind::ALL.len()]; 2],
+    relayed: [[Counter; PublishKind::COUNT]; Relayed::COUNT],
     /// Outbound bytes and messages queued on this node right now; the gauges are set from
     /// these at scrape time, and the publish API checks the byte budget against them.
     pub queued_bytes_now: AtomicUsize,
@@ -317,7 +108,10 @@ impl Metrics {
             let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::from_static_parts(k, v)).collect();
             recorder.register_gauge(&Key::from_parts(name, labels), &META)
         };
-        let by_transport = |name| Transport::ALL.map(|t| counter(name, &[("transport", t.as_str())]));
+        // One handle per value of a label enum, in the enum's order.
+        fn each<L: VariantArray + Into<&'static str> + Copy, T, const N: usize>(make: impl Fn(&'static str) -> T) -> [T; N] {
+            std::array::from_fn(|i| make(L::VARIANTS[i].into()))
+        }
         let describe = |name: &'static str, unit: Unit, text: &'static str| {
             recorder.describe_counter(KeyName::from_const_str(name), Some(unit), SharedString::const_str(text));
         };
@@ -377,20 +171,20 @@ impl Metrics {
             SharedString::const_str("Redis command round trips, by command."),
         );
         Metrics {
-            connections: Transport::ALL.map(|t| gauge(CONNECTIONS, &[("transport", t.as_str())])),
-            opened: by_transport(CONNECTIONS_OPENED),
-            closed: Transport::ALL.map(|t| {
-                CloseReason::ALL.map(|r| counter(CONNECTIONS_CLOSED, &[("transport", t.as_str()), ("reason", r.as_str())]))
+            connections: each::<Transport, _, _>(|t| gauge(CONNECTIONS, &[("transport", t)])),
+            opened: each::<Transport, _, _>(|t| counter(CONNECTIONS_OPENED, &[("transport", t)])),
+            closed: each::<Transport, _, _>(|t| {
+                each::<CloseReason, _, _>(|r| counter(CONNECTIONS_CLOSED, &[("transport", t), ("reason", r)]))
             }),
-            refused: RefuseReason::ALL.map(|r| counter(CONNECTIONS_REFUSED, &[("reason", r.as_str())])),
-            accept_errors: [
-                counter(ACCEPT_ERRORS, &[("kind", "file_limit")]),
-                counter(ACCEPT_ERRORS, &[("kind", "other")]),
-            ],
-            published: PublishKind::ALL.map(|k| counter(MESSAGES_PUBLISHED, &[("kind", k.as_str())])),
+            refused: each::<RefuseReason, _, _>(|r| counter(CONNECTIONS_REFUSED, &[("reason", r)])),
+            accept_errors: each::<AcceptError, _, _>(|k| counter(ACCEPT_ERRORS, &[("kind", k)])),
+            published: each::<PublishKind, _, _>(|k| counter(MESSAGES_PUBLISHED, &[("kind", k)])),
             delivered: counter(MESSAGES_DELIVERED, &[]),
-            dropped: DropReason::ALL.map(|r| counter(MESSAGES_DROPPED, &[("reason", r.as_str())])),
-            client_errors: ClientError::ALL.map(|r| counter(CLIENT_ERRORS, &[("reason", r.as_str())])),
+            dropped: each::<DropReason, _, _>(|r| counter(MESSAGES_DROPPED, &[("reason", r)])),
+            client_errors: each::<ClientError, _, _>(|r| counter(CLIENT_ERRORS, &[("reason", r)])),
+            api_requests: each::<ApiRoute, _, _>(|route| {
+                each::<ApiStatus, _, _>(|status| counter(API_REQUESTS, &[("route", route), ("status", status)]))
+            }),
             delivery_latency: recorder.register_histogram(&Key::from_static_name(DELIVERY_LATENCY), &META),
             queued_bytes: gauge(OUTBOUND_QUEUED_BYTES, &[]),
             queued_messages: gauge(OUTBOUND_QUEUED_MESSAGES, &[]),
@@ -402,33 +196,32 @@ impl Metrics {
                     .map(|name| gauge(name, &[("site", site.name())]))
             }),
             tokio: [TOKIO_WORKERS, TOKIO_ALIVE_TASKS, TOKIO_GLOBAL_QUEUE_DEPTH].map(|name| gauge(name, &[])),
-            redis_latency: RedisCommand::ALL.map(|c| {
-                let key = Key::from_parts(REDIS_COMMAND_SECONDS, vec![Label::from_static_parts("command", c.as_str())]);
+            redis_latency: each::<RedisCommand, _, _>(|c| {
+                let key = Key::from_parts(REDIS_COMMAND_SECONDS, vec![Label::from_static_parts("command", c)]);
                 recorder.register_histogram(&key, &META)
             }),
-            redis_errors: RedisCommand::ALL.map(|c| counter(REDIS_ERRORS, &[("command", c.as_str())])),
+            redis_errors: each::<RedisCommand, _, _>(|c| counter(REDIS_ERRORS, &[("command", c)])),
             redis_reconnects: counter(REDIS_RECONNECTS, &[]),
             redis_up: gauge(REDIS_UP, &[]),
             registry_sessions: gauge(REGISTRY_SESSIONS, &[]),
             registry_pending: gauge(REGISTRY_PENDING, &[]),
-            relayed: [("out", 0), ("in", 1)].map(|(direction, _)| {
-                PublishKind::ALL.map(|k| counter(RELAY_MESSAGES, &[("direction", direction), ("kind", k.as_str())]))
+            relayed: each::<Relayed, _, _>(|direction| {
+                each::<PublishKind, _, _>(|k| counter(RELAY_MESSAGES, &[("direction", direction), ("kind", k)]))
             }),
             queued_bytes_now: AtomicUsize::new(0),
             queued_messages_now: AtomicUsize::new(0),
-            recorder,
             handle,
         }
     }
 
     pub fn connection_opened(&self, t: Transport) {
-        self.opened[t.index()].increment(1);
-        self.connections[t.index()].increment(1.0);
+        self.opened[t as usize].increment(1);
+        self.connections[t as usize].increment(1.0);
     }
 
     pub fn connection_closed(&self, t: Transport, reason: CloseReason) {
-        self.closed[t.index()][reason as usize].increment(1);
-        self.connections[t.index()].decrement(1.0);
+        self.closed[t as usize][reason as usize].increment(1);
+        self.connections[t as usize].decrement(1.0);
     }
 
     pub fn refused(&self, reason: RefuseReason) {
@@ -445,7 +238,7 @@ impl Metrics {
 
     pub fn dropped(&self, reason: DropReason, count: usize) {
         if count > 0 {
-            crate::probes::msg_drop(reason as u8, count);
+            probes::msg_drop(reason as u8, count);
             self.dropped[reason as usize].increment(count as u64);
         }
     }
@@ -472,28 +265,14 @@ impl Metrics {
         self.queued_bytes_now.fetch_add(bytes as usize, Ordering::Relaxed);
     }
 
-    pub fn api_request(&self, route: &'static str, status: u16) {
-        let status = match status {
-            200 => "200",
-            400 => "400",
-            401 => "401",
-            404 => "404",
-            405 => "405",
-            413 => "413",
-            503 => "503",
-            _ => "other",
-        };
-        let key = Key::from_parts(
-            API_REQUESTS,
-            vec![Label::from_static_parts("route", route), Label::from_static_parts("status", status)],
-        );
-        self.recorder.register_counter(&key, &META).increment(1);
+    pub fn api_request(&self, route: ApiRoute, status: u16) {
+        self.api_requests[route as usize][ApiStatus::of(status) as usize].increment(1);
     }
 
     /// Prometheus text exposition, with the gauges that are read at scrape time brought up
     /// to date; `runtime` is the serving runtime's.
     pub fn render(&self, runtime: &tokio::runtime::RuntimeMetrics) -> String {
-        for (gauges, stats) in self.sites.iter().zip(crate::alloc::sites::snapshot()) {
+        for (gauges, stats) in self.sites.iter().zip(pushline_alloc::table::snapshot()) {
             gauges[0].set(stats.live_bytes as f64);
             gauges[1].set(stats.live_allocs as f64);
             gauges[2].set(stats.total_allocs as f64);
@@ -504,7 +283,7 @@ impl Metrics {
         }
         self.queued_bytes.set(self.queued_bytes_now.load(Ordering::Relaxed) as f64);
         self.queued_messages.set(self.queued_messages_now.load(Ordering::Relaxed) as f64);
-        if let Ok(stats) = crate::alloc::JemallocStats::read() {
+        if let Ok(stats) = pushline_alloc::jemalloc::JemallocStats::read() {
             let values = [stats.allocated, stats.active, stats.resident, stats.mapped, stats.retained, stats.metadata];
             for (gauge, value) in self.jemalloc.iter().zip(values) {
                 gauge.set(value as f64);
@@ -524,24 +303,4 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
-}
-
-/// Logs to stderr through `tracing`; `filter` is an `EnvFilter` directive. With the
-/// `console` feature and an address, tokio-console's server runs there too.
-pub fn init_logging(filter: &str, #[cfg(feature = "console")] console: Option<std::net::SocketAddr>) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // log_internal_errors(false): on a closed stderr, tracing-subscriber would otherwise
-    // eprintln! its write error, which panics, and take down whatever task was logging
-    // (seen: the accept loop, during an EMFILE backoff).
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).log_internal_errors(false).with_filter(filter);
-    let registry = tracing_subscriber::registry().with(fmt);
-    #[cfg(feature = "console")]
-    if let Some(addr) = console {
-        let _ = registry.with(console_subscriber::ConsoleLayer::builder().server_addr(addr).spawn()).try_init();
-        return;
-    }
-    let _ = registry.try_init();
 }

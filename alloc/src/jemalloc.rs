@@ -1,10 +1,5 @@
-//! Where memory goes, from the allocator's side: the per-site counters (`sites`),
-//! jemalloc's statistics, and jemalloc's sampling heap profiler.
-//!
-//! This module and `lib.rs` (which installs the allocator) are the only places that
-//! know which allocator runs.
-
-pub mod sites;
+//! jemalloc's side of the story: its statistics, its start-up options, and its sampling
+//! heap profiler, which stays on in production.
 
 use std::ffi::c_char;
 
@@ -54,7 +49,8 @@ impl JemallocStats {
 #[repr(transparent)]
 pub struct MallocConf(*const c_char);
 
-// SAFETY: a pointer to a static, immutable C string.
+// SAFETY: the pointer is to a static, immutable, NUL-terminated C string; sharing it
+// between threads shares only reads.
 unsafe impl Sync for MallocConf {}
 
 /// jemalloc reads its options from this symbol at start. Heap profiling is on from the
@@ -65,7 +61,8 @@ pub static MALLOC_CONF: MallocConf = MallocConf(c"prof:true,prof_active:true,lg_
 
 /// Turns jemalloc's heap sampling on or off (`prof.active`); returns what it was.
 pub fn set_heap_sampling(active: bool) -> Result<bool, String> {
-    // SAFETY: "prof.active" is a documented read-write bool.
+    // SAFETY: "prof.active" is a documented read-write bool, and `update` reads and
+    // writes a bool.
     unsafe { tikv_jemalloc_ctl::raw::update(b"prof.active\0", active) }.map_err(|e| format!("jemalloc prof.active: {e}"))
 }
 

@@ -9,31 +9,40 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::clock_ms;
-use super::wire::Transport;
+use crate::clock::now_ms;
 use crate::hub::Hub;
 use crate::telemetry::CloseReason;
+use crate::wire::Transport;
 
-/// How often to sweep: a quarter of the shortest deadline it keeps, within 50 ms..30 s.
-pub fn period(idle_timeout: Duration, ping_interval: Duration, sse_keepalive: Duration) -> Duration {
-    let shortest = [idle_timeout, ping_interval, sse_keepalive].into_iter().filter(|d| !d.is_zero()).min();
-    (shortest.unwrap_or(idle_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
+/// The deadlines the sweeper keeps; zero turns pings or keep-alives off.
+#[derive(Clone, Copy)]
+pub struct Timers {
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub sse_keepalive: Duration,
 }
 
-pub async fn run(hub: Arc<Hub>, stop: CancellationToken) {
-    let config = hub.config();
-    let idle_ms = config.idle_timeout.as_millis() as u64;
-    let ping_ms = config.ping_interval.as_millis() as u64;
-    let keepalive_ms = config.sse_keepalive.as_millis() as u64;
-    let mut ticks = tokio::time::interval(period(config.idle_timeout, config.ping_interval, config.sse_keepalive));
+impl Timers {
+    /// How often to sweep: a quarter of the shortest deadline kept, within 50 ms..30 s.
+    fn period(&self) -> Duration {
+        let shortest = [self.idle_timeout, self.ping_interval, self.sse_keepalive].into_iter().filter(|d| !d.is_zero()).min();
+        (shortest.unwrap_or(self.idle_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
+    }
+}
+
+pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
+    let idle_ms = timers.idle_timeout.as_millis() as u64;
+    let ping_ms = timers.ping_interval.as_millis() as u64;
+    let keepalive_ms = timers.sse_keepalive.as_millis() as u64;
+    let mut ticks = tokio::time::interval(timers.period());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut last_ping, mut last_keepalive) = (clock_ms(), clock_ms());
+    let (mut last_ping, mut last_keepalive) = (now_ms(), now_ms());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let now = clock_ms();
+        let now = now_ms();
         let ping_due = ping_ms > 0 && now - last_ping >= ping_ms;
         let keepalive_due = keepalive_ms > 0 && now - last_keepalive >= keepalive_ms;
         if ping_due {

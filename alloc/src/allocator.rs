@@ -1,0 +1,312 @@
+//! jemalloc (through tikv-jemallocator), with every allocation charged to the site that
+//! was current when it was made.
+//!
+//! The site is written into the allocation itself, in the last byte of jemalloc's size
+//! class, which the caller never sees, so a free is credited to the site that allocated,
+//! whichever thread frees it. A request that fills its size class exactly has no such
+//! byte; it goes to an arena of its site's own instead (see [`Placement`]).
+//!
+//! Tracking can be switched off once, at start ([`disable_tracking`]); from then on every
+//! call goes straight to jemalloc after one relaxed atomic load.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+use tikv_jemalloc_sys as jemalloc;
+use tikv_jemallocator::Jemalloc;
+
+use crate::site::{self, Site, SITES};
+use crate::table::{ShardCounters, PUSHLINE_ALLOC_SITES, SHARDS};
+
+thread_local! {
+    static SHARD: Cell<u8> = const { Cell::new(u8::MAX) };
+}
+
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    SHARD
+        .try_with(|s| {
+            let mut v = s.get();
+            if v == u8::MAX {
+                v = (NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS) as u8;
+                s.set(v);
+            }
+            v as usize
+        })
+        .unwrap_or(0)
+}
+
+fn counters(site: u8) -> &'static ShardCounters {
+    &PUSHLINE_ALLOC_SITES.counters[(site as usize).min(SITES - 1)][shard()]
+}
+
+/// Counts an allocation of `bytes` made at `site`.
+fn charge(site: u8, bytes: usize) {
+    probe::probe!(pushline, alloc, site as u64, bytes as u64);
+    let c = counters(site);
+    c.live_bytes.fetch_add(bytes as i64, Ordering::Relaxed);
+    c.live_allocs.fetch_add(1, Ordering::Relaxed);
+    c.total_allocs.fetch_add(1, Ordering::Relaxed);
+    c.total_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+/// Counts the free of an allocation of `bytes` made at `site`.
+fn credit(site: u8, bytes: usize) {
+    let c = counters(site);
+    c.live_bytes.fetch_sub(bytes as i64, Ordering::Relaxed);
+    c.live_allocs.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The global allocator of the `pushline` binary.
+pub struct SiteAllocator;
+
+static TRACKING: AtomicBool = AtomicBool::new(true);
+
+/// Stops charging allocations to sites, for the life of the process. Call it before the
+/// runtime starts: counters of memory allocated before it are left as they were, so
+/// the table stops meaning anything and the server reports tracking as off.
+pub fn disable_tracking() {
+    TRACKING.store(false, Ordering::Relaxed);
+}
+
+pub fn tracking_enabled() -> bool {
+    TRACKING.load(Ordering::Relaxed)
+}
+
+/// x86-64 and aarch64 malloc alignment (`alignof(max_align_t)`): smaller alignments need
+/// no flag. The same rule tikv-jemallocator applies, so our flags are its flags.
+const MIN_ALIGN: usize = 16;
+/// `MALLOCX_ZERO` from jemalloc.h: the memory is zero-filled.
+const MALLOCX_ZERO: i32 = 0x40;
+/// `MALLOCX_TCACHE_NONE` from jemalloc.h: bypass the thread cache, so the allocation comes
+/// from (and returns to) the arena the flags name.
+const MALLOCX_TCACHE_NONE: i32 = 1 << 8;
+
+/// `MALLOCX_ARENA(a)` from jemalloc.h.
+const fn mallocx_arena(arena: u32) -> i32 {
+    ((arena + 1) << 20) as i32
+}
+
+/// `MALLOCX_LG_ALIGN(log2 align)` when the alignment needs saying, as tikv-jemallocator
+/// computes it for the same layout.
+#[inline]
+fn flags_for(layout: &Layout) -> i32 {
+    if layout.align() <= MIN_ALIGN && layout.align() <= layout.size() {
+        0
+    } else {
+        layout.align().trailing_zeros() as i32
+    }
+}
+
+/// Where an allocation's site is kept.
+enum Placement {
+    /// In the last byte of the size class; `usable` is the class size.
+    Tag { usable: usize },
+    /// The request fills its size class exactly (cache-padded runtime structures such as
+    /// tokio task cells do): growing it for a tag byte would cost a whole class, so it
+    /// goes to its site's own arena instead, bypassing the thread cache, and a free
+    /// asks jemalloc which arena the pointer is in. Such allocations are rare (about two
+    /// per connection, none per message), so the slower path costs little.
+    Arena,
+}
+
+/// The placement of an allocation of `layout`: a pure function of the layout, so the
+/// free (which gets the same layout, by `GlobalAlloc`'s contract) finds the tag where the
+/// allocation put it.
+#[inline]
+fn placement(layout: &Layout, flags: i32) -> Placement {
+    // SAFETY: nallocx only computes a size class; it reads and writes no memory.
+    // jemalloc documents its result as the usable size of the allocation that the
+    // equivalent mallocx (tikv-jemallocator's alloc, with these flags) returns.
+    let usable = unsafe { jemalloc::nallocx(layout.size(), flags) };
+    if usable > layout.size() {
+        Placement::Tag { usable }
+    } else {
+        Placement::Arena
+    }
+}
+
+/// Arena index per site (0 until made), and the mib of `arenas.lookup` for frees.
+static SITE_ARENAS: [AtomicU32; SITES] = [const { AtomicU32::new(0) }; SITES];
+static ARENAS_MADE: std::sync::Once = std::sync::Once::new();
+static ARENAS_LOOKUP_MIB: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
+
+fn arena_of_site(site: u8) -> u32 {
+    ARENAS_MADE.call_once(|| {
+        for arena in SITE_ARENAS.iter() {
+            let mut index: u32 = 0;
+            let mut len = std::mem::size_of::<u32>();
+            // SAFETY: "arenas.create" writes an unsigned arena index into `index`, which
+            // is valid for `len` bytes. jemalloc allocates its own metadata internally,
+            // never through this allocator, so this cannot recurse.
+            let ok = unsafe {
+                jemalloc::mallctl(c"arenas.create".as_ptr(), (&mut index as *mut u32).cast(), &mut len, std::ptr::null_mut(), 0)
+            } == 0;
+            arena.store(if ok { index } else { 0 }, Ordering::Relaxed);
+        }
+        let mut mib = [0usize; 2];
+        let mut miblen = 2;
+        // SAFETY: fills `mib`, valid for `miblen` entries, with the components of "arenas.lookup".
+        if unsafe { jemalloc::mallctlnametomib(c"arenas.lookup".as_ptr(), mib.as_mut_ptr(), &mut miblen) } == 0 {
+            ARENAS_LOOKUP_MIB[0].store(mib[0], Ordering::Relaxed);
+            ARENAS_LOOKUP_MIB[1].store(mib[1], Ordering::Relaxed);
+        }
+    });
+    SITE_ARENAS[(site as usize).min(SITES - 1)].load(Ordering::Relaxed)
+}
+
+/// The site whose arena holds `ptr` (an `Arena`-placed allocation).
+fn site_of_arena_pointer(ptr: *mut u8) -> u8 {
+    let mib = [ARENAS_LOOKUP_MIB[0].load(Ordering::Relaxed), ARENAS_LOOKUP_MIB[1].load(Ordering::Relaxed)];
+    let mut arena: u32 = 0;
+    let mut len = std::mem::size_of::<u32>();
+    let mut p = ptr.cast::<std::ffi::c_void>();
+    // SAFETY: "arenas.lookup" reads the pointer-sized value at `p` and writes the unsigned
+    // index of the arena holding that pointer into `arena` (valid for `len` bytes); it
+    // fails, harmlessly, for a pointer jemalloc does not know.
+    let ok = unsafe {
+        jemalloc::mallctlbymib(
+            mib.as_ptr(),
+            2,
+            (&mut arena as *mut u32).cast(),
+            &mut len,
+            (&mut p as *mut *mut std::ffi::c_void).cast(),
+            std::mem::size_of::<*mut u8>(),
+        )
+    } == 0;
+    if !ok {
+        return Site::Other as u8;
+    }
+    SITE_ARENAS.iter().position(|a| a.load(Ordering::Relaxed) == arena).map_or(Site::Other as u8, |i| i as u8)
+}
+
+impl SiteAllocator {
+    /// # Safety
+    /// `layout` has a non-zero size (`GlobalAlloc::alloc`'s contract).
+    #[inline]
+    unsafe fn alloc_for(site: u8, layout: Layout, zero: bool) -> *mut u8 {
+        let flags = flags_for(&layout);
+        let ptr = match placement(&layout, flags) {
+            Placement::Tag { usable } => {
+                // SAFETY: the caller's contract is ours.
+                let ptr = unsafe { if zero { Jemalloc.alloc_zeroed(layout) } else { Jemalloc.alloc(layout) } };
+                if !ptr.is_null() {
+                    // SAFETY: jemalloc returned `usable` bytes (nallocx's promise), and
+                    // `usable - 1 >= layout.size()`: the byte is ours, past what the caller uses.
+                    unsafe { ptr.add(usable - 1).write(site) };
+                }
+                ptr
+            }
+            Placement::Arena => {
+                let flags = flags | mallocx_arena(arena_of_site(site)) | MALLOCX_TCACHE_NONE | if zero { MALLOCX_ZERO } else { 0 };
+                // SAFETY: a non-zero size, and flags jemalloc defines.
+                unsafe { jemalloc::mallocx(layout.size(), flags) }.cast()
+            }
+        };
+        if !ptr.is_null() {
+            charge(site, layout.size());
+        }
+        ptr
+    }
+
+    /// # Safety
+    /// `ptr` was allocated by this allocator with `layout`, while tracking was on.
+    #[inline]
+    unsafe fn site_of(ptr: *mut u8, layout: &Layout) -> u8 {
+        match placement(layout, flags_for(layout)) {
+            // SAFETY: the same layout gives the same placement, and the allocation wrote
+            // its site at `usable - 1`, inside the block.
+            Placement::Tag { usable } => unsafe { ptr.add(usable - 1).read() },
+            Placement::Arena => site_of_arena_pointer(ptr),
+        }
+    }
+}
+
+// SAFETY: every path returns memory from jemalloc for the layout asked (or null), and
+// frees through jemalloc with the layout the block was allocated with. An allocation made
+// while tracking was on and freed after it was switched off goes back through
+// `Jemalloc.dealloc`, which frees an arena-placed block correctly too: jemalloc finds a
+// block's arena from the pointer, whatever the flags.
+unsafe impl GlobalAlloc for SiteAllocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !tracking_enabled() {
+            // SAFETY: the caller's contract is ours.
+            return unsafe { Jemalloc.alloc(layout) };
+        }
+        // SAFETY: the caller's contract is ours.
+        unsafe { Self::alloc_for(site::current(), layout, false) }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !tracking_enabled() {
+            // SAFETY: the caller's contract is ours.
+            return unsafe { Jemalloc.alloc_zeroed(layout) };
+        }
+        // SAFETY: the caller's contract is ours.
+        unsafe { Self::alloc_for(site::current(), layout, true) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if !tracking_enabled() {
+            // SAFETY: the caller's contract is ours.
+            return unsafe { Jemalloc.dealloc(ptr, layout) };
+        }
+        let flags = flags_for(&layout);
+        match placement(&layout, flags) {
+            Placement::Tag { usable } => {
+                // SAFETY: the allocation (same layout, same placement) wrote its site
+                // there; the block is still ours until the dealloc below.
+                credit(unsafe { ptr.add(usable - 1).read() }, layout.size());
+                // SAFETY: the caller's contract is ours.
+                unsafe { Jemalloc.dealloc(ptr, layout) };
+            }
+            Placement::Arena => {
+                credit(site_of_arena_pointer(ptr), layout.size());
+                // SAFETY: `ptr` came from mallocx with this size and alignment; sdallocx
+                // takes the size it was allocated with.
+                unsafe { jemalloc::sdallocx(ptr.cast(), layout.size(), flags | MALLOCX_TCACHE_NONE) };
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if !tracking_enabled() {
+            // SAFETY: the caller's contract is ours.
+            return unsafe { Jemalloc.realloc(ptr, layout, new_size) };
+        }
+        // The memory keeps the site of whoever allocated it first.
+        // SAFETY: `ptr` was allocated here with `layout` (the caller's contract).
+        let site = unsafe { Self::site_of(ptr, &layout) };
+        // SAFETY: `GlobalAlloc::realloc` promises `new_size`, rounded up to `align`, does not overflow.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if let (Placement::Tag { .. }, Placement::Tag { usable }) =
+            (placement(&layout, flags_for(&layout)), placement(&new_layout, flags_for(&new_layout)))
+        {
+            // SAFETY: the caller's contract is ours; rallocx gives the block the size class
+            // of `new_size`, whose usable size nallocx computed.
+            let new = unsafe { Jemalloc.realloc(ptr, layout, new_size) };
+            if !new.is_null() {
+                // SAFETY: `usable - 1 >= new_size`: inside the new block, past the caller's bytes.
+                unsafe { new.add(usable - 1).write(site) };
+                credit(site, layout.size());
+                charge(site, new_size);
+            }
+            return new;
+        }
+        // SAFETY: a non-zero size (realloc's contract).
+        let new = unsafe { Self::alloc_for(site, new_layout, false) };
+        if !new.is_null() {
+            // SAFETY: both blocks are live and distinct; the copy stays within the smaller.
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+}

@@ -1,0 +1,431 @@
+//! A connected client: the task that owns its socket, reading its frames and writing
+//! what it is owed, and the sweeper that keeps time for every connection at once.
+//!
+//! An idle connection costs its task (the socket, a few words of state) and its `Conn`
+//! handle; nothing else. There is no read buffer while idle: when the socket is readable
+//! the task reads into a per-thread scratch buffer and keeps only the tail of an
+//! incomplete frame. There is no per-connection timer: the sweeper ([`sweep`]) checks
+//! idle deadlines and due pings for every connection at once, and signals the task.
+
+pub mod commands;
+pub mod sweep;
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pushline_alloc::Site;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::admission::Slot;
+use crate::clock;
+use crate::config::MAX_CLIENT_FRAME_LIMIT;
+use crate::conn::{Conn, Signals};
+use crate::hub::Hub;
+use crate::telemetry::{probes, ClientError, CloseReason, DropReason, Metrics};
+use crate::wire::{sse, ws, Transport};
+
+/// How long a closing connection may take to write its last bytes and close frame.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bytes read per wake-up before the task lets others run.
+const READ_BUDGET: usize = 256 * 1024;
+
+/// What every client task shares.
+pub struct Clients {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// Largest message a client may send.
+    pub max_message: usize,
+}
+
+thread_local! {
+    /// Where every connection on this thread reads into; only the tail of an incomplete
+    /// frame is copied out to the connection. Room for the largest frame allowed, its
+    /// header, and a read's worth beyond it.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Site::Codec.scope(|| vec![0; MAX_CLIENT_FRAME_LIMIT + 4 * 1024]));
+}
+
+/// Reads once into `buf`. A short read means the socket is drained, so it also clears
+/// the socket's readiness, sparing the read that would only say WouldBlock. That is safe:
+/// tokio snapshots readiness before the read, and data arriving after it re-arms it.
+fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut got = 0;
+    let outcome = stream.try_io(tokio::io::Interest::READABLE, || {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call, and
+        // the fd is the stream's own, open while `stream` is borrowed.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        got = n as usize;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match outcome {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+/// A frame partly written to the socket.
+struct Writing {
+    bytes: Bytes,
+    written: usize,
+    /// Set for published messages, whose delivery is counted and timed.
+    accepted_at: Option<Instant>,
+}
+
+enum Event {
+    Signals(Signals),
+    Readable,
+    Writable,
+    Failed,
+}
+
+/// The end of a connection's task, and why.
+struct Stop(CloseReason);
+
+/// Owns the socket of one connection. Dropping it unregisters the connection and counts
+/// why it closed, whichever way the task ended.
+struct Task {
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    clients: Arc<Clients>,
+    /// Inbound bytes of a frame not yet complete; empty (unallocated) between frames.
+    partial: Vec<u8>,
+    decoder: ws::Decoder,
+    /// Replies (pongs, acks, errors) written before queued messages.
+    replies: VecDeque<Bytes>,
+    writing: Option<Writing>,
+    reason: CloseReason,
+    _slot: Slot,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let metrics = &self.clients.metrics;
+        if self.writing.as_ref().is_some_and(|w| w.accepted_at.is_some()) {
+            metrics.dropped(DropReason::ConnectionClosed, 1);
+        }
+        self.conn.close_outbox(metrics);
+        probes::conn_close(self.conn.session.0, self.reason as u8, clock::now_ms().saturating_sub(self.conn.opened_ms));
+        self.clients.hub.unregister(&self.conn, self.reason);
+    }
+}
+
+/// Serves a registered connection until it closes. `first` is the welcome frame,
+/// `early` any bytes the client sent right after its handshake.
+///
+/// Not an `async fn`: one would keep its arguments in the future beside the `Task`
+/// they are moved into, for the connection's whole life.
+pub fn serve(
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    clients: Arc<Clients>,
+    slot: Slot,
+    first: Bytes,
+    early: Vec<u8>,
+) -> impl std::future::Future<Output = ()> + Send {
+    let mut task = Task {
+        stream,
+        conn,
+        clients,
+        partial: early,
+        decoder: ws::Decoder::new(),
+        replies: VecDeque::new(),
+        writing: Some(Writing { bytes: first, written: 0, accepted_at: None }),
+        reason: CloseReason::IoError,
+        _slot: slot,
+    };
+    // An `async move` block that uses `task` in place: an `async fn` taking the task (or
+    // these arguments) would hold a second copy of it in the future for its whole life.
+    async move {
+        // Frames that arrived with the handshake are handled as if just read.
+        let reason = match task.on_early_bytes() {
+            Ok(()) => task.run().await,
+            Err(Stop(reason)) => reason,
+        };
+        // Boxed: closing needs a timer and write futures, and an idle connection should
+        // not carry their space in its task for its whole life.
+        Box::pin(task.finish(reason)).await;
+    }
+}
+
+impl Task {
+    async fn run(&mut self) -> CloseReason {
+        loop {
+            if self.flush().is_err() {
+                return CloseReason::IoError;
+            }
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            let step = match event {
+                Event::Signals(signals) => self.on_signals(signals),
+                Event::Readable => self.on_readable(),
+                Event::Writable => Ok(()),
+                Event::Failed => Err(Stop(CloseReason::IoError)),
+            };
+            if let Err(Stop(reason)) = step {
+                return reason;
+            }
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let signals = self.conn.take_signals(cx.waker());
+        if signals.any() {
+            return Poll::Ready(Event::Signals(signals));
+        }
+        if self.writing.is_some() {
+            if let Poll::Ready(r) = self.stream.poll_write_ready(cx) {
+                return Poll::Ready(if r.is_ok() { Event::Writable } else { Event::Failed });
+            }
+        }
+        match self.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
+            Poll::Ready(Err(_)) => Poll::Ready(Event::Failed),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn on_signals(&mut self, signals: Signals) -> Result<(), Stop> {
+        if signals.has(Signals::CLOSE) {
+            return Err(Stop(self.conn.close_reason().unwrap_or(CloseReason::Shutdown)));
+        }
+        if signals.has(Signals::PING) {
+            self.replies.push_back(match self.conn.transport {
+                Transport::WebSocket => ws::frame(ws::OP_PING, b""),
+                Transport::Sse => Bytes::from_static(sse::KEEPALIVE),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes replies, then queued messages, until done or the socket would block.
+    /// Returns true when nothing is left to write.
+    fn flush(&mut self) -> io::Result<bool> {
+        loop {
+            let writing = match &mut self.writing {
+                Some(w) => w,
+                None => {
+                    let next = if let Some(bytes) = self.replies.pop_front() {
+                        Writing { bytes, written: 0, accepted_at: None }
+                    } else if let Some(msg) = self.conn.pop(&self.clients.metrics) {
+                        Writing { bytes: msg.bytes(self.conn.transport).clone(), written: 0, accepted_at: Some(msg.accepted_at) }
+                    } else {
+                        return Ok(true);
+                    };
+                    self.writing.insert(next)
+                }
+            };
+            match self.stream.try_write(&writing.bytes[writing.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    writing.written += n;
+                    if writing.written == writing.bytes.len() {
+                        if let Some(accepted_at) = writing.accepted_at {
+                            let latency = accepted_at.elapsed();
+                            probes::msg_write(self.conn.session.0, writing.bytes.len(), latency.as_nanos() as u64);
+                            let metrics = &self.clients.metrics;
+                            metrics.delivered.increment(1);
+                            metrics.delivery_latency.record(latency.as_secs_f64());
+                        }
+                        self.writing = None;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Flushes until nothing is left; false if the socket failed.
+    async fn flush_all(&mut self) -> bool {
+        loop {
+            match self.flush() {
+                Ok(true) => return true,
+                Ok(false) => {
+                    if self.stream.writable().await.is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn on_readable(&mut self) -> Result<(), Stop> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut filled = self.partial.len();
+            scratch[..filled].copy_from_slice(&self.partial);
+            self.partial = Vec::new();
+            let mut budget = READ_BUDGET;
+            let result = loop {
+                match read_once(&self.stream, &mut scratch[filled..]) {
+                    Ok(0) => break Err(Stop(CloseReason::Client)),
+                    Ok(n) => {
+                        self.conn.heard_from(clock::now_ms());
+                        filled += n;
+                        let used = match self.on_bytes(&mut scratch[..filled]) {
+                            Ok(used) => used,
+                            Err(stop) => break Err(stop),
+                        };
+                        scratch.copy_within(used..filled, 0);
+                        filled -= used;
+                        budget = budget.saturating_sub(n);
+                        if budget == 0 {
+                            // Readiness stays set: the next poll comes straight back here.
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                    Err(_) => break Err(Stop(CloseReason::IoError)),
+                }
+            };
+            if result.is_ok() && filled > 0 {
+                self.partial = scratch[..filled].to_vec();
+            }
+            result
+        })
+    }
+
+    /// Handles bytes that arrived together with the handshake.
+    fn on_early_bytes(&mut self) -> Result<(), Stop> {
+        if self.partial.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = std::mem::take(&mut self.partial);
+        let used = self.on_bytes(&mut bytes)?;
+        bytes.drain(..used);
+        self.partial = bytes;
+        Ok(())
+    }
+
+    /// Handles every complete frame at the start of `buf`; returns the bytes used.
+    fn on_bytes(&mut self, buf: &mut [u8]) -> Result<usize, Stop> {
+        if self.conn.transport == Transport::Sse {
+            // An SSE client has nothing to say after its request; ignore what it sends.
+            return Ok(buf.len());
+        }
+        let mut used = 0;
+        loop {
+            match self.decoder.decode(&mut buf[used..], self.clients.max_message) {
+                Ok(decoded) if decoded.used == 0 => return Ok(used),
+                Ok(decoded) => {
+                    used += decoded.used;
+                    if let Some(event) = decoded.event {
+                        self.on_event(event)?;
+                    }
+                }
+                Err(e) => return Err(self.protocol_error(e)),
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, e: ws::ProtocolError) -> Stop {
+        tracing::debug!(session = %self.conn.session, error = e.as_str(), "closing on protocol error");
+        self.replies.push_back(ws::close(e.close_code(), e.as_str()));
+        Stop(CloseReason::ProtocolError)
+    }
+
+    fn on_event(&mut self, event: ws::Event<'_>) -> Result<(), Stop> {
+        match event {
+            ws::Event::Text(text) => {
+                let reply = commands::handle(&text, &self.conn, &self.clients.hub, &self.clients.metrics);
+                self.replies.push_back(reply);
+            }
+            ws::Event::Ping(payload) => {
+                probes::heartbeat(self.conn.session.0, 1);
+                self.replies.push_back(ws::frame(ws::OP_PONG, payload));
+            }
+            ws::Event::Pong => probes::heartbeat(self.conn.session.0, 2),
+            ws::Event::Binary => {
+                self.clients.metrics.client_error(ClientError::BinaryFrame);
+                self.replies.push_back(commands::error_reply("binary messages are not accepted; send JSON text"));
+            }
+            ws::Event::Close { code } => {
+                // Echo the client's code, as RFC 6455 5.5.1 asks.
+                self.replies.push_back(ws::close(code.unwrap_or(ws::CLOSE_NORMAL), ""));
+                return Err(Stop(CloseReason::Client));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what the connection still owes the client (queued messages on a graceful
+    /// shutdown, then the close frame), bounded in time, then closes the socket.
+    async fn finish(&mut self, reason: CloseReason) {
+        self.reason = reason;
+        let metrics = self.clients.metrics.clone();
+        if reason != CloseReason::Shutdown {
+            self.conn.close_outbox(&metrics);
+        }
+        if reason == CloseReason::IoError {
+            return;
+        }
+        let close = match (self.conn.transport, reason) {
+            (Transport::Sse, _) => None,
+            (Transport::WebSocket, CloseReason::Shutdown) => Some(ws::close(ws::CLOSE_GOING_AWAY, "server shutting down")),
+            (Transport::WebSocket, CloseReason::IdleTimeout) => Some(ws::close(ws::CLOSE_NORMAL, "idle timeout")),
+            (Transport::WebSocket, CloseReason::SlowConsumer) => {
+                Some(ws::close(ws::CLOSE_TRY_AGAIN_LATER, "slow consumer: outbound queue full"))
+            }
+            // Client closes and protocol errors already queued their close frame.
+            (Transport::WebSocket, _) => None,
+        };
+        let drained = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+            if !self.flush_all().await {
+                return;
+            }
+            self.conn.close_outbox(&metrics);
+            if let Some(frame) = close {
+                self.replies.push_back(frame);
+                if !self.flush_all().await {
+                    return;
+                }
+            }
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!(session = %self.conn.session, "close frame not taken in time");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Admission;
+    use crate::conn::queue::Limits;
+    use crate::hub::Settings;
+    use crate::session::SessionIds;
+
+    /// An idle connection is its task and its `Conn`; these sizes are most of its memory
+    /// (see README, "Memory per connection"), so growing them should be a decision.
+    #[tokio::test]
+    async fn idle_connection_state_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let limits = Limits { max_messages: 1, max_bytes: 1, policy: crate::config::SlowConsumer::DropOldest };
+        let hub = Arc::new(Hub::new(Settings { limits, max_topics_per_connection: 1, fanout_batch: 1 }, metrics.clone(), None));
+        let clients = Arc::new(Clients { hub, metrics, max_message: 1024 });
+        let slot = Arc::new(Admission::new(1)).reserve().ok().unwrap();
+        let conn = Arc::new(Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket));
+        let future = serve(stream, conn, clients, slot, Bytes::new(), Vec::new());
+        assert!(std::mem::size_of_val(&future) <= 256, "connection future is {} bytes", std::mem::size_of_val(&future));
+        assert!(std::mem::size_of::<Conn>() <= 160, "Conn is {} bytes", std::mem::size_of::<Conn>());
+    }
+}

@@ -1,0 +1,171 @@
+//! The values metric labels take, one enum per label. Each variant's label text comes
+//! from its name (snake case) through `strum`, and `VARIANTS` lists them all, so every
+//! series can be registered at start and the hot path only indexes an array.
+
+use strum::{EnumCount, FromRepr, IntoStaticStr, VariantArray};
+
+/// Why a connection closed. Label `reason` of `pushline_connections_closed_total`; its
+/// number is an argument of the `conn_close` probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, FromRepr, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+#[repr(u8)]
+pub enum CloseReason {
+    /// The client sent a close frame or closed its end.
+    Client,
+    IdleTimeout,
+    /// Outbound queue overflowed under `--slow-consumer disconnect`.
+    SlowConsumer,
+    Shutdown,
+    ProtocolError,
+    /// A read or write failed (reset, broken pipe).
+    IoError,
+}
+
+/// Why a message did not reach a connection. Label `reason` of `pushline_messages_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum DropReason {
+    /// Discarded by drop-oldest to make room in a full queue.
+    QueueFull,
+    /// Discarded with the connection closed by the disconnect policy.
+    SlowConsumer,
+    /// Still queued when its connection closed.
+    ConnectionClosed,
+    /// A whole publish refused with 503 because the node's queued bytes were over budget.
+    NodeOverBudget,
+    /// A publish that could not reach the other nodes because Redis failed (answered 503).
+    RegistryUnavailable,
+    /// Sent to a node's channel while that node was not subscribed (reconnecting to Redis).
+    NodeUnreachable,
+    /// A message from another node that could not be decoded.
+    BadRelay,
+}
+
+/// Why a connection attempt was turned away. Label `reason` of `pushline_connections_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum RefuseReason {
+    MaxConnections,
+    Unauthorized,
+    BadRequest,
+    HandshakeTimeout,
+    ShuttingDown,
+}
+
+/// What a publish addressed. Label `kind` of `pushline_messages_published_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum PublishKind {
+    Push,
+    Topic,
+    Broadcast,
+}
+
+/// A client frame the server could not use. Label `reason` of `pushline_client_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum ClientError {
+    BadJson,
+    UnknownType,
+    TooManyTopics,
+    BinaryFrame,
+}
+
+/// A Redis command, as Pushline uses them. Label `command` of the Redis metrics; its
+/// number is the first argument of the `redis_start` / `redis_end` probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+#[repr(u8)]
+pub enum RedisCommand {
+    /// A batch of session changes (HSET / HDEL), one round trip on a single Redis.
+    Sessions,
+    /// Where the pushed uids are (HGETALL per uid, batched).
+    Hgetall,
+    /// Deleting dead nodes' sessions found by a lookup.
+    Hdel,
+    /// Liveness key refresh and node id claim.
+    Set,
+    Get,
+    Del,
+    Publish,
+    Subscribe,
+}
+
+/// Direction of a message between nodes. Label `direction` of `pushline_relay_messages_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Relayed {
+    Out,
+    In,
+}
+
+/// Accept failures; `file_limit` means EMFILE/ENFILE: the file table is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum AcceptError {
+    FileLimit,
+    Other,
+}
+
+/// The publish API's routes. Label `route` of `pushline_api_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum ApiRoute {
+    Push,
+    Publish,
+    Broadcast,
+    Other,
+}
+
+/// Statuses the publish API answers with. Label `status` of `pushline_api_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+pub enum ApiStatus {
+    #[strum(serialize = "200")]
+    Ok,
+    #[strum(serialize = "400")]
+    BadRequest,
+    #[strum(serialize = "401")]
+    Unauthorized,
+    #[strum(serialize = "404")]
+    NotFound,
+    #[strum(serialize = "405")]
+    MethodNotAllowed,
+    #[strum(serialize = "408")]
+    Timeout,
+    #[strum(serialize = "413")]
+    PayloadTooLarge,
+    #[strum(serialize = "503")]
+    Unavailable,
+    #[strum(serialize = "other")]
+    Other,
+}
+
+impl ApiStatus {
+    pub fn of(status: u16) -> ApiStatus {
+        match status {
+            200 => ApiStatus::Ok,
+            400 => ApiStatus::BadRequest,
+            401 => ApiStatus::Unauthorized,
+            404 => ApiStatus::NotFound,
+            405 => ApiStatus::MethodNotAllowed,
+            408 => ApiStatus::Timeout,
+            413 => ApiStatus::PayloadTooLarge,
+            503 => ApiStatus::Unavailable,
+            _ => ApiStatus::Other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_read_as_the_metrics_documented_them() {
+        assert_eq!(<&str>::from(CloseReason::IdleTimeout), "idle_timeout");
+        assert_eq!(<&str>::from(DropReason::NodeOverBudget), "node_over_budget");
+        assert_eq!(<&str>::from(ApiStatus::of(413)), "413");
+        assert_eq!(CloseReason::from_repr(CloseReason::IoError as u8), Some(CloseReason::IoError));
+        assert_eq!(CloseReason::from_repr(CloseReason::COUNT as u8), None);
+    }
+}
