@@ -57,6 +57,46 @@ async fn sigint_is_graceful_too() {
     assert_eq!(status.code(), Some(0));
 }
 
+#[tokio::test]
+async fn a_cpu_profile_in_progress_does_not_hold_shutdown() {
+    let mut server = Process::spawn(&["--shutdown-grace", "1s"], None);
+    // Two long profiles asked for at once: one runs, the other is refused (one at a
+    // time), and that refusal says the first is running.
+    let profile = format!("http://{}/debug/pprof/profile?seconds=120", server.admin);
+    let (mut a, mut b) = (tokio::spawn(reqwest::get(profile.clone())), tokio::spawn(reqwest::get(profile)));
+    let refused = tokio::time::timeout(WAIT, async {
+        tokio::select! {
+            r = &mut a => r.unwrap().unwrap().status(),
+            r = &mut b => r.unwrap().unwrap().status(),
+        }
+    });
+    assert_eq!(refused.await.expect("one profile is refused at once"), 409);
+    let started = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < std::time::Duration::from_secs(8), "shutdown took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let mut server = Process::spawn(&["--shutdown-grace", "60s"], None);
+    // A publish whose body never finishes keeps the first phase waiting for it.
+    let mut slow = tokio::net::TcpStream::connect(server.client).await.unwrap();
+    let head = "POST /v1/broadcast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\":";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let (status, _) = post(server.client, "/v1/broadcast", json!({"data": 1})).await;
+    assert_eq!(status, 200);
+    server.signal(libc::SIGTERM);
+    server.wait_log("phase=\"draining\"");
+    let second = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(130), "a second signal exits at once, with 130");
+    assert!(second.elapsed() < std::time::Duration::from_secs(5));
+}
+
 const FILE_LIMIT: u64 = 48;
 
 fn low_file_limit() -> std::io::Result<()> {

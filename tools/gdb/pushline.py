@@ -6,7 +6,7 @@
 # Commands:
 #   pushline-sites    live bytes, live allocations and total allocations per site
 #
-# The layout is that of `SiteTable` in server/src/alloc/sites.rs: magic "PLSITES1",
+# The layout is that of `SiteTable` in alloc/src/table.rs: magic "PLSITES1",
 # version u32, sites u32, shards u32, name_len u32, names[sites][name_len], then at a
 # 64-byte boundary counters[sites][shards], 64 bytes each: live_bytes i64,
 # live_allocs i64, total_allocs u64, total_bytes u64.

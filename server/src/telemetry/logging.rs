@@ -11,7 +11,13 @@ pub fn init(filter: &str, #[cfg(feature = "console")] console: Option<std::net::
     // log_internal_errors(false): on a closed stderr, tracing-subscriber would otherwise
     // eprintln! its write error, which panics, and take down whatever task was logging
     // (seen: the accept loop, during an EMFILE backoff).
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).log_internal_errors(false).with_filter(filter);
+    // Colour only for a person at a terminal: journald, files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false)
+        .with_filter(filter);
     let registry = tracing_subscriber::registry().with(fmt);
     #[cfg(feature = "console")]
     if let Some(addr) = console {

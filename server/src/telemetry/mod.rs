@@ -112,64 +112,53 @@ impl Metrics {
         fn each<L: VariantArray + Into<&'static str> + Copy, T, const N: usize>(make: impl Fn(&'static str) -> T) -> [T; N] {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
-        let describe = |name: &'static str, unit: Unit, text: &'static str| {
-            recorder.describe_counter(KeyName::from_const_str(name), Some(unit), SharedString::const_str(text));
-        };
-        describe(CONNECTIONS_OPENED, Unit::Count, "Connections that completed their handshake.");
-        describe(CONNECTIONS_CLOSED, Unit::Count, "Connections closed, by reason.");
-        describe(CONNECTIONS_REFUSED, Unit::Count, "Connection attempts turned away, by reason.");
-        describe(ACCEPT_ERRORS, Unit::Count, "accept() failures; file_limit means EMFILE/ENFILE.");
-        describe(MESSAGES_PUBLISHED, Unit::Count, "Messages accepted by the publish API, by kind.");
-        describe(MESSAGES_DELIVERED, Unit::Count, "Messages written to a client socket.");
-        describe(MESSAGES_DROPPED, Unit::Count, "Messages that did not reach a connection, by reason.");
-        describe(CLIENT_ERRORS, Unit::Count, "Client frames the server could not use, by reason.");
-        describe(API_REQUESTS, Unit::Count, "Publish API requests, by route and status.");
-        describe(REDIS_ERRORS, Unit::Count, "Redis commands that failed, by command.");
-        describe(REDIS_RECONNECTS, Unit::Count, "Times the Redis connection was lost (and reconnected).");
-        describe(RELAY_MESSAGES, Unit::Count, "Messages sent to or received from other nodes, by direction and kind.");
-        recorder.describe_gauge(
-            KeyName::from_const_str(CONNECTIONS),
-            Some(Unit::Count),
-            SharedString::const_str("Open client connections, by transport."),
-        );
-        recorder.describe_gauge(
-            KeyName::from_const_str(OUTBOUND_QUEUED_BYTES),
-            Some(Unit::Bytes),
-            SharedString::const_str("Bytes waiting in outbound queues."),
-        );
-        recorder.describe_gauge(
-            KeyName::from_const_str(JEMALLOC_BYTES),
-            Some(Unit::Bytes),
-            SharedString::const_str("jemalloc statistics: allocated, active, resident, mapped, retained, metadata."),
-        );
-        recorder.describe_gauge(
-            KeyName::from_const_str(JEMALLOC_FRAGMENTATION),
-            None,
-            SharedString::const_str("jemalloc active / allocated; 1.0 is no space lost inside pages."),
-        );
-        for (name, unit, text) in [
-            (ALLOC_SITE_LIVE_BYTES, Unit::Bytes, "Bytes allocated by each site and not yet freed."),
-            (ALLOC_SITE_LIVE_ALLOCATIONS, Unit::Count, "Allocations made by each site and not yet freed."),
-            (ALLOC_SITE_ALLOCATIONS, Unit::Count, "Allocations each site has made since start."),
-            (TOKIO_WORKERS, Unit::Count, "Worker threads of the serving runtime."),
-            (TOKIO_ALIVE_TASKS, Unit::Count, "Tasks alive in the serving runtime."),
-            (TOKIO_GLOBAL_QUEUE_DEPTH, Unit::Count, "Tasks waiting in the serving runtime's global queue."),
-            (REDIS_UP, Unit::Count, "1 while the last Redis command succeeded, 0 after one failed."),
-            (REGISTRY_SESSIONS, Unit::Count, "This node's sessions registered in Redis."),
-            (REGISTRY_PENDING, Unit::Count, "Session changes waiting to be written to Redis."),
-        ] {
-            recorder.describe_gauge(KeyName::from_const_str(name), Some(unit), SharedString::const_str(text));
+        // What each metric means, for the exposition's HELP lines.
+        const COUNTERS: [(&str, Option<Unit>, &str); 12] = [
+            (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
+            (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
+            (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
+            (ACCEPT_ERRORS, Some(Unit::Count), "accept() failures; file_limit means EMFILE/ENFILE."),
+            (MESSAGES_PUBLISHED, Some(Unit::Count), "Messages accepted by the publish API, by kind."),
+            (MESSAGES_DELIVERED, Some(Unit::Count), "Messages written to a client socket."),
+            (MESSAGES_DROPPED, Some(Unit::Count), "Messages that did not reach a connection, by reason."),
+            (CLIENT_ERRORS, Some(Unit::Count), "Client frames the server could not use, by reason."),
+            (API_REQUESTS, Some(Unit::Count), "Publish API requests, by route and status."),
+            (REDIS_ERRORS, Some(Unit::Count), "Redis commands that failed, by command."),
+            (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
+            (RELAY_MESSAGES, Some(Unit::Count), "Messages sent to or received from other nodes, by direction and kind."),
+        ];
+        const GAUGES: [(&str, Option<Unit>, &str); 13] = [
+            (CONNECTIONS, Some(Unit::Count), "Open client connections, by transport."),
+            (OUTBOUND_QUEUED_BYTES, Some(Unit::Bytes), "Bytes waiting in outbound queues."),
+            (JEMALLOC_BYTES, Some(Unit::Bytes), "jemalloc statistics: allocated, active, resident, mapped, retained, metadata."),
+            (JEMALLOC_FRAGMENTATION, None, "jemalloc active / allocated; 1.0 is no space lost inside pages."),
+            (ALLOC_SITE_LIVE_BYTES, Some(Unit::Bytes), "Bytes allocated by each site and not yet freed."),
+            (ALLOC_SITE_LIVE_ALLOCATIONS, Some(Unit::Count), "Allocations made by each site and not yet freed."),
+            (ALLOC_SITE_ALLOCATIONS, Some(Unit::Count), "Allocations each site has made since start."),
+            (TOKIO_WORKERS, Some(Unit::Count), "Worker threads of the serving runtime."),
+            (TOKIO_ALIVE_TASKS, Some(Unit::Count), "Tasks alive in the serving runtime."),
+            (TOKIO_GLOBAL_QUEUE_DEPTH, Some(Unit::Count), "Tasks waiting in the serving runtime's global queue."),
+            (REDIS_UP, Some(Unit::Count), "1 while the last Redis command succeeded, 0 after one failed."),
+            (REGISTRY_SESSIONS, Some(Unit::Count), "This node's sessions registered in Redis."),
+            (REGISTRY_PENDING, Some(Unit::Count), "Session changes waiting to be written to Redis."),
+        ];
+        const HISTOGRAMS: [(&str, Option<Unit>, &str); 2] = [
+            (DELIVERY_LATENCY, Some(Unit::Seconds), "From publish accepted to bytes handed to the socket."),
+            (REDIS_COMMAND_SECONDS, Some(Unit::Seconds), "Redis command round trips, by command."),
+        ];
+        let help = |name: &'static str, text: &'static str| (KeyName::from_const_str(name), SharedString::const_str(text));
+        for (name, unit, text) in COUNTERS {
+            let (name, text) = help(name, text);
+            recorder.describe_counter(name, unit, text);
         }
-        recorder.describe_histogram(
-            KeyName::from_const_str(DELIVERY_LATENCY),
-            Some(Unit::Seconds),
-            SharedString::const_str("From publish accepted to bytes handed to the socket."),
-        );
-        recorder.describe_histogram(
-            KeyName::from_const_str(REDIS_COMMAND_SECONDS),
-            Some(Unit::Seconds),
-            SharedString::const_str("Redis command round trips, by command."),
-        );
+        for (name, unit, text) in GAUGES {
+            let (name, text) = help(name, text);
+            recorder.describe_gauge(name, unit, text);
+        }
+        for (name, unit, text) in HISTOGRAMS {
+            let (name, text) = help(name, text);
+            recorder.describe_histogram(name, unit, text);
+        }
         Metrics {
             connections: each::<Transport, _, _>(|t| gauge(CONNECTIONS, &[("transport", t)])),
             opened: each::<Transport, _, _>(|t| counter(CONNECTIONS_OPENED, &[("transport", t)])),

@@ -92,21 +92,19 @@ pub struct Decoded<'a> {
     pub event: Option<Event<'a>>,
 }
 
-/// The message being received in fragments.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The message being received in fragments, if any. One word of state beside the
+/// buffer: the buffer's spare niche holds the other cases.
+#[derive(Debug, PartialEq, Eq)]
 enum Fragmented {
     None,
-    Text,
+    /// Text so far; every complete character in it already checked as UTF-8.
+    Text(Vec<u8>),
+    /// A binary message, being discarded.
     Binary,
 }
 
 /// Client frames to events. Holds only an unfinished fragmented message.
 pub struct Decoder {
-    /// Text fragments so far; empty (unallocated) between messages.
-    fragments: Vec<u8>,
-    /// How much of `fragments` is known to be valid UTF-8: each fragment is checked as
-    /// it arrives, so invalid text fails at the fragment where it becomes impossible.
-    checked: u32,
     fragmented: Fragmented,
 }
 
@@ -179,7 +177,7 @@ fn valid_close_code(code: u16) -> bool {
 
 impl Decoder {
     pub const fn new() -> Decoder {
-        Decoder { fragments: Vec::new(), checked: 0, fragmented: Fragmented::None }
+        Decoder { fragmented: Fragmented::None }
     }
 
     /// Decodes the frame at the front of `buf`, unmasking its payload in place. A data
@@ -224,8 +222,9 @@ impl Decoder {
                 Err(_) => Err(ProtocolError::InvalidUtf8),
             },
             OP_TEXT => {
-                self.fragmented = Fragmented::Text;
-                self.append(payload, max_message)?;
+                let mut text = Vec::new();
+                append(&mut text, payload, max_message)?;
+                self.fragmented = Fragmented::Text(text);
                 Ok(None)
             }
             OP_BINARY => {
@@ -235,7 +234,7 @@ impl Decoder {
                 Ok(Some(Event::Binary))
             }
             // OP_CONTINUATION: `head` let no other opcode through.
-            _ => match self.fragmented {
+            _ => match &mut self.fragmented {
                 Fragmented::None => Err(ProtocolError::UnexpectedContinuation),
                 Fragmented::Binary => {
                     if fin {
@@ -243,38 +242,44 @@ impl Decoder {
                     }
                     Ok(None)
                 }
-                Fragmented::Text => {
-                    self.append(payload, max_message)?;
+                Fragmented::Text(text) => {
+                    append(text, payload, max_message)?;
                     if !fin {
                         return Ok(None);
                     }
-                    if (self.checked as usize) < self.fragments.len() {
-                        // The message ends inside a UTF-8 sequence.
-                        return Err(ProtocolError::InvalidUtf8);
-                    }
-                    self.fragmented = Fragmented::None;
-                    self.checked = 0;
-                    let text = String::from_utf8(std::mem::take(&mut self.fragments)).map_err(|_| ProtocolError::InvalidUtf8)?;
+                    let Fragmented::Text(text) = std::mem::replace(&mut self.fragmented, Fragmented::None) else {
+                        unreachable!("matched as text above")
+                    };
+                    // Whole now: a sequence cut short by the last fragment fails here.
+                    let text = String::from_utf8(text).map_err(|_| ProtocolError::InvalidUtf8)?;
                     Ok(Some(Event::Text(Cow::Owned(text))))
                 }
             },
         }
     }
+}
 
-    /// Adds a text fragment and checks the UTF-8 it completes; a sequence cut by the end
-    /// of the fragment waits for the next one.
-    fn append(&mut self, payload: &[u8], max_message: usize) -> Result<(), ProtocolError> {
-        if self.fragments.len() + payload.len() > max_message {
-            return Err(ProtocolError::TooBig);
-        }
-        self.fragments.extend_from_slice(payload);
-        let unchecked = &self.fragments[self.checked as usize..];
-        match std::str::from_utf8(unchecked) {
-            Ok(_) => self.checked = self.fragments.len() as u32,
-            Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to() as u32,
-            Err(_) => return Err(ProtocolError::InvalidUtf8),
-        }
-        Ok(())
+/// Adds a text fragment to `text` and checks the UTF-8 it brings: from the start of the
+/// last character already held (which may have been cut by the previous fragment's
+/// end), so a byte that can start no character fails at once, and a sequence cut by
+/// this fragment's end waits for the next one.
+fn append(text: &mut Vec<u8>, payload: &[u8], max_message: usize) -> Result<(), ProtocolError> {
+    if text.len() + payload.len() > max_message {
+        return Err(ProtocolError::TooBig);
+    }
+    let mut from = text.len();
+    let floor = from.saturating_sub(3);
+    while from > floor && text[from - 1] & 0xC0 == 0x80 {
+        from -= 1;
+    }
+    if from > 0 && text[from - 1] >= 0xC0 {
+        from -= 1;
+    }
+    text.extend_from_slice(payload);
+    match std::str::from_utf8(&text[from..]) {
+        Ok(_) => Ok(()),
+        Err(e) if e.error_len().is_none() => Ok(()),
+        Err(_) => Err(ProtocolError::InvalidUtf8),
     }
 }
 
@@ -479,9 +484,27 @@ mod tests {
         let mut decoder = Decoder::new();
         let mut buf = bytes.clone();
         let first = decoder.decode(&mut buf, 100).unwrap().used;
-        assert!(decoder.fragments.capacity() > 0);
+        assert!(matches!(&decoder.fragmented, Fragmented::Text(t) if t.capacity() > 0));
         decoder.decode(&mut buf[first..], 100).unwrap();
-        assert_eq!(decoder.fragments.capacity(), 0);
-        assert!(std::mem::size_of::<Decoder>() <= 32, "Decoder is {} bytes", std::mem::size_of::<Decoder>());
+        assert_eq!(decoder.fragmented, Fragmented::None);
+        assert_eq!(std::mem::size_of::<Decoder>(), std::mem::size_of::<Vec<u8>>(), "one word of state beside the buffer");
+    }
+
+    #[test]
+    fn utf8_is_checked_across_any_fragment_boundary() {
+        let text = "aé€😀b";
+        for cut_every in 1..=4 {
+            let chunks: Vec<&[u8]> = text.as_bytes().chunks(cut_every).collect();
+            let mut bytes = Vec::new();
+            for (i, chunk) in chunks.iter().enumerate() {
+                let opcode = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+                bytes.extend(client_frame(opcode, i + 1 == chunks.len(), chunk, MASK));
+            }
+            assert_eq!(decode_all(&bytes, 100).unwrap(), [format!("Text({text:?})")], "fragments of {cut_every} bytes");
+        }
+        // A lone continuation byte after a complete 4-byte character.
+        let mut bad = client_frame(OP_TEXT, false, "😀".as_bytes(), MASK);
+        bad.extend(client_frame(OP_CONTINUATION, false, &[0x80], MASK));
+        assert_eq!(decode_all(&bad, 100).unwrap_err(), ProtocolError::InvalidUtf8);
     }
 }

@@ -169,6 +169,8 @@ pub struct Process {
     pub admin: SocketAddr,
     /// What it logged up to and including the `listening` line.
     pub startup_log: Vec<String>,
+    /// What it logged after that, as it arrives.
+    log: std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
 }
 
 impl Process {
@@ -209,10 +211,34 @@ impl Process {
             if let Some(rest) = startup_log.last().unwrap().split("listening client=").nth(1) {
                 let (client, admin) = rest.split_once(" admin=").expect("both addresses");
                 let (client, admin) = (client.trim().parse().unwrap(), admin.trim().parse().unwrap());
-                // Its later log goes to the test's output (shown when a test fails).
-                std::thread::spawn(move || rx.into_iter().for_each(|line| eprintln!("[pushline] {line}")));
-                return Process { child: child.0.take().unwrap(), client, admin, startup_log };
+                // Its later log is kept for wait_log, and goes to the test's output (shown
+                // when a test fails).
+                let log = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+                let kept = log.clone();
+                std::thread::spawn(move || {
+                    for line in rx {
+                        eprintln!("[pushline] {line}");
+                        kept.0.lock().unwrap().push(line);
+                        kept.1.notify_all();
+                    }
+                });
+                return Process { child: child.0.take().unwrap(), client, admin, startup_log, log };
             }
+        }
+    }
+
+    /// Waits until the process logs a line containing `needle` (within the wait).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let (lines, arrived) = &*self.log;
+        let deadline = Instant::now() + WAIT;
+        let mut lines = lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "pushline never logged `{needle}`; it logged: {lines:?}");
+            lines = arrived.wait_timeout(lines, left).unwrap().0;
         }
     }
 
