@@ -16,22 +16,22 @@ use pushline::session::{MessageIds, SessionIds};
 use pushline::telemetry::Metrics;
 use pushline::wire::ws::{self, OP_TEXT};
 use pushline::wire::{Message, Transport};
-use serde_json::value::RawValue;
 
 const DATA_100B: &str = r#"{"title":"Pushline","body":"a hundred bytes of JSON payload for the benchmark, give or take a few.."}"#;
 
 fn framing(c: &mut Criterion) {
     let payload = vec![b'x'; 100];
     c.bench_function("ws_frame/100B", |b| b.iter(|| ws::frame(OP_TEXT, black_box(&payload))));
-    let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
     c.bench_function("message_new/100B (envelope + ws + sse)", |b| {
-        b.iter(|| Message::new(black_box(42), Some("news"), data, Instant::now()))
+        b.iter(|| Message::new(black_box(42), Some("news"), DATA_100B, Instant::now()))
+    });
+    c.bench_function("json_compact/100B (depth check, already compact)", |b| {
+        b.iter(|| pushline::wire::json::compact(black_box(DATA_100B)))
     });
 }
 
 fn relay(c: &mut Criterion) {
-    let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
-    let msg = Message::new(42, None, data, Instant::now());
+    let msg = Message::new(42, None, DATA_100B, Instant::now());
     let envelope = std::str::from_utf8(msg.envelope()).unwrap();
     let relay = Relay { origin: 1, id: 42, published_ms: 0, target: Target::Uids(vec!["alice", "bob"]), envelope };
     let bytes = relay.encode();
@@ -55,8 +55,7 @@ fn fanout_enqueue(c: &mut Criterion) {
     let config = pushline::Config::for_loopback();
     let limits = Limits { max_messages: config.queue_max_messages, max_bytes: config.queue_max_bytes, policy: SlowConsumer::DropOldest };
     let sessions = SessionIds::new(0);
-    let data: &RawValue = serde_json::from_str(DATA_100B).unwrap();
-    let msg = Arc::new(Message::new(1, None, data, Instant::now()));
+    let msg = Arc::new(Message::new(1, None, DATA_100B, Instant::now()));
     let mut group = c.benchmark_group("fanout_enqueue");
     group.throughput(Throughput::Elements(CONNECTIONS as u64));
     group.bench_function("100B to 10k connections", |b| {

@@ -16,6 +16,12 @@ use crate::error::Error;
 /// buffer of about this size.
 pub const MAX_CLIENT_FRAME_LIMIT: usize = 60 * 1024;
 
+/// The smallest `--max-client-frame-bytes`: a control frame's largest payload.
+const MIN_CLIENT_FRAME: usize = 125;
+
+/// Shortest `--jwt-secret` or `--api-key`: 256 bits, HS256's own strength.
+const MIN_SECRET_BYTES: usize = 32;
+
 /// What a connection whose outbound queue is full gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -92,6 +98,12 @@ pub struct Config {
     #[serde(skip)]
     pub jwt_secret: Option<String>,
 
+    /// Longest a client token may still be valid for when presented (its `exp` at most
+    /// this far from now).
+    #[arg(long, env = "PUSHLINE_JWT_MAX_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub jwt_max_lifetime: Duration,
+
     /// Key the /v1 publish API requires (`Authorization: Bearer KEY` or `X-Api-Key: KEY`).
     /// Required unless in open mode.
     #[arg(long, env = "PUSHLINE_API_KEY", hide_env_values = true)]
@@ -101,6 +113,15 @@ pub struct Config {
     /// Most WebSocket + SSE connections held at once; more are refused with 503.
     #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,
+
+    /// Most WebSocket + SSE connections of one uid on this node; more are refused with 429.
+    #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS_PER_UID", default_value_t = 16)]
+    pub max_connections_per_uid: usize,
+
+    /// Most publish API connections open at once (they do not count against
+    /// --max-connections); more are answered 503 and closed.
+    #[arg(long, env = "PUSHLINE_MAX_API_CONNECTIONS", default_value_t = 1024)]
+    pub max_api_connections: usize,
 
     /// Close a WebSocket connection that sent nothing for this long (2 x the talk's 270 s heartbeat).
     #[arg(long, env = "PUSHLINE_IDLE_TIMEOUT", default_value = "540s", value_parser = humantime::parse_duration)]
@@ -129,6 +150,13 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_SLOW_CONSUMER", value_enum, default_value = "drop-oldest")]
     pub slow_consumer: SlowConsumer,
 
+    /// Close a connection (1013, counted as slow_consumer) whose outbound queue has stayed
+    /// full, unread, this long, whatever --slow-consumer says: a client that never reads
+    /// must not hold the node's queue budget.
+    #[arg(long, env = "PUSHLINE_SLOW_CONSUMER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub slow_consumer_timeout: Duration,
+
     /// Largest `data` a publish may carry (bytes of JSON); larger is a 413.
     #[arg(long, env = "PUSHLINE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
@@ -149,7 +177,8 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_FANOUT_BATCH", default_value_t = 512)]
     pub fanout_batch: usize,
 
-    /// Time a new connection has to send its HTTP request head.
+    /// Time a new connection has to send its HTTP request head; on the publish API, also
+    /// each later request's head and body, and an idle keep-alive connection its next request.
     #[arg(long, env = "PUSHLINE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "as_humantime")]
     pub handshake_timeout: Duration,
@@ -239,6 +268,24 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        for (name, secret) in [("--jwt-secret", &self.jwt_secret), ("--api-key", &self.api_key)] {
+            match secret.as_deref().map(str::len) {
+                Some(0) => return Err(format!("{name} is empty (an unset variable in the environment or file?); set a random value of at least {MIN_SECRET_BYTES} bytes, e.g. `openssl rand -base64 32`")),
+                Some(n) if n < MIN_SECRET_BYTES => {
+                    return Err(format!("{name} is {n} bytes; use at least {MIN_SECRET_BYTES} random bytes, e.g. `openssl rand -base64 32`"))
+                }
+                _ => {}
+            }
+        }
+        if self.jwt_secret.is_some() && !self.admin_listen.ip().is_loopback() {
+            return Err(format!(
+                "--admin-listen {} is not loopback: the admin endpoints (profiles, sessions) take no credentials; bind them to 127.0.0.1 and reach them through a tunnel",
+                self.admin_listen
+            ));
+        }
+        if self.reuse_port && self.registry == RegistryKind::Memory {
+            return Err("--reuse-port with --registry memory splits clients between processes that cannot reach each other's sessions (and would share node id 0); use --registry redis so they form a cluster".into());
+        }
         if self.jwt_secret.is_none() {
             for (name, addr) in [("--listen", self.listen), ("--admin-listen", self.admin_listen)] {
                 if !addr.ip().is_loopback() {
@@ -263,8 +310,24 @@ impl Config {
                 self.max_client_frame_bytes
             ));
         }
-        if self.queue_max_messages == 0 || self.fanout_batch == 0 {
-            return Err("--queue-max-messages and --fanout-batch must be at least 1".into());
+        if self.max_client_frame_bytes < MIN_CLIENT_FRAME {
+            return Err(format!(
+                "--max-client-frame-bytes ({}) is under {MIN_CLIENT_FRAME}: clients could not send a control frame or a subscribe",
+                self.max_client_frame_bytes
+            ));
+        }
+        // Not max_connections x queue_max_bytes: that product (256 GB by default) is far
+        // past any machine's memory, and the budget exists to cap what slow clients can
+        // hold. Queues that stay full are closed after --slow-consumer-timeout, so the
+        // budget comes back; it only has to hold one full queue.
+        if self.node_queue_max_bytes < self.queue_max_bytes {
+            return Err(format!(
+                "--node-queue-max-bytes ({}) is smaller than one connection's --queue-max-bytes ({})",
+                self.node_queue_max_bytes, self.queue_max_bytes
+            ));
+        }
+        if self.queue_max_messages == 0 || self.fanout_batch == 0 || self.max_connections_per_uid == 0 {
+            return Err("--queue-max-messages, --fanout-batch and --max-connections-per-uid must be at least 1".into());
         }
         if self.idle_timeout.is_zero() {
             return Err("--idle-timeout must be more than 0s".into());

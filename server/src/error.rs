@@ -34,6 +34,8 @@ pub enum Kind {
     UpgradeRequired,
     /// At `--max-connections`; retry in a few seconds.
     AtCapacity,
+    /// One uid at `--max-connections-per-uid`.
+    TooManyConnections,
     /// Over a budget that drains quickly (queued bytes); retry soon.
     Overloaded,
     ShuttingDown,
@@ -56,6 +58,7 @@ impl Kind {
             | Kind::Timeout
             | Kind::PayloadTooLarge
             | Kind::UpgradeRequired
+            | Kind::TooManyConnections
             | Kind::Config => Fault::Client,
             Kind::AtCapacity | Kind::Overloaded | Kind::ShuttingDown | Kind::Io | Kind::Internal => Fault::Server,
             Kind::Unavailable => Fault::Backend,
@@ -71,6 +74,7 @@ impl Kind {
             Kind::Timeout => 408,
             Kind::PayloadTooLarge => 413,
             Kind::UpgradeRequired => 426,
+            Kind::TooManyConnections => 429,
             Kind::AtCapacity | Kind::Overloaded | Kind::ShuttingDown | Kind::Unavailable => 503,
             Kind::Io | Kind::Internal => 500,
         }
@@ -79,7 +83,7 @@ impl Kind {
     /// Seconds a client should wait before trying again, for refusals that pass.
     pub fn retry_after(self) -> Option<u32> {
         match self {
-            Kind::AtCapacity => Some(5),
+            Kind::AtCapacity | Kind::TooManyConnections => Some(5),
             Kind::Overloaded | Kind::ShuttingDown | Kind::Unavailable => Some(1),
             _ => None,
         }
@@ -91,6 +95,7 @@ impl Kind {
             Kind::Unauthorized => RefuseReason::Unauthorized,
             Kind::Timeout => RefuseReason::HandshakeTimeout,
             Kind::AtCapacity => RefuseReason::MaxConnections,
+            Kind::TooManyConnections => RefuseReason::MaxConnectionsPerUid,
             Kind::ShuttingDown => RefuseReason::ShuttingDown,
             _ => RefuseReason::BadRequest,
         }

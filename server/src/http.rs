@@ -2,9 +2,11 @@
 //! answer a refusal, and hand the bytes already read on to hyper when the request is for
 //! the publish API. Shared by the listener, the gateway and the API.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -18,6 +20,8 @@ const MAX_HEAD: usize = 8 * 1024;
 pub struct Head {
     pub method: String,
     pub path: String,
+    /// The minor version: 1 for HTTP/1.1, 0 for HTTP/1.0.
+    pub version: u8,
     query: Vec<(String, String)>,
     headers: Vec<(String, String)>,
 }
@@ -40,6 +44,28 @@ impl Head {
     pub fn bearer(&self) -> Option<&str> {
         self.query("token").or_else(|| bearer_token(self.header("authorization")?))
     }
+}
+
+/// One `application/x-www-form-urlencoded` component, decoded; it must be UTF-8 once
+/// decoded (else `%ff` and `%fe` would both become U+FFFD: two names for one uid).
+pub fn decode_component(raw: &str) -> Result<String, Error> {
+    let spaced = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| Error::bad_request(format!("`{raw}` is not UTF-8 once percent-decoded")))
+}
+
+/// The pairs of a query string, each name and value decoded.
+pub fn query_pairs(query: &str) -> Result<Vec<(String, String)>, Error> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode_component(name)?, decode_component(value)?))
+        })
+        .collect()
 }
 
 /// The token of an `Authorization: Bearer <token>` header value.
@@ -84,10 +110,15 @@ pub fn parse(buf: &[u8]) -> Option<ReadHead> {
         Ok(httparse::Status::Complete(len)) => {
             let target = req.path.unwrap_or("/");
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let query = match query_pairs(query) {
+                Ok(query) => query,
+                Err(e) => return Some(ReadHead::Malformed(e)),
+            };
             let head = Head {
                 method: req.method.unwrap_or("").to_owned(),
                 path: path.to_owned(),
-                query: form_urlencoded::parse(query.as_bytes()).into_owned().collect(),
+                version: req.version.unwrap_or(1),
+                query,
                 headers: req
                     .headers
                     .iter()
@@ -115,16 +146,31 @@ pub async fn respond_error(stream: &mut TcpStream, error: &Error, extra_headers:
     let _ = stream.shutdown().await;
 }
 
-/// A stream that first yields bytes already read from it.
+/// Bytes of a request still arriving after its response that a closing connection reads
+/// and discards, so the client reads the response instead of a reset.
+const LINGER_BYTES: usize = 1024 * 1024;
+/// How long a closing connection waits for the client's remaining bytes.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// The stream hyper serves the publish API on: it first yields the bytes the listener
+/// already read, and closes lingering.
+///
+/// A response that refuses a request before reading its body (401, 413, 503) would be
+/// lost if the socket were closed with the body unread: the kernel answers unread data
+/// with a reset, and the client reads the reset, not the status. So shutting down sends
+/// FIN, then reads and discards what the client still sends, up to [`LINGER_BYTES`] and
+/// [`LINGER_TIME`], before the socket is closed. Nothing is buffered while lingering.
 pub struct Prefixed {
     prefix: Vec<u8>,
     at: usize,
     inner: TcpStream,
+    /// Set once the write side is shut: when lingering ends, and what was discarded.
+    linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl Prefixed {
     pub fn new(prefix: Vec<u8>, inner: TcpStream) -> Prefixed {
-        Prefixed { prefix, at: 0, inner }
+        Prefixed { prefix, at: 0, inner, linger: None }
     }
 }
 
@@ -155,6 +201,23 @@ impl AsyncWrite for Prefixed {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some((Box::pin(tokio::time::sleep(LINGER_TIME)), 0));
+        }
+        let Some((deadline, discarded)) = &mut this.linger else { return Poll::Ready(Ok(())) };
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() && *discarded < LINGER_BYTES => {
+                    *discarded += buf.filled().len();
+                }
+                // The client closed, failed, or sent more than a lingering close takes.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return deadline.as_mut().poll(cx).map(Ok),
+            }
+        }
     }
 }

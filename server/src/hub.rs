@@ -20,6 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::clock;
 use crate::conn::queue::Limits;
 use crate::conn::{Conn, ConnInfo};
+use crate::error::{Error, Kind};
 use crate::session::SessionId;
 use crate::telemetry::{CloseReason, Metrics};
 use crate::wire::{Message, Transport};
@@ -43,6 +44,7 @@ pub struct Settings {
     /// Limits of every connection's outbound queue.
     pub limits: Limits,
     pub max_topics_per_connection: usize,
+    pub max_connections_per_uid: usize,
     /// Connections a fan-out enqueues to before yielding.
     pub fanout_batch: usize,
 }
@@ -168,26 +170,31 @@ impl Hub {
         shard.find(hash, |e| e.uid() == uid).map(|e| e.conns().to_vec()).unwrap_or_default()
     }
 
-    /// Makes a connection reachable by session, uid and `topics` (already checked with
-    /// `check_topics`).
-    pub fn register(&self, conn: &Arc<Conn>, topics: &[String]) {
-        if let Err(e) = self.subscribe(conn, topics) {
-            tracing::warn!(session = %conn.session, error = %e, "topics given at connect were not checked");
-        }
+    /// Makes a connection reachable by uid and by `topics` (already checked with
+    /// `check_topics`), unless its uid already has `max_connections_per_uid` here.
+    pub fn register(&self, conn: &Arc<Conn>, topics: &[String]) -> Result<(), Error> {
         {
             let (hash, mut shard) = self.uid_shard(&conn.uid);
             match shard.find_mut(hash, |e| e.uid() == &*conn.uid) {
+                Some(entry) if entry.conns().len() >= self.settings.max_connections_per_uid => {
+                    let max = self.settings.max_connections_per_uid;
+                    return Err(Error::new(Kind::TooManyConnections, format!("uid has {max} connections here, the most allowed")));
+                }
                 Some(entry) => entry.add(conn.clone()),
                 None => {
                     shard.insert_unique(hash, UidConns::One(conn.clone()), |e| self.hasher.hash_one(e.uid()));
                 }
             }
         }
+        if let Err(e) = self.subscribe(conn, topics) {
+            tracing::warn!(session = %conn.session, error = %e, "topics given at connect were not checked");
+        }
         self.open[conn.transport as usize].fetch_add(1, Ordering::Relaxed);
         self.metrics.connection_opened(conn.transport);
         if let Some(changes) = &self.changes {
             let _ = changes.send(Change::Opened(conn.session, conn.uid.clone()));
         }
+        Ok(())
     }
 
     /// Removes a connection from every map; its task calls this once, as it ends.

@@ -11,13 +11,14 @@ use std::time::Duration;
 use pushline_alloc::Site;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
 use crate::http::{self, ReadHead};
-use crate::telemetry::{AcceptError, Metrics};
+use crate::telemetry::{AcceptError, Metrics, RefuseReason};
 use crate::wire::Transport;
 
 /// Pending connections the kernel may hold before accept (capped by net.core.somaxconn).
@@ -59,6 +60,9 @@ fn is_per_connection(e: &io::Error) -> bool {
 pub struct Router {
     pub gateway: Gateway,
     pub api: Arc<Api>,
+    /// Places for publish API connections, which do not count against
+    /// `--max-connections`: `--max-api-connections` of them.
+    pub api_connections: Arc<Semaphore>,
     /// Time a new connection has to send its request head.
     pub handshake_timeout: Duration,
     pub metrics: Arc<Metrics>,
@@ -77,7 +81,14 @@ impl Router {
         let transport = match (head.method.as_str(), head.path.as_str()) {
             ("GET", "/ws") => Transport::WebSocket,
             ("GET", "/sse") => Transport::Sse,
-            _ => return self.api.clone().serve(http::Prefixed::new(buf, stream)).await,
+            _ => {
+                let Ok(_place) = self.api_connections.clone().try_acquire_owned() else {
+                    let error = Error::new(Kind::Overloaded, "too many publish API connections open; retry, or reuse one");
+                    self.metrics.refused(RefuseReason::ApiConnections);
+                    return http::respond_error(&mut stream, &error, "").await;
+                };
+                return self.api.clone().serve(http::Prefixed::new(buf, stream)).await;
+            }
         };
         self.gateway.connect(stream, head, buf, used, transport).await
     }

@@ -76,6 +76,7 @@ impl Server {
         let settings = hub::Settings {
             limits: Limits { max_messages: config.queue_max_messages, max_bytes: config.queue_max_bytes, policy: config.slow_consumer },
             max_topics_per_connection: config.max_topics_per_connection,
+            max_connections_per_uid: config.max_connections_per_uid,
             fanout_batch: config.fanout_batch,
         };
         let changes = connected.as_ref().map(|c| c.changes());
@@ -94,7 +95,7 @@ impl Server {
             Arc::new(Clients { hub: hub.clone(), metrics: metrics.clone(), max_message: config.max_client_frame_bytes });
         let router = Arc::new(Router {
             gateway: Gateway {
-                auth: Auth::new(config.jwt_secret.as_deref()),
+                auth: Auth::new(config.jwt_secret.as_deref(), config.jwt_max_lifetime),
                 admission: admission.clone(),
                 clients,
                 session_ids: SessionIds::new(node),
@@ -108,8 +109,10 @@ impl Server {
                 api_key: config.api_key.clone(),
                 max_message_bytes: config.max_message_bytes,
                 node_queue_max_bytes: config.node_queue_max_bytes,
+                request_timeout: config.handshake_timeout,
                 shutdown: shutdown.clone(),
             }),
+            api_connections: Arc::new(tokio::sync::Semaphore::new(config.max_api_connections)),
             handshake_timeout: config.handshake_timeout,
             metrics: metrics.clone(),
         });
@@ -122,8 +125,12 @@ impl Server {
         let admin = admin::start(admin_listener, admin).map_err(io_error("cannot start the admin listener".into()))?;
 
         let sweeper = CancellationToken::new();
-        let timers =
-            Timers { idle_timeout: config.idle_timeout, ping_interval: config.ping_interval, sse_keepalive: config.sse_keepalive };
+        let timers = Timers {
+            idle_timeout: config.idle_timeout,
+            ping_interval: config.ping_interval,
+            sse_keepalive: config.sse_keepalive,
+            slow_consumer_timeout: config.slow_consumer_timeout,
+        };
         tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
         // Sockets are registered with the runtime as they are accepted: connection memory.
         let accepting = tokio::spawn(Site::ConnectionTask.instrument(listener::accept_loop(client, router, shutdown.token())));

@@ -66,6 +66,11 @@ impl Shutdown {
         self.begun.cancelled()
     }
 
+    /// Resolves once the node has reached `phase`.
+    pub async fn reached(&self, phase: Phase) {
+        let _ = self.phase.subscribe().wait_for(|now| *now >= phase).await;
+    }
+
     /// A token cancelled when shutdown begins, for tasks that outlive a borrow.
     pub fn token(&self) -> CancellationToken {
         self.begun.clone()

@@ -87,8 +87,14 @@ async fn disconnect_policy_closes_the_slow_client() {
 
 #[tokio::test]
 async fn node_over_its_queue_budget_answers_503() {
-    let t = start(|c| c.node_queue_max_bytes = 100_000).await;
-    let _slow = slow_ws(t.client, "uid=slow").await;
+    // The node's budget holds one full queue (as it must, or start-up refuses it) but
+    // not two: two clients that stop reading take it.
+    let t = start(|c| {
+        c.queue_max_bytes = 120_000;
+        c.node_queue_max_bytes = 150_000;
+    })
+    .await;
+    let _slow = (slow_ws(t.client, "uid=slow").await, slow_ws(t.client, "uid=slow").await);
     let (_, statuses) = flood(t.client, "slow").await;
     let refused = statuses.iter().filter(|s| **s == 503).count();
     assert!(refused > 0, "some publishes were refused: {statuses:?}");

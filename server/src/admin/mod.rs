@@ -21,12 +21,21 @@ use pushline_alloc::Site;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{Error, Kind};
+use crate::http;
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RefuseReason};
 
 /// How often histogram samples are folded into buckets between scrapes.
 const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+
+/// Admin connections open at once: scrapers, operators and their tools, not crowds.
+const MAX_CONNECTIONS: usize = 64;
+/// Time an admin request's head may take, and an idle connection may wait for its next.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes buffered for a request head (hyper's minimum).
+const MAX_HEAD_BUFFER: usize = 8 * 1024;
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -85,8 +94,9 @@ async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>, stop: Cancell
             upkeep.metrics.run_upkeep();
         }
     }));
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = tokio::select! {
+        let (mut stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -97,13 +107,25 @@ async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>, stop: Cancell
                 }
             },
         };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            admin.metrics.refused(RefuseReason::AdminConnections);
+            let error = Error::new(Kind::Overloaded, format!("the admin listener has {MAX_CONNECTIONS} connections open"));
+            tokio::spawn(async move { http::respond_error(&mut stream, &error, "").await });
+            continue;
+        };
         let admin = admin.clone();
         tokio::spawn(Site::Admin.instrument(async move {
+            let _place = place;
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(req, &admin).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BUFFER)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         }));
     }
 }
@@ -129,8 +151,8 @@ fn error(status: StatusCode, message: &str) -> Reply {
 pub struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(req: &Request<hyper::body::Incoming>) -> Query {
-        Query(form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect())
+    fn parse(req: &Request<hyper::body::Incoming>) -> Result<Query, Reply> {
+        http::query_pairs(req.uri().query().unwrap_or("")).map(Query).map_err(|e| error(StatusCode::BAD_REQUEST, &e.message))
     }
 
     fn get(&self, name: &str) -> Option<&str> {
@@ -152,7 +174,10 @@ impl Query {
 
 async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
     const TEXT: &str = "text/plain; charset=utf-8";
-    let query = Query::parse(&req);
+    let query = match Query::parse(&req) {
+        Ok(query) => query,
+        Err(reply) => return reply,
+    };
     if req.method() != Method::GET {
         return error(StatusCode::METHOD_NOT_ALLOWED, "admin endpoints take GET");
     }
@@ -177,7 +202,10 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         },
         path if path.starts_with("/debug/sessions/") => {
             let raw = &path["/debug/sessions/".len()..];
-            let uid: String = form_urlencoded::parse(format!("u={raw}").as_bytes()).map(|(_, v)| v.into_owned()).next().unwrap_or_default();
+            let uid = match http::decode_component(raw) {
+                Ok(uid) => uid,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e.message),
+            };
             let connections = admin.hub.describe_uid(&uid);
             if connections.is_empty() {
                 error(StatusCode::NOT_FOUND, &format!("uid `{uid}` has no connection on this node"))

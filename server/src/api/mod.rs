@@ -23,12 +23,17 @@ use crate::http::{bearer_token, Prefixed};
 use crate::hub::{self, Hub};
 use crate::registry::{Registry, Unavailable};
 use crate::session::MessageIds;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{ApiRoute, DropReason, Metrics, PublishKind};
-use crate::wire::Message;
+use crate::wire::{json, Message};
 
 /// Room in a request body for the envelope around `data` (uids, topic).
 const ENVELOPE_ALLOWANCE: usize = 1024 * 1024;
+
+/// Most bytes hyper buffers for a request head (its minimum is 8 KiB); the listener's own
+/// head reader takes 8 KiB.
+const MAX_HEAD_BUFFER: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
 
 pub struct Api {
     pub registry: Registry,
@@ -40,6 +45,9 @@ pub struct Api {
     pub max_message_bytes: usize,
     /// Queued bytes across connections above which publishes are refused.
     pub node_queue_max_bytes: usize,
+    /// Time a request's head or body may take to arrive, and an idle connection may
+    /// wait for its next request.
+    pub request_timeout: std::time::Duration,
     pub shutdown: Arc<Shutdown>,
 }
 
@@ -79,11 +87,18 @@ impl Api {
             let shutdown = api.shutdown.clone();
             shutdown.track(async move { Ok::<_, Infallible>(api.route(req).await) })
         });
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.request_timeout)
+            .max_buf_size(MAX_HEAD_BUFFER)
+            .max_headers(MAX_HEADERS)
+            .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
             _ = conn.as_mut() => {}
-            _ = self.shutdown.begun() => {
+            // While draining, requests still get an answer (503 for a new publish); once
+            // publishes are done, connections close after the request they are in.
+            _ = self.shutdown.reached(Phase::Closing) => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
@@ -170,6 +185,9 @@ fn bad_json(e: serde_json::Error) -> Reply {
 
 impl Api {
     async fn publish(&self, req: Request<Incoming>, kind: PublishKind) -> Reply {
+        if !self.shutdown.is_serving() {
+            return Error::new(Kind::ShuttingDown, "this node is shutting down; publish to another").into();
+        }
         if !self.authorized(&req) {
             return Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)").into();
         }
@@ -185,21 +203,28 @@ impl Api {
             .into();
         }
         let limit = max + ENVELOPE_ALLOWANCE;
-        let body = match Limited::new(req.into_body(), limit).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let body = match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")).into();
             }
-            Err(e) => return Error::bad_request(format!("could not read body: {e}")).into(),
+            Ok(Err(e)) => return Error::bad_request(format!("could not read body: {e}")).into(),
+            Err(_) => {
+                let timeout = self.request_timeout;
+                return Error::new(Kind::Timeout, format!("request body not received within {timeout:?}")).into();
+            }
         };
         let accepted_at = Instant::now();
-        let too_big = |data: &RawValue| {
-            (data.get().len() > max).then(|| {
-                Reply::from(Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len())))
-            })
-        };
-        let frame = |topic: Option<&str>, data: &RawValue| {
-            Site::Codec.scope(|| Arc::new(Message::new(self.message_ids.next(), topic, data, accepted_at)))
+        // Checks `data` (size, depth) and frames it once.
+        let frame = |topic: Option<&str>, data: &RawValue| -> Result<Arc<Message>, Reply> {
+            if data.get().len() > max {
+                let error = Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len()));
+                return Err(error.into());
+            }
+            let data = json::compact(data.get()).map_err(|_| {
+                Reply::from(Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))
+            })?;
+            Ok(Site::Codec.scope(|| Arc::new(Message::new(self.message_ids.next(), topic, &data, accepted_at))))
         };
         let body = match kind {
             PublishKind::Push => {
@@ -210,10 +235,10 @@ impl Api {
                 if push.uids.is_empty() {
                     return Error::bad_request("uids must list at least one uid").into();
                 }
-                if let Some(reply) = too_big(push.data) {
-                    return reply;
-                }
-                let msg = frame(None, push.data);
+                let msg = match frame(None, push.data) {
+                    Ok(msg) => msg,
+                    Err(reply) => return reply,
+                };
                 self.metrics.published(kind);
                 match self.registry.push(&self.hub, &push.uids, &msg).await {
                     Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes }),
@@ -228,10 +253,10 @@ impl Api {
                 if let Err(e) = hub::check_topic_name(&publish.topic) {
                     return Error::bad_request(e).into();
                 }
-                if let Some(reply) = too_big(publish.data) {
-                    return reply;
-                }
-                let msg = frame(Some(&publish.topic), publish.data);
+                let msg = match frame(Some(&publish.topic), publish.data) {
+                    Ok(msg) => msg,
+                    Err(reply) => return reply,
+                };
                 self.metrics.published(kind);
                 match self.registry.publish(&self.hub, &publish.topic, &msg).await {
                     Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
@@ -243,10 +268,10 @@ impl Api {
                     Ok(p) => p,
                     Err(e) => return bad_json(e),
                 };
-                if let Some(reply) = too_big(broadcast.data) {
-                    return reply;
-                }
-                let msg = frame(None, broadcast.data);
+                let msg = match frame(None, broadcast.data) {
+                    Ok(msg) => msg,
+                    Err(reply) => return reply,
+                };
                 self.metrics.published(kind);
                 match self.registry.broadcast(&self.hub, &msg).await {
                     Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),

@@ -37,6 +37,10 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes read per wake-up before the task lets others run.
 const READ_BUDGET: usize = 256 * 1024;
 
+/// Replies (pongs, acks, errors) a client may have unsent before the task stops reading
+/// from it: one that sends and never reads is held by TCP flow control, not by memory.
+const MAX_PENDING_REPLIES: usize = 32;
+
 /// What every client task shares.
 pub struct Clients {
     pub hub: Arc<Hub>,
@@ -102,8 +106,11 @@ struct Task {
     stream: TcpStream,
     conn: Arc<Conn>,
     clients: Arc<Clients>,
-    /// Inbound bytes of a frame not yet complete; empty (unallocated) between frames.
+    /// Inbound bytes not yet handled: a frame not yet complete, or frames held back while
+    /// replies are backed up; empty (unallocated) otherwise.
     partial: Vec<u8>,
+    /// `partial` holds frames held back: handle them once replies drain.
+    held_back: bool,
     decoder: ws::Decoder,
     /// Replies (pongs, acks, errors) written before queued messages.
     replies: VecDeque<Bytes>,
@@ -141,6 +148,7 @@ pub fn serve(
         stream,
         conn,
         clients,
+        held_back: !early.is_empty(),
         partial: early,
         decoder: ws::Decoder::new(),
         replies: VecDeque::new(),
@@ -151,11 +159,7 @@ pub fn serve(
     // An `async move` block that uses `task` in place: an `async fn` taking the task (or
     // these arguments) would hold a second copy of it in the future for its whole life.
     async move {
-        // Frames that arrived with the handshake are handled as if just read.
-        let reason = match task.on_early_bytes() {
-            Ok(()) => task.run().await,
-            Err(Stop(reason)) => reason,
-        };
+        let reason = task.run().await;
         // Boxed: closing needs a timer and write futures, and an idle connection should
         // not carry their space in its task for its whole life.
         Box::pin(task.finish(reason)).await;
@@ -167,6 +171,13 @@ impl Task {
         loop {
             if self.flush().is_err() {
                 return CloseReason::IoError;
+            }
+            if self.held_back && self.replies.len() < MAX_PENDING_REPLIES {
+                // Frames that came with the handshake, or that waited for replies to drain.
+                if let Err(Stop(reason)) = self.on_held_bytes() {
+                    return reason;
+                }
+                continue;
             }
             let event = poll_fn(|cx| self.poll_event(cx)).await;
             let step = match event {
@@ -191,6 +202,10 @@ impl Task {
                 return Poll::Ready(if r.is_ok() { Event::Writable } else { Event::Failed });
             }
         }
+        if self.replies.len() >= MAX_PENDING_REPLIES {
+            // Backpressure: read again once the client has taken its replies.
+            return Poll::Pending;
+        }
         match self.stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
             Poll::Ready(Err(_)) => Poll::Ready(Event::Failed),
@@ -202,7 +217,7 @@ impl Task {
         if signals.has(Signals::CLOSE) {
             return Err(Stop(self.conn.close_reason().unwrap_or(CloseReason::Shutdown)));
         }
-        if signals.has(Signals::PING) {
+        if signals.has(Signals::PING) && self.replies.len() < MAX_PENDING_REPLIES {
             self.replies.push_back(match self.conn.transport {
                 Transport::WebSocket => ws::frame(ws::OP_PING, b""),
                 Transport::Sse => Bytes::from_static(sse::KEEPALIVE),
@@ -284,6 +299,11 @@ impl Task {
                         scratch.copy_within(used..filled, 0);
                         filled -= used;
                         budget = budget.saturating_sub(n);
+                        if self.replies.len() >= MAX_PENDING_REPLIES {
+                            // What is left waits in `partial` until the replies drain.
+                            self.held_back = filled > 0;
+                            break Ok(());
+                        }
                         if budget == 0 {
                             // Readiness stays set: the next poll comes straight back here.
                             break Ok(());
@@ -300,15 +320,15 @@ impl Task {
         })
     }
 
-    /// Handles bytes that arrived together with the handshake.
-    fn on_early_bytes(&mut self) -> Result<(), Stop> {
-        if self.partial.is_empty() {
-            return Ok(());
-        }
+    /// Handles bytes already read: those that came with the handshake, or those held
+    /// back while replies were backed up.
+    fn on_held_bytes(&mut self) -> Result<(), Stop> {
+        self.held_back = false;
         let mut bytes = std::mem::take(&mut self.partial);
         let used = self.on_bytes(&mut bytes)?;
         bytes.drain(..used);
-        self.partial = bytes;
+        self.held_back = !bytes.is_empty() && self.replies.len() >= MAX_PENDING_REPLIES;
+        self.partial = if bytes.is_empty() { Vec::new() } else { bytes };
         Ok(())
     }
 
@@ -320,6 +340,9 @@ impl Task {
         }
         let mut used = 0;
         loop {
+            if self.replies.len() >= MAX_PENDING_REPLIES {
+                return Ok(used);
+            }
             match self.decoder.decode(&mut buf[used..], self.clients.max_message) {
                 Ok(decoded) if decoded.used == 0 => return Ok(used),
                 Ok(decoded) => {
@@ -420,7 +443,7 @@ mod tests {
         let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let metrics = Arc::new(Metrics::new());
         let limits = Limits { max_messages: 1, max_bytes: 1, policy: crate::config::SlowConsumer::DropOldest };
-        let hub = Arc::new(Hub::new(Settings { limits, max_topics_per_connection: 1, fanout_batch: 1 }, metrics.clone(), None));
+        let hub = Arc::new(Hub::new(Settings { limits, max_topics_per_connection: 1, max_connections_per_uid: 1, fanout_batch: 1 }, metrics.clone(), None));
         let clients = Arc::new(Clients { hub, metrics, max_message: 1024 });
         let slot = Arc::new(Admission::new(1)).reserve().ok().unwrap();
         let conn = Arc::new(Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket));

@@ -1,5 +1,6 @@
 //! The one timer for all connections: closes WebSocket connections that have been silent
-//! past `idle_timeout`, and sends server pings and SSE keep-alives when they are due.
+//! past `idle_timeout` and connections whose queue has stayed full, unread, past
+//! `slow_consumer_timeout`, and sends server pings and SSE keep-alives when they are due.
 //!
 //! A timer per connection would cost a timer-wheel entry and a wake-up each; one sweep
 //! over the hub costs a few nanoseconds per connection, and nothing between sweeps.
@@ -20,12 +21,15 @@ pub struct Timers {
     pub idle_timeout: Duration,
     pub ping_interval: Duration,
     pub sse_keepalive: Duration,
+    /// A connection whose queue stays full, unread, this long is closed as a slow consumer.
+    pub slow_consumer_timeout: Duration,
 }
 
 impl Timers {
     /// How often to sweep: a quarter of the shortest deadline kept, within 50 ms..30 s.
     fn period(&self) -> Duration {
-        let shortest = [self.idle_timeout, self.ping_interval, self.sse_keepalive].into_iter().filter(|d| !d.is_zero()).min();
+        let deadlines = [self.idle_timeout, self.ping_interval, self.sse_keepalive, self.slow_consumer_timeout];
+        let shortest = deadlines.into_iter().filter(|d| !d.is_zero()).min();
         (shortest.unwrap_or(self.idle_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
     }
 }
@@ -34,6 +38,7 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
     let idle_ms = timers.idle_timeout.as_millis() as u64;
     let ping_ms = timers.ping_interval.as_millis() as u64;
     let keepalive_ms = timers.sse_keepalive.as_millis() as u64;
+    let stuck_ms = timers.slow_consumer_timeout.as_millis() as u64;
     let mut ticks = tokio::time::interval(timers.period());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_ping, mut last_keepalive) = (now_ms(), now_ms());
@@ -51,17 +56,23 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
         if keepalive_due {
             last_keepalive = now;
         }
-        hub.for_each(|conn| match conn.transport {
-            Transport::WebSocket => {
-                if now.saturating_sub(conn.last_inbound_ms()) >= idle_ms {
-                    conn.request_close(CloseReason::IdleTimeout);
-                } else if ping_due {
-                    conn.ping();
-                }
+        hub.for_each(|conn| {
+            if conn.full_since_ms().is_some_and(|since| now.saturating_sub(since) >= stuck_ms) {
+                // Whatever the policy: a queue that nobody reads holds the node's budget.
+                return conn.request_close(CloseReason::SlowConsumer);
             }
-            Transport::Sse => {
-                if keepalive_due {
-                    conn.ping();
+            match conn.transport {
+                Transport::WebSocket => {
+                    if now.saturating_sub(conn.last_inbound_ms()) >= idle_ms {
+                        conn.request_close(CloseReason::IdleTimeout);
+                    } else if ping_due {
+                        conn.ping();
+                    }
+                }
+                Transport::Sse => {
+                    if keepalive_due {
+                        conn.ping();
+                    }
                 }
             }
         });

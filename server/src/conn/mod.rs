@@ -174,6 +174,11 @@ impl Conn {
         self.last_inbound_ms.store(now_ms, Ordering::Relaxed);
     }
 
+    /// Since when (process-clock ms) the queue has been full without being read from.
+    pub fn full_since_ms(&self) -> Option<u64> {
+        self.outbox().full_since_ms()
+    }
+
     pub fn queued(&self) -> (usize, usize) {
         let q = self.outbox();
         (q.len(), q.bytes())

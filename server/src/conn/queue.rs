@@ -32,6 +32,10 @@ pub enum Enqueued {
 pub struct Outbox {
     queue: VecDeque<Arc<Message>>,
     bytes: usize,
+    /// When drop-oldest first had to drop for a queue that has not been read from since,
+    /// in seconds of the process clock plus one (0: not full). Seconds in a u32 fit the
+    /// padding beside `closed`, so this costs an idle connection nothing.
+    full_since_s: u32,
     closed: bool,
 }
 
@@ -60,6 +64,9 @@ impl Outbox {
                     }
                     self.queue.push_back(msg.clone());
                     self.bytes += size;
+                    if self.full_since_s == 0 {
+                        self.full_since_s = (crate::clock::now_ms() / 1000) as u32 + 1;
+                    }
                     return Enqueued::Queued { dropped, dropped_bytes, depth: self.queue.len() };
                 }
             }
@@ -71,6 +78,7 @@ impl Outbox {
 
     pub fn pop(&mut self, transport: Transport) -> Option<Arc<Message>> {
         let msg = self.queue.pop_front()?;
+        self.full_since_s = 0;
         self.bytes -= msg.bytes(transport).len();
         if self.queue.is_empty() {
             // Give back a burst's worth of slots; an idle connection holds no queue memory.
@@ -99,17 +107,21 @@ impl Outbox {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Milliseconds (of the process clock) since the queue became full without being
+    /// read from; None when it is not full.
+    pub fn full_since_ms(&self) -> Option<u64> {
+        (self.full_since_s > 0).then(|| (self.full_since_s as u64 - 1) * 1000)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::value::RawValue;
     use std::time::Instant;
 
     fn msg(id: u64) -> Arc<Message> {
-        let data = RawValue::from_string("1".into()).unwrap();
-        Arc::new(Message::new(id, None, &data, Instant::now()))
+        Arc::new(Message::new(id, None, "1", Instant::now()))
     }
 
     #[test]
@@ -120,7 +132,9 @@ mod tests {
             q.push(&msg(id), Transport::WebSocket, &limits);
         }
         assert_eq!(q.len(), 2);
+        assert!(q.full_since_ms().is_some(), "a drop marks the queue full");
         assert_eq!(q.pop(Transport::WebSocket).unwrap().id, 2);
+        assert_eq!(q.full_since_ms(), None, "a read clears it");
         assert_eq!(q.pop(Transport::WebSocket).unwrap().id, 3);
         assert_eq!(q.bytes(), 0);
     }

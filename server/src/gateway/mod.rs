@@ -44,7 +44,12 @@ impl Gateway {
     /// Serves the handshake of `transport` for a request whose head is `head`; `buf` holds
     /// what was read, the head being its first `used` bytes.
     pub async fn connect(&self, mut stream: TcpStream, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport) {
-        let admitted = match self.admit(&head, transport) {
+        let hub = &self.clients.hub;
+        let admitted = self.admit(&head, transport).and_then(|admitted| {
+            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), admitted.uid.into(), transport)));
+            Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)).map(|()| (conn, admitted.slot))
+        });
+        let (conn, slot) = match admitted {
             Ok(admitted) => admitted,
             Err(error) => {
                 self.metrics.refused(error.kind.refuse_reason());
@@ -57,16 +62,11 @@ impl Gateway {
             Transport::Sse => sse::RESPONSE.to_owned(),
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
-            return;
+            conn.close_outbox(&self.metrics);
+            return hub.unregister(&conn, CloseReason::IoError);
         }
         let early = buf.split_off(used);
         drop(buf);
-        let hub = &self.clients.hub;
-        let conn = Site::Sessions.scope(|| {
-            let conn = Arc::new(Conn::new(self.session_ids.next(), admitted.uid.into(), transport));
-            hub.register(&conn, &admitted.topics);
-            conn
-        });
         if !self.admission.is_accepting() {
             // Shutdown began during this handshake, perhaps after it asked every
             // registered connection to close.
@@ -84,19 +84,24 @@ impl Gateway {
         };
         probes::conn_open(conn.session.0, stream.as_raw_fd(), transport as u8);
         // A task of its own, so the long-lived future holds none of the handshake's state.
-        let task = Site::ConnectionTask.instrument(client::serve(stream, conn, self.clients.clone(), admitted.slot, welcome, early));
+        let task = Site::ConnectionTask.instrument(client::serve(stream, conn, self.clients.clone(), slot, welcome, early));
         Site::ConnectionTask.scope(|| tokio::spawn(task));
     }
 
     fn admit(&self, head: &Head, transport: Transport) -> Result<Admitted, Error> {
+        if head.version >= 1 && head.header("host").is_none() {
+            return Err(Error::bad_request("HTTP/1.1 requests need a Host header"));
+        }
         if transport == Transport::WebSocket {
             ws::check_upgrade(head)?;
         }
         let identity = self.auth.authenticate(head.bearer(), head.query("uid"))?;
-        let topics: Vec<String> = head
-            .query("topics")
-            .map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect())
-            .unwrap_or_default();
+        let mut topics: Vec<String> = Vec::new();
+        for topic in head.query("topics").unwrap_or_default().split(',').filter(|t| !t.is_empty()) {
+            if !topics.iter().any(|t| t == topic) {
+                topics.push(topic.to_owned());
+            }
+        }
         self.clients.hub.check_topics(&topics, 0).map_err(Error::bad_request)?;
         let slot = self.admission.reserve()?;
         Ok(Admitted { uid: identity.uid, topics, slot })

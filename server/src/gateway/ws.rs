@@ -9,6 +9,9 @@ use crate::http::Head;
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 pub(super) fn check_upgrade(head: &Head) -> Result<(), Error> {
+    if head.version < 1 {
+        return Err(Error::bad_request("a WebSocket handshake needs HTTP/1.1 or later (RFC 6455 4.2.1)"));
+    }
     if !head.header_has("upgrade", "websocket") || !head.header_has("connection", "upgrade") {
         return Err(Error::bad_request("/ws needs a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade)"));
     }

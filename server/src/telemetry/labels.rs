@@ -50,6 +50,12 @@ pub enum RefuseReason {
     BadRequest,
     HandshakeTimeout,
     ShuttingDown,
+    /// A publish API connection past `--max-api-connections`.
+    ApiConnections,
+    /// A connection past `--max-connections-per-uid`.
+    MaxConnectionsPerUid,
+    /// An admin connection past the admin listener's limit.
+    AdminConnections,
 }
 
 /// What a publish addressed. Label `kind` of `pushline_messages_published_total`.
