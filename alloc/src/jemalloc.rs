@@ -53,11 +53,14 @@ pub struct MallocConf(*const c_char);
 // between threads shares only reads.
 unsafe impl Sync for MallocConf {}
 
-/// jemalloc reads its options from this symbol at start. Heap profiling is on from the
-/// first allocation, sampling one allocation per 512 KiB allocated on average
-/// (`lg_prof_sample:19`): cheap enough to leave on in production.
+/// jemalloc reads its options from this symbol at start (`_RJEM_MALLOC_CONF` in the
+/// environment adds to them). Heap profiling is on from the first allocation, sampling
+/// one allocation per 512 KiB allocated on average (`lg_prof_sample:19`): cheap enough
+/// to leave on in production. A background thread returns freed pages to the kernel
+/// after the decay time (10 s) even when the server is idle: without it, purging waits
+/// for allocation activity, and what a burst or an attack took stays resident.
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: MallocConf = MallocConf(c"prof:true,prof_active:true,lg_prof_sample:19".as_ptr());
+pub static MALLOC_CONF: MallocConf = MallocConf(c"prof:true,prof_active:true,lg_prof_sample:19,background_thread:true".as_ptr());
 
 /// Turns jemalloc's heap sampling on or off (`prof.active`); returns what it was.
 pub fn set_heap_sampling(active: bool) -> Result<bool, String> {

@@ -398,6 +398,19 @@ mod tests {
     }
 
     #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let refused = |edit: fn(&mut Config)| {
+            let mut config = Config::for_loopback();
+            edit(&mut config);
+            config.validate().unwrap_err().message
+        };
+        assert!(refused(|c| c.max_client_frame_bytes = 0).contains("--max-client-frame-bytes (0) is under 125"));
+        assert!(refused(|c| c.reuse_port = true).contains("--reuse-port with --registry memory"));
+        assert!(refused(|c| c.node_queue_max_bytes = c.queue_max_bytes - 1).contains("--node-queue-max-bytes"));
+        assert!(refused(|c| c.max_connections_per_uid = 0).contains("--max-connections-per-uid"));
+    }
+
+    #[test]
     fn redis_settings_come_from_a_file_and_are_checked() {
         let dir = std::env::temp_dir().join(format!("pushline-config-redis-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -144,7 +144,7 @@ async fn heap_profile_charges_connection_memory_to_the_connection_path() {
     let folded = String::from_utf8(folded).unwrap();
     let on_connection_path: i64 = folded
         .lines()
-        .filter(|l| ["pushline::gateway::", "pushline::conn::", "pushline::hub::", "pushline::listener::"].iter().any(|p| l.contains(p)))
+        .filter(|l| ["pushline::gateway::", "pushline::client::", "pushline::conn::", "pushline::hub::", "pushline::listener::"].iter().any(|p| l.contains(p)))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, n)| n.parse::<i64>().ok()))
         .sum();
     assert!(on_connection_path > (N * 300) as i64, "{on_connection_path} live bytes under the connection path for {N} connections");
@@ -155,4 +155,49 @@ async fn heap_profile_charges_connection_memory_to_the_connection_path() {
     let (status, svg) = get_bytes(format!("http://{}/debug/pprof/heap?format=svg", server.admin)).await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&svg).contains("<svg"));
+}
+
+fn rss(server: &Process) -> u64 {
+    pushline_alloc::process::Resident::of(server.child.id()).unwrap().rss
+}
+
+#[tokio::test]
+async fn memory_an_attack_took_goes_back_after_it_ends() {
+    const CLIENTS: usize = 20;
+    // Queues big enough to hold what the kernel's socket buffers do not.
+    let server = Process::spawn(&["--queue-max-bytes", "16777216", "--queue-max-messages", "100000"], None);
+    let http = reqwest::Client::new();
+    let blob = "x".repeat(50_000);
+    let flood = |uids: Vec<String>, round: usize| {
+        let (http, blob) = (http.clone(), blob.clone());
+        let addr = server.client;
+        async move {
+            let pushes = uids.into_iter().map(|uid| {
+                let body = json!({"uids": [uid], "data": {"round": round, "blob": blob}}).to_string();
+                http.post(format!("http://{addr}/v1/push")).body(body).send()
+            });
+            futures_util::future::join_all(pushes).await;
+        }
+    };
+    let fresh = rss(&server);
+    let queries: Vec<String> = (0..CLIENTS).map(|i| format!("uid=slow{i}")).collect();
+    let clients: Vec<_> = futures_util::future::join_all(queries.iter().map(|q| slow_ws(server.client, q))).await;
+    for round in 0..120 {
+        flood((0..CLIENTS).map(|i| format!("slow{i}")).collect(), round).await;
+    }
+    let peak = rss(&server);
+    assert!(peak > fresh + (50 << 20), "the attack took memory: {fresh} -> {peak}");
+    drop(clients);
+    wait_metric(server.admin, r#"pushline_connections{transport="ws"}"#, |v| v == 0.0).await;
+    // jemalloc's background thread returns freed pages within its decay time (10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let now = rss(&server);
+        if now < fresh + (peak - fresh) / 10 {
+            eprintln!("RSS {fresh} fresh, {peak} at the peak of the attack, {now} after it");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "RSS stayed at {now} after the attack (fresh {fresh}, peak {peak})");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

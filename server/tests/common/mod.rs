@@ -295,3 +295,110 @@ pub async fn many_ws(addr: SocketAddr, n: usize, prefix: &str) -> Vec<Ws> {
     }
     out
 }
+
+/// A WebSocket client that speaks raw frames, for sending what a well-behaved client
+/// library never would.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    /// Opens `/ws?{query}` and reads the welcome frame.
+    pub async fn open(addr: SocketAddr, query: &str) -> RawWs {
+        let mut raw = RawWs::handshake(addr, &format!("GET /ws?{query} HTTP/1.1\r\nHost: x\r\n")).await;
+        let (opcode, welcome) = raw.next_frame().await.expect("welcome frame");
+        assert_eq!(opcode, 1);
+        assert!(String::from_utf8_lossy(&welcome).contains("welcome"));
+        raw
+    }
+
+    /// Sends `request_line_and_headers` (ending in CRLF, without the upgrade headers,
+    /// which are added) and expects 101.
+    pub async fn handshake(addr: SocketAddr, request_line_and_headers: &str) -> RawWs {
+        let (status, raw) = RawWs::try_handshake(addr, request_line_and_headers).await;
+        assert_eq!(status, 101, "handshake refused");
+        raw
+    }
+
+    /// Sends a handshake; returns the status and the connection.
+    pub async fn try_handshake(addr: SocketAddr, request_line_and_headers: &str) -> (u16, RawWs) {
+        RawWs::try_handshake_on(TcpStream::connect(addr).await.unwrap(), request_line_and_headers).await
+    }
+
+    /// A handshake on a socket the caller set up; expects 101.
+    pub async fn handshake_on(stream: TcpStream, request_line_and_headers: &str) -> RawWs {
+        let (status, raw) = RawWs::try_handshake_on(stream, request_line_and_headers).await;
+        assert_eq!(status, 101, "handshake refused");
+        raw
+    }
+
+    pub async fn try_handshake_on(mut stream: TcpStream, request_line_and_headers: &str) -> (u16, RawWs) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!(
+            "{request_line_and_headers}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk)).await.expect("response in time").unwrap();
+            assert!(n > 0, "closed before a response: {}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let status = String::from_utf8_lossy(&buf[..end]).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let rest = buf.split_off(end);
+        (status, RawWs { stream, buf: rest })
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next server frame (opcode, payload); None when the server closed the socket.
+    pub async fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 2 {
+                let (opcode, len) = (self.buf[0] & 0x0F, (self.buf[1] & 0x7F) as usize);
+                let (len, at) = match len {
+                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                    127 if self.buf.len() >= 10 => (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= at + len {
+                    let payload = self.buf[at..at + len].to_vec();
+                    self.buf.drain(..at + len);
+                    return Some((opcode, payload));
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await.expect("a frame within the wait").unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads frames until a close frame; returns its code (None if it had none) after
+    /// checking the server then closes the socket.
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        loop {
+            match self.next_frame().await {
+                Some((0x8, payload)) => {
+                    let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    assert!(self.next_frame().await.is_none(), "the server closes the socket after its close frame");
+                    return code;
+                }
+                Some(_) => continue,
+                None => panic!("the socket closed without a close frame"),
+            }
+        }
+    }
+}

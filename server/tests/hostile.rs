@@ -1,0 +1,206 @@
+//! Hostile clients and careless publishers: what each attack costs the server is
+//! bounded, and each refusal says why.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the server closes the connection (EOF or reset); returns what it sent.
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut chunk)).await.expect("the server closes the connection in time") {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn publish_api_connections_have_timers_and_a_head_limit() {
+    let t = start(|c| c.handshake_timeout = Duration::from_millis(300)).await;
+    // An unfinished second request head: hyper buffers at most 16 KiB of it, then refuses.
+    let mut big_head = TcpStream::connect(t.client).await.unwrap();
+    big_head.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\nX-Pad: ").await.unwrap();
+    let padding = vec![b'a'; 64 * 1024];
+    let _ = big_head.write_all(&padding).await;
+    let answered = read_until_closed(&mut big_head).await;
+    assert!(answered.starts_with("HTTP/1.1 404"), "the first request is answered: {answered}");
+    assert!(answered.contains("431"), "the oversized head is refused: {answered}");
+
+    // An idle keep-alive connection is closed after the request timeout.
+    let mut idle = TcpStream::connect(t.client).await.unwrap();
+    idle.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let started = Instant::now();
+    assert!(read_until_closed(&mut idle).await.starts_with("HTTP/1.1 404"));
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+
+    // A body that never finishes gets 408 after the request timeout.
+    let mut slow_body = TcpStream::connect(t.client).await.unwrap();
+    slow_body.write_all(b"POST /v1/broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"data\":").await.unwrap();
+    let answered = read_until_closed(&mut slow_body).await;
+    assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+}
+
+#[tokio::test]
+async fn publish_api_connections_are_capped_and_counted() {
+    let t = start(|c| c.max_api_connections = 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut keep = TcpStream::connect(t.client).await.unwrap();
+        keep.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut reply = [0u8; 12];
+        keep.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"HTTP/1.1 404");
+        held.push(keep);
+    }
+    let mut third = TcpStream::connect(t.client).await.unwrap();
+    third.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let answered = read_until_closed(&mut third).await;
+    assert!(answered.starts_with("HTTP/1.1 503") && answered.contains("too many publish API connections"), "{answered}");
+    assert_eq!(metric(&metrics(t.admin).await, r#"pushline_connections_refused_total{reason="api_connections"}"#), 1.0);
+    drop(held);
+    // WebSocket clients are not held back by API connections.
+    let (_ws, welcome) = ws(t.client, "uid=still-welcome").await;
+    assert_eq!(welcome["uid"], "still-welcome");
+}
+
+#[tokio::test]
+async fn a_refusal_before_the_body_is_read_reaches_the_client() {
+    let t = start(|c| {
+        c.jwt_secret = Some("test-secret-of-thirty-two-bytes!".into());
+        c.api_key = Some("test-api-key-of-thirty-two-bytes".into());
+    })
+    .await;
+    // 900 KB without a key: answered 401 before the body is read, and the client reads
+    // the 401, not a reset.
+    let body = json!({"data": "x".repeat(900_000)}).to_string();
+    for _ in 0..5 {
+        let (status, _, reply) = post_raw(t.client, "/v1/broadcast", body.clone(), None).await;
+        assert_eq!(status, 401, "{reply}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_pings_and_never_reads_is_held_back_not_buffered() {
+    let server = Process::spawn(&[], None);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(server.client).await.unwrap();
+    let mut client = {
+        let mut raw = RawWs::handshake_on(stream, "GET /ws?uid=flooder HTTP/1.1\r\nHost: x\r\n").await;
+        raw.next_frame().await.expect("welcome");
+        raw
+    };
+    // 50 MB of pings, never reading a pong: the server stops reading once replies back
+    // up, and the client's writes stall.
+    let pings: Vec<u8> = (0..4096).flat_map(|_| pushline::wire::ws::client_frame(1, true, br#"{"type":"ping"}"#, [1, 2, 3, 4])).collect();
+    let mut sent = 0usize;
+    while sent < 50 << 20 {
+        match tokio::time::timeout(Duration::from_secs(1), client.stream.write_all(&pings)).await {
+            Ok(Ok(())) => sent += pings.len(),
+            _ => break,
+        }
+    }
+    assert!(sent < 16 << 20, "the server kept reading: {sent} bytes of pings taken");
+    let memory = get_json(server.admin, "/debug/memory").await;
+    let per_connection: i64 = ["connection_task", "sessions", "outbound_queue", "codec"]
+        .iter()
+        .map(|site| memory["sites"].as_array().unwrap().iter().find(|s| s["site"] == *site).unwrap()["live_bytes"].as_i64().unwrap())
+        .sum();
+    assert!(per_connection < 1 << 20, "the flooder costs {per_connection} bytes");
+}
+
+#[tokio::test]
+async fn a_queue_that_stays_full_is_closed_whatever_the_policy() {
+    let t = start(|c| c.slow_consumer_timeout = Duration::from_millis(500)).await;
+    let mut slow = slow_ws(t.client, "uid=stuck").await;
+    let blob = "x".repeat(50_000);
+    // More than the kernel's socket buffers take, so the queue fills and stays full.
+    for i in 0..200 {
+        post(t.client, "/v1/push", json!({"uids": ["stuck"], "data": {"i": i, "blob": blob}})).await;
+    }
+    wait_metric(t.admin, r#"pushline_connections_closed_total{transport="ws",reason="slow_consumer"}"#, |v| v == 1.0).await;
+    // What it was owed is dropped and counted. Its 1013 cannot pass a pipe that stays
+    // full; the socket is closed after a bounded wait, and the client sees its end.
+    let text = metrics(t.admin).await;
+    assert!(metric(&text, r#"pushline_messages_dropped_total{reason="queue_full"}"#) > 0.0);
+    assert!(metric(&text, r#"pushline_messages_dropped_total{reason="connection_closed"}"#) > 0.0);
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(WAIT, slow.next()).await.expect("the connection ends") {
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => break,
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_uid_holds_at_most_its_share_of_connections() {
+    let t = start(|c| c.max_connections_per_uid = 2).await;
+    let _a = ws(t.client, "uid=greedy").await;
+    let _b = ws(t.client, "uid=greedy").await;
+    let (status, third) = RawWs::try_handshake(t.client, "GET /ws?uid=greedy HTTP/1.1\r\nHost: x\r\n").await;
+    assert_eq!(status, 429);
+    drop(third);
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, r#"pushline_connections_refused_total{reason="max_connections_per_uid"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_connections{transport="ws"}"#), 2.0);
+    let (_other, welcome) = ws(t.client, "uid=modest").await;
+    assert_eq!(welcome["uid"], "modest");
+}
+
+#[tokio::test]
+async fn pretty_printed_data_reaches_sse_clients_whole() {
+    let t = start(|_| {}).await;
+    let (_, mut sse) = Sse::open(t.client, "uid=reader").await;
+    sse.next_event().await;
+    let pretty = "{\"uids\": [\"reader\"],\n \"data\": {\n   \"title\": \"two\\nlines\",\n   \"list\": [1,\n 2]\n }\n}";
+    let (status, _, reply) = post_raw(t.client, "/v1/push", pretty.to_string(), None).await;
+    assert_eq!(status, 200, "{reply}");
+    let (event, _, data) = sse.next_event().await;
+    assert_eq!(event, "message");
+    assert_eq!(data["data"], json!({"title": "two\nlines", "list": [1, 2]}));
+}
+
+#[tokio::test]
+async fn small_holes_are_closed() {
+    let t = start(|c| c.max_topics_per_connection = 4).await;
+    // A topic named a hundred times at connect is one subscription.
+    let topics = vec!["t"; 100].join(",");
+    let (_ws, _) = ws(t.client, &format!("uid=dup&topics={topics}")).await;
+    let session = get_json(t.admin, "/debug/sessions/dup").await;
+    assert_eq!(session["connections"][0]["topics"], json!(["t"]));
+    // Percent-escapes that are not UTF-8 are refused, not turned into U+FFFD.
+    let (status, _) = RawWs::try_handshake(t.client, "GET /ws?uid=%ff HTTP/1.1\r\nHost: x\r\n").await;
+    assert_eq!(status, 400);
+    // Data nested past the limit is refused.
+    let deep = format!("{}{}", "[".repeat(32_000), "]".repeat(32_000));
+    let (status, _, reply) = post_raw(t.client, "/v1/broadcast", format!(r#"{{"data":{deep}}}"#), None).await;
+    assert_eq!(status, 400, "{reply}");
+}
+
+#[tokio::test]
+async fn a_publish_while_draining_is_answered_503() {
+    let mut server = Process::spawn(&["--shutdown-grace", "60s"], None);
+    let http = reqwest::Client::new();
+    let publish = |data: u32| http.post(format!("http://{}/v1/broadcast", server.client)).body(json!({"data": data}).to_string()).send();
+    assert_eq!(publish(1).await.unwrap().status(), 200, "a kept-alive connection to publish on");
+    // A publish whose body never finishes keeps the node draining.
+    let mut slow = TcpStream::connect(server.client).await.unwrap();
+    slow.write_all(b"POST /v1/broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"data\":").await.unwrap();
+    assert_eq!(publish(2).await.unwrap().status(), 200);
+    server.signal(libc::SIGTERM);
+    server.wait_log("phase=\"draining\"");
+    let refused = publish(3).await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    server.signal(libc::SIGKILL);
+}
