@@ -165,6 +165,11 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_NODE_QUEUE_MAX_BYTES", default_value_t = 1 << 30)]
     pub node_queue_max_bytes: usize,
 
+    /// Bytes of publish request bodies this node reads at once (a body counts its
+    /// Content-Length, or the largest allowed); past it, publishes get 503.
+    #[arg(long, env = "PUSHLINE_MAX_PUBLISH_BYTES_IN_FLIGHT", default_value_t = 64 << 20)]
+    pub max_publish_bytes_in_flight: usize,
+
     /// Largest frame a client may send (its frames are pings and subscriptions).
     #[arg(long, env = "PUSHLINE_MAX_CLIENT_FRAME_BYTES", default_value_t = 16 * 1024)]
     pub max_client_frame_bytes: usize,
@@ -308,6 +313,12 @@ impl Config {
             return Err(format!(
                 "--max-client-frame-bytes ({}) is over {MAX_CLIENT_FRAME_LIMIT}: client frames are read whole into a per-thread buffer",
                 self.max_client_frame_bytes
+            ));
+        }
+        if self.max_publish_bytes_in_flight < self.max_message_bytes {
+            return Err(format!(
+                "--max-publish-bytes-in-flight ({}) is smaller than --max-message-bytes ({}): no publish could be read",
+                self.max_publish_bytes_in_flight, self.max_message_bytes
             ));
         }
         if self.max_client_frame_bytes < MIN_CLIENT_FRAME {

@@ -110,6 +110,7 @@ impl Server {
                 max_message_bytes: config.max_message_bytes,
                 node_queue_max_bytes: config.node_queue_max_bytes,
                 request_timeout: config.handshake_timeout,
+                bodies: Arc::new(tokio::sync::Semaphore::new(config.max_publish_bytes_in_flight.div_ceil(1024))),
                 shutdown: shutdown.clone(),
             }),
             api_connections: Arc::new(tokio::sync::Semaphore::new(config.max_api_connections)),

@@ -72,6 +72,28 @@ async fn publish_api_connections_are_capped_and_counted() {
 }
 
 #[tokio::test]
+async fn publish_bodies_being_read_are_capped_in_bytes() {
+    let t = start(|c| c.max_publish_bytes_in_flight = 3 << 20).await;
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        let mut stream = TcpStream::connect(t.client).await.unwrap();
+        let head = "POST /v1/broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{\"data\":\"";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        if i < 3 {
+            slow.push(stream);
+            // Each is being read before the next arrives: the first three fit.
+            let reading = (i + 1) * 1_000_000usize.div_ceil(1024) * 1024;
+            wait_metric(t.admin, "pushline_publish_bytes_reading", |v| v == reading as f64).await;
+        } else {
+            let answered = read_until_closed(&mut stream).await;
+            assert!(answered.starts_with("HTTP/1.1 503") && answered.contains("--max-publish-bytes-in-flight"), "{answered}");
+        }
+    }
+    let dropped = metric(&metrics(t.admin).await, r#"pushline_messages_dropped_total{reason="node_over_budget"}"#);
+    assert_eq!(dropped, 1.0);
+}
+
+#[tokio::test]
 async fn a_refusal_before_the_body_is_read_reaches_the_client() {
     let t = start(|c| {
         c.jwt_secret = Some("test-secret-of-thirty-two-bytes!".into());

@@ -48,6 +48,9 @@ pub struct Api {
     /// Time a request's head or body may take to arrive, and an idle connection may
     /// wait for its next request.
     pub request_timeout: std::time::Duration,
+    /// Bytes of request bodies being read at once, in KiB permits: what publishers can
+    /// make this node buffer, whatever the number of connections.
+    pub bodies: Arc<tokio::sync::Semaphore>,
     pub shutdown: Arc<Shutdown>,
 }
 
@@ -179,6 +182,27 @@ fn unavailable(msg: &Message, e: Unavailable) -> Reply {
     error_reply(&error, body.to_string())
 }
 
+/// A body's share of `--max-publish-bytes-in-flight`, shown in a gauge while held.
+struct Reading<'a> {
+    _permits: tokio::sync::OwnedSemaphorePermit,
+    bytes: f64,
+    metrics: &'a Metrics,
+}
+
+impl<'a> Reading<'a> {
+    fn new(permits: tokio::sync::OwnedSemaphorePermit, metrics: &'a Metrics) -> Reading<'a> {
+        let bytes = permits.num_permits() as f64 * 1024.0;
+        metrics.publish_bytes_reading.increment(bytes);
+        Reading { _permits: permits, bytes, metrics }
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.metrics.publish_bytes_reading.decrement(self.bytes);
+    }
+}
+
 fn bad_json(e: serde_json::Error) -> Reply {
     Error::bad_request(format!("bad JSON: {e}")).into()
 }
@@ -203,6 +227,17 @@ impl Api {
             .into();
         }
         let limit = max + ENVELOPE_ALLOWANCE;
+        let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")).into();
+        }
+        let kib = declared.unwrap_or(limit).div_ceil(1024).max(1) as u32;
+        let Ok(permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
+            self.metrics.dropped(DropReason::NodeOverBudget, 1);
+            let error = "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later";
+            return Error::new(Kind::Overloaded, error).into();
+        };
+        let _reading = Reading::new(permits, &self.metrics);
         let body = match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
             Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {

@@ -45,6 +45,7 @@ pub const REDIS_COMMAND_SECONDS: &str = "pushline_redis_command_seconds";
 pub const REDIS_ERRORS: &str = "pushline_redis_errors_total";
 pub const REDIS_RECONNECTS: &str = "pushline_redis_reconnects_total";
 pub const REDIS_UP: &str = "pushline_redis_up";
+pub const PUBLISH_BYTES_READING: &str = "pushline_publish_bytes_reading";
 pub const REGISTRY_SESSIONS: &str = "pushline_registry_sessions";
 pub const REGISTRY_PENDING: &str = "pushline_registry_pending_changes";
 pub const RELAY_MESSAGES: &str = "pushline_relay_messages_total";
@@ -83,6 +84,7 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub redis_up: Gauge,
     pub registry_sessions: Gauge,
+    pub publish_bytes_reading: Gauge,
     pub registry_pending: Gauge,
     relayed: [[Counter; PublishKind::COUNT]; Relayed::COUNT],
     /// Outbound bytes and messages queued on this node right now; the gauges are set from
@@ -127,7 +129,8 @@ impl Metrics {
             (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
             (RELAY_MESSAGES, Some(Unit::Count), "Messages sent to or received from other nodes, by direction and kind."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 13] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 14] = [
+            (PUBLISH_BYTES_READING, Some(Unit::Bytes), "Bytes of publish bodies being read (their Content-Length), held against --max-publish-bytes-in-flight."),
             (CONNECTIONS, Some(Unit::Count), "Open client connections, by transport."),
             (OUTBOUND_QUEUED_BYTES, Some(Unit::Bytes), "Bytes waiting in outbound queues."),
             (JEMALLOC_BYTES, Some(Unit::Bytes), "jemalloc statistics: allocated, active, resident, mapped, retained, metadata."),
@@ -193,6 +196,7 @@ impl Metrics {
             redis_reconnects: counter(REDIS_RECONNECTS, &[]),
             redis_up: gauge(REDIS_UP, &[]),
             registry_sessions: gauge(REGISTRY_SESSIONS, &[]),
+            publish_bytes_reading: gauge(PUBLISH_BYTES_READING, &[]),
             registry_pending: gauge(REGISTRY_PENDING, &[]),
             relayed: each::<Relayed, _, _>(|direction| {
                 each::<PublishKind, _, _>(|k| counter(RELAY_MESSAGES, &[("direction", direction), ("kind", k)]))
