@@ -227,8 +227,13 @@ impl Config {
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::config(format!("cannot read config file {}: {e}", path.display())))?;
-        let table: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::config(format!("config file {}: {e}", path.display())))?;
+        Config::with_file(&text, &path.display().to_string(), args)
+    }
+
+    /// The settings of a TOML file's `text` (called `origin` in messages) under the
+    /// command line `args`, which win over it.
+    pub fn with_file(text: &str, origin: &str, args: Vec<String>) -> Result<Config, Error> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| Error::config(format!("config file {origin}: {e}")))?;
         // TOML values become flags placed before the user's own, so a later flag overrides
         // them (args_override_self); a key whose environment variable is set is skipped so
         // the environment wins over the file.
@@ -237,10 +242,10 @@ impl Config {
         for (key, value) in &table {
             let flag = key.replace('_', "-");
             let Some(arg) = command.get_arguments().find(|a| a.get_long() == Some(flag.as_str())) else {
-                return Err(Error::config(format!("config file {}: unknown setting `{key}`", path.display())));
+                return Err(Error::config(format!("config file {origin}: unknown setting `{key}`")));
             };
             if flag == "config" {
-                return Err(Error::config(format!("config file {}: `config` cannot name another file", path.display())));
+                return Err(Error::config(format!("config file {origin}: `config` cannot name another file")));
             }
             if let Some(env) = arg.get_env() {
                 if std::env::var_os(env).is_some() {
@@ -255,7 +260,7 @@ impl Config {
                 toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
                     items.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>().join(",")
                 }
-                other => return Err(Error::config(format!("config file {}: `{key}` takes one value, not {other}", path.display()))),
+                other => return Err(Error::config(format!("config file {origin}: `{key}` takes one value, not {other}"))),
             };
             from_file.push(format!("--{flag}={text}"));
         }
