@@ -268,3 +268,61 @@ async fn a_taken_node_id_is_refused_with_a_reason() {
     assert!(refused.message.contains("node id 5 is held by a live node"), "{refused}");
     first.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_slot_migration_does_not_silence_a_node() {
+    let cluster = RedisCluster::start();
+    let (a, b) = (node(RegistryKind::RedisCluster, cluster.urls()).await, node(RegistryKind::RedisCluster, cluster.urls()).await);
+    let (mut on_b, _) = ws(b.client, "uid=listener").await;
+    let (status, _) = post(a.client, "/v1/broadcast", json!({"data": "before"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(next_json(&mut on_b).await["data"], "before");
+
+    // Broadcasts go over this shard channel; move its slot to another master while
+    // broadcasts keep coming.
+    let channel = "pushline:fanout:0";
+    let owner = cluster.owner(channel);
+    let target = (owner + 1) % cluster.nodes.len();
+    let flowing = tokio::spawn({
+        let addr = a.client;
+        async move {
+            for n in 0.. {
+                if post(addr, "/v1/broadcast", json!({"data": n})).await.0 != 200 {
+                    break;
+                }
+            }
+        }
+    });
+    let cluster = std::sync::Arc::new(cluster);
+    let moved = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        moved.migrate_slot_of(channel, owner, target);
+        assert_eq!(moved.owner(channel), target, "the slot moved");
+        // Redis told the subscribers the channel is gone from the old master; each node
+        // subscribes again, at the new one.
+        let deadline = Instant::now() + WAIT;
+        while !moved.nodes[target].cli(&["pubsub", "shardnumsub", channel]).ends_with('2') {
+            assert!(Instant::now() < deadline, "the nodes did not subscribe again at the new owner");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    flowing.abort();
+    // A publisher told 503 (Redis answered MOVED while the slot map changed) retries.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = post(a.client, "/v1/broadcast", json!({"data": "after"})).await;
+        if status == 200 {
+            break;
+        }
+        eprintln!("{status} {body}");
+        assert!(Instant::now() < deadline, "publishing never recovered: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    loop {
+        if next_json(&mut on_b).await["data"] == "after" {
+            break;
+        }
+    }
+}

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::redis::{Cmd, PushInfo, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{unbounded_channel, Receiver, UnboundedReceiver};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -93,7 +93,7 @@ impl Registry {
 /// needs the id).
 pub struct Connected {
     redis: Redis,
-    pushes: UnboundedReceiver<PushInfo>,
+    pushes: Receiver<PushInfo>,
     keys: Keys,
     pub node: u16,
     epoch: u64,
@@ -126,6 +126,13 @@ impl Connected {
         let nodes = Nodes::new(self.redis.clone(), self.keys.clone(), self.node, self.epoch, self.metrics.clone());
         nodes.subscribe().await?;
         let stop = CancellationToken::new();
+        let inbox = relay::Inbox {
+            hub: hub.clone(),
+            metrics: self.metrics.clone(),
+            redis: self.redis.clone(),
+            node: self.node,
+            channels: nodes.channels(),
+        };
         let registrar = Registrar {
             redis: self.redis,
             keys: self.keys,
@@ -136,7 +143,7 @@ impl Connected {
             metrics: self.metrics.clone(),
         };
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));
-        let reading = tokio::spawn(Site::Redis.instrument(relay::deliver_incoming(self.pushes, hub, self.metrics, self.node)));
+        let reading = tokio::spawn(Site::Redis.instrument(inbox.run(self.pushes)));
         Ok((Registry::Redis(nodes), Attached { writing, reading, stop }))
     }
 }
@@ -183,11 +190,16 @@ impl Nodes {
         Nodes { redis, keys, node, epoch, metrics, liveness: Mutex::new(HashMap::new()) }
     }
 
+    /// This node's channel and the fan-out channels: what it listens to.
+    fn channels(&self) -> Vec<String> {
+        std::iter::once(self.keys.node_channel(self.node))
+            .chain((0..presence::FANOUT_CHANNELS).map(|n| self.keys.fanout_channel(n)))
+            .collect()
+    }
+
     /// Subscribes to this node's channel and the fan-out channels.
     pub async fn subscribe(&self) -> Result<(), Error> {
-        let channels = std::iter::once(self.keys.node_channel(self.node))
-            .chain((0..presence::FANOUT_CHANNELS).map(|n| self.keys.fanout_channel(n)));
-        for channel in channels {
+        for channel in self.channels() {
             self.redis.subscribe(&channel).await.map_err(|e| Error::unavailable(format!("subscribing to {channel}: {e}")))?;
         }
         Ok(())

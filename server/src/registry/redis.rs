@@ -11,17 +11,45 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::aio::{AsyncPushSender, SendError};
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{self, error::TrySendError, Receiver};
 
 use crate::config::RegistryKind;
 use crate::error::Error;
-use crate::telemetry::{probes, Metrics, RedisCommand};
+use crate::telemetry::{probes, DropReason, Metrics, RedisCommand};
 
 /// Time to open a connection to one Redis server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time a command may take before it counts as failed; bounds a publish during an outage.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Messages from other nodes waiting to be delivered here. Past it, new ones are
+/// dropped and counted (`relay_backlog`): a node that cannot keep up with the others must
+/// not buffer without bound.
+pub const RELAY_BACKLOG: usize = 1024;
+
+/// Hands what Redis pushes (messages on subscribed channels, subscription changes,
+/// disconnections) to the relay reader, without blocking the connection and without
+/// growing past [`RELAY_BACKLOG`].
+struct Pushes {
+    tx: mpsc::Sender<PushInfo>,
+    metrics: Arc<Metrics>,
+}
+
+impl AsyncPushSender for Pushes {
+    fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        match self.tx.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.metrics.dropped(DropReason::RelayBacklog, 1);
+                Ok(())
+            }
+            // The reader stopped: this node is shutting down.
+            Err(TrySendError::Closed(_)) => Err(SendError),
+        }
+    }
+}
 
 #[derive(Clone)]
 enum Link {
@@ -43,8 +71,9 @@ impl Redis {
         kind: RegistryKind,
         urls: &[String],
         metrics: Arc<Metrics>,
-    ) -> Result<(Redis, UnboundedReceiver<PushInfo>), Error> {
-        let (pushes, received) = unbounded_channel();
+    ) -> Result<(Redis, Receiver<PushInfo>), Error> {
+        let (tx, received) = mpsc::channel(RELAY_BACKLOG);
+        let pushes = Pushes { tx, metrics: metrics.clone() };
         let shown = urls.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
         let link = match kind {
             RegistryKind::Memory => return Err(Error::config("the memory registry has no Redis")),
@@ -167,6 +196,28 @@ pub fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_inbox_drops_and_counts_instead_of_growing() {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, mut rx) = mpsc::channel(RELAY_BACKLOG);
+        let pushes = Pushes { tx, metrics: metrics.clone() };
+        let message = || PushInfo { kind: redis::PushKind::Message, data: vec![] };
+        for _ in 0..RELAY_BACKLOG + 3 {
+            assert!(pushes.send(message()).is_ok(), "the connection keeps its push sender");
+        }
+        let text = metrics.render(&tokio::runtime::Builder::new_current_thread().build().unwrap().metrics());
+        assert!(text.contains(r#"pushline_messages_dropped_total{reason="relay_backlog"} 3"#), "{text}");
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, RELAY_BACKLOG);
+        drop(rx);
+        assert!(pushes.send(message()).is_err(), "a reader that stopped stops the pushes");
+    }
+
     #[test]
     fn passwords_stay_out_of_messages() {
         assert_eq!(super::redacted("redis://:secret@10.0.0.1:6379/0"), "redis://***@10.0.0.1:6379/0");

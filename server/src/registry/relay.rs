@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 use pushline_alloc::Site;
 
+use super::redis::Redis;
 use crate::hub::Hub;
 use crate::telemetry::{DropReason, Metrics, PublishKind, Relayed};
 use crate::wire::Message;
@@ -83,7 +84,7 @@ impl<'a> Relay<'a> {
 
     /// Reads what `encode` wrote; `None` for anything else.
     pub fn decode(bytes: &'a [u8]) -> Option<Relay<'a>> {
-        let mut r = Reader(bytes);
+        let mut r = Bytes(bytes);
         let kind = r.take(1)?[0];
         let origin = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
         let id = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
@@ -114,9 +115,9 @@ impl<'a> Relay<'a> {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+struct Bytes<'a>(&'a [u8]);
 
-impl<'a> Reader<'a> {
+impl<'a> Bytes<'a> {
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
@@ -131,32 +132,69 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Reads this node's subscriptions until the Redis link is dropped, delivering each
-/// message from another node to local connections, in the order Redis sent them.
-pub async fn deliver_incoming(mut pushes: UnboundedReceiver<PushInfo>, hub: Arc<Hub>, metrics: Arc<Metrics>, node: u16) {
-    while let Some(push) = pushes.recv().await {
-        match push.kind {
-            PushKind::Message | PushKind::SMessage => {}
-            PushKind::Disconnection => {
-                metrics.redis_reconnects.increment(1);
-                tracing::warn!("lost the Redis connection; reconnecting and resubscribing");
-                continue;
+/// Reads this node's subscriptions and delivers each message from another node to local
+/// connections, in the order Redis sent them.
+pub struct Inbox {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub redis: Redis,
+    pub node: u16,
+    /// The channels this node listens to.
+    pub channels: Vec<String>,
+}
+
+/// First wait before subscribing again after a failed attempt; doubles up to a second.
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(50);
+
+impl Inbox {
+    /// Runs until the Redis link is dropped.
+    pub async fn run(self, mut pushes: Receiver<PushInfo>) {
+        while let Some(push) = pushes.recv().await {
+            match push.kind {
+                PushKind::Message | PushKind::SMessage => self.deliver(&push.data).await,
+                PushKind::Disconnection => {
+                    self.metrics.redis_reconnects.increment(1);
+                    tracing::warn!("lost the Redis connection; reconnecting and resubscribing");
+                }
+                // Nothing here unsubscribes: on a cluster, an unasked-for SUNSUBSCRIBE means
+                // the channel's slot moved to another shard, and the redis crate has
+                // forgotten the subscription. Subscribe again, at the slot's new owner.
+                PushKind::SUnsubscribe | PushKind::Unsubscribe => self.resubscribe(push.data.first()),
+                _ => {}
             }
-            _ => continue,
         }
-        // data: [channel, payload]
-        let Some(Value::BulkString(payload)) = push.data.get(1) else {
+    }
+
+    fn resubscribe(&self, channel: Option<&Value>) {
+        let Some(Value::BulkString(channel)) = channel else { return };
+        let Some(channel) = self.channels.iter().find(|c| c.as_bytes() == channel.as_slice()).cloned() else { return };
+        tracing::info!(channel, "unsubscribed by Redis (a slot migration?); subscribing again");
+        let redis = self.redis.clone();
+        tokio::spawn(async move {
+            let mut wait = RESUBSCRIBE_FIRST;
+            while let Err(e) = redis.subscribe(&channel).await {
+                tracing::warn!(channel, error = %e, "subscribing again failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        });
+    }
+
+    /// One message on a channel: `data` is `[channel, payload]`.
+    async fn deliver(&self, data: &[Value]) {
+        let (hub, metrics) = (&self.hub, &self.metrics);
+        let Some(Value::BulkString(payload)) = data.get(1) else {
             metrics.dropped(DropReason::BadRelay, 1);
-            continue;
+            return;
         };
         let Some(relay) = Relay::decode(payload) else {
             tracing::warn!(bytes = payload.len(), "undecodable message on a node channel");
             metrics.dropped(DropReason::BadRelay, 1);
-            continue;
+            return;
         };
-        if relay.origin == node {
+        if relay.origin == self.node {
             // Our own topic publish or broadcast, already delivered here.
-            continue;
+            return;
         }
         metrics.relayed(Relayed::In, relay.target.kind());
         let age = Duration::from_millis(now_ms().saturating_sub(relay.published_ms));

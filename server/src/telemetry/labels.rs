@@ -39,6 +39,9 @@ pub enum DropReason {
     NodeUnreachable,
     /// A message from another node that could not be decoded.
     BadRelay,
+    /// A message from another node that arrived while this node had `RELAY_BACKLOG`
+    /// others still to deliver.
+    RelayBacklog,
 }
 
 /// Why a connection attempt was turned away. Label `reason` of `pushline_connections_refused_total`.

@@ -135,4 +135,54 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
+
+    pub fn id(&self, node: usize) -> String {
+        self.nodes[node].cli(&["cluster", "myid"])
+    }
+
+    /// The master holding `key`'s slot.
+    pub fn owner(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0].cli(&["cluster", "keyslot", key]).parse().unwrap();
+        let table = self.nodes[0].cli(&["cluster", "nodes"]);
+        for line in table.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port: u16 = fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            let ranges: Vec<(u16, u16)> = fields[8..]
+                .iter()
+                .filter(|r| !r.starts_with('['))
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                    None => (r.parse().unwrap(), r.parse().unwrap()),
+                })
+                .collect();
+            if ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot)) {
+                return self.nodes.iter().position(|n| n.port == port).unwrap();
+            }
+        }
+        panic!("no master holds slot {slot}: {table}");
+    }
+
+    /// Moves `key`'s slot from master `from` to master `to`, keys and all, the way
+    /// `redis-cli --cluster reshard` moves each slot: importing, migrating, MIGRATE of
+    /// every key, then the new owner told to every master.
+    pub fn migrate_slot_of(&self, key: &str, from: usize, to: usize) {
+        let slot = self.nodes[0].cli(&["cluster", "keyslot", key]);
+        let (from_id, to_id) = (self.id(from), self.id(to));
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        assert_eq!(target.cli(&["cluster", "setslot", &slot, "importing", &from_id]), "OK");
+        assert_eq!(source.cli(&["cluster", "setslot", &slot, "migrating", &to_id]), "OK");
+        loop {
+            let keys = source.cli(&["cluster", "getkeysinslot", &slot, "100"]);
+            if keys.is_empty() {
+                break;
+            }
+            let port = target.port.to_string();
+            let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.lines());
+            source.cli(&args);
+        }
+        for node in &self.nodes {
+            assert_eq!(node.cli(&["cluster", "setslot", &slot, "node", &to_id]), "OK");
+        }
+    }
 }
