@@ -62,6 +62,21 @@ unsafe impl Sync for MallocConf {}
 #[export_name = "_rjem_malloc_conf"]
 pub static MALLOC_CONF: MallocConf = MallocConf(c"prof:true,prof_active:true,lg_prof_sample:19,background_thread:true".as_ptr());
 
+/// Returns every arena's unused dirty pages to the kernel now, instead of after the
+/// decay time: what RSS is without the allocator's caches.
+pub fn purge() -> Result<(), String> {
+    // MALLCTL_ARENAS_ALL (4096) names every arena.
+    // SAFETY: "arena.<i>.purge" is a void control: it takes no old or new value, and
+    // jemalloc refuses (EPERM) any pointer given.
+    let status = unsafe {
+        tikv_jemalloc_sys::mallctl(c"arena.4096.purge".as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0)
+    };
+    match status {
+        0 => Ok(()),
+        errno => Err(format!("jemalloc purge: {}", std::io::Error::from_raw_os_error(errno))),
+    }
+}
+
 /// Turns jemalloc's heap sampling on or off (`prof.active`); returns what it was.
 pub fn set_heap_sampling(active: bool) -> Result<bool, String> {
     // SAFETY: "prof.active" is a documented read-write bool, and `update` reads and

@@ -46,8 +46,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        signals.first().await;
+        let status = tokio::select! {
+            _ = signals.first() => ExitCode::SUCCESS,
+            _ = server.evicted() => {
+                eprintln!("pushline: another process holds this node id; stopped serving so clients reconnect elsewhere");
+                ExitCode::FAILURE
+            }
+        };
         server.shutdown().await;
-        ExitCode::SUCCESS
+        status
     })
 }

@@ -41,6 +41,8 @@ pub struct Server {
     hub: Arc<Hub>,
     accepting: JoinHandle<()>,
     registry: Option<Attached>,
+    /// Cancelled when another process holds this node's id; never, on the memory registry.
+    evicted: CancellationToken,
     sweeper: CancellationToken,
     admin: admin::Running,
 }
@@ -136,6 +138,7 @@ impl Server {
         // Sockets are registered with the runtime as they are accepted: connection memory.
         let accepting = tokio::spawn(Site::ConnectionTask.instrument(listener::accept_loop(client, router, shutdown.token())));
 
+        let evicted = attached.as_ref().map_or_else(CancellationToken::new, Attached::evicted);
         tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "effective configuration");
         tracing::info!("node {node} listening client={client_addr} admin={admin_addr}");
         Ok(Server {
@@ -147,6 +150,7 @@ impl Server {
             hub,
             accepting,
             registry: attached,
+            evicted,
             sweeper,
             admin,
         })
@@ -158,6 +162,11 @@ impl Server {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Resolves if the node must stop on its own: another process holds its node id.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await
     }
 
     /// Runs the graceful shutdown, phase by phase, each bounded by the grace period.

@@ -211,7 +211,7 @@ async fn small_holes_are_closed() {
 
 #[tokio::test]
 async fn a_publish_while_draining_is_answered_503() {
-    let mut server = Process::spawn(&["--shutdown-grace", "60s"], None);
+    let server = Process::spawn(&["--shutdown-grace", "60s"], None);
     let http = reqwest::Client::new();
     let publish = |data: u32| http.post(format!("http://{}/v1/broadcast", server.client)).body(json!({"data": data}).to_string()).send();
     assert_eq!(publish(1).await.unwrap().status(), 200, "a kept-alive connection to publish on");

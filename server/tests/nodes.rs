@@ -186,6 +186,62 @@ async fn graceful_shutdown_removes_the_nodes_sessions_from_redis() {
     let left: Vec<String> = (0..20).map(|i| redis.cli(&["hlen", &format!("pushline:uid:g{i}")])).collect();
     assert!(left.iter().all(|n| n == "0"), "sessions left in Redis: {left:?}");
     assert_eq!(redis.cli(&["exists", &format!("pushline:node:{node}")]), "0");
+    assert_eq!(redis.cli(&["dbsize"]), "0", "nothing of the node left: {}", redis.cli(&["keys", "*"]));
+}
+
+#[tokio::test]
+async fn redis_memory_comes_back_after_nodes_die() {
+    let redis = RedisServer::start();
+    let _survivor = node_on(&redis).await;
+    let keys = || redis.cli(&["dbsize"]).parse::<u64>().unwrap();
+    let used = || {
+        let info = redis.cli(&["info", "memory"]);
+        info.lines().find_map(|l| l.strip_prefix("used_memory_dataset:")).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let (baseline, used_before) = (keys(), used());
+    let args = redis_args(&redis);
+    for round in 0..10 {
+        let doomed = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+        let clients = common::many_ws(doomed.client, 20, &format!("r{round}u")).await;
+        wait_metric(doomed.admin, SESSIONS, |n| n == 20.0).await;
+        doomed.signal(libc::SIGKILL);
+        drop(clients);
+    }
+    assert!(keys() >= baseline + 200, "the dead nodes' sessions are in Redis: {} keys", keys());
+    let used_dead = used();
+    // Nobody pushes to these uids again; the survivor's reaper finds the dead runs.
+    let deadline = Instant::now() + WAIT * 3;
+    while keys() > baseline {
+        assert!(Instant::now() < deadline, "{} keys left after the dead nodes were reaped (baseline {baseline}): {}", keys(), redis.cli(&["keys", "*"]));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(redis.cli(&["scard", "pushline:nodes"]), "1", "only the survivor's run is left");
+    let used_after = used();
+    // Keys are what leaks; the byte figures also carry Lua's VM and the allocator's own.
+    eprintln!("Redis used_memory_dataset: {used_before} B before, {used_dead} B with 10 dead nodes' sessions, {used_after} B after reaping");
+}
+
+#[tokio::test]
+async fn a_node_whose_id_was_taken_stops_serving() {
+    let redis = RedisServer::start();
+    let mut args = redis_args(&redis);
+    args.extend(["--node-id".into(), "7".into()]);
+    let mut node = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let (mut client, _) = ws(node.client, "uid=stranded").await;
+    // What another process that claimed node 7 during a partition would have written.
+    assert_eq!(redis.cli(&["set", "pushline:node:7", "1", "px", "60000"]), "OK");
+    use futures_util::StreamExt;
+    let close = loop {
+        match tokio::time::timeout(WAIT, client.next()).await.expect("the node closes its clients") {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001), "clients are told to go elsewhere");
+    let status = tokio::task::spawn_blocking(move || node.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(redis.cli(&["get", "pushline:node:7"]), "1", "the other holder's liveness key is left alone");
 }
 
 #[tokio::test]

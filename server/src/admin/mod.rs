@@ -178,8 +178,14 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         Ok(query) => query,
         Err(reply) => return reply,
     };
+    if req.method() == Method::POST && req.uri().path() == "/debug/memory/purge" {
+        return match pushline_alloc::jemalloc::purge() {
+            Ok(()) => json(&memory::memory(admin)),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        };
+    }
     if req.method() != Method::GET {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "admin endpoints take GET");
+        return error(StatusCode::METHOD_NOT_ALLOWED, "admin endpoints take GET (and POST /debug/memory/purge)");
     }
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
@@ -215,7 +221,7 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         }
         path => error(
             StatusCode::NOT_FOUND,
-            &format!("no admin endpoint {path}; see /metrics, /healthz, /readyz, /debug/pprof/profile, /debug/pprof/heap, /debug/memory, /debug/objects, /debug/connections, /debug/sessions/<uid>"),
+            &format!("no admin endpoint {path}; see /metrics, /healthz, /readyz, /debug/pprof/profile, /debug/pprof/heap, /debug/memory (POST /debug/memory/purge), /debug/objects, /debug/connections, /debug/sessions/<uid>"),
         ),
     }
 }

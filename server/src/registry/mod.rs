@@ -133,6 +133,7 @@ impl Connected {
             node: self.node,
             channels: nodes.channels(),
         };
+        let evicted = CancellationToken::new();
         let registrar = Registrar {
             redis: self.redis,
             keys: self.keys,
@@ -141,10 +142,12 @@ impl Connected {
             epoch: self.epoch,
             ttl: self.ttl,
             metrics: self.metrics.clone(),
+            evicted: evicted.clone(),
         };
+        registrar.announce().await.map_err(|e| Error::unavailable(format!("registering this node: {e}")))?;
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));
         let reading = tokio::spawn(Site::Redis.instrument(inbox.run(self.pushes)));
-        Ok((Registry::Redis(nodes), Attached { writing, reading, stop }))
+        Ok((Registry::Redis(nodes), Attached { writing, reading, stop, evicted }))
     }
 }
 
@@ -153,9 +156,16 @@ pub struct Attached {
     writing: JoinHandle<()>,
     reading: JoinHandle<()>,
     stop: CancellationToken,
+    evicted: CancellationToken,
 }
 
 impl Attached {
+    /// Cancelled when another process turns out to hold this node's id: this node must
+    /// stop serving.
+    pub fn evicted(&self) -> CancellationToken {
+        self.evicted.clone()
+    }
+
     /// After every connection has closed: writes the last session changes, removes this
     /// node from Redis, and stops reading (bounded by `grace`).
     pub async fn leave(self, grace: Duration) {
@@ -367,11 +377,9 @@ impl Nodes {
         if stale.is_empty() {
             return;
         }
-        const DELETE_IF_EPOCH: &str =
-            "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
         let cmds: Vec<Cmd> = stale
             .iter()
-            .map(|e| ::redis::cmd("EVAL").arg(DELETE_IF_EPOCH).arg(1).arg(self.keys.uid(e.uid)).arg(e.session.0).arg(e.epoch).clone())
+            .map(|e| ::redis::cmd("EVAL").arg(presence::DELETE_IF_EPOCH).arg(1).arg(self.keys.uid(e.uid)).arg(e.session.0).arg(e.epoch).clone())
             .collect();
         let redis = self.redis.clone();
         tokio::spawn(async move {

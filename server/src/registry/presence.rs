@@ -7,6 +7,21 @@
 //! - `P:uid:<uid>`: a hash, session id -> epoch of the node that holds it. One HSET when a
 //!   connection opens, one HDEL when it closes. An entry whose node key is gone, or holds
 //!   another epoch, is a dead node's session: lookups skip it and delete it.
+//! - `P:sessions:<id>:<epoch>`: a set of `<session>:<uid>`, the node's live sessions (SADD
+//!   at open, SREM at close, in the same batch), so that a dead node's entries can be
+//!   found without scanning every uid.
+//! - `P:nodes`: a set of `<id>:<epoch>`, every node run that has registered sessions and
+//!   not yet been cleaned up after.
+//!
+//! Every node reaps: once per `--node-ttl` it reads `P:nodes`, and for a run whose
+//! liveness key is gone (or holds a newer epoch) it takes a short lock, deletes that
+//! run's uid entries (each only if it still holds that epoch), a batch at a time, then its
+//! sessions set and its `P:nodes` member. Redis memory comes back after nodes die.
+//!
+//! A node that finds its liveness key holding another epoch has had its id taken by
+//! another process (after a partition, say): it stops serving as that id, closing its
+//! clients so they reconnect elsewhere, rather than serve sessions Redis attributes to
+//! someone else.
 //!
 //! The hub reports each open and close on a channel; one task coalesces them and writes
 //! them as one pipeline per batch, so a storm of connects costs a few round trips. While
@@ -54,6 +69,21 @@ impl Keys {
 
     pub fn uid(&self, uid: &str) -> String {
         format!("{}:uid:{uid}", self.prefix)
+    }
+
+    /// The live sessions of one run of a node.
+    pub fn sessions(&self, node: u16, epoch: u64) -> String {
+        format!("{}:sessions:{node}:{epoch}", self.prefix)
+    }
+
+    /// The node runs that have registered sessions.
+    pub fn runs(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// The lock of whoever is cleaning up after a dead run.
+    fn reaping(&self, run: &str) -> String {
+        format!("{}:reaping:{run}", self.prefix)
     }
 
     /// Pushes for sessions on `node`.
@@ -107,8 +137,18 @@ pub async fn claim_node_id(redis: &Redis, keys: &Keys, wanted: Option<u16>, epoc
     }
 }
 
-/// Writes this node's session changes and keeps its liveness key, until `stop`; then
-/// writes what is left, removes every session still registered and the liveness key.
+/// Deletes a uid's session entry only if it still holds the epoch given: an entry of a
+/// newer run with the same session id is kept.
+pub const DELETE_IF_EPOCH: &str =
+    "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
+
+/// Session entries a reaper deletes per round trip, and the pause between batches.
+const REAP_BATCH: usize = 200;
+const REAP_PAUSE: Duration = Duration::from_millis(20);
+
+/// Writes this node's session changes, keeps its liveness key and reaps after dead
+/// nodes, until `stop`; then writes what is left, removes every session still
+/// registered and the liveness key.
 pub struct Registrar {
     pub redis: Redis,
     pub keys: Keys,
@@ -117,6 +157,18 @@ pub struct Registrar {
     pub epoch: u64,
     pub ttl: Duration,
     pub metrics: Arc<Metrics>,
+    /// Cancelled when another process turns out to hold this node's id.
+    pub evicted: CancellationToken,
+}
+
+/// What a liveness refresh found.
+enum Liveness {
+    Held,
+    /// The key had vanished (Redis restarted, or this node was unreachable past its TTL).
+    Missing,
+    /// Another run of this node id holds it.
+    Taken(u64),
+    Unknown,
 }
 
 impl Registrar {
@@ -130,6 +182,8 @@ impl Registrar {
         let mut retry = RETRY_FIRST;
         let mut failing = false;
         let mut must_register = false;
+        let mut reap = tokio::time::interval(self.ttl);
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let retry_timer = tokio::time::sleep(retry);
         tokio::pin!(retry_timer);
         loop {
@@ -143,8 +197,20 @@ impl Registrar {
                         coalesce(&mut pending, change);
                     }
                 }
-                _ = refresh.tick() => {
-                    must_register |= self.refresh_liveness().await;
+                _ = refresh.tick(), if !self.evicted.is_cancelled() => {
+                    match self.refresh_liveness().await {
+                        Liveness::Missing => must_register = true,
+                        Liveness::Taken(other) => {
+                            tracing::error!(
+                                node = self.node,
+                                other_epoch = other,
+                                "another process holds this node id (claimed while this one could not reach Redis): closing every client so they reconnect elsewhere, and stopping"
+                            );
+                            self.evicted.cancel();
+                            continue;
+                        }
+                        Liveness::Held | Liveness::Unknown => {}
+                    }
                     if must_register {
                         match self.register_all().await {
                             Ok(()) => must_register = false,
@@ -152,6 +218,11 @@ impl Registrar {
                         }
                     }
                     due = true;
+                }
+                _ = reap.tick() => {
+                    if let Err(e) = self.reap().await {
+                        tracing::debug!(error = %e, "reaping after dead nodes failed; will retry");
+                    }
                 }
                 _ = &mut retry_timer, if failing => due = true,
                 _ = stop.cancelled() => break,
@@ -190,7 +261,7 @@ impl Registrar {
         while !pending.is_empty() {
             let batch: Vec<(SessionId, Arc<str>, bool)> =
                 pending.iter().take(BATCH).map(|(s, p)| (*s, p.uid.clone(), p.opened)).collect();
-            let cmds: Vec<Cmd> = batch.iter().map(|(s, u, open)| self.change_cmd(*s, u, *open)).collect();
+            let cmds: Vec<Cmd> = batch.iter().flat_map(|(s, u, open)| self.change_cmds(*s, u, *open)).collect();
             if let Err(e) = self.redis.batch(RedisCommand::Sessions, &cmds).await {
                 for (session, _, _) in &batch {
                     if let Some(p) = pending.get_mut(session) {
@@ -209,65 +280,137 @@ impl Registrar {
         Ok(())
     }
 
-    fn change_cmd(&self, session: SessionId, uid: &str, open: bool) -> Cmd {
-        let mut cmd = redis::cmd(if open { "HSET" } else { "HDEL" });
-        cmd.arg(self.keys.uid(uid)).arg(session.0);
+    /// The writes of one session opening or closing: its uid entry and its member of
+    /// this run's sessions set.
+    fn change_cmds(&self, session: SessionId, uid: &str, open: bool) -> [Cmd; 2] {
+        let mut entry = redis::cmd(if open { "HSET" } else { "HDEL" });
+        entry.arg(self.keys.uid(uid)).arg(session.0);
         if open {
-            cmd.arg(self.epoch);
+            entry.arg(self.epoch);
         }
-        cmd
+        let mut index = redis::cmd(if open { "SADD" } else { "SREM" });
+        index.arg(self.keys.sessions(self.node, self.epoch)).arg(format!("{}:{uid}", session.0));
+        [entry, index]
     }
 
-    /// Refreshes the liveness key, unless another process holds it. Returns true when the
-    /// key had vanished: every local session must be written again.
-    async fn refresh_liveness(&self) -> bool {
+    /// This run, as a member of `P:nodes`.
+    fn run_name(&self) -> String {
+        format!("{}:{}", self.node, self.epoch)
+    }
+
+    /// Records this run in `P:nodes`, so that others can clean up after it.
+    pub async fn announce(&self) -> redis::RedisResult<()> {
+        self.redis.query::<Value>(RedisCommand::Sessions, redis::cmd("SADD").arg(self.keys.runs()).arg(self.run_name())).await.map(drop)
+    }
+
+    /// Refreshes the liveness key, unless another process holds it.
+    async fn refresh_liveness(&self) -> Liveness {
         const REFRESH: &str = "local v = redis.call('GET', KEYS[1]) \
             if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end return v";
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(REFRESH).arg(1).arg(self.keys.node(self.node)).arg(self.epoch).arg(self.ttl.as_millis() as u64);
         match self.redis.query::<Option<u64>>(RedisCommand::Set, &cmd).await {
-            Ok(Some(epoch)) if epoch == self.epoch => false,
-            Ok(Some(other)) => {
-                tracing::error!(
-                    node = self.node,
-                    other_epoch = other,
-                    "another process claimed this node id while this one could not reach Redis; other nodes now see this node's sessions as gone: restart this node"
-                );
-                false
-            }
+            Ok(Some(epoch)) if epoch == self.epoch => Liveness::Held,
+            Ok(Some(other)) => Liveness::Taken(other),
             Ok(None) => {
                 tracing::warn!(node = self.node, "liveness key was missing (Redis restarted or was unreachable past --node-ttl); registering every session again");
-                true
+                Liveness::Missing
             }
             Err(e) => {
                 tracing::debug!(error = %e, "liveness refresh failed");
-                false
+                Liveness::Unknown
             }
         }
+    }
+
+    /// Cleans up after every node run in `P:nodes` whose liveness key no longer holds its
+    /// epoch, one run at a time, under a lock so that one node does each.
+    async fn reap(&self) -> redis::RedisResult<()> {
+        let runs: Vec<String> = self.redis.query(RedisCommand::Get, redis::cmd("SMEMBERS").arg(self.keys.runs())).await?;
+        for run in runs {
+            let Some((node, epoch)) = run.split_once(':').and_then(|(n, e)| Some((n.parse::<u16>().ok()?, e.parse::<u64>().ok()?)))
+            else {
+                continue;
+            };
+            if (node, epoch) == (self.node, self.epoch) {
+                continue;
+            }
+            let live: Option<u64> = self.redis.query(RedisCommand::Get, redis::cmd("GET").arg(self.keys.node(node))).await?;
+            if live.is_some_and(|live| live <= epoch) {
+                continue;
+            }
+            let mut lock = redis::cmd("SET");
+            lock.arg(self.keys.reaping(&run)).arg(self.run_name()).arg("NX").arg("PX").arg(self.ttl.as_millis() as u64 * 3);
+            if !matches!(self.redis.query::<Value>(RedisCommand::Set, &lock).await?, Value::Okay) {
+                continue;
+            }
+            let removed = self.reap_run(node, epoch).await?;
+            self.redis.query::<Value>(RedisCommand::Hdel, redis::cmd("SREM").arg(self.keys.runs()).arg(&run)).await?;
+            tracing::info!(node, epoch, sessions = removed, "cleaned up after a node that is gone");
+        }
+        Ok(())
+    }
+
+    /// Deletes a dead run's uid entries, a batch at a time, then its sessions set.
+    async fn reap_run(&self, node: u16, epoch: u64) -> redis::RedisResult<usize> {
+        let set = self.keys.sessions(node, epoch);
+        let (mut cursor, mut removed) = (0u64, 0);
+        loop {
+            let mut scan = redis::cmd("SSCAN");
+            scan.arg(&set).arg(cursor).arg("COUNT").arg(REAP_BATCH);
+            let (next, members): (u64, Vec<String>) = self.redis.query(RedisCommand::Get, &scan).await?;
+            let deletes: Vec<Cmd> = members
+                .iter()
+                .filter_map(|m| m.split_once(':'))
+                .map(|(session, uid)| {
+                    redis::cmd("EVAL").arg(DELETE_IF_EPOCH).arg(1).arg(self.keys.uid(uid)).arg(session).arg(epoch).clone()
+                })
+                .collect();
+            self.redis.batch(RedisCommand::Hdel, &deletes).await?;
+            removed += deletes.len();
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+            tokio::time::sleep(REAP_PAUSE).await;
+        }
+        self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(&set)).await?;
+        Ok(removed)
     }
 
     /// Writes an open (HSET) or a close (HDEL) of every local session, a batch at a time.
     /// Returns the number of sessions.
     async fn write_every_session(&self, open: bool) -> redis::RedisResult<usize> {
         let mut cmds = Vec::new();
-        self.hub.for_each(|conn| cmds.push(self.change_cmd(conn.session, &conn.uid, open)));
+        self.hub.for_each(|conn| cmds.extend(self.change_cmds(conn.session, &conn.uid, open)));
         for chunk in cmds.chunks(BATCH) {
             self.redis.batch(RedisCommand::Sessions, chunk).await?;
         }
-        Ok(cmds.len())
+        Ok(cmds.len() / 2)
     }
 
     async fn register_all(&self) -> redis::RedisResult<()> {
+        self.announce().await?;
         let sessions = self.write_every_session(true).await?;
         self.metrics.registry_sessions.set(sessions as f64);
         Ok(())
     }
 
     async fn leave(&self, pending: &mut HashMap<SessionId, Pending>) -> redis::RedisResult<()> {
+        if self.evicted.is_cancelled() {
+            // The id is another process's now: its liveness key, and uid entries that may
+            // carry the same session ids, are not ours to delete. Ours are reaped by epoch.
+            return Ok(());
+        }
         self.flush(pending).await?;
         // Connections still open past the shutdown grace.
         self.write_every_session(false).await?;
-        self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.node(self.node))).await?;
+        const DELETE_IF_OURS: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        let mut del = redis::cmd("EVAL");
+        del.arg(DELETE_IF_OURS).arg(1).arg(self.keys.node(self.node)).arg(self.epoch);
+        self.redis.query::<Value>(RedisCommand::Del, &del).await?;
+        self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.sessions(self.node, self.epoch))).await?;
+        self.redis.query::<Value>(RedisCommand::Del, redis::cmd("SREM").arg(self.keys.runs()).arg(self.run_name())).await?;
         self.metrics.registry_sessions.set(0.0);
         Ok(())
     }

@@ -53,8 +53,15 @@ impl Server {
     }
 
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+        pushline_alloc::process::Resident::of(self.pid()).unwrap().rss
+    }
+
+    /// RSS once the allocator has given back the pages it keeps for reuse
+    /// (`POST /debug/memory/purge`): what the server's live data costs.
+    pub async fn purged_rss(&self) -> u64 {
+        let reply = http(self.admin, "POST", "/debug/memory/purge", "").await;
+        assert!(reply.contains("jemalloc"), "purge: {reply}");
+        self.rss()
     }
 
     pub async fn connections(&self) -> u64 {
@@ -132,12 +139,18 @@ pub fn tools(args: &[&str]) -> String {
 /// Bytes of kernel slab objects in use, machine-wide: active objects times object size
 /// over every cache in /proc/slabinfo (pages are not counted, as freed objects linger in
 /// partly used slabs).
+/// Bytes of live objects in the slab caches a TCP socket takes objects from
+/// (machine-wide: other processes' files and sockets move it too, far less than all
+/// caches would).
 pub fn slab_bytes() -> u64 {
+    const SOCKET_CACHES: [&str; 8] =
+        ["TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq", "lsm_inode_cache", "lsm_file_cache"];
     let text = std::fs::read_to_string("/proc/slabinfo").expect("/proc/slabinfo (root)");
     text.lines()
         .skip(2)
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
+            SOCKET_CACHES.contains(f.first()?).then_some(())?;
             Some(f.get(1)?.parse::<u64>().ok()? * f.get(3)?.parse::<u64>().ok()?)
         })
         .sum()
