@@ -13,6 +13,8 @@ pub struct ServerProcess {
     child: Child,
     pub client: SocketAddr,
     pub admin: SocketAddr,
+    /// Lines of its log that report a panic.
+    pub panics: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The release `pushline` next to this binary, unless `--server-bin` says otherwise.
@@ -38,8 +40,17 @@ impl ServerProcess {
                 break (c.trim().parse().map_err(|_| "bad addr")?, a.trim().parse().map_err(|_| "bad addr")?);
             }
         };
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("[server] {l}")));
-        Ok(ServerProcess { child, client, admin })
+        let panics = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = panics.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if line.contains("panicked") {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                eprintln!("[server] {line}");
+            }
+        });
+        Ok(ServerProcess { child, client, admin, panics })
     }
 
     pub fn pid(&self) -> u32 {
@@ -133,6 +144,18 @@ pub struct RedisProcess {
 impl RedisProcess {
     pub fn start() -> Result<RedisProcess, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().map_err(|e| e.to_string())?.port();
+        RedisProcess::start_on(port)
+    }
+
+    /// Kills the server (nothing is persisted) and starts an empty one on the same port.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = RedisProcess::start_on(self.port)?;
+        Ok(())
+    }
+
+    fn start_on(port: u16) -> Result<RedisProcess, String> {
         let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::piped())

@@ -116,6 +116,23 @@ enum Scenario {
         #[arg(long)]
         net: u8,
     },
+    /// Everything at once for a long time, on two nodes and a Redis that restarts
+    /// halfway: RSS, Redis memory, connections and drops sampled over time.
+    Soak {
+        #[arg(long, default_value_t = 15_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// Pushes per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 30)]
+        sample: u64,
+        /// Write the samples here as CSV.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
     /// `slow_percent` of N clients stop reading during `rounds` 16 KB broadcasts.
     Slow {
         #[arg(long, default_value_t = 200)]
@@ -165,6 +182,10 @@ async fn main() -> ExitCode {
             };
         }
         Scenario::Registry { connections, nodes } => scenarios::registry::run(&cli.common, connections, nodes).await,
+        Scenario::Soak { connections, minutes, rate, sample, csv } => {
+            let settings = scenarios::soak::Settings { connections, minutes, rate, sample: std::time::Duration::from_secs(sample), csv };
+            scenarios::soak::run(&cli.common, settings).await
+        }
     };
     match result {
         Ok(rows) => {

@@ -6,6 +6,7 @@ pub mod idle;
 pub mod registry;
 pub mod scale;
 pub mod slow;
+pub mod soak;
 pub mod storm;
 pub mod unicast;
 
