@@ -205,6 +205,16 @@ pub struct Config {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub alloc_tracking: bool,
 
+    /// Log lines as text, or as JSON objects (timestamp, level, target, node, fields).
+    #[arg(long, env = "PUSHLINE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::logging::LogFormat,
+
+    /// Check the settings (flags, environment, file) as a start would, list every
+    /// problem, and exit: 0 if they can work, 2 if not. Binds nothing.
+    #[arg(long, default_value_t = false)]
+    #[serde(skip)]
+    pub check_config: bool,
+
     /// Log filter (tracing-subscriber `EnvFilter` syntax, e.g. `info,pushline=debug`).
     #[arg(long, env = "PUSHLINE_LOG", default_value = "info")]
     pub log: String,
@@ -274,60 +284,65 @@ impl Config {
 
     /// Checks settings against each other; the message says what to change.
     pub fn validate(&self) -> Result<(), Error> {
-        self.check().map_err(Error::config)
+        match self.problems().as_slice() {
+            [] => Ok(()),
+            problems => Err(Error::config(problems.join("\n"))),
+        }
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Every setting that cannot work, each with what to change.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         for (name, secret) in [("--jwt-secret", &self.jwt_secret), ("--api-key", &self.api_key)] {
             match secret.as_deref().map(str::len) {
-                Some(0) => return Err(format!("{name} is empty (an unset variable in the environment or file?); set a random value of at least {MIN_SECRET_BYTES} bytes, e.g. `openssl rand -base64 32`")),
+                Some(0) => problems.push(format!("{name} is empty (an unset variable in the environment or file?); set a random value of at least {MIN_SECRET_BYTES} bytes, e.g. `openssl rand -base64 32`")),
                 Some(n) if n < MIN_SECRET_BYTES => {
-                    return Err(format!("{name} is {n} bytes; use at least {MIN_SECRET_BYTES} random bytes, e.g. `openssl rand -base64 32`"))
+                    problems.push(format!("{name} is {n} bytes; use at least {MIN_SECRET_BYTES} random bytes, e.g. `openssl rand -base64 32`"))
                 }
                 _ => {}
             }
         }
         if self.jwt_secret.is_some() && !self.admin_listen.ip().is_loopback() {
-            return Err(format!(
+            problems.push(format!(
                 "--admin-listen {} is not loopback: the admin endpoints (profiles, sessions) take no credentials; bind them to 127.0.0.1 and reach them through a tunnel",
                 self.admin_listen
             ));
         }
         if self.reuse_port && self.registry == RegistryKind::Memory {
-            return Err("--reuse-port with --registry memory splits clients between processes that cannot reach each other's sessions (and would share node id 0); use --registry redis so they form a cluster".into());
+            problems.push("--reuse-port with --registry memory splits clients between processes that cannot reach each other's sessions (and would share node id 0); use --registry redis so they form a cluster".into());
         }
         if self.jwt_secret.is_none() {
             for (name, addr) in [("--listen", self.listen), ("--admin-listen", self.admin_listen)] {
                 if !addr.ip().is_loopback() {
-                    return Err(format!(
+                    problems.push(format!(
                         "open mode (no --jwt-secret) refuses a non-loopback listener: {name} {addr}; \
                          set --jwt-secret and --api-key, or bind to 127.0.0.1"
                     ));
                 }
             }
         } else if self.api_key.is_none() {
-            return Err("--jwt-secret is set but --api-key is not: the publish API needs its key".into());
+            problems.push("--jwt-secret is set but --api-key is not: the publish API needs its key".into());
         }
         if self.max_message_bytes > self.queue_max_bytes {
-            return Err(format!(
+            problems.push(format!(
                 "--max-message-bytes ({}) is larger than --queue-max-bytes ({}): no message that large could ever be queued",
                 self.max_message_bytes, self.queue_max_bytes
             ));
         }
         if self.max_client_frame_bytes > MAX_CLIENT_FRAME_LIMIT {
-            return Err(format!(
+            problems.push(format!(
                 "--max-client-frame-bytes ({}) is over {MAX_CLIENT_FRAME_LIMIT}: client frames are read whole into a per-thread buffer",
                 self.max_client_frame_bytes
             ));
         }
         if self.max_publish_bytes_in_flight < self.max_message_bytes {
-            return Err(format!(
+            problems.push(format!(
                 "--max-publish-bytes-in-flight ({}) is smaller than --max-message-bytes ({}): no publish could be read",
                 self.max_publish_bytes_in_flight, self.max_message_bytes
             ));
         }
         if self.max_client_frame_bytes < MIN_CLIENT_FRAME {
-            return Err(format!(
+            problems.push(format!(
                 "--max-client-frame-bytes ({}) is under {MIN_CLIENT_FRAME}: clients could not send a control frame or a subscribe",
                 self.max_client_frame_bytes
             ));
@@ -337,33 +352,33 @@ impl Config {
         // hold. Queues that stay full are closed after --slow-consumer-timeout, so the
         // budget comes back; it only has to hold one full queue.
         if self.node_queue_max_bytes < self.queue_max_bytes {
-            return Err(format!(
+            problems.push(format!(
                 "--node-queue-max-bytes ({}) is smaller than one connection's --queue-max-bytes ({})",
                 self.node_queue_max_bytes, self.queue_max_bytes
             ));
         }
         if self.queue_max_messages == 0 || self.fanout_batch == 0 || self.max_connections_per_uid == 0 {
-            return Err("--queue-max-messages, --fanout-batch and --max-connections-per-uid must be at least 1".into());
+            problems.push("--queue-max-messages, --fanout-batch and --max-connections-per-uid must be at least 1".into());
         }
         if self.idle_timeout.is_zero() {
-            return Err("--idle-timeout must be more than 0s".into());
+            problems.push("--idle-timeout must be more than 0s".into());
         }
         match (self.registry, self.redis_url.len()) {
             (RegistryKind::Memory, 0) | (RegistryKind::Redis, 1) | (RegistryKind::RedisCluster, 1..) => {}
             (RegistryKind::Memory, _) => {
-                return Err("--redis-url is set but --registry is memory; add --registry redis or redis-cluster".into())
+                problems.push("--redis-url is set but --registry is memory; add --registry redis or redis-cluster".into())
             }
             (RegistryKind::Redis, 0) | (RegistryKind::RedisCluster, 0) => {
-                return Err("--registry redis and redis-cluster need --redis-url".into())
+                problems.push("--registry redis and redis-cluster need --redis-url".into())
             }
             (RegistryKind::Redis, _) => {
-                return Err("--registry redis takes one --redis-url; for seed nodes use --registry redis-cluster".into())
+                problems.push("--registry redis takes one --redis-url; for seed nodes use --registry redis-cluster".into())
             }
         }
         if self.node_ttl < Duration::from_secs(1) {
-            return Err("--node-ttl must be at least 1s".into());
+            problems.push("--node-ttl must be at least 1s".into());
         }
-        Ok(())
+        problems
     }
 
     /// A config for tests and embedding: both listeners on free loopback ports, open mode.

@@ -18,6 +18,7 @@ use crate::api::Api;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
 use crate::http::{self, ReadHead};
+use crate::telemetry::logging::Throttle;
 use crate::telemetry::{AcceptError, Metrics, RefuseReason};
 use crate::wire::Transport;
 
@@ -25,6 +26,9 @@ use crate::wire::Transport;
 const BACKLOG: i32 = 65_535;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// One accept-failure warning per second at most, with how many were held back.
+static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Binds a listening socket; with `reuse_port`, other processes may bind the same address.
 pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
@@ -119,10 +123,10 @@ pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Cance
             Err(e) => {
                 let kind = if is_file_limit(&e) { AcceptError::FileLimit } else { AcceptError::Other };
                 router.metrics.accept_error(kind);
-                // Log when the backoff starts or grows, not on every retry.
                 backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_BACKOFF);
-                if backoff < MAX_BACKOFF {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "accept failed; open connections keep being served");
+                if let Some(held_back) = ACCEPT_LOG.allow() {
+                    let kind = <&str>::from(kind);
+                    tracing::warn!(error = %e, kind, held_back, retry_in = ?backoff, "accept failed; open connections keep being served");
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -18,11 +18,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.check_config {
+        return match config.validate() {
+            Ok(()) => {
+                println!("pushline: the configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                for problem in error.message.lines() {
+                    eprintln!("pushline: {problem}");
+                }
+                ExitCode::from(2)
+            }
+        };
+    }
     if !config.alloc_tracking {
         pushline_alloc::allocator::disable_tracking();
     }
     logging::init(
         &config.log,
+        config.log_format,
         #[cfg(feature = "console")]
         config.console_listen,
     );

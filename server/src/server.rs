@@ -75,6 +75,7 @@ impl Server {
         let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
         let connected = registry::connect(&config, metrics.clone()).await?;
         let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);
+        crate::telemetry::logging::set_node(node);
         let settings = hub::Settings {
             limits: Limits { max_messages: config.queue_max_messages, max_bytes: config.queue_max_bytes, policy: config.slow_consumer },
             max_topics_per_connection: config.max_topics_per_connection,

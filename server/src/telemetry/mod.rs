@@ -19,6 +19,10 @@ use strum::{EnumCount, VariantArray};
 pub use labels::{AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, PublishKind, RedisCommand, RefuseReason, Relayed};
 
 use crate::wire::Transport;
+use logging::Throttle;
+
+/// How often a repeated warning may be logged.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub const CONNECTIONS: &str = "pushline_connections";
 pub const CONNECTIONS_OPENED: &str = "pushline_connections_opened_total";
@@ -41,6 +45,10 @@ pub const ALLOC_SITE_ALLOCATIONS: &str = "pushline_alloc_site_allocations_total"
 pub const TOKIO_WORKERS: &str = "pushline_tokio_workers";
 pub const TOKIO_ALIVE_TASKS: &str = "pushline_tokio_alive_tasks";
 pub const TOKIO_GLOBAL_QUEUE_DEPTH: &str = "pushline_tokio_global_queue_depth";
+pub const PROCESS_RESIDENT: &str = "pushline_process_resident_bytes";
+pub const OPEN_FDS: &str = "pushline_open_fds";
+pub const MAX_FDS: &str = "pushline_max_fds";
+pub const TCP_KERNEL: &str = "pushline_tcp_kernel_bytes";
 pub const REDIS_COMMAND_SECONDS: &str = "pushline_redis_command_seconds";
 pub const REDIS_ERRORS: &str = "pushline_redis_errors_total";
 pub const REDIS_RECONNECTS: &str = "pushline_redis_reconnects_total";
@@ -79,6 +87,8 @@ pub struct Metrics {
     /// only grows: the count lives in the site table, not in the recorder).
     sites: [[Gauge; 3]; SITES],
     tokio: [Gauge; 3],
+    /// Resident bytes, open files, the open-file limit, TCP kernel memory.
+    process: [Gauge; 4],
     redis_latency: [Histogram; RedisCommand::COUNT],
     redis_errors: [Counter; RedisCommand::COUNT],
     pub redis_reconnects: Counter,
@@ -87,6 +97,11 @@ pub struct Metrics {
     pub publish_bytes_reading: Gauge,
     pub registry_pending: Gauge,
     relayed: [[Counter; PublishKind::COUNT]; Relayed::COUNT],
+    /// One log line per second at most for each drop reason, refusal reason and Redis
+    /// command failing: a storm is counted in full by the metrics, and summarised in the log.
+    drop_log: [Throttle; DropReason::COUNT],
+    refusal_log: [Throttle; RefuseReason::COUNT],
+    redis_log: [Throttle; RedisCommand::COUNT],
     /// Outbound bytes and messages queued on this node right now; the gauges are set from
     /// these at scrape time, and the publish API checks the byte budget against them.
     pub queued_bytes_now: AtomicUsize,
@@ -129,7 +144,11 @@ impl Metrics {
             (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
             (RELAY_MESSAGES, Some(Unit::Count), "Messages sent to or received from other nodes, by direction and kind."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 14] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 18] = [
+            (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
+            (OPEN_FDS, Some(Unit::Count), "File descriptors this process has open."),
+            (MAX_FDS, Some(Unit::Count), "This process's open-file limit."),
+            (TCP_KERNEL, Some(Unit::Bytes), "Kernel memory in TCP sockets, machine-wide (/proc/net/sockstat)."),
             (PUBLISH_BYTES_READING, Some(Unit::Bytes), "Bytes of publish bodies being read (their Content-Length), held against --max-publish-bytes-in-flight."),
             (CONNECTIONS, Some(Unit::Count), "Open client connections, by transport."),
             (OUTBOUND_QUEUED_BYTES, Some(Unit::Bytes), "Bytes waiting in outbound queues."),
@@ -188,6 +207,7 @@ impl Metrics {
                     .map(|name| gauge(name, &[("site", site.name())]))
             }),
             tokio: [TOKIO_WORKERS, TOKIO_ALIVE_TASKS, TOKIO_GLOBAL_QUEUE_DEPTH].map(|name| gauge(name, &[])),
+            process: [PROCESS_RESIDENT, OPEN_FDS, MAX_FDS, TCP_KERNEL].map(|name| gauge(name, &[])),
             redis_latency: each::<RedisCommand, _, _>(|c| {
                 let key = Key::from_parts(REDIS_COMMAND_SECONDS, vec![Label::from_static_parts("command", c)]);
                 recorder.register_histogram(&key, &META)
@@ -201,6 +221,9 @@ impl Metrics {
             relayed: each::<Relayed, _, _>(|direction| {
                 each::<PublishKind, _, _>(|k| counter(RELAY_MESSAGES, &[("direction", direction), ("kind", k)]))
             }),
+            drop_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
+            refusal_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
+            redis_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
             queued_bytes_now: AtomicUsize::new(0),
             queued_messages_now: AtomicUsize::new(0),
             handle,
@@ -219,6 +242,9 @@ impl Metrics {
 
     pub fn refused(&self, reason: RefuseReason) {
         self.refused[reason as usize].increment(1);
+        if let Some(held_back) = self.refusal_log[reason as usize].allow() {
+            tracing::info!(reason = <&str>::from(reason), held_back, "connection refused");
+        }
     }
 
     pub fn accept_error(&self, kind: AcceptError) {
@@ -233,6 +259,9 @@ impl Metrics {
         if count > 0 {
             probes::msg_drop(reason as u8, count);
             self.dropped[reason as usize].increment(count as u64);
+            if let Some(held_back) = self.drop_log[reason as usize].allow() {
+                tracing::warn!(reason = <&str>::from(reason), count, held_back, "messages dropped");
+            }
         }
     }
 
@@ -240,6 +269,9 @@ impl Metrics {
         self.redis_latency[command as usize].record(seconds);
         if !ok {
             self.redis_errors[command as usize].increment(1);
+            if let Some(held_back) = self.redis_log[command as usize].allow() {
+                tracing::warn!(command = <&str>::from(command), held_back, "Redis command failed");
+            }
         }
         self.redis_up.set(if ok { 1.0 } else { 0.0 });
     }
@@ -273,6 +305,16 @@ impl Metrics {
         let tokio = [runtime.num_workers(), runtime.num_alive_tasks(), runtime.global_queue_depth()];
         for (gauge, value) in self.tokio.iter().zip(tokio) {
             gauge.set(value as f64);
+        }
+        let myself = procfs::process::Process::myself().ok();
+        let process = [
+            pushline_alloc::process::Resident::myself().rss as f64,
+            myself.as_ref().and_then(|p| p.fd_count().ok()).unwrap_or(0) as f64,
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft) as f64,
+            pushline_alloc::socket::TcpSockstat::read().map_or(0, |s| s.mem_bytes()) as f64,
+        ];
+        for (gauge, value) in self.process.iter().zip(process) {
+            gauge.set(value);
         }
         self.queued_bytes.set(self.queued_bytes_now.load(Ordering::Relaxed) as f64);
         self.queued_messages.set(self.queued_messages_now.load(Ordering::Relaxed) as f64);

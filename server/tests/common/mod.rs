@@ -208,9 +208,8 @@ impl Process {
         loop {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server logs its addresses");
             startup_log.push(line);
-            if let Some(rest) = startup_log.last().unwrap().split("listening client=").nth(1) {
-                let (client, admin) = rest.split_once(" admin=").expect("both addresses");
-                let (client, admin) = (client.trim().parse().unwrap(), admin.trim().parse().unwrap());
+            let line = startup_log.last().unwrap();
+            if let (Some(client), Some(admin)) = (address_after(line, "client="), address_after(line, "admin=")) {
                 // Its later log is kept for wait_log, and goes to the test's output (shown
                 // when a test fails).
                 let log = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
@@ -258,6 +257,13 @@ impl Process {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The socket address written after `key` in a log line (text or JSON).
+fn address_after(line: &str, key: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || ".:[]".contains(c))).unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// Kills a child that a failed start leaves behind, so a failing test leaves no process.
