@@ -85,6 +85,7 @@ const fn names() -> [[u8; NAME_LEN]; SITES] {
     out
 }
 
+#[cfg(feature = "allocator")]
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: ShardCounters = ShardCounters {
     live_bytes: AtomicI64::new(0),
@@ -93,7 +94,9 @@ const ZERO: ShardCounters = ShardCounters {
     total_bytes: AtomicU64::new(0),
 };
 
-/// The site table; its symbol name is part of the tools' contract.
+/// The site table; its symbol name is part of the tools' contract. Only a binary with
+/// the allocator has it: a reader of the layout (the tools) must not look like a server.
+#[cfg(feature = "allocator")]
 #[no_mangle]
 #[used]
 pub static PUSHLINE_ALLOC_SITES: SiteTable = SiteTable {
@@ -117,6 +120,7 @@ pub struct SiteStats {
 }
 
 /// This process's table, summed over shards.
+#[cfg(feature = "allocator")]
 pub fn snapshot() -> Vec<SiteStats> {
     Site::ALL
         .iter()
@@ -193,12 +197,14 @@ mod tests {
 
     /// The table as an outside reader sees it. The copy races with no one: these tests
     /// are the only code that charges sites in this process (no global allocator here).
+    #[cfg(feature = "allocator")]
     fn raw_bytes() -> Vec<u8> {
         let table: *const SiteTable = &PUSHLINE_ALLOC_SITES;
         // SAFETY: the table is a live static of this size.
         unsafe { std::slice::from_raw_parts(table.cast::<u8>(), std::mem::size_of::<SiteTable>()) }.to_vec()
     }
 
+    #[cfg(feature = "allocator")]
     #[test]
     fn parse_reads_what_the_static_holds() {
         let [a, b, ..] = &PUSHLINE_ALLOC_SITES.counters[Site::Topics as usize];

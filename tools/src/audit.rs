@@ -145,7 +145,13 @@ pub fn read_site_table(pid: u32) -> Result<Vec<SiteStats>, String> {
         mem.read_exact_at(&mut bytes, address).map(|_| bytes).map_err(|e| format!("cannot read the site table at {address:#x} in pid {pid}: {e}"))
     };
     let len = table::len_from_header(&read(table::HEADER_LEN)?)?;
-    table::parse(&read(len)?)
+    let sites = table::parse(&read(len)?)?;
+    if sites.iter().all(|s| s.total_allocs == 0) {
+        return Err(format!(
+            "pid {pid} is not a Pushline server: it has the site table, but its allocator never counted an allocation (its global allocator is not pushline_alloc::SiteAllocator, or --alloc-tracking=false)"
+        ));
+    }
+    Ok(sites)
 }
 
 /// Where the executable is mapped: for a position-independent binary, the start of its
