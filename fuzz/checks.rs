@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use pushline::client::commands;
 use pushline::config::Config;
-use pushline::gateway::auth::Auth;
+use pushline::auth::keys::Keys;
+use pushline::auth::Auth;
 use pushline::http::{self, ReadHead};
 use pushline::registry::relay::Relay;
 use pushline::wire::{json, ws};
@@ -95,10 +96,14 @@ pub fn config_file(data: &[u8]) {
 /// Client tokens, against a server with a secret.
 pub fn token(data: &[u8]) {
     static AUTH: OnceLock<Auth> = OnceLock::new();
-    let auth = AUTH.get_or_init(|| Auth::new(Some("fuzzing-secret-of-thirty-two-byt"), Duration::from_secs(86400)));
+    let auth = AUTH.get_or_init(|| {
+        let keys = Keys::load(Some("fuzzing-secret-of-thirty-two-byt"), &[]).expect("a secret is a key");
+        Auth::new(Some(keys), Duration::from_secs(86400), vec!["public.*".into()])
+    });
     if let Ok(token) = std::str::from_utf8(data) {
         if let Ok(identity) = auth.authenticate(Some(token), None) {
             assert!(!identity.uid.is_empty());
+            let _ = auth.may_read(&identity.uid, identity.grant.as_ref(), "public.news");
         }
     }
 }

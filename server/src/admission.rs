@@ -1,21 +1,56 @@
-//! Admission: the `--max-connections` places and whether new connections are taken at
-//! all. A place is a [`Slot`], taken at the handshake and held by the connection's task
-//! until it ends, so shutdown can wait for every task by waiting for every slot.
+//! Admission: whether a new connection is taken, and what it holds while it lives.
+//!
+//! - `--max-connections` places: a [`Slot`], taken at the handshake and held by the
+//!   connection's task until it ends, so shutdown can wait for every task by waiting for
+//!   every slot;
+//! - `--max-connect-rate`: a token bucket over new connections, so a reconnect storm is
+//!   let in at a steady rate; refusals tell clients jittered delays, so their retries
+//!   spread;
+//! - `--max-connections-per-ip`: open connections per source address, counted in a
+//!   table whose entry id the connection carries (`Conn::address`).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::error::{Error, Kind};
 
+/// The address id of a connection whose address is not counted.
+pub const UNCOUNTED: u32 = u32::MAX;
+
+pub struct Limits {
+    pub max_connections: usize,
+    /// New connections per second; 0: no limit.
+    pub connect_rate: u32,
+    /// Open connections per source address; 0: no limit.
+    pub per_address: u32,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Addresses {
+    ids: HashMap<IpAddr, u32>,
+    /// (address, open connections) by id.
+    entries: Vec<(IpAddr, u32)>,
+    free: Vec<u32>,
+}
+
 pub struct Admission {
-    max: usize,
+    limits: Limits,
     /// Slots held: registered connections plus handshakes under way.
     held: AtomicUsize,
     accepting: AtomicBool,
     all_released: Notify,
+    bucket: Mutex<Bucket>,
+    addresses: Mutex<Addresses>,
 }
 
 /// A place among `max_connections`, held from the handshake until the connection's task
@@ -32,20 +67,122 @@ impl Drop for Slot {
     }
 }
 
+impl Slot {
+    /// Gives back the count of the connection's source address (its task ends).
+    pub fn release_address(&self, address: u32) {
+        self.admission.release_address(address);
+    }
+}
+
+/// What a handshake took: its slot, and its address's count until the connection's task
+/// takes that over ([`Reservation::hand_over`]).
+pub struct Reservation {
+    slot: Option<Slot>,
+    address: u32,
+}
+
+impl Reservation {
+    /// The slot, and the address id the connection must give back when it ends.
+    pub fn hand_over(mut self) -> (Slot, u32) {
+        let slot = self.slot.take().expect("a reservation is handed over once");
+        (slot, std::mem::replace(&mut self.address, UNCOUNTED))
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(slot) = &self.slot {
+            slot.release_address(self.address);
+        }
+    }
+}
+
 impl Admission {
-    pub fn new(max_connections: usize) -> Admission {
-        Admission { max: max_connections, held: AtomicUsize::new(0), accepting: AtomicBool::new(true), all_released: Notify::new() }
+    pub fn new(limits: Limits) -> Admission {
+        let tokens = limits.connect_rate as f64;
+        Admission {
+            limits,
+            held: AtomicUsize::new(0),
+            accepting: AtomicBool::new(true),
+            all_released: Notify::new(),
+            bucket: Mutex::new(Bucket { tokens, at: Instant::now() }),
+            addresses: Mutex::new(Addresses::default()),
+        }
     }
 
-    /// Takes a place for a new connection, or says why there is none.
-    pub fn reserve(self: &Arc<Self>) -> Result<Slot, Error> {
+    /// Takes a place for a new connection from `from`, or says why there is none.
+    pub fn reserve(self: &Arc<Self>, from: IpAddr) -> Result<Reservation, Error> {
         if !self.is_accepting() {
             return Err(Error::new(Kind::ShuttingDown, "server is shutting down"));
         }
+        self.take_token()?;
+        let max = self.limits.max_connections;
         self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
-            .map_err(|_| Error::new(Kind::AtCapacity, format!("server is at max_connections ({})", self.max)))?;
-        Ok(Slot { admission: self.clone() })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|_| Error::new(Kind::AtCapacity, format!("server is at max_connections ({max})")))?;
+        let slot = Slot { admission: self.clone() };
+        let address = self.count_address(from)?;
+        Ok(Reservation { slot: Some(slot), address })
+    }
+
+    fn take_token(&self) -> Result<(), Error> {
+        let rate = self.limits.connect_rate as f64;
+        if rate == 0.0 {
+            return Ok(());
+        }
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            let spread = 1 + (crate::clock::now_ms() ^ (bucket.tokens.to_bits() >> 11)) % 5;
+            return Err(Error::new(Kind::RateLimited, format!("new connections are over --max-connect-rate ({rate}/s); retry later"))
+                .with_retry_after(spread as u32));
+        }
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+
+    fn count_address(&self, from: IpAddr) -> Result<u32, Error> {
+        let max = self.limits.per_address;
+        if max == 0 {
+            return Ok(UNCOUNTED);
+        }
+        let mut table = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
+        let Addresses { ids, entries, free } = &mut *table;
+        let id = match ids.get(&from) {
+            Some(id) => *id,
+            None => {
+                let id = free.pop().unwrap_or(entries.len() as u32);
+                if id as usize == entries.len() {
+                    entries.push((from, 0));
+                } else {
+                    entries[id as usize] = (from, 0);
+                }
+                ids.insert(from, id);
+                id
+            }
+        };
+        let open = &mut entries[id as usize].1;
+        if *open >= max {
+            return Err(Error::new(Kind::TooManyFromAddress, format!("{from} has {max} connections open here, the most allowed")));
+        }
+        *open += 1;
+        Ok(id)
+    }
+
+    fn release_address(&self, id: u32) {
+        if id == UNCOUNTED {
+            return;
+        }
+        let mut table = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
+        let Addresses { ids, entries, free } = &mut *table;
+        let Some((address, open)) = entries.get_mut(id as usize) else { return };
+        *open = open.saturating_sub(1);
+        if *open == 0 {
+            ids.remove(address);
+            free.push(id);
+        }
     }
 
     pub fn is_accepting(&self) -> bool {
@@ -75,19 +212,52 @@ impl Admission {
 mod tests {
     use super::*;
 
+    const HOME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn admission(max_connections: usize, connect_rate: u32, per_address: u32) -> Arc<Admission> {
+        Arc::new(Admission::new(Limits { max_connections, connect_rate, per_address }))
+    }
+
     #[tokio::test]
     async fn slots_are_counted_and_waited_for() {
-        let admission = Arc::new(Admission::new(1));
-        let slot = admission.reserve().ok().unwrap();
-        assert_eq!(admission.reserve().err().unwrap().kind, Kind::AtCapacity);
+        let admission = admission(1, 0, 0);
+        let reservation = admission.reserve(HOME).ok().unwrap();
+        assert_eq!(admission.reserve(HOME).err().unwrap().kind, Kind::AtCapacity);
         let waiting = tokio::spawn({
             let admission = admission.clone();
             async move { admission.released(Duration::from_secs(10)).await }
         });
         tokio::task::yield_now().await;
-        drop(slot);
+        drop(reservation);
         assert_eq!(waiting.await.unwrap(), 0);
         admission.stop_accepting();
-        assert_eq!(admission.reserve().err().unwrap().kind, Kind::ShuttingDown);
+        assert_eq!(admission.reserve(HOME).err().unwrap().kind, Kind::ShuttingDown);
+    }
+
+    #[test]
+    fn addresses_are_counted_until_their_connections_end() {
+        let admission = admission(100, 0, 2);
+        let other: IpAddr = "10.0.0.7".parse().unwrap();
+        let (a, b) = (admission.reserve(HOME).ok().unwrap(), admission.reserve(HOME).ok().unwrap());
+        assert_eq!(admission.reserve(HOME).err().unwrap().kind, Kind::TooManyFromAddress);
+        assert!(admission.reserve(other).is_ok(), "another address has its own count");
+        let (slot, address) = a.hand_over();
+        assert!(admission.reserve(HOME).is_err(), "a handed-over connection still counts");
+        slot.release_address(address);
+        drop(slot);
+        let c = admission.reserve(HOME).ok().unwrap();
+        drop((b, c));
+        assert!(admission.addresses.lock().unwrap().ids.get(&HOME).is_none(), "no entry once none is open");
+    }
+
+    #[test]
+    fn the_connect_rate_is_a_bucket_with_jittered_refusals() {
+        let admission = admission(100, 3, 0);
+        for _ in 0..3 {
+            drop(admission.reserve(HOME).ok().unwrap());
+        }
+        let refused = admission.reserve(HOME).err().unwrap();
+        assert_eq!(refused.kind, Kind::RateLimited);
+        assert!((1..=5).contains(&refused.retry_after().unwrap()));
     }
 }

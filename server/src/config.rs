@@ -92,11 +92,28 @@ pub struct Config {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub reuse_port: bool,
 
-    /// HS256 secret for client JWTs. Without it the server runs in open mode (`?uid=`),
-    /// which is refused unless every listener is bound to loopback.
+    /// HS256 secret for client JWTs without a `kid`. Without it and without
+    /// --jwt-public-key the server runs in open mode (`?uid=`), which is refused unless
+    /// every listener is bound to loopback.
     #[arg(long, env = "PUSHLINE_JWT_SECRET", hide_env_values = true)]
     #[serde(skip)]
     pub jwt_secret: Option<String>,
+
+    /// A public key for client JWTs, `KID=FILE` (PEM: RSA -> RS256, EC P-256 -> ES256,
+    /// Ed25519 -> EdDSA), chosen by the token's `kid` (repeat, or separate with commas).
+    #[arg(long = "jwt-public-key", env = "PUSHLINE_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_public_key: Vec<String>,
+
+    /// Topic patterns every authenticated client may subscribe to, besides what its token
+    /// grants (`news`, `sport.*`, `user.{sub}.*`).
+    #[arg(long = "public-topics", env = "PUSHLINE_PUBLIC_TOPICS", value_delimiter = ',')]
+    pub public_topics: Vec<String>,
+
+    /// Time a client whose token expired has to send a fresh one (`refresh`) before it is
+    /// closed (4001).
+    #[arg(long, env = "PUSHLINE_TOKEN_REFRESH_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub token_refresh_grace: Duration,
 
     /// Longest a client token may still be valid for when presented (its `exp` at most
     /// this far from now).
@@ -110,6 +127,20 @@ pub struct Config {
     #[serde(skip)]
     pub api_key: Option<String>,
 
+    /// TOML file of named publish API keys with scopes (README, "Security").
+    #[arg(long, env = "PUSHLINE_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
+
+    /// Bearer token every admin route requires; needed to bind --admin-listen off loopback.
+    #[arg(long, env = "PUSHLINE_ADMIN_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub admin_token: Option<String>,
+
+    /// Origins browsers may open WebSocket/SSE connections from (`https://app.example`);
+    /// others are refused with 403. Unset: any.
+    #[arg(long = "allowed-origins", env = "PUSHLINE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Most WebSocket + SSE connections held at once; more are refused with 503.
     #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,
@@ -117,6 +148,27 @@ pub struct Config {
     /// Most WebSocket + SSE connections of one uid on this node; more are refused with 429.
     #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS_PER_UID", default_value_t = 16)]
     pub max_connections_per_uid: usize,
+
+    /// New WebSocket/SSE connections taken per second (a token bucket); more are refused
+    /// with 503 and a jittered Retry-After. 0: no limit.
+    #[arg(long, env = "PUSHLINE_MAX_CONNECT_RATE", default_value_t = 0)]
+    pub max_connect_rate: u32,
+
+    /// Most connections from one source address. 0: no limit.
+    #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: u32,
+
+    /// Most connections whose request head is still being read.
+    #[arg(long, env = "PUSHLINE_MAX_HANDSHAKES", default_value_t = 10_000)]
+    pub max_handshakes: usize,
+
+    /// Most commands a client may send per second; more close it (1008).
+    #[arg(long, env = "PUSHLINE_MAX_COMMANDS_PER_SECOND", default_value_t = 20)]
+    pub max_commands_per_second: u16,
+
+    /// Most topics a client may subscribe to or unsubscribe from per minute; more close it (1008).
+    #[arg(long, env = "PUSHLINE_MAX_TOPIC_CHANGES_PER_MINUTE", default_value_t = 600)]
+    pub max_topic_changes_per_minute: u16,
 
     /// Most publish API connections open at once (they do not count against
     /// --max-connections); more are answered 503 and closed.
@@ -293,7 +345,7 @@ impl Config {
     /// Every setting that cannot work, each with what to change.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        for (name, secret) in [("--jwt-secret", &self.jwt_secret), ("--api-key", &self.api_key)] {
+        for (name, secret) in [("--jwt-secret", &self.jwt_secret), ("--api-key", &self.api_key), ("--admin-token", &self.admin_token)] {
             match secret.as_deref().map(str::len) {
                 Some(0) => problems.push(format!("{name} is empty (an unset variable in the environment or file?); set a random value of at least {MIN_SECRET_BYTES} bytes, e.g. `openssl rand -base64 32`")),
                 Some(n) if n < MIN_SECRET_BYTES => {
@@ -302,16 +354,19 @@ impl Config {
                 _ => {}
             }
         }
-        if self.jwt_secret.is_some() && !self.admin_listen.ip().is_loopback() {
+        if self.admin_token.is_none() && !self.admin_listen.ip().is_loopback() {
             problems.push(format!(
-                "--admin-listen {} is not loopback: the admin endpoints (profiles, sessions) take no credentials; bind them to 127.0.0.1 and reach them through a tunnel",
+                "--admin-listen {} is not loopback, and without --admin-token the admin endpoints (profiles, sessions) take no credentials; set --admin-token or bind to 127.0.0.1",
                 self.admin_listen
             ));
+        }
+        if let Err(e) = crate::auth::rights::Rights::parse(&self.public_topics, "") {
+            problems.push(format!("--public-topics: {e}"));
         }
         if self.reuse_port && self.registry == RegistryKind::Memory {
             problems.push("--reuse-port with --registry memory splits clients between processes that cannot reach each other's sessions (and would share node id 0); use --registry redis so they form a cluster".into());
         }
-        if self.jwt_secret.is_none() {
+        if self.open_mode() {
             for (name, addr) in [("--listen", self.listen), ("--admin-listen", self.admin_listen)] {
                 if !addr.ip().is_loopback() {
                     problems.push(format!(
@@ -320,8 +375,8 @@ impl Config {
                     ));
                 }
             }
-        } else if self.api_key.is_none() {
-            problems.push("--jwt-secret is set but --api-key is not: the publish API needs its key".into());
+        } else if self.api_key.is_none() && self.api_keys.is_none() {
+            problems.push("client tokens are required (--jwt-secret or --jwt-public-key) but the publish API has no key: set --api-key or --api-keys".into());
         }
         if self.max_message_bytes > self.queue_max_bytes {
             problems.push(format!(
@@ -379,6 +434,11 @@ impl Config {
             problems.push("--node-ttl must be at least 1s".into());
         }
         problems
+    }
+
+    /// No keys for client tokens: clients say who they are, and read any topic.
+    pub fn open_mode(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key.is_empty()
     }
 
     /// A config for tests and embedding: both listeners on free loopback ports, open mode.

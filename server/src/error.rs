@@ -25,6 +25,8 @@ pub enum Fault {
 pub enum Kind {
     BadRequest,
     Unauthorized,
+    /// Authenticated, but not allowed this (a topic, a scope, an origin).
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     /// The request head did not arrive within the handshake timeout.
@@ -36,6 +38,10 @@ pub enum Kind {
     AtCapacity,
     /// One uid at `--max-connections-per-uid`.
     TooManyConnections,
+    /// One source address at `--max-connections-per-ip`.
+    TooManyFromAddress,
+    /// Past `--max-connect-rate`: retry after a jittered delay.
+    RateLimited,
     /// Over a budget that drains quickly (queued bytes); retry soon.
     Overloaded,
     ShuttingDown,
@@ -53,14 +59,16 @@ impl Kind {
         match self {
             Kind::BadRequest
             | Kind::Unauthorized
+            | Kind::Forbidden
             | Kind::NotFound
             | Kind::MethodNotAllowed
             | Kind::Timeout
             | Kind::PayloadTooLarge
             | Kind::UpgradeRequired
             | Kind::TooManyConnections
+            | Kind::TooManyFromAddress
             | Kind::Config => Fault::Client,
-            Kind::AtCapacity | Kind::Overloaded | Kind::ShuttingDown | Kind::Io | Kind::Internal => Fault::Server,
+            Kind::AtCapacity | Kind::RateLimited | Kind::Overloaded | Kind::ShuttingDown | Kind::Io | Kind::Internal => Fault::Server,
             Kind::Unavailable => Fault::Backend,
         }
     }
@@ -69,13 +77,14 @@ impl Kind {
         match self {
             Kind::BadRequest | Kind::Config => 400,
             Kind::Unauthorized => 401,
+            Kind::Forbidden => 403,
             Kind::NotFound => 404,
             Kind::MethodNotAllowed => 405,
             Kind::Timeout => 408,
             Kind::PayloadTooLarge => 413,
             Kind::UpgradeRequired => 426,
-            Kind::TooManyConnections => 429,
-            Kind::AtCapacity | Kind::Overloaded | Kind::ShuttingDown | Kind::Unavailable => 503,
+            Kind::TooManyConnections | Kind::TooManyFromAddress => 429,
+            Kind::AtCapacity | Kind::RateLimited | Kind::Overloaded | Kind::ShuttingDown | Kind::Unavailable => 503,
             Kind::Io | Kind::Internal => 500,
         }
     }
@@ -83,7 +92,7 @@ impl Kind {
     /// Seconds a client should wait before trying again, for refusals that pass.
     pub fn retry_after(self) -> Option<u32> {
         match self {
-            Kind::AtCapacity | Kind::TooManyConnections => Some(5),
+            Kind::AtCapacity | Kind::TooManyConnections | Kind::TooManyFromAddress | Kind::RateLimited => Some(5),
             Kind::Overloaded | Kind::ShuttingDown | Kind::Unavailable => Some(1),
             _ => None,
         }
@@ -93,9 +102,12 @@ impl Kind {
     pub fn refuse_reason(self) -> RefuseReason {
         match self {
             Kind::Unauthorized => RefuseReason::Unauthorized,
+            Kind::Forbidden => RefuseReason::Forbidden,
             Kind::Timeout => RefuseReason::HandshakeTimeout,
             Kind::AtCapacity => RefuseReason::MaxConnections,
             Kind::TooManyConnections => RefuseReason::MaxConnectionsPerUid,
+            Kind::TooManyFromAddress => RefuseReason::MaxConnectionsPerIp,
+            Kind::RateLimited => RefuseReason::ConnectRate,
             Kind::ShuttingDown => RefuseReason::ShuttingDown,
             _ => RefuseReason::BadRequest,
         }
@@ -106,11 +118,23 @@ impl Kind {
 pub struct Error {
     pub kind: Kind,
     pub message: String,
+    /// Seconds to wait before retrying, when this error says other than its kind does.
+    retry_after: Option<u32>,
 }
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into() }
+        Error { kind, message: message.into(), retry_after: None }
+    }
+
+    /// Refusals of many clients at once say different delays, so their retries spread.
+    pub fn with_retry_after(mut self, seconds: u32) -> Error {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn retry_after(&self) -> Option<u32> {
+        self.retry_after.or(self.kind.retry_after())
     }
 
     pub fn bad_request(message: impl Into<String>) -> Error {

@@ -134,7 +134,7 @@ pub fn parse(buf: &[u8]) -> Option<ReadHead> {
 /// closes the connection.
 pub async fn respond_error(stream: &mut TcpStream, error: &Error, extra_headers: &str) {
     let status = hyper::StatusCode::from_u16(error.kind.status()).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    let retry = error.kind.retry_after().map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
+    let retry = error.retry_after().map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
     let body = error.body();
     let response = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{retry}{extra_headers}\r\n{body}",

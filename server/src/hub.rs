@@ -199,7 +199,7 @@ impl Hub {
 
     /// Removes a connection from every map; its task calls this once, as it ends.
     pub fn unregister(&self, conn: &Arc<Conn>, reason: CloseReason) {
-        let topics = std::mem::take(&mut *conn.topics());
+        let topics = std::mem::take(&mut conn.state().topics);
         self.remove_from_topics(conn, &topics);
         {
             let (hash, mut shard) = self.uid_shard(&conn.uid);
@@ -230,7 +230,8 @@ impl Hub {
 
     /// Adds topics to a connection, within `max_topics_per_connection`.
     pub fn subscribe(&self, conn: &Arc<Conn>, topics: &[String]) -> Result<(), String> {
-        let mut mine = conn.topics();
+        let mut state = conn.state();
+        let mine = &mut state.topics;
         let mut new: Vec<String> = Vec::new();
         for t in topics {
             if !mine.iter().any(|m| **m == **t) && !new.contains(t) {
@@ -256,9 +257,9 @@ impl Hub {
 
     pub fn unsubscribe(&self, conn: &Arc<Conn>, topics: &[String]) {
         let removed: Vec<Arc<str>> = {
-            let mut mine = conn.topics();
-            let (gone, kept): (Vec<_>, Vec<_>) = mine.drain(..).partition(|m| topics.iter().any(|t| **t == **m));
-            *mine = kept;
+            let mut state = conn.state();
+            let (gone, kept): (Vec<_>, Vec<_>) = state.topics.drain(..).partition(|m| topics.iter().any(|t| **t == **m));
+            state.topics = kept;
             gone
         };
         self.remove_from_topics(conn, &removed);

@@ -22,6 +22,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod auth;
 pub mod admission;
 pub mod api;
 pub mod client;

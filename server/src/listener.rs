@@ -11,7 +11,7 @@ use std::time::Duration;
 use pushline_alloc::Site;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
@@ -69,12 +69,17 @@ pub struct Router {
     pub api_connections: Arc<Semaphore>,
     /// Time a new connection has to send its request head.
     pub handshake_timeout: Duration,
+    /// Connections being routed (their head read, their handshake answered):
+    /// `--max-handshakes` at once.
+    pub handshakes: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Router {
     /// Reads the request head, then hands the connection to the gateway or the API.
-    async fn route(&self, mut stream: TcpStream) {
+    /// `handshaking` is the connection's place among handshakes in progress, given back
+    /// once it is routed: an API connection's life is not a handshake.
+    async fn route(&self, mut stream: TcpStream, peer: SocketAddr, handshaking: OwnedSemaphorePermit) {
         let mut buf = Vec::with_capacity(1024);
         let (head, used) = match tokio::time::timeout(self.handshake_timeout, http::read_head(&mut stream, &mut buf)).await {
             Ok(Ok(ReadHead::Complete(head, used))) => (head, used),
@@ -86,6 +91,7 @@ impl Router {
             ("GET", "/ws") => Transport::WebSocket,
             ("GET", "/sse") => Transport::Sse,
             _ => {
+                drop(handshaking);
                 let Ok(_place) = self.api_connections.clone().try_acquire_owned() else {
                     let error = Error::new(Kind::Overloaded, "too many publish API connections open; retry, or reuse one");
                     self.metrics.refused(RefuseReason::ApiConnections);
@@ -94,7 +100,7 @@ impl Router {
                 return self.api.clone().serve(http::Prefixed::new(buf, stream)).await;
             }
         };
-        self.gateway.connect(stream, head, buf, used, transport).await
+        self.gateway.connect(stream, peer.ip(), head, buf, used, transport).await
     }
 
     async fn refuse(&self, stream: &mut TcpStream, error: Error) {
@@ -112,11 +118,17 @@ pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Cance
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((mut stream, peer)) => {
                 backoff = Duration::ZERO;
                 let _ = stream.set_nodelay(true);
+                let Ok(handshaking) = router.handshakes.clone().try_acquire_owned() else {
+                    router.metrics.refused(RefuseReason::Handshakes);
+                    let error = Error::new(Kind::Overloaded, "too many handshakes in progress; retry");
+                    tokio::spawn(async move { http::respond_error(&mut stream, &error, "").await });
+                    continue;
+                };
                 let router = router.clone();
-                let handshake = Site::Http.instrument(async move { router.route(stream).await });
+                let handshake = Site::Http.instrument(async move { router.route(stream, peer, handshaking).await });
                 Site::Http.scope(|| tokio::spawn(handshake));
             }
             Err(e) if is_per_connection(&e) => {}

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use pushline::shutdown::Signals;
+use pushline::shutdown::{Asked, Signals};
 use pushline::telemetry::logging;
 use pushline::{Config, Server};
 use pushline_alloc::SiteAllocator;
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let Ok(signals) = Signals::install() else {
+        let Ok(mut signals) = Signals::install() else {
             eprintln!("pushline: cannot install signal handlers");
             return ExitCode::FAILURE;
         };
@@ -61,13 +61,23 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let status = tokio::select! {
-            _ = signals.first() => ExitCode::SUCCESS,
-            _ = server.evicted() => {
-                eprintln!("pushline: another process holds this node id; stopped serving so clients reconnect elsewhere");
-                ExitCode::FAILURE
+        let status = loop {
+            tokio::select! {
+                asked = signals.next() => match asked {
+                    Asked::Stop => break ExitCode::SUCCESS,
+                    Asked::Reload => {
+                        if let Err(error) = Config::load().and_then(|config| server.reload(&config)) {
+                            tracing::error!(fault = ?error.fault(), "reload refused, the old credentials stay: {error}");
+                        }
+                    }
+                },
+                _ = server.evicted() => {
+                    eprintln!("pushline: another process holds this node id; stopped serving so clients reconnect elsewhere");
+                    break ExitCode::FAILURE;
+                }
             }
         };
+        signals.exit_on_second();
         server.shutdown().await;
         status
     })

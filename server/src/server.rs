@@ -14,14 +14,17 @@ use pushline_alloc::Site;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::Admission;
+use arc_swap::ArcSwap;
+
+use crate::admission::{self, Admission};
+use crate::auth::api_keys::ApiKeys;
+use crate::auth::{Auth, Credentials};
 use crate::api::Api;
 use crate::client::sweep::{self, Timers};
 use crate::client::Clients;
 use crate::config::Config;
 use crate::conn::queue::Limits;
 use crate::error::{Error, Kind};
-use crate::gateway::auth::Auth;
 use crate::gateway::Gateway;
 use crate::hub::{self, Hub};
 use crate::listener::{self, Router};
@@ -43,6 +46,9 @@ pub struct Server {
     registry: Option<Attached>,
     /// Cancelled when another process holds this node's id; never, on the memory registry.
     evicted: CancellationToken,
+    /// Credentials, swapped by [`Server::reload`].
+    auth: Arc<ArcSwap<Auth>>,
+    api_keys: Arc<ArcSwap<ApiKeys>>,
     sweeper: CancellationToken,
     admin: admin::Running,
 }
@@ -55,6 +61,7 @@ impl Server {
     /// Binds, starts serving, and returns once both listeners are open.
     pub async fn start(config: Config) -> Result<Server, Error> {
         config.validate()?;
+        let credentials = Credentials::load(&config)?;
         match listener::raise_nofile_limit() {
             Ok(limit) if (config.max_connections as u64).saturating_add(64) > limit => tracing::warn!(
                 max_connections = config.max_connections,
@@ -93,23 +100,37 @@ impl Server {
         };
 
         let shutdown = Arc::new(Shutdown::new());
-        let admission = Arc::new(Admission::new(config.max_connections));
-        let clients =
-            Arc::new(Clients { hub: hub.clone(), metrics: metrics.clone(), max_message: config.max_client_frame_bytes });
+        let limits = admission::Limits {
+            max_connections: config.max_connections,
+            connect_rate: config.max_connect_rate,
+            per_address: config.max_connections_per_ip,
+        };
+        let admission = Arc::new(Admission::new(limits));
+        let auth = Arc::new(ArcSwap::from_pointee(credentials.auth));
+        let api_keys = Arc::new(ArcSwap::from_pointee(credentials.api_keys));
+        let clients = Arc::new(Clients {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            auth: auth.clone(),
+            max_message: config.max_client_frame_bytes,
+            max_commands_per_second: config.max_commands_per_second,
+            max_topic_changes_per_minute: config.max_topic_changes_per_minute,
+            refresh_grace_ms: config.token_refresh_grace.as_millis() as u64,
+        });
         let router = Arc::new(Router {
             gateway: Gateway {
-                auth: Auth::new(config.jwt_secret.as_deref(), config.jwt_max_lifetime),
                 admission: admission.clone(),
                 clients,
                 session_ids: SessionIds::new(node),
                 metrics: metrics.clone(),
+                allowed_origins: config.allowed_origins.clone(),
             },
             api: Arc::new(Api {
                 registry,
                 hub: hub.clone(),
                 message_ids: MessageIds::new(node),
                 metrics: metrics.clone(),
-                api_key: config.api_key.clone(),
+                api_keys: api_keys.clone(),
                 max_message_bytes: config.max_message_bytes,
                 node_queue_max_bytes: config.node_queue_max_bytes,
                 request_timeout: config.handshake_timeout,
@@ -117,6 +138,7 @@ impl Server {
                 shutdown: shutdown.clone(),
             }),
             api_connections: Arc::new(tokio::sync::Semaphore::new(config.max_api_connections)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
             handshake_timeout: config.handshake_timeout,
             metrics: metrics.clone(),
         });
@@ -125,6 +147,7 @@ impl Server {
             metrics,
             shutdown: shutdown.clone(),
             runtime: tokio::runtime::Handle::current(),
+            token: config.admin_token.clone(),
         };
         let admin = admin::start(admin_listener, admin).map_err(io_error("cannot start the admin listener".into()))?;
 
@@ -134,6 +157,7 @@ impl Server {
             ping_interval: config.ping_interval,
             sse_keepalive: config.sse_keepalive,
             slow_consumer_timeout: config.slow_consumer_timeout,
+            refresh_grace: config.token_refresh_grace,
         };
         tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
         // Sockets are registered with the runtime as they are accepted: connection memory.
@@ -152,6 +176,8 @@ impl Server {
             accepting,
             registry: attached,
             evicted,
+            auth,
+            api_keys,
             sweeper,
             admin,
         })
@@ -163,6 +189,18 @@ impl Server {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Reads the credentials again (SIGHUP): client token keys and secrets, the public
+    /// topics, the API keys. Open connections keep going; new tokens and publishes are
+    /// checked with the new ones. A config that does not load leaves the old ones in place.
+    pub fn reload(&self, config: &Config) -> Result<(), Error> {
+        config.validate()?;
+        let credentials = Credentials::load(config)?;
+        self.auth.store(Arc::new(credentials.auth));
+        self.api_keys.store(Arc::new(credentials.api_keys));
+        tracing::info!("reloaded client token keys, public topics and API keys");
+        Ok(())
     }
 
     /// Resolves if the node must stop on its own: another process holds its node id.

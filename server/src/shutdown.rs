@@ -1,7 +1,8 @@
 //! Shutdown, in one place: its phases, the signal every part of the server listens to,
 //! and the process signals that start it. `Server::shutdown` runs the phases in order.
 //!
-//! SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+//! SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once. SIGHUP
+//! reloads credentials.
 
 use std::time::Duration;
 
@@ -88,25 +89,38 @@ impl Shutdown {
     }
 }
 
-/// SIGTERM and SIGINT, installed before the server listens, so that a signal that arrives
-/// once it is listening is graceful.
+/// What a process signal asks for.
+pub enum Asked {
+    /// SIGTERM or SIGINT: shut down gracefully.
+    Stop,
+    /// SIGHUP: read credentials (and certificates) again.
+    Reload,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, installed before the server listens, so that a signal that
+/// arrives once it is listening is handled.
 pub struct Signals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl Signals {
     pub fn install() -> std::io::Result<Signals> {
-        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())?, hup: signal(SignalKind::hangup())? })
     }
 
-    /// Waits for the first signal, then watches for a second, which exits the process at
-    /// once with status 130 (an operator who asks twice does not want to wait).
-    pub async fn first(mut self) {
+    pub async fn next(&mut self) -> Asked {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Asked::Stop,
+            _ = self.int.recv() => Asked::Stop,
+            _ = self.hup.recv() => Asked::Reload,
         }
+    }
+
+    /// From now on, SIGTERM or SIGINT exits the process at once with status 130 (an
+    /// operator who asks twice does not want to wait).
+    pub fn exit_on_second(mut self) {
         tokio::spawn(async move {
             tokio::select! {
                 _ = self.term.recv() => {}

@@ -151,7 +151,7 @@ fn open_mode_refuses_a_public_bind() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--api-key is not"), "a JWT secret without an API key is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the publish API has no key"), "a JWT secret without an API key is refused");
 }
 
 /// Runs the binary with `args` and `env`, expecting it to refuse to start; returns stderr.

@@ -44,6 +44,8 @@ pub struct Admin {
     pub shutdown: Arc<Shutdown>,
     /// The serving runtime, whose task counts the admin reports.
     pub runtime: tokio::runtime::Handle,
+    /// Bearer token every route requires (`--admin-token`); None: loopback only, no token.
+    pub token: Option<String>,
 }
 
 /// The running admin listener.
@@ -174,6 +176,12 @@ impl Query {
 
 async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
     const TEXT: &str = "text/plain; charset=utf-8";
+    if let Some(token) = &admin.token {
+        let given = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(http::bearer_token);
+        if !given.is_some_and(|g| crate::auth::same_secret(g.as_bytes(), token.as_bytes())) {
+            return error(StatusCode::UNAUTHORIZED, "the admin endpoints need Authorization: Bearer <--admin-token>");
+        }
+    }
     let query = match Query::parse(&req) {
         Ok(query) => query,
         Err(reply) => return reply,

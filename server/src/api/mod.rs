@@ -18,6 +18,9 @@ use pushline_alloc::Site;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use arc_swap::ArcSwap;
+
+use crate::auth::api_keys::ApiKeys;
 use crate::error::{Error, Kind};
 use crate::http::{bearer_token, Prefixed};
 use crate::hub::{self, Hub};
@@ -40,8 +43,8 @@ pub struct Api {
     pub hub: Arc<Hub>,
     pub message_ids: MessageIds,
     pub metrics: Arc<Metrics>,
-    /// None in open mode.
-    pub api_key: Option<String>,
+    /// The keys publishers present, each with its scopes; none in open mode. Swapped on SIGHUP.
+    pub api_keys: Arc<ArcSwap<ApiKeys>>,
     pub max_message_bytes: usize,
     /// Queued bytes across connections above which publishes are refused.
     pub node_queue_max_bytes: usize,
@@ -67,7 +70,7 @@ fn json(status: StatusCode, body: String) -> Reply {
 fn error_reply(error: &Error, body: String) -> Reply {
     let status = StatusCode::from_u16(error.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut reply = json(status, body);
-    if let Some(seconds) = error.kind.retry_after() {
+    if let Some(seconds) = error.retry_after() {
         reply.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
     }
     reply
@@ -133,12 +136,22 @@ impl Api {
         reply
     }
 
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(key) = &self.api_key else { return true };
-        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let given = header("x-api-key").or_else(|| bearer_token(header("authorization")?));
-        // Compare in time independent of where the first difference is.
-        given.is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0)
+    /// Whether the request's key may publish `kind` (to `topic`): Ok, or the refusal.
+    fn authorized(keys: &ApiKeys, req_key: Option<&str>, kind: PublishKind, topic: Option<&str>) -> Result<(), Error> {
+        if keys.is_open() {
+            return Ok(());
+        }
+        let key = req_key
+            .and_then(|given| keys.find(given))
+            .ok_or_else(|| Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)"))?;
+        if key.allows(kind, topic) {
+            return Ok(());
+        }
+        let what = match (kind, topic) {
+            (PublishKind::Topic, Some(topic)) => format!("publish to topic `{topic}`"),
+            (kind, _) => <&str>::from(kind).to_owned(),
+        };
+        Err(Error::new(Kind::Forbidden, format!("API key `{}` may not {what}", key.name)))
     }
 }
 
@@ -212,8 +225,12 @@ impl Api {
         if !self.shutdown.is_serving() {
             return Error::new(Kind::ShuttingDown, "this node is shutting down; publish to another").into();
         }
-        if !self.authorized(&req) {
-            return Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)").into();
+        let keys = self.api_keys.load_full();
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let given = header("x-api-key").or_else(|| bearer_token(header("authorization")?)).map(str::to_owned);
+        // The scope now; a topic publish's topic once the body is read.
+        if let Err(e) = Api::authorized(&keys, given.as_deref(), kind, None) {
+            return e.into();
         }
         let max = self.max_message_bytes;
         let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
@@ -287,6 +304,9 @@ impl Api {
                 };
                 if let Err(e) = hub::check_topic_name(&publish.topic) {
                     return Error::bad_request(e).into();
+                }
+                if let Err(e) = Api::authorized(&keys, given.as_deref(), kind, Some(&publish.topic)) {
+                    return e.into();
                 }
                 let msg = match frame(Some(&publish.topic), publish.data) {
                     Ok(msg) => msg,

@@ -1,5 +1,7 @@
-//! What a WebSocket client may say once connected: `ping`, `subscribe` and
-//! `unsubscribe`, as JSON text messages; each gets one reply frame.
+//! What a WebSocket client may say once connected, as JSON text messages, each answered
+//! with one reply frame: `ping`; `subscribe` (to topics its token grants, or that a
+//! per-subscription `token` grants); `unsubscribe`; `refresh` (a fresh token for the same
+//! uid, whose rights apply from then on).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -7,9 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use super::Clients;
+use crate::auth::Grant;
 use crate::conn::Conn;
-use crate::hub::Hub;
-use crate::telemetry::{probes, ClientError, Metrics};
+use crate::telemetry::{probes, ClientError};
 use crate::wire::ws;
 
 /// `{"type":"pong"}` as a server text frame.
@@ -21,8 +24,10 @@ const PING: &str = r#"{"type":"ping"}"#;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Ping,
-    Subscribe(Vec<String>),
+    /// Topics, and a token granting them for this subscription only.
+    Subscribe(Vec<String>, Option<String>),
     Unsubscribe(Vec<String>),
+    Refresh(String),
 }
 
 /// A command that could not be understood: the metric label and what to tell the client.
@@ -39,6 +44,8 @@ pub fn parse(text: &str) -> Result<Command, Refused> {
         kind: Cow<'a, str>,
         #[serde(default)]
         topics: Vec<String>,
+        #[serde(default)]
+        token: Option<String>,
     }
     if text == PING {
         return Ok(Command::Ping);
@@ -47,34 +54,96 @@ pub fn parse(text: &str) -> Result<Command, Refused> {
         .map_err(|e| Refused { reason: ClientError::BadJson, message: format!("bad JSON: {e}") })?;
     match &*frame.kind {
         "ping" => Ok(Command::Ping),
-        "subscribe" => Ok(Command::Subscribe(frame.topics)),
+        "subscribe" => Ok(Command::Subscribe(frame.topics, frame.token)),
         "unsubscribe" => Ok(Command::Unsubscribe(frame.topics)),
+        "refresh" => match frame.token {
+            Some(token) => Ok(Command::Refresh(token)),
+            None => Err(Refused { reason: ClientError::BadToken, message: "refresh needs a `token`".into() }),
+        },
         other => Err(Refused {
             reason: ClientError::UnknownType,
-            message: format!("unknown type `{other}`; expected ping, subscribe or unsubscribe"),
+            message: format!("unknown type `{other}`; expected ping, subscribe, unsubscribe or refresh"),
         }),
     }
 }
 
-/// Carries out one client message on `conn`; returns the reply frame.
-pub fn handle(text: &str, conn: &Arc<Conn>, hub: &Hub, metrics: &Metrics) -> Bytes {
+/// What carrying out a message gave: the reply, and how many topics it joined or left.
+pub struct Handled {
+    pub reply: Bytes,
+    pub topic_changes: usize,
+}
+
+impl Handled {
+    fn reply(reply: Bytes) -> Handled {
+        Handled { reply, topic_changes: 0 }
+    }
+}
+
+/// Carries out one client message on `conn`.
+pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients) -> Handled {
     let refused = match parse(text) {
         Ok(Command::Ping) => {
             probes::heartbeat(conn.session.0, 0);
-            return Bytes::from_static(PONG);
+            return Handled::reply(Bytes::from_static(PONG));
         }
-        Ok(Command::Subscribe(topics)) => match hub.subscribe(conn, &topics) {
-            Ok(()) => return topics_reply("subscribed", &topics),
-            Err(message) => Refused { reason: ClientError::TooManyTopics, message },
+        Ok(Command::Subscribe(topics, token)) => match subscribe(conn, clients, &topics, token.as_deref()) {
+            Ok(()) => return Handled { reply: topics_reply("subscribed", &topics), topic_changes: topics.len() },
+            Err(refused) => refused,
         },
         Ok(Command::Unsubscribe(topics)) => {
-            hub.unsubscribe(conn, &topics);
-            return topics_reply("unsubscribed", &topics);
+            clients.hub.unsubscribe(conn, &topics);
+            return Handled { reply: topics_reply("unsubscribed", &topics), topic_changes: topics.len() };
         }
+        Ok(Command::Refresh(token)) => match refresh(conn, clients, &token) {
+            Ok(reply) => return Handled { reply: reply.0, topic_changes: reply.1 },
+            Err(refused) => refused,
+        },
         Err(refused) => refused,
     };
-    metrics.client_error(refused.reason);
-    error_reply(&refused.message)
+    clients.metrics.client_error(refused.reason);
+    Handled::reply(error_reply(&refused.message))
+}
+
+/// Verifies a token the client sent for its own uid.
+fn own_token(conn: &Conn, clients: &Clients, token: &str) -> Result<Grant, Refused> {
+    let bad = |message: String| Refused { reason: ClientError::BadToken, message };
+    let (sub, grant) = clients.auth.load().verify(token).map_err(|e| bad(e.message))?;
+    if sub != *conn.uid {
+        return Err(bad(format!("the token is for `{sub}`, not this connection's uid")));
+    }
+    Ok(grant)
+}
+
+fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Option<&str>) -> Result<(), Refused> {
+    let extra = token.map(|t| own_token(conn, clients, t)).transpose()?;
+    let auth = clients.auth.load();
+    let refused = {
+        let state = conn.state();
+        topics
+            .iter()
+            .find(|t| !auth.may_read(&conn.uid, state.grant.as_deref(), t) && !extra.as_ref().is_some_and(|g| g.rights.allows(t)))
+            .cloned()
+    };
+    if let Some(topic) = refused {
+        return Err(Refused { reason: ClientError::Forbidden, message: format!("not allowed to read topic `{topic}`") });
+    }
+    clients.hub.subscribe(conn, topics).map_err(|message| Refused { reason: ClientError::TooManyTopics, message })
+}
+
+/// Takes a fresh token: its expiry and rights apply from now; topics it no longer grants
+/// are left. Returns the reply and the topics left.
+fn refresh(conn: &Arc<Conn>, clients: &Clients, token: &str) -> Result<(Bytes, usize), Refused> {
+    let grant = own_token(conn, clients, token)?;
+    let expires_at = grant.expires_at;
+    let auth = clients.auth.load();
+    let revoked: Vec<String> = {
+        let mut state = conn.state();
+        state.grant = Some(Box::new(grant));
+        state.topics.iter().filter(|t| !auth.may_read(&conn.uid, state.grant.as_deref(), t)).map(|t| t.to_string()).collect()
+    };
+    clients.hub.unsubscribe(conn, &revoked);
+    let reply = serde_json::json!({ "type": "refreshed", "expires_at": expires_at, "revoked": revoked });
+    Ok((ws::text(&reply.to_string()), revoked.len()))
 }
 
 fn topics_reply(kind: &str, topics: &[String]) -> Bytes {
@@ -98,7 +167,9 @@ mod tests {
     fn commands_parse_or_say_why_not() {
         assert_eq!(parse(PING).unwrap(), Command::Ping);
         assert_eq!(parse(r#"{ "type" : "ping" }"#).unwrap(), Command::Ping);
-        assert_eq!(parse(r#"{"type":"subscribe","topics":["a","b"]}"#).unwrap(), Command::Subscribe(vec!["a".into(), "b".into()]));
+        assert_eq!(parse(r#"{"type":"subscribe","topics":["a","b"]}"#).unwrap(), Command::Subscribe(vec!["a".into(), "b".into()], None));
+        assert_eq!(parse(r#"{"type":"refresh","token":"t"}"#).unwrap(), Command::Refresh("t".into()));
+        assert_eq!(parse(r#"{"type":"refresh"}"#).unwrap_err().reason, ClientError::BadToken);
         assert_eq!(parse(r#"{"type":"unsubscribe"}"#).unwrap(), Command::Unsubscribe(vec![]));
         assert_eq!(parse("{").unwrap_err().reason, ClientError::BadJson);
         assert_eq!(parse(r#"{"type":"dance"}"#).unwrap_err().reason, ClientError::UnknownType);

@@ -23,7 +23,10 @@ use pushline_alloc::Site;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use arc_swap::ArcSwap;
+
 use crate::admission::Slot;
+use crate::auth::Auth;
 use crate::clock;
 use crate::config::MAX_CLIENT_FRAME_LIMIT;
 use crate::conn::{Conn, Signals};
@@ -45,8 +48,25 @@ const MAX_PENDING_REPLIES: usize = 32;
 pub struct Clients {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    /// Who may read what; swapped when keys are reloaded (SIGHUP).
+    pub auth: Arc<ArcSwap<Auth>>,
     /// Largest message a client may send.
     pub max_message: usize,
+    pub max_commands_per_second: u16,
+    pub max_topic_changes_per_minute: u16,
+    /// Time a client whose token expired has to refresh it.
+    pub refresh_grace_ms: u64,
+}
+
+/// A client's recent commands, against its per-connection limits; and whether it was
+/// told its token expired. Eight bytes: the task future's budget is 256.
+#[derive(Default)]
+struct Window {
+    /// Low bits of the process clock's second and minute these counts are for.
+    second: u16,
+    commands: u16,
+    minute: u16,
+    topic_changes: u16,
 }
 
 thread_local! {
@@ -115,8 +135,9 @@ struct Task {
     /// Replies (pongs, acks, errors) written before queued messages.
     replies: VecDeque<Bytes>,
     writing: Option<Writing>,
+    window: Window,
     reason: CloseReason,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl Drop for Task {
@@ -126,7 +147,8 @@ impl Drop for Task {
             metrics.dropped(DropReason::ConnectionClosed, 1);
         }
         self.conn.close_outbox(metrics);
-        probes::conn_close(self.conn.session.0, self.reason as u8, clock::now_ms().saturating_sub(self.conn.opened_ms));
+        self.slot.release_address(self.conn.address);
+        probes::conn_close(self.conn.session.0, self.reason as u8, self.conn.age_ms(clock::now_ms()));
         self.clients.hub.unregister(&self.conn, self.reason);
     }
 }
@@ -153,8 +175,9 @@ pub fn serve(
         decoder: ws::Decoder::new(),
         replies: VecDeque::new(),
         writing: Some(Writing { bytes: first, written: 0, accepted_at: None }),
+        window: Window::default(),
         reason: CloseReason::IoError,
-        _slot: slot,
+        slot,
     };
     // An `async move` block that uses `task` in place: an `async fn` taking the task (or
     // these arguments) would hold a second copy of it in the future for its whole life.
@@ -216,6 +239,11 @@ impl Task {
     fn on_signals(&mut self, signals: Signals) -> Result<(), Stop> {
         if signals.has(Signals::CLOSE) {
             return Err(Stop(self.conn.close_reason().unwrap_or(CloseReason::Shutdown)));
+        }
+        if signals.has(Signals::EXPIRED) && self.conn.transport == Transport::WebSocket {
+            let grace_ms = self.clients.refresh_grace_ms;
+            let notice = serde_json::json!({ "type": "token_expired", "grace_ms": grace_ms }).to_string();
+            self.replies.push_back(ws::text(&notice));
         }
         if signals.has(Signals::PING) && self.replies.len() < MAX_PENDING_REPLIES {
             self.replies.push_back(match self.conn.transport {
@@ -365,8 +393,10 @@ impl Task {
     fn on_event(&mut self, event: ws::Event<'_>) -> Result<(), Stop> {
         match event {
             ws::Event::Text(text) => {
-                let reply = commands::handle(&text, &self.conn, &self.clients.hub, &self.clients.metrics);
-                self.replies.push_back(reply);
+                self.count_command()?;
+                let handled = commands::handle(&text, &self.conn, &self.clients);
+                self.count_topic_changes(handled.topic_changes)?;
+                self.replies.push_back(handled.reply);
             }
             ws::Event::Ping(payload) => {
                 probes::heartbeat(self.conn.session.0, 1);
@@ -382,6 +412,41 @@ impl Task {
                 self.replies.push_back(ws::close(code.unwrap_or(ws::CLOSE_NORMAL), ""));
                 return Err(Stop(CloseReason::Client));
             }
+        }
+        Ok(())
+    }
+
+    fn policy_violation(&mut self, why: &str) -> Stop {
+        self.clients.metrics.client_error(ClientError::OverLimit);
+        self.replies.push_back(ws::close(ws::CLOSE_POLICY_VIOLATION, why));
+        Stop(CloseReason::PolicyViolation)
+    }
+
+    /// One more command this second, within `--max-commands-per-second`.
+    fn count_command(&mut self) -> Result<(), Stop> {
+        let second = (clock::now_ms() / 1000) as u16;
+        if self.window.second != second {
+            self.window.second = second;
+            self.window.commands = 0;
+        }
+        self.window.commands += 1;
+        if self.window.commands > self.clients.max_commands_per_second {
+            return Err(self.policy_violation("too many commands per second"));
+        }
+        Ok(())
+    }
+
+    /// `changes` more topics subscribed or left this minute, within
+    /// `--max-topic-changes-per-minute`.
+    fn count_topic_changes(&mut self, changes: usize) -> Result<(), Stop> {
+        let minute = (clock::now_ms() / 60_000) as u16;
+        if self.window.minute != minute {
+            self.window.minute = minute;
+            self.window.topic_changes = 0;
+        }
+        self.window.topic_changes = self.window.topic_changes.saturating_add(changes.min(u16::MAX as usize) as u16);
+        if self.window.topic_changes > self.clients.max_topic_changes_per_minute {
+            return Err(self.policy_violation("too many topic changes per minute"));
         }
         Ok(())
     }
@@ -404,6 +469,7 @@ impl Task {
             (Transport::WebSocket, CloseReason::SlowConsumer) => {
                 Some(ws::close(ws::CLOSE_TRY_AGAIN_LATER, "slow consumer: outbound queue full"))
             }
+            (Transport::WebSocket, CloseReason::TokenExpired) => Some(ws::close(ws::CLOSE_TOKEN_EXPIRED, "token expired")),
             // Client closes and protocol errors already queued their close frame.
             (Transport::WebSocket, _) => None,
         };
@@ -444,9 +510,19 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let limits = Limits { max_messages: 1, max_bytes: 1, policy: crate::config::SlowConsumer::DropOldest };
         let hub = Arc::new(Hub::new(Settings { limits, max_topics_per_connection: 1, max_connections_per_uid: 1, fanout_batch: 1 }, metrics.clone(), None));
-        let clients = Arc::new(Clients { hub, metrics, max_message: 1024 });
-        let slot = Arc::new(Admission::new(1)).reserve().ok().unwrap();
-        let conn = Arc::new(Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket));
+        let auth = Arc::new(ArcSwap::from_pointee(Auth::new(None, Duration::from_secs(1), Vec::new())));
+        let clients = Arc::new(Clients {
+            hub,
+            metrics,
+            auth,
+            max_message: 1024,
+            max_commands_per_second: 1,
+            max_topic_changes_per_minute: 1,
+            refresh_grace_ms: 1,
+        });
+        let limits = crate::admission::Limits { max_connections: 1, connect_rate: 0, per_address: 0 };
+        let (slot, address) = Arc::new(Admission::new(limits)).reserve("127.0.0.1".parse().unwrap()).ok().unwrap().hand_over();
+        let conn = Arc::new(Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, address));
         let future = serve(stream, conn, clients, slot, Bytes::new(), Vec::new());
         assert!(std::mem::size_of_val(&future) <= 256, "connection future is {} bytes", std::mem::size_of_val(&future));
         assert!(std::mem::size_of::<Conn>() <= 160, "Conn is {} bytes", std::mem::size_of::<Conn>());

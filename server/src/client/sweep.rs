@@ -23,6 +23,8 @@ pub struct Timers {
     pub sse_keepalive: Duration,
     /// A connection whose queue stays full, unread, this long is closed as a slow consumer.
     pub slow_consumer_timeout: Duration,
+    /// A connection whose token expired is closed this long after (4001), unless refreshed.
+    pub refresh_grace: Duration,
 }
 
 impl Timers {
@@ -56,14 +58,24 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
         if keepalive_due {
             last_keepalive = now;
         }
+        let now_s = crate::auth::now_s();
+        let grace_s = timers.refresh_grace.as_secs();
         hub.for_each(|conn| {
             if conn.full_since_ms().is_some_and(|since| now.saturating_sub(since) >= stuck_ms) {
                 // Whatever the policy: a queue that nobody reads holds the node's budget.
                 return conn.request_close(CloseReason::SlowConsumer);
             }
+            let expires_at = conn.state().grant.as_ref().map(|g| g.expires_at);
+            if let Some(expires_at) = expires_at.filter(|at| now_s >= *at) {
+                if now_s >= expires_at + grace_s {
+                    return conn.request_close(CloseReason::TokenExpired);
+                }
+                // Told at each sweep of the grace period: a client may have missed one.
+                conn.token_expired();
+            }
             match conn.transport {
                 Transport::WebSocket => {
-                    if now.saturating_sub(conn.last_inbound_ms()) >= idle_ms {
+                    if conn.silent_ms(now) >= idle_ms {
                         conn.request_close(CloseReason::IdleTimeout);
                     } else if ping_due {
                         conn.ping();

@@ -7,13 +7,14 @@
 
 pub mod queue;
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
 use atomic_waker::AtomicWaker;
 use pushline_alloc::Site;
 
+use crate::auth::Grant;
 use crate::clock;
 use crate::session::SessionId;
 use crate::telemetry::{probes, CloseReason, DropReason, Metrics};
@@ -28,6 +29,8 @@ impl Signals {
     pub const WORK: Signals = Signals(1);
     pub const PING: Signals = Signals(2);
     pub const CLOSE: Signals = Signals(4);
+    /// Its token has expired: tell the client to refresh it.
+    pub const EXPIRED: Signals = Signals(8);
 
     pub fn any(self) -> bool {
         self.0 != 0
@@ -46,13 +49,25 @@ pub struct Conn {
     pub session: SessionId,
     pub uid: Arc<str>,
     pub transport: Transport,
-    pub opened_ms: u64,
-    last_inbound_ms: AtomicU64,
+    /// Seconds of the process clock when the connection opened.
+    opened_s: u32,
+    /// Milliseconds of the process clock, wrapping: only differences under 49 days are read.
+    last_inbound_ms: AtomicU32,
     signals: AtomicU8,
     close_reason: AtomicU8,
+    /// Its source address's entry in the per-address counts (`Admission`).
+    pub address: u32,
     waker: AtomicWaker,
     outbox: Mutex<Outbox>,
-    topics: Mutex<Vec<Arc<str>>>,
+    state: Mutex<ClientState>,
+}
+
+/// What the connection's client asked for and was granted, changed by its commands.
+#[derive(Default)]
+pub struct ClientState {
+    pub topics: Vec<Arc<str>>,
+    /// What its token grants, until when; None in open mode.
+    pub grant: Option<Box<Grant>>,
 }
 
 /// One connection, as the debug endpoints show it.
@@ -71,19 +86,20 @@ pub struct ConnInfo {
 }
 
 impl Conn {
-    pub fn new(session: SessionId, uid: Arc<str>, transport: Transport) -> Conn {
+    pub fn new(session: SessionId, uid: Arc<str>, transport: Transport, grant: Option<Grant>, address: u32) -> Conn {
         let now = clock::now_ms();
         Conn {
             session,
             uid,
             transport,
-            opened_ms: now,
-            last_inbound_ms: AtomicU64::new(now),
+            opened_s: (now / 1000) as u32,
+            last_inbound_ms: AtomicU32::new(now as u32),
             signals: AtomicU8::new(0),
             close_reason: AtomicU8::new(NO_REASON),
+            address,
             waker: AtomicWaker::new(),
             outbox: Mutex::new(Outbox::default()),
-            topics: Mutex::new(Vec::new()),
+            state: Mutex::new(ClientState { topics: Vec::new(), grant: grant.map(Box::new) }),
         }
     }
 
@@ -104,8 +120,8 @@ impl Conn {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn topics(&self) -> MutexGuard<'_, Vec<Arc<str>>> {
-        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn state(&self) -> MutexGuard<'_, ClientState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues `msg` under `limits`; true if it was queued. Every message that does not
@@ -165,13 +181,24 @@ impl Conn {
         self.signal(Signals::PING);
     }
 
-    pub fn last_inbound_ms(&self) -> u64 {
-        self.last_inbound_ms.load(Ordering::Relaxed)
+    /// Milliseconds since the client last sent anything.
+    pub fn silent_ms(&self, now_ms: u64) -> u64 {
+        (now_ms as u32).wrapping_sub(self.last_inbound_ms.load(Ordering::Relaxed)) as u64
+    }
+
+    /// Milliseconds since the connection opened.
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.opened_s as u64 * 1000)
     }
 
     /// The client just sent something.
     pub fn heard_from(&self, now_ms: u64) {
-        self.last_inbound_ms.store(now_ms, Ordering::Relaxed);
+        self.last_inbound_ms.store(now_ms as u32, Ordering::Relaxed);
+    }
+
+    /// Tells the task the token has expired (it tells the client).
+    pub fn token_expired(&self) {
+        self.signal(Signals::EXPIRED);
     }
 
     /// Since when (process-clock ms) the queue has been full without being read from.
@@ -191,9 +218,9 @@ impl Conn {
             session: self.session.to_string(),
             node: self.session.node(),
             transport: self.transport.as_str(),
-            topics: self.topics().iter().map(|t| t.to_string()).collect(),
-            age_ms: now_ms.saturating_sub(self.opened_ms),
-            idle_ms: now_ms.saturating_sub(self.last_inbound_ms()),
+            topics: self.state().topics.iter().map(|t| t.to_string()).collect(),
+            age_ms: self.age_ms(now_ms),
+            idle_ms: self.silent_ms(now_ms),
             queued_messages,
             queued_bytes,
         }

@@ -4,10 +4,11 @@
 //! with the hub, and start the connection's task. Nothing of the handshake is kept
 //! after that.
 
-pub mod auth;
+
 mod sse;
 mod ws;
 
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -15,7 +16,8 @@ use pushline_alloc::Site;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::admission::{Admission, Slot};
+use crate::admission::{Admission, Reservation};
+use crate::auth::Identity;
 use crate::client::{self, Clients};
 use crate::conn::Conn;
 use crate::error::{Error, Kind};
@@ -23,31 +25,40 @@ use crate::http::{self, Head};
 use crate::session::SessionIds;
 use crate::telemetry::{probes, CloseReason, Metrics};
 use crate::wire::{self, Transport};
-use auth::Auth;
 
 pub struct Gateway {
-    pub auth: Auth,
     pub admission: Arc<Admission>,
     pub clients: Arc<Clients>,
     pub session_ids: SessionIds,
     pub metrics: Arc<Metrics>,
+    /// Origins browsers may connect from; empty: any.
+    pub allowed_origins: Vec<String>,
 }
 
-/// What a successful handshake settles: who, on which topics, in which slot.
+/// What a successful handshake settles: who, what it may read, on which topics, and its
+/// place.
 struct Admitted {
-    uid: String,
+    identity: Identity,
     topics: Vec<String>,
-    slot: Slot,
+    reservation: Reservation,
 }
 
 impl Gateway {
     /// Serves the handshake of `transport` for a request whose head is `head`; `buf` holds
     /// what was read, the head being its first `used` bytes.
-    pub async fn connect(&self, mut stream: TcpStream, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport) {
+    pub async fn connect(&self, mut stream: TcpStream, peer: IpAddr, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport) {
         let hub = &self.clients.hub;
-        let admitted = self.admit(&head, transport).and_then(|admitted| {
-            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), admitted.uid.into(), transport)));
-            Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)).map(|()| (conn, admitted.slot))
+        let admitted = self.admit(&head, peer, transport).and_then(|admitted| {
+            let (slot, address) = admitted.reservation.hand_over();
+            let Identity { uid, grant } = admitted.identity;
+            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address)));
+            match Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)) {
+                Ok(()) => Ok((conn, slot)),
+                Err(e) => {
+                    slot.release_address(address);
+                    Err(e)
+                }
+            }
         });
         let (conn, slot) = match admitted {
             Ok(admitted) => admitted,
@@ -63,6 +74,7 @@ impl Gateway {
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
             conn.close_outbox(&self.metrics);
+            slot.release_address(conn.address);
             return hub.unregister(&conn, CloseReason::IoError);
         }
         let early = buf.split_off(used);
@@ -88,14 +100,20 @@ impl Gateway {
         Site::ConnectionTask.scope(|| tokio::spawn(task));
     }
 
-    fn admit(&self, head: &Head, transport: Transport) -> Result<Admitted, Error> {
+    fn admit(&self, head: &Head, peer: IpAddr, transport: Transport) -> Result<Admitted, Error> {
         if head.version >= 1 && head.header("host").is_none() {
             return Err(Error::bad_request("HTTP/1.1 requests need a Host header"));
+        }
+        if let Some(origin) = head.header("origin") {
+            if !self.allowed_origins.is_empty() && !self.allowed_origins.iter().any(|o| o == origin) {
+                return Err(Error::new(Kind::Forbidden, format!("origin `{origin}` is not allowed (--allowed-origins)")));
+            }
         }
         if transport == Transport::WebSocket {
             ws::check_upgrade(head)?;
         }
-        let identity = self.auth.authenticate(head.bearer(), head.query("uid"))?;
+        let auth = self.clients.auth.load();
+        let identity = auth.authenticate(head.bearer(), head.query("uid"))?;
         let mut topics: Vec<String> = Vec::new();
         for topic in head.query("topics").unwrap_or_default().split(',').filter(|t| !t.is_empty()) {
             if !topics.iter().any(|t| t == topic) {
@@ -103,7 +121,8 @@ impl Gateway {
             }
         }
         self.clients.hub.check_topics(&topics, 0).map_err(Error::bad_request)?;
-        let slot = self.admission.reserve()?;
-        Ok(Admitted { uid: identity.uid, topics, slot })
+        auth.check_topics(&identity.uid, identity.grant.as_ref(), &topics)?;
+        let reservation = self.admission.reserve(peer)?;
+        Ok(Admitted { identity, topics, reservation })
     }
 }

@@ -19,6 +19,10 @@ pub enum CloseReason {
     ProtocolError,
     /// A read or write failed (reset, broken pipe).
     IoError,
+    /// Its token expired and no fresh one came within the grace period (4001).
+    TokenExpired,
+    /// Over a per-connection limit: commands per second, topic changes per minute (1008).
+    PolicyViolation,
 }
 
 /// Why a message did not reach a connection. Label `reason` of `pushline_messages_dropped_total`.
@@ -50,6 +54,12 @@ pub enum DropReason {
 pub enum RefuseReason {
     MaxConnections,
     Unauthorized,
+    /// A topic the token does not grant, or an origin not allowed.
+    Forbidden,
+    /// Past `--max-connect-rate`.
+    ConnectRate,
+    /// Past `--max-connections-per-ip`.
+    MaxConnectionsPerIp,
     BadRequest,
     HandshakeTimeout,
     ShuttingDown,
@@ -59,6 +69,8 @@ pub enum RefuseReason {
     MaxConnectionsPerUid,
     /// An admin connection past the admin listener's limit.
     AdminConnections,
+    /// A connection past `--max-handshakes` handshakes in progress.
+    Handshakes,
 }
 
 /// What a publish addressed. Label `kind` of `pushline_messages_published_total`.
@@ -78,6 +90,12 @@ pub enum ClientError {
     UnknownType,
     TooManyTopics,
     BinaryFrame,
+    /// A topic the connection's token does not grant.
+    Forbidden,
+    /// A refresh token that is invalid, or another uid's.
+    BadToken,
+    /// Over a per-connection limit (the connection is closed, 1008).
+    OverLimit,
 }
 
 /// A Redis command, as Pushline uses them. Label `command` of the Redis metrics; its
@@ -135,6 +153,8 @@ pub enum ApiStatus {
     BadRequest,
     #[strum(serialize = "401")]
     Unauthorized,
+    #[strum(serialize = "403")]
+    Forbidden,
     #[strum(serialize = "404")]
     NotFound,
     #[strum(serialize = "405")]
@@ -155,6 +175,7 @@ impl ApiStatus {
             200 => ApiStatus::Ok,
             400 => ApiStatus::BadRequest,
             401 => ApiStatus::Unauthorized,
+            403 => ApiStatus::Forbidden,
             404 => ApiStatus::NotFound,
             405 => ApiStatus::MethodNotAllowed,
             408 => ApiStatus::Timeout,

@@ -22,7 +22,11 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+/// Pushline's own code (4000-4999 are the application's): the client's token expired and
+/// no fresh one came in time.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// Largest control frame payload (RFC 6455 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;

@@ -1,0 +1,163 @@
+//! Who a client is and what it may read: a JWT verified with this server's keys
+//! ([`keys`]), whose `sub` is the uid and whose `topics` claim lists the topics its holder
+//! may subscribe to ([`rights`]); or, in open mode, the `?uid=` it names, reading anything.
+//!
+//! A token is refused, with the reason, when its header names another algorithm than its
+//! key's or a critical extension, when it is not yet valid (`nbf`) or no longer valid
+//! (`exp`), or when it lives longer than `--jwt-max-lifetime`.
+
+pub mod api_keys;
+pub mod keys;
+pub mod rights;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::Validation;
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::error::{Error, Kind};
+use api_keys::ApiKeys;
+use keys::Keys;
+use rights::Rights;
+
+/// Every credential the server checks, read from the settings and the files they name;
+/// read again on SIGHUP.
+pub struct Credentials {
+    pub auth: Auth,
+    pub api_keys: ApiKeys,
+}
+
+impl Credentials {
+    pub fn load(config: &Config) -> Result<Credentials, Error> {
+        let keys = if config.open_mode() { None } else { Some(Keys::load(config.jwt_secret.as_deref(), &config.jwt_public_key)?) };
+        let api_keys = ApiKeys::load(config.api_key.as_deref(), config.api_keys.as_deref())?;
+        Ok(Credentials { auth: Auth::new(keys, config.jwt_max_lifetime, config.public_topics.clone()), api_keys })
+    }
+}
+
+/// Longest uid, in bytes.
+pub const MAX_UID_BYTES: usize = 256;
+
+/// Longest token accepted, in bytes: a JWT is a few hundred.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// What a verified token grants, for as long as it is valid.
+#[derive(Debug)]
+pub struct Grant {
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub rights: Rights,
+}
+
+pub struct Identity {
+    pub uid: String,
+    /// None in open mode, where every topic may be read and nothing expires.
+    pub grant: Option<Grant>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+fn refused(message: impl Into<String>) -> Error {
+    Error::new(Kind::Unauthorized, message)
+}
+
+/// Whether `given` is `secret`, in time that does not depend on where they differ.
+pub fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    given.len() == secret.len() && given.iter().zip(secret).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub struct Auth {
+    /// None: open mode.
+    keys: Option<Keys>,
+    max_lifetime: Duration,
+    /// Topics every authenticated client may read (`--public-topics`), `{sub}` expanded
+    /// per client.
+    public: Vec<String>,
+}
+
+impl Auth {
+    pub fn new(keys: Option<Keys>, max_lifetime: Duration, public: Vec<String>) -> Auth {
+        Auth { keys, max_lifetime, public }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.keys.is_none()
+    }
+
+    /// `token` from `?token=` or `Authorization: Bearer`; `uid` from `?uid=` (open mode).
+    pub fn authenticate(&self, token: Option<&str>, uid: Option<&str>) -> Result<Identity, Error> {
+        let identity = match &self.keys {
+            None => Identity { uid: uid.ok_or_else(|| refused("open mode: pass the uid as ?uid="))?.to_owned(), grant: None },
+            Some(_) => {
+                let token = token.ok_or_else(|| refused("missing token: pass ?token= or Authorization: Bearer"))?;
+                let (uid, grant) = self.verify(token)?;
+                Identity { uid, grant: Some(grant) }
+            }
+        };
+        if identity.uid.is_empty() || identity.uid.len() > MAX_UID_BYTES {
+            return Err(refused(format!("uid must be 1 to {MAX_UID_BYTES} bytes")));
+        }
+        Ok(identity)
+    }
+
+    /// Verifies a token: its `sub` and what it grants. In open mode every token is refused.
+    pub fn verify(&self, token: &str) -> Result<(String, Grant), Error> {
+        let keys = self.keys.as_ref().ok_or_else(|| refused("open mode takes no tokens"))?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(refused(format!("token is over {MAX_TOKEN_BYTES} bytes")));
+        }
+        let (key, algorithm) = keys.for_token(token)?;
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 0;
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+            .map_err(|e| {
+                refused(match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired".into(),
+                    ErrorKind::ImmatureSignature => "token not valid yet (nbf is in the future)".into(),
+                    ErrorKind::InvalidSignature => "token signature does not verify".into(),
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        format!("token algorithm not accepted: {algorithm:?} only")
+                    }
+                    ErrorKind::MissingRequiredClaim(claim) => format!("token has no `{claim}` claim"),
+                    _ => format!("invalid token: {e}"),
+                })
+            })?
+            .claims;
+        if claims.exp > now_s() + self.max_lifetime.as_secs() {
+            return Err(refused(format!(
+                "token expires more than {} from now; the most --jwt-max-lifetime allows",
+                humantime::format_duration(self.max_lifetime)
+            )));
+        }
+        let rights = Rights::parse(&claims.topics, &claims.sub).map_err(|e| refused(format!("token `topics` claim: {e}")))?;
+        Ok((claims.sub, Grant { expires_at: claims.exp, rights }))
+    }
+
+    /// Whether `uid`, holding `grant`, may read `topic`.
+    pub fn may_read(&self, uid: &str, grant: Option<&Grant>, topic: &str) -> bool {
+        let Some(grant) = grant else { return self.is_open() };
+        grant.rights.allows(topic) || Rights::parse(&self.public, uid).is_ok_and(|public| public.allows(topic))
+    }
+
+    /// The first of `topics` that `uid` may not read, as a refusal naming it.
+    pub fn check_topics(&self, uid: &str, grant: Option<&Grant>, topics: &[String]) -> Result<(), Error> {
+        match topics.iter().find(|t| !self.may_read(uid, grant, t)) {
+            Some(topic) => Err(Error::new(Kind::Forbidden, format!("not allowed to read topic `{topic}`"))),
+            None => Ok(()),
+        }
+    }
+}
