@@ -47,8 +47,10 @@ pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive
         }
     };
     if !buf.starts_with(b"HTTP/1.1 101") {
-        let line = String::from_utf8_lossy(&buf[..buf.iter().position(|b| *b == b'\r').unwrap_or(buf.len())]).into_owned();
-        return Err(io::Error::other(format!("handshake refused: {line}")));
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        let retry = head.lines().find_map(|l| l.strip_prefix("Retry-After: ")).and_then(|s| s.trim().parse::<u64>().ok());
+        return Err(io::Error::other(Refused { line, retry_after: retry.map(std::time::Duration::from_secs) }));
     }
     let mut rest = buf.split_off(head_end);
     loop {
@@ -61,6 +63,22 @@ pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive
         }
     }
 }
+
+/// A handshake the server answered with something else than 101.
+#[derive(Debug)]
+pub struct Refused {
+    pub line: String,
+    /// What its `Retry-After` said.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "handshake refused: {}", self.line)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// The first complete server frame in `buf`: (opcode, bytes used).
 pub fn frame(buf: &[u8]) -> Option<(u8, usize)> {

@@ -76,7 +76,12 @@ impl ServerProcess {
 
     /// Waits until a metric reaches `want`, up to `limit`.
     pub async fn wait_metric(&self, series: &str, want: f64, limit: Duration) -> Result<(), String> {
-        poll_metric(series, limit, |v| v >= want, || self.metric(series)).await
+        self.wait_metric_until(series, limit, |v| v >= want).await
+    }
+
+    /// Waits until a metric satisfies `ok`, up to `limit`.
+    pub async fn wait_metric_until(&self, series: &str, limit: Duration, ok: impl Fn(f64) -> bool) -> Result<(), String> {
+        poll_metric(series, limit, ok, || self.metric(series)).await
     }
 }
 

@@ -73,6 +73,9 @@ enum Scenario {
         connections: usize,
         #[arg(long, default_value_t = 2_000)]
         handshakes: usize,
+        /// Then drop every client at once and reconnect them all, honouring Retry-After.
+        #[arg(long)]
+        reconnect: bool,
     },
     /// Pushes to random uids at `rate` per second for `seconds`; latency percentiles.
     Unicast {
@@ -167,7 +170,9 @@ async fn main() -> ExitCode {
         Scenario::Slow { connections, slow_percent, rounds } => {
             scenarios::slow::run(&cli.common, connections, slow_percent, rounds).await
         }
-        Scenario::Storm { connections, handshakes } => scenarios::storm::run(&cli.common, connections, handshakes).await,
+        Scenario::Storm { connections, handshakes, reconnect } => {
+            scenarios::storm::run(&cli.common, connections, handshakes, reconnect).await
+        }
         Scenario::Unicast { connections, rate, seconds, nodes } => {
             scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes).await
         }

@@ -75,7 +75,12 @@ pub fn same_secret(given: &[u8], secret: &[u8]) -> bool {
 }
 
 pub fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    now_ms() / 1000
+}
+
+/// Wall-clock milliseconds, the clock token expiry is in.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub struct Auth {

@@ -30,7 +30,7 @@ pub struct Timers {
 impl Timers {
     /// How often to sweep: a quarter of the shortest deadline kept, within 50 ms..30 s.
     fn period(&self) -> Duration {
-        let deadlines = [self.idle_timeout, self.ping_interval, self.sse_keepalive, self.slow_consumer_timeout];
+        let deadlines = [self.idle_timeout, self.ping_interval, self.sse_keepalive, self.slow_consumer_timeout, self.refresh_grace];
         let shortest = deadlines.into_iter().filter(|d| !d.is_zero()).min();
         (shortest.unwrap_or(self.idle_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
     }
@@ -58,16 +58,16 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
         if keepalive_due {
             last_keepalive = now;
         }
-        let now_s = crate::auth::now_s();
-        let grace_s = timers.refresh_grace.as_secs();
+        let wall_ms = crate::auth::now_ms();
+        let grace_ms = timers.refresh_grace.as_millis() as u64;
         hub.for_each(|conn| {
             if conn.full_since_ms().is_some_and(|since| now.saturating_sub(since) >= stuck_ms) {
                 // Whatever the policy: a queue that nobody reads holds the node's budget.
                 return conn.request_close(CloseReason::SlowConsumer);
             }
-            let expires_at = conn.state().grant.as_ref().map(|g| g.expires_at);
-            if let Some(expires_at) = expires_at.filter(|at| now_s >= *at) {
-                if now_s >= expires_at + grace_s {
+            let expired_ms = conn.state().grant.as_ref().map(|g| g.expires_at * 1000);
+            if let Some(expired_ms) = expired_ms.filter(|at| wall_ms >= *at) {
+                if wall_ms >= expired_ms + grace_ms {
                     return conn.request_close(CloseReason::TokenExpired);
                 }
                 // Told at each sweep of the grace period: a client may have missed one.

@@ -1,0 +1,307 @@
+//! Who may read what: topic rights in tokens, public topics, per-subscription tokens,
+//! expiry and refresh; public keys by `kid` and algorithm confusion; scoped API keys; the
+//! admin token; origins; admission control against storms and floods; SIGHUP reload.
+//! Keys are made by the test (openssl), never committed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "test-secret-of-thirty-two-bytes!";
+const KEY: &str = "test-api-key-of-thirty-two-bytes";
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn hs256(claims: Value) -> String {
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
+async fn secured(tweak: impl FnOnce(&mut pushline::Config)) -> TestServer {
+    start(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.api_key = Some(KEY.into());
+        tweak(c);
+    })
+    .await
+}
+
+/// The status and error of a refused WebSocket handshake.
+async fn refused(addr: std::net::SocketAddr, query: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?{query}")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+            (response.status().as_u16(), serde_json::from_str::<Value>(&body).unwrap()["error"].as_str().unwrap().to_owned())
+        }
+        other => panic!("expected a refusal for {query}, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn tokens_grant_topics_by_name_pattern_and_sub_and_the_public_list_adds_to_them() {
+    let t = secured(|c| c.public_topics = vec!["news.*".into()]).await;
+    let token = hs256(json!({"sub": "alice", "exp": now() + 60, "topics": ["chat", "team.blue.*", "user.{sub}.*"]}));
+    let (mut ws, _) = ws(t.client, &format!("token={token}&topics=chat,news.world")).await;
+    for allowed in ["team.blue.ops", "user.alice.inbox", "news.sport"] {
+        subscribe(&mut ws, &[allowed]).await;
+    }
+    for forbidden in ["team.red.ops", "user.bob.inbox", "chat2", "secret"] {
+        send_json(&mut ws, json!({"type": "subscribe", "topics": ["chat", forbidden]})).await;
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply["type"], "error", "{forbidden}: {reply}");
+        assert_eq!(reply["error"], format!("not allowed to read topic `{forbidden}`"));
+    }
+    // The connection stays, and reads what it may.
+    post_raw(t.client, "/v1/publish", json!({"topic": "user.alice.inbox", "data": 1}).to_string(), Some(KEY)).await;
+    assert_eq!(next_json(&mut ws).await["topic"], "user.alice.inbox");
+
+    let (status, why) = refused(t.client, &format!("token={token}&topics=chat,secret")).await;
+    assert_eq!((status, why.as_str()), (403, "not allowed to read topic `secret`"));
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, r#"pushline_connections_refused_total{reason="forbidden"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_client_errors_total{reason="forbidden"}"#), 4.0);
+}
+
+#[tokio::test]
+async fn a_subscription_token_grants_one_more_topic_to_its_own_uid() {
+    let t = secured(|_| {}).await;
+    let (mut ws, _) = ws(t.client, &format!("token={}", hs256(json!({"sub": "carol", "exp": now() + 60})))).await;
+    let ticket = hs256(json!({"sub": "carol", "exp": now() + 30, "topics": ["match.42"]}));
+    send_json(&mut ws, json!({"type": "subscribe", "topics": ["match.42"], "token": ticket})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let someone_elses = hs256(json!({"sub": "mallory", "exp": now() + 30, "topics": ["match.43"]}));
+    send_json(&mut ws, json!({"type": "subscribe", "topics": ["match.43"], "token": someone_elses})).await;
+    let reply = next_json(&mut ws).await;
+    assert!(reply["error"].as_str().unwrap().contains("is for `mallory`"), "{reply}");
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_or_the_connection_closes_with_4001() {
+    // The sweeper runs every quarter of the grace (375 ms here).
+    let t = secured(|c| c.token_refresh_grace = Duration::from_millis(1500)).await;
+    // Expires within the next two seconds.
+    let expiring = |sub: &str, topics: Value| hs256(json!({"sub": sub, "exp": now() + 1, "topics": topics}));
+    let (mut kept, _) = ws(t.client, &format!("token={}&topics=a,b", expiring("dave", json!(["a", "b"])))).await;
+    let (mut dropped, _) = ws(t.client, &format!("token={}", expiring("erin", json!([])))).await;
+    let notice = next_json(&mut kept).await;
+    assert_eq!((notice["type"].as_str(), notice["grace_ms"].as_u64()), (Some("token_expired"), Some(1500)), "{notice}");
+    let fresh = hs256(json!({"sub": "dave", "exp": now() + 3600, "topics": ["a"]}));
+    send_json(&mut kept, json!({"type": "refresh", "token": fresh})).await;
+    let refreshed = loop {
+        let reply = next_json(&mut kept).await;
+        if reply["type"] != "token_expired" {
+            break reply;
+        }
+    };
+    assert_eq!(refreshed["type"], "refreshed", "{refreshed}");
+    assert_eq!(refreshed["revoked"], json!(["b"]), "the fresh token's rights apply from now");
+
+    let close = loop {
+        match tokio::time::timeout(WAIT, dropped.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(4001));
+    // Still here, past the grace.
+    send_json(&mut kept, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut kept).await["type"], "pong");
+}
+
+/// A key pair made with openssl: (private PEM, public PEM file).
+fn key_pair(dir: &Path, name: &str, algorithm: &[&str]) -> (Vec<u8>, PathBuf) {
+    let private = dir.join(format!("{name}.key"));
+    let public = dir.join(format!("{name}.pub"));
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap_or_else(|e| {
+            panic!("cannot run openssl ({e}): install it with `apt-get install -y openssl` (scripts/test does this as root)")
+        });
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let mut args = vec!["genpkey"];
+    args.extend(algorithm);
+    args.extend(["-out", private.to_str().unwrap()]);
+    run(&args);
+    run(&["pkey", "-in", private.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()]);
+    (std::fs::read(&private).unwrap(), public)
+}
+
+#[tokio::test]
+async fn public_keys_by_kid_and_no_algorithm_confusion() {
+    let dir = std::env::temp_dir().join(format!("pushline-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rsa, rsa_pub) = key_pair(&dir, "rsa", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
+    let (ec, ec_pub) = key_pair(&dir, "ec", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    let (ed, ed_pub) = key_pair(&dir, "ed", &["-algorithm", "ED25519"]);
+    let keys = vec![
+        format!("r1={}", rsa_pub.display()),
+        format!("e1={}", ec_pub.display()),
+        format!("d1={}", ed_pub.display()),
+    ];
+    let t = start(|c| {
+        c.jwt_public_key = keys;
+        c.api_key = Some(KEY.into());
+    })
+    .await;
+    let claims = json!({"sub": "frank", "exp": now() + 60});
+    let signed = |alg: Algorithm, kid: &str, key: EncodingKey| {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        encode(&header, &claims, &key).unwrap()
+    };
+    for token in [
+        signed(Algorithm::RS256, "r1", EncodingKey::from_rsa_pem(&rsa).unwrap()),
+        signed(Algorithm::ES256, "e1", EncodingKey::from_ec_pem(&ec).unwrap()),
+        signed(Algorithm::EdDSA, "d1", EncodingKey::from_ed_pem(&ed).unwrap()),
+    ] {
+        let (_ws, welcome) = ws(t.client, &format!("token={token}")).await;
+        assert_eq!(welcome["uid"], "frank");
+    }
+    // The RSA public key used as an HS256 secret, naming the RSA key's id.
+    let confused = signed(Algorithm::HS256, "r1", EncodingKey::from_secret(&std::fs::read(&rsa_pub).unwrap()));
+    let (status, why) = refused(t.client, &format!("token={confused}")).await;
+    assert_eq!((status, why.as_str()), (401, "token algorithm not accepted: RS256 only"));
+    let wrong_key = signed(Algorithm::ES256, "e1", EncodingKey::from_ec_pem(&key_pair(&dir, "ec2", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]).0).unwrap());
+    assert_eq!(refused(t.client, &format!("token={wrong_key}")).await.1, "token signature does not verify");
+    let unknown = signed(Algorithm::EdDSA, "d9", EncodingKey::from_ed_pem(&ed).unwrap());
+    assert_eq!(refused(t.client, &format!("token={unknown}")).await.1, "token key id `d9` is not one of this server's");
+    let no_kid = encode(&Header::new(Algorithm::EdDSA), &claims, &EncodingKey::from_ed_pem(&ed).unwrap()).unwrap();
+    assert!(refused(t.client, &format!("token={no_kid}")).await.1.contains("no shared secret"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn api_keys_are_scoped() {
+    let dir = std::env::temp_dir().join(format!("pushline-api-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    let (pusher, billing) = ("p".repeat(32), "b".repeat(32));
+    std::fs::write(&file, format!(
+        "[[key]]\nname = \"pusher\"\nsecret = \"{pusher}\"\nscopes = [\"push\"]\n\n[[key]]\nname = \"billing\"\nsecret = \"{billing}\"\nscopes = [\"publish\"]\ntopics = [\"billing.*\"]\n"
+    )).unwrap();
+    let t = start(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.api_keys = Some(file.clone());
+    })
+    .await;
+    let call = |path: &'static str, body: Value, key: &str| {
+        let key = key.to_owned();
+        async move { post_raw(t.client, path, body.to_string(), Some(&key)).await }
+    };
+    assert_eq!(call("/v1/push", json!({"uids": ["x"], "data": 1}), &pusher).await.0, 200);
+    let (status, _, reply) = call("/v1/broadcast", json!({"data": 1}), &pusher).await;
+    assert_eq!((status, reply["error"].as_str()), (403, Some("API key `pusher` may not broadcast")));
+    assert_eq!(call("/v1/publish", json!({"topic": "billing.eu", "data": 1}), &billing).await.0, 200);
+    let (status, _, reply) = call("/v1/publish", json!({"topic": "news", "data": 1}), &billing).await;
+    assert_eq!((status, reply["error"].as_str()), (403, Some("API key `billing` may not publish to topic `news`")));
+    assert_eq!(call("/v1/push", json!({"uids": ["x"], "data": 1}), &billing).await.0, 403);
+    assert_eq!(call("/v1/push", json!({"uids": ["x"], "data": 1}), KEY).await.0, 401);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_admin_token_guards_every_admin_route() {
+    let token = "admin-token-of-thirty-two-bytes!";
+    let t = start(|c| c.admin_token = Some(token.into())).await;
+    let get = |auth: Option<&str>| {
+        let mut request = reqwest::Client::new().get(format!("http://{}/debug/connections", t.admin));
+        if let Some(auth) = auth {
+            request = request.bearer_auth(auth);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(None).await, 401);
+    assert_eq!(get(Some("wrong-token-of-thirty-two-bytes!")).await, 401);
+    assert_eq!(get(Some(token)).await, 200);
+
+    let mut config = pushline::Config::for_loopback();
+    config.jwt_secret = Some(SECRET.into());
+    config.api_key = Some(KEY.into());
+    config.admin_listen = "0.0.0.0:0".parse().unwrap();
+    let refused = pushline::Server::start(config).await.err().expect("a public admin listener needs a token");
+    assert!(refused.message.contains("set --admin-token"), "{refused}");
+}
+
+#[tokio::test]
+async fn admission_control_against_storms_and_floods() {
+    let t = start(|c| {
+        c.allowed_origins = vec!["https://app.example".into()];
+        c.max_connect_rate = 5;
+        c.max_connections_per_ip = 3;
+        c.max_commands_per_second = 5;
+    })
+    .await;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let with_origin = |origin: &str| {
+        let mut request = format!("ws://{}/ws?uid=o", t.client).into_client_request().unwrap();
+        request.headers_mut().insert("origin", origin.parse().unwrap());
+        request
+    };
+    match tokio_tungstenite::connect_async(with_origin("https://evil.example")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("foreign origin accepted: {:?}", other.map(|_| ())),
+    }
+    let (mut good, _) = tokio_tungstenite::connect_async(with_origin("https://app.example")).await.expect("allowed origin");
+    next_json(&mut good).await;
+
+    // Three per address: the fourth from 127.0.0.1 is refused.
+    let _two = (ws(t.client, "uid=a").await, ws(t.client, "uid=b").await);
+    let (status, why) = refused(t.client, "uid=c").await;
+    assert_eq!(status, 429, "{why}");
+    // The bucket (5 per second) is spent by now: a burst is refused with Retry-After.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (status, raw) = RawWs::try_handshake(t.client, "GET /ws?uid=burst HTTP/1.1\r\nHost: x\r\n").await;
+        drop(raw);
+        statuses.push(status);
+    }
+    assert!(statuses.contains(&503), "{statuses:?}");
+    let text = metrics(t.admin).await;
+    assert!(metric(&text, r#"pushline_connections_refused_total{reason="connect_rate"}"#) >= 1.0);
+    assert!(metric(&text, r#"pushline_connections_refused_total{reason="max_connections_per_ip"}"#) >= 1.0);
+    assert_eq!(metric(&text, r#"pushline_connections_refused_total{reason="forbidden"}"#), 1.0);
+
+    // Commands past five per second close the connection with 1008.
+    for _ in 0..8 {
+        send_json(&mut good, json!({"type": "ping"})).await;
+    }
+    let close = loop {
+        match tokio::time::timeout(WAIT, good.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1008));
+}
+
+#[tokio::test]
+async fn sighup_reloads_credentials_without_dropping_connections() {
+    let dir = std::env::temp_dir().join(format!("pushline-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pushline.toml");
+    let (old, new) = ("old-secret-of-thirty-two-bytes!!", "new-secret-of-thirty-two-bytes!!");
+    std::fs::write(&file, format!("jwt_secret = \"{old}\"\napi_key = \"{KEY}\"\n")).unwrap();
+    let server = Process::spawn(&["--config", file.to_str().unwrap()], None);
+    let token = |secret: &str, sub: &str| encode(&Header::default(), &json!({"sub": sub, "exp": now() + 60}), &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+    let (mut before, _) = ws(server.client, &format!("token={}", token(old, "g"))).await;
+    std::fs::write(&file, format!("jwt_secret = \"{new}\"\napi_key = \"{KEY}\"\n")).unwrap();
+    server.signal(libc::SIGHUP);
+    server.wait_log("reloaded client token keys");
+    let (_after, welcome) = ws(server.client, &format!("token={}", token(new, "h"))).await;
+    assert_eq!(welcome["uid"], "h");
+    assert_eq!(refused(server.client, &format!("token={}", token(old, "i"))).await.0, 401);
+    send_json(&mut before, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut before).await["type"], "pong", "the old connection stays up");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
