@@ -32,9 +32,11 @@ pub enum Site {
     Admin = 8,
     /// The Redis client.
     Redis = 9,
+    /// Message history kept for resuming clients (memory registry), and idempotency records.
+    History = 10,
 }
 
-pub const SITES: usize = 10;
+pub const SITES: usize = 11;
 
 impl Site {
     pub const ALL: [Site; SITES] = [
@@ -48,6 +50,7 @@ impl Site {
         Site::Metrics,
         Site::Admin,
         Site::Redis,
+        Site::History,
     ];
 
     /// Sites whose memory grows with the number of connections: what an idle connection
@@ -66,6 +69,7 @@ impl Site {
             Site::Metrics => "metrics",
             Site::Admin => "admin",
             Site::Redis => "redis",
+            Site::History => "history",
         }
     }
 

@@ -26,6 +26,20 @@ pub async fn connect(server: SocketAddr, source: IpAddr, uid: &str) -> io::Resul
 
 /// As `connect`, with the socket's receive buffer set first (a slow client's small window).
 pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive_buffer: Option<u32>) -> io::Result<TcpStream> {
+    Ok(open(server, source, &format!("uid={uid}"), receive_buffer).await?.stream)
+}
+
+/// A WebSocket connection whose welcome has been read.
+pub struct Opened {
+    pub stream: TcpStream,
+    /// The welcome frame's payload.
+    pub welcome: Vec<u8>,
+    /// Bytes read past the welcome (what the server sent right after it).
+    pub rest: Vec<u8>,
+}
+
+/// Opens `/ws?{query}` and reads up to the end of the welcome frame.
+pub async fn open(server: SocketAddr, source: IpAddr, query: &str, receive_buffer: Option<u32>) -> io::Result<Opened> {
     let socket = TcpSocket::new_v4()?;
     if let Some(size) = receive_buffer {
         socket.set_recv_buffer_size(size)?;
@@ -33,7 +47,7 @@ pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive
     socket.bind(SocketAddr::new(source, 0))?;
     let mut stream = socket.connect(server).await?;
     let request = format!(
-        "GET /ws?uid={uid} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET /ws?{query} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
@@ -54,9 +68,10 @@ pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive
     }
     let mut rest = buf.split_off(head_end);
     loop {
-        if let Some((_, len)) = frame(&rest) {
+        if let Some((_, payload, len)) = frame_payload(&rest) {
+            let welcome = rest[payload].to_vec();
             rest.drain(..len);
-            return Ok(stream);
+            return Ok(Opened { stream, welcome, rest });
         }
         if stream.read_buf(&mut rest).await? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the welcome frame"));
@@ -82,6 +97,11 @@ impl std::error::Error for Refused {}
 
 /// The first complete server frame in `buf`: (opcode, bytes used).
 pub fn frame(buf: &[u8]) -> Option<(u8, usize)> {
+    frame_payload(buf).map(|(opcode, _, used)| (opcode, used))
+}
+
+/// The first complete server frame in `buf`: (opcode, where its payload is, bytes used).
+pub fn frame_payload(buf: &[u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
     if buf.len() < 2 {
         return None;
     }
@@ -91,7 +111,7 @@ pub fn frame(buf: &[u8]) -> Option<(u8, usize)> {
         126 | 127 => return None,
         n => (n as usize, 2),
     };
-    (buf.len() >= at + len).then_some((buf[0] & 0x0F, at + len))
+    (buf.len() >= at + len).then_some((buf[0] & 0x0F, at..at + len, at + len))
 }
 
 /// A masked client text frame.

@@ -57,6 +57,12 @@ impl ServerProcess {
         self.child.id()
     }
 
+    /// SIGKILL: the process gets no chance to close anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn rss_bytes(&self) -> u64 {
         rss_bytes(self.pid())
     }

@@ -136,6 +136,20 @@ enum Scenario {
         #[arg(long)]
         csv: Option<PathBuf>,
     },
+    /// Clients of a node killed mid-stream resume on another with their cursors: messages
+    /// lost and duplicated, time until all resumed, Redis round trips per resume.
+    Resume {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Messages per second, to one topic every client reads.
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// One node on the memory registry, restarted: every client must be told it lost.
+        #[arg(long)]
+        memory: bool,
+    },
     /// `slow_percent` of N clients stop reading during `rounds` 16 KB broadcasts.
     Slow {
         #[arg(long, default_value_t = 200)]
@@ -187,6 +201,9 @@ async fn main() -> ExitCode {
             };
         }
         Scenario::Registry { connections, nodes } => scenarios::registry::run(&cli.common, connections, nodes).await,
+        Scenario::Resume { connections, rate, seconds, memory } => {
+            scenarios::resume::run(&cli.common, scenarios::resume::Settings { connections, rate, seconds, memory }).await
+        }
         Scenario::Soak { connections, minutes, rate, sample, csv } => {
             let settings = scenarios::soak::Settings { connections, minutes, rate, sample: std::time::Duration::from_secs(sample), csv };
             scenarios::soak::run(&cli.common, settings).await

@@ -217,6 +217,31 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_NODE_QUEUE_MAX_BYTES", default_value_t = 1 << 30)]
     pub node_queue_max_bytes: usize,
 
+    /// Messages kept per stream (a uid's, a topic's, the broadcast stream) for clients that
+    /// come back with a cursor; 0 keeps none (history off).
+    #[arg(long, env = "PUSHLINE_HISTORY_SIZE", default_value_t = 100)]
+    pub history_size: usize,
+
+    /// How long a message is kept; a topic nobody listens to keeps nothing after it.
+    #[arg(long, env = "PUSHLINE_HISTORY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub history_ttl: Duration,
+
+    /// Bytes of history this node keeps in memory (memory registry); past it, the least
+    /// recently written streams are forgotten. On Redis, history lives in Redis.
+    #[arg(long, env = "PUSHLINE_HISTORY_MAX_BYTES", default_value_t = 64 << 20)]
+    pub history_max_bytes: usize,
+
+    /// Topic patterns whose messages are never kept (`typing.*`).
+    #[arg(long = "history-off", env = "PUSHLINE_HISTORY_OFF", value_delimiter = ',')]
+    pub history_off: Vec<String>,
+
+    /// How long a publish's Idempotency-Key is remembered: a retry within it gets the
+    /// first reply and publishes nothing.
+    #[arg(long, env = "PUSHLINE_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub idempotency_window: Duration,
+
     /// Bytes of publish request bodies this node reads at once (a body counts its
     /// Content-Length, or the largest allowed); past it, publishes get 503.
     #[arg(long, env = "PUSHLINE_MAX_PUBLISH_BYTES_IN_FLIGHT", default_value_t = 64 << 20)]
@@ -363,6 +388,12 @@ impl Config {
         if let Err(e) = crate::auth::rights::Rights::parse(&self.public_topics, "") {
             problems.push(format!("--public-topics: {e}"));
         }
+        if let Err(e) = crate::auth::rights::Rights::parse(&self.history_off, "") {
+            problems.push(format!("--history-off: {e}"));
+        }
+        if self.history_size > 0 && self.history_ttl < Duration::from_secs(1) {
+            problems.push(format!("--history-ttl {:?} keeps nothing long enough to resume; use at least 1s, or --history-size 0 to turn history off", self.history_ttl));
+        }
         if self.reuse_port && self.registry == RegistryKind::Memory {
             problems.push("--reuse-port with --registry memory splits clients between processes that cannot reach each other's sessions (and would share node id 0); use --registry redis so they form a cluster".into());
         }
@@ -437,6 +468,18 @@ impl Config {
     }
 
     /// No keys for client tokens: clients say who they are, and read any topic.
+    /// How much history to keep, and where none is.
+    pub fn history(&self) -> crate::history::Settings {
+        crate::history::Settings {
+            size: self.history_size,
+            ttl: self.history_ttl,
+            max_bytes: self.history_max_bytes,
+            // Checked by `problems`.
+            off: crate::auth::rights::Rights::parse(&self.history_off, "").unwrap_or_default(),
+            idempotency_window: self.idempotency_window,
+        }
+    }
+
     pub fn open_mode(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key.is_empty()
     }

@@ -29,6 +29,8 @@ pub enum Kind {
     Forbidden,
     NotFound,
     MethodNotAllowed,
+    /// A request with the same Idempotency-Key is being handled; retry shortly.
+    Conflict,
     /// The request head did not arrive within the handshake timeout.
     Timeout,
     PayloadTooLarge,
@@ -62,6 +64,7 @@ impl Kind {
             | Kind::Forbidden
             | Kind::NotFound
             | Kind::MethodNotAllowed
+            | Kind::Conflict
             | Kind::Timeout
             | Kind::PayloadTooLarge
             | Kind::UpgradeRequired
@@ -80,6 +83,7 @@ impl Kind {
             Kind::Forbidden => 403,
             Kind::NotFound => 404,
             Kind::MethodNotAllowed => 405,
+            Kind::Conflict => 409,
             Kind::Timeout => 408,
             Kind::PayloadTooLarge => 413,
             Kind::UpgradeRequired => 426,
@@ -93,7 +97,7 @@ impl Kind {
     pub fn retry_after(self) -> Option<u32> {
         match self {
             Kind::AtCapacity | Kind::TooManyConnections | Kind::TooManyFromAddress | Kind::RateLimited => Some(5),
-            Kind::Overloaded | Kind::ShuttingDown | Kind::Unavailable => Some(1),
+            Kind::Overloaded | Kind::ShuttingDown | Kind::Unavailable | Kind::Conflict => Some(1),
             _ => None,
         }
     }

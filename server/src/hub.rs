@@ -35,6 +35,9 @@ pub const MAX_TOPIC_BYTES: usize = 256;
 pub enum Change {
     Opened(SessionId, Arc<str>),
     Closed(SessionId, Arc<str>),
+    /// A topic got its first subscriber here, or lost its last: its messages are to be
+    /// kept (for the history TTL from now).
+    Listening(Arc<str>),
 }
 
 pub type Changes = UnboundedSender<Change>;
@@ -112,6 +115,9 @@ pub struct Hub {
     uids: Box<[Mutex<HashTable<UidConns>>]>,
     /// Subscribers of each topic, by session (sharded by the topic's hash).
     topics: Box<[RwLock<HashMap<Arc<str>, Subscribers>>]>,
+    /// Topics whose last subscriber here left, with when (process-clock ms), sharded like
+    /// `topics`: history is kept for a topic someone listened to within its TTL.
+    abandoned: Box<[Mutex<HashMap<Arc<str>, u64>>]>,
     hasher: RandomState,
     /// Registered connections by transport.
     open: [AtomicUsize; Transport::COUNT],
@@ -140,14 +146,44 @@ impl Hub {
             metrics,
             uids: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             topics: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            abandoned: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
             changes,
         }
     }
 
+    fn topic_shard_index(&self, topic: &str) -> usize {
+        (self.hasher.hash_one(topic) >> 58) as usize % SHARDS
+    }
+
     fn topic_shard(&self, topic: &str) -> &RwLock<HashMap<Arc<str>, Subscribers>> {
-        &self.topics[(self.hasher.hash_one(topic) >> 58) as usize % SHARDS]
+        &self.topics[self.topic_shard_index(topic)]
+    }
+
+    fn abandoned(&self, topic: &str) -> MutexGuard<'_, HashMap<Arc<str>, u64>> {
+        lock(&self.abandoned[self.topic_shard_index(topic)])
+    }
+
+    /// Whether `topic` has a subscriber here, or had one within `within_ms`.
+    pub fn listened_within(&self, topic: &str, within_ms: u64) -> bool {
+        if self.read_topics(topic).contains_key(topic) {
+            return true;
+        }
+        self.abandoned(topic).get(topic).is_some_and(|left| clock::now_ms().saturating_sub(*left) <= within_ms)
+    }
+
+    /// Every topic with a subscriber here.
+    pub fn topic_names(&self) -> Vec<Arc<str>> {
+        self.topics.iter().flat_map(|shard| shard.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<Vec<_>>()).collect()
+    }
+
+    /// Forgets topics abandoned more than `ms` ago.
+    pub fn forget_abandoned(&self, ms: u64) {
+        let before = clock::now_ms().saturating_sub(ms);
+        for shard in self.abandoned.iter() {
+            lock(shard).retain(|_, left| *left >= before);
+        }
     }
 
     fn read_topics(&self, topic: &str) -> RwLockReadGuard<'_, HashMap<Arc<str>, Subscribers>> {
@@ -163,6 +199,12 @@ impl Hub {
     fn uid_shard(&self, uid: &str) -> (u64, MutexGuard<'_, HashTable<UidConns>>) {
         let hash = self.hasher.hash_one(uid);
         (hash, lock(&self.uids[(hash >> 58) as usize % SHARDS]))
+    }
+
+    /// Whether `uid` has a connection here.
+    pub fn has_uid(&self, uid: &str) -> bool {
+        let (hash, shard) = self.uid_shard(uid);
+        shard.find(hash, |e| e.uid() == uid).is_some()
     }
 
     fn conns_of(&self, uid: &str) -> Vec<Arc<Conn>> {
@@ -249,6 +291,12 @@ impl Hub {
                 Some((name, _)) => name.clone(),
                 None => Arc::from(t.as_str()),
             };
+            if !index.contains_key(&name) {
+                self.abandoned(&name).remove(&name);
+                if let Some(changes) = &self.changes {
+                    let _ = changes.send(Change::Listening(name.clone()));
+                }
+            }
             index.entry(name.clone()).or_default().insert(conn.session.0, conn.clone());
             mine.push(name);
         }
@@ -275,6 +323,11 @@ impl Hub {
                 subscribers.remove(&conn.session.0);
                 if subscribers.is_empty() {
                     index.remove(t);
+                    let _site = Site::Topics.enter();
+                    self.abandoned(t).insert(t.clone(), clock::now_ms());
+                    if let Some(changes) = &self.changes {
+                        let _ = changes.send(Change::Listening(t.clone()));
+                    }
                 }
             }
         }

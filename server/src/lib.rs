@@ -31,6 +31,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod gateway;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod listener;

@@ -26,6 +26,8 @@ use crate::config::Config;
 use crate::conn::queue::Limits;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
+use crate::history::idempotency::Idempotency;
+use crate::history::memory::MemoryHistory;
 use crate::hub::{self, Hub};
 use crate::listener::{self, Router};
 use crate::registry::{self, Attached, Registry};
@@ -51,6 +53,19 @@ pub struct Server {
     api_keys: Arc<ArcSwap<ApiKeys>>,
     sweeper: CancellationToken,
     admin: admin::Running,
+}
+
+/// Forgets history and abandoned topics past the TTL, a quarter of it at a time.
+async fn expire_history(history: Arc<MemoryHistory>, hub: Arc<Hub>, ttl: Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval((ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30)));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        Site::History.scope(|| history.expire());
+        hub.forget_abandoned(ttl.as_millis() as u64);
+    }
 }
 
 fn io_error(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -91,8 +106,9 @@ impl Server {
         };
         let changes = connected.as_ref().map(|c| c.changes());
         let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes)));
+        let history = Arc::new(Site::History.scope(|| MemoryHistory::new(config.history(), metrics.clone())));
         let (registry, attached) = match connected {
-            None => (Registry::Memory, None),
+            None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window) }, None),
             Some(connected) => {
                 let (registry, attached) = connected.attach(hub.clone()).await?;
                 (registry, Some(attached))
@@ -120,6 +136,7 @@ impl Server {
         let router = Arc::new(Router {
             gateway: Gateway {
                 admission: admission.clone(),
+                history: registry.history(),
                 clients,
                 session_ids: SessionIds::new(node),
                 metrics: metrics.clone(),
@@ -160,6 +177,7 @@ impl Server {
             refresh_grace: config.token_refresh_grace,
         };
         tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
+        tokio::spawn(expire_history(history, hub.clone(), config.history_ttl, sweeper.clone()));
         // Sockets are registered with the runtime as they are accepted: connection memory.
         let accepting = tokio::spawn(Site::ConnectionTask.instrument(listener::accept_loop(client, router, shutdown.token())));
 

@@ -36,9 +36,15 @@ async fn push_reaches_every_connection_of_a_uid_with_increasing_ids() {
 
     for ws in [&mut a1, &mut a2] {
         let first = next_json(ws).await;
-        assert_eq!(first, json!({"type": "message", "id": reply["id"], "topic": null, "data": {"n": 1}}));
+        let stream = first["stream"].as_str().unwrap().to_owned();
+        assert!(stream.starts_with("u."), "a push belongs to the uid's stream: {first}");
+        let epoch = first["epoch"].clone();
+        assert_eq!(
+            first,
+            json!({"type": "message", "id": reply["id"], "topic": null, "data": {"n": 1}, "stream": stream, "epoch": epoch, "offset": 1})
+        );
         let next = next_json(ws).await;
-        assert_eq!(next["data"], "two");
+        assert_eq!((&next["data"], &next["offset"]), (&json!("two"), &json!(2)));
         let (id1, id2): (u64, u64) = (first["id"].as_str().unwrap().parse().unwrap(), next["id"].as_str().unwrap().parse().unwrap());
         assert!(id2 > id1);
     }
@@ -96,7 +102,9 @@ async fn broadcast_reaches_websocket_and_sse_alike() {
     }
     let (event, id, data) = sse.next_event().await;
     assert_eq!(event, "message");
-    assert_eq!(id.as_deref(), reply["id"].as_str());
+    assert_eq!(data["id"], reply["id"]);
+    let position = format!(",b:{}:1", data["epoch"].as_str().unwrap());
+    assert!(id.unwrap().ends_with(&position), "the event's id is the connection's cursor, with the broadcast stream's position");
     assert_eq!(data["data"]["hello"], "all");
     assert_eq!(data["type"], "message");
 }
@@ -112,7 +120,11 @@ async fn sse_gets_pushes_and_topics() {
     let (_, second, two) = sse.next_event().await;
     assert_eq!((one["data"].clone(), two["data"].clone()), (json!(1), json!(2)));
     assert_eq!(two["topic"], "weather");
-    assert!(second.unwrap().parse::<u64>().unwrap() > first.unwrap().parse::<u64>().unwrap());
+    assert!(two["id"].as_str().unwrap().parse::<u64>().unwrap() > one["id"].as_str().unwrap().parse::<u64>().unwrap());
+    // Each event's id is the cursor so far: first the uid's stream, then the topic's too.
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first.matches(',').count(), 1, "{first}");
+    assert!(second.starts_with(&first) && second.contains(",t."), "{first} then {second}");
 }
 
 #[tokio::test]

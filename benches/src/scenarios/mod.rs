@@ -4,6 +4,7 @@ pub mod fanout;
 pub mod heartbeat;
 pub mod idle;
 pub mod registry;
+pub mod resume;
 pub mod scale;
 pub mod slow;
 pub mod soak;

@@ -14,7 +14,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use pushline_alloc::Site;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -24,11 +23,12 @@ use crate::auth::api_keys::ApiKeys;
 use crate::error::{Error, Kind};
 use crate::http::{bearer_token, Prefixed};
 use crate::hub::{self, Hub};
-use crate::registry::{Registry, Unavailable};
+use crate::registry::{Delivered, Published, Registry, Unavailable};
 use crate::session::MessageIds;
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{ApiRoute, DropReason, Metrics, PublishKind};
-use crate::wire::{json, Message};
+use crate::history::idempotency;
+use crate::wire::{json, Draft};
 
 /// Room in a request body for the envelope around `data` (uids, topic).
 const ENVELOPE_ALLOWANCE: usize = 1024 * 1024;
@@ -137,15 +137,16 @@ impl Api {
     }
 
     /// Whether the request's key may publish `kind` (to `topic`): Ok, or the refusal.
-    fn authorized(keys: &ApiKeys, req_key: Option<&str>, kind: PublishKind, topic: Option<&str>) -> Result<(), Error> {
+    /// Returns the key's name ("" in open mode), which scopes its idempotency keys.
+    fn authorized(keys: &ApiKeys, req_key: Option<&str>, kind: PublishKind, topic: Option<&str>) -> Result<String, Error> {
         if keys.is_open() {
-            return Ok(());
+            return Ok(String::new());
         }
         let key = req_key
             .and_then(|given| keys.find(given))
             .ok_or_else(|| Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)"))?;
         if key.allows(kind, topic) {
-            return Ok(());
+            return Ok(key.name.clone());
         }
         let what = match (kind, topic) {
             (PublishKind::Topic, Some(topic)) => format!("publish to topic `{topic}`"),
@@ -178,20 +179,15 @@ struct BroadcastBody<'a> {
     data: &'a RawValue,
 }
 
-/// 503: delivered to this node's connections; other nodes may or may not have it (a
-/// batch can fail after part of it was applied). Retrying may repeat deliveries, with the
-/// same message id, so clients can tell.
-fn unavailable(msg: &Message, e: Unavailable) -> Reply {
+/// 503: Redis failed, so the message may have reached no one, or some (a batch can fail
+/// after part of it was applied). A retry with the same Idempotency-Key publishes only
+/// what did not go out.
+fn unavailable(id: u64, e: Unavailable) -> Reply {
     let error = Error::unavailable(format!(
-        "registry unavailable: the message reached this node's connections; other nodes may not have it: {}",
+        "registry unavailable: the message may not have reached every connection; retry, with an Idempotency-Key so that nothing is published twice: {}",
         e.reason
     ));
-    let body = serde_json::json!({
-        "error": error.message,
-        "id": msg.id.to_string(),
-        "online_local": e.local.online,
-        "delivered_local": e.local.delivered,
-    });
+    let body = serde_json::json!({ "error": error.message, "id": id.to_string() });
     error_reply(&error, body.to_string())
 }
 
@@ -229,9 +225,17 @@ impl Api {
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
         let given = header("x-api-key").or_else(|| bearer_token(header("authorization")?)).map(str::to_owned);
         // The scope now; a topic publish's topic once the body is read.
-        if let Err(e) = Api::authorized(&keys, given.as_deref(), kind, None) {
-            return e.into();
-        }
+        let key_name = match Api::authorized(&keys, given.as_deref(), kind, None) {
+            Ok(name) => name,
+            Err(e) => return e.into(),
+        };
+        let idempotency_key = match header("idempotency-key") {
+            Some(key) => match idempotency::check_key(key) {
+                Ok(()) => Some(format!("{key_name}/{key}")),
+                Err(e) => return Error::bad_request(e).into(),
+            },
+            None => None,
+        };
         let max = self.max_message_bytes;
         let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
         let budget = self.node_queue_max_bytes;
@@ -267,18 +271,18 @@ impl Api {
             }
         };
         let accepted_at = Instant::now();
-        // Checks `data` (size, depth) and frames it once.
-        let frame = |topic: Option<&str>, data: &RawValue| -> Result<Arc<Message>, Reply> {
+        // Checks `data` (size, depth): the compacted JSON to frame.
+        let checked = |data: &RawValue| -> Result<String, Reply> {
             if data.get().len() > max {
                 let error = Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len()));
                 return Err(error.into());
             }
-            let data = json::compact(data.get()).map_err(|_| {
-                Reply::from(Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))
-            })?;
-            Ok(Site::Codec.scope(|| Arc::new(Message::new(self.message_ids.next(), topic, &data, accepted_at))))
+            json::compact(data.get())
+                .map(|data| data.into_owned())
+                .map_err(|_| Reply::from(Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH))))
         };
-        let body = match kind {
+        let id = self.message_ids.next();
+        match kind {
             PublishKind::Push => {
                 let push: PushBody = match serde_json::from_slice(&body) {
                     Ok(p) => p,
@@ -287,15 +291,16 @@ impl Api {
                 if push.uids.is_empty() {
                     return Error::bad_request("uids must list at least one uid").into();
                 }
-                let msg = match frame(None, push.data) {
-                    Ok(msg) => msg,
+                let data = match checked(push.data) {
+                    Ok(data) => data,
                     Err(reply) => return reply,
                 };
                 self.metrics.published(kind);
-                match self.registry.push(&self.hub, &push.uids, &msg).await {
-                    Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes }),
-                    Err(e) => return unavailable(&msg, e),
-                }
+                let draft = Draft { id, topic: None, data: &data, accepted_at };
+                let published = self.registry.push(&self.hub, &push.uids, &draft, idempotency_key.as_deref()).await;
+                self.reply(id, published, |d| {
+                    serde_json::json!({ "id": id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored })
+                })
             }
             PublishKind::Topic => {
                 let publish: PublishBody = match serde_json::from_slice(&body) {
@@ -308,32 +313,48 @@ impl Api {
                 if let Err(e) = Api::authorized(&keys, given.as_deref(), kind, Some(&publish.topic)) {
                     return e.into();
                 }
-                let msg = match frame(Some(&publish.topic), publish.data) {
-                    Ok(msg) => msg,
+                let data = match checked(publish.data) {
+                    Ok(data) => data,
                     Err(reply) => return reply,
                 };
                 self.metrics.published(kind);
-                match self.registry.publish(&self.hub, &publish.topic, &msg).await {
-                    Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
-                    Err(e) => return unavailable(&msg, e),
-                }
+                let draft = Draft { id, topic: Some(&publish.topic), data: &data, accepted_at };
+                let published = self.registry.publish(&self.hub, &publish.topic, &draft, idempotency_key.as_deref()).await;
+                self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
             }
             PublishKind::Broadcast => {
                 let broadcast: BroadcastBody = match serde_json::from_slice(&body) {
                     Ok(p) => p,
                     Err(e) => return bad_json(e),
                 };
-                let msg = match frame(None, broadcast.data) {
-                    Ok(msg) => msg,
+                let data = match checked(broadcast.data) {
+                    Ok(data) => data,
                     Err(reply) => return reply,
                 };
                 self.metrics.published(kind);
-                match self.registry.broadcast(&self.hub, &msg).await {
-                    Ok(d) => serde_json::json!({ "id": msg.id.to_string(), "delivered": d.delivered, "nodes": d.nodes }),
-                    Err(e) => return unavailable(&msg, e),
-                }
+                let draft = Draft { id, topic: None, data: &data, accepted_at };
+                let published = self.registry.broadcast(&self.hub, &draft, idempotency_key.as_deref()).await;
+                self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
             }
-        };
-        json(StatusCode::OK, body.to_string())
+        }
+    }
+
+    /// The reply to a publish: `body` of what it reached, kept for retries with its
+    /// idempotency key; the first reply again for a retry; 409 while the first is under
+    /// way; 503 when Redis failed.
+    fn reply(&self, id: u64, published: Result<Published<'_>, Unavailable>, body: impl FnOnce(&Delivered) -> serde_json::Value) -> Reply {
+        match published {
+            Ok(Published::Delivered(delivered, remember)) => {
+                let body = body(&delivered).to_string();
+                remember.reply(&body);
+                json(StatusCode::OK, body)
+            }
+            Ok(Published::Repeated(first)) => {
+                self.metrics.idempotent_replays.increment(1);
+                json(StatusCode::OK, first)
+            }
+            Ok(Published::InProgress) => Error::new(Kind::Conflict, "a request with this Idempotency-Key is being handled; retry").into(),
+            Err(e) => unavailable(id, e),
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! arguments: a `Conn` knows nothing of the hub that holds it.
 
 pub mod queue;
+pub mod tracking;
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +21,7 @@ use crate::session::SessionId;
 use crate::telemetry::{probes, CloseReason, DropReason, Metrics};
 use crate::wire::{Message, Transport};
 use queue::{Enqueued, Limits, Outbox};
+use tracking::{Popped, Tracking};
 
 /// What producers ask of a connection's task, as bits set before waking it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,7 +130,8 @@ impl Conn {
     /// make it is counted in `metrics` with its reason.
     pub fn deliver(&self, msg: &Arc<Message>, limits: &Limits, metrics: &Metrics) -> bool {
         let size = msg.bytes(self.transport).len();
-        let outcome = Site::OutboundQueue.scope(|| self.outbox().push(msg, self.transport, limits));
+        let since_ms = self.since_ms();
+        let outcome = Site::OutboundQueue.scope(|| self.outbox().push(msg, self.transport, limits, since_ms));
         match outcome {
             Enqueued::Queued { dropped, dropped_bytes, depth } => {
                 probes::msg_enqueue(self.session.0, size, depth);
@@ -151,11 +154,32 @@ impl Conn {
         }
     }
 
-    /// The next queued message, if any.
-    pub fn pop(&self, metrics: &Metrics) -> Option<Arc<Message>> {
-        let msg = self.outbox().pop(self.transport)?;
-        metrics.queued(-1, -(msg.bytes(self.transport).len() as isize));
-        Some(msg)
+    /// The next thing to write (see [`Outbox::pop`]). Queued messages taken out are
+    /// counted off the queue gauges, and those the client already had as duplicates.
+    pub fn pop(&self, metrics: &Metrics) -> Option<Popped> {
+        let transport = self.transport;
+        let since_ms = self.since_ms();
+        let popped = Site::OutboundQueue.scope(|| {
+            self.outbox().pop(transport, since_ms, |skipped| {
+                metrics.queued(-1, -(skipped.bytes(transport).len() as isize));
+                metrics.deduplicated.increment(1);
+            })
+        })?;
+        if let Some(msg) = popped.message.as_ref().filter(|_| popped.queued) {
+            metrics.queued(-1, -(msg.bytes(transport).len() as isize));
+        }
+        Some(popped)
+    }
+
+    /// Replays what a resume found before anything queued since the connection registered.
+    pub fn resume(&self, tracking: Tracking) {
+        Site::History.scope(|| self.outbox().resume(tracking));
+        self.signal(Signals::WORK);
+    }
+
+    /// Wall-clock ms the connection opened at (to the second): the `since` of its cursor.
+    pub fn since_ms(&self) -> u64 {
+        clock::wall_ms_at(self.opened_s as u64 * 1000)
     }
 
     /// Stops the queue and counts what was left in it.

@@ -1,13 +1,17 @@
 //! One connection's bounded outbound queue and the policy for when it is full.
 //!
 //! The queue holds `Arc<Message>`s (8 bytes each): the framed bytes are shared with every
-//! other connection that got the same message. An empty queue allocates nothing.
+//! other connection that got the same message. An empty queue allocates nothing. What a
+//! resume replays, and the gaps drop-oldest leaves, go out before the queue
+//! ([`Tracking`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::config::SlowConsumer;
 use crate::wire::{Message, Transport};
+
+use super::tracking::{Popped, Tracking};
 
 pub struct Limits {
     pub max_messages: usize,
@@ -37,10 +41,12 @@ pub struct Outbox {
     /// padding beside `closed`, so this costs an idle connection nothing.
     full_since_s: u32,
     closed: bool,
+    tracking: Option<Box<Tracking>>,
 }
 
 impl Outbox {
-    pub fn push(&mut self, msg: &Arc<Message>, transport: Transport, limits: &Limits) -> Enqueued {
+    /// `since_ms`: the connection's start, should it need a [`Tracking`] to note a gap.
+    pub fn push(&mut self, msg: &Arc<Message>, transport: Transport, limits: &Limits, since_ms: u64) -> Enqueued {
         if self.closed {
             return Enqueued::Closed;
         }
@@ -57,6 +63,7 @@ impl Outbox {
                     let (mut dropped, mut dropped_bytes) = (0, 0);
                     while full(self) {
                         let Some(old) = self.queue.pop_front() else { break };
+                        self.tracking.get_or_insert_with(|| Box::new(Tracking::new(since_ms))).lose(&old);
                         let old_size = old.bytes(transport).len();
                         self.bytes -= old_size;
                         dropped += 1;
@@ -76,15 +83,51 @@ impl Outbox {
         Enqueued::Queued { dropped: 0, dropped_bytes: 0, depth: self.queue.len() }
     }
 
-    pub fn pop(&mut self, transport: Transport) -> Option<Arc<Message>> {
-        let msg = self.queue.pop_front()?;
-        self.full_since_s = 0;
-        self.bytes -= msg.bytes(transport).len();
-        if self.queue.is_empty() {
-            // Give back a burst's worth of slots; an idle connection holds no queue memory.
-            self.queue = VecDeque::new();
+    /// The next thing to write: a replayed message or notice, a gap notice, or the next
+    /// queued message. A queued message the client was already sent (a resume replayed
+    /// it) is passed to `skipped` instead. An SSE connection starts tracking its cursor
+    /// at its first message with a position; `since_ms` is its start.
+    pub fn pop(&mut self, transport: Transport, since_ms: u64, mut skipped: impl FnMut(&Message)) -> Option<Popped> {
+        if let Some(tracking) = self.tracking.as_mut().filter(|t| t.has_pending()) {
+            return tracking.pop_pending(transport);
         }
-        Some(msg)
+        loop {
+            let msg = self.queue.pop_front()?;
+            self.full_since_s = 0;
+            self.bytes -= msg.bytes(transport).len();
+            if self.queue.is_empty() {
+                // Give back a burst's worth of slots; an idle connection holds no queue memory.
+                self.queue = VecDeque::new();
+            }
+            if let Some(position) = msg.position {
+                if transport == Transport::Sse && self.tracking.is_none() {
+                    self.tracking = Some(Box::new(Tracking::new(since_ms)));
+                }
+                if let Some(tracking) = self.tracking.as_mut() {
+                    if tracking.has(&position) {
+                        skipped(&msg);
+                        continue;
+                    }
+                    tracking.advance(position);
+                }
+            }
+            let bytes = msg.bytes(transport).clone();
+            let popped = match &self.tracking {
+                Some(tracking) => tracking.popped(transport, bytes, Some(msg)),
+                None => Popped { bytes, tail: None, message: Some(msg), queued: true },
+            };
+            return Some(Popped { queued: true, ..popped });
+        }
+    }
+
+    /// Starts a resume: `tracking` holds what to replay before the queue.
+    pub fn resume(&mut self, tracking: Tracking) {
+        self.tracking = Some(Box::new(tracking));
+    }
+
+    /// The connection's cursor, when it tracks one.
+    pub fn cursor(&self) -> Option<String> {
+        self.tracking.as_ref().map(|t| t.cursor())
     }
 
     /// Stops taking messages; returns how many were still queued (and their bytes).
@@ -93,6 +136,7 @@ impl Outbox {
         let left = (self.queue.len(), self.bytes);
         self.queue = VecDeque::new();
         self.bytes = 0;
+        self.tracking = None;
         left
     }
 
@@ -101,7 +145,7 @@ impl Outbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && !self.tracking.as_ref().is_some_and(|t| t.has_pending())
     }
 
     pub fn bytes(&self) -> usize {
@@ -118,35 +162,80 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::{Position, StreamKey};
     use std::time::Instant;
 
     fn msg(id: u64) -> Arc<Message> {
-        Arc::new(Message::new(id, None, "1", Instant::now()))
+        Arc::new(Message::new(id, None, "1", None, Instant::now()))
+    }
+
+    fn positioned(offset: u64) -> Arc<Message> {
+        let position = Position { key: StreamKey::Broadcast, epoch: 5, offset };
+        Arc::new(Message::new(offset, None, "1", Some(position), Instant::now()))
+    }
+
+    fn pop_text(q: &mut Outbox, transport: Transport) -> Option<String> {
+        let popped = q.pop(transport, 0, |_| panic!("nothing was sent twice"))?;
+        let mut text = match transport {
+            Transport::WebSocket => String::from_utf8(crate::wire::ws::payload_of(&popped.bytes).to_vec()).unwrap(),
+            Transport::Sse => String::from_utf8(popped.bytes.to_vec()).unwrap(),
+        };
+        if let Some(tail) = popped.tail {
+            text.push_str(std::str::from_utf8(&tail).unwrap());
+        }
+        Some(text)
     }
 
     #[test]
-    fn drop_oldest_keeps_newest() {
+    fn drop_oldest_keeps_newest_and_says_what_it_dropped() {
         let limits = Limits { max_messages: 2, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
         let mut q = Outbox::default();
         for id in 1..=3 {
-            q.push(&msg(id), Transport::WebSocket, &limits);
+            q.push(&msg(id), Transport::WebSocket, &limits, 0);
         }
         assert_eq!(q.len(), 2);
         assert!(q.full_since_ms().is_some(), "a drop marks the queue full");
-        assert_eq!(q.pop(Transport::WebSocket).unwrap().id, 2);
+        assert_eq!(pop_text(&mut q, Transport::WebSocket).unwrap(), r#"{"count":1,"type":"gap"}"#);
+        assert!(pop_text(&mut q, Transport::WebSocket).unwrap().contains(r#""id":"2""#));
         assert_eq!(q.full_since_ms(), None, "a read clears it");
-        assert_eq!(q.pop(Transport::WebSocket).unwrap().id, 3);
+        assert!(pop_text(&mut q, Transport::WebSocket).unwrap().contains(r#""id":"3""#));
         assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn a_gap_names_the_stream_range_lost() {
+        let limits = Limits { max_messages: 2, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
+        let mut q = Outbox::default();
+        for offset in 1..=6 {
+            q.push(&positioned(offset), Transport::WebSocket, &limits, 0);
+        }
+        let gap: serde_json::Value = serde_json::from_str(&pop_text(&mut q, Transport::WebSocket).unwrap()).unwrap();
+        assert_eq!(gap, serde_json::json!({"type": "gap", "stream": "b", "epoch": "00000005", "from": 1, "to": 4}));
+        assert!(pop_text(&mut q, Transport::WebSocket).unwrap().ends_with(r#""offset":5}"#));
+    }
+
+    #[test]
+    fn sse_events_end_with_the_connection_cursor_and_nothing_is_sent_twice() {
+        let limits = Limits { max_messages: 10, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
+        let mut q = Outbox::default();
+        q.push(&positioned(1), Transport::Sse, &limits, 0);
+        q.push(&positioned(2), Transport::Sse, &limits, 0);
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().ends_with("\nid: s0,b:00000005:1\n\n"));
+        q.push(&positioned(1), Transport::Sse, &limits, 0);
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().ends_with("\nid: s0,b:00000005:2\n\n"));
+        let mut skipped = 0;
+        assert!(q.pop(Transport::Sse, 0, |_| skipped += 1).is_none());
+        assert_eq!(skipped, 1, "offset 1 again is a duplicate");
     }
 
     #[test]
     fn disconnect_policy_overflows_and_closes() {
         let limits = Limits { max_messages: 2, max_bytes: 1 << 20, policy: SlowConsumer::Disconnect };
         let mut q = Outbox::default();
-        q.push(&msg(1), Transport::WebSocket, &limits);
-        q.push(&msg(2), Transport::WebSocket, &limits);
-        assert!(matches!(q.push(&msg(3), Transport::WebSocket, &limits), Enqueued::Overflow { dropped: 3, .. }));
-        assert_eq!(q.push(&msg(4), Transport::WebSocket, &limits), Enqueued::Closed);
+        q.push(&msg(1), Transport::WebSocket, &limits, 0);
+        q.push(&msg(2), Transport::WebSocket, &limits, 0);
+        assert!(matches!(q.push(&msg(3), Transport::WebSocket, &limits, 0), Enqueued::Overflow { dropped: 3, .. }));
+        assert_eq!(q.push(&msg(4), Transport::WebSocket, &limits, 0), Enqueued::Closed);
         assert!(q.is_empty());
     }
 
@@ -156,7 +245,7 @@ mod tests {
         let limits = Limits { max_messages: 100, max_bytes: one * 3, policy: SlowConsumer::DropOldest };
         let mut q = Outbox::default();
         for id in 11..=20 {
-            q.push(&msg(id), Transport::WebSocket, &limits);
+            q.push(&msg(id), Transport::WebSocket, &limits, 0);
             assert!(q.bytes() <= one * 3);
         }
         assert_eq!(q.len(), 3);

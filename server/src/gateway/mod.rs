@@ -1,8 +1,8 @@
 //! A new client connection whose request is `GET /ws` (WebSocket) or `GET /sse`
 //! (Server-Sent Events), handed over by the listener with its request head read:
-//! authenticate ([`auth`]), take a place ([`Admission`]), answer the handshake, register
-//! with the hub, and start the connection's task. Nothing of the handshake is kept
-//! after that.
+//! authenticate ([`auth`]), take a place ([`Admission`]), register with the hub, read
+//! what a returning client missed ([`resume`]), answer the handshake, and start the
+//! connection's task. Nothing of the handshake is kept after that.
 
 
 mod sse;
@@ -21,6 +21,8 @@ use crate::auth::Identity;
 use crate::client::{self, Clients};
 use crate::conn::Conn;
 use crate::error::{Error, Kind};
+use crate::history::resume::{self, History};
+use crate::history::{Cursor, Stream};
 use crate::http::{self, Head};
 use crate::session::SessionIds;
 use crate::telemetry::{probes, CloseReason, Metrics};
@@ -28,6 +30,7 @@ use crate::wire::{self, Transport};
 
 pub struct Gateway {
     pub admission: Arc<Admission>,
+    pub history: History,
     pub clients: Arc<Clients>,
     pub session_ids: SessionIds,
     pub metrics: Arc<Metrics>,
@@ -41,6 +44,9 @@ struct Admitted {
     identity: Identity,
     topics: Vec<String>,
     reservation: Reservation,
+    resume: resume::Request,
+    /// The streams to read for the resume, and from where; empty when none was asked for.
+    plan: Vec<(Stream, resume::From)>,
 }
 
 impl Gateway {
@@ -53,21 +59,27 @@ impl Gateway {
             let Identity { uid, grant } = admitted.identity;
             let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address)));
             match Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)) {
-                Ok(()) => Ok((conn, slot)),
+                Ok(()) => Ok((conn, slot, admitted.resume, admitted.plan)),
                 Err(e) => {
                     slot.release_address(address);
                     Err(e)
                 }
             }
         });
-        let (conn, slot) = match admitted {
+        let (conn, slot, request, plan) = match admitted {
             Ok(admitted) => admitted,
-            Err(error) => {
-                self.metrics.refused(error.kind.refuse_reason());
-                let extra = if error.kind == Kind::UpgradeRequired { "Sec-WebSocket-Version: 13\r\n" } else { "" };
-                return http::respond_error(&mut stream, &error, extra).await;
-            }
+            Err(error) => return self.refuse(&mut stream, &error).await,
         };
+        // Registered first: anything published from here on is queued, so reading history
+        // now leaves no gap; what is both read and queued is written once.
+        if !plan.is_empty() {
+            if let Err(error) = resume::resume(&self.history, &conn, &request, plan, &self.metrics).await {
+                conn.close_outbox(&self.metrics);
+                slot.release_address(conn.address);
+                hub.unregister(&conn, CloseReason::IoError);
+                return self.refuse(&mut stream, &error).await;
+            }
+        }
         let response = match transport {
             Transport::WebSocket => ws::accept_response(&head),
             Transport::Sse => sse::RESPONSE.to_owned(),
@@ -84,20 +96,36 @@ impl Gateway {
             // registered connection to close.
             conn.request_close(CloseReason::Shutdown);
         }
+        let since = conn.since_ms();
         let welcome = serde_json::json!({
             "type": "welcome",
             "session": conn.session.to_string(),
             "uid": &*conn.uid,
+            "since": since.to_string(),
         })
         .to_string();
         let welcome = match transport {
             Transport::WebSocket => wire::ws::text(&welcome),
-            Transport::Sse => wire::sse::event("welcome", None, &welcome),
+            Transport::Sse => {
+                // A returning client's cursor stands until its `resumed` event: should this
+                // connection drop mid-replay, `EventSource` comes back with it again.
+                let cursor = head.header("last-event-id").or(head.query("cursor")).filter(|_| request.cursor.is_some());
+                let cursor = cursor.map_or_else(|| format!("s{since}"), str::to_owned);
+                let mut bytes = wire::sse::retry(conn.session.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32).to_vec();
+                bytes.extend_from_slice(&wire::sse::event("welcome", &welcome, &cursor));
+                bytes.into()
+            }
         };
         probes::conn_open(conn.session.0, stream.as_raw_fd(), transport as u8);
         // A task of its own, so the long-lived future holds none of the handshake's state.
         let task = Site::ConnectionTask.instrument(client::serve(stream, conn, self.clients.clone(), slot, welcome, early));
         Site::ConnectionTask.scope(|| tokio::spawn(task));
+    }
+
+    async fn refuse(&self, stream: &mut TcpStream, error: &Error) {
+        self.metrics.refused(error.kind.refuse_reason());
+        let extra = if error.kind == Kind::UpgradeRequired { "Sec-WebSocket-Version: 13\r\n" } else { "" };
+        http::respond_error(stream, error, extra).await
     }
 
     fn admit(&self, head: &Head, peer: IpAddr, transport: Transport) -> Result<Admitted, Error> {
@@ -122,7 +150,15 @@ impl Gateway {
         }
         self.clients.hub.check_topics(&topics, 0).map_err(Error::bad_request)?;
         auth.check_topics(&identity.uid, identity.grant.as_ref(), &topics)?;
+        // EventSource sends its last event id on its own when it reconnects; a first
+        // connect (or a WebSocket) passes `?cursor=`.
+        let cursor = match head.header("last-event-id").or(head.query("cursor")) {
+            Some(text) => Some(Cursor::parse(text).map_err(|e| Error::bad_request(format!("bad cursor: {e}")))?),
+            None => None,
+        };
+        let request = resume::Request { cursor, mailbox: matches!(head.query("mailbox"), Some("1" | "true")) };
+        let plan = resume::plan(&identity.uid, &topics, &request)?;
         let reservation = self.admission.reserve(peer)?;
-        Ok(Admitted { identity, topics, reservation })
+        Ok(Admitted { identity, topics, reservation, resume: request, plan })
     }
 }

@@ -1,16 +1,19 @@
-//! Where a message goes beyond the local hub: the seam between this node and the others.
+//! Where a message goes: the seam between the publish API and every node's connections.
 //!
 //! The publish API hands every message to the registry, never to the hub directly. The
-//! `memory` backend is one node, so the hub's answer is the whole answer. The Redis
-//! backends (one Redis, or a Redis Cluster) deliver locally first, then find the other
-//! nodes that hold the uids (`presence`) and forward over pub/sub (`relay`); every node
-//! delivers what arrives on its channels to its own connections.
+//! `memory` backend is one node: a message takes its stream's next offset in this
+//! process's history and is fanned out by the hub, under the stream's order lock. The
+//! Redis backends (one Redis, or a Redis Cluster) find the nodes that hold the pushed uids
+//! (`presence`), then run one script per stream that takes the offset, keeps the message
+//! and publishes it to those nodes' channels (`history::redis`); every node, this one
+//! included, delivers what arrives on its channels to its own connections (`relay`), so
+//! every node sees a stream's messages in offset order.
 
 pub mod presence;
 pub mod redis;
 pub mod relay;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,17 +29,22 @@ use crate::error::Error;
 use crate::hub::{Change, Changes, Hub};
 use crate::session::SessionId;
 use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
-use crate::wire::Message;
+use crate::history::idempotency::{Claim, Claimed, Idempotency};
+use crate::history::memory::MemoryHistory;
+use crate::history::redis::{Appended, RedisHistory};
+use crate::history::resume::History;
+use crate::history::{Stream, GROUPS};
+use crate::wire::{open_envelope, Draft};
 use presence::{Keys, Registrar};
 use redis::Redis;
-use relay::{Relay, Target};
+use relay::{Awaited, Relay, Target};
 
 /// How long a node's liveness, once read, is trusted before it is read again.
 const LIVENESS_CACHE: Duration = Duration::from_secs(1);
 
 pub enum Registry {
-    /// One node: every session is in this process's hub.
-    Memory,
+    /// One node: every session is in this process's hub, history in its memory.
+    Memory { history: Arc<MemoryHistory>, idempotency: Idempotency },
     /// Many nodes on Redis or a Redis Cluster.
     Redis(Nodes),
 }
@@ -50,41 +58,130 @@ pub struct Delivered {
     pub delivered: usize,
     /// Other nodes the message was sent to.
     pub nodes: usize,
+    /// Streams that kept the message in their history (for a push, one per uid).
+    pub stored: usize,
 }
 
-/// Redis failed: the message reached this node's connections (`local`); other nodes may
-/// not have it.
+/// The answer to a publish.
+pub enum Published<'a> {
+    /// Sent; `remember` keeps the reply for retries with the same idempotency key.
+    Delivered(Delivered, Remember<'a>),
+    /// A retry of an idempotency key already used: the first publish's reply (or, on
+    /// Redis before that reply was stored, its message id).
+    Repeated(String),
+    /// The first request with this idempotency key is still publishing.
+    InProgress,
+}
+
+/// Where the reply to a publish with an idempotency key is kept for its retries.
+pub enum Remember<'a> {
+    Nothing,
+    Memory(Claimed<'a>),
+    Redis { history: &'a RedisHistory, keys: Vec<String> },
+}
+
+impl Remember<'_> {
+    pub fn reply(self, reply: &str) {
+        match self {
+            Remember::Nothing => {}
+            Remember::Memory(claimed) => claimed.done(reply),
+            Remember::Redis { history, keys } => history.remember(keys, reply.to_owned()),
+        }
+    }
+}
+
+/// Redis failed: the message may have reached some connections (a batch can fail after
+/// part of it was applied), or none.
 pub struct Unavailable {
-    pub local: Delivered,
     pub reason: String,
 }
 
+/// Uids a push gives their messages before it lets other tasks run.
+const UIDS_PER_YIELD: usize = 256;
+
 impl Registry {
-    pub async fn push(&self, hub: &Hub, uids: &[String], msg: &Arc<Message>) -> Result<Delivered, Unavailable> {
+    /// Where resuming clients read history.
+    pub fn history(&self) -> History {
+        match self {
+            Registry::Memory { history, .. } => History::Memory(history.clone()),
+            Registry::Redis(nodes) => History::Redis(nodes.history.clone()),
+        }
+    }
+
+    /// A claim on `key` (memory registry; on Redis the append script checks it).
+    fn claim<'a>(&'a self, key: Option<&str>) -> Result<Remember<'a>, Published<'a>> {
+        match (self, key) {
+            (Registry::Memory { idempotency, .. }, Some(key)) => match idempotency.claim(key) {
+                Claim::First(claimed) => Ok(Remember::Memory(claimed)),
+                Claim::InProgress => Err(Published::InProgress),
+                Claim::Done(reply) => Err(Published::Repeated(reply)),
+            },
+            _ => Ok(Remember::Nothing),
+        }
+    }
+
+    pub async fn push<'a>(&'a self, hub: &Hub, uids: &[String], draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
         // A uid listed twice gets the message once.
         let mut seen = HashSet::with_capacity(uids.len());
         let uids: Vec<&str> = uids.iter().map(String::as_str).filter(|u| seen.insert(*u)).collect();
-        let (online, delivered) = hub.push(&uids, msg).await;
-        let local = Delivered { online, delivered, nodes: 0 };
+        let remember = match self.claim(key) {
+            Ok(remember) => remember,
+            Err(answered) => return Ok(answered),
+        };
         match self {
-            Registry::Memory => Ok(local),
-            Registry::Redis(nodes) => nodes.push(&uids, msg, local).await,
+            Registry::Memory { history, .. } => {
+                let mut result = Delivered::default();
+                for (i, uid) in uids.iter().enumerate() {
+                    let stream = Stream::Uid((*uid).into());
+                    let _order = history.order(&stream).await;
+                    let msg = history.append(&stream, true, |position| draft.frame(position));
+                    let (online, delivered) = hub.push(&[uid], &msg).await;
+                    result.online += online;
+                    result.delivered += delivered;
+                    result.stored += msg.position.is_some() as usize;
+                    if (i + 1) % UIDS_PER_YIELD == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Ok(Published::Delivered(result, remember))
+            }
+            Registry::Redis(nodes) => nodes.push(hub, &uids, draft, key).await,
         }
     }
 
-    pub async fn publish(&self, hub: &Hub, topic: &str, msg: &Arc<Message>) -> Result<Delivered, Unavailable> {
-        let local = Delivered { delivered: hub.publish(topic, msg).await, ..Delivered::default() };
+    pub async fn publish<'a>(&'a self, hub: &Hub, topic: &str, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+        let remember = match self.claim(key) {
+            Ok(remember) => remember,
+            Err(answered) => return Ok(answered),
+        };
         match self {
-            Registry::Memory => Ok(local),
-            Registry::Redis(nodes) => nodes.fan_out(Target::Topic(topic), msg, local).await,
+            Registry::Memory { history, .. } => {
+                let stream = Stream::Topic(topic.into());
+                let _order = history.order(&stream).await;
+                let listened = hub.listened_within(topic, history.settings().ttl.as_millis() as u64);
+                let msg = history.append(&stream, listened, |position| draft.frame(position));
+                let delivered = hub.publish(topic, &msg).await;
+                let stored = msg.position.is_some() as usize;
+                Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))
+            }
+            Registry::Redis(nodes) => nodes.fan_out(Stream::Topic(topic.into()), Target::Topic(topic), draft, key).await,
         }
     }
 
-    pub async fn broadcast(&self, hub: &Hub, msg: &Arc<Message>) -> Result<Delivered, Unavailable> {
-        let local = Delivered { delivered: hub.broadcast(msg).await, ..Delivered::default() };
+    pub async fn broadcast<'a>(&'a self, hub: &Hub, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+        let remember = match self.claim(key) {
+            Ok(remember) => remember,
+            Err(answered) => return Ok(answered),
+        };
         match self {
-            Registry::Memory => Ok(local),
-            Registry::Redis(nodes) => nodes.fan_out(Target::Everyone, msg, local).await,
+            Registry::Memory { history, .. } => {
+                let _order = history.order(&Stream::Broadcast).await;
+                let msg = history.append(&Stream::Broadcast, true, |position| draft.frame(position));
+                let delivered = hub.broadcast(&msg).await;
+                let stored = msg.position.is_some() as usize;
+                Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))
+            }
+            Registry::Redis(nodes) => nodes.fan_out(Stream::Broadcast, Target::Everyone, draft, key).await,
         }
     }
 }
@@ -100,6 +197,7 @@ pub struct Connected {
     ttl: Duration,
     changes: (Changes, UnboundedReceiver<Change>),
     metrics: Arc<Metrics>,
+    history: Arc<RedisHistory>,
 }
 
 /// Connects to Redis and claims a node id; `None` for the memory registry.
@@ -112,7 +210,9 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Option<Co
     let epoch = relay::now_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;
     tracing::info!(node, registry = ?config.registry, "claimed node id {node} in Redis");
-    Ok(Some(Connected { redis, pushes, keys, node, epoch, ttl: config.node_ttl, changes: unbounded_channel(), metrics }))
+    let history = Arc::new(RedisHistory::new(redis.clone(), &config.redis_prefix, config.history()));
+    history.mark_born().await?;
+    Ok(Some(Connected { redis, pushes, keys, node, epoch, ttl: config.node_ttl, changes: unbounded_channel(), metrics, history }))
 }
 
 impl Connected {
@@ -123,7 +223,17 @@ impl Connected {
 
     /// Subscribes and starts writing sessions and reading other nodes' messages.
     pub async fn attach(self, hub: Arc<Hub>) -> Result<(Registry, Attached), Error> {
-        let nodes = Nodes::new(self.redis.clone(), self.keys.clone(), self.node, self.epoch, self.metrics.clone());
+        let awaited = Arc::new(Awaited::default());
+        let nodes = Nodes {
+            redis: self.redis.clone(),
+            keys: self.keys.clone(),
+            node: self.node,
+            epoch: self.epoch,
+            metrics: self.metrics.clone(),
+            liveness: Mutex::new(HashMap::new()),
+            history: self.history.clone(),
+            awaited: awaited.clone(),
+        };
         nodes.subscribe().await?;
         let stop = CancellationToken::new();
         let inbox = relay::Inbox {
@@ -132,6 +242,7 @@ impl Connected {
             redis: self.redis.clone(),
             node: self.node,
             channels: nodes.channels(),
+            awaited,
         };
         let evicted = CancellationToken::new();
         let registrar = Registrar {
@@ -143,6 +254,7 @@ impl Connected {
             ttl: self.ttl,
             metrics: self.metrics.clone(),
             evicted: evicted.clone(),
+            history: self.history.clone(),
         };
         registrar.announce().await.map_err(|e| Error::unavailable(format!("registering this node: {e}")))?;
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));
@@ -186,6 +298,9 @@ pub struct Nodes {
     metrics: Arc<Metrics>,
     /// node -> (its epoch, or None when its liveness key is gone; when it was read).
     liveness: Mutex<HashMap<u16, (Option<u64>, Instant)>>,
+    history: Arc<RedisHistory>,
+    /// Publishes of this node waiting for their messages to come back on its channels.
+    awaited: Arc<Awaited>,
 }
 
 /// A session found in Redis.
@@ -195,19 +310,22 @@ struct Entry<'a> {
     epoch: u64,
 }
 
-impl Nodes {
-    pub fn new(redis: Redis, keys: Keys, node: u16, epoch: u64, metrics: Arc<Metrics>) -> Nodes {
-        Nodes { redis, keys, node, epoch, metrics, liveness: Mutex::new(HashMap::new()) }
-    }
+/// How long a publish waits for its own message to come back through Redis, to count
+/// the connections it reached here.
+const OWN_DELIVERY_WAIT: Duration = Duration::from_secs(1);
 
-    /// This node's channel and the fan-out channels: what it listens to.
+impl Nodes {
+    /// This node's channels and the fan-out channels, one of each per stream group:
+    /// what it listens to.
     fn channels(&self) -> Vec<String> {
-        std::iter::once(self.keys.node_channel(self.node))
-            .chain((0..presence::FANOUT_CHANNELS).map(|n| self.keys.fanout_channel(n)))
+        let prefix = self.keys.prefix();
+        (0..GROUPS)
+            .map(|g| RedisHistory::node_channel(prefix, self.node, g))
+            .chain((0..GROUPS).map(|g| RedisHistory::fanout_channel(prefix, g)))
             .collect()
     }
 
-    /// Subscribes to this node's channel and the fan-out channels.
+    /// Subscribes to this node's channels and the fan-out channels.
     pub async fn subscribe(&self) -> Result<(), Error> {
         for channel in self.channels() {
             self.redis.subscribe(&channel).await.map_err(|e| Error::unavailable(format!("subscribing to {channel}: {e}")))?;
@@ -215,19 +333,88 @@ impl Nodes {
         Ok(())
     }
 
-    async fn push(&self, uids: &[&str], msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
-        let lookups: Vec<Cmd> = uids.iter().map(|uid| ::redis::cmd("HGETALL").arg(self.keys.uid(uid)).clone()).collect();
-        let found = match self.redis.batch(RedisCommand::Hgetall, &lookups).await {
-            Ok(found) => found,
-            Err(e) => return Err(self.unavailable(local, e)),
+    /// Finds the nodes that hold each uid's sessions, then appends the message to each
+    /// uid's stream and publishes it to those nodes (this one included) in one script
+    /// per uid, all in one batch.
+    async fn push<'a>(&'a self, hub: &Hub, uids: &[&str], draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+        let remote = self.locate(uids).await.map_err(|e| self.unavailable(e))?;
+        let prefix = self.keys.prefix();
+        let published_ms = published_ms(draft);
+        let envelope = open_envelope(draft.id, None, draft.data);
+        let mut local = 0;
+        let mut calls = Vec::with_capacity(uids.len());
+        let mut streams = Vec::with_capacity(uids.len());
+        for uid in uids {
+            let stream = Stream::Uid((*uid).into());
+            let here = hub.has_uid(uid);
+            local += here as usize;
+            let nodes = remote.get(uid).map(|(nodes, _)| nodes.as_slice()).unwrap_or_default();
+            let channels: Vec<String> = nodes
+                .iter()
+                .copied()
+                .chain(here.then_some(self.node))
+                .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
+                .collect();
+            let relay = Relay { origin: self.node, id: draft.id, published_ms, target: Target::Uids(vec![uid]), envelope: "" };
+            calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay.encode(), key, &channels));
+            streams.push((stream, channels.len()));
+        }
+        let own = self.awaited.expect(draft.id, local);
+        let appended = match self.redis.scripts(RedisCommand::Append, self.history.script(), &calls).await {
+            Ok(appended) => appended,
+            Err(e) => {
+                self.awaited.forget(draft.id);
+                return Err(self.unavailable(e));
+            }
         };
+        let mut result = Delivered::default();
+        let (mut repeated, mut remembered) = (Vec::new(), Vec::new());
+        for ((uid, (stream, channels)), value) in uids.iter().zip(&streams).zip(appended) {
+            match Appended::parse(value) {
+                Some(Appended::Repeated(first)) => repeated.push(first),
+                Some(Appended::Published { offset, receivers, .. }) => {
+                    result.stored += (offset > 0) as usize;
+                    if let Some(key) = key {
+                        remembered.push(self.history.idempotency_key(stream, key));
+                    }
+                    let (nodes, sessions) = remote.get(uid).map(|(n, s)| (n.len(), *s)).unwrap_or_default();
+                    result.online += sessions;
+                    if receivers >= *channels {
+                        result.delivered += sessions;
+                        result.nodes += nodes;
+                        self.metrics.relayed(Relayed::Out, PublishKind::Push);
+                    } else {
+                        self.metrics.dropped(DropReason::NodeUnreachable, sessions);
+                    }
+                }
+                None => self.metrics.dropped(DropReason::BadRelay, 1),
+            }
+        }
+        if remembered.is_empty() && !repeated.is_empty() {
+            self.awaited.forget(draft.id);
+            return Ok(Published::Repeated(first_reply(draft.id, &repeated)));
+        }
+        let (online_here, delivered_here) = self.awaited.wait(draft.id, own, OWN_DELIVERY_WAIT).await;
+        result.online += online_here;
+        result.delivered += delivered_here;
+        let remember = match key {
+            Some(_) => Remember::Redis { history: &self.history, keys: remembered },
+            None => Remember::Nothing,
+        };
+        Ok(Published::Delivered(result, remember))
+    }
+
+    /// Where each uid's sessions on other live nodes are: uid -> (nodes, sessions).
+    async fn locate<'u>(&self, uids: &[&'u str]) -> ::redis::RedisResult<HashMap<&'u str, (Vec<u16>, usize)>> {
+        let lookups: Vec<Cmd> = uids.iter().map(|uid| ::redis::cmd("HGETALL").arg(self.keys.uid(uid)).clone()).collect();
+        let found = self.redis.batch(RedisCommand::Hgetall, &lookups).await?;
         let mut remote: Vec<Entry> = Vec::new();
         let mut stale: Vec<Entry> = Vec::new();
         for (uid, hash) in uids.iter().zip(found) {
             for (session, epoch) in hash_entries(hash) {
                 let entry = Entry { uid, session: SessionId(session), epoch };
                 if entry.session.node() == self.node {
-                    // Local sessions were delivered above; an older epoch is a previous run of this node.
+                    // Local sessions are the hub's; an older epoch is a previous run of this node.
                     if epoch < self.epoch {
                         stale.push(entry);
                     }
@@ -237,10 +424,7 @@ impl Nodes {
             }
         }
         let wanted: Vec<u16> = remote.iter().map(|e| e.session.node()).collect::<HashSet<_>>().into_iter().collect();
-        let mut live = match self.live_epochs(&wanted, false).await {
-            Ok(live) => live,
-            Err(e) => return Err(self.unavailable(local, e)),
-        };
+        let mut live = self.live_epochs(&wanted, false).await?;
         // A cached answer that would make an entry dead is read again before anything is
         // skipped or deleted: the node may have restarted within the cache's second.
         let doubtful: Vec<u16> = remote
@@ -251,19 +435,15 @@ impl Nodes {
             .into_iter()
             .collect();
         if !doubtful.is_empty() {
-            match self.live_epochs(&doubtful, true).await {
-                Ok(fresh) => live.extend(fresh),
-                Err(e) => return Err(self.unavailable(local, e)),
-            }
+            live.extend(self.live_epochs(&doubtful, true).await?);
         }
-        // node -> (its uids, sessions of them there)
-        let mut by_node: BTreeMap<u16, (Vec<&str>, usize)> = BTreeMap::new();
+        let mut located: HashMap<&'u str, (Vec<u16>, usize)> = HashMap::new();
         for entry in remote {
             match live.get(&entry.session.node()).copied().flatten() {
                 Some(epoch) if epoch == entry.epoch => {
-                    let (node_uids, sessions) = by_node.entry(entry.session.node()).or_default();
-                    if !node_uids.contains(&entry.uid) {
-                        node_uids.push(entry.uid);
+                    let (nodes, sessions) = located.entry(entry.uid).or_default();
+                    if !nodes.contains(&entry.session.node()) {
+                        nodes.push(entry.session.node());
                     }
                     *sessions += 1;
                 }
@@ -274,67 +454,54 @@ impl Nodes {
             }
         }
         self.forget(stale);
-        let mut result = local;
-        if by_node.is_empty() {
-            return Ok(result);
-        }
-        let envelope = envelope(msg);
-        let published_ms = published_ms(msg);
-        let publishes: Vec<Cmd> = by_node
-            .iter()
-            .map(|(node, (node_uids, _))| {
-                let relay = Relay {
-                    origin: self.node,
-                    id: msg.id,
-                    published_ms,
-                    target: Target::Uids(node_uids.clone()),
-                    envelope: &envelope,
-                };
-                self.redis.publish_cmd(&self.keys.node_channel(*node), &relay.encode())
-            })
-            .collect();
-        let receivers = match self.redis.batch(RedisCommand::Publish, &publishes).await {
-            Ok(receivers) => receivers,
-            Err(e) => return Err(self.unavailable(result, e)),
-        };
-        for ((_, (_, sessions)), receivers) in by_node.iter().zip(receivers) {
-            result.online += sessions;
-            if matches!(receivers, Value::Int(n) if n > 0) {
-                self.metrics.relayed(Relayed::Out, PublishKind::Push);
-                result.delivered += sessions;
-                result.nodes += 1;
-            } else {
-                self.metrics.dropped(DropReason::NodeUnreachable, *sessions);
-            }
-        }
-        Ok(result)
+        Ok(located)
     }
 
-    /// Topic publishes and broadcasts: one message on a fan-out channel every node reads.
-    /// A topic always uses the same channel, and broadcasts share one, so each stays in order.
-    async fn fan_out(&self, target: Target<'_>, msg: &Arc<Message>, local: Delivered) -> Result<Delivered, Unavailable> {
-        let channel = match target {
-            Target::Topic(topic) => self.keys.fanout_channel(fnv1a(topic.as_bytes())),
-            _ => self.keys.fanout_channel(0),
-        };
+    /// Topic publishes and broadcasts: one script appends to the stream and publishes on
+    /// its group's fan-out channel, which every node (this one too) reads.
+    async fn fan_out<'a>(&'a self, stream: Stream, target: Target<'_>, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+        let channel = RedisHistory::fanout_channel(self.keys.prefix(), stream.group());
         let kind = target.kind();
-        let envelope = envelope(msg);
-        let relay = Relay { origin: self.node, id: msg.id, published_ms: published_ms(msg), target, envelope: &envelope };
-        let cmd = self.redis.publish_cmd(&channel, &relay.encode());
-        match self.redis.query::<i64>(RedisCommand::Publish, &cmd).await {
-            Ok(receivers) => {
-                self.metrics.relayed(Relayed::Out, kind);
-                // This node reads the channel too (and skips its own messages).
-                Ok(Delivered { nodes: (receivers.max(1) - 1) as usize, ..local })
+        let relay = Relay { origin: self.node, id: draft.id, published_ms: published_ms(draft), target, envelope: "" };
+        let envelope = open_envelope(draft.id, draft.topic, draft.data);
+        let call = self.history.append_call(&stream, draft.id, &envelope, &relay.encode(), key, &[channel]);
+        let own = self.awaited.expect(draft.id, 1);
+        let appended = match self.redis.scripts(RedisCommand::Append, self.history.script(), &[call]).await {
+            Ok(mut appended) => appended.pop().and_then(Appended::parse),
+            Err(e) => {
+                self.awaited.forget(draft.id);
+                return Err(self.unavailable(e));
             }
-            Err(e) => Err(self.unavailable(local, e)),
+        };
+        match appended {
+            Some(Appended::Repeated(first)) => {
+                self.awaited.forget(draft.id);
+                Ok(Published::Repeated(first_reply(draft.id, &[first])))
+            }
+            Some(Appended::Published { offset, receivers, .. }) => {
+                self.metrics.relayed(Relayed::Out, kind);
+                let (_, delivered) = self.awaited.wait(draft.id, own, OWN_DELIVERY_WAIT).await;
+                let stored = (offset > 0) as usize;
+                // This node reads the channel too.
+                let result = Delivered { delivered, nodes: receivers.saturating_sub(1), stored, ..Delivered::default() };
+                let remember = match key {
+                    Some(key) => Remember::Redis { history: &self.history, keys: vec![self.history.idempotency_key(&stream, key)] },
+                    None => Remember::Nothing,
+                };
+                Ok(Published::Delivered(result, remember))
+            }
+            None => {
+                self.awaited.forget(draft.id);
+                self.metrics.dropped(DropReason::BadRelay, 1);
+                Err(Unavailable { reason: "the append script answered something unreadable".into() })
+            }
         }
     }
 
-    /// Counts the publish as not reaching the other nodes and says why.
-    fn unavailable(&self, local: Delivered, e: ::redis::RedisError) -> Unavailable {
+    /// Counts the publish as not made and says why.
+    fn unavailable(&self, e: ::redis::RedisError) -> Unavailable {
         self.metrics.dropped(DropReason::RegistryUnavailable, 1);
-        Unavailable { local, reason: format!("Redis: {e}") }
+        Unavailable { reason: format!("Redis: {e}") }
     }
 
     /// The epoch each node's liveness key holds (None: gone), from a cache of at most
@@ -391,22 +558,21 @@ impl Nodes {
 }
 
 
-/// The envelope this node sent its own clients; other nodes frame the same bytes.
-fn envelope(msg: &Message) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(msg.envelope())
+/// Wall-clock time of the publish, so every node measures latency from it.
+fn published_ms(draft: &Draft<'_>) -> u64 {
+    relay::now_ms().saturating_sub(draft.accepted_at.elapsed().as_millis() as u64)
 }
 
-/// Wall-clock time of the publish, so other nodes measure latency from it.
-fn published_ms(msg: &Message) -> u64 {
-    relay::now_ms().saturating_sub(msg.accepted_at.elapsed().as_millis() as u64)
+/// The reply to a repeated idempotency key: the first publish's reply when stored,
+/// else its message id.
+fn first_reply(id: u64, repeated: &[String]) -> String {
+    match repeated.iter().find(|r| r.starts_with('{')) {
+        Some(reply) => reply.clone(),
+        None => serde_json::json!({ "id": repeated.first().cloned().unwrap_or_else(|| id.to_string()), "repeated": true }).to_string(),
+    }
 }
 
 /// Session id -> epoch pairs of an HGETALL answer; entries that do not parse are skipped.
 fn hash_entries(value: Value) -> Vec<(u64, u64)> {
     ::redis::from_redis_value::<HashMap<u64, u64>>(value).map(|m| m.into_iter().collect()).unwrap_or_default()
-}
-
-/// A stable hash (every node must pick the same channel for a topic).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
 }

@@ -29,7 +29,7 @@
 //! the liveness key turns out to be missing (Redis restarted empty, or the node was gone
 //! longer than its TTL), every local session is written again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
 use super::redis::Redis;
+use crate::history::redis::RedisHistory;
 use crate::error::Error;
 use crate::hub::{Change, Hub};
 use crate::session::SessionId;
@@ -53,10 +54,6 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 pub struct Keys {
     prefix: String,
 }
-
-/// Topic publishes and broadcasts go to one of this many channels, which every node
-/// subscribes to; on a cluster they hash to different shards, spreading the load.
-pub const FANOUT_CHANNELS: u64 = 16;
 
 impl Keys {
     pub fn new(prefix: &str) -> Keys {
@@ -86,13 +83,8 @@ impl Keys {
         format!("{}:reaping:{run}", self.prefix)
     }
 
-    /// Pushes for sessions on `node`.
-    pub fn node_channel(&self, node: u16) -> String {
-        format!("{}:to:{node}", self.prefix)
-    }
-
-    pub fn fanout_channel(&self, n: u64) -> String {
-        format!("{}:fanout:{}", self.prefix, n % FANOUT_CHANNELS)
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 }
 
@@ -159,6 +151,8 @@ pub struct Registrar {
     pub metrics: Arc<Metrics>,
     /// Cancelled when another process turns out to hold this node's id.
     pub evicted: CancellationToken,
+    /// Where topics' interest keys are: written while this node has subscribers to them.
+    pub history: Arc<RedisHistory>,
 }
 
 /// What a liveness refresh found.
@@ -175,7 +169,12 @@ impl Registrar {
     pub async fn run(self, mut changes: UnboundedReceiver<Change>, stop: CancellationToken) {
         // Latest change per session not yet written.
         let mut pending: HashMap<SessionId, Pending> = HashMap::new();
+        // Topics whose interest key is to be written.
+        let mut listening: HashSet<Arc<str>> = HashSet::new();
         let mut received = Vec::with_capacity(BATCH);
+        let history_ttl = self.history.settings().ttl;
+        let mut relisten = tokio::time::interval((history_ttl / 3).max(Duration::from_secs(1)));
+        relisten.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let refresh_every = self.ttl / 3;
         let mut refresh = tokio::time::interval(refresh_every);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -194,8 +193,17 @@ impl Registrar {
                         break;
                     }
                     for change in received.drain(..) {
-                        coalesce(&mut pending, change);
+                        match change {
+                            Change::Listening(topic) => {
+                                listening.insert(topic);
+                            }
+                            change => coalesce(&mut pending, change),
+                        }
                     }
+                }
+                _ = relisten.tick() => {
+                    listening.extend(self.hub.topic_names());
+                    due = true;
                 }
                 _ = refresh.tick(), if !self.evicted.is_cancelled() => {
                     match self.refresh_liveness().await {
@@ -228,7 +236,7 @@ impl Registrar {
                 _ = stop.cancelled() => break,
             }
             if due {
-                match self.flush(&mut pending).await {
+                match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending).await) {
                     Ok(()) => {
                         retry = RETRY_FIRST;
                         failing = false;
@@ -254,6 +262,27 @@ impl Registrar {
             Ok(()) => tracing::info!(node = self.node, "removed this node's sessions and liveness key from Redis"),
             Err(e) => tracing::warn!(error = %e, "could not remove this node from Redis; its sessions expire with its liveness key"),
         }
+    }
+
+    /// Writes the interest keys of `topics` (this node has subscribers to them, or just
+    /// lost its last one), so their messages are kept for `ttl`; what fails stays.
+    async fn write_interest(&self, topics: &mut HashSet<Arc<str>>, ttl: Duration) -> redis::RedisResult<()> {
+        if self.history.settings().size == 0 {
+            topics.clear();
+            return Ok(());
+        }
+        while !topics.is_empty() {
+            let batch: Vec<Arc<str>> = topics.iter().take(BATCH).cloned().collect();
+            let cmds: Vec<Cmd> = batch
+                .iter()
+                .map(|t| redis::cmd("SET").arg(self.history.interest_key(t)).arg(1).arg("PX").arg(ttl.as_millis() as u64).clone())
+                .collect();
+            self.redis.batch(RedisCommand::Interest, &cmds).await?;
+            for topic in &batch {
+                topics.remove(topic);
+            }
+        }
+        Ok(())
     }
 
     /// Writes pending changes, a batch at a time; what fails stays pending.
@@ -427,6 +456,7 @@ struct Pending {
 /// Keeps the latest change per session; an open never sent and its close cancel out.
 fn coalesce(pending: &mut HashMap<SessionId, Pending>, change: Change) {
     match change {
+        Change::Listening(_) => {}
         Change::Opened(session, uid) => {
             pending.insert(session, Pending { uid, opened: true, tried: false });
         }

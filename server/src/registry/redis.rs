@@ -157,6 +157,63 @@ impl Redis {
         .await
     }
 
+    /// Runs `script` once per `(keys, args)` as one batch, like [`Redis::batch`], by hash
+    /// (EVALSHA). Where Redis does not have the script (it restarted), it is loaded and
+    /// those invocations, which did not run, are sent again. Fails if any failed.
+    pub async fn scripts(&self, command: RedisCommand, script: &Script, invocations: &[(Vec<Vec<u8>>, Vec<Vec<u8>>)]) -> RedisResult<Vec<Value>> {
+        let by_hash: Vec<Cmd> = invocations
+            .iter()
+            .map(|(keys, args)| {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&script.hash).arg(keys.len()).arg(keys).arg(args);
+                cmd
+            })
+            .collect();
+        let mut results = self.batch_results(command, &by_hash).await?;
+        let missing: Vec<usize> = (0..results.len()).filter(|i| matches!(&results[*i], Err(e) if is_noscript(e))).collect();
+        if !missing.is_empty() {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(script.code);
+            self.query::<Value>(command, &load).await?;
+            let again: Vec<Cmd> = missing.iter().map(|i| by_hash[*i].clone()).collect();
+            for (i, result) in missing.into_iter().zip(self.batch_results(command, &again).await?) {
+                results[i] = result;
+            }
+        }
+        results.into_iter().collect()
+    }
+
+    /// A batch whose commands succeed or fail one by one.
+    async fn batch_results(&self, command: RedisCommand, cmds: &[Cmd]) -> RedisResult<Vec<RedisResult<Value>>> {
+        self.timed(command, cmds.len(), async {
+            match self.link.clone() {
+                Link::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    pipe.ignore_errors();
+                    for cmd in cmds {
+                        pipe.add_command(cmd.clone());
+                    }
+                    let values: Vec<Value> = pipe.query_async(&mut c).await?;
+                    Ok(values
+                        .into_iter()
+                        .map(|v| match v {
+                            Value::ServerError(e) => Err(e.into()),
+                            v => Ok(v),
+                        })
+                        .collect())
+                }
+                Link::Cluster(c) => {
+                    let each = cmds.iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<Value>(&mut c).await }
+                    });
+                    Ok(futures_util::future::join_all(each).await)
+                }
+            }
+        })
+        .await
+    }
+
     /// Subscribes to `channel` (sharded on a cluster); kept across reconnects.
     pub async fn subscribe(&self, channel: &str) -> RedisResult<()> {
         self.timed(RedisCommand::Subscribe, 1, async {
@@ -183,6 +240,24 @@ impl Redis {
         probes::redis_end(command as u8, elapsed.as_nanos() as u64, result.is_ok());
         self.metrics.redis_command(command, elapsed.as_secs_f64(), result.is_ok());
         result
+    }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// A Lua script, called by its hash.
+pub struct Script {
+    pub code: &'static str,
+    hash: String,
+}
+
+impl Script {
+    pub fn new(code: &'static str) -> Script {
+        use sha1::Digest;
+        let hash = sha1::Sha1::digest(code.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        Script { code, hash }
     }
 }
 

@@ -1,21 +1,24 @@
 //! Messages between nodes: how a publish is written onto a Redis channel, and the task
-//! that reads this node's channels and delivers what arrives to local connections.
+//! that reads this node's channels and delivers what arrives to local connections,
+//! including this node's own publishes, which come back the same way.
 //!
 //! A relayed message carries its id and publish time, so every node frames the same
 //! envelope and delivery latency counts from the original publish.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc::Receiver;
+use tokio::sync::oneshot;
 
 use pushline_alloc::Site;
 
 use super::redis::Redis;
 use crate::hub::Hub;
 use crate::telemetry::{DropReason, Metrics, PublishKind, Relayed};
-use crate::wire::Message;
+use crate::wire::{envelope_position, Message};
 
 /// What a relayed message is addressed to.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,13 +41,13 @@ impl Target<'_> {
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Relay<'a> {
-    /// The node that took the publish; it has delivered locally already.
+    /// The node that took the publish; it waits to hear what its own connections got.
     pub origin: u16,
     pub id: u64,
     /// Wall-clock milliseconds when the origin accepted it.
     pub published_ms: u64,
     pub target: Target<'a>,
-    /// The JSON envelope the origin sent its own clients.
+    /// The JSON envelope; empty when encoding the header the append script completes.
     pub envelope: &'a str,
 }
 
@@ -132,8 +135,71 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Reads this node's subscriptions and delivers each message from another node to local
-/// connections, in the order Redis sent them.
+/// This node's publishes waiting for their messages to come back on its own channels,
+/// by message id: how many are still to come, and the connections they reached.
+#[derive(Default)]
+pub struct Awaited {
+    waiting: Mutex<HashMap<u64, Awaiting>>,
+}
+
+struct Awaiting {
+    remaining: usize,
+    online: usize,
+    delivered: usize,
+    done: Option<oneshot::Sender<(usize, usize)>>,
+}
+
+impl Awaited {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Awaiting>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Expects `arrivals` messages with this id back; None when none are.
+    pub fn expect(&self, id: u64, arrivals: usize) -> Option<oneshot::Receiver<(usize, usize)>> {
+        if arrivals == 0 {
+            return None;
+        }
+        let (done, wait) = oneshot::channel();
+        self.lock().insert(id, Awaiting { remaining: arrivals, online: 0, delivered: 0, done: Some(done) });
+        Some(wait)
+    }
+
+    /// A message with this id came back and reached `online` connections, `delivered`
+    /// of them queued it.
+    fn arrived(&self, id: u64, online: usize, delivered: usize) {
+        let mut waiting = self.lock();
+        let Some(entry) = waiting.get_mut(&id) else { return };
+        entry.online += online;
+        entry.delivered += delivered;
+        entry.remaining = entry.remaining.saturating_sub(1);
+        if entry.remaining == 0 {
+            if let Some(entry) = waiting.remove(&id) {
+                let _ = entry.done.map(|done| done.send((entry.online, entry.delivered)));
+            }
+        }
+    }
+
+    pub fn forget(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// (online, delivered) here, once every expected message came back, or what had
+    /// after `limit`.
+    pub async fn wait(&self, id: u64, wait: Option<oneshot::Receiver<(usize, usize)>>, limit: Duration) -> (usize, usize) {
+        let Some(wait) = wait else { return (0, 0) };
+        match tokio::time::timeout(limit, wait).await {
+            Ok(Ok(counts)) => counts,
+            _ => {
+                let entry = self.lock().remove(&id);
+                tracing::debug!(id, "a publish's own message did not come back in time");
+                entry.map_or((0, 0), |e| (e.online, e.delivered))
+            }
+        }
+    }
+}
+
+/// Reads this node's subscriptions and delivers each message to local connections, in
+/// the order Redis sent them.
 pub struct Inbox {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
@@ -141,6 +207,7 @@ pub struct Inbox {
     pub node: u16,
     /// The channels this node listens to.
     pub channels: Vec<String>,
+    pub awaited: Arc<Awaited>,
 }
 
 /// First wait before subscribing again after a failed attempt; doubles up to a second.
@@ -192,24 +259,26 @@ impl Inbox {
             metrics.dropped(DropReason::BadRelay, 1);
             return;
         };
-        if relay.origin == self.node {
-            // Our own topic publish or broadcast, already delivered here.
-            return;
+        let own = relay.origin == self.node;
+        if !own {
+            metrics.relayed(Relayed::In, relay.target.kind());
         }
-        metrics.relayed(Relayed::In, relay.target.kind());
         let age = Duration::from_millis(now_ms().saturating_sub(relay.published_ms));
         let accepted_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, accepted_at)));
-        match &relay.target {
-            Target::Uids(uids) => {
-                hub.push(uids, &msg).await;
-            }
+        let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, envelope_position(relay.envelope), accepted_at)));
+        let (online, delivered) = match &relay.target {
+            Target::Uids(uids) => hub.push(uids, &msg).await,
             Target::Topic(topic) => {
-                hub.publish(topic, &msg).await;
+                let delivered = hub.publish(topic, &msg).await;
+                (delivered, delivered)
             }
             Target::Everyone => {
-                hub.broadcast(&msg).await;
+                let delivered = hub.broadcast(&msg).await;
+                (delivered, delivered)
             }
+        };
+        if own {
+            self.awaited.arrived(relay.id, online, delivered);
         }
     }
 }

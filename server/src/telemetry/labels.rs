@@ -116,6 +116,12 @@ pub enum RedisCommand {
     Del,
     Publish,
     Subscribe,
+    /// Appending to streams and publishing their messages (the append script, batched).
+    Append,
+    /// Reading streams for resuming clients (HMGET + XRANGE, one stream per pipeline).
+    History,
+    /// Topics this node listens to (SET PX of their interest keys, batched).
+    Interest,
 }
 
 /// Direction of a message between nodes. Label `direction` of `pushline_relay_messages_total`.
@@ -198,4 +204,25 @@ mod tests {
         assert_eq!(CloseReason::from_repr(CloseReason::IoError as u8), Some(CloseReason::IoError));
         assert_eq!(CloseReason::from_repr(CloseReason::COUNT as u8), None);
     }
+}
+
+/// How a resume went. Label `outcome` of `pushline_resumes_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum ResumeOutcome {
+    /// Every stream of the connection was replayed from the client's position.
+    Recovered,
+    /// At least one stream could not be (trimmed, epoch changed, unknown): the client was told.
+    NotRecovered,
+}
+
+/// Why a stream's history was forgotten before its messages aged out. Label `reason` of
+/// `pushline_history_streams_evicted_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Eviction {
+    /// The node's history was over `--history-max-bytes`: the least recently written streams went.
+    Budget,
+    /// Nobody listened to the topic for `--history-ttl`.
+    NoListener,
 }

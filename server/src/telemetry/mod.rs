@@ -16,7 +16,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pushline_alloc::site::{Site, SITES};
 use strum::{EnumCount, VariantArray};
 
-pub use labels::{AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, PublishKind, RedisCommand, RefuseReason, Relayed};
+pub use labels::{
+    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, Eviction, PublishKind, RedisCommand, RefuseReason, Relayed,
+    ResumeOutcome,
+};
 
 use crate::wire::Transport;
 use logging::Throttle;
@@ -57,6 +60,14 @@ pub const PUBLISH_BYTES_READING: &str = "pushline_publish_bytes_reading";
 pub const REGISTRY_SESSIONS: &str = "pushline_registry_sessions";
 pub const REGISTRY_PENDING: &str = "pushline_registry_pending_changes";
 pub const RELAY_MESSAGES: &str = "pushline_relay_messages_total";
+pub const MESSAGES_DEDUPLICATED: &str = "pushline_messages_deduplicated_total";
+pub const HISTORY_MESSAGES: &str = "pushline_history_messages";
+pub const HISTORY_BYTES: &str = "pushline_history_bytes";
+pub const HISTORY_STREAMS: &str = "pushline_history_streams";
+pub const HISTORY_EVICTED: &str = "pushline_history_streams_evicted_total";
+pub const RESUMES: &str = "pushline_resumes_total";
+pub const RESUME_REPLAYED: &str = "pushline_resume_replayed_messages_total";
+pub const IDEMPOTENT_REPLAYS: &str = "pushline_idempotent_replays_total";
 
 const REDIS_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -97,6 +108,13 @@ pub struct Metrics {
     pub publish_bytes_reading: Gauge,
     pub registry_pending: Gauge,
     relayed: [[Counter; PublishKind::COUNT]; Relayed::COUNT],
+    pub deduplicated: Counter,
+    /// Messages, bytes and streams of history kept in this process.
+    pub history: [Gauge; 3],
+    history_evicted: [Counter; Eviction::COUNT],
+    resumes: [Counter; ResumeOutcome::COUNT],
+    pub resume_replayed: Counter,
+    pub idempotent_replays: Counter,
     /// One log line per second at most for each drop reason, refusal reason and Redis
     /// command failing: a storm is counted in full by the metrics, and summarised in the log.
     drop_log: [Throttle; DropReason::COUNT],
@@ -130,7 +148,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 12] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 17] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -143,8 +161,13 @@ impl Metrics {
             (REDIS_ERRORS, Some(Unit::Count), "Redis commands that failed, by command."),
             (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
             (RELAY_MESSAGES, Some(Unit::Count), "Messages sent to or received from other nodes, by direction and kind."),
+            (MESSAGES_DEDUPLICATED, Some(Unit::Count), "Queued messages not written because a resume had replayed them already."),
+            (HISTORY_EVICTED, Some(Unit::Count), "Streams whose history was forgotten early, by reason (their next message starts a new epoch)."),
+            (RESUMES, Some(Unit::Count), "Clients that came back with a cursor, by outcome."),
+            (RESUME_REPLAYED, Some(Unit::Count), "Messages replayed from history to resuming clients."),
+            (IDEMPOTENT_REPLAYS, Some(Unit::Count), "Publishes answered from an earlier request with the same Idempotency-Key, publishing nothing."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 18] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 21] = [
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
             (OPEN_FDS, Some(Unit::Count), "File descriptors this process has open."),
             (MAX_FDS, Some(Unit::Count), "This process's open-file limit."),
@@ -163,6 +186,9 @@ impl Metrics {
             (REDIS_UP, Some(Unit::Count), "1 while the last Redis command succeeded, 0 after one failed."),
             (REGISTRY_SESSIONS, Some(Unit::Count), "This node's sessions registered in Redis."),
             (REGISTRY_PENDING, Some(Unit::Count), "Session changes waiting to be written to Redis."),
+            (HISTORY_MESSAGES, Some(Unit::Count), "Messages of history kept in this process (memory registry)."),
+            (HISTORY_BYTES, Some(Unit::Bytes), "Bytes of history kept in this process, held against --history-max-bytes."),
+            (HISTORY_STREAMS, Some(Unit::Count), "Streams with history kept in this process."),
         ];
         const HISTOGRAMS: [(&str, Option<Unit>, &str); 2] = [
             (DELIVERY_LATENCY, Some(Unit::Seconds), "From publish accepted to bytes handed to the socket."),
@@ -221,6 +247,12 @@ impl Metrics {
             relayed: each::<Relayed, _, _>(|direction| {
                 each::<PublishKind, _, _>(|k| counter(RELAY_MESSAGES, &[("direction", direction), ("kind", k)]))
             }),
+            deduplicated: counter(MESSAGES_DEDUPLICATED, &[]),
+            history: [HISTORY_MESSAGES, HISTORY_BYTES, HISTORY_STREAMS].map(|name| gauge(name, &[])),
+            history_evicted: each::<Eviction, _, _>(|r| counter(HISTORY_EVICTED, &[("reason", r)])),
+            resumes: each::<ResumeOutcome, _, _>(|o| counter(RESUMES, &[("outcome", o)])),
+            resume_replayed: counter(RESUME_REPLAYED, &[]),
+            idempotent_replays: counter(IDEMPOTENT_REPLAYS, &[]),
             drop_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
             refusal_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
             redis_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
@@ -278,6 +310,15 @@ impl Metrics {
 
     pub fn relayed(&self, direction: Relayed, kind: PublishKind) {
         self.relayed[direction as usize][kind as usize].increment(1);
+    }
+
+    pub fn evicted(&self, reason: Eviction, streams: usize) {
+        self.history_evicted[reason as usize].increment(streams as u64);
+    }
+
+    pub fn resumed(&self, outcome: ResumeOutcome, replayed: usize) {
+        self.resumes[outcome as usize].increment(1);
+        self.resume_replayed.increment(replayed as u64);
     }
 
     pub fn client_error(&self, e: ClientError) {

@@ -11,7 +11,10 @@ pub mod ws;
 use std::time::Instant;
 
 use bytes::Bytes;
+use pushline_alloc::Site;
 use strum::{EnumCount, IntoStaticStr, VariantArray};
+
+use crate::history::{epoch_text, parse_epoch, Position, StreamKey};
 
 /// The transports a client can hold a connection with. Label `transport` of the
 /// connection metrics; its number is an argument of the `conn_open` probe.
@@ -32,28 +35,57 @@ impl Transport {
 /// A published message, framed for every transport.
 pub struct Message {
     pub id: u64,
+    /// Where it sits in its stream; None when its stream keeps no history.
+    pub position: Option<Position>,
     ws: Bytes,
+    /// The SSE event's head; each connection ends it with its own cursor.
     sse: Bytes,
     /// When the publish API accepted it; delivery latency is measured from here.
     pub accepted_at: Instant,
 }
 
+/// The envelope up to its last field, to be closed by [`close_envelope`]: what a Redis
+/// script appends to once it knows the message's offset.
+pub fn open_envelope(id: u64, topic: Option<&str>, data: &str) -> String {
+    let topic = match topic {
+        Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "null".into()),
+        None => "null".into(),
+    };
+    format!(r#"{{"type":"message","id":"{id}","topic":{topic},"data":{data}"#)
+}
+
+/// Ends an envelope opened by [`open_envelope`], with the message's position if it has one.
+pub fn close_envelope(open: &mut String, position: Option<&Position>) {
+    if let Some(p) = position {
+        open.push_str(&format!(r#","stream":"{}","epoch":"{}","offset":{}"#, p.key, epoch_text(p.epoch), p.offset));
+    }
+    open.push('}');
+}
+
+/// The position written at the end of an envelope by [`close_envelope`] (or by the
+/// Redis script that mirrors it).
+pub fn envelope_position(envelope: &str) -> Option<Position> {
+    let at = envelope.rfind(r#","stream":""#)?;
+    let rest = envelope[at..].strip_prefix(r#","stream":""#)?;
+    let (key, rest) = rest.split_once(r#"","epoch":""#)?;
+    let (epoch, rest) = rest.split_once(r#"","offset":"#)?;
+    let offset = rest.strip_suffix('}')?;
+    Some(Position { key: StreamKey::parse(key)?, epoch: parse_epoch(epoch)?, offset: offset.parse().ok()? })
+}
+
 impl Message {
     /// `data` is JSON, already checked and compacted ([`json::compact`]).
-    pub fn new(id: u64, topic: Option<&str>, data: &str, accepted_at: Instant) -> Message {
-        let topic = match topic {
-            Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "null".into()),
-            None => "null".into(),
-        };
-        let envelope = format!(r#"{{"type":"message","id":"{id}","topic":{topic},"data":{data}}}"#);
-        Message::from_envelope(id, &envelope, accepted_at)
+    pub fn new(id: u64, topic: Option<&str>, data: &str, position: Option<Position>, accepted_at: Instant) -> Message {
+        let mut envelope = open_envelope(id, topic, data);
+        close_envelope(&mut envelope, position.as_ref());
+        Message::from_envelope(id, &envelope, position, accepted_at)
     }
 
-    /// A message another node framed: `envelope` is the JSON it sent its own clients.
-    pub fn from_envelope(id: u64, envelope: &str, accepted_at: Instant) -> Message {
+    /// A message framed elsewhere (another node, or history): `envelope` is its JSON.
+    pub fn from_envelope(id: u64, envelope: &str, position: Option<Position>, accepted_at: Instant) -> Message {
         let ws = ws::text(envelope);
-        let sse = sse::event("message", Some(id), envelope);
-        Message { id, ws, sse, accepted_at }
+        let sse = sse::head("message", envelope);
+        Message { id, position, ws, sse, accepted_at }
     }
 
     /// The JSON envelope, read back out of the WebSocket frame.
@@ -61,11 +93,36 @@ impl Message {
         ws::payload_of(&self.ws)
     }
 
+    /// The bytes to write: a whole WebSocket frame, or an SSE event's head.
     pub fn bytes(&self, transport: Transport) -> &Bytes {
         match transport {
             Transport::WebSocket => &self.ws,
             Transport::Sse => &self.sse,
         }
+    }
+}
+
+/// A publish before its stream has given it a position: checked, not yet framed.
+pub struct Draft<'a> {
+    pub id: u64,
+    pub topic: Option<&'a str>,
+    /// JSON, checked and compacted.
+    pub data: &'a str,
+    pub accepted_at: Instant,
+}
+
+impl Draft<'_> {
+    pub fn frame(&self, position: Option<Position>) -> std::sync::Arc<Message> {
+        Site::Codec.scope(|| std::sync::Arc::new(Message::new(self.id, self.topic, self.data, position, self.accepted_at)))
+    }
+}
+
+/// A server message that is not a publish (`resumed`, `gap`), framed for `transport`
+/// (for SSE, an event's head).
+pub fn notice(transport: Transport, kind: &str, json: &str) -> Bytes {
+    match transport {
+        Transport::WebSocket => ws::text(json),
+        Transport::Sse => sse::head(kind, json),
     }
 }
 
@@ -77,9 +134,11 @@ mod tests {
     fn a_relayed_envelope_frames_the_same_bytes() {
         for len in [10, 200, 70_000] {
             let data = format!("\"{}\"", "x".repeat(len));
-            let original = Message::new(42, Some("t"), &data, Instant::now());
+            let position = Some(Position { key: StreamKey::Topic(9), epoch: 3, offset: 7 });
+            let original = Message::new(42, Some("t"), &data, position, Instant::now());
             let envelope = std::str::from_utf8(original.envelope()).unwrap();
-            let relayed = Message::from_envelope(42, envelope, Instant::now());
+            assert_eq!(envelope_position(envelope), position);
+            let relayed = Message::from_envelope(42, envelope, position, Instant::now());
             assert_eq!(relayed.bytes(Transport::WebSocket), original.bytes(Transport::WebSocket));
             assert_eq!(relayed.bytes(Transport::Sse), original.bytes(Transport::Sse));
         }
@@ -87,7 +146,7 @@ mod tests {
 
     #[test]
     fn message_envelope_is_framed_for_both_transports() {
-        let m = Message::new(42, Some("news\"x"), r#"{"a":[1,2]}"#, Instant::now());
+        let m = Message::new(42, Some("news\"x"), r#"{"a":[1,2]}"#, None, Instant::now());
         let ws = m.bytes(Transport::WebSocket);
         assert_eq!(ws[0], 0x81);
         let json: serde_json::Value = serde_json::from_slice(&ws[2..]).unwrap();
@@ -95,7 +154,8 @@ mod tests {
         assert_eq!(json["topic"], "news\"x");
         assert_eq!(json["data"]["a"][1], 2);
         let sse = std::str::from_utf8(m.bytes(Transport::Sse)).unwrap();
-        assert!(sse.starts_with("event: message\nid: 42\ndata: {"), "{sse}");
-        assert!(sse.ends_with("}\n\n"));
+        assert!(sse.starts_with("event: message\ndata: {"), "{sse}");
+        assert!(sse.ends_with("}\n"), "the connection ends the event with its cursor");
+        assert_eq!(envelope_position(std::str::from_utf8(m.envelope()).unwrap()), None);
     }
 }

@@ -1,12 +1,31 @@
-//! Server-Sent Events framing: `event:`, `id:` and `data:` lines, a blank line after
+//! Server-Sent Events framing: `event:`, `data:` and `id:` lines, a blank line after
 //! each event, and comment lines that keep a stream open through proxies.
+//!
+//! An event is written in two parts: its head (`event:` and `data:`), framed once and
+//! shared by every connection it goes to, and its tail (`id:` and the blank line), the
+//! connection's own cursor, which `EventSource` sends back as `Last-Event-ID`.
 
 use bytes::Bytes;
 
 pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
-/// One event whose data is one line of JSON.
-pub fn event(event: &str, id: Option<u64>, json: &str) -> Bytes {
-    let id = id.map(|id| format!("id: {id}\n")).unwrap_or_default();
-    Bytes::from(format!("event: {event}\n{id}data: {json}\n\n"))
+/// The head of an event whose data is one line of JSON.
+pub fn head(event: &str, json: &str) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {json}\n"))
+}
+
+/// The tail that ends an event: its id, the connection's cursor.
+pub fn tail(cursor: &str) -> Bytes {
+    Bytes::from(format!("id: {cursor}\n\n"))
+}
+
+/// A whole event.
+pub fn event(event: &str, json: &str, cursor: &str) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {json}\nid: {cursor}\n\n"))
+}
+
+/// `retry:` (milliseconds before `EventSource` reconnects), spread over 1 to 6 seconds
+/// by `jitter`, so that browsers dropped together do not come back together.
+pub fn retry(jitter: u64) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", 1000 + jitter % 5000))
 }

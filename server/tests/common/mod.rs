@@ -121,8 +121,11 @@ pub struct Sse {
 impl Sse {
     pub async fn open(addr: SocketAddr, query: &str) -> (reqwest::StatusCode, Sse) {
         let response = reqwest::get(format!("http://{addr}/sse?{query}")).await.expect("sse request");
-        let status = response.status();
-        (status, Sse { stream: Box::pin(response.bytes_stream()), buf: String::new() })
+        (response.status(), Sse::from_response(response))
+    }
+
+    pub fn from_response(response: reqwest::Response) -> Sse {
+        Sse { stream: Box::pin(response.bytes_stream()), buf: String::new() }
     }
 
     pub async fn next_event(&mut self) -> (String, Option<String>, Value) {

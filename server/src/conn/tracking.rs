@@ -1,0 +1,133 @@
+//! What a connection knows of its streams, once it needs to: the last position written to
+//! the client in each (an SSE connection's cursor, and what a resume must not repeat),
+//! the messages a resume replays before anything queued, and the ranges drop-oldest
+//! discarded, which the client is told of before its next message.
+//!
+//! Boxed and created on first need, so a connection that never resumed, never lost a
+//! message and is not SSE holds a null pointer for all of it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::history::{epoch_text, Cursor, Position};
+use crate::wire::{self, sse, Message, Transport};
+
+/// What a resume queues for the connection, in order.
+pub enum Replayed {
+    Message(Arc<Message>),
+    /// The `resumed` notice that ends a replay; from then on the cursor's `since` is the
+    /// new connection's.
+    Resumed { json: String, since_ms: u64 },
+}
+
+/// A run of messages one stream lost to drop-oldest (or, for messages with no stream
+/// position, how many).
+struct Lost {
+    position: Option<Position>,
+    to: u64,
+    count: usize,
+}
+
+pub struct Tracking {
+    /// Wall-clock ms the positions start from: the cursor's `since`.
+    since_ms: u64,
+    written: Vec<Position>,
+    replay: VecDeque<Replayed>,
+    lost: Vec<Lost>,
+}
+
+/// The next thing to write, and (SSE) the tail that ends it.
+pub struct Popped {
+    pub bytes: Bytes,
+    pub tail: Option<Bytes>,
+    /// Set for published messages, whose delivery is counted and timed.
+    pub message: Option<Arc<Message>>,
+    /// Taken from the queue (not replayed from history): counted off the queue gauges.
+    pub queued: bool,
+}
+
+impl Tracking {
+    pub fn new(since_ms: u64) -> Tracking {
+        Tracking { since_ms, written: Vec::new(), replay: VecDeque::new(), lost: Vec::new() }
+    }
+
+    /// A resume: `positions` the client holds (carried into this connection's cursor) and
+    /// what it missed.
+    pub fn resumed(since_ms: u64, positions: Vec<Position>, replay: VecDeque<Replayed>) -> Tracking {
+        Tracking { since_ms, written: positions, replay, lost: Vec::new() }
+    }
+
+    /// Whether the client has been sent `position` (or a later one of the same epoch).
+    pub fn has(&self, position: &Position) -> bool {
+        self.written.iter().any(|w| w.key == position.key && w.epoch == position.epoch && w.offset >= position.offset)
+    }
+
+    /// Records `position` as written.
+    pub fn advance(&mut self, position: Position) {
+        match self.written.iter_mut().find(|w| w.key == position.key) {
+            Some(w) => *w = position,
+            None => self.written.push(position),
+        }
+    }
+
+    pub fn cursor(&self) -> String {
+        let mut out = String::new();
+        Cursor::write(self.since_ms, &self.written, &mut out);
+        out
+    }
+
+    /// Notes a message drop-oldest discarded, merging it with the run before it.
+    pub fn lose(&mut self, msg: &Message) {
+        let key = msg.position.map(|p| (p.key, p.epoch));
+        if let Some(run) = self.lost.iter_mut().find(|l| l.position.map(|p| (p.key, p.epoch)) == key) {
+            run.count += 1;
+            if let Some(p) = msg.position {
+                run.to = run.to.max(p.offset);
+            }
+            return;
+        }
+        self.lost.push(Lost { position: msg.position, to: msg.position.map_or(0, |p| p.offset), count: 1 });
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.replay.is_empty() || !self.lost.is_empty()
+    }
+
+    /// The next replayed message or notice, then the next `gap` notice.
+    pub fn pop_pending(&mut self, transport: Transport) -> Option<Popped> {
+        if let Some(next) = self.replay.pop_front() {
+            return Some(match next {
+                Replayed::Message(msg) => {
+                    if let Some(p) = msg.position {
+                        self.advance(p);
+                    }
+                    self.popped(transport, msg.bytes(transport).clone(), Some(msg))
+                }
+                Replayed::Resumed { json, since_ms } => {
+                    self.since_ms = since_ms;
+                    self.popped(transport, wire::notice(transport, "resumed", &json), None)
+                }
+            });
+        }
+        let lost = self.lost.pop()?;
+        let json = match lost.position {
+            Some(from) => serde_json::json!({
+                "type": "gap",
+                "stream": from.key.to_string(),
+                "epoch": epoch_text(from.epoch),
+                "from": from.offset,
+                "to": lost.to,
+            }),
+            None => serde_json::json!({ "type": "gap", "count": lost.count }),
+        };
+        Some(self.popped(transport, wire::notice(transport, "gap", &json.to_string()), None))
+    }
+
+    /// `bytes` with, for SSE, the cursor as it stands after them.
+    pub fn popped(&self, transport: Transport, bytes: Bytes, message: Option<Arc<Message>>) -> Popped {
+        let tail = (transport == Transport::Sse).then(|| sse::tail(&self.cursor()));
+        Popped { bytes, tail, message, queued: false }
+    }
+}

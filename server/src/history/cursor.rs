@@ -1,0 +1,102 @@
+//! A cursor: where a client is in every stream of its connection, as one line of text
+//! that fits a query string and an SSE `id:`.
+//!
+//! `s<since>,<stream>:<epoch>:<offset>,...`: `since` is the wall-clock millisecond the
+//! client's positions start from (streams it holds no position in are resumed from
+//! then); each entry is a stream key (`u.<8 hex>`, `t.<16 hex>`, `b`), its epoch (8 hex)
+//! and the last offset the client has. Clients build it from the `since` of their
+//! welcome or `resumed` message and the `stream`, `epoch` and `offset` of each message.
+
+use std::fmt::Write;
+
+use super::{epoch_text, parse_epoch, Position, StreamKey};
+
+/// Longest cursor accepted, in bytes.
+pub const MAX_CURSOR_BYTES: usize = 6 * 1024;
+/// Most positions in one cursor.
+pub const MAX_POSITIONS: usize = 256;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Wall-clock ms; None: the client asks for nothing before its positions.
+    pub since_ms: Option<u64>,
+    pub positions: Vec<Position>,
+}
+
+impl Cursor {
+    pub fn parse(text: &str) -> Result<Cursor, String> {
+        if text.len() > MAX_CURSOR_BYTES {
+            return Err(format!("cursor is {} bytes; at most {MAX_CURSOR_BYTES}", text.len()));
+        }
+        let mut cursor = Cursor::default();
+        for (i, part) in text.split(',').enumerate() {
+            if let Some(since) = part.strip_prefix('s').filter(|_| i == 0) {
+                cursor.since_ms = Some(since.parse().map_err(|_| format!("cursor `since` is not a number: `{since}`"))?);
+                continue;
+            }
+            let bad = || format!("cursor position `{part}` is not `<stream>:<epoch>:<offset>`");
+            let mut fields = part.split(':');
+            let (Some(key), Some(epoch), Some(offset), None) = (fields.next(), fields.next(), fields.next(), fields.next()) else {
+                return Err(bad());
+            };
+            let key = StreamKey::parse(key).ok_or_else(|| format!("cursor names no stream this server knows: `{key}`"))?;
+            let epoch = parse_epoch(epoch).ok_or_else(bad)?;
+            let offset = offset.parse().map_err(|_| bad())?;
+            if cursor.positions.iter().any(|p| p.key == key) {
+                return Err(format!("cursor names stream `{key}` twice"));
+            }
+            if cursor.positions.len() == MAX_POSITIONS {
+                return Err(format!("cursor holds more than {MAX_POSITIONS} positions"));
+            }
+            cursor.positions.push(Position { key, epoch, offset });
+        }
+        Ok(cursor)
+    }
+
+    pub fn position(&self, key: StreamKey) -> Option<&Position> {
+        self.positions.iter().find(|p| p.key == key)
+    }
+
+    /// Appends the cursor's text to `out`.
+    pub fn write(since_ms: u64, positions: &[Position], out: &mut String) {
+        let _ = write!(out, "s{since_ms}");
+        for p in positions {
+            let _ = write!(out, ",{}:{}:{}", p.key, epoch_text(p.epoch), p.offset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let positions = vec![
+            Position { key: StreamKey::Uid(0xabcd), epoch: 7, offset: 41 },
+            Position { key: StreamKey::Topic(u64::MAX), epoch: u32::MAX, offset: 1 },
+            Position { key: StreamKey::Broadcast, epoch: 0, offset: 9 },
+        ];
+        let mut text = String::new();
+        Cursor::write(1_764_000_000_000, &positions, &mut text);
+        assert_eq!(text, "s1764000000000,u.0000abcd:00000007:41,t.ffffffffffffffff:ffffffff:1,b:00000000:9");
+        assert_eq!(Cursor::parse(&text), Ok(Cursor { since_ms: Some(1_764_000_000_000), positions }));
+    }
+
+    #[test]
+    fn bad_input_says_what_is_wrong() {
+        for (text, says) in [
+            ("s12x", "not a number"),
+            ("b:00000000", "is not `<stream>"),
+            ("q.1:00000000:1", "no stream"),
+            ("b:zz:1", "is not `<stream>"),
+            ("b:00000000:-1", "is not `<stream>"),
+            ("b:00000000:1,b:00000000:2", "twice"),
+            ("s1,s2", "is not `<stream>"),
+        ] {
+            let error = Cursor::parse(text).unwrap_err();
+            assert!(error.contains(says), "{text}: {error}");
+        }
+        assert!(Cursor::parse(&"b:00000000:1,".repeat(1000)).unwrap_err().contains("bytes"));
+    }
+}

@@ -1,0 +1,346 @@
+//! History in Redis, for the Redis registries, so that a client resumes on whichever node
+//! it reconnects to.
+//!
+//! Keys of a stream (`P` is `--redis-prefix`, `g` the stream's group, `name` its kind and
+//! length-prefixed name, `u5:alice`, `t4:news`, `b`), all in one hash slot:
+//! - `P:h:{gN}:name`: a Redis Stream of its last `--history-size` messages, entry id
+//!   `<offset>-0`, fields `i` (message id) and `e` (the envelope);
+//! - `P:h:{gN}:name:m`: a hash, `epoch` and `last` (offset);
+//! - `P:h:{gN}:name:i`: a topic's interest key, set by nodes with subscribers to it;
+//! - `P:h:{gN}:name:k:<key>`: an idempotency key's first message id, then its reply.
+//!
+//! Every one expires: the stream and its hash `--history-ttl` after the last message, the
+//! interest key `--history-ttl` after its last subscriber left, the idempotency key
+//! after `--idempotency-window`. `P:h:{gN}:born` holds when the group's history began
+//! (a flushed Redis begins again), refreshed at each node start.
+//!
+//! [`APPEND`] gives a message its offset, keeps it and publishes it, in one script on the
+//! stream's shard, onto channels in the same slot: every node receives a stream's
+//! messages in offset order. Reads for resuming clients are coalesced: resumes of one
+//! stream that arrive together share one read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pushline_alloc::Site;
+use redis::Value;
+use tokio::sync::{Notify, OnceCell};
+
+use super::resume::{select, Found, From};
+use super::{epoch_text, new_epoch, Settings, Stream, GROUPS};
+use crate::error::Error;
+use crate::registry::redis::{Redis, Script};
+use crate::telemetry::RedisCommand;
+use crate::wire::{envelope_position, Message};
+
+/// Appends a message to its stream and publishes it. KEYS: the stream, its hash, its
+/// interest key, its idempotency key (or the stream again), the group's `born` key.
+/// ARGV: 1 an epoch for a new stream, 2 history size, 3 TTL ms, 4 `1` if the stream keeps
+/// history only while listened to (a topic), 5 idempotency window ms (`0`: no key),
+/// 6 message id, 7 the stream's key as envelopes write it, 8 the envelope without its
+/// closing brace, 9 the relay header, 10 PUBLISH or SPUBLISH, 11 now (ms), 12.. channels.
+/// Returns `{0, first}` for a repeated idempotency key (`first`: the first message's id,
+/// or its reply once known), else `{1, epoch, offset, receivers}` (offset 0: not kept).
+pub const APPEND: &str = r#"
+if ARGV[5] ~= '0' then
+  local first = redis.call('GET', KEYS[4])
+  if first then return {0, first} end
+end
+local size = tonumber(ARGV[2])
+local keep = size > 0
+if keep and ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  keep = false
+end
+local epoch, offset = '', 0
+local envelope = ARGV[8]
+if keep then
+  epoch = redis.call('HGET', KEYS[2], 'epoch')
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[2], 'epoch', epoch)
+    redis.call('SET', KEYS[5], ARGV[11], 'NX')
+  end
+  offset = redis.call('HINCRBY', KEYS[2], 'last', 1)
+  envelope = envelope .. ',"stream":"' .. ARGV[7] .. '","epoch":"' .. epoch .. '","offset":' .. offset .. '}'
+  redis.call('XADD', KEYS[1], 'MAXLEN', size, offset .. '-0', 'i', ARGV[6], 'e', envelope)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+else
+  envelope = envelope .. '}'
+end
+local receivers = 0
+for i = 12, #ARGV do
+  receivers = receivers + redis.call(ARGV[10], ARGV[i], ARGV[9] .. envelope)
+end
+if ARGV[5] ~= '0' then
+  redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[5])
+end
+return {1, epoch, offset, receivers}
+"#;
+
+/// What the append script did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// The idempotency key was used before: the first message's id, or the reply to it.
+    Repeated(String),
+    /// Published to `receivers` subscribers; kept at `offset` (0: not kept).
+    Published { epoch: u32, offset: u64, receivers: usize },
+}
+
+impl Appended {
+    pub fn parse(value: Value) -> Option<Appended> {
+        let Value::Array(items) = value else { return None };
+        let text = |v: &Value| redis::from_redis_value_ref::<String>(v).ok();
+        let number = |v: &Value| redis::from_redis_value_ref::<u64>(v).ok();
+        match items.as_slice() {
+            [flag, first] if number(flag) == Some(0) => Some(Appended::Repeated(text(first)?)),
+            [flag, epoch, offset, receivers] if number(flag) == Some(1) => {
+                let offset = number(offset)?;
+                let epoch = if offset == 0 { 0 } else { super::parse_epoch(&text(epoch)?)? };
+                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A stream as read for resuming clients.
+struct StreamRead {
+    /// Epoch and last offset; None when the stream is unknown.
+    meta: Option<(u32, u64)>,
+    entries: Vec<Arc<Message>>,
+    /// When the group's history began (wall ms); None when Redis has lost that too.
+    born_ms: Option<u64>,
+}
+
+/// One read of a stream that resumes arriving together share.
+#[derive(Default)]
+struct Flight {
+    result: OnceCell<Result<Arc<StreamRead>, String>>,
+    done: Notify,
+}
+
+pub struct RedisHistory {
+    redis: Redis,
+    prefix: String,
+    settings: Settings,
+    script: Script,
+    /// Reads not yet started, by stream key: a resume joins one, or starts one.
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+}
+
+/// `born` keys live this long unless a node starts and sets them again.
+const BORN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl RedisHistory {
+    pub fn new(redis: Redis, prefix: &str, settings: Settings) -> RedisHistory {
+        RedisHistory { redis, prefix: prefix.to_owned(), settings, script: Script::new(APPEND), flights: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    pub fn script(&self) -> &Script {
+        &self.script
+    }
+
+    /// The key of a stream's entries; its other keys add a suffix.
+    pub fn stream_key(&self, stream: &Stream) -> String {
+        let name = match stream {
+            Stream::Uid(uid) => format!("u{}:{uid}", uid.len()),
+            Stream::Topic(topic) => format!("t{}:{topic}", topic.len()),
+            Stream::Broadcast => "b".into(),
+        };
+        format!("{}:h:{{g{}}}:{name}", self.prefix, stream.group())
+    }
+
+    pub fn interest_key(&self, topic: &str) -> String {
+        format!("{}:i", self.stream_key(&Stream::Topic(topic.into())))
+    }
+
+    fn born_key(&self, group: u64) -> String {
+        format!("{}:h:{{g{group}}}:born", self.prefix)
+    }
+
+    /// Channels in the same slot as a group's streams: the fan-out channel every node
+    /// reads, and each node's own.
+    pub fn fanout_channel(prefix: &str, group: u64) -> String {
+        format!("{prefix}:fanout:{{g{group}}}")
+    }
+
+    pub fn node_channel(prefix: &str, node: u16, group: u64) -> String {
+        format!("{prefix}:to:{node}:{{g{group}}}")
+    }
+
+    /// Marks when each group's history began, unless it already has.
+    pub async fn mark_born(&self) -> Result<(), Error> {
+        let now = crate::auth::now_ms();
+        let cmds: Vec<redis::Cmd> = (0..GROUPS)
+            .map(|g| redis::cmd("SET").arg(self.born_key(g)).arg(now).arg("NX").arg("PX").arg(BORN_TTL.as_millis() as u64).clone())
+            .collect();
+        self.redis.batch(RedisCommand::Set, &cmds).await.map(drop).map_err(|e| Error::unavailable(format!("marking history in Redis: {e}")))
+    }
+
+    /// The keys and arguments of one append: `envelope` without its closing brace,
+    /// `relay` the header each channel's message starts with.
+    pub fn append_call(
+        &self,
+        stream: &Stream,
+        id: u64,
+        envelope: &str,
+        relay: &[u8],
+        idempotency: Option<&str>,
+        channels: &[String],
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let key = self.stream_key(stream);
+        let idempotency_key = match idempotency {
+            Some(k) => format!("{key}:k:{k}"),
+            None => key.clone(),
+        };
+        let keys = vec![key.clone(), format!("{key}:m"), format!("{key}:i"), idempotency_key, self.born_key(stream.group())];
+        let kept = if self.settings.keeps(stream) { self.settings.size } else { 0 };
+        let window = idempotency.map_or(0, |_| self.settings.idempotency_window.as_millis() as u64);
+        let mut args: Vec<Vec<u8>> = vec![
+            epoch_text(new_epoch()).into_bytes(),
+            kept.to_string().into_bytes(),
+            self.settings.ttl.as_millis().to_string().into_bytes(),
+            if matches!(stream, Stream::Topic(_)) { b"1".to_vec() } else { b"0".to_vec() },
+            window.to_string().into_bytes(),
+            id.to_string().into_bytes(),
+            stream.key().to_string().into_bytes(),
+            envelope.as_bytes().to_vec(),
+            relay.to_vec(),
+            if self.redis.sharded() { b"SPUBLISH".to_vec() } else { b"PUBLISH".to_vec() },
+            crate::auth::now_ms().to_string().into_bytes(),
+        ];
+        args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
+        (keys.into_iter().map(String::into_bytes).collect(), args)
+    }
+
+    /// The idempotency keys of streams that kept a repeated key's reply.
+    pub fn idempotency_key(&self, stream: &Stream, key: &str) -> String {
+        format!("{}:k:{key}", self.stream_key(stream))
+    }
+
+    /// Replaces the first message id under each idempotency key with the reply, for
+    /// retries to be given; in the background, best effort (a retry without it is told
+    /// the first message's id).
+    pub fn remember(&self, keys: Vec<String>, reply: String) {
+        if keys.is_empty() {
+            return;
+        }
+        let redis = self.redis.clone();
+        let cmds: Vec<redis::Cmd> = keys.iter().map(|k| redis::cmd("SET").arg(k).arg(&reply).arg("XX").arg("KEEPTTL").clone()).collect();
+        tokio::spawn(async move {
+            if let Err(e) = redis.batch(RedisCommand::Set, &cmds).await {
+                tracing::debug!(error = %e, "could not store a reply for its idempotency key");
+            }
+        });
+    }
+
+    /// What each stream of `plan` holds past where its client is.
+    pub async fn read(&self, plan: &[(Stream, From)]) -> Result<Vec<Found>, Error> {
+        let reads = futures_util::future::join_all(plan.iter().map(|(stream, _)| self.read_stream(stream))).await;
+        let now = crate::auth::now_ms();
+        plan.iter()
+            .zip(reads)
+            .map(|((stream, from), read)| {
+                let read = read.map_err(|e| Error::unavailable(format!("reading history from Redis: {e}; retry")))?;
+                Ok(match read.meta {
+                    None => Found::unknown(*from, read.born_ms.unwrap_or(now), self.settings.ttl),
+                    Some((epoch, last)) => {
+                        let tail = super::Position { key: stream.key(), epoch, offset: last };
+                        select(*from, tail, &read.entries, self.settings.ttl)
+                    }
+                })
+            })
+            .collect()
+    }
+
+    async fn read_stream(&self, stream: &Stream) -> Result<Arc<StreamRead>, String> {
+        let key = self.stream_key(stream);
+        let (flight, leader) = {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            match flights.get(&key) {
+                Some(flight) => (flight.clone(), false),
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    flights.insert(key.clone(), flight.clone());
+                    (flight, true)
+                }
+            }
+        };
+        if !leader {
+            loop {
+                let done = flight.done.notified();
+                if let Some(result) = flight.result.get() {
+                    return result.clone();
+                }
+                done.await;
+            }
+        }
+        // Resumes of this stream arriving meanwhile join this read. Each was registered
+        // before it joined, so a read that starts after they join misses none of them.
+        tokio::task::yield_now().await;
+        self.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        let result = self.fetch(stream, &key).await.map(Arc::new).map_err(|e| e.to_string());
+        let _ = flight.result.set(result.clone());
+        flight.done.notify_waiters();
+        result
+    }
+
+    async fn fetch(&self, stream: &Stream, key: &str) -> redis::RedisResult<StreamRead> {
+        let born = self.born_key(stream.group());
+        let cmds = [
+            redis::cmd("HMGET").arg(format!("{key}:m")).arg("epoch").arg("last").clone(),
+            redis::cmd("XRANGE").arg(key).arg("-").arg("+").clone(),
+            redis::cmd("GET").arg(&born).clone(),
+        ];
+        let values = self.redis.batch(RedisCommand::History, &cmds).await?;
+        let [meta, entries, born_ms]: [Value; 3] = values.try_into().map_err(|_| redis::RedisError::from((redis::ErrorKind::Parse, "history read: not three replies")))?;
+        let (epoch, last): (Option<String>, Option<u64>) = redis::from_redis_value(meta)?;
+        let meta = epoch.as_deref().and_then(super::parse_epoch).zip(last);
+        let born_ms: Option<u64> = redis::from_redis_value(born_ms)?;
+        if born_ms.is_none() {
+            // Redis lost its history (flushed): from now on it can vouch again.
+            let _ = self.mark_born().await;
+        }
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::from_redis_value(entries)?;
+        let accepted_at = Instant::now();
+        let entries = Site::History.scope(|| {
+            entries
+                .into_iter()
+                .filter_map(|(_, fields)| {
+                    let field = |name: &str| fields.iter().find(|(f, _)| f == name).map(|(_, v)| v.as_str());
+                    let (id, envelope) = (field("i")?.parse().ok()?, field("e")?);
+                    Some(Arc::new(Message::from_envelope(id, envelope, envelope_position(envelope), accepted_at)))
+                })
+                .collect()
+        });
+        Ok(StreamRead { meta, entries, born_ms })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_replies_parse() {
+        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3)]);
+        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3 }));
+        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2)]);
+        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2 }));
+        let repeated = Value::Array(vec![Value::Int(0), Value::BulkString(b"123".to_vec())]);
+        assert_eq!(Appended::parse(repeated), Some(Appended::Repeated("123".into())));
+        assert_eq!(Appended::parse(Value::Nil), None);
+    }
+}

@@ -1,0 +1,235 @@
+//! A client coming back: from its cursor, which streams of its connection to read and
+//! from where ([`plan`]); then, once the connection is registered (so that nothing
+//! published from now on can be missed), what each stream holds past the client's
+//! position, queued for the connection ahead of anything live, and the `resumed` notice
+//! that says, per stream, whether the client now has everything.
+//!
+//! A message that arrives live and was also read from history is written once: the
+//! connection skips queued messages at or before the position it has written.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strum::IntoStaticStr;
+
+use super::memory::MemoryHistory;
+use super::redis::RedisHistory;
+use super::{epoch_text, id_time_ms, Cursor, Position, Stream, SINCE_MARGIN_MS};
+use crate::conn::tracking::{Replayed, Tracking};
+use crate::conn::Conn;
+use crate::error::{Error, Kind};
+use crate::telemetry::{Metrics, ResumeOutcome};
+use crate::wire::Message;
+
+/// Where to read a stream from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum From {
+    /// Past the client's position.
+    After(Position),
+    /// Messages minted from this wall-clock ms (less the skew margin): a stream the
+    /// client holds no position in.
+    Since(u64),
+    /// Everything kept: the offline mailbox, asked for with `?mailbox=1`.
+    Start,
+}
+
+/// Why a stream could not be resumed from the client's position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum Loss {
+    /// The stream's history was lost and started again (restart, eviction, Redis flushed).
+    EpochChanged,
+    /// Messages after the client's position are no longer kept (`--history-size`, `--history-ttl`).
+    Trimmed,
+    /// Nothing is kept for the stream, so nothing can be said of what the client missed.
+    Unknown,
+    /// The cursor claims messages the stream has not had: not a cursor this server wrote.
+    CursorAhead,
+    /// The stream keeps no history (`--history-size 0`, `--history-off`).
+    NotKept,
+}
+
+/// What a stream holds for a client.
+pub struct Found {
+    pub messages: Vec<Arc<Message>>,
+    /// The stream's last position; None when it holds nothing.
+    pub tail: Option<Position>,
+    /// Set when the client's position could not be resumed: then `messages` is all that
+    /// is kept, and the client is told what it lost.
+    pub loss: Option<Loss>,
+}
+
+impl Found {
+    /// A stream with no history at all: unremarkable for a client that held no position
+    /// in it, unless its `since` goes back before what this history can vouch for
+    /// (`known_since_ms`, or the TTL).
+    pub fn unknown(from: From, known_since_ms: u64, ttl: Duration) -> Found {
+        let vouched_from = known_since_ms.max(crate::auth::now_ms().saturating_sub(ttl.as_millis() as u64));
+        let loss = match from {
+            From::After(_) => Some(Loss::Unknown),
+            From::Since(since) if since < vouched_from => Some(Loss::Unknown),
+            From::Since(_) | From::Start => None,
+        };
+        Found { messages: Vec::new(), tail: None, loss }
+    }
+
+    fn not_kept() -> Found {
+        Found { messages: Vec::new(), tail: None, loss: Some(Loss::NotKept) }
+    }
+}
+
+/// What a stream whose last position is `tail` and which keeps `kept` (oldest first)
+/// holds past `from`. When the client's position cannot be resumed (epoch changed,
+/// trimmed), everything kept is returned with the loss, so that the client's position
+/// is well defined again after it.
+pub fn select(from: From, tail: Position, kept: &[Arc<Message>], ttl: Duration) -> Found {
+    let first = kept.first().and_then(|m| m.position).map_or(tail.offset + 1, |p| p.offset);
+    let all = |loss| Found { messages: kept.to_vec(), tail: Some(tail), loss: Some(loss) };
+    let skip = match from {
+        From::After(p) if p.epoch != tail.epoch => return all(Loss::EpochChanged),
+        From::After(p) if p.offset > tail.offset => return Found { messages: Vec::new(), tail: Some(tail), loss: Some(Loss::CursorAhead) },
+        From::After(p) if p.offset + 1 < first => return all(Loss::Trimmed),
+        From::After(p) => (p.offset + 1 - first) as usize,
+        From::Since(since_ms) => {
+            let from_ms = since_ms.saturating_sub(SINCE_MARGIN_MS);
+            // Messages before the oldest kept may have come after `since`, unless they
+            // aged out (then they are older than the TTL, and so is `since`).
+            let aged_out_before_ms = crate::auth::now_ms().saturating_sub(ttl.as_millis() as u64);
+            let lost = first > 1 && kept.first().map_or(from_ms < aged_out_before_ms, |oldest| id_time_ms(oldest.id) >= from_ms);
+            if lost {
+                return all(Loss::Trimmed);
+            }
+            kept.iter().take_while(|m| id_time_ms(m.id) < from_ms).count()
+        }
+        From::Start => 0,
+    };
+    Found { messages: kept.iter().skip(skip).cloned().collect(), tail: Some(tail), loss: None }
+}
+
+/// Where history is kept.
+pub enum History {
+    Memory(Arc<MemoryHistory>),
+    Redis(Arc<RedisHistory>),
+}
+
+impl History {
+    fn keeps(&self, stream: &Stream) -> bool {
+        match self {
+            History::Memory(h) => h.settings().keeps(stream),
+            History::Redis(h) => h.settings().keeps(stream),
+        }
+    }
+
+    async fn read(&self, plan: &[(Stream, From)]) -> Result<Vec<Found>, Error> {
+        match self {
+            History::Memory(h) => Ok(plan.iter().map(|(stream, from)| h.read(stream, *from)).collect()),
+            History::Redis(h) => h.read(plan).await,
+        }
+    }
+}
+
+/// What a client asked to be given again.
+pub struct Request {
+    pub cursor: Option<Cursor>,
+    /// `?mailbox=1`: its uid stream from the oldest message kept.
+    pub mailbox: bool,
+}
+
+/// The streams of a connection of `uid` on `topics` to read, and from where; none when
+/// the client asked for nothing. A cursor with another uid's stream in it is refused.
+pub fn plan(uid: &str, topics: &[String], request: &Request) -> Result<Vec<(Stream, From)>, Error> {
+    let own = Stream::Uid(uid.into());
+    if let Some(cursor) = &request.cursor {
+        let own_key = own.key();
+        if cursor.positions.iter().any(|p| matches!(p.key, super::StreamKey::Uid(_)) && p.key != own_key) {
+            return Err(Error::bad_request("bad cursor: it holds another uid's stream; a cursor is only good for the uid it was given to"));
+        }
+    }
+    let streams = std::iter::once(own).chain(std::iter::once(Stream::Broadcast)).chain(topics.iter().map(|t| Stream::Topic(t.as_str().into())));
+    let mut plan = Vec::new();
+    for stream in streams {
+        let position = request.cursor.as_ref().and_then(|c| c.position(stream.key()));
+        let from = match (position, &stream) {
+            (Some(p), _) => From::After(*p),
+            (None, Stream::Uid(_)) if request.mailbox => From::Start,
+            (None, _) => match request.cursor.as_ref().and_then(|c| c.since_ms) {
+                Some(since) => From::Since(since),
+                None => continue,
+            },
+        };
+        plan.push((stream, from));
+    }
+    Ok(plan)
+}
+
+/// Reads what `conn` missed and queues it ahead of anything live, ending with the
+/// `resumed` notice. `conn` must already be registered.
+pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec<(Stream, From)>, metrics: &Metrics) -> Result<(), Error> {
+    let readable: Vec<(Stream, From)> = plan.iter().filter(|(s, _)| history.keeps(s)).cloned().collect();
+    let mut found = history.read(&readable).await?.into_iter();
+    let mut replay = VecDeque::new();
+    let mut streams = Vec::new();
+    let (mut recovered, mut replayed) = (true, 0);
+    for (stream, from) in &plan {
+        let found = if history.keeps(stream) { found.next().ok_or_else(|| Error::new(Kind::Internal, "history read fewer streams than asked"))? } else { Found::not_kept() };
+        let mut entry = serde_json::json!({ "stream": stream.key().to_string(), "replayed": found.messages.len(), "recovered": found.loss.is_none() });
+        if let Some(tail) = found.tail {
+            entry["epoch"] = epoch_text(tail.epoch).into();
+            entry["offset"] = tail.offset.into();
+        }
+        if let Some(loss) = found.loss {
+            recovered = false;
+            entry["reason"] = <&str>::from(loss).into();
+            if let From::After(p) = from {
+                entry["lost_after"] = serde_json::json!({ "epoch": epoch_text(p.epoch), "offset": p.offset });
+            }
+        }
+        replayed += found.messages.len();
+        replay.extend(found.messages.into_iter().map(Replayed::Message));
+        streams.push(entry);
+    }
+    let since_ms = conn.since_ms();
+    let notice = serde_json::json!({
+        "type": "resumed",
+        "recovered": recovered,
+        "since": since_ms.to_string(),
+        "streams": streams,
+    });
+    replay.push_back(Replayed::Resumed { json: notice.to_string(), since_ms });
+    let cursor = request.cursor.as_ref();
+    let positions = cursor.map(|c| c.positions.iter().filter(|p| plan.iter().any(|(s, _)| s.key() == p.key)).copied().collect()).unwrap_or_default();
+    let client_since = cursor.and_then(|c| c.since_ms).unwrap_or(since_ms);
+    conn.resume(Tracking::resumed(client_since, positions, replay));
+    metrics.resumed(if recovered { ResumeOutcome::Recovered } else { ResumeOutcome::NotRecovered }, replayed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::StreamKey;
+
+    #[test]
+    fn a_plan_reads_positions_since_and_mailbox() {
+        let topics = vec!["news".to_string()];
+        let mine = Stream::Uid("alice".into()).key();
+        let cursor = Cursor { since_ms: Some(1000), positions: vec![Position { key: mine, epoch: 1, offset: 4 }] };
+        let resumed = plan("alice", &topics, &Request { cursor: Some(cursor), mailbox: false }).unwrap();
+        assert_eq!(resumed[0].1, From::After(Position { key: mine, epoch: 1, offset: 4 }));
+        assert_eq!(resumed[1], (Stream::Broadcast, From::Since(1000)));
+        assert_eq!(resumed[2], (Stream::Topic("news".into()), From::Since(1000)));
+
+        let mailbox = plan("alice", &topics, &Request { cursor: None, mailbox: true }).unwrap();
+        assert_eq!(mailbox, vec![(Stream::Uid("alice".into()), From::Start)]);
+    }
+
+    #[test]
+    fn another_uids_cursor_is_refused() {
+        let theirs = Stream::Uid("mallory".into()).key();
+        assert!(matches!(theirs, StreamKey::Uid(_)));
+        let cursor = Cursor { since_ms: None, positions: vec![Position { key: theirs, epoch: 1, offset: 4 }] };
+        let error = plan("alice", &[], &Request { cursor: Some(cursor), mailbox: false }).unwrap_err();
+        assert!(error.message.contains("another uid"), "{}", error.message);
+    }
+}

@@ -1,0 +1,464 @@
+//! Nothing lost across a reconnect: real clients that keep their cursor as an application
+//! would, counting gaps and duplicates in every stream; on one node (memory registry),
+//! then on many nodes over a real Redis and a real Redis Cluster.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A client's view of its streams, built from what it is sent, as the README tells
+/// applications to: `since` from the welcome (or `resumed`), a position per stream.
+#[derive(Default)]
+struct Tracker {
+    since: String,
+    positions: BTreeMap<String, (String, u64)>,
+    gaps: usize,
+    duplicates: usize,
+    /// Data of every message, in the order received.
+    seen: Vec<Value>,
+}
+
+impl Tracker {
+    fn cursor(&self) -> String {
+        let mut cursor = format!("s{}", self.since);
+        for (stream, (epoch, offset)) in &self.positions {
+            cursor.push_str(&format!(",{stream}:{epoch}:{offset}"));
+        }
+        cursor
+    }
+
+    /// Takes one server message; returns it when it is a published message.
+    fn take(&mut self, msg: &Value) -> bool {
+        match msg["type"].as_str() {
+            Some("welcome") if self.since.is_empty() => self.since = msg["since"].as_str().unwrap().to_owned(),
+            Some("resumed") => self.since = msg["since"].as_str().unwrap().to_owned(),
+            Some("message") => {
+                let (stream, epoch, offset) = (msg["stream"].as_str().unwrap(), msg["epoch"].as_str().unwrap(), msg["offset"].as_u64().unwrap());
+                match self.positions.get(stream) {
+                    Some((e, last)) if e == epoch && offset <= *last => self.duplicates += 1,
+                    Some((e, last)) if e == epoch && offset > last + 1 => self.gaps += 1,
+                    _ => {}
+                }
+                self.positions.insert(stream.to_owned(), (epoch.to_owned(), offset));
+                self.seen.push(msg["data"].clone());
+                return true;
+            }
+            _ => {}
+        }
+        false
+    }
+}
+
+async fn publish(addr: SocketAddr, topic: &str, data: Value) -> Value {
+    let (status, reply) = post(addr, "/v1/publish", json!({"topic": topic, "data": data})).await;
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+async fn push(addr: SocketAddr, uid: &str, data: Value) -> Value {
+    let (status, reply) = post(addr, "/v1/push", json!({"uids": [uid], "data": data})).await;
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+/// Reads until the `resumed` notice; returns it.
+async fn until_resumed(ws: &mut Ws, tracker: &mut Tracker) -> Value {
+    loop {
+        let msg = next_json(ws).await;
+        tracker.take(&msg);
+        if msg["type"] == "resumed" {
+            return msg;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_client_resumes_every_missed_message_once_in_order() {
+    let t = start(|_| {}).await;
+    let mut tracker = Tracker::default();
+    let (mut client, welcome) = ws(t.client, "uid=alice&topics=news").await;
+    tracker.take(&welcome);
+    for i in 0..3 {
+        publish(t.client, "news", json!({"n": i})).await;
+        push(t.client, "alice", json!({"p": i})).await;
+    }
+    post(t.client, "/v1/broadcast", json!({"data": {"b": 0}})).await;
+    for _ in 0..7 {
+        let msg = next_json(&mut client).await;
+        assert!(tracker.take(&msg), "{msg}");
+    }
+    drop(client);
+
+    // Published while the client is away, and while it is coming back.
+    let publisher = {
+        let addr = t.client;
+        tokio::spawn(async move {
+            for i in 3..40 {
+                publish(addr, "news", json!({"n": i})).await;
+                if i % 4 == 0 {
+                    push(addr, "alice", json!({"p": i})).await;
+                }
+            }
+        })
+    };
+    for i in 3..6 {
+        publish(t.client, "news", json!({"m": i})).await;
+    }
+    let (mut client, _) = ws(t.client, &format!("uid=alice&topics=news&cursor={}", tracker.cursor())).await;
+    let resumed = until_resumed(&mut client, &mut tracker).await;
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    publisher.await.unwrap();
+    publish(t.client, "news", json!({"last": true})).await;
+    while tracker.seen.last() != Some(&json!({"last": true})) {
+        let msg = next_json(&mut client).await;
+        tracker.take(&msg);
+    }
+    assert_eq!((tracker.gaps, tracker.duplicates), (0, 0), "positions: {:?}", tracker.positions);
+    let news = tracker.seen.iter().filter(|d| d.get("n").is_some()).count();
+    assert_eq!(news, 40, "every numbered topic message, once");
+    assert_eq!(tracker.seen.iter().filter(|d| d.get("p").is_some()).count(), 3 + 9, "every push, once");
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, r#"pushline_resumes_total{outcome="recovered"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn an_sse_client_resumes_with_last_event_id_and_is_told_when_to_retry() {
+    let t = start(|_| {}).await;
+    let response = reqwest::get(format!("http://{}/sse?uid=bob&topics=news", t.client)).await.unwrap();
+    let mut body = response.bytes_stream();
+    let first = tokio::time::timeout(WAIT, body.next()).await.unwrap().unwrap().unwrap();
+    let first = std::str::from_utf8(&first).unwrap();
+    let retry: u64 = first.strip_prefix("retry: ").and_then(|r| r.split('\n').next()).unwrap().parse().unwrap();
+    assert!((1000..6000).contains(&retry), "{first}");
+    assert!(first.contains("event: welcome") && first.contains("\nid: s"), "the welcome carries a cursor, so EventSource always has one: {first}");
+    drop(body);
+
+    let (_, mut sse) = Sse::open(t.client, "uid=bob&topics=news").await;
+    let (_, mut last_id, _) = sse.next_event().await;
+    for i in 0..3 {
+        publish(t.client, "news", json!({"n": i})).await;
+        let (event, id, data) = sse.next_event().await;
+        assert_eq!((event.as_str(), &data["data"]), ("message", &json!({"n": i})));
+        last_id = id;
+    }
+    drop(sse);
+    for i in 3..6 {
+        publish(t.client, "news", json!({"n": i})).await;
+    }
+    // What EventSource does on its own: the same URL, with the last id it saw.
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/sse?uid=bob&topics=news", t.client))
+        .header("Last-Event-ID", last_id.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut sse = Sse::from_response(response);
+    let (event, welcome_id, _) = sse.next_event().await;
+    assert_eq!((event.as_str(), &welcome_id), ("welcome", &last_id), "until the replay is done, the old cursor stands");
+    for i in 3..6 {
+        let (event, _, data) = sse.next_event().await;
+        assert_eq!((event.as_str(), &data["data"]), ("message", &json!({"n": i})));
+    }
+    let (event, id, resumed) = sse.next_event().await;
+    assert_eq!(event, "resumed");
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    assert!(id.unwrap().ends_with(":6"), "the cursor now holds offset 6");
+}
+
+#[tokio::test]
+async fn past_the_window_the_client_is_told_what_it_lost() {
+    let t = start(|c| c.history_size = 3).await;
+    let mut tracker = Tracker::default();
+    let (mut client, welcome) = ws(t.client, "uid=carol&topics=news").await;
+    tracker.take(&welcome);
+    publish(t.client, "news", json!({"n": 0})).await;
+    tracker.take(&next_json(&mut client).await);
+    drop(client);
+    for i in 1..=10 {
+        publish(t.client, "news", json!({"n": i})).await;
+    }
+    let (mut client, _) = ws(t.client, &format!("uid=carol&topics=news&cursor={}", tracker.cursor())).await;
+    let resumed = until_resumed(&mut client, &mut tracker).await;
+    assert_eq!(resumed["recovered"], false);
+    let news = resumed["streams"].as_array().unwrap().iter().find(|s| s["stream"].as_str().unwrap().starts_with("t.")).unwrap().clone();
+    assert_eq!(news["reason"], "trimmed", "{resumed}");
+    assert_eq!(news["lost_after"]["offset"], 1);
+    assert_eq!(news["offset"], 11, "the stream's last offset, for the application to refetch up to");
+    assert_eq!(tracker.seen, vec![json!({"n": 0}), json!({"n": 8}), json!({"n": 9}), json!({"n": 10})], "what is kept still comes");
+}
+
+#[tokio::test]
+async fn after_a_restart_every_position_is_reported_lost() {
+    let t = start(|_| {}).await;
+    let mut tracker = Tracker::default();
+    let (mut client, welcome) = ws(t.client, "uid=dan").await;
+    tracker.take(&welcome);
+    push(t.client, "dan", json!(1)).await;
+    tracker.take(&next_json(&mut client).await);
+    drop(client);
+    t.server.shutdown().await;
+
+    let t = start(|_| {}).await;
+    push(t.client, "dan", json!(2)).await;
+    let (mut client, _) = ws(t.client, &format!("uid=dan&cursor={}", tracker.cursor())).await;
+    let resumed = until_resumed(&mut client, &mut tracker).await;
+    assert_eq!(resumed["recovered"], false, "{resumed}");
+    assert_eq!(resumed["streams"][0]["reason"], "epoch_changed", "{resumed}");
+    assert_eq!(tracker.seen.last(), Some(&json!(2)), "the new epoch's messages come, so the position is well defined");
+}
+
+#[tokio::test]
+async fn pushes_to_an_offline_uid_wait_in_its_mailbox() {
+    let t = start(|_| {}).await;
+    let reply = push(t.client, "erin", json!({"m": 1})).await;
+    assert_eq!((reply["online"].as_u64(), reply["stored"].as_u64()), (Some(0), Some(1)), "{reply}");
+    let (mut fresh, _) = ws(t.client, "uid=erin").await;
+    let (mut mailbox, _) = ws(t.client, "uid=erin&mailbox=1").await;
+    let mut tracker = Tracker::default();
+    until_resumed(&mut mailbox, &mut tracker).await;
+    assert_eq!(tracker.seen, vec![json!({"m": 1})]);
+    push(t.client, "erin", json!({"m": 2})).await;
+    let live = next_json(&mut fresh).await;
+    assert_eq!(live["data"], json!({"m": 2}), "a client with no cursor starts at now: {live}");
+}
+
+#[tokio::test]
+async fn a_retried_publish_with_the_same_idempotency_key_publishes_once() {
+    let t = start(|_| {}).await;
+    let (mut client, _) = ws(t.client, "uid=fay&topics=news").await;
+    let send = |key: &'static str, n: u32| async move {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/v1/publish", t.client))
+            .header("Idempotency-Key", key)
+            .body(json!({"topic": "news", "data": n}).to_string())
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let first = send("order-17", 1).await;
+    let retry = send("order-17", 1).await;
+    assert_eq!(first.0, 200);
+    assert_eq!(first, retry, "the retry gets the first reply");
+    let other = send("order-18", 2).await;
+    assert_ne!(first.1, other.1);
+    assert_eq!(next_json(&mut client).await["data"], 1);
+    assert_eq!(next_json(&mut client).await["data"], 2, "published once, then the other key");
+    let (status, _) = {
+        let response = reqwest::Client::new().post(format!("http://{}/v1/publish", t.client)).header("Idempotency-Key", "a b").body("{}").send().await.unwrap();
+        (response.status().as_u16(), ())
+    };
+    assert_eq!(status, 400, "a key with a space is refused");
+    assert_eq!(metric(&metrics(t.admin).await, "pushline_idempotent_replays_total"), 1.0);
+}
+
+#[tokio::test]
+async fn a_slow_client_is_told_which_range_drop_oldest_discarded() {
+    let t = start(|c| {
+        c.queue_max_messages = 4;
+        c.history_size = 1000;
+    })
+    .await;
+    let mut slow = slow_ws(t.client, "uid=gus").await;
+    let blob = "x".repeat(50_000);
+    for i in 0..200 {
+        push(t.client, "gus", json!({"i": i, "blob": blob})).await;
+    }
+    let mut gaps = Vec::new();
+    let mut last_offset = 0;
+    while last_offset != 200 {
+        let frame = tokio::time::timeout(WAIT, slow.next()).await.unwrap().unwrap().unwrap();
+        let Message::Text(text) = frame else { continue };
+        let msg: Value = serde_json::from_str(&text).unwrap();
+        match msg["type"].as_str() {
+            Some("gap") => gaps.push((msg["from"].as_u64().unwrap(), msg["to"].as_u64().unwrap())),
+            Some("message") => {
+                let offset = msg["offset"].as_u64().unwrap();
+                let reported = gaps.iter().any(|(from, to)| *from == last_offset + 1 && *to + 1 == offset);
+                assert!(offset == last_offset + 1 || reported, "offset {offset} after {last_offset}, gaps told: {gaps:?}");
+                last_offset = offset;
+            }
+            _ => panic!("{msg}"),
+        }
+    }
+    assert!(!gaps.is_empty(), "a client that did not read lost messages, and was told");
+}
+
+#[tokio::test]
+async fn malformed_forged_and_foreign_cursors_get_clear_answers() {
+    let t = start(|_| {}).await;
+    for (cursor, says) in [("garbage", "bad cursor"), ("b:zz:1", "bad cursor"), ("s1,u.00000000:00000001:5", "another uid")] {
+        let (status, _) = RawWs::try_handshake(t.client, &format!("GET /ws?uid=hal&cursor={cursor} HTTP/1.1\r\nHost: x\r\n")).await;
+        assert_eq!(status, 400, "{cursor}");
+        let response = reqwest::get(format!("http://{}/sse?uid=hal&cursor={cursor}", t.client)).await.unwrap();
+        assert_eq!(response.status(), 400, "{cursor}");
+        let body = response.text().await.unwrap();
+        assert!(body.contains(says), "{cursor}: {body}");
+    }
+    push(t.client, "hal", json!(1)).await;
+    let mut tracker = Tracker::default();
+    let (mut client, welcome) = ws(t.client, "uid=hal&mailbox=1").await;
+    tracker.take(&welcome);
+    until_resumed(&mut client, &mut tracker).await;
+    let stream = tracker.positions.keys().next().unwrap().clone();
+    let (epoch, _) = tracker.positions[&stream].clone();
+    tracker.positions.insert(stream, (epoch, 99));
+    let (mut client, _) = ws(t.client, &format!("uid=hal&cursor={}", tracker.cursor())).await;
+    let resumed = until_resumed(&mut client, &mut tracker).await;
+    assert_eq!(resumed["recovered"], false);
+    assert_eq!(resumed["streams"][0]["reason"], "cursor_ahead", "{resumed}");
+}
+
+// Many nodes: history in Redis, a client resuming wherever it lands.
+
+mod nodes {
+    use super::*;
+    use common::redis::{RedisCluster, RedisServer};
+    use pushline::config::RegistryKind;
+
+    async fn node(kind: RegistryKind, urls: Vec<String>) -> TestServer {
+        start(|c| {
+            c.registry = kind;
+            c.redis_url = urls;
+        })
+        .await
+    }
+
+    /// Waits until some node has told Redis it listens to `topic`.
+    fn wait_interest(redis: &RedisServer, topic: &str) {
+        let pattern = format!("pushline:h:*:t{}:{topic}:i", topic.len());
+        let deadline = std::time::Instant::now() + WAIT;
+        while redis.cli(&["keys", &pattern]).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no interest key for {topic}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_resumes_on_another_node_after_the_first_is_killed() {
+        let redis = RedisServer::start();
+        let a = Process::spawn(&["--registry", "redis", "--redis-url", &redis.url(), "--node-ttl", "1s"], None);
+        let b = node(RegistryKind::Redis, vec![redis.url()]).await;
+        let mut tracker = Tracker::default();
+        let (mut client, welcome) = ws(a.client, "uid=alice&topics=news").await;
+        tracker.take(&welcome);
+        wait_interest(&redis, "news");
+
+        const MESSAGES: u64 = 300;
+        let publisher = {
+            let addr = b.client;
+            tokio::spawn(async move {
+                for i in 0..MESSAGES {
+                    publish(addr, "news", json!({"n": i})).await;
+                    if i % 10 == 0 {
+                        push(addr, "alice", json!({"p": i})).await;
+                    }
+                }
+            })
+        };
+        while tracker.seen.len() < 20 {
+            let msg = next_json(&mut client).await;
+            tracker.take(&msg);
+        }
+        a.signal(libc::SIGKILL);
+        drop(client);
+        let (mut client, _) = ws(b.client, &format!("uid=alice&topics=news&cursor={}", tracker.cursor())).await;
+        let resumed = until_resumed(&mut client, &mut tracker).await;
+        assert_eq!(resumed["recovered"], true, "{resumed}");
+        publisher.await.unwrap();
+        publish(b.client, "news", json!({"last": true})).await;
+        while tracker.seen.last() != Some(&json!({"last": true})) {
+            let msg = next_json(&mut client).await;
+            tracker.take(&msg);
+        }
+        assert_eq!((tracker.gaps, tracker.duplicates), (0, 0), "positions: {:?}", tracker.positions);
+        assert_eq!(tracker.seen.iter().filter(|d| d.get("n").is_some()).count() as u64, MESSAGES, "every topic message, once");
+        assert_eq!(tracker.seen.iter().filter(|d| d.get("p").is_some()).count() as u64, MESSAGES / 10, "every push, once");
+        let text = metrics(b.admin).await;
+        assert!(metric(&text, r#"pushline_redis_command_seconds_count{command="history"}"#) >= 1.0, "the resume read Redis");
+    }
+
+    #[tokio::test]
+    async fn a_flushed_redis_changes_every_epoch_and_the_client_is_told() {
+        let redis = RedisServer::start();
+        let n = node(RegistryKind::Redis, vec![redis.url()]).await;
+        let mut tracker = Tracker::default();
+        let (mut client, welcome) = ws(n.client, "uid=bea").await;
+        tracker.take(&welcome);
+        push(n.client, "bea", json!(1)).await;
+        tracker.take(&next_json(&mut client).await);
+        drop(client);
+        redis.cli(&["flushall"]);
+        push(n.client, "bea", json!(2)).await;
+        let (mut client, _) = ws(n.client, &format!("uid=bea&cursor={}", tracker.cursor())).await;
+        let resumed = until_resumed(&mut client, &mut tracker).await;
+        assert_eq!(resumed["recovered"], false, "{resumed}");
+        assert_eq!(resumed["streams"][0]["reason"], "epoch_changed", "{resumed}");
+        assert_eq!(tracker.seen.last(), Some(&json!(2)));
+    }
+
+    #[tokio::test]
+    async fn a_retry_on_another_node_with_the_same_key_publishes_once() {
+        let redis = RedisServer::start();
+        let (a, b) = (node(RegistryKind::Redis, vec![redis.url()]).await, node(RegistryKind::Redis, vec![redis.url()]).await);
+        let (mut client, _) = ws(b.client, "uid=cy&topics=news").await;
+        wait_interest(&redis, "news");
+        let send = |addr: SocketAddr, data: u32| async move {
+            let response = reqwest::Client::new()
+                .post(format!("http://{addr}/v1/publish"))
+                .header("Idempotency-Key", "invoice-9")
+                .body(json!({"topic": "news", "data": data}).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            serde_json::from_str::<Value>(&response.text().await.unwrap()).unwrap()
+        };
+        let first = send(a.client, 1).await;
+        let retry = send(b.client, 1).await;
+        assert_eq!(first["id"], retry["id"], "{first} {retry}");
+        publish(a.client, "news", json!("after")).await;
+        assert_eq!(next_json(&mut client).await["data"], 1);
+        assert_eq!(next_json(&mut client).await["data"], "after", "the retry published nothing");
+    }
+
+    #[tokio::test]
+    async fn history_and_resume_work_on_a_redis_cluster() {
+        let cluster = RedisCluster::start();
+        let (a, b) = (node(RegistryKind::RedisCluster, cluster.urls()).await, node(RegistryKind::RedisCluster, cluster.urls()).await);
+        let mut tracker = Tracker::default();
+        let (mut client, welcome) = ws(a.client, "uid=dee&topics=news").await;
+        tracker.take(&welcome);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let reply = publish(b.client, "news", json!("first")).await;
+            if reply["stored"] == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the topic's interest never reached Redis: {reply}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        while tracker.seen.last() != Some(&json!("first")) {
+            tracker.take(&next_json(&mut client).await);
+        }
+        drop(client);
+        for i in 0..5 {
+            publish(b.client, "news", json!(i)).await;
+        }
+        push(b.client, "dee", json!("mail")).await;
+        post(b.client, "/v1/broadcast", json!({"data": "all"})).await;
+        let (mut client, _) = ws(b.client, &format!("uid=dee&topics=news&cursor={}", tracker.cursor())).await;
+        let resumed = until_resumed(&mut client, &mut tracker).await;
+        assert_eq!(resumed["recovered"], true, "{resumed}");
+        let missed: Vec<&Value> = tracker.seen.iter().skip_while(|d| **d != json!("first")).skip(1).collect();
+        assert_eq!(missed.len(), 7, "five topic messages, the push and the broadcast: {missed:?}");
+        assert_eq!((tracker.gaps, tracker.duplicates), (0, 0));
+    }
+}
