@@ -16,11 +16,15 @@
 //! | 24 | `names: [[u8; name_len]; sites]`, NUL-padded |
 //! | next multiple of 64 | `counters: [[ShardCounters; shards]; sites]`, 64 bytes each: `live_bytes: i64, live_allocs: i64, total_allocs: u64, total_bytes: u64`, then padding |
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64};
+#[cfg(feature = "allocator")]
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::site::{Site, SITES};
+#[cfg(feature = "allocator")]
+use crate::site::Site;
+use crate::site::SITES;
 
 pub const MAGIC: [u8; 8] = *b"PLSITES1";
 /// Counter shards; a thread writes the shard of its own index, so two threads rarely
@@ -64,6 +68,7 @@ pub const fn counters_offset(sites: usize, name_len: usize) -> usize {
     (HEADER_LEN + sites * name_len).div_ceil(64) * 64
 }
 
+#[cfg(feature = "allocator")]
 const fn name_bytes(name: &str) -> [u8; NAME_LEN] {
     let mut out = [0u8; NAME_LEN];
     let bytes = name.as_bytes();
@@ -75,6 +80,7 @@ const fn name_bytes(name: &str) -> [u8; NAME_LEN] {
     out
 }
 
+#[cfg(feature = "allocator")]
 const fn names() -> [[u8; NAME_LEN]; SITES] {
     let mut out = [[0u8; NAME_LEN]; SITES];
     let mut i = 0;
@@ -194,6 +200,7 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<SiteStats>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     /// The table as an outside reader sees it. The copy races with no one: these tests
     /// are the only code that charges sites in this process (no global allocator here).
