@@ -33,8 +33,10 @@ pub async fn run(common: &Common, connections: usize, hold: u64) -> Result<Vec<R
     let n = connections.saturating_sub(WARMUP);
     let held = super::open_connections(server.client, n, common.parallel, common.spread, "idle").await?;
     server.wait_metric(r#"pushline_connections{transport="ws"}"#, connections as f64, Duration::from_secs(60)).await?;
-    // Let the allocator and the kernel settle before the reading.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the allocator and the kernel settle before the reading: pages the handshakes
+    // used and freed go back within jemalloc's decay time (10 s), so what is left is
+    // what idle connections hold.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let (rss1, kernel1) = (server.rss_bytes(), tcp_kernel_bytes());
     let heap1 = server.metric(ALLOCATED).await as u64;
     let sites1 = site_bytes(&server).await;
