@@ -32,9 +32,10 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k
                     return;
                 }
                 while let Some((opcode, len)) = client::frame(&buf) {
-                    // The payload ends with `"data":<sent nanos>}`.
+                    // The payload holds `"data":<sent nanos>` (then the stream position).
                     let text = String::from_utf8_lossy(&buf[..len]);
-                    if let Some(sent) = text.rsplit_once("\"data\":").and_then(|(_, r)| r.trim_end_matches('}').parse::<u64>().ok()) {
+                    let sent = text.split_once("\"data\":").map(|(_, r)| r.split(|c: char| !c.is_ascii_digit()).next().unwrap_or_default());
+                    if let Some(sent) = sent.and_then(|digits| digits.parse::<u64>().ok()) {
                         let now = base.elapsed();
                         if opcode == 1 && tx.send(now.saturating_sub(Duration::from_nanos(sent))).is_err() {
                             return;
@@ -48,6 +49,7 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k
     drop(tx);
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let cpu0 = nodes.cpu_time();
     let start = Instant::now();
     let mut publishers = tokio::task::JoinSet::new();
     for i in 0..total {
@@ -69,6 +71,7 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k
             _ => break,
         }
     }
+    let cpu = nodes.cpu_time().since(cpu0);
     if latencies.is_empty() {
         return Err("no push was delivered".into());
     }
@@ -83,5 +86,6 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k
         Row::new("unicast", "latency_p50", pct(0.50), "ms"),
         Row::new("unicast", "latency_p99", pct(0.99), "ms"),
         Row::new("unicast", "latency_p999", pct(0.999), "ms"),
+        Row::new("unicast", "server_cpu_per_push", cpu.total().as_secs_f64() * 1e6 / total as f64, "us"),
     ])
 }
