@@ -67,6 +67,21 @@ async fn push(addr: SocketAddr, uid: &str, data: Value) -> Value {
     reply
 }
 
+/// Resumes `tracker`'s client on `addr`, checks it recovered, waits for `publisher`, then
+/// publishes a last message and reads up to it.
+async fn resume_through(addr: SocketAddr, query: &str, tracker: &mut Tracker, publisher: tokio::task::JoinHandle<()>) {
+    let (mut client, _) = ws(addr, &format!("{query}&cursor={}", tracker.cursor())).await;
+    let resumed = until_resumed(&mut client, tracker).await;
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    publisher.await.unwrap();
+    publish(addr, "news", json!({"last": true})).await;
+    while tracker.seen.last() != Some(&json!({"last": true})) {
+        let msg = next_json(&mut client).await;
+        tracker.take(&msg);
+    }
+    assert_eq!((tracker.gaps, tracker.duplicates), (0, 0), "positions: {:?}", tracker.positions);
+}
+
 /// Reads until the `resumed` notice; returns it.
 async fn until_resumed(ws: &mut Ws, tracker: &mut Tracker) -> Value {
     loop {
@@ -110,16 +125,7 @@ async fn a_websocket_client_resumes_every_missed_message_once_in_order() {
     for i in 3..6 {
         publish(t.client, "news", json!({"m": i})).await;
     }
-    let (mut client, _) = ws(t.client, &format!("uid=alice&topics=news&cursor={}", tracker.cursor())).await;
-    let resumed = until_resumed(&mut client, &mut tracker).await;
-    assert_eq!(resumed["recovered"], true, "{resumed}");
-    publisher.await.unwrap();
-    publish(t.client, "news", json!({"last": true})).await;
-    while tracker.seen.last() != Some(&json!({"last": true})) {
-        let msg = next_json(&mut client).await;
-        tracker.take(&msg);
-    }
-    assert_eq!((tracker.gaps, tracker.duplicates), (0, 0), "positions: {:?}", tracker.positions);
+    resume_through(t.client, "uid=alice&topics=news", &mut tracker, publisher).await;
     let news = tracker.seen.iter().filter(|d| d.get("n").is_some()).count();
     assert_eq!(news, 40, "every numbered topic message, once");
     assert_eq!(tracker.seen.iter().filter(|d| d.get("p").is_some()).count(), 3 + 9, "every push, once");
@@ -369,16 +375,7 @@ mod nodes {
         }
         a.signal(libc::SIGKILL);
         drop(client);
-        let (mut client, _) = ws(b.client, &format!("uid=alice&topics=news&cursor={}", tracker.cursor())).await;
-        let resumed = until_resumed(&mut client, &mut tracker).await;
-        assert_eq!(resumed["recovered"], true, "{resumed}");
-        publisher.await.unwrap();
-        publish(b.client, "news", json!({"last": true})).await;
-        while tracker.seen.last() != Some(&json!({"last": true})) {
-            let msg = next_json(&mut client).await;
-            tracker.take(&msg);
-        }
-        assert_eq!((tracker.gaps, tracker.duplicates), (0, 0), "positions: {:?}", tracker.positions);
+        resume_through(b.client, "uid=alice&topics=news", &mut tracker, publisher).await;
         assert_eq!(tracker.seen.iter().filter(|d| d.get("n").is_some()).count() as u64, MESSAGES, "every topic message, once");
         assert_eq!(tracker.seen.iter().filter(|d| d.get("p").is_some()).count() as u64, MESSAGES / 10, "every push, once");
         let text = metrics(b.admin).await;
