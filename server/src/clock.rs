@@ -24,6 +24,12 @@ pub fn now_ms() -> u64 {
     start().instant.elapsed().as_millis() as u64
 }
 
+/// Wall-clock milliseconds since the Unix epoch: what tokens expire in, what message ids
+/// and cursors are written in.
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The wall-clock millisecond of the process clock's `ms`.
 pub fn wall_ms_at(ms: u64) -> u64 {
     start().wall_ms + ms

@@ -385,10 +385,10 @@ impl Config {
                 self.admin_listen
             ));
         }
-        if let Err(e) = crate::auth::rights::Rights::parse(&self.public_topics, "") {
+        if let Err(e) = crate::rights::Rights::parse(&self.public_topics, "") {
             problems.push(format!("--public-topics: {e}"));
         }
-        if let Err(e) = crate::auth::rights::Rights::parse(&self.history_off, "") {
+        if let Err(e) = crate::rights::Rights::parse(&self.history_off, "") {
             problems.push(format!("--history-off: {e}"));
         }
         if self.history_size > 0 && self.history_ttl < Duration::from_secs(1) {
@@ -468,18 +468,6 @@ impl Config {
     }
 
     /// No keys for client tokens: clients say who they are, and read any topic.
-    /// How much history to keep, and where none is.
-    pub fn history(&self) -> crate::history::Settings {
-        crate::history::Settings {
-            size: self.history_size,
-            ttl: self.history_ttl,
-            max_bytes: self.history_max_bytes,
-            // Checked by `problems`.
-            off: crate::auth::rights::Rights::parse(&self.history_off, "").unwrap_or_default(),
-            idempotency_window: self.idempotency_window,
-        }
-    }
-
     pub fn open_mode(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key.is_empty()
     }

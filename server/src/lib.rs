@@ -5,10 +5,12 @@
 //! - [`listener`] accepts TCP connections (SO_REUSEPORT, file-limit backoff), reads
 //!   each one's request head ([`http`]) and routes it: `/ws` and `/sse` to the
 //!   [`gateway`], everything else to the publish [`api`];
-//! - [`gateway`] authenticates ([`gateway::auth`]), takes a place ([`admission`]),
-//!   answers the handshake and registers the connection with the [`hub`];
-//! - [`api`] checks a publish and hands it to the [`registry`], which delivers through
-//!   the [`hub`] here and over Redis to other nodes;
+//! - [`gateway`] authenticates ([`auth`]), takes a place ([`admission`]), registers the
+//!   connection with the [`hub`], replays what a returning client missed ([`history`])
+//!   and answers the handshake;
+//! - [`api`] checks a publish and hands it to the [`registry`], which gives it its place
+//!   in its stream ([`history`]) and delivers it through the [`hub`] here and over Redis
+//!   ([`redis_link`]) to other nodes;
 //! - [`client`] owns each connected socket: reads client frames, writes what the
 //!   connection is owed, closes; [`client::sweep`] keeps time for all of them;
 //! - [`hub`] knows who is connected and fans messages out to their [`conn`] handles,
@@ -16,8 +18,8 @@
 //! - [`wire`] frames bytes (the WebSocket codec, SSE, published messages), with no I/O.
 //!
 //! Beside the flow: [`admin`] serves metrics, profiles and introspection on its own
-//! runtime; [`telemetry`] names every metric and probe; [`config`], [`error`],
-//! [`session`] ids and the [`clock`] are at the bottom. Memory accounting lives in the
+//! runtime; [`telemetry`] names every metric and probe; [`config`], [`error`], topic
+//! [`rights`], [`session`] ids and the [`clock`] are at the bottom. Memory accounting lives in the
 //! `pushline-alloc` crate; the binary installs its allocator.
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -35,7 +37,9 @@ pub mod history;
 pub mod http;
 pub mod hub;
 pub mod listener;
+pub mod redis_link;
 pub mod registry;
+pub mod rights;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -106,7 +106,7 @@ impl Server {
         };
         let changes = connected.as_ref().map(|c| c.changes());
         let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes)));
-        let history = Arc::new(Site::History.scope(|| MemoryHistory::new(config.history(), metrics.clone())));
+        let history = Arc::new(Site::History.scope(|| MemoryHistory::new(crate::history::Settings::from_config(&config), metrics.clone())));
         let (registry, attached) = match connected {
             None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window) }, None),
             Some(connected) => {

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::rights::Rights;
+use crate::rights::Rights;
 use crate::error::Error;
 use crate::telemetry::PublishKind;
 

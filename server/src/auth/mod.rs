@@ -8,19 +8,19 @@
 
 pub mod api_keys;
 pub mod keys;
-pub mod rights;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::Validation;
 use serde::Deserialize;
 
+use crate::clock;
 use crate::config::Config;
 use crate::error::{Error, Kind};
 use api_keys::ApiKeys;
 use keys::Keys;
-use rights::Rights;
+use crate::rights::Rights;
 
 /// Every credential the server checks, read from the settings and the files they name;
 /// read again on SIGHUP.
@@ -72,15 +72,6 @@ fn refused(message: impl Into<String>) -> Error {
 /// Whether `given` is `secret`, in time that does not depend on where they differ.
 pub fn same_secret(given: &[u8], secret: &[u8]) -> bool {
     given.len() == secret.len() && given.iter().zip(secret).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0
-}
-
-pub fn now_s() -> u64 {
-    now_ms() / 1000
-}
-
-/// Wall-clock milliseconds, the clock token expiry is in.
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub struct Auth {
@@ -142,7 +133,7 @@ impl Auth {
                 })
             })?
             .claims;
-        if claims.exp > now_s() + self.max_lifetime.as_secs() {
+        if claims.exp > clock::wall_ms() / 1000 + self.max_lifetime.as_secs() {
             return Err(refused(format!(
                 "token expires more than {} from now; the most --jwt-max-lifetime allows",
                 humantime::format_duration(self.max_lifetime)

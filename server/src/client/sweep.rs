@@ -58,7 +58,7 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
         if keepalive_due {
             last_keepalive = now;
         }
-        let wall_ms = crate::auth::now_ms();
+        let wall_ms = crate::clock::wall_ms();
         let grace_ms = timers.refresh_grace.as_millis() as u64;
         hub.for_each(|conn| {
             if conn.full_since_ms().is_some_and(|since| now.saturating_sub(since) >= stuck_ms) {

@@ -162,7 +162,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Position, StreamKey};
+    use crate::wire::cursor::{Position, StreamKey};
     use std::time::Instant;
 
     fn msg(id: u64) -> Arc<Message> {

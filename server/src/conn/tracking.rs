@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::history::{epoch_text, Cursor, Position};
+use crate::wire::cursor::{epoch_text, Cursor, Position};
 use crate::wire::{self, sse, Message, Transport};
 
 /// What a resume queues for the connection, in order.

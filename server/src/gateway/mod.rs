@@ -21,6 +21,7 @@ use crate::auth::Identity;
 use crate::client::{self, Clients};
 use crate::conn::Conn;
 use crate::error::{Error, Kind};
+use crate::history::read::From;
 use crate::history::resume::{self, History};
 use crate::history::{Cursor, Stream};
 use crate::http::{self, Head};
@@ -46,7 +47,7 @@ struct Admitted {
     reservation: Reservation,
     resume: resume::Request,
     /// The streams to read for the resume, and from where; empty when none was asked for.
-    plan: Vec<(Stream, resume::From)>,
+    plan: Vec<(Stream, From)>,
 }
 
 impl Gateway {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use pushline_alloc::Site;
 
-use super::resume::{select, Found, From};
+use super::read::{select, Found, From};
 use super::{id_time_ms, new_epoch, Position, Settings, Stream};
 use crate::clock;
 use crate::telemetry::{Eviction, Metrics};
@@ -113,7 +113,7 @@ impl MemoryHistory {
         kept.entries.push_back(msg.clone());
         kept.bytes += size;
         let (mut gone, mut gone_bytes) = (0, 0);
-        let oldest_kept_ms = crate::auth::now_ms().saturating_sub(self.settings.ttl.as_millis() as u64);
+        let oldest_kept_ms = crate::clock::wall_ms().saturating_sub(self.settings.ttl.as_millis() as u64);
         while kept.entries.len() > self.settings.size || kept.entries.front().is_some_and(|m| id_time_ms(m.id) < oldest_kept_ms) {
             let Some(old) = kept.entries.pop_front() else { break };
             gone += 1;

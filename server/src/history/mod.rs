@@ -10,19 +10,18 @@
 //! are carried by messages, and a connection only tracks them once it has resumed, or
 //! (SSE) once it has been sent one.
 
-pub mod cursor;
 pub mod idempotency;
 pub mod memory;
+pub mod read;
 pub mod redis;
 pub mod resume;
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::rights::Rights;
+use crate::rights::Rights;
 
-pub use cursor::Cursor;
+pub use crate::wire::cursor::{epoch_text, parse_epoch, Cursor, Position, StreamKey};
 
 /// Which stream a message belongs to, by name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -31,25 +30,6 @@ pub enum Stream {
     Uid(Arc<str>),
     Topic(Arc<str>),
     Broadcast,
-}
-
-/// A stream as cursors and envelopes name it: short, and the same on every node. A uid
-/// stream's key hashes the uid, so a cursor carried to another uid's connection is
-/// recognised as foreign.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum StreamKey {
-    Uid(u32),
-    Topic(u64),
-    Broadcast,
-}
-
-/// Where a message sits in its stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Position {
-    pub key: StreamKey,
-    pub epoch: u32,
-    /// 1 for the first message of an epoch.
-    pub offset: u64,
 }
 
 /// A stable hash: every node and every restart must name a stream the same way.
@@ -81,43 +61,13 @@ impl Stream {
 /// to a stream and publishing its message is one script on one shard.
 pub const GROUPS: u64 = 16;
 
-impl fmt::Display for StreamKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StreamKey::Uid(hash) => write!(f, "u.{hash:08x}"),
-            StreamKey::Topic(hash) => write!(f, "t.{hash:016x}"),
-            StreamKey::Broadcast => f.write_str("b"),
-        }
-    }
-}
-
-impl StreamKey {
-    pub fn parse(text: &str) -> Option<StreamKey> {
-        match text.split_once('.') {
-            None if text == "b" => Some(StreamKey::Broadcast),
-            Some(("u", hex)) if hex.len() == 8 => u32::from_str_radix(hex, 16).ok().map(StreamKey::Uid),
-            Some(("t", hex)) if hex.len() == 16 => u64::from_str_radix(hex, 16).ok().map(StreamKey::Topic),
-            _ => None,
-        }
-    }
-}
-
-/// An epoch as envelopes and cursors write it.
-pub fn epoch_text(epoch: u32) -> String {
-    format!("{epoch:08x}")
-}
-
-pub fn parse_epoch(text: &str) -> Option<u32> {
-    (text.len() == 8).then(|| u32::from_str_radix(text, 16).ok()).flatten()
-}
-
 /// A fresh epoch: random, so that a stream recreated anywhere (another node, a restarted
 /// process, a flushed Redis) never reuses one a client may hold.
 pub fn new_epoch() -> u32 {
     let mut bytes = [0u8; 4];
     if getrandom::fill(&mut bytes).is_err() {
         // No entropy source: the clock still makes a repeat unlikely.
-        return (crate::auth::now_ms() as u32).wrapping_mul(2_654_435_761);
+        return (crate::clock::wall_ms() as u32).wrapping_mul(2_654_435_761);
     }
     u32::from_ne_bytes(bytes)
 }
@@ -138,6 +88,17 @@ pub struct Settings {
 }
 
 impl Settings {
+    pub fn from_config(config: &crate::config::Config) -> Settings {
+        Settings {
+            size: config.history_size,
+            ttl: config.history_ttl,
+            max_bytes: config.history_max_bytes,
+            // Checked by `Config::problems`.
+            off: Rights::parse(&config.history_off, "").unwrap_or_default(),
+            idempotency_window: config.idempotency_window,
+        }
+    }
+
     /// Whether messages of `stream` are numbered and kept.
     pub fn keeps(&self, stream: &Stream) -> bool {
         self.size > 0
@@ -169,8 +130,6 @@ mod tests {
             let key = stream.key();
             assert_eq!(StreamKey::parse(&key.to_string()), Some(key));
         }
-        assert_eq!(StreamKey::parse("u.123"), None);
-        assert_eq!(StreamKey::parse("x.12345678"), None);
-        assert_eq!(parse_epoch(&epoch_text(0xdead_beef)), Some(0xdead_beef));
+
     }
 }

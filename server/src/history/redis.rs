@@ -27,10 +27,10 @@ use pushline_alloc::Site;
 use redis::Value;
 use tokio::sync::{Notify, OnceCell};
 
-use super::resume::{select, Found, From};
+use super::read::{select, Found, From};
 use super::{epoch_text, new_epoch, Settings, Stream, GROUPS};
 use crate::error::Error;
-use crate::registry::redis::{Redis, Script};
+use crate::redis_link::{Redis, Script};
 use crate::telemetry::RedisCommand;
 use crate::wire::{envelope_position, Message};
 
@@ -182,7 +182,7 @@ impl RedisHistory {
 
     /// Marks when each group's history began, unless it already has.
     pub async fn mark_born(&self) -> Result<(), Error> {
-        let now = crate::auth::now_ms();
+        let now = crate::clock::wall_ms();
         let cmds: Vec<redis::Cmd> = (0..GROUPS)
             .map(|g| redis::cmd("SET").arg(self.born_key(g)).arg(now).arg("NX").arg("PX").arg(BORN_TTL.as_millis() as u64).clone())
             .collect();
@@ -219,7 +219,7 @@ impl RedisHistory {
             envelope.as_bytes().to_vec(),
             relay.to_vec(),
             if self.redis.sharded() { b"SPUBLISH".to_vec() } else { b"PUBLISH".to_vec() },
-            crate::auth::now_ms().to_string().into_bytes(),
+            crate::clock::wall_ms().to_string().into_bytes(),
         ];
         args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
         (keys.into_iter().map(String::into_bytes).collect(), args)
@@ -249,7 +249,7 @@ impl RedisHistory {
     /// What each stream of `plan` holds past where its client is.
     pub async fn read(&self, plan: &[(Stream, From)]) -> Result<Vec<Found>, Error> {
         let reads = futures_util::future::join_all(plan.iter().map(|(stream, _)| self.read_stream(stream))).await;
-        let now = crate::auth::now_ms();
+        let now = crate::clock::wall_ms();
         plan.iter()
             .zip(reads)
             .map(|((stream, from), read)| {

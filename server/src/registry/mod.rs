@@ -10,7 +10,6 @@
 //! every node sees a stream's messages in offset order.
 
 pub mod presence;
-pub mod redis;
 pub mod relay;
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +35,7 @@ use crate::history::resume::History;
 use crate::history::{Stream, GROUPS};
 use crate::wire::{open_envelope, Draft};
 use presence::{Keys, Registrar};
-use redis::Redis;
+use crate::redis_link::Redis;
 use relay::{Awaited, Relay, Target};
 
 /// How long a node's liveness, once read, is trusted before it is read again.
@@ -207,10 +206,10 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Option<Co
     }
     let (redis, pushes) = Site::Redis.instrument(Redis::connect(config.registry, &config.redis_url, metrics.clone())).await?;
     let keys = Keys::new(&config.redis_prefix);
-    let epoch = relay::now_ms();
+    let epoch = crate::clock::wall_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;
     tracing::info!(node, registry = ?config.registry, "claimed node id {node} in Redis");
-    let history = Arc::new(RedisHistory::new(redis.clone(), &config.redis_prefix, config.history()));
+    let history = Arc::new(RedisHistory::new(redis.clone(), &config.redis_prefix, crate::history::Settings::from_config(config)));
     history.mark_born().await?;
     Ok(Some(Connected { redis, pushes, keys, node, epoch, ttl: config.node_ttl, changes: unbounded_channel(), metrics, history }))
 }
@@ -560,7 +559,7 @@ impl Nodes {
 
 /// Wall-clock time of the publish, so every node measures latency from it.
 fn published_ms(draft: &Draft<'_>) -> u64 {
-    relay::now_ms().saturating_sub(draft.accepted_at.elapsed().as_millis() as u64)
+    crate::clock::wall_ms().saturating_sub(draft.accepted_at.elapsed().as_millis() as u64)
 }
 
 /// The reply to a repeated idempotency key: the first publish's reply when stored,

@@ -37,7 +37,7 @@ use redis::{Cmd, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
-use super::redis::Redis;
+use crate::redis_link::Redis;
 use crate::history::redis::RedisHistory;
 use crate::error::Error;
 use crate::hub::{Change, Hub};

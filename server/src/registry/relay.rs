@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc::Receiver;
@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use pushline_alloc::Site;
 
-use super::redis::Redis;
+use crate::redis_link::Redis;
 use crate::hub::Hub;
 use crate::telemetry::{DropReason, Metrics, PublishKind, Relayed};
 use crate::wire::{envelope_position, Message};
@@ -129,10 +129,6 @@ impl<'a> Bytes<'a> {
         self.0 = rest;
         Some(head)
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// This node's publishes waiting for their messages to come back on its own channels,
@@ -263,7 +259,7 @@ impl Inbox {
         if !own {
             metrics.relayed(Relayed::In, relay.target.kind());
         }
-        let age = Duration::from_millis(now_ms().saturating_sub(relay.published_ms));
+        let age = Duration::from_millis(crate::clock::wall_ms().saturating_sub(relay.published_ms));
         let accepted_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, envelope_position(relay.envelope), accepted_at)));
         let (online, delivered) = match &relay.target {

@@ -4,6 +4,7 @@
 //! A message is framed once, for both transports, when it is published; every connection
 //! that receives it writes the same `Bytes`. Nothing here does I/O.
 
+pub mod cursor;
 pub mod json;
 pub mod sse;
 pub mod ws;
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use pushline_alloc::Site;
 use strum::{EnumCount, IntoStaticStr, VariantArray};
 
-use crate::history::{epoch_text, parse_epoch, Position, StreamKey};
+use cursor::{epoch_text, parse_epoch, Position, StreamKey};
 
 /// The transports a client can hold a connection with. Label `transport` of the
 /// connection metrics; its number is an argument of the `conn_open` probe.

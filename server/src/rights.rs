@@ -1,5 +1,6 @@
-//! Topic rights: the topics a token (or the public list) lets its holder read, as exact
-//! names or prefixes ending in `*`, where `{sub}` stands for the holder's uid.
+//! Topic rights: sets of topics given as exact names or prefixes ending in `*`, where
+//! `{sub}` stands for the holder's uid. What a token (or the public list) lets its holder
+//! read, what an API key may publish to, which topics keep no history.
 
 /// One right, with `{sub}` already expanded.
 #[derive(Clone, Debug, PartialEq, Eq)]

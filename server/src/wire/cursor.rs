@@ -1,5 +1,6 @@
-//! A cursor: where a client is in every stream of its connection, as one line of text
-//! that fits a query string and an SSE `id:`.
+//! Positions in streams as the wire writes them: a message's stream key, epoch and offset
+//! in its envelope, and a cursor, where a client is in every stream of its connection, as
+//! one line of text that fits a query string and an SSE `id:`.
 //!
 //! `s<since>,<stream>:<epoch>:<offset>,...`: `since` is the wall-clock millisecond the
 //! client's positions start from (streams it holds no position in are resumed from
@@ -7,9 +8,56 @@
 //! and the last offset the client has. Clients build it from the `since` of their
 //! welcome or `resumed` message and the `stream`, `epoch` and `offset` of each message.
 
-use std::fmt::Write;
+use std::fmt::{self, Write};
 
-use super::{epoch_text, parse_epoch, Position, StreamKey};
+/// A stream as cursors and envelopes name it: short, and the same on every node. A uid
+/// stream's key hashes the uid, so a cursor carried to another uid's connection is
+/// recognised as foreign.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamKey {
+    Uid(u32),
+    Topic(u64),
+    Broadcast,
+}
+
+/// Where a message sits in its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub key: StreamKey,
+    pub epoch: u32,
+    /// 1 for the first message of an epoch.
+    pub offset: u64,
+}
+
+impl fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamKey::Uid(hash) => write!(f, "u.{hash:08x}"),
+            StreamKey::Topic(hash) => write!(f, "t.{hash:016x}"),
+            StreamKey::Broadcast => f.write_str("b"),
+        }
+    }
+}
+
+impl StreamKey {
+    pub fn parse(text: &str) -> Option<StreamKey> {
+        match text.split_once('.') {
+            None if text == "b" => Some(StreamKey::Broadcast),
+            Some(("u", hex)) if hex.len() == 8 => u32::from_str_radix(hex, 16).ok().map(StreamKey::Uid),
+            Some(("t", hex)) if hex.len() == 16 => u64::from_str_radix(hex, 16).ok().map(StreamKey::Topic),
+            _ => None,
+        }
+    }
+}
+
+/// An epoch as envelopes and cursors write it.
+pub fn epoch_text(epoch: u32) -> String {
+    format!("{epoch:08x}")
+}
+
+pub fn parse_epoch(text: &str) -> Option<u32> {
+    (text.len() == 8).then(|| u32::from_str_radix(text, 16).ok()).flatten()
+}
 
 /// Longest cursor accepted, in bytes.
 pub const MAX_CURSOR_BYTES: usize = 6 * 1024;
@@ -69,6 +117,16 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_and_epochs_round_trip_as_text() {
+        for key in [StreamKey::Uid(7), StreamKey::Topic(u64::MAX), StreamKey::Broadcast] {
+            assert_eq!(StreamKey::parse(&key.to_string()), Some(key));
+        }
+        assert_eq!(StreamKey::parse("u.123"), None);
+        assert_eq!(StreamKey::parse("x.12345678"), None);
+        assert_eq!(parse_epoch(&epoch_text(0xdead_beef)), Some(0xdead_beef));
+    }
 
     #[test]
     fn round_trips() {
