@@ -1,6 +1,6 @@
 //! Who a client is and what it may read: a JWT verified with this server's keys
 //! ([`keys`]), whose `sub` is the uid and whose `topics` claim lists the topics its holder
-//! may subscribe to ([`rights`]); or, in open mode, the `?uid=` it names, reading anything.
+//! may subscribe to ([`crate::rights`]); or, in open mode, the `?uid=` it names, reading anything.
 //!
 //! A token is refused, with the reason, when its header names another algorithm than its
 //! key's or a critical extension, when it is not yet valid (`nbf`) or no longer valid

@@ -1,6 +1,6 @@
 //! A new client connection whose request is `GET /ws` (WebSocket) or `GET /sse`
 //! (Server-Sent Events), handed over by the listener with its request head read:
-//! authenticate ([`auth`]), take a place ([`Admission`]), register with the hub, read
+//! authenticate ([`crate::auth`]), take a place ([`Admission`]), register with the hub, read
 //! what a returning client missed ([`resume`]), answer the handshake, and start the
 //! connection's task. Nothing of the handshake is kept after that.
 
