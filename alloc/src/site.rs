@@ -34,9 +34,12 @@ pub enum Site {
     Redis = 9,
     /// Message history kept for resuming clients (memory registry), and idempotency records.
     History = 10,
+    /// TLS: each connection's session state and keys, handshakes, and the per-thread
+    /// buffers records are decrypted and encrypted in.
+    Tls = 11,
 }
 
-pub const SITES: usize = 11;
+pub const SITES: usize = 12;
 
 impl Site {
     pub const ALL: [Site; SITES] = [
@@ -51,11 +54,12 @@ impl Site {
         Site::Admin,
         Site::Redis,
         Site::History,
+        Site::Tls,
     ];
 
     /// Sites whose memory grows with the number of connections: what an idle connection
     /// costs in user space.
-    pub const PER_CONNECTION: [Site; 4] = [Site::ConnectionTask, Site::Sessions, Site::OutboundQueue, Site::Topics];
+    pub const PER_CONNECTION: [Site; 5] = [Site::ConnectionTask, Site::Sessions, Site::OutboundQueue, Site::Topics, Site::Tls];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -70,6 +74,7 @@ impl Site {
             Site::Admin => "admin",
             Site::Redis => "redis",
             Site::History => "history",
+            Site::Tls => "tls",
         }
     }
 

@@ -141,6 +141,19 @@ pub struct Config {
     #[arg(long = "allowed-origins", env = "PUSHLINE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// PEM certificate chain: TLS on the client listener (wss://, https://), with --tls-key.
+    #[arg(long, env = "PUSHLINE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (RSA, ECDSA or Ed25519).
+    #[arg(long, env = "PUSHLINE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A file of at least 32 random bytes that every process on the port reads, so TLS
+    /// sessions resume whichever process a client lands on; unset: a key of this process.
+    #[arg(long, env = "PUSHLINE_TLS_TICKET_KEY")]
+    pub tls_ticket_key: Option<PathBuf>,
+
     /// Most WebSocket + SSE connections held at once; more are refused with 503.
     #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,
@@ -387,6 +400,12 @@ impl Config {
         }
         if let Err(e) = crate::rights::Rights::parse(&self.public_topics, "") {
             problems.push(format!("--public-topics: {e}"));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => problems.push("--tls-cert needs --tls-key, the certificate's private key".into()),
+            (None, Some(_)) => problems.push("--tls-key needs --tls-cert, the certificate chain it signs for".into()),
+            (None, None) if self.tls_ticket_key.is_some() => problems.push("--tls-ticket-key is for TLS: set --tls-cert and --tls-key".into()),
+            _ => {}
         }
         if let Err(e) = crate::rights::Rights::parse(&self.history_off, "") {
             problems.push(format!("--history-off: {e}"));

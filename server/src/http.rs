@@ -9,9 +9,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-
 use crate::error::Error;
+use crate::socket::Socket;
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
@@ -83,7 +82,7 @@ pub enum ReadHead {
 }
 
 /// Reads until a complete request head is in `buf` (which may then hold more).
-pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<ReadHead> {
+pub async fn read_head(stream: &mut Socket, buf: &mut Vec<u8>) -> io::Result<ReadHead> {
     loop {
         if let Some(outcome) = parse(buf) {
             return Ok(outcome);
@@ -132,7 +131,7 @@ pub fn parse(buf: &[u8]) -> Option<ReadHead> {
 
 /// Answers `error` (its status, `Retry-After` when it has one, and its JSON body) and
 /// closes the connection.
-pub async fn respond_error(stream: &mut TcpStream, error: &Error, extra_headers: &str) {
+pub async fn respond_error(stream: &mut (impl AsyncWrite + Unpin), error: &Error, extra_headers: &str) {
     let status = hyper::StatusCode::from_u16(error.kind.status()).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     let retry = error.retry_after().map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
     let body = error.body();
@@ -163,13 +162,13 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 pub struct Prefixed {
     prefix: Vec<u8>,
     at: usize,
-    inner: TcpStream,
+    inner: Socket,
     /// Set once the write side is shut: when lingering ends, and what was discarded.
     linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl Prefixed {
-    pub fn new(prefix: Vec<u8>, inner: TcpStream) -> Prefixed {
+    pub fn new(prefix: Vec<u8>, inner: Socket) -> Prefixed {
         Prefixed { prefix, at: 0, inner, linger: None }
     }
 }

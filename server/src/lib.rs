@@ -43,7 +43,9 @@ pub mod rights;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod socket;
 pub mod telemetry;
+pub mod tls;
 pub mod wire;
 
 pub use config::Config;

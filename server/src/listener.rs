@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pushline_alloc::Site;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, Type};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -18,8 +19,10 @@ use crate::api::Api;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
 use crate::http::{self, ReadHead};
+use crate::socket::Socket;
+use crate::tls::{session, Tls};
 use crate::telemetry::logging::Throttle;
-use crate::telemetry::{AcceptError, Metrics, RefuseReason};
+use crate::telemetry::{probes, AcceptError, Metrics, RefuseReason};
 use crate::wire::Transport;
 
 /// Pending connections the kernel may hold before accept (capped by net.core.somaxconn).
@@ -27,12 +30,15 @@ const BACKLOG: i32 = 65_535;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// One accept-failure warning per second at most, with how many were held back.
 static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Binds a listening socket; with `reuse_port`, other processes may bind the same address.
 pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
@@ -73,15 +79,28 @@ pub struct Router {
     /// `--max-handshakes` at once.
     pub handshakes: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
+    /// TLS on this listener (`--tls-cert`); None: plain TCP.
+    pub tls: Option<Arc<Tls>>,
 }
+
+/// A plain HTTP request on the TLS port: answered in plain text, since the client reads no TLS.
+const NOT_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: 53\r\n\r\nthis port speaks TLS: use https:// and wss:// here.\r\n";
 
 impl Router {
     /// Reads the request head, then hands the connection to the gateway or the API.
     /// `handshaking` is the connection's place among handshakes in progress, given back
     /// once it is routed: an API connection's life is not a handshake.
-    async fn route(&self, mut stream: TcpStream, peer: SocketAddr, handshaking: OwnedSemaphorePermit) {
-        let mut buf = Vec::with_capacity(1024);
-        let (head, used) = match tokio::time::timeout(self.handshake_timeout, http::read_head(&mut stream, &mut buf)).await {
+    async fn route(&self, stream: TcpStream, peer: SocketAddr, handshaking: OwnedSemaphorePermit) {
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        let (mut stream, mut buf) = match &self.tls {
+            None => (Socket::plain(stream), Vec::with_capacity(1024)),
+            Some(tls) => match tokio::time::timeout_at(deadline, self.tls_handshake(stream, tls)).await {
+                Ok(Some(handshaken)) => handshaken,
+                Ok(None) => return,
+                Err(_) => return self.metrics.refused(RefuseReason::HandshakeTimeout),
+            },
+        };
+        let (head, used) = match tokio::time::timeout_at(deadline, http::read_head(&mut stream, &mut buf)).await {
             Ok(Ok(ReadHead::Complete(head, used))) => (head, used),
             Ok(Ok(ReadHead::Closed)) | Ok(Err(_)) => return,
             Ok(Ok(ReadHead::Malformed(error))) => return self.refuse(&mut stream, error).await,
@@ -103,9 +122,37 @@ impl Router {
         self.gateway.connect(stream, peer.ip(), head, buf, used, transport).await
     }
 
-    async fn refuse(&self, stream: &mut TcpStream, error: Error) {
+    async fn refuse(&self, stream: &mut Socket, error: Error) {
         self.metrics.refused(error.kind.refuse_reason());
         http::respond_error(stream, &error, "").await
+    }
+
+    /// The TLS handshake of a new connection, and any request bytes that came with its
+    /// last flight; None when it failed (answered and counted).
+    async fn tls_handshake(&self, mut stream: TcpStream, tls: &Tls) -> Option<(Socket, Vec<u8>)> {
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => {}
+            Ok(1) => {
+                self.metrics.refused(RefuseReason::NotTls);
+                let _ = stream.write_all(NOT_TLS).await;
+                let _ = stream.shutdown().await;
+                return None;
+            }
+            _ => return None,
+        }
+        match Site::Tls.instrument(session::handshake(&stream, tls.config())).await {
+            Ok(handshaken) => {
+                probes::tls_handshake(handshaken.took.as_nanos() as u64, handshaken.resumed);
+                self.metrics.tls_handshake(handshaken.resumed);
+                Some((Socket::tls(stream, handshaken.session), handshaken.plaintext))
+            }
+            Err(error) => {
+                tracing::debug!(error = %error.message, "TLS handshake failed");
+                self.metrics.refused(RefuseReason::TlsHandshake);
+                None
+            }
+        }
     }
 }
 

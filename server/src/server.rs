@@ -27,6 +27,7 @@ use crate::conn::queue::Limits;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
 use crate::history::idempotency::Idempotency;
+use crate::tls::{self, Tls};
 use crate::history::memory::MemoryHistory;
 use crate::hub::{self, Hub};
 use crate::listener::{self, Router};
@@ -51,6 +52,9 @@ pub struct Server {
     /// Credentials, swapped by [`Server::reload`].
     auth: Arc<ArcSwap<Auth>>,
     api_keys: Arc<ArcSwap<ApiKeys>>,
+    /// TLS on the client listener, its certificate reloaded with the credentials.
+    tls: Option<Arc<Tls>>,
+    metrics: Arc<Metrics>,
     sweeper: CancellationToken,
     admin: admin::Running,
 }
@@ -95,6 +99,15 @@ impl Server {
         let client = tokio::net::TcpListener::from_std(client).map_err(io_error("client listener".into()))?;
 
         let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = tls::Files { cert: cert.clone(), key: key.clone(), ticket_key: config.tls_ticket_key.clone() };
+                let tls = Arc::new(Site::Tls.scope(|| Tls::load(files))?);
+                metrics.tls_not_after.store(tls.not_after(), std::sync::atomic::Ordering::Relaxed);
+                Some(tls)
+            }
+            _ => None,
+        };
         let connected = registry::connect(&config, metrics.clone()).await?;
         let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);
         crate::telemetry::logging::set_node(node);
@@ -156,9 +169,11 @@ impl Server {
             }),
             api_connections: Arc::new(tokio::sync::Semaphore::new(config.max_api_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
+            tls: tls.clone(),
             handshake_timeout: config.handshake_timeout,
             metrics: metrics.clone(),
         });
+        let metrics_handle = metrics.clone();
         let admin = admin::Admin {
             hub: hub.clone(),
             metrics,
@@ -196,6 +211,8 @@ impl Server {
             evicted,
             auth,
             api_keys,
+            tls,
+            metrics: metrics_handle,
             sweeper,
             admin,
         })
@@ -218,6 +235,10 @@ impl Server {
         self.auth.store(Arc::new(credentials.auth));
         self.api_keys.store(Arc::new(credentials.api_keys));
         tracing::info!("reloaded client token keys, public topics and API keys");
+        if let Some(tls) = &self.tls {
+            Site::Tls.scope(|| tls.reload())?;
+            self.metrics.tls_not_after.store(tls.not_after(), std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pushline_alloc::Site;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use arc_swap::ArcSwap;
 
@@ -31,6 +30,7 @@ use crate::clock;
 use crate::config::MAX_CLIENT_FRAME_LIMIT;
 use crate::conn::{Conn, Signals};
 use crate::hub::Hub;
+use crate::socket::Socket;
 use crate::telemetry::{probes, ClientError, CloseReason, DropReason, Metrics};
 use crate::wire::{sse, ws, Transport};
 
@@ -76,32 +76,6 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Site::Codec.scope(|| vec![0; MAX_CLIENT_FRAME_LIMIT + 4 * 1024]));
 }
 
-/// Reads once into `buf`. A short read means the socket is drained, so it also clears
-/// the socket's readiness, sparing the read that would only say WouldBlock. That is safe:
-/// tokio snapshots readiness before the read, and data arriving after it re-arms it.
-fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let mut got = 0;
-    let outcome = stream.try_io(tokio::io::Interest::READABLE, || {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call, and
-        // the fd is the stream's own, open while `stream` is borrowed.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        got = n as usize;
-        if got > 0 && got < buf.len() {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(got)
-        }
-    });
-    match outcome {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        other => other,
-    }
-}
-
 /// A frame partly written to the socket.
 struct Writing {
     bytes: Bytes,
@@ -123,12 +97,12 @@ struct Stop(CloseReason);
 /// Owns the socket of one connection. Dropping it unregisters the connection and counts
 /// why it closed, whichever way the task ended.
 struct Task {
-    stream: TcpStream,
+    socket: Socket,
     conn: Arc<Conn>,
     clients: Arc<Clients>,
     /// Inbound bytes not yet handled: a frame not yet complete, or frames held back while
     /// replies are backed up; empty (unallocated) otherwise.
-    partial: Vec<u8>,
+    partial: Box<[u8]>,
     /// `partial` holds frames held back: handle them once replies drain.
     held_back: bool,
     decoder: ws::Decoder,
@@ -159,7 +133,7 @@ impl Drop for Task {
 /// Not an `async fn`: one would keep its arguments in the future beside the `Task`
 /// they are moved into, for the connection's whole life.
 pub fn serve(
-    stream: TcpStream,
+    socket: Socket,
     conn: Arc<Conn>,
     clients: Arc<Clients>,
     slot: Slot,
@@ -167,11 +141,11 @@ pub fn serve(
     early: Vec<u8>,
 ) -> impl std::future::Future<Output = ()> + Send {
     let mut task = Task {
-        stream,
+        socket,
         conn,
         clients,
         held_back: !early.is_empty(),
-        partial: early,
+        partial: early.into_boxed_slice(),
         decoder: ws::Decoder::new(),
         replies: VecDeque::new(),
         writing: Some(Writing { bytes: first, written: 0, accepted_at: None }),
@@ -220,8 +194,8 @@ impl Task {
         if signals.any() {
             return Poll::Ready(Event::Signals(signals));
         }
-        if self.writing.is_some() {
-            if let Poll::Ready(r) = self.stream.poll_write_ready(cx) {
+        if self.writing.is_some() || self.socket.has_unsent() {
+            if let Poll::Ready(r) = self.socket.tcp().poll_write_ready(cx) {
                 return Poll::Ready(if r.is_ok() { Event::Writable } else { Event::Failed });
             }
         }
@@ -229,7 +203,7 @@ impl Task {
             // Backpressure: read again once the client has taken its replies.
             return Poll::Pending;
         }
-        match self.stream.poll_read_ready(cx) {
+        match self.socket.tcp().poll_read_ready(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
             Poll::Ready(Err(_)) => Poll::Ready(Event::Failed),
             Poll::Pending => Poll::Pending,
@@ -257,6 +231,9 @@ impl Task {
     /// Writes replies, then queued messages, until done or the socket would block.
     /// Returns true when nothing is left to write.
     fn flush(&mut self) -> io::Result<bool> {
+        if !self.socket.flush()? {
+            return Ok(false);
+        }
         loop {
             let writing = match &mut self.writing {
                 Some(w) => w,
@@ -279,7 +256,7 @@ impl Task {
                     self.writing.insert(next)
                 }
             };
-            match self.stream.try_write(&writing.bytes[writing.written..]) {
+            match self.socket.write(&writing.bytes[writing.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     writing.written += n;
@@ -306,7 +283,7 @@ impl Task {
             match self.flush() {
                 Ok(true) => return true,
                 Ok(false) => {
-                    if self.stream.writable().await.is_err() {
+                    if self.socket.tcp().writable().await.is_err() {
                         return false;
                     }
                 }
@@ -320,10 +297,10 @@ impl Task {
             let mut scratch = scratch.borrow_mut();
             let mut filled = self.partial.len();
             scratch[..filled].copy_from_slice(&self.partial);
-            self.partial = Vec::new();
+            self.partial = Box::default();
             let mut budget = READ_BUDGET;
             let result = loop {
-                match read_once(&self.stream, &mut scratch[filled..]) {
+                match self.socket.read(&mut scratch[filled..]) {
                     Ok(0) => break Err(Stop(CloseReason::Client)),
                     Ok(n) => {
                         self.conn.heard_from(clock::now_ms());
@@ -350,7 +327,7 @@ impl Task {
                 }
             };
             if result.is_ok() && filled > 0 {
-                self.partial = scratch[..filled].to_vec();
+                self.partial = scratch[..filled].into();
             }
             result
         })
@@ -360,11 +337,11 @@ impl Task {
     /// back while replies were backed up.
     fn on_held_bytes(&mut self) -> Result<(), Stop> {
         self.held_back = false;
-        let mut bytes = std::mem::take(&mut self.partial);
+        let mut bytes = std::mem::take(&mut self.partial).into_vec();
         let used = self.on_bytes(&mut bytes)?;
         bytes.drain(..used);
         self.held_back = !bytes.is_empty() && self.replies.len() >= MAX_PENDING_REPLIES;
-        self.partial = if bytes.is_empty() { Vec::new() } else { bytes };
+        self.partial = bytes.into_boxed_slice();
         Ok(())
     }
 
@@ -492,7 +469,7 @@ impl Task {
                     return;
                 }
             }
-            let _ = self.stream.shutdown().await;
+            let _ = self.socket.shutdown().await;
         })
         .await;
         if drained.is_err() {
@@ -514,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connection_state_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let stream = Socket::plain(tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap());
         let metrics = Arc::new(Metrics::new());
         let limits = Limits { max_messages: 1, max_bytes: 1, policy: crate::config::SlowConsumer::DropOldest };
         let hub = Arc::new(Hub::new(Settings { limits, max_topics_per_connection: 1, max_connections_per_uid: 1, fanout_batch: 1 }, metrics.clone(), None));

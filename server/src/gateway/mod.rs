@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use pushline_alloc::Site;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::admission::{Admission, Reservation};
 use crate::auth::Identity;
@@ -26,6 +25,7 @@ use crate::history::resume::{self, History};
 use crate::history::{Cursor, Stream};
 use crate::http::{self, Head};
 use crate::session::SessionIds;
+use crate::socket::Socket;
 use crate::telemetry::{probes, CloseReason, Metrics};
 use crate::wire::{self, Transport};
 
@@ -53,7 +53,7 @@ struct Admitted {
 impl Gateway {
     /// Serves the handshake of `transport` for a request whose head is `head`; `buf` holds
     /// what was read, the head being its first `used` bytes.
-    pub async fn connect(&self, mut stream: TcpStream, peer: IpAddr, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport) {
+    pub async fn connect(&self, mut stream: Socket, peer: IpAddr, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport) {
         let hub = &self.clients.hub;
         let admitted = self.admit(&head, peer, transport).and_then(|admitted| {
             let (slot, address) = admitted.reservation.hand_over();
@@ -123,7 +123,7 @@ impl Gateway {
         Site::ConnectionTask.scope(|| tokio::spawn(task));
     }
 
-    async fn refuse(&self, stream: &mut TcpStream, error: &Error) {
+    async fn refuse(&self, stream: &mut Socket, error: &Error) {
         self.metrics.refused(error.kind.refuse_reason());
         let extra = if error.kind == Kind::UpgradeRequired { "Sec-WebSocket-Version: 13\r\n" } else { "" };
         http::respond_error(stream, error, extra).await

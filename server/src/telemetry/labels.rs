@@ -71,6 +71,11 @@ pub enum RefuseReason {
     AdminConnections,
     /// A connection past `--max-handshakes` handshakes in progress.
     Handshakes,
+    /// Plain HTTP on the TLS port.
+    NotTls,
+    /// A TLS handshake that failed (no shared version or suite, a bad record, a client
+    /// that refused the certificate).
+    TlsHandshake,
 }
 
 /// What a publish addressed. Label `kind` of `pushline_messages_published_total`.
@@ -225,4 +230,13 @@ pub enum Eviction {
     Budget,
     /// Nobody listened to the topic for `--history-ttl`.
     NoListener,
+}
+
+/// How a TLS handshake went. Label `kind` of `pushline_tls_handshakes_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum TlsHandshake {
+    Full,
+    /// With a session ticket: no certificate signature, no key exchange of certificates.
+    Resumed,
 }

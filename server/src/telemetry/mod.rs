@@ -18,7 +18,7 @@ use strum::{EnumCount, VariantArray};
 
 pub use labels::{
     AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, Eviction, PublishKind, RedisCommand, RefuseReason, Relayed,
-    ResumeOutcome,
+    ResumeOutcome, TlsHandshake,
 };
 
 use crate::wire::Transport;
@@ -68,6 +68,8 @@ pub const HISTORY_EVICTED: &str = "pushline_history_streams_evicted_total";
 pub const RESUMES: &str = "pushline_resumes_total";
 pub const RESUME_REPLAYED: &str = "pushline_resume_replayed_messages_total";
 pub const IDEMPOTENT_REPLAYS: &str = "pushline_idempotent_replays_total";
+pub const TLS_HANDSHAKES: &str = "pushline_tls_handshakes_total";
+pub const TLS_CERT_EXPIRY: &str = "pushline_tls_cert_expiry_seconds";
 
 const REDIS_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -115,6 +117,10 @@ pub struct Metrics {
     resumes: [Counter; ResumeOutcome::COUNT],
     pub resume_replayed: Counter,
     pub idempotent_replays: Counter,
+    tls_handshakes: [Counter; TlsHandshake::COUNT],
+    tls_cert_expiry: Gauge,
+    /// Unix seconds when the listener's certificate expires; 0: no TLS.
+    pub tls_not_after: std::sync::atomic::AtomicU64,
     /// One log line per second at most for each drop reason, refusal reason and Redis
     /// command failing: a storm is counted in full by the metrics, and summarised in the log.
     drop_log: [Throttle; DropReason::COUNT],
@@ -148,7 +154,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 17] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 18] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -166,8 +172,9 @@ impl Metrics {
             (RESUMES, Some(Unit::Count), "Clients that came back with a cursor, by outcome."),
             (RESUME_REPLAYED, Some(Unit::Count), "Messages replayed from history to resuming clients."),
             (IDEMPOTENT_REPLAYS, Some(Unit::Count), "Publishes answered from an earlier request with the same Idempotency-Key, publishing nothing."),
+            (TLS_HANDSHAKES, Some(Unit::Count), "TLS handshakes completed on the client listener, full or resumed."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 21] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 22] = [
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
             (OPEN_FDS, Some(Unit::Count), "File descriptors this process has open."),
             (MAX_FDS, Some(Unit::Count), "This process's open-file limit."),
@@ -189,6 +196,7 @@ impl Metrics {
             (HISTORY_MESSAGES, Some(Unit::Count), "Messages of history kept in this process (memory registry)."),
             (HISTORY_BYTES, Some(Unit::Bytes), "Bytes of history kept in this process, held against --history-max-bytes."),
             (HISTORY_STREAMS, Some(Unit::Count), "Streams with history kept in this process."),
+            (TLS_CERT_EXPIRY, Some(Unit::Seconds), "Seconds until the client listener's TLS certificate expires (absent without TLS)."),
         ];
         const HISTOGRAMS: [(&str, Option<Unit>, &str); 2] = [
             (DELIVERY_LATENCY, Some(Unit::Seconds), "From publish accepted to bytes handed to the socket."),
@@ -253,6 +261,9 @@ impl Metrics {
             resumes: each::<ResumeOutcome, _, _>(|o| counter(RESUMES, &[("outcome", o)])),
             resume_replayed: counter(RESUME_REPLAYED, &[]),
             idempotent_replays: counter(IDEMPOTENT_REPLAYS, &[]),
+            tls_handshakes: each::<TlsHandshake, _, _>(|k| counter(TLS_HANDSHAKES, &[("kind", k)])),
+            tls_cert_expiry: gauge(TLS_CERT_EXPIRY, &[]),
+            tls_not_after: std::sync::atomic::AtomicU64::new(0),
             drop_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
             refusal_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
             redis_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
@@ -321,6 +332,10 @@ impl Metrics {
         self.resume_replayed.increment(replayed as u64);
     }
 
+    pub fn tls_handshake(&self, resumed: bool) {
+        self.tls_handshakes[if resumed { TlsHandshake::Resumed } else { TlsHandshake::Full } as usize].increment(1);
+    }
+
     pub fn client_error(&self, e: ClientError) {
         self.client_errors[e as usize].increment(1);
     }
@@ -358,6 +373,10 @@ impl Metrics {
             gauge.set(value);
         }
         self.queued_bytes.set(self.queued_bytes_now.load(Ordering::Relaxed) as f64);
+        let not_after = self.tls_not_after.load(Ordering::Relaxed);
+        if not_after > 0 {
+            self.tls_cert_expiry.set(not_after as f64 - (crate::clock::wall_ms() / 1000) as f64);
+        }
         self.queued_messages.set(self.queued_messages_now.load(Ordering::Relaxed) as f64);
         if let Ok(stats) = pushline_alloc::jemalloc::JemallocStats::read() {
             let values = [stats.allocated, stats.active, stats.resident, stats.mapped, stats.retained, stats.metadata];

@@ -13,6 +13,7 @@
 //! | `alloc` | site (`pushline_alloc::Site` as u8), bytes; fired by `pushline-alloc` |
 //! | `redis_start` | command (`RedisCommand` as u8), commands in the batch |
 //! | `redis_end` | command, ns since start, 1 ok / 0 failed |
+//! | `tls_handshake` | ns the handshake took, 1 resumed / 0 full |
 
 #[inline(always)]
 pub fn conn_open(session: u64, fd: i32, transport: u8) {
@@ -52,4 +53,9 @@ pub fn redis_start(command: u8, batch: usize) {
 #[inline(always)]
 pub fn redis_end(command: u8, ns: u64, ok: bool) {
     probe::probe!(pushline, redis_end, command as u64, ns, ok as u64);
+}
+
+#[inline(always)]
+pub fn tls_handshake(ns: u64, resumed: bool) {
+    probe::probe!(pushline, tls_handshake, ns, resumed as u64);
 }
