@@ -4,9 +4,99 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+
+/// Set by `--tls`: every client connects over TLS, trusting the certificate the bench made.
+static TLS: OnceLock<TlsConnector> = OnceLock::new();
+
+/// Makes a certificate for `localhost` and `*.pushline.localhost` in `dir`, for the server, and
+/// has every client trust it. Clients name the server `c<uid>.pushline.localhost`, so each keeps
+/// its own session ticket and a reconnect resumes.
+pub fn use_tls(dir: &std::path::Path, clients: usize) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "*.pushline.localhost".into()]).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let (cert, key) = (dir.join("bench.pem"), dir.join("bench.key"));
+    std::fs::write(&cert, made.cert.pem()).map_err(|e| e.to_string())?;
+    std::fs::write(&key, made.signing_key.serialize_pem()).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(made.cert.der().clone()).map_err(|e| e.to_string())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(clients.max(256));
+    let _ = TLS.set(TlsConnector::from(Arc::new(config)));
+    Ok((cert, key))
+}
+
+/// Whether clients connect over TLS (`--tls`).
+pub fn tls_enabled() -> bool {
+    TLS.get().is_some()
+}
+
+/// One HTTPS request to the client listener (the publish API under `--tls`); the body of
+/// the answer, whatever its status.
+pub async fn https(server: SocketAddr, method: &str, path: &str, body: &str) -> Result<String, String> {
+    let tls = TLS.get().ok_or("TLS is not set up")?;
+    let tcp = TcpStream::connect(server).await.map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    // A server may close without close_notify after `Connection: close`: what was read stands.
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
+    Ok(response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// A client connection: plain, or TLS when `--tls` was given.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, bytes),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, bytes),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Source address for the i-th connection: 127.0.0.1 .. 127.0.0.`spread`, so one client
 /// process is not limited to one address's ~28k ephemeral ports.
@@ -20,18 +110,18 @@ pub fn source_ip_in(net: u8, i: usize, spread: u8) -> IpAddr {
 }
 
 /// Opens `/ws?uid=...` and reads up to the end of the welcome frame.
-pub async fn connect(server: SocketAddr, source: IpAddr, uid: &str) -> io::Result<TcpStream> {
+pub async fn connect(server: SocketAddr, source: IpAddr, uid: &str) -> io::Result<Stream> {
     connect_with(server, source, uid, None).await
 }
 
 /// As `connect`, with the socket's receive buffer set first (a slow client's small window).
-pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive_buffer: Option<u32>) -> io::Result<TcpStream> {
+pub async fn connect_with(server: SocketAddr, source: IpAddr, uid: &str, receive_buffer: Option<u32>) -> io::Result<Stream> {
     Ok(open(server, source, &format!("uid={uid}"), receive_buffer).await?.stream)
 }
 
 /// A WebSocket connection whose welcome has been read.
 pub struct Opened {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// The welcome frame's payload.
     pub welcome: Vec<u8>,
     /// Bytes read past the welcome (what the server sent right after it).
@@ -45,7 +135,16 @@ pub async fn open(server: SocketAddr, source: IpAddr, query: &str, receive_buffe
         socket.set_recv_buffer_size(size)?;
     }
     socket.bind(SocketAddr::new(source, 0))?;
-    let mut stream = socket.connect(server).await?;
+    let tcp = socket.connect(server).await?;
+    let mut stream = match TLS.get() {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            // A name of its own per client (the certificate covers *.pushline.localhost): its own ticket.
+            let name = format!("c{}.pushline.localhost", query.split('&').next().unwrap_or_default().trim_start_matches("uid="));
+            let name = rustls::pki_types::ServerName::try_from(name).map_err(io::Error::other)?;
+            Stream::Tls(Box::new(tls.connect(name, tcp).await?))
+        }
+    };
     let request = format!(
         "GET /ws?{query} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"

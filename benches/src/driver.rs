@@ -284,6 +284,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
 
 /// One HTTP request; the body of the answer, whatever its status.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<String, String> {
+    if path.starts_with("/v1/") && crate::client::tls_enabled() {
+        return crate::client::https(addr, method, path, body).await;
+    }
     let (url, method, body) = (format!("http://{addr}{path}"), method.to_owned(), body.to_owned());
     let request = move || {
         let agent =

@@ -38,6 +38,10 @@ pub struct Common {
     /// Write the rows as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// TLS: the server gets a certificate made for the run (--tls-cert, --tls-key), and
+    /// every client connects with wss://, resuming its session when it reconnects.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Subcommand)]
@@ -174,7 +178,17 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.common.tls {
+        let dir = std::env::temp_dir().join(format!("pushline-bench-tls-{}", std::process::id()));
+        match client::use_tls(&dir, 100_000) {
+            Ok((cert, key)) => cli.common.server_args.extend([format!("--tls-cert={}", cert.display()), format!("--tls-key={}", key.display())]),
+            Err(e) => {
+                eprintln!("pushline-bench: cannot set up TLS: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let result = match cli.scenario {
         Scenario::Idle { connections, hold } => scenarios::idle::run(&cli.common, connections, hold).await,
         Scenario::Fanout { connections, rounds } => scenarios::fanout::run(&cli.common, connections, rounds).await,

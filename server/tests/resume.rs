@@ -337,13 +337,14 @@ mod nodes {
         .await
     }
 
-    /// Waits until some node has told Redis it listens to `topic`.
-    fn wait_interest(redis: &RedisServer, topic: &str) {
+    /// Waits until some node has told Redis it listens to `topic` (polling: Redis has no
+    /// notification to await here; the wait yields, so in-process nodes keep running).
+    async fn wait_interest(redis: &RedisServer, topic: &str) {
         let pattern = format!("pushline:h:*:t{}:{topic}:i", topic.len());
         let deadline = std::time::Instant::now() + WAIT;
         while redis.cli(&["keys", &pattern]).is_empty() {
             assert!(std::time::Instant::now() < deadline, "no interest key for {topic}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -355,7 +356,7 @@ mod nodes {
         let mut tracker = Tracker::default();
         let (mut client, welcome) = ws(a.client, "uid=alice&topics=news").await;
         tracker.take(&welcome);
-        wait_interest(&redis, "news");
+        wait_interest(&redis, "news").await;
 
         const MESSAGES: u64 = 300;
         let publisher = {
@@ -406,7 +407,7 @@ mod nodes {
         let redis = RedisServer::start();
         let (a, b) = (node(RegistryKind::Redis, vec![redis.url()]).await, node(RegistryKind::Redis, vec![redis.url()]).await);
         let (mut client, _) = ws(b.client, "uid=cy&topics=news").await;
-        wait_interest(&redis, "news");
+        wait_interest(&redis, "news").await;
         let send = |addr: SocketAddr, data: u32| async move {
             let response = reqwest::Client::new()
                 .post(format!("http://{addr}/v1/publish"))

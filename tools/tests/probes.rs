@@ -173,3 +173,32 @@ async fn every_probe_script_reports_the_load_it_saw() {
     std::fs::remove_dir_all(&dir).unwrap();
     drop(readers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_script_counts_handshakes() {
+    require_bpftrace();
+    let dir = std::env::temp_dir().join(format!("pushline-probes-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs (apt-get install -y openssl)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let server = Server::start(&[("PUSHLINE_TLS_CERT", cert.to_str().unwrap()), ("PUSHLINE_TLS_KEY", key.to_str().unwrap())]);
+    let trace = Trace::start("tls-handshake", server.pid());
+    for _ in 0..3 {
+        let out = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", &format!("https://{}/v1/nowhere", server.client)])
+            .output()
+            .expect("curl runs (apt-get install -y curl)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = trace.stop();
+    assert_eq!(value(&out, "@handshakes[0]"), 3, "three full handshakes");
+    assert!(out.contains("@took_us[0]"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

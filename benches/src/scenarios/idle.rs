@@ -13,10 +13,10 @@ const WARMUP: usize = 200;
 
 const ALLOCATED: &str = r#"pushline_jemalloc_bytes{stat="allocated"}"#;
 
-/// Live bytes of the connection_task, sessions and other sites.
-async fn site_bytes(server: &ServerProcess) -> [f64; 3] {
-    let mut out = [0.0; 3];
-    for (i, site) in ["connection_task", "sessions", "other"].iter().enumerate() {
+/// Live bytes of the connection_task, sessions, other and tls sites.
+async fn site_bytes(server: &ServerProcess) -> [f64; 4] {
+    let mut out = [0.0; 4];
+    for (i, site) in ["connection_task", "sessions", "other", "tls"].iter().enumerate() {
         out[i] = server.metric(&format!(r#"pushline_alloc_site_live_bytes{{site="{site}"}}"#)).await;
     }
     out
@@ -50,6 +50,7 @@ pub async fn run(common: &Common, connections: usize, hold: u64) -> Result<Vec<R
         Row::new("idle", "site_connection_task_per_connection", (sites1[0] - sites0[0]) / n as f64, "bytes"),
         Row::new("idle", "site_sessions_per_connection", (sites1[1] - sites0[1]) / n as f64, "bytes"),
         Row::new("idle", "site_other_per_connection", (sites1[2] - sites0[2]) / n as f64, "bytes"),
+        Row::new("idle", "site_tls_per_connection", (sites1[3] - sites0[3]) / n as f64, "bytes"),
         // Both ends of each loopback connection are on this machine: half is the server's.
         Row::new("idle", "kernel_tcp_per_connection_server_side", per(kernel0, kernel1) / 2.0, "bytes"),
     ];

@@ -16,13 +16,12 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::client;
 
 /// Opens `n` WebSocket connections (uids `{prefix}{i}`), `parallel` handshakes at a time.
-pub async fn open_connections(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<TcpStream>, String> {
+pub async fn open_connections(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<client::Stream>, String> {
     open_connections_from(server, 0..n, parallel, spread, 0, prefix).await
 }
 
@@ -34,7 +33,7 @@ pub async fn open_connections_from(
     spread: u8,
     net: u8,
     prefix: &str,
-) -> Result<Vec<TcpStream>, String> {
+) -> Result<Vec<client::Stream>, String> {
     let mut streams = Vec::with_capacity(uids.len());
     let (mut next, n) = (uids.start, uids.end);
     while next < n {
@@ -54,7 +53,7 @@ pub async fn open_connections_from(
 }
 
 /// Reads every stream on a task of its own and reports the moment each text frame arrives.
-pub fn arrivals(streams: Vec<TcpStream>) -> mpsc::UnboundedReceiver<Instant> {
+pub fn arrivals(streams: Vec<client::Stream>) -> mpsc::UnboundedReceiver<Instant> {
     let (tx, rx) = mpsc::unbounded_channel();
     for mut stream in streams {
         let tx = tx.clone();

@@ -7,8 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
-
 use crate::client;
 use crate::driver::ServerProcess;
 use crate::report::Row;
@@ -16,10 +14,12 @@ use crate::Common;
 
 const CONNECTIONS: &str = r#"pushline_connections{transport="ws"}"#;
 const RATE_REFUSALS: &str = r#"pushline_connections_refused_total{reason="connect_rate"}"#;
+const TLS_FULL: &str = r#"pushline_tls_handshakes_total{kind="full"}"#;
+const TLS_RESUMED: &str = r#"pushline_tls_handshakes_total{kind="resumed"}"#;
 
 /// Connects clients `storm{i}`, `parallel` handshakes at a time, each retrying after what
 /// a refusal's `Retry-After` says (1 s without one); fails on any other error.
-async fn connect_all(server: &ServerProcess, n: usize, parallel: usize, spread: u8) -> Result<Vec<TcpStream>, String> {
+async fn connect_all(server: &ServerProcess, n: usize, parallel: usize, spread: u8) -> Result<Vec<client::Stream>, String> {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -68,11 +68,14 @@ pub async fn run(common: &Common, connections: usize, parallel: usize, reconnect
         Row::new("storm", "server_cpu_per_handshake", cpu.total().as_secs_f64() * 1e6 / n, "us"),
         Row::new("storm", "rss_connected", rss_connected as f64, "bytes"),
         Row::new("storm", "accept_errors", accept_errors, "count"),
+        Row::new("storm", "tls_full_handshakes", server.metric(TLS_FULL).await, "count"),
+        Row::new("storm", "tls_resumed_handshakes", server.metric(TLS_RESUMED).await, "count"),
     ];
     drop(held);
     if reconnect {
         server.wait_metric_until(CONNECTIONS, Duration::from_secs(60), |c| c == 0.0).await?;
         let refused_before = server.metric(RATE_REFUSALS).await;
+        let (full_before, resumed_before) = (server.metric(TLS_FULL).await, server.metric(TLS_RESUMED).await);
         let (cpu1, again) = (server.cpu_time(), Instant::now());
         let back = connect_all(&server, connections, parallel, common.spread).await?;
         server.wait_metric(CONNECTIONS, n, Duration::from_secs(60)).await?;
@@ -85,6 +88,8 @@ pub async fn run(common: &Common, connections: usize, parallel: usize, reconnect
             Row::new("storm", "reconnect_refused_connect_rate", refused, "count"),
             Row::new("storm", "reconnect_server_cpu_per_accepted", cpu.total().as_secs_f64() * 1e6 / n, "us"),
             Row::new("storm", "reconnect_rss_back", server.rss_bytes() as f64, "bytes"),
+            Row::new("storm", "reconnect_tls_full_handshakes", server.metric(TLS_FULL).await - full_before, "count"),
+            Row::new("storm", "reconnect_tls_resumed_handshakes", server.metric(TLS_RESUMED).await - resumed_before, "count"),
             Row::new("storm", "server_panics", server.panics.load(std::sync::atomic::Ordering::Relaxed) as f64, "count"),
         ]);
         drop(back);

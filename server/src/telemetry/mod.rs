@@ -196,7 +196,7 @@ impl Metrics {
             (HISTORY_MESSAGES, Some(Unit::Count), "Messages of history kept in this process (memory registry)."),
             (HISTORY_BYTES, Some(Unit::Bytes), "Bytes of history kept in this process, held against --history-max-bytes."),
             (HISTORY_STREAMS, Some(Unit::Count), "Streams with history kept in this process."),
-            (TLS_CERT_EXPIRY, Some(Unit::Seconds), "Seconds until the client listener's TLS certificate expires (absent without TLS)."),
+            (TLS_CERT_EXPIRY, Some(Unit::Seconds), "Seconds until the client listener's TLS certificate expires (0 without TLS)."),
         ];
         const HISTOGRAMS: [(&str, Option<Unit>, &str); 2] = [
             (DELIVERY_LATENCY, Some(Unit::Seconds), "From publish accepted to bytes handed to the socket."),
