@@ -305,3 +305,30 @@ async fn sighup_reloads_credentials_without_dropping_connections() {
     assert_eq!(next_json(&mut before).await["type"], "pong", "the old connection stays up");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The CORS headers of an SSE response to a page on `origin`.
+async fn sse_cors(addr: std::net::SocketAddr, query: &str, origin: &str) -> (u16, Option<String>, Option<String>) {
+    let response = reqwest::Client::new().get(format!("http://{addr}/sse?{query}")).header("Origin", origin).send().await.unwrap();
+    let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+    (response.status().as_u16(), header("access-control-allow-origin"), header("access-control-allow-credentials"))
+}
+
+#[tokio::test]
+async fn sse_answers_cors_for_the_origins_it_allows() {
+    let open = start(|_| {}).await;
+    let page = "http://127.0.0.1:5555";
+    assert_eq!(sse_cors(open.client, "uid=a", page).await, (200, Some(page.into()), None), "open mode: any origin, no credentials");
+
+    let token = hs256(json!({"sub": "a", "exp": now() + 60}));
+    let listed = secured(|c| c.allowed_origins = vec!["https://app.example".into()]).await;
+    let query = format!("token={token}");
+    assert_eq!(
+        sse_cors(listed.client, &query, "https://app.example").await,
+        (200, Some("https://app.example".into()), Some("true".into())),
+        "a listed origin, with credentials"
+    );
+    assert_eq!(sse_cors(listed.client, &query, "https://evil.example").await.0, 403);
+
+    let unlisted = secured(|_| {}).await;
+    assert_eq!(sse_cors(unlisted.client, &query, page).await, (200, None, None), "none listed: same-origin only, so no CORS answer");
+}

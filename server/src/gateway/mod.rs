@@ -83,7 +83,7 @@ impl Gateway {
         }
         let response = match transport {
             Transport::WebSocket => ws::accept_response(&head),
-            Transport::Sse => sse::RESPONSE.to_owned(),
+            Transport::Sse => sse::response(self.cors(&head)),
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
             conn.close_outbox(&self.metrics);
@@ -121,6 +121,20 @@ impl Gateway {
         // A task of its own, so the long-lived future holds none of the handshake's state.
         let task = Site::ConnectionTask.instrument(client::serve(stream, conn, self.clients.clone(), slot, welcome, early));
         Site::ConnectionTask.scope(|| tokio::spawn(task));
+    }
+
+    /// Whether a page on the request's origin may read the SSE stream: any origin in open
+    /// mode, the listed ones (`--allowed-origins`, with credentials) otherwise; none listed
+    /// means same-origin only, which needs no CORS answer.
+    fn cors<'h>(&self, head: &'h Head) -> Option<(&'h str, bool)> {
+        let origin = head.header("origin")?;
+        if self.allowed_origins.iter().any(|o| o == origin) {
+            Some((origin, true))
+        } else if self.allowed_origins.is_empty() && self.clients.auth.load().is_open() {
+            Some((origin, false))
+        } else {
+            None
+        }
     }
 
     async fn refuse(&self, stream: &mut Socket, error: &Error) {
