@@ -1,0 +1,148 @@
+// The client against the real server: messages over WebSocket, resume across a dropped
+// network with nothing lost, a server killed and restarted (reconnect, topics restored,
+// `recovered: false` surfaced), SSE as the fallback, and a token refreshed on expiry.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import WebSocket from "ws";
+import { EventSource } from "eventsource";
+
+import { PushlineClient, Cursor, backoffDelay, State } from "../src/index.js";
+import { freePort, startServer, proxy, publish, next } from "../harness.js";
+
+const fast = { initial: 50, max: 200 };
+
+test("backoff is full jitter under a cap", () => {
+  assert.equal(backoffDelay(0, { initial: 100, max: 1000 }, () => 0.999), 99);
+  assert.equal(backoffDelay(10, { initial: 100, max: 1000 }, () => 0.5), 500);
+  assert.equal(backoffDelay(3, { initial: 100, max: 1000 }, () => 0), 0);
+});
+
+test("a cursor round-trips and tells duplicates and gaps", () => {
+  const cursor = new Cursor("s1700,t.00000000000000aa:0000000b:4,b:0000000c:2");
+  assert.equal(cursor.since, "1700");
+  assert.equal(cursor.toString(), "s1700,t.00000000000000aa:0000000b:4,b:0000000c:2");
+  assert.equal(cursor.check({ stream: "b", epoch: "0000000c", offset: 2 }), "duplicate");
+  assert.equal(cursor.check({ stream: "b", epoch: "0000000c", offset: 3 }), "next");
+  assert.equal(cursor.check({ stream: "b", epoch: "0000000c", offset: 5 }), "gap");
+  assert.equal(cursor.check({ stream: "b", epoch: "0000000d", offset: 1 }), "new");
+});
+
+test("messages arrive over WebSocket, and a dropped network loses none of them", async () => {
+  const server = await startServer(await freePort());
+  const network = await proxy(new URL(server.url).port);
+  const client = new PushlineClient(network.url, { uid: "ada", topics: ["news"], WebSocket, backoff: fast });
+  const welcome = next(client, "welcome");
+  client.connect();
+  try {
+    await welcome;
+    assert.equal(client.transport, "websocket");
+    const seen = [];
+    client.on("message", (m) => seen.push(m.data.n));
+    const third = next(client, "message", (m) => m.data.n === 2);
+    for (let n = 0; n < 3; n++) await publish(server.url, { topic: "news", data: { n } });
+    await third;
+
+    const reconnecting = next(client, "state", (s) => s === State.Reconnecting);
+    const resumed = next(client, "resumed");
+    network.cut();
+    await reconnecting;
+    for (let n = 3; n < 8; n++) await publish(server.url, { topic: "news", data: { n } });
+    assert.equal((await resumed).recovered, true);
+    const last = next(client, "message", (m) => m.data.n === 8);
+    await publish(server.url, { topic: "news", data: { n: 8 } });
+    await last;
+    assert.deepEqual(seen, [0, 1, 2, 3, 4, 5, 6, 7, 8], "every message once, in order");
+  } finally {
+    client.close();
+    await network.close();
+    await server.stop();
+  }
+});
+
+test("a killed and restarted server: the client comes back, its topics restored, and is told what it lost", async () => {
+  const port = await freePort();
+  let server = await startServer(port);
+  const client = new PushlineClient(server.url, { uid: "bo", topics: ["a"], WebSocket, backoff: fast });
+  const welcome = next(client, "welcome");
+  client.connect();
+  try {
+    await welcome;
+    client.subscribe(["b"]);
+    await next(client, "subscribed");
+    const before = next(client, "message", (m) => m.data === "before");
+    await publish(server.url, { topic: "b", data: "before" });
+    await before;
+
+    const reconnecting = next(client, "state", (s) => s === State.Reconnecting);
+    const resumed = next(client, "resumed");
+    await server.stop();
+    await reconnecting;
+    server = await startServer(port);
+    assert.equal((await resumed).recovered, false, "the history went with the process, and the client is told");
+    const after = next(client, "message", (m) => m.data === "after");
+    await publish(server.url, { topic: "b", data: "after" });
+    assert.equal((await after).topic, "b", "the topic subscribed later is restored");
+  } finally {
+    client.close();
+    await server.stop();
+  }
+});
+
+test("SSE takes over when WebSocket cannot open", async () => {
+  const server = await startServer(await freePort());
+  // A WebSocket that never opens, as behind a proxy that drops upgrades.
+  class Blocked {
+    constructor() {
+      this.readyState = 3;
+      setTimeout(() => this.onclose?.({ code: 1006 }), 10);
+    }
+    close() {}
+  }
+  const client = new PushlineClient(server.url, { uid: "cy", topics: ["news"], WebSocket: Blocked, EventSource, backoff: fast });
+  const welcome = next(client, "welcome");
+  client.connect();
+  try {
+    await welcome;
+    assert.equal(client.transport, "sse");
+    const got = next(client, "message");
+    await publish(server.url, { topic: "news", data: "via sse" });
+    assert.equal((await got).data, "via sse");
+    assert.ok(client.cursor.toString().startsWith("s"), "the cursor is kept on SSE too");
+  } finally {
+    client.close();
+    await server.stop();
+  }
+});
+
+const SECRET = "a secret of at least thirty-two bytes, for tests";
+
+function jwt(claims) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
+}
+
+test("an expiring token is supplied again and the connection stays", async () => {
+  const server = await startServer(await freePort(), ["--jwt-secret", SECRET, "--api-key", SECRET, "--token-refresh-grace", "10s"]);
+  let issued = 0;
+  const token = () => {
+    issued += 1;
+    return jwt({ sub: "di", exp: Math.floor(Date.now() / 1000) + (issued === 1 ? 1 : 3600) });
+  };
+  const client = new PushlineClient(server.url, { token, WebSocket, backoff: fast });
+  const expired = next(client, "token_expired", () => true, 15000);
+  const refreshed_ = next(client, "refreshed", () => true, 15000);
+  client.connect();
+  try {
+    await expired;
+    const refreshed = await refreshed_;
+    assert.ok(refreshed.expires_at > Date.now() / 1000 + 60);
+    assert.equal(issued, 2);
+    assert.equal(client.state, State.Open);
+  } finally {
+    client.close();
+    await server.stop();
+  }
+});
