@@ -1,5 +1,6 @@
 //! What the kernel holds for a socket: its queued bytes and buffer accounting, read with
-//! `getsockopt(SO_MEMINFO)`, and summed over many sockets.
+//! `getsockopt(SO_MEMINFO)` and summed over many sockets, and the slab objects that make
+//! up its structures (/proc/slabinfo).
 
 use std::os::fd::RawFd;
 
@@ -42,6 +43,15 @@ impl SocketMemory {
         sockets.filter_map(|fd| SocketMemory::of_fd(fd.fd)).fold(SocketMemory::default(), SocketMemory::add)
     }
 
+    /// The sum over at most `at_most` of this process's sockets, taken evenly across its fd
+    /// table (sockets take the lowest free fd, so they are dense in it): a cost that does
+    /// not grow with connections, for what is polled. `sockets` says how many were read.
+    pub fn sample_of_this_process(at_most: usize) -> SocketMemory {
+        let table = procfs::process::Process::myself().and_then(|p| p.status()).map_or(1024, |s| s.fdsize as usize);
+        let stride = (table / at_most.max(1)).max(1);
+        (0..table).step_by(stride).filter_map(|fd| SocketMemory::of_fd(fd as RawFd)).fold(SocketMemory::default(), SocketMemory::add)
+    }
+
     pub fn add(self, o: SocketMemory) -> SocketMemory {
         SocketMemory {
             sockets: self.sockets + o.sockets,
@@ -61,6 +71,11 @@ impl SocketMemory {
     /// charged ahead of use, and socket options.
     pub fn buffered(&self) -> u64 {
         self.rmem_alloc + self.wmem_queued + self.fwd_alloc + self.optmem
+    }
+
+    /// [`buffered`](Self::buffered) per socket; `None` for no sockets.
+    pub fn buffered_per_socket(&self) -> Option<f64> {
+        (self.sockets > 0).then(|| self.buffered() as f64 / self.sockets as f64)
     }
 }
 
@@ -99,5 +114,54 @@ impl TcpSockstat {
     /// Kernel memory in TCP sockets, machine-wide, in bytes.
     pub fn mem_bytes(&self) -> u64 {
         self.mem * procfs::page_size()
+    }
+}
+
+/// Slab caches a TCP socket's kernel state lives in, one object each: the socket, its
+/// inode, its file and dentry, its epoll registration, and the security modules' blobs for
+/// the inode and file (where an LSM is loaded). A cache the kernel does not have counts 0.
+pub const SOCKET_SLABS: [&str; 8] =
+    ["TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq", "lsm_inode_cache", "lsm_file_cache"];
+
+/// One cache of /proc/slabinfo (readable by root only). procfs does not parse this file.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct SlabCache {
+    pub active_objs: u64,
+    pub num_objs: u64,
+    pub objsize: u64,
+    pub objperslab: u64,
+    pub pagesperslab: u64,
+}
+
+/// The caches of [`SOCKET_SLABS`], as /proc/slabinfo has them now.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SocketSlabs(pub Vec<(&'static str, SlabCache)>);
+
+impl SocketSlabs {
+    /// `None` without read access to /proc/slabinfo.
+    pub fn read() -> Option<SocketSlabs> {
+        let text = std::fs::read_to_string("/proc/slabinfo").ok()?;
+        let mut found = std::collections::HashMap::new();
+        for line in text.lines().skip(2) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let number = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+            if let Some(name) = f.first() {
+                let cache = SlabCache { active_objs: number(1), num_objs: number(2), objsize: number(3), objperslab: number(4), pagesperslab: number(5) };
+                found.insert(*name, cache);
+            }
+        }
+        Some(SocketSlabs(SOCKET_SLABS.iter().map(|name| (*name, found.get(name).copied().unwrap_or_default())).collect()))
+    }
+
+    /// The model: one object of each cache per socket, at its object size.
+    pub fn bytes_per_socket(&self) -> u64 {
+        self.0.iter().map(|(_, c)| c.objsize).sum()
+    }
+
+    /// Bytes of whole slabs these caches hold, machine-wide (what the kernel has taken
+    /// from the page allocator for them, free objects included).
+    pub fn slab_bytes(&self) -> u64 {
+        let page = procfs::page_size();
+        self.0.iter().map(|(_, c)| c.num_objs.checked_div(c.objperslab).unwrap_or(0) * c.pagesperslab * page).sum()
     }
 }

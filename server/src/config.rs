@@ -154,6 +154,12 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_TLS_TICKET_KEY")]
     pub tls_ticket_key: Option<PathBuf>,
 
+    /// Serve a demo page at /demo on the client listener: connect with the JavaScript
+    /// client, watch messages arrive, publish (open mode).
+    #[arg(long, env = "PUSHLINE_DEMO")]
+    #[serde(default)]
+    pub demo: bool,
+
     /// Most WebSocket + SSE connections held at once; more are refused with 503.
     #[arg(long, env = "PUSHLINE_MAX_CONNECTIONS", default_value_t = 1_000_000)]
     pub max_connections: usize,

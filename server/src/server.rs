@@ -166,6 +166,7 @@ impl Server {
                 request_timeout: config.handshake_timeout,
                 bodies: Arc::new(tokio::sync::Semaphore::new(config.max_publish_bytes_in_flight.div_ceil(1024))),
                 shutdown: shutdown.clone(),
+                demo: config.demo,
             }),
             api_connections: Arc::new(tokio::sync::Semaphore::new(config.max_api_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),

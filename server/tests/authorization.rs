@@ -213,16 +213,21 @@ async fn api_keys_are_scoped() {
 async fn the_admin_token_guards_every_admin_route() {
     let token = "admin-token-of-thirty-two-bytes!";
     let t = start(|c| c.admin_token = Some(token.into())).await;
-    let get = |auth: Option<&str>| {
-        let mut request = reqwest::Client::new().get(format!("http://{}/debug/connections", t.admin));
+    let get = |path: &str, auth: Option<&str>| {
+        let mut request = reqwest::Client::new().get(format!("http://{}{path}", t.admin));
         if let Some(auth) = auth {
             request = request.bearer_auth(auth);
         }
         async move { request.send().await.unwrap().status().as_u16() }
     };
-    assert_eq!(get(None).await, 401);
-    assert_eq!(get(Some("wrong-token-of-thirty-two-bytes!")).await, 401);
-    assert_eq!(get(Some(token)).await, 200);
+    for path in ["/debug/connections", "/debug/stats", "/metrics"] {
+        assert_eq!(get(path, None).await, 401, "{path}");
+        assert_eq!(get(path, Some("wrong-token-of-thirty-two-bytes!")).await, 401, "{path}");
+        assert_eq!(get(path, Some(token)).await, 200, "{path}");
+    }
+    // The dashboard page holds no data; it asks for the token to read the endpoints.
+    assert_eq!(get("/", None).await, 200);
+    assert_eq!(get("/assets/uplot.min.js", None).await, 200);
 
     let mut config = pushline::Config::for_loopback();
     config.jwt_secret = Some(SECRET.into());

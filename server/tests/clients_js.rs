@@ -1,5 +1,6 @@
 //! The JavaScript client's own tests (`clients/js`, Node's test runner), run against this
-//! build's server binary: reconnects, resume with no loss, SSE fallback, token refresh.
+//! build's server binary: reconnects, resume with no loss, SSE fallback, token refresh, and
+//! in headless chromium the admin dashboard, the demo page and SSE from another origin.
 
 use std::path::Path;
 use std::process::Command;

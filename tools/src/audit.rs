@@ -8,27 +8,12 @@ use std::os::unix::fs::FileExt;
 
 use object::{Object, ObjectSymbol};
 use pushline_alloc::process::Resident;
-use pushline_alloc::socket::SocketMemory;
+use pushline_alloc::socket::{SocketMemory, SocketSlabs};
 use pushline_alloc::table::{self, SiteStats};
 use pushline_alloc::Site;
 use serde::Serialize;
 
 use crate::target::{is_established, socket_inodes, tcp_table};
-
-/// Slab caches a TCP socket's kernel state lives in, with how many objects each socket
-/// holds: the socket, its inode, its file and dentry, its epoll registration, and the
-/// security modules' blobs for the inode and file (where an LSM is loaded). A cache the
-/// kernel does not have counts 0.
-const SOCKET_SLABS: [(&str, f64); 8] = [
-    ("TCP", 1.0),
-    ("sock_inode_cache", 1.0),
-    ("filp", 1.0),
-    ("dentry", 1.0),
-    ("eventpoll_epi", 1.0),
-    ("eventpoll_pwq", 1.0),
-    ("lsm_inode_cache", 1.0),
-    ("lsm_file_cache", 1.0),
-];
 
 #[derive(Serialize)]
 pub struct Audit {
@@ -94,7 +79,7 @@ pub fn audit(pid: u32) -> Result<Audit, String> {
         Err(_) => unreadable = tcp.len() as u64,
     }
     let (receive, send, forward) = (buffers.rmem_alloc, buffers.wmem_queued, buffers.fwd_alloc);
-    let socket_struct_bytes = slab_bytes_per_socket();
+    let socket_struct_bytes = SocketSlabs::read().map(|s| s.bytes_per_socket());
 
     let connections = established as u64;
     let per = |bytes: f64| if connections == 0 { 0.0 } else { bytes / connections as f64 };
@@ -196,20 +181,6 @@ fn socket_buffers(pid: u32, fds: impl Iterator<Item = i32>) -> Result<Vec<Option
     // SAFETY: `pidfd` was opened above and is closed once.
     unsafe { libc::close(pidfd) };
     Ok(out)
-}
-
-/// Kernel bytes per TCP socket: the object sizes of its slab caches.
-fn slab_bytes_per_socket() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/slabinfo").ok()?;
-    let sizes: HashMap<&str, u64> = text
-        .lines()
-        .skip(2)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((*f.first()?, f.get(3)?.parse().ok()?))
-        })
-        .collect();
-    Some(SOCKET_SLABS.iter().map(|(name, per)| (sizes.get(name).copied().unwrap_or(0) as f64 * per) as u64).sum())
 }
 
 pub fn print(a: &Audit) {

@@ -11,13 +11,19 @@ use strum::VariantArray;
 use super::Admin;
 use crate::wire::Transport;
 
+/// Every socket's SO_MEMINFO is read: a cost that grows with connections (about 8 ms per
+/// 1,000 sockets), fine when asked for, not for polling (see `/debug/stats`).
 pub fn memory(admin: &Admin) -> serde_json::Value {
+    memory_with(admin, SocketMemory::of_this_process())
+}
+
+/// As [`memory`], with the sockets' memory already read (in full or as a sample).
+pub fn memory_with(admin: &Admin, sockets: SocketMemory) -> serde_json::Value {
     let connections = admin.hub.total_connections() as u64;
     let per = |bytes: f64| if connections == 0 { json!(null) } else { json!((bytes / connections as f64).round()) };
     let jemalloc = JemallocStats::read().ok();
     let sites = table::snapshot();
     let connection_site_bytes: i64 = Site::PER_CONNECTION.iter().map(|s| sites[*s as usize].live_bytes).sum();
-    let sockets = SocketMemory::of_this_process();
     let rss = Resident::myself().rss;
     let mut by_transport: serde_json::Map<String, serde_json::Value> =
         Transport::VARIANTS.iter().map(|t| (t.as_str().to_owned(), json!(admin.hub.connections(*t)))).collect();
@@ -47,7 +53,8 @@ pub fn memory(admin: &Admin) -> serde_json::Value {
             "connection_sites_total": per(connection_site_bytes as f64),
             "jemalloc_allocated": jemalloc.map_or(json!(null), |j| per(j.allocated as f64)),
             "rss": per(rss as f64),
-            "kernel_socket_buffers": per(sockets.buffered() as f64),
+            // Per socket read, which is per connection but for the few listening sockets.
+            "kernel_socket_buffers": sockets.buffered_per_socket().map(f64::round),
         },
     })
 }

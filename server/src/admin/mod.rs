@@ -8,6 +8,7 @@
 
 mod memory;
 mod profile;
+mod stats;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -174,8 +175,23 @@ impl Query {
     }
 }
 
+/// The dashboard and what it loads: static, shipped in the binary, and holding no data, so
+/// served without the admin token (the page asks for it to read the endpoints).
+fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
+    match path {
+        "/" => Some(("text/html; charset=utf-8", include_bytes!("dashboard/index.html"))),
+        "/assets/uplot.min.js" => Some(("text/javascript", include_bytes!("dashboard/uplot.min.js"))),
+        "/assets/uplot.min.css" => Some(("text/css", include_bytes!("dashboard/uplot.min.css"))),
+        "/assets/UPLOT-LICENSE" => Some(("text/plain; charset=utf-8", include_bytes!("dashboard/UPLOT-LICENSE"))),
+        _ => None,
+    }
+}
+
 async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
     const TEXT: &str = "text/plain; charset=utf-8";
+    if let (&Method::GET, Some((kind, body))) = (req.method(), asset(req.uri().path())) {
+        return reply(StatusCode::OK, kind, Bytes::from_static(body));
+    }
     if let Some(token) = &admin.token {
         let given = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(http::bearer_token);
         if !given.is_some_and(|g| crate::auth::same_secret(g.as_bytes(), token.as_bytes())) {
@@ -206,6 +222,7 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         "/debug/pprof/profile" => profile::cpu(&query).await,
         "/debug/pprof/heap" => profile::heap(&query).await,
         "/debug/memory" => json(&memory::memory(admin)),
+        "/debug/stats" => json(&Site::Admin.scope(|| stats::stats(admin))),
         "/debug/objects" => json(&memory::objects(admin)),
         "/debug/connections" => match query.number("limit", 100, 1..=100_000) {
             Ok(limit) => json(&serde_json::json!({
@@ -229,7 +246,7 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         }
         path => error(
             StatusCode::NOT_FOUND,
-            &format!("no admin endpoint {path}; see /metrics, /healthz, /readyz, /debug/pprof/profile, /debug/pprof/heap, /debug/memory (POST /debug/memory/purge), /debug/objects, /debug/connections, /debug/sessions/<uid>"),
+            &format!("no admin endpoint {path}; see / (the dashboard), /metrics, /healthz, /readyz, /debug/stats, /debug/pprof/profile, /debug/pprof/heap, /debug/memory (POST /debug/memory/purge), /debug/objects, /debug/connections, /debug/sessions/<uid>"),
         ),
     }
 }

@@ -55,6 +55,17 @@ pub struct Api {
     /// make this node buffer, whatever the number of connections.
     pub bodies: Arc<tokio::sync::Semaphore>,
     pub shutdown: Arc<Shutdown>,
+    /// Serve the demo page (`--demo`).
+    pub demo: bool,
+}
+
+/// The demo page and the client it runs, shipped in the binary.
+fn demo(path: &str) -> Option<(&'static str, &'static [u8])> {
+    match path {
+        "/demo" => Some(("text/html; charset=utf-8", include_bytes!("demo.html"))),
+        "/demo/pushline-client.js" => Some(("text/javascript", include_bytes!("../../../clients/js/src/index.js"))),
+        _ => None,
+    }
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -122,11 +133,18 @@ impl Api {
             ApiRoute::Other if matches!(req.uri().path(), "/ws" | "/sse") => {
                 Error::bad_request("open /ws and /sse on a connection of their own").into()
             }
-            ApiRoute::Other => Error::new(
+            ApiRoute::Other => match demo(req.uri().path()).filter(|_| self.demo && req.method() == Method::GET) {
+                Some((kind, body)) => {
+                    let mut reply = Response::new(Full::new(Bytes::from_static(body)));
+                    reply.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
+                    reply
+                }
+                None => Error::new(
                 Kind::NotFound,
-                format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast", req.uri().path()),
-            )
-            .into(),
+                    format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast", req.uri().path()),
+                )
+                .into(),
+            },
             _ if req.method() != Method::POST => Error::new(Kind::MethodNotAllowed, "use POST").into(),
             ApiRoute::Push => self.publish(req, PublishKind::Push).await,
             ApiRoute::Publish => self.publish(req, PublishKind::Topic).await,
