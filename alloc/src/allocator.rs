@@ -6,6 +6,10 @@
 //! whichever thread frees it. A request that fills its size class exactly has no such
 //! byte; it goes to an arena of its site's own instead (see [`Placement`]).
 //!
+//! A site is charged the usable size of each allocation (its size class, what the block
+//! really takes from jemalloc), not the size asked for, so the table adds up to jemalloc's
+//! own `allocated`.
+//!
 //! Tracking can be switched off once, at start ([`disable_tracking`]); from then on every
 //! call goes straight to jemalloc after one relaxed atomic load.
 
@@ -111,6 +115,16 @@ enum Placement {
     Arena,
 }
 
+impl Placement {
+    /// The bytes the block takes: its size class.
+    fn usable(&self, layout: &Layout) -> usize {
+        match *self {
+            Placement::Tag { usable } => usable,
+            Placement::Arena => layout.size(),
+        }
+    }
+}
+
 /// The placement of an allocation of `layout`: a pure function of the layout, so the
 /// free (which gets the same layout, by `GlobalAlloc`'s contract) finds the tag where the
 /// allocation put it.
@@ -187,7 +201,8 @@ impl SiteAllocator {
     #[inline]
     unsafe fn alloc_for(site: u8, layout: Layout, zero: bool) -> *mut u8 {
         let flags = flags_for(&layout);
-        let ptr = match placement(&layout, flags) {
+        let placed = placement(&layout, flags);
+        let ptr = match placed {
             Placement::Tag { usable } => {
                 // SAFETY: the caller's contract is ours.
                 let ptr = unsafe { if zero { Jemalloc.alloc_zeroed(layout) } else { Jemalloc.alloc(layout) } };
@@ -205,7 +220,7 @@ impl SiteAllocator {
             }
         };
         if !ptr.is_null() {
-            charge(site, layout.size());
+            charge(site, placed.usable(&layout));
         }
         ptr
     }
@@ -260,7 +275,7 @@ unsafe impl GlobalAlloc for SiteAllocator {
             Placement::Tag { usable } => {
                 // SAFETY: the allocation (same layout, same placement) wrote its site
                 // there; the block is still ours until the dealloc below.
-                credit(unsafe { ptr.add(usable - 1).read() }, layout.size());
+                credit(unsafe { ptr.add(usable - 1).read() }, usable);
                 // SAFETY: the caller's contract is ours.
                 unsafe { Jemalloc.dealloc(ptr, layout) };
             }
@@ -284,7 +299,7 @@ unsafe impl GlobalAlloc for SiteAllocator {
         let site = unsafe { Self::site_of(ptr, &layout) };
         // SAFETY: `GlobalAlloc::realloc` promises `new_size`, rounded up to `align`, does not overflow.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if let (Placement::Tag { .. }, Placement::Tag { usable }) =
+        if let (Placement::Tag { usable: old }, Placement::Tag { usable }) =
             (placement(&layout, flags_for(&layout)), placement(&new_layout, flags_for(&new_layout)))
         {
             // SAFETY: the caller's contract is ours; rallocx gives the block the size class
@@ -293,8 +308,8 @@ unsafe impl GlobalAlloc for SiteAllocator {
             if !new.is_null() {
                 // SAFETY: `usable - 1 >= new_size`: inside the new block, past the caller's bytes.
                 unsafe { new.add(usable - 1).write(site) };
-                credit(site, layout.size());
-                charge(site, new_size);
+                credit(site, old);
+                charge(site, usable);
             }
             return new;
         }

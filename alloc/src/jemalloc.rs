@@ -3,11 +3,11 @@
 
 use std::ffi::c_char;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tikv_jemalloc_ctl::{epoch, stats};
 
 /// jemalloc's counters, in bytes, as of one epoch.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct JemallocStats {
     /// Bytes the program asked for and has not freed.
     pub allocated: u64,
@@ -19,6 +19,8 @@ pub struct JemallocStats {
     /// Virtual memory kept mapped but returned to the OS.
     pub retained: u64,
     pub metadata: u64,
+    /// Freed blocks the threads' caches hold for reuse: still `allocated` to jemalloc.
+    pub tcache: u64,
 }
 
 impl JemallocStats {
@@ -33,6 +35,8 @@ impl JemallocStats {
             mapped: read(stats::mapped::read(), "mapped")?,
             retained: read(stats::retained::read(), "retained")?,
             metadata: read(stats::metadata::read(), "metadata")?,
+            // SAFETY: "stats.arenas.<i>.tcache_bytes" is a size_t; 4096 is MALLCTL_ARENAS_ALL.
+            tcache: read(unsafe { tikv_jemalloc_ctl::raw::read::<usize>(b"stats.arenas.4096.tcache_bytes\0") }, "tcache_bytes")?,
         })
     }
 

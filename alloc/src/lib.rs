@@ -7,6 +7,7 @@
 //! - [`allocator`] (feature `allocator`): [`SiteAllocator`], jemalloc charging every
 //!   allocation to a site, with an off switch;
 //! - [`jemalloc`] (feature `allocator`): statistics and sampled heap profiles;
+//! - [`baseline`] (feature `allocator`): memory just before the first connection;
 //! - [`process`] and [`socket`]: what the kernel holds for a process: resident memory,
 //!   and the buffers of each socket (SO_MEMINFO);
 //! - [`flame`]: folded stacks rendered as flame graphs.
@@ -16,6 +17,8 @@
 
 #[cfg(feature = "allocator")]
 pub mod allocator;
+#[cfg(feature = "allocator")]
+pub mod baseline;
 pub mod flame;
 #[cfg(feature = "allocator")]
 pub mod jemalloc;

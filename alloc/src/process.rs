@@ -1,9 +1,9 @@
 //! A process's memory as the kernel counts it, from /proc (through `procfs`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Resident memory of one process, in bytes.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Resident {
     pub rss: u64,
     /// Anonymous pages: the heap, stacks, and what the allocator holds.

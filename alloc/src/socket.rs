@@ -4,7 +4,7 @@
 
 use std::os::fd::RawFd;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// `SO_MEMINFO` of one or many sockets (summed), in bytes; `sockets` says how many.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -81,7 +81,7 @@ impl SocketMemory {
 
 /// The `TCP:` line of /proc/net/sockstat: the machine's TCP sockets and the kernel
 /// memory they hold (`mem`, in pages). procfs does not parse this file.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct TcpSockstat {
     pub inuse: u64,
     pub orphan: u64,
@@ -124,7 +124,7 @@ pub const SOCKET_SLABS: [&str; 8] =
     ["TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq", "lsm_inode_cache", "lsm_file_cache"];
 
 /// One cache of /proc/slabinfo (readable by root only). procfs does not parse this file.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct SlabCache {
     pub active_objs: u64,
     pub num_objs: u64,
@@ -134,8 +134,8 @@ pub struct SlabCache {
 }
 
 /// The caches of [`SOCKET_SLABS`], as /proc/slabinfo has them now.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct SocketSlabs(pub Vec<(&'static str, SlabCache)>);
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SocketSlabs(pub Vec<(String, SlabCache)>);
 
 impl SocketSlabs {
     /// `None` without read access to /proc/slabinfo.
@@ -150,12 +150,24 @@ impl SocketSlabs {
                 found.insert(*name, cache);
             }
         }
-        Some(SocketSlabs(SOCKET_SLABS.iter().map(|name| (*name, found.get(name).copied().unwrap_or_default())).collect()))
+        Some(SocketSlabs(SOCKET_SLABS.iter().map(|name| (name.to_string(), found.get(name).copied().unwrap_or_default())).collect()))
     }
 
     /// The model: one object of each cache per socket, at its object size.
     pub fn bytes_per_socket(&self) -> u64 {
         self.0.iter().map(|(_, c)| c.objsize).sum()
+    }
+
+    /// Bytes of the objects in use in these caches, machine-wide: what grows by
+    /// [`bytes_per_socket`](Self::bytes_per_socket) for each new socket, if the model holds.
+    pub fn object_bytes(&self) -> u64 {
+        self.0.iter().map(|(_, c)| c.active_objs * c.objsize).sum()
+    }
+
+    /// Objects in use in the `TCP` cache: one per IPv4 TCP socket that is not a listener's
+    /// request or in TIME_WAIT (those have caches of their own).
+    pub fn tcp_objects(&self) -> u64 {
+        self.0.iter().find(|(name, _)| name == "TCP").map_or(0, |(_, c)| c.active_objs)
     }
 
     /// Bytes of whole slabs these caches hold, machine-wide (what the kernel has taken

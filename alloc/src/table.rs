@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 #[cfg(feature = "allocator")]
 use std::sync::atomic::Ordering;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "allocator")]
 use crate::site::Site;
@@ -116,7 +116,7 @@ pub static PUSHLINE_ALLOC_SITES: SiteTable = SiteTable {
 };
 
 /// Totals of one site, summed over shards.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SiteStats {
     pub site: String,
     pub live_bytes: i64,

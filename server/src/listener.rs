@@ -166,6 +166,7 @@ pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Cance
         };
         match accepted {
             Ok((mut stream, peer)) => {
+                pushline_alloc::baseline::record_once();
                 backoff = Duration::ZERO;
                 let _ = stream.set_nodelay(true);
                 let Ok(handshaking) = router.handshakes.clone().try_acquire_owned() else {

@@ -1,73 +1,145 @@
-//! `memory-audit`: where a live server's memory goes, per connection, from the pid alone:
-//! the kernel (socket structures from /proc/slabinfo object sizes, queued bytes from
-//! SO_MEMINFO on the server's own sockets), the allocator (the server's site table, read
-//! straight out of its memory), and the process (RSS from /proc).
+//! `memory-audit`: where a live server's memory goes, per connection, from the pid alone.
+//!
+//! User space is the growth of the server's anonymous memory since just before its first
+//! connection (the server keeps a reading from then), split into lines that add up to it: the live
+//! bytes of the connection sites (usable sizes, from the site table read straight out of
+//! the process's memory), other sites, what jemalloc keeps in thread caches, space lost
+//! inside its pages, dirty pages and metadata, and memory outside the heap (stacks). The
+//! kernel part is each socket's slab objects, measured as the growth of those caches per
+//! new TCP socket on the machine when enough sockets came since the start, with the
+//! object-size model beside it, plus the bytes queued in the server's sockets (SO_MEMINFO).
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
 use object::{Object, ObjectSymbol};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use pushline_alloc::process::Resident;
 use pushline_alloc::socket::{SocketMemory, SocketSlabs};
 use pushline_alloc::table::{self, SiteStats};
 use pushline_alloc::Site;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::target::{is_established, socket_inodes, tcp_table};
+use crate::target::{is_established, socket_inodes, tcp_table, Admin};
 
 #[derive(Serialize)]
 pub struct Audit {
     pub pid: u32,
     pub connections: u64,
-    pub process: Process,
+    pub process: Resident,
     pub sites: Vec<SiteStats>,
+    pub user_space: UserSpace,
     pub kernel: Kernel,
     pub per_connection: PerConnection,
 }
 
-#[derive(Serialize)]
-pub struct Process {
-    pub rss: u64,
-    pub rss_anon: u64,
-    pub rss_file: u64,
-    /// Bytes the server's code holds, by the site table (requested sizes).
-    pub allocated_by_sites: i64,
-    /// RSS not accounted for by live allocations: code, stacks, allocator slack and caches.
-    pub unaccounted: i64,
+/// Growth since the server started, per connection, in bytes. The lines add up to
+/// `total`, which is the growth of the process's anonymous memory (RssAnon).
+#[derive(Serialize, Default)]
+pub struct UserSpace {
+    pub since_first_connection_s: f64,
+    /// Live bytes of the sites that grow with connections, at their usable (size-class) size.
+    pub connection_sites: f64,
+    pub by_site: BTreeMap<String, f64>,
+    /// Live bytes of every other site.
+    pub other_sites: f64,
+    /// Freed blocks jemalloc's thread caches keep for reuse.
+    pub thread_caches: f64,
+    /// Allocated bytes no site was charged for (allocations made before tracking began).
+    pub not_charged: f64,
+    /// Space inside jemalloc's pages that holds no live block: active - allocated.
+    pub slack_in_pages: f64,
+    /// Pages jemalloc keeps (dirty, not yet returned) and its metadata: resident - active.
+    pub dirty_and_metadata: f64,
+    /// Anonymous memory outside jemalloc: thread stacks, libc.
+    pub outside_heap: f64,
+    pub total: f64,
 }
 
 #[derive(Serialize)]
 pub struct Kernel {
     pub tcp_sockets: u64,
     pub established: u64,
-    /// Bytes of slab objects per TCP socket (None without read access to /proc/slabinfo).
-    pub socket_struct_bytes: Option<u64>,
+    /// Slab bytes per TCP socket, measured: the socket caches' growth over the machine's
+    /// new TCP sockets (objects of the `TCP` cache) since the first connection. None until
+    /// enough sockets came.
+    pub socket_struct_bytes_measured: Option<f64>,
+    /// Slab bytes per TCP socket, modelled: one object of each socket cache at its size.
+    pub socket_struct_bytes_model: Option<u64>,
+    /// Why there is no measured figure, when there is none.
+    pub not_measured: Option<String>,
+    /// TCP sockets the machine gained since the first connection (both ends of a
+    /// loopback connection count), and the socket caches' growth in bytes over them.
+    pub new_tcp_sockets: i64,
+    pub socket_slab_growth: i64,
     pub receive_queue: u64,
     pub send_queue: u64,
     pub forward_alloc: u64,
+    /// Sockets whose SO_MEMINFO was read (all, or a sample under --watch).
+    pub sockets_read: u64,
     /// Sockets whose SO_MEMINFO could not be read (no permission to take their fds).
     pub unreadable_sockets: u64,
 }
 
 #[derive(Serialize)]
 pub struct PerConnection {
-    /// Live bytes of the sites that grow with connections, per connection.
     pub user_space: f64,
-    pub by_site: HashMap<String, f64>,
-    /// Socket structures plus queued bytes, per connection.
+    /// Socket structures (measured where possible, else the model) plus queued bytes.
     pub kernel: f64,
+    pub kernel_basis: &'static str,
     pub total: f64,
 }
 
-pub fn audit(pid: u32) -> Result<Audit, String> {
+/// New TCP sockets on the machine since the start below which the slab growth per
+/// socket is too noisy to call a measurement.
+const MIN_NEW_SOCKETS: u64 = 500;
+
+/// jemalloc's counters as `/debug/memory` gives them.
+#[derive(Deserialize, Clone, Copy, Default)]
+struct JemallocStats {
+    allocated: u64,
+    active: u64,
+    resident: u64,
+    #[serde(default)]
+    tcache: u64,
+}
+
+/// What the server says of its memory (`/debug/memory`), as far as the audit reads it.
+#[derive(Deserialize)]
+struct ServerMemory {
+    jemalloc: Option<JemallocStats>,
+    /// None until the first connection.
+    at_start: Option<AtStart>,
+}
+
+#[derive(Deserialize)]
+struct AtStart {
+    time_ms: u64,
+    process: Resident,
+    jemalloc: Option<JemallocStats>,
+    sites: Vec<SiteStats>,
+    socket_slabs: Option<SocketSlabs>,
+}
+
+/// Audits `pid`. `sample`: read SO_MEMINFO of at most this many sockets (a sample spread
+/// over them), so a repeated audit costs the same at any connection count.
+pub fn audit(pid: u32, sample: Option<usize>) -> Result<Audit, String> {
     let sites = read_site_table(pid)?;
-    let Resident { rss, anon: rss_anon, file: rss_file } = Resident::of(pid)?;
+    let process = Resident::of(pid)?;
+    let admin = Admin::of_pid(pid)?;
+    let path = if sample.is_some() { "/debug/memory?sockets=sample" } else { "/debug/memory" };
+    let server: ServerMemory = serde_json::from_slice(&admin.get(path, Duration::from_secs(30))?)
+        .map_err(|e| format!("pid {pid}: /debug/memory is not what this tool reads (a server of another version?): {e}"))?;
+    let start = server.at_start.as_ref().ok_or_else(|| format!("pid {pid} has had no connection yet: growth per connection is measured from just before the first"))?;
 
     let inodes: HashMap<u64, i32> = socket_inodes(pid)?.into_iter().map(|(fd, inode)| (inode, fd)).collect();
     let tcp: Vec<_> = tcp_table(pid).into_iter().filter(|e| inodes.contains_key(&e.inode)).collect();
-    let established = tcp.iter().filter(|e| is_established(e)).count();
+    let established = tcp.iter().filter(|e| is_established(e)).count() as u64;
+    let stride = sample.map_or(1, |n| (tcp.len() / n.max(1)).max(1));
     let (mut buffers, mut unreadable) = (SocketMemory::default(), 0);
-    match socket_buffers(pid, tcp.iter().map(|e| inodes[&e.inode])) {
+    match socket_buffers(pid, tcp.iter().step_by(stride).map(|e| inodes[&e.inode])) {
         Ok(each) => {
             for b in each {
                 match b {
@@ -76,35 +148,91 @@ pub fn audit(pid: u32) -> Result<Audit, String> {
                 }
             }
         }
-        Err(_) => unreadable = tcp.len() as u64,
+        Err(_) => unreadable = tcp.len().div_ceil(stride) as u64,
     }
-    let (receive, send, forward) = (buffers.rmem_alloc, buffers.wmem_queued, buffers.fwd_alloc);
-    let socket_struct_bytes = SocketSlabs::read().map(|s| s.bytes_per_socket());
 
-    let connections = established as u64;
+    let connections = established;
     let per = |bytes: f64| if connections == 0 { 0.0 } else { bytes / connections as f64 };
-    let wanted = Site::PER_CONNECTION.map(Site::name);
-    let by_site: HashMap<String, f64> =
-        sites.iter().filter(|s| wanted.contains(&s.site.as_str())).map(|s| (s.site.clone(), per(s.live_bytes as f64))).collect();
-    let user_space: f64 = by_site.values().sum();
-    let kernel = socket_struct_bytes.unwrap_or(0) as f64 * tcp.len() as f64 + (receive + send + forward) as f64;
-    let allocated_by_sites: i64 = sites.iter().map(|s| s.live_bytes).sum();
+    let user_space = user_space(start, server.jemalloc.unwrap_or_default(), &sites, &process, per);
+    let kernel = kernel(start, tcp.len() as u64, established, buffers, unreadable);
+    let structs = kernel.socket_struct_bytes_measured.or(kernel.socket_struct_bytes_model.map(|b| b as f64)).unwrap_or(0.0);
+    let buffered_per_socket = buffers.buffered_per_socket().unwrap_or(0.0);
+    let kernel_per_connection = if connections == 0 { 0.0 } else { (structs + buffered_per_socket) * tcp.len() as f64 / connections as f64 };
+    let basis = if kernel.socket_struct_bytes_measured.is_some() { "measured" } else { "model" };
     Ok(Audit {
         pid,
         connections,
-        process: Process { rss, rss_anon, rss_file, allocated_by_sites, unaccounted: rss as i64 - allocated_by_sites },
+        process,
         sites,
-        kernel: Kernel {
-            tcp_sockets: tcp.len() as u64,
-            established: connections,
-            socket_struct_bytes,
-            receive_queue: receive,
-            send_queue: send,
-            forward_alloc: forward,
-            unreadable_sockets: unreadable,
+        per_connection: PerConnection {
+            user_space: user_space.total,
+            kernel: kernel_per_connection,
+            kernel_basis: basis,
+            total: user_space.total + kernel_per_connection,
         },
-        per_connection: PerConnection { user_space, by_site, kernel: per(kernel), total: user_space + per(kernel) },
+        user_space,
+        kernel,
     })
+}
+
+fn user_space(start: &AtStart, jemalloc: JemallocStats, sites: &[SiteStats], process: &Resident, per: impl Fn(f64) -> f64) -> UserSpace {
+    let grew = |name: &str| {
+        let now = sites.iter().find(|s| s.site == name).map_or(0, |s| s.live_bytes);
+        let then = start.sites.iter().find(|s| s.site == name).map_or(0, |s| s.live_bytes);
+        (now - then) as f64
+    };
+    let connection_sites = Site::PER_CONNECTION.map(Site::name);
+    let by_site: BTreeMap<String, f64> = connection_sites.iter().map(|name| (name.to_string(), per(grew(name)))).collect();
+    let all_sites: f64 = sites.iter().map(|s| grew(&s.site)).sum();
+    let (j0, j1) = (start.jemalloc.unwrap_or_default(), jemalloc);
+    let d = |f: fn(&JemallocStats) -> u64| f(&j1) as f64 - f(&j0) as f64;
+    let connection_total: f64 = connection_sites.iter().map(|n| grew(n)).sum();
+    UserSpace {
+        since_first_connection_s: (now_ms().saturating_sub(start.time_ms)) as f64 / 1000.0,
+        connection_sites: per(connection_total),
+        by_site,
+        other_sites: per(all_sites - connection_total),
+        thread_caches: per(d(|j| j.tcache)),
+        not_charged: per(d(|j| j.allocated) - d(|j| j.tcache) - all_sites),
+        slack_in_pages: per(d(|j| j.active) - d(|j| j.allocated)),
+        dirty_and_metadata: per(d(|j| j.resident) - d(|j| j.active)),
+        outside_heap: per(process.anon as f64 - start.process.anon as f64 - d(|j| j.resident)),
+        total: per(process.anon as f64 - start.process.anon as f64),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn kernel(start: &AtStart, tcp_sockets: u64, established: u64, buffers: SocketMemory, unreadable: u64) -> Kernel {
+    let now = SocketSlabs::read();
+    let model = now.as_ref().map(SocketSlabs::bytes_per_socket);
+    let (growth, new_sockets) = match (&start.socket_slabs, &now) {
+        (Some(a), Some(b)) => (b.object_bytes() as i64 - a.object_bytes() as i64, b.tcp_objects() as i64 - a.tcp_objects() as i64),
+        _ => (0, 0),
+    };
+    let (measured, not_measured) = match (&start.socket_slabs, &now) {
+        (None, _) | (_, None) => (None, Some("needs /proc/slabinfo (root), for the server at its start and for this tool".to_owned())),
+        _ if new_sockets < MIN_NEW_SOCKETS as i64 => {
+            (None, Some(format!("{new_sockets} new TCP sockets on the machine since the first connection; the slab growth per socket is measured from {MIN_NEW_SOCKETS}")))
+        }
+        _ => (Some(growth as f64 / new_sockets as f64), None),
+    };
+    Kernel {
+        tcp_sockets,
+        established,
+        socket_struct_bytes_measured: measured,
+        socket_struct_bytes_model: model,
+        not_measured,
+        new_tcp_sockets: new_sockets,
+        socket_slab_growth: growth,
+        receive_queue: buffers.rmem_alloc,
+        send_queue: buffers.wmem_queued,
+        forward_alloc: buffers.fwd_alloc,
+        sockets_read: buffers.sockets,
+        unreadable_sockets: unreadable,
+    }
 }
 
 /// Reads `PUSHLINE_ALLOC_SITES` out of the live process: the symbol's address from the
@@ -185,23 +313,39 @@ fn socket_buffers(pid: u32, fds: impl Iterator<Item = i32>) -> Result<Vec<Option
 
 pub fn print(a: &Audit) {
     let kib = |b: f64| format!("{:.1} KiB", b / 1024.0);
+    let u = &a.user_space;
     println!("pushline pid {}: {} connections (established TCP)", a.pid, a.connections);
+    println!("process       rss {}   anon {}   file {}", kib(a.process.rss as f64), kib(a.process.anon as f64), kib(a.process.file as f64));
     println!();
-    println!("process       rss {}   anon {}   file {}", kib(a.process.rss as f64), kib(a.process.rss_anon as f64), kib(a.process.rss_file as f64));
-    println!("              allocated by sites {}   not accounted (code, stacks, allocator slack) {}", kib(a.process.allocated_by_sites as f64), kib(a.process.unaccounted as f64));
-    println!();
-    println!("{:<18} {:>14} {:>12} {:>14} {:>12}", "site", "live bytes", "live allocs", "allocs total", "per conn");
+    println!("{:<18} {:>14} {:>12} {:>14}", "site", "live bytes", "live allocs", "allocs total");
     for s in &a.sites {
-        let per = a.per_connection.by_site.get(&s.site).map_or(String::new(), |v| format!("{v:.0} B"));
-        println!("{:<18} {:>14} {:>12} {:>14} {:>12}", s.site, s.live_bytes, s.live_allocs, s.total_allocs, per);
+        println!("{:<18} {:>14} {:>12} {:>14}", s.site, s.live_bytes, s.live_allocs, s.total_allocs);
     }
     println!();
+    println!("user space per connection: anonymous memory grown since just before the first connection ({:.0} s ago) / connections", u.since_first_connection_s);
+    let line = |name: &str, v: f64, how: &str| println!("  {name:<34} {v:>8.0} B   {how}");
+    line("connection sites (usable size)", u.connection_sites, "measured: site table");
+    for (site, v) in &u.by_site {
+        println!("    {site:<32} {v:>8.0} B");
+    }
+    line("other sites", u.other_sites, "measured: site table");
+    line("jemalloc thread caches", u.thread_caches, "measured: jemalloc");
+    line("allocated, no site charged", u.not_charged, "measured: jemalloc - sites");
+    line("slack in pages (active-allocated)", u.slack_in_pages, "measured: jemalloc");
+    line("dirty pages, metadata", u.dirty_and_metadata, "measured: jemalloc");
+    line("outside the heap (stacks, libc)", u.outside_heap, "measured: RssAnon - jemalloc resident");
+    line("= user space", u.total, "measured: RssAnon");
+    println!();
     let k = &a.kernel;
-    let structs = k.socket_struct_bytes.map_or("unknown (needs /proc/slabinfo: root)".to_owned(), |b| format!("{b} B per socket"));
-    println!("kernel        {} TCP sockets ({} established); socket structures {structs}", k.tcp_sockets, k.established);
-    println!("              queued: receive {} B, send {} B, forward-allocated {} B{}", k.receive_queue, k.send_queue, k.forward_alloc,
+    println!("kernel        {} TCP sockets ({} established)", k.tcp_sockets, k.established);
+    match (k.socket_struct_bytes_measured, k.socket_struct_bytes_model) {
+        (Some(m), model) => println!("  socket structures {m:.0} B per socket, measured (slab growth per new TCP socket); model {}", model.map_or("-".into(), |b| format!("{b} B"))),
+        (None, Some(model)) => println!("  socket structures {model} B per socket, model (one object per socket cache); not measured: {}", k.not_measured.as_deref().unwrap_or("")),
+        (None, None) => println!("  socket structures unknown: {}", k.not_measured.as_deref().unwrap_or("")),
+    }
+    println!("  queued over {} sockets read: receive {} B, send {} B, forward-allocated {} B{}", k.sockets_read, k.receive_queue, k.send_queue, k.forward_alloc,
         if k.unreadable_sockets > 0 { format!("; {} sockets unreadable (needs root)", k.unreadable_sockets) } else { String::new() });
     println!();
     let p = &a.per_connection;
-    println!("per connection: user space {:.0} B + kernel {:.0} B = {:.0} B", p.user_space, p.kernel, p.total);
+    println!("per connection: user space {:.0} B + kernel {:.0} B ({}) = {:.0} B", p.user_space, p.kernel, p.kernel_basis, p.total);
 }

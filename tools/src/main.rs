@@ -80,7 +80,7 @@ fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), String> {
 fn run(command: Command) -> Result<(), String> {
     match command {
         Command::MemoryAudit { pid, json } => {
-            let audit = audit::audit(pid)?;
+            let audit = audit::audit(pid, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&audit).map_err(|e| e.to_string())?);
             } else {

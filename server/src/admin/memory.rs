@@ -3,7 +3,7 @@
 
 use pushline_alloc::jemalloc::JemallocStats;
 use pushline_alloc::process::Resident;
-use pushline_alloc::socket::{SocketMemory, TcpSockstat};
+use pushline_alloc::socket::{SocketMemory, SocketSlabs, TcpSockstat};
 use pushline_alloc::{table, Site};
 use serde_json::json;
 use strum::VariantArray;
@@ -24,17 +24,18 @@ pub fn memory_with(admin: &Admin, sockets: SocketMemory) -> serde_json::Value {
     let jemalloc = JemallocStats::read().ok();
     let sites = table::snapshot();
     let connection_site_bytes: i64 = Site::PER_CONNECTION.iter().map(|s| sites[*s as usize].live_bytes).sum();
-    let rss = Resident::myself().rss;
+    let rss = Resident::myself();
     let mut by_transport: serde_json::Map<String, serde_json::Value> =
         Transport::VARIANTS.iter().map(|t| (t.as_str().to_owned(), json!(admin.hub.connections(*t)))).collect();
     by_transport.insert("total".into(), json!(connections));
     json!({
         "connections": by_transport,
-        "process": { "rss_bytes": rss },
+        "process": { "rss_bytes": rss.rss, "anon_bytes": rss.anon, "file_bytes": rss.file },
+        "at_start": pushline_alloc::baseline::get(),
         "site_tracking": pushline_alloc::allocator::tracking_enabled(),
         "jemalloc": jemalloc.map(|j| json!({
             "allocated": j.allocated, "active": j.active, "resident": j.resident,
-            "mapped": j.mapped, "retained": j.retained, "metadata": j.metadata,
+            "mapped": j.mapped, "retained": j.retained, "metadata": j.metadata, "tcache": j.tcache,
             "fragmentation": j.fragmentation(),
         })),
         "sites": sites.iter().map(|s| json!({
@@ -47,12 +48,13 @@ pub fn memory_with(admin: &Admin, sockets: SocketMemory) -> serde_json::Value {
         "kernel": {
             "process_sockets": sockets,
             "tcp_sockstat": TcpSockstat::read(),
+            "socket_slabs": SocketSlabs::read(),
         },
         "per_connection": {
             "sites": Site::PER_CONNECTION.iter().map(|s| (s.name().to_owned(), per(sites[*s as usize].live_bytes as f64))).collect::<serde_json::Map<_, _>>(),
             "connection_sites_total": per(connection_site_bytes as f64),
             "jemalloc_allocated": jemalloc.map_or(json!(null), |j| per(j.allocated as f64)),
-            "rss": per(rss as f64),
+            "rss": per(rss.rss as f64),
             // Per socket read, which is per connection but for the few listening sockets.
             "kernel_socket_buffers": sockets.buffered_per_socket().map(f64::round),
         },

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use pushline_alloc::socket::SocketMemory;
 use pushline_alloc::Site;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -221,7 +222,11 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         }
         "/debug/pprof/profile" => profile::cpu(&query).await,
         "/debug/pprof/heap" => profile::heap(&query).await,
-        "/debug/memory" => json(&memory::memory(admin)),
+        "/debug/memory" => match query.get("sockets") {
+            None | Some("all") => json(&memory::memory(admin)),
+            Some("sample") => json(&memory::memory_with(admin, SocketMemory::sample_of_this_process(stats::SOCKETS_SAMPLED))),
+            Some(other) => error(StatusCode::BAD_REQUEST, &format!("sockets={other}: expected all (every socket's SO_MEMINFO) or sample (512 of them)")),
+        },
         "/debug/stats" => json(&Site::Admin.scope(|| stats::stats(admin))),
         "/debug/objects" => json(&memory::objects(admin)),
         "/debug/connections" => match query.number("limit", 100, 1..=100_000) {

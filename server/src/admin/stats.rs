@@ -15,7 +15,7 @@ use super::{memory, Admin};
 
 /// Sockets whose SO_MEMINFO a poll reads, spread over the fd table: a poll's cost stays
 /// flat as connections grow.
-const SOCKETS_SAMPLED: usize = 512;
+pub const SOCKETS_SAMPLED: usize = 512;
 
 /// Series of the Prometheus text, as `name{labels}` -> value.
 fn series(text: &str) -> BTreeMap<&str, f64> {

@@ -136,24 +136,15 @@ pub fn tools(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Bytes of kernel slab objects in use, machine-wide: active objects times object size
-/// over every cache in /proc/slabinfo (pages are not counted, as freed objects linger in
-/// partly used slabs).
 /// Bytes of live objects in the slab caches a TCP socket takes objects from
-/// (machine-wide: other processes' files and sockets move it too, far less than all
-/// caches would).
+/// (machine-wide: other processes' files and sockets move it too).
 pub fn slab_bytes() -> u64 {
-    const SOCKET_CACHES: [&str; 8] =
-        ["TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq", "lsm_inode_cache", "lsm_file_cache"];
-    let text = std::fs::read_to_string("/proc/slabinfo").expect("/proc/slabinfo (root)");
-    text.lines()
-        .skip(2)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            SOCKET_CACHES.contains(f.first()?).then_some(())?;
-            Some(f.get(1)?.parse::<u64>().ok()? * f.get(3)?.parse::<u64>().ok()?)
-        })
-        .sum()
+    pushline_alloc::socket::SocketSlabs::read().expect("/proc/slabinfo (root)").object_bytes()
+}
+
+/// Anonymous resident memory of `pid` (RssAnon): what its heap and stacks hold.
+pub fn anon(pid: u32) -> u64 {
+    pushline_alloc::process::Resident::of(pid).unwrap().anon
 }
 
 /// Tests here read other processes' memory and sockets: they need root.
