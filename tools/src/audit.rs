@@ -349,3 +349,40 @@ pub fn print(a: &Audit) {
     let p = &a.per_connection;
     println!("per connection: user space {:.0} B + kernel {:.0} B ({}) = {:.0} B", p.user_space, p.kernel, p.kernel_basis, p.total);
 }
+
+/// Sockets a `--watch` line reads SO_MEMINFO from: each line costs the same at any
+/// connection count.
+const WATCH_SOCKETS: usize = 512;
+
+/// `memory-audit --watch`: one line per `every`, `count` lines or until interrupted.
+pub fn watch(pid: u32, every: Duration, count: Option<u64>) -> Result<(), String> {
+    println!("{:<8} {:>11} {:>10} {:>10} {:>10}  top growing site", "time", "connections", "user B/c", "kernel B/c", "rss MiB");
+    let mut before: Option<Vec<SiteStats>> = None;
+    let mut printed = 0;
+    loop {
+        let a = audit(pid, Some(WATCH_SOCKETS))?;
+        let grew = before.as_ref().and_then(|before| {
+            a.sites
+                .iter()
+                .map(|s| (s.site.as_str(), s.live_bytes - before.iter().find(|b| b.site == s.site).map_or(0, |b| b.live_bytes)))
+                .max_by_key(|(_, d)| *d)
+        });
+        let top = match grew {
+            Some((site, d)) if d > 0 => format!("{site} +{d} B"),
+            Some(_) => "none grew".to_owned(),
+            None => "-".to_owned(),
+        };
+        let secs = now_ms() / 1000 % 86_400;
+        println!(
+            "{:02}:{:02}:{:02} {:>11} {:>10.0} {:>10.0} {:>10.1}  {top}",
+            secs / 3600, secs / 60 % 60, secs % 60,
+            a.connections, a.per_connection.user_space, a.per_connection.kernel, a.process.rss as f64 / 1_048_576.0
+        );
+        before = Some(a.sites);
+        printed += 1;
+        if count.is_some_and(|c| printed >= c) {
+            return Ok(());
+        }
+        std::thread::sleep(every);
+    }
+}

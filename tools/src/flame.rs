@@ -27,19 +27,25 @@ pub fn diff_svg(before: &Path, after: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// Collapses bpftrace's printed stack maps (`@[\n frame\n ...\n]: count`, as
-/// `ustack(perf)` prints them, innermost frame first) into folded lines.
+/// `ustack(perf)` prints them, innermost frame first) into folded lines. A key of two
+/// stacks, `kstack` then `ustack` (`probes/cpu-stacks.bt`), is printed with a `,` line
+/// between them: the kernel frames go on top of the user frames, marked `_[k]` (inferno
+/// colours them as kernel).
 pub fn fold_bpftrace(text: &str) -> String {
     let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
     let mut frames: Option<Vec<String>> = None;
+    let mut kernel: Vec<String> = Vec::new();
     for line in text.lines() {
         let trimmed = line.trim();
         if trimmed.starts_with('@') && trimmed.ends_with('[') {
             frames = Some(Vec::new());
+            kernel.clear();
         } else if let Some(stack) = frames.as_mut() {
-            if let Some(count) = trimmed.strip_prefix("]:") {
+            if trimmed == "," {
+                kernel = std::mem::take(stack).into_iter().map(|f| format!("{f}_[k]")).collect();
+            } else if let Some(count) = trimmed.strip_prefix("]:") {
                 let count: u64 = count.trim().parse().unwrap_or(0);
-                let mut names: Vec<String> = std::mem::take(stack);
-                names.reverse();
+                let names: Vec<String> = std::mem::take(stack).into_iter().rev().chain(kernel.drain(..).rev()).collect();
                 if !names.is_empty() && count > 0 {
                     *stacks.entry(names.join(";")).or_default() += count;
                 }
@@ -50,6 +56,44 @@ pub fn fold_bpftrace(text: &str) -> String {
         }
     }
     stacks.into_iter().map(|(s, n)| format!("{s} {n}\n")).collect()
+}
+
+/// The sampling script `--kernel` runs: `probes/cpu-stacks.bt`, shipped in the binary.
+const CPU_STACKS_BT: &str = include_str!("../../probes/cpu-stacks.bt");
+
+/// On-CPU stacks of `pid`, kernel and user, sampled by bpftrace for `seconds`, folded.
+pub fn kernel_folded(pid: u32, seconds: u64) -> Result<String, String> {
+    let script = std::env::temp_dir().join(format!("pushline-cpu-stacks-{}.bt", std::process::id()));
+    std::fs::write(&script, CPU_STACKS_BT).map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+    let child = std::process::Command::new("bpftrace")
+        .arg(&script)
+        .arg(pid.to_string())
+        .env("BPFTRACE_CACHE_USER_SYMBOLS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run bpftrace: {e} (apt-get install -y bpftrace; it needs root)"))?;
+    std::thread::sleep(Duration::from_secs(seconds));
+    // bpftrace prints its maps when interrupted.
+    // SAFETY: kill takes integers; the pid is our child's, not yet waited for.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().map_err(|e| format!("bpftrace: {e}"))?;
+    let _ = std::fs::remove_file(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !stdout.contains("Tracing pushline") {
+        return Err(format!("bpftrace failed (it needs root, and tracefs mounted: mount -t tracefs nodev /sys/kernel/tracing): {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(fold_bpftrace(&stdout))
+}
+
+/// An SVG that says why there is no flame graph, for scripts that always expect a file.
+pub fn empty_svg(title: &str, message: &str) -> String {
+    let escape = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    format!(
+        "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg version=\"1.1\" width=\"1200\" height=\"90\" xmlns=\"http://www.w3.org/2000/svg\">\n<text x=\"600\" y=\"30\" text-anchor=\"middle\" font-size=\"17\" font-family=\"Verdana\">{}</text>\n<text x=\"600\" y=\"65\" text-anchor=\"middle\" font-size=\"14\" font-family=\"Verdana\">{}</text>\n</svg>\n",
+        escape(title),
+        escape(message)
+    )
 }
 
 /// `7f12ab34 name+123 (/path)` or `name+123` -> `name`, demangled as far as the text allows.
@@ -78,5 +122,14 @@ mod tests {
     fn folds_bpftrace_stacks_root_first() {
         let text = "Attaching 1 probe...\n\n@[\n\t55d0c0a1 pushline::conn::serve::h0123456789abcdef+12 (/bin/pushline)\n\t55d0c0b2 tokio::runtime::task::raw::poll+3 (/bin/pushline)\n\t55d0c0c3 start_thread+99 (/lib/libc.so.6)\n]: 7\n@[\n\t55d0c0a1 pushline::conn::serve::h0123456789abcdef+40 (/bin/pushline)\n\t55d0c0b2 tokio::runtime::task::raw::poll+3 (/bin/pushline)\n\t55d0c0c3 start_thread+99 (/lib/libc.so.6)\n]: 3\n";
         assert_eq!(fold_bpftrace(text), "start_thread;tokio::runtime::task::raw::poll;pushline::conn::serve 10\n");
+    }
+
+    #[test]
+    fn puts_kernel_frames_on_top_of_user_frames() {
+        let text = "@[\n\tffffffff816bb9c4 tcp_sendmsg+84\n\tffffffff821ef691 do_syscall_64+113\n, \n\t7fbb1bd75350 __GI___write+16 (/usr/lib/libc.so.6)\n\t55d0c0b2 pushline::conn::flush+3 (/bin/pushline)\n]: 5\n@[\n, \n\t55d0c0b2 pushline::conn::flush+3 (/bin/pushline)\n]: 2\n";
+        assert_eq!(
+            fold_bpftrace(text),
+            "pushline::conn::flush 2\npushline::conn::flush;__GI___write;do_syscall_64_[k];tcp_sendmsg_[k] 5\n"
+        );
     }
 }

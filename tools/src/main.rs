@@ -20,8 +20,15 @@ enum Command {
     MemoryAudit {
         pid: u32,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// One line every N seconds, like top: connections, user and kernel bytes per
+        /// connection, the site that grew most since the line before.
+        #[arg(long, value_name = "N")]
+        watch: Option<u64>,
+        /// With --watch: stop after this many lines.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
     /// CPU flame graph of a live server (pid or admin address), or of saved stacks.
     Flamegraph {
@@ -41,6 +48,10 @@ enum Command {
         /// Render stacks printed by probes/cpu-stacks.bt or probes/offcpu.bt.
         #[arg(long, conflicts_with_all = ["target", "diff"])]
         from_bpftrace: Option<PathBuf>,
+        /// Kernel frames too (system calls, the TCP stack): samples the pid's on-CPU stacks
+        /// with bpftrace (probes/cpu-stacks.bt) instead of asking the server. Needs root.
+        #[arg(long, conflicts_with_all = ["diff", "from_bpftrace"])]
+        kernel: bool,
     },
     /// Live heap snapshot (folded stacks, SVG, site table), or what grew between two.
     Heap {
@@ -63,9 +74,13 @@ enum Command {
     },
 }
 
+/// Exit status of `flamegraph` when the profile took no samples (an SVG saying so is
+/// still written, for scripts that always expect the file).
+const NO_SAMPLES: u8 = 3;
+
 fn main() -> ExitCode {
     match run(Cli::parse().command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("pushline-tools: {e}");
             ExitCode::from(2)
@@ -77,9 +92,12 @@ fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), String> {
     std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn run(command: Command) -> Result<(), String> {
+fn run(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::MemoryAudit { pid, json } => {
+        Command::MemoryAudit { pid, watch: Some(seconds), count, .. } => {
+            audit::watch(pid, Duration::from_secs(seconds.max(1)), count)?;
+        }
+        Command::MemoryAudit { pid, json, .. } => {
             let audit = audit::audit(pid, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&audit).map_err(|e| e.to_string())?);
@@ -87,7 +105,7 @@ fn run(command: Command) -> Result<(), String> {
                 audit::print(&audit);
             }
         }
-        Command::Flamegraph { target, seconds, output, folded, diff, from_bpftrace } => {
+        Command::Flamegraph { target, seconds, output, folded, diff, from_bpftrace, kernel } => {
             let svg = if let Some(paths) = diff {
                 flame::diff_svg(&paths[0], &paths[1])?
             } else if let Some(path) = from_bpftrace {
@@ -102,16 +120,26 @@ fn run(command: Command) -> Result<(), String> {
                 flame::svg(&stacks, "Pushline (bpftrace stacks)", "samples")?
             } else {
                 let target = target.ok_or("give a pid or admin address, --diff BEFORE AFTER, or --from-bpftrace FILE")?;
-                let admin = Admin::find(&target)?;
-                eprintln!("profiling {} for {seconds} s", admin.addr);
-                let stacks = flame::cpu_folded(&admin, seconds)?;
+                let (stacks, title) = if kernel {
+                    let pid = target.parse::<u32>().map_err(|_| format!("--kernel samples a process: give its pid, not `{target}`"))?;
+                    eprintln!("sampling pid {pid}, kernel and user stacks, for {seconds} s (bpftrace)");
+                    (flame::kernel_folded(pid, seconds)?, "Pushline CPU, kernel and user")
+                } else {
+                    let admin = Admin::find(&target)?;
+                    eprintln!("profiling {} for {seconds} s", admin.addr);
+                    (flame::cpu_folded(&admin, seconds)?, "Pushline CPU")
+                };
                 if stacks.trim().is_empty() {
-                    return Err(format!("no samples in {seconds} s: the server was idle"));
+                    let message = format!("no samples in {seconds} s: the server was idle");
+                    write(&output, flame::empty_svg(title, &message).as_bytes())?;
+                    eprintln!("pushline-tools: {message}; wrote {} saying so", output.display());
+                    println!("{}", output.display());
+                    return Ok(ExitCode::from(NO_SAMPLES));
                 }
                 if let Some(f) = &folded {
                     write(f, stacks.as_bytes())?;
                 }
-                flame::svg(&stacks, "Pushline CPU", "samples")?
+                flame::svg(&stacks, title, "samples")?
             };
             write(&output, &svg)?;
             println!("{}", output.display());
@@ -144,5 +172,5 @@ fn run(command: Command) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -202,3 +202,26 @@ async fn the_tls_script_counts_handshakes() {
     assert!(out.contains("@took_us[0]"), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_flame_graph_names_the_tcp_stack_under_fan_out() {
+    require_bpftrace();
+    let server = Server::start(&[]);
+    let readers = drain(open(server.client, 200, "k").await);
+    let busy = load(server.client);
+    let dir = std::env::temp_dir().join(format!("pushline-kflame-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (svg, folded) = (dir.join("cpu.svg"), dir.join("cpu.folded"));
+    let pid = server.pid().to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        tools(&["flamegraph", &pid, "--kernel", "--seconds", "3", "-o", svg.to_str().unwrap(), "--folded", folded.to_str().unwrap()]);
+        (std::fs::read_to_string(&svg).unwrap(), std::fs::read_to_string(&folded).unwrap())
+    });
+    let (svg, folded) = run.await.unwrap();
+    busy.abort();
+    assert!(svg.contains("<svg") && svg.contains("kernel and user"), "an SVG");
+    assert!(folded.contains("tcp_sendmsg_[k]"), "fan-out writes name the kernel's tcp_sendmsg:\n{}", &folded[..folded.len().min(3000)]);
+    assert!(folded.contains("pushline::"), "with the server's own frames beneath");
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop(readers);
+}

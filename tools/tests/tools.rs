@@ -93,3 +93,57 @@ async fn objects_and_gdb_on_a_core_count_the_connections() {
     std::fs::remove_dir_all(&dir).unwrap();
     drop(clients);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_audit_watch_follows_churn_line_by_line() {
+    use std::io::BufRead;
+    require_root();
+    let server = Server::start(&[]);
+    let first = open(server.client, 100, "w").await;
+    server.wait_connections(100).await;
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_pushline-tools"))
+        .args(["memory-audit", &server.pid().to_string(), "--watch", "1", "--count", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines().map(|l| l.unwrap());
+    let header = lines.next().unwrap();
+    assert!(header.contains("connections") && header.contains("top growing site"), "{header}");
+    let columns = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    // The first line that shows `n` connections (a line may catch the clients midway).
+    let mut until = |n: u64| {
+        let line = lines.by_ref().find(|l| columns(l)[1].parse::<u64>().ok() == Some(n));
+        line.unwrap_or_else(|| panic!("--watch never showed {n} connections"))
+    };
+
+    let line = until(100);
+    let user: f64 = columns(&line)[2].parse().unwrap();
+    assert!(user > 300.0, "user bytes per connection: {line}");
+
+    let more = open(server.client, 300, "x").await;
+    server.wait_connections(400).await;
+    let line = until(400);
+    assert!(line.contains("connection_task +") || line.contains("sessions +"), "the connection sites grew: {line}");
+
+    drop(more);
+    server.wait_connections(100).await;
+    until(100);
+    watch.kill().unwrap();
+    let _ = watch.wait();
+    drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flamegraph_of_an_idle_server_still_writes_an_svg_and_says_so() {
+    let server = Server::start(&[]);
+    let svg = std::env::temp_dir().join(format!("pushline-idle-{}.svg", std::process::id()));
+    let pid = server.pid().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pushline-tools"))
+        .args(["flamegraph", &pid, "--seconds", "1", "-o", svg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "exit 3: no samples; {}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("no samples in 1 s"), "{text}");
+    std::fs::remove_file(&svg).unwrap();
+}
