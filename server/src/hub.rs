@@ -178,6 +178,14 @@ impl Hub {
         self.topics.iter().flat_map(|shard| shard.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<Vec<_>>()).collect()
     }
 
+    /// Every topic with a subscriber here, with how many.
+    pub fn topic_subscribers(&self) -> Vec<(Arc<str>, usize)> {
+        self.topics
+            .iter()
+            .flat_map(|shard| shard.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(t, s)| (t.clone(), s.len())).collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Forgets topics abandoned more than `ms` ago.
     pub fn forget_abandoned(&self, ms: u64) {
         let before = clock::now_ms().saturating_sub(ms);

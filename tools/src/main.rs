@@ -67,6 +67,16 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         top: usize,
     },
+    /// One of the server's read-only live queries (the talk's debug hook, made safe);
+    /// with no NAME, the list of queries and their parameters.
+    Query {
+        /// A pid or admin address.
+        target: String,
+        /// connections_of, queued_above, idle_longer_than, top_topics, site_delta.
+        name: Option<String>,
+        /// Parameters, as key=value.
+        params: Vec<String>,
+    },
     /// Live objects by kind (the talk's lgcstat): connections, sessions, topics, tasks.
     Objects {
         /// A pid or admin address.
@@ -86,6 +96,13 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Percent-encodes a query component.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 fn write(path: &PathBuf, bytes: &[u8]) -> Result<(), String> {
@@ -162,6 +179,20 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     println!("{}", path.display());
                 }
             }
+        }
+        Command::Query { target, name, params } => {
+            let admin = Admin::find(&target)?;
+            let mut path = format!("/debug/query/{}", name.as_deref().unwrap_or(""));
+            for (i, param) in params.iter().enumerate() {
+                let (key, value) = param.split_once('=').ok_or_else(|| format!("`{param}`: parameters are key=value"))?;
+                path.push(if i == 0 { '?' } else { '&' });
+                path.push_str(&format!("{}={}", encode(key), encode(value)));
+            }
+            let path = if name.is_none() { "/debug/query".to_owned() } else { path };
+            // site_delta waits up to 60 s before it answers.
+            let body = admin.get(&path, Duration::from_secs(90))?;
+            let answer: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())?);
         }
         Command::Objects { target } => {
             let admin = Admin::find(&target)?;

@@ -147,3 +147,64 @@ async fn flamegraph_of_an_idle_server_still_writes_an_svg_and_says_so() {
     assert!(text.contains("<svg") && text.contains("no samples in 1 s"), "{text}");
     std::fs::remove_file(&svg).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_live_query_answers_and_bad_ones_are_named() {
+    let server = Server::start(&[]);
+    let plain = open(server.client, 20, "q").await;
+    let mut news = Vec::new();
+    for i in 0..3 {
+        let url = format!("ws://{}/ws?uid=reader{i}&topics=news,sport", server.client);
+        news.push(tokio_tungstenite::connect_async(url).await.unwrap().0);
+    }
+    let sport_only = tokio_tungstenite::connect_async(format!("ws://{}/ws?uid=fan&topics=sport", server.client)).await.unwrap().0;
+    server.wait_connections(24).await;
+    let pid = server.pid().to_string();
+    let query = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["query", pid.as_str()];
+        all.extend_from_slice(args);
+        serde_json::from_str(&tools(&all)).unwrap()
+    };
+
+    let list = query(&[]);
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|q| q["query"].as_str().unwrap()).collect();
+    assert_eq!(names, ["connections_of", "queued_above", "idle_longer_than", "top_topics", "site_delta"]);
+
+    let mine = query(&["connections_of", "uid=q7"]);
+    assert_eq!((mine["rows"].as_u64(), mine["connections"][0]["uid"].as_str()), (Some(1), Some("q7")));
+    assert_eq!(query(&["connections_of", "uid=q7", "min_queue=1"])["rows"], 0, "an idle connection has nothing queued");
+    assert_eq!(query(&["queued_above", "min_queue=0"])["rows"], 0);
+    let idle = query(&["idle_longer_than", "seconds=0", "limit=5"]);
+    assert_eq!(idle["rows"], 5, "{idle}");
+    assert_eq!(query(&["idle_longer_than", "seconds=3600"])["rows"], 0);
+    let top = query(&["top_topics", "limit=1"]);
+    assert_eq!((top["topics"][0]["topic"].as_str(), top["topics"][0]["subscribers"].as_u64()), (Some("sport"), Some(4)), "{top}");
+    let delta = query(&["site_delta", "seconds=1"]);
+    let sites: Vec<&str> = delta["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
+    assert!(sites.contains(&"connection_task") && delta["sites"][0]["live_bytes"].is_i64(), "{delta}");
+
+    let refused = |path: &str| {
+        let admin = server.admin;
+        let path = path.to_owned();
+        async move {
+            let reply = raw_get(admin, &path).await;
+            assert!(reply.starts_with("HTTP/1.1 400"), "{path}: {reply}");
+            reply
+        }
+    };
+    assert!(refused("/debug/query/drop_tables").await.contains("no query `drop_tables`; the queries are connections_of"));
+    assert!(refused("/debug/query/top_topics?limit=lots").await.contains("parameter `limit`=lots: expected a whole number"));
+    assert!(refused("/debug/query/top_topics?eval=1").await.contains("takes no parameter `eval`"));
+    assert!(refused("/debug/query/queued_above").await.contains("needs parameter `min_queue`"));
+    drop((plain, news, sport_only));
+}
+
+/// The raw HTTP answer (status line, headers, body) to a GET.
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    reply
+}

@@ -8,6 +8,7 @@
 
 mod memory;
 mod profile;
+mod query;
 mod stats;
 
 use std::convert::Infallible;
@@ -236,6 +237,11 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
             })),
             Err(reply) => reply,
         },
+        "/debug/query" => json(&query::list()),
+        path if path.starts_with("/debug/query/") => match query::run(admin, &path["/debug/query/".len()..], &query).await {
+            Ok(answer) => json(&answer),
+            Err(refusal) => error(StatusCode::BAD_REQUEST, &refusal),
+        },
         path if path.starts_with("/debug/sessions/") => {
             let raw = &path["/debug/sessions/".len()..];
             let uid = match http::decode_component(raw) {
@@ -251,7 +257,7 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         }
         path => error(
             StatusCode::NOT_FOUND,
-            &format!("no admin endpoint {path}; see / (the dashboard), /metrics, /healthz, /readyz, /debug/stats, /debug/pprof/profile, /debug/pprof/heap, /debug/memory (POST /debug/memory/purge), /debug/objects, /debug/connections, /debug/sessions/<uid>"),
+            &format!("no admin endpoint {path}; see / (the dashboard), /metrics, /healthz, /readyz, /debug/stats, /debug/pprof/profile, /debug/pprof/heap, /debug/memory (POST /debug/memory/purge), /debug/objects, /debug/connections, /debug/sessions/<uid>, /debug/query/<name>"),
         ),
     }
 }
