@@ -88,7 +88,8 @@ pub fn set_heap_sampling(active: bool) -> Result<bool, String> {
     unsafe { tikv_jemalloc_ctl::raw::update(b"prof.active\0", active) }.map_err(|e| format!("jemalloc prof.active: {e}"))
 }
 
-/// A heap profile of live memory, sampled, symbolized, as gzipped profile.proto.
+/// A heap profile of live memory, sampled, as gzipped profile.proto: raw addresses (file
+/// offsets) and the mappings they are in, named later by [`crate::symbolize`], out of process.
 pub async fn heap_profile_pprof() -> Result<Vec<u8>, String> {
     let ctl = jemalloc_pprof::PROF_CTL.as_ref().ok_or("jemalloc heap profiling is not enabled (prof:false)")?;
     let mut ctl = ctl.lock().await;

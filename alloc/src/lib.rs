@@ -10,7 +10,8 @@
 //! - [`baseline`] (feature `allocator`): memory just before the first connection;
 //! - [`process`] and [`socket`]: what the kernel holds for a process: resident memory,
 //!   and the buffers of each socket (SO_MEMINFO);
-//! - [`flame`]: folded stacks rendered as flame graphs.
+//! - [`flame`]: folded stacks rendered as flame graphs;
+//! - [`symbolize`] (feature `symbolize`): heap profiles named from the binary on disk.
 //!
 //! The server binary declares `#[global_allocator]`; nothing else here is global.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -25,6 +26,8 @@ pub mod jemalloc;
 pub mod process;
 pub mod site;
 pub mod socket;
+#[cfg(feature = "symbolize")]
+pub mod symbolize;
 pub mod table;
 
 #[cfg(feature = "allocator")]

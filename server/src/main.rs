@@ -1,4 +1,5 @@
 //! The `pushline` binary: settings, logging, then the server until SIGTERM or SIGINT.
+//! Started as `pushline symbolize-heap` it is instead the server's own symbolizing worker.
 
 use std::process::ExitCode;
 
@@ -11,6 +12,9 @@ use pushline_alloc::SiteAllocator;
 static ALLOCATOR: SiteAllocator = SiteAllocator;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(pushline::SYMBOLIZE_HEAP) {
+        return symbolize_heap();
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(error) => {
@@ -81,4 +85,31 @@ fn main() -> ExitCode {
         server.shutdown().await;
         status
     })
+}
+
+/// The server's short-lived symbolizing worker: a gzipped heap profile on stdin, its
+/// folded stacks, named from the binaries on disk, on stdout. The DWARF it loads goes
+/// away with it.
+fn symbolize_heap() -> ExitCode {
+    use std::io::{Read, Write};
+    let mut profile = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut profile) {
+        eprintln!("pushline {}: {e}", pushline::SYMBOLIZE_HEAP);
+        return ExitCode::FAILURE;
+    }
+    match pushline_alloc::symbolize::heap_folded(&profile, &mut Default::default()) {
+        Ok(lines) => {
+            let mut out = std::io::stdout().lock();
+            for line in lines {
+                if writeln!(out, "{line}").is_err() {
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pushline {}: {e}", pushline::SYMBOLIZE_HEAP);
+            ExitCode::FAILURE
+        }
+    }
 }

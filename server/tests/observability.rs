@@ -157,6 +157,35 @@ async fn heap_profile_charges_connection_memory_to_the_connection_path() {
     assert!(String::from_utf8_lossy(&svg).contains("<svg"));
 }
 
+#[tokio::test]
+async fn ten_heap_profiles_leave_the_server_the_size_it_was() {
+    // Dense sampling, so the profile holds the connections' stacks.
+    let server = Process::spawn_with_env(&[], None, &[("_RJEM_MALLOC_CONF", "lg_prof_sample:12")]);
+    let _clients = many_ws(server.client, 100, "t").await;
+    let svg = |n: usize| {
+        let admin = server.admin;
+        async move {
+            let (status, svg) = get_bytes(format!("http://{admin}/debug/pprof/heap?format=svg")).await;
+            let svg = String::from_utf8_lossy(&svg).into_owned();
+            assert_eq!(status, 200, "profile {n}: {svg}");
+            svg
+        }
+    };
+    let before = rss(&server);
+    let first = svg(1).await;
+    assert!(first.contains("pushline::"), "the worker named the server's functions");
+    let after_one = rss(&server);
+    for n in 2..=10 {
+        svg(n).await;
+    }
+    let after_ten = rss(&server);
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    eprintln!("RSS {:.1} MiB before, {:.1} after one heap profile, {:.1} after ten", mib(before), mib(after_one), mib(after_ten));
+    // Symbolizing loads the binary's DWARF (68 MB for a debug build) in the worker, not here.
+    assert!(after_ten < before + 8 * 1_048_576, "RSS {:.1} MiB -> {:.1} MiB over ten heap profiles", mib(before), mib(after_ten));
+    assert!(after_ten < after_one + 2 * 1_048_576, "RSS grew from {:.1} MiB after one profile to {:.1} after ten", mib(after_one), mib(after_ten));
+}
+
 fn rss(server: &Process) -> u64 {
     pushline_alloc::process::Resident::of(server.child.id()).unwrap().rss
 }

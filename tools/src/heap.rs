@@ -1,5 +1,6 @@
-//! `heap`: live heap snapshots of a server (folded stacks of live bytes, an SVG, and the
-//! site table), and what grew between two of them: the leak hunt.
+//! `heap`: live heap snapshots of a server (folded stacks of live bytes, named here from
+//! the binary on disk, an SVG, and the site table), and what grew between two of them:
+//! the leak hunt.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,9 +11,11 @@ use serde_json::Value;
 use crate::target::Admin;
 
 /// Writes `<prefix>.folded`, `<prefix>.svg` and `<prefix>.sites.json`; returns their paths.
+/// The server sends raw addresses; they are named here, from the binaries on disk, so the
+/// server never loads its own debug information.
 pub fn snapshot(admin: &Admin, prefix: &Path) -> Result<Vec<PathBuf>, String> {
-    let folded = admin.get("/debug/pprof/heap?format=folded", Duration::from_secs(60))?;
-    let folded = String::from_utf8(folded).map_err(|e| e.to_string())?;
+    let profile = admin.get("/debug/pprof/heap?format=pprof", Duration::from_secs(60))?;
+    let folded = pushline_alloc::symbolize::heap_folded(&profile, &mut Default::default())?.join("\n") + "\n";
     let memory: Value = serde_json::from_slice(&admin.get("/debug/memory", Duration::from_secs(30))?).map_err(|e| e.to_string())?;
     let svg = crate::flame::svg(&folded, "Pushline heap: live bytes by stack (sampled)", "bytes")?;
     let paths = ["folded", "svg", "sites.json"].map(|ext| PathBuf::from(format!("{}.{ext}", prefix.display())));

@@ -22,8 +22,27 @@ async fn site_bytes(server: &ServerProcess) -> [f64; 4] {
     out
 }
 
+/// memory-audit of the server (the `pushline-tools` next to this binary, as root): its
+/// user space and kernel bytes per connection.
+fn audit(pid: u32) -> Result<(f64, f64), String> {
+    let tools = std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("pushline-tools");
+    let out = std::process::Command::new(&tools).args(["memory-audit", &pid.to_string(), "--json"]).output().map_err(|e| format!("{}: {e}", tools.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    let figure = |v: &serde_json::Value| v.as_f64().ok_or_else(|| format!("memory-audit gave no figure: {report}"));
+    Ok((figure(&report["user_space"]["total"])?, figure(&report["per_connection"]["kernel"])?))
+}
+
+fn anon(pid: u32) -> u64 {
+    pushline_alloc::process::Resident::of(pid).map_or(0, |r| r.anon)
+}
+
 pub async fn run(common: &Common, connections: usize, hold: u64) -> Result<Vec<Row>, String> {
     let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
+    // Before any connection: where memory-audit measures growth from, too.
+    let anon_fresh = anon(server.pid());
     let warm = super::open_connections(server.client, WARMUP, common.parallel, common.spread, "warm").await?;
     server.wait_metric(r#"pushline_connections{transport="ws"}"#, WARMUP as f64, Duration::from_secs(30)).await?;
     let (rss0, kernel0) = (server.rss_bytes(), tcp_kernel_bytes());
@@ -42,6 +61,8 @@ pub async fn run(common: &Common, connections: usize, hold: u64) -> Result<Vec<R
     let sites1 = site_bytes(&server).await;
 
     let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / n as f64;
+    let anon_growth = (anon(server.pid()) as f64 - anon_fresh as f64) / connections as f64;
+    let audited = audit(server.pid());
     let rows = vec![
         Row::new("idle", "connections", connections as f64, "count"),
         Row::new("idle", "server_rss_total", rss1 as f64, "bytes"),
@@ -54,6 +75,19 @@ pub async fn run(common: &Common, connections: usize, hold: u64) -> Result<Vec<R
         // Both ends of each loopback connection are on this machine: half is the server's.
         Row::new("idle", "kernel_tcp_per_connection_server_side", per(kernel0, kernel1) / 2.0, "bytes"),
     ];
+    // memory-audit's figures beside the machine's: its user space is the anonymous memory
+    // grown since just before the first connection (warm-up included), so it is compared
+    // with the same, read here from /proc.
+    let mut rows = rows;
+    match audited {
+        Ok((user, kernel)) => {
+            rows.push(Row::new("idle", "anon_growth_per_connection", anon_growth, "bytes"));
+            rows.push(Row::new("idle", "audit_user_space_per_connection", user, "bytes"));
+            rows.push(Row::new("idle", "audit_vs_anon_growth", user / anon_growth, "ratio"));
+            rows.push(Row::new("idle", "audit_kernel_per_connection", kernel, "bytes"));
+        }
+        Err(e) => eprintln!("idle: no memory-audit figures: {e}"),
+    }
     tokio::time::sleep(Duration::from_secs(hold)).await;
     drop((warm, held));
     Ok(rows)

@@ -8,6 +8,7 @@
 
 mod memory;
 mod profile;
+pub use profile::SYMBOLIZE_HEAP;
 mod query;
 mod stats;
 

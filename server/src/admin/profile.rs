@@ -103,6 +103,15 @@ pub async fn cpu(query: &Query) -> Reply {
     answer(format, profiled, "CPU profile")
 }
 
+/// The argument that makes `pushline` the symbolizing worker.
+pub const SYMBOLIZE_HEAP: &str = "symbolize-heap";
+
+/// Longest a symbolizing worker may take (a debug build's DWARF loads in seconds).
+const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// jemalloc's sampled heap profile. `pprof`: raw addresses with the process's mappings,
+/// as jemalloc's own dumps (`pushline-tools heap` names them from the binary on disk);
+/// `folded` and `svg`: named by a short-lived worker process.
 pub async fn heap(query: &Query) -> Reply {
     let format = match format(query) {
         Ok(f) => f,
@@ -115,10 +124,11 @@ pub async fn heap(query: &Query) -> Reply {
     if format == Format::Pprof {
         return reply(StatusCode::OK, content_type(format), pprof);
     }
-    let built = tokio::task::spawn_blocking(move || {
-        stacks(format, &pprof_folded(&pprof)?, "Pushline heap: live bytes by stack (sampled)", "bytes")
-    })
-    .await;
+    let folded = match symbolized_in_worker(pprof).await {
+        Ok(lines) => lines,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    };
+    let built = tokio::task::spawn_blocking(move || stacks(format, &folded, "Pushline heap: live bytes by stack (sampled)", "bytes")).await;
     answer(format, built, "heap profile")
 }
 
@@ -173,55 +183,30 @@ fn cpu_folded(report: &pprof::Report) -> Vec<String> {
     lines
 }
 
-/// Folded stacks from a gzipped, symbolized profile.proto: root first, weight = first value.
-fn pprof_folded(gzipped: &[u8]) -> Result<Vec<String>, String> {
-    use std::collections::HashMap;
-    use std::io::Read;
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(gzipped).read_to_end(&mut raw).map_err(|e| format!("gunzip profile: {e}"))?;
-    let profile = pprof::protos::Profile::parse_from_bytes(&raw).map_err(|e| format!("decode profile: {e}"))?;
-    let strings = &profile.string_table;
-    let functions: HashMap<u64, &str> = profile
-        .function
-        .iter()
-        .map(|f| (f.id, strings.get(f.name as usize).map_or("?", String::as_str)))
-        .collect();
-    let locations: HashMap<u64, Vec<&str>> = profile
-        .location
-        .iter()
-        .map(|l| {
-            let names = l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?")).collect();
-            (l.id, names)
-        })
-        .collect();
-    let mut stacks: HashMap<String, i64> = HashMap::new();
-    for sample in &profile.sample {
-        let mut frames = Vec::new();
-        for id in sample.location_id.iter().rev() {
-            match locations.get(id) {
-                Some(names) => frames.extend(names.iter().rev().map(|n| n.replace(';', ":"))),
-                None => frames.push(format!("{id:#x}")),
-            }
-        }
-        // The allocator's own frames (jemalloc's sampler, the site wrapper) end every
-        // stack and say nothing about who allocated.
-        while frames.last().is_some_and(|f| is_allocator_frame(f)) {
-            frames.pop();
-        }
-        *stacks.entry(frames.join(";")).or_default() += sample.value.first().copied().unwrap_or(0);
+/// Folded stacks of a heap profile, named by the short-lived worker (`pushline
+/// symbolize-heap`): the DWARF it loads to name addresses (tens of megabytes) is returned
+/// to the system when it exits, so looking at the heap does not grow it.
+async fn symbolized_in_worker(profile: Vec<u8>) -> Result<Vec<String>, String> {
+    use tokio::io::AsyncWriteExt;
+    // /proc/self/exe is the running binary even if the file on disk was replaced.
+    let mut worker = tokio::process::Command::new("/proc/self/exe")
+        .arg(SYMBOLIZE_HEAP)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the symbolizing worker: {e}"))?;
+    let mut stdin = worker.stdin.take().ok_or("the symbolizing worker has no stdin")?;
+    let fed = async move {
+        stdin.write_all(&profile).await?;
+        stdin.shutdown().await
+    };
+    let (fed, out) = tokio::join!(fed, tokio::time::timeout(SYMBOLIZE_TIMEOUT, worker.wait_with_output()));
+    let out = out.map_err(|_| format!("the symbolizing worker took longer than {SYMBOLIZE_TIMEOUT:?}"))?.map_err(|e| format!("symbolizing worker: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the symbolizing worker failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
     }
-    let mut lines: Vec<String> = stacks.into_iter().filter(|(_, w)| *w > 0).map(|(s, w)| format!("{s} {w}")).collect();
-    lines.sort();
-    Ok(lines)
-}
-
-/// Frames of the allocator and of the standard library's allocation paths, which end
-/// every heap stack and say nothing about who allocated.
-fn is_allocator_frame(frame: &str) -> bool {
-    const PREFIXES: [&str; 16] = [
-        "prof_", "_rjem_", "imalloc", "je_", "ialloc", "irealloc", "__rustc::", "__rust_", "__rdl_",
-        "tikv_jemallocator::", "<tikv_jemallocator::", "pushline_alloc::", "<pushline_alloc::",
-        "alloc::", "<alloc::", "hashbrown::raw::",
-    ];
-    PREFIXES.iter().any(|p| frame.starts_with(p)) || frame.starts_with("<hashbrown::alloc")
+    fed.map_err(|e| format!("feeding the symbolizing worker: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
 }

@@ -1,0 +1,187 @@
+//! Heap profiles symbolized from the binary on disk, outside the profiled process.
+//!
+//! The server's heap profile (jemalloc's samples through `jemalloc_pprof`) carries raw
+//! addresses, each relative to the file it is mapped from (the address the file's own ELF
+//! headers give it), with the list of those files, the way jemalloc's own `prof` dumps do
+//! for `jeprof`. Here each address becomes the inlined frames at that place, from
+//! the file's DWARF (addr2line), or from its symbol table when it has no DWARF. Loading
+//! DWARF costs tens of megabytes, which is why the server never does it itself: the
+//! tools do, or the server's short-lived worker (`pushline symbolize-heap`), whose memory
+//! goes back when it exits.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use prost::Message;
+
+/// The parts of pprof's profile.proto a folded stack needs (unknown fields are skipped).
+mod proto {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Profile {
+        #[prost(message, repeated, tag = "2")]
+        pub sample: Vec<Sample>,
+        #[prost(message, repeated, tag = "3")]
+        pub mapping: Vec<Mapping>,
+        #[prost(message, repeated, tag = "4")]
+        pub location: Vec<Location>,
+        #[prost(message, repeated, tag = "5")]
+        pub function: Vec<Function>,
+        #[prost(string, repeated, tag = "6")]
+        pub string_table: Vec<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Sample {
+        #[prost(uint64, repeated, tag = "1")]
+        pub location_id: Vec<u64>,
+        #[prost(int64, repeated, tag = "2")]
+        pub value: Vec<i64>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Mapping {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(int64, tag = "5")]
+        pub filename: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Location {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(uint64, tag = "2")]
+        pub mapping_id: u64,
+        #[prost(uint64, tag = "3")]
+        pub address: u64,
+        #[prost(message, repeated, tag = "4")]
+        pub line: Vec<Line>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Line {
+        #[prost(uint64, tag = "1")]
+        pub function_id: u64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Function {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(int64, tag = "2")]
+        pub name: i64,
+    }
+}
+
+/// One mapped file's debug information.
+struct Binary {
+    loader: addr2line::Loader,
+}
+
+impl Binary {
+    fn open(path: &str) -> Option<Binary> {
+        Some(Binary { loader: addr2line::Loader::new(path).ok()? })
+    }
+
+    /// The frames at `address` (the file's own virtual address), innermost (inlined) first.
+    fn frames(&self, address: u64) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Ok(mut frames) = self.loader.find_frames(address) {
+            while let Ok(Some(frame)) = frames.next() {
+                if let Some(name) = frame.function.as_ref().and_then(|f| f.demangle().ok()) {
+                    names.push(without_hash(&name).to_owned());
+                }
+            }
+        }
+        if names.is_empty() {
+            if let Some(symbol) = self.loader.find_symbol(address) {
+                names.push(format!("{:#}", rustc_demangle::demangle(symbol)));
+            }
+        }
+        names
+    }
+}
+
+/// `a::b::h0123456789abcdef` -> `a::b`.
+fn without_hash(name: &str) -> &str {
+    match name.rsplit_once("::h") {
+        Some((head, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => head,
+        _ => name,
+    }
+}
+
+/// Names addresses, opening each mapped file once.
+#[derive(Default)]
+pub struct Symbolizer {
+    binaries: HashMap<String, Option<Binary>>,
+}
+
+impl Symbolizer {
+    /// The frames at `address` in the file `path` (an address of the file's own, as its
+    /// ELF headers lay it out), innermost first; the file and address when they cannot be
+    /// named.
+    pub fn frames(&mut self, path: &str, address: u64) -> Vec<String> {
+        let binary = self.binaries.entry(path.to_owned()).or_insert_with(|| Binary::open(path));
+        let names = binary.as_ref().map(|b| b.frames(address)).unwrap_or_default();
+        if names.is_empty() {
+            let file = path.rsplit('/').next().unwrap_or(path);
+            vec![format!("{file}+{address:#x}")]
+        } else {
+            names
+        }
+    }
+}
+
+/// Folded stacks (`root;...;leaf bytes`) of a gzipped profile.proto, its locations named
+/// by `symbolizer` where the profile has no names of its own. The allocator's own frames,
+/// which end every stack and say nothing about who allocated, are left off.
+pub fn heap_folded(gzipped: &[u8], symbolizer: &mut Symbolizer) -> Result<Vec<String>, String> {
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(gzipped).read_to_end(&mut raw).map_err(|e| format!("gunzip profile: {e}"))?;
+    let profile = proto::Profile::decode(raw.as_slice()).map_err(|e| format!("decode profile: {e}"))?;
+    let string = |i: i64| profile.string_table.get(i as usize).map_or("?", String::as_str);
+    let functions: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, string(f.name))).collect();
+    let files: HashMap<u64, &str> = profile.mapping.iter().map(|m| (m.id, string(m.filename))).collect();
+    let locations: HashMap<u64, Vec<String>> = profile
+        .location
+        .iter()
+        .map(|l| {
+            let names = if l.line.is_empty() {
+                match files.get(&l.mapping_id) {
+                    Some(file) if !file.is_empty() => symbolizer.frames(file, l.address),
+                    _ => vec![format!("{:#x}", l.address)],
+                }
+            } else {
+                l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?").to_owned()).collect()
+            };
+            (l.id, names)
+        })
+        .collect();
+    let mut stacks: HashMap<String, i64> = HashMap::new();
+    for sample in &profile.sample {
+        let mut frames = Vec::new();
+        for id in sample.location_id.iter().rev() {
+            match locations.get(id) {
+                Some(names) => frames.extend(names.iter().rev().map(|n| n.replace(';', ":"))),
+                None => frames.push(format!("{id:#x}")),
+            }
+        }
+        while frames.last().is_some_and(|f| is_allocator_frame(f)) {
+            frames.pop();
+        }
+        *stacks.entry(frames.join(";")).or_default() += sample.value.first().copied().unwrap_or(0);
+    }
+    let mut lines: Vec<String> = stacks.into_iter().filter(|(_, w)| *w > 0).map(|(s, w)| format!("{s} {w}")).collect();
+    lines.sort();
+    Ok(lines)
+}
+
+/// Frames of the allocator and of the standard library's allocation paths.
+fn is_allocator_frame(frame: &str) -> bool {
+    const PREFIXES: [&str; 16] = [
+        "prof_", "_rjem_", "imalloc", "je_", "ialloc", "irealloc", "__rustc::", "__rust_", "__rdl_",
+        "tikv_jemallocator::", "<tikv_jemallocator::", "pushline_alloc::", "<pushline_alloc::",
+        "alloc::", "<alloc::", "hashbrown::raw::",
+    ];
+    PREFIXES.iter().any(|p| frame.starts_with(p)) || frame.starts_with("<hashbrown::alloc")
+}
