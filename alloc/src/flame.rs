@@ -1,13 +1,27 @@
 //! Flame graphs: folded stacks (`root;...;leaf count`, one per line) rendered as an
 //! inferno SVG, the same way for the server's profile endpoints and the tools.
 
-/// Renders folded stack lines as a flame graph; `count_name` labels the weights.
+/// Renders folded stack lines as a flame graph; `count_name` labels the weights. No
+/// stacks at all (an idle server's CPU) give an SVG that says so.
 pub fn svg<'a>(folded: impl IntoIterator<Item = &'a str>, title: &str, count_name: &str) -> Result<Vec<u8>, String> {
     let mut options = inferno::flamegraph::Options::default();
     options.title = title.to_owned();
     options.count_name = count_name.to_owned();
     let mut out = Vec::new();
-    let lines = folded.into_iter().filter(|l| !l.trim().is_empty());
+    let lines: Vec<&str> = folded.into_iter().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return Ok(empty_svg(title, &format!("no {count_name}: nothing was sampled")).into_bytes());
+    }
     inferno::flamegraph::from_lines(&mut options, lines, &mut out).map_err(|e| format!("flame graph: {e}"))?;
     Ok(out)
+}
+
+/// An SVG that says why there is no flame graph, for readers that always expect one.
+pub fn empty_svg(title: &str, message: &str) -> String {
+    let escape = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    format!(
+        "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg version=\"1.1\" width=\"1200\" height=\"90\" xmlns=\"http://www.w3.org/2000/svg\">\n<text x=\"600\" y=\"30\" text-anchor=\"middle\" font-size=\"17\" font-family=\"Verdana\">{}</text>\n<text x=\"600\" y=\"65\" text-anchor=\"middle\" font-size=\"14\" font-family=\"Verdana\">{}</text>\n</svg>\n",
+        escape(title),
+        escape(message)
+    )
 }

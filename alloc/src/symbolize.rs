@@ -132,10 +132,32 @@ impl Symbolizer {
     }
 }
 
-/// Folded stacks (`root;...;leaf bytes`) of a gzipped profile.proto, its locations named
-/// by `symbolizer` where the profile has no names of its own. The allocator's own frames,
-/// which end every stack and say nothing about who allocated, are left off.
-pub fn heap_folded(gzipped: &[u8], symbolizer: &mut Symbolizer) -> Result<Vec<String>, String> {
+/// What a profile counts, which decides whether its leaf frames are kept.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// Live bytes by allocating stack: the allocator's own frames, which end every stack
+    /// and say nothing about who allocated, are left off.
+    Heap,
+    /// CPU samples: every frame is kept.
+    Cpu,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Heap => "heap",
+            Kind::Cpu => "cpu",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Kind> {
+        [Kind::Heap, Kind::Cpu].into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+/// Folded stacks (`root;...;leaf weight`) of a gzipped profile.proto, its locations named
+/// by `symbolizer` where the profile has no names of its own.
+pub fn folded(gzipped: &[u8], kind: Kind, symbolizer: &mut Symbolizer) -> Result<Vec<String>, String> {
     let mut raw = Vec::new();
     flate2::read::GzDecoder::new(gzipped).read_to_end(&mut raw).map_err(|e| format!("gunzip profile: {e}"))?;
     let profile = proto::Profile::decode(raw.as_slice()).map_err(|e| format!("decode profile: {e}"))?;
@@ -166,7 +188,7 @@ pub fn heap_folded(gzipped: &[u8], symbolizer: &mut Symbolizer) -> Result<Vec<St
                 None => frames.push(format!("{id:#x}")),
             }
         }
-        while frames.last().is_some_and(|f| is_allocator_frame(f)) {
+        while kind == Kind::Heap && frames.last().is_some_and(|f| is_allocator_frame(f)) {
             frames.pop();
         }
         *stacks.entry(frames.join(";")).or_default() += sample.value.first().copied().unwrap_or(0);
@@ -174,6 +196,95 @@ pub fn heap_folded(gzipped: &[u8], symbolizer: &mut Symbolizer) -> Result<Vec<St
     let mut lines: Vec<String> = stacks.into_iter().filter(|(_, w)| *w > 0).map(|(s, w)| format!("{s} {w}")).collect();
     lines.sort();
     Ok(lines)
+}
+
+/// A profile of raw return addresses in pprof's profile.proto, with the process's mappings
+/// and no names: built in the profiled process without reading any debug information,
+/// named out of it by [`folded`].
+pub struct RawProfile {
+    profile: proto::Profile,
+    strings: HashMap<String, i64>,
+    /// (mapping id, address in the file) -> location id.
+    locations: HashMap<(u64, u64), u64>,
+    /// Root frame name (a thread) -> location id.
+    roots: HashMap<String, u64>,
+    mappings: Vec<(usize, usize, usize, u64)>,
+}
+
+impl Default for RawProfile {
+    fn default() -> Self {
+        RawProfile::new()
+    }
+}
+
+impl RawProfile {
+    /// An empty profile of this process, its mappings read from /proc/self/maps and the
+    /// ELF headers of each mapped file (once per process).
+    pub fn new() -> RawProfile {
+        let mut raw = RawProfile {
+            profile: proto::Profile { string_table: vec![String::new()], ..Default::default() },
+            strings: HashMap::new(),
+            locations: HashMap::new(),
+            roots: HashMap::new(),
+            mappings: Vec::new(),
+        };
+        for (m, id) in mappings::MAPPINGS.iter().flatten().zip(1..) {
+            let filename = raw.string(&m.pathname.to_string_lossy());
+            raw.profile.mapping.push(proto::Mapping { id, filename });
+            raw.mappings.push((m.memory_start, m.memory_end, m.memory_offset, id));
+        }
+        raw
+    }
+
+    fn string(&mut self, text: &str) -> i64 {
+        if let Some(i) = self.strings.get(text) {
+            return *i;
+        }
+        let i = self.profile.string_table.len() as i64;
+        self.profile.string_table.push(text.to_owned());
+        self.strings.insert(text.to_owned(), i);
+        i
+    }
+
+    /// One stack: return addresses leaf first, under a root frame named `root` (its thread).
+    pub fn add(&mut self, root: &str, return_addresses: impl Iterator<Item = usize>, weight: i64) {
+        let mut ids = Vec::new();
+        for address in return_addresses {
+            // A return address is one past its call; the call is what to name.
+            let address = address.saturating_sub(1);
+            let Some(&(start, _, offset, mapping)) = self.mappings.iter().find(|(start, end, _, _)| (*start..*end).contains(&address)) else {
+                continue;
+            };
+            let in_file = (address - start + offset) as u64;
+            let next = self.profile.location.len() as u64 + 1;
+            let id = *self.locations.entry((mapping, in_file)).or_insert(next);
+            if id == next {
+                self.profile.location.push(proto::Location { id, mapping_id: mapping, address: in_file, line: Vec::new() });
+            }
+            ids.push(id);
+        }
+        let root_id = match self.roots.get(root) {
+            Some(id) => *id,
+            None => {
+                let name = self.string(root);
+                let function = self.profile.function.len() as u64 + 1;
+                self.profile.function.push(proto::Function { id: function, name });
+                let id = self.profile.location.len() as u64 + 1;
+                self.profile.location.push(proto::Location { id, mapping_id: 0, address: 0, line: vec![proto::Line { function_id: function }] });
+                self.roots.insert(root.to_owned(), id);
+                id
+            }
+        };
+        ids.push(root_id);
+        self.profile.sample.push(proto::Sample { location_id: ids, value: vec![weight] });
+    }
+
+    /// The profile as gzipped profile.proto.
+    pub fn gzipped(&self) -> Result<Vec<u8>, String> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(&self.profile.encode_to_vec()).and_then(|_| encoder.finish()).map_err(|e| format!("gzip: {e}"))
+    }
 }
 
 /// Frames of the allocator and of the standard library's allocation paths.

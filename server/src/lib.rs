@@ -48,6 +48,6 @@ pub mod telemetry;
 pub mod tls;
 pub mod wire;
 
-pub use admin::SYMBOLIZE_HEAP;
+pub use admin::SYMBOLIZE;
 pub use config::Config;
 pub use server::Server;

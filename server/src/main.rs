@@ -1,19 +1,21 @@
 //! The `pushline` binary: settings, logging, then the server until SIGTERM or SIGINT.
-//! Started as `pushline symbolize-heap` it is instead the server's own symbolizing worker.
+//! Started as `pushline symbolize-profile heap|cpu` it is instead the server's own
+//! symbolizing worker.
 
 use std::process::ExitCode;
 
 use pushline::shutdown::{Asked, Signals};
 use pushline::telemetry::logging;
 use pushline::{Config, Server};
+use pushline_alloc::symbolize::Kind;
 use pushline_alloc::SiteAllocator;
 
 #[global_allocator]
 static ALLOCATOR: SiteAllocator = SiteAllocator;
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some(pushline::SYMBOLIZE_HEAP) {
-        return symbolize_heap();
+    if std::env::args().nth(1).as_deref() == Some(pushline::SYMBOLIZE) {
+        return symbolize(std::env::args().nth(2).as_deref().and_then(Kind::parse));
     }
     let config = match Config::load() {
         Ok(config) => config,
@@ -87,17 +89,21 @@ fn main() -> ExitCode {
     })
 }
 
-/// The server's short-lived symbolizing worker: a gzipped heap profile on stdin, its
-/// folded stacks, named from the binaries on disk, on stdout. The DWARF it loads goes
+/// The server's short-lived symbolizing worker: a gzipped profile on stdin, its folded
+/// stacks, named from the binaries on disk, on stdout. The debug information it loads goes
 /// away with it.
-fn symbolize_heap() -> ExitCode {
+fn symbolize(kind: Option<Kind>) -> ExitCode {
     use std::io::{Read, Write};
+    let Some(kind) = kind else {
+        eprintln!("pushline {}: say which profile: heap or cpu", pushline::SYMBOLIZE);
+        return ExitCode::from(2);
+    };
     let mut profile = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut profile) {
-        eprintln!("pushline {}: {e}", pushline::SYMBOLIZE_HEAP);
+        eprintln!("pushline {}: {e}", pushline::SYMBOLIZE);
         return ExitCode::FAILURE;
     }
-    match pushline_alloc::symbolize::heap_folded(&profile, &mut Default::default()) {
+    match pushline_alloc::symbolize::folded(&profile, kind, &mut Default::default()) {
         Ok(lines) => {
             let mut out = std::io::stdout().lock();
             for line in lines {
@@ -108,7 +114,7 @@ fn symbolize_heap() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("pushline {}: {e}", pushline::SYMBOLIZE_HEAP);
+            eprintln!("pushline {}: {e}", pushline::SYMBOLIZE);
             ExitCode::FAILURE
         }
     }

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::Read;
 
 use common::*;
-use pprof::protos::Message;
+use pushline_alloc::symbolize::Kind;
 use serde_json::json;
 
 /// Broadcasts to the server's clients until dropped, so profiles see it busy.
@@ -59,12 +58,10 @@ async fn cpu_profile_of_a_busy_server_names_its_functions() {
 
     let (status, gzipped) = first.await.unwrap();
     assert_eq!(status, 200);
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gzipped[..]).read_to_end(&mut raw).expect("gzip");
-    let profile = pprof::protos::Profile::parse_from_bytes(&raw).expect("profile.proto");
-    assert!(!profile.sample.is_empty(), "the busy server was sampled");
-    let names: Vec<&str> = profile.function.iter().map(|f| profile.string_table[f.name as usize].as_str()).collect();
-    assert!(names.iter().any(|n| n.starts_with("pushline::")), "server functions in the profile: {names:?}");
+    // Raw addresses and mappings: named here, from the binary on disk, as the tools do.
+    let folded = pushline_alloc::symbolize::folded(&gzipped, Kind::Cpu, &mut Default::default()).expect("a gzipped profile.proto");
+    assert!(!folded.is_empty(), "the busy server was sampled");
+    assert!(folded.iter().any(|l| l.contains(";pushline::")), "server functions in the profile: {:?}", &folded[..folded.len().min(5)]);
 
     let (status, svg) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=2&format=svg")).await;
     assert_eq!(status, 200);
@@ -184,6 +181,7 @@ async fn ten_heap_profiles_leave_the_server_the_size_it_was() {
     // Symbolizing loads the binary's DWARF (68 MB for a debug build) in the worker, not here.
     assert!(after_ten < before + 8 * 1_048_576, "RSS {:.1} MiB -> {:.1} MiB over ten heap profiles", mib(before), mib(after_ten));
     assert!(after_ten < after_one + 2 * 1_048_576, "RSS grew from {:.1} MiB after one profile to {:.1} after ten", mib(after_one), mib(after_ten));
+
 }
 
 fn rss(server: &Process) -> u64 {

@@ -86,16 +86,6 @@ pub fn kernel_folded(pid: u32, seconds: u64) -> Result<String, String> {
     Ok(fold_bpftrace(&stdout))
 }
 
-/// An SVG that says why there is no flame graph, for scripts that always expect a file.
-pub fn empty_svg(title: &str, message: &str) -> String {
-    let escape = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    format!(
-        "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg version=\"1.1\" width=\"1200\" height=\"90\" xmlns=\"http://www.w3.org/2000/svg\">\n<text x=\"600\" y=\"30\" text-anchor=\"middle\" font-size=\"17\" font-family=\"Verdana\">{}</text>\n<text x=\"600\" y=\"65\" text-anchor=\"middle\" font-size=\"14\" font-family=\"Verdana\">{}</text>\n</svg>\n",
-        escape(title),
-        escape(message)
-    )
-}
-
 /// `7f12ab34 name+123 (/path)` or `name+123` -> `name`, demangled as far as the text allows.
 fn frame_name(frame: &str) -> String {
     let mut words = frame.split_whitespace();

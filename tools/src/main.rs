@@ -148,7 +148,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 };
                 if stacks.trim().is_empty() {
                     let message = format!("no samples in {seconds} s: the server was idle");
-                    write(&output, flame::empty_svg(title, &message).as_bytes())?;
+                    write(&output, pushline_alloc::flame::empty_svg(title, &message).as_bytes())?;
                     eprintln!("pushline-tools: {message}; wrote {} saying so", output.display());
                     println!("{}", output.display());
                     return Ok(ExitCode::from(NO_SAMPLES));

@@ -8,7 +8,7 @@
 
 mod memory;
 mod profile;
-pub use profile::SYMBOLIZE_HEAP;
+pub use profile::SYMBOLIZE;
 mod query;
 mod stats;
 

@@ -2,12 +2,11 @@
 //! heap profile), each as gzipped profile.proto (what `go tool pprof` reads), an inferno
 //! flame graph SVG, or folded stacks.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::StatusCode;
-use pprof::protos::Message;
+use pushline_alloc::symbolize::{Kind, RawProfile};
 use pushline_alloc::{flame, jemalloc};
 
 use super::{error, reply, Query, Reply};
@@ -89,22 +88,36 @@ pub async fn cpu(query: &Query) -> Reply {
             .build()
             .map_err(|e| format!("cannot start the CPU profiler: {e}"))?;
         std::thread::sleep(Duration::from_secs(seconds));
-        let report = guard.report().build().map_err(|e| format!("cannot build the CPU profile: {e}"))?;
-        match format {
-            Format::Pprof => {
-                let profile = report.pprof().map_err(|e| format!("cannot encode the CPU profile: {e}"))?;
-                let bytes = profile.write_to_bytes().map_err(|e| format!("cannot encode the CPU profile: {e}"))?;
-                gzip(&bytes)
-            }
-            Format::Folded | Format::Svg => stacks(format, &cpu_folded(&report), "Pushline CPU", "samples"),
+        // Unresolved: the addresses as sampled. Naming them here would load this binary's
+        // DWARF into the server for good (hundreds of megabytes for a debug build).
+        let report = guard.report().build_unresolved().map_err(|e| format!("cannot build the CPU profile: {e}"))?;
+        let mut raw = RawProfile::new();
+        for (stack, count) in &report.data {
+            let thread = String::from_utf8_lossy(&stack.thread_name[..stack.thread_name_length]).into_owned();
+            let root = if thread.is_empty() { stack.thread_id.to_string() } else { thread };
+            raw.add(&root, stack.frames.iter().map(|frame| frame.ip() as usize), *count as i64);
         }
+        raw.gzipped()
     })
     .await;
-    answer(format, profiled, "CPU profile")
+    let profile = match profiled {
+        Ok(Ok(profile)) => profile,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("CPU profile task failed: {e}")),
+    };
+    if format == Format::Pprof {
+        return reply(StatusCode::OK, content_type(format), profile);
+    }
+    let folded = match symbolized_in_worker(profile, Kind::Cpu).await {
+        Ok(lines) => lines,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    };
+    let built = tokio::task::spawn_blocking(move || stacks(format, &folded, "Pushline CPU", "samples")).await;
+    answer(format, built, "CPU profile")
 }
 
-/// The argument that makes `pushline` the symbolizing worker.
-pub const SYMBOLIZE_HEAP: &str = "symbolize-heap";
+/// The argument that makes `pushline` the symbolizing worker (then `heap` or `cpu`).
+pub const SYMBOLIZE: &str = "symbolize-profile";
 
 /// Longest a symbolizing worker may take (a debug build's DWARF loads in seconds).
 const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -124,7 +137,7 @@ pub async fn heap(query: &Query) -> Reply {
     if format == Format::Pprof {
         return reply(StatusCode::OK, content_type(format), pprof);
     }
-    let folded = match symbolized_in_worker(pprof).await {
+    let folded = match symbolized_in_worker(pprof, Kind::Heap).await {
         Ok(lines) => lines,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
     };
@@ -158,39 +171,14 @@ fn content_type(format: Format) -> &'static str {
     }
 }
 
-fn gzip(bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(bytes).and_then(|_| encoder.finish()).map_err(|e| format!("gzip: {e}"))
-}
-
-/// Folded stacks (`thread;root;...;leaf count`) from a pprof-rs report.
-fn cpu_folded(report: &pprof::Report) -> Vec<String> {
-    let mut lines: Vec<String> = report
-        .data
-        .iter()
-        .map(|(frames, count)| {
-            let mut line = frames.thread_name_or_id();
-            for frame in frames.frames.iter().rev() {
-                for symbol in frame.iter().rev() {
-                    line.push(';');
-                    line.push_str(&symbol.name().replace(';', ":"));
-                }
-            }
-            format!("{line} {count}")
-        })
-        .collect();
-    lines.sort();
-    lines
-}
-
-/// Folded stacks of a heap profile, named by the short-lived worker (`pushline
-/// symbolize-heap`): the DWARF it loads to name addresses (tens of megabytes) is returned
-/// to the system when it exits, so looking at the heap does not grow it.
-async fn symbolized_in_worker(profile: Vec<u8>) -> Result<Vec<String>, String> {
+/// Folded stacks of a profile of raw addresses, named by the short-lived worker
+/// (`pushline symbolize-profile`): the DWARF it loads to name addresses (tens of
+/// megabytes) is returned to the system when it exits, so looking does not grow the server.
+async fn symbolized_in_worker(profile: Vec<u8>, kind: Kind) -> Result<Vec<String>, String> {
     use tokio::io::AsyncWriteExt;
     // /proc/self/exe is the running binary even if the file on disk was replaced.
     let mut worker = tokio::process::Command::new("/proc/self/exe")
-        .arg(SYMBOLIZE_HEAP)
+        .args([SYMBOLIZE, kind.as_str()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
