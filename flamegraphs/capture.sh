@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the idle, heartbeat and fanout scenarios and saves CPU and heap flame graphs of
-# the server under each into flamegraphs/. Needs a release build:
+# the server under each into flamegraphs/: NAME-kernel.svg (bpftrace, kernel and user
+# frames; needs root), NAME-cpu.svg (pprof-rs, user space only), NAME-heap.svg. Needs a
+# release build:
 #   cargo build --release && flamegraphs/capture.sh [connections]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,12 +22,14 @@ wait_for_server() {
   echo "capture.sh: no server under bench pid $bench" >&2; exit 1
 }
 
-capture() { # scenario, delay before profiling, profile seconds, bench args...
+capture() { # scenario, delay before profiling, seconds of each profile, bench args...
   local name=$1 delay=$2 seconds=$3; shift 3
   "$BIN/pushline-bench" --json "$OUT/$name.json" "$@" > "$OUT/$name.txt" &
   local bench=$!
   local pid; pid=$(wait_for_server "$bench")
   sleep "$delay"
+  # Exit status 3: no samples (an SVG saying so is written).
+  "$BIN/pushline-tools" flamegraph "$pid" --kernel --seconds "$seconds" -o "$OUT/$name-kernel.svg" --folded "$OUT/$name-kernel.folded" || echo "capture.sh: $name: no kernel+user samples" >&2
   "$BIN/pushline-tools" flamegraph "$pid" --seconds "$seconds" -o "$OUT/$name-cpu.svg" --folded "$OUT/$name-cpu.folded" || echo "capture.sh: $name: no CPU samples" >&2
   "$BIN/pushline-tools" heap "$pid" -o "$OUT/$name-heap" > /dev/null
   rm -f "$OUT/$name-heap.sites.json"
@@ -33,9 +37,10 @@ capture() { # scenario, delay before profiling, profile seconds, bench args...
   cat "$OUT/$name.txt"
 }
 
-# idle: connections held, nothing sent; the profile shows what idle costs (ideally nothing).
-capture idle 5 3 idle --connections "$N" --hold 6
+# idle: connections held, nothing sent; profiled after the bench has measured memory (a
+# first CPU profile allocates pprof-rs's sample table), to show what idle costs (ideally nothing).
+capture idle 19 3 idle --connections "$N" --hold 16
 # heartbeat: 10 s idle, then every client pings once a second; profile the pinging.
-capture heartbeat 13 5 heartbeat --connections "$N" --interval 1s --seconds 10
+capture heartbeat 14 4 heartbeat --connections "$N" --interval 1s --seconds 14
 # fanout: 100-byte broadcasts to every client, back to back.
-capture fanout 3 5 fanout --connections "$N" --rounds 30
+capture fanout 3 4 fanout --connections "$N" --rounds 60

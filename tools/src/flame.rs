@@ -37,7 +37,8 @@ pub fn fold_bpftrace(text: &str) -> String {
     let mut kernel: Vec<String> = Vec::new();
     for line in text.lines() {
         let trimmed = line.trim();
-        if trimmed.starts_with('@') && trimmed.ends_with('[') {
+        // `@[, ` opens a key whose kernel stack is empty: a sample taken in user space.
+        if trimmed.starts_with('@') && (trimmed.ends_with('[') || trimmed.ends_with("[,")) {
             frames = Some(Vec::new());
             kernel.clear();
         } else if let Some(stack) = frames.as_mut() {
@@ -93,7 +94,24 @@ fn frame_name(frame: &str) -> String {
     let symbol = if first.chars().all(|c| c.is_ascii_hexdigit()) { words.next().unwrap_or(first) } else { first };
     let symbol = symbol.rsplit_once('+').map_or(symbol, |(name, off)| if off.chars().all(|c| c.is_ascii_digit() || c == 'x') { name } else { symbol });
     let symbol = strip_rust_hash(symbol);
-    symbol.replace(';', ":")
+    unescape_legacy(symbol).replace(';', ":")
+}
+
+/// The escapes Rust's legacy mangling leaves in names bpftrace half-demangles
+/// (`_$u7b$$u7b$closure$u7d$$u7d$` -> `{{closure}}`).
+fn unescape_legacy(symbol: &str) -> String {
+    const ESCAPES: [(&str, &str); 12] = [
+        ("$u7b$", "{"), ("$u7d$", "}"), ("$LT$", "<"), ("$GT$", ">"), ("$u20$", " "), ("$RF$", "&"),
+        ("$BP$", "*"), ("$LP$", "("), ("$RP$", ")"), ("$C$", ","), ("$u27$", "'"), ("$u5b$", "["),
+    ];
+    let mut out = symbol.strip_prefix("_$").map_or_else(|| symbol.to_owned(), |rest| format!("${rest}")).replace("::_$", "::$");
+    if out.contains('$') {
+        out = out.replace("..", "::");
+    }
+    for (from, to) in ESCAPES {
+        out = out.replace(from, to);
+    }
+    out.replace("$u5d$", "]")
 }
 
 /// `pushline::conn::serve::h0123456789abcdef` -> `pushline::conn::serve`.
@@ -115,8 +133,14 @@ mod tests {
     }
 
     #[test]
+    fn unescapes_what_bpftrace_leaves_of_legacy_mangling() {
+        assert_eq!(frame_name("55d0c0b2 pushline::api::Api::publish::_$u7b$$u7b$closure$u7d$$u7d$+3 (/bin/pushline)"), "pushline::api::Api::publish::{{closure}}");
+        assert_eq!(frame_name("_$LT$T$u20$as$u20$core..any..Any$GT$::type_id"), "<T as core::any::Any>::type_id");
+    }
+
+    #[test]
     fn puts_kernel_frames_on_top_of_user_frames() {
-        let text = "@[\n\tffffffff816bb9c4 tcp_sendmsg+84\n\tffffffff821ef691 do_syscall_64+113\n, \n\t7fbb1bd75350 __GI___write+16 (/usr/lib/libc.so.6)\n\t55d0c0b2 pushline::conn::flush+3 (/bin/pushline)\n]: 5\n@[\n, \n\t55d0c0b2 pushline::conn::flush+3 (/bin/pushline)\n]: 2\n";
+        let text = "@[\n\tffffffff816bb9c4 tcp_sendmsg+84\n\tffffffff821ef691 do_syscall_64+113\n, \n\t7fbb1bd75350 __GI___write+16 (/usr/lib/libc.so.6)\n\t55d0c0b2 pushline::conn::flush+3 (/bin/pushline)\n]: 5\n@[, \n\t55d0c0b2 pushline::conn::flush+3 (/bin/pushline)\n]: 2\n";
         assert_eq!(
             fold_bpftrace(text),
             "pushline::conn::flush 2\npushline::conn::flush;__GI___write;do_syscall_64_[k];tcp_sendmsg_[k] 5\n"
