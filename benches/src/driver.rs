@@ -25,9 +25,23 @@ pub fn default_server_bin() -> PathBuf {
 
 impl ServerProcess {
     pub fn start(bin: &PathBuf, extra: &[String]) -> Result<ServerProcess, String> {
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log", "warn,pushline::server=info"])
-            .args(extra)
+        let mut command = Command::new(bin);
+        command.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log", "warn,pushline::server=info"]).args(extra);
+        ServerProcess::spawn(command, bin)
+    }
+
+    /// The floor server (`floor.rs`): this binary, in its hidden `floor-server` mode. It has
+    /// no admin listener: its `admin` address is not one.
+    pub fn start_floor() -> Result<ServerProcess, String> {
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut command = Command::new(&me);
+        command.arg("floor-server");
+        ServerProcess::spawn(command, &me)
+    }
+
+    /// Starts `command` and waits for its `listening client=ADDR admin=ADDR` line.
+    fn spawn(mut command: Command, bin: &std::path::Path) -> Result<ServerProcess, String> {
+        let mut child = command
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e} (build it: cargo build --release)", bin.display()))?;

@@ -3,6 +3,7 @@
 
 mod client;
 mod driver;
+mod floor;
 mod report;
 mod scenarios;
 mod worker;
@@ -54,12 +55,16 @@ enum Scenario {
         #[arg(long, default_value_t = 0)]
         hold: u64,
     },
-    /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client.
+    /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client and CPU
+    /// per delivery, then the same against the floor server, and the ratios.
     Fanout {
         #[arg(long, default_value_t = 15_000)]
         connections: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Skip the same run against the floor server.
+        #[arg(long)]
+        no_floor: bool,
     },
     /// Server CPU with N idle connections, then with each pinging every `interval`.
     Heartbeat {
@@ -111,6 +116,9 @@ enum Scenario {
         #[arg(long, default_value_t = 12)]
         workers: usize,
     },
+    /// The floor server `fanout` and `heartbeat` measure Pushline against (started by them).
+    #[command(hide = true)]
+    FloorServer,
     /// One client process of `scale` (started by it).
     #[command(hide = true)]
     Worker {
@@ -191,7 +199,7 @@ async fn main() -> ExitCode {
     }
     let result = match cli.scenario {
         Scenario::Idle { connections, hold } => scenarios::idle::run(&cli.common, connections, hold).await,
-        Scenario::Fanout { connections, rounds } => scenarios::fanout::run(&cli.common, connections, rounds).await,
+        Scenario::Fanout { connections, rounds, no_floor } => scenarios::fanout::run(&cli.common, connections, rounds, !no_floor).await,
         Scenario::Heartbeat { connections, interval, seconds } => {
             scenarios::heartbeat::run(&cli.common, connections, interval, seconds).await
         }
@@ -205,6 +213,15 @@ async fn main() -> ExitCode {
             scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes).await
         }
         Scenario::Scale { connections, nodes, workers } => scenarios::scale::run(&cli.common, connections, nodes, workers).await,
+        Scenario::FloorServer => {
+            return match tokio::task::block_in_place(floor::serve) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pushline-bench floor-server: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Scenario::Worker { server, first, connections, net } => {
             return match worker::run(&cli.common, server, first, connections, net).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,177 @@
+//! The floor: the smallest server that does what `fanout` and `heartbeat` ask of Pushline,
+//! so their figures can be read as a distance from what this machine allows.
+//!
+//! One thread, one epoll loop (mio). It answers WebSocket handshakes (with a welcome
+//! frame, as Pushline does), answers `POST /v1/broadcast` by writing one prepared frame
+//! of Pushline's size to every socket in a tight loop (non-blocking `write`, nothing
+//! else: a frame the kernel does not take is dropped and counted), and answers each ping
+//! frame with a static pong in the same readiness event that read it. No parsing beyond
+//! what framing needs, no queue, no allocation per message.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use base64::Engine;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+
+const LISTENER: Token = Token(usize::MAX);
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// What Pushline sends for a 100-byte broadcast (`{"data":"x" * 98}`), byte for byte in
+/// length: the same bytes on the wire.
+const MESSAGE: &str = concat!(
+    r#"{"type":"message","id":"7531284878357168128","topic":null,"data":""#,
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    r#""}"#
+);
+
+enum State {
+    /// Reading a request head (and, for the API, its body).
+    Request,
+    WebSocket,
+}
+
+struct Conn {
+    stream: TcpStream,
+    state: State,
+    buf: Vec<u8>,
+}
+
+/// An unmasked server text frame.
+fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x81];
+    if payload.len() < 126 {
+        out.push(payload.len() as u8);
+    } else {
+        out.push(126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Serves until killed; prints `floor listening client=ADDR` once it listens.
+pub fn serve() -> io::Result<()> {
+    let mut poll = Poll::new()?;
+    let mut listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+    eprintln!("floor listening client={} admin=127.0.0.1:0", listener.local_addr()?);
+    let broadcast = text_frame(MESSAGE.as_bytes());
+    let pong = text_frame(br#"{"type":"pong"}"#);
+    let welcome = text_frame(br#"{"type":"welcome","uid":"floor","session":"1"}"#);
+    let mut conns: HashMap<usize, Conn> = HashMap::new();
+    let mut next = 0usize;
+    let mut events = Events::with_capacity(1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        poll.poll(&mut events, None)?;
+        for event in events.iter() {
+            if event.token() == LISTENER {
+                loop {
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            let _ = stream.set_nodelay(true);
+                            poll.registry().register(&mut stream, Token(next), Interest::READABLE)?;
+                            conns.insert(next, Conn { stream, state: State::Request, buf: Vec::new() });
+                            next += 1;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => break,
+                    }
+                }
+                continue;
+            }
+            let token = event.token().0;
+            let Some(conn) = conns.get_mut(&token) else { continue };
+            let mut closed = false;
+            loop {
+                match conn.stream.read(&mut chunk) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            let mut broadcast_now = false;
+            match conn.state {
+                State::WebSocket => {
+                    // Client frames are masked: 2 header bytes, the length's extension, 4 mask bytes.
+                    let mut at = 0;
+                    while conn.buf.len() >= at + 2 {
+                        let (opcode, short) = (conn.buf[at] & 0x0F, (conn.buf[at + 1] & 0x7F) as usize);
+                        let (len, header) = match short {
+                            126 if conn.buf.len() >= at + 4 => (u16::from_be_bytes([conn.buf[at + 2], conn.buf[at + 3]]) as usize, 8),
+                            126 | 127 => break,
+                            n => (n, 6),
+                        };
+                        if conn.buf.len() < at + header + len {
+                            break;
+                        }
+                        at += header + len;
+                        match opcode {
+                            0x8 => closed = true,
+                            _ => {
+                                let _ = conn.stream.write(&pong);
+                            }
+                        }
+                    }
+                    conn.buf.drain(..at);
+                }
+                State::Request => {
+                    if let Some(head_end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4) {
+                        let head = String::from_utf8_lossy(&conn.buf[..head_end]).into_owned();
+                        if head.starts_with("GET /ws") {
+                            let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: "))).unwrap_or("").trim();
+                            let accept = base64::engine::general_purpose::STANDARD.encode(sha1_smol::Sha1::from(format!("{key}{WEBSOCKET_GUID}")).digest().bytes());
+                            let mut reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+                            reply.extend_from_slice(&welcome);
+                            let _ = conn.stream.write_all(&reply);
+                            conn.state = State::WebSocket;
+                            conn.buf.drain(..head_end);
+                        } else {
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                                .unwrap_or(0);
+                            if conn.buf.len() >= head_end + length {
+                                broadcast_now = head.starts_with("POST /v1/broadcast");
+                                if !broadcast_now {
+                                    let _ = conn.stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                                    closed = true;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if broadcast_now {
+                let (mut delivered, mut dropped) = (0usize, 0usize);
+                for other in conns.values_mut().filter(|c| matches!(c.state, State::WebSocket)) {
+                    match other.stream.write(&broadcast) {
+                        Ok(n) if n == broadcast.len() => delivered += 1,
+                        _ => dropped += 1,
+                    }
+                }
+                let body = format!(r#"{{"delivered":{delivered},"dropped":{dropped}}}"#);
+                let reply = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                if let Some(conn) = conns.get_mut(&token) {
+                    let _ = conn.stream.write_all(reply.as_bytes());
+                }
+                closed = true;
+            }
+            if closed {
+                if let Some(mut conn) = conns.remove(&token) {
+                    let _ = poll.registry().deregister(&mut conn.stream);
+                }
+            }
+        }
+    }
+}
