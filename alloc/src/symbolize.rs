@@ -188,8 +188,20 @@ pub fn folded(gzipped: &[u8], kind: Kind, symbolizer: &mut Symbolizer) -> Result
                 None => frames.push(format!("{id:#x}")),
             }
         }
-        while kind == Kind::Heap && frames.last().is_some_and(|f| is_allocator_frame(f)) {
-            frames.pop();
+        match kind {
+            Kind::Heap => {
+                while frames.last().is_some_and(|f| is_allocator_frame(f)) {
+                    frames.pop();
+                }
+            }
+            // A CPU sample is taken in a signal handler: its leaf frames are the kernel's
+            // signal trampoline, the handler, and the unwinder (whose generic names mention
+            // the handler too); the interrupted code is under them.
+            Kind::Cpu => {
+                if let Some(handler) = frames.iter().position(|f| f == "perf_signal_handler" || f.ends_with("::perf_signal_handler")) {
+                    frames.truncate(handler.saturating_sub(1));
+                }
+            }
         }
         *stacks.entry(frames.join(";")).or_default() += sample.value.first().copied().unwrap_or(0);
     }
@@ -295,4 +307,42 @@ fn is_allocator_frame(frame: &str) -> bool {
         "alloc::", "<alloc::", "hashbrown::raw::",
     ];
     PREFIXES.iter().any(|p| frame.starts_with(p)) || frame.starts_with("<hashbrown::alloc")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A profile whose locations carry names of their own, leaf first in each sample.
+    fn profile(samples: &[&[&str]]) -> Vec<u8> {
+        use std::io::Write;
+        let mut p = proto::Profile { string_table: vec![String::new()], ..Default::default() };
+        for stack in samples {
+            let mut ids = Vec::new();
+            for name in stack.iter() {
+                p.string_table.push(name.to_string());
+                let function = p.function.len() as u64 + 1;
+                p.function.push(proto::Function { id: function, name: p.string_table.len() as i64 - 1 });
+                let id = p.location.len() as u64 + 1;
+                p.location.push(proto::Location { id, mapping_id: 0, address: 0, line: vec![proto::Line { function_id: function }] });
+                ids.push(id);
+            }
+            p.sample.push(proto::Sample { location_id: ids, value: vec![1] });
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&p.encode_to_vec()).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn a_cpu_sample_loses_the_signal_handler_and_its_trampoline() {
+        let gz = profile(&[&["trace", "trace<pprof::profiler::perf_signal_handler::{closure_env#0}>", "perf_signal_handler", "libc.so.6+0x3c04f", "pushline::work", "main"]]);
+        assert_eq!(folded(&gz, Kind::Cpu, &mut Symbolizer::default()).unwrap(), ["main;pushline::work 1"]);
+    }
+
+    #[test]
+    fn a_heap_sample_loses_the_allocator_frames() {
+        let gz = profile(&[&["_rjem_malloc", "alloc::alloc::alloc", "pushline::hub::register", "main"]]);
+        assert_eq!(folded(&gz, Kind::Heap, &mut Symbolizer::default()).unwrap(), ["main;pushline::hub::register 1"]);
+    }
 }
