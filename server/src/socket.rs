@@ -52,6 +52,11 @@ impl Socket {
         Socket { tcp, tls: Some(session) }
     }
 
+    /// Plain TCP: bytes written to the fd reach the client as they are.
+    pub fn is_plain(&self) -> bool {
+        self.tls.is_none()
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
     }

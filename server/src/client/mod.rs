@@ -14,6 +14,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use crate::admission::Slot;
 use crate::auth::Auth;
 use crate::clock;
 use crate::config::MAX_CLIENT_FRAME_LIMIT;
-use crate::conn::{Conn, Signals};
+use crate::conn::{Conn, Next, Signals};
 use crate::hub::Hub;
 use crate::socket::Socket;
 use crate::telemetry::{probes, ClientError, CloseReason, DropReason, Metrics};
@@ -105,6 +106,8 @@ struct Task {
     partial: Box<[u8]>,
     /// `partial` holds frames held back: handle them once replies drain.
     held_back: bool,
+    /// The socket is lent to publishers (nothing was owed when last flushed).
+    lent: bool,
     decoder: ws::Decoder,
     /// Replies (pongs, acks, errors) written before queued messages.
     replies: VecDeque<Bytes>,
@@ -145,6 +148,7 @@ pub fn serve(
         conn,
         clients,
         held_back: !early.is_empty(),
+        lent: false,
         partial: early.into_boxed_slice(),
         decoder: ws::Decoder::new(),
         replies: VecDeque::new(),
@@ -229,10 +233,18 @@ impl Task {
     }
 
     /// Writes replies, then queued messages, until done or the socket would block.
-    /// Returns true when nothing is left to write.
+    /// Returns true when nothing is left to write, and then lends a plain WebSocket's
+    /// socket to publishers (see `conn::queue`), taking it back before writing again.
     fn flush(&mut self) -> io::Result<bool> {
         if !self.socket.flush()? {
             return Ok(false);
+        }
+        if self.lent {
+            self.lent = false;
+            if let Some(partial) = self.conn.take_back(&self.clients.metrics) {
+                let accepted_at = Some(partial.message.accepted_at);
+                self.writing = Some(Writing { bytes: partial.bytes, written: partial.written, accepted_at });
+            }
         }
         loop {
             let writing = match &mut self.writing {
@@ -240,18 +252,25 @@ impl Task {
                 None => {
                     let next = if let Some(bytes) = self.replies.pop_front() {
                         Writing { bytes, written: 0, accepted_at: None }
-                    } else if let Some(popped) = self.conn.pop(&self.clients.metrics) {
-                        let accepted_at = popped.message.as_ref().filter(|_| popped.queued).map(|m| m.accepted_at);
-                        let bytes = match popped.tail {
-                            // An SSE event ends with this connection's cursor, so it is
-                            // copied whole: one buffer keeps `Writing`, and so every
-                            // connection's task, small.
-                            Some(tail) => Bytes::from([&popped.bytes[..], &tail[..]].concat()),
-                            None => popped.bytes,
-                        };
-                        Writing { bytes, written: 0, accepted_at }
                     } else {
-                        return Ok(true);
+                        let lend = (self.conn.transport == Transport::WebSocket && self.socket.is_plain()).then(|| self.socket.as_raw_fd());
+                        match self.conn.pop(&self.clients.metrics, lend) {
+                            Next::Write(popped) => {
+                                let accepted_at = popped.message.as_ref().filter(|_| popped.queued).map(|m| m.accepted_at);
+                                let bytes = match popped.tail {
+                                    // An SSE event ends with this connection's cursor, so it is
+                                    // copied whole: one buffer keeps `Writing`, and so every
+                                    // connection's task, small.
+                                    Some(tail) => Bytes::from([&popped.bytes[..], &tail[..]].concat()),
+                                    None => popped.bytes,
+                                };
+                                Writing { bytes, written: 0, accepted_at }
+                            }
+                            Next::Nothing { lent } => {
+                                self.lent = lent;
+                                return Ok(true);
+                            }
+                        }
                     };
                     self.writing.insert(next)
                 }
@@ -264,9 +283,7 @@ impl Task {
                         if let Some(accepted_at) = writing.accepted_at {
                             let latency = accepted_at.elapsed();
                             probes::msg_write(self.conn.session.0, writing.bytes.len(), latency.as_nanos() as u64);
-                            let metrics = &self.clients.metrics;
-                            metrics.delivered.increment(1);
-                            metrics.delivery_latency.record(latency.as_secs_f64());
+                            self.clients.metrics.record_delivery(latency);
                         }
                         self.writing = None;
                     }

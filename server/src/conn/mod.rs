@@ -8,6 +8,7 @@
 pub mod queue;
 pub mod tracking;
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -20,7 +21,7 @@ use crate::clock;
 use crate::session::SessionId;
 use crate::telemetry::{probes, CloseReason, DropReason, Metrics};
 use crate::wire::{Message, Transport};
-use queue::{Enqueued, Limits, Outbox};
+use queue::{Enqueued, Limits, Outbox, Partial};
 use tracking::{Popped, Tracking};
 
 /// What producers ask of a connection's task, as bits set before waking it.
@@ -44,6 +45,13 @@ impl Signals {
 }
 
 const NO_REASON: u8 = u8::MAX;
+
+/// What the task is to write next.
+pub enum Next {
+    Write(Popped),
+    /// Nothing; `lent`: the socket is now lent to publishers.
+    Nothing { lent: bool },
+}
 
 /// The part of a connection that others see: the hub delivers into its queue, the sweeper
 /// reads its last activity, the admin endpoints read it for introspection.
@@ -126,12 +134,41 @@ impl Conn {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `msg` under `limits`; true if it was queued. Every message that does not
-    /// make it is counted in `metrics` with its reason.
+    /// Hands `msg` to the connection under `limits`; true if it was written or queued.
+    /// When the task has lent the socket (it owes nothing, the queue is empty), the
+    /// message is written here and now, and the task is not woken. Every message that
+    /// does not make it is counted in `metrics` with its reason.
     pub fn deliver(&self, msg: &Arc<Message>, limits: &Limits, metrics: &Metrics) -> bool {
-        let size = msg.bytes(self.transport).len();
+        let bytes = msg.bytes(self.transport);
+        let size = bytes.len();
         let since_ms = self.since_ms();
-        let outcome = Site::OutboundQueue.scope(|| self.outbox().push(msg, self.transport, limits, since_ms));
+        let mut outbox = self.outbox();
+        if let Some(fd) = outbox.lent() {
+            // SAFETY: `bytes` is valid for `size` bytes. While the socket is lent the task
+            // neither writes to it nor closes it: it takes it back under this lock first,
+            // and the outbox is closed, under this lock, before the fd is.
+            let sent = unsafe { libc::send(fd, bytes.as_ptr().cast(), size, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if sent == size as isize {
+                drop(outbox);
+                let latency = msg.accepted_at.elapsed();
+                probes::msg_write(self.session.0, size, latency.as_nanos() as u64);
+                metrics.record_delivery(latency);
+                return true;
+            }
+            if sent > 0 {
+                Site::OutboundQueue.scope(|| outbox.half_sent(msg, self.transport, sent as usize, since_ms));
+                drop(outbox);
+                // Counted as queued until the task takes the rest (`take_back`).
+                metrics.queued(1, size as isize - sent as isize);
+                self.signal(Signals::WORK);
+                return true;
+            }
+            // The socket is full (or failed): the task takes it from here, and will see
+            // any error itself.
+            outbox.take_back();
+        }
+        let outcome = Site::OutboundQueue.scope(|| outbox.push(msg, self.transport, limits, since_ms));
+        drop(outbox);
         match outcome {
             Enqueued::Queued { dropped, dropped_bytes, depth } => {
                 probes::msg_enqueue(self.session.0, size, depth);
@@ -156,19 +193,34 @@ impl Conn {
 
     /// The next thing to write (see [`Outbox::pop`]). Queued messages taken out are
     /// counted off the queue gauges, and those the client already had as duplicates.
-    pub fn pop(&self, metrics: &Metrics) -> Option<Popped> {
+    /// When there is nothing, and `lend` is the socket's fd, the socket is lent to
+    /// publishers in the same step (see [`Outbox::lend`]): `Nothing { lent: true }`.
+    pub fn pop(&self, metrics: &Metrics, lend: Option<RawFd>) -> Next {
         let transport = self.transport;
         let since_ms = self.since_ms();
+        let mut outbox = self.outbox();
         let popped = Site::OutboundQueue.scope(|| {
-            self.outbox().pop(transport, since_ms, |skipped| {
+            outbox.pop(transport, since_ms, |skipped| {
                 metrics.queued(-1, -(skipped.bytes(transport).len() as isize));
                 metrics.deduplicated.increment(1);
             })
-        })?;
+        });
+        let Some(popped) = popped else {
+            return Next::Nothing { lent: lend.is_some_and(|fd| outbox.lend(fd)) };
+        };
+        drop(outbox);
         if let Some(msg) = popped.message.as_ref().filter(|_| popped.queued) {
             metrics.queued(-1, -(msg.bytes(transport).len() as isize));
         }
-        Some(popped)
+        Next::Write(popped)
+    }
+
+    /// Takes back the socket the task lent, with what a publisher left half-sent (counted
+    /// off the queue gauges: the task writes it now).
+    pub fn take_back(&self, metrics: &Metrics) -> Option<Partial> {
+        let partial = self.outbox().take_back()?;
+        metrics.queued(-1, -((partial.bytes.len() - partial.written) as isize));
+        Some(partial)
     }
 
     /// Replays what a resume found before anything queued since the connection registered.

@@ -4,6 +4,12 @@
 //! other connection that got the same message. An empty queue allocates nothing. What a
 //! resume replays, and the gaps drop-oldest leaves, go out before the queue
 //! ([`Tracking`]).
+//!
+//! The outbox also says who may write to the socket. Normally only the connection's task
+//! does. When the task has written everything it owes, a plain WebSocket's task lends the
+//! socket to publishers ([`Outbox::lend`]): while the queue is empty, a publisher writes the
+//! message itself, under this lock, and the task is not woken at all. The task takes the
+//! socket back ([`Outbox::take_back`]) before it writes anything of its own.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -32,22 +38,34 @@ pub enum Enqueued {
     Closed,
 }
 
+/// Who writes to the socket: the task (`TASK`), a publisher (the socket's fd plus one:
+/// the task lent it), or nobody: the connection is closing (`CLOSED`). A u32 beside
+/// `full_since_s`: lending costs an idle connection nothing.
+const TASK: u32 = 0;
+const CLOSED: u32 = u32::MAX;
+
+/// A message a publisher's direct write left half-sent: the task writes the rest first.
+pub struct Partial {
+    pub bytes: bytes::Bytes,
+    pub written: usize,
+    pub message: Arc<Message>,
+}
+
 #[derive(Default)]
 pub struct Outbox {
     queue: VecDeque<Arc<Message>>,
     bytes: usize,
     /// When drop-oldest first had to drop for a queue that has not been read from since,
-    /// in seconds of the process clock plus one (0: not full). Seconds in a u32 fit the
-    /// padding beside `closed`, so this costs an idle connection nothing.
+    /// in seconds of the process clock plus one (0: not full).
     full_since_s: u32,
-    closed: bool,
+    writer: u32,
     tracking: Option<Box<Tracking>>,
 }
 
 impl Outbox {
     /// `since_ms`: the connection's start, should it need a [`Tracking`] to note a gap.
     pub fn push(&mut self, msg: &Arc<Message>, transport: Transport, limits: &Limits, since_ms: u64) -> Enqueued {
-        if self.closed {
+        if self.writer == CLOSED {
             return Enqueued::Closed;
         }
         let size = msg.bytes(transport).len();
@@ -120,6 +138,39 @@ impl Outbox {
         }
     }
 
+    /// Lends the socket `fd` to publishers, if nothing is waiting for the task to write:
+    /// the queue is empty, and nothing tracks what this connection was sent (a resume, a
+    /// gap, a half-sent message all go through the task). True if it was lent.
+    pub fn lend(&mut self, fd: std::os::fd::RawFd) -> bool {
+        if self.writer != TASK || !self.queue.is_empty() || self.tracking.is_some() || fd < 0 {
+            return false;
+        }
+        self.writer = fd as u32 + 1;
+        true
+    }
+
+    /// The socket's fd, while it is lent to publishers.
+    pub fn lent(&self) -> Option<std::os::fd::RawFd> {
+        (self.writer != TASK && self.writer != CLOSED).then(|| (self.writer - 1) as std::os::fd::RawFd)
+    }
+
+    /// Gives the socket back to the task (unless the connection is closing), with what a
+    /// publisher left half-sent, which the task must write before anything else.
+    pub fn take_back(&mut self) -> Option<Partial> {
+        if self.writer != CLOSED {
+            self.writer = TASK;
+        }
+        self.tracking.as_mut().and_then(|t| t.take_partial())
+    }
+
+    /// A publisher's direct write took only `written` bytes of `message`: the task is to
+    /// write the rest, first. The socket goes back to the task.
+    pub fn half_sent(&mut self, message: &Arc<Message>, transport: Transport, written: usize, since_ms: u64) {
+        self.writer = TASK;
+        let bytes = message.bytes(transport).clone();
+        self.tracking.get_or_insert_with(|| Box::new(Tracking::new(since_ms))).set_partial(Partial { bytes, written, message: message.clone() });
+    }
+
     /// Starts a resume: `tracking` holds what to replay before the queue.
     pub fn resume(&mut self, tracking: Tracking) {
         self.tracking = Some(Box::new(tracking));
@@ -130,10 +181,12 @@ impl Outbox {
         self.tracking.as_ref().map(|t| t.cursor())
     }
 
-    /// Stops taking messages; returns how many were still queued (and their bytes).
+    /// Stops taking messages; returns how many were still queued (and their bytes), a
+    /// half-sent message included.
     pub fn close(&mut self) -> (usize, usize) {
-        self.closed = true;
-        let left = (self.queue.len(), self.bytes);
+        self.writer = CLOSED;
+        let partial = self.tracking.as_mut().and_then(|t| t.take_partial()).map_or((0, 0), |p| (1, p.bytes.len() - p.written));
+        let left = (self.queue.len() + partial.0, self.bytes + partial.1);
         self.queue = VecDeque::new();
         self.bytes = 0;
         self.tracking = None;
@@ -142,6 +195,10 @@ impl Outbox {
 
     pub fn len(&self) -> usize {
         self.queue.len()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.writer == CLOSED
     }
 
     pub fn is_empty(&self) -> bool {

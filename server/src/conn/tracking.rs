@@ -14,6 +14,8 @@ use bytes::Bytes;
 use crate::wire::cursor::{epoch_text, Cursor, Position};
 use crate::wire::{self, sse, Message, Transport};
 
+use super::queue::Partial;
+
 /// What a resume queues for the connection, in order.
 pub enum Replayed {
     Message(Arc<Message>),
@@ -36,6 +38,8 @@ pub struct Tracking {
     written: Vec<Position>,
     replay: VecDeque<Replayed>,
     lost: Vec<Lost>,
+    /// A publisher's direct write that the socket took only part of.
+    partial: Option<Partial>,
 }
 
 /// The next thing to write, and (SSE) the tail that ends it.
@@ -50,13 +54,13 @@ pub struct Popped {
 
 impl Tracking {
     pub fn new(since_ms: u64) -> Tracking {
-        Tracking { since_ms, written: Vec::new(), replay: VecDeque::new(), lost: Vec::new() }
+        Tracking { since_ms, written: Vec::new(), replay: VecDeque::new(), lost: Vec::new(), partial: None }
     }
 
     /// A resume: `positions` the client holds (carried into this connection's cursor) and
     /// what it missed.
     pub fn resumed(since_ms: u64, positions: Vec<Position>, replay: VecDeque<Replayed>) -> Tracking {
-        Tracking { since_ms, written: positions, replay, lost: Vec::new() }
+        Tracking { since_ms, written: positions, replay, lost: Vec::new(), partial: None }
     }
 
     /// Whether the client has been sent `position` (or a later one of the same epoch).
@@ -89,6 +93,14 @@ impl Tracking {
             return;
         }
         self.lost.push(Lost { position: msg.position, to: msg.position.map_or(0, |p| p.offset), count: 1 });
+    }
+
+    pub fn set_partial(&mut self, partial: Partial) {
+        self.partial = Some(partial);
+    }
+
+    pub fn take_partial(&mut self) -> Option<Partial> {
+        self.partial.take()
     }
 
     pub fn has_pending(&self) -> bool {

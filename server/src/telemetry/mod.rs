@@ -352,6 +352,12 @@ impl Metrics {
 
     /// Prometheus text exposition, with the gauges that are read at scrape time brought up
     /// to date; `runtime` is the serving runtime's.
+    /// A message written whole to its client, `latency` after it was accepted.
+    pub fn record_delivery(&self, latency: std::time::Duration) {
+        self.delivered.increment(1);
+        self.delivery_latency.record(latency.as_secs_f64());
+    }
+
     pub fn render(&self, runtime: &tokio::runtime::RuntimeMetrics) -> String {
         for (gauges, stats) in self.sites.iter().zip(pushline_alloc::table::snapshot()) {
             gauges[0].set(stats.live_bytes as f64);
