@@ -75,6 +75,9 @@ enum Scenario {
         /// Length of each of the two measuring windows.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Skip the same pinging against the floor server.
+        #[arg(long)]
+        no_floor: bool,
     },
     /// N clients connect at once, `handshakes` at a time.
     Storm {
@@ -200,8 +203,8 @@ async fn main() -> ExitCode {
     let result = match cli.scenario {
         Scenario::Idle { connections, hold } => scenarios::idle::run(&cli.common, connections, hold).await,
         Scenario::Fanout { connections, rounds, no_floor } => scenarios::fanout::run(&cli.common, connections, rounds, !no_floor).await,
-        Scenario::Heartbeat { connections, interval, seconds } => {
-            scenarios::heartbeat::run(&cli.common, connections, interval, seconds).await
+        Scenario::Heartbeat { connections, interval, seconds, no_floor } => {
+            scenarios::heartbeat::run(&cli.common, connections, interval, seconds, !no_floor).await
         }
         Scenario::Slow { connections, slow_percent, rounds } => {
             scenarios::slow::run(&cli.common, connections, slow_percent, rounds).await
