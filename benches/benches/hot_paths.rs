@@ -23,7 +23,7 @@ fn framing(c: &mut Criterion) {
     let payload = vec![b'x'; 100];
     c.bench_function("ws_frame/100B", |b| b.iter(|| ws::frame(OP_TEXT, black_box(&payload))));
     c.bench_function("message_new/100B (envelope + ws + sse)", |b| {
-        b.iter(|| Message::new(black_box(42), Some("news"), DATA_100B, Instant::now()))
+        b.iter(|| Message::new(black_box(42), Some("news"), DATA_100B, None, Instant::now()))
     });
     c.bench_function("json_compact/100B (depth check, already compact)", |b| {
         b.iter(|| pushline::wire::json::compact(black_box(DATA_100B)))
@@ -31,14 +31,14 @@ fn framing(c: &mut Criterion) {
 }
 
 fn relay(c: &mut Criterion) {
-    let msg = Message::new(42, None, DATA_100B, Instant::now());
+    let msg = Message::new(42, None, DATA_100B, None, Instant::now());
     let envelope = std::str::from_utf8(msg.envelope()).unwrap();
     let relay = Relay { origin: 1, id: 42, published_ms: 0, target: Target::Uids(vec!["alice", "bob"]), envelope };
     let bytes = relay.encode();
     c.bench_function("relay_encode/push to 2 uids", |b| b.iter(|| black_box(&relay).encode()));
     c.bench_function("relay_decode/push to 2 uids", |b| b.iter(|| Relay::decode(black_box(&bytes))));
     c.bench_function("message_from_envelope/100B", |b| {
-        b.iter(|| Message::from_envelope(42, black_box(envelope), Instant::now()))
+        b.iter(|| Message::from_envelope(42, black_box(envelope), None, Instant::now()))
     });
 }
 
@@ -55,14 +55,14 @@ fn fanout_enqueue(c: &mut Criterion) {
     let config = pushline::Config::for_loopback();
     let limits = Limits { max_messages: config.queue_max_messages, max_bytes: config.queue_max_bytes, policy: SlowConsumer::DropOldest };
     let sessions = SessionIds::new(0);
-    let msg = Arc::new(Message::new(1, None, DATA_100B, Instant::now()));
+    let msg = Arc::new(Message::new(1, None, DATA_100B, None, Instant::now()));
     let mut group = c.benchmark_group("fanout_enqueue");
     group.throughput(Throughput::Elements(CONNECTIONS as u64));
     group.bench_function("100B to 10k connections", |b| {
         b.iter_batched(
             || {
                 (0..CONNECTIONS)
-                    .map(|i| Arc::new(Conn::new(sessions.next(), Arc::from(format!("u{i}")), Transport::WebSocket)))
+                    .map(|i| Arc::new(Conn::new(sessions.next(), Arc::from(format!("u{i}")), Transport::WebSocket, None, 0)))
                     .collect::<Vec<_>>()
             },
             |conns| {

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const SCRIPTS: [&str; 9] = [
@@ -118,6 +120,17 @@ async fn every_probe_script_reports_the_load_it_saw() {
     // The load: 20 connections; each pings twice (JSON, WebSocket) and gets one push;
     // 10 close; then a few seconds of broadcasts to the other 10 for the CPU samplers.
     let mut clients = open(server.client, 20, "p").await;
+    // An SSE client: its task never lends its socket to publishers, so what is pushed to
+    // it is always queued first (a WebSocket that owes nothing is written to directly).
+    let mut sse = TcpStream::connect(server.client).await.unwrap();
+    sse.write_all(b"GET /sse?uid=sse0 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut welcome = vec![0u8; 4096];
+    let n = sse.read(&mut welcome).await.unwrap();
+    assert!(String::from_utf8_lossy(&welcome[..n]).contains("200 OK"), "{}", String::from_utf8_lossy(&welcome[..n]));
+    server.wait_connections(21).await;
+    for i in 0..20 {
+        http(server.client, "POST", "/v1/push", &format!(r#"{{"uids":["sse0"],"data":{i}}}"#)).await;
+    }
     for ws in clients.iter_mut() {
         ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await.unwrap();
         ws.send(Message::Ping(b"hb".to_vec().into())).await.unwrap();
@@ -133,7 +146,7 @@ async fn every_probe_script_reports_the_load_it_saw() {
     let busy = load(server.client);
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     busy.abort();
-    server.wait_connections(10).await;
+    server.wait_connections(11).await;
 
     // Stopped together: each symbolizes its stacks as it exits.
     let outputs: Vec<(&str, String)> = std::thread::scope(|s| {
@@ -142,19 +155,19 @@ async fn every_probe_script_reports_the_load_it_saw() {
     });
     let out = |name: &str| outputs.iter().find(|(n, _)| *n == name).map(|(_, o)| o.as_str()).unwrap();
 
-    assert_eq!(value(out("conn-lifecycle"), "@opened"), 20);
+    assert_eq!(value(out("conn-lifecycle"), "@opened"), 21);
     assert_eq!(value(out("conn-lifecycle"), "@closed"), 10);
     assert_eq!(value(out("conn-lifecycle"), "@closed_by_reason[0]"), 10, "closed by the client");
     assert!(value(out("delivery-latency"), "@written") >= 20);
     assert!(out("delivery-latency").contains("@latency_us"));
-    assert!(value(out("queue-depth"), "@enqueued") >= 20);
+    assert!(value(out("queue-depth"), "@enqueued") >= 20, "the SSE client's pushes were queued");
     assert_eq!(value(out("heartbeats"), "@heartbeats[0]"), 20, "JSON pings");
     assert_eq!(value(out("heartbeats"), "@heartbeats[1]"), 20, "WebSocket pings");
     assert!(value(out("alloc-sites"), "@allocations[1]") >= 20, "connection_task allocations");
     assert!(value(out("alloc-stacks"), "@allocations") > 0);
     assert!(out("alloc-stacks").contains("pushline::"), "allocation stacks name server functions");
-    assert_eq!(value(out("redis-latency"), "@round_trips[1]"), 20, "one HGETALL round trip per push");
-    assert!(value(out("redis-latency"), "@commands[0]") >= 20, "a session write per connection");
+    assert_eq!(value(out("redis-latency"), "@round_trips[1]"), 40, "one HGETALL round trip per push: 20 to WebSocket clients, 20 to the SSE one");
+    assert!(value(out("redis-latency"), "@commands[0]") >= 21, "a session write per connection");
     assert!(out("redis-latency").contains("@latency_us[1]"));
 
     let dir = std::env::temp_dir().join(format!("pushline-probes-{}", std::process::id()));
@@ -171,7 +184,7 @@ async fn every_probe_script_reports_the_load_it_saw() {
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
-    drop(readers);
+    drop((readers, sse));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,15 +105,7 @@ pub async fn cpu(query: &Query) -> Reply {
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("CPU profile task failed: {e}")),
     };
-    if format == Format::Pprof {
-        return reply(StatusCode::OK, content_type(format), profile);
-    }
-    let folded = match symbolized_in_worker(profile, Kind::Cpu).await {
-        Ok(lines) => lines,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-    };
-    let built = tokio::task::spawn_blocking(move || stacks(format, &folded, "Pushline CPU", "samples")).await;
-    answer(format, built, "CPU profile")
+    in_format(format, profile, Kind::Cpu).await
 }
 
 /// The argument that makes `pushline` the symbolizing worker (then `heap` or `cpu`).
@@ -134,15 +126,25 @@ pub async fn heap(query: &Query) -> Reply {
         Ok(p) => p,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
     };
+    in_format(format, pprof, Kind::Heap).await
+}
+
+/// A profile of raw addresses as asked: as it is (`pprof`), or named by the worker and
+/// folded, or drawn.
+async fn in_format(format: Format, profile: Vec<u8>, kind: Kind) -> Reply {
     if format == Format::Pprof {
-        return reply(StatusCode::OK, content_type(format), pprof);
+        return reply(StatusCode::OK, content_type(format), profile);
     }
-    let folded = match symbolized_in_worker(pprof, Kind::Heap).await {
+    let folded = match symbolized_in_worker(profile, kind).await {
         Ok(lines) => lines,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
     };
-    let built = tokio::task::spawn_blocking(move || stacks(format, &folded, "Pushline heap: live bytes by stack (sampled)", "bytes")).await;
-    answer(format, built, "heap profile")
+    let (title, count_name) = match kind {
+        Kind::Cpu => ("Pushline CPU", "samples"),
+        Kind::Heap => ("Pushline heap: live bytes by stack (sampled)", "bytes"),
+    };
+    let built = tokio::task::spawn_blocking(move || stacks(format, &folded, title, count_name)).await;
+    answer(format, built, &format!("{} profile", kind.as_str()))
 }
 
 /// Folded stacks as text, or rendered as a flame graph.
