@@ -171,8 +171,12 @@ impl Outbox {
         self.tracking.get_or_insert_with(|| Box::new(Tracking::new(since_ms))).set_partial(Partial { bytes, written, message: message.clone() });
     }
 
-    /// Starts a resume: `tracking` holds what to replay before the queue.
+    /// Starts a resume: `tracking` holds what to replay before the queue. A socket lent
+    /// to publishers goes back to the task first: nothing live may overtake the replay.
     pub fn resume(&mut self, tracking: Tracking) {
+        if self.writer != CLOSED {
+            self.writer = TASK;
+        }
         self.tracking = Some(Box::new(tracking));
     }
 
@@ -306,5 +310,33 @@ mod tests {
             assert!(q.bytes() <= one * 3);
         }
         assert_eq!(q.len(), 3);
+    }
+
+    #[test]
+    fn the_socket_is_lent_only_while_nothing_waits_and_comes_back_for_a_resume() {
+        let limits = Limits { max_messages: 8, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
+        let mut q = Outbox::default();
+        q.push(&msg(1), Transport::WebSocket, &limits, 0);
+        assert!(!q.lend(7), "a queued message waits for the task");
+        pop_text(&mut q, Transport::WebSocket);
+        assert!(q.lend(7));
+        assert_eq!(q.lent(), Some(7));
+        q.resume(Tracking::new(0));
+        assert_eq!(q.lent(), None, "a replay must not be overtaken by direct writes");
+        assert!(!q.lend(7), "nor lent again while tracking");
+    }
+
+    #[test]
+    fn a_half_sent_message_goes_to_the_task_and_counts_when_closed() {
+        let mut q = Outbox::default();
+        assert!(q.lend(3));
+        let m = msg(1);
+        q.half_sent(&m, Transport::WebSocket, 10, 0);
+        assert_eq!(q.lent(), None);
+        let partial = q.take_back().expect("the rest of the frame");
+        assert_eq!((partial.written, partial.bytes.len()), (10, m.bytes(Transport::WebSocket).len()));
+        q.half_sent(&m, Transport::WebSocket, 10, 0);
+        assert_eq!(q.close(), (1, m.bytes(Transport::WebSocket).len() - 10), "closing counts the half-sent message");
+        assert!(!q.lend(3) && q.lent().is_none(), "a closed outbox lends nothing");
     }
 }
