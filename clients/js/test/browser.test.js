@@ -57,6 +57,7 @@ test("the dashboard draws a live server, lists its connections and shows a CPU f
     assert.equal(await page.$eval("#conns", (el) => el.textContent), "300");
     const bytes = await page.$eval("#bytes-legend", (el) => el.textContent);
     assert.match(bytes, /connection_task: \d+ B/);
+    assert.match(await page.$eval("#fragmentation", (el) => el.textContent), /fragmentation \(active \/ allocated\) \d\.\d{3}/);
 
     await page.$eval("#seconds", (el) => (el.value = "1"));
     await page.click("#cpu");
