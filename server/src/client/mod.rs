@@ -215,6 +215,10 @@ impl Task {
     }
 
     fn on_signals(&mut self, signals: Signals) -> Result<(), Stop> {
+        if signals.has(Signals::WORK) && self.lent {
+            // A publisher handed the socket back (it was full), or a resume took it.
+            self.reclaim();
+        }
         if signals.has(Signals::CLOSE) {
             return Err(Stop(self.conn.close_reason().unwrap_or(CloseReason::Shutdown)));
         }
@@ -240,11 +244,12 @@ impl Task {
             return Ok(false);
         }
         if self.lent {
-            self.lent = false;
-            if let Some(partial) = self.conn.take_back(&self.clients.metrics) {
-                let accepted_at = Some(partial.message.accepted_at);
-                self.writing = Some(Writing { bytes: partial.bytes, written: partial.written, accepted_at });
+            if self.replies.is_empty() && self.writing.is_none() {
+                // Nothing of ours to write; what publishers send, they write themselves
+                // (and a WORK signal reclaims the socket when they hand something back).
+                return Ok(true);
             }
+            self.reclaim();
         }
         loop {
             let writing = match &mut self.writing {
@@ -291,6 +296,15 @@ impl Task {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Takes back the socket lent to publishers, with what one of them left half-sent.
+    fn reclaim(&mut self) {
+        self.lent = false;
+        if let Some(partial) = self.conn.take_back(&self.clients.metrics) {
+            let accepted_at = Some(partial.message.accepted_at);
+            self.writing = Some(Writing { bytes: partial.bytes, written: partial.written, accepted_at });
         }
     }
 
