@@ -21,8 +21,8 @@ use crate::clock;
 use crate::session::SessionId;
 use crate::telemetry::{probes, CloseReason, DropReason, Metrics};
 use crate::wire::{Message, Transport};
-use queue::{Enqueued, Limits, Outbox, Partial};
-use tracking::{Popped, Tracking};
+use queue::{Enqueued, Limits, Outbox};
+use tracking::{Partial, Popped, Tracking};
 
 /// What producers ask of a connection's task, as bits set before waking it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

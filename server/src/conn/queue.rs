@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::config::SlowConsumer;
 use crate::wire::{Message, Transport};
 
-use super::tracking::{Popped, Tracking};
+use super::tracking::{Partial, Popped, Tracking};
 
 pub struct Limits {
     pub max_messages: usize,
@@ -43,13 +43,6 @@ pub enum Enqueued {
 /// `full_since_s`: lending costs an idle connection nothing.
 const TASK: u32 = 0;
 const CLOSED: u32 = u32::MAX;
-
-/// A message a publisher's direct write left half-sent: the task writes the rest first.
-pub struct Partial {
-    pub bytes: bytes::Bytes,
-    pub written: usize,
-    pub message: Arc<Message>,
-}
 
 #[derive(Default)]
 pub struct Outbox {

@@ -14,8 +14,6 @@ use bytes::Bytes;
 use crate::wire::cursor::{epoch_text, Cursor, Position};
 use crate::wire::{self, sse, Message, Transport};
 
-use super::queue::Partial;
-
 /// What a resume queues for the connection, in order.
 pub enum Replayed {
     Message(Arc<Message>),
@@ -40,6 +38,13 @@ pub struct Tracking {
     lost: Vec<Lost>,
     /// A publisher's direct write that the socket took only part of.
     partial: Option<Partial>,
+}
+
+/// A message a publisher's direct write left half-sent: the task writes the rest first.
+pub struct Partial {
+    pub bytes: Bytes,
+    pub written: usize,
+    pub message: Arc<Message>,
 }
 
 /// The next thing to write, and (SSE) the tail that ends it.
