@@ -6,11 +6,13 @@
 //! the hot path only indexes an array of handles and touches atomics.
 
 pub mod labels;
+mod latency;
 pub mod logging;
 pub mod probes;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use latency::LatencyHistogram;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pushline_alloc::site::{Site, SITES};
@@ -36,6 +38,7 @@ pub const MESSAGES_PUBLISHED: &str = "pushline_messages_published_total";
 pub const MESSAGES_DELIVERED: &str = "pushline_messages_delivered_total";
 pub const MESSAGES_DROPPED: &str = "pushline_messages_dropped_total";
 pub const DELIVERY_LATENCY: &str = "pushline_delivery_latency_seconds";
+const DELIVERY_LATENCY_HELP: &str = "From publish accepted to bytes handed to the socket.";
 pub const OUTBOUND_QUEUED_BYTES: &str = "pushline_outbound_queued_bytes";
 pub const OUTBOUND_QUEUED_MESSAGES: &str = "pushline_outbound_queued_messages";
 pub const CLIENT_ERRORS: &str = "pushline_client_errors_total";
@@ -91,7 +94,7 @@ pub struct Metrics {
     dropped: [Counter; DropReason::COUNT],
     client_errors: [Counter; ClientError::COUNT],
     api_requests: [[Counter; ApiStatus::COUNT]; ApiRoute::COUNT],
-    pub delivery_latency: Histogram,
+    delivery_latency: LatencyHistogram,
     queued_bytes: Gauge,
     queued_messages: Gauge,
     jemalloc: [Gauge; 6],
@@ -135,8 +138,6 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
-            .expect("latency buckets are not empty")
             .set_buckets_for_metric(Matcher::Full(REDIS_COMMAND_SECONDS.into()), REDIS_BUCKETS)
             .expect("Redis buckets are not empty")
             .build_recorder();
@@ -198,8 +199,7 @@ impl Metrics {
             (HISTORY_STREAMS, Some(Unit::Count), "Streams with history kept in this process."),
             (TLS_CERT_EXPIRY, Some(Unit::Seconds), "Seconds until the client listener's TLS certificate expires (0 without TLS)."),
         ];
-        const HISTOGRAMS: [(&str, Option<Unit>, &str); 2] = [
-            (DELIVERY_LATENCY, Some(Unit::Seconds), "From publish accepted to bytes handed to the socket."),
+        const HISTOGRAMS: [(&str, Option<Unit>, &str); 1] = [
             (REDIS_COMMAND_SECONDS, Some(Unit::Seconds), "Redis command round trips, by command."),
         ];
         let help = |name: &'static str, text: &'static str| (KeyName::from_const_str(name), SharedString::const_str(text));
@@ -230,7 +230,7 @@ impl Metrics {
             api_requests: each::<ApiRoute, _, _>(|route| {
                 each::<ApiStatus, _, _>(|status| counter(API_REQUESTS, &[("route", route), ("status", status)]))
             }),
-            delivery_latency: recorder.register_histogram(&Key::from_static_name(DELIVERY_LATENCY), &META),
+            delivery_latency: LatencyHistogram::new(LATENCY_BUCKETS),
             queued_bytes: gauge(OUTBOUND_QUEUED_BYTES, &[]),
             queued_messages: gauge(OUTBOUND_QUEUED_MESSAGES, &[]),
             jemalloc: ["allocated", "active", "resident", "mapped", "retained", "metadata"]
@@ -355,7 +355,7 @@ impl Metrics {
     /// A message written whole to its client, `latency` after it was accepted.
     pub fn record_delivery(&self, latency: std::time::Duration) {
         self.delivered.increment(1);
-        self.delivery_latency.record(latency.as_secs_f64());
+        self.delivery_latency.record(latency);
     }
 
     pub fn render(&self, runtime: &tokio::runtime::RuntimeMetrics) -> String {
@@ -391,7 +391,9 @@ impl Metrics {
             }
             self.jemalloc_fragmentation.set(stats.fragmentation());
         }
-        self.handle.render()
+        let mut text = self.handle.render();
+        self.delivery_latency.render(DELIVERY_LATENCY, DELIVERY_LATENCY_HELP, &mut text);
+        text
     }
 
     /// Drains histogram samples into their buckets; without it they pile up between scrapes.
