@@ -360,18 +360,37 @@ impl Hub {
     }
 
     /// Delivers to every subscriber of `topic`. Returns the messages queued.
-    pub async fn publish(&self, topic: &str, msg: &Arc<Message>) -> usize {
+    pub async fn publish(self: &Arc<Self>, topic: &str, msg: &Arc<Message>) -> usize {
         let subscribers: Vec<Arc<Conn>> =
             self.read_topics(topic).get(topic).map(|s| s.values().cloned().collect()).unwrap_or_default();
-        self.deliver_paced(subscribers, msg).await
+        self.deliver_spread(subscribers, msg).await
     }
 
     /// Delivers to every connection. Returns the messages queued.
-    pub async fn broadcast(&self, msg: &Arc<Message>) -> usize {
-        let mut delivered = 0;
-        for shard in self.uids.iter() {
-            let conns: Vec<Arc<Conn>> = lock(shard).iter().flat_map(|e| e.conns().iter().cloned()).collect();
-            delivered += self.deliver_paced(conns, msg).await;
+    pub async fn broadcast(self: &Arc<Self>, msg: &Arc<Message>) -> usize {
+        let conns: Vec<Arc<Conn>> = self.uids.iter().flat_map(|shard| lock(shard).iter().flat_map(|e| e.conns().iter().cloned()).collect::<Vec<_>>()).collect();
+        self.deliver_spread(conns, msg).await
+    }
+
+    /// A large fan-out runs as one task per core: a delivery to a connection that owes
+    /// nothing is its `send` (the TCP stack's work, in the publisher's time), and spread
+    /// over the workers these take every core, as the connections' own tasks did. The
+    /// caller waits for all of them, so one publisher's messages keep their order.
+    async fn deliver_spread(self: &Arc<Self>, mut conns: Vec<Arc<Conn>>, msg: &Arc<Message>) -> usize {
+        let parts = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if parts == 1 || conns.len() < 2 * self.settings.fanout_batch {
+            return self.deliver_paced(conns, msg).await;
+        }
+        let size = conns.len().div_ceil(parts);
+        let mut tasks = tokio::task::JoinSet::new();
+        while conns.len() > size {
+            let part = conns.split_off(conns.len() - size);
+            let (hub, msg) = (self.clone(), msg.clone());
+            tasks.spawn(async move { hub.deliver_paced(part, &msg).await });
+        }
+        let mut delivered = self.deliver_paced(conns, msg).await;
+        while let Some(part) = tasks.join_next().await {
+            delivered += part.unwrap_or(0);
         }
         delivered
     }

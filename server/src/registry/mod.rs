@@ -148,7 +148,7 @@ impl Registry {
         }
     }
 
-    pub async fn publish<'a>(&'a self, hub: &Hub, topic: &str, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+    pub async fn publish<'a>(&'a self, hub: &Arc<Hub>, topic: &str, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
         let remember = match self.claim(key) {
             Ok(remember) => remember,
             Err(answered) => return Ok(answered),
@@ -167,7 +167,7 @@ impl Registry {
         }
     }
 
-    pub async fn broadcast<'a>(&'a self, hub: &Hub, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+    pub async fn broadcast<'a>(&'a self, hub: &Arc<Hub>, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
         let remember = match self.claim(key) {
             Ok(remember) => remember,
             Err(answered) => return Ok(answered),
