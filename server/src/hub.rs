@@ -173,11 +173,6 @@ impl Hub {
         self.abandoned(topic).get(topic).is_some_and(|left| clock::now_ms().saturating_sub(*left) <= within_ms)
     }
 
-    /// Every topic with a subscriber here.
-    pub fn topic_names(&self) -> Vec<Arc<str>> {
-        self.topics.iter().flat_map(|shard| shard.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<Vec<_>>()).collect()
-    }
-
     /// Every topic with a subscriber here, with how many.
     pub fn topic_subscribers(&self) -> Vec<(Arc<str>, usize)> {
         self.topics

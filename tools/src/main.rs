@@ -182,13 +182,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Query { target, name, params } => {
             let admin = Admin::find(&target)?;
-            let mut path = format!("/debug/query/{}", name.as_deref().unwrap_or(""));
+            // Without a name, the list of queries (and no parameters can follow).
+            let mut path = name.map_or_else(|| "/debug/query".to_owned(), |name| format!("/debug/query/{name}"));
             for (i, param) in params.iter().enumerate() {
                 let (key, value) = param.split_once('=').ok_or_else(|| format!("`{param}`: parameters are key=value"))?;
                 path.push(if i == 0 { '?' } else { '&' });
                 path.push_str(&format!("{}={}", encode(key), encode(value)));
             }
-            let path = if name.is_none() { "/debug/query".to_owned() } else { path };
             // site_delta waits up to 60 s before it answers.
             let body = admin.get(&path, Duration::from_secs(90))?;
             let answer: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;

@@ -25,6 +25,7 @@ pub fn memory_with(admin: &Admin, sockets: SocketMemory) -> serde_json::Value {
     let sites = table::snapshot();
     let connection_site_bytes: i64 = Site::PER_CONNECTION.iter().map(|s| sites[*s as usize].live_bytes).sum();
     let rss = Resident::myself();
+    let slabs = SocketSlabs::read();
     let mut by_transport: serde_json::Map<String, serde_json::Value> =
         Transport::VARIANTS.iter().map(|t| (t.as_str().to_owned(), json!(admin.hub.connections(*t)))).collect();
     by_transport.insert("total".into(), json!(connections));
@@ -48,7 +49,7 @@ pub fn memory_with(admin: &Admin, sockets: SocketMemory) -> serde_json::Value {
         "kernel": {
             "process_sockets": sockets,
             "tcp_sockstat": TcpSockstat::read(),
-            "socket_slabs": SocketSlabs::read(),
+            "socket_slabs": slabs,
         },
         "per_connection": {
             "sites": Site::PER_CONNECTION.iter().map(|s| (s.name().to_owned(), per(sites[*s as usize].live_bytes as f64))).collect::<serde_json::Map<_, _>>(),
@@ -57,6 +58,9 @@ pub fn memory_with(admin: &Admin, sockets: SocketMemory) -> serde_json::Value {
             "rss": per(rss.rss as f64),
             // Per socket read, which is per connection but for the few listening sockets.
             "kernel_socket_buffers": sockets.buffered_per_socket().map(f64::round),
+            // One object of each socket slab cache per connection, at its object size: the
+            // model (null without read access to /proc/slabinfo).
+            "kernel_socket_structs": slabs.as_ref().map(SocketSlabs::bytes_per_socket),
         },
     })
 }

@@ -3,29 +3,40 @@
 //! live state, with parameters, and answers JSON. A name or parameter it does not know is
 //! a 400 that names it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pushline_alloc::table;
 use serde_json::{json, Value};
 
 use super::{Admin, Query};
-use crate::conn::ConnInfo;
+use crate::conn::{Conn, ConnInfo};
 
-/// Each query: its name, its parameters (name, meaning), and what it answers.
-pub const QUERIES: [(&str, &[(&str, &str)], &str); 5] = [
-    ("connections_of", &[("uid", "required"), ("min_queue", "queued messages, at least (0)")], "the uid's connections here with at least min_queue messages queued"),
-    ("queued_above", &[("min_queue", "required"), ("limit", "rows (100)")], "connections with more than min_queue messages queued, deepest first"),
-    ("idle_longer_than", &[("seconds", "required"), ("limit", "rows (100)")], "connections whose client sent nothing for longer than `seconds`, longest first"),
-    ("top_topics", &[("limit", "rows (10)")], "topics by subscribers here, most first"),
-    ("site_delta", &[("seconds", "1 to 60 (5)")], "how each allocation site's live bytes and allocations change over the next `seconds`"),
+/// One query: its name, its parameters (name, meaning), and what it answers.
+struct QueryDef {
+    name: &'static str,
+    params: &'static [(&'static str, &'static str)],
+    answers: &'static str,
+}
+
+const fn def(name: &'static str, params: &'static [(&'static str, &'static str)], answers: &'static str) -> QueryDef {
+    QueryDef { name, params, answers }
+}
+
+const QUERIES: [QueryDef; 5] = [
+    def("connections_of", &[("uid", "required"), ("min_queue", "queued messages, at least (0)")], "the uid's connections here with at least min_queue messages queued"),
+    def("queued_above", &[("min_queue", "required"), ("limit", "rows (100)")], "connections with more than min_queue messages queued, deepest first"),
+    def("idle_longer_than", &[("seconds", "required"), ("limit", "rows (100)")], "connections whose client sent nothing for longer than `seconds`, longest first"),
+    def("top_topics", &[("limit", "rows (10)")], "topics by subscribers here, most first"),
+    def("site_delta", &[("seconds", "1 to 60 (5)")], "how each allocation site's live bytes and allocations change over the next `seconds`"),
 ];
 
 /// A 400's message.
 pub type Refusal = String;
 
 pub async fn run(admin: &Admin, name: &str, query: &Query) -> Result<Value, Refusal> {
-    let Some((_, params, _)) = QUERIES.iter().find(|(n, _, _)| *n == name) else {
-        let names: Vec<&str> = QUERIES.iter().map(|(n, _, _)| *n).collect();
+    let Some(QueryDef { params, .. }) = QUERIES.iter().find(|q| q.name == name) else {
+        let names: Vec<&str> = QUERIES.iter().map(|q| q.name).collect();
         return Err(format!("no query `{name}`; the queries are {}", names.join(", ")));
     };
     if let Some((unknown, _)) = query.0.iter().find(|(k, _)| !params.iter().any(|(p, _)| p == k)) {
@@ -56,30 +67,14 @@ pub async fn run(admin: &Admin, name: &str, query: &Query) -> Result<Value, Refu
             rows(conns, u64::MAX)
         }
         "queued_above" => {
-            let min = number("min_queue", None, 0..=u32::MAX as u64)? as usize;
+            let min = number("min_queue", None, 0..=u32::MAX as u64)?;
             let limit = number("limit", Some(100), 1..=100_000)?;
-            let mut conns = Vec::new();
-            admin.hub.for_each(|c| {
-                let info = c.info(now);
-                if info.queued_messages > min {
-                    conns.push(info);
-                }
-            });
-            conns.sort_by_key(|c| std::cmp::Reverse(c.queued_messages));
-            rows(conns, limit)
+            rows(largest(admin, now, limit, min, |c| c.queued().0 as u64), limit)
         }
         "idle_longer_than" => {
             let seconds = number("seconds", None, 0..=30 * 86_400)?;
             let limit = number("limit", Some(100), 1..=100_000)?;
-            let mut conns = Vec::new();
-            admin.hub.for_each(|c| {
-                let info = c.info(now);
-                if info.idle_ms > seconds * 1000 {
-                    conns.push(info);
-                }
-            });
-            conns.sort_by_key(|c| std::cmp::Reverse(c.idle_ms));
-            rows(conns, limit)
+            rows(largest(admin, now, limit, seconds * 1000, |c| c.silent_ms(now)), limit)
         }
         "top_topics" => {
             let limit = number("limit", Some(10), 1..=100_000)? as usize;
@@ -111,14 +106,30 @@ pub async fn run(admin: &Admin, name: &str, query: &Query) -> Result<Value, Refu
     })
 }
 
+/// Up to `limit` connections whose `measure` is above `floor`, largest first. Only those
+/// are described: a description copies the uid and topics, too much to make for every
+/// connection while the hub's shards are locked.
+fn largest(admin: &Admin, now_ms: u64, limit: u64, floor: u64, measure: impl Fn(&Conn) -> u64) -> Vec<ConnInfo> {
+    let mut found: Vec<(u64, Arc<Conn>)> = Vec::new();
+    admin.hub.for_each(|c| {
+        let m = measure(c);
+        if m > floor {
+            found.push((m, c.clone()));
+        }
+    });
+    found.sort_by_key(|(m, _)| std::cmp::Reverse(*m));
+    found.truncate(limit as usize);
+    found.iter().map(|(_, c)| c.info(now_ms)).collect()
+}
+
 /// `/debug/query`: the queries and their parameters.
 pub fn list() -> Value {
     json!(QUERIES
         .iter()
-        .map(|(name, params, what)| json!({
-            "query": name,
-            "answers": what,
-            "parameters": params.iter().map(|(p, m)| json!({ "name": p, "meaning": m })).collect::<Vec<_>>(),
+        .map(|q| json!({
+            "query": q.name,
+            "answers": q.answers,
+            "parameters": q.params.iter().map(|(p, m)| json!({ "name": p, "meaning": m })).collect::<Vec<_>>(),
         }))
         .collect::<Vec<_>>())
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use pushline_alloc::socket::{SocketMemory, SocketSlabs};
+use pushline_alloc::socket::SocketMemory;
 
 use super::{memory, Admin};
 
@@ -44,7 +44,9 @@ fn by_label(all: &BTreeMap<&str, f64>, name: &str, label: &str) -> BTreeMap<Stri
 }
 
 pub fn stats(admin: &Admin) -> Value {
-    let text = admin.metrics.render(&admin.runtime.metrics());
+    // Counters and histograms only: the gauges a scrape refreshes (open files among them,
+    // which reads every fd) are read here from `memory_with`, or not shown.
+    let text = admin.metrics.exposition();
     let all = series(&text);
     let get = |name: &str| all.get(name).copied().unwrap_or(0.0);
     let sum = |name: &str, label: &str| by_label(&all, name, label).values().sum::<f64>();
@@ -65,9 +67,7 @@ pub fn stats(admin: &Admin) -> Value {
         "latency_buckets": buckets.iter().map(|(le, n)| json!([if le.is_finite() { json!(le) } else { Value::Null }, n])).collect::<Vec<_>>(),
         "memory": {
             "per_connection": memory["per_connection"],
-            // One object of each socket slab cache per connection, at its object size: the
-            // model (null without read access to /proc/slabinfo).
-            "kernel_socket_structs": SocketSlabs::read().map(|s| s.bytes_per_socket()),
+            "kernel_socket_structs": memory["per_connection"]["kernel_socket_structs"],
             "rss": memory["process"]["rss_bytes"],
             "jemalloc": memory["jemalloc"],
         },

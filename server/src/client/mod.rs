@@ -286,9 +286,7 @@ impl Task {
                     writing.written += n;
                     if writing.written == writing.bytes.len() {
                         if let Some(accepted_at) = writing.accepted_at {
-                            let latency = accepted_at.elapsed();
-                            probes::msg_write(self.conn.session.0, writing.bytes.len(), latency.as_nanos() as u64);
-                            self.clients.metrics.record_delivery(latency);
+                            self.conn.written(writing.bytes.len(), accepted_at, &self.clients.metrics);
                         }
                         self.writing = None;
                     }

@@ -150,9 +150,7 @@ impl Conn {
             let sent = unsafe { libc::send(fd, bytes.as_ptr().cast(), size, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             if sent == size as isize {
                 drop(outbox);
-                let latency = msg.accepted_at.elapsed();
-                probes::msg_write(self.session.0, size, latency.as_nanos() as u64);
-                metrics.record_delivery(latency);
+                self.written(size, msg.accepted_at, metrics);
                 return true;
             }
             if sent > 0 {
@@ -189,6 +187,14 @@ impl Conn {
                 false
             }
         }
+    }
+
+    /// A published message of `bytes` went to the socket whole (by the task, or by a
+    /// publisher): counted, its latency from `accepted_at` recorded, and probed.
+    pub fn written(&self, bytes: usize, accepted_at: std::time::Instant, metrics: &Metrics) {
+        let latency = accepted_at.elapsed();
+        probes::msg_write(self.session.0, bytes, latency.as_nanos() as u64);
+        metrics.record_delivery(latency);
     }
 
     /// The next thing to write (see [`Outbox::pop`]). Queued messages taken out are

@@ -202,7 +202,7 @@ impl Registrar {
                     }
                 }
                 _ = relisten.tick() => {
-                    listening.extend(self.hub.topic_names());
+                    listening.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic));
                     due = true;
                 }
                 _ = refresh.tick(), if !self.evicted.is_cancelled() => {

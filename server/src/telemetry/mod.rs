@@ -358,7 +358,23 @@ impl Metrics {
         self.delivery_latency.record(latency);
     }
 
+    /// The Prometheus text, its gauges read fresh first.
     pub fn render(&self, runtime: &tokio::runtime::RuntimeMetrics) -> String {
+        self.refresh_gauges(runtime);
+        self.exposition()
+    }
+
+    /// The Prometheus text as it stands: counters and histograms are always current; gauges
+    /// read at scrape time (memory, files, sites) are as the last `render` left them.
+    pub fn exposition(&self) -> String {
+        let mut text = self.handle.render();
+        self.delivery_latency.render(DELIVERY_LATENCY, DELIVERY_LATENCY_HELP, &mut text);
+        text
+    }
+
+    /// Sets the gauges that are read from the process at scrape time (sites, runtime,
+    /// resident memory, open files, kernel TCP memory, jemalloc).
+    fn refresh_gauges(&self, runtime: &tokio::runtime::RuntimeMetrics) {
         for (gauges, stats) in self.sites.iter().zip(pushline_alloc::table::snapshot()) {
             gauges[0].set(stats.live_bytes as f64);
             gauges[1].set(stats.live_allocs as f64);
@@ -391,9 +407,6 @@ impl Metrics {
             }
             self.jemalloc_fragmentation.set(stats.fragmentation());
         }
-        let mut text = self.handle.render();
-        self.delivery_latency.render(DELIVERY_LATENCY, DELIVERY_LATENCY_HELP, &mut text);
-        text
     }
 
     /// Drains histogram samples into their buckets; without it they pile up between scrapes.
