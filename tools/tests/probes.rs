@@ -70,29 +70,58 @@ impl Trace {
         Trace { name, child }
     }
 
-    /// Stops it as Ctrl-C would; returns what it printed.
+    /// Stops it as Ctrl-C would; returns what it printed. A script that has not exited two
+    /// minutes after the signal fails the test with where its threads were waiting in the
+    /// kernel, so a hang says why it hung.
     fn stop(self) -> String {
-        // SAFETY: kill on our own child.
-        unsafe { libc_kill(self.child.id() as i32, 2) };
         let pid = self.child.id() as i32;
         let name = self.name;
+        let asked = std::time::Instant::now();
+        // SAFETY: kill on our own child.
+        unsafe { libc_kill(pid, 2) };
         let (exited, waited) = std::sync::mpsc::channel::<()>();
         let watchdog = std::thread::spawn(move || {
-            let hung = waited.recv_timeout(std::time::Duration::from_secs(60)).is_err();
-            if hung {
-                // SAFETY: kill on our own child, which has not been reaped yet.
-                unsafe { libc_kill(pid, 9) };
+            if waited.recv_timeout(std::time::Duration::from_secs(120)).is_ok() {
+                return None;
             }
-            hung
+            let stacks = thread_stacks(pid);
+            // SAFETY: kill on our own child, which has not been reaped yet.
+            unsafe { libc_kill(pid, 9) };
+            Some(stacks)
         });
         let out = self.child.wait_with_output().unwrap();
         let _ = exited.send(());
-        assert!(!watchdog.join().unwrap(), "{name}.bt did not exit within 60 s of Ctrl-C");
+        let hung = watchdog.join().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{name}.bt: {:.1} s from Ctrl-C to exit, {} lines printed", asked.elapsed().as_secs_f64(), text.lines().count());
+        if let Some(stacks) = hung {
+            panic!(
+                "{name}.bt did not exit within 120 s of Ctrl-C; its threads were at:\n{stacks}\nstderr:\n{}\nlast of stdout:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                &text[text.len().saturating_sub(2000)..]
+            );
+        }
         assert!(out.status.success() || !text.is_empty(), "{}.bt failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
         text
     }
 }
+
+/// Each thread's name, state, wait channel and kernel stack, from /proc.
+fn thread_stacks(pid: i32) -> String {
+    let mut report = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "(gone)".into() };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |file: &str| std::fs::read_to_string(path.join(file)).unwrap_or_default();
+        let state = read("status").lines().filter(|l| l.starts_with("Name:") || l.starts_with("State:")).collect::<Vec<_>>().join(" ");
+        report += &format!("{} {state} wchan={}\n{}\n", task.file_name().to_string_lossy(), read("wchan"), read("stack"));
+    }
+    report
+}
+
+/// The tests here run one at a time: several bpftrace sessions attaching and symbolizing
+/// at once on two cores is what the one CI hang had in common with nothing else.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 extern "C" {
     #[link_name = "kill"]
@@ -110,6 +139,7 @@ fn value(output: &str, key: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_probe_script_reports_the_load_it_saw() {
     require_bpftrace();
+    let _alone = ONE_AT_A_TIME.lock().await;
     // On the Redis registry, so that the Redis probes fire too.
     let redis = common::Redis::start();
     let server = Server::start(&[("PUSHLINE_REGISTRY", "redis"), ("PUSHLINE_REDIS_URL", &redis.url)]);
@@ -190,6 +220,7 @@ async fn every_probe_script_reports_the_load_it_saw() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_script_counts_handshakes() {
     require_bpftrace();
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = std::env::temp_dir().join(format!("pushline-probes-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -219,6 +250,7 @@ async fn the_tls_script_counts_handshakes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kernel_flame_graph_names_the_tcp_stack_under_fan_out() {
     require_bpftrace();
+    let _alone = ONE_AT_A_TIME.lock().await;
     let server = Server::start(&[]);
     let readers = drain(open(server.client, 200, "k").await);
     let busy = load(server.client);
