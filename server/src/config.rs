@@ -274,6 +274,11 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_MAX_TOPICS_PER_CONNECTION", default_value_t = 64)]
     pub max_topics_per_connection: usize,
 
+    /// Threads serving client connections, each a runtime of its own that a connection
+    /// stays on for its life; 0: one per core.
+    #[arg(long, env = "PUSHLINE_IO_THREADS", default_value_t = 0)]
+    pub io_threads: usize,
+
     /// Connections a fan-out enqueues to before yielding, so accepts and pings keep running.
     #[arg(long, env = "PUSHLINE_FANOUT_BATCH", default_value_t = 512)]
     pub fanout_batch: usize,

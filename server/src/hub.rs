@@ -18,6 +18,7 @@ use strum::EnumCount;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::clock;
+use crate::cores::Cores;
 use crate::conn::queue::Limits;
 use crate::conn::{Conn, ConnInfo};
 use crate::error::{Error, Kind};
@@ -123,6 +124,8 @@ pub struct Hub {
     open: [AtomicUsize; Transport::COUNT],
     /// Where opens and closes are reported when sessions are also registered elsewhere.
     changes: Option<Changes>,
+    /// The connections' runtimes, over which a large fan-out is split.
+    cores: Arc<Cores>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,7 +143,7 @@ pub fn check_topic_name(topic: &str) -> Result<(), String> {
 
 impl Hub {
     /// `changes`, when set, hears of every connection that registers or unregisters.
-    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>) -> Hub {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>, cores: Arc<Cores>) -> Hub {
         Hub {
             settings,
             metrics,
@@ -150,6 +153,7 @@ impl Hub {
             hasher: RandomState::new(),
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
             changes,
+            cores,
         }
     }
 
@@ -369,19 +373,19 @@ impl Hub {
 
     /// A large fan-out runs as one task per core: a delivery to a connection that owes
     /// nothing is its `send` (the TCP stack's work, in the publisher's time), and spread
-    /// over the workers these take every core, as the connections' own tasks did. The
+    /// over the core runtimes these take every core, as the connections' own tasks did. The
     /// caller waits for all of them, so one publisher's messages keep their order.
     async fn deliver_spread(self: &Arc<Self>, mut conns: Vec<Arc<Conn>>, msg: &Arc<Message>) -> usize {
-        let parts = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if parts == 1 || conns.len() < 2 * self.settings.fanout_batch {
+        let others: Vec<_> = self.cores.others().collect();
+        if others.is_empty() || conns.len() < 2 * self.settings.fanout_batch {
             return self.deliver_paced(conns, msg).await;
         }
-        let size = conns.len().div_ceil(parts);
+        let size = conns.len().div_ceil(others.len() + 1);
         let mut tasks = tokio::task::JoinSet::new();
-        while conns.len() > size {
-            let part = conns.split_off(conns.len() - size);
+        for core in others {
+            let part = conns.split_off(conns.len().saturating_sub(size));
             let (hub, msg) = (self.clone(), msg.clone());
-            tasks.spawn(async move { hub.deliver_paced(part, &msg).await });
+            tasks.spawn_on(async move { hub.deliver_paced(part, &msg).await }, core);
         }
         let mut delivered = self.deliver_paced(conns, msg).await;
         while let Some(part) = tasks.join_next().await {

@@ -11,7 +11,7 @@
 //! - [`api`] checks a publish and hands it to the [`registry`], which gives it its place
 //!   in its stream ([`history`]) and delivers it through the [`hub`] here and over Redis
 //!   ([`redis_link`]) to other nodes;
-//! - [`client`] owns each connected socket: reads client frames, writes what the
+//! - [`client`] owns each connected socket, on the [`cores`] runtime it was given: reads client frames, writes what the
 //!   connection is owed, closes; [`client::sweep`] keeps time for all of them;
 //! - [`hub`] knows who is connected and fans messages out to their [`conn`] handles,
 //!   whose bounded queues the client tasks drain;
@@ -31,6 +31,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod cores;
 pub mod error;
 pub mod gateway;
 pub mod history;

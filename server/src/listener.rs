@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
+use crate::cores::Cores;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
 use crate::http::{self, ReadHead};
@@ -68,6 +69,8 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 /// Where accepted connections go.
 pub struct Router {
+    /// The runtimes connections are served on, given one in turn.
+    pub cores: Arc<Cores>,
     pub gateway: Gateway,
     pub api: Arc<Api>,
     /// Places for publish API connections, which do not count against
@@ -156,7 +159,8 @@ impl Router {
     }
 }
 
-/// Accepts until `stop` fires, routing each connection on a task of its own.
+/// Accepts until `stop` fires, routing each connection on a task of its own, on the next
+/// core's runtime, where its whole life is spent.
 pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: CancellationToken) {
     let mut backoff = Duration::ZERO;
     loop {
@@ -175,9 +179,17 @@ pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Cance
                     tokio::spawn(async move { http::respond_error(&mut stream, &error, "").await });
                     continue;
                 };
+                let Ok(stream) = stream.into_std() else { continue };
+                let core = router.cores.next().clone();
                 let router = router.clone();
-                let handshake = Site::Http.instrument(async move { router.route(stream, peer, handshaking).await });
-                Site::Http.scope(|| tokio::spawn(handshake));
+                let handshake = Site::Http.instrument(async move {
+                    // Registered with the core's runtime: connection memory.
+                    match Site::ConnectionTask.scope(|| TcpStream::from_std(stream)) {
+                        Ok(stream) => router.route(stream, peer, handshaking).await,
+                        Err(e) => tracing::debug!(error = %e, "accepted socket unusable"),
+                    }
+                });
+                Site::Http.scope(|| core.spawn(handshake));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {

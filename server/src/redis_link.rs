@@ -282,7 +282,7 @@ mod tests {
         for _ in 0..RELAY_BACKLOG + 3 {
             assert!(pushes.send(message()).is_ok(), "the connection keeps its push sender");
         }
-        let text = metrics.render(&tokio::runtime::Builder::new_current_thread().build().unwrap().metrics());
+        let text = metrics.render(Default::default());
         assert!(text.contains(r#"pushline_messages_dropped_total{reason="relay_backlog"} 3"#), "{text}");
         let mut queued = 0;
         while rx.try_recv().is_ok() {

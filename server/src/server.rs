@@ -24,6 +24,7 @@ use crate::client::sweep::{self, Timers};
 use crate::client::Clients;
 use crate::config::Config;
 use crate::conn::queue::Limits;
+use crate::cores::Cores;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
 use crate::history::idempotency::Idempotency;
@@ -57,6 +58,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     sweeper: CancellationToken,
     admin: admin::Running,
+    cores: Arc<Cores>,
 }
 
 /// Forgets history and abandoned topics past the TTL, a quarter of it at a time.
@@ -98,6 +100,7 @@ impl Server {
         let admin_addr = admin_listener.local_addr().map_err(io_error("admin listener".into()))?;
         let client = tokio::net::TcpListener::from_std(client).map_err(io_error("client listener".into()))?;
 
+        let cores = Arc::new(Cores::start(config.io_threads).map_err(io_error("cannot start the core runtimes (--io-threads)".into()))?);
         let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => {
@@ -118,7 +121,7 @@ impl Server {
             fanout_batch: config.fanout_batch,
         };
         let changes = connected.as_ref().map(|c| c.changes());
-        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes)));
+        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes, cores.clone())));
         let history = Arc::new(Site::History.scope(|| MemoryHistory::new(crate::history::Settings::from_config(&config), metrics.clone())));
         let (registry, attached) = match connected {
             None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window) }, None),
@@ -147,6 +150,7 @@ impl Server {
             refresh_grace_ms: config.token_refresh_grace.as_millis() as u64,
         });
         let router = Arc::new(Router {
+            cores: cores.clone(),
             gateway: Gateway {
                 admission: admission.clone(),
                 history: registry.history(),
@@ -180,6 +184,7 @@ impl Server {
             metrics,
             shutdown: shutdown.clone(),
             runtime: tokio::runtime::Handle::current(),
+            cores: cores.clone(),
             token: config.admin_token.clone(),
         };
         let admin = admin::start(admin_listener, admin).map_err(io_error("cannot start the admin listener".into()))?;
@@ -194,8 +199,7 @@ impl Server {
         };
         tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
         tokio::spawn(expire_history(history, hub.clone(), config.history_ttl, sweeper.clone()));
-        // Sockets are registered with the runtime as they are accepted: connection memory.
-        let accepting = tokio::spawn(Site::ConnectionTask.instrument(listener::accept_loop(client, router, shutdown.token())));
+        let accepting = tokio::spawn(listener::accept_loop(client, router, shutdown.token()));
 
         let evicted = attached.as_ref().map_or_else(CancellationToken::new, Attached::evicted);
         tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "effective configuration");
@@ -216,6 +220,7 @@ impl Server {
             metrics: metrics_handle,
             sweeper,
             admin,
+            cores,
         })
     }
 
@@ -274,6 +279,7 @@ impl Server {
         self.shutdown.enter(Phase::Stopped);
         self.sweeper.cancel();
         self.admin.stop(grace).await;
+        self.cores.stop(grace).await;
         tracing::info!("shutdown complete");
     }
 }

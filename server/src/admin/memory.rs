@@ -67,14 +67,14 @@ pub fn memory_with(admin: &Admin, sockets: SocketMemory) -> serde_json::Value {
 
 pub fn objects(admin: &Admin) -> serde_json::Value {
     let counts = admin.hub.counts();
-    let runtime = admin.runtime.metrics();
+    let runtime = admin.cores.counts(&admin.runtime);
     json!({
         "connections": counts.connections,
         "sessions": counts.uids,
         "topics": counts.topics,
         "subscriptions": counts.subscriptions,
         "queued_messages": admin.metrics.queued_messages_now.load(std::sync::atomic::Ordering::Relaxed),
-        "tasks": runtime.num_alive_tasks(),
-        "workers": runtime.num_workers(),
+        "tasks": runtime.alive_tasks,
+        "workers": runtime.workers,
     })
 }

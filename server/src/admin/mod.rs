@@ -25,6 +25,7 @@ use pushline_alloc::Site;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::cores::Cores;
 use crate::error::{Error, Kind};
 use crate::http;
 use crate::hub::Hub;
@@ -46,8 +47,10 @@ pub struct Admin {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
-    /// The serving runtime, whose task counts the admin reports.
+    /// The serving runtimes, whose task counts the admin reports: the one that accepts
+    /// and the connections' cores.
     pub runtime: tokio::runtime::Handle,
+    pub cores: Arc<Cores>,
     /// Bearer token every route requires (`--admin-token`); None: loopback only, no token.
     pub token: Option<String>,
 }
@@ -219,7 +222,7 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         "/readyz" if admin.shutdown.is_serving() => reply(StatusCode::OK, TEXT, "ready\n"),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "shutting down\n"),
         "/metrics" => {
-            let text = Site::Metrics.scope(|| admin.metrics.render(&admin.runtime.metrics()));
+            let text = Site::Metrics.scope(|| admin.metrics.render(admin.cores.counts(&admin.runtime)));
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         "/debug/pprof/profile" => profile::cpu(&query).await,

@@ -238,18 +238,36 @@ impl Task {
 
     /// Writes replies, then queued messages, until done or the socket would block.
     /// Returns true when nothing is left to write, and then lends a plain WebSocket's
-    /// socket to publishers (see `conn::queue`), taking it back before writing again.
+    /// socket to publishers (see `conn::queue`). While it is lent, replies go out under the
+    /// publishers' lock; anything else takes the socket back first.
     fn flush(&mut self) -> io::Result<bool> {
         if !self.socket.flush()? {
             return Ok(false);
         }
         if self.lent {
-            if self.replies.is_empty() && self.writing.is_none() {
-                // Nothing of ours to write; what publishers send, they write themselves
-                // (and a WORK signal reclaims the socket when they hand something back).
-                return Ok(true);
+            // Nothing queued is ours to write; what publishers send, they write themselves
+            // (and a WORK signal reclaims the socket when they hand something back).
+            while let Some(reply) = self.replies.pop_front() {
+                match self.conn.send_while_lent(&reply) {
+                    Some(sent) if sent == reply.len() => {}
+                    Some(sent) => {
+                        // The socket is the task's again; the rest goes out below.
+                        self.lent = false;
+                        self.writing = Some(Writing { bytes: reply, written: sent, accepted_at: None });
+                        break;
+                    }
+                    None => {
+                        self.replies.push_front(reply);
+                        break;
+                    }
+                }
             }
-            self.reclaim();
+            if self.lent {
+                if self.replies.is_empty() {
+                    return Ok(true);
+                }
+                self.reclaim();
+            }
         }
         loop {
             let writing = match &mut self.writing {
@@ -332,7 +350,7 @@ impl Task {
                 match self.socket.read(&mut scratch[filled..]) {
                     Ok(0) => break Err(Stop(CloseReason::Client)),
                     Ok(n) => {
-                        self.conn.heard_from(clock::now_ms());
+                        self.conn.heard_from(clock::coarse_ms());
                         filled += n;
                         let used = match self.on_bytes(&mut scratch[..filled]) {
                             Ok(used) => used,
@@ -438,7 +456,7 @@ impl Task {
 
     /// One more command this second, within `--max-commands-per-second`.
     fn count_command(&mut self) -> Result<(), Stop> {
-        let second = (clock::now_ms() / 1000) as u16;
+        let second = (clock::coarse_ms() / 1000) as u16;
         if self.window.second != second {
             self.window.second = second;
             self.window.commands = 0;
@@ -453,7 +471,7 @@ impl Task {
     /// `changes` more topics subscribed or left this minute, within
     /// `--max-topic-changes-per-minute`.
     fn count_topic_changes(&mut self, changes: usize) -> Result<(), Stop> {
-        let minute = (clock::now_ms() / 60_000) as u16;
+        let minute = (clock::coarse_ms() / 60_000) as u16;
         if self.window.minute != minute {
             self.window.minute = minute;
             self.window.topic_changes = 0;
@@ -523,7 +541,7 @@ mod tests {
         let stream = Socket::plain(tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap());
         let metrics = Arc::new(Metrics::new());
         let limits = Limits { max_messages: 1, max_bytes: 1, policy: crate::config::SlowConsumer::DropOldest };
-        let hub = Arc::new(Hub::new(Settings { limits, max_topics_per_connection: 1, max_connections_per_uid: 1, fanout_batch: 1 }, metrics.clone(), None));
+        let hub = Arc::new(Hub::new(Settings { limits, max_topics_per_connection: 1, max_connections_per_uid: 1, fanout_batch: 1 }, metrics.clone(), None, Arc::new(crate::cores::Cores::start(1).unwrap())));
         let auth = Arc::new(ArcSwap::from_pointee(Auth::new(None, Duration::from_secs(1), Vec::new())));
         let clients = Arc::new(Clients {
             hub,

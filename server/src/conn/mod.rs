@@ -229,6 +229,27 @@ impl Conn {
         Some(partial)
     }
 
+    /// Writes a reply of the task's own (a pong, a command's answer) while the socket is
+    /// lent, under the lock publishers write under, so it cannot land inside one of their
+    /// frames and the socket stays lent: no taking it back and lending it again per ping.
+    /// Returns the bytes sent, or None if the socket is not lent any more (the task takes
+    /// it back, with whatever a publisher left half-sent). When the socket took less than
+    /// all of it, or failed, it goes back to the task here, which writes the rest or sees
+    /// the error.
+    pub fn send_while_lent(&self, bytes: &[u8]) -> Option<usize> {
+        let mut outbox = self.outbox();
+        let fd = outbox.lent()?;
+        // SAFETY: as in `deliver`: the task does not write to or close a lent socket.
+        let sent = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        let sent = sent.max(0) as usize;
+        if sent < bytes.len() {
+            // Nothing is half-sent while the socket is lent: a publisher that leaves a
+            // remainder takes the socket from the task's hands first (`half_sent`).
+            let _none = outbox.take_back();
+        }
+        Some(sent)
+    }
+
     /// Replays what a resume found before anything queued since the connection registered.
     pub fn resume(&self, tracking: Tracking) {
         Site::History.scope(|| self.outbox().resume(tracking));

@@ -359,7 +359,7 @@ impl Metrics {
     }
 
     /// The Prometheus text, its gauges read fresh first.
-    pub fn render(&self, runtime: &tokio::runtime::RuntimeMetrics) -> String {
+    pub fn render(&self, runtime: crate::cores::RuntimeCounts) -> String {
         self.refresh_gauges(runtime);
         self.exposition()
     }
@@ -374,13 +374,13 @@ impl Metrics {
 
     /// Sets the gauges that are read from the process at scrape time (sites, runtime,
     /// resident memory, open files, kernel TCP memory, jemalloc).
-    fn refresh_gauges(&self, runtime: &tokio::runtime::RuntimeMetrics) {
+    fn refresh_gauges(&self, runtime: crate::cores::RuntimeCounts) {
         for (gauges, stats) in self.sites.iter().zip(pushline_alloc::table::snapshot()) {
             gauges[0].set(stats.live_bytes as f64);
             gauges[1].set(stats.live_allocs as f64);
             gauges[2].set(stats.total_allocs as f64);
         }
-        let tokio = [runtime.num_workers(), runtime.num_alive_tasks(), runtime.global_queue_depth()];
+        let tokio = [runtime.workers, runtime.alive_tasks, runtime.queued_tasks];
         for (gauge, value) in self.tokio.iter().zip(tokio) {
             gauge.set(value as f64);
         }
