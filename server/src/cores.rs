@@ -93,3 +93,10 @@ impl Cores {
         }
     }
 }
+
+impl Drop for Cores {
+    /// A server that failed to start still ends its core threads.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -329,3 +329,45 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumer;
+    use crate::session::SessionIds;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    /// A reply written while the socket is lent keeps it lent, so the next publish is still
+    /// written directly, after the reply; a socket too full for a reply goes back to the
+    /// task, and what is published next waits in the queue.
+    #[test]
+    fn a_reply_while_lent_keeps_the_order_and_a_full_socket_goes_back_to_the_task() {
+        let (ours, mut client) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let metrics = Metrics::new();
+        let limits = Limits { max_messages: 8, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
+        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0);
+        assert!(matches!(conn.pop(&metrics, Some(ours.as_raw_fd())), Next::Nothing { lent: true }));
+
+        let pong = crate::wire::ws::text(r#"{"type":"pong"}"#);
+        assert_eq!(conn.send_while_lent(&pong), Some(pong.len()));
+        let msg = Arc::new(Message::new(1, None, "1", None, std::time::Instant::now()));
+        assert!(conn.deliver(&msg, &limits, &metrics));
+        assert_eq!(conn.queued(), (0, 0), "still lent: written, not queued");
+        let frame = msg.bytes(Transport::WebSocket);
+        let mut got = vec![0u8; pong.len() + frame.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..pong.len()], &pong[..]);
+        assert_eq!(&got[pong.len()..], &frame[..]);
+
+        // Fill the socket until it takes nothing more.
+        let mut filler = &ours;
+        while filler.write(&[0u8; 65536]).is_ok() {}
+        assert_eq!(conn.send_while_lent(&pong), Some(0));
+        assert_eq!(conn.send_while_lent(&pong), None, "the socket is the task's again");
+        assert!(conn.deliver(&msg, &limits, &metrics));
+        assert_eq!(conn.queued().0, 1, "queued for the task, behind the reply it now owes");
+    }
+}
