@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -276,10 +276,13 @@ async fn admission_control_against_storms_and_floods() {
     assert!(metric(&text, r#"pushline_connections_refused_total{reason="max_connections_per_ip"}"#) >= 1.0);
     assert_eq!(metric(&text, r#"pushline_connections_refused_total{reason="forbidden"}"#), 1.0);
 
-    // Commands past five per second close the connection with 1008.
+    // Commands past five per second close the connection with 1008. The eight go out in
+    // one write: sent one by one, the last could reach a socket the server had already
+    // closed after the sixth, and the client's next write would fail with EPIPE.
     for _ in 0..8 {
-        send_json(&mut good, json!({"type": "ping"})).await;
+        good.feed(Message::Text(json!({"type": "ping"}).to_string().into())).await.expect("buffered");
     }
+    good.flush().await.expect("sent");
     let close = loop {
         match tokio::time::timeout(WAIT, good.next()).await.expect("closed in time") {
             Some(Ok(Message::Close(frame))) => break frame,
