@@ -31,11 +31,15 @@ impl ServerProcess {
     }
 
     /// The floor server (`floor.rs`): this binary, in its hidden `floor-server` mode. It has
-    /// no admin listener: its `admin` address is not one.
-    pub fn start_floor() -> Result<ServerProcess, String> {
+    /// no admin listener: its `admin` address is not one. `uring`: its broadcasts go
+    /// through io_uring.
+    pub fn start_floor(uring: bool) -> Result<ServerProcess, String> {
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut command = Command::new(&me);
         command.arg("floor-server");
+        if uring {
+            command.arg("--uring");
+        }
         ServerProcess::spawn(command, &me)
     }
 

@@ -65,6 +65,9 @@ enum Scenario {
         /// Skip the same run against the floor server.
         #[arg(long)]
         no_floor: bool,
+        /// The floor sends through io_uring, many sends per system call.
+        #[arg(long)]
+        floor_uring: bool,
     },
     /// Server CPU with N idle connections, then with each pinging every `interval`.
     Heartbeat {
@@ -121,7 +124,11 @@ enum Scenario {
     },
     /// The floor server `fanout` and `heartbeat` measure Pushline against (started by them).
     #[command(hide = true)]
-    FloorServer,
+    FloorServer {
+        /// Broadcasts through io_uring.
+        #[arg(long)]
+        uring: bool,
+    },
     /// One client process of `scale` (started by it).
     #[command(hide = true)]
     Worker {
@@ -202,7 +209,9 @@ async fn main() -> ExitCode {
     }
     let result = match cli.scenario {
         Scenario::Idle { connections, hold } => scenarios::idle::run(&cli.common, connections, hold).await,
-        Scenario::Fanout { connections, rounds, no_floor } => scenarios::fanout::run(&cli.common, connections, rounds, !no_floor).await,
+        Scenario::Fanout { connections, rounds, no_floor, floor_uring } => {
+            scenarios::fanout::run(&cli.common, connections, rounds, !no_floor, floor_uring).await
+        }
         Scenario::Heartbeat { connections, interval, seconds, no_floor } => {
             scenarios::heartbeat::run(&cli.common, connections, interval, seconds, !no_floor).await
         }
@@ -216,8 +225,8 @@ async fn main() -> ExitCode {
             scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes).await
         }
         Scenario::Scale { connections, nodes, workers } => scenarios::scale::run(&cli.common, connections, nodes, workers).await,
-        Scenario::FloorServer => {
-            return match tokio::task::block_in_place(floor::serve) {
+        Scenario::FloorServer { uring } => {
+            return match tokio::task::block_in_place(|| floor::serve(uring)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pushline-bench floor-server: {e}");

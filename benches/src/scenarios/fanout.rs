@@ -68,7 +68,7 @@ async fn measure(server: &ServerProcess, common: &Common, connections: usize, ro
     })
 }
 
-pub async fn run(common: &Common, connections: usize, rounds: usize, floor: bool) -> Result<Vec<Row>, String> {
+pub async fn run(common: &Common, connections: usize, rounds: usize, floor: bool, floor_uring: bool) -> Result<Vec<Row>, String> {
     let pushline = measure(&ServerProcess::start(&common.server_bin, &common.server_args)?, common, connections, rounds, true).await?;
     let mut rows = vec![
         Row::new("fanout", "connections", connections as f64, "count"),
@@ -82,8 +82,9 @@ pub async fn run(common: &Common, connections: usize, rounds: usize, floor: bool
         Row::new("fanout", "server_kernel_cpu_per_delivery", pushline.kernel_us, "us"),
     ];
     if floor {
-        let floor = measure(&ServerProcess::start_floor()?, common, connections, rounds, false).await?;
+        let floor = measure(&ServerProcess::start_floor(floor_uring)?, common, connections, rounds, false).await?;
         rows.extend([
+            Row::new("fanout", "floor_sends_per_system_call", if floor_uring { crate::floor::URING_BATCH as f64 } else { 1.0 }, "count"),
             Row::new("fanout", "floor_time_to_last_client_median", floor.last_client_ms, "ms"),
             Row::new("fanout", "floor_cpu_per_delivery", floor.cpu_us, "us"),
             Row::new("fanout", "floor_user_cpu_per_delivery", floor.user_us, "us"),

@@ -75,7 +75,7 @@ pub async fn run(common: &Common, connections: usize, interval: Duration, second
         Row::new("heartbeat", "server_kernel_cpu_per_heartbeat", pushline.kernel_us, "us"),
     ];
     if floor {
-        let server = ServerProcess::start_floor()?;
+        let server = ServerProcess::start_floor(false)?;
         let streams = super::open_connections(server.client, connections, common.parallel, common.spread, "hb").await?;
         let floor = ping(&server, streams, interval, window).await;
         rows.extend([
