@@ -229,3 +229,30 @@ async fn memory_an_attack_took_goes_back_after_it_ends() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
+
+/// `--io-threads 3`: three core threads serve the connections, the workers metric adds up
+/// every runtime, and a broadcast split over the cores (`--fanout-batch 4`: 30 connections
+/// is more than two batches) reaches every client once.
+#[tokio::test]
+async fn connections_live_on_the_core_threads_and_a_split_broadcast_reaches_all() {
+    let server = Process::spawn_with_env(&["--io-threads", "3", "--fanout-batch", "4"], None, &[("TOKIO_WORKER_THREADS", "1")]);
+    let pid = server.child.id();
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|task| std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_owned())
+        .collect();
+    let mut cores: Vec<&str> = names.iter().map(String::as_str).filter(|n| n.starts_with("pushline-core-")).collect();
+    cores.sort();
+    assert_eq!(cores, ["pushline-core-0", "pushline-core-1", "pushline-core-2"], "{names:?}");
+    let text = metrics(server.admin).await;
+    assert_eq!(metric(&text, "pushline_tokio_workers"), 4.0, "three cores and the accepting runtime's one worker");
+
+    let mut clients = many_ws(server.client, 30, "c").await;
+    let (status, reply) = post(server.client, "/v1/broadcast", json!({"data": "to all"})).await;
+    assert_eq!((status, reply["delivered"].as_u64()), (200, Some(30)), "{reply}");
+    for ws in clients.iter_mut() {
+        let msg = next_json(ws).await;
+        assert_eq!(msg["data"], "to all", "{msg}");
+    }
+}
