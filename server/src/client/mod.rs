@@ -350,7 +350,7 @@ impl Task {
                 match self.socket.read(&mut scratch[filled..]) {
                     Ok(0) => break Err(Stop(CloseReason::Client)),
                     Ok(n) => {
-                        self.conn.heard_from(clock::coarse_ms());
+                        self.conn.heard_from(clock::now_ms());
                         filled += n;
                         let used = match self.on_bytes(&mut scratch[..filled]) {
                             Ok(used) => used,
@@ -456,7 +456,7 @@ impl Task {
 
     /// One more command this second, within `--max-commands-per-second`.
     fn count_command(&mut self) -> Result<(), Stop> {
-        let second = (clock::coarse_ms() / 1000) as u16;
+        let second = (clock::now_ms() / 1000) as u16;
         if self.window.second != second {
             self.window.second = second;
             self.window.commands = 0;
@@ -471,7 +471,7 @@ impl Task {
     /// `changes` more topics subscribed or left this minute, within
     /// `--max-topic-changes-per-minute`.
     fn count_topic_changes(&mut self, changes: usize) -> Result<(), Stop> {
-        let minute = (clock::coarse_ms() / 60_000) as u16;
+        let minute = (clock::now_ms() / 60_000) as u16;
         if self.window.minute != minute {
             self.window.minute = minute;
             self.window.topic_changes = 0;
