@@ -286,7 +286,14 @@ impl Conn {
 
     /// Milliseconds since the client last sent anything.
     pub fn silent_ms(&self, now_ms: u64) -> u64 {
-        (now_ms as u32).wrapping_sub(self.last_inbound_ms.load(Ordering::Relaxed)) as u64
+        let silent = (now_ms as u32).wrapping_sub(self.last_inbound_ms.load(Ordering::Relaxed));
+        // Heard from after `now_ms` was read (the sweeper reads it once per pass, and a pass
+        // over a million connections takes milliseconds): not silent, rather than 49 days.
+        if silent > u32::MAX / 2 {
+            0
+        } else {
+            silent as u64
+        }
     }
 
     /// Milliseconds since the connection opened.
@@ -338,6 +345,17 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
+
+    /// A frame heard after the sweeper read its clock is not 49 days of silence.
+    #[test]
+    fn heard_after_the_sweeper_read_the_clock_is_not_silent() {
+        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0);
+        let now = clock::now_ms() + 10_000;
+        conn.heard_from(now - 250);
+        assert_eq!(conn.silent_ms(now), 250);
+        conn.heard_from(now + 3);
+        assert_eq!(conn.silent_ms(now), 0);
+    }
 
     /// A reply written while the socket is lent keeps it lent, so the next publish is still
     /// written directly, after the reply; a socket too full for a reply goes back to the
