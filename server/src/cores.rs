@@ -69,10 +69,6 @@ impl Cores {
         self.handles.iter().enumerate().filter(move |(i, _)| Some(*i) != mine).map(|(_, h)| h)
     }
 
-    pub fn count(&self) -> usize {
-        self.handles.len()
-    }
-
     /// The core runtimes' counts added to `also`'s (the runtime that accepts).
     pub fn counts(&self, also: &Handle) -> RuntimeCounts {
         self.handles.iter().chain([also]).map(Handle::metrics).fold(RuntimeCounts::default(), |sum, m| RuntimeCounts {

@@ -376,8 +376,9 @@ impl Hub {
     /// over the core runtimes these take every core, as the connections' own tasks did. The
     /// caller waits for all of them, so one publisher's messages keep their order.
     async fn deliver_spread(self: &Arc<Self>, mut conns: Vec<Arc<Conn>>, msg: &Arc<Message>) -> usize {
-        let others: Vec<_> = self.cores.others().collect();
-        if others.is_empty() || conns.len() < 2 * self.settings.fanout_batch {
+        // Collected (an allocation) only for a fan-out large enough to split.
+        let others: Vec<_> = if conns.len() < 2 * self.settings.fanout_batch { Vec::new() } else { self.cores.others().collect() };
+        if others.is_empty() {
             return self.deliver_paced(conns, msg).await;
         }
         let size = conns.len().div_ceil(others.len() + 1);

@@ -144,10 +144,7 @@ impl Conn {
         let since_ms = self.since_ms();
         let mut outbox = self.outbox();
         if let Some(fd) = outbox.lent() {
-            // SAFETY: `bytes` is valid for `size` bytes. While the socket is lent the task
-            // neither writes to it nor closes it: it takes it back under this lock first,
-            // and the outbox is closed, under this lock, before the fd is.
-            let sent = unsafe { libc::send(fd, bytes.as_ptr().cast(), size, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            let sent = send_lent(&outbox, fd, bytes);
             if sent == size as isize {
                 drop(outbox);
                 self.written(size, msg.accepted_at, metrics);
@@ -239,9 +236,7 @@ impl Conn {
     pub fn send_while_lent(&self, bytes: &[u8]) -> Option<usize> {
         let mut outbox = self.outbox();
         let fd = outbox.lent()?;
-        // SAFETY: as in `deliver`: the task does not write to or close a lent socket.
-        let sent = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        let sent = sent.max(0) as usize;
+        let sent = send_lent(&outbox, fd, bytes).max(0) as usize;
         if sent < bytes.len() {
             // Nothing is half-sent while the socket is lent: a publisher that leaves a
             // remainder takes the socket from the task's hands first (`half_sent`).
@@ -335,6 +330,15 @@ impl Conn {
             queued_bytes,
         }
     }
+}
+
+/// Sends on the socket `fd` lent to publishers, without blocking or raising SIGPIPE.
+/// `_held` is the outbox whose lock the caller holds, which is what makes `fd` safe to use.
+fn send_lent(_held: &Outbox, fd: RawFd, bytes: &[u8]) -> isize {
+    // SAFETY: `bytes` is valid for its length. While the socket is lent the task neither
+    // writes to it nor closes it: it takes it back under the outbox lock first, and the
+    // outbox is closed, under that lock, before the fd is.
+    unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }
 }
 
 #[cfg(test)]
