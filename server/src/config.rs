@@ -22,6 +22,10 @@ const MIN_CLIENT_FRAME: usize = 125;
 /// Shortest `--jwt-secret` or `--api-key`: 256 bits, HS256's own strength.
 const MIN_SECRET_BYTES: usize = 32;
 
+/// Most `--io-threads`: more threads than any machine has cores only adds stacks and
+/// runtimes that share the same CPUs.
+const MAX_IO_THREADS: usize = 1024;
+
 /// What a connection whose outbound queue is full gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -479,6 +483,9 @@ impl Config {
         if self.idle_timeout.is_zero() {
             problems.push("--idle-timeout must be more than 0s".into());
         }
+        if self.io_threads > MAX_IO_THREADS {
+            problems.push(format!("--io-threads {} is more than {MAX_IO_THREADS}: each is a thread and a runtime; one per core (0) is the default", self.io_threads));
+        }
         match (self.registry, self.redis_url.len()) {
             (RegistryKind::Memory, 0) | (RegistryKind::Redis, 1) | (RegistryKind::RedisCluster, 1..) => {}
             (RegistryKind::Memory, _) => {
@@ -560,6 +567,7 @@ mod tests {
         assert!(refused(|c| c.reuse_port = true).contains("--reuse-port with --registry memory"));
         assert!(refused(|c| c.node_queue_max_bytes = c.queue_max_bytes - 1).contains("--node-queue-max-bytes"));
         assert!(refused(|c| c.max_connections_per_uid = 0).contains("--max-connections-per-uid"));
+        assert!(refused(|c| c.io_threads = MAX_IO_THREADS + 1).contains("--io-threads 1025 is more than 1024"));
     }
 
     #[test]
