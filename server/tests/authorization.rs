@@ -340,3 +340,78 @@ async fn sse_answers_cors_for_the_origins_it_allows() {
     let unlisted = secured(|_| {}).await;
     assert_eq!(sse_cors(unlisted.client, &query, page).await, (200, None, None), "none listed: same-origin only, so no CORS answer");
 }
+
+/// A uid is escaped where `{sub}` stands (README, Topic rights): whatever bytes it holds,
+/// a token reads only its own expansion of each pattern, never a topic the same pattern
+/// grants another uid; at connect, on subscribe, with a subscription token, after a
+/// refresh, and through `--public-topics`.
+#[tokio::test]
+async fn a_uid_holding_pattern_or_separator_bytes_reads_only_its_own_topics() {
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+    let t = secured(|c| {
+        c.public_topics = vec!["room.{sub}.*".into(), "news".into()];
+        c.max_commands_per_second = 1000;
+    })
+    .await;
+    let uids = ["*", "al*", "john", "a.b", "{sub}", "%41", "a,b", "ctl\u{1}\u{7f}", "ünï"];
+    // Other users, each holding topics under the same patterns.
+    let others = ["alice", "al", "a", "A", "john.doe@example.com", "ctl"];
+    let segment = pushline::rights::topic_segment;
+    let query_escape = |topic: &str| utf8_percent_encode(topic, NON_ALPHANUMERIC).to_string();
+    for uid in uids {
+        let mine = segment(uid);
+        assert!(!mine.contains(['*', '.', ',', '{', '}']) && mine.is_ascii(), "{uid}: {mine}");
+        let token = hs256(json!({"sub": uid, "exp": now() + 60, "topics": ["dm.{sub}", "user.{sub}.*", "{sub}.*"]}));
+        // Connect: its own topics and the public ones, by their escaped names; not another's.
+        let own = format!("dm.{mine},user.{mine}.inbox,room.{mine}.x,news");
+        let (mut ws, welcome) = ws(t.client, &format!("token={token}&topics={}", query_escape(&own))).await;
+        assert_eq!(welcome["uid"], uid);
+        let theirs: Vec<String> = others
+            .iter()
+            .map(|o| segment(o))
+            .flat_map(|o| [format!("dm.{o}"), format!("user.{o}.inbox"), format!("room.{o}.secret"), format!("{o}.x")])
+            .collect();
+        let (status, why) = refused(t.client, &format!("token={token}&topics={}", query_escape(&theirs[0]))).await;
+        assert_eq!((status, why), (403, format!("not allowed to read topic `{}`", theirs[0])), "{uid}");
+        // Subscribe: the same.
+        for forbidden in &theirs {
+            send_json(&mut ws, json!({"type": "subscribe", "topics": [forbidden]})).await;
+            let reply = next_json(&mut ws).await;
+            assert_eq!(reply["error"], format!("not allowed to read topic `{forbidden}`"), "{uid} subscribing to {forbidden}: {reply}");
+        }
+        subscribe(&mut ws, &[&format!("{mine}.anything")]).await;
+        // A subscription token: its `{sub}` is escaped too.
+        let ticket = hs256(json!({"sub": uid, "exp": now() + 30, "topics": ["match.{sub}"]}));
+        send_json(&mut ws, json!({"type": "subscribe", "topics": ["match.alice"], "token": ticket})).await;
+        assert_eq!(next_json(&mut ws).await["type"], "error", "{uid}");
+        send_json(&mut ws, json!({"type": "subscribe", "topics": [format!("match.{mine}")], "token": ticket})).await;
+        assert_eq!(next_json(&mut ws).await["type"], "subscribed", "{uid}");
+        // A refresh keeps what the fresh token grants under the same escaping.
+        let fresh = hs256(json!({"sub": uid, "exp": now() + 60, "topics": ["dm.{sub}"]}));
+        send_json(&mut ws, json!({"type": "refresh", "token": fresh})).await;
+        let refreshed = next_json(&mut ws).await;
+        assert_eq!(refreshed["type"], "refreshed", "{uid}: {refreshed}");
+        let revoked: Vec<String> = serde_json::from_value(refreshed["revoked"].clone()).unwrap();
+        assert!(!revoked.contains(&format!("dm.{mine}")) && revoked.contains(&format!("user.{mine}.inbox")), "{uid}: {revoked:?}");
+        // And what is published to its own topic reaches it.
+        post_raw(t.client, "/v1/publish", json!({"topic": format!("dm.{mine}"), "data": uid}).to_string(), Some(KEY)).await;
+        let message = next_json(&mut ws).await;
+        assert_eq!((message["topic"].as_str(), message["data"].as_str()), (Some(format!("dm.{mine}").as_str()), Some(uid)));
+    }
+}
+
+/// A prefix pattern whose `{sub}` runs straight into the `*` would give `al` every topic
+/// of `alice`: refused in a token and at start in `--public-topics`.
+#[tokio::test]
+async fn a_prefix_pattern_must_end_the_uid_with_a_separator() {
+    let t = secured(|_| {}).await;
+    let token = hs256(json!({"sub": "al", "exp": now() + 60, "topics": ["chat.{sub}*"]}));
+    let (status, why) = refused(t.client, &format!("token={token}")).await;
+    assert_eq!(status, 401);
+    assert!(why.contains("`chat.{sub}*`") && why.contains("separator"), "{why}");
+    let mut config = pushline::Config::for_loopback();
+    config.jwt_secret = Some(SECRET.into());
+    config.public_topics = vec!["room.{sub}*".into()];
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("separator"), "{error}");
+}

@@ -14,6 +14,8 @@ export interface Backoff {
   max: number;
 }
 
+/** A uid as the server writes it where a topic pattern says `{sub}` (percent-escaped). */
+export declare function topicSegment(uid: string): string;
 export declare function backoffDelay(attempt: number, backoff?: Backoff, random?: () => number): number;
 
 export interface Position {

@@ -23,6 +23,23 @@ export function backoffDelay(attempt, { initial, max } = DEFAULT_BACKOFF, random
   return Math.floor(random() * ceiling);
 }
 
+/** Bytes a uid keeps as they are where a topic pattern says `{sub}`. */
+const KEPT_IN_TOPICS = /^[A-Za-z0-9\-_@~]$/;
+
+/**
+ * A uid as the server writes it where a topic pattern says `{sub}`: every UTF-8 byte but
+ * ASCII letters, digits, `-`, `_`, `@` and `~` as `%XX`. `user.{sub}.inbox` for
+ * `john.doe@example.com` is `"user." + topicSegment("john.doe@example.com") + ".inbox"`.
+ */
+export function topicSegment(uid) {
+  let out = "";
+  for (const byte of new TextEncoder().encode(uid)) {
+    const ch = String.fromCharCode(byte);
+    out += byte < 0x80 && KEPT_IN_TOPICS.test(ch) ? ch : "%" + byte.toString(16).toUpperCase().padStart(2, "0");
+  }
+  return out;
+}
+
 /** Where a client is in its streams: `since` and the last position of each stream. */
 export class Cursor {
   constructor(text) {

@@ -8,10 +8,17 @@ import { createHmac } from "node:crypto";
 import WebSocket from "ws";
 import { EventSource } from "eventsource";
 
-import { PushlineClient, Cursor, backoffDelay, State } from "../src/index.js";
+import { PushlineClient, Cursor, backoffDelay, State, topicSegment } from "../src/index.js";
 import { freePort, startServer, proxy, publish, next } from "../harness.js";
 
 const fast = { initial: 50, max: 200 };
+
+test("topicSegment escapes a uid as the server does where a pattern says {sub}", () => {
+  // The same cases as the server's unit test (server/src/rights.rs).
+  assert.equal(topicSegment("john.doe@example.com"), "john%2Edoe@example%2Ecom");
+  assert.equal(topicSegment("a*{sub}%,\u007fä-_~"), "a%2A%7Bsub%7D%25%2C%7F%C3%A4-_~");
+  assert.equal(topicSegment("alice"), "alice");
+});
 
 test("backoff is full jitter under a cap", () => {
   assert.equal(backoffDelay(0, { initial: 100, max: 1000 }, () => 0.999), 99);
