@@ -157,6 +157,11 @@ impl Hub {
         }
     }
 
+    /// Limits of every connection's outbound queue.
+    pub fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
     fn topic_shard_index(&self, topic: &str) -> usize {
         (self.hasher.hash_one(topic) >> 58) as usize % SHARDS
     }

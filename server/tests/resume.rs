@@ -322,6 +322,99 @@ async fn malformed_forged_and_foreign_cursors_get_clear_answers() {
     assert_eq!(resumed["streams"][0]["reason"], "cursor_ahead", "{resumed}");
 }
 
+/// A cursor ahead of its stream (a forged one, or one from before a failover) is told
+/// `cursor_ahead`, and from then on the connection stands at the stream's real top: every
+/// later message arrives, none is taken for one the client already has.
+#[tokio::test]
+async fn a_cursor_ahead_of_the_stream_does_not_silence_live_messages() {
+    let t = start(|_| {}).await;
+    let (mut first, welcome) = ws(t.client, "uid=ivy&topics=t").await;
+    publish(t.client, "t", json!(0)).await;
+    let msg = next_json(&mut first).await;
+    let (stream, epoch) = (msg["stream"].as_str().unwrap().to_owned(), msg["epoch"].as_str().unwrap().to_owned());
+    let since = welcome["since"].as_str().unwrap();
+    drop(first);
+    let mut top = 1;
+    for ahead in [top + 1, 999_999] {
+        let (mut client, _) = ws(t.client, &format!("uid=ivy&topics=t&cursor=s{since},{stream}:{epoch}:{ahead}")).await;
+        let resumed = loop {
+            let msg = next_json(&mut client).await;
+            if msg["type"] == "resumed" {
+                break msg;
+            }
+        };
+        let entry = resumed["streams"].as_array().unwrap().iter().find(|s| s["stream"] == stream.as_str()).unwrap().clone();
+        assert_eq!((entry["reason"].as_str(), entry["offset"].as_u64()), (Some("cursor_ahead"), Some(top)), "{resumed}");
+        for n in 1..=3 {
+            publish(t.client, "t", json!(n)).await;
+            let msg = next_json(&mut client).await;
+            assert_eq!((msg["data"].as_u64(), msg["offset"].as_u64()), (Some(n), Some(top + n)), "cursor offset {ahead}: {msg}");
+        }
+        top += 3;
+    }
+    assert_eq!(metric(&metrics(t.admin).await, "pushline_messages_deduplicated_total"), 0.0);
+}
+
+/// A request for `/sse` from a socket with a 4 KiB receive buffer that never reads.
+async fn unread_sse(addr: SocketAddr, query: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(format!("GET /sse?{query} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    stream
+}
+
+/// A replay is outbound data like any other: it holds at most the connection's queue
+/// bytes (the newest messages; the client is told `queue_limit` for the rest), counts in
+/// the queued gauges (and so the node's budget), and a client that never reads it is
+/// closed as a slow consumer within the timeout, freeing it. The queue limit is larger
+/// than what loopback's socket buffers take, so that a replay is left unwritten.
+#[tokio::test]
+async fn a_replay_never_read_counts_as_queued_and_is_closed_as_a_slow_consumer() {
+    const QUEUE_BYTES: usize = 4 << 20;
+    let t = start(|c| {
+        c.history_size = 1000;
+        c.history_max_bytes = 64 << 20;
+        c.queue_max_bytes = QUEUE_BYTES;
+        c.slow_consumer_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    // A reader keeps the topic listened to, so its history is kept.
+    let (mut listener, _) = ws(t.client, "uid=keeper&topics=big").await;
+    let blob = "x".repeat(60_000);
+    for n in 0..100 {
+        publish(t.client, "big", json!({"n": n, "blob": blob})).await;
+        assert_eq!(next_json(&mut listener).await["data"]["n"], n);
+    }
+    let mut stuck = Vec::new();
+    for i in 0..10 {
+        stuck.push(unread_sse(t.client, &format!("uid=r{i}&topics=big&cursor=s0")).await);
+    }
+    let queued = wait_metric(t.admin, "pushline_outbound_queued_bytes", |b| b > 0.0).await;
+    assert!(queued <= (10 * QUEUE_BYTES) as f64, "{queued} bytes queued for 10 replays of at most {QUEUE_BYTES}");
+    let closed = r#"pushline_connections_closed_total{transport="sse",reason="slow_consumer"}"#;
+    let started = std::time::Instant::now();
+    wait_metric(t.admin, closed, |n| n == 10.0).await;
+    let took = started.elapsed();
+    // The timeout, the sweep and the second it is counted in, and the close's bounded flush (2 s).
+    assert!(took < std::time::Duration::from_secs(6), "closed {took:?} after the replays were queued; the timeout is 1 s");
+    wait_metric(t.admin, "pushline_outbound_queued_bytes", |b| b == 0.0).await;
+    wait_metric(t.admin, "pushline_outbound_queued_messages", |n| n == 0.0).await;
+    drop(stuck);
+
+    // A client that reads gets the newest that fit, and is told the rest did not.
+    let mut tracker = Tracker::default();
+    let (mut client, _) = ws(t.client, "uid=reader&topics=big&cursor=s0").await;
+    let resumed = until_resumed(&mut client, &mut tracker).await;
+    let entry = resumed["streams"].as_array().unwrap().iter().find(|s| s["stream"].as_str().unwrap().starts_with("t.")).unwrap().clone();
+    assert_eq!((resumed["recovered"].as_bool(), entry["reason"].as_str()), (Some(false), Some("queue_limit")), "{resumed}");
+    let replayed = entry["replayed"].as_u64().unwrap() as usize;
+    assert!(replayed >= 1 && replayed * 60_000 <= QUEUE_BYTES, "{resumed}");
+    let last: Vec<u64> = tracker.seen.iter().map(|d| d["n"].as_u64().unwrap()).collect();
+    assert_eq!(last, (100 - replayed as u64..100).collect::<Vec<_>>(), "the newest, in order");
+}
+
 // Many nodes: history in Redis, a client resuming wherever it lands.
 
 mod nodes {

@@ -212,7 +212,7 @@ impl Conn {
             return Next::Nothing { lent: lend.is_some_and(|fd| outbox.lend(fd)) };
         };
         drop(outbox);
-        if let Some(msg) = popped.message.as_ref().filter(|_| popped.queued) {
+        if let Some(msg) = popped.message.as_ref().filter(|_| popped.queued || popped.replayed) {
             metrics.queued(-1, -(msg.bytes(transport).len() as isize));
         }
         Next::Write(popped)
@@ -245,8 +245,11 @@ impl Conn {
         Some(sent)
     }
 
-    /// Replays what a resume found before anything queued since the connection registered.
-    pub fn resume(&self, tracking: Tracking) {
+    /// Replays what a resume found before anything queued since the connection
+    /// registered; it counts as queued until written.
+    pub fn resume(&self, tracking: Tracking, metrics: &Metrics) {
+        let (messages, bytes) = tracking.replay_left();
+        metrics.queued(messages as isize, bytes as isize);
         Site::History.scope(|| self.outbox().resume(tracking));
         self.signal(Signals::WORK);
     }

@@ -44,6 +44,11 @@ pub enum Enqueued {
 const TASK: u32 = 0;
 const CLOSED: u32 = u32::MAX;
 
+/// Seconds of the process clock plus one: what `full_since_s` holds when set.
+fn now_s_plus_one() -> u32 {
+    (crate::clock::now_ms() / 1000) as u32 + 1
+}
+
 #[derive(Default)]
 pub struct Outbox {
     queue: VecDeque<Arc<Message>>,
@@ -83,7 +88,7 @@ impl Outbox {
                     self.queue.push_back(msg.clone());
                     self.bytes += size;
                     if self.full_since_s == 0 {
-                        self.full_since_s = (crate::clock::now_ms() / 1000) as u32 + 1;
+                        self.full_since_s = now_s_plus_one();
                     }
                     return Enqueued::Queued { dropped, dropped_bytes, depth: self.queue.len() };
                 }
@@ -100,7 +105,10 @@ impl Outbox {
     /// at its first message with a position; `since_ms` is its start.
     pub fn pop(&mut self, transport: Transport, since_ms: u64, mut skipped: impl FnMut(&Message)) -> Option<Popped> {
         if let Some(tracking) = self.tracking.as_mut().filter(|t| t.has_pending()) {
-            return tracking.pop_pending(transport);
+            let popped = tracking.pop_pending(transport);
+            // The client is reading its replay; the timeout counts from its last progress.
+            self.full_since_s = if tracking.replaying() { now_s_plus_one() } else { 0 };
+            return popped;
         }
         loop {
             let msg = self.queue.pop_front()?;
@@ -125,9 +133,9 @@ impl Outbox {
             let bytes = msg.bytes(transport).clone();
             let popped = match &self.tracking {
                 Some(tracking) => tracking.popped(transport, bytes, Some(msg)),
-                None => Popped { bytes, tail: None, message: Some(msg), queued: true },
+                None => Popped { bytes, tail: None, message: Some(msg), queued: true, replayed: false },
             };
-            return Some(Popped { queued: true, ..popped });
+            return Some(Popped { queued: true, replayed: false, ..popped });
         }
     }
 
@@ -166,9 +174,17 @@ impl Outbox {
 
     /// Starts a resume: `tracking` holds what to replay before the queue. A socket lent
     /// to publishers goes back to the task first: nothing live may overtake the replay.
-    pub fn resume(&mut self, tracking: Tracking) {
+    /// A replay is a backlog like a full queue: until the client reads it, the
+    /// slow-consumer timeout runs.
+    pub fn resume(&mut self, mut tracking: Tracking) {
         if self.writer != CLOSED {
             self.writer = TASK;
+        }
+        if let Some(earlier) = self.tracking.take() {
+            tracking.inherit(*earlier);
+        }
+        if tracking.replaying() {
+            self.full_since_s = now_s_plus_one();
         }
         self.tracking = Some(Box::new(tracking));
     }
@@ -179,19 +195,21 @@ impl Outbox {
     }
 
     /// Stops taking messages; returns how many were still queued (and their bytes), a
-    /// half-sent message included.
+    /// half-sent message and a replay not yet written included.
     pub fn close(&mut self) -> (usize, usize) {
         self.writer = CLOSED;
         let partial = self.tracking.as_mut().and_then(|t| t.take_partial()).map_or((0, 0), |p| (1, p.bytes.len() - p.written));
-        let left = (self.queue.len() + partial.0, self.bytes + partial.1);
+        let replay = self.tracking.as_ref().map_or((0, 0), |t| t.replay_left());
+        let left = (self.queue.len() + partial.0 + replay.0, self.bytes + partial.1 + replay.1);
         self.queue = VecDeque::new();
         self.bytes = 0;
         self.tracking = None;
         left
     }
 
+    /// Messages owed: queued, and replayed not yet written.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.tracking.as_ref().map_or(0, |t| t.replay_left().0)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -202,12 +220,13 @@ impl Outbox {
         self.queue.is_empty() && !self.tracking.as_ref().is_some_and(|t| t.has_pending())
     }
 
+    /// Bytes owed: queued, and replayed not yet written.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.tracking.as_ref().map_or(0, |t| t.replay_left().1)
     }
 
-    /// Milliseconds (of the process clock) since the queue became full without being
-    /// read from; None when it is not full.
+    /// Milliseconds (of the process clock) since the queue became full, or a replay was
+    /// queued, without being read from; None when neither.
     pub fn full_since_ms(&self) -> Option<u64> {
         (self.full_since_s > 0).then(|| (self.full_since_s as u64 - 1) * 1000)
     }

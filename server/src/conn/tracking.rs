@@ -35,6 +35,8 @@ pub struct Tracking {
     since_ms: u64,
     written: Vec<Position>,
     replay: VecDeque<Replayed>,
+    /// Bytes of the replayed messages not yet written: they count as queued.
+    replay_bytes: usize,
     lost: Vec<Lost>,
     /// A publisher's direct write that the socket took only part of.
     partial: Option<Partial>,
@@ -53,19 +55,38 @@ pub struct Popped {
     pub tail: Option<Bytes>,
     /// Set for published messages, whose delivery is counted and timed.
     pub message: Option<Arc<Message>>,
-    /// Taken from the queue (not replayed from history): counted off the queue gauges.
+    /// Taken from the queue (not replayed from history): counted off the queue gauges,
+    /// and its delivery timed.
     pub queued: bool,
+    /// A replayed message: counted off the queue gauges, not timed (it is not new).
+    pub replayed: bool,
 }
 
 impl Tracking {
     pub fn new(since_ms: u64) -> Tracking {
-        Tracking { since_ms, written: Vec::new(), replay: VecDeque::new(), lost: Vec::new(), partial: None }
+        Tracking { since_ms, written: Vec::new(), replay: VecDeque::new(), replay_bytes: 0, lost: Vec::new(), partial: None }
     }
 
     /// A resume: `positions` the client holds (carried into this connection's cursor) and
-    /// what it missed.
-    pub fn resumed(since_ms: u64, positions: Vec<Position>, replay: VecDeque<Replayed>) -> Tracking {
-        Tracking { since_ms, written: positions, replay, lost: Vec::new(), partial: None }
+    /// what it missed, `replay_bytes` of messages as the connection writes them.
+    pub fn resumed(since_ms: u64, positions: Vec<Position>, replay: VecDeque<Replayed>, replay_bytes: usize) -> Tracking {
+        Tracking { since_ms, written: positions, replay, replay_bytes, lost: Vec::new(), partial: None }
+    }
+
+    /// Takes over what drop-oldest noted in `earlier` (messages lost while the resume read
+    /// history), so their gaps are still told.
+    pub fn inherit(&mut self, earlier: Tracking) {
+        self.lost.extend(earlier.lost);
+    }
+
+    /// Replayed messages not yet written, and their bytes.
+    pub fn replay_left(&self) -> (usize, usize) {
+        (self.replay.iter().filter(|r| matches!(r, Replayed::Message(_))).count(), self.replay_bytes)
+    }
+
+    /// Whether replayed messages are still to be written.
+    pub fn replaying(&self) -> bool {
+        self.replay_bytes > 0
     }
 
     /// Whether the client has been sent `position` (or a later one of the same epoch).
@@ -120,7 +141,9 @@ impl Tracking {
                     if let Some(p) = msg.position {
                         self.advance(p);
                     }
-                    self.popped(transport, msg.bytes(transport).clone(), Some(msg))
+                    let bytes = msg.bytes(transport).clone();
+                    self.replay_bytes -= bytes.len();
+                    Popped { replayed: true, ..self.popped(transport, bytes, Some(msg)) }
                 }
                 Replayed::Resumed { json, since_ms } => {
                     self.since_ms = since_ms;
@@ -145,6 +168,6 @@ impl Tracking {
     /// `bytes` with, for SSE, the cursor as it stands after them.
     pub fn popped(&self, transport: Transport, bytes: Bytes, message: Option<Arc<Message>>) -> Popped {
         let tail = (transport == Transport::Sse).then(|| sse::tail(&self.cursor()));
-        Popped { bytes, tail, message, queued: false }
+        Popped { bytes, tail, message, queued: false, replayed: false }
     }
 }

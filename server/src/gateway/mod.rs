@@ -74,7 +74,7 @@ impl Gateway {
         // Registered first: anything published from here on is queued, so reading history
         // now leaves no gap; what is both read and queued is written once.
         if !plan.is_empty() {
-            if let Err(error) = resume::resume(&self.history, &conn, &request, plan, &self.metrics).await {
+            if let Err(error) = resume::resume(&self.history, &conn, &request, plan, hub.limits().max_bytes, &self.metrics).await {
                 conn.close_outbox(&self.metrics);
                 slot.release_address(conn.address);
                 hub.unregister(&conn, CloseReason::IoError);

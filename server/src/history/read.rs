@@ -35,6 +35,9 @@ pub enum Loss {
     CursorAhead,
     /// The stream keeps no history (`--history-size 0`, `--history-off`).
     NotKept,
+    /// More was missed than the connection's queue may hold (`--queue-max-bytes`): the
+    /// newest messages were replayed, the older ones not.
+    QueueLimit,
 }
 
 /// What a stream holds for a client.

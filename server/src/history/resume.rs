@@ -11,13 +11,14 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::memory::MemoryHistory;
-use super::read::{Found, From};
+use super::read::{Found, From, Loss};
 use super::redis::RedisHistory;
 use super::{epoch_text, Cursor, Stream};
 use crate::conn::tracking::{Replayed, Tracking};
 use crate::conn::Conn;
 use crate::error::{Error, Kind};
 use crate::telemetry::{Metrics, ResumeOutcome};
+use crate::wire::{Message, Transport};
 
 /// Where history is kept.
 pub enum History {
@@ -77,14 +78,24 @@ pub fn plan(uid: &str, topics: &[String], request: &Request) -> Result<Vec<(Stre
 
 /// Reads what `conn` missed and queues it ahead of anything live, ending with the
 /// `resumed` notice. `conn` must already be registered.
-pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec<(Stream, From)>, metrics: &Metrics) -> Result<(), Error> {
+///
+/// A replay is outbound data like any other: it holds at most `max_bytes` (the
+/// connection's queue limit), the newest messages of every stream that fit, and the
+/// streams whose older messages did not fit are reported lost (`queue_limit`).
+pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec<(Stream, From)>, max_bytes: usize, metrics: &Metrics) -> Result<(), Error> {
     let readable: Vec<(Stream, From)> = plan.iter().filter(|(s, _)| history.keeps(s)).cloned().collect();
-    let mut found = history.read(&readable).await?.into_iter();
+    let mut read = history.read(&readable).await?.into_iter();
+    let mut found = Vec::with_capacity(plan.len());
+    for (stream, _) in &plan {
+        found.push(if history.keeps(stream) { read.next().ok_or_else(|| Error::new(Kind::Internal, "history read fewer streams than asked"))? } else { Found::not_kept() });
+    }
+    let replay_bytes = hold_to(&mut found, max_bytes, conn.transport);
     let mut replay = VecDeque::new();
     let mut streams = Vec::new();
     let (mut recovered, mut replayed) = (true, 0);
-    for (stream, from) in &plan {
-        let found = if history.keeps(stream) { found.next().ok_or_else(|| Error::new(Kind::Internal, "history read fewer streams than asked"))? } else { Found::not_kept() };
+    let cursor = request.cursor.as_ref();
+    let mut positions = Vec::new();
+    for ((stream, from), found) in plan.iter().zip(found) {
         let mut entry = serde_json::json!({ "stream": stream.key().to_string(), "replayed": found.messages.len(), "recovered": found.loss.is_none() });
         if let Some(tail) = found.tail {
             entry["epoch"] = epoch_text(tail.epoch).into();
@@ -97,6 +108,15 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
                 entry["lost_after"] = serde_json::json!({ "epoch": epoch_text(p.epoch), "offset": p.offset });
             }
         }
+        // Where the client stands in this stream from now on. A cursor ahead of the stream
+        // names offsets the stream has not reached: the client stands at the stream's top,
+        // or every message up to the cursor's offset would be taken for one it has.
+        let held = cursor.and_then(|c| c.position(stream.key())).copied();
+        let stands = match found.loss {
+            Some(Loss::CursorAhead) => found.tail,
+            _ => held,
+        };
+        positions.extend(stands);
         replayed += found.messages.len();
         replay.extend(found.messages.into_iter().map(Replayed::Message));
         streams.push(entry);
@@ -109,12 +129,37 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
         "streams": streams,
     });
     replay.push_back(Replayed::Resumed { json: notice.to_string(), since_ms });
-    let cursor = request.cursor.as_ref();
-    let positions = cursor.map(|c| c.positions.iter().filter(|p| plan.iter().any(|(s, _)| s.key() == p.key)).copied().collect()).unwrap_or_default();
     let client_since = cursor.and_then(|c| c.since_ms).unwrap_or(since_ms);
-    conn.resume(Tracking::resumed(client_since, positions, replay));
+    conn.resume(Tracking::resumed(client_since, positions, replay, replay_bytes), metrics);
     metrics.resumed(if recovered { ResumeOutcome::Recovered } else { ResumeOutcome::NotRecovered }, replayed);
     Ok(())
+}
+
+/// Drops the oldest messages of `found`, across its streams, until what is left takes at
+/// most `max_bytes` on `transport`; a stream that lost any is marked so. Returns the bytes
+/// left.
+fn hold_to(found: &mut [Found], max_bytes: usize, transport: Transport) -> usize {
+    let size = |m: &Arc<Message>| m.bytes(transport).len();
+    let mut total: usize = found.iter().flat_map(|f| f.messages.iter()).map(size).sum();
+    if total <= max_bytes {
+        return total;
+    }
+    let mut firsts = vec![0usize; found.len()];
+    while total > max_bytes {
+        // The stream whose oldest remaining message is oldest (ids grow with time).
+        let Some(oldest) = (0..found.len()).filter(|i| firsts[*i] < found[*i].messages.len()).min_by_key(|i| found[*i].messages[firsts[*i]].id) else {
+            break;
+        };
+        total -= size(&found[oldest].messages[firsts[oldest]]);
+        firsts[oldest] += 1;
+    }
+    for (f, first) in found.iter_mut().zip(firsts) {
+        if first > 0 {
+            f.messages.drain(..first);
+            f.loss.get_or_insert(Loss::QueueLimit);
+        }
+    }
+    total
 }
 
 #[cfg(test)]
