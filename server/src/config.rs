@@ -265,6 +265,11 @@ pub struct Config {
     #[serde(serialize_with = "as_humantime")]
     pub idempotency_window: Duration,
 
+    /// Idempotency keys remembered per API key (one node, memory registry); past it that
+    /// API key's own oldest are forgotten first. About 500 bytes each.
+    #[arg(long, env = "PUSHLINE_IDEMPOTENCY_MAX_KEYS", default_value_t = 100_000)]
+    pub idempotency_max_keys: usize,
+
     /// Bytes of publish request bodies this node reads at once (a body counts its
     /// Content-Length, or the largest allowed); past it, publishes get 503.
     #[arg(long, env = "PUSHLINE_MAX_PUBLISH_BYTES_IN_FLIGHT", default_value_t = 64 << 20)]

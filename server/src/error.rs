@@ -31,6 +31,8 @@ pub enum Kind {
     MethodNotAllowed,
     /// A request with the same Idempotency-Key is being handled; retry shortly.
     Conflict,
+    /// An Idempotency-Key reused with a different request.
+    Unprocessable,
     /// The request head did not arrive within the handshake timeout.
     Timeout,
     PayloadTooLarge,
@@ -65,6 +67,7 @@ impl Kind {
             | Kind::NotFound
             | Kind::MethodNotAllowed
             | Kind::Conflict
+            | Kind::Unprocessable
             | Kind::Timeout
             | Kind::PayloadTooLarge
             | Kind::UpgradeRequired
@@ -84,6 +87,7 @@ impl Kind {
             Kind::NotFound => 404,
             Kind::MethodNotAllowed => 405,
             Kind::Conflict => 409,
+            Kind::Unprocessable => 422,
             Kind::Timeout => 408,
             Kind::PayloadTooLarge => 413,
             Kind::UpgradeRequired => 426,

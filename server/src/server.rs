@@ -124,7 +124,7 @@ impl Server {
         let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes, cores.clone())));
         let history = Arc::new(Site::History.scope(|| MemoryHistory::new(crate::history::Settings::from_config(&config), metrics.clone())));
         let (registry, attached) = match connected {
-            None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window) }, None),
+            None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window, config.idempotency_max_keys) }, None),
             Some(connected) => {
                 let (registry, attached) = connected.attach(hub.clone()).await?;
                 (registry, Some(attached))

@@ -265,6 +265,73 @@ async fn a_retried_publish_with_the_same_idempotency_key_publishes_once() {
     assert_eq!(metric(&metrics(t.admin).await, "pushline_idempotent_replays_total"), 1.0);
 }
 
+/// POSTs `body` to `path` with `key` as the API key and `idem` as the Idempotency-Key.
+async fn keyed(addr: SocketAddr, path: &str, key: &str, idem: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .bearer_auth(key)
+        .header("Idempotency-Key", idem)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), serde_json::from_str(&response.text().await.unwrap()).unwrap())
+}
+
+/// Idempotency keys belong to the API key that sent them: another holder's keys, however
+/// many, neither collide with nor evict them; and a key reused with a different request
+/// (body or route) is refused with 422, publishing nothing.
+#[tokio::test]
+async fn idempotency_keys_are_per_api_key_and_bound_to_their_request() {
+    let dir = std::env::temp_dir().join(format!("pushline-idem-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    let (shop, noisy) = ("s".repeat(32), "n".repeat(32));
+    let scopes = "scopes = [\"push\", \"publish\", \"broadcast\"]";
+    std::fs::write(&file, format!("[[key]]\nname = \"shop\"\nsecret = \"{shop}\"\n{scopes}\n\n[[key]]\nname = \"noisy\"\nsecret = \"{noisy}\"\n{scopes}\n")).unwrap();
+    let t = start(|c| {
+        c.jwt_secret = Some("test-secret-of-thirty-two-bytes!".into());
+        c.api_keys = Some(file.clone());
+        c.idempotency_max_keys = 5;
+    })
+    .await;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "kim", "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60, "topics": ["news"]}),
+        &jsonwebtoken::EncodingKey::from_secret(b"test-secret-of-thirty-two-bytes!"),
+    )
+    .unwrap();
+    let (mut client, _) = ws(t.client, &format!("token={token}&topics=news")).await;
+    let order = json!({"topic": "news", "data": "order-1"});
+    let (status, first) = keyed(t.client, "/v1/publish", &shop, "order-1", order.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    // The same key from another holder is its own.
+    let (status, theirs) = keyed(t.client, "/v1/publish", &noisy, "order-1", json!({"topic": "news", "data": "noisy"})).await;
+    assert_eq!(status, 200, "{theirs}");
+    assert_ne!(first["id"], theirs["id"]);
+    // Many more keys from the other holder than the cap evict none of the shop's.
+    for i in 0..20 {
+        assert_eq!(keyed(t.client, "/v1/publish", &noisy, &format!("k{i}"), json!({"topic": "other", "data": i})).await.0, 200);
+    }
+    let (status, retry) = keyed(t.client, "/v1/publish", &shop, "order-1", order.clone()).await;
+    assert_eq!((status, &retry), (200, &first), "the retry gets the first reply");
+    // Reused with another body, or on another route: refused, nothing published.
+    for (path, body) in [("/v1/publish", json!({"topic": "news", "data": "order-2"})), ("/v1/broadcast", json!({"data": "order-1"}))] {
+        let (status, reply) = keyed(t.client, path, &shop, "order-1", body).await;
+        assert_eq!((status, reply["error"].as_str()), (422, Some("idempotency key reused with a different request")), "{path}");
+    }
+    publish_with(t.client, &shop, "after").await;
+    for expected in ["order-1", "noisy", "after"] {
+        assert_eq!(next_json(&mut client).await["data"], expected, "published once each, nothing for the refused reuses");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+async fn publish_with(addr: SocketAddr, key: &str, data: &str) {
+    let (status, _, reply) = post_raw(addr, "/v1/publish", json!({"topic": "news", "data": data}).to_string(), Some(key)).await;
+    assert_eq!(status, 200, "{reply}");
+}
+
 #[tokio::test]
 async fn a_slow_client_is_told_which_range_drop_oldest_discarded() {
     let t = start(|c| {
@@ -515,6 +582,17 @@ mod nodes {
         let first = send(a.client, 1).await;
         let retry = send(b.client, 1).await;
         assert_eq!(first["id"], retry["id"], "{first} {retry}");
+        // The same key with another body, on either node: refused, nothing published.
+        for addr in [a.client, b.client] {
+            let response = reqwest::Client::new()
+                .post(format!("http://{addr}/v1/publish"))
+                .header("Idempotency-Key", "invoice-9")
+                .body(json!({"topic": "news", "data": 2}).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 422);
+        }
         publish(a.client, "news", json!("after")).await;
         assert_eq!(next_json(&mut client).await["data"], 1);
         assert_eq!(next_json(&mut client).await["data"], "after", "the retry published nothing");

@@ -247,13 +247,7 @@ impl Api {
             Ok(name) => name,
             Err(e) => return e.into(),
         };
-        let idempotency_key = match header("idempotency-key") {
-            Some(key) => match idempotency::check_key(key) {
-                Ok(()) => Some(format!("{key_name}/{key}")),
-                Err(e) => return Error::bad_request(e).into(),
-            },
-            None => None,
-        };
+        let idempotency_header = header("idempotency-key").map(str::to_owned);
         let max = self.max_message_bytes;
         let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
         let budget = self.node_queue_max_bytes;
@@ -288,6 +282,11 @@ impl Api {
                 return Error::new(Kind::Timeout, format!("request body not received within {timeout:?}")).into();
             }
         };
+        // Known by its holder, and by what it asked for: a reuse with another request is refused.
+        let idempotency_key = match idempotency_header.map(|key| idempotency::Key::new(&key_name, &key, <&str>::from(kind), &body)).transpose() {
+            Ok(key) => key,
+            Err(e) => return Error::bad_request(e).into(),
+        };
         let accepted_at = Instant::now();
         // Checks `data` (size, depth): the compacted JSON to frame.
         let checked = |data: &RawValue| -> Result<String, Reply> {
@@ -315,7 +314,7 @@ impl Api {
                 };
                 self.metrics.published(kind);
                 let draft = Draft { id, topic: None, data: &data, accepted_at };
-                let published = self.registry.push(&self.hub, &push.uids, &draft, idempotency_key.as_deref()).await;
+                let published = self.registry.push(&self.hub, &push.uids, &draft, idempotency_key.as_ref()).await;
                 self.reply(id, published, |d| {
                     serde_json::json!({ "id": id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored })
                 })
@@ -337,7 +336,7 @@ impl Api {
                 };
                 self.metrics.published(kind);
                 let draft = Draft { id, topic: Some(&publish.topic), data: &data, accepted_at };
-                let published = self.registry.publish(&self.hub, &publish.topic, &draft, idempotency_key.as_deref()).await;
+                let published = self.registry.publish(&self.hub, &publish.topic, &draft, idempotency_key.as_ref()).await;
                 self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
             }
             PublishKind::Broadcast => {
@@ -351,7 +350,7 @@ impl Api {
                 };
                 self.metrics.published(kind);
                 let draft = Draft { id, topic: None, data: &data, accepted_at };
-                let published = self.registry.broadcast(&self.hub, &draft, idempotency_key.as_deref()).await;
+                let published = self.registry.broadcast(&self.hub, &draft, idempotency_key.as_ref()).await;
                 self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
             }
         }
@@ -372,6 +371,7 @@ impl Api {
                 json(StatusCode::OK, first)
             }
             Ok(Published::InProgress) => Error::new(Kind::Conflict, "a request with this Idempotency-Key is being handled; retry").into(),
+            Ok(Published::Mismatch) => Error::new(Kind::Unprocessable, "idempotency key reused with a different request").into(),
             Err(e) => unavailable(id, e),
         }
     }

@@ -27,6 +27,7 @@ use pushline_alloc::Site;
 use redis::Value;
 use tokio::sync::{Notify, OnceCell};
 
+use super::idempotency::Key;
 use super::read::{select, Found, From};
 use super::{epoch_text, new_epoch, Settings, Stream, GROUPS};
 use crate::error::Error;
@@ -39,9 +40,11 @@ use crate::wire::{envelope_position, Message};
 /// ARGV: 1 an epoch for a new stream, 2 history size, 3 TTL ms, 4 `1` if the stream keeps
 /// history only while listened to (a topic), 5 idempotency window ms (`0`: no key),
 /// 6 message id, 7 the stream's key as envelopes write it, 8 the envelope without its
-/// closing brace, 9 the relay header, 10 PUBLISH or SPUBLISH, 11 now (ms), 12.. channels.
-/// Returns `{0, first}` for a repeated idempotency key (`first`: the first message's id,
-/// or its reply once known), else `{1, epoch, offset, receivers}` (offset 0: not kept).
+/// closing brace, 9 the relay header, 10 PUBLISH or SPUBLISH, 11 now (ms), 12 the
+/// idempotency key's record (the request's fingerprint and the message id), 13.. channels.
+/// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
+/// then its message id, or its reply once known), else `{1, epoch, offset, receivers}`
+/// (offset 0: not kept).
 pub const APPEND: &str = r#"
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[4])
@@ -72,11 +75,11 @@ else
   envelope = envelope .. '}'
 end
 local receivers = 0
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   receivers = receivers + redis.call(ARGV[10], ARGV[i], ARGV[9] .. envelope)
 end
 if ARGV[5] ~= '0' then
-  redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[5])
+  redis.call('SET', KEYS[4], ARGV[12], 'PX', ARGV[5])
 end
 return {1, epoch, offset, receivers}
 "#;
@@ -197,12 +200,12 @@ impl RedisHistory {
         id: u64,
         envelope: &str,
         relay: &[u8],
-        idempotency: Option<&str>,
+        idempotency: Option<&Key>,
         channels: &[String],
     ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let key = self.stream_key(stream);
         let idempotency_key = match idempotency {
-            Some(k) => format!("{key}:k:{k}"),
+            Some(k) => format!("{key}:k:{}", k.scoped),
             None => key.clone(),
         };
         let keys = vec![key.clone(), format!("{key}:m"), format!("{key}:i"), idempotency_key, self.born_key(stream.group())];
@@ -220,6 +223,7 @@ impl RedisHistory {
             relay.to_vec(),
             if self.redis.sharded() { b"SPUBLISH".to_vec() } else { b"PUBLISH".to_vec() },
             crate::clock::wall_ms().to_string().into_bytes(),
+            idempotency.map(|k| k.record(&id.to_string())).unwrap_or_default().into_bytes(),
         ];
         args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
         (keys.into_iter().map(String::into_bytes).collect(), args)

@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::hub::{Change, Changes, Hub};
 use crate::session::SessionId;
 use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
-use crate::history::idempotency::{Claim, Claimed, Idempotency};
+use crate::history::idempotency::{self, Claim, Claimed, Idempotency};
 use crate::history::memory::MemoryHistory;
 use crate::history::redis::{Appended, RedisHistory};
 use crate::history::resume::History;
@@ -70,13 +70,15 @@ pub enum Published<'a> {
     Repeated(String),
     /// The first request with this idempotency key is still publishing.
     InProgress,
+    /// The idempotency key was used with another request (route or body).
+    Mismatch,
 }
 
 /// Where the reply to a publish with an idempotency key is kept for its retries.
 pub enum Remember<'a> {
     Nothing,
     Memory(Claimed<'a>),
-    Redis { history: &'a RedisHistory, keys: Vec<String> },
+    Redis { history: &'a RedisHistory, keys: Vec<String>, key: &'a idempotency::Key },
 }
 
 impl Remember<'_> {
@@ -84,7 +86,7 @@ impl Remember<'_> {
         match self {
             Remember::Nothing => {}
             Remember::Memory(claimed) => claimed.done(reply),
-            Remember::Redis { history, keys } => history.remember(keys, reply.to_owned()),
+            Remember::Redis { history, keys, key } => history.remember(keys, key.record(reply)),
         }
     }
 }
@@ -108,18 +110,19 @@ impl Registry {
     }
 
     /// A claim on `key` (memory registry; on Redis the append script checks it).
-    fn claim<'a>(&'a self, key: Option<&str>) -> Result<Remember<'a>, Published<'a>> {
+    fn claim<'a>(&'a self, key: Option<&idempotency::Key>) -> Result<Remember<'a>, Published<'a>> {
         match (self, key) {
             (Registry::Memory { idempotency, .. }, Some(key)) => match idempotency.claim(key) {
                 Claim::First(claimed) => Ok(Remember::Memory(claimed)),
                 Claim::InProgress => Err(Published::InProgress),
                 Claim::Done(reply) => Err(Published::Repeated(reply)),
+                Claim::Mismatch => Err(Published::Mismatch),
             },
             _ => Ok(Remember::Nothing),
         }
     }
 
-    pub async fn push<'a>(&'a self, hub: &Hub, uids: &[String], draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+    pub async fn push<'a>(&'a self, hub: &Hub, uids: &[String], draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
         // A uid listed twice gets the message once.
         let mut seen = HashSet::with_capacity(uids.len());
         let uids: Vec<&str> = uids.iter().map(String::as_str).filter(|u| seen.insert(*u)).collect();
@@ -148,7 +151,7 @@ impl Registry {
         }
     }
 
-    pub async fn publish<'a>(&'a self, hub: &Arc<Hub>, topic: &str, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+    pub async fn publish<'a>(&'a self, hub: &Arc<Hub>, topic: &str, draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
         let remember = match self.claim(key) {
             Ok(remember) => remember,
             Err(answered) => return Ok(answered),
@@ -167,7 +170,7 @@ impl Registry {
         }
     }
 
-    pub async fn broadcast<'a>(&'a self, hub: &Arc<Hub>, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+    pub async fn broadcast<'a>(&'a self, hub: &Arc<Hub>, draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
         let remember = match self.claim(key) {
             Ok(remember) => remember,
             Err(answered) => return Ok(answered),
@@ -335,7 +338,7 @@ impl Nodes {
     /// Finds the nodes that hold each uid's sessions, then appends the message to each
     /// uid's stream and publishes it to those nodes (this one included) in one script
     /// per uid, all in one batch.
-    async fn push<'a>(&'a self, hub: &Hub, uids: &[&str], draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+    async fn push<'a>(&'a self, hub: &Hub, uids: &[&str], draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
         let remote = self.locate(uids).await.map_err(|e| self.unavailable(e))?;
         let prefix = self.keys.prefix();
         let published_ms = published_ms(draft);
@@ -367,14 +370,17 @@ impl Nodes {
             }
         };
         let mut result = Delivered::default();
-        let (mut repeated, mut remembered) = (Vec::new(), Vec::new());
+        let (mut repeated, mut remembered, mut mismatched) = (Vec::new(), Vec::new(), false);
         for ((uid, (stream, channels)), value) in uids.iter().zip(&streams).zip(appended) {
             match Appended::parse(value) {
-                Some(Appended::Repeated(first)) => repeated.push(first),
+                Some(Appended::Repeated(record)) => match read_record(key, &record) {
+                    Some(first) => repeated.push(first.to_owned()),
+                    None => mismatched = true,
+                },
                 Some(Appended::Published { offset, receivers, .. }) => {
                     result.stored += (offset > 0) as usize;
                     if let Some(key) = key {
-                        remembered.push(self.history.idempotency_key(stream, key));
+                        remembered.push(self.history.idempotency_key(stream, &key.scoped));
                     }
                     let (nodes, sessions) = remote.get(uid).map(|(n, s)| (n.len(), *s)).unwrap_or_default();
                     result.online += sessions;
@@ -389,6 +395,10 @@ impl Nodes {
                 None => self.metrics.dropped(DropReason::BadRelay, 1),
             }
         }
+        if remembered.is_empty() && mismatched {
+            self.awaited.forget(draft.id);
+            return Ok(Published::Mismatch);
+        }
         if remembered.is_empty() && !repeated.is_empty() {
             self.awaited.forget(draft.id);
             return Ok(Published::Repeated(first_reply(draft.id, &repeated)));
@@ -397,7 +407,7 @@ impl Nodes {
         result.online += online_here;
         result.delivered += delivered_here;
         let remember = match key {
-            Some(_) => Remember::Redis { history: &self.history, keys: remembered },
+            Some(key) => Remember::Redis { history: &self.history, keys: remembered, key },
             None => Remember::Nothing,
         };
         Ok(Published::Delivered(result, remember))
@@ -458,7 +468,7 @@ impl Nodes {
 
     /// Topic publishes and broadcasts: one script appends to the stream and publishes on
     /// its group's fan-out channel, which every node (this one too) reads.
-    async fn fan_out<'a>(&'a self, stream: Stream, target: Target<'_>, draft: &Draft<'_>, key: Option<&str>) -> Result<Published<'a>, Unavailable> {
+    async fn fan_out<'a>(&'a self, stream: Stream, target: Target<'_>, draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
         let channel = RedisHistory::fanout_channel(self.keys.prefix(), stream.group());
         let kind = target.kind();
         let relay = Relay { origin: self.node, id: draft.id, published_ms: published_ms(draft), target, envelope: "" };
@@ -473,9 +483,12 @@ impl Nodes {
             }
         };
         match appended {
-            Some(Appended::Repeated(first)) => {
+            Some(Appended::Repeated(record)) => {
                 self.awaited.forget(draft.id);
-                Ok(Published::Repeated(first_reply(draft.id, &[first])))
+                Ok(match read_record(key, &record) {
+                    Some(first) => Published::Repeated(first_reply(draft.id, &[first.to_owned()])),
+                    None => Published::Mismatch,
+                })
             }
             Some(Appended::Published { offset, receivers, .. }) => {
                 self.metrics.relayed(Relayed::Out, kind);
@@ -484,7 +497,7 @@ impl Nodes {
                 // This node reads the channel too.
                 let result = Delivered { delivered, nodes: receivers.saturating_sub(1), stored, ..Delivered::default() };
                 let remember = match key {
-                    Some(key) => Remember::Redis { history: &self.history, keys: vec![self.history.idempotency_key(&stream, key)] },
+                    Some(key) => Remember::Redis { history: &self.history, keys: vec![self.history.idempotency_key(&stream, &key.scoped)], key },
                     None => Remember::Nothing,
                 };
                 Ok(Published::Delivered(result, remember))
@@ -560,6 +573,15 @@ impl Nodes {
 /// Wall-clock time of the publish, so every node measures latency from it.
 fn published_ms(draft: &Draft<'_>) -> u64 {
     crate::clock::wall_ms().saturating_sub(draft.accepted_at.elapsed().as_millis() as u64)
+}
+
+/// What an idempotency key's record in Redis holds for `key`'s request; None when it was
+/// written by another request.
+fn read_record<'r>(key: Option<&idempotency::Key>, record: &'r str) -> Option<&'r str> {
+    match key {
+        Some(key) => key.read(record),
+        None => Some(record),
+    }
 }
 
 /// The reply to a repeated idempotency key: the first publish's reply when stored,
