@@ -427,6 +427,15 @@ impl Config {
             (None, None) if self.tls_ticket_key.is_some() => problems.push("--tls-ticket-key is for TLS: set --tls-cert and --tls-key".into()),
             _ => {}
         }
+        let cursor = crate::wire::cursor::longest(self.max_topics_per_connection);
+        if cursor > crate::wire::cursor::MAX_CURSOR_BYTES {
+            let fits = (0..=self.max_topics_per_connection).rev().find(|n| crate::wire::cursor::longest(*n) <= crate::wire::cursor::MAX_CURSOR_BYTES).unwrap_or(0);
+            problems.push(format!(
+                "--max-topics-per-connection {}: a connection's cursor (its SSE `id:`, which it sends back to resume) could reach {cursor} bytes, over the {} the server accepts; use at most {fits}",
+                self.max_topics_per_connection,
+                crate::wire::cursor::MAX_CURSOR_BYTES
+            ));
+        }
         if let Err(e) = crate::rights::Rights::parse(&self.history_off, "") {
             problems.push(format!("--history-off: {e}"));
         }
@@ -573,6 +582,7 @@ mod tests {
         assert!(refused(|c| c.node_queue_max_bytes = c.queue_max_bytes - 1).contains("--node-queue-max-bytes"));
         assert!(refused(|c| c.max_connections_per_uid = 0).contains("--max-connections-per-uid"));
         assert!(refused(|c| c.io_threads = MAX_IO_THREADS + 1).contains("--io-threads 1025 is more than 1024"));
+        assert!(refused(|c| c.max_topics_per_connection = 250).contains("use at most 122"));
     }
 
     #[test]

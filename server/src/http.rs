@@ -11,9 +11,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use crate::error::Error;
 use crate::socket::Socket;
+use crate::wire::cursor::MAX_CURSOR_BYTES;
 
-/// Largest request head accepted.
+/// Largest request head accepted, not counting a cursor (`Last-Event-ID`, `?cursor=`).
 const MAX_HEAD: usize = 8 * 1024;
+/// Room beyond `MAX_HEAD` for the cursor a returning client sends back: the longest the
+/// server writes, percent-encoded in a query (`,` and `:` take three bytes).
+const CURSOR_ROOM: usize = MAX_CURSOR_BYTES * 3 / 2 + 64;
 
 /// The parts of a request head the gateway looks at.
 pub struct Head {
@@ -87,8 +91,8 @@ pub async fn read_head(stream: &mut Socket, buf: &mut Vec<u8>) -> io::Result<Rea
         if let Some(outcome) = parse(buf) {
             return Ok(outcome);
         }
-        if buf.len() >= MAX_HEAD {
-            return Ok(ReadHead::Malformed(Error::bad_request(format!("request head over {MAX_HEAD} bytes"))));
+        if buf.len() >= MAX_HEAD + CURSOR_ROOM {
+            return Ok(ReadHead::Malformed(too_long()));
         }
         if buf.len() == buf.capacity() {
             buf.reserve(1024);
@@ -97,6 +101,10 @@ pub async fn read_head(stream: &mut Socket, buf: &mut Vec<u8>) -> io::Result<Rea
             return Ok(ReadHead::Closed);
         }
     }
+}
+
+fn too_long() -> Error {
+    Error::bad_request(format!("request head over {MAX_HEAD} bytes (a cursor not counted)"))
 }
 
 /// Parses the request head at the start of `buf`; `None` while it is incomplete.
@@ -109,6 +117,12 @@ pub fn parse(buf: &[u8]) -> Option<ReadHead> {
         Ok(httparse::Status::Complete(len)) => {
             let target = req.path.unwrap_or("/");
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            // Any cursor the server wrote fits beside a head it accepted without one.
+            let cursor_bytes = query.split('&').filter(|pair| pair.starts_with("cursor=")).map(str::len).sum::<usize>()
+                + req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("last-event-id")).map(|h| h.name.len() + h.value.len() + 4).sum::<usize>();
+            if len.saturating_sub(cursor_bytes) > MAX_HEAD {
+                return Some(ReadHead::Malformed(too_long()));
+            }
             let query = match query_pairs(query) {
                 Ok(query) => query,
                 Err(e) => return Some(ReadHead::Malformed(e)),
@@ -218,5 +232,34 @@ impl AsyncWrite for Prefixed {
                 Poll::Pending => return deadline.as_mut().poll(cx).map(Ok),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(pad: usize, cursor: Option<&str>) -> Vec<u8> {
+        let mut text = format!("GET /sse?uid=a HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n", "p".repeat(pad));
+        if let Some(cursor) = cursor {
+            text.push_str(&format!("Last-Event-ID: {cursor}\r\n"));
+        }
+        text.push_str("\r\n");
+        text.into_bytes()
+    }
+
+    /// The longest cursor the server writes comes back beside any head it took without one.
+    #[test]
+    fn a_cursor_the_server_wrote_fits_beside_any_head_it_accepts() {
+        let topics = (0..).take_while(|n| crate::wire::cursor::longest(*n) <= MAX_CURSOR_BYTES).last().unwrap();
+        let position = format!(",t.{:016x}:{:08x}:{}", u64::MAX, u32::MAX, u64::MAX);
+        let cursor = format!("s{}{}", u64::MAX, position.repeat(topics + 2));
+        assert_eq!(cursor.len(), crate::wire::cursor::longest(topics));
+        let pad = MAX_HEAD - head(0, None).len();
+        assert!(matches!(parse(&head(pad, None)), Some(ReadHead::Complete(..))));
+        assert!(matches!(parse(&head(pad, Some(&cursor))), Some(ReadHead::Complete(..))), "the same head with its cursor");
+        let encoded = cursor.replace(',', "%2C").replace(':', "%3A");
+        assert!(encoded.len() + "cursor=&".len() <= CURSOR_ROOM, "and percent-encoded in a query");
+        assert!(matches!(parse(&head(pad + 1, Some(&cursor))), Some(ReadHead::Malformed(_))), "a head over the limit is still refused");
     }
 }

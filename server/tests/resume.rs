@@ -389,6 +389,46 @@ async fn malformed_forged_and_foreign_cursors_get_clear_answers() {
     assert_eq!(resumed["streams"][0]["reason"], "cursor_ahead", "{resumed}");
 }
 
+/// At the most topics a connection may hold, the SSE `id:` the server writes (a position
+/// in every stream) is one it accepts back as `Last-Event-ID`, as EventSource sends it.
+#[tokio::test]
+async fn an_sse_id_at_the_topic_limit_is_accepted_back() {
+    let most = (0..).take_while(|n| pushline::wire::cursor::longest(*n) <= pushline::wire::cursor::MAX_CURSOR_BYTES).last().unwrap();
+    let t = start(|c| c.max_topics_per_connection = most).await;
+    let topics: Vec<String> = (0..most).map(|i| format!("room-{i:03}-with-a-name-long-enough-to-fill-the-head")).collect();
+    let query = format!("uid=zed&topics={}", topics.join(","));
+    let (_, mut sse) = Sse::open(t.client, &query).await;
+    sse.next_event().await;
+    let mut last_id = None;
+    for topic in &topics {
+        publish(t.client, topic, json!(topic)).await;
+        last_id = sse.next_event().await.1;
+    }
+    push(t.client, "zed", json!("own")).await;
+    post(t.client, "/v1/broadcast", json!({"data": "all"})).await;
+    for _ in 0..2 {
+        last_id = sse.next_event().await.1;
+    }
+    drop(sse);
+    let last_id = last_id.unwrap();
+    assert_eq!(last_id.matches(',').count(), most + 2, "a position in every stream: {last_id}");
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/sse?{query}", t.client))
+        .header("Last-Event-ID", &last_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{} bytes of id", last_id.len());
+    let mut sse = Sse::from_response(response);
+    let (event, _, resumed) = loop {
+        let next = sse.next_event().await;
+        if next.0 == "resumed" {
+            break next;
+        }
+    };
+    assert_eq!((event.as_str(), &resumed["recovered"]), ("resumed", &json!(true)), "{resumed}");
+}
+
 /// A cursor ahead of its stream (a forged one, or one from before a failover) is told
 /// `cursor_ahead`, and from then on the connection stands at the stream's real top: every
 /// later message arrives, none is taken for one the client already has.

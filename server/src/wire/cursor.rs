@@ -64,6 +64,14 @@ pub const MAX_CURSOR_BYTES: usize = 6 * 1024;
 /// Most positions in one cursor.
 pub const MAX_POSITIONS: usize = 256;
 
+/// The longest cursor the server can write for a connection on `topics` topics (its
+/// uid's stream and the broadcast stream too), every offset at its largest.
+pub fn longest(topics: usize) -> usize {
+    let since = 1 + u64::MAX.to_string().len();
+    let position = 1 + "t.".len() + 16 + 1 + 8 + 1 + u64::MAX.to_string().len();
+    since + (topics + 2) * position
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
     /// Wall-clock ms; None: the client asks for nothing before its positions.
