@@ -105,14 +105,17 @@ async fn an_expired_token_is_refreshed_or_the_connection_closes_with_4001() {
     assert_eq!(refreshed["type"], "refreshed", "{refreshed}");
     assert_eq!(refreshed["revoked"], json!(["b"]), "the fresh token's rights apply from now");
 
+    let mut notices = 0;
     let close = loop {
         match tokio::time::timeout(WAIT, dropped.next()).await.expect("closed in time") {
             Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(Message::Text(text))) if text.contains("token_expired") => notices += 1,
             Some(Ok(_)) => continue,
             other => panic!("expected a close, got {other:?}"),
         }
     };
     assert_eq!(close.map(|f| u16::from(f.code)), Some(4001));
+    assert_eq!(notices, 1, "told once in the grace, not at every sweep");
     // Still here, past the grace.
     send_json(&mut kept, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut kept).await["type"], "pong");

@@ -256,3 +256,32 @@ async fn connections_live_on_the_core_threads_and_a_split_broadcast_reaches_all(
         assert_eq!(msg["data"], "to all", "{msg}");
     }
 }
+
+/// A CPU profile whose client hangs up stops then, not at its `seconds`: the next one is
+/// not refused as "already running" for the rest of the first one's minute.
+#[tokio::test]
+async fn a_cpu_profile_ends_when_its_client_hangs_up() {
+    use tokio::io::AsyncWriteExt;
+    let server = Process::spawn(&[], None);
+    let admin = server.admin;
+    let mut asking = tokio::net::TcpStream::connect(admin).await.unwrap();
+    asking.write_all(b"GET /debug/pprof/profile?seconds=60 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let running = loop {
+        let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=1")).await;
+        if status == 409 {
+            break body;
+        }
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    };
+    assert!(String::from_utf8_lossy(&running).contains("already running"));
+    drop(asking);
+    let started = std::time::Instant::now();
+    loop {
+        let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=1")).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "the hung-up profile still runs after {:?}", started.elapsed());
+    }
+}

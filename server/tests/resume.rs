@@ -190,6 +190,10 @@ async fn past_the_window_the_client_is_told_what_it_lost() {
     for i in 1..=10 {
         publish(t.client, "news", json!({"n": i})).await;
     }
+    // The history gauges say what is held as soon as it is, not at the next expiry pass.
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, "pushline_history_messages"), 3.0);
+    assert!(metric(&text, "pushline_history_bytes") > 0.0);
     let (mut client, _) = ws(t.client, &format!("uid=carol&topics=news&cursor={}", tracker.cursor())).await;
     let resumed = until_resumed(&mut client, &mut tracker).await;
     assert_eq!(resumed["recovered"], false);

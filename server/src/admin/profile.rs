@@ -78,6 +78,9 @@ pub async fn cpu(query: &Query) -> Reply {
     let Some(slot) = CpuProfileSlot::take() else {
         return error(StatusCode::CONFLICT, "a CPU profile is already running; one at a time");
     };
+    // Held by this request: when the client hangs up, its request is dropped, and with it
+    // this sender, which ends the profile early (and frees the slot for the next one).
+    let (_asking, hung_up) = std::sync::mpsc::channel::<()>();
     let profiled = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         let _paused = HeapSamplingPaused::new();
@@ -87,7 +90,9 @@ pub async fn cpu(query: &Query) -> Reply {
             .blocklist(&["libc", "libgcc", "pthread", "vdso"])
             .build()
             .map_err(|e| format!("cannot start the CPU profiler: {e}"))?;
-        std::thread::sleep(Duration::from_secs(seconds));
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = hung_up.recv_timeout(Duration::from_secs(seconds)) {
+            return Err("the client hung up".to_owned());
+        }
         // Unresolved: the addresses as sampled. Naming them here would load this binary's
         // DWARF into the server for good (hundreds of megabytes for a debug build).
         let report = guard.report().build_unresolved().map_err(|e| format!("cannot build the CPU profile: {e}"))?;

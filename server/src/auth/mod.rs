@@ -49,6 +49,8 @@ pub struct Grant {
     /// Unix seconds.
     pub expires_at: u64,
     pub rights: Rights,
+    /// Its holder has been told it expired (once: TCP does not lose the notice).
+    pub expiry_told: bool,
 }
 
 pub struct Identity {
@@ -140,7 +142,7 @@ impl Auth {
             )));
         }
         let rights = Rights::parse(&claims.topics, &claims.sub).map_err(|e| refused(format!("token `topics` claim: {e}")))?;
-        Ok((claims.sub, Grant { expires_at: claims.exp, rights }))
+        Ok((claims.sub, Grant { expires_at: claims.exp, rights, expiry_told: false }))
     }
 
     /// Whether `uid`, holding `grant`, may read `topic`.

@@ -65,13 +65,17 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
                 // Whatever the policy: a queue that nobody reads holds the node's budget.
                 return conn.request_close(CloseReason::SlowConsumer);
             }
-            let expired_ms = conn.state().grant.as_ref().map(|g| g.expires_at * 1000);
-            if let Some(expired_ms) = expired_ms.filter(|at| wall_ms >= *at) {
+            let expired = match conn.state().grant.as_deref_mut() {
+                Some(grant) if wall_ms >= grant.expires_at * 1000 => Some((grant.expires_at * 1000, std::mem::replace(&mut grant.expiry_told, true))),
+                _ => None,
+            };
+            if let Some((expired_ms, told)) = expired {
                 if wall_ms >= expired_ms + grace_ms {
                     return conn.request_close(CloseReason::TokenExpired);
                 }
-                // Told at each sweep of the grace period: a client may have missed one.
-                conn.token_expired();
+                if !told {
+                    conn.token_expired();
+                }
             }
             match conn.transport {
                 Transport::WebSocket => {

@@ -99,6 +99,7 @@ impl MemoryHistory {
             if let Some(kept) = shard.remove(stream) {
                 self.forget(&kept);
                 self.metrics.evicted(Eviction::NoListener, 1);
+                self.update_gauges();
             }
             return frame(None);
         }
@@ -128,6 +129,8 @@ impl MemoryHistory {
         if total > self.settings.max_bytes {
             self.evict_for_budget();
         }
+        // At once, not at the next expiry pass: megabytes held should not read as 0.
+        self.update_gauges();
         msg
     }
 

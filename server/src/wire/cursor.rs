@@ -43,8 +43,8 @@ impl StreamKey {
     pub fn parse(text: &str) -> Option<StreamKey> {
         match text.split_once('.') {
             None if text == "b" => Some(StreamKey::Broadcast),
-            Some(("u", hex)) if hex.len() == 8 => u32::from_str_radix(hex, 16).ok().map(StreamKey::Uid),
-            Some(("t", hex)) if hex.len() == 16 => u64::from_str_radix(hex, 16).ok().map(StreamKey::Topic),
+            Some(("u", hex)) if hex.len() == 8 && is_hex(hex) => u32::from_str_radix(hex, 16).ok().map(StreamKey::Uid),
+            Some(("t", hex)) if hex.len() == 16 && is_hex(hex) => u64::from_str_radix(hex, 16).ok().map(StreamKey::Topic),
             _ => None,
         }
     }
@@ -56,7 +56,17 @@ pub fn epoch_text(epoch: u32) -> String {
 }
 
 pub fn parse_epoch(text: &str) -> Option<u32> {
-    (text.len() == 8).then(|| u32::from_str_radix(text, 16).ok()).flatten()
+    (text.len() == 8 && is_hex(text)).then(|| u32::from_str_radix(text, 16).ok()).flatten()
+}
+
+/// Only hex digits: `from_str_radix` also takes a leading `+`, which no cursor is written with.
+fn is_hex(text: &str) -> bool {
+    text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A decimal number written with digits only (no sign, as the server writes them).
+fn number(text: &str) -> Option<u64> {
+    (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())).then(|| text.parse().ok()).flatten()
 }
 
 /// Longest cursor accepted, in bytes.
@@ -87,7 +97,7 @@ impl Cursor {
         let mut cursor = Cursor::default();
         for (i, part) in text.split(',').enumerate() {
             if let Some(since) = part.strip_prefix('s').filter(|_| i == 0) {
-                cursor.since_ms = Some(since.parse().map_err(|_| format!("cursor `since` is not a number: `{since}`"))?);
+                cursor.since_ms = Some(number(since).ok_or_else(|| format!("cursor `since` is not a number: `{since}`"))?);
                 continue;
             }
             let bad = || format!("cursor position `{part}` is not `<stream>:<epoch>:<offset>`");
@@ -97,7 +107,7 @@ impl Cursor {
             };
             let key = StreamKey::parse(key).ok_or_else(|| format!("cursor names no stream this server knows: `{key}`"))?;
             let epoch = parse_epoch(epoch).ok_or_else(bad)?;
-            let offset = offset.parse().map_err(|_| bad())?;
+            let offset = number(offset).ok_or_else(bad)?;
             if cursor.positions.iter().any(|p| p.key == key) {
                 return Err(format!("cursor names stream `{key}` twice"));
             }
@@ -159,6 +169,12 @@ mod tests {
             ("b:00000000:-1", "is not `<stream>"),
             ("b:00000000:1,b:00000000:2", "twice"),
             ("s1,s2", "is not `<stream>"),
+            ("b:00000000:+1", "is not `<stream>"),
+            ("s+1", "not a number"),
+            ("b:+0000000:1", "is not `<stream>"),
+            ("u.+0000001:00000000:1", "no stream"),
+            ("t.+000000000000001:00000000:1", "no stream"),
+            ("b:00000000:", "is not `<stream>"),
         ] {
             let error = Cursor::parse(text).unwrap_err();
             assert!(error.contains(says), "{text}: {error}");
