@@ -255,6 +255,12 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_HISTORY_MAX_BYTES", default_value_t = 64 << 20)]
     pub history_max_bytes: usize,
 
+    /// Of --history-max-bytes, the most the streams last written by one API key may hold
+    /// (memory registry); past it, that key's own least recently written streams go. 0: one
+    /// pool for every key.
+    #[arg(long, env = "PUSHLINE_HISTORY_MAX_BYTES_PER_KEY", default_value_t = 0)]
+    pub history_max_bytes_per_key: usize,
+
     /// Topic patterns whose messages are never kept (`typing.*`).
     #[arg(long = "history-off", env = "PUSHLINE_HISTORY_OFF", value_delimiter = ',')]
     pub history_off: Vec<String>,

@@ -269,6 +269,50 @@ async fn a_retried_publish_with_the_same_idempotency_key_publishes_once() {
     assert_eq!(metric(&metrics(t.admin).await, "pushline_idempotent_replays_total"), 1.0);
 }
 
+/// With `--history-max-bytes-per-key`, one API key pushing to many offline uids forgets
+/// its own oldest mailboxes, not another key's.
+#[tokio::test]
+async fn one_api_key_cannot_push_another_keys_mailboxes_out_of_history() {
+    let dir = std::env::temp_dir().join(format!("pushline-history-share-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    let (shop, bulk) = ("s".repeat(32), "b".repeat(32));
+    std::fs::write(&file, format!("[[key]]\nname = \"shop\"\nsecret = \"{shop}\"\nscopes = [\"push\"]\n\n[[key]]\nname = \"bulk\"\nsecret = \"{bulk}\"\nscopes = [\"push\"]\n")).unwrap();
+    let t = start(|c| {
+        c.jwt_secret = Some("test-secret-of-thirty-two-bytes!".into());
+        c.api_keys = Some(file.clone());
+        c.history_max_bytes = 1 << 20;
+        c.history_max_bytes_per_key = 256 << 10;
+    })
+    .await;
+    let push_as = |key: &str, uid: String, data: Value| {
+        let key = key.to_owned();
+        async move {
+            let (status, _, reply) = post_raw(t.client, "/v1/push", json!({"uids": [uid], "data": data}).to_string(), Some(&key)).await;
+            assert_eq!(status, 200, "{reply}");
+        }
+    };
+    push_as(&shop, "alice".into(), json!("your order shipped")).await;
+    let blob = "x".repeat(1000);
+    for i in 0..1500 {
+        push_as(&bulk, format!("bulk-{i}"), json!(blob)).await;
+    }
+    let text = metrics(t.admin).await;
+    assert!(metric(&text, r#"pushline_history_streams_evicted_total{reason="publisher_share"}"#) > 0.0);
+    assert_eq!(metric(&text, r#"pushline_history_streams_evicted_total{reason="budget"}"#), 0.0, "the node's budget was never reached");
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "alice", "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60}),
+        &jsonwebtoken::EncodingKey::from_secret(b"test-secret-of-thirty-two-bytes!"),
+    )
+    .unwrap();
+    let (mut mailbox, _) = ws(t.client, &format!("token={token}&mailbox=1")).await;
+    let mut tracker = Tracker::default();
+    let resumed = until_resumed(&mut mailbox, &mut tracker).await;
+    assert_eq!(tracker.seen, vec![json!("your order shipped")], "{resumed}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// POSTs `body` to `path` with `key` as the API key and `idem` as the Idempotency-Key.
 async fn keyed(addr: SocketAddr, path: &str, key: &str, idem: &str, body: Value) -> (u16, Value) {
     let response = reqwest::Client::new()

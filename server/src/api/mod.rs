@@ -313,7 +313,7 @@ impl Api {
                     Err(reply) => return reply,
                 };
                 self.metrics.published(kind);
-                let draft = Draft { id, topic: None, data: &data, accepted_at };
+                let draft = Draft { id, publisher: &key_name, topic: None, data: &data, accepted_at };
                 let published = self.registry.push(&self.hub, &push.uids, &draft, idempotency_key.as_ref()).await;
                 self.reply(id, published, |d| {
                     serde_json::json!({ "id": id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored })
@@ -335,7 +335,7 @@ impl Api {
                     Err(reply) => return reply,
                 };
                 self.metrics.published(kind);
-                let draft = Draft { id, topic: Some(&publish.topic), data: &data, accepted_at };
+                let draft = Draft { id, publisher: &key_name, topic: Some(&publish.topic), data: &data, accepted_at };
                 let published = self.registry.publish(&self.hub, &publish.topic, &draft, idempotency_key.as_ref()).await;
                 self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
             }
@@ -349,7 +349,7 @@ impl Api {
                     Err(reply) => return reply,
                 };
                 self.metrics.published(kind);
-                let draft = Draft { id, topic: None, data: &data, accepted_at };
+                let draft = Draft { id, publisher: &key_name, topic: None, data: &data, accepted_at };
                 let published = self.registry.broadcast(&self.hub, &draft, idempotency_key.as_ref()).await;
                 self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
             }

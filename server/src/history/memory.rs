@@ -6,6 +6,9 @@
 //! an offset and fanned out, so every connection sees a stream's messages in offset order.
 //! Over `--history-max-bytes`, the least recently written streams are forgotten (their
 //! next message starts a new epoch); so is a topic nobody has listened to for the TTL.
+//! With `--history-max-bytes-per-key`, a stream is charged to the API key that last wrote
+//! it, and a key over its share forgets its own least recently written streams, so one
+//! publisher cannot push every other's mailboxes out of the shared budget.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -31,6 +34,8 @@ struct Kept {
     bytes: usize,
     /// Process-clock ms of the last append.
     written_ms: u64,
+    /// The API key that last wrote it, charged with its bytes.
+    owner: Arc<str>,
 }
 
 /// Bytes a kept message holds: both framings and the message itself.
@@ -50,11 +55,23 @@ pub struct MemoryHistory {
     /// (no cursor from this process is older), moved later whenever streams are
     /// forgotten for the budget.
     known_since_ms: std::sync::atomic::AtomicU64,
+    /// Bytes charged to each API key, when keys have a share (`--history-max-bytes-per-key`).
+    owners: Mutex<HashMap<Arc<str>, usize>>,
     metrics: Arc<Metrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes `bytes` off what `owner` is charged; an owner charged nothing is dropped.
+fn discharge(owners: &mut HashMap<Arc<str>, usize>, owner: &Arc<str>, bytes: usize) {
+    if let Some(charged) = owners.get_mut(owner) {
+        *charged = charged.saturating_sub(bytes);
+        if *charged == 0 {
+            owners.remove(owner);
+        }
+    }
 }
 
 impl MemoryHistory {
@@ -68,6 +85,7 @@ impl MemoryHistory {
             bytes: AtomicUsize::new(0),
             streams: AtomicUsize::new(0),
             known_since_ms: clock::wall_ms_at(0).into(),
+            owners: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -88,7 +106,8 @@ impl MemoryHistory {
     /// Gives the next message of `stream` its position and keeps it; `frame` makes the
     /// message once its position is known (None: the stream keeps no history, or it is a
     /// topic nobody has listened to for the TTL, `listened` false).
-    pub fn append(&self, stream: &Stream, listened: bool, frame: impl FnOnce(Option<Position>) -> Arc<Message>) -> Arc<Message> {
+    /// `publisher` is the API key's name ("" in open mode).
+    pub fn append(&self, stream: &Stream, listened: bool, publisher: &str, frame: impl FnOnce(Option<Position>) -> Arc<Message>) -> Arc<Message> {
         if !self.settings.keeps(stream) {
             return frame(None);
         }
@@ -105,8 +124,16 @@ impl MemoryHistory {
         }
         let kept = shard.entry(stream.clone()).or_insert_with(|| {
             self.streams.fetch_add(1, Ordering::Relaxed);
-            Kept { epoch: new_epoch(), last: 0, entries: VecDeque::new(), bytes: 0, written_ms: now }
+            Kept { epoch: new_epoch(), last: 0, entries: VecDeque::new(), bytes: 0, written_ms: now, owner: publisher.into() }
         });
+        let shared = self.settings.max_bytes_per_publisher > 0;
+        if shared && *kept.owner != *publisher {
+            // The last writer is charged with the stream.
+            let mut owners = lock(&self.owners);
+            discharge(&mut owners, &kept.owner, kept.bytes);
+            kept.owner = publisher.into();
+            *owners.entry(kept.owner.clone()).or_default() += kept.bytes;
+        }
         kept.last += 1;
         kept.written_ms = now;
         let msg = frame(Some(Position { key: stream.key(), epoch: kept.epoch, offset: kept.last }));
@@ -121,11 +148,20 @@ impl MemoryHistory {
             gone_bytes += size_of(&old);
         }
         kept.bytes -= gone_bytes;
+        let charged = shared.then(|| {
+            let mut owners = lock(&self.owners);
+            let charged = owners.entry(kept.owner.clone()).or_default();
+            *charged = (*charged + size).saturating_sub(gone_bytes);
+            *charged
+        });
         drop(shard);
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.messages.fetch_sub(gone, Ordering::Relaxed);
         self.bytes.fetch_add(size, Ordering::Relaxed);
         let total = self.bytes.fetch_sub(gone_bytes, Ordering::Relaxed) - gone_bytes;
+        if charged.is_some_and(|charged| charged > self.settings.max_bytes_per_publisher) {
+            self.evict_publisher(publisher);
+        }
         if total > self.settings.max_bytes {
             self.evict_for_budget();
         }
@@ -138,6 +174,40 @@ impl MemoryHistory {
         self.messages.fetch_sub(kept.entries.len(), Ordering::Relaxed);
         self.bytes.fetch_sub(kept.bytes, Ordering::Relaxed);
         self.streams.fetch_sub(1, Ordering::Relaxed);
+        if self.settings.max_bytes_per_publisher > 0 {
+            discharge(&mut lock(&self.owners), &kept.owner, kept.bytes);
+        }
+    }
+
+    /// Forgets `publisher`'s least recently written streams until it is at 90% of its share.
+    fn evict_publisher(&self, publisher: &str) {
+        let target = self.settings.max_bytes_per_publisher / 10 * 9;
+        let charged = || lock(&self.owners).get(publisher).copied().unwrap_or(0);
+        let mut ages: Vec<u64> = Vec::new();
+        for shard in self.shards.iter() {
+            ages.extend(lock(shard).values().filter(|k| *k.owner == *publisher).map(|k| k.written_ms));
+        }
+        ages.sort_unstable();
+        let mut evicted = 0;
+        for cut in ages.iter().step_by((ages.len() / 20).max(1)) {
+            if charged() <= target {
+                break;
+            }
+            for shard in self.shards.iter() {
+                lock(shard).retain(|_, kept| {
+                    let keep = *kept.owner != *publisher || kept.written_ms > *cut;
+                    if !keep {
+                        self.forget(kept);
+                        evicted += 1;
+                    }
+                    keep
+                });
+            }
+        }
+        if evicted > 0 {
+            self.known_since_ms.fetch_max(clock::wall_ms_at(clock::now_ms()), Ordering::Relaxed);
+            self.metrics.evicted(Eviction::PublisherShare, evicted);
+        }
     }
 
     /// Forgets the least recently written streams until the history is at 90% of its budget.

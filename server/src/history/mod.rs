@@ -81,6 +81,8 @@ pub struct Settings {
     pub ttl: Duration,
     /// Bytes of history this node keeps in memory (memory registry), across streams.
     pub max_bytes: usize,
+    /// Of those, the most one API key's streams may hold; 0: no per-key share.
+    pub max_bytes_per_publisher: usize,
     /// Topics whose messages are never kept (`typing.*`).
     pub off: Rights,
     /// How long an idempotency key is remembered.
@@ -93,6 +95,7 @@ impl Settings {
             size: config.history_size,
             ttl: config.history_ttl,
             max_bytes: config.history_max_bytes,
+            max_bytes_per_publisher: config.history_max_bytes_per_key,
             // Checked by `Config::problems`.
             off: Rights::parse(&config.history_off, "").unwrap_or_default(),
             idempotency_window: config.idempotency_window,

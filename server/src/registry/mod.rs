@@ -136,7 +136,7 @@ impl Registry {
                 for (i, uid) in uids.iter().enumerate() {
                     let stream = Stream::Uid((*uid).into());
                     let _order = history.order(&stream).await;
-                    let msg = history.append(&stream, true, |position| draft.frame(position));
+                    let msg = history.append(&stream, true, draft.publisher, |position| draft.frame(position));
                     let (online, delivered) = hub.push(&[uid], &msg).await;
                     result.online += online;
                     result.delivered += delivered;
@@ -161,7 +161,7 @@ impl Registry {
                 let stream = Stream::Topic(topic.into());
                 let _order = history.order(&stream).await;
                 let listened = hub.listened_within(topic, history.settings().ttl.as_millis() as u64);
-                let msg = history.append(&stream, listened, |position| draft.frame(position));
+                let msg = history.append(&stream, listened, draft.publisher, |position| draft.frame(position));
                 let delivered = hub.publish(topic, &msg).await;
                 let stored = msg.position.is_some() as usize;
                 Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))
@@ -178,7 +178,7 @@ impl Registry {
         match self {
             Registry::Memory { history, .. } => {
                 let _order = history.order(&Stream::Broadcast).await;
-                let msg = history.append(&Stream::Broadcast, true, |position| draft.frame(position));
+                let msg = history.append(&Stream::Broadcast, true, draft.publisher, |position| draft.frame(position));
                 let delivered = hub.broadcast(&msg).await;
                 let stored = msg.position.is_some() as usize;
                 Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))

@@ -230,6 +230,9 @@ pub enum Eviction {
     Budget,
     /// Nobody listened to the topic for `--history-ttl`.
     NoListener,
+    /// The API key that wrote them was over `--history-max-bytes-per-key`: its least
+    /// recently written streams went.
+    PublisherShare,
 }
 
 /// How a TLS handshake went. Label `kind` of `pushline_tls_handshakes_total`.

@@ -106,6 +106,8 @@ impl Message {
 /// A publish before its stream has given it a position: checked, not yet framed.
 pub struct Draft<'a> {
     pub id: u64,
+    /// The API key's name that published it ("" in open mode): charged with its history.
+    pub publisher: &'a str,
     pub topic: Option<&'a str>,
     /// JSON, checked and compacted.
     pub data: &'a str,
