@@ -226,3 +226,58 @@ async fn a_publish_while_draining_is_answered_503() {
     assert_eq!(refused.headers()["retry-after"], "1");
     server.signal(libc::SIGKILL);
 }
+
+/// A JSON ping of `len` bytes (padded with spaces), as a masked client text frame.
+fn padded_ping(len: usize) -> Vec<u8> {
+    let mut ping = br#"{"type":"ping""#.to_vec();
+    ping.resize(len - 1, b' ');
+    ping.push(b'}');
+    pushline::wire::ws::client_frame(pushline::wire::ws::OP_TEXT, true, &ping, [1, 2, 3, 4])
+}
+
+/// 100 commands in one write, past `--max-commands-per-second` (20): the server closes
+/// with 1008, and the client reads the close frame, not a reset, although the server
+/// never read most of what it sent.
+#[tokio::test]
+async fn a_client_over_its_limit_reads_the_close_frame_not_a_reset() {
+    let t = start(|_| {}).await;
+    let mut raw = RawWs::open(t.client, "uid=flood").await;
+    raw.send(&padded_ping(1000).repeat(100)).await;
+    assert_eq!(raw.expect_close().await, Some(1008));
+}
+
+/// A closing connection reads and discards what the client sends only within a bound:
+/// one that keeps sending is closed all the same.
+#[tokio::test]
+async fn a_client_that_keeps_sending_to_a_closing_connection_is_cut_off_in_bounded_time() {
+    let t = start(|_| {}).await;
+    let raw = RawWs::open(t.client, "uid=hose").await;
+    let (mut read, mut write) = raw.stream.into_split();
+    let started = Instant::now();
+    let hose = tokio::spawn(async move {
+        let junk = padded_ping(1000).repeat(64);
+        // Bounded: at most 30 s of writing; ends when the server is gone.
+        while started.elapsed() < Duration::from_secs(30) {
+            if write.write_all(&junk).await.is_err() {
+                return started.elapsed();
+            }
+        }
+        panic!("the server still took bytes after 30 s");
+    });
+    let mut chunk = vec![0u8; 65536];
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, read.read(&mut chunk)).await.expect("the server closes in time") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let closed_after = started.elapsed();
+    // The close frame (0x88, then the code 1008) came before the end.
+    let close_at = seen.windows(4).position(|w| w[0] == 0x88 && u16::from_be_bytes([w[2], w[3]]) == 1008);
+    assert!(close_at.is_some(), "a 1008 close frame before the socket closed");
+    // Flushing the close frame (at most 2 s) and lingering (at most 2 s), with room for a loaded machine.
+    assert!(closed_after < Duration::from_secs(8), "the closing connection lived {closed_after:?}");
+    let stopped = hose.await.unwrap();
+    assert!(stopped < Duration::from_secs(10), "writes failed only after {stopped:?}");
+}

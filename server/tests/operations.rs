@@ -164,3 +164,38 @@ async fn the_dashboard_and_alerts_name_only_what_the_server_exports() {
         }
     }
 }
+
+/// Prometheus's own linter on a scrape of a server that has had connections, pushes, a
+/// slow client's drops and a Redis outage: every series the server exports passes.
+#[tokio::test]
+async fn a_scrape_passes_promtool_check_metrics() {
+    use std::io::Write;
+    let redis = RedisServer::start();
+    let server = Process::spawn(&["--registry", "redis", "--redis-url", &redis.url(), "--queue-max-messages", "2"], None);
+    let (mut client, _) = ws(server.client, "uid=watcher&topics=t").await;
+    let _slow = slow_ws(server.client, "uid=slow&topics=t").await;
+    post(server.client, "/v1/push", json!({"uids": ["watcher"], "data": 1})).await;
+    next_json(&mut client).await;
+    let blob = "x".repeat(60_000);
+    // More than loopback's socket buffers take, so the slow client's queue overflows.
+    for _ in 0..60 {
+        post(server.client, "/v1/publish", json!({"topic": "t", "data": blob})).await;
+        next_json(&mut client).await;
+    }
+    wait_metric(server.admin, r#"pushline_messages_dropped_total{reason="queue_full"}"#, |n| n > 0.0).await;
+    redis.kill();
+    let (status, _) = post(server.client, "/v1/publish", json!({"topic": "t", "data": 2})).await;
+    assert_eq!(status, 503, "Redis is down");
+    let scrape = metrics(server.admin).await;
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool ({e}): install it with `apt-get install -y prometheus` (scripts/test does this as root)"));
+    lint.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics:\n{said}");
+}

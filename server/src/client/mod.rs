@@ -38,6 +38,12 @@ use crate::wire::{sse, ws, Transport};
 /// How long a closing connection may take to write its last bytes and close frame.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// After its close frame, how long and how many bytes a closing connection reads and
+/// discards before closing: closed with unread input, the kernel would answer with a
+/// reset, and the client would lose the close frame (and why) before reading it.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+
 /// Bytes read per wake-up before the task lets others run.
 const READ_BUDGET: usize = 256 * 1024;
 
@@ -507,20 +513,51 @@ impl Task {
         };
         let drained = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
             if !self.flush_all().await {
-                return;
+                return false;
             }
             self.conn.close_outbox(&metrics);
             if let Some(frame) = close {
                 self.replies.push_back(frame);
                 if !self.flush_all().await {
-                    return;
+                    return false;
                 }
             }
             let _ = self.socket.shutdown().await;
+            true
         })
         .await;
-        if drained.is_err() {
-            tracing::debug!(session = %self.conn.session, "close frame not taken in time");
+        match drained {
+            Ok(true) => self.linger().await,
+            Ok(false) => {}
+            Err(_) => tracing::debug!(session = %self.conn.session, "close frame not taken in time"),
+        }
+    }
+
+    /// Reads and discards what the client still sends, until it closes its end, for at
+    /// most [`LINGER_TIME`] and [`LINGER_BYTES`].
+    async fn linger(&mut self) {
+        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let mut discarded = 0;
+        loop {
+            let done = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                loop {
+                    match self.socket.read(&mut scratch[..]) {
+                        Ok(0) => return true,
+                        Ok(n) => {
+                            discarded += n;
+                            if discarded >= LINGER_BYTES {
+                                return true;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                        Err(_) => return true,
+                    }
+                }
+            });
+            if done || tokio::time::timeout_at(deadline, self.socket.tcp().readable()).await.is_err() {
+                return;
+            }
         }
     }
 }

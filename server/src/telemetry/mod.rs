@@ -99,9 +99,11 @@ pub struct Metrics {
     queued_messages: Gauge,
     jemalloc: [Gauge; 6],
     jemalloc_fragmentation: Gauge,
-    /// Per allocation site: live bytes, live allocations, allocations (as a gauge that
-    /// only grows: the count lives in the site table, not in the recorder).
-    sites: [[Gauge; 3]; SITES],
+    /// Per allocation site: live bytes, live allocations.
+    sites: [[Gauge; 2]; SITES],
+    /// Per allocation site, allocations since start: a counter set at scrape time from the
+    /// site table, where the count lives.
+    site_allocations: [Counter; SITES],
     tokio: [Gauge; 3],
     /// Resident bytes, open files, the open-file limit, TCP kernel memory.
     process: [Gauge; 4],
@@ -155,7 +157,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 18] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 19] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -174,6 +176,7 @@ impl Metrics {
             (RESUME_REPLAYED, Some(Unit::Count), "Messages replayed from history to resuming clients."),
             (IDEMPOTENT_REPLAYS, Some(Unit::Count), "Publishes answered from an earlier request with the same Idempotency-Key, publishing nothing."),
             (TLS_HANDSHAKES, Some(Unit::Count), "TLS handshakes completed on the client listener, full or resumed."),
+            (ALLOC_SITE_ALLOCATIONS, Some(Unit::Count), "Allocations each site has made since start."),
         ];
         const GAUGES: [(&str, Option<Unit>, &str); 22] = [
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
@@ -182,12 +185,12 @@ impl Metrics {
             (TCP_KERNEL, Some(Unit::Bytes), "Kernel memory in TCP sockets, machine-wide (/proc/net/sockstat)."),
             (PUBLISH_BYTES_READING, Some(Unit::Bytes), "Bytes of publish bodies being read (their Content-Length), held against --max-publish-bytes-in-flight."),
             (CONNECTIONS, Some(Unit::Count), "Open client connections, by transport."),
-            (OUTBOUND_QUEUED_BYTES, Some(Unit::Bytes), "Bytes waiting in outbound queues."),
+            (OUTBOUND_QUEUED_BYTES, Some(Unit::Bytes), "Bytes waiting in outbound queues, replays not yet written included."),
             (JEMALLOC_BYTES, Some(Unit::Bytes), "jemalloc statistics: allocated, active, resident, mapped, retained, metadata."),
             (JEMALLOC_FRAGMENTATION, None, "jemalloc active / allocated; 1.0 is no space lost inside pages."),
             (ALLOC_SITE_LIVE_BYTES, Some(Unit::Bytes), "Bytes allocated by each site and not yet freed."),
             (ALLOC_SITE_LIVE_ALLOCATIONS, Some(Unit::Count), "Allocations made by each site and not yet freed."),
-            (ALLOC_SITE_ALLOCATIONS, Some(Unit::Count), "Allocations each site has made since start."),
+            (OUTBOUND_QUEUED_MESSAGES, Some(Unit::Count), "Messages waiting in outbound queues, replays not yet written included."),
             (TOKIO_WORKERS, Some(Unit::Count), "Worker threads of the serving runtime."),
             (TOKIO_ALIVE_TASKS, Some(Unit::Count), "Tasks alive in the serving runtime."),
             (TOKIO_GLOBAL_QUEUE_DEPTH, Some(Unit::Count), "Tasks waiting in the serving runtime's global queue."),
@@ -236,10 +239,8 @@ impl Metrics {
             jemalloc: ["allocated", "active", "resident", "mapped", "retained", "metadata"]
                 .map(|stat| gauge(JEMALLOC_BYTES, &[("stat", stat)])),
             jemalloc_fragmentation: gauge(JEMALLOC_FRAGMENTATION, &[]),
-            sites: Site::ALL.map(|site| {
-                [ALLOC_SITE_LIVE_BYTES, ALLOC_SITE_LIVE_ALLOCATIONS, ALLOC_SITE_ALLOCATIONS]
-                    .map(|name| gauge(name, &[("site", site.name())]))
-            }),
+            sites: Site::ALL.map(|site| [ALLOC_SITE_LIVE_BYTES, ALLOC_SITE_LIVE_ALLOCATIONS].map(|name| gauge(name, &[("site", site.name())]))),
+            site_allocations: Site::ALL.map(|site| counter(ALLOC_SITE_ALLOCATIONS, &[("site", site.name())])),
             tokio: [TOKIO_WORKERS, TOKIO_ALIVE_TASKS, TOKIO_GLOBAL_QUEUE_DEPTH].map(|name| gauge(name, &[])),
             process: [PROCESS_RESIDENT, OPEN_FDS, MAX_FDS, TCP_KERNEL].map(|name| gauge(name, &[])),
             redis_latency: each::<RedisCommand, _, _>(|c| {
@@ -375,10 +376,10 @@ impl Metrics {
     /// Sets the gauges that are read from the process at scrape time (sites, runtime,
     /// resident memory, open files, kernel TCP memory, jemalloc).
     fn refresh_gauges(&self, runtime: crate::cores::RuntimeCounts) {
-        for (gauges, stats) in self.sites.iter().zip(pushline_alloc::table::snapshot()) {
+        for ((gauges, allocations), stats) in self.sites.iter().zip(&self.site_allocations).zip(pushline_alloc::table::snapshot()) {
             gauges[0].set(stats.live_bytes as f64);
             gauges[1].set(stats.live_allocs as f64);
-            gauges[2].set(stats.total_allocs as f64);
+            allocations.absolute(stats.total_allocs);
         }
         let tokio = [runtime.workers, runtime.alive_tasks, runtime.queued_tasks];
         for (gauge, value) in self.tokio.iter().zip(tokio) {
