@@ -596,6 +596,77 @@ mod nodes {
         }
     }
 
+    /// Redis fails over to a replica that had not received the last writes (here: a Redis
+    /// started on the master's port from a snapshot taken 20 messages earlier). The stream
+    /// never hands out an (epoch, offset) twice: the next publish finds the group's history
+    /// behind what this node saw and starts a new epoch; the live client gets the new epoch,
+    /// never an offset it already had under the old one; the client that resumes from
+    /// before the loss is told `recovered: false`, `epoch_changed`.
+    #[tokio::test]
+    async fn after_a_failover_to_a_lagging_replica_no_epoch_repeats_an_offset() {
+        let redis = RedisServer::start();
+        let node = node(RegistryKind::Redis, vec![redis.url()]).await;
+        let (mut c1, _) = ws(node.client, "uid=c1&topics=t").await;
+        let mut c2_tracker = Tracker::default();
+        let (mut c2, welcome) = ws(node.client, "uid=c2&topics=t").await;
+        c2_tracker.take(&welcome);
+        wait_interest(&redis, "t").await;
+        let mut c1_seen: Vec<(String, u64)> = Vec::new();
+        let c1_take = |seen: &mut Vec<(String, u64)>, msg: Value| {
+            let position = (msg["epoch"].as_str().unwrap().to_owned(), msg["offset"].as_u64().unwrap());
+            assert!(!seen.contains(&position), "c1 was handed {position:?} twice: {msg}");
+            seen.push(position);
+        };
+        for n in 1..=50 {
+            if n == 31 {
+                // What the replica holds: everything up to offset 30.
+                let snapshot = redis.snapshot();
+                std::fs::write(std::env::temp_dir().join(format!("pushline-snapshot-{}", std::process::id())), snapshot).unwrap();
+            }
+            publish(node.client, "t", json!(n)).await;
+            c1_take(&mut c1_seen, next_json(&mut c1).await);
+            if n <= 40 {
+                c2_tracker.take(&next_json(&mut c2).await);
+            }
+        }
+        drop(c2);
+        let epoch = c1_seen[0].0.clone();
+        let snapshot_file = std::env::temp_dir().join(format!("pushline-snapshot-{}", std::process::id()));
+        let snapshot = std::fs::read(&snapshot_file).unwrap();
+        std::fs::remove_file(&snapshot_file).unwrap();
+        let port = redis.kill();
+        let _replica = RedisServer::start_from(port, &snapshot);
+
+        // Publishes go on: answered 503 while the node reconnects, then 200.
+        let mut published = 0;
+        for n in 101..=120 {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let (status, reply) = post(node.client, "/v1/publish", json!({"topic": "t", "data": n})).await;
+                if status == 200 {
+                    break;
+                }
+                assert_eq!(status, 503, "{reply}");
+                assert!(std::time::Instant::now() < deadline, "Redis did not come back: {reply}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            published += 1;
+            let msg = next_json(&mut c1).await;
+            assert_ne!(msg["epoch"].as_str(), Some(epoch.as_str()), "a message after the loss continued the old epoch: {msg}");
+            c1_take(&mut c1_seen, msg);
+        }
+        assert_eq!(published, 20);
+        assert_eq!(metric(&metrics(node.admin).await, r#"pushline_history_epoch_resets_total{reason="rollback"}"#), 1.0);
+
+        // c2 comes back from offset 40 of the old epoch: not recovered, and it gets what the
+        // new epoch holds.
+        let (mut c2, _) = ws(node.client, &format!("uid=c2&topics=t&cursor={}", c2_tracker.cursor())).await;
+        let resumed = until_resumed(&mut c2, &mut c2_tracker).await;
+        let entry = resumed["streams"].as_array().unwrap().iter().find(|s| s["stream"].as_str().unwrap().starts_with("t.")).unwrap().clone();
+        assert_eq!((resumed["recovered"].as_bool(), entry["reason"].as_str()), (Some(false), Some("epoch_changed")), "{resumed}");
+        assert_eq!(c2_tracker.seen.last(), Some(&json!(120)), "{resumed}");
+    }
+
     #[tokio::test]
     async fn a_client_resumes_on_another_node_after_the_first_is_killed() {
         let redis = RedisServer::start();

@@ -20,6 +20,7 @@
 //! stream that arrive together share one read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,23 +29,34 @@ use redis::Value;
 use tokio::sync::{Notify, OnceCell};
 
 use super::idempotency::Key;
-use super::read::{select, Found, From};
+use super::read::{select, Found, From, Loss};
 use super::{epoch_text, new_epoch, Settings, Stream, GROUPS};
+use crate::telemetry::{EpochReset, Metrics};
 use crate::error::Error;
 use crate::redis_link::{Redis, Script};
 use crate::telemetry::RedisCommand;
 use crate::wire::{envelope_position, Message};
 
 /// Appends a message to its stream and publishes it. KEYS: the stream, its hash, its
-/// interest key, its idempotency key (or the stream again), the group's `born` key.
+/// interest key, its idempotency key (or the stream again), the group's `born` key, the
+/// group's sequence, the group's generation.
 /// ARGV: 1 an epoch for a new stream, 2 history size, 3 TTL ms, 4 `1` if the stream keeps
 /// history only while listened to (a topic), 5 idempotency window ms (`0`: no key),
 /// 6 message id, 7 the stream's key as envelopes write it, 8 the envelope without its
 /// closing brace, 9 the relay header, 10 PUBLISH or SPUBLISH, 11 now (ms), 12 the
-/// idempotency key's record (the request's fingerprint and the message id), 13.. channels.
+/// idempotency key's record (the request's fingerprint and the message id), 13 the
+/// highest group sequence this node has seen, 14 a generation for the group should it
+/// need a new one, 15.. channels.
+///
+/// Every kept append takes the group's next sequence number. One at or below what this
+/// node has already seen means the group's data went back (a failover to a replica that
+/// had not received the last writes, a restore): the group takes a new generation, and a
+/// stream written under another generation than its group's starts a new epoch before
+/// anything is appended, so no (epoch, offset) ever names two messages.
 /// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
-/// then its message id, or its reply once known), else `{1, epoch, offset, receivers}`
-/// (offset 0: not kept).
+/// then its message id, or its reply once known), else `{1, epoch, offset, receivers,
+/// sequence, rolled back}` (offset 0: not kept; rolled back `1` when this append found the
+/// group's history behind this node).
 pub const APPEND: &str = r#"
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[4])
@@ -56,15 +68,32 @@ if keep and ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('DEL', KEYS[1], KEYS[2])
   keep = false
 end
-local epoch, offset = '', 0
+local epoch, offset, seq, rolled = '', 0, 0, 0
 local envelope = ARGV[8]
 if keep then
-  epoch = redis.call('HGET', KEYS[2], 'epoch')
-  if not epoch then
+  seq = redis.call('INCR', KEYS[6])
+  local floor = tonumber(ARGV[13])
+  local gen = redis.call('GET', KEYS[7])
+  if seq <= floor then
+    seq = floor + 1
+    redis.call('SET', KEYS[6], seq)
+    gen = false
+    rolled = 1
+  end
+  if not gen then
+    gen = ARGV[14]
+    redis.call('SET', KEYS[7], gen)
+  end
+  local meta = redis.call('HMGET', KEYS[2], 'epoch', 'gen')
+  epoch = meta[1]
+  if not epoch or (meta[2] and meta[2] ~= gen) then
     epoch = ARGV[1]
-    redis.call('DEL', KEYS[1])
+    redis.call('DEL', KEYS[1], KEYS[2])
     redis.call('HSET', KEYS[2], 'epoch', epoch)
     redis.call('SET', KEYS[5], ARGV[11], 'NX')
+  end
+  if meta[2] ~= gen then
+    redis.call('HSET', KEYS[2], 'gen', gen)
   end
   offset = redis.call('HINCRBY', KEYS[2], 'last', 1)
   envelope = envelope .. ',"stream":"' .. ARGV[7] .. '","epoch":"' .. epoch .. '","offset":' .. offset .. '}'
@@ -75,13 +104,13 @@ else
   envelope = envelope .. '}'
 end
 local receivers = 0
-for i = 13, #ARGV do
+for i = 15, #ARGV do
   receivers = receivers + redis.call(ARGV[10], ARGV[i], ARGV[9] .. envelope)
 end
 if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[4], ARGV[12], 'PX', ARGV[5])
 end
-return {1, epoch, offset, receivers}
+return {1, epoch, offset, receivers, seq, rolled}
 "#;
 
 /// What the append script did.
@@ -89,8 +118,9 @@ return {1, epoch, offset, receivers}
 pub enum Appended {
     /// The idempotency key was used before: the first message's id, or the reply to it.
     Repeated(String),
-    /// Published to `receivers` subscribers; kept at `offset` (0: not kept).
-    Published { epoch: u32, offset: u64, receivers: usize },
+    /// Published to `receivers` subscribers; kept at `offset` (0: not kept), the group's
+    /// `sequence`; `rolled_back` when the group's history was found behind this node.
+    Published { epoch: u32, offset: u64, receivers: usize, sequence: u64, rolled_back: bool },
 }
 
 impl Appended {
@@ -100,10 +130,11 @@ impl Appended {
         let number = |v: &Value| redis::from_redis_value_ref::<u64>(v).ok();
         match items.as_slice() {
             [flag, first] if number(flag) == Some(0) => Some(Appended::Repeated(text(first)?)),
-            [flag, epoch, offset, receivers] if number(flag) == Some(1) => {
+            [flag, epoch, offset, receivers, sequence, rolled] if number(flag) == Some(1) => {
                 let offset = number(offset)?;
                 let epoch = if offset == 0 { 0 } else { super::parse_epoch(&text(epoch)?)? };
-                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize })
+                let (sequence, rolled_back) = (number(sequence)?, number(rolled)? == 1);
+                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, sequence, rolled_back })
             }
             _ => None,
         }
@@ -117,6 +148,8 @@ struct StreamRead {
     entries: Vec<Arc<Message>>,
     /// When the group's history began (wall ms); None when Redis has lost that too.
     born_ms: Option<u64>,
+    /// Written under an earlier generation of its group (see [`APPEND`]).
+    stale: bool,
 }
 
 /// One read of a stream that resumes arriving together share.
@@ -133,14 +166,25 @@ pub struct RedisHistory {
     script: Script,
     /// Reads not yet started, by stream key: a resume joins one, or starts one.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Per group, the highest sequence an append of this node was given.
+    seen: [AtomicU64; GROUPS as usize],
+    metrics: Arc<Metrics>,
 }
 
 /// `born` keys live this long unless a node starts and sets them again.
 const BORN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl RedisHistory {
-    pub fn new(redis: Redis, prefix: &str, settings: Settings) -> RedisHistory {
-        RedisHistory { redis, prefix: prefix.to_owned(), settings, script: Script::new(APPEND), flights: Mutex::new(HashMap::new()) }
+    pub fn new(redis: Redis, prefix: &str, settings: Settings, metrics: Arc<Metrics>) -> RedisHistory {
+        RedisHistory {
+            redis,
+            prefix: prefix.to_owned(),
+            settings,
+            script: Script::new(APPEND),
+            flights: Mutex::new(HashMap::new()),
+            seen: std::array::from_fn(|_| AtomicU64::new(0)),
+            metrics,
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -170,7 +214,26 @@ impl RedisHistory {
     }
 
     fn born_key(&self, group: u64) -> String {
-        format!("{}:h:{{g{group}}}:born", self.prefix)
+        self.group_key(group, "born")
+    }
+
+    /// A key of the group's own: `born`, `seq` (its appends' sequence), `gen` (its generation).
+    fn group_key(&self, group: u64, name: &str) -> String {
+        format!("{}:h:{{g{group}}}:{name}", self.prefix)
+    }
+
+    /// What the append script answered for a stream of `group`: the highest sequence this
+    /// node has seen grows, and a rollback it found is counted and logged.
+    pub fn appended(&self, group: u64, sequence: u64, rolled_back: bool) {
+        let before = self.seen[group as usize].fetch_max(sequence, Ordering::Relaxed);
+        if rolled_back {
+            self.metrics.epoch_reset(EpochReset::Rollback);
+            tracing::warn!(
+                group,
+                seen = before,
+                "Redis history is behind what this node saw (a failover to a replica that had not received the last writes, or a restore): this group's streams start new epochs, and resuming clients are told they were not recovered"
+            );
+        }
     }
 
     /// Channels in the same slot as a group's streams: the fan-out channel every node
@@ -208,7 +271,8 @@ impl RedisHistory {
             Some(k) => format!("{key}:k:{}", k.scoped),
             None => key.clone(),
         };
-        let keys = vec![key.clone(), format!("{key}:m"), format!("{key}:i"), idempotency_key, self.born_key(stream.group())];
+        let group = stream.group();
+        let keys = vec![key.clone(), format!("{key}:m"), format!("{key}:i"), idempotency_key, self.born_key(group), self.group_key(group, "seq"), self.group_key(group, "gen")];
         let kept = if self.settings.keeps(stream) { self.settings.size } else { 0 };
         let window = idempotency.map_or(0, |_| self.settings.idempotency_window.as_millis() as u64);
         let mut args: Vec<Vec<u8>> = vec![
@@ -224,6 +288,8 @@ impl RedisHistory {
             if self.redis.sharded() { b"SPUBLISH".to_vec() } else { b"PUBLISH".to_vec() },
             crate::clock::wall_ms().to_string().into_bytes(),
             idempotency.map(|k| k.record(&id.to_string())).unwrap_or_default().into_bytes(),
+            self.seen[group as usize].load(Ordering::Relaxed).to_string().into_bytes(),
+            epoch_text(new_epoch()).into_bytes(),
         ];
         args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
         (keys.into_iter().map(String::into_bytes).collect(), args)
@@ -259,6 +325,10 @@ impl RedisHistory {
             .map(|((stream, from), read)| {
                 let read = read.map_err(|e| Error::unavailable(format!("reading history from Redis: {e}; retry")))?;
                 Ok(match read.meta {
+                    Some(_) if read.stale => match from {
+                        From::After(_) => Found { messages: Vec::new(), tail: None, loss: Some(Loss::EpochChanged) },
+                        _ => Found::unknown(*from, now, self.settings.ttl),
+                    },
                     None => Found::unknown(*from, read.born_ms.unwrap_or(now), self.settings.ttl),
                     Some((epoch, last)) => {
                         let tail = super::Position { key: stream.key(), epoch, offset: last };
@@ -304,13 +374,19 @@ impl RedisHistory {
     async fn fetch(&self, stream: &Stream, key: &str) -> redis::RedisResult<StreamRead> {
         let born = self.born_key(stream.group());
         let cmds = [
-            redis::cmd("HMGET").arg(format!("{key}:m")).arg("epoch").arg("last").clone(),
+            redis::cmd("HMGET").arg(format!("{key}:m")).arg("epoch").arg("last").arg("gen").clone(),
             redis::cmd("XRANGE").arg(key).arg("-").arg("+").clone(),
             redis::cmd("GET").arg(&born).clone(),
+            redis::cmd("GET").arg(self.group_key(stream.group(), "gen")).clone(),
         ];
         let values = self.redis.batch(RedisCommand::History, &cmds).await?;
-        let [meta, entries, born_ms]: [Value; 3] = values.try_into().map_err(|_| redis::RedisError::from((redis::ErrorKind::Parse, "history read: not three replies")))?;
-        let (epoch, last): (Option<String>, Option<u64>) = redis::from_redis_value(meta)?;
+        let [meta, entries, born_ms, group_gen]: [Value; 4] =
+            values.try_into().map_err(|_| redis::RedisError::from((redis::ErrorKind::Parse, "history read: not four replies")))?;
+        let (epoch, last, gen): (Option<String>, Option<u64>, Option<String>) = redis::from_redis_value(meta)?;
+        let group_gen: Option<String> = redis::from_redis_value(group_gen)?;
+        // Written under an earlier generation of its group: what it holds may continue past
+        // messages lost with a failover; its next append starts a new epoch.
+        let stale = gen.is_some() && gen != group_gen;
         let meta = epoch.as_deref().and_then(super::parse_epoch).zip(last);
         let born_ms: Option<u64> = redis::from_redis_value(born_ms)?;
         if born_ms.is_none() {
@@ -329,7 +405,7 @@ impl RedisHistory {
                 })
                 .collect()
         });
-        Ok(StreamRead { meta, entries, born_ms })
+        Ok(StreamRead { meta, entries, born_ms, stale })
     }
 }
 
@@ -339,10 +415,10 @@ mod tests {
 
     #[test]
     fn append_replies_parse() {
-        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3)]);
-        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3 }));
-        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2)]);
-        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2 }));
+        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3), Value::Int(9), Value::Int(0)]);
+        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, sequence: 9, rolled_back: false }));
+        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0)]);
+        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, sequence: 0, rolled_back: false }));
         let repeated = Value::Array(vec![Value::Int(0), Value::BulkString(b"123".to_vec())]);
         assert_eq!(Appended::parse(repeated), Some(Appended::Repeated("123".into())));
         assert_eq!(Appended::parse(Value::Nil), None);

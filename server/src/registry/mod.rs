@@ -212,7 +212,7 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Option<Co
     let epoch = crate::clock::wall_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;
     tracing::info!(node, registry = ?config.registry, "claimed node id {node} in Redis");
-    let history = Arc::new(RedisHistory::new(redis.clone(), &config.redis_prefix, crate::history::Settings::from_config(config)));
+    let history = Arc::new(RedisHistory::new(redis.clone(), &config.redis_prefix, crate::history::Settings::from_config(config), metrics.clone()));
     history.mark_born().await?;
     Ok(Some(Connected { redis, pushes, keys, node, epoch, ttl: config.node_ttl, changes: unbounded_channel(), metrics, history }))
 }
@@ -377,7 +377,8 @@ impl Nodes {
                     Some(first) => repeated.push(first.to_owned()),
                     None => mismatched = true,
                 },
-                Some(Appended::Published { offset, receivers, .. }) => {
+                Some(Appended::Published { offset, receivers, sequence, rolled_back, .. }) => {
+                    self.history.appended(stream.group(), sequence, rolled_back);
                     result.stored += (offset > 0) as usize;
                     if let Some(key) = key {
                         remembered.push(self.history.idempotency_key(stream, &key.scoped));
@@ -490,7 +491,8 @@ impl Nodes {
                     None => Published::Mismatch,
                 })
             }
-            Some(Appended::Published { offset, receivers, .. }) => {
+            Some(Appended::Published { offset, receivers, sequence, rolled_back, .. }) => {
+                self.history.appended(stream.group(), sequence, rolled_back);
                 self.metrics.relayed(Relayed::Out, kind);
                 let (_, delivered) = self.awaited.wait(draft.id, own, OWN_DELIVERY_WAIT).await;
                 let stored = (offset > 0) as usize;

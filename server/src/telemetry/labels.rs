@@ -235,6 +235,16 @@ pub enum Eviction {
     PublisherShare,
 }
 
+/// Why a group's streams were given new epochs. Label `reason` of
+/// `pushline_history_epoch_resets_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum EpochReset {
+    /// Redis held less of a group's history than this node had seen appended: a failover
+    /// to a replica that had not received the last writes, a restore, a flush.
+    Rollback,
+}
+
 /// How a TLS handshake went. Label `kind` of `pushline_tls_handshakes_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
 #[strum(serialize_all = "snake_case")]

@@ -19,7 +19,7 @@ use pushline_alloc::site::{Site, SITES};
 use strum::{EnumCount, VariantArray};
 
 pub use labels::{
-    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, Eviction, PublishKind, RedisCommand, RefuseReason, Relayed,
+    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, EpochReset, Eviction, PublishKind, RedisCommand, RefuseReason, Relayed,
     ResumeOutcome, TlsHandshake,
 };
 
@@ -68,6 +68,7 @@ pub const HISTORY_MESSAGES: &str = "pushline_history_messages";
 pub const HISTORY_BYTES: &str = "pushline_history_bytes";
 pub const HISTORY_STREAMS: &str = "pushline_history_streams";
 pub const HISTORY_EVICTED: &str = "pushline_history_streams_evicted_total";
+pub const HISTORY_EPOCH_RESETS: &str = "pushline_history_epoch_resets_total";
 pub const RESUMES: &str = "pushline_resumes_total";
 pub const RESUME_REPLAYED: &str = "pushline_resume_replayed_messages_total";
 pub const IDEMPOTENT_REPLAYS: &str = "pushline_idempotent_replays_total";
@@ -119,6 +120,7 @@ pub struct Metrics {
     /// Messages, bytes and streams of history kept in this process.
     pub history: [Gauge; 3],
     history_evicted: [Counter; Eviction::COUNT],
+    epoch_resets: [Counter; EpochReset::COUNT],
     resumes: [Counter; ResumeOutcome::COUNT],
     pub resume_replayed: Counter,
     pub idempotent_replays: Counter,
@@ -157,7 +159,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 19] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 20] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -177,6 +179,7 @@ impl Metrics {
             (IDEMPOTENT_REPLAYS, Some(Unit::Count), "Publishes answered from an earlier request with the same Idempotency-Key, publishing nothing."),
             (TLS_HANDSHAKES, Some(Unit::Count), "TLS handshakes completed on the client listener, full or resumed."),
             (ALLOC_SITE_ALLOCATIONS, Some(Unit::Count), "Allocations each site has made since start."),
+            (HISTORY_EPOCH_RESETS, Some(Unit::Count), "Times a group of streams was given new epochs because Redis held less history than this node had seen, by reason."),
         ];
         const GAUGES: [(&str, Option<Unit>, &str); 22] = [
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
@@ -259,6 +262,7 @@ impl Metrics {
             deduplicated: counter(MESSAGES_DEDUPLICATED, &[]),
             history: [HISTORY_MESSAGES, HISTORY_BYTES, HISTORY_STREAMS].map(|name| gauge(name, &[])),
             history_evicted: each::<Eviction, _, _>(|r| counter(HISTORY_EVICTED, &[("reason", r)])),
+            epoch_resets: each::<EpochReset, _, _>(|r| counter(HISTORY_EPOCH_RESETS, &[("reason", r)])),
             resumes: each::<ResumeOutcome, _, _>(|o| counter(RESUMES, &[("outcome", o)])),
             resume_replayed: counter(RESUME_REPLAYED, &[]),
             idempotent_replays: counter(IDEMPOTENT_REPLAYS, &[]),
@@ -322,6 +326,10 @@ impl Metrics {
 
     pub fn relayed(&self, direction: Relayed, kind: PublishKind) {
         self.relayed[direction as usize][kind as usize].increment(1);
+    }
+
+    pub fn epoch_reset(&self, reason: EpochReset) {
+        self.epoch_resets[reason as usize].increment(1);
     }
 
     pub fn evicted(&self, reason: Eviction, streams: usize) {

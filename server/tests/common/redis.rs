@@ -77,6 +77,21 @@ impl RedisServer {
         cli(self.port, args)
     }
 
+    /// Saves the dataset now and returns it: the copy a lagging replica holds.
+    pub fn snapshot(&self) -> Vec<u8> {
+        assert_eq!(self.cli(&["SAVE"]), "OK");
+        std::fs::read(self.dir.join("dump.rdb")).expect("SAVE wrote dump.rdb")
+    }
+
+    /// Starts `redis-server` on `port` from `snapshot` (what [`RedisServer::snapshot`]
+    /// returned): a replica promoted in the master's place, or a restore.
+    pub fn start_from(port: u16, snapshot: &[u8]) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("pushline-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dump.rdb"), snapshot).unwrap();
+        RedisServer::start_on(port, &[])
+    }
+
     /// Kills the server (SIGKILL: nothing saved, clients see the connection drop).
     pub fn kill(mut self) -> u16 {
         let _ = self.child.kill();
