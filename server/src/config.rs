@@ -261,6 +261,17 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_HISTORY_MAX_BYTES_PER_KEY", default_value_t = 0)]
     pub history_max_bytes_per_key: usize,
 
+    /// Redis replicas a publish's write must reach (Redis `WAIT`) before it is answered
+    /// 200; one that does not within --history-replica-timeout is answered 503
+    /// (`not_replicated`). 0: answered once the master has it.
+    #[arg(long, env = "PUSHLINE_HISTORY_MIN_REPLICAS", default_value_t = 0)]
+    pub history_min_replicas: usize,
+
+    /// How long a publish waits for --history-min-replicas.
+    #[arg(long, env = "PUSHLINE_HISTORY_REPLICA_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub history_replica_timeout: Duration,
+
     /// Topic patterns whose messages are never kept (`typing.*`).
     #[arg(long = "history-off", env = "PUSHLINE_HISTORY_OFF", value_delimiter = ',')]
     pub history_off: Vec<String>,
@@ -445,6 +456,9 @@ impl Config {
         if let Err(e) = crate::rights::Rights::parse(&self.history_off, "") {
             problems.push(format!("--history-off: {e}"));
         }
+        if self.history_min_replicas > 0 && self.registry == RegistryKind::Memory {
+            problems.push("--history-min-replicas waits for Redis replicas: it needs --registry redis or redis-cluster".into());
+        }
         if self.history_size > 0 && self.history_ttl < Duration::from_secs(1) {
             problems.push(format!("--history-ttl {:?} keeps nothing long enough to resume; use at least 1s, or --history-size 0 to turn history off", self.history_ttl));
         }
@@ -589,6 +603,7 @@ mod tests {
         assert!(refused(|c| c.max_connections_per_uid = 0).contains("--max-connections-per-uid"));
         assert!(refused(|c| c.io_threads = MAX_IO_THREADS + 1).contains("--io-threads 1025 is more than 1024"));
         assert!(refused(|c| c.max_topics_per_connection = 250).contains("use at most 122"));
+        assert!(refused(|c| c.history_min_replicas = 1).contains("--history-min-replicas waits for Redis replicas"));
     }
 
     #[test]

@@ -667,6 +667,52 @@ mod nodes {
         assert_eq!(c2_tracker.seen.last(), Some(&json!(120)), "{resumed}");
     }
 
+    /// `--history-min-replicas 1`: a publish is answered 200 once its write reached a
+    /// replica; with the replica gone, 503 `not_replicated` within the timeout (published
+    /// on the master all the same), and a retry with its key is not answered 200 either.
+    #[tokio::test]
+    async fn a_publish_that_did_not_reach_its_replicas_is_answered_503() {
+        let master = RedisServer::start();
+        let replica_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let replica = RedisServer::start_on(replica_port, &["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let deadline = std::time::Instant::now() + WAIT;
+        while !replica.cli(&["INFO", "replication"]).contains("master_link_status:up") {
+            assert!(std::time::Instant::now() < deadline, "the replica did not sync");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let t = start(|c| {
+            c.registry = RegistryKind::Redis;
+            c.redis_url = vec![master.url()];
+            c.history_min_replicas = 1;
+            c.history_replica_timeout = std::time::Duration::from_millis(300);
+        })
+        .await;
+        let (mut client, _) = ws(t.client, "uid=dee&topics=t").await;
+        wait_interest(&master, "t").await;
+        let send = |n: u32| async move {
+            let response = reqwest::Client::new()
+                .post(format!("http://{}/v1/publish", t.client))
+                .header("Idempotency-Key", format!("order-{n}"))
+                .body(json!({"topic": "t", "data": n}).to_string())
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), serde_json::from_str::<Value>(&response.text().await.unwrap()).unwrap())
+        };
+        assert_eq!(send(1).await.0, 200);
+        assert_eq!(next_json(&mut client).await["data"], 1);
+        drop(replica);
+        let asked = std::time::Instant::now();
+        let (status, reply) = send(2).await;
+        assert_eq!(status, 503, "{reply}");
+        assert!(reply["error"].as_str().unwrap().starts_with("not_replicated"), "{reply}");
+        assert!(asked.elapsed() < std::time::Duration::from_secs(3), "answered after {:?}", asked.elapsed());
+        assert_eq!(next_json(&mut client).await["data"], 2, "published on the master all the same");
+        let (status, retry) = send(2).await;
+        assert_eq!(status, 503, "a retry is not durable either: {retry}");
+        assert_eq!(metric(&metrics(t.admin).await, "pushline_publishes_not_replicated_total"), 2.0);
+    }
+
     #[tokio::test]
     async fn a_client_resumes_on_another_node_after_the_first_is_killed() {
         let redis = RedisServer::start();

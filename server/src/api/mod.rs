@@ -372,6 +372,13 @@ impl Api {
             }
             Ok(Published::InProgress) => Error::new(Kind::Conflict, "a request with this Idempotency-Key is being handled; retry").into(),
             Ok(Published::Mismatch) => Error::new(Kind::Unprocessable, "idempotency key reused with a different request").into(),
+            Ok(Published::NotReplicated { acked, wanted }) => {
+                let error = Error::unavailable(format!(
+                    "not_replicated: published, but its write reached {acked} of the {wanted} Redis replicas --history-min-replicas asks for in time, so it may not survive a failover; retry with the same Idempotency-Key (nothing is published twice)"
+                ));
+                let body = serde_json::json!({ "error": error.message, "id": id.to_string() });
+                error_reply(&error, body.to_string())
+            }
             Err(e) => unavailable(id, e),
         }
     }

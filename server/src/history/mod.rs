@@ -87,6 +87,10 @@ pub struct Settings {
     pub off: Rights,
     /// How long an idempotency key is remembered.
     pub idempotency_window: Duration,
+    /// Redis replicas a publish's write must reach before it is answered 200 (0: none).
+    pub min_replicas: usize,
+    /// How long a publish waits for them.
+    pub replica_timeout: Duration,
 }
 
 impl Settings {
@@ -99,6 +103,8 @@ impl Settings {
             // Checked by `Config::problems`.
             off: Rights::parse(&config.history_off, "").unwrap_or_default(),
             idempotency_window: config.idempotency_window,
+            min_replicas: config.history_min_replicas,
+            replica_timeout: config.history_replica_timeout,
         }
     }
 

@@ -72,6 +72,9 @@ pub enum Published<'a> {
     InProgress,
     /// The idempotency key was used with another request (route or body).
     Mismatch,
+    /// Published, but its write reached `acked` of the `wanted` replicas within the
+    /// timeout (`--history-min-replicas`): it may not survive a failover.
+    NotReplicated { acked: usize, wanted: usize },
 }
 
 /// Where the reply to a publish with an idempotency key is kept for its retries.
@@ -147,7 +150,7 @@ impl Registry {
                 }
                 Ok(Published::Delivered(result, remember))
             }
-            Registry::Redis(nodes) => nodes.push(hub, &uids, draft, key).await,
+            Registry::Redis(nodes) => nodes.durable(nodes.push(hub, &uids, draft, key).await).await,
         }
     }
 
@@ -166,7 +169,7 @@ impl Registry {
                 let stored = msg.position.is_some() as usize;
                 Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))
             }
-            Registry::Redis(nodes) => nodes.fan_out(Stream::Topic(topic.into()), Target::Topic(topic), draft, key).await,
+            Registry::Redis(nodes) => nodes.durable(nodes.fan_out(Stream::Topic(topic.into()), Target::Topic(topic), draft, key).await).await,
         }
     }
 
@@ -183,7 +186,7 @@ impl Registry {
                 let stored = msg.position.is_some() as usize;
                 Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))
             }
-            Registry::Redis(nodes) => nodes.fan_out(Stream::Broadcast, Target::Everyone, draft, key).await,
+            Registry::Redis(nodes) => nodes.durable(nodes.fan_out(Stream::Broadcast, Target::Everyone, draft, key).await).await,
         }
     }
 }
@@ -509,6 +512,26 @@ impl Nodes {
                 self.metrics.dropped(DropReason::BadRelay, 1);
                 Err(Unavailable { reason: "the append script answered something unreadable".into() })
             }
+        }
+    }
+
+    /// `published`, unless its writes must reach `--history-min-replicas` replicas and did
+    /// not within `--history-replica-timeout`. A retry with the same Idempotency-Key
+    /// (answered from the first write) waits for the replicas again.
+    async fn durable<'a>(&self, published: Result<Published<'a>, Unavailable>) -> Result<Published<'a>, Unavailable> {
+        let wanted = self.history.settings().min_replicas;
+        if wanted == 0 || !matches!(published, Ok(Published::Delivered(..) | Published::Repeated(_))) {
+            return published;
+        }
+        let timeout = self.history.settings().replica_timeout.as_millis() as u64;
+        let wait = ::redis::cmd("WAIT").arg(wanted).arg(timeout.max(1)).clone();
+        match self.redis.query::<usize>(RedisCommand::Wait, &wait).await {
+            Ok(acked) if acked >= wanted => published,
+            Ok(acked) => {
+                self.metrics.not_replicated.increment(1);
+                Ok(Published::NotReplicated { acked, wanted })
+            }
+            Err(e) => Err(self.unavailable(e)),
         }
     }
 

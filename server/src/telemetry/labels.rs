@@ -127,6 +127,8 @@ pub enum RedisCommand {
     History,
     /// Topics this node listens to (SET PX of their interest keys, batched).
     Interest,
+    /// Waiting for a publish's write to reach `--history-min-replicas` replicas.
+    Wait,
 }
 
 /// Direction of a message between nodes. Label `direction` of `pushline_relay_messages_total`.

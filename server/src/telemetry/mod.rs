@@ -69,6 +69,7 @@ pub const HISTORY_BYTES: &str = "pushline_history_bytes";
 pub const HISTORY_STREAMS: &str = "pushline_history_streams";
 pub const HISTORY_EVICTED: &str = "pushline_history_streams_evicted_total";
 pub const HISTORY_EPOCH_RESETS: &str = "pushline_history_epoch_resets_total";
+pub const NOT_REPLICATED: &str = "pushline_publishes_not_replicated_total";
 pub const RESUMES: &str = "pushline_resumes_total";
 pub const RESUME_REPLAYED: &str = "pushline_resume_replayed_messages_total";
 pub const IDEMPOTENT_REPLAYS: &str = "pushline_idempotent_replays_total";
@@ -121,6 +122,7 @@ pub struct Metrics {
     pub history: [Gauge; 3],
     history_evicted: [Counter; Eviction::COUNT],
     epoch_resets: [Counter; EpochReset::COUNT],
+    pub not_replicated: Counter,
     resumes: [Counter; ResumeOutcome::COUNT],
     pub resume_replayed: Counter,
     pub idempotent_replays: Counter,
@@ -159,7 +161,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 20] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 21] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -179,6 +181,7 @@ impl Metrics {
             (IDEMPOTENT_REPLAYS, Some(Unit::Count), "Publishes answered from an earlier request with the same Idempotency-Key, publishing nothing."),
             (TLS_HANDSHAKES, Some(Unit::Count), "TLS handshakes completed on the client listener, full or resumed."),
             (ALLOC_SITE_ALLOCATIONS, Some(Unit::Count), "Allocations each site has made since start."),
+            (NOT_REPLICATED, Some(Unit::Count), "Publishes answered 503 because their write did not reach --history-min-replicas Redis replicas in time."),
             (HISTORY_EPOCH_RESETS, Some(Unit::Count), "Times a group of streams was given new epochs because Redis held less history than this node had seen, by reason."),
         ];
         const GAUGES: [(&str, Option<Unit>, &str); 22] = [
@@ -263,6 +266,7 @@ impl Metrics {
             history: [HISTORY_MESSAGES, HISTORY_BYTES, HISTORY_STREAMS].map(|name| gauge(name, &[])),
             history_evicted: each::<Eviction, _, _>(|r| counter(HISTORY_EVICTED, &[("reason", r)])),
             epoch_resets: each::<EpochReset, _, _>(|r| counter(HISTORY_EPOCH_RESETS, &[("reason", r)])),
+            not_replicated: counter(NOT_REPLICATED, &[]),
             resumes: each::<ResumeOutcome, _, _>(|o| counter(RESUMES, &[("outcome", o)])),
             resume_replayed: counter(RESUME_REPLAYED, &[]),
             idempotent_replays: counter(IDEMPOTENT_REPLAYS, &[]),
