@@ -118,9 +118,10 @@ pub fn parse(buf: &[u8]) -> Option<ReadHead> {
             let target = req.path.unwrap_or("/");
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
             // Any cursor the server wrote fits beside a head it accepted without one.
-            let cursor_bytes = query.split('&').filter(|pair| pair.starts_with("cursor=")).map(str::len).sum::<usize>()
-                + req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("last-event-id")).map(|h| h.name.len() + h.value.len() + 4).sum::<usize>();
-            if len.saturating_sub(cursor_bytes) > MAX_HEAD {
+            // One of each: a cursor given twice gets no second allowance.
+            let cursor_bytes = query.split('&').find(|pair| pair.starts_with("cursor=")).map_or(0, str::len)
+                + req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("last-event-id")).map_or(0, |h| h.name.len() + h.value.len() + 4);
+            if len.saturating_sub(cursor_bytes) > MAX_HEAD || len > MAX_HEAD + CURSOR_ROOM {
                 return Some(ReadHead::Malformed(too_long()));
             }
             let query = match query_pairs(query) {
@@ -261,5 +262,9 @@ mod tests {
         let encoded = cursor.replace(',', "%2C").replace(':', "%3A");
         assert!(encoded.len() + "cursor=&".len() <= CURSOR_ROOM, "and percent-encoded in a query");
         assert!(matches!(parse(&head(pad + 1, Some(&cursor))), Some(ReadHead::Malformed(_))), "a head over the limit is still refused");
+        let mut twice = head(pad, Some(&cursor));
+        let line = format!("Last-Event-ID: {cursor}\r\n");
+        twice.splice(twice.len() - 2..twice.len() - 2, line.bytes());
+        assert!(matches!(parse(&twice), Some(ReadHead::Malformed(_))), "a second cursor gets no room of its own");
     }
 }

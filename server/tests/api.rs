@@ -16,6 +16,8 @@ async fn bad_requests_say_what_is_wrong() {
         ("/v1/push", "{not json".into(), 400, "bad JSON"),
         ("/v1/push", json!({"data": 1}).to_string(), 400, "missing field `uids`"),
         ("/v1/push", json!({"uids": [], "data": 1}).to_string(), 400, "uids must list at least one uid"),
+        ("/v1/push", json!({"uids": ["a", ""], "data": 1}).to_string(), 400, "uid `` is 0 bytes; uids are 1 to 256 bytes"),
+        ("/v1/push", json!({"uids": ["u".repeat(257)], "data": 1}).to_string(), 400, "is 257 bytes; uids are 1 to 256 bytes"),
         ("/v1/push", json!({"uids": ["a"]}).to_string(), 400, "missing field `data`"),
         ("/v1/publish", json!({"data": 1}).to_string(), 400, "missing field `topic`"),
         ("/v1/publish", json!({"topic": "", "data": 1}).to_string(), 400, "topic names are 1 to 256 bytes"),

@@ -418,3 +418,27 @@ async fn a_prefix_pattern_must_end_the_uid_with_a_separator() {
     let error = config.validate().unwrap_err().to_string();
     assert!(error.contains("separator"), "{error}");
 }
+
+/// What a per-subscription token grants ends when it expires: the topic is left and the
+/// client told; and a connection whose own token expired subscribes to nothing until it
+/// sends a fresh one.
+#[tokio::test]
+async fn expired_tokens_grant_no_new_subscriptions_and_tickets_end_with_their_token() {
+    // A short grace makes the sweeper look often (a quarter of it).
+    let t = secured(|c| c.token_refresh_grace = Duration::from_millis(1500)).await;
+    let (mut client, _) = ws(t.client, &format!("token={}&topics=news", hs256(json!({"sub": "gil", "exp": now() + 60, "topics": ["news"]})))).await;
+    let ticket = hs256(json!({"sub": "gil", "exp": now() + 1, "topics": ["match.42"]}));
+    send_json(&mut client, json!({"type": "subscribe", "topics": ["match.42"], "token": ticket})).await;
+    assert_eq!(next_json(&mut client).await["type"], "subscribed");
+    let notice = next_json(&mut client).await;
+    assert_eq!(notice, json!({"type": "unsubscribed", "topics": ["match.42"], "reason": "subscription token expired"}));
+    post_raw(t.client, "/v1/publish", json!({"topic": "match.42", "data": "late"}).to_string(), Some(KEY)).await;
+    post_raw(t.client, "/v1/publish", json!({"topic": "news", "data": "kept"}).to_string(), Some(KEY)).await;
+    assert_eq!(next_json(&mut client).await["data"], "kept", "match.42 no longer reaches it");
+
+    let (mut lapsed, _) = ws(t.client, &format!("token={}", hs256(json!({"sub": "hal", "exp": now() + 1, "topics": ["room.*"]})))).await;
+    assert_eq!(next_json(&mut lapsed).await["type"], "token_expired");
+    send_json(&mut lapsed, json!({"type": "subscribe", "topics": ["room.b"]})).await;
+    let reply = next_json(&mut lapsed).await;
+    assert!(reply["error"].as_str().unwrap().starts_with("your token expired"), "{reply}");
+}

@@ -266,6 +266,20 @@ async fn a_retried_publish_with_the_same_idempotency_key_publishes_once() {
         (response.status().as_u16(), ())
     };
     assert_eq!(status, 400, "a key with a space is refused");
+    // Bytes past ASCII, or the header twice: refused, not read as no key (which would publish again).
+    let utf8 = reqwest::header::HeaderValue::from_bytes("café".as_bytes()).unwrap();
+    let response = reqwest::Client::new().post(format!("http://{}/v1/publish", t.client)).header("Idempotency-Key", utf8).body(json!({"topic": "news", "data": 3}).to_string()).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("printable ASCII"));
+    let twice = reqwest::Client::new()
+        .post(format!("http://{}/v1/publish", t.client))
+        .header("Idempotency-Key", "order-19")
+        .header("Idempotency-Key", "order-20")
+        .body(json!({"topic": "news", "data": 4}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 400);
     assert_eq!(metric(&metrics(t.admin).await, "pushline_idempotent_replays_total"), 1.0);
 }
 

@@ -247,7 +247,16 @@ impl Api {
             Ok(name) => name,
             Err(e) => return e.into(),
         };
-        let idempotency_header = header("idempotency-key").map(str::to_owned);
+        // A key that is not plain ASCII, or given twice, is refused: read as absent, a
+        // retry would publish again.
+        let idempotency_header = match req.headers().get_all("idempotency-key").iter().collect::<Vec<_>>().as_slice() {
+            [] => None,
+            [one] => match one.to_str() {
+                Ok(key) => Some(key.to_owned()),
+                Err(_) => return Error::bad_request(idempotency::KEY_RULE).into(),
+            },
+            _ => return Error::bad_request("Idempotency-Key given more than once").into(),
+        };
         let max = self.max_message_bytes;
         let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
         let budget = self.node_queue_max_bytes;
@@ -307,6 +316,10 @@ impl Api {
                 };
                 if push.uids.is_empty() {
                     return Error::bad_request("uids must list at least one uid").into();
+                }
+                // A uid no client can connect as would fill a mailbox nobody can read.
+                if let Some(bad) = push.uids.iter().find(|u| u.is_empty() || u.len() > crate::auth::MAX_UID_BYTES) {
+                    return Error::bad_request(format!("uid `{bad}` is {} bytes; uids are 1 to {} bytes", bad.len(), crate::auth::MAX_UID_BYTES)).into();
                 }
                 let data = match checked(push.data) {
                     Ok(data) => data,

@@ -51,6 +51,24 @@ pub struct Grant {
     pub rights: Rights,
     /// Its holder has been told it expired (once: TCP does not lose the notice).
     pub expiry_told: bool,
+    /// Topics subscribed with a per-subscription token, each until that token expires.
+    pub tickets: Vec<Ticket>,
+    /// Topics whose ticket expired, left and not yet told to the client.
+    pub revoked: Vec<String>,
+}
+
+/// A topic a per-subscription token granted, and until when (Unix seconds).
+#[derive(Debug)]
+pub struct Ticket {
+    pub topic: String,
+    pub expires_at: u64,
+}
+
+impl Grant {
+    /// Whether it expired by `wall_ms`.
+    pub fn expired(&self, wall_ms: u64) -> bool {
+        wall_ms >= self.expires_at * 1000
+    }
 }
 
 pub struct Identity {
@@ -142,7 +160,7 @@ impl Auth {
             )));
         }
         let rights = Rights::parse(&claims.topics, &claims.sub).map_err(|e| refused(format!("token `topics` claim: {e}")))?;
-        Ok((claims.sub, Grant { expires_at: claims.exp, rights, expiry_told: false }))
+        Ok((claims.sub, Grant { expires_at: claims.exp, rights, expiry_told: false, tickets: Vec::new(), revoked: Vec::new() }))
     }
 
     /// Whether `uid`, holding `grant`, may read `topic`.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::Clients;
-use crate::auth::Grant;
+use crate::auth::{Grant, Ticket};
 use crate::conn::Conn;
 use crate::telemetry::{probes, ClientError};
 use crate::wire::ws;
@@ -92,6 +92,9 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients) -> Handled {
         },
         Ok(Command::Unsubscribe(topics)) => {
             clients.hub.unsubscribe(conn, &topics);
+            if let Some(grant) = conn.state().grant.as_deref_mut() {
+                grant.tickets.retain(|t| !topics.contains(&t.topic));
+            }
             return Handled { reply: topics_reply("unsubscribed", &topics), topic_changes: topics.len() };
         }
         Ok(Command::Refresh(token)) => match refresh(conn, clients, &token) {
@@ -114,20 +117,42 @@ fn own_token(conn: &Conn, clients: &Clients, token: &str) -> Result<Grant, Refus
     Ok(grant)
 }
 
+/// Subscribes to `topics` if the connection's token (or `token`, for this subscription)
+/// grants them. Topics only `token` grants last until it expires. A connection whose own
+/// token expired subscribes to nothing until it is refreshed.
 fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Option<&str>) -> Result<(), Refused> {
     let extra = token.map(|t| own_token(conn, clients, t)).transpose()?;
     let auth = clients.auth.load();
-    let refused = {
+    let forbidden = |topic: &String| Refused { reason: ClientError::Forbidden, message: format!("not allowed to read topic `{topic}`") };
+    let mut own: Vec<&String> = Vec::new();
+    let ticketed: Vec<&String> = {
         let state = conn.state();
-        topics
-            .iter()
-            .find(|t| !auth.may_read(&conn.uid, state.grant.as_deref(), t) && !extra.as_ref().is_some_and(|g| g.rights.allows(t)))
-            .cloned()
+        if state.grant.as_deref().is_some_and(|g| g.expired(crate::clock::wall_ms())) {
+            let message = "your token expired: send {\"type\":\"refresh\",\"token\":...} before subscribing".to_owned();
+            return Err(Refused { reason: ClientError::BadToken, message });
+        }
+        let mut ticketed = Vec::new();
+        for topic in topics {
+            if auth.may_read(&conn.uid, state.grant.as_deref(), topic) {
+                own.push(topic);
+                continue;
+            }
+            match &extra {
+                Some(g) if g.rights.allows(topic) => ticketed.push(topic),
+                _ => return Err(forbidden(topic)),
+            }
+        }
+        ticketed
     };
-    if let Some(topic) = refused {
-        return Err(Refused { reason: ClientError::Forbidden, message: format!("not allowed to read topic `{topic}`") });
+    clients.hub.subscribe(conn, topics).map_err(|message| Refused { reason: ClientError::TooManyTopics, message })?;
+    if let Some(grant) = conn.state().grant.as_deref_mut() {
+        // A topic the connection's own token grants is held by it, whatever ticket it had.
+        grant.tickets.retain(|t| !own.iter().chain(&ticketed).any(|topic| **topic == t.topic));
+        if let Some(extra) = &extra {
+            grant.tickets.extend(ticketed.iter().map(|topic| Ticket { topic: (*topic).clone(), expires_at: extra.expires_at }));
+        }
     }
-    clients.hub.subscribe(conn, topics).map_err(|message| Refused { reason: ClientError::TooManyTopics, message })
+    Ok(())
 }
 
 /// Takes a fresh token: its expiry and rights apply from now; topics it no longer grants

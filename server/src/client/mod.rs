@@ -233,6 +233,13 @@ impl Task {
             let notice = serde_json::json!({ "type": "token_expired", "grace_ms": grace_ms }).to_string();
             self.replies.push_back(ws::text(&notice));
         }
+        if signals.has(Signals::REVOKED) {
+            let revoked = self.conn.state().grant.as_deref_mut().map(|g| std::mem::take(&mut g.revoked)).unwrap_or_default();
+            if !revoked.is_empty() {
+                let notice = serde_json::json!({ "type": "unsubscribed", "topics": revoked, "reason": "subscription token expired" });
+                self.replies.push_back(ws::text(&notice.to_string()));
+            }
+        }
         if signals.has(Signals::PING) && self.replies.len() < MAX_PENDING_REPLIES {
             self.replies.push_back(match self.conn.transport {
                 Transport::WebSocket => ws::frame(ws::OP_PING, b""),

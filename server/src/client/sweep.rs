@@ -65,10 +65,24 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
                 // Whatever the policy: a queue that nobody reads holds the node's budget.
                 return conn.request_close(CloseReason::SlowConsumer);
             }
-            let expired = match conn.state().grant.as_deref_mut() {
-                Some(grant) if wall_ms >= grant.expires_at * 1000 => Some((grant.expires_at * 1000, std::mem::replace(&mut grant.expiry_told, true))),
-                _ => None,
+            let (expired, tickets) = match conn.state().grant.as_deref_mut() {
+                Some(grant) => {
+                    let (ended, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut grant.tickets).into_iter().partition(|t| wall_ms >= t.expires_at * 1000);
+                    grant.tickets = kept;
+                    let tickets: Vec<String> = ended.into_iter().map(|t| t.topic).collect();
+                    let expired = grant.expired(wall_ms).then(|| (grant.expires_at * 1000, std::mem::replace(&mut grant.expiry_told, true)));
+                    (expired, tickets)
+                }
+                None => (None, Vec::new()),
             };
+            if !tickets.is_empty() {
+                // What a per-subscription token granted ends with it.
+                hub.unsubscribe(conn, &tickets);
+                if let Some(grant) = conn.state().grant.as_deref_mut() {
+                    grant.revoked.extend(tickets);
+                }
+                conn.tickets_expired();
+            }
             if let Some((expired_ms, told)) = expired {
                 if wall_ms >= expired_ms + grace_ms {
                     return conn.request_close(CloseReason::TokenExpired);

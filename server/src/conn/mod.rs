@@ -34,6 +34,8 @@ impl Signals {
     pub const CLOSE: Signals = Signals(4);
     /// Its token has expired: tell the client to refresh it.
     pub const EXPIRED: Signals = Signals(8);
+    /// Topics whose per-subscription token expired were left: tell the client.
+    pub const REVOKED: Signals = Signals(16);
 
     pub fn any(self) -> bool {
         self.0 != 0
@@ -307,6 +309,11 @@ impl Conn {
     /// Tells the task the token has expired (it tells the client).
     pub fn token_expired(&self) {
         self.signal(Signals::EXPIRED);
+    }
+
+    /// Tells the task topics were left because their tickets expired (it tells the client).
+    pub fn tickets_expired(&self) {
+        self.signal(Signals::REVOKED);
     }
 
     /// Since when (process-clock ms) the queue has been full without being read from.

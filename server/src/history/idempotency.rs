@@ -17,6 +17,8 @@ use pushline_alloc::Site;
 
 /// Longest key a publisher may send.
 pub const MAX_KEY_BYTES: usize = 255;
+/// What a key must be, as a refusal says it.
+pub const KEY_RULE: &str = "Idempotency-Key must be 1 to 255 printable ASCII characters";
 
 /// An `Idempotency-Key` as one holder sent it with one request.
 pub struct Key {
@@ -33,7 +35,7 @@ impl Key {
     /// `route` carrying `body`.
     pub fn new(holder: &str, key: &str, route: &str, body: &[u8]) -> Result<Key, String> {
         if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!("Idempotency-Key must be 1 to {MAX_KEY_BYTES} printable ASCII characters"));
+            return Err(KEY_RULE.to_owned());
         }
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
         digest.update(route.as_bytes());
