@@ -534,37 +534,48 @@ impl Task {
         })
         .await;
         match drained {
-            Ok(true) => self.linger().await,
+            Ok(true) => self.linger_apart(),
             Ok(false) => {}
             Err(_) => tracing::debug!(session = %self.conn.session, "close frame not taken in time"),
         }
     }
 
-    /// Reads and discards what the client still sends, until it closes its end, for at
-    /// most [`LINGER_TIME`] and [`LINGER_BYTES`].
-    async fn linger(&mut self) {
-        let deadline = tokio::time::Instant::now() + LINGER_TIME;
-        let mut discarded = 0;
-        loop {
-            let done = SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                loop {
-                    match self.socket.read(&mut scratch[..]) {
-                        Ok(0) => return true,
-                        Ok(n) => {
-                            discarded += n;
-                            if discarded >= LINGER_BYTES {
-                                return true;
-                            }
+    /// Leaves the closed socket's read side to a task of its own, on a duplicate of its
+    /// descriptor, which [`linger`]s; this connection then ends (unregistered and counted
+    /// at once: lingering is the socket's business, not the connection's).
+    fn linger_apart(&self) {
+        use std::os::fd::AsFd;
+        let Ok(fd) = self.socket.tcp().as_fd().try_clone_to_owned() else { return };
+        // The duplicate shares the original's non-blocking mode.
+        let Ok(stream) = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd)) else { return };
+        tokio::spawn(linger(stream));
+    }
+}
+
+/// Reads and discards what the client still sends on a closed connection, until it
+/// closes its end, for at most [`LINGER_TIME`] and [`LINGER_BYTES`].
+async fn linger(stream: tokio::net::TcpStream) {
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut discarded = 0;
+    loop {
+        let done = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            loop {
+                match stream.try_read(&mut scratch[..]) {
+                    Ok(0) => return true,
+                    Ok(n) => {
+                        discarded += n;
+                        if discarded >= LINGER_BYTES {
+                            return true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                        Err(_) => return true,
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                    Err(_) => return true,
                 }
-            });
-            if done || tokio::time::timeout_at(deadline, self.socket.tcp().readable()).await.is_err() {
-                return;
             }
+        });
+        if done || tokio::time::timeout_at(deadline, stream.readable()).await.is_err() {
+            return;
         }
     }
 }
