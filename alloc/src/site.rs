@@ -37,9 +37,11 @@ pub enum Site {
     /// TLS: each connection's session state and keys, handshakes, and the per-thread
     /// buffers records are decrypted and encrypted in.
     Tls = 11,
+    /// The always-on CPU profiler: its stack table and per-minute counts.
+    Profiler = 12,
 }
 
-pub const SITES: usize = 12;
+pub const SITES: usize = 13;
 
 impl Site {
     pub const ALL: [Site; SITES] = [
@@ -55,6 +57,7 @@ impl Site {
         Site::Redis,
         Site::History,
         Site::Tls,
+        Site::Profiler,
     ];
 
     /// Sites whose memory grows with the number of connections: what an idle connection
@@ -75,6 +78,7 @@ impl Site {
             Site::Redis => "redis",
             Site::History => "history",
             Site::Tls => "tls",
+            Site::Profiler => "profiler",
         }
     }
 

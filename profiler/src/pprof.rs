@@ -1,0 +1,105 @@
+//! Samples as pprof's profile.proto, with the official message types (the `pprof` crate's
+//! prost code): sample types `samples/count` and `cpu/nanoseconds`, the period, when and
+//! for how long, and the process's mappings with their address ranges, file offsets and
+//! build ids, so `go tool pprof` names the frames from the binary on disk. Locations are
+//! runtime addresses; each sample carries its thread as the label `thread`.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use pprof::protos::{Function, Label, Line, Location, Mapping, Message, Profile, Sample, ValueType};
+
+use crate::table::Samples;
+
+struct Strings {
+    table: Vec<String>,
+    index: HashMap<String, i64>,
+}
+
+impl Strings {
+    fn new() -> Strings {
+        Strings { table: vec![String::new()], index: HashMap::new() }
+    }
+
+    fn id(&mut self, text: &str) -> i64 {
+        if let Some(i) = self.index.get(text) {
+            return *i;
+        }
+        let i = self.table.len() as i64;
+        self.table.push(text.to_owned());
+        self.index.insert(text.to_owned(), i);
+        i
+    }
+}
+
+/// `samples`, taken at `hz` from `start_ns` (Unix ns) for `duration_ns`, as gzipped
+/// profile.proto.
+pub fn encode(samples: &Samples, hz: u32, start_ns: i64, duration_ns: i64) -> Vec<u8> {
+    let mut strings = Strings::new();
+    let period = 1_000_000_000 / hz.max(1) as i64;
+    let mut profile = Profile {
+        sample_type: vec![
+            ValueType { ty: strings.id("samples"), unit: strings.id("count") },
+            ValueType { ty: strings.id("cpu"), unit: strings.id("nanoseconds") },
+        ],
+        period_type: Some(ValueType { ty: strings.id("cpu"), unit: strings.id("nanoseconds") }),
+        period,
+        time_nanos: start_ns,
+        duration_nanos: duration_ns,
+        ..Default::default()
+    };
+    let segments = match mappings::MAPPINGS.as_ref() {
+        Some(segments) => segments.as_slice(),
+        None => &[],
+    };
+    for (segment, id) in segments.iter().zip(1..) {
+        profile.mapping.push(Mapping {
+            id,
+            memory_start: segment.memory_start as u64,
+            memory_limit: segment.memory_end as u64,
+            file_offset: segment.file_offset,
+            filename: strings.id(&segment.pathname.to_string_lossy()),
+            build_id: segment.build_id.as_ref().map_or(0, |b| strings.id(&b.to_string())),
+            ..Default::default()
+        });
+    }
+    let thread_key = strings.id("thread");
+    let mut locations: HashMap<u64, u64> = HashMap::new();
+    let mut full: Option<u64> = None;
+    for (thread, frames, count) in &samples.stacks {
+        let mut ids = Vec::with_capacity(frames.len());
+        for (i, frame) in frames.iter().enumerate() {
+            // A return address is one past its call: the call is what to name.
+            let address = if i == 0 { *frame } else { frame.saturating_sub(1) };
+            let next = profile.location.len() as u64 + 1;
+            let id = *locations.entry(address).or_insert(next);
+            if id == next {
+                let mapping_id = segments.iter().zip(1..).find(|(s, _)| (s.memory_start as u64..s.memory_end as u64).contains(&address)).map_or(0, |(_, id)| id);
+                profile.location.push(Location { id, mapping_id, address, ..Default::default() });
+            }
+            ids.push(id);
+        }
+        if frames.is_empty() {
+            // What the stack table could not hold: one named location.
+            let id = *full.get_or_insert_with(|| {
+                let name = strings.id(thread);
+                let function = profile.function.len() as u64 + 1;
+                profile.function.push(Function { id: function, name, system_name: name, ..Default::default() });
+                let id = profile.location.len() as u64 + 1;
+                profile.location.push(Location { id, line: vec![Line { function_id: function, line: 0 }], ..Default::default() });
+                id
+            });
+            ids.push(id);
+        }
+        profile.sample.push(Sample {
+            location_id: ids,
+            value: vec![count.samples as i64, count.cpu_ns as i64],
+            label: vec![Label { key: thread_key, str: strings.id(thread), ..Default::default() }],
+        });
+    }
+    profile.string_table = strings.table;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing into a Vec does not fail.
+    let _ = gz.write_all(&profile.encode_to_vec());
+    gz.finish().unwrap_or_default()
+}

@@ -1,0 +1,177 @@
+//! The part that runs in a signal handler: a `SIGPROF` from a thread's CPU-time timer
+//! interrupts it, and the handler records where it was (its instruction pointer and the
+//! return addresses up its frame-pointer chain) into a fixed ring of slots.
+//!
+//! What runs here allocates nothing, takes no lock, and cannot fault: stack memory is
+//! copied with `process_vm_readv` on the process itself, one page at a time, so a frame
+//! pointer into unmapped or protected memory ends the walk instead of crashing. A sample
+//! that finds no free slot is counted, not lost silently.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+/// Deepest stack recorded.
+pub const MAX_DEPTH: usize = 128;
+/// Samples the ring holds between two drains.
+pub const SLOTS: usize = 512;
+
+const FREE: u32 = 0;
+const WRITING: u32 = 1;
+const READY: u32 = 2;
+
+pub struct Slot {
+    state: AtomicU32,
+    body: UnsafeCell<Body>,
+}
+
+/// A recorded sample: the thread, and its stack leaf first (the leaf is the interrupted
+/// instruction, the rest return addresses).
+#[derive(Clone, Copy)]
+pub struct Body {
+    pub tid: i32,
+    pub depth: u32,
+    pub frames: [u64; MAX_DEPTH],
+}
+
+// SAFETY: a slot's body is written only by the handler that moved its state FREE ->
+// WRITING, and read only by the drainer after it saw READY, before it sets FREE again.
+unsafe impl Sync for Slot {}
+
+pub struct Ring {
+    slots: [Slot; SLOTS],
+    /// Where the next handler starts looking for a free slot.
+    hint: AtomicU32,
+    /// Samples with no free slot.
+    pub dropped_full: AtomicU64,
+    /// Samples taken.
+    pub taken: AtomicU64,
+    pid: AtomicI32,
+}
+
+pub static RING: Ring = Ring {
+    slots: [const { Slot { state: AtomicU32::new(FREE), body: UnsafeCell::new(Body { tid: 0, depth: 0, frames: [0; MAX_DEPTH] }) } }; SLOTS],
+    hint: AtomicU32::new(0),
+    dropped_full: AtomicU64::new(0),
+    taken: AtomicU64::new(0),
+    pid: AtomicI32::new(0),
+};
+
+impl Ring {
+    /// Takes every recorded sample out of the ring, oldest slots first.
+    pub fn drain(&self, mut each: impl FnMut(&Body)) {
+        for slot in &self.slots {
+            if slot.state.load(Ordering::Acquire) == READY {
+                // SAFETY: READY: the handler is done with it, and no other drainer runs.
+                each(unsafe { &*slot.body.get() });
+                slot.state.store(FREE, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Installs the handler for `SIGPROF`. Samples come only from timers (`SI_TIMER`).
+pub fn install() -> std::io::Result<()> {
+    RING.pid.store(std::process::id() as i32, Ordering::Relaxed);
+    // SAFETY: a plain sigaction with a handler that is async-signal-safe (see the module).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigprof as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGPROF, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Copies the page of this process's memory holding `address` into `page`; false when it
+/// cannot be read (unmapped, protected).
+fn read_page(pid: i32, address: u64, page: &mut [u8; 4096]) -> bool {
+    let base = address & !4095;
+    let local = libc::iovec { iov_base: page.as_mut_ptr().cast(), iov_len: 4096 };
+    let remote = libc::iovec { iov_base: base as *mut libc::c_void, iov_len: 4096 };
+    // SAFETY: the local buffer is ours and 4096 bytes long; the kernel checks the remote one.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    n == 4096
+}
+
+extern "C" fn on_sigprof(_signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo and ucontext to an SA_SIGINFO handler.
+    let errno = unsafe { *libc::__errno_location() };
+    if unsafe { (*info).si_code } == libc::SI_TIMER {
+        record(context);
+    }
+    unsafe { *libc::__errno_location() = errno };
+}
+
+fn record(context: *mut libc::c_void) {
+    let ring = &RING;
+    ring.taken.fetch_add(1, Ordering::Relaxed);
+    let start = ring.hint.fetch_add(1, Ordering::Relaxed) as usize;
+    let Some(slot) = (0..SLOTS).map(|i| &ring.slots[(start + i) % SLOTS]).find(|s| {
+        s.state.compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    }) else {
+        ring.dropped_full.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // SAFETY: WRITING is ours; the ucontext is the interrupted thread's.
+    let body = unsafe { &mut *slot.body.get() };
+    let (ip, sp, fp) = unsafe {
+        let registers = &(*(context as *const libc::ucontext_t)).uc_mcontext.gregs;
+        (registers[libc::REG_RIP as usize] as u64, registers[libc::REG_RSP as usize] as u64, registers[libc::REG_RBP as usize] as u64)
+    };
+    body.tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+    body.frames[0] = ip;
+    body.depth = 1 + walk(ring.pid.load(Ordering::Relaxed), sp, fp, &mut body.frames[1..]) as u32;
+    slot.state.store(READY, Ordering::Release);
+}
+
+/// Follows the frame-pointer chain from `fp` (each frame: the caller's frame pointer, then
+/// the return address), no lower than the stack pointer `sp`, always upward; returns how
+/// many return addresses it wrote into `out`.
+fn walk(pid: i32, sp: u64, mut fp: u64, out: &mut [u64]) -> usize {
+    let mut page = [0u8; 4096];
+    let mut page_base = u64::MAX;
+    let mut read = |address: u64, page: &mut [u8; 4096]| -> Option<u64> {
+        if address & !4095 != page_base {
+            if !read_page(pid, address, page) {
+                return None;
+            }
+            page_base = address & !4095;
+        }
+        let at = (address & 4095) as usize;
+        Some(u64::from_ne_bytes(page[at..at + 8].try_into().ok()?))
+    };
+    let mut n = 0;
+    while n < out.len() {
+        // A frame record is two aligned words, on the stack above the interrupted frame.
+        if fp < sp || fp % 8 != 0 {
+            break;
+        }
+        let (Some(next), Some(ret)) = (read(fp, &mut page), read(fp + 8, &mut page)) else { break };
+        if ret == 0 {
+            break;
+        }
+        out[n] = ret;
+        n += 1;
+        if next <= fp {
+            break;
+        }
+        fp = next;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walk_stops_at_memory_it_cannot_read() {
+        let pid = std::process::id() as i32;
+        let mut out = [0u64; 8];
+        // An address nothing is mapped at: nothing written, no fault.
+        assert_eq!(walk(pid, 0x10, 0x1000, &mut out), 0);
+    }
+}
