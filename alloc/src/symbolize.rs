@@ -1,9 +1,10 @@
-//! Heap profiles symbolized from the binary on disk, outside the profiled process.
+//! Profiles symbolized from the binary on disk, outside the profiled process.
 //!
 //! The server's heap profile (jemalloc's samples through `jemalloc_pprof`) carries raw
 //! addresses, each relative to the file it is mapped from (the address the file's own ELF
 //! headers give it), with the list of those files, the way jemalloc's own `prof` dumps do
-//! for `jeprof`. Here each address becomes the inlined frames at that place, from
+//! for `jeprof`; its CPU profile (`pushline-profiler`) carries runtime addresses with each
+//! mapping's range and file offset, as `go tool pprof` expects. Here each address becomes the inlined frames at that place, from
 //! the file's DWARF (addr2line), or from its symbol table when it has no DWARF. Loading
 //! DWARF costs tens of megabytes, which is why the server never does it itself: the
 //! tools do, or the server's short-lived worker (`pushline symbolize-heap`), whose memory
@@ -36,12 +37,28 @@ mod proto {
         pub location_id: Vec<u64>,
         #[prost(int64, repeated, tag = "2")]
         pub value: Vec<i64>,
+        #[prost(message, repeated, tag = "3")]
+        pub label: Vec<Label>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Label {
+        #[prost(int64, tag = "1")]
+        pub key: i64,
+        #[prost(int64, tag = "2")]
+        pub str: i64,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Mapping {
         #[prost(uint64, tag = "1")]
         pub id: u64,
+        #[prost(uint64, tag = "2")]
+        pub memory_start: u64,
+        #[prost(uint64, tag = "3")]
+        pub memory_limit: u64,
+        #[prost(uint64, tag = "4")]
+        pub file_offset: u64,
         #[prost(int64, tag = "5")]
         pub filename: i64,
     }
@@ -73,14 +90,25 @@ mod proto {
     }
 }
 
-/// One mapped file's debug information.
+/// One mapped file's debug information, and where its loaded segments sit in the file.
 struct Binary {
     loader: addr2line::Loader,
+    /// (file offset, size, virtual address) of each loadable segment.
+    segments: Vec<(u64, u64, u64)>,
 }
 
 impl Binary {
     fn open(path: &str) -> Option<Binary> {
-        Some(Binary { loader: addr2line::Loader::new(path).ok()? })
+        use object::{Object, ObjectSegment};
+        let data = std::fs::read(path).ok()?;
+        let file = object::File::parse(data.as_slice()).ok()?;
+        let segments = file.segments().map(|s| (s.file_range().0, s.file_range().1, s.address())).collect();
+        Some(Binary { loader: addr2line::Loader::new(path).ok()?, segments })
+    }
+
+    /// The virtual address (as the file lays itself out) of the byte at `offset` in the file.
+    fn address_of_offset(&self, offset: u64) -> Option<u64> {
+        self.segments.iter().find(|(at, size, _)| (*at..at + size).contains(&offset)).map(|(at, _, address)| address + (offset - at))
     }
 
     /// The frames at `address` (the file's own virtual address), innermost (inlined) first.
@@ -123,6 +151,31 @@ impl Symbolizer {
     pub fn frames(&mut self, path: &str, address: u64) -> Vec<String> {
         let binary = self.binaries.entry(path.to_owned()).or_insert_with(|| Binary::open(path));
         let names = binary.as_ref().map(|b| b.frames(address)).unwrap_or_default();
+        Self::or_place(names, path, address)
+    }
+
+    /// The frames at the byte `offset` of the file `path` (where a mapping with its file
+    /// offset puts a runtime address), innermost first.
+    pub fn frames_at_offset(&mut self, path: &str, offset: u64) -> Vec<String> {
+        let binary = self.binaries.entry(path.to_owned()).or_insert_with(|| Binary::open(path));
+        let address = binary.as_ref().and_then(|b| b.address_of_offset(offset));
+        let names = binary.as_ref().zip(address).map(|(b, address)| b.frames(address)).unwrap_or_default();
+        Self::or_place(names, path, address.unwrap_or(offset))
+    }
+
+    /// The frames at `address` of a profile location in a mapping of the file `path`,
+    /// innermost first. A mapping with an address range holds runtime addresses, named
+    /// at their offset in the file; one without (`memory_limit` 0 or all ones, as
+    /// jemalloc's profiles write it) holds the file's own addresses.
+    pub fn at(&mut self, path: &str, address: u64, memory_start: u64, memory_limit: u64, file_offset: u64) -> Vec<String> {
+        if memory_limit != 0 && memory_limit != u64::MAX {
+            self.frames_at_offset(path, address.wrapping_sub(memory_start).wrapping_add(file_offset))
+        } else {
+            self.frames(path, address)
+        }
+    }
+
+    fn or_place(names: Vec<String>, path: &str, address: u64) -> Vec<String> {
         if names.is_empty() {
             let file = path.rsplit('/').next().unwrap_or(path);
             vec![format!("{file}+{address:#x}")]
@@ -156,51 +209,47 @@ impl Kind {
 }
 
 /// Folded stacks (`root;...;leaf weight`) of a gzipped profile.proto, its locations named
-/// by `symbolizer` where the profile has no names of its own.
+/// by `symbolizer` where the profile has no names of its own. A sample's `thread` label,
+/// when it has one, is its root frame.
+///
+/// A mapping with an address range (what the CPU profiler writes) holds runtime
+/// addresses: each is named at its offset in the mapped file. One without (jemalloc's
+/// heap profile, `memory_limit` unset or all ones) holds the file's own addresses.
 pub fn folded(gzipped: &[u8], kind: Kind, symbolizer: &mut Symbolizer) -> Result<Vec<String>, String> {
     let mut raw = Vec::new();
     flate2::read::GzDecoder::new(gzipped).read_to_end(&mut raw).map_err(|e| format!("gunzip profile: {e}"))?;
     let profile = proto::Profile::decode(raw.as_slice()).map_err(|e| format!("decode profile: {e}"))?;
     let string = |i: i64| profile.string_table.get(i as usize).map_or("?", String::as_str);
     let functions: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, string(f.name))).collect();
-    let files: HashMap<u64, &str> = profile.mapping.iter().map(|m| (m.id, string(m.filename))).collect();
+    let mappings: HashMap<u64, &proto::Mapping> = profile.mapping.iter().map(|m| (m.id, m)).collect();
     let locations: HashMap<u64, Vec<String>> = profile
         .location
         .iter()
         .map(|l| {
-            let names = if l.line.is_empty() {
-                match files.get(&l.mapping_id) {
-                    Some(file) if !file.is_empty() => symbolizer.frames(file, l.address),
+            let names = if !l.line.is_empty() {
+                l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?").to_owned()).collect()
+            } else {
+                match mappings.get(&l.mapping_id).map(|m| (string(m.filename), m)) {
+                    Some((file, m)) if !file.is_empty() => symbolizer.at(file, l.address, m.memory_start, m.memory_limit, m.file_offset),
                     _ => vec![format!("{:#x}", l.address)],
                 }
-            } else {
-                l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?").to_owned()).collect()
             };
             (l.id, names)
         })
         .collect();
+    let thread_key = profile.string_table.iter().position(|s| s == "thread").map(|i| i as i64);
     let mut stacks: HashMap<String, i64> = HashMap::new();
     for sample in &profile.sample {
-        let mut frames = Vec::new();
+        let mut frames: Vec<String> = sample.label.iter().filter(|l| Some(l.key) == thread_key).map(|l| string(l.str).replace(';', ":")).collect();
         for id in sample.location_id.iter().rev() {
             match locations.get(id) {
                 Some(names) => frames.extend(names.iter().rev().map(|n| n.replace(';', ":"))),
                 None => frames.push(format!("{id:#x}")),
             }
         }
-        match kind {
-            Kind::Heap => {
-                while frames.last().is_some_and(|f| is_allocator_frame(f)) {
-                    frames.pop();
-                }
-            }
-            // A CPU sample is taken in a signal handler: its leaf frames are the kernel's
-            // signal trampoline, the handler, and the unwinder (whose generic names mention
-            // the handler too); the interrupted code is under them.
-            Kind::Cpu => {
-                if let Some(handler) = frames.iter().position(|f| f == "perf_signal_handler" || f.ends_with("::perf_signal_handler")) {
-                    frames.truncate(handler.saturating_sub(1));
-                }
+        if kind == Kind::Heap {
+            while frames.last().is_some_and(|f| is_allocator_frame(f)) {
+                frames.pop();
             }
         }
         *stacks.entry(frames.join(";")).or_default() += sample.value.first().copied().unwrap_or(0);
@@ -208,95 +257,6 @@ pub fn folded(gzipped: &[u8], kind: Kind, symbolizer: &mut Symbolizer) -> Result
     let mut lines: Vec<String> = stacks.into_iter().filter(|(_, w)| *w > 0).map(|(s, w)| format!("{s} {w}")).collect();
     lines.sort();
     Ok(lines)
-}
-
-/// A profile of raw return addresses in pprof's profile.proto, with the process's mappings
-/// and no names: built in the profiled process without reading any debug information,
-/// named out of it by [`folded`].
-pub struct RawProfile {
-    profile: proto::Profile,
-    strings: HashMap<String, i64>,
-    /// (mapping id, address in the file) -> location id.
-    locations: HashMap<(u64, u64), u64>,
-    /// Root frame name (a thread) -> location id.
-    roots: HashMap<String, u64>,
-    mappings: Vec<(usize, usize, usize, u64)>,
-}
-
-impl Default for RawProfile {
-    fn default() -> Self {
-        RawProfile::new()
-    }
-}
-
-impl RawProfile {
-    /// An empty profile of this process, its mappings read from /proc/self/maps and the
-    /// ELF headers of each mapped file (once per process).
-    pub fn new() -> RawProfile {
-        let mut raw = RawProfile {
-            profile: proto::Profile { string_table: vec![String::new()], ..Default::default() },
-            strings: HashMap::new(),
-            locations: HashMap::new(),
-            roots: HashMap::new(),
-            mappings: Vec::new(),
-        };
-        for (m, id) in mappings::MAPPINGS.iter().flatten().zip(1..) {
-            let filename = raw.string(&m.pathname.to_string_lossy());
-            raw.profile.mapping.push(proto::Mapping { id, filename });
-            raw.mappings.push((m.memory_start, m.memory_end, m.memory_offset, id));
-        }
-        raw
-    }
-
-    fn string(&mut self, text: &str) -> i64 {
-        if let Some(i) = self.strings.get(text) {
-            return *i;
-        }
-        let i = self.profile.string_table.len() as i64;
-        self.profile.string_table.push(text.to_owned());
-        self.strings.insert(text.to_owned(), i);
-        i
-    }
-
-    /// One stack: return addresses leaf first, under a root frame named `root` (its thread).
-    pub fn add(&mut self, root: &str, return_addresses: impl Iterator<Item = usize>, weight: i64) {
-        let mut ids = Vec::new();
-        for address in return_addresses {
-            // A return address is one past its call; the call is what to name.
-            let address = address.saturating_sub(1);
-            let Some(&(start, _, offset, mapping)) = self.mappings.iter().find(|(start, end, _, _)| (*start..*end).contains(&address)) else {
-                continue;
-            };
-            let in_file = (address - start + offset) as u64;
-            let next = self.profile.location.len() as u64 + 1;
-            let id = *self.locations.entry((mapping, in_file)).or_insert(next);
-            if id == next {
-                self.profile.location.push(proto::Location { id, mapping_id: mapping, address: in_file, line: Vec::new() });
-            }
-            ids.push(id);
-        }
-        let root_id = match self.roots.get(root) {
-            Some(id) => *id,
-            None => {
-                let name = self.string(root);
-                let function = self.profile.function.len() as u64 + 1;
-                self.profile.function.push(proto::Function { id: function, name });
-                let id = self.profile.location.len() as u64 + 1;
-                self.profile.location.push(proto::Location { id, mapping_id: 0, address: 0, line: vec![proto::Line { function_id: function }] });
-                self.roots.insert(root.to_owned(), id);
-                id
-            }
-        };
-        ids.push(root_id);
-        self.profile.sample.push(proto::Sample { location_id: ids, value: vec![weight] });
-    }
-
-    /// The profile as gzipped profile.proto.
-    pub fn gzipped(&self) -> Result<Vec<u8>, String> {
-        use std::io::Write;
-        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        encoder.write_all(&self.profile.encode_to_vec()).and_then(|_| encoder.finish()).map_err(|e| format!("gzip: {e}"))
-    }
 }
 
 /// Frames of the allocator and of the standard library's allocation paths.
@@ -332,12 +292,6 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&p.encode_to_vec()).unwrap();
         gz.finish().unwrap()
-    }
-
-    #[test]
-    fn a_cpu_sample_loses_the_signal_handler_and_its_trampoline() {
-        let gz = profile(&[&["trace", "trace<pprof::profiler::perf_signal_handler::{closure_env#0}>", "perf_signal_handler", "libc.so.6+0x3c04f", "pushline::work", "main"]]);
-        assert_eq!(folded(&gz, Kind::Cpu, &mut Symbolizer::default()).unwrap(), ["main;pushline::work 1"]);
     }
 
     #[test]

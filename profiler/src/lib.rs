@@ -71,6 +71,9 @@ impl Shared {
     }
 }
 
+/// How soon a sample is in the table (or a burst) after it was taken.
+pub const DRAINED_WITHIN: Duration = Duration::from_millis(150);
+
 pub fn unix_minute() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 60)
 }
@@ -134,10 +137,9 @@ impl Profiler {
         Some(BurstGuard { profiler: self, started: SystemTime::now() })
     }
 
-    /// What the burst counted, and how long it ran.
+    /// What the burst counted, and how long it ran. Samples recorded in the last
+    /// [`DRAINED_WITHIN`] may not be drained yet: wait that long before calling.
     pub fn finish(&self, burst: BurstGuard<'_>) -> (Samples, Duration) {
-        // What the handler recorded up to now is drained on the sampler's next pass.
-        std::thread::sleep(Duration::from_millis(150));
         let counts = self.shared.lock_burst().take().unwrap_or_default();
         let took = burst.started.elapsed().unwrap_or_default();
         drop(burst);

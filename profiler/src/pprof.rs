@@ -5,7 +5,7 @@
 //! runtime addresses; each sample carries its thread as the label `thread`.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 
 use pprof::protos::{Function, Label, Line, Location, Mapping, Message, Profile, Sample, ValueType};
 
@@ -58,7 +58,8 @@ pub fn encode(samples: &Samples, hz: u32, start_ns: i64, duration_ns: i64) -> Ve
             memory_start: segment.memory_start as u64,
             memory_limit: segment.memory_end as u64,
             file_offset: segment.file_offset,
-            filename: strings.id(&segment.pathname.to_string_lossy()),
+            // Absolute, so a reader run from anywhere finds the file.
+            filename: strings.id(&std::fs::canonicalize(&segment.pathname).unwrap_or_else(|_| segment.pathname.clone()).to_string_lossy()),
             build_id: segment.build_id.as_ref().map_or(0, |b| strings.id(&b.to_string())),
             ..Default::default()
         });
@@ -102,4 +103,44 @@ pub fn encode(samples: &Samples, hz: u32, start_ns: i64, duration_ns: i64) -> Ve
     // Writing into a Vec does not fail.
     let _ = gz.write_all(&profile.encode_to_vec());
     gz.finish().unwrap_or_default()
+}
+
+/// `gzipped` (a profile.proto of raw addresses, this one's or jemalloc's) with every
+/// location named: `names(file, address, memory_start, memory_limit, file_offset)` gives
+/// its frames, innermost first. A reader then needs no binary, and no symbolizer of its own.
+pub fn named(gzipped: &[u8], mut names: impl FnMut(&str, u64, u64, u64, u64) -> Vec<String>) -> Result<Vec<u8>, String> {
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(gzipped).read_to_end(&mut raw).map_err(|e| format!("gunzip profile: {e}"))?;
+    let mut profile = Profile::decode(raw.as_slice()).map_err(|e| format!("decode profile: {e}"))?;
+    let mut strings = Strings { index: profile.string_table.iter().enumerate().map(|(i, s)| (s.clone(), i as i64)).collect(), table: std::mem::take(&mut profile.string_table) };
+    let mut functions: HashMap<String, u64> = HashMap::new();
+    let mappings: HashMap<u64, usize> = profile.mapping.iter().enumerate().map(|(i, m)| (m.id, i)).collect();
+    for location in profile.location.iter_mut().filter(|l| l.line.is_empty()) {
+        let Some(&m) = mappings.get(&location.mapping_id) else { continue };
+        let mapping = &profile.mapping[m];
+        let file = strings.table.get(mapping.filename as usize).cloned().unwrap_or_default();
+        if file.is_empty() {
+            continue;
+        }
+        for name in names(&file, location.address, mapping.memory_start, mapping.memory_limit, mapping.file_offset) {
+            let next = profile.function.len() as u64 + 1;
+            let function_id = *functions.entry(name.clone()).or_insert(next);
+            if function_id == next {
+                let name = strings.id(&name);
+                profile.function.push(Function { id: function_id, name, system_name: name, ..Default::default() });
+            }
+            location.line.push(Line { function_id, line: 0 });
+        }
+    }
+    // Every location is named as far as it can be: a reader need not try again (go tool
+    // pprof would load the binary's DWARF to name a mapping not marked so).
+    for mapping in &mut profile.mapping {
+        mapping.has_functions = true;
+        mapping.has_filenames = true;
+        mapping.has_line_numbers = true;
+        mapping.has_inline_frames = true;
+    }
+    profile.string_table = strings.table;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&profile.encode_to_vec()).and_then(|_| gz.finish()).map_err(|e| format!("gzip: {e}"))
 }

@@ -65,6 +65,7 @@ fn a_thread_gets_the_samples_its_cpu_is_worth() {
     let burst = profiler.start_burst(99).unwrap();
     assert!(profiler.start_burst(99).is_none(), "one burst at a time");
     burner("burn-99hz", Duration::from_secs(2));
+    std::thread::sleep(pushline_profiler::DRAINED_WITHIN);
     let (samples, _) = profiler.finish(burst);
     let (all, in_burn) = of(&samples, "burn-99hz");
     assert!((178..=218).contains(&all), "2 s of CPU at 99 Hz: {all} samples (198 +- 20)");

@@ -282,6 +282,16 @@ pub struct Config {
     #[serde(serialize_with = "as_humantime")]
     pub idempotency_window: Duration,
 
+    /// Samples per second of each thread's CPU time, always on, kept for --profile-window;
+    /// 0 turns it off (`?seconds=N` profiles still work).
+    #[arg(long, env = "PUSHLINE_PROFILE_HZ", default_value_t = 19, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub profile_hz: u32,
+
+    /// How much of the past the always-on profiler keeps, per minute.
+    #[arg(long, env = "PUSHLINE_PROFILE_WINDOW", default_value = "60m", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub profile_window: Duration,
+
     /// Idempotency keys remembered per API key (one node, memory registry); past it that
     /// API key's own oldest are forgotten first. About 500 bytes each.
     #[arg(long, env = "PUSHLINE_IDEMPOTENCY_MAX_KEYS", default_value_t = 100_000)]

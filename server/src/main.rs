@@ -15,7 +15,8 @@ static ALLOCATOR: SiteAllocator = SiteAllocator;
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(pushline::SYMBOLIZE) {
-        return symbolize(std::env::args().nth(2).as_deref().and_then(Kind::parse));
+        let named = std::env::args().nth(3).as_deref() == Some("pprof");
+        return symbolize(std::env::args().nth(2).as_deref().and_then(Kind::parse), named);
     }
     let config = match Config::load() {
         Ok(config) => config,
@@ -89,10 +90,10 @@ fn main() -> ExitCode {
     })
 }
 
-/// The server's short-lived symbolizing worker: a gzipped profile on stdin, its folded
-/// stacks, named from the binaries on disk, on stdout. The debug information it loads goes
-/// away with it.
-fn symbolize(kind: Option<Kind>) -> ExitCode {
+/// The server's short-lived symbolizing worker: a gzipped profile on stdin; on stdout its
+/// folded stacks, or (`pprof`) the same profile with every location named, both from the
+/// binaries on disk. The debug information it loads goes away with it.
+fn symbolize(kind: Option<Kind>, named: bool) -> ExitCode {
     use std::io::{Read, Write};
     let Some(kind) = kind else {
         eprintln!("pushline {}: say which profile: heap or cpu", pushline::SYMBOLIZE);
@@ -103,13 +104,16 @@ fn symbolize(kind: Option<Kind>) -> ExitCode {
         eprintln!("pushline {}: {e}", pushline::SYMBOLIZE);
         return ExitCode::FAILURE;
     }
-    match pushline_alloc::symbolize::folded(&profile, kind, &mut Default::default()) {
-        Ok(lines) => {
-            let mut out = std::io::stdout().lock();
-            for line in lines {
-                if writeln!(out, "{line}").is_err() {
-                    return ExitCode::FAILURE;
-                }
+    let mut symbolizer = pushline_alloc::symbolize::Symbolizer::default();
+    let out = if named {
+        pushline_profiler::pprof::named(&profile, |file, address, start, limit, offset| symbolizer.at(file, address, start, limit, offset))
+    } else {
+        pushline_alloc::symbolize::folded(&profile, kind, &mut symbolizer).map(|lines| lines.into_iter().flat_map(|l| [l.into_bytes(), b"\n".to_vec()]).flatten().collect())
+    };
+    match out {
+        Ok(bytes) => {
+            if std::io::stdout().lock().write_all(&bytes).is_err() {
+                return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }

@@ -74,6 +74,25 @@ async fn expire_history(history: Arc<MemoryHistory>, hub: Arc<Hub>, ttl: Duratio
     }
 }
 
+/// The process's CPU profiler, started by the first server of the process (tests run
+/// several in one): signals and per-thread timers are the process's, so there is one.
+fn profiler(config: &Config) -> std::io::Result<Arc<pushline_profiler::Profiler>> {
+    static PROFILER: std::sync::OnceLock<Arc<pushline_profiler::Profiler>> = std::sync::OnceLock::new();
+    if let Some(profiler) = PROFILER.get() {
+        return Ok(profiler.clone());
+    }
+    let settings = pushline_profiler::Settings {
+        hz: config.profile_hz,
+        window_minutes: (config.profile_window.as_secs() / 60).max(1),
+        max_frames: PROFILE_MAX_FRAMES,
+    };
+    let started = Arc::new(pushline_profiler::Profiler::start(settings)?);
+    Ok(PROFILER.get_or_init(|| started).clone())
+}
+
+/// Frames the profiler's stack table holds (8 bytes each, plus about 50 per stack).
+const PROFILE_MAX_FRAMES: usize = 128 * 1024;
+
 fn io_error(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::new(Kind::Io, format!("{what}: {e}"))
 }
@@ -186,6 +205,7 @@ impl Server {
             runtime: tokio::runtime::Handle::current(),
             cores: cores.clone(),
             token: config.admin_token.clone(),
+            profiler: profiler(&config).map_err(io_error("cannot start the CPU profiler".into()))?,
         };
         let admin = admin::start(admin_listener, admin).map_err(io_error("cannot start the admin listener".into()))?;
 

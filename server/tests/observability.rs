@@ -44,39 +44,92 @@ async fn get_bytes(url: String) -> (u16, Vec<u8>) {
 
 #[tokio::test]
 async fn cpu_profile_of_a_busy_server_names_its_functions() {
-    let server = Process::spawn(&[], None);
+    // Dense heap sampling too, so the heap profile holds the connections' stacks, and both
+    // samplers run at once under load.
+    let server = Process::spawn_with_env(&["--profile-hz", "99"], None, &[("_RJEM_MALLOC_CONF", "lg_prof_sample:12")]);
     let readers = drain(many_ws(server.client, 50, "c").await);
-    let _load = Load::start(server.client);
     let admin = server.admin;
+    let load = Load::start(server.client);
 
-    let first = tokio::spawn(get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=3")));
-    // The second asks while the first runs (it takes 3 s; this asks after 0.5 s).
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=1")).await;
-    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
-    assert!(String::from_utf8_lossy(&body).contains("already running"));
-
-    let (status, gzipped) = first.await.unwrap();
-    assert_eq!(status, 200);
+    // Two bursts asked at once, while the load runs: one is taken, the other refused.
+    let url = format!("http://{admin}/debug/pprof/profile?seconds=2&symbolize=none");
+    let (a, b) = tokio::join!(get_bytes(url.clone()), get_bytes(url));
+    let (((200, gzipped), (409, refused)) | ((409, refused), (200, gzipped))) = (a, b) else {
+        panic!("expected one 200 and one 409");
+    };
+    assert!(String::from_utf8_lossy(&refused).contains("already running"));
     // Raw addresses and mappings: named here, from the binary on disk, as the tools do.
     let folded = pushline_alloc::symbolize::folded(&gzipped, Kind::Cpu, &mut Default::default()).expect("a gzipped profile.proto");
-    assert!(!folded.is_empty(), "the busy server was sampled");
-    assert!(folded.iter().any(|l| l.contains(";pushline::")), "server functions in the profile: {:?}", &folded[..folded.len().min(5)]);
+    assert!(folded.iter().any(|l| l.contains(";pushline::")), "server functions in the burst: {:?}", &folded[..folded.len().min(5)]);
+    drop(load);
 
-    let (status, svg) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=2&format=svg")).await;
-    assert_eq!(status, 200);
-    let svg = String::from_utf8(svg).unwrap();
-    assert!(svg.starts_with("<?xml") && svg.contains("<svg"), "an SVG document");
-    assert!(svg.contains("pushline::"), "the flame graph names server functions");
-
-    let (status, folded) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=1&format=folded")).await;
+    // The always-on window: the last minute, answered at once, names the delivery path.
+    let (status, folded) = get_bytes(format!("http://{admin}/debug/pprof/profile?minutes=1&format=folded")).await;
     assert_eq!(status, 200);
     let folded = String::from_utf8(folded).unwrap();
     assert!(folded.lines().all(|l| l.rsplit_once(' ').is_some_and(|(_, n)| n.parse::<u64>().is_ok())), "folded lines end in a count");
-    assert!(folded.contains("pushline::"));
+    assert!(folded.lines().any(|l| l.starts_with("pushline-core-") && l.contains("pushline::")), "the core threads' stacks: {folded:.2000}");
+    let (status, svg) = get_bytes(format!("http://{admin}/debug/pprof/profile?minutes=1&format=svg")).await;
+    assert_eq!(status, 200);
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.contains("pushline::"), "a flame graph naming server functions");
 
-    let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=0")).await;
-    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    // go tool pprof, the ecosystem's reader, reads the CPU and heap profiles and shows
+    // Pushline's own functions (named by the server's worker, so it needs no binary).
+    for (path, kind) in [("profile?minutes=1", "cpu"), ("heap", "inuse_space")] {
+        let said = go_pprof_top(&format!("http://{admin}/debug/pprof/{path}"));
+        assert!(said.contains(&format!("Type: {kind}")) && said.contains("pushline::"), "go tool pprof -top {path} names Pushline's functions:\n{said}");
+    }
+
+    // Outside what is kept: a 400 that says what is.
+    for (query, says) in [("minutes=0", "at least 1"), ("from=2001-01-01T00:00:00Z", "not kept"), ("seconds=0", "seconds")] {
+        let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?{query}")).await;
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    let text = metrics(admin).await;
+    assert!(metric(&text, "pushline_profiler_samples_total") > 0.0);
+    assert_eq!(metric(&text, r#"pushline_profiler_samples_dropped_total{reason="ring_full"}"#), 0.0);
+    drop(readers);
+}
+
+/// What `go tool pprof -top` says of the profile at `url` (saved to a file first, so the
+/// test's own timeout bounds the download).
+fn go_pprof_top(url: &str) -> String {
+    let file = std::env::temp_dir().join(format!("pushline-profile-{}-{}.pb.gz", std::process::id(), url.len()));
+    let fetched = std::process::Command::new("curl").args(["-sf", "-o"]).arg(&file).arg(url).status().expect("curl runs");
+    assert!(fetched.success(), "curl {url}");
+    let top = std::process::Command::new("go")
+        .args(["tool", "pprof", "-top", "-nodecount=300"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run go ({e}): install it with `apt-get install -y golang-go` (scripts/test does this as root)"));
+    std::fs::remove_file(&file).unwrap();
+    let said = String::from_utf8_lossy(&top.stdout).into_owned() + &String::from_utf8_lossy(&top.stderr);
+    assert!(top.status.success(), "go tool pprof -top {url}: {said}");
+    said
+}
+
+/// The profiler's cost stays small: its site after bursts at the highest rate, and the
+/// server's resident memory, which one pprof-rs profile grew by ~290 MB.
+#[tokio::test]
+async fn profiles_cost_the_server_almost_nothing_to_keep() {
+    let server = Process::spawn(&[], None);
+    let readers = drain(many_ws(server.client, 20, "m").await);
+    let admin = server.admin;
+    let _load = Load::start(server.client);
+    let before = rss(&server);
+    for _ in 0..3 {
+        let (status, _) = get_bytes(format!("http://{admin}/debug/pprof/profile?seconds=1&frequency=1000")).await;
+        assert_eq!(status, 200);
+    }
+    let after = rss(&server);
+    let text = metrics(admin).await;
+    let profiler = metric(&text, r#"pushline_alloc_site_live_bytes{site="profiler"}"#);
+    eprintln!("profiler site {profiler} B; RSS {before} -> {after}");
+    assert!(profiler < 4.0 * 1_048_576.0, "the profiler holds {profiler} bytes");
+    assert!(after < before + 16 * 1_048_576, "RSS {before} -> {after} over three bursts at 1000 Hz");
     drop(readers);
 }
 

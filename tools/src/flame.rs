@@ -13,6 +13,12 @@ pub fn cpu_folded(admin: &Admin, seconds: u64) -> Result<String, String> {
     String::from_utf8(body).map_err(|e| format!("profile is not text: {e}"))
 }
 
+/// Collapsed stacks of a live server's CPU over the last `minutes`, from its always-on profiler.
+pub fn cpu_folded_window(admin: &Admin, minutes: u64) -> Result<String, String> {
+    let body = admin.get(&format!("/debug/pprof/profile?minutes={minutes}&format=folded"), Duration::from_secs(120))?;
+    String::from_utf8(body).map_err(|e| format!("profile is not text: {e}"))
+}
+
 pub fn svg(folded: &str, title: &str, count_name: &str) -> Result<Vec<u8>, String> {
     pushline_alloc::flame::svg(folded.lines(), title, count_name)
 }

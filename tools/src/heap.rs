@@ -14,7 +14,7 @@ use crate::target::Admin;
 /// The server sends raw addresses; they are named here, from the binaries on disk, so the
 /// server never loads its own debug information.
 pub fn snapshot(admin: &Admin, prefix: &Path) -> Result<Vec<PathBuf>, String> {
-    let profile = admin.get("/debug/pprof/heap?format=pprof", Duration::from_secs(60))?;
+    let profile = admin.get("/debug/pprof/heap?format=pprof&symbolize=none", Duration::from_secs(60))?;
     let folded = pushline_alloc::symbolize::folded(&profile, pushline_alloc::symbolize::Kind::Heap, &mut Default::default())?.join("\n") + "\n";
     let memory: Value = serde_json::from_slice(&admin.get("/debug/memory", Duration::from_secs(30))?).map_err(|e| e.to_string())?;
     let svg = crate::flame::svg(&folded, "Pushline heap: live bytes by stack (sampled)", "bytes")?;

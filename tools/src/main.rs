@@ -36,6 +36,10 @@ enum Command {
         target: Option<String>,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Instead of profiling from now: the last M minutes the server's always-on
+        /// profiler kept (answered at once).
+        #[arg(long, conflicts_with = "kernel")]
+        minutes: Option<u64>,
         /// Write the SVG here.
         #[arg(short, long, default_value = "flamegraph.svg")]
         output: PathBuf,
@@ -122,7 +126,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 audit::print(&audit);
             }
         }
-        Command::Flamegraph { target, seconds, output, folded, diff, from_bpftrace, kernel } => {
+        Command::Flamegraph { target, seconds, minutes, output, folded, diff, from_bpftrace, kernel } => {
             let svg = if let Some(paths) = diff {
                 flame::diff_svg(&paths[0], &paths[1])?
             } else if let Some(path) = from_bpftrace {
@@ -141,13 +145,18 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     let pid = target.parse::<u32>().map_err(|_| format!("--kernel samples a process: give its pid, not `{target}`"))?;
                     eprintln!("sampling pid {pid}, kernel and user stacks, for {seconds} s (bpftrace)");
                     (flame::kernel_folded(pid, seconds)?, "Pushline CPU, kernel and user")
+                } else if let Some(minutes) = minutes {
+                    let admin = Admin::find(&target)?;
+                    eprintln!("the last {minutes} min of {}", admin.addr);
+                    (flame::cpu_folded_window(&admin, minutes)?, "Pushline CPU")
                 } else {
                     let admin = Admin::find(&target)?;
                     eprintln!("profiling {} for {seconds} s", admin.addr);
                     (flame::cpu_folded(&admin, seconds)?, "Pushline CPU")
                 };
                 if stacks.trim().is_empty() {
-                    let message = format!("no samples in {seconds} s: the server was idle");
+                    let span = minutes.map_or(format!("{seconds} s"), |m| format!("{m} min"));
+                    let message = format!("no samples in {span}: the server was idle");
                     write(&output, pushline_alloc::flame::empty_svg(title, &message).as_bytes())?;
                     eprintln!("pushline-tools: {message}; wrote {} saying so", output.display());
                     println!("{}", output.display());

@@ -53,6 +53,8 @@ pub struct Admin {
     pub cores: Arc<Cores>,
     /// Bearer token every route requires (`--admin-token`); None: loopback only, no token.
     pub token: Option<String>,
+    /// The always-on CPU profiler (one per process).
+    pub profiler: Arc<pushline_profiler::Profiler>,
 }
 
 /// The running admin listener.
@@ -62,8 +64,7 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops the listener and waits, at most `grace`, for its thread to end. A CPU
-    /// profile in progress (up to 300 s, on a blocking thread) is not waited for.
+    /// Stops the listener and waits, at most `grace`, for its thread to end.
     pub async fn stop(self, grace: Duration) {
         self.stop.cancel();
         if tokio::time::timeout(grace, self.stopped).await.is_err() {
@@ -83,7 +84,7 @@ pub fn start(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<R
     std::thread::Builder::new().name("pushline-admin".into()).spawn(move || {
         let _site = Site::Admin.enter();
         runtime.block_on(serve(listener, admin, stopping));
-        // Blocking tasks (a CPU profile) are left to finish or die with the process.
+        // Blocking tasks (a symbolizing worker's output) are left to finish or die with the process.
         runtime.shutdown_timeout(Duration::from_millis(100));
         let _ = stopped_tx.send(());
     })?;
@@ -222,10 +223,11 @@ async fn route(req: Request<hyper::body::Incoming>, admin: &Admin) -> Reply {
         "/readyz" if admin.shutdown.is_serving() => reply(StatusCode::OK, TEXT, "ready\n"),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "shutting down\n"),
         "/metrics" => {
+            admin.metrics.record_profiler(&admin.profiler.stats());
             let text = Site::Metrics.scope(|| admin.metrics.render(admin.cores.counts(&admin.runtime)));
             reply(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
-        "/debug/pprof/profile" => profile::cpu(&query).await,
+        "/debug/pprof/profile" => profile::cpu(&query, &admin.profiler).await,
         "/debug/pprof/heap" => profile::heap(&query).await,
         "/debug/memory" => match query.get("sockets") {
             None | Some("all") => json(&memory::memory(admin)),

@@ -1,13 +1,15 @@
-//! `/debug/pprof/profile` (CPU, pprof-rs) and `/debug/pprof/heap` (jemalloc's sampled
-//! heap profile), each as gzipped profile.proto (what `go tool pprof` reads), an inferno
-//! flame graph SVG, or folded stacks.
+//! `/debug/pprof/profile` (CPU, from the always-on profiler) and `/debug/pprof/heap`
+//! (jemalloc's sampled heap profile), each as gzipped profile.proto (what `go tool pprof`
+//! reads), an inferno flame graph SVG, or folded stacks.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::StatusCode;
-use pushline_alloc::symbolize::{Kind, RawProfile};
+use pushline_alloc::symbolize::Kind;
 use pushline_alloc::{flame, jemalloc};
+use pushline_profiler::Profiler;
+
+use crate::clock;
 
 use super::{error, reply, Query, Reply};
 
@@ -27,90 +29,80 @@ fn format(query: &Query) -> Result<Format, Reply> {
     }
 }
 
-/// One CPU profile at a time: a second would share pprof-rs's one SIGPROF timer.
-static CPU_PROFILE_RUNNING: AtomicBool = AtomicBool::new(false);
-
-struct CpuProfileSlot;
-
-impl CpuProfileSlot {
-    fn take() -> Option<CpuProfileSlot> {
-        CPU_PROFILE_RUNNING.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| CpuProfileSlot)
-    }
-}
-
-impl Drop for CpuProfileSlot {
-    fn drop(&mut self) {
-        CPU_PROFILE_RUNNING.store(false, Ordering::Release);
-    }
-}
-
-/// Pauses jemalloc's heap sampling while it lives: jemalloc unwinding a sampled
-/// allocation's stack while pprof-rs's SIGPROF handler unwinds the same thread can deadlock.
-struct HeapSamplingPaused(Option<bool>);
-
-impl HeapSamplingPaused {
-    fn new() -> Self {
-        HeapSamplingPaused(jemalloc::set_heap_sampling(false).ok())
-    }
-}
-
-impl Drop for HeapSamplingPaused {
-    fn drop(&mut self) {
-        if let Some(was) = self.0 {
-            let _ = jemalloc::set_heap_sampling(was);
-        }
-    }
-}
-
-pub async fn cpu(query: &Query) -> Reply {
+/// The CPU profile: of a window of the past the always-on profiler kept (`?minutes=M`,
+/// or `?from=..&to=..` in RFC 3339 or Unix seconds), answered at once; or of the next
+/// `?seconds=N` (default 30) at `?frequency=F` (default 99), a burst of the same
+/// collector (one at a time: 409). A burst whose client hangs up ends then.
+pub async fn cpu(query: &Query, profiler: &Profiler) -> Reply {
     let format = match format(query) {
         Ok(f) => f,
         Err(reply) => return reply,
     };
-    let seconds = match query.number("seconds", 30, 1..=300) {
-        Ok(s) => s,
-        Err(reply) => return reply,
+    let windowed = query.get("minutes").is_some() || query.get("from").is_some() || query.get("to").is_some();
+    let (samples, hz, started, took) = if windowed {
+        let (from, to) = match window(query, profiler) {
+            Ok(span) => span,
+            Err(reply) => return reply,
+        };
+        let samples = profiler.window(from, to);
+        (samples, profiler.base_hz(), from * 60, Duration::from_secs((to + 1 - from) * 60))
+    } else {
+        let seconds = match query.number("seconds", 30, 1..=300) {
+            Ok(s) => s,
+            Err(reply) => return reply,
+        };
+        let frequency = match query.number("frequency", 99, 1..=1000) {
+            Ok(f) => f as u32,
+            Err(reply) => return reply,
+        };
+        let Some(burst) = profiler.start_burst(frequency) else {
+            return error(StatusCode::CONFLICT, "a CPU profile is already running; one at a time");
+        };
+        let started = clock::wall_ms() / 1000;
+        tokio::time::sleep(Duration::from_secs(seconds) + pushline_profiler::DRAINED_WITHIN).await;
+        let (samples, took) = profiler.finish(burst);
+        (samples, frequency.max(profiler.base_hz()), started, took)
     };
-    let frequency = match query.number("frequency", 99, 1..=1000) {
-        Ok(f) => f as i32,
-        Err(reply) => return reply,
+    let profile = pushline_profiler::pprof::encode(&samples, hz, started as i64 * 1_000_000_000, took.as_nanos() as i64);
+    in_format(format, profile, Kind::Cpu, query.get("symbolize") == Some("none")).await
+}
+
+/// The minutes (Unix) a windowed request asks for, inside what is kept; or a 400 that
+/// says what is kept.
+fn window(query: &Query, profiler: &Profiler) -> Result<(u64, u64), Reply> {
+    let now = pushline_profiler::unix_minute();
+    let oldest = profiler.oldest().unwrap_or(now);
+    let kept = || format!("kept: minutes from {} to now ({}), as --profile-window allows", rfc3339(oldest * 60), rfc3339(now * 60));
+    let (from, to) = if let Some(minutes) = query.get("minutes") {
+        let minutes: u64 = minutes.parse().ok().filter(|m| *m >= 1).ok_or_else(|| error(StatusCode::BAD_REQUEST, "minutes must be a whole number of minutes, at least 1"))?;
+        // The minutes that hold the last `minutes` * 60 seconds, as far back as is kept.
+        let now_s = clock::wall_ms() / 1000;
+        ((now_s.saturating_sub(minutes * 60) / 60).max(oldest), now)
+    } else {
+        let at = |name: &str, default: u64| -> Result<u64, Reply> {
+            match query.get(name) {
+                None => Ok(default),
+                Some(text) => instant(text).map(|s| s / 60).ok_or_else(|| error(StatusCode::BAD_REQUEST, &format!("{name}={text}: expected RFC 3339 (2026-12-06T14:19:00Z) or Unix seconds"))),
+            }
+        };
+        (at("from", oldest)?, at("to", now)?)
     };
-    let Some(slot) = CpuProfileSlot::take() else {
-        return error(StatusCode::CONFLICT, "a CPU profile is already running; one at a time");
-    };
-    // Held by this request: when the client hangs up, its request is dropped, and with it
-    // this sender, which ends the profile early (and frees the slot for the next one).
-    let (_asking, hung_up) = std::sync::mpsc::channel::<()>();
-    let profiled = tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        let _paused = HeapSamplingPaused::new();
-        let guard = pprof::ProfilerGuardBuilder::default()
-            .frequency(frequency)
-            // Unwinding through these from a signal handler can deadlock or crash.
-            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
-            .build()
-            .map_err(|e| format!("cannot start the CPU profiler: {e}"))?;
-        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = hung_up.recv_timeout(Duration::from_secs(seconds)) {
-            return Err("the client hung up".to_owned());
-        }
-        // Unresolved: the addresses as sampled. Naming them here would load this binary's
-        // DWARF into the server for good (hundreds of megabytes for a debug build).
-        let report = guard.report().build_unresolved().map_err(|e| format!("cannot build the CPU profile: {e}"))?;
-        let mut raw = RawProfile::new();
-        for (stack, count) in &report.data {
-            let thread = String::from_utf8_lossy(&stack.thread_name[..stack.thread_name_length]).into_owned();
-            let root = if thread.is_empty() { stack.thread_id.to_string() } else { thread };
-            raw.add(&root, stack.frames.iter().map(|frame| frame.ip() as usize), *count as i64);
-        }
-        raw.gzipped()
-    })
-    .await;
-    let profile = match profiled {
-        Ok(Ok(profile)) => profile,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("CPU profile task failed: {e}")),
-    };
-    in_format(format, profile, Kind::Cpu).await
+    if from > to {
+        return Err(error(StatusCode::BAD_REQUEST, "from is after to"));
+    }
+    if from < oldest || to > now {
+        return Err(error(StatusCode::BAD_REQUEST, &format!("that window is not kept; {}", kept())));
+    }
+    Ok((from, to))
+}
+
+/// Unix seconds of an RFC 3339 time or of a number of seconds.
+fn instant(text: &str) -> Option<u64> {
+    text.parse().ok().or_else(|| humantime::parse_rfc3339_weak(text).ok()?.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs()))
+}
+
+fn rfc3339(unix_seconds: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix_seconds)).to_string()
 }
 
 /// The argument that makes `pushline` the symbolizing worker (then `heap` or `cpu`).
@@ -119,9 +111,7 @@ pub const SYMBOLIZE: &str = "symbolize-profile";
 /// Longest a symbolizing worker may take (a debug build's DWARF loads in seconds).
 const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// jemalloc's sampled heap profile. `pprof`: raw addresses with the process's mappings,
-/// as jemalloc's own dumps (`pushline-tools heap` names them from the binary on disk);
-/// `folded` and `svg`: named by a short-lived worker process.
+/// jemalloc's sampled heap profile, named by a short-lived worker process.
 pub async fn heap(query: &Query) -> Reply {
     let format = match format(query) {
         Ok(f) => f,
@@ -131,17 +121,24 @@ pub async fn heap(query: &Query) -> Reply {
         Ok(p) => p,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
     };
-    in_format(format, pprof, Kind::Heap).await
+    in_format(format, pprof, Kind::Heap, query.get("symbolize") == Some("none")).await
 }
 
-/// A profile of raw addresses as asked: as it is (`pprof`), or named by the worker and
-/// folded, or drawn.
-async fn in_format(format: Format, profile: Vec<u8>, kind: Kind) -> Reply {
+/// A profile of raw addresses as asked, named by the worker: as profile.proto with its
+/// names in it (`pprof`; `&symbolize=none` leaves the raw addresses, for a reader that
+/// names them itself), folded, or drawn.
+async fn in_format(format: Format, profile: Vec<u8>, kind: Kind, raw: bool) -> Reply {
     if format == Format::Pprof {
-        return reply(StatusCode::OK, content_type(format), profile);
+        if raw {
+            return reply(StatusCode::OK, content_type(format), profile);
+        }
+        return match in_worker(profile, kind, "pprof").await {
+            Ok(named) => reply(StatusCode::OK, content_type(format), named),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        };
     }
-    let folded = match symbolized_in_worker(profile, kind).await {
-        Ok(lines) => lines,
+    let folded: Vec<String> = match in_worker(profile, kind, "folded").await {
+        Ok(text) => String::from_utf8_lossy(&text).lines().map(str::to_owned).collect(),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
     };
     let (title, count_name) = match kind {
@@ -178,14 +175,15 @@ fn content_type(format: Format) -> &'static str {
     }
 }
 
-/// Folded stacks of a profile of raw addresses, named by the short-lived worker
-/// (`pushline symbolize-profile`): the DWARF it loads to name addresses (tens of
-/// megabytes) is returned to the system when it exits, so looking does not grow the server.
-async fn symbolized_in_worker(profile: Vec<u8>, kind: Kind) -> Result<Vec<String>, String> {
+/// A profile of raw addresses named by the short-lived worker (`pushline
+/// symbolize-profile`), as folded stacks or as a named profile.proto: the DWARF it loads
+/// to name addresses (tens of megabytes) is returned to the system when it exits, so
+/// looking does not grow the server.
+async fn in_worker(profile: Vec<u8>, kind: Kind, output: &str) -> Result<Vec<u8>, String> {
     use tokio::io::AsyncWriteExt;
     // /proc/self/exe is the running binary even if the file on disk was replaced.
     let mut worker = tokio::process::Command::new("/proc/self/exe")
-        .args([SYMBOLIZE, kind.as_str()])
+        .args([SYMBOLIZE, kind.as_str(), output])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -203,5 +201,5 @@ async fn symbolized_in_worker(profile: Vec<u8>, kind: Kind) -> Result<Vec<String
         return Err(format!("the symbolizing worker failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
     }
     fed.map_err(|e| format!("feeding the symbolizing worker: {e}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    Ok(out.stdout)
 }

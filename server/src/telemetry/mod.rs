@@ -70,6 +70,9 @@ pub const HISTORY_STREAMS: &str = "pushline_history_streams";
 pub const HISTORY_EVICTED: &str = "pushline_history_streams_evicted_total";
 pub const HISTORY_EPOCH_RESETS: &str = "pushline_history_epoch_resets_total";
 pub const NOT_REPLICATED: &str = "pushline_publishes_not_replicated_total";
+pub const PROFILER_SAMPLES: &str = "pushline_profiler_samples_total";
+pub const PROFILER_DROPPED: &str = "pushline_profiler_samples_dropped_total";
+pub const PROFILER_FRAMES: &str = "pushline_profiler_stack_frames";
 pub const RESUMES: &str = "pushline_resumes_total";
 pub const RESUME_REPLAYED: &str = "pushline_resume_replayed_messages_total";
 pub const IDEMPOTENT_REPLAYS: &str = "pushline_idempotent_replays_total";
@@ -123,6 +126,11 @@ pub struct Metrics {
     history_evicted: [Counter; Eviction::COUNT],
     epoch_resets: [Counter; EpochReset::COUNT],
     pub not_replicated: Counter,
+    profiler_samples: Counter,
+    /// ring_full, thread_ended, stack_table_full.
+    profiler_dropped: [Counter; 3],
+    /// Held, and the cap.
+    profiler_frames: [Gauge; 2],
     resumes: [Counter; ResumeOutcome::COUNT],
     pub resume_replayed: Counter,
     pub idempotent_replays: Counter,
@@ -161,7 +169,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 21] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 23] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -181,10 +189,12 @@ impl Metrics {
             (IDEMPOTENT_REPLAYS, Some(Unit::Count), "Publishes answered from an earlier request with the same Idempotency-Key, publishing nothing."),
             (TLS_HANDSHAKES, Some(Unit::Count), "TLS handshakes completed on the client listener, full or resumed."),
             (ALLOC_SITE_ALLOCATIONS, Some(Unit::Count), "Allocations each site has made since start."),
+            (PROFILER_SAMPLES, Some(Unit::Count), "CPU samples the always-on profiler took."),
+            (PROFILER_DROPPED, Some(Unit::Count), "CPU samples not kept as taken, by reason (ring_full, thread_ended; stack_table_full samples are kept under one stack)."),
             (NOT_REPLICATED, Some(Unit::Count), "Publishes answered 503 because their write did not reach --history-min-replicas Redis replicas in time."),
             (HISTORY_EPOCH_RESETS, Some(Unit::Count), "Times a group of streams was given new epochs because Redis held less history than this node had seen, by reason."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 22] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 23] = [
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
             (OPEN_FDS, Some(Unit::Count), "File descriptors this process has open."),
             (MAX_FDS, Some(Unit::Count), "This process's open-file limit."),
@@ -206,6 +216,7 @@ impl Metrics {
             (HISTORY_MESSAGES, Some(Unit::Count), "Messages of history kept in this process (memory registry)."),
             (HISTORY_BYTES, Some(Unit::Bytes), "Bytes of history kept in this process, held against --history-max-bytes."),
             (HISTORY_STREAMS, Some(Unit::Count), "Streams with history kept in this process."),
+            (PROFILER_FRAMES, Some(Unit::Count), "Frames in the profiler's stack table, against its cap (label `of`)."),
             (TLS_CERT_EXPIRY, Some(Unit::Seconds), "Seconds until the client listener's TLS certificate expires (0 without TLS)."),
         ];
         const HISTOGRAMS: [(&str, Option<Unit>, &str); 1] = [
@@ -267,6 +278,9 @@ impl Metrics {
             history_evicted: each::<Eviction, _, _>(|r| counter(HISTORY_EVICTED, &[("reason", r)])),
             epoch_resets: each::<EpochReset, _, _>(|r| counter(HISTORY_EPOCH_RESETS, &[("reason", r)])),
             not_replicated: counter(NOT_REPLICATED, &[]),
+            profiler_samples: counter(PROFILER_SAMPLES, &[]),
+            profiler_dropped: ["ring_full", "thread_ended", "stack_table_full"].map(|r| counter(PROFILER_DROPPED, &[("reason", r)])),
+            profiler_frames: ["held", "cap"].map(|of| gauge(PROFILER_FRAMES, &[("of", of)])),
             resumes: each::<ResumeOutcome, _, _>(|o| counter(RESUMES, &[("outcome", o)])),
             resume_replayed: counter(RESUME_REPLAYED, &[]),
             idempotent_replays: counter(IDEMPOTENT_REPLAYS, &[]),
@@ -330,6 +344,16 @@ impl Metrics {
 
     pub fn relayed(&self, direction: Relayed, kind: PublishKind) {
         self.relayed[direction as usize][kind as usize].increment(1);
+    }
+
+    /// The profiler's own counters, as of a scrape.
+    pub fn record_profiler(&self, report: &pushline_profiler::Report) {
+        self.profiler_samples.absolute(report.taken);
+        for (counter, value) in self.profiler_dropped.iter().zip([report.dropped_ring_full, report.dropped_thread_ended, report.overflowed]) {
+            counter.absolute(value);
+        }
+        self.profiler_frames[0].set(report.frames as f64);
+        self.profiler_frames[1].set(report.max_frames as f64);
     }
 
     pub fn epoch_reset(&self, reason: EpochReset) {
