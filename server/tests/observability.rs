@@ -112,7 +112,7 @@ fn go_pprof_top(url: &str) -> String {
 }
 
 /// The profiler's cost stays small: its site after bursts at the highest rate, and the
-/// server's resident memory, which one pprof-rs profile grew by ~290 MB.
+/// server's resident memory, which one profile of the collector before grew by ~290 MB.
 #[tokio::test]
 async fn profiles_cost_the_server_almost_nothing_to_keep() {
     let server = Process::spawn(&[], None);

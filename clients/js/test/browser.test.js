@@ -59,7 +59,7 @@ test("the dashboard draws a live server, lists its connections and shows a CPU f
     assert.match(bytes, /connection_task: \d+ B/);
     assert.match(await page.$eval("#fragmentation", (el) => el.textContent), /fragmentation \(active \/ allocated\) \d\.\d{3}/);
 
-    await page.$eval("#seconds", (el) => (el.value = "1"));
+    await page.$eval("#minutes", (el) => (el.value = "1"));
     await page.click("#cpu");
     await page.waitForSelector("#flame svg", { timeout: 20000 });
     mkdirSync(docs, { recursive: true });
