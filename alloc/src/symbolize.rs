@@ -287,7 +287,7 @@ mod tests {
                 p.location.push(proto::Location { id, mapping_id: 0, address: 0, line: vec![proto::Line { function_id: function }] });
                 ids.push(id);
             }
-            p.sample.push(proto::Sample { location_id: ids, value: vec![1] });
+            p.sample.push(proto::Sample { location_id: ids, value: vec![1], label: Vec::new() });
         }
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&p.encode_to_vec()).unwrap();

@@ -183,29 +183,8 @@ impl MemoryHistory {
     fn evict_publisher(&self, publisher: &str) {
         let target = self.settings.max_bytes_per_publisher / 10 * 9;
         let charged = || lock(&self.owners).get(publisher).copied().unwrap_or(0);
-        let mut ages: Vec<u64> = Vec::new();
-        for shard in self.shards.iter() {
-            ages.extend(lock(shard).values().filter(|k| *k.owner == *publisher).map(|k| k.written_ms));
-        }
-        ages.sort_unstable();
-        let mut evicted = 0;
-        for cut in ages.iter().step_by((ages.len() / 20).max(1)) {
-            if charged() <= target {
-                break;
-            }
-            for shard in self.shards.iter() {
-                lock(shard).retain(|_, kept| {
-                    let keep = *kept.owner != *publisher || kept.written_ms > *cut;
-                    if !keep {
-                        self.forget(kept);
-                        evicted += 1;
-                    }
-                    keep
-                });
-            }
-        }
+        let evicted = self.evict_oldest(|kept| *kept.owner == *publisher, || charged() <= target);
         if evicted > 0 {
-            self.known_since_ms.fetch_max(clock::wall_ms_at(clock::now_ms()), Ordering::Relaxed);
             self.metrics.evicted(Eviction::PublisherShare, evicted);
         }
     }
@@ -213,20 +192,29 @@ impl MemoryHistory {
     /// Forgets the least recently written streams until the history is at 90% of its budget.
     fn evict_for_budget(&self) {
         let target = self.settings.max_bytes / 10 * 9;
+        let evicted = self.evict_oldest(|_| true, || self.bytes.load(Ordering::Relaxed) <= target);
+        if evicted > 0 {
+            self.metrics.evicted(Eviction::Budget, evicted);
+            tracing::warn!(evicted, max_bytes = self.settings.max_bytes, "history over --history-max-bytes: forgot the least recently written streams");
+        }
+    }
+
+    /// Forgets the least recently written of the streams `chosen` picks, a twentieth of
+    /// them at a time, oldest first, until `enough`; returns how many went.
+    fn evict_oldest(&self, chosen: impl Fn(&Kept) -> bool, enough: impl Fn() -> bool) -> usize {
         let mut ages: Vec<u64> = Vec::new();
         for shard in self.shards.iter() {
-            ages.extend(lock(shard).values().map(|k| k.written_ms));
+            ages.extend(lock(shard).values().filter(|k| chosen(k)).map(|k| k.written_ms));
         }
         ages.sort_unstable();
-        // Streams written before the cut go, oldest first, shard by shard.
         let mut evicted = 0;
         for cut in ages.iter().step_by((ages.len() / 20).max(1)) {
-            if self.bytes.load(Ordering::Relaxed) <= target {
+            if enough() {
                 break;
             }
             for shard in self.shards.iter() {
                 lock(shard).retain(|_, kept| {
-                    let keep = kept.written_ms > *cut;
+                    let keep = !chosen(kept) || kept.written_ms > *cut;
                     if !keep {
                         self.forget(kept);
                         evicted += 1;
@@ -237,9 +225,8 @@ impl MemoryHistory {
         }
         if evicted > 0 {
             self.known_since_ms.fetch_max(clock::wall_ms_at(clock::now_ms()), Ordering::Relaxed);
-            self.metrics.evicted(Eviction::Budget, evicted);
-            tracing::warn!(evicted, max_bytes = self.settings.max_bytes, "history over --history-max-bytes: forgot the least recently written streams");
         }
+        evicted
     }
 
     /// Forgets streams not written for the TTL: every message in them has aged out.
