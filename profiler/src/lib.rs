@@ -36,7 +36,6 @@ pub struct Settings {
 /// Counters of the profiler itself.
 #[derive(Default)]
 pub struct Stats {
-    pub timer_failed: AtomicU64,
     /// Samples from a thread that ended before they were drained.
     pub unknown_thread: AtomicU64,
 }
@@ -104,7 +103,6 @@ pub struct Report {
     pub overflowed: u64,
     pub frames: usize,
     pub max_frames: usize,
-    pub bytes: usize,
 }
 
 impl Profiler {
@@ -170,7 +168,6 @@ impl Profiler {
             overflowed: table.overflowed,
             frames,
             max_frames,
-            bytes: table.bytes(),
         }
     }
 }

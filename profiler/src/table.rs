@@ -190,12 +190,6 @@ impl Table {
     pub fn fill(&self) -> (usize, usize) {
         (self.frames, self.max_frames)
     }
-
-    /// Bytes the table holds, roughly: its stacks and its minutes' counts.
-    pub fn bytes(&self) -> usize {
-        let counts: usize = self.minutes.iter().map(|m| m.counts.capacity() * 32).sum();
-        self.frames * 8 + self.stacks.len() * 48 + self.ids.capacity() * 24 + counts
-    }
 }
 
 #[cfg(test)]
