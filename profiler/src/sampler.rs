@@ -21,10 +21,11 @@ use crate::Shared;
 /// How often the ring is drained and the thread list read.
 const PASS: Duration = Duration::from_millis(100);
 
-/// A thread's CPU-time timer.
+/// A thread's CPU-time timer, and the thread's name as last read.
 struct Timer {
     id: libc::timer_t,
     name_id: u64,
+    name: String,
 }
 
 /// The CPU clock of thread `tid` of this process (Linux: `MAKE_THREAD_CPUCLOCK`).
@@ -40,7 +41,7 @@ fn interval(hz: u32) -> libc::itimerspec {
 }
 
 impl Timer {
-    fn create(tid: i32, hz: u32, name_id: u64) -> Option<Timer> {
+    fn create(tid: i32, hz: u32, name_id: u64, name: String) -> Option<Timer> {
         // SAFETY: a zeroed sigevent filled in as SIGEV_THREAD_ID asks; `id` is written by
         // the kernel on success.
         unsafe {
@@ -52,7 +53,7 @@ impl Timer {
             if libc::timer_create(thread_cpu_clock(tid), &mut event, &mut id) != 0 {
                 return None;
             }
-            let timer = Timer { id, name_id };
+            let timer = Timer { id, name_id, name };
             timer.set(hz);
             Some(timer)
         }
@@ -89,18 +90,52 @@ pub fn run(shared: Arc<Shared>) {
     let mut hz_set = 0;
     let mut stack = Vec::with_capacity(crate::signal::MAX_DEPTH + 1);
     while !shared.stopping.load(Ordering::Acquire) {
+        // First what was recorded since the last pass, while the timers (and names) of
+        // the threads that recorded it are still known, even if they have just ended.
+        let period_ns = 1_000_000_000 / hz_set.max(1) as u64;
+        let minute = crate::unix_minute();
+        {
+            let mut table = shared.lock_table();
+            let mut burst = shared.lock_burst();
+            RING.drain(|body| {
+                let Some(timer) = timers.get(&body.tid) else {
+                    shared.stats.unknown_thread.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                stack.clear();
+                stack.push(timer.name_id);
+                stack.extend_from_slice(&body.frames[..body.depth as usize]);
+                let id = table.intern(&stack);
+                let weight = body.weight as u64;
+                let count = Count { samples: weight, cpu_ns: weight * period_ns };
+                table.count(minute, id, count);
+                if let Some(burst) = burst.as_mut() {
+                    let entry = burst.entry(table.stack(id)).or_default();
+                    entry.samples += weight;
+                    entry.cpu_ns += weight * period_ns;
+                }
+            });
+        }
+        // Then the threads: ended ones lose their timer, new ones get one, and a name set
+        // after a thread was found (a new thread names itself once running) is taken.
         let hz = shared.hz();
         let live = threads();
         timers.retain(|tid, _| live.iter().any(|(t, _)| t == tid));
         {
             let mut table = shared.lock_table();
-            for (tid, name) in &live {
-                if *tid != own && !timers.contains_key(tid) {
-                    let name_id = table.thread_id(name);
-                    // A thread that ended since the list was read gets none; one whose
-                    // timer could not be made is tried again on the next pass.
-                    if let Some(timer) = Timer::create(*tid, hz, name_id) {
-                        timers.insert(*tid, timer);
+            for (tid, name) in live.iter().filter(|(tid, _)| *tid != own) {
+                match timers.get_mut(tid) {
+                    Some(timer) if timer.name != *name => {
+                        timer.name_id = table.thread_id(name);
+                        timer.name.clone_from(name);
+                    }
+                    Some(_) => {}
+                    None => {
+                        // A thread that ended since the list was read gets none; one
+                        // whose timer could not be made is tried again on the next pass.
+                        if let Some(timer) = Timer::create(*tid, hz_set.max(hz), table.thread_id(name), name.clone()) {
+                            timers.insert(*tid, timer);
+                        }
                     }
                 }
             }
@@ -111,29 +146,6 @@ pub fn run(shared: Arc<Shared>) {
             }
             hz_set = hz;
         }
-        let period_ns = 1_000_000_000 / hz.max(1) as u64;
-        let minute = crate::unix_minute();
-        let mut table = shared.lock_table();
-        let mut burst = shared.lock_burst();
-        RING.drain(|body| {
-            let Some(timer) = timers.get(&body.tid) else {
-                shared.stats.unknown_thread.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            stack.clear();
-            stack.push(timer.name_id);
-            stack.extend_from_slice(&body.frames[..body.depth as usize]);
-            let id = table.intern(&stack);
-            let count = Count { samples: 1, cpu_ns: period_ns };
-            table.count(minute, id, count);
-            if let Some(burst) = burst.as_mut() {
-                let entry = burst.entry(table.stack(id)).or_default();
-                entry.samples += 1;
-                entry.cpu_ns += period_ns;
-            }
-        });
-        drop(burst);
-        drop(table);
         std::thread::sleep(PASS);
     }
 }

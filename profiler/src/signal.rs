@@ -29,6 +29,9 @@ pub struct Slot {
 #[derive(Clone, Copy)]
 pub struct Body {
     pub tid: i32,
+    /// Periods of CPU this sample stands for: 1, plus the timer's expirations that came
+    /// while its signal was still pending.
+    pub weight: u32,
     pub depth: u32,
     pub frames: [u64; MAX_DEPTH],
 }
@@ -49,7 +52,7 @@ pub struct Ring {
 }
 
 pub static RING: Ring = Ring {
-    slots: [const { Slot { state: AtomicU32::new(FREE), body: UnsafeCell::new(Body { tid: 0, depth: 0, frames: [0; MAX_DEPTH] }) } }; SLOTS],
+    slots: [const { Slot { state: AtomicU32::new(FREE), body: UnsafeCell::new(Body { tid: 0, weight: 0, depth: 0, frames: [0; MAX_DEPTH] }) } }; SLOTS],
     hint: AtomicU32::new(0),
     dropped_full: AtomicU64::new(0),
     taken: AtomicU64::new(0),
@@ -100,12 +103,13 @@ extern "C" fn on_sigprof(_signal: libc::c_int, info: *mut libc::siginfo_t, conte
     // SAFETY: the kernel passes a valid siginfo and ucontext to an SA_SIGINFO handler.
     let errno = unsafe { *libc::__errno_location() };
     if unsafe { (*info).si_code } == libc::SI_TIMER {
-        record(context);
+        let overrun = unsafe { (*info).si_overrun() };
+        record(context, 1 + overrun.max(0) as u32);
     }
     unsafe { *libc::__errno_location() = errno };
 }
 
-fn record(context: *mut libc::c_void) {
+fn record(context: *mut libc::c_void, weight: u32) {
     let ring = &RING;
     ring.taken.fetch_add(1, Ordering::Relaxed);
     let start = ring.hint.fetch_add(1, Ordering::Relaxed) as usize;
@@ -122,6 +126,7 @@ fn record(context: *mut libc::c_void) {
         (registers[libc::REG_RIP as usize] as u64, registers[libc::REG_RSP as usize] as u64, registers[libc::REG_RBP as usize] as u64)
     };
     body.tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+    body.weight = weight;
     body.frames[0] = ip;
     body.depth = 1 + walk(ring.pid.load(Ordering::Relaxed), sp, fp, &mut body.frames[1..]) as u32;
     slot.state.store(READY, Ordering::Release);

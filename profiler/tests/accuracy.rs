@@ -27,8 +27,16 @@ fn burn(cpu: Duration) -> u64 {
     x
 }
 
+/// A thread named `name` that burns `cpu`, once the profiler has found it and set its
+/// timer (it looks for threads, and applies a burst's rate, every 100 ms).
 fn burner(name: &str, cpu: Duration) {
-    let handle = std::thread::Builder::new().name(name.into()).spawn(move || std::hint::black_box(burn(cpu))).unwrap();
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::hint::black_box(burn(cpu))
+        })
+        .unwrap();
     handle.join().unwrap();
 }
 
