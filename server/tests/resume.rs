@@ -287,13 +287,10 @@ async fn a_retried_publish_with_the_same_idempotency_key_publishes_once() {
 /// its own oldest mailboxes, not another key's.
 #[tokio::test]
 async fn one_api_key_cannot_push_another_keys_mailboxes_out_of_history() {
-    let dir = std::env::temp_dir().join(format!("pushline-history-share-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("keys.toml");
     let (shop, bulk) = ("s".repeat(32), "b".repeat(32));
-    std::fs::write(&file, format!("[[key]]\nname = \"shop\"\nsecret = \"{shop}\"\nscopes = [\"push\"]\n\n[[key]]\nname = \"bulk\"\nsecret = \"{bulk}\"\nscopes = [\"push\"]\n")).unwrap();
+    let file = api_keys_file("history-share", &[("shop", &shop), ("bulk", &bulk)], r#"["push"]"#);
     let t = start(|c| {
-        c.jwt_secret = Some("test-secret-of-thirty-two-bytes!".into());
+        c.jwt_secret = Some(JWT_SECRET.into());
         c.api_keys = Some(file.clone());
         c.history_max_bytes = 1 << 20;
         c.history_max_bytes_per_key = 256 << 10;
@@ -314,17 +311,31 @@ async fn one_api_key_cannot_push_another_keys_mailboxes_out_of_history() {
     let text = metrics(t.admin).await;
     assert!(metric(&text, r#"pushline_history_streams_evicted_total{reason="publisher_share"}"#) > 0.0);
     assert_eq!(metric(&text, r#"pushline_history_streams_evicted_total{reason="budget"}"#), 0.0, "the node's budget was never reached");
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "alice", "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60}),
-        &jsonwebtoken::EncodingKey::from_secret(b"test-secret-of-thirty-two-bytes!"),
-    )
-    .unwrap();
-    let (mut mailbox, _) = ws(t.client, &format!("token={token}&mailbox=1")).await;
+    let (mut mailbox, _) = ws(t.client, &format!("token={}&mailbox=1", token("alice", json!([])))).await;
     let mut tracker = Tracker::default();
     let resumed = until_resumed(&mut mailbox, &mut tracker).await;
     assert_eq!(tracker.seen, vec![json!("your order shipped")], "{resumed}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(file.parent().unwrap()).unwrap();
+}
+
+const JWT_SECRET: &str = "test-secret-of-thirty-two-bytes!";
+
+/// An HS256 token for `sub`, granting `topics`, valid for a minute.
+fn token(sub: &str, topics: Value) -> String {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60;
+    let claims = json!({"sub": sub, "exp": exp, "topics": topics});
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes())).unwrap()
+}
+
+/// An `--api-keys` file (in a directory of its own, named for `test`) holding each
+/// (name, secret) with `scopes` (a TOML array).
+fn api_keys_file(test: &str, keys: &[(&str, &str)], scopes: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pushline-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    let text: String = keys.iter().map(|(name, secret)| format!("[[key]]\nname = \"{name}\"\nsecret = \"{secret}\"\nscopes = {scopes}\n\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    file
 }
 
 /// POSTs `body` to `path` with `key` as the API key and `idem` as the Idempotency-Key.
@@ -345,25 +356,15 @@ async fn keyed(addr: SocketAddr, path: &str, key: &str, idem: &str, body: Value)
 /// (body or route) is refused with 422, publishing nothing.
 #[tokio::test]
 async fn idempotency_keys_are_per_api_key_and_bound_to_their_request() {
-    let dir = std::env::temp_dir().join(format!("pushline-idem-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("keys.toml");
     let (shop, noisy) = ("s".repeat(32), "n".repeat(32));
-    let scopes = "scopes = [\"push\", \"publish\", \"broadcast\"]";
-    std::fs::write(&file, format!("[[key]]\nname = \"shop\"\nsecret = \"{shop}\"\n{scopes}\n\n[[key]]\nname = \"noisy\"\nsecret = \"{noisy}\"\n{scopes}\n")).unwrap();
+    let file = api_keys_file("idem-keys", &[("shop", &shop), ("noisy", &noisy)], r#"["push", "publish", "broadcast"]"#);
     let t = start(|c| {
-        c.jwt_secret = Some("test-secret-of-thirty-two-bytes!".into());
+        c.jwt_secret = Some(JWT_SECRET.into());
         c.api_keys = Some(file.clone());
         c.idempotency_max_keys = 5;
     })
     .await;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "kim", "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60, "topics": ["news"]}),
-        &jsonwebtoken::EncodingKey::from_secret(b"test-secret-of-thirty-two-bytes!"),
-    )
-    .unwrap();
-    let (mut client, _) = ws(t.client, &format!("token={token}&topics=news")).await;
+    let (mut client, _) = ws(t.client, &format!("token={}&topics=news", token("kim", json!(["news"])))).await;
     let order = json!({"topic": "news", "data": "order-1"});
     let (status, first) = keyed(t.client, "/v1/publish", &shop, "order-1", order.clone()).await;
     assert_eq!(status, 200, "{first}");
@@ -386,7 +387,7 @@ async fn idempotency_keys_are_per_api_key_and_bound_to_their_request() {
     for expected in ["order-1", "noisy", "after"] {
         assert_eq!(next_json(&mut client).await["data"], expected, "published once each, nothing for the refused reuses");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(file.parent().unwrap()).unwrap();
 }
 
 async fn publish_with(addr: SocketAddr, key: &str, data: &str) {
@@ -455,7 +456,7 @@ async fn malformed_forged_and_foreign_cursors_get_clear_answers() {
 /// in every stream) is one it accepts back as `Last-Event-ID`, as EventSource sends it.
 #[tokio::test]
 async fn an_sse_id_at_the_topic_limit_is_accepted_back() {
-    let most = (0..).take_while(|n| pushline::wire::cursor::longest(*n) <= pushline::wire::cursor::MAX_CURSOR_BYTES).last().unwrap();
+    let most = pushline::wire::cursor::most_topics();
     let t = start(|c| c.max_topics_per_connection = most).await;
     let topics: Vec<String> = (0..most).map(|i| format!("room-{i:03}-with-a-name-long-enough-to-fill-the-head")).collect();
     let query = format!("uid=zed&topics={}", topics.join(","));
