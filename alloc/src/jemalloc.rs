@@ -81,13 +81,6 @@ pub fn purge() -> Result<(), String> {
     }
 }
 
-/// Turns jemalloc's heap sampling on or off (`prof.active`); returns what it was.
-pub fn set_heap_sampling(active: bool) -> Result<bool, String> {
-    // SAFETY: "prof.active" is a documented read-write bool, and `update` reads and
-    // writes a bool.
-    unsafe { tikv_jemalloc_ctl::raw::update(b"prof.active\0", active) }.map_err(|e| format!("jemalloc prof.active: {e}"))
-}
-
 /// A heap profile of live memory, sampled, as gzipped profile.proto: raw addresses (file
 /// offsets) and the mappings they are in, named later by [`crate::symbolize`], out of process.
 pub async fn heap_profile_pprof() -> Result<Vec<u8>, String> {

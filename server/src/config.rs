@@ -456,7 +456,7 @@ impl Config {
         }
         let cursor = crate::wire::cursor::longest(self.max_topics_per_connection);
         if cursor > crate::wire::cursor::MAX_CURSOR_BYTES {
-            let fits = (0..=self.max_topics_per_connection).rev().find(|n| crate::wire::cursor::longest(*n) <= crate::wire::cursor::MAX_CURSOR_BYTES).unwrap_or(0);
+            let fits = crate::wire::cursor::most_topics();
             problems.push(format!(
                 "--max-topics-per-connection {}: a connection's cursor (its SSE `id:`, which it sends back to resume) could reach {cursor} bytes, over the {} the server accepts; use at most {fits}",
                 self.max_topics_per_connection,

@@ -108,7 +108,7 @@ fn symbolize(kind: Option<Kind>, named: bool) -> ExitCode {
     let out = if named {
         pushline_profiler::pprof::named(&profile, |file, address, start, limit, offset| symbolizer.at(file, address, start, limit, offset))
     } else {
-        pushline_alloc::symbolize::folded(&profile, kind, &mut symbolizer).map(|lines| lines.into_iter().flat_map(|l| [l.into_bytes(), b"\n".to_vec()]).flatten().collect())
+        pushline_alloc::symbolize::folded(&profile, kind, &mut symbolizer).map(|lines| lines.iter().map(|line| format!("{line}\n")).collect::<String>().into_bytes())
     };
     match out {
         Ok(bytes) => {

@@ -77,8 +77,10 @@ async fn expire_history(history: Arc<MemoryHistory>, hub: Arc<Hub>, ttl: Duratio
 /// The process's CPU profiler, started by the first server of the process (tests run
 /// several in one): signals and per-thread timers are the process's, so there is one.
 fn profiler(config: &Config) -> std::io::Result<Arc<pushline_profiler::Profiler>> {
-    static PROFILER: std::sync::OnceLock<Arc<pushline_profiler::Profiler>> = std::sync::OnceLock::new();
-    if let Some(profiler) = PROFILER.get() {
+    // A lock, not a OnceLock: two servers starting at once must not both start one.
+    static PROFILER: std::sync::Mutex<Option<Arc<pushline_profiler::Profiler>>> = std::sync::Mutex::new(None);
+    let mut profiler = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(profiler) = profiler.as_ref() {
         return Ok(profiler.clone());
     }
     let settings = pushline_profiler::Settings {
@@ -86,8 +88,7 @@ fn profiler(config: &Config) -> std::io::Result<Arc<pushline_profiler::Profiler>
         window_minutes: (config.profile_window.as_secs() / 60).max(1),
         max_frames: PROFILE_MAX_FRAMES,
     };
-    let started = Arc::new(pushline_profiler::Profiler::start(settings)?);
-    Ok(PROFILER.get_or_init(|| started).clone())
+    Ok(profiler.insert(Arc::new(pushline_profiler::Profiler::start(settings)?)).clone())
 }
 
 /// Frames the profiler's stack table holds (8 bytes each, plus about 50 per stack).

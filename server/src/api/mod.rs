@@ -249,13 +249,14 @@ impl Api {
         };
         // A key that is not plain ASCII, or given twice, is refused: read as absent, a
         // retry would publish again.
-        let idempotency_header = match req.headers().get_all("idempotency-key").iter().collect::<Vec<_>>().as_slice() {
-            [] => None,
-            [one] => match one.to_str() {
+        let mut sent = req.headers().get_all("idempotency-key").iter();
+        let idempotency_header = match (sent.next(), sent.next()) {
+            (None, _) => None,
+            (Some(one), None) => match one.to_str() {
                 Ok(key) => Some(key.to_owned()),
                 Err(_) => return Error::bad_request(idempotency::KEY_RULE).into(),
             },
-            _ => return Error::bad_request("Idempotency-Key given more than once").into(),
+            (Some(_), Some(_)) => return Error::bad_request("Idempotency-Key given more than once").into(),
         };
         let max = self.max_message_bytes;
         let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);

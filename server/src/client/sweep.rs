@@ -67,9 +67,14 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
             }
             let (expired, tickets) = match conn.state().grant.as_deref_mut() {
                 Some(grant) => {
-                    let (ended, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut grant.tickets).into_iter().partition(|t| wall_ms >= t.expires_at * 1000);
-                    grant.tickets = kept;
-                    let tickets: Vec<String> = ended.into_iter().map(|t| t.topic).collect();
+                    let mut tickets = Vec::new();
+                    grant.tickets.retain(|t| {
+                        let ended = wall_ms >= t.expires_at * 1000;
+                        if ended {
+                            tickets.push(t.topic.clone());
+                        }
+                        !ended
+                    });
                     let expired = grant.expired(wall_ms).then(|| (grant.expires_at * 1000, std::mem::replace(&mut grant.expiry_told, true)));
                     (expired, tickets)
                 }

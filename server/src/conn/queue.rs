@@ -135,7 +135,7 @@ impl Outbox {
                 Some(tracking) => tracking.popped(transport, bytes, Some(msg)),
                 None => Popped { bytes, tail: None, message: Some(msg), queued: true, replayed: false },
             };
-            return Some(Popped { queued: true, replayed: false, ..popped });
+            return Some(Popped { queued: true, ..popped });
         }
     }
 

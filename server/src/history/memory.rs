@@ -57,6 +57,9 @@ pub struct MemoryHistory {
     known_since_ms: std::sync::atomic::AtomicU64,
     /// Bytes charged to each API key, when keys have a share (`--history-max-bytes-per-key`).
     owners: Mutex<HashMap<Arc<str>, usize>>,
+    /// The owner of a stream nobody is charged for: shared, so a stream costs no name of
+    /// its own when keys have no share.
+    unowned: Arc<str>,
     metrics: Arc<Metrics>,
 }
 
@@ -86,6 +89,7 @@ impl MemoryHistory {
             streams: AtomicUsize::new(0),
             known_since_ms: clock::wall_ms_at(0).into(),
             owners: Mutex::new(HashMap::new()),
+            unowned: "".into(),
             metrics,
         }
     }
@@ -124,16 +128,9 @@ impl MemoryHistory {
         }
         let kept = shard.entry(stream.clone()).or_insert_with(|| {
             self.streams.fetch_add(1, Ordering::Relaxed);
-            Kept { epoch: new_epoch(), last: 0, entries: VecDeque::new(), bytes: 0, written_ms: now, owner: publisher.into() }
+            Kept { epoch: new_epoch(), last: 0, entries: VecDeque::new(), bytes: 0, written_ms: now, owner: self.unowned.clone() }
         });
-        let shared = self.settings.max_bytes_per_publisher > 0;
-        if shared && *kept.owner != *publisher {
-            // The last writer is charged with the stream.
-            let mut owners = lock(&self.owners);
-            discharge(&mut owners, &kept.owner, kept.bytes);
-            kept.owner = publisher.into();
-            *owners.entry(kept.owner.clone()).or_default() += kept.bytes;
-        }
+        let charged_before = kept.bytes;
         kept.last += 1;
         kept.written_ms = now;
         let msg = frame(Some(Position { key: stream.key(), epoch: kept.epoch, offset: kept.last }));
@@ -148,10 +145,15 @@ impl MemoryHistory {
             gone_bytes += size_of(&old);
         }
         kept.bytes -= gone_bytes;
-        let charged = shared.then(|| {
+        let charged = (self.settings.max_bytes_per_publisher > 0).then(|| {
+            // The last writer is charged with the whole stream.
             let mut owners = lock(&self.owners);
+            discharge(&mut owners, &kept.owner, charged_before);
+            if *kept.owner != *publisher {
+                kept.owner = owners.get_key_value(publisher).map_or_else(|| publisher.into(), |(owner, _)| owner.clone());
+            }
             let charged = owners.entry(kept.owner.clone()).or_default();
-            *charged = (*charged + size).saturating_sub(gone_bytes);
+            *charged += kept.bytes;
             *charged
         });
         drop(shard);

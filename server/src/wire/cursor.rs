@@ -82,6 +82,11 @@ pub fn longest(topics: usize) -> usize {
     since + (topics + 2) * position
 }
 
+/// The most topics a connection may hold for its cursor to fit in [`MAX_CURSOR_BYTES`].
+pub fn most_topics() -> usize {
+    (0..).take_while(|n| longest(*n) <= MAX_CURSOR_BYTES).last().unwrap_or(0)
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
     /// Wall-clock ms; None: the client asks for nothing before its positions.
