@@ -47,6 +47,9 @@ pub enum RegistryKind {
     /// Many nodes on a Redis Cluster (`--redis-url` per seed node): the same, with keys
     /// spread over the shards and sharded pub/sub (Redis 7).
     RedisCluster,
+    /// Many nodes on the Redis master that Redis Sentinels name (`--sentinel`), followed
+    /// across failovers.
+    RedisSentinel,
 }
 
 #[derive(Clone, Debug, Parser, Serialize)]
@@ -75,11 +78,31 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_NODE_ID", value_parser = clap::value_parser!(u16).range(0..=1023))]
     pub node_id: Option<u16>,
 
-    /// Redis URL (`redis://[:password@]host:port[/db]`). For redis-cluster, give each seed
-    /// node (repeat the flag, or separate with commas).
+    /// Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS). For
+    /// redis-cluster, give each seed node (repeat the flag, or separate with commas); for
+    /// redis-sentinel, the master's name as the host (`rediss://user:pass@mymaster/0`).
     #[arg(long = "redis-url", env = "PUSHLINE_REDIS_URL", value_delimiter = ',', hide_env_values = true)]
     #[serde(skip)]
     pub redis_url: Vec<String>,
+
+    /// The Sentinels to ask where the master is, for --registry redis-sentinel
+    /// (`redis://[user:password@]host:26379`, repeat or separate with commas).
+    #[arg(long = "sentinel", env = "PUSHLINE_SENTINEL", value_delimiter = ',', hide_env_values = true)]
+    #[serde(skip)]
+    pub sentinel: Vec<String>,
+
+    /// CA certificate (PEM) that `rediss://` servers are checked against, instead of the
+    /// system's roots.
+    #[arg(long, env = "PUSHLINE_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for `rediss://` servers that ask for one; with --redis-client-key.
+    #[arg(long, env = "PUSHLINE_REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --redis-client-cert.
+    #[arg(long, env = "PUSHLINE_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
 
     /// Prefix of every Redis key and channel this cluster of nodes uses.
     #[arg(long, env = "PUSHLINE_REDIS_PREFIX", default_value = "pushline")]
@@ -531,16 +554,26 @@ impl Config {
             problems.push(format!("--io-threads {} is more than {MAX_IO_THREADS}: each is a thread and a runtime; one per core (0) is the default", self.io_threads));
         }
         match (self.registry, self.redis_url.len()) {
-            (RegistryKind::Memory, 0) | (RegistryKind::Redis, 1) | (RegistryKind::RedisCluster, 1..) => {}
+            (RegistryKind::Memory, 0) | (RegistryKind::Redis | RegistryKind::RedisSentinel, 1) | (RegistryKind::RedisCluster, 1..) => {}
             (RegistryKind::Memory, _) => {
-                problems.push("--redis-url is set but --registry is memory; add --registry redis or redis-cluster".into())
+                problems.push("--redis-url is set but --registry is memory; add --registry redis, redis-cluster or redis-sentinel".into())
             }
-            (RegistryKind::Redis, 0) | (RegistryKind::RedisCluster, 0) => {
-                problems.push("--registry redis and redis-cluster need --redis-url".into())
-            }
+            (_, 0) => problems.push("--registry redis, redis-cluster and redis-sentinel need --redis-url".into()),
             (RegistryKind::Redis, _) => {
                 problems.push("--registry redis takes one --redis-url; for seed nodes use --registry redis-cluster".into())
             }
+            (RegistryKind::RedisSentinel, _) => {
+                problems.push("--registry redis-sentinel takes one --redis-url, naming the master (redis://mymaster); the Sentinels go in --sentinel".into())
+            }
+        }
+        match (self.registry, self.sentinel.is_empty()) {
+            (RegistryKind::RedisSentinel, true) => problems.push("--registry redis-sentinel needs --sentinel (the Sentinels' addresses)".into()),
+            (RegistryKind::RedisSentinel, false) | (_, true) => {}
+            (_, false) => problems.push("--sentinel is set but --registry is not redis-sentinel".into()),
+        }
+        let tls = self.redis_url.iter().chain(&self.sentinel).any(|u| u.starts_with("rediss://"));
+        if (self.redis_ca.is_some() || self.redis_client_cert.is_some()) && !tls {
+            problems.push("--redis-ca and --redis-client-cert are for rediss:// URLs; no --redis-url or --sentinel is one".into());
         }
         if self.node_ttl < Duration::from_secs(1) {
             problems.push("--node-ttl must be at least 1s".into());

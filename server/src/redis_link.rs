@@ -1,5 +1,7 @@
-//! One Redis or a Redis Cluster behind one handle: every command timed, counted and
-//! probed, and the pub/sub messages this node subscribes to handed out on a channel.
+//! One Redis, a Redis Cluster, or the master a set of Sentinels names (followed across
+//! failovers) behind one handle: every command timed, counted and probed, and the pub/sub
+//! messages this node subscribes to handed out on a channel. `rediss://` links take the
+//! CA and client certificate from `--redis-ca`, `--redis-client-cert`, `--redis-client-key`.
 //!
 //! Both speak RESP3 so that commands and subscriptions share one multiplexed connection;
 //! the `redis` crate reconnects and resubscribes by itself after a connection is lost.
@@ -8,14 +10,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::sync::{Mutex, RwLock, Weak};
+
+use pushline_alloc::Site;
+use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection, SendError};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::aio::{AsyncPushSender, SendError};
-use redis::{Cmd, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, Value};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{ClientTlsConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, TlsCertificates, Value};
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver};
+use tokio::sync::Notify;
 
-use crate::config::RegistryKind;
+use crate::config::{Config, RegistryKind};
 use crate::error::Error;
 use crate::telemetry::{probes, DropReason, Metrics, RedisCommand};
 
@@ -32,6 +38,7 @@ pub const RELAY_BACKLOG: usize = 1024;
 /// Hands what Redis pushes (messages on subscribed channels, subscription changes,
 /// disconnections) to the relay reader, without blocking the connection and without
 /// growing past [`RELAY_BACKLOG`].
+#[derive(Clone)]
 struct Pushes {
     tx: mpsc::Sender<PushInfo>,
     metrics: Arc<Metrics>,
@@ -55,6 +62,7 @@ impl AsyncPushSender for Pushes {
 enum Link {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<Following>),
 }
 
 #[derive(Clone)]
@@ -64,50 +72,49 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Connects to `urls` (one server, or a cluster's seed nodes). Messages from channels
-    /// this node subscribes to, and a `Disconnection` each time the link drops, arrive on
-    /// the returned receiver.
-    pub async fn connect(
-        kind: RegistryKind,
-        urls: &[String],
-        metrics: Arc<Metrics>,
-    ) -> Result<(Redis, Receiver<PushInfo>), Error> {
+    /// Connects to the Redis `config` names: one server, a cluster's seed nodes, or the
+    /// master the Sentinels name. Messages from channels this node subscribes to, and a
+    /// `Disconnection` each time the link drops or moves to a new master, arrive on the
+    /// returned receiver.
+    pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<(Redis, Receiver<PushInfo>), Error> {
         let (tx, received) = mpsc::channel(RELAY_BACKLOG);
         let pushes = Pushes { tx, metrics: metrics.clone() };
+        let urls = &config.redis_url;
         let shown = urls.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
-        let link = match kind {
+        let bad_url = |e: redis::RedisError| Error::config(format!("--redis-url {shown}: {e}"));
+        let certificates = certificates(config)?;
+        let link = match config.registry {
             RegistryKind::Memory => return Err(Error::config("the memory registry has no Redis")),
             RegistryKind::Redis => {
-                let info = urls[0].as_str().into_connection_info().map_err(|e| Error::config(format!("--redis-url {shown}: {e}")))?;
-                let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-                let client = redis::Client::open(info.set_redis_settings(settings))
-                    .map_err(|e| Error::config(format!("--redis-url {shown}: {e}")))?;
-                let config = ConnectionManagerConfig::new()
-                    .set_push_sender(pushes)
-                    .set_automatic_resubscription()
-                    .set_number_of_retries(1)
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
-                let manager = tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_connection_manager_with_config(config))
-                    .await
-                    .map_err(|_| Error::unavailable(format!("cannot reach Redis at {shown}: timed out")))?
-                    .map_err(|e| Error::unavailable(format!("cannot reach Redis at {shown}: {e}")))?;
-                Link::Single(manager)
+                let info = resp3(urls[0].as_str().into_connection_info().map_err(bad_url)?);
+                let client = match certificates {
+                    Some(certificates) => redis::Client::build_with_tls(info, certificates),
+                    None => redis::Client::open(info),
+                }
+                .map_err(bad_url)?;
+                Link::Single(manager(&client, pushes, &shown).await?)
             }
             RegistryKind::RedisCluster => {
-                let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                let mut builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
                     .use_protocol(ProtocolVersion::RESP3)
                     .push_sender(pushes)
                     .retries(1)
                     .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .build()
-                    .map_err(|e| Error::config(format!("--redis-url {shown}: {e}")))?;
+                    .response_timeout(RESPONSE_TIMEOUT);
+                if let Some(certificates) = certificates {
+                    builder = builder.certs(certificates);
+                }
+                let client = builder.build().map_err(bad_url)?;
                 let connection = tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_async_connection())
                     .await
                     .map_err(|_| Error::unavailable(format!("cannot reach the Redis Cluster at {shown}: timed out")))?
                     .map_err(|e| Error::unavailable(format!("cannot reach the Redis Cluster at {shown}: {e}")))?;
                 Link::Cluster(connection)
+            }
+            RegistryKind::RedisSentinel => {
+                let master = urls[0].as_str().into_connection_info().map_err(bad_url)?;
+                let (sentinel, name) = sentinel_client(&master, &config.sentinel, certificates)?;
+                Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone()).await?)
             }
         };
         Ok((Redis { link, metrics }, received))
@@ -124,6 +131,7 @@ impl Redis {
             match self.link.clone() {
                 Link::Single(mut c) => cmd.query_async(&mut c).await,
                 Link::Cluster(mut c) => cmd.query_async(&mut c).await,
+                Link::Sentinel(f) => f.checked(cmd.query_async(&mut f.master())).await,
             }
         })
         .await
@@ -138,13 +146,8 @@ impl Redis {
         }
         self.timed(command, cmds.len(), async {
             match self.link.clone() {
-                Link::Single(mut c) => {
-                    let mut pipe = redis::pipe();
-                    for cmd in cmds {
-                        pipe.add_command(cmd.clone());
-                    }
-                    pipe.query_async(&mut c).await
-                }
+                Link::Single(mut c) => pipeline(cmds).query_async(&mut c).await,
+                Link::Sentinel(f) => f.checked(pipeline(cmds).query_async(&mut f.master())).await,
                 Link::Cluster(c) => {
                     let each = cmds.iter().map(|cmd| {
                         let mut c = c.clone();
@@ -187,20 +190,11 @@ impl Redis {
     async fn batch_results(&self, command: RedisCommand, cmds: &[Cmd]) -> RedisResult<Vec<RedisResult<Value>>> {
         self.timed(command, cmds.len(), async {
             match self.link.clone() {
-                Link::Single(mut c) => {
-                    let mut pipe = redis::pipe();
-                    pipe.ignore_errors();
-                    for cmd in cmds {
-                        pipe.add_command(cmd.clone());
-                    }
-                    let values: Vec<Value> = pipe.query_async(&mut c).await?;
-                    Ok(values
-                        .into_iter()
-                        .map(|v| match v {
-                            Value::ServerError(e) => Err(e.into()),
-                            v => Ok(v),
-                        })
-                        .collect())
+                Link::Single(mut c) => one_by_one(pipeline(cmds).ignore_errors().query_async(&mut c).await),
+                Link::Sentinel(f) => {
+                    let results = one_by_one(f.checked(pipeline(cmds).ignore_errors().query_async(&mut f.master())).await)?;
+                    results.iter().filter_map(|r| r.as_ref().err()).for_each(|e| f.check(e));
+                    Ok(results)
                 }
                 Link::Cluster(c) => {
                     let each = cmds.iter().map(|cmd| {
@@ -220,6 +214,7 @@ impl Redis {
             match self.link.clone() {
                 Link::Single(mut c) => c.subscribe(channel).await,
                 Link::Cluster(mut c) => c.ssubscribe(channel).await,
+                Link::Sentinel(f) => f.subscribe(channel).await,
             }
         })
         .await
@@ -241,6 +236,242 @@ impl Redis {
         self.metrics.redis_command(command, elapsed.as_secs_f64(), result.is_ok());
         result
     }
+}
+
+fn pipeline(cmds: &[Cmd]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for cmd in cmds {
+        pipe.add_command(cmd.clone());
+    }
+    pipe
+}
+
+/// A pipeline's answers (run with errors ignored) as one result per command.
+fn one_by_one(values: RedisResult<Vec<Value>>) -> RedisResult<Vec<RedisResult<Value>>> {
+    Ok(values?
+        .into_iter()
+        .map(|v| match v {
+            Value::ServerError(e) => Err(e.into()),
+            v => Ok(v),
+        })
+        .collect())
+}
+
+/// Both sides of the link speak RESP3, so that commands and subscriptions share one
+/// multiplexed connection.
+fn resp3(info: ConnectionInfo) -> ConnectionInfo {
+    let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+    info.set_redis_settings(settings)
+}
+
+/// A connection manager on `client` that hands what Redis pushes to `pushes` and
+/// subscribes again after reconnecting.
+async fn manager(client: &redis::Client, pushes: Pushes, shown: &str) -> Result<ConnectionManager, Error> {
+    let config = ConnectionManagerConfig::new()
+        .set_push_sender(pushes)
+        .set_automatic_resubscription()
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_connection_manager_with_config(config))
+        .await
+        .map_err(|_| Error::unavailable(format!("cannot reach Redis at {shown}: timed out")))?
+        .map_err(|e| Error::unavailable(format!("cannot reach Redis at {shown}: {e}")))
+}
+
+/// The CA and client certificate `--redis-ca`, `--redis-client-cert` and
+/// `--redis-client-key` name, for `rediss://` links; None when none is given (the
+/// system's roots are used).
+fn certificates(config: &Config) -> Result<Option<TlsCertificates>, Error> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| Error::config(format!("{flag} {}: {e}", path.display())))
+    };
+    let root_cert = config.redis_ca.as_deref().map(|p| read("--redis-ca", p)).transpose()?;
+    let client_tls = match (&config.redis_client_cert, &config.redis_client_key) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig { client_cert: read("--redis-client-cert", cert)?, client_key: read("--redis-client-key", key)? }),
+        _ => None,
+    };
+    Ok((root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates { client_tls, root_cert }))
+}
+
+/// A client of the Sentinels `sentinels` for the master whose name is `master`'s host;
+/// the master is reached with `master`'s user, password, database and TLS, the Sentinels
+/// with the first Sentinel URL's user and password.
+fn sentinel_client(master: &ConnectionInfo, sentinels: &[String], certificates: Option<TlsCertificates>) -> Result<(SentinelClient, String), Error> {
+    let shown = sentinels.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
+    let bad = |e: redis::RedisError| Error::config(format!("--sentinel {shown}: {e}"));
+    let infos = sentinels.iter().map(|u| u.as_str().into_connection_info()).collect::<RedisResult<Vec<_>>>().map_err(bad)?;
+    let (name, tls) = match master.addr() {
+        ConnectionAddr::Tcp(host, _) => (host.clone(), false),
+        ConnectionAddr::TcpTls { host, .. } => (host.clone(), true),
+        ConnectionAddr::Unix(_) => return Err(Error::config("--redis-url for redis-sentinel names the master: redis[s]://[user:password@]NAME[/db]")),
+        _ => return Err(Error::config("--redis-url: an address kind Sentinel cannot name")),
+    };
+    let settings = master.redis_settings();
+    let mut builder = SentinelClientBuilder::new(infos.iter().map(|i| i.addr().clone()), &name, SentinelServerType::Master)
+        .map_err(bad)?
+        .set_client_to_redis_db(settings.db())
+        .set_client_to_redis_protocol(ProtocolVersion::RESP3);
+    if let Some(user) = settings.username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = settings.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    if tls {
+        builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+    }
+    if let Some(first) = infos.first() {
+        if let Some(user) = first.redis_settings().username() {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
+        if let Some(password) = first.redis_settings().password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    if let Some(certificates) = certificates {
+        if infos.iter().any(|i| matches!(i.addr(), ConnectionAddr::TcpTls { .. })) {
+            builder = builder.set_client_to_sentinel_certificates(certificates.clone());
+        }
+        if tls {
+            builder = builder.set_client_to_redis_certificates(certificates);
+        }
+    }
+    Ok((builder.build().map_err(bad)?, name))
+}
+
+/// How often the Sentinels are asked where the master is; a command that fails on a
+/// connection error or a read-only replica asks at once.
+const SENTINEL_POLL: Duration = Duration::from_millis(500);
+
+/// The master the Sentinels name, followed across failovers: the link is a connection
+/// manager on the current master, replaced (its channels subscribed again) when the
+/// Sentinels name another.
+struct Following {
+    master: RwLock<(String, ConnectionManager)>,
+    channels: Mutex<Vec<String>>,
+    pushes: Pushes,
+    asked: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Following {
+    async fn start(mut sentinel: SentinelClient, name: String, pushes: Pushes, metrics: Arc<Metrics>) -> Result<Arc<Following>, Error> {
+        let client = tokio::time::timeout(CONNECT_TIMEOUT * 5, sentinel.async_get_client())
+            .await
+            .map_err(|_| Error::unavailable("no Sentinel named the master: timed out"))?
+            .map_err(|e| Error::unavailable(format!("no Sentinel named the master: {e}")))?;
+        let address = address(&client);
+        let manager = manager(&client, pushes.clone(), &address).await?;
+        tracing::info!(master = %address, "Sentinel names the Redis master");
+        let following = Arc::new(Following {
+            master: RwLock::new((address, manager)),
+            channels: Mutex::new(Vec::new()),
+            pushes,
+            asked: Notify::new(),
+            metrics,
+        });
+        tokio::spawn(Site::Redis.instrument(Following::follow(Arc::downgrade(&following), sentinel, name)));
+        Ok(following)
+    }
+
+    fn master(&self) -> ConnectionManager {
+        self.master.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// Runs `command`, asking the Sentinels at once if it failed the way a dead or demoted
+    /// master fails.
+    async fn checked<T>(&self, command: impl Future<Output = RedisResult<T>>) -> RedisResult<T> {
+        let result = command.await;
+        if let Err(e) = &result {
+            self.check(e);
+        }
+        result
+    }
+
+    fn check(&self, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) {
+            self.asked.notify_one();
+        }
+    }
+
+    async fn subscribe(&self, channel: &str) -> RedisResult<()> {
+        {
+            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            if !channels.iter().any(|c| c == channel) {
+                channels.push(channel.to_owned());
+            }
+        }
+        self.checked(self.master().subscribe(channel)).await
+    }
+
+    /// Asks a Sentinel where the master is every [`SENTINEL_POLL`], or at once when a
+    /// command failed, and moves the link when it names another (checked, as the redis
+    /// crate does, by asking that server its role); ends with the link.
+    async fn follow(this: Weak<Following>, mut sentinel: SentinelClient, name: String) {
+        let mut asking: Option<MultiplexedConnection> = None;
+        loop {
+            let Some(asked) = this.upgrade().map(|f| async move { f.asked.notified().await }) else { return };
+            tokio::select! {
+                _ = tokio::time::sleep(SENTINEL_POLL) => {}
+                _ = asked => {}
+            }
+            let named = tokio::time::timeout(CONNECT_TIMEOUT * 2, Following::named(&mut sentinel, &mut asking, &name)).await;
+            let Some(following) = this.upgrade() else { return };
+            let named = match named {
+                Ok(Ok(address)) => address,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "no Sentinel answered where the master is");
+                    asking = None;
+                    continue;
+                }
+                Err(_) => {
+                    asking = None;
+                    continue;
+                }
+            };
+            if following.master.read().unwrap_or_else(|e| e.into_inner()).0 == named {
+                continue;
+            }
+            match tokio::time::timeout(CONNECT_TIMEOUT * 2, sentinel.async_get_client()).await {
+                Ok(Ok(client)) => following.move_to(&client, address(&client)).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "the master a Sentinel names does not answer as master yet"),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// `host:port` of the master a Sentinel names, over one kept connection to it.
+    async fn named(sentinel: &mut SentinelClient, asking: &mut Option<MultiplexedConnection>, name: &str) -> RedisResult<String> {
+        let connection = match asking {
+            Some(connection) => connection,
+            None => asking.insert(sentinel.async_get_sentinel_client().await?.get_multiplexed_async_connection().await?),
+        };
+        let (host, port): (String, u16) = redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(name).query_async(connection).await?;
+        Ok(format!("{host}:{port}"))
+    }
+
+    /// Replaces the link by one to the new master and subscribes its channels there.
+    async fn move_to(&self, client: &redis::Client, address: String) {
+        let Ok(manager) = manager(client, self.pushes.clone(), &address).await else { return };
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for channel in &channels {
+            if let Err(e) = manager.clone().subscribe(channel).await {
+                tracing::warn!(channel, error = %e, "cannot subscribe at the new master; trying again");
+                return;
+            }
+        }
+        let before = std::mem::replace(&mut *self.master.write().unwrap_or_else(|e| e.into_inner()), (address.clone(), manager)).0;
+        self.metrics.redis_master_changes.increment(1);
+        tracing::warn!(from = %before, to = %address, "Sentinel names a new Redis master; the link moved there");
+        // Whatever was published while the link moved is lost to this node's relay, as
+        // after any reconnect: say so the same way.
+        let _ = self.pushes.send(PushInfo { kind: redis::PushKind::Disconnection, data: Vec::new() });
+    }
+}
+
+fn address(client: &redis::Client) -> String {
+    client.get_connection_info().addr().to_string()
 }
 
 fn is_noscript(e: &redis::RedisError) -> bool {

@@ -386,3 +386,70 @@ async fn a_slot_migration_does_not_silence_a_node() {
         }
     }
 }
+
+/// A CA, and a certificate it signed for `localhost` and 127.0.0.1, written to `dir` as
+/// `ca.pem`, `{name}.pem` and `{name}.key` for each name.
+fn certificates(dir: &std::path::Path, names: &[&str]) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Names of their own: a certificate whose subject is its issuer's reads as self-signed.
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pushline test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for name in names {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, *name);
+        let cert = params.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// `rediss://` as an ACL user to a TLS-only Redis that asks for a client certificate (the
+/// default user switched off): the node checks the server against `--redis-ca`, shows its
+/// own certificate, and push and topics work across two nodes. A CA that did not sign the
+/// server's certificate, or a wrong password, keeps a node from starting, and says why.
+#[tokio::test]
+async fn nodes_reach_a_tls_redis_as_an_acl_user() {
+    let dir = std::env::temp_dir().join(format!("pushline-rediss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    certificates(&dir, &["server", "client"]);
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    certificates(&other, &[]);
+    let file = |name: &str| dir.join(name).display().to_string();
+    let redis = RedisServer::start_tls(&[
+        "--tls-cert-file", &file("server.pem"), "--tls-key-file", &file("server.key"), "--tls-ca-cert-file", &file("ca.pem"),
+        "--tls-auth-clients", "yes", "--user", "pushline", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off",
+    ]);
+    let config = |password: &str, ca: std::path::PathBuf| {
+        let mut config = pushline::Config::for_loopback();
+        config.log = "warn".into();
+        config.registry = RegistryKind::Redis;
+        config.redis_url = vec![format!("rediss://pushline:{password}@localhost:{}", redis.port)];
+        config.redis_ca = Some(ca);
+        config.redis_client_cert = Some(dir.join("client.pem"));
+        config.redis_client_key = Some(dir.join("client.key"));
+        config.node_ttl = Duration::from_millis(1500);
+        config
+    };
+    let a = pushline::Server::start(config("s3cret", dir.join("ca.pem"))).await.expect("a node starts over TLS");
+    let b = pushline::Server::start(config("s3cret", dir.join("ca.pem"))).await.expect("a second node starts over TLS");
+    let (mut on_b, _) = ws(b.client_addr(), "uid=alice&topics=news").await;
+    wait_metric(b.admin_addr(), SESSIONS, |n| n >= 1.0).await;
+    let body = push(a.client_addr(), &["alice"], json!({"n": 1})).await;
+    assert_eq!(body["delivered"], 1, "{body}");
+    assert_eq!(next_json(&mut on_b).await["data"]["n"], 1);
+    let (status, body) = post(a.client_addr(), "/v1/publish", json!({"topic": "news", "data": 2})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(next_json(&mut on_b).await["data"], 2);
+
+    let untrusted = pushline::Server::start(config("s3cret", other.join("ca.pem"))).await.err().expect("a server the CA did not sign is refused");
+    assert!(untrusted.message.contains("cannot reach Redis"), "{untrusted}");
+    let refused = pushline::Server::start(config("wrong", dir.join("ca.pem"))).await.err().expect("a wrong password is refused");
+    assert!(refused.message.contains("cannot reach Redis") && !refused.message.contains("wrong"), "says why, keeps the password out: {refused}");
+    a.shutdown().await;
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -682,6 +682,123 @@ mod nodes {
         assert_eq!(c2_tracker.seen.last(), Some(&json!(120)), "{resumed}");
     }
 
+    /// Publishes `n` to topic `t` with the Idempotency-Key `order-{n}`, retrying until it is
+    /// answered 200 (the way a publisher rides out a failover); returns the answers that
+    /// were not 200.
+    async fn publish_until_acknowledged(addr: SocketAddr, n: u64) -> Vec<u16> {
+        let mut refused = Vec::new();
+        let deadline = std::time::Instant::now() + WAIT * 3;
+        loop {
+            let response = reqwest::Client::new()
+                .post(format!("http://{addr}/v1/publish"))
+                .header("Idempotency-Key", format!("order-{n}"))
+                .body(json!({"topic": "t", "data": n}).to_string())
+                .send()
+                .await
+                .expect("the node answers");
+            match response.status().as_u16() {
+                200 => return refused,
+                status => {
+                    assert_eq!(status, 503, "{}", response.text().await.unwrap_or_default());
+                    refused.push(status);
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "publish {n} was never acknowledged");
+            // A publisher's back-off between retries.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Reads `client` until it has seen the message whose data is `last`.
+    fn read_until(mut client: Ws, mut tracker: Tracker, last: u64) -> tokio::task::JoinHandle<Tracker> {
+        tokio::spawn(async move {
+            while tracker.seen.last() != Some(&json!(last)) {
+                let msg = next_json(&mut client).await;
+                tracker.take(&msg);
+            }
+            tracker
+        })
+    }
+
+    /// Every message answered 200 reached `tracker` exactly once, or more than once only
+    /// if one of its attempts was refused (a retry after a reply lost with the master); no
+    /// (epoch, offset) was handed out twice.
+    fn check_every_acknowledged_message_arrived(tracker: &Tracker, acknowledged: impl Iterator<Item = u64>, retried: &[u64]) {
+        assert_eq!(tracker.duplicates, 0, "an (epoch, offset) was handed out twice");
+        for n in acknowledged {
+            let copies = tracker.seen.iter().filter(|d| **d == json!(n)).count();
+            assert!(copies == 1 || (copies > 1 && retried.contains(&n)), "message {n} arrived {copies} times");
+        }
+    }
+
+    /// A Sentinel failover while 500 publishes flow: the master is killed and Sentinel
+    /// promotes its replica. The node follows the new master without a restart (pub/sub
+    /// included); every publish answered 200 reached the live client exactly once; the
+    /// client that left midway resumes with everything it missed, or is told
+    /// `recovered: false`: never a silent gap.
+    #[tokio::test]
+    async fn a_sentinel_failover_loses_no_acknowledged_message_silently() {
+        let master = RedisServer::start();
+        let replica = RedisServer::replica_of(master.port);
+        let sentinel = RedisServer::sentinel("mymaster", master.port, 500);
+        let node = start(|c| {
+            c.registry = RegistryKind::RedisSentinel;
+            c.redis_url = vec!["redis://mymaster".into()];
+            c.sentinel = vec![sentinel.url()];
+            c.history_size = 1000;
+        })
+        .await;
+        let (live, welcome) = ws(node.client, "uid=live&topics=t").await;
+        let mut live_tracker = Tracker::default();
+        live_tracker.take(&welcome);
+        let live = read_until(live, live_tracker, 500);
+        let (away, welcome) = ws(node.client, "uid=away&topics=t").await;
+        let mut away = Some(away);
+        let mut away_tracker = Tracker::default();
+        away_tracker.take(&welcome);
+        wait_interest(&master, "t").await;
+
+        let mut retried = Vec::new();
+        let mut refused = 0;
+        let mut killed = None;
+        let mut master = Some(master);
+        for n in 1..=500u64 {
+            if let Some(mut client) = away.take_if(|_| n == 51) {
+                while away_tracker.seen.last() != Some(&json!(50)) {
+                    away_tracker.take(&next_json(&mut client).await);
+                }
+            }
+            if n == 151 {
+                master.take().map(RedisServer::kill);
+                killed = Some(std::time::Instant::now());
+            }
+            let answers = publish_until_acknowledged(node.client, n).await;
+            if !answers.is_empty() {
+                retried.push(n);
+                refused += answers.len();
+                if let Some(at) = killed.take() {
+                    eprintln!("followed the new master {:?} after the kill; {} attempts answered 503", at.elapsed(), answers.len());
+                }
+            }
+        }
+        assert!(killed.is_none(), "publishes during the failover were answered 503, then succeeded");
+        let text = metrics(node.admin).await;
+        assert_eq!(metric(&text, "pushline_redis_master_changes_total"), 1.0, "the node followed the new master once");
+        let live = tokio::time::timeout(WAIT * 2, live).await.expect("the live client got the last message").unwrap();
+        check_every_acknowledged_message_arrived(&live, 1..=500, &retried);
+
+        let (mut away, _) = ws(node.client, &format!("uid=away&topics=t&cursor={}", away_tracker.cursor())).await;
+        let resumed = until_resumed(&mut away, &mut away_tracker).await;
+        if resumed["recovered"] == true {
+            check_every_acknowledged_message_arrived(&away_tracker, 1..=500, &retried);
+        } else {
+            let entry = &resumed["streams"][0];
+            assert_eq!(entry["reason"], "epoch_changed", "not recovered, and says why: {resumed}");
+        }
+        eprintln!("{refused} publish attempts answered 503 during the failover; resumed: {resumed}");
+        drop(replica);
+    }
+
     /// `--history-min-replicas 1`: a publish is answered 200 once its write reached a
     /// replica; with the replica gone, 503 `not_replicated` within the timeout (published
     /// on the master all the same), and a retry with its key is not answered 200 either.

@@ -210,7 +210,7 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Option<Co
     if config.registry == RegistryKind::Memory {
         return Ok(None);
     }
-    let (redis, pushes) = Site::Redis.instrument(Redis::connect(config.registry, &config.redis_url, metrics.clone())).await?;
+    let (redis, pushes) = Site::Redis.instrument(Redis::connect(config, metrics.clone())).await?;
     let keys = Keys::new(&config.redis_prefix);
     let epoch = crate::clock::wall_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;

@@ -59,6 +59,7 @@ pub const REDIS_COMMAND_SECONDS: &str = "pushline_redis_command_seconds";
 pub const REDIS_ERRORS: &str = "pushline_redis_errors_total";
 pub const REDIS_RECONNECTS: &str = "pushline_redis_reconnects_total";
 pub const REDIS_UP: &str = "pushline_redis_up";
+pub const REDIS_MASTER_CHANGES: &str = "pushline_redis_master_changes_total";
 pub const PUBLISH_BYTES_READING: &str = "pushline_publish_bytes_reading";
 pub const REGISTRY_SESSIONS: &str = "pushline_registry_sessions";
 pub const REGISTRY_PENDING: &str = "pushline_registry_pending_changes";
@@ -115,6 +116,7 @@ pub struct Metrics {
     redis_latency: [Histogram; RedisCommand::COUNT],
     redis_errors: [Counter; RedisCommand::COUNT],
     pub redis_reconnects: Counter,
+    pub redis_master_changes: Counter,
     pub redis_up: Gauge,
     pub registry_sessions: Gauge,
     pub publish_bytes_reading: Gauge,
@@ -169,7 +171,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 23] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 24] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -181,6 +183,7 @@ impl Metrics {
             (API_REQUESTS, Some(Unit::Count), "Publish API requests, by route and status."),
             (REDIS_ERRORS, Some(Unit::Count), "Redis commands that failed, by command."),
             (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
+            (REDIS_MASTER_CHANGES, Some(Unit::Count), "Times the Sentinels named a new Redis master and the link moved to it."),
             (RELAY_MESSAGES, Some(Unit::Count), "Messages sent to or received from other nodes, by direction and kind."),
             (MESSAGES_DEDUPLICATED, Some(Unit::Count), "Queued messages not written because a resume had replayed them already."),
             (HISTORY_EVICTED, Some(Unit::Count), "Streams whose history was forgotten early, by reason (their next message starts a new epoch)."),
@@ -266,6 +269,7 @@ impl Metrics {
             }),
             redis_errors: each::<RedisCommand, _, _>(|c| counter(REDIS_ERRORS, &[("command", c)])),
             redis_reconnects: counter(REDIS_RECONNECTS, &[]),
+            redis_master_changes: counter(REDIS_MASTER_CHANGES, &[]),
             redis_up: gauge(REDIS_UP, &[]),
             registry_sessions: gauge(REGISTRY_SESSIONS, &[]),
             publish_bytes_reading: gauge(PUBLISH_BYTES_READING, &[]),

@@ -41,11 +41,58 @@ impl RedisServer {
     pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
         let dir = std::env::temp_dir().join(format!("pushline-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .args(extra)
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(&dir).args(extra);
+        RedisServer::run(command, port, dir, "Ready to accept connections")
+    }
+
+    /// Starts a replica of the server on `master`, and returns once it has the master's data.
+    pub fn replica_of(master: u16) -> RedisServer {
+        let replica = RedisServer::start_on(free_port(false), &["--replicaof", "127.0.0.1", &master.to_string()]);
+        let deadline = Instant::now() + WAIT;
+        while !replica.cli(&["info", "replication"]).contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not reach its master");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        replica
+    }
+
+    /// Starts a Sentinel (`redis-server --sentinel`) watching the master `name` on port
+    /// `master`, alone in its quorum, that calls a master down after `down_after_ms`;
+    /// returns once it has found the master's replica (the one it can promote).
+    pub fn sentinel(name: &str, master: u16, down_after_ms: u64) -> RedisServer {
+        let port = free_port(false);
+        let dir = std::env::temp_dir().join(format!("pushline-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Sentinel rewrites its configuration file as it learns, so it is one of its own.
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {name} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {name} {down_after_ms}\nsentinel failover-timeout {name} 10000\n",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new("redis-server");
+        command.arg(&conf).arg("--sentinel");
+        RedisServer::run(command, port, dir, "+slave ")
+    }
+
+    /// Starts a TLS-only `redis-server` with `extra` settings (certificates, users), and
+    /// returns once it accepts connections.
+    pub fn start_tls(extra: &[&str]) -> RedisServer {
+        let port = free_port(false);
+        let dir = std::env::temp_dir().join(format!("pushline-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut command = Command::new("redis-server");
+        command.args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(&dir).args(extra);
+        RedisServer::run(command, port, dir, "Ready to accept connections")
+    }
+
+    fn run(mut command: Command, port: u16, dir: PathBuf, ready: &str) -> RedisServer {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -62,7 +109,7 @@ impl RedisServer {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| panic!("redis-server on port {port} did not start"));
-            if line.contains("Ready to accept connections") {
+            if line.contains(ready) {
                 return RedisServer { child, port, dir };
             }
         }
