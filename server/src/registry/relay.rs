@@ -217,26 +217,35 @@ impl Inbox {
                 PushKind::Message | PushKind::SMessage => self.deliver(&push.data).await,
                 PushKind::Disconnection => {
                     self.metrics.redis_reconnects.increment(1);
-                    tracing::warn!("lost the Redis connection; reconnecting and resubscribing");
+                    tracing::warn!("lost a Redis connection; reconnecting and resubscribing");
+                    // On a cluster the lost node may be a master whose replica takes its
+                    // slots: subscribe every channel again, wherever its slot now lives
+                    // (subscribing twice on one connection changes nothing).
+                    if self.redis.sharded() {
+                        self.channels.iter().for_each(|channel| self.resubscribe(channel.clone()));
+                    }
                 }
                 // Nothing here unsubscribes: on a cluster, an unasked-for SUNSUBSCRIBE means
                 // the channel's slot moved to another shard, and the redis crate has
                 // forgotten the subscription. Subscribe again, at the slot's new owner.
-                PushKind::SUnsubscribe | PushKind::Unsubscribe => self.resubscribe(push.data.first()),
+                PushKind::SUnsubscribe | PushKind::Unsubscribe => {
+                    let Some(Value::BulkString(channel)) = push.data.first() else { continue };
+                    let Some(channel) = self.channels.iter().find(|c| c.as_bytes() == channel.as_slice()) else { continue };
+                    tracing::info!(channel, "unsubscribed by Redis (a slot migration?); subscribing again");
+                    self.resubscribe(channel.clone());
+                }
                 _ => {}
             }
         }
     }
 
-    fn resubscribe(&self, channel: Option<&Value>) {
-        let Some(Value::BulkString(channel)) = channel else { return };
-        let Some(channel) = self.channels.iter().find(|c| c.as_bytes() == channel.as_slice()).cloned() else { return };
-        tracing::info!(channel, "unsubscribed by Redis (a slot migration?); subscribing again");
+    /// Subscribes to `channel` again, retrying until it succeeds.
+    fn resubscribe(&self, channel: String) {
         let redis = self.redis.clone();
         tokio::spawn(async move {
             let mut wait = RESUBSCRIBE_FIRST;
             while let Err(e) = redis.subscribe(&channel).await {
-                tracing::warn!(channel, error = %e, "subscribing again failed; retrying");
+                tracing::debug!(channel, error = %e, "subscribing again failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
             }

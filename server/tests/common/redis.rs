@@ -139,6 +139,12 @@ impl RedisServer {
         RedisServer::start_on(port, &[])
     }
 
+    /// Kills the server where it stands (SIGKILL), for one in a cluster's list.
+    pub fn crash(&self) {
+        // SAFETY: kill on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) }, 0);
+    }
+
     /// Kills the server (SIGKILL: nothing saved, clients see the connection drop).
     pub fn kill(mut self) -> u16 {
         let _ = self.child.kill();
@@ -165,22 +171,29 @@ pub fn cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Three masters, no replicas, all slots assigned.
+/// Three masters (and, if asked, a replica of each), all slots assigned.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
+        RedisCluster::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each: `nodes[..3]` start as the masters.
+    pub fn start_with_replicas(replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| {
-                RedisServer::start_on(free_port(true), &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                // A replica may take over however long its master has been gone.
+                RedisServer::start_on(free_port(true), &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0"])
             })
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let replicas = replicas.to_string();
+        args.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
         let created = cli(nodes[0].port, &args);
         assert!(created.contains("All 16384 slots covered"), "cluster create: {created}");
         // The masters agree on the slot map by gossip; wait for every one to say so.
@@ -188,6 +201,17 @@ impl RedisCluster {
         for node in &nodes {
             while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
                 assert!(Instant::now() < deadline, "cluster did not reach state ok");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        // A replica that has not synced cannot take over.
+        for node in &nodes {
+            loop {
+                let replication = node.cli(&["info", "replication"]);
+                if replication.contains("role:master") || replication.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "a replica did not sync with its master");
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
