@@ -421,7 +421,7 @@ async fn nodes_reach_a_tls_redis_as_an_acl_user() {
     let file = |name: &str| dir.join(name).display().to_string();
     let redis = RedisServer::start_tls(&[
         "--tls-cert-file", &file("server.pem"), "--tls-key-file", &file("server.key"), "--tls-ca-cert-file", &file("ca.pem"),
-        "--tls-auth-clients", "yes", "--user", "pushline", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off",
+        "--tls-auth-clients", "yes", "--user", "pushline", "on", ">s3cret", "~pushline:*", "&pushline:*", "+@all", "--user", "default", "off",
     ]);
     let config = |password: &str, ca: std::path::PathBuf| {
         let mut config = pushline::Config::for_loopback();

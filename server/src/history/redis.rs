@@ -52,7 +52,9 @@ use crate::wire::{envelope_position, Message};
 /// node has already seen means the group's data went back (a failover to a replica that
 /// had not received the last writes, a restore): the group takes a new generation, and a
 /// stream written under another generation than its group's starts a new epoch before
-/// anything is appended, so no (epoch, offset) ever names two messages.
+/// anything is appended, so no (epoch, offset) ever names two messages. Its live
+/// subscribers are told first, on the same channels (relay id 0, a notice): a `gap` from
+/// past the last offset the old epoch still holds.
 /// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
 /// then its message id, or its reply once known), else `{1, epoch, offset, receivers,
 /// sequence, rolled back}` (offset 0: not kept; rolled back `1` when this append found the
@@ -68,7 +70,7 @@ if keep and ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('DEL', KEYS[1], KEYS[2])
   keep = false
 end
-local epoch, offset, seq, rolled = '', 0, 0, 0
+local epoch, offset, seq, rolled, gap = '', 0, 0, 0, false
 local envelope = ARGV[8]
 if keep then
   seq = redis.call('INCR', KEYS[6])
@@ -84,9 +86,14 @@ if keep then
     gen = ARGV[14]
     redis.call('SET', KEYS[7], gen)
   end
-  local meta = redis.call('HMGET', KEYS[2], 'epoch', 'gen')
+  local meta = redis.call('HMGET', KEYS[2], 'epoch', 'gen', 'last')
   epoch = meta[1]
   if not epoch or (meta[2] and meta[2] ~= gen) then
+    if epoch then
+      gap = '{"type":"gap","stream":"' .. ARGV[7] .. '","epoch":"' .. epoch .. '","from":' .. (tonumber(meta[3] or '0') + 1) .. ',"reason":"epoch_changed"}'
+    elseif rolled == 1 then
+      gap = '{"type":"gap","stream":"' .. ARGV[7] .. '","reason":"epoch_changed"}'
+    end
     epoch = ARGV[1]
     redis.call('DEL', KEYS[1], KEYS[2])
     redis.call('HSET', KEYS[2], 'epoch', epoch)
@@ -105,6 +112,9 @@ else
 end
 local receivers = 0
 for i = 15, #ARGV do
+  if gap then
+    redis.call(ARGV[10], ARGV[i], string.sub(ARGV[9], 1, 3) .. string.rep('\0', 8) .. string.sub(ARGV[9], 12) .. gap)
+  end
   receivers = receivers + redis.call(ARGV[10], ARGV[i], ARGV[9] .. envelope)
 end
 if ARGV[5] ~= '0' then

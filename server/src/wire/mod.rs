@@ -82,10 +82,13 @@ impl Message {
         Message::from_envelope(id, &envelope, position, accepted_at)
     }
 
-    /// A message framed elsewhere (another node, or history): `envelope` is its JSON.
+    /// A message framed elsewhere (another node, or history): `envelope` is its JSON. An
+    /// envelope that is a notice (`{"type":"gap",...`, relayed by the append script) is an
+    /// SSE event of its own type.
     pub fn from_envelope(id: u64, envelope: &str, position: Option<Position>, accepted_at: Instant) -> Message {
         let ws = ws::text(envelope);
-        let sse = sse::head("message", envelope);
+        let kind = envelope.strip_prefix(r#"{"type":""#).and_then(|rest| rest.split_once('"')).map_or("message", |(kind, _)| kind);
+        let sse = sse::head(kind, envelope);
         Message { id, position, ws, sse, accepted_at }
     }
 
