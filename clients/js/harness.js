@@ -43,6 +43,20 @@ function stop(child) {
   });
 }
 
+/** A `redis-server` on `port` with nothing saved; resolves once it accepts connections. */
+export async function startRedis(port) {
+  const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  const lines = createInterface({ input: child.stdout });
+  await new Promise((resolve, reject) => {
+    child.once("error", (e) => reject(new Error(`cannot run redis-server (${e.message}); apt-get install -y redis-server`)));
+    child.once("exit", (code) => reject(new Error(`redis-server exited (${code})`)));
+    lines.on("line", (line) => line.includes("Ready to accept connections") && resolve());
+  });
+  return { url: `redis://127.0.0.1:${port}`, stop: () => stop(child) };
+}
+
 /** A proxy to `port` whose connections can all be cut at once. */
 export async function proxy(port) {
   const sockets = new Set();

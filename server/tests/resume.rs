@@ -836,6 +836,87 @@ mod nodes {
         publish_through_a_failover(&node, listened, || cluster.nodes[holder().expect("a master holds t")].crash()).await;
     }
 
+    /// A bad network between one node and Redis: node A reaches Redis through a proxy that
+    /// delays every chunk 100 ms, then holds everything for 10 s (a partition; after ~3 s
+    /// its connections are cut and new ones refused) while publishes flow through node B. Every publish answered 200 reaches both live clients:
+    /// on time, late, or (A's client, told of a `gap` with reason `relay_lost` when A's link
+    /// dropped) by resuming from its cursor; none twice.
+    #[tokio::test]
+    async fn a_partition_between_a_node_and_redis_loses_no_acknowledged_message() {
+        const LAST: u64 = 200;
+        let redis = RedisServer::start();
+        let proxy = common::proxy::Proxy::start(([127, 0, 0, 1], redis.port).into(), std::time::Duration::from_millis(100)).await;
+        let node = |url: String| {
+            start(move |c| {
+                c.registry = RegistryKind::Redis;
+                c.redis_url = vec![url];
+                c.history_size = 1000;
+            })
+        };
+        let (a, b) = (node(format!("redis://{}", proxy.addr)).await, node(redis.url()).await);
+        let (on_b, welcome) = ws(b.client, "uid=b&topics=t").await;
+        let mut tracker = Tracker::default();
+        tracker.take(&welcome);
+        let on_b = read_until(on_b, tracker, LAST);
+        let (mut on_a, welcome) = ws(a.client, "uid=a&topics=t").await;
+        let mut tracker = Tracker::default();
+        tracker.take(&welcome);
+        wait_interest(&redis, "t").await;
+        let a_addr = a.client;
+        let on_a = tokio::spawn(async move {
+            let mut told = 0;
+            while tracker.seen.last() != Some(&json!(LAST)) {
+                let msg = next_json_within(&mut on_a, WAIT * 3).await;
+                if msg["type"] == "gap" && msg["reason"] == "relay_lost" {
+                    told += 1;
+                    // Resume from the cursor, as a client told of a lost relay does; A
+                    // answers 503 while it cannot read Redis.
+                    on_a = loop {
+                        if let Ok((mut again, _)) = tokio_tungstenite::connect_async(format!("ws://{a_addr}/ws?uid=a&topics=t&cursor={}", tracker.cursor())).await {
+                            tracker.take(&next_json(&mut again).await);
+                            break again;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    };
+                    continue;
+                }
+                if msg["type"] == "resumed" {
+                    assert_eq!(msg["recovered"], true, "{msg}");
+                }
+                tracker.take(&msg);
+            }
+            (tracker, told)
+        });
+
+        let mut retried = Vec::new();
+        let mut heals_at = None;
+        for n in 1..=LAST {
+            if n == 50 {
+                proxy.partition();
+                heals_at = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(10));
+            }
+            if n == 120 {
+                // Long enough now for A's connections to give up.
+                proxy.cut();
+            }
+            if let Some(at) = heals_at.take_if(|_| n == LAST) {
+                // The last message after the 10-second partition healed.
+                tokio::time::sleep_until(at).await;
+                proxy.heal();
+            }
+            if !publish_until_acknowledged(b.client, n).await.is_empty() {
+                retried.push(n);
+            }
+            // Publishes spread over the partition, as an application's would.
+            tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+        }
+        let on_b = tokio::time::timeout(WAIT * 2, on_b).await.expect("B's client got the last message").unwrap();
+        check_every_acknowledged_message_arrived(&on_b, 1..=LAST, &retried);
+        let (on_a, told) = tokio::time::timeout(WAIT * 6, on_a).await.expect("A's client got the last message").unwrap();
+        check_every_acknowledged_message_arrived(&on_a, 1..=LAST, &retried);
+        eprintln!("A's client was told of a lost relay {told} times; {} publishes retried", retried.len());
+    }
+
     /// `--history-min-replicas 1`: a publish is answered 200 once its write reached a
     /// replica; with the replica gone, 503 `not_replicated` within the timeout (published
     /// on the master all the same), and a retry with its key is not answered 200 either.

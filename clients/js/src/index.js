@@ -281,6 +281,18 @@ export class PushlineClient {
     this.#open();
   }
 
+  #resume() {
+    if (this.#socket) {
+      const socket = this.#socket;
+      this.#socket = null;
+      socket.onclose = null;
+      socket.close();
+      this.#retry();
+    } else if (this.#source) {
+      this.#reopen();
+    }
+  }
+
   #retry(after = null) {
     if (this.#closed) return;
     this.#setState(State.Reconnecting);
@@ -319,6 +331,12 @@ export class PushlineClient {
         } catch (error) {
           this.#emit("error", error);
         }
+        break;
+      case "gap":
+        this.#emit("gap", message);
+        // The node lost its link to Redis: what other nodes published meanwhile is only in
+        // history. Reconnect, which resumes from the cursor.
+        if (message.reason === "relay_lost") this.#resume();
         break;
       case "error":
         this.#emit("error", new Error(message.error));

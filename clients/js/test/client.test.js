@@ -9,7 +9,7 @@ import WebSocket from "ws";
 import { EventSource } from "eventsource";
 
 import { PushlineClient, Cursor, backoffDelay, State, topicSegment } from "../src/index.js";
-import { freePort, startServer, proxy, publish, next } from "../harness.js";
+import { freePort, startServer, startRedis, proxy, publish, next } from "../harness.js";
 
 const fast = { initial: 50, max: 200 };
 
@@ -94,6 +94,44 @@ test("a killed and restarted server: the client comes back, its topics restored,
   } finally {
     client.close();
     await server.stop();
+  }
+});
+
+test("a node whose link to Redis drops tells the client, which resumes and loses nothing", async () => {
+  const redis = await startRedis(await freePort());
+  const link = await proxy(new URL(redis.url).port);
+  const redisVia = (url) => ["--registry", "redis", "--redis-url", url.replace("http:", "redis:"), "--history-size", "1000"];
+  const a = await startServer(await freePort(), redisVia(link.url));
+  const b = await startServer(await freePort(), redisVia(redis.url));
+  const client = new PushlineClient(a.url, { uid: "cy", topics: ["news"], WebSocket, backoff: fast });
+  const welcome = next(client, "welcome");
+  client.connect();
+  try {
+    await welcome;
+    const seen = [];
+    client.on("message", (m) => seen.push(m.data.n));
+    // Until node A has told Redis it listens to the topic, the topic keeps no history:
+    // publish until a message comes with its place in the stream.
+    for (;;) {
+      const arrived = next(client, "message", (m) => m.data.n === 0);
+      await publish(b.url, { topic: "news", data: { n: 0 } });
+      if ((await arrived).stream) break;
+    }
+    const gap = next(client, "gap");
+    const resumed = next(client, "resumed");
+    link.cut();
+    for (let n = 1; n < 6; n++) await publish(b.url, { topic: "news", data: { n } });
+    assert.equal((await gap).reason, "relay_lost");
+    assert.equal((await resumed).recovered, true);
+    const last = next(client, "message", (m) => m.data.n === 6);
+    await publish(b.url, { topic: "news", data: { n: 6 } });
+    await last;
+    assert.deepEqual(seen.filter((n) => n !== 0), [1, 2, 3, 4, 5, 6], "every message once, in order");
+  } finally {
+    client.close();
+    await Promise.all([a.stop(), b.stop(), redis.stop()]);
+    link.cut();
+    await link.close();
   }
 });
 

@@ -206,6 +206,9 @@ pub struct Inbox {
     pub awaited: Arc<Awaited>,
 }
 
+/// Told to every connection of a node whose Redis link dropped.
+const RELAY_LOST: &str = r#"{"type":"gap","reason":"relay_lost"}"#;
+
 /// First wait before subscribing again after a failed attempt; doubles up to a second.
 const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(50);
 
@@ -217,7 +220,11 @@ impl Inbox {
                 PushKind::Message | PushKind::SMessage => self.deliver(&push.data).await,
                 PushKind::Disconnection => {
                     self.metrics.redis_reconnects.increment(1);
-                    tracing::warn!("lost a Redis connection; reconnecting and resubscribing");
+                    tracing::warn!("lost a Redis connection; reconnecting and resubscribing, and telling every client here of a gap");
+                    // What other nodes published while the link was down never reaches this
+                    // node: every client here is told, and resumes from its cursor.
+                    let notice = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, RELAY_LOST, None, Instant::now())));
+                    self.hub.broadcast(&notice).await;
                     // On a cluster the lost node may be a master whose replica takes its
                     // slots: subscribe every channel again, wherever its slot now lives
                     // (subscribing twice on one connection changes nothing).

@@ -1,6 +1,7 @@
 //! Test harness: real servers on free loopback ports, real WebSocket, SSE and HTTP clients.
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod redis;
 
 /// The server binary's allocator, so in-process servers count their sites as it does.
@@ -47,8 +48,13 @@ pub async fn ws(addr: SocketAddr, query: &str) -> (Ws, Value) {
 
 /// The next text frame as JSON (answers pings on the way, as any client does).
 pub async fn next_json(ws: &mut Ws) -> Value {
+    next_json_within(ws, WAIT).await
+}
+
+/// [`next_json`], for a frame that may take longer than the wait (a partition to outlast).
+pub async fn next_json_within(ws: &mut Ws, limit: Duration) -> Value {
     loop {
-        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("frame within the wait").expect("stream open").expect("frame ok");
+        let msg = tokio::time::timeout(limit, ws.next()).await.expect("frame within the wait").expect("stream open").expect("frame ok");
         match msg {
             Message::Text(text) => return serde_json::from_str(&text).expect("server sends JSON"),
             Message::Ping(_) | Message::Pong(_) => continue,
