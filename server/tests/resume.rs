@@ -669,7 +669,14 @@ mod nodes {
             published += 1;
             let mut msg = next_json(&mut c1).await;
             if n == 101 {
-                // Told first: the old epoch past what the promoted replica holds may be lost.
+                // Told first that the node's link dropped, then that the old epoch past what
+                // the promoted replica holds may be lost.
+                let mut relay_lost = 0;
+                while msg["reason"] == "relay_lost" {
+                    relay_lost += 1;
+                    msg = next_json(&mut c1).await;
+                }
+                assert!(relay_lost > 0, "no relay_lost notice before {msg}");
                 assert_eq!(msg["type"], "gap", "{msg}");
                 assert_eq!((msg["epoch"].as_str(), msg["from"].as_u64(), msg["reason"].as_str()), (Some(epoch.as_str()), Some(31), Some("epoch_changed")), "{msg}");
                 assert!(msg["stream"].as_str().unwrap().starts_with("t."), "{msg}");
