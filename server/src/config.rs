@@ -571,6 +571,22 @@ impl Config {
             (RegistryKind::RedisSentinel, false) | (_, true) => {}
             (_, false) => problems.push("--sentinel is set but --registry is not redis-sentinel".into()),
         }
+        for (flag, url) in self.redis_url.iter().map(|u| ("--redis-url", u)).chain(self.sentinel.iter().map(|u| ("--sentinel", u))) {
+            let shown = crate::redis_link::redacted(url);
+            match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                Err(e) => problems.push(format!("{flag} {shown}: {e}")),
+                Ok(info) if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) && (flag == "--sentinel" || self.registry == RegistryKind::RedisSentinel) => {
+                    problems.push(format!("{flag} {shown}: Sentinel and the master it names are reached over TCP, not a unix socket"))
+                }
+                Ok(_) => {}
+            }
+        }
+        if self.registry == RegistryKind::RedisSentinel {
+            let authority = |url: &str| url.split_once("://").map(|(_, rest)| rest.rsplit_once('@').map_or(rest, |(_, host)| host).split('/').next().unwrap_or("").to_owned());
+            if let Some(named) = self.redis_url.first().and_then(|u| authority(u)).filter(|host| host.contains(':')) {
+                problems.push(format!("--redis-url for redis-sentinel names the master (redis://mymaster), not an address: `{named}` has a port; the Sentinels say where the master is"));
+            }
+        }
         let tls = self.redis_url.iter().chain(&self.sentinel).any(|u| u.starts_with("rediss://"));
         if (self.redis_ca.is_some() || self.redis_client_cert.is_some()) && !tls {
             problems.push("--redis-ca and --redis-client-cert are for rediss:// URLs; no --redis-url or --sentinel is one".into());
@@ -668,5 +684,26 @@ mod tests {
         assert!(config.validate().unwrap_err().message.contains("redis-cluster"));
         config.redis_url.clear();
         assert!(config.validate().unwrap_err().message.contains("need --redis-url"));
+    }
+
+    /// `--check-config` refuses what a start would: URLs that do not parse, and for
+    /// Sentinel, a master given an address instead of a name, or a unix socket.
+    #[test]
+    fn redis_urls_are_checked_as_a_start_would() {
+        let problems = |registry: RegistryKind, url: &str, sentinel: &str| {
+            let mut config = Config::for_loopback();
+            config.registry = registry;
+            config.redis_url = vec![url.into()];
+            config.sentinel = [sentinel].into_iter().filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            config.validate().map_or_else(|e| e.message, |()| String::new())
+        };
+        let sentinel = RegistryKind::RedisSentinel;
+        assert_eq!(problems(sentinel, "rediss://u:pw@mymaster/0", "redis://127.0.0.1:26379"), "");
+        let bad_db = problems(sentinel, "redis://u:pw@mymaster/abc", "redis://127.0.0.1:26379");
+        assert!(bad_db.contains("--redis-url redis://***@mymaster/abc") && !bad_db.contains("pw"), "{bad_db}");
+        assert!(problems(sentinel, "redis://mymaster", "http://127.0.0.1:26379").contains("--sentinel http://127.0.0.1:26379"));
+        assert!(problems(sentinel, "redis://mymaster:6379", "redis://127.0.0.1:26379").contains("`mymaster:6379` has a port"));
+        assert!(problems(sentinel, "redis://mymaster", "unix:///tmp/s.sock").contains("not a unix socket"));
+        assert!(problems(RegistryKind::Redis, "redis://a:1/abc", "").contains("--redis-url redis://a:1/abc"));
     }
 }

@@ -114,7 +114,8 @@ impl Redis {
             RegistryKind::RedisSentinel => {
                 let master = urls[0].as_str().into_connection_info().map_err(bad_url)?;
                 let (sentinel, name) = sentinel_client(&master, &config.sentinel, certificates)?;
-                Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone()).await?)
+                let asked = config.sentinel.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
+                Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone(), &format!("{shown} (through the Sentinels at {asked})")).await?)
             }
         };
         Ok((Redis { link, metrics }, received))
@@ -356,11 +357,14 @@ struct Following {
 }
 
 impl Following {
-    async fn start(mut sentinel: SentinelClient, name: String, pushes: Pushes, metrics: Arc<Metrics>) -> Result<Arc<Following>, Error> {
+    /// `shown`: the master's URL and the Sentinels', passwords masked, for errors.
+    async fn start(mut sentinel: SentinelClient, name: String, pushes: Pushes, metrics: Arc<Metrics>, shown: &str) -> Result<Arc<Following>, Error> {
+        // The redis crate asks the Sentinels, then the master they name for its role: a
+        // failure may be either's (a Sentinel down, the master's password or TLS wrong).
         let client = tokio::time::timeout(CONNECT_TIMEOUT * 5, sentinel.async_get_client())
             .await
-            .map_err(|_| Error::unavailable("no Sentinel named the master: timed out"))?
-            .map_err(|e| Error::unavailable(format!("no Sentinel named the master: {e}")))?;
+            .map_err(|_| Error::unavailable(format!("cannot reach the Redis master {shown}: timed out")))?
+            .map_err(|e| Error::unavailable(format!("cannot reach the Redis master {shown}: {e}")))?;
         let address = address(&client);
         let manager = manager(&client, pushes.clone(), &address).await?;
         tracing::info!(master = %address, "Sentinel names the Redis master");
@@ -410,6 +414,9 @@ impl Following {
     /// crate does, by asking that server its role); ends with the link.
     async fn follow(this: Weak<Following>, mut sentinel: SentinelClient, name: String) {
         let mut asking: Option<MultiplexedConnection> = None;
+        // Said once when no Sentinel answers (the node could not follow a failover), once
+        // when one does again.
+        let mut unanswered = false;
         loop {
             let Some(asked) = this.upgrade().map(|f| async move { f.asked.notified().await }) else { return };
             tokio::select! {
@@ -420,16 +427,19 @@ impl Following {
             let Some(following) = this.upgrade() else { return };
             let named = match named {
                 Ok(Ok(address)) => address,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "no Sentinel answered where the master is");
-                    asking = None;
-                    continue;
-                }
-                Err(_) => {
+                failed => {
+                    if !unanswered {
+                        let error = failed.map_or_else(|_| "timed out".to_owned(), |r| r.err().map(|e| e.to_string()).unwrap_or_default());
+                        tracing::warn!(error, "no Sentinel answers where the Redis master is: this node cannot follow a failover until one does");
+                    }
+                    unanswered = true;
                     asking = None;
                     continue;
                 }
             };
+            if std::mem::take(&mut unanswered) {
+                tracing::info!("a Sentinel answers again");
+            }
             if following.master.read().unwrap_or_else(|e| e.into_inner()).0 == named {
                 continue;
             }

@@ -469,3 +469,30 @@ async fn nodes_reach_a_tls_redis_as_an_acl_user() {
     b.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Redis loses every key (FLUSHALL): the node finds its liveness key gone and marks the
+/// topics it listens to at once, so a listened topic keeps history again within one
+/// liveness refresh, not a third of the history TTL later.
+#[tokio::test]
+async fn a_flushed_redis_keeps_listened_topics_history_again_at_once() {
+    let redis = RedisServer::start();
+    let a = node_on(&redis).await;
+    let (mut client, _) = client(&a, "m").await;
+    common::subscribe(&mut client, &["t6"]).await;
+    let interest = "pushline:h:*:t2:t6:i";
+    let deadline = Instant::now() + WAIT;
+    while redis.cli(&["keys", interest]).is_empty() {
+        assert!(Instant::now() < deadline, "no interest key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(redis.cli(&["flushall"]), "OK");
+    // Within the wait (the history TTL's third is 200 s), not by the next relisten.
+    let deadline = Instant::now() + WAIT;
+    while redis.cli(&["keys", interest]).is_empty() {
+        assert!(Instant::now() < deadline, "the interest key did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = post(a.client, "/v1/publish", json!({"topic": "t6", "data": 1})).await;
+    assert_eq!((status, body["stored"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(next_json(&mut client).await["offset"], 1, "kept again, in a new epoch");
+}

@@ -207,7 +207,13 @@ impl Registrar {
                 }
                 _ = refresh.tick(), if !self.evicted.is_cancelled() => {
                     match self.refresh_liveness().await {
-                        Liveness::Missing => must_register = true,
+                        Liveness::Missing => {
+                            must_register = true;
+                            // Redis lost its keys, topics' interest keys with them: mark
+                            // them now, or listened topics keep no history until the next
+                            // relisten (a third of the history TTL).
+                            listening.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic));
+                        }
                         Liveness::Taken(other) => {
                             tracing::error!(
                                 node = self.node,
