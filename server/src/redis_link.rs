@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, Weak};
 
 use pushline_alloc::Site;
@@ -42,10 +43,14 @@ pub const RELAY_BACKLOG: usize = 1024;
 struct Pushes {
     tx: mpsc::Sender<PushInfo>,
     metrics: Arc<Metrics>,
+    breaks: Arc<AtomicU64>,
 }
 
 impl AsyncPushSender for Pushes {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        if info.kind == redis::PushKind::Disconnection {
+            self.breaks.fetch_add(1, Ordering::Relaxed);
+        }
         match self.tx.try_send(info) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
@@ -69,6 +74,7 @@ enum Link {
 pub struct Redis {
     link: Link,
     metrics: Arc<Metrics>,
+    breaks: Arc<AtomicU64>,
 }
 
 impl Redis {
@@ -78,7 +84,8 @@ impl Redis {
     /// returned receiver.
     pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<(Redis, Receiver<PushInfo>), Error> {
         let (tx, received) = mpsc::channel(RELAY_BACKLOG);
-        let pushes = Pushes { tx, metrics: metrics.clone() };
+        let breaks = Arc::new(AtomicU64::new(0));
+        let pushes = Pushes { tx, metrics: metrics.clone(), breaks: breaks.clone() };
         let urls = &config.redis_url;
         let shown = urls.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
         let bad_url = |e: redis::RedisError| Error::config(format!("--redis-url {shown}: {e}"));
@@ -118,7 +125,14 @@ impl Redis {
                 Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone(), &format!("{shown} (through the Sentinels at {asked})")).await?)
             }
         };
-        Ok((Redis { link, metrics }, received))
+        Ok((Redis { link, metrics, breaks }, received))
+    }
+
+    /// Times a link to a Redis server broke, moved to another master, or met a server
+    /// without this node's scripts (it restarted): after each, what Redis holds may have
+    /// come back from a snapshot or a replica.
+    pub fn breaks(&self) -> u64 {
+        self.breaks.load(Ordering::Relaxed)
     }
 
     /// Whether channels are sharded (Redis Cluster: SPUBLISH / SSUBSCRIBE).
@@ -163,23 +177,30 @@ impl Redis {
 
     /// Runs `script` once per `(keys, args)` as one batch, like [`Redis::batch`], by hash
     /// (EVALSHA). Where Redis does not have the script (it restarted), it is loaded and
-    /// those invocations, which did not run, are sent again. Fails if any failed.
+    /// those invocations, which did not run, are sent again, with the script's restart
+    /// argument (if it has one) set to `1`. Fails if any failed.
     pub async fn scripts(&self, command: RedisCommand, script: &Script, invocations: &[(Vec<Vec<u8>>, Vec<Vec<u8>>)]) -> RedisResult<Vec<Value>> {
-        let by_hash: Vec<Cmd> = invocations
-            .iter()
-            .map(|(keys, args)| {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(&script.hash).arg(keys.len()).arg(keys).arg(args);
-                cmd
-            })
-            .collect();
+        let evalsha = |(keys, args): &(Vec<Vec<u8>>, Vec<Vec<u8>>), restarted: bool| {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&script.hash).arg(keys.len()).arg(keys);
+            for (i, arg) in args.iter().enumerate() {
+                if restarted && script.restart_arg == Some(i) {
+                    cmd.arg(b"1");
+                } else {
+                    cmd.arg(arg);
+                }
+            }
+            cmd
+        };
+        let by_hash: Vec<Cmd> = invocations.iter().map(|i| evalsha(i, false)).collect();
         let mut results = self.batch_results(command, &by_hash).await?;
         let missing: Vec<usize> = (0..results.len()).filter(|i| matches!(&results[*i], Err(e) if is_noscript(e))).collect();
         if !missing.is_empty() {
+            self.breaks.fetch_add(1, Ordering::Relaxed);
             let mut load = redis::cmd("SCRIPT");
             load.arg("LOAD").arg(script.code);
             self.query::<Value>(command, &load).await?;
-            let again: Vec<Cmd> = missing.iter().map(|i| by_hash[*i].clone()).collect();
+            let again: Vec<Cmd> = missing.iter().map(|i| evalsha(&invocations[*i], true)).collect();
             for (i, result) in missing.into_iter().zip(self.batch_results(command, &again).await?) {
                 results[i] = result;
             }
@@ -492,13 +513,22 @@ fn is_noscript(e: &redis::RedisError) -> bool {
 pub struct Script {
     pub code: &'static str,
     hash: String,
+    /// The argument (0-based) that tells the script the Redis server may have restarted.
+    restart_arg: Option<usize>,
 }
 
 impl Script {
     pub fn new(code: &'static str) -> Script {
         use sha1::Digest;
         let hash = sha1::Sha1::digest(code.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        Script { code, hash }
+        Script { code, hash, restart_arg: None }
+    }
+
+    /// The script takes `1` at argument `index` (0-based) when the server may have
+    /// restarted: it is set on invocations sent again after the server did not know the
+    /// script, which a restarted server does not.
+    pub fn told_of_restarts_at(self, index: usize) -> Script {
+        Script { restart_arg: Some(index), ..self }
     }
 }
 
@@ -518,7 +548,7 @@ mod tests {
     fn a_full_inbox_drops_and_counts_instead_of_growing() {
         let metrics = Arc::new(Metrics::new());
         let (tx, mut rx) = mpsc::channel(RELAY_BACKLOG);
-        let pushes = Pushes { tx, metrics: metrics.clone() };
+        let pushes = Pushes { tx, metrics: metrics.clone(), breaks: Arc::new(AtomicU64::new(0)) };
         let message = || PushInfo { kind: redis::PushKind::Message, data: vec![] };
         for _ in 0..RELAY_BACKLOG + 3 {
             assert!(pushes.send(message()).is_ok(), "the connection keeps its push sender");

@@ -924,6 +924,43 @@ mod nodes {
         eprintln!("A's client was told of a lost relay {told} times; {} publishes retried", retried.len());
     }
 
+    /// Redis comes back from an old snapshot and the node restarts with it (a host that
+    /// rebooted), so no node remembers what was appended: the first append checks the Redis
+    /// run the group's history was written under, finds another, and starts a new epoch. A
+    /// client whose position the snapshot lacks is told `recovered: false`, never replayed
+    /// the offsets after its own as if they were what it missed.
+    #[tokio::test]
+    async fn a_redis_and_its_nodes_restarted_from_an_old_snapshot_do_not_reuse_offsets() {
+        let redis = RedisServer::start();
+        let first = node(RegistryKind::Redis, vec![redis.url()]).await;
+        let mut tracker = Tracker::default();
+        let (mut client, welcome) = ws(first.client, "uid=d&topics=t").await;
+        tracker.take(&welcome);
+        wait_interest(&redis, "t").await;
+        let mut snapshot = Vec::new();
+        for n in 1..=10 {
+            if n == 6 {
+                snapshot = redis.snapshot();
+            }
+            publish(first.client, "t", json!(n)).await;
+            tracker.take(&next_json(&mut client).await);
+        }
+        drop(client);
+        first.server.shutdown().await;
+        let port = redis.kill();
+        let redis = RedisServer::start_from(port, &snapshot);
+        let second = node(RegistryKind::Redis, vec![redis.url()]).await;
+        for n in 11..=17 {
+            publish(second.client, "t", json!(n)).await;
+        }
+        assert_eq!(metric(&metrics(second.admin).await, r#"pushline_history_epoch_resets_total{reason="redis_run"}"#), 1.0);
+        let (mut client, _) = ws(second.client, &format!("uid=d&topics=t&cursor={}", tracker.cursor())).await;
+        let resumed = until_resumed(&mut client, &mut tracker).await;
+        let t = resumed["streams"].as_array().unwrap().iter().find(|s| s["stream"].as_str().unwrap().starts_with("t.")).unwrap();
+        assert_eq!((t["recovered"].as_bool(), t["reason"].as_str()), (Some(false), Some("epoch_changed")), "{resumed}");
+        assert_eq!(tracker.seen.iter().filter(|d| d.as_u64() > Some(10)).count(), 7, "what the new epoch holds comes anyway: {:?}", tracker.seen);
+    }
+
     /// `--history-min-replicas 1`: a publish is answered 200 once its write reached a
     /// replica; with the replica gone, 503 `not_replicated` within the timeout (published
     /// on the master all the same), and a retry with its key is not answered 200 either.

@@ -39,26 +39,34 @@ use crate::wire::{envelope_position, Message};
 
 /// Appends a message to its stream and publishes it. KEYS: the stream, its hash, its
 /// interest key, its idempotency key (or the stream again), the group's `born` key, the
-/// group's sequence, the group's generation.
+/// group's sequence, the group's generation, the Redis run the generation was set under.
 /// ARGV: 1 an epoch for a new stream, 2 history size, 3 TTL ms, 4 `1` if the stream keeps
 /// history only while listened to (a topic), 5 idempotency window ms (`0`: no key),
 /// 6 message id, 7 the stream's key as envelopes write it, 8 the envelope without its
 /// closing brace, 9 the relay header, 10 PUBLISH or SPUBLISH, 11 now (ms), 12 the
 /// idempotency key's record (the request's fingerprint and the message id), 13 the
 /// highest group sequence this node has seen, 14 a generation for the group should it
-/// need a new one, 15.. channels.
+/// need a new one, 15 `1` to check the Redis run, 16.. channels.
 ///
 /// Every kept append takes the group's next sequence number. One at or below what this
 /// node has already seen means the group's data went back (a failover to a replica that
 /// had not received the last writes, a restore): the group takes a new generation, and a
 /// stream written under another generation than its group's starts a new epoch before
-/// anything is appended, so no (epoch, offset) ever names two messages. Its live
+/// anything is appended, so no (epoch, offset) ever names two messages.
+///
+/// A node's memory does not outlive it: when every node that saw the lost writes has
+/// restarted too (a host rebooted with its Redis, one node restored from an old RDB), no
+/// floor is high enough. So the first append of each group after this node started, and
+/// after each time its link broke (a Redis restart or failover always breaks it), checks
+/// the Redis run (`run_id`) the group's generation was set under: another run means the
+/// data may have come back from a snapshot or a replica, and the group takes a new
+/// generation (a restart or failover that lost nothing starts new epochs all the same). Its live
 /// subscribers are told first, on the same channels (relay id 0, a notice): a `gap` from
 /// past the last offset the old epoch still holds.
 /// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
 /// then its message id, or its reply once known), else `{1, epoch, offset, receivers,
-/// sequence, rolled back}` (offset 0: not kept; rolled back `1` when this append found the
-/// group's history behind this node).
+/// sequence, reset}` (offset 0: not kept; reset `1` when this append found the group's
+/// history behind this node, `2` when under another Redis run).
 pub const APPEND: &str = r#"
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[4])
@@ -82,6 +90,16 @@ if keep then
     gen = false
     rolled = 1
   end
+  if ARGV[15] == '1' then
+    local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+    if redis.call('GET', KEYS[8]) ~= run then
+      if rolled == 0 and gen and redis.call('GET', KEYS[8]) then
+        rolled = 2
+      end
+      redis.call('SET', KEYS[8], run)
+      gen = false
+    end
+  end
   if not gen then
     gen = ARGV[14]
     redis.call('SET', KEYS[7], gen)
@@ -91,7 +109,7 @@ if keep then
   if not epoch or (meta[2] and meta[2] ~= gen) then
     if epoch then
       gap = '{"type":"gap","stream":"' .. ARGV[7] .. '","epoch":"' .. epoch .. '","from":' .. (tonumber(meta[3] or '0') + 1) .. ',"reason":"epoch_changed"}'
-    elseif rolled == 1 then
+    elseif rolled > 0 then
       gap = '{"type":"gap","stream":"' .. ARGV[7] .. '","reason":"epoch_changed"}'
     end
     epoch = ARGV[1]
@@ -111,7 +129,7 @@ else
   envelope = envelope .. '}'
 end
 local receivers = 0
-for i = 15, #ARGV do
+for i = 16, #ARGV do
   if gap then
     redis.call(ARGV[10], ARGV[i], string.sub(ARGV[9], 1, 3) .. string.rep('\0', 8) .. string.sub(ARGV[9], 12) .. gap)
   end
@@ -123,14 +141,17 @@ end
 return {1, epoch, offset, receivers, seq, rolled}
 "#;
 
+/// The append script's argument (0-based) asking it to check the Redis run.
+const CHECK_RUN_ARG: usize = 14;
+
 /// What the append script did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Appended {
     /// The idempotency key was used before: the first message's id, or the reply to it.
     Repeated(String),
     /// Published to `receivers` subscribers; kept at `offset` (0: not kept), the group's
-    /// `sequence`; `rolled_back` when the group's history was found behind this node.
-    Published { epoch: u32, offset: u64, receivers: usize, sequence: u64, rolled_back: bool },
+    /// `sequence`; `reset` when the group took a new generation, and why.
+    Published { epoch: u32, offset: u64, receivers: usize, sequence: u64, reset: Option<EpochReset> },
 }
 
 impl Appended {
@@ -140,11 +161,15 @@ impl Appended {
         let number = |v: &Value| redis::from_redis_value_ref::<u64>(v).ok();
         match items.as_slice() {
             [flag, first] if number(flag) == Some(0) => Some(Appended::Repeated(text(first)?)),
-            [flag, epoch, offset, receivers, sequence, rolled] if number(flag) == Some(1) => {
+            [flag, epoch, offset, receivers, sequence, reset] if number(flag) == Some(1) => {
                 let offset = number(offset)?;
                 let epoch = if offset == 0 { 0 } else { super::parse_epoch(&text(epoch)?)? };
-                let (sequence, rolled_back) = (number(sequence)?, number(rolled)? == 1);
-                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, sequence, rolled_back })
+                let reset = match number(reset)? {
+                    0 => None,
+                    1 => Some(EpochReset::Rollback),
+                    _ => Some(EpochReset::RedisRun),
+                };
+                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, sequence: number(sequence)?, reset })
             }
             _ => None,
         }
@@ -178,6 +203,8 @@ pub struct RedisHistory {
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     /// Per group, the highest sequence an append of this node was given.
     seen: [AtomicU64; GROUPS as usize],
+    /// Per group, the link's break count (plus one) when its Redis run was last checked.
+    run_checked: [AtomicU64; GROUPS as usize],
     metrics: Arc<Metrics>,
 }
 
@@ -190,9 +217,10 @@ impl RedisHistory {
             redis,
             prefix: prefix.to_owned(),
             settings,
-            script: Script::new(APPEND),
+            script: Script::new(APPEND).told_of_restarts_at(CHECK_RUN_ARG),
             flights: Mutex::new(HashMap::new()),
             seen: std::array::from_fn(|_| AtomicU64::new(0)),
+            run_checked: std::array::from_fn(|_| AtomicU64::new(0)),
             metrics,
         }
     }
@@ -227,23 +255,41 @@ impl RedisHistory {
         self.group_key(group, "born")
     }
 
-    /// A key of the group's own: `born`, `seq` (its appends' sequence), `gen` (its generation).
+    /// A key of the group's own: `born`, `seq` (its appends' sequence), `gen` (its
+    /// generation), `run` (the Redis run_id it was set under).
     fn group_key(&self, group: u64, name: &str) -> String {
         format!("{}:h:{{g{group}}}:{name}", self.prefix)
     }
 
     /// What the append script answered for a stream of `group`: the highest sequence this
-    /// node has seen grows, and a rollback it found is counted and logged.
-    pub fn appended(&self, group: u64, sequence: u64, rolled_back: bool) {
+    /// node has seen grows, and a new generation is counted and logged.
+    pub fn appended(&self, group: u64, sequence: u64, reset: Option<EpochReset>) {
         let before = self.seen[group as usize].fetch_max(sequence, Ordering::Relaxed);
-        if rolled_back {
-            self.metrics.epoch_reset(EpochReset::Rollback);
-            tracing::warn!(
-                group,
-                seen = before,
-                "Redis history is behind what this node saw (a failover to a replica that had not received the last writes, or a restore): this group's streams start new epochs, and resuming clients are told they were not recovered"
-            );
+        match reset {
+            None => {}
+            Some(EpochReset::Rollback) => {
+                self.metrics.epoch_reset(EpochReset::Rollback);
+                tracing::warn!(
+                    group,
+                    seen = before,
+                    "Redis history is behind what this node saw (a failover to a replica that had not received the last writes, or a restore): this group's streams start new epochs, and resuming clients are told they were not recovered"
+                );
+            }
+            Some(EpochReset::RedisRun) => {
+                self.metrics.epoch_reset(EpochReset::RedisRun);
+                tracing::warn!(
+                    group,
+                    "this group's history was written under another Redis run (Redis restarted or failed over, perhaps from a snapshot that lacks the last writes): its streams start new epochs, and resuming clients are told they were not recovered"
+                );
+            }
         }
+    }
+
+    /// Whether the next append to `group` is to check the Redis run: the first since this
+    /// node started and since its link last broke.
+    fn check_run(&self, group: u64) -> bool {
+        let now = self.redis.breaks() + 1;
+        self.run_checked[group as usize].swap(now, Ordering::Relaxed) != now
     }
 
     /// Channels in the same slot as a group's streams: the fan-out channel every node
@@ -282,7 +328,16 @@ impl RedisHistory {
             None => key.clone(),
         };
         let group = stream.group();
-        let keys = vec![key.clone(), format!("{key}:m"), format!("{key}:i"), idempotency_key, self.born_key(group), self.group_key(group, "seq"), self.group_key(group, "gen")];
+        let keys = vec![
+            key.clone(),
+            format!("{key}:m"),
+            format!("{key}:i"),
+            idempotency_key,
+            self.born_key(group),
+            self.group_key(group, "seq"),
+            self.group_key(group, "gen"),
+            self.group_key(group, "run"),
+        ];
         let kept = if self.settings.keeps(stream) { self.settings.size } else { 0 };
         let window = idempotency.map_or(0, |_| self.settings.idempotency_window.as_millis() as u64);
         let mut args: Vec<Vec<u8>> = vec![
@@ -300,6 +355,7 @@ impl RedisHistory {
             idempotency.map(|k| k.record(&id.to_string())).unwrap_or_default().into_bytes(),
             self.seen[group as usize].load(Ordering::Relaxed).to_string().into_bytes(),
             epoch_text(new_epoch()).into_bytes(),
+            if kept > 0 && self.check_run(group) { b"1".to_vec() } else { b"0".to_vec() },
         ];
         args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
         (keys.into_iter().map(String::into_bytes).collect(), args)
@@ -426,9 +482,9 @@ mod tests {
     #[test]
     fn append_replies_parse() {
         let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3), Value::Int(9), Value::Int(0)]);
-        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, sequence: 9, rolled_back: false }));
+        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, sequence: 9, reset: None }));
         let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0)]);
-        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, sequence: 0, rolled_back: false }));
+        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, sequence: 0, reset: None }));
         let repeated = Value::Array(vec![Value::Int(0), Value::BulkString(b"123".to_vec())]);
         assert_eq!(Appended::parse(repeated), Some(Appended::Repeated("123".into())));
         assert_eq!(Appended::parse(Value::Nil), None);

@@ -380,8 +380,8 @@ impl Nodes {
                     Some(first) => repeated.push(first.to_owned()),
                     None => mismatched = true,
                 },
-                Some(Appended::Published { offset, receivers, sequence, rolled_back, .. }) => {
-                    self.history.appended(stream.group(), sequence, rolled_back);
+                Some(Appended::Published { offset, receivers, sequence, reset, .. }) => {
+                    self.history.appended(stream.group(), sequence, reset);
                     result.stored += (offset > 0) as usize;
                     if let Some(key) = key {
                         remembered.push(self.history.idempotency_key(stream, &key.scoped));
@@ -494,8 +494,8 @@ impl Nodes {
                     None => Published::Mismatch,
                 })
             }
-            Some(Appended::Published { offset, receivers, sequence, rolled_back, .. }) => {
-                self.history.appended(stream.group(), sequence, rolled_back);
+            Some(Appended::Published { offset, receivers, sequence, reset, .. }) => {
+                self.history.appended(stream.group(), sequence, reset);
                 self.metrics.relayed(Relayed::Out, kind);
                 let (_, delivered) = self.awaited.wait(draft.id, own, OWN_DELIVERY_WAIT).await;
                 let stored = (offset > 0) as usize;

@@ -245,6 +245,9 @@ pub enum EpochReset {
     /// Redis held less of a group's history than this node had seen appended: a failover
     /// to a replica that had not received the last writes, a restore, a flush.
     Rollback,
+    /// The group's history was written under another Redis run: Redis restarted or failed
+    /// over since, perhaps from a snapshot that lacks the last writes.
+    RedisRun,
 }
 
 /// How a TLS handshake went. Label `kind` of `pushline_tls_handshakes_total`.
