@@ -25,3 +25,22 @@ pub fn empty_svg(title: &str, message: &str) -> String {
         escape(message)
     )
 }
+
+/// Differential folded stacks (`stack before after`, what inferno draws red where a stack
+/// grew and blue where it shrank) of two folded profiles; `before`'s counts are scaled by
+/// `scale` first, so windows of different lengths compare as rates.
+pub fn differential(before: &[String], after: &[String], scale: f64) -> Result<Vec<String>, String> {
+    let scaled: String = before
+        .iter()
+        .filter_map(|line| {
+            let (stack, count) = line.rsplit_once(' ')?;
+            let count: f64 = count.parse().ok()?;
+            Some(format!("{stack} {}\n", (count * scale).round() as u64))
+        })
+        .collect();
+    let after = after.join("\n");
+    let mut out = Vec::new();
+    inferno::differential::from_readers(inferno::differential::Options::default(), scaled.as_bytes(), after.as_bytes(), &mut out)
+        .map_err(|e| format!("differential flame graph: {e}"))?;
+    Ok(String::from_utf8_lossy(&out).lines().map(str::to_owned).collect())
+}

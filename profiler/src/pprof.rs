@@ -35,6 +35,13 @@ impl Strings {
 /// `samples`, taken at `hz` from `start_ns` (Unix ns) for `duration_ns`, as gzipped
 /// profile.proto.
 pub fn encode(samples: &Samples, hz: u32, start_ns: i64, duration_ns: i64) -> Vec<u8> {
+    encode_diff(samples, None, hz, start_ns, duration_ns)
+}
+
+/// [`encode`], less `base` scaled by its factor (a window of another length compares as a
+/// rate): the base's stacks are samples with negative values, which is how `go tool
+/// pprof -diff_base` merges a base into a profile, so every reader shows what grew.
+pub fn encode_diff(samples: &Samples, base: Option<(&Samples, f64)>, hz: u32, start_ns: i64, duration_ns: i64) -> Vec<u8> {
     let mut strings = Strings::new();
     let period = 1_000_000_000 / hz.max(1) as i64;
     let mut profile = Profile {
@@ -67,7 +74,9 @@ pub fn encode(samples: &Samples, hz: u32, start_ns: i64, duration_ns: i64) -> Ve
     let thread_key = strings.id("thread");
     let mut locations: HashMap<u64, u64> = HashMap::new();
     let mut full: Option<u64> = None;
-    for (thread, frames, count) in &samples.stacks {
+    let added = samples.stacks.iter().map(|s| (s, 1.0));
+    let taken = base.into_iter().flat_map(|(base, scale)| base.stacks.iter().map(move |s| (s, -scale)));
+    for ((thread, frames, count), factor) in added.chain(taken) {
         let mut ids = Vec::with_capacity(frames.len());
         for (i, frame) in frames.iter().enumerate() {
             // A return address is one past its call: the call is what to name.
@@ -94,7 +103,7 @@ pub fn encode(samples: &Samples, hz: u32, start_ns: i64, duration_ns: i64) -> Ve
         }
         profile.sample.push(Sample {
             location_id: ids,
-            value: vec![count.samples as i64, count.cpu_ns as i64],
+            value: vec![(count.samples as f64 * factor).round() as i64, (count.cpu_ns as f64 * factor).round() as i64],
             label: vec![Label { key: thread_key, str: strings.id(thread), ..Default::default() }],
         });
     }

@@ -94,20 +94,86 @@ async fn cpu_profile_of_a_busy_server_names_its_functions() {
     drop(readers);
 }
 
-/// What `go tool pprof -top` says of the profile at `url` (saved to a file first, so the
-/// test's own timeout bounds the download).
+/// The difference of two kept windows shows what changed: a minute of metrics scrapes,
+/// then a minute of broadcasts. The broadcast path grew from nothing and the metrics
+/// render shrank to nothing, in the folded diff (`stack base now`), and `go tool pprof`
+/// reads the pprof diff (the base counts negative) and names both.
+#[tokio::test]
+async fn the_difference_of_two_minutes_names_what_only_the_second_ran() {
+    let server = Process::spawn(&["--profile-hz", "99"], None);
+    let admin = server.admin;
+    let unix = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let minute = || unix().as_secs() / 60;
+    // The first window: scrapes (Metrics::render) in the last 5 s of a minute (what the
+    // clock says is the only signal; a few seconds keep a debug build's deep stacks well
+    // inside the stack table).
+    let mut base = minute();
+    if (base + 1) * 60 - unix().as_secs() < 6 {
+        base += 1;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs((base + 1) * 60 - 5).saturating_sub(unix())).await;
+    let http = reqwest::Client::new();
+    while minute() == base {
+        let _ = http.get(format!("http://{admin}/metrics")).send().await.unwrap().bytes().await;
+    }
+    // The second: broadcasts to readers, for a few seconds of its minute.
+    let now = minute();
+    let readers = drain(many_ws(server.client, 50, "d").await);
+    let load = Load::start(server.client);
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    drop(load);
+    drop(readers);
+    assert_eq!(minute(), now, "the load fit in its minute");
+    tokio::time::sleep(pushline_profiler::DRAINED_WITHIN).await;
+
+    let query = format!("from={}&to={}&base_from={}&base_to={}", now * 60, now * 60, base * 60, base * 60);
+    let (status, folded) = get_bytes(format!("http://{admin}/debug/pprof/profile?{query}&format=folded")).await;
+    let folded = String::from_utf8(folded).unwrap();
+    assert_eq!(status, 200, "{folded}");
+    let counts = |line: &str| -> (u64, u64) {
+        let mut fields = line.rsplitn(3, ' ');
+        let now = fields.next().unwrap().parse().unwrap();
+        (fields.next().unwrap().parse().unwrap(), now)
+    };
+    let grew: u64 = folded.lines().filter(|l| l.contains("Hub::broadcast")).map(|l| counts(l)).filter(|(b, _)| *b == 0).map(|(_, n)| n).sum();
+    let shrank: u64 = folded.lines().filter(|l| l.contains("Metrics::render")).map(|l| counts(l)).filter(|(_, n)| *n == 0).map(|(b, _)| b).sum();
+    assert!(grew > 0 && shrank > 0, "broadcast grew from nothing ({grew}), render shrank to nothing ({shrank}):\n{folded:.3000}");
+    let (status, svg) = get_bytes(format!("http://{admin}/debug/pprof/profile?{query}&format=svg")).await;
+    assert!(status == 200 && String::from_utf8_lossy(&svg).contains("what changed"), "a differential flame graph");
+    let said = go_pprof(&format!("http://{admin}/debug/pprof/profile?{query}"), &["-top", "-cum", "-nodecount=2000"]);
+    let line = |name: &str| said.lines().find(|l| l.ends_with(name)).unwrap_or_else(|| panic!("go tool pprof names {name}:\n{said}")).to_owned();
+    let negative = |line: &str| line.split_whitespace().any(|field| field.starts_with('-'));
+    assert!(!negative(&line("pushline::hub::Hub::broadcast::{{closure}}")), "what only the window ran counts positive");
+    assert!(negative(&line("pushline::telemetry::Metrics::render")), "what only the base ran counts negative");
+
+    // A base needs a window, and must be kept.
+    for (query, says) in [("base_minutes=1", "give minutes="), ("minutes=1&base_from=2001-01-01T00:00:00Z&base_to=2001-01-01T00:01:00Z", "not kept")] {
+        let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?{query}")).await;
+        let body = String::from_utf8_lossy(&body);
+        assert!(status == 400 && body.contains(says), "{query}: {status} {body}");
+    }
+}
+
+/// What `go tool pprof -top` says of the profile at `url`.
 fn go_pprof_top(url: &str) -> String {
+    go_pprof(url, &["-top", "-nodecount=300"])
+}
+
+/// What `go tool pprof` with `report` says of the profile at `url` (saved to a file first,
+/// so the test's own timeout bounds the download).
+fn go_pprof(url: &str, report: &[&str]) -> String {
     let file = std::env::temp_dir().join(format!("pushline-profile-{}-{}.pb.gz", std::process::id(), url.len()));
     let fetched = std::process::Command::new("curl").args(["-sf", "-o"]).arg(&file).arg(url).status().expect("curl runs");
     assert!(fetched.success(), "curl {url}");
     let top = std::process::Command::new("go")
-        .args(["tool", "pprof", "-top", "-nodecount=300"])
+        .args(["tool", "pprof"])
+        .args(report)
         .arg(&file)
         .output()
         .unwrap_or_else(|e| panic!("cannot run go ({e}): install it with `apt-get install -y golang-go` (scripts/test does this as root)"));
     std::fs::remove_file(&file).unwrap();
     let said = String::from_utf8_lossy(&top.stdout).into_owned() + &String::from_utf8_lossy(&top.stderr);
-    assert!(top.status.success(), "go tool pprof -top {url}: {said}");
+    assert!(top.status.success(), "go tool pprof {report:?} {url}: {said}");
     said
 }
 

@@ -13,9 +13,10 @@ pub fn cpu_folded(admin: &Admin, seconds: u64) -> Result<String, String> {
     String::from_utf8(body).map_err(|e| format!("profile is not text: {e}"))
 }
 
-/// Collapsed stacks of a live server's CPU over the last `minutes`, from its always-on profiler.
-pub fn cpu_folded_window(admin: &Admin, minutes: u64) -> Result<String, String> {
-    let body = admin.get(&format!("/debug/pprof/profile?minutes={minutes}&format=folded"), Duration::from_secs(120))?;
+/// Collapsed stacks of a window its always-on profiler kept (`query`: `minutes=M` or
+/// `from=..&to=..`), or, with a base window in `query`, its differential folded stacks.
+pub fn cpu_folded_window(admin: &Admin, query: &str) -> Result<String, String> {
+    let body = admin.get(&format!("/debug/pprof/profile?{query}&format=folded"), Duration::from_secs(120))?;
     String::from_utf8(body).map_err(|e| format!("profile is not text: {e}"))
 }
 

@@ -38,8 +38,24 @@ enum Command {
         seconds: u64,
         /// Instead of profiling from now: the last M minutes the server's always-on
         /// profiler kept (answered at once).
-        #[arg(long, conflicts_with = "kernel")]
+        #[arg(long, conflicts_with_all = ["kernel", "from"])]
         minutes: Option<u64>,
+        /// Instead of profiling from now: the kept window from this time (RFC 3339,
+        /// 2026-12-06T14:19:00Z, or Unix seconds) ...
+        #[arg(long, requires = "to", conflicts_with = "kernel")]
+        from: Option<String>,
+        /// ... to this one.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// What changed: the window's difference from the M minutes just before it (a
+        /// differential flame graph, red where it grew).
+        #[arg(long, conflicts_with = "base_from")]
+        base_minutes: Option<u64>,
+        /// What changed: the window's difference from the kept window BASE_FROM..BASE_TO.
+        #[arg(long, requires = "base_to")]
+        base_from: Option<String>,
+        #[arg(long, requires = "base_from")]
+        base_to: Option<String>,
         /// Write the SVG here.
         #[arg(short, long, default_value = "flamegraph.svg")]
         output: PathBuf,
@@ -126,7 +142,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 audit::print(&audit);
             }
         }
-        Command::Flamegraph { target, seconds, minutes, output, folded, diff, from_bpftrace, kernel } => {
+        Command::Flamegraph { target, seconds, minutes, from, to, base_minutes, base_from, base_to, output, folded, diff, from_bpftrace, kernel } => {
             let svg = if let Some(paths) = diff {
                 flame::diff_svg(&paths[0], &paths[1])?
             } else if let Some(path) = from_bpftrace {
@@ -145,17 +161,35 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     let pid = target.parse::<u32>().map_err(|_| format!("--kernel samples a process: give its pid, not `{target}`"))?;
                     eprintln!("sampling pid {pid}, kernel and user stacks, for {seconds} s (bpftrace)");
                     (flame::kernel_folded(pid, seconds)?, "Pushline CPU, kernel and user")
-                } else if let Some(minutes) = minutes {
+                } else if minutes.is_some() || from.is_some() {
                     let admin = Admin::find(&target)?;
-                    eprintln!("the last {minutes} min of {}", admin.addr);
-                    (flame::cpu_folded_window(&admin, minutes)?, "Pushline CPU")
+                    // A time's `+01:00` would read as a space in a query.
+                    let at = |time: &Option<String>| time.as_deref().unwrap_or_default().replace('+', "%2B");
+                    let mut query = match minutes {
+                        Some(minutes) => format!("minutes={minutes}"),
+                        None => format!("from={}&to={}", at(&from), at(&to)),
+                    };
+                    let changed = base_minutes.is_some() || base_from.is_some();
+                    match base_minutes {
+                        Some(m) => query.push_str(&format!("&base_minutes={m}")),
+                        None if changed => query.push_str(&format!("&base_from={}&base_to={}", at(&base_from), at(&base_to))),
+                        None => {}
+                    }
+                    eprintln!("{} of {} ({query})", if changed { "what changed in the kept window" } else { "the kept window" }, admin.addr);
+                    (flame::cpu_folded_window(&admin, &query)?, if changed { "Pushline CPU: what changed (red grew, blue shrank)" } else { "Pushline CPU" })
+                } else if base_minutes.is_some() || base_from.is_some() {
+                    return Err("--base-minutes and --base-from compare a kept window: give --minutes or --from/--to too".into());
                 } else {
                     let admin = Admin::find(&target)?;
                     eprintln!("profiling {} for {seconds} s", admin.addr);
                     (flame::cpu_folded(&admin, seconds)?, "Pushline CPU")
                 };
                 if stacks.trim().is_empty() {
-                    let span = minutes.map_or(format!("{seconds} s"), |m| format!("{m} min"));
+                    let span = match (minutes, &from, &to) {
+                        (Some(m), ..) => format!("{m} min"),
+                        (None, Some(from), Some(to)) => format!("{from} to {to}"),
+                        _ => format!("{seconds} s"),
+                    };
                     let message = format!("no samples in {span}: the server was idle");
                     write(&output, pushline_alloc::flame::empty_svg(title, &message).as_bytes())?;
                     eprintln!("pushline-tools: {message}; wrote {} saying so", output.display());

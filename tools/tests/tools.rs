@@ -23,6 +23,15 @@ async fn flamegraph_of_a_busy_server_from_its_pid() {
     std::fs::create_dir_all(&dir).unwrap();
     let (svg, folded) = (dir.join("cpu.svg"), dir.join("cpu.folded"));
     tools(&["flamegraph", &server.pid().to_string(), "--seconds", "2", "-o", svg.to_str().unwrap(), "--folded", folded.to_str().unwrap()]);
+    // The always-on profiler's window, by time, and its difference from a window (here
+    // the same minute: the server is younger than any other).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().to_string();
+    let window = dir.join("window.svg");
+    tools(&["flamegraph", &server.pid().to_string(), "--from", &now, "--to", &now, "-o", window.to_str().unwrap()]);
+    assert!(std::fs::read_to_string(&window).unwrap().contains("pushline::"), "the kept minute names server functions");
+    let changed = dir.join("changed.svg");
+    tools(&["flamegraph", &server.pid().to_string(), "--from", &now, "--to", &now, "--base-from", &now, "--base-to", &now, "-o", changed.to_str().unwrap()]);
+    assert!(std::fs::read_to_string(&changed).unwrap().contains("what changed"), "a differential flame graph");
     busy.abort();
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("<svg") && text.contains("pushline::"), "an SVG naming server functions");

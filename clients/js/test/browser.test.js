@@ -59,8 +59,23 @@ test("the dashboard draws a live server, lists its connections and shows a CPU f
     assert.match(bytes, /connection_task: \d+ B/);
     assert.match(await page.$eval("#fragmentation", (el) => el.textContent), /fragmentation \(active \/ allocated\) \d\.\d{3}/);
 
+    // The minute this is, picked by its time: the server's traffic is in it.
     await page.$eval("#minutes", (el) => (el.value = "1"));
+    await page.$eval("#at", (el) => {
+      const now = new Date();
+      el.value = `${String(now.getHours()).padStart(2, "0")}:${String(now.getMinutes()).padStart(2, "0")}`;
+    });
     await page.click("#cpu");
+    await page.waitForSelector("#flame svg", { timeout: 20000 });
+    // What changed from the 5 minutes before: a server this young did not run then, and
+    // the page says what is kept.
+    await page.click("#changed");
+    await page.click("#cpu");
+    await page.waitForFunction(() => document.getElementById("flame-status").textContent.includes("not kept"), { timeout: 20000 });
+    await page.click("#changed");
+    await page.$eval("#at", (el) => (el.value = ""));
+    await page.click("#cpu");
+    await page.waitForFunction(() => document.getElementById("flame-status").textContent === "", { timeout: 20000 });
     await page.waitForSelector("#flame svg", { timeout: 20000 });
     mkdirSync(docs, { recursive: true });
     await page.screenshot({ path: path.join(docs, "dashboard.png"), fullPage: true });

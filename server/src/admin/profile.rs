@@ -1,6 +1,7 @@
-//! `/debug/pprof/profile` (CPU, from the always-on profiler) and `/debug/pprof/heap`
-//! (jemalloc's sampled heap profile), each as gzipped profile.proto (what `go tool pprof`
-//! reads), an inferno flame graph SVG, or folded stacks.
+//! `/debug/pprof/profile` (CPU, from the always-on profiler: a window of the past, the
+//! difference of two, or a burst) and `/debug/pprof/heap` (jemalloc's sampled heap
+//! profile), each as gzipped profile.proto (what `go tool pprof` reads), an inferno flame
+//! graph SVG, or folded stacks.
 
 use std::time::Duration;
 
@@ -39,13 +40,27 @@ pub async fn cpu(query: &Query, profiler: &Profiler) -> Reply {
         Err(reply) => return reply,
     };
     let windowed = query.get("minutes").is_some() || query.get("from").is_some() || query.get("to").is_some();
+    let based = ["base_minutes", "base_from", "base_to"].iter().any(|name| query.get(name).is_some());
+    if based && !windowed {
+        return error(StatusCode::BAD_REQUEST, "a base is compared with a window: give minutes= or from=/to= too");
+    }
     let (samples, hz, started, took) = if windowed {
         let (from, to) = match window(query, profiler) {
             Ok(span) => span,
             Err(reply) => return reply,
         };
         let samples = profiler.window(from, to);
-        (samples, profiler.base_hz(), from * 60, Duration::from_secs((to + 1 - from) * 60))
+        let (started, took) = (from * 60, Duration::from_secs((to + 1 - from) * 60));
+        if based {
+            let (base_from, base_to) = match base_window(query, from, profiler) {
+                Ok(span) => span,
+                Err(reply) => return reply,
+            };
+            let base = profiler.window(base_from, base_to);
+            let scale = (to + 1 - from) as f64 / (base_to + 1 - base_from) as f64;
+            return difference(format, &samples, &base, scale, profiler.base_hz(), started, took, query.get("symbolize") == Some("none")).await;
+        }
+        (samples, profiler.base_hz(), started, took)
     } else {
         let seconds = match query.number("seconds", 30, 1..=300) {
             Ok(s) => s,
@@ -94,6 +109,59 @@ fn window(query: &Query, profiler: &Profiler) -> Result<(u64, u64), Reply> {
         return Err(error(StatusCode::BAD_REQUEST, &format!("that window is not kept; {}", kept())));
     }
     Ok((from, to))
+}
+
+/// The base window a difference is taken against: `?base_minutes=M`, the M minutes just
+/// before the window (which starts at minute `from`), or `?base_from=..&base_to=..`.
+fn base_window(query: &Query, from: u64, profiler: &Profiler) -> Result<(u64, u64), Reply> {
+    let now = pushline_profiler::unix_minute();
+    let oldest = profiler.oldest().unwrap_or(now);
+    let (base_from, base_to) = if let Some(minutes) = query.get("base_minutes") {
+        let minutes: u64 = minutes.parse().ok().filter(|m| *m >= 1).ok_or_else(|| error(StatusCode::BAD_REQUEST, "base_minutes must be a whole number of minutes, at least 1"))?;
+        (from.saturating_sub(minutes), from.saturating_sub(1))
+    } else {
+        let at = |name: &str| -> Result<u64, Reply> {
+            let text = query.get(name).ok_or_else(|| error(StatusCode::BAD_REQUEST, "give base_from and base_to together, or base_minutes"))?;
+            instant(text).map(|s| s / 60).ok_or_else(|| error(StatusCode::BAD_REQUEST, &format!("{name}={text}: expected RFC 3339 (2026-12-06T14:19:00Z) or Unix seconds")))
+        };
+        (at("base_from")?, at("base_to")?)
+    };
+    if base_from > base_to {
+        return Err(error(StatusCode::BAD_REQUEST, "base_from is after base_to"));
+    }
+    if base_from < oldest || base_to > now {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("that base window is not kept; kept: minutes from {} to now ({}), as --profile-window allows", rfc3339(oldest * 60), rfc3339(now * 60)),
+        ));
+    }
+    Ok((base_from, base_to))
+}
+
+/// What changed from `base` (scaled by `scale`) to `samples`: a profile.proto whose base
+/// samples count negative, or a differential flame graph (inferno's: red grew, blue
+/// shrank) and its folded lines (`stack base now`).
+#[allow(clippy::too_many_arguments)]
+async fn difference(format: Format, samples: &pushline_profiler::table::Samples, base: &pushline_profiler::table::Samples, scale: f64, hz: u32, started: u64, took: Duration, raw: bool) -> Reply {
+    let (start_ns, took_ns) = (started as i64 * 1_000_000_000, took.as_nanos() as i64);
+    if format == Format::Pprof {
+        let profile = pushline_profiler::pprof::encode_diff(samples, Some((base, scale)), hz, start_ns, took_ns);
+        return in_format(format, profile, Kind::Cpu, raw).await;
+    }
+    let folded = |samples: &pushline_profiler::table::Samples| {
+        let profile = pushline_profiler::pprof::encode(samples, hz, start_ns, took_ns);
+        async move { in_worker(profile, Kind::Cpu, "folded").await.map(|text| String::from_utf8_lossy(&text).lines().map(str::to_owned).collect::<Vec<_>>()) }
+    };
+    let (before, after) = match tokio::try_join!(folded(base), folded(samples)) {
+        Ok(both) => both,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    };
+    let built = tokio::task::spawn_blocking(move || {
+        let lines = flame::differential(&before, &after, scale)?;
+        stacks(format, &lines, "Pushline CPU: what changed (red grew, blue shrank)", "samples")
+    })
+    .await;
+    answer(format, built, "cpu profile difference")
 }
 
 /// Unix seconds of an RFC 3339 time or of a number of seconds.
