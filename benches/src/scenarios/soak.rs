@@ -2,9 +2,10 @@
 //! lost without being counted. Two nodes share a port (SO_REUSEPORT) on a Redis; N
 //! clients connect, 1% of them reconnect every second, pushes arrive at a steady rate
 //! and a broadcast every 10 s, 1% of the clients never read, and Redis restarts empty
-//! halfway. Every `sample` seconds it records each node's RSS, Redis memory, connections
-//! and drops by reason (the CSV time series, `--csv`), and at the end it compares the
-//! last sample with the first after warm-up and counts panics in the servers' logs.
+//! halfway. Every `sample` seconds it records each node's RSS and always-on profiler
+//! memory (its allocation site), Redis memory, connections and drops by reason (the CSV
+//! time series, `--csv`), and at the end it compares the last sample with the first after
+//! warm-up and counts panics in the servers' logs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,6 +69,8 @@ fn client_task(addr: std::net::SocketAddr, uid: usize, slow: bool, spread: u8, r
 struct Sample {
     at_s: f64,
     rss: Vec<u64>,
+    /// Live bytes of the `profiler` allocation site, per node.
+    profiler: Vec<f64>,
     redis_bytes: f64,
     connections: f64,
     drops: Vec<f64>,
@@ -82,9 +85,14 @@ async fn sample(nodes: &Nodes, started: Instant) -> Sample {
         Some(redis) => redis.info().await.ok().and_then(|i| i.get("used_memory_dataset").copied()).unwrap_or(0.0),
         None => 0.0,
     };
+    let mut profiler = Vec::new();
+    for server in &nodes.servers {
+        profiler.push(server.metric(r#"pushline_alloc_site_live_bytes{site="profiler"}"#).await);
+    }
     Sample {
         at_s: started.elapsed().as_secs_f64(),
         rss: nodes.servers.iter().map(|s| s.rss_bytes()).collect(),
+        profiler,
         redis_bytes,
         connections: nodes.metric(r#"pushline_connections{transport="ws"}"#).await,
         drops,
@@ -157,9 +165,10 @@ pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String
         if started.elapsed() >= next_sample {
             let s = sample(&nodes, started).await;
             eprintln!(
-                "soak {:>6.0} s: rss {:?} MB, redis {:.1} MB, {} connections, drops {:?}",
+                "soak {:>6.0} s: rss {:?} MB, profiler {:?} KB, redis {:.1} MB, {} connections, drops {:?}",
                 s.at_s,
                 s.rss.iter().map(|r| r / (1 << 20)).collect::<Vec<_>>(),
+                s.profiler.iter().map(|p| (p / 1024.0) as u64).collect::<Vec<_>>(),
                 s.redis_bytes / (1 << 20) as f64,
                 s.connections,
                 s.drops
@@ -173,13 +182,15 @@ pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String
     samples.push(last);
 
     if let Some(path) = &csv {
-        let mut text = format!("seconds,{},redis_dataset_bytes,connections,{}\n",
+        let mut text = format!("seconds,{},{},redis_dataset_bytes,connections,{}\n",
             (0..nodes.servers.len()).map(|i| format!("rss_node{i}")).collect::<Vec<_>>().join(","),
+            (0..nodes.servers.len()).map(|i| format!("profiler_node{i}")).collect::<Vec<_>>().join(","),
             DROPS.map(|d| format!("dropped_{d}")).join(","));
         for s in &samples {
             let rss: Vec<String> = s.rss.iter().map(u64::to_string).collect();
+            let profiler: Vec<String> = s.profiler.iter().map(|p| format!("{p}")).collect();
             let drops: Vec<String> = s.drops.iter().map(|d| format!("{d}")).collect();
-            text.push_str(&format!("{:.0},{},{},{},{}\n", s.at_s, rss.join(","), s.redis_bytes, s.connections, drops.join(",")));
+            text.push_str(&format!("{:.0},{},{},{},{},{}\n", s.at_s, rss.join(","), profiler.join(","), s.redis_bytes, s.connections, drops.join(",")));
         }
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
@@ -195,6 +206,8 @@ pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String
         Row::new("soak", "rss_after_warm_up", rss_of(after_warm_up), "bytes"),
         Row::new("soak", "rss_at_end", rss_of(last), "bytes"),
         Row::new("soak", "rss_growth_after_warm_up", growth(rss_of(after_warm_up), rss_of(last)), "%"),
+        Row::new("soak", "profiler_site_largest_node_at_end", last.profiler.iter().copied().fold(0.0, f64::max), "bytes"),
+        Row::new("soak", "profiler_site_largest_node_ever", samples.iter().flat_map(|s| s.profiler.iter().copied()).fold(0.0, f64::max), "bytes"),
         Row::new("soak", "redis_dataset_after_warm_up", after_warm_up.redis_bytes, "bytes"),
         Row::new("soak", "redis_dataset_at_end", last.redis_bytes, "bytes"),
         Row::new("soak", "publishes_answered_200", answers[0].load(Ordering::Relaxed) as f64, "count"),
