@@ -30,12 +30,17 @@ pub fn empty_svg(title: &str, message: &str) -> String {
 /// grew and blue where it shrank) of two folded profiles; `before`'s counts are scaled by
 /// `scale` first, so windows of different lengths compare as rates.
 pub fn differential(before: &[String], after: &[String], scale: f64) -> Result<Vec<String>, String> {
+    // Rounded with the error carried to the next line: the total scales exactly, and a
+    // stack of one sample does not round to nothing every time.
+    let mut carry = 0.0;
     let scaled: String = before
         .iter()
         .filter_map(|line| {
             let (stack, count) = line.rsplit_once(' ')?;
-            let count: f64 = count.parse().ok()?;
-            Some(format!("{stack} {}\n", (count * scale).round() as u64))
+            let exact = count.parse::<f64>().ok()? * scale + carry;
+            let value = exact.round().max(0.0);
+            carry = exact - value;
+            Some(format!("{stack} {}\n", value as u64))
         })
         .collect();
     let after = after.join("\n");

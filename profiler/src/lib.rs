@@ -149,6 +149,11 @@ impl Profiler {
         self.shared.lock_table().span(from, to)
     }
 
+    /// Minutes of the past kept.
+    pub fn window_minutes(&self) -> u64 {
+        self.shared.lock_table().window_minutes()
+    }
+
     /// The oldest minute kept, if any.
     pub fn oldest(&self) -> Option<u64> {
         self.shared.lock_table().oldest()

@@ -76,6 +76,9 @@ pub fn encode_diff(samples: &Samples, base: Option<(&Samples, f64)>, hz: u32, st
     let mut full: Option<u64> = None;
     let added = samples.stacks.iter().map(|s| (s, 1.0));
     let taken = base.into_iter().flat_map(|(base, scale)| base.stacks.iter().map(move |s| (s, -scale)));
+    // Scaled counts are rounded with the error carried to the next stack, so the base's
+    // total scales exactly and a stack of one sample does not round to nothing every time.
+    let mut carried = (0.0f64, 0.0f64);
     for ((thread, frames, count), factor) in added.chain(taken) {
         let mut ids = Vec::with_capacity(frames.len());
         for (i, frame) in frames.iter().enumerate() {
@@ -103,7 +106,7 @@ pub fn encode_diff(samples: &Samples, base: Option<(&Samples, f64)>, hz: u32, st
         }
         profile.sample.push(Sample {
             location_id: ids,
-            value: vec![(count.samples as f64 * factor).round() as i64, (count.cpu_ns as f64 * factor).round() as i64],
+            value: vec![scaled(count.samples, factor, &mut carried.0), scaled(count.cpu_ns, factor, &mut carried.1)],
             label: vec![Label { key: thread_key, str: strings.id(thread), ..Default::default() }],
         });
     }
@@ -112,6 +115,14 @@ pub fn encode_diff(samples: &Samples, base: Option<(&Samples, f64)>, hz: u32, st
     // Writing into a Vec does not fail.
     let _ = gz.write_all(&profile.encode_to_vec());
     gz.finish().unwrap_or_default()
+}
+
+/// `count` times `factor`, rounded, the rounding error carried in `carry`.
+fn scaled(count: u64, factor: f64, carry: &mut f64) -> i64 {
+    let exact = count as f64 * factor + *carry;
+    let value = exact.round();
+    *carry = exact - value;
+    value as i64
 }
 
 /// `gzipped` (a profile.proto of raw addresses, this one's or jemalloc's) with every
@@ -152,4 +163,18 @@ pub fn named(gzipped: &[u8], mut names: impl FnMut(&str, u64, u64, u64, u64) -> 
     profile.string_table = strings.table;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&profile.encode_to_vec()).and_then(|_| gz.finish()).map_err(|e| format!("gzip: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scaled_base_keeps_its_total_when_every_stack_is_small() {
+        let mut carry = 0.0;
+        let third: i64 = (0..9).map(|_| scaled(1, -1.0 / 3.0, &mut carry)).sum();
+        assert_eq!(third, -3, "nine one-sample stacks at a third are three samples, not none");
+        let mut carry = 0.0;
+        assert_eq!((0..4).map(|_| scaled(3, 1.5, &mut carry)).sum::<i64>(), 18);
+    }
 }

@@ -182,6 +182,10 @@ impl Table {
     }
 
     /// The oldest minute kept, if any.
+    pub fn window_minutes(&self) -> u64 {
+        self.window_minutes
+    }
+
     pub fn oldest(&self) -> Option<u64> {
         self.minutes.front().map(|m| m.at)
     }

@@ -82,7 +82,14 @@ async fn cpu_profile_of_a_busy_server_names_its_functions() {
     }
 
     // Outside what is kept: a 400 that says what is.
-    for (query, says) in [("minutes=0", "at least 1"), ("from=2001-01-01T00:00:00Z", "not kept"), ("seconds=0", "seconds")] {
+    for (query, says) in [
+        ("minutes=0", "from 1 to"),
+        ("minutes=18446744073709551615", "from 1 to"),
+        ("minutes=1&from=2001-01-01T00:00:00Z", "not both"),
+        ("from=2001-01-01T00:00:00Z", "not kept"),
+        ("to=2001-01-01T00:00:00Z", "not kept"),
+        ("seconds=0", "seconds"),
+    ] {
         let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?{query}")).await;
         let body = String::from_utf8_lossy(&body);
         assert_eq!(status, 400, "{query}: {body}");
@@ -147,7 +154,12 @@ async fn the_difference_of_two_minutes_names_what_only_the_second_ran() {
     assert!(negative(&line("pushline::telemetry::Metrics::render")), "what only the base ran counts negative");
 
     // A base needs a window, and must be kept.
-    for (query, says) in [("base_minutes=1", "give minutes="), ("minutes=1&base_from=2001-01-01T00:00:00Z&base_to=2001-01-01T00:01:00Z", "not kept")] {
+    for (query, says) in [
+        ("base_minutes=1", "give minutes="),
+        ("minutes=1&base_from=2001-01-01T00:00:00Z&base_to=2001-01-01T00:01:00Z", "not kept"),
+        ("minutes=1&base_minutes=1&base_from=0", "not both"),
+        ("minutes=1&base_from=0", "together"),
+    ] {
         let (status, body) = get_bytes(format!("http://{admin}/debug/pprof/profile?{query}")).await;
         let body = String::from_utf8_lossy(&body);
         assert!(status == 400 && body.contains(says), "{query}: {status} {body}");

@@ -961,6 +961,54 @@ mod nodes {
         assert_eq!(tracker.seen.iter().filter(|d| d.as_u64() > Some(10)).count(), 7, "what the new epoch holds comes anyway: {:?}", tracker.seen);
     }
 
+    /// Redis's data goes back with no restart and no broken link (`REPLICAOF` a stale copy,
+    /// then `REPLICAOF NO ONE`: an operator's mistake, or a botched failover), and the node
+    /// that publishes first after it never appended to the stream itself: it has seen the
+    /// other node's appends arrive on its channels, so its floor still finds the rollback.
+    /// The live client is told of the gap and never handed an old offset again.
+    #[tokio::test]
+    async fn a_rollback_under_running_nodes_is_found_by_a_node_that_only_listened() {
+        let redis = RedisServer::start();
+        let (a, b) = (node(RegistryKind::Redis, vec![redis.url()]).await, node(RegistryKind::Redis, vec![redis.url()]).await);
+        let (mut live, _) = ws(b.client, "uid=l&topics=t").await;
+        wait_interest(&redis, "t").await;
+        let mut seen: Vec<(String, u64)> = Vec::new();
+        let mut take = |msg: &Value| {
+            let position = (msg["epoch"].as_str().unwrap().to_owned(), msg["offset"].as_u64().unwrap());
+            assert!(!seen.contains(&position), "handed {position:?} twice: {msg}");
+            seen.push(position);
+        };
+        let mut stale = None;
+        for n in 1..=9 {
+            if n == 6 {
+                stale = Some(RedisServer::start_from(free_port(), &redis.snapshot()));
+            }
+            publish(a.client, "t", json!(n)).await;
+            take(&next_json(&mut live).await);
+        }
+        let stale = stale.unwrap();
+        // The data of offsets 1-5 comes back in place, with no restart and no broken link.
+        assert_eq!(redis.cli(&["replicaof", "127.0.0.1", &stale.port.to_string()]), "OK");
+        let deadline = std::time::Instant::now() + WAIT;
+        while !redis.cli(&["info", "replication"]).contains("master_link_status:up") {
+            assert!(std::time::Instant::now() < deadline, "did not sync from the stale copy");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(redis.cli(&["replicaof", "no", "one"]), "OK");
+
+        publish(b.client, "t", json!(10)).await;
+        let gap = next_json(&mut live).await;
+        assert_eq!((gap["type"].as_str(), gap["reason"].as_str(), gap["from"].as_u64()), (Some("gap"), Some("epoch_changed"), Some(6)), "{gap}");
+        let msg = next_json(&mut live).await;
+        assert_eq!(msg["data"], 10);
+        take(&msg);
+        assert_eq!(metric(&metrics(b.admin).await, r#"pushline_history_epoch_resets_total{reason="rollback"}"#), 1.0);
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
     /// `--history-min-replicas 1`: a publish is answered 200 once its write reached a
     /// replica; with the replica gone, 503 `not_replicated` within the timeout (published
     /// on the master all the same), and a retry with its key is not answered 200 either.

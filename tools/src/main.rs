@@ -34,7 +34,7 @@ enum Command {
     Flamegraph {
         /// A pid or admin address (127.0.0.1:9091).
         target: Option<String>,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, conflicts_with_all = ["minutes", "from"])]
         seconds: u64,
         /// Instead of profiling from now: the last M minutes the server's always-on
         /// profiler kept (answered at once).
@@ -163,8 +163,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     (flame::kernel_folded(pid, seconds)?, "Pushline CPU, kernel and user")
                 } else if minutes.is_some() || from.is_some() {
                     let admin = Admin::find(&target)?;
-                    // A time's `+01:00` would read as a space in a query.
-                    let at = |time: &Option<String>| time.as_deref().unwrap_or_default().replace('+', "%2B");
+                    // As a query value: `+01:00` would read as a space, `&` as another parameter.
+                    let at = |time: &Option<String>| {
+                        time.as_deref().unwrap_or_default().replace('%', "%25").replace('+', "%2B").replace('&', "%26").replace('#', "%23").replace(' ', "%20")
+                    };
                     let mut query = match minutes {
                         Some(minutes) => format!("minutes={minutes}"),
                         None => format!("from={}&to={}", at(&from), at(&to)),

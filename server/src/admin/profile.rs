@@ -50,14 +50,15 @@ pub async fn cpu(query: &Query, profiler: &Profiler) -> Reply {
             Err(reply) => return reply,
         };
         let samples = profiler.window(from, to);
-        let (started, took) = (from * 60, Duration::from_secs((to + 1 - from) * 60));
+        let (started, took) = (from * 60, seconds_of(from, to));
         if based {
             let (base_from, base_to) = match base_window(query, from, profiler) {
                 Ok(span) => span,
                 Err(reply) => return reply,
             };
             let base = profiler.window(base_from, base_to);
-            let scale = (to + 1 - from) as f64 / (base_to + 1 - base_from) as f64;
+            // Rates: the window's CPU against the base's over the same length of time.
+            let scale = took.as_secs_f64() / seconds_of(base_from, base_to).as_secs_f64().max(1.0);
             return difference(format, &samples, &base, scale, profiler.base_hz(), started, took, query.get("symbolize") == Some("none")).await;
         }
         (samples, profiler.base_hz(), started, took)
@@ -82,59 +83,82 @@ pub async fn cpu(query: &Query, profiler: &Profiler) -> Reply {
     in_format(format, profile, Kind::Cpu, query.get("symbolize") == Some("none")).await
 }
 
+/// How long the minutes `from..=to` (Unix) have lasted: the current one only so far.
+fn seconds_of(from: u64, to: u64) -> Duration {
+    let now_s = clock::wall_ms() / 1000;
+    Duration::from_secs(((to + 1) * 60).min(now_s.max(from * 60 + 1)) - from * 60)
+}
+
+/// `?{prefix}minutes=` (whole minutes, at least 1, at most the window), or None.
+fn minutes_of(query: &Query, name: &str, profiler: &Profiler) -> Result<Option<u64>, Reply> {
+    let Some(text) = query.get(name) else { return Ok(None) };
+    let kept = profiler.window_minutes();
+    match text.parse::<u64>() {
+        Ok(m) if (1..=kept).contains(&m) => Ok(Some(m)),
+        _ => Err(error(StatusCode::BAD_REQUEST, &format!("{name} must be a whole number of minutes from 1 to {kept} (--profile-window)"))),
+    }
+}
+
+/// `?{prefix}from=..&{prefix}to=..` as Unix minutes; each defaults to the oldest kept
+/// minute and now.
+fn span_of(query: &Query, prefix: &str, oldest: u64, now: u64) -> Result<(u64, u64), Reply> {
+    let at = |name: &str, default: u64| -> Result<u64, Reply> {
+        let name = format!("{prefix}{name}");
+        match query.get(&name) {
+            None => Ok(default),
+            Some(text) => instant(text).map(|s| s / 60).ok_or_else(|| {
+                error(StatusCode::BAD_REQUEST, &format!("{name}={text}: expected RFC 3339 (2026-12-06T14:19:00Z, or with an offset, +01:00) or Unix seconds"))
+            }),
+        }
+    };
+    Ok((at("from", oldest)?, at("to", now)?))
+}
+
 /// The minutes (Unix) a windowed request asks for, inside what is kept; or a 400 that
 /// says what is kept.
 fn window(query: &Query, profiler: &Profiler) -> Result<(u64, u64), Reply> {
     let now = pushline_profiler::unix_minute();
     let oldest = profiler.oldest().unwrap_or(now);
-    let kept = || format!("kept: minutes from {} to now ({}), as --profile-window allows", rfc3339(oldest * 60), rfc3339(now * 60));
-    let (from, to) = if let Some(minutes) = query.get("minutes") {
-        let minutes: u64 = minutes.parse().ok().filter(|m| *m >= 1).ok_or_else(|| error(StatusCode::BAD_REQUEST, "minutes must be a whole number of minutes, at least 1"))?;
+    if query.get("minutes").is_some() && (query.get("from").is_some() || query.get("to").is_some()) {
+        return Err(error(StatusCode::BAD_REQUEST, "give minutes, or from and to, not both"));
+    }
+    let (from, to) = match minutes_of(query, "minutes", profiler)? {
         // The minutes that hold the last `minutes` * 60 seconds, as far back as is kept.
-        let now_s = clock::wall_ms() / 1000;
-        ((now_s.saturating_sub(minutes * 60) / 60).max(oldest), now)
-    } else {
-        let at = |name: &str, default: u64| -> Result<u64, Reply> {
-            match query.get(name) {
-                None => Ok(default),
-                Some(text) => instant(text).map(|s| s / 60).ok_or_else(|| error(StatusCode::BAD_REQUEST, &format!("{name}={text}: expected RFC 3339 (2026-12-06T14:19:00Z) or Unix seconds"))),
-            }
-        };
-        (at("from", oldest)?, at("to", now)?)
+        Some(minutes) => (((clock::wall_ms() / 1000).saturating_sub(minutes * 60) / 60).max(oldest), now),
+        None => span_of(query, "", oldest, now)?,
     };
-    if from > to {
-        return Err(error(StatusCode::BAD_REQUEST, "from is after to"));
-    }
-    if from < oldest || to > now {
-        return Err(error(StatusCode::BAD_REQUEST, &format!("that window is not kept; {}", kept())));
-    }
+    check_kept("", from, to, oldest, now)?;
     Ok((from, to))
 }
 
+/// `from..=to` is a span inside what is kept, or a 400 that says what is.
+fn check_kept(prefix: &str, from: u64, to: u64, oldest: u64, now: u64) -> Result<(), Reply> {
+    if from < oldest || to > now || from > now || to < oldest {
+        let kept = format!("kept: minutes from {} to now ({}), as --profile-window allows", rfc3339(oldest * 60), rfc3339(now * 60));
+        return Err(error(StatusCode::BAD_REQUEST, &format!("that {}window is not kept; {kept}", if prefix.is_empty() { "" } else { "base " })));
+    }
+    if from > to {
+        return Err(error(StatusCode::BAD_REQUEST, &format!("{prefix}from is after {prefix}to")));
+    }
+    Ok(())
+}
+
 /// The base window a difference is taken against: `?base_minutes=M`, the M minutes just
-/// before the window (which starts at minute `from`), or `?base_from=..&base_to=..`.
+/// before the window (which starts at minute `from`), or `?base_from=..&base_to=..`, any
+/// kept span (before, after or across the window).
 fn base_window(query: &Query, from: u64, profiler: &Profiler) -> Result<(u64, u64), Reply> {
     let now = pushline_profiler::unix_minute();
     let oldest = profiler.oldest().unwrap_or(now);
-    let (base_from, base_to) = if let Some(minutes) = query.get("base_minutes") {
-        let minutes: u64 = minutes.parse().ok().filter(|m| *m >= 1).ok_or_else(|| error(StatusCode::BAD_REQUEST, "base_minutes must be a whole number of minutes, at least 1"))?;
-        (from.saturating_sub(minutes), from.saturating_sub(1))
-    } else {
-        let at = |name: &str| -> Result<u64, Reply> {
-            let text = query.get(name).ok_or_else(|| error(StatusCode::BAD_REQUEST, "give base_from and base_to together, or base_minutes"))?;
-            instant(text).map(|s| s / 60).ok_or_else(|| error(StatusCode::BAD_REQUEST, &format!("{name}={text}: expected RFC 3339 (2026-12-06T14:19:00Z) or Unix seconds")))
-        };
-        (at("base_from")?, at("base_to")?)
+    let spans = query.get("base_from").is_some() || query.get("base_to").is_some();
+    let (base_from, base_to) = match minutes_of(query, "base_minutes", profiler)? {
+        Some(_) if spans => return Err(error(StatusCode::BAD_REQUEST, "give base_minutes, or base_from and base_to, not both")),
+        Some(minutes) => (from.saturating_sub(minutes), from.saturating_sub(1)),
+        None if query.get("base_from").is_none() || query.get("base_to").is_none() => {
+            return Err(error(StatusCode::BAD_REQUEST, "give base_from and base_to together, or base_minutes"));
+        }
+        None => span_of(query, "base_", oldest, now)?,
     };
-    if base_from > base_to {
-        return Err(error(StatusCode::BAD_REQUEST, "base_from is after base_to"));
-    }
-    if base_from < oldest || base_to > now {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            &format!("that base window is not kept; kept: minutes from {} to now ({}), as --profile-window allows", rfc3339(oldest * 60), rfc3339(now * 60)),
-        ));
-    }
+    check_kept("base_", base_from, base_to, oldest, now)?;
     Ok((base_from, base_to))
 }
 
@@ -164,9 +188,23 @@ async fn difference(format: Format, samples: &pushline_profiler::table::Samples,
     answer(format, built, "cpu profile difference")
 }
 
-/// Unix seconds of an RFC 3339 time or of a number of seconds.
+/// Unix seconds of an RFC 3339 time (`Z`, or an offset such as `+01:00`) or of a number
+/// of seconds.
 fn instant(text: &str) -> Option<u64> {
-    text.parse().ok().or_else(|| humantime::parse_rfc3339_weak(text).ok()?.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs()))
+    if let Ok(seconds) = text.parse() {
+        return Some(seconds);
+    }
+    // humantime reads UTC only: an offset is taken off by hand.
+    let (utc, offset_s) = match text.len().checked_sub(6).and_then(|at| Some((at, text.get(at..)?))) {
+        Some((at, offset)) if offset.starts_with(['+', '-']) && offset.as_bytes()[3] == b':' => {
+            let (hours, minutes): (i64, i64) = (offset[1..3].parse().ok()?, offset[4..6].parse().ok()?);
+            let sign = if offset.starts_with('-') { -1 } else { 1 };
+            (&text[..at], sign * (hours * 3600 + minutes * 60))
+        }
+        _ => (text.strip_suffix('Z').unwrap_or(text), 0),
+    };
+    let at = humantime::parse_rfc3339_weak(utc).ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    u64::try_from(at - offset_s).ok()
 }
 
 fn rfc3339(unix_seconds: u64) -> String {
@@ -270,4 +308,21 @@ async fn in_worker(profile: Vec<u8>, kind: Kind, output: &str) -> Result<Vec<u8>
     }
     fed.map_err(|e| format!("feeding the symbolizing worker: {e}"))?;
     Ok(out.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instant;
+
+    #[test]
+    fn times_are_read_in_utc_with_or_without_an_offset() {
+        let utc = instant("2026-12-06T14:19:00Z").unwrap();
+        assert_eq!(instant("2026-12-06T15:19:00+01:00"), Some(utc));
+        assert_eq!(instant("2026-12-06T09:19:00-05:00"), Some(utc));
+        assert_eq!(instant("2026-12-06T14:19:00"), Some(utc));
+        assert_eq!(instant(&utc.to_string()), Some(utc));
+        for bad in ["", "yesterday", "2026-12-06T14:19:00+1:00", "2026-13-06T14:19:00Z", "-5"] {
+            assert_eq!(instant(bad), None, "{bad}");
+        }
+    }
 }

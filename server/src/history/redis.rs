@@ -43,7 +43,7 @@ use crate::wire::{envelope_position, Message};
 /// ARGV: 1 an epoch for a new stream, 2 history size, 3 TTL ms, 4 `1` if the stream keeps
 /// history only while listened to (a topic), 5 idempotency window ms (`0`: no key),
 /// 6 message id, 7 the stream's key as envelopes write it, 8 the envelope without its
-/// closing brace, 9 the relay header, 10 PUBLISH or SPUBLISH, 11 now (ms), 12 the
+/// closing brace, 9 the relay header (the script writes the sequence into it), 10 PUBLISH or SPUBLISH, 11 now (ms), 12 the
 /// idempotency key's record (the request's fingerprint and the message id), 13 the
 /// highest group sequence this node has seen, 14 a generation for the group should it
 /// need a new one, 15 `1` to check the Redis run, 16.. channels.
@@ -129,11 +129,12 @@ else
   envelope = envelope .. '}'
 end
 local receivers = 0
+local header = string.sub(ARGV[9], 1, 20) .. string.format('%020d', seq) .. string.sub(ARGV[9], 41)
 for i = 16, #ARGV do
   if gap then
-    redis.call(ARGV[10], ARGV[i], string.sub(ARGV[9], 1, 3) .. string.rep('\0', 8) .. string.sub(ARGV[9], 12) .. gap)
+    redis.call(ARGV[10], ARGV[i], string.sub(header, 1, 3) .. string.rep('\0', 8) .. string.sub(header, 12) .. gap)
   end
-  receivers = receivers + redis.call(ARGV[10], ARGV[i], ARGV[9] .. envelope)
+  receivers = receivers + redis.call(ARGV[10], ARGV[i], header .. envelope)
 end
 if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[4], ARGV[12], 'PX', ARGV[5])
@@ -282,6 +283,14 @@ impl RedisHistory {
                     "this group's history was written under another Redis run (Redis restarted or failed over, perhaps from a snapshot that lacks the last writes): its streams start new epochs, and resuming clients are told they were not recovered"
                 );
             }
+        }
+    }
+
+    /// Another node appended to `group` at `sequence` (it arrived on a channel): this node's
+    /// floor covers it, so a rollback is found whichever node publishes first after it.
+    pub fn observed(&self, group: u64, sequence: u64) {
+        if let Some(seen) = self.seen.get(group as usize) {
+            seen.fetch_max(sequence, Ordering::Relaxed);
         }
     }
 

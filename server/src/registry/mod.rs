@@ -248,6 +248,7 @@ impl Connected {
             node: self.node,
             channels: nodes.channels(),
             awaited,
+            history: self.history.clone(),
         };
         let evicted = CancellationToken::new();
         let registrar = Registrar {
@@ -360,7 +361,7 @@ impl Nodes {
                 .chain(here.then_some(self.node))
                 .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
                 .collect();
-            let relay = Relay { origin: self.node, id: draft.id, published_ms, target: Target::Uids(vec![uid]), envelope: "" };
+            let relay = Relay { origin: self.node, id: draft.id, published_ms, group: stream.group() as u8, sequence: 0, target: Target::Uids(vec![uid]), envelope: "" };
             calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay.encode(), key, &channels));
             streams.push((stream, channels.len()));
         }
@@ -475,7 +476,7 @@ impl Nodes {
     async fn fan_out<'a>(&'a self, stream: Stream, target: Target<'_>, draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
         let channel = RedisHistory::fanout_channel(self.keys.prefix(), stream.group());
         let kind = target.kind();
-        let relay = Relay { origin: self.node, id: draft.id, published_ms: published_ms(draft), target, envelope: "" };
+        let relay = Relay { origin: self.node, id: draft.id, published_ms: published_ms(draft), group: stream.group() as u8, sequence: 0, target, envelope: "" };
         let envelope = open_envelope(draft.id, draft.topic, draft.data);
         let call = self.history.append_call(&stream, draft.id, &envelope, &relay.encode(), key, &[channel]);
         let own = self.awaited.expect(draft.id, 1);

@@ -15,8 +15,9 @@ use tokio::sync::oneshot;
 
 use pushline_alloc::Site;
 
-use crate::redis_link::Redis;
+use crate::history::redis::RedisHistory;
 use crate::hub::Hub;
+use crate::redis_link::Redis;
 use crate::telemetry::{DropReason, Metrics, PublishKind, Relayed};
 use crate::wire::{envelope_position, Message};
 
@@ -46,16 +47,27 @@ pub struct Relay<'a> {
     pub id: u64,
     /// Wall-clock milliseconds when the origin accepted it.
     pub published_ms: u64,
+    /// The history group of the message's stream.
+    pub group: u8,
+    /// The group's append sequence the message was given (0: not kept). The node encodes
+    /// zeros; the append script writes it in.
+    pub sequence: u64,
     pub target: Target<'a>,
     /// The JSON envelope; empty when encoding the header the append script completes.
     pub envelope: &'a str,
 }
 
-const HEADER: usize = 1 + 2 + 8 + 8;
+/// Digits of the sequence field: ASCII, so the append script writes it with
+/// `string.format('%020d', seq)` at bytes [`SEQUENCE_AT`]`..`[`HEADER`].
+const SEQUENCE_DIGITS: usize = 20;
+/// Where the sequence field starts (0-based).
+const SEQUENCE_AT: usize = 1 + 2 + 8 + 8 + 1;
+const HEADER: usize = SEQUENCE_AT + SEQUENCE_DIGITS;
 
 impl<'a> Relay<'a> {
-    /// `kind(1) origin(2) id(8) published_ms(8)`, then for a topic `len(2) topic`, for
-    /// uids `count(4) (len(2) uid)*`, then the envelope to the end. Integers big-endian.
+    /// `kind(1) origin(2) id(8) published_ms(8) group(1) sequence(20 ASCII digits)`, then
+    /// for a topic `len(2) topic`, for uids `count(4) (len(2) uid)*`, then the envelope to
+    /// the end. Integers big-endian.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + self.envelope.len() + 64);
         out.push(match self.target {
@@ -66,6 +78,8 @@ impl<'a> Relay<'a> {
         out.extend_from_slice(&self.origin.to_be_bytes());
         out.extend_from_slice(&self.id.to_be_bytes());
         out.extend_from_slice(&self.published_ms.to_be_bytes());
+        out.push(self.group);
+        out.extend_from_slice(format!("{:0width$}", self.sequence, width = SEQUENCE_DIGITS).as_bytes());
         match &self.target {
             Target::Uids(uids) => {
                 out.extend_from_slice(&(uids.len() as u32).to_be_bytes());
@@ -92,6 +106,12 @@ impl<'a> Relay<'a> {
         let origin = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
         let id = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
         let published_ms = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
+        let group = r.take(1)?[0];
+        let digits = r.take(SEQUENCE_DIGITS)?;
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let sequence = std::str::from_utf8(digits).ok()?.parse().ok()?;
         let target = match kind {
             b'P' => {
                 let count = u32::from_be_bytes(r.take(4)?.try_into().ok()?) as usize;
@@ -114,7 +134,7 @@ impl<'a> Relay<'a> {
             _ => return None,
         };
         let envelope = std::str::from_utf8(r.0).ok()?;
-        Some(Relay { origin, id, published_ms, target, envelope })
+        Some(Relay { origin, id, published_ms, group, sequence, target, envelope })
     }
 }
 
@@ -204,6 +224,9 @@ pub struct Inbox {
     /// The channels this node listens to.
     pub channels: Vec<String>,
     pub awaited: Arc<Awaited>,
+    /// Told every group sequence that arrives, so this node's floor covers what other
+    /// nodes appended too.
+    pub history: Arc<RedisHistory>,
 }
 
 /// Told to every connection of a node whose Redis link dropped.
@@ -271,6 +294,9 @@ impl Inbox {
             metrics.dropped(DropReason::BadRelay, 1);
             return;
         };
+        if relay.sequence > 0 {
+            self.history.observed(u64::from(relay.group), relay.sequence);
+        }
         let own = relay.origin == self.node;
         if !own {
             metrics.relayed(Relayed::In, relay.target.kind());
@@ -302,14 +328,14 @@ mod tests {
     #[test]
     fn every_target_round_trips() {
         for target in [Target::Uids(vec!["alice", "", "bob"]), Target::Topic("news"), Target::Everyone] {
-            let relay = Relay { origin: 7, id: 1 << 40, published_ms: 1_700_000_000_000, target, envelope: r#"{"a":[1,2]}"# };
+            let relay = Relay { origin: 7, id: 1 << 40, published_ms: 1_700_000_000_000, group: 15, sequence: 12_345_678_901, target, envelope: r#"{"a":[1,2]}"# };
             assert_eq!(Relay::decode(&relay.encode()), Some(relay));
         }
     }
 
     #[test]
     fn truncated_or_unknown_input_is_refused() {
-        let bytes = Relay { origin: 1, id: 2, published_ms: 3, target: Target::Uids(vec!["x"]), envelope: "1" }.encode();
+        let bytes = Relay { origin: 1, id: 2, published_ms: 3, group: 0, sequence: 0, target: Target::Uids(vec!["x"]), envelope: "1" }.encode();
         for cut in 0..HEADER + 4 + 2 + 1 {
             assert_eq!(Relay::decode(&bytes[..cut]), None, "cut at {cut}");
         }
