@@ -119,20 +119,28 @@ async fn memory_audit_watch_follows_churn_line_by_line() {
     let header = lines.next().unwrap();
     assert!(header.contains("connections") && header.contains("top growing site"), "{header}");
     let columns = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    // The first line that shows `n` connections (a line may catch the clients midway).
+    // The lines up to the first that shows `n` connections (a line may catch the clients
+    // midway, so what grew shows on whichever line saw them arrive).
     let mut until = |n: u64| {
-        let line = lines.by_ref().find(|l| columns(l)[1].parse::<u64>().ok() == Some(n));
-        line.unwrap_or_else(|| panic!("--watch never showed {n} connections"))
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let done = columns(&line)[1].parse::<u64>().ok() == Some(n);
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+        panic!("--watch never showed {n} connections: {seen:?}")
     };
 
-    let line = until(100);
+    let line = until(100).pop().unwrap();
     let user: f64 = columns(&line)[2].parse().unwrap();
     assert!(user > 300.0, "user bytes per connection: {line}");
 
     let more = open(server.client, 300, "x").await;
     server.wait_connections(400).await;
-    let line = until(400);
-    assert!(line.contains("connection_task +") || line.contains("sessions +"), "the connection sites grew: {line}");
+    let lines = until(400);
+    assert!(lines.iter().any(|l| l.contains("connection_task +") || l.contains("sessions +")), "the connection sites grew: {lines:?}");
 
     drop(more);
     server.wait_connections(100).await;
