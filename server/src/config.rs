@@ -572,7 +572,7 @@ impl Config {
             (_, false) => problems.push("--sentinel is set but --registry is not redis-sentinel".into()),
         }
         for (flag, url) in self.redis_url.iter().map(|u| ("--redis-url", u)).chain(self.sentinel.iter().map(|u| ("--sentinel", u))) {
-            let shown = crate::redis_link::redacted(url);
+            let shown = redacted(url);
             match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
                 Err(e) => problems.push(format!("{flag} {shown}: {e}")),
                 Ok(info) if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) && (flag == "--sentinel" || self.registry == RegistryKind::RedisSentinel) => {
@@ -606,6 +606,14 @@ impl Config {
     pub fn for_loopback() -> Config {
         Config::try_parse_from(["pushline", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .expect("built-in arguments parse")
+    }
+}
+
+/// A URL with any password replaced, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
     }
 }
 
@@ -684,6 +692,12 @@ mod tests {
         assert!(config.validate().unwrap_err().message.contains("redis-cluster"));
         config.redis_url.clear();
         assert!(config.validate().unwrap_err().message.contains("need --redis-url"));
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(redacted("redis://:secret@10.0.0.1:6379/0"), "redis://***@10.0.0.1:6379/0");
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 
     /// `--check-config` refuses what a start would: URLs that do not parse, and for

@@ -13,7 +13,8 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, TlsCertificates};
 use tokio::sync::Notify;
 
-use super::{manager, redacted, Pushes, CONNECT_TIMEOUT};
+use super::{manager, Pushes, CONNECT_TIMEOUT};
+use crate::config::redacted;
 use crate::error::Error;
 use crate::telemetry::Metrics;
 
