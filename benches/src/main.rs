@@ -103,6 +103,9 @@ enum Scenario {
         /// With 2 or more, nodes on a Redis: clients on the last node, pushes into the first.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// Push over a pool of N keep-alive connections (0: a new connection per push).
+        #[arg(long, default_value_t = 0)]
+        publishers: usize,
     },
     /// Redis cost of sessions: commands and round trips per connect, heartbeat and
     /// disconnect, Redis memory per session, with K nodes sharing a port.
@@ -221,8 +224,8 @@ async fn main() -> ExitCode {
         Scenario::Storm { connections, handshakes, reconnect } => {
             scenarios::storm::run(&cli.common, connections, handshakes, reconnect).await
         }
-        Scenario::Unicast { connections, rate, seconds, nodes } => {
-            scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes).await
+        Scenario::Unicast { connections, rate, seconds, nodes, publishers } => {
+            scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes, publishers).await
         }
         Scenario::Scale { connections, nodes, workers } => scenarios::scale::run(&cli.common, connections, nodes, workers).await,
         Scenario::FloorServer { uring } => {
