@@ -211,7 +211,9 @@ async fn small_holes_are_closed() {
 
 #[tokio::test]
 async fn a_publish_while_draining_is_answered_503() {
-    let server = Process::spawn(&["--shutdown-grace", "60s"], None);
+    // The unfinished body below, and the idle kept-alive connection, must outlast the test
+    // however slow the machine (they are dropped after the handshake timeout).
+    let server = Process::spawn(&["--shutdown-grace", "60s", "--handshake-timeout", "60s"], None);
     let http = reqwest::Client::new();
     let publish = |data: u32| http.post(format!("http://{}/v1/broadcast", server.client)).body(json!({"data": data}).to_string()).send();
     assert_eq!(publish(1).await.unwrap().status(), 200, "a kept-alive connection to publish on");
