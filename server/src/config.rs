@@ -609,6 +609,11 @@ impl Config {
     }
 }
 
+/// URLs as [`redacted`] shows them, comma-separated.
+pub fn redacted_all(urls: &[String]) -> String {
+    urls.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ")
+}
+
 /// A URL with any password replaced, for messages and logs.
 pub fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -44,22 +44,24 @@ pub async fn cpu(query: &Query, profiler: &Profiler) -> Reply {
     if based && !windowed {
         return error(StatusCode::BAD_REQUEST, "a base is compared with a window: give minutes= or from=/to= too");
     }
+    let raw = query.get("symbolize") == Some("none");
     let (samples, hz, started, took) = if windowed {
-        let (from, to) = match window(query, profiler) {
+        let kept = Kept::of(profiler);
+        let (from, to) = match window(query, &kept) {
             Ok(span) => span,
             Err(reply) => return reply,
         };
         let samples = profiler.window(from, to);
         let (started, took) = (from * 60, seconds_of(from, to));
         if based {
-            let (base_from, base_to) = match base_window(query, from, profiler) {
+            let (base_from, base_to) = match base_window(query, from, &kept) {
                 Ok(span) => span,
                 Err(reply) => return reply,
             };
             let base = profiler.window(base_from, base_to);
             // Rates: the window's CPU against the base's over the same length of time.
             let scale = took.as_secs_f64() / seconds_of(base_from, base_to).as_secs_f64().max(1.0);
-            return difference(format, &samples, &base, scale, profiler.base_hz(), started, took, query.get("symbolize") == Some("none")).await;
+            return difference(format, &samples, &base, scale, profiler.base_hz(), started, took, raw).await;
         }
         (samples, profiler.base_hz(), started, took)
     } else {
@@ -80,7 +82,22 @@ pub async fn cpu(query: &Query, profiler: &Profiler) -> Reply {
         (samples, frequency.max(profiler.base_hz()), started, took)
     };
     let profile = pushline_profiler::pprof::encode(&samples, hz, started as i64 * 1_000_000_000, took.as_nanos() as i64);
-    in_format(format, profile, Kind::Cpu, query.get("symbolize") == Some("none")).await
+    in_format(format, profile, Kind::Cpu, raw).await
+}
+
+/// What the profiler keeps, as Unix minutes: from `oldest` to `now`, at most `minutes`.
+#[derive(Clone, Copy)]
+struct Kept {
+    oldest: u64,
+    now: u64,
+    minutes: u64,
+}
+
+impl Kept {
+    fn of(profiler: &Profiler) -> Kept {
+        let now = pushline_profiler::unix_minute();
+        Kept { oldest: profiler.oldest().unwrap_or(now), now, minutes: profiler.window_minutes() }
+    }
 }
 
 /// How long the minutes `from..=to` (Unix) have lasted: the current one only so far.
@@ -90,9 +107,9 @@ fn seconds_of(from: u64, to: u64) -> Duration {
 }
 
 /// `?{prefix}minutes=` (whole minutes, at least 1, at most the window), or None.
-fn minutes_of(query: &Query, name: &str, profiler: &Profiler) -> Result<Option<u64>, Reply> {
+fn minutes_of(query: &Query, name: &str, kept: &Kept) -> Result<Option<u64>, Reply> {
     let Some(text) = query.get(name) else { return Ok(None) };
-    let kept = profiler.window_minutes();
+    let kept = kept.minutes;
     match text.parse::<u64>() {
         Ok(m) if (1..=kept).contains(&m) => Ok(Some(m)),
         _ => Err(error(StatusCode::BAD_REQUEST, &format!("{name} must be a whole number of minutes from 1 to {kept} (--profile-window)"))),
@@ -101,7 +118,7 @@ fn minutes_of(query: &Query, name: &str, profiler: &Profiler) -> Result<Option<u
 
 /// `?{prefix}from=..&{prefix}to=..` as Unix minutes; each defaults to the oldest kept
 /// minute and now.
-fn span_of(query: &Query, prefix: &str, oldest: u64, now: u64) -> Result<(u64, u64), Reply> {
+fn span_of(query: &Query, prefix: &str, kept: &Kept) -> Result<(u64, u64), Reply> {
     let at = |name: &str, default: u64| -> Result<u64, Reply> {
         let name = format!("{prefix}{name}");
         match query.get(&name) {
@@ -111,28 +128,27 @@ fn span_of(query: &Query, prefix: &str, oldest: u64, now: u64) -> Result<(u64, u
             }),
         }
     };
-    Ok((at("from", oldest)?, at("to", now)?))
+    Ok((at("from", kept.oldest)?, at("to", kept.now)?))
 }
 
 /// The minutes (Unix) a windowed request asks for, inside what is kept; or a 400 that
 /// says what is kept.
-fn window(query: &Query, profiler: &Profiler) -> Result<(u64, u64), Reply> {
-    let now = pushline_profiler::unix_minute();
-    let oldest = profiler.oldest().unwrap_or(now);
+fn window(query: &Query, kept: &Kept) -> Result<(u64, u64), Reply> {
     if query.get("minutes").is_some() && (query.get("from").is_some() || query.get("to").is_some()) {
         return Err(error(StatusCode::BAD_REQUEST, "give minutes, or from and to, not both"));
     }
-    let (from, to) = match minutes_of(query, "minutes", profiler)? {
+    let (from, to) = match minutes_of(query, "minutes", kept)? {
         // The minutes that hold the last `minutes` * 60 seconds, as far back as is kept.
-        Some(minutes) => (((clock::wall_ms() / 1000).saturating_sub(minutes * 60) / 60).max(oldest), now),
-        None => span_of(query, "", oldest, now)?,
+        Some(minutes) => (((clock::wall_ms() / 1000).saturating_sub(minutes * 60) / 60).max(kept.oldest), kept.now),
+        None => span_of(query, "", kept)?,
     };
-    check_kept("", from, to, oldest, now)?;
+    check_kept("", from, to, kept)?;
     Ok((from, to))
 }
 
 /// `from..=to` is a span inside what is kept, or a 400 that says what is.
-fn check_kept(prefix: &str, from: u64, to: u64, oldest: u64, now: u64) -> Result<(), Reply> {
+fn check_kept(prefix: &str, from: u64, to: u64, kept: &Kept) -> Result<(), Reply> {
+    let Kept { oldest, now, .. } = *kept;
     if from < oldest || to > now || from > now || to < oldest {
         let kept = format!("kept: minutes from {} to now ({}), as --profile-window allows", rfc3339(oldest * 60), rfc3339(now * 60));
         return Err(error(StatusCode::BAD_REQUEST, &format!("that {}window is not kept; {kept}", if prefix.is_empty() { "" } else { "base " })));
@@ -146,19 +162,17 @@ fn check_kept(prefix: &str, from: u64, to: u64, oldest: u64, now: u64) -> Result
 /// The base window a difference is taken against: `?base_minutes=M`, the M minutes just
 /// before the window (which starts at minute `from`), or `?base_from=..&base_to=..`, any
 /// kept span (before, after or across the window).
-fn base_window(query: &Query, from: u64, profiler: &Profiler) -> Result<(u64, u64), Reply> {
-    let now = pushline_profiler::unix_minute();
-    let oldest = profiler.oldest().unwrap_or(now);
+fn base_window(query: &Query, from: u64, kept: &Kept) -> Result<(u64, u64), Reply> {
     let spans = query.get("base_from").is_some() || query.get("base_to").is_some();
-    let (base_from, base_to) = match minutes_of(query, "base_minutes", profiler)? {
+    let (base_from, base_to) = match minutes_of(query, "base_minutes", kept)? {
         Some(_) if spans => return Err(error(StatusCode::BAD_REQUEST, "give base_minutes, or base_from and base_to, not both")),
         Some(minutes) => (from.saturating_sub(minutes), from.saturating_sub(1)),
         None if query.get("base_from").is_none() || query.get("base_to").is_none() => {
             return Err(error(StatusCode::BAD_REQUEST, "give base_from and base_to together, or base_minutes"));
         }
-        None => span_of(query, "base_", oldest, now)?,
+        None => span_of(query, "base_", kept)?,
     };
-    check_kept("base_", base_from, base_to, oldest, now)?;
+    check_kept("base_", base_from, base_to, kept)?;
     Ok((base_from, base_to))
 }
 

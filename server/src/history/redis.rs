@@ -43,8 +43,8 @@ use crate::wire::{envelope_position, Message};
 /// ARGV: 1 an epoch for a new stream, 2 history size, 3 TTL ms, 4 `1` if the stream keeps
 /// history only while listened to (a topic), 5 idempotency window ms (`0`: no key),
 /// 6 message id, 7 the stream's key as envelopes write it, 8 the envelope without its
-/// closing brace, 9 the relay header (the script writes the sequence into it), 10 PUBLISH or SPUBLISH, 11 now (ms), 12 the
-/// idempotency key's record (the request's fingerprint and the message id), 13 the
+/// closing brace, 9 the relay header (the script writes the sequence into it), 10 PUBLISH
+/// or SPUBLISH, 11 now (ms), 12 the idempotency key's record (the request's fingerprint and the message id), 13 the
 /// highest group sequence this node has seen, 14 a generation for the group should it
 /// need a new one, 15 `1` to check the Redis run, 16.. channels.
 ///
@@ -52,7 +52,9 @@ use crate::wire::{envelope_position, Message};
 /// node has already seen means the group's data went back (a failover to a replica that
 /// had not received the last writes, a restore): the group takes a new generation, and a
 /// stream written under another generation than its group's starts a new epoch before
-/// anything is appended, so no (epoch, offset) ever names two messages.
+/// anything is appended, so no (epoch, offset) ever names two messages. Its live
+/// subscribers are told first, on the same channels (relay id 0, a notice): a `gap` from
+/// past the last offset the old epoch still holds.
 ///
 /// A node's memory does not outlive it: when every node that saw the lost writes has
 /// restarted too (a host rebooted with its Redis, one node restored from an old RDB), no
@@ -60,9 +62,7 @@ use crate::wire::{envelope_position, Message};
 /// after each time its link broke (a Redis restart or failover always breaks it), checks
 /// the Redis run (`run_id`) the group's generation was set under: another run means the
 /// data may have come back from a snapshot or a replica, and the group takes a new
-/// generation (a restart or failover that lost nothing starts new epochs all the same). Its live
-/// subscribers are told first, on the same channels (relay id 0, a notice): a `gap` from
-/// past the last offset the old epoch still holds.
+/// generation (a restart or failover that lost nothing starts new epochs all the same).
 /// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
 /// then its message id, or its reply once known), else `{1, epoch, offset, receivers,
 /// sequence, reset}` (offset 0: not kept; reset `1` when this append found the group's
@@ -92,8 +92,9 @@ if keep then
   end
   if ARGV[15] == '1' then
     local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
-    if redis.call('GET', KEYS[8]) ~= run then
-      if rolled == 0 and gen and redis.call('GET', KEYS[8]) then
+    local written_under = redis.call('GET', KEYS[8])
+    if written_under ~= run then
+      if rolled == 0 and gen and written_under then
         rolled = 2
       end
       redis.call('SET', KEYS[8], run)
@@ -266,23 +267,18 @@ impl RedisHistory {
     /// node has seen grows, and a new generation is counted and logged.
     pub fn appended(&self, group: u64, sequence: u64, reset: Option<EpochReset>) {
         let before = self.seen[group as usize].fetch_max(sequence, Ordering::Relaxed);
+        let Some(reset) = reset else { return };
+        self.metrics.epoch_reset(reset);
         match reset {
-            None => {}
-            Some(EpochReset::Rollback) => {
-                self.metrics.epoch_reset(EpochReset::Rollback);
-                tracing::warn!(
-                    group,
-                    seen = before,
-                    "Redis history is behind what this node saw (a failover to a replica that had not received the last writes, or a restore): this group's streams start new epochs, and resuming clients are told they were not recovered"
-                );
-            }
-            Some(EpochReset::RedisRun) => {
-                self.metrics.epoch_reset(EpochReset::RedisRun);
-                tracing::warn!(
-                    group,
-                    "this group's history was written under another Redis run (Redis restarted or failed over, perhaps from a snapshot that lacks the last writes): its streams start new epochs, and resuming clients are told they were not recovered"
-                );
-            }
+            EpochReset::Rollback => tracing::warn!(
+                group,
+                seen = before,
+                "Redis history is behind what this node saw (a failover to a replica that had not received the last writes, or a restore): this group's streams start new epochs, and resuming clients are told they were not recovered"
+            ),
+            EpochReset::RedisRun => tracing::warn!(
+                group,
+                "this group's history was written under another Redis run (Redis restarted or failed over, perhaps from a snapshot that lacks the last writes): its streams start new epochs, and resuming clients are told they were not recovered"
+            ),
         }
     }
 

@@ -21,7 +21,7 @@ mod sentinel;
 
 use sentinel::{sentinel_client, Following};
 
-use crate::config::{redacted, Config, RegistryKind};
+use crate::config::{redacted_all, Config, RegistryKind};
 use crate::error::Error;
 use crate::telemetry::{probes, DropReason, Metrics, RedisCommand};
 
@@ -86,7 +86,7 @@ impl Redis {
         let breaks = Arc::new(AtomicU64::new(0));
         let pushes = Pushes { tx, metrics: metrics.clone(), breaks: breaks.clone() };
         let urls = &config.redis_url;
-        let shown = urls.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
+        let shown = redacted_all(urls);
         let bad_url = |e: redis::RedisError| Error::config(format!("--redis-url {shown}: {e}"));
         let certificates = certificates(config)?;
         let link = match config.registry {
@@ -120,8 +120,8 @@ impl Redis {
             RegistryKind::RedisSentinel => {
                 let master = urls[0].as_str().into_connection_info().map_err(bad_url)?;
                 let (sentinel, name) = sentinel_client(&master, &config.sentinel, certificates)?;
-                let asked = config.sentinel.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
-                Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone(), &format!("{shown} (through the Sentinels at {asked})")).await?)
+                let asked = format!("{shown} (through the Sentinels at {})", redacted_all(&config.sentinel));
+                Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone(), &asked).await?)
             }
         };
         Ok((Redis { link, metrics, breaks }, received))

@@ -14,7 +14,7 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion,
 use tokio::sync::Notify;
 
 use super::{manager, Pushes, CONNECT_TIMEOUT};
-use crate::config::redacted;
+use crate::config::redacted_all;
 use crate::error::Error;
 use crate::telemetry::Metrics;
 
@@ -22,7 +22,7 @@ use crate::telemetry::Metrics;
 /// the master is reached with `master`'s user, password, database and TLS, the Sentinels
 /// with the first Sentinel URL's user and password.
 pub(super) fn sentinel_client(master: &ConnectionInfo, sentinels: &[String], certificates: Option<TlsCertificates>) -> Result<(SentinelClient, String), Error> {
-    let shown = sentinels.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ");
+    let shown = redacted_all(sentinels);
     let bad = |e: redis::RedisError| Error::config(format!("--sentinel {shown}: {e}"));
     let infos = sentinels.iter().map(|u| u.as_str().into_connection_info()).collect::<RedisResult<Vec<_>>>().map_err(bad)?;
     let (name, tls) = match master.addr() {

@@ -210,9 +210,8 @@ impl Registrar {
                         Liveness::Missing => {
                             must_register = true;
                             // Redis lost its keys, topics' interest keys with them: mark
-                            // them now, or listened topics keep no history until the next
-                            // relisten (a third of the history TTL).
-                            listening.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic));
+                            // them again now, not a third of the history TTL from now.
+                            relisten.reset_immediately();
                         }
                         Liveness::Taken(other) => {
                             tracing::error!(
