@@ -8,6 +8,12 @@
 //! frame with a static pong in the same readiness event that read it. No parsing beyond
 //! what framing needs, no queue, no allocation per message.
 //!
+//! For `unicast`, it also answers `POST /v1/push` (`{"uids":[..],"data":..}`) and
+//! `POST /v1/batch` (a JSON array of `{"push":{..}}`) on keep-alive connections: the body
+//! parsed with serde_json (borrowing `data`), each uid looked up in a map filled at the
+//! handshake (`/ws?uid=`), one frame written to each, one answer written. What any push
+//! server must do for a push, and nothing more: no history, no ids kept, no limits.
+//!
 //! With `uring`, the broadcast's sends go through io_uring instead, `URING_BATCH` per
 //! system call: the issue's experiment of what batching system calls would save a fan-out.
 
@@ -40,6 +46,63 @@ struct Conn {
     stream: TcpStream,
     state: State,
     buf: Vec<u8>,
+    /// The uid given at the handshake (WebSocket connections).
+    uid: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Push<'a> {
+    uids: Vec<&'a str>,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+#[derive(serde::Deserialize)]
+enum Item<'a> {
+    #[serde(rename = "push", borrow)]
+    Push(Push<'a>),
+}
+
+/// Writes a message frame with `data` to each connection of `push.uids`; the connections reached.
+fn push_to(conns: &mut HashMap<usize, Conn>, uids: &HashMap<String, usize>, push: &Push<'_>, id: u64, frame: &mut Vec<u8>) -> usize {
+    let mut delivered = 0;
+    for uid in &push.uids {
+        let Some(conn) = uids.get(*uid).and_then(|token| conns.get_mut(token)) else { continue };
+        let payload = format!(r#"{{"type":"message","id":"{id}","topic":null,"data":{}}}"#, push.data.get());
+        frame.clear();
+        text_frame_into(payload.as_bytes(), frame);
+        delivered += matches!(conn.stream.write(frame), Ok(n) if n == frame.len()) as usize;
+    }
+    delivered
+}
+
+/// The answer to a `/v1/push` or `/v1/batch` body, kept alive; the id counter advances.
+fn answer_pushes(conns: &mut HashMap<usize, Conn>, uids: &HashMap<String, usize>, path: &str, body: &[u8], next_id: &mut u64) -> String {
+    let mut frame = Vec::with_capacity(256);
+    let json = if path == "/v1/batch" {
+        match serde_json::from_slice::<Vec<Item>>(body) {
+            Ok(items) => {
+                let mut results = String::from(r#"{"results":["#);
+                for (i, Item::Push(push)) in items.iter().enumerate() {
+                    *next_id += 1;
+                    let delivered = push_to(conns, uids, push, *next_id, &mut frame);
+                    results.push_str(&format!(r#"{}{{"id":"{}","delivered":{delivered}}}"#, if i > 0 { "," } else { "" }, next_id));
+                }
+                results + "]}"
+            }
+            Err(e) => format!(r#"{{"error":"{e}"}}"#),
+        }
+    } else {
+        match serde_json::from_slice::<Push>(body) {
+            Ok(push) => {
+                *next_id += 1;
+                let delivered = push_to(conns, uids, &push, *next_id, &mut frame);
+                format!(r#"{{"id":"{}","delivered":{delivered}}}"#, next_id)
+            }
+            Err(e) => format!(r#"{{"error":"{e}"}}"#),
+        }
+    };
+    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())
 }
 
 /// Sends per io_uring submission (and the ring's size).
@@ -72,7 +135,13 @@ fn broadcast_uring(ring: &mut io_uring::IoUring, fds: &[RawFd], frame: &[u8]) ->
 
 /// An unmasked server text frame.
 fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x81];
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    text_frame_into(payload, &mut out);
+    out
+}
+
+fn text_frame_into(payload: &[u8], out: &mut Vec<u8>) {
+    out.push(0x81);
     if payload.len() < 126 {
         out.push(payload.len() as u8);
     } else {
@@ -80,7 +149,6 @@ fn text_frame(payload: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
     }
     out.extend_from_slice(payload);
-    out
 }
 
 /// Serves until killed; prints `floor listening client=ADDR` once it listens.
@@ -93,6 +161,8 @@ pub fn serve(uring: bool) -> io::Result<()> {
     let pong = text_frame(br#"{"type":"pong"}"#);
     let welcome = text_frame(br#"{"type":"welcome","uid":"floor","session":"1"}"#);
     let mut conns: HashMap<usize, Conn> = HashMap::new();
+    let mut uids: HashMap<String, usize> = HashMap::new();
+    let mut next_id = 0u64;
     let mut next = 0usize;
     let mut events = Events::with_capacity(1024);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -106,7 +176,7 @@ pub fn serve(uring: bool) -> io::Result<()> {
                         Ok((mut stream, _)) => {
                             let _ = stream.set_nodelay(true);
                             poll.registry().register(&mut stream, Token(next), Interest::READABLE)?;
-                            conns.insert(next, Conn { stream, state: State::Request, buf: Vec::new() });
+                            conns.insert(next, Conn { stream, state: State::Request, buf: Vec::new(), uid: None });
                             next += 1;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -134,6 +204,7 @@ pub fn serve(uring: bool) -> io::Result<()> {
                 }
             }
             let mut broadcast_now = false;
+            let mut pushed = Vec::new();
             match conn.state {
                 State::WebSocket => {
                     // Client frames are masked: 2 header bytes, the length's extension, 4 mask bytes.
@@ -158,8 +229,9 @@ pub fn serve(uring: bool) -> io::Result<()> {
                     }
                     conn.buf.drain(..at);
                 }
+                // Pipelined pushes are answered in order; anything else ends the loop.
                 State::Request => {
-                    if let Some(head_end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4) {
+                    while let Some(head_end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4) {
                         let head = String::from_utf8_lossy(&conn.buf[..head_end]).into_owned();
                         if head.starts_with("GET /ws") {
                             let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: "))).unwrap_or("").trim();
@@ -169,20 +241,40 @@ pub fn serve(uring: bool) -> io::Result<()> {
                             let _ = conn.stream.write_all(&reply);
                             conn.state = State::WebSocket;
                             conn.buf.drain(..head_end);
-                        } else {
-                            let length = head
-                                .lines()
-                                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-                                .unwrap_or(0);
-                            if conn.buf.len() >= head_end + length {
-                                broadcast_now = head.starts_with("POST /v1/broadcast");
-                                if !broadcast_now {
-                                    let _ = conn.stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                                    closed = true;
-                                }
+                            let uid = head.split_once("uid=").map(|(_, rest)| rest.split(['&', ' ']).next().unwrap_or_default().to_owned());
+                            if let Some(uid) = uid {
+                                uids.insert(uid.clone(), token);
+                                conn.uid = Some(uid);
                             }
+                            break;
                         }
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                            .unwrap_or(0);
+                        if conn.buf.len() < head_end + length {
+                            break;
+                        }
+                        let path = head.split(' ').nth(1).unwrap_or_default();
+                        if head.starts_with("POST ") && matches!(path, "/v1/push" | "/v1/batch") {
+                            // Kept alive: the next request may follow in this buffer.
+                            let body: Vec<u8> = conn.buf.drain(..head_end + length).skip(head_end).collect();
+                            pushed.push((path.to_owned(), body));
+                            continue;
+                        }
+                        broadcast_now = head.starts_with("POST /v1/broadcast");
+                        if !broadcast_now {
+                            let _ = conn.stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            closed = true;
+                        }
+                        break;
                     }
+                }
+            }
+            for (path, body) in pushed {
+                let reply = answer_pushes(&mut conns, &uids, &path, &body, &mut next_id);
+                if let Some(conn) = conns.get_mut(&token) {
+                    let _ = conn.stream.write_all(reply.as_bytes());
                 }
             }
             if broadcast_now {
@@ -208,6 +300,9 @@ pub fn serve(uring: bool) -> io::Result<()> {
             if closed {
                 if let Some(mut conn) = conns.remove(&token) {
                     let _ = poll.registry().deregister(&mut conn.stream);
+                    if let Some(uid) = conn.uid.take().filter(|uid| uids.get(uid) == Some(&token)) {
+                        uids.remove(&uid);
+                    }
                 }
             }
         }

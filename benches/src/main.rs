@@ -103,9 +103,18 @@ enum Scenario {
         /// With 2 or more, nodes on a Redis: clients on the last node, pushes into the first.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
-        /// Push over a pool of N keep-alive connections (0: a new connection per push).
-        #[arg(long, default_value_t = 0)]
+        /// Push over a pool of N keep-alive connections.
+        #[arg(long, default_value_t = 4)]
         publishers: usize,
+        /// Pushes per request: 1 posts `/v1/push`, more post `/v1/batch`.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Open a connection for every request (a new HTTP client each time).
+        #[arg(long)]
+        new_connection_per_push: bool,
+        /// Skip the same run against the floor server (one node only).
+        #[arg(long)]
+        no_floor: bool,
     },
     /// Redis cost of sessions: commands and round trips per connect, heartbeat and
     /// disconnect, Redis memory per session, with K nodes sharing a port.
@@ -224,8 +233,9 @@ async fn main() -> ExitCode {
         Scenario::Storm { connections, handshakes, reconnect } => {
             scenarios::storm::run(&cli.common, connections, handshakes, reconnect).await
         }
-        Scenario::Unicast { connections, rate, seconds, nodes, publishers } => {
-            scenarios::unicast::run(&cli.common, connections, rate, seconds, nodes, publishers).await
+        Scenario::Unicast { connections, rate, seconds, nodes, publishers, batch, new_connection_per_push, no_floor } => {
+            let settings = scenarios::unicast::Settings { connections, rate, seconds, nodes, publishers, batch, new_connection_per_push, floor: !no_floor };
+            scenarios::unicast::run(&cli.common, settings).await
         }
         Scenario::Scale { connections, nodes, workers } => scenarios::scale::run(&cli.common, connections, nodes, workers).await,
         Scenario::FloorServer { uring } => {

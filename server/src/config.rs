@@ -325,6 +325,15 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_MAX_PUBLISH_BYTES_IN_FLIGHT", default_value_t = 64 << 20)]
     pub max_publish_bytes_in_flight: usize,
 
+    /// Most items in one `POST /v1/batch`.
+    #[arg(long, env = "PUSHLINE_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Largest `POST /v1/batch` body, in bytes (each item's `data` is also held to
+    /// --max-message-bytes); at most --max-publish-bytes-in-flight.
+    #[arg(long, env = "PUSHLINE_MAX_BATCH_BYTES", default_value_t = 16 << 20)]
+    pub max_batch_bytes: usize,
+
     /// Largest frame a client may send (its frames are pings and subscriptions).
     #[arg(long, env = "PUSHLINE_MAX_CLIENT_FRAME_BYTES", default_value_t = 16 * 1024)]
     pub max_client_frame_bytes: usize,
@@ -520,6 +529,15 @@ impl Config {
             problems.push(format!(
                 "--max-client-frame-bytes ({}) is over {MAX_CLIENT_FRAME_LIMIT}: client frames are read whole into a per-thread buffer",
                 self.max_client_frame_bytes
+            ));
+        }
+        if self.max_batch == 0 {
+            problems.push("--max-batch is 0: no batch could be published".into());
+        }
+        if self.max_batch_bytes > self.max_publish_bytes_in_flight {
+            problems.push(format!(
+                "--max-batch-bytes ({}) is over --max-publish-bytes-in-flight ({}): no batch that large could be read",
+                self.max_batch_bytes, self.max_publish_bytes_in_flight
             ));
         }
         if self.max_publish_bytes_in_flight < self.max_message_bytes {

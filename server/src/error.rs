@@ -122,7 +122,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Error {
     pub kind: Kind,
     pub message: String,

@@ -186,6 +186,8 @@ impl Server {
                 metrics: metrics.clone(),
                 api_keys: api_keys.clone(),
                 max_message_bytes: config.max_message_bytes,
+                max_batch: config.max_batch,
+                max_batch_bytes: config.max_batch_bytes,
                 node_queue_max_bytes: config.node_queue_max_bytes,
                 request_timeout: config.handshake_timeout,
                 bodies: Arc::new(tokio::sync::Semaphore::new(config.max_publish_bytes_in_flight.div_ceil(1024))),

@@ -17,7 +17,7 @@ const WRITES: &str = r#"pushline_redis_command_seconds_count{command="sessions"}
 
 /// Commands Redis processed, less the nodes' liveness refreshes (SET), which run on a
 /// timer whatever the clients do.
-fn commands(info: &std::collections::HashMap<String, f64>) -> f64 {
+pub fn commands(info: &std::collections::HashMap<String, f64>) -> f64 {
     let all = info.get("total_commands_processed").copied().unwrap_or(0.0);
     // INFO itself and the liveness SETs are not the clients' doing.
     all - info.get("calls_set").copied().unwrap_or(0.0) - info.get("calls_info").copied().unwrap_or(0.0)

@@ -1,31 +1,112 @@
-//! `unicast`: pushes to random uids through `/v1/push` at a target rate; throughput and
-//! publish-to-delivery latency percentiles, measured by the clients (the same clock as
-//! the publisher: both are this process). With `--nodes 2` the clients are on one node
-//! and the pushes go to the other, so every push crosses nodes through Redis. Each push
-//! opens a connection of its own, or with `--publishers N` goes over a pool of N
-//! keep-alive connections, the way an application's HTTP client publishes.
+//! `unicast`: pushes to random uids at a target rate, the way applications publish: over a
+//! pool of keep-alive connections (`--publishers N`), one push per request or `--batch K`
+//! pushes per `POST /v1/batch`. Throughput, publish-to-delivery latency percentiles
+//! (measured by the clients, on the same clock as the publisher: both are this process),
+//! server CPU per push, and with `--nodes 2` Redis commands per push: the clients are on
+//! one node and the pushes go to the other, so every push crosses nodes through Redis.
+//! On one node, the same run against the floor server (`floor.rs`: parse, look up, write),
+//! and Pushline's CPU per push as a ratio to it. `--new-connection-per-push` opens a
+//! connection for every request instead, for comparison.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::client;
-use crate::driver::{http, Nodes};
+use crate::driver::{http, CpuTime, Nodes, ServerProcess};
 use crate::report::Row;
 use crate::Common;
 
-pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k: usize, publishers: usize) -> Result<Vec<Row>, String> {
-    if publishers > 0 && common.tls {
-        return Err("--publishers keeps plain HTTP connections; drop --tls".into());
+/// What the publishers do.
+#[derive(Clone, Copy)]
+pub struct Settings {
+    pub connections: usize,
+    pub rate: u64,
+    pub seconds: u64,
+    pub nodes: usize,
+    /// Keep-alive connections publishing (ignored with `new_connection_per_push`).
+    pub publishers: usize,
+    /// Pushes per request: 1 posts `/v1/push`, more post `/v1/batch`.
+    pub batch: usize,
+    pub new_connection_per_push: bool,
+    pub floor: bool,
+}
+
+/// One server's figures.
+struct Figures {
+    sent: u64,
+    delivered: usize,
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    cpu_us: f64,
+    user_us: f64,
+    kernel_us: f64,
+}
+
+pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String> {
+    if !settings.new_connection_per_push && common.tls {
+        return Err("keep-alive publishers use plain HTTP connections; add --new-connection-per-push to publish over TLS".into());
     }
+    if settings.batch == 0 || settings.publishers == 0 {
+        return Err("--batch and --publishers are at least 1".into());
+    }
+    let k = settings.nodes;
     let nodes = Nodes::start(common, k, false)?;
     let (publish_to, clients_on) = (&nodes.servers[0], nodes.servers.last().ok_or("no node")?);
-    let streams = super::open_connections(clients_on.client, connections, common.parallel, common.spread, "u").await?;
+    let streams = super::open_connections(clients_on.client, settings.connections, common.parallel, common.spread, "u").await?;
     if k > 1 {
-        clients_on.wait_metric("pushline_registry_sessions", connections as f64, Duration::from_secs(60)).await?;
+        clients_on.wait_metric("pushline_registry_sessions", settings.connections as f64, Duration::from_secs(60)).await?;
+    } else {
+        clients_on.wait_metric(r#"pushline_connections{transport="ws"}"#, settings.connections as f64, Duration::from_secs(60)).await?;
     }
+    let redis_before = match &nodes.redis {
+        Some(redis) => Some(redis.info().await?),
+        None => None,
+    };
+    let pushline = measure(streams, publish_to.client, || nodes.cpu_time(), settings).await?;
+    let mut rows = vec![
+        Row::new("unicast", "nodes", k as f64, "count"),
+        Row::new("unicast", "connections", settings.connections as f64, "count"),
+        Row::new("unicast", "keep_alive_publishers", if settings.new_connection_per_push { 0.0 } else { settings.publishers as f64 }, "count"),
+        Row::new("unicast", "pushes_per_request", settings.batch as f64, "count"),
+        Row::new("unicast", "pushes_sent", pushline.sent as f64, "count"),
+        Row::new("unicast", "pushes_delivered", pushline.delivered as f64, "count"),
+        Row::new("unicast", "throughput", pushline.throughput, "1/s"),
+        Row::new("unicast", "latency_p50", pushline.p50_ms, "ms"),
+        Row::new("unicast", "latency_p99", pushline.p99_ms, "ms"),
+        Row::new("unicast", "latency_p999", pushline.p999_ms, "ms"),
+        Row::new("unicast", "server_cpu_per_push", pushline.cpu_us, "us"),
+        Row::new("unicast", "server_user_cpu_per_push", pushline.user_us, "us"),
+        Row::new("unicast", "server_kernel_cpu_per_push", pushline.kernel_us, "us"),
+    ];
+    if let (Some(redis), Some(before)) = (&nodes.redis, redis_before) {
+        let after = redis.info().await?;
+        let commands = super::registry::commands(&after) - super::registry::commands(&before);
+        rows.push(Row::new("unicast", "redis_commands_per_push", commands / pushline.sent as f64, "commands"));
+    }
+    drop(nodes);
+    if settings.floor && k == 1 && !common.tls {
+        let floor = Nodes { servers: vec![ServerProcess::start_floor(false)?], redis: None };
+        let streams = super::open_connections(floor.servers[0].client, settings.connections, common.parallel, common.spread, "u").await?;
+        let figures = measure(streams, floor.servers[0].client, || floor.cpu_time(), settings).await?;
+        rows.extend([
+            Row::new("unicast", "floor_latency_p99", figures.p99_ms, "ms"),
+            Row::new("unicast", "floor_cpu_per_push", figures.cpu_us, "us"),
+            Row::new("unicast", "floor_user_cpu_per_push", figures.user_us, "us"),
+            Row::new("unicast", "floor_kernel_cpu_per_push", figures.kernel_us, "us"),
+            Row::new("unicast", "cpu_per_push_vs_floor", pushline.cpu_us / figures.cpu_us, "ratio"),
+        ]);
+    }
+    Ok(rows)
+}
+
+/// Publishes to `publish_to` at the settings' rate while `streams` read; their figures.
+async fn measure(streams: Vec<client::Stream>, publish_to: SocketAddr, cpu_time: impl Fn() -> CpuTime, settings: Settings) -> Result<Figures, String> {
     let base = Arc::new(Instant::now());
     let (tx, mut rx) = mpsc::unbounded_channel::<Duration>();
     for mut stream in streams {
@@ -52,37 +133,48 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k
         });
     }
     drop(tx);
-    let total = rate * seconds;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let cpu0 = nodes.cpu_time();
+    let (batch, connections) = (settings.batch as u64, settings.connections as u64);
+    let requests = (settings.rate * settings.seconds).div_ceil(batch);
+    let total = requests * batch;
+    let interval = Duration::from_secs_f64(batch as f64 / settings.rate as f64);
+    let path = if batch > 1 { "/v1/batch" } else { "/v1/push" };
+    let cpu0 = cpu_time();
     let start = Instant::now();
-    let addr = publish_to.client;
     let mut sending = tokio::task::JoinSet::new();
-    // Keep-alive: each publisher takes the next due push when it has the last one's answer.
+    // Keep-alive: each publisher takes the next due request when it has the last one's answer.
     let (due, queue) = mpsc::channel::<String>(1024);
     let queue = Arc::new(tokio::sync::Mutex::new(queue));
-    for _ in 0..publishers {
-        let queue = queue.clone();
-        sending.spawn(async move {
-            let mut accepted = 0;
-            let Ok(mut connection) = tokio::net::TcpStream::connect(addr).await else { return 0 };
-            loop {
-                let Some(body) = queue.lock().await.recv().await else { break };
-                accepted += keep_alive_push(&mut connection, &body).await.unwrap_or(false) as u64;
-            }
-            accepted
-        });
+    if !settings.new_connection_per_push {
+        for _ in 0..settings.publishers {
+            let queue = queue.clone();
+            sending.spawn(async move {
+                let mut accepted = 0;
+                let Ok(mut connection) = tokio::net::TcpStream::connect(publish_to).await else { return 0 };
+                let _ = connection.set_nodelay(true);
+                loop {
+                    let Some(body) = queue.lock().await.recv().await else { break };
+                    accepted += keep_alive_post(&mut connection, path, &body, batch).await.unwrap_or(0);
+                }
+                accepted
+            });
+        }
     }
-    for i in 0..total {
-        tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
-        let uid = (i.wrapping_mul(2_654_435_761) % connections as u64) as usize;
-        let body = format!(r#"{{"uids":["u{uid}"],"data":{}}}"#, base.elapsed().as_nanos());
-        if publishers > 0 {
-            if due.send(body).await.is_err() {
-                break;
-            }
+    for r in 0..requests {
+        tokio::time::sleep_until((start + interval.mul_f64(r as f64)).into()).await;
+        let item = |i: u64| {
+            let uid = (i.wrapping_mul(2_654_435_761) % connections) as usize;
+            format!(r#"{{"uids":["u{uid}"],"data":{}}}"#, base.elapsed().as_nanos())
+        };
+        let body = if batch > 1 {
+            let items: Vec<String> = (r * batch..(r + 1) * batch).map(|i| format!(r#"{{"push":{}}}"#, item(i))).collect();
+            format!("[{}]", items.join(","))
         } else {
-            sending.spawn(async move { http(addr, "POST", "/v1/push", &body).await.is_ok() as u64 });
+            item(r)
+        };
+        if settings.new_connection_per_push {
+            sending.spawn(async move { http(publish_to, "POST", path, &body).await.map_or(0, |answer| accepted_in(&answer, batch)) });
+        } else if due.send(body).await.is_err() {
+            break;
         }
     }
     drop(due);
@@ -98,31 +190,38 @@ pub async fn run(common: &Common, connections: usize, rate: u64, seconds: u64, k
             _ => break,
         }
     }
-    let cpu = nodes.cpu_time().since(cpu0);
+    let cpu = cpu_time().since(cpu0);
     if latencies.is_empty() {
         return Err("no push was delivered".into());
     }
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
-    Ok(vec![
-        Row::new("unicast", "nodes", k as f64, "count"),
-        Row::new("unicast", "connections", connections as f64, "count"),
-        Row::new("unicast", "keep_alive_publishers", publishers as f64, "count"),
-        Row::new("unicast", "pushes_sent", total as f64, "count"),
-        Row::new("unicast", "pushes_delivered", latencies.len() as f64, "count"),
-        Row::new("unicast", "throughput", latencies.len() as f64 / elapsed.as_secs_f64(), "1/s"),
-        Row::new("unicast", "latency_p50", pct(0.50), "ms"),
-        Row::new("unicast", "latency_p99", pct(0.99), "ms"),
-        Row::new("unicast", "latency_p999", pct(0.999), "ms"),
-        Row::new("unicast", "server_cpu_per_push", cpu.total().as_secs_f64() * 1e6 / total as f64, "us"),
-    ])
+    let per_push = |d: Duration| d.as_secs_f64() * 1e6 / total as f64;
+    Ok(Figures {
+        sent: total,
+        delivered: latencies.len(),
+        throughput: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        cpu_us: per_push(cpu.total()),
+        user_us: per_push(cpu.user),
+        kernel_us: per_push(cpu.system),
+    })
 }
 
-/// One `POST /v1/push` over a kept connection; whether it was answered 200. The answer's
-/// body is read to its `Content-Length`, so the connection is ready for the next request.
-async fn keep_alive_push(connection: &mut tokio::net::TcpStream, body: &str) -> std::io::Result<bool> {
-    use tokio::io::AsyncWriteExt;
-    let request = format!("POST /v1/push HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+/// Pushes an answer accepted: none for an error, else `batch` less the items that failed.
+fn accepted_in(answer: &str, batch: u64) -> u64 {
+    if answer.starts_with(r#"{"error""#) {
+        return 0;
+    }
+    batch.saturating_sub(answer.matches(r#""error""#).count() as u64)
+}
+
+/// One POST of `batch` pushes over a kept connection; those its answer accepted (0 unless 200). The
+/// answer's body is read to its `Content-Length`, so the connection is ready for the next.
+async fn keep_alive_post(connection: &mut tokio::net::TcpStream, path: &str, body: &str, batch: u64) -> std::io::Result<u64> {
+    let request = format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     connection.write_all(request.as_bytes()).await?;
     let mut answer = Vec::with_capacity(512);
     let head_end = loop {
@@ -140,5 +239,8 @@ async fn keep_alive_push(connection: &mut tokio::net::TcpStream, body: &str) -> 
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
-    Ok(head.starts_with("http/1.1 200"))
+    if !head.starts_with("http/1.1 200") {
+        return Ok(0);
+    }
+    Ok(accepted_in(&String::from_utf8_lossy(&answer[head_end..]), batch))
 }

@@ -14,16 +14,19 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use arc_swap::ArcSwap;
 
-use crate::auth::api_keys::ApiKeys;
+use crate::auth::api_keys::{ApiKey, ApiKeys};
 use crate::error::{Error, Kind};
 use crate::http::{bearer_token, Prefixed};
 use crate::hub::{self, Hub};
-use crate::registry::{Delivered, Published, Registry, Unavailable};
+use crate::registry::relay::Target;
+use crate::registry::{self, Job, Published, Registry, Unavailable};
 use crate::session::MessageIds;
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{ApiRoute, DropReason, Metrics, PublishKind};
@@ -46,6 +49,9 @@ pub struct Api {
     /// The keys publishers present, each with its scopes; none in open mode. Swapped on SIGHUP.
     pub api_keys: Arc<ArcSwap<ApiKeys>>,
     pub max_message_bytes: usize,
+    /// Most items in one `/v1/batch`, and most bytes in its body.
+    pub max_batch: usize,
+    pub max_batch_bytes: usize,
     /// Queued bytes across connections above which publishes are refused.
     pub node_queue_max_bytes: usize,
     /// Time a request's head or body may take to arrive, and an idle connection may
@@ -127,6 +133,7 @@ impl Api {
             "/v1/push" => ApiRoute::Push,
             "/v1/publish" => ApiRoute::Publish,
             "/v1/broadcast" => ApiRoute::Broadcast,
+            "/v1/batch" => ApiRoute::Batch,
             _ => ApiRoute::Other,
         };
         let reply = match route {
@@ -140,44 +147,49 @@ impl Api {
                     reply
                 }
                 None => Error::new(
-                Kind::NotFound,
-                    format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast", req.uri().path()),
+                    Kind::NotFound,
+                    format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast, /v1/batch", req.uri().path()),
                 )
                 .into(),
             },
             _ if req.method() != Method::POST => Error::new(Kind::MethodNotAllowed, "use POST").into(),
-            ApiRoute::Push => self.publish(req, PublishKind::Push).await,
-            ApiRoute::Publish => self.publish(req, PublishKind::Topic).await,
-            ApiRoute::Broadcast => self.publish(req, PublishKind::Broadcast).await,
+            _ => self.publish(req, route).await.unwrap_or_else(Reply::from),
         };
         self.metrics.api_request(route, reply.status().as_u16());
         reply
     }
+}
 
-    /// Whether the request's key may publish `kind` (to `topic`): Ok, or the refusal.
-    /// Returns the key's name ("" in open mode), which scopes its idempotency keys.
-    fn authorized(keys: &ApiKeys, req_key: Option<&str>, kind: PublishKind, topic: Option<&str>) -> Result<String, Error> {
-        if keys.is_open() {
-            return Ok(String::new());
+/// The API key a request presents, found; None in open mode.
+fn holder<'k>(keys: &'k ApiKeys, given: Option<&str>) -> Result<Option<&'k ApiKey>, Error> {
+    if keys.is_open() {
+        return Ok(None);
+    }
+    given
+        .and_then(|given| keys.find(given))
+        .map(Some)
+        .ok_or_else(|| Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)"))
+}
+
+/// Whether `holder` may publish `kind` (to `topic`).
+fn allowed(holder: Option<&ApiKey>, kind: PublishKind, topic: Option<&str>) -> Result<(), Error> {
+    match holder {
+        Some(key) if !key.allows(kind, topic) => {
+            let what = match (kind, topic) {
+                (PublishKind::Topic, Some(topic)) => format!("publish to topic `{topic}`"),
+                (kind, _) => <&str>::from(kind).to_owned(),
+            };
+            Err(Error::new(Kind::Forbidden, format!("API key `{}` may not {what}", key.name)))
         }
-        let key = req_key
-            .and_then(|given| keys.find(given))
-            .ok_or_else(|| Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)"))?;
-        if key.allows(kind, topic) {
-            return Ok(key.name.clone());
-        }
-        let what = match (kind, topic) {
-            (PublishKind::Topic, Some(topic)) => format!("publish to topic `{topic}`"),
-            (kind, _) => <&str>::from(kind).to_owned(),
-        };
-        Err(Error::new(Kind::Forbidden, format!("API key `{}` may not {what}", key.name)))
+        _ => Ok(()),
     }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PushBody<'a> {
-    uids: Vec<String>,
+    #[serde(borrow)]
+    uids: Vec<Cow<'a, str>>,
     #[serde(borrow)]
     data: &'a RawValue,
 }
@@ -185,7 +197,8 @@ struct PushBody<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody<'a> {
-    topic: String,
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
 }
@@ -197,16 +210,83 @@ struct BroadcastBody<'a> {
     data: &'a RawValue,
 }
 
+/// One entry of a `/v1/batch`: exactly one of `push`, `publish`, `broadcast` (the bodies
+/// of those endpoints), and its own idempotency key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem<'a> {
+    #[serde(borrow, default)]
+    push: Option<PushBody<'a>>,
+    #[serde(borrow, default)]
+    publish: Option<PublishBody<'a>>,
+    #[serde(borrow, default)]
+    broadcast: Option<BroadcastBody<'a>>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// A publish as read from a request body, before it is checked.
+enum Body<'a> {
+    Push(PushBody<'a>),
+    Publish(PublishBody<'a>),
+    Broadcast(BroadcastBody<'a>),
+}
+
+impl Body<'_> {
+    fn kind(&self) -> PublishKind {
+        match self {
+            Body::Push(_) => PublishKind::Push,
+            Body::Publish(_) => PublishKind::Topic,
+            Body::Broadcast(_) => PublishKind::Broadcast,
+        }
+    }
+}
+
+/// A publish checked (rights, names, sizes): what becomes a registry job.
+struct Checked<'a> {
+    id: u64,
+    kind: PublishKind,
+    /// Each uid once (pushes).
+    uids: Vec<&'a str>,
+    topic: Option<&'a str>,
+    /// Compacted JSON.
+    data: String,
+    key: Option<idempotency::Key>,
+}
+
 /// 503: Redis failed, so the message may have reached no one, or some (a batch can fail
 /// after part of it was applied). A retry with the same Idempotency-Key publishes only
 /// what did not go out.
-fn unavailable(id: u64, e: Unavailable) -> Reply {
-    let error = Error::unavailable(format!(
+fn unavailable(e: Unavailable) -> Error {
+    Error::unavailable(format!(
         "registry unavailable: the message may not have reached every connection; retry, with an Idempotency-Key so that nothing is published twice: {}",
         e.reason
-    ));
-    let body = serde_json::json!({ "error": error.message, "id": id.to_string() });
-    error_reply(&error, body.to_string())
+    ))
+}
+
+/// A publish that was not answered 200, with its message id when it may have gone out
+/// in part (Redis failed, or its replicas did not confirm it).
+struct Failed {
+    error: Error,
+    id: Option<u64>,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        Failed { error, id: None }
+    }
+}
+
+impl From<Failed> for Reply {
+    fn from(failed: Failed) -> Reply {
+        match failed.id {
+            Some(id) => {
+                let body = serde_json::to_string(&Refused { error: &failed.error.message, status: None, id: Some(id) }).unwrap_or_default();
+                error_reply(&failed.error, body)
+            }
+            None => failed.error.into(),
+        }
+    }
 }
 
 /// A body's share of `--max-publish-bytes-in-flight`, shown in a gauge while held.
@@ -230,170 +310,281 @@ impl Drop for Reading<'_> {
     }
 }
 
-fn bad_json(e: serde_json::Error) -> Reply {
-    Error::bad_request(format!("bad JSON: {e}")).into()
+/// What a publish reached, as its answer says it.
+#[derive(Serialize)]
+struct Reached {
+    #[serde(serialize_with = "as_text")]
+    id: u64,
+    /// Pushes only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    online: Option<usize>,
+    delivered: usize,
+    nodes: usize,
+    stored: usize,
+}
+
+/// A publish that was not made: the body of its error answer, or its entry in a batch's
+/// results (with the status it would have had alone).
+#[derive(Serialize)]
+struct Refused<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    /// Set when the message may have gone out in part (Redis failed).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text_some")]
+    id: Option<u64>,
+}
+
+fn as_text<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+fn as_text_some<S: serde::Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
+}
+
+/// Results in request order, as JSON texts.
+#[derive(Serialize)]
+struct Results<'a> {
+    results: Vec<&'a RawValue>,
+}
+
+/// The uids a push names, checked: 1 to `MAX_UID_BYTES` bytes each, at least one.
+fn checked_uids<'a>(uids: &'a [Cow<'a, str>]) -> Result<Vec<&'a str>, Error> {
+    if uids.is_empty() {
+        return Err(Error::bad_request("uids must list at least one uid"));
+    }
+    // A uid no client can connect as would fill a mailbox nobody can read.
+    if let Some(bad) = uids.iter().find(|u| u.is_empty() || u.len() > crate::auth::MAX_UID_BYTES) {
+        return Err(Error::bad_request(format!("uid `{bad}` is {} bytes; uids are 1 to {} bytes", bad.len(), crate::auth::MAX_UID_BYTES)));
+    }
+    // A uid listed twice gets the message once.
+    Ok(registry::distinct(uids.iter().map(|u| u.as_ref())))
 }
 
 impl Api {
-    async fn publish(&self, req: Request<Incoming>, kind: PublishKind) -> Reply {
+    /// A publish request (`route` is push, publish, broadcast or batch): Ok with its
+    /// answer, or the reason the whole request is refused.
+    async fn publish(&self, req: Request<Incoming>, route: ApiRoute) -> Result<Reply, Error> {
         if !self.shutdown.is_serving() {
-            return Error::new(Kind::ShuttingDown, "this node is shutting down; publish to another").into();
+            return Err(Error::new(Kind::ShuttingDown, "this node is shutting down; publish to another"));
         }
         let keys = self.api_keys.load_full();
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let given = header("x-api-key").or_else(|| bearer_token(header("authorization")?)).map(str::to_owned);
-        // The scope now; a topic publish's topic once the body is read.
-        let key_name = match Api::authorized(&keys, given.as_deref(), kind, None) {
-            Ok(name) => name,
-            Err(e) => return e.into(),
+        let given = header("x-api-key").or_else(|| bearer_token(header("authorization")?));
+        let holder = holder(&keys, given)?;
+        let kind = match route {
+            ApiRoute::Push => Some(PublishKind::Push),
+            ApiRoute::Publish => Some(PublishKind::Topic),
+            ApiRoute::Broadcast => Some(PublishKind::Broadcast),
+            _ => None,
         };
+        // The scope now; a topic's once the body is read; a batch's item by item.
+        if let Some(kind) = kind {
+            allowed(holder, kind, None)?;
+        }
         // A key that is not plain ASCII, or given twice, is refused: read as absent, a
         // retry would publish again.
         let mut sent = req.headers().get_all("idempotency-key").iter();
         let idempotency_header = match (sent.next(), sent.next()) {
             (None, _) => None,
-            (Some(one), None) => match one.to_str() {
-                Ok(key) => Some(key.to_owned()),
-                Err(_) => return Error::bad_request(idempotency::KEY_RULE).into(),
-            },
-            (Some(_), Some(_)) => return Error::bad_request("Idempotency-Key given more than once").into(),
+            (Some(_), _) if kind.is_none() => {
+                return Err(Error::bad_request("a batch takes no Idempotency-Key header: give each item its own `idempotency_key`"));
+            }
+            (Some(one), None) => Some(one.to_str().map_err(|_| Error::bad_request(idempotency::KEY_RULE))?.to_owned()),
+            (Some(_), Some(_)) => return Err(Error::bad_request("Idempotency-Key given more than once")),
         };
-        let max = self.max_message_bytes;
+        let ndjson = header("content-type").is_some_and(|t| t.starts_with("application/x-ndjson") || t.starts_with("application/jsonl"));
         let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
         let budget = self.node_queue_max_bytes;
         if queued > budget {
             self.metrics.dropped(DropReason::NodeOverBudget, 1);
-            return Error::new(
+            return Err(Error::new(
                 Kind::Overloaded,
                 format!("node has {queued} bytes queued for slow clients, over its budget of {budget}; retry later"),
-            )
-            .into();
+            ));
         }
-        let limit = max + ENVELOPE_ALLOWANCE;
+        let limit = if kind.is_some() { self.max_message_bytes + ENVELOPE_ALLOWANCE } else { self.max_batch_bytes };
         let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if declared.is_some_and(|n| n > limit) {
-            return Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")).into();
+            return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
         }
         let kib = declared.unwrap_or(limit).div_ceil(1024).max(1) as u32;
         let Ok(permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
             self.metrics.dropped(DropReason::NodeOverBudget, 1);
             let error = "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later";
-            return Error::new(Kind::Overloaded, error).into();
+            return Err(Error::new(Kind::Overloaded, error));
         };
         let _reading = Reading::new(permits, &self.metrics);
         let body = match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
             Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")).into();
+                return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
             }
-            Ok(Err(e)) => return Error::bad_request(format!("could not read body: {e}")).into(),
+            Ok(Err(e)) => return Err(Error::bad_request(format!("could not read body: {e}"))),
             Err(_) => {
                 let timeout = self.request_timeout;
-                return Error::new(Kind::Timeout, format!("request body not received within {timeout:?}")).into();
+                return Err(Error::new(Kind::Timeout, format!("request body not received within {timeout:?}")));
             }
-        };
-        // Known by its holder, and by what it asked for: a reuse with another request is refused.
-        let idempotency_key = match idempotency_header.map(|key| idempotency::Key::new(&key_name, &key, <&str>::from(kind), &body)).transpose() {
-            Ok(key) => key,
-            Err(e) => return Error::bad_request(e).into(),
         };
         let accepted_at = Instant::now();
-        // Checks `data` (size, depth): the compacted JSON to frame.
-        let checked = |data: &RawValue| -> Result<String, Reply> {
-            if data.get().len() > max {
-                let error = Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len()));
-                return Err(error.into());
-            }
-            json::compact(data.get())
-                .map(|data| data.into_owned())
-                .map_err(|_| Reply::from(Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH))))
+        let publisher = holder.map_or("", |key| key.name.as_str());
+        let Some(kind) = kind else {
+            return self.batch(&body, ndjson, holder, accepted_at).await;
         };
-        let id = self.message_ids.next();
-        match kind {
-            PublishKind::Push => {
-                let push: PushBody = match serde_json::from_slice(&body) {
-                    Ok(p) => p,
-                    Err(e) => return bad_json(e),
-                };
-                if push.uids.is_empty() {
-                    return Error::bad_request("uids must list at least one uid").into();
-                }
-                // A uid no client can connect as would fill a mailbox nobody can read.
-                if let Some(bad) = push.uids.iter().find(|u| u.is_empty() || u.len() > crate::auth::MAX_UID_BYTES) {
-                    return Error::bad_request(format!("uid `{bad}` is {} bytes; uids are 1 to {} bytes", bad.len(), crate::auth::MAX_UID_BYTES)).into();
-                }
-                let data = match checked(push.data) {
-                    Ok(data) => data,
-                    Err(reply) => return reply,
-                };
-                self.metrics.published(kind);
-                let draft = Draft { id, publisher: &key_name, topic: None, data: &data, accepted_at };
-                let published = self.registry.push(&self.hub, &push.uids, &draft, idempotency_key.as_ref()).await;
-                self.reply(id, published, |d| {
-                    serde_json::json!({ "id": id.to_string(), "online": d.online, "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored })
-                })
-            }
-            PublishKind::Topic => {
-                let publish: PublishBody = match serde_json::from_slice(&body) {
-                    Ok(p) => p,
-                    Err(e) => return bad_json(e),
-                };
-                if let Err(e) = hub::check_topic_name(&publish.topic) {
-                    return Error::bad_request(e).into();
-                }
-                if let Err(e) = Api::authorized(&keys, given.as_deref(), kind, Some(&publish.topic)) {
-                    return e.into();
-                }
-                let data = match checked(publish.data) {
-                    Ok(data) => data,
-                    Err(reply) => return reply,
-                };
-                self.metrics.published(kind);
-                let draft = Draft { id, publisher: &key_name, topic: Some(&publish.topic), data: &data, accepted_at };
-                let published = self.registry.publish(&self.hub, &publish.topic, &draft, idempotency_key.as_ref()).await;
-                self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
-            }
-            PublishKind::Broadcast => {
-                let broadcast: BroadcastBody = match serde_json::from_slice(&body) {
-                    Ok(p) => p,
-                    Err(e) => return bad_json(e),
-                };
-                let data = match checked(broadcast.data) {
-                    Ok(data) => data,
-                    Err(reply) => return reply,
-                };
-                self.metrics.published(kind);
-                let draft = Draft { id, publisher: &key_name, topic: None, data: &data, accepted_at };
-                let published = self.registry.broadcast(&self.hub, &draft, idempotency_key.as_ref()).await;
-                self.reply(id, published, |d| serde_json::json!({ "id": id.to_string(), "delivered": d.delivered, "nodes": d.nodes, "stored": d.stored }))
-            }
+        let read = match kind {
+            PublishKind::Push => serde_json::from_slice(&body).map(Body::Push),
+            PublishKind::Topic => serde_json::from_slice(&body).map(Body::Publish),
+            PublishKind::Broadcast => serde_json::from_slice(&body).map(Body::Broadcast),
         }
+        .map_err(|e| Error::bad_request(format!("bad JSON: {e}")))?;
+        // Known by its holder, and by what it asked for: a reuse with another request is refused.
+        let key = idempotency_header
+            .map(|key| idempotency::Key::new(publisher, &key, <&str>::from(kind), &body))
+            .transpose()
+            .map_err(Error::bad_request)?;
+        let checked = self.check(&read, holder, key)?;
+        let mut answers = self.run(&[&checked], publisher, accepted_at).await;
+        let answer = answers.pop().ok_or_else(|| Error::unavailable("the registry gave no answer"))?;
+        Ok(self.answer(&checked, answer).map_or_else(Reply::from, |body| json(StatusCode::OK, body)))
     }
 
-    /// The reply to a publish: `body` of what it reached, kept for retries with its
-    /// idempotency key; the first reply again for a retry; 409 while the first is under
+    /// `/v1/batch`: a JSON array (or NDJSON lines) of items, each checked, published and
+    /// answered on its own, in order; one bad item fails only itself.
+    async fn batch(&self, body: &[u8], ndjson: bool, holder: Option<&ApiKey>, accepted_at: Instant) -> Result<Reply, Error> {
+        let raw: Vec<&RawValue> = if ndjson {
+            let lines = body.split(|b| *b == b'\n').enumerate().filter(|(_, line)| !line.trim_ascii().is_empty());
+            lines
+                .map(|(n, line)| serde_json::from_slice(line).map_err(|e| Error::bad_request(format!("line {}: bad JSON: {e}", n + 1))))
+                .collect::<Result<_, _>>()?
+        } else {
+            serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("bad JSON: a batch is an array of items: {e}")))?
+        };
+        if raw.is_empty() {
+            return Err(Error::bad_request("a batch needs at least one item"));
+        }
+        if raw.len() > self.max_batch {
+            return Err(Error::new(Kind::PayloadTooLarge, format!("batch has {} items; the limit is {} (--max-batch)", raw.len(), self.max_batch)));
+        }
+        let publisher = holder.map_or("", |key| key.name.as_str());
+        let read: Vec<Result<(Body, Option<String>), Error>> = raw.iter().map(|item| read_item(item)).collect();
+        let checked: Vec<Result<Checked, Error>> = read
+            .iter()
+            .zip(&raw)
+            .map(|(read, item)| {
+                let (body, key) = read.as_ref().map_err(Clone::clone)?;
+                let key = key
+                    .as_deref()
+                    .map(|key| idempotency::Key::new(publisher, key, <&str>::from(body.kind()), item.get().as_bytes()))
+                    .transpose()
+                    .map_err(Error::bad_request)?;
+                self.check(body, holder, key)
+            })
+            .collect();
+        let ready: Vec<&Checked> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
+        let mut answers = self.run(&ready, publisher, accepted_at).await.into_iter().zip(&ready);
+        let mut texts = Vec::with_capacity(checked.len());
+        for item in &checked {
+            let text = match item {
+                Err(e) => refused(&Failed::from(e.clone())),
+                Ok(_) => match answers.next() {
+                    Some((answer, checked)) => self.answer(checked, answer).unwrap_or_else(|failed| refused(&failed)),
+                    None => refused(&Failed::from(Error::unavailable("the registry gave no answer"))),
+                },
+            };
+            texts.push(text);
+        }
+        let results: Vec<&RawValue> = texts.iter().filter_map(|t| serde_json::from_str(t).ok()).collect();
+        let body = serde_json::to_string(&Results { results }).map_err(|e| Error::unavailable(format!("could not write the answer: {e}")))?;
+        Ok(json(StatusCode::OK, body))
+    }
+
+    /// Checks one publish against the key's rights and the size limits.
+    fn check<'b>(&self, body: &'b Body<'b>, holder: Option<&ApiKey>, key: Option<idempotency::Key>) -> Result<Checked<'b>, Error> {
+        let kind = body.kind();
+        let (uids, topic, data) = match body {
+            Body::Push(push) => (checked_uids(&push.uids)?, None, push.data),
+            Body::Publish(publish) => {
+                hub::check_topic_name(&publish.topic).map_err(Error::bad_request)?;
+                (Vec::new(), Some(publish.topic.as_ref()), publish.data)
+            }
+            Body::Broadcast(broadcast) => (Vec::new(), None, broadcast.data),
+        };
+        allowed(holder, kind, topic)?;
+        let max = self.max_message_bytes;
+        if data.get().len() > max {
+            return Err(Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len())));
+        }
+        let data = json::compact(data.get())
+            .map(|data| data.into_owned())
+            .map_err(|_| Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))?;
+        Ok(Checked { id: self.message_ids.next(), kind, uids, topic, data, key })
+    }
+
+    /// Publishes checked messages, in order, each with its own answer.
+    async fn run<'c>(&'c self, checked: &[&'c Checked<'c>], publisher: &'c str, accepted_at: Instant) -> Vec<Result<Published<'c>, Unavailable>> {
+        let jobs: Vec<Job> = checked
+            .iter()
+            .map(|c| {
+                self.metrics.published(c.kind);
+                let target = match c.kind {
+                    PublishKind::Push => Target::Uids(c.uids.clone()),
+                    PublishKind::Topic => Target::Topic(c.topic.unwrap_or_default()),
+                    PublishKind::Broadcast => Target::Everyone,
+                };
+                Job { draft: Draft { id: c.id, publisher, topic: c.topic, data: &c.data, accepted_at }, target, key: c.key.as_ref() }
+            })
+            .collect();
+        self.registry.publish(&self.hub, &jobs).await
+    }
+
+    /// The answer to one publish: the JSON of what it reached, kept for retries with its
+    /// idempotency key; the first answer again for a retry; 409 while the first is under
     /// way; 503 when Redis failed.
-    fn reply(&self, id: u64, published: Result<Published<'_>, Unavailable>, body: impl FnOnce(&Delivered) -> serde_json::Value) -> Reply {
+    fn answer(&self, checked: &Checked, published: Result<Published<'_>, Unavailable>) -> Result<String, Failed> {
+        let id = checked.id;
         match published {
             Ok(Published::Delivered(delivered, remember)) => {
-                let body = body(&delivered).to_string();
+                let online = (checked.kind == PublishKind::Push).then_some(delivered.online);
+                let reached = Reached { id, online, delivered: delivered.delivered, nodes: delivered.nodes, stored: delivered.stored };
+                let body = serde_json::to_string(&reached).map_err(|e| Error::new(Kind::Internal, format!("could not write the answer: {e}")))?;
                 remember.reply(&body);
-                json(StatusCode::OK, body)
+                Ok(body)
             }
             Ok(Published::Repeated(first)) => {
                 self.metrics.idempotent_replays.increment(1);
-                json(StatusCode::OK, first)
+                Ok(first)
             }
-            Ok(Published::InProgress) => Error::new(Kind::Conflict, "a request with this Idempotency-Key is being handled; retry").into(),
-            Ok(Published::Mismatch) => Error::new(Kind::Unprocessable, "idempotency key reused with a different request").into(),
-            Ok(Published::NotReplicated { acked, wanted }) => {
-                let error = Error::unavailable(format!(
+            Ok(Published::InProgress) => Err(Error::new(Kind::Conflict, "a request with this Idempotency-Key is being handled; retry").into()),
+            Ok(Published::Mismatch) => Err(Error::new(Kind::Unprocessable, "idempotency key reused with a different request").into()),
+            Ok(Published::NotReplicated { acked, wanted }) => Err(Failed {
+                error: Error::unavailable(format!(
                     "not_replicated: published, but its write reached {acked} of the {wanted} Redis replicas --history-min-replicas asks for in time, so it may not survive a failover; retry with the same Idempotency-Key (nothing is published twice)"
-                ));
-                let body = serde_json::json!({ "error": error.message, "id": id.to_string() });
-                error_reply(&error, body.to_string())
-            }
-            Err(e) => unavailable(id, e),
+                )),
+                id: Some(id),
+            }),
+            Err(e) => Err(Failed { error: unavailable(e), id: Some(id) }),
         }
     }
+}
+
+/// One batch item read: its publish and its idempotency key, or why it is refused.
+fn read_item<'a>(item: &'a RawValue) -> Result<(Body<'a>, Option<String>), Error> {
+    let item: BatchItem = serde_json::from_str(item.get()).map_err(|e| Error::bad_request(format!("bad item: {e}")))?;
+    let body = match (item.push, item.publish, item.broadcast) {
+        (Some(push), None, None) => Body::Push(push),
+        (None, Some(publish), None) => Body::Publish(publish),
+        (None, None, Some(broadcast)) => Body::Broadcast(broadcast),
+        _ => return Err(Error::bad_request("an item holds exactly one of `push`, `publish`, `broadcast`")),
+    };
+    Ok((body, item.idempotency_key))
+}
+
+/// A batch item's refusal, as its entry in the results.
+fn refused(failed: &Failed) -> String {
+    let refused = Refused { error: &failed.error.message, status: Some(failed.error.kind.status()), id: failed.id };
+    serde_json::to_string(&refused).unwrap_or_default()
 }

@@ -27,7 +27,7 @@ use crate::config::{Config, RegistryKind};
 use crate::error::Error;
 use crate::hub::{Change, Changes, Hub};
 use crate::session::SessionId;
-use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
+use crate::telemetry::{DropReason, Metrics, RedisCommand, Relayed};
 use crate::history::idempotency::{self, Claim, Claimed, Idempotency};
 use crate::history::memory::MemoryHistory;
 use crate::history::redis::{Appended, RedisHistory};
@@ -103,6 +103,26 @@ pub struct Unavailable {
 /// Uids a push gives their messages before it lets other tasks run.
 const UIDS_PER_YIELD: usize = 256;
 
+/// One message of a publish request: what it says, where it goes, and its idempotency key.
+pub struct Job<'a> {
+    pub draft: Draft<'a>,
+    /// Uids (each once), a topic, or everyone.
+    pub target: Target<'a>,
+    pub key: Option<&'a idempotency::Key>,
+}
+
+/// Each uid once, in the order given.
+pub fn distinct<'u>(uids: impl IntoIterator<Item = &'u str>) -> Vec<&'u str> {
+    let mut out: Vec<&str> = Vec::new();
+    for uid in uids {
+        // A push names few uids: a scan beats hashing until it names many.
+        if out.len() < 16 && !out.contains(&uid) || out.len() >= 16 && !out[16..].contains(&uid) && !out[..16].contains(&uid) {
+            out.push(uid);
+        }
+    }
+    out
+}
+
 impl Registry {
     /// Where resuming clients read history.
     pub fn history(&self) -> History {
@@ -125,16 +145,36 @@ impl Registry {
         }
     }
 
-    pub async fn push<'a>(&'a self, hub: &Hub, uids: &[String], draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
-        // A uid listed twice gets the message once.
-        let mut seen = HashSet::with_capacity(uids.len());
-        let uids: Vec<&str> = uids.iter().map(String::as_str).filter(|u| seen.insert(*u)).collect();
-        let remember = match self.claim(key) {
-            Ok(remember) => remember,
-            Err(answered) => return Ok(answered),
-        };
+    /// Publishes each job in order, each with an answer of its own. On Redis, a request's
+    /// jobs together cost one lookup of the pushed uids' sessions and one pipeline of
+    /// append scripts (and one `WAIT` with `--history-min-replicas`).
+    pub async fn publish<'a>(&'a self, hub: &Arc<Hub>, jobs: &[Job<'a>]) -> Vec<Result<Published<'a>, Unavailable>> {
         match self {
             Registry::Memory { history, .. } => {
+                let mut answers = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    let remember = match self.claim(job.key) {
+                        Ok(remember) => remember,
+                        Err(answered) => {
+                            answers.push(Ok(answered));
+                            continue;
+                        }
+                    };
+                    let delivered = Registry::publish_here(history, hub, job).await;
+                    answers.push(Ok(Published::Delivered(delivered, remember)));
+                }
+                answers
+            }
+            Registry::Redis(nodes) => nodes.durable(nodes.publish(hub, jobs).await).await,
+        }
+    }
+
+    /// One node: the message takes its stream's next offset here and the hub delivers it,
+    /// under the stream's order lock.
+    async fn publish_here(history: &MemoryHistory, hub: &Arc<Hub>, job: &Job<'_>) -> Delivered {
+        let draft = &job.draft;
+        match &job.target {
+            Target::Uids(uids) => {
                 let mut result = Delivered::default();
                 for (i, uid) in uids.iter().enumerate() {
                     let stream = Stream::Uid((*uid).into());
@@ -148,45 +188,22 @@ impl Registry {
                         tokio::task::yield_now().await;
                     }
                 }
-                Ok(Published::Delivered(result, remember))
+                result
             }
-            Registry::Redis(nodes) => nodes.durable(nodes.push(hub, &uids, draft, key).await).await,
-        }
-    }
-
-    pub async fn publish<'a>(&'a self, hub: &Arc<Hub>, topic: &str, draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
-        let remember = match self.claim(key) {
-            Ok(remember) => remember,
-            Err(answered) => return Ok(answered),
-        };
-        match self {
-            Registry::Memory { history, .. } => {
-                let stream = Stream::Topic(topic.into());
+            Target::Topic(topic) => {
+                let stream = Stream::Topic((*topic).into());
                 let _order = history.order(&stream).await;
                 let listened = hub.listened_within(topic, history.settings().ttl.as_millis() as u64);
                 let msg = history.append(&stream, listened, draft.publisher, |position| draft.frame(position));
                 let delivered = hub.publish(topic, &msg).await;
-                let stored = msg.position.is_some() as usize;
-                Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))
+                Delivered { delivered, stored: msg.position.is_some() as usize, ..Delivered::default() }
             }
-            Registry::Redis(nodes) => nodes.durable(nodes.fan_out(Stream::Topic(topic.into()), Target::Topic(topic), draft, key).await).await,
-        }
-    }
-
-    pub async fn broadcast<'a>(&'a self, hub: &Arc<Hub>, draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
-        let remember = match self.claim(key) {
-            Ok(remember) => remember,
-            Err(answered) => return Ok(answered),
-        };
-        match self {
-            Registry::Memory { history, .. } => {
+            Target::Everyone => {
                 let _order = history.order(&Stream::Broadcast).await;
                 let msg = history.append(&Stream::Broadcast, true, draft.publisher, |position| draft.frame(position));
                 let delivered = hub.broadcast(&msg).await;
-                let stored = msg.position.is_some() as usize;
-                Ok(Published::Delivered(Delivered { delivered, stored, ..Delivered::default() }, remember))
+                Delivered { delivered, stored: msg.position.is_some() as usize, ..Delivered::default() }
             }
-            Registry::Redis(nodes) => nodes.durable(nodes.fan_out(Stream::Broadcast, Target::Everyone, draft, key).await).await,
         }
     }
 }
@@ -339,83 +356,140 @@ impl Nodes {
         Ok(())
     }
 
-    /// Finds the nodes that hold each uid's sessions, then appends the message to each
-    /// uid's stream and publishes it to those nodes (this one included) in one script
-    /// per uid, all in one batch.
-    async fn push<'a>(&'a self, hub: &Hub, uids: &[&str], draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
-        let remote = self.locate(uids).await.map_err(|e| self.unavailable(e))?;
+    /// Finds the nodes that hold the pushed uids' sessions (for every job at once), then
+    /// appends each message to its streams and publishes it, all jobs' scripts in one
+    /// pipeline: a push runs one script per uid stream, published to the nodes that hold
+    /// that uid (this one included); a topic publish or broadcast runs one, published on
+    /// its group's fan-out channel, which every node reads. Each job then waits for its
+    /// message to come back here, to count the connections it reached on this node.
+    async fn publish<'a>(&'a self, hub: &Hub, jobs: &[Job<'a>]) -> Vec<Result<Published<'a>, Unavailable>> {
+        let pushed = distinct(jobs.iter().flat_map(|job| match &job.target {
+            Target::Uids(uids) => uids.as_slice(),
+            _ => &[],
+        }).copied());
+        let remote = if pushed.is_empty() {
+            HashMap::new()
+        } else {
+            match self.locate(&pushed).await {
+                Ok(remote) => remote,
+                Err(e) => return jobs.iter().map(|_| Err(self.unavailable(&e))).collect(),
+            }
+        };
         let prefix = self.keys.prefix();
-        let published_ms = published_ms(draft);
-        let envelope = open_envelope(draft.id, None, draft.data);
-        let mut local = 0;
-        let mut calls = Vec::with_capacity(uids.len());
-        let mut streams = Vec::with_capacity(uids.len());
-        for uid in uids {
-            let stream = Stream::Uid((*uid).into());
-            let here = hub.has_uid(uid);
-            local += here as usize;
-            let nodes = remote.get(uid).map(|(nodes, _)| nodes.as_slice()).unwrap_or_default();
-            let channels: Vec<String> = nodes
-                .iter()
-                .copied()
-                .chain(here.then_some(self.node))
-                .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
-                .collect();
-            let relay = Relay { origin: self.node, id: draft.id, published_ms, group: stream.group() as u8, sequence: 0, target: Target::Uids(vec![uid]), envelope: "" };
-            calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay.encode(), key, &channels));
-            streams.push((stream, channels.len()));
-        }
-        let own = self.awaited.expect(draft.id, local);
-        let appended = match self.redis.scripts(RedisCommand::Append, self.history.script(), &calls).await {
-            Ok(appended) => appended,
-            Err(e) => {
-                self.awaited.forget(draft.id);
-                return Err(self.unavailable(e));
-            }
-        };
-        let mut result = Delivered::default();
-        let (mut repeated, mut remembered, mut mismatched) = (Vec::new(), Vec::new(), false);
-        for ((uid, (stream, channels)), value) in uids.iter().zip(&streams).zip(appended) {
-            match Appended::parse(value) {
-                Some(Appended::Repeated(record)) => match read_record(key, &record) {
-                    Some(first) => repeated.push(first.to_owned()),
-                    None => mismatched = true,
-                },
-                Some(Appended::Published { offset, receivers, sequence, reset, .. }) => {
-                    self.history.appended(stream.group(), sequence, reset);
-                    result.stored += (offset > 0) as usize;
-                    if let Some(key) = key {
-                        remembered.push(self.history.idempotency_key(stream, &key.scoped));
+        let mut calls = Vec::new();
+        // Per job: its streams with the channels each was published to, and its wait.
+        let mut planned = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let draft = &job.draft;
+            let published_ms = published_ms(draft);
+            let envelope = open_envelope(draft.id, draft.topic, draft.data);
+            let relay = |group, target| Relay { origin: self.node, id: draft.id, published_ms, group: group as u8, sequence: 0, target, envelope: "" }.encode();
+            let mut streams = Vec::new();
+            let own = match &job.target {
+                Target::Uids(uids) => {
+                    let mut local = 0;
+                    for uid in uids {
+                        let stream = Stream::Uid((*uid).into());
+                        let here = hub.has_uid(uid);
+                        local += here as usize;
+                        let nodes = remote.get(uid).map(|(nodes, _)| nodes.as_slice()).unwrap_or_default();
+                        let channels: Vec<String> = nodes
+                            .iter()
+                            .copied()
+                            .chain(here.then_some(self.node))
+                            .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
+                            .collect();
+                        calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), Target::Uids(vec![uid])), job.key, &channels));
+                        streams.push((stream, Some(*uid), channels.len()));
                     }
-                    let (nodes, sessions) = remote.get(uid).map(|(n, s)| (n.len(), *s)).unwrap_or_default();
-                    result.online += sessions;
-                    if receivers >= *channels {
-                        result.delivered += sessions;
-                        result.nodes += nodes;
-                        self.metrics.relayed(Relayed::Out, PublishKind::Push);
-                    } else {
-                        self.metrics.dropped(DropReason::NodeUnreachable, sessions);
-                    }
+                    self.awaited.expect(draft.id, local)
                 }
-                None => self.metrics.dropped(DropReason::BadRelay, 1),
+                Target::Topic(topic) => {
+                    let stream = Stream::Topic((*topic).into());
+                    let channel = RedisHistory::fanout_channel(prefix, stream.group());
+                    calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), Target::Topic(topic)), job.key, &[channel]));
+                    streams.push((stream, None, 1));
+                    self.awaited.expect(draft.id, 1)
+                }
+                Target::Everyone => {
+                    let channel = RedisHistory::fanout_channel(prefix, Stream::Broadcast.group());
+                    calls.push(self.history.append_call(&Stream::Broadcast, draft.id, &envelope, &relay(Stream::Broadcast.group(), Target::Everyone), job.key, &[channel]));
+                    streams.push((Stream::Broadcast, None, 1));
+                    self.awaited.expect(draft.id, 1)
+                }
+            };
+            planned.push((streams, own));
+        }
+        let mut appended = match self.redis.scripts(RedisCommand::Append, self.history.script(), &calls).await {
+            Ok(appended) => appended.into_iter(),
+            Err(e) => {
+                jobs.iter().for_each(|job| self.awaited.forget(job.draft.id));
+                return jobs.iter().map(|_| Err(self.unavailable(&e))).collect();
             }
-        }
-        if remembered.is_empty() && mismatched {
-            self.awaited.forget(draft.id);
-            return Ok(Published::Mismatch);
-        }
-        if remembered.is_empty() && !repeated.is_empty() {
-            self.awaited.forget(draft.id);
-            return Ok(Published::Repeated(first_reply(draft.id, &repeated)));
-        }
-        let (online_here, delivered_here) = self.awaited.wait(draft.id, own, OWN_DELIVERY_WAIT).await;
-        result.online += online_here;
-        result.delivered += delivered_here;
-        let remember = match key {
-            Some(key) => Remember::Redis { history: &self.history, keys: remembered, key },
-            None => Remember::Nothing,
         };
-        Ok(Published::Delivered(result, remember))
+        let mut answers = Vec::with_capacity(jobs.len());
+        for (job, (streams, own)) in jobs.iter().zip(planned) {
+            let (id, key, kind) = (job.draft.id, job.key, job.target.kind());
+            let mut result = Delivered::default();
+            let (mut repeated, mut remembered, mut mismatched, mut published) = (Vec::new(), Vec::new(), false, false);
+            for (stream, uid, channels) in &streams {
+                match appended.next().and_then(Appended::parse) {
+                    Some(Appended::Repeated(record)) => match read_record(key, &record) {
+                        Some(first) => repeated.push(first.to_owned()),
+                        None => mismatched = true,
+                    },
+                    Some(Appended::Published { offset, receivers, sequence, reset, .. }) => {
+                        published = true;
+                        self.history.appended(stream.group(), sequence, reset);
+                        result.stored += (offset > 0) as usize;
+                        if let Some(key) = key {
+                            remembered.push(self.history.idempotency_key(stream, &key.scoped));
+                        }
+                        match uid {
+                            Some(uid) => {
+                                let (nodes, sessions) = remote.get(uid).map(|(n, s)| (n.len(), *s)).unwrap_or_default();
+                                result.online += sessions;
+                                if receivers >= *channels {
+                                    result.delivered += sessions;
+                                    result.nodes += nodes;
+                                    self.metrics.relayed(Relayed::Out, kind);
+                                } else {
+                                    self.metrics.dropped(DropReason::NodeUnreachable, sessions);
+                                }
+                            }
+                            // This node reads the fan-out channel too.
+                            None => {
+                                result.nodes += receivers.saturating_sub(1);
+                                self.metrics.relayed(Relayed::Out, kind);
+                            }
+                        }
+                    }
+                    None => self.metrics.dropped(DropReason::BadRelay, 1),
+                }
+            }
+            // Nothing of it was published: a retry (or a reuse) of its key, or Redis
+            // answered nothing readable.
+            if !published {
+                self.awaited.forget(id);
+                answers.push(if mismatched {
+                    Ok(Published::Mismatch)
+                } else if !repeated.is_empty() {
+                    Ok(Published::Repeated(first_reply(id, &repeated)))
+                } else {
+                    Err(Unavailable { reason: "the append script answered something unreadable".into() })
+                });
+                continue;
+            }
+            let (online_here, delivered_here) = self.awaited.wait(id, own, OWN_DELIVERY_WAIT).await;
+            result.online += online_here;
+            result.delivered += delivered_here;
+            let remember = match key {
+                Some(key) => Remember::Redis { history: &self.history, keys: remembered, key },
+                None => Remember::Nothing,
+            };
+            answers.push(Ok(Published::Delivered(result, remember)));
+        }
+        answers
     }
 
     /// Where each uid's sessions on other live nodes are: uid -> (nodes, sessions).
@@ -471,73 +545,35 @@ impl Nodes {
         Ok(located)
     }
 
-    /// Topic publishes and broadcasts: one script appends to the stream and publishes on
-    /// its group's fan-out channel, which every node (this one too) reads.
-    async fn fan_out<'a>(&'a self, stream: Stream, target: Target<'_>, draft: &Draft<'_>, key: Option<&'a idempotency::Key>) -> Result<Published<'a>, Unavailable> {
-        let channel = RedisHistory::fanout_channel(self.keys.prefix(), stream.group());
-        let kind = target.kind();
-        let relay = Relay { origin: self.node, id: draft.id, published_ms: published_ms(draft), group: stream.group() as u8, sequence: 0, target, envelope: "" };
-        let envelope = open_envelope(draft.id, draft.topic, draft.data);
-        let call = self.history.append_call(&stream, draft.id, &envelope, &relay.encode(), key, &[channel]);
-        let own = self.awaited.expect(draft.id, 1);
-        let appended = match self.redis.scripts(RedisCommand::Append, self.history.script(), &[call]).await {
-            Ok(mut appended) => appended.pop().and_then(Appended::parse),
-            Err(e) => {
-                self.awaited.forget(draft.id);
-                return Err(self.unavailable(e));
-            }
-        };
-        match appended {
-            Some(Appended::Repeated(record)) => {
-                self.awaited.forget(draft.id);
-                Ok(match read_record(key, &record) {
-                    Some(first) => Published::Repeated(first_reply(draft.id, &[first.to_owned()])),
-                    None => Published::Mismatch,
-                })
-            }
-            Some(Appended::Published { offset, receivers, sequence, reset, .. }) => {
-                self.history.appended(stream.group(), sequence, reset);
-                self.metrics.relayed(Relayed::Out, kind);
-                let (_, delivered) = self.awaited.wait(draft.id, own, OWN_DELIVERY_WAIT).await;
-                let stored = (offset > 0) as usize;
-                // This node reads the channel too.
-                let result = Delivered { delivered, nodes: receivers.saturating_sub(1), stored, ..Delivered::default() };
-                let remember = match key {
-                    Some(key) => Remember::Redis { history: &self.history, keys: vec![self.history.idempotency_key(&stream, &key.scoped)], key },
-                    None => Remember::Nothing,
-                };
-                Ok(Published::Delivered(result, remember))
-            }
-            None => {
-                self.awaited.forget(draft.id);
-                self.metrics.dropped(DropReason::BadRelay, 1);
-                Err(Unavailable { reason: "the append script answered something unreadable".into() })
-            }
-        }
-    }
-
-    /// `published`, unless its writes must reach `--history-min-replicas` replicas and did
-    /// not within `--history-replica-timeout`. A retry with the same Idempotency-Key
-    /// (answered from the first write) waits for the replicas again.
-    async fn durable<'a>(&self, published: Result<Published<'a>, Unavailable>) -> Result<Published<'a>, Unavailable> {
+    /// The answers, unless their writes must reach `--history-min-replicas` replicas and
+    /// did not within `--history-replica-timeout` (one `WAIT` for the whole request). A
+    /// retry with the same Idempotency-Key (answered from the first write) waits for the
+    /// replicas again.
+    async fn durable<'a>(&self, answers: Vec<Result<Published<'a>, Unavailable>>) -> Vec<Result<Published<'a>, Unavailable>> {
         let wanted = self.history.settings().min_replicas;
-        if wanted == 0 || !matches!(published, Ok(Published::Delivered(..) | Published::Repeated(_))) {
-            return published;
+        let written = |answer: &Result<Published<'a>, Unavailable>| matches!(answer, Ok(Published::Delivered(..) | Published::Repeated(_)));
+        if wanted == 0 || !answers.iter().any(written) {
+            return answers;
         }
         let timeout = self.history.settings().replica_timeout.as_millis() as u64;
         let wait = ::redis::cmd("WAIT").arg(wanted).arg(timeout.max(1)).clone();
-        match self.redis.query::<usize>(RedisCommand::Wait, &wait).await {
-            Ok(acked) if acked >= wanted => published,
-            Ok(acked) => {
-                self.metrics.not_replicated.increment(1);
-                Ok(Published::NotReplicated { acked, wanted })
-            }
-            Err(e) => Err(self.unavailable(e)),
-        }
+        let acked = self.redis.query::<usize>(RedisCommand::Wait, &wait).await;
+        answers
+            .into_iter()
+            .map(|answer| match &acked {
+                _ if !written(&answer) => answer,
+                Ok(acked) if *acked >= wanted => answer,
+                Ok(acked) => {
+                    self.metrics.not_replicated.increment(1);
+                    Ok(Published::NotReplicated { acked: *acked, wanted })
+                }
+                Err(e) => Err(self.unavailable(e)),
+            })
+            .collect()
     }
 
     /// Counts the publish as not made and says why.
-    fn unavailable(&self, e: ::redis::RedisError) -> Unavailable {
+    fn unavailable(&self, e: &::redis::RedisError) -> Unavailable {
         self.metrics.dropped(DropReason::RegistryUnavailable, 1);
         Unavailable { reason: format!("Redis: {e}") }
     }

@@ -154,6 +154,7 @@ pub enum ApiRoute {
     Push,
     Publish,
     Broadcast,
+    Batch,
     Other,
 }
 
