@@ -4,7 +4,8 @@
 //! The site is written into the allocation itself, in the last byte of jemalloc's size
 //! class, which the caller never sees, so a free is credited to the site that allocated,
 //! whichever thread frees it. A request that fills its size class exactly has no such
-//! byte; it goes to an arena of its site's own instead (see [`Placement`]).
+//! byte: from a page up it takes the next class, below that it goes to an arena of its
+//! site's own (see [`Placement`]).
 //!
 //! A site is charged the usable size of each allocation (its size class, what the block
 //! really takes from jemalloc), not the size asked for, so the table adds up to jemalloc's
@@ -105,24 +106,40 @@ fn flags_for(layout: &Layout) -> i32 {
 
 /// Where an allocation's site is kept.
 enum Placement {
-    /// In the last byte of the size class; `usable` is the class size.
-    Tag { usable: usize },
-    /// The request fills its size class exactly (cache-padded runtime structures such as
-    /// tokio task cells do): growing it for a tag byte would cost a whole class, so it
-    /// goes to its site's own arena instead, bypassing the thread cache, and a free
-    /// asks jemalloc which arena the pointer is in. Such allocations are rare (about two
-    /// per connection, none per message), so the slower path costs little.
+    /// In the last byte of the size class; `usable` is the class size, `asked` the size
+    /// jemalloc is asked for (the layout's, or one more to reach the next class).
+    Tag { usable: usize, asked: usize },
+    /// A request under a page that fills its size class exactly (cache-padded runtime
+    /// structures such as tokio task cells do): growing it for a tag byte would cost a
+    /// whole class, and such blocks live as long as connections, so it goes to its site's
+    /// own arena instead, bypassing the thread cache, and a free asks jemalloc which arena
+    /// the pointer is in. About two per connection, none per message.
     Arena,
 }
+
+/// Exact-fit requests of this size or more take the next size class for their tag. They
+/// are buffers (hyper's 8 KiB read buffer comes and goes with every request): the arena
+/// path, with no thread cache and a slab made and unmade per block, cost ~5 us of a
+/// ~50 us push (perf, `pushline-bench unicast`), where the larger class costs at most a
+/// quarter more bytes, for a moment.
+const GROW_FROM: usize = 4096;
 
 impl Placement {
     /// The bytes the block takes: its size class.
     fn usable(&self, layout: &Layout) -> usize {
         match *self {
-            Placement::Tag { usable } => usable,
+            Placement::Tag { usable, .. } => usable,
             Placement::Arena => layout.size(),
         }
     }
+}
+
+/// `layout` with `size` bytes: what jemalloc is asked for.
+fn asking(layout: &Layout, size: usize) -> Layout {
+    // SAFETY: `size` is `layout.size()` or one more, with the layout's (valid) alignment;
+    // one more than a size GlobalAlloc was handed does not overflow isize when rounded
+    // (sizes that close to isize::MAX cannot be allocated at all).
+    unsafe { Layout::from_size_align_unchecked(size, layout.align()) }
 }
 
 /// The placement of an allocation of `layout`: a pure function of the layout, so the
@@ -135,7 +152,11 @@ fn placement(layout: &Layout, flags: i32) -> Placement {
     // equivalent mallocx (tikv-jemallocator's alloc, with these flags) returns.
     let usable = unsafe { jemalloc::nallocx(layout.size(), flags) };
     if usable > layout.size() {
-        Placement::Tag { usable }
+        Placement::Tag { usable, asked: layout.size() }
+    } else if layout.size() >= GROW_FROM {
+        let asked = layout.size() + 1;
+        // SAFETY: as above.
+        Placement::Tag { usable: unsafe { jemalloc::nallocx(asked, flags) }, asked }
     } else {
         Placement::Arena
     }
@@ -203,9 +224,10 @@ impl SiteAllocator {
         let flags = flags_for(&layout);
         let placed = placement(&layout, flags);
         let ptr = match placed {
-            Placement::Tag { usable } => {
-                // SAFETY: the caller's contract is ours.
-                let ptr = unsafe { if zero { Jemalloc.alloc_zeroed(layout) } else { Jemalloc.alloc(layout) } };
+            Placement::Tag { usable, asked } => {
+                let asked = asking(&layout, asked);
+                // SAFETY: the caller's contract is ours (`asked` is no smaller than `layout`).
+                let ptr = unsafe { if zero { Jemalloc.alloc_zeroed(asked) } else { Jemalloc.alloc(asked) } };
                 if !ptr.is_null() {
                     // SAFETY: jemalloc returned `usable` bytes (nallocx's promise), and
                     // `usable - 1 >= layout.size()`: the byte is ours, past what the caller uses.
@@ -232,7 +254,7 @@ impl SiteAllocator {
         match placement(layout, flags_for(layout)) {
             // SAFETY: the same layout gives the same placement, and the allocation wrote
             // its site at `usable - 1`, inside the block.
-            Placement::Tag { usable } => unsafe { ptr.add(usable - 1).read() },
+            Placement::Tag { usable, .. } => unsafe { ptr.add(usable - 1).read() },
             Placement::Arena => site_of_arena_pointer(ptr),
         }
     }
@@ -272,12 +294,12 @@ unsafe impl GlobalAlloc for SiteAllocator {
         }
         let flags = flags_for(&layout);
         match placement(&layout, flags) {
-            Placement::Tag { usable } => {
+            Placement::Tag { usable, asked } => {
                 // SAFETY: the allocation (same layout, same placement) wrote its site
                 // there; the block is still ours until the dealloc below.
                 credit(unsafe { ptr.add(usable - 1).read() }, usable);
-                // SAFETY: the caller's contract is ours.
-                unsafe { Jemalloc.dealloc(ptr, layout) };
+                // SAFETY: the caller's contract is ours; the block was allocated as `asked`.
+                unsafe { Jemalloc.dealloc(ptr, asking(&layout, asked)) };
             }
             Placement::Arena => {
                 credit(site_of_arena_pointer(ptr), layout.size());
@@ -299,12 +321,13 @@ unsafe impl GlobalAlloc for SiteAllocator {
         let site = unsafe { Self::site_of(ptr, &layout) };
         // SAFETY: `GlobalAlloc::realloc` promises `new_size`, rounded up to `align`, does not overflow.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if let (Placement::Tag { usable: old }, Placement::Tag { usable }) =
+        if let (Placement::Tag { usable: old, asked: old_asked }, Placement::Tag { usable, asked }) =
             (placement(&layout, flags_for(&layout)), placement(&new_layout, flags_for(&new_layout)))
         {
-            // SAFETY: the caller's contract is ours; rallocx gives the block the size class
-            // of `new_size`, whose usable size nallocx computed.
-            let new = unsafe { Jemalloc.realloc(ptr, layout, new_size) };
+            // SAFETY: the caller's contract is ours (the block was allocated as
+            // `old_asked`); rallocx gives it the size class of `asked`, whose usable size
+            // nallocx computed.
+            let new = unsafe { Jemalloc.realloc(ptr, asking(&layout, old_asked), asked) };
             if !new.is_null() {
                 // SAFETY: `usable - 1 >= new_size`: inside the new block, past the caller's bytes.
                 unsafe { new.add(usable - 1).write(site) };
@@ -323,5 +346,49 @@ unsafe impl GlobalAlloc for SiteAllocator {
             }
         }
         new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(site: Site) -> (i64, i64) {
+        let stats = crate::table::snapshot().into_iter().find(|s| s.site == site.name()).expect("every site has a row");
+        (stats.live_bytes, stats.live_allocs)
+    }
+
+    /// Called directly (this test binary's own allocator is the system's), on a site no
+    /// other test of this crate allocates at.
+    #[test]
+    fn every_exact_fit_is_charged_and_credited_back_at_its_site() {
+        let site = Site::Topics;
+        let before = live(site);
+        // Under a page, exact fit: its site's arena. A page or more: the next class, tagged.
+        for (size, charged) in [(384, 384), (8192, 10240), (4096, 5120), (100, 112)] {
+            let layout = Layout::from_size_align(size, 8).expect("a valid layout");
+            // SAFETY: a non-zero size; freed below with the same layout.
+            let ptr = unsafe { SiteAllocator::alloc_for(site as u8, layout, true) };
+            assert!(!ptr.is_null());
+            // SAFETY: `size` bytes were allocated, zeroed.
+            assert!(unsafe { std::slice::from_raw_parts(ptr, size) }.iter().all(|b| *b == 0));
+            assert_eq!(live(site), (before.0 + charged, before.1 + 1), "{size} bytes");
+            // SAFETY: the block is live and `size` bytes long.
+            unsafe { ptr.write_bytes(0xAB, size) };
+            // SAFETY: allocated above with `layout`.
+            unsafe { SiteAllocator.dealloc(ptr, layout) };
+            assert_eq!(live(site), before, "{size} bytes freed");
+        }
+        // A grown block keeps its site through a realloc within the tagged classes.
+        let layout = Layout::from_size_align(8192, 8).expect("a valid layout");
+        // SAFETY: as above.
+        let ptr = unsafe { SiteAllocator::alloc_for(site as u8, layout, false) };
+        // SAFETY: allocated above with `layout`; 16384 is a valid new size.
+        let grown = unsafe { SiteAllocator.realloc(ptr, layout, 16384) };
+        assert!(!grown.is_null());
+        assert_eq!(live(site), (before.0 + 20480, before.1 + 1));
+        // SAFETY: the block now has 16384 bytes of this layout's alignment.
+        unsafe { SiteAllocator.dealloc(grown, Layout::from_size_align(16384, 8).expect("a valid layout")) };
+        assert_eq!(live(site), before);
     }
 }

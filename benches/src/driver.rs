@@ -98,6 +98,15 @@ impl ServerProcess {
             .unwrap_or(0.0)
     }
 
+    /// Every series of metric `name`, whatever its labels, summed.
+    pub async fn metric_total(&self, name: &str) -> f64 {
+        let text = http_get(self.admin, "/metrics").await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+            .sum()
+    }
+
     /// Waits until a metric reaches `want`, up to `limit`.
     pub async fn wait_metric(&self, series: &str, want: f64, limit: Duration) -> Result<(), String> {
         self.wait_metric_until(series, limit, |v| v >= want).await
@@ -149,6 +158,15 @@ impl Nodes {
         let mut sum = 0.0;
         for server in &self.servers {
             sum += server.metric(series).await;
+        }
+        sum
+    }
+
+    /// Every series of metric `name` summed, over the nodes.
+    pub async fn metric_total(&self, name: &str) -> f64 {
+        let mut sum = 0.0;
+        for server in &self.servers {
+            sum += server.metric_total(name).await;
         }
         sum
     }

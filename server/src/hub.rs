@@ -66,6 +66,7 @@ pub struct Counts {
 
 /// The connections of one uid. Almost every uid has one, held without a Vec; the uid
 /// itself is read from the connections, so the table stores no key of its own.
+#[derive(Clone)]
 enum UidConns {
     One(Arc<Conn>),
     /// Never empty.
@@ -219,9 +220,11 @@ impl Hub {
         shard.find(hash, |e| e.uid() == uid).is_some()
     }
 
-    fn conns_of(&self, uid: &str) -> Vec<Arc<Conn>> {
+    /// A copy, so that no shard lock is held while writing to them; one connection is
+    /// copied without an allocation.
+    fn conns_of(&self, uid: &str) -> Option<UidConns> {
         let (hash, shard) = self.uid_shard(uid);
-        shard.find(hash, |e| e.uid() == uid).map(|e| e.conns().to_vec()).unwrap_or_default()
+        shard.find(hash, |e| e.uid() == uid).cloned()
     }
 
     /// Makes a connection reachable by uid and by `topics` (already checked with
@@ -350,7 +353,7 @@ impl Hub {
         let (mut online, mut delivered) = (0, 0);
         let mut since_yield = 0;
         for uid in uids {
-            for conn in self.conns_of(uid.as_ref()) {
+            for conn in self.conns_of(uid.as_ref()).iter().flat_map(UidConns::conns) {
                 online += 1;
                 delivered += conn.deliver(msg, &self.settings.limits, &self.metrics) as usize;
             }
@@ -435,7 +438,7 @@ impl Hub {
     /// Every connection of `uid` on this node.
     pub fn describe_uid(&self, uid: &str) -> Vec<ConnInfo> {
         let now = clock::now_ms();
-        self.conns_of(uid).iter().map(|c| c.info(now)).collect()
+        self.conns_of(uid).iter().flat_map(UidConns::conns).map(|c| c.info(now)).collect()
     }
 
     pub fn counts(&self) -> Counts {

@@ -80,3 +80,99 @@ async fn metrics_count_what_happened() {
     }
     assert!(text.contains(r#"pushline_delivery_latency_seconds_bucket{le="0.1"}"#), "latency is a histogram");
 }
+
+/// POSTs `body` to `/v1/batch` as `content_type`; the status and the answer.
+async fn batch(addr: std::net::SocketAddr, body: String, content_type: &str, idempotency_key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().post(format!("http://{addr}/v1/batch")).body(body).header("content-type", content_type);
+    if let Some(key) = idempotency_key {
+        req = req.header("idempotency-key", key);
+    }
+    let response = req.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON answer"))
+}
+
+#[tokio::test]
+async fn a_batch_publishes_each_item_and_answers_each_in_order() {
+    let t = start(|c| {
+        c.max_message_bytes = 1000;
+        c.max_batch = 5;
+    })
+    .await;
+    let (mut a, _) = ws(t.client, "uid=a&topics=x").await;
+    let (mut b, _) = ws(t.client, "uid=b").await;
+    let items = json!([
+        {"push": {"uids": ["a", "a"], "data": 1}},
+        {"push": {"uids": [], "data": 2}},
+        {"publish": {"topic": "x", "data": 3}},
+        {"publish": {"topic": "x", "data": "y".repeat(2000)}},
+        {"broadcast": {"data": 5}},
+    ]);
+    let (status, answer) = batch(t.client, items.to_string(), "application/json", None).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results.len(), 5, "{answer}");
+    assert_eq!((results[0]["online"].as_u64(), results[0]["delivered"].as_u64(), results[0]["stored"].as_u64()), (Some(1), Some(1), Some(1)), "{answer}");
+    assert_eq!((results[1]["status"].as_u64(), results[1]["error"].as_str()), (Some(400), Some("uids must list at least one uid")));
+    assert_eq!((results[2]["delivered"].as_u64(), results[2].get("online")), (Some(1), None), "{answer}");
+    assert_eq!(results[3]["status"], 413, "{answer}");
+    assert!(results[3]["error"].as_str().unwrap().contains("data is 2002 bytes; the limit is 1000"), "{answer}");
+    assert_eq!(results[4]["delivered"], 2, "{answer}");
+    let ids: Vec<u64> = [0, 2, 4].iter().map(|i| results[*i]["id"].as_str().unwrap().parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids follow the items' order: {ids:?}");
+    for (want, id) in [1, 3, 5].into_iter().zip(&ids) {
+        let got = next_json(&mut a).await;
+        assert_eq!((got["data"].as_u64(), got["id"].as_str()), (Some(want), Some(id.to_string().as_str())), "in order, once each");
+    }
+    assert_eq!(next_json(&mut b).await["data"], 5);
+
+    // Each item with its own idempotency key: a retried batch publishes nothing again.
+    let keyed = json!([{"push": {"uids": ["a"], "data": 7}, "idempotency_key": "k7"}, {"push": {"uids": ["a"], "data": 8}}]);
+    let (_, first) = batch(t.client, keyed.to_string(), "application/json", None).await;
+    let (_, again) = batch(t.client, keyed.to_string(), "application/json", None).await;
+    assert_eq!(again["results"][0], first["results"][0], "the first answer, again");
+    assert_ne!(again["results"][1]["id"], first["results"][1]["id"], "an item without a key is published again");
+    let reused = json!([{"push": {"uids": ["a"], "data": 9}, "idempotency_key": "k7"}]);
+    let (_, answer) = batch(t.client, reused.to_string(), "application/json", None).await;
+    assert_eq!(answer["results"][0]["status"], 422, "{answer}");
+    for want in [7, 8, 8] {
+        assert_eq!(next_json(&mut a).await["data"], want, "7 once, 8 twice, 9 never");
+    }
+
+    // NDJSON: one item per line; blank lines are skipped.
+    let lines = "{\"push\":{\"uids\":[\"b\"],\"data\":10}}\n\n{\"push\":{\"uids\":[\"b\"],\"data\":11}}\n";
+    let (status, answer) = batch(t.client, lines.into(), "application/x-ndjson", None).await;
+    assert_eq!((status, answer["results"].as_array().map(Vec::len)), (200, Some(2)), "{answer}");
+    assert_eq!(next_json(&mut b).await["data"], 10);
+    assert_eq!(next_json(&mut b).await["data"], 11);
+
+    // Refusals of the whole request name what is wrong, and publish nothing.
+    let six = json!([{"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}]);
+    let cases: &[(String, &str, Option<&str>, u16, &str)] = &[
+        (six.to_string(), "application/json", None, 413, "batch has 6 items; the limit is 5 (--max-batch)"),
+        ("[{\"broadcast\":{\"data\":1}},".into(), "application/json", None, 400, "bad JSON"),
+        ("{\"broadcast\":{\"data\":1}}".into(), "application/json", None, 400, "a batch is an array of items"),
+        ("{\"broadcast\":{\"data\":1}}\n{oops\n".into(), "application/x-ndjson", None, 400, "line 2: bad JSON"),
+        ("[]".into(), "application/json", None, 400, "a batch needs at least one item"),
+        ("[{\"broadcast\":{\"data\":1}}]".into(), "application/json", Some("k"), 400, "give each item its own `idempotency_key`"),
+    ];
+    for (body, content_type, header, status, error) in cases {
+        let (got, answer) = batch(t.client, body.clone(), content_type, *header).await;
+        assert_eq!(got, *status, "{body:.60}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains(error), "{answer} should say {error:?}");
+    }
+    // Items that are not one publish each fail alone.
+    let odd = json!([{"push": {"uids": ["b"], "data": 12}, "broadcast": {"data": 0}}, {"nothing": 1}, {}, {"broadcast": {"data": 13}}]);
+    let (status, answer) = batch(t.client, odd.to_string(), "application/json", None).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert!(results[0]["error"].as_str().unwrap().contains("exactly one of `push`, `publish`, `broadcast`"), "{answer}");
+    assert!(results[1]["error"].as_str().unwrap().contains("unknown field `nothing`"), "{answer}");
+    assert_eq!((results[2]["status"].as_u64(), results[3]["delivered"].as_u64()), (Some(400), Some(2)), "{answer}");
+    assert_eq!(next_json(&mut b).await["data"], 13, "only the good item went out");
+
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="batch",status="200"}"#), 6.0, "{text}");
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="batch",status="413"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_messages_published_total{kind="broadcast"}"#), 2.0, "refused batches published nothing");
+}

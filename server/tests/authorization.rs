@@ -209,6 +209,20 @@ async fn api_keys_are_scoped() {
     assert_eq!((status, reply["error"].as_str()), (403, Some("API key `billing` may not publish to topic `news`")));
     assert_eq!(call("/v1/push", json!({"uids": ["x"], "data": 1}), &billing).await.0, 403);
     assert_eq!(call("/v1/push", json!({"uids": ["x"], "data": 1}), KEY).await.0, 401);
+    // A batch is checked item by item: what the key may not do fails alone.
+    let items = json!([
+        {"push": {"uids": ["x"], "data": 1}},
+        {"broadcast": {"data": 2}},
+        {"publish": {"topic": "billing.eu", "data": 3}},
+    ]);
+    let (status, _, reply) = call("/v1/batch", items.clone(), &pusher).await;
+    assert_eq!(status, 200, "{reply}");
+    let errors: Vec<Option<&str>> = reply["results"].as_array().unwrap().iter().map(|r| r["error"].as_str()).collect();
+    assert_eq!(errors, [None, Some("API key `pusher` may not broadcast"), Some("API key `pusher` may not publish to topic `billing.eu`")], "{reply}");
+    let (status, _, reply) = call("/v1/batch", items.clone(), &billing).await;
+    let statuses: Vec<Option<u64>> = reply["results"].as_array().unwrap().iter().map(|r| r["status"].as_u64()).collect();
+    assert_eq!((status, statuses), (200, vec![Some(403), Some(403), None]), "{reply}");
+    assert_eq!(call("/v1/batch", items, KEY).await.0, 401, "a wrong key refuses the whole batch");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -496,3 +496,61 @@ async fn a_flushed_redis_keeps_listened_topics_history_again_at_once() {
     assert_eq!((status, body["stored"].as_u64()), (200, Some(1)), "{body}");
     assert_eq!(next_json(&mut client).await["offset"], 1, "kept again, in a new epoch");
 }
+
+/// A batch's items for uids on both nodes: each delivered once, every stream in offset
+/// order, and the whole batch one lookup and one pipeline of scripts.
+async fn a_batch_crosses_nodes(a: &TestServer, b: &TestServer, one_redis: bool) {
+    let (mut alice_b, _) = client(b, "alice").await;
+    let (mut bob_a, _) = client(a, "bob").await;
+    // The first append of a node loads its script into Redis: two more round trips, once.
+    push(a.client, &["nobody"], json!(0)).await;
+    let metrics = common::metrics(a.admin).await;
+    let trips = |metrics: &str, command: &str| common::metric(metrics, &format!(r#"pushline_redis_command_seconds_count{{command="{command}"}}"#));
+    let before = (trips(&metrics, "append"), trips(&metrics, "hgetall"));
+    let items = json!([
+        {"push": {"uids": ["alice"], "data": 1}},
+        {"push": {"uids": ["bob"], "data": 2}},
+        {"push": {"uids": ["alice"], "data": 3}},
+        {"push": {"uids": ["alice", "bob", "nobody"], "data": 4}},
+        {"broadcast": {"data": 5}},
+    ]);
+    let (status, answer) = post(a.client, "/v1/batch", items).await;
+    assert_eq!(status, 200, "{answer}");
+    let delivered: Vec<u64> = answer["results"].as_array().unwrap().iter().map(|r| r["delivered"].as_u64().unwrap_or(99)).collect();
+    // A broadcast counts the connections of this node, and the other nodes it went to.
+    assert_eq!(delivered, [1, 1, 1, 2, 1], "{answer}");
+    assert_eq!(answer["results"][4]["nodes"], 1, "{answer}");
+    // Order holds within a stream: the broadcast stream's message may come first.
+    for (ws, pushed) in [(&mut alice_b, vec![1, 3, 4]), (&mut bob_a, vec![2, 4])] {
+        let mut got = Vec::new();
+        for _ in 0..=pushed.len() {
+            got.push(next_json(ws).await);
+        }
+        let (broadcast, own): (Vec<Value>, Vec<Value>) = got.into_iter().partition(|m| m["data"] == 5);
+        assert_eq!(broadcast.len(), 1, "the broadcast once");
+        let data: Vec<&Value> = own.iter().map(|m| &m["data"]).collect();
+        assert_eq!(data, pushed.iter().map(|n| json!(n)).collect::<Vec<_>>().iter().collect::<Vec<_>>(), "once each, in order");
+        let offsets: Vec<u64> = own.iter().map(|m| m["offset"].as_u64().expect("a uid stream keeps history")).collect();
+        assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "the uid's stream in offset order: {offsets:?}");
+    }
+    // A cluster's client sends each command to its shard on its own.
+    if one_redis {
+        let metrics = common::metrics(a.admin).await;
+        let after = (trips(&metrics, "append"), trips(&metrics, "hgetall"));
+        assert_eq!((after.0 - before.0, after.1 - before.1), (1.0, 1.0), "one pipeline of scripts and one lookup for the batch");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_crosses_nodes_on_one_redis() {
+    let redis = RedisServer::start();
+    let (a, b) = (node_on(&redis).await, node_on(&redis).await);
+    a_batch_crosses_nodes(&a, &b, true).await;
+}
+
+#[tokio::test]
+async fn a_batch_crosses_nodes_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let (a, b) = (node(RegistryKind::RedisCluster, cluster.urls()).await, node(RegistryKind::RedisCluster, cluster.urls()).await);
+    a_batch_crosses_nodes(&a, &b, false).await;
+}

@@ -64,8 +64,10 @@ pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String
     } else {
         clients_on.wait_metric(r#"pushline_connections{transport="ws"}"#, settings.connections as f64, Duration::from_secs(60)).await?;
     }
+    // Round trips: the nodes' own count of Redis commands and pipelines they sent.
+    const ROUND_TRIPS: &str = "pushline_redis_command_seconds_count";
     let redis_before = match &nodes.redis {
-        Some(redis) => Some(redis.info().await?),
+        Some(redis) => Some((redis.info().await?, nodes.metric_total(ROUND_TRIPS).await)),
         None => None,
     };
     let pushline = measure(streams, publish_to.client, || nodes.cpu_time(), settings).await?;
@@ -84,10 +86,18 @@ pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String
         Row::new("unicast", "server_user_cpu_per_push", pushline.user_us, "us"),
         Row::new("unicast", "server_kernel_cpu_per_push", pushline.kernel_us, "us"),
     ];
-    if let (Some(redis), Some(before)) = (&nodes.redis, redis_before) {
+    if let (Some(redis), Some((before, trips_before))) = (&nodes.redis, redis_before) {
         let after = redis.info().await?;
+        let pushes = pushline.sent as f64;
+        // Commands the append script runs inside Redis count too.
         let commands = super::registry::commands(&after) - super::registry::commands(&before);
-        rows.push(Row::new("unicast", "redis_commands_per_push", commands / pushline.sent as f64, "commands"));
+        let scripts = after.get("calls_evalsha").copied().unwrap_or(0.0) - before.get("calls_evalsha").copied().unwrap_or(0.0);
+        let trips = nodes.metric_total(ROUND_TRIPS).await - trips_before;
+        rows.extend([
+            Row::new("unicast", "redis_commands_per_push", commands / pushes, "commands"),
+            Row::new("unicast", "redis_scripts_per_push", scripts / pushes, "calls"),
+            Row::new("unicast", "redis_round_trips_per_push", trips / pushes, "round trips"),
+        ]);
     }
     drop(nodes);
     if settings.floor && k == 1 && !common.tls {

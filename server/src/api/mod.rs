@@ -189,7 +189,7 @@ fn allowed(holder: Option<&ApiKey>, kind: PublishKind, topic: Option<&str>) -> R
 #[serde(deny_unknown_fields)]
 struct PushBody<'a> {
     #[serde(borrow)]
-    uids: Vec<Cow<'a, str>>,
+    uids: Vec<Uid<'a>>,
     #[serde(borrow)]
     data: &'a RawValue,
 }
@@ -209,6 +209,11 @@ struct BroadcastBody<'a> {
     #[serde(borrow)]
     data: &'a RawValue,
 }
+
+/// A uid as the body spells it: borrowed unless it has escapes to undo. (serde borrows a
+/// `Cow` only as a field of its own, not inside a `Vec`.)
+#[derive(Deserialize)]
+struct Uid<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// One entry of a `/v1/batch`: exactly one of `push`, `publish`, `broadcast` (the bodies
 /// of those endpoints), and its own idempotency key.
@@ -250,7 +255,7 @@ struct Checked<'a> {
     uids: Vec<&'a str>,
     topic: Option<&'a str>,
     /// Compacted JSON.
-    data: String,
+    data: Cow<'a, str>,
     key: Option<idempotency::Key>,
 }
 
@@ -353,16 +358,16 @@ struct Results<'a> {
 }
 
 /// The uids a push names, checked: 1 to `MAX_UID_BYTES` bytes each, at least one.
-fn checked_uids<'a>(uids: &'a [Cow<'a, str>]) -> Result<Vec<&'a str>, Error> {
+fn checked_uids<'a>(uids: &'a [Uid<'a>]) -> Result<Vec<&'a str>, Error> {
     if uids.is_empty() {
         return Err(Error::bad_request("uids must list at least one uid"));
     }
     // A uid no client can connect as would fill a mailbox nobody can read.
-    if let Some(bad) = uids.iter().find(|u| u.is_empty() || u.len() > crate::auth::MAX_UID_BYTES) {
+    if let Some(Uid(bad)) = uids.iter().find(|Uid(u)| u.is_empty() || u.len() > crate::auth::MAX_UID_BYTES) {
         return Err(Error::bad_request(format!("uid `{bad}` is {} bytes; uids are 1 to {} bytes", bad.len(), crate::auth::MAX_UID_BYTES)));
     }
     // A uid listed twice gets the message once.
-    Ok(registry::distinct(uids.iter().map(|u| u.as_ref())))
+    Ok(registry::distinct(uids.iter().map(|Uid(u)| u.as_ref())))
 }
 
 impl Api {
@@ -519,7 +524,6 @@ impl Api {
             return Err(Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len())));
         }
         let data = json::compact(data.get())
-            .map(|data| data.into_owned())
             .map_err(|_| Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))?;
         Ok(Checked { id: self.message_ids.next(), kind, uids, topic, data, key })
     }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use pushline_alloc::Site;
 use strum::{EnumCount, IntoStaticStr, VariantArray};
 
-use cursor::{epoch_text, parse_epoch, Position, StreamKey};
+use cursor::{parse_epoch, Position, StreamKey};
 
 /// The transports a client can hold a connection with. Label `transport` of the
 /// connection metrics; its number is an argument of the `conn_open` probe.
@@ -45,26 +45,44 @@ pub struct Message {
     pub accepted_at: Instant,
 }
 
-/// The envelope up to its last field, to be closed by [`close_envelope`]: what a Redis
-/// script appends to once it knows the message's offset.
+/// The envelope up to its last field: what a Redis script appends the message's position
+/// to once it knows its offset (the same bytes [`Message::new`] writes).
 pub fn open_envelope(id: u64, topic: Option<&str>, data: &str) -> String {
-    let topic = match topic {
-        Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "null".into()),
-        None => "null".into(),
-    };
-    format!(r#"{{"type":"message","id":"{id}","topic":{topic},"data":{data}"#)
+    let mut out = Vec::with_capacity(ENVELOPE_ROOM + data.len() + topic.map_or(0, str::len));
+    write_open_envelope(&mut out, id, topic, data);
+    // Only JSON and ASCII were written: `data` is checked JSON, the topic is escaped by serde_json.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-/// Ends an envelope opened by [`open_envelope`], with the message's position if it has one.
-pub fn close_envelope(open: &mut String, position: Option<&Position>) {
-    if let Some(p) = position {
-        open.push_str(&format!(r#","stream":"{}","epoch":"{}","offset":{}"#, p.key, epoch_text(p.epoch), p.offset));
+/// Bytes of an envelope besides its data and topic, with a position: enough that it is
+/// written without growing its buffer.
+const ENVELOPE_ROOM: usize = 128;
+
+fn write_open_envelope(out: &mut Vec<u8>, id: u64, topic: Option<&str>, data: &str) {
+    use std::io::Write;
+    // Writes to a Vec do not fail.
+    let _ = write!(out, r#"{{"type":"message","id":"{id}","topic":"#);
+    match topic {
+        Some(topic) => {
+            let _ = serde_json::to_writer(&mut *out, topic);
+        }
+        None => out.extend_from_slice(b"null"),
     }
-    open.push('}');
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(data.as_bytes());
 }
 
-/// The position written at the end of an envelope by [`close_envelope`] (or by the
-/// Redis script that mirrors it).
+/// Ends an envelope opened by [`write_open_envelope`], with the message's position if it has one.
+fn write_close_envelope(out: &mut Vec<u8>, position: Option<&Position>) {
+    use std::io::Write;
+    if let Some(p) = position {
+        let _ = write!(out, r#","stream":"{}","epoch":"{:08x}","offset":{}"#, p.key, p.epoch, p.offset);
+    }
+    out.push(b'}');
+}
+
+/// The position written at the end of an envelope by [`Message::new`] (or by the Redis
+/// script that mirrors it).
 pub fn envelope_position(envelope: &str) -> Option<Position> {
     let at = envelope.rfind(r#","stream":""#)?;
     let rest = envelope[at..].strip_prefix(r#","stream":""#)?;
@@ -77,9 +95,14 @@ pub fn envelope_position(envelope: &str) -> Option<Position> {
 impl Message {
     /// `data` is JSON, already checked and compacted ([`json::compact`]).
     pub fn new(id: u64, topic: Option<&str>, data: &str, position: Option<Position>, accepted_at: Instant) -> Message {
-        let mut envelope = open_envelope(id, topic, data);
-        close_envelope(&mut envelope, position.as_ref());
-        Message::from_envelope(id, &envelope, position, accepted_at)
+        // Written once, straight into its WebSocket frame, after room for the longest header.
+        let mut frame = Vec::with_capacity(ws::MAX_HEADER + ENVELOPE_ROOM + data.len() + topic.map_or(0, str::len));
+        frame.resize(ws::MAX_HEADER, 0);
+        write_open_envelope(&mut frame, id, topic, data);
+        write_close_envelope(&mut frame, position.as_ref());
+        let ws = ws::text_in(frame);
+        let sse = sse::head("message", ws::payload_of(&ws));
+        Message { id, position, ws, sse, accepted_at }
     }
 
     /// A message framed elsewhere (another node, or history): `envelope` is its JSON. An
@@ -88,7 +111,7 @@ impl Message {
     pub fn from_envelope(id: u64, envelope: &str, position: Option<Position>, accepted_at: Instant) -> Message {
         let ws = ws::text(envelope);
         let kind = envelope.strip_prefix(r#"{"type":""#).and_then(|rest| rest.split_once('"')).map_or("message", |(kind, _)| kind);
-        let sse = sse::head(kind, envelope);
+        let sse = sse::head(kind, envelope.as_bytes());
         Message { id, position, ws, sse, accepted_at }
     }
 
@@ -128,7 +151,7 @@ impl Draft<'_> {
 pub fn notice(transport: Transport, kind: &str, json: &str) -> Bytes {
     match transport {
         Transport::WebSocket => ws::text(json),
-        Transport::Sse => sse::head(kind, json),
+        Transport::Sse => sse::head(kind, json.as_bytes()),
     }
 }
 

@@ -10,8 +10,12 @@ use bytes::Bytes;
 pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
 /// The head of an event whose data is one line of JSON.
-pub fn head(event: &str, json: &str) -> Bytes {
-    Bytes::from(format!("event: {event}\ndata: {json}\n"))
+pub fn head(event: &str, json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(event.len() + json.len() + 15);
+    for part in [b"event: ", event.as_bytes(), b"\ndata: ", json, b"\n"] {
+        out.extend_from_slice(part);
+    }
+    Bytes::from(out)
 }
 
 /// The tail that ends an event: its id, the connection's cursor.

@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -320,6 +320,41 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 
 pub fn text(json: &str) -> Bytes {
     frame(OP_TEXT, json.as_bytes())
+}
+
+/// Longest header of a server frame (no mask): 2 bytes and a 64-bit length.
+pub const MAX_HEADER: usize = 10;
+
+/// A text frame around a payload written after `MAX_HEADER` bytes of room in `buf`: the
+/// header goes at the end of that room, so the payload is never copied.
+pub fn text_in(mut buf: Vec<u8>) -> Bytes {
+    if buf.len() < MAX_HEADER {
+        buf.resize(MAX_HEADER, 0);
+    }
+    let n = buf.len() - MAX_HEADER;
+    let mut header = [0u8; MAX_HEADER];
+    header[0] = 0x80 | OP_TEXT;
+    let len = match n {
+        n if n < 126 => {
+            header[1] = n as u8;
+            2
+        }
+        n if n <= u16::MAX as usize => {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            4
+        }
+        n => {
+            header[1] = 127;
+            header[2..].copy_from_slice(&(n as u64).to_be_bytes());
+            MAX_HEADER
+        }
+    };
+    let start = MAX_HEADER - len;
+    buf[start..MAX_HEADER].copy_from_slice(&header[..len]);
+    let mut frame = Bytes::from(buf);
+    frame.advance(start);
+    frame
 }
 
 /// The payload of a server frame built by [`frame`] (its header skipped).
