@@ -132,9 +132,26 @@ fn record(context: *mut libc::c_void, weight: u32) {
     slot.state.store(READY, Ordering::Release);
 }
 
+/// Farthest a frame record may sit above the one below it (or above the stack pointer).
+const FRAME_SPAN: u64 = 8 << 20;
+/// Words above the stack pointer searched for a frame record when the frame-pointer
+/// register holds none.
+const SCAN_WORDS: u64 = 32;
+
+/// Whether `fp` can be a frame record above `below`: aligned, above it, within reach.
+fn plausible(fp: u64, below: u64) -> bool {
+    fp >= below && fp % 8 == 0 && fp - below < FRAME_SPAN
+}
+
 /// Follows the frame-pointer chain from `fp` (each frame: the caller's frame pointer, then
 /// the return address), no lower than the stack pointer `sp`, always upward; returns how
 /// many return addresses it wrote into `out`.
+///
+/// glibc's system-call wrappers (`send`, `recv`, `epoll_wait`) keep the thread's cancel
+/// state in the frame-pointer register around the call, where most samples of a busy
+/// server land; `fp` is then no frame at all. The wrapper saved the caller's frame pointer
+/// on its own frame, next to its return address: the walk starts from the first word
+/// above `sp` that points to a frame record which itself points up the stack.
 fn walk(pid: i32, sp: u64, mut fp: u64, out: &mut [u64]) -> usize {
     let mut page = [0u8; 4096];
     let mut page_base = u64::MAX;
@@ -148,6 +165,16 @@ fn walk(pid: i32, sp: u64, mut fp: u64, out: &mut [u64]) -> usize {
         let at = (address & 4095) as usize;
         Some(u64::from_ne_bytes(page[at..at + 8].try_into().ok()?))
     };
+    if !plausible(fp, sp) {
+        let found = (0..SCAN_WORDS).map(|i| sp + 8 * i).find(|slot| {
+            read(*slot, &mut page).is_some_and(|saved| {
+                plausible(saved, slot + 16) && read(saved, &mut page).is_some_and(|up| up == 0 || plausible(up, saved + 16))
+            })
+        });
+        if let Some(slot) = found {
+            fp = slot;
+        }
+    }
     let mut n = 0;
     while n < out.len() {
         // A frame record is two aligned words, on the stack above the interrupted frame.
@@ -171,6 +198,31 @@ fn walk(pid: i32, sp: u64, mut fp: u64, out: &mut [u64]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_walk_finds_the_chain_a_system_call_wrapper_hid() {
+        // A stack as `send` leaves it: its locals, the caller's frame pointer it saved and
+        // its return address; above, the caller's frame record, then its caller's (the last).
+        let mut stack = [0u64; 16];
+        let base = stack.as_ptr() as u64;
+        stack[0] = 7; // the wrapper's locals: not pointers up the stack
+        stack[1] = base + 4096 * 1024;
+        stack[4] = base + 8 * 8; // saved frame pointer -> the caller's record at [8]
+        stack[5] = 0x1111; // return into the caller
+        stack[8] = base + 12 * 8;
+        stack[9] = 0x2222;
+        stack[12] = 0;
+        stack[13] = 0x3333;
+        let pid = std::process::id() as i32;
+        let mut out = [0u64; 8];
+        // The frame-pointer register holds the cancel state, a small number.
+        let n = walk(pid, base, 1, &mut out);
+        assert_eq!(&out[..n], &[0x1111, 0x2222, 0x3333]);
+        // With a frame pointer, the chain is followed from it.
+        let n = walk(pid, base, base + 8 * 8, &mut out);
+        assert_eq!(&out[..n], &[0x2222, 0x3333]);
+        std::hint::black_box(&mut stack);
+    }
 
     #[test]
     fn a_walk_stops_at_memory_it_cannot_read() {

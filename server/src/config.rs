@@ -329,8 +329,13 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_MAX_BATCH", default_value_t = 1000)]
     pub max_batch: usize,
 
+    /// Most uids one request pushes to: a `/v1/push`'s, or all of a batch's push items'
+    /// (each uid's message is a stream append and a write of its own).
+    #[arg(long, env = "PUSHLINE_MAX_PUSH_UIDS", default_value_t = 10_000)]
+    pub max_push_uids: usize,
+
     /// Largest `POST /v1/batch` body, in bytes (each item's `data` is also held to
-    /// --max-message-bytes); at most --max-publish-bytes-in-flight.
+    /// --max-message-bytes); a larger value is capped at --max-publish-bytes-in-flight.
     #[arg(long, env = "PUSHLINE_MAX_BATCH_BYTES", default_value_t = 16 << 20)]
     pub max_batch_bytes: usize,
 
@@ -531,14 +536,10 @@ impl Config {
                 self.max_client_frame_bytes
             ));
         }
-        if self.max_batch == 0 {
-            problems.push("--max-batch is 0: no batch could be published".into());
-        }
-        if self.max_batch_bytes > self.max_publish_bytes_in_flight {
-            problems.push(format!(
-                "--max-batch-bytes ({}) is over --max-publish-bytes-in-flight ({}): no batch that large could be read",
-                self.max_batch_bytes, self.max_publish_bytes_in_flight
-            ));
+        for (flag, value) in [("--max-batch", self.max_batch), ("--max-batch-bytes", self.max_batch_bytes), ("--max-push-uids", self.max_push_uids)] {
+            if value == 0 {
+                problems.push(format!("{flag} is 0: nothing could be published with it"));
+            }
         }
         if self.max_publish_bytes_in_flight < self.max_message_bytes {
             problems.push(format!(

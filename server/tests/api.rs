@@ -97,6 +97,7 @@ async fn a_batch_publishes_each_item_and_answers_each_in_order() {
     let t = start(|c| {
         c.max_message_bytes = 1000;
         c.max_batch = 5;
+        c.max_push_uids = 5;
     })
     .await;
     let (mut a, _) = ws(t.client, "uid=a&topics=x").await;
@@ -149,7 +150,8 @@ async fn a_batch_publishes_each_item_and_answers_each_in_order() {
     // Refusals of the whole request name what is wrong, and publish nothing.
     let six = json!([{"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}, {"broadcast": {"data": 1}}]);
     let cases: &[(String, &str, Option<&str>, u16, &str)] = &[
-        (six.to_string(), "application/json", None, 413, "batch has 6 items; the limit is 5 (--max-batch)"),
+        (six.to_string(), "application/json", None, 413, "batch has more than 5 items (--max-batch)"),
+        (format!("{}\n", six.as_array().unwrap().iter().map(|i| i.to_string()).collect::<Vec<_>>().join("\n")), "Application/X-NDJSON; charset=utf-8", None, 413, "more than 5 items"),
         ("[{\"broadcast\":{\"data\":1}},".into(), "application/json", None, 400, "bad JSON"),
         ("{\"broadcast\":{\"data\":1}}".into(), "application/json", None, 400, "a batch is an array of items"),
         ("{\"broadcast\":{\"data\":1}}\n{oops\n".into(), "application/x-ndjson", None, 400, "line 2: bad JSON"),
@@ -162,17 +164,48 @@ async fn a_batch_publishes_each_item_and_answers_each_in_order() {
         assert!(answer["error"].as_str().unwrap().contains(error), "{answer} should say {error:?}");
     }
     // Items that are not one publish each fail alone.
-    let odd = json!([{"push": {"uids": ["b"], "data": 12}, "broadcast": {"data": 0}}, {"nothing": 1}, {}, {"broadcast": {"data": 13}}]);
-    let (status, answer) = batch(t.client, odd.to_string(), "application/json", None).await;
-    assert_eq!(status, 200, "{answer}");
-    let results = answer["results"].as_array().unwrap();
-    assert!(results[0]["error"].as_str().unwrap().contains("exactly one of `push`, `publish`, `broadcast`"), "{answer}");
-    assert!(results[1]["error"].as_str().unwrap().contains("unknown field `nothing`"), "{answer}");
-    assert_eq!((results[2]["status"].as_u64(), results[3]["delivered"].as_u64()), (Some(400), Some(2)), "{answer}");
+    let odd = json!([
+        {"push": {"uids": ["b"], "data": 12}, "broadcast": {"data": 0}},
+        {"nothing": 1},
+        {},
+        [{"data": 0}],
+        {"broadcast": [0]},
+        {"broadcast": {"data": 13}, "idempotency_key": "once"},
+        {"broadcast": {"data": 14}, "idempotency_key": "once"},
+    ]);
+    // In two batches: --max-batch is 5.
+    let mut results = Vec::new();
+    for items in odd.as_array().unwrap().chunks(4) {
+        let (status, answer) = batch(t.client, json!(items).to_string(), "application/json", None).await;
+        assert_eq!(status, 200, "{answer}");
+        results.extend(answer["results"].as_array().unwrap().iter().cloned());
+    }
+    let answer = json!(results);
+    let said = |i: usize| results[i]["error"].as_str().unwrap_or_default();
+    assert!(said(0).contains("exactly one of `push`, `publish`, `broadcast`"), "{answer}");
+    assert!(said(1).contains("unknown field `nothing`"), "{answer}");
+    assert_eq!(results[2]["status"], 400, "{answer}");
+    assert!(said(3).contains("an item is an object"), "{answer}");
+    assert_eq!(results[4]["status"], 400, "a body given as an array of its fields: {answer}");
+    assert_eq!(results[5]["delivered"], 2, "{answer}");
+    assert!(said(6).contains("given to an earlier item of the batch"), "{answer}");
     assert_eq!(next_json(&mut b).await["data"], 13, "only the good item went out");
+    let (status, answer) = post(t.client, "/v1/broadcast", json!([15])).await;
+    assert_eq!(status, 400, "{answer}");
+
+    // A batch's pushes are held to --max-push-uids in all, like one push.
+    let many: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+    let (status, answer) = batch(t.client, json!([{"push": {"uids": many[..3]}}, {"push": {"uids": many[3..], "data": 1}}]).to_string(), "application/json", None).await;
+    assert_eq!(status, 200, "an item that fails does not count: {answer}");
+    let items = json!([{"push": {"uids": many[..3], "data": 1}}, {"push": {"uids": many[3..], "data": 1}}]);
+    let (status, answer) = batch(t.client, items.to_string(), "application/json", None).await;
+    assert_eq!((status, answer["error"].as_str()), (413, Some("the request pushes to 6 uids; the limit is 5 (--max-push-uids)")));
+    let (status, answer) = post(t.client, "/v1/push", json!({"uids": many, "data": 1})).await;
+    assert_eq!((status, answer["error"].as_str()), (413, Some("the request pushes to 6 uids; the limit is 5 (--max-push-uids)")));
 
     let text = metrics(t.admin).await;
-    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="batch",status="200"}"#), 6.0, "{text}");
-    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="batch",status="413"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="batch",status="200"}"#), 8.0, "{text}");
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="batch",status="413"}"#), 3.0);
     assert_eq!(metric(&text, r#"pushline_messages_published_total{kind="broadcast"}"#), 2.0, "refused batches published nothing");
+    assert_eq!(metric(&text, r#"pushline_messages_published_total{kind="push"}"#), 7.0, "replays publish nothing");
 }

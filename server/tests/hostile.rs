@@ -220,6 +220,9 @@ async fn a_publish_while_draining_is_answered_503() {
     // A publish whose body never finishes keeps the node draining.
     let mut slow = TcpStream::connect(server.client).await.unwrap();
     slow.write_all(b"POST /v1/broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"data\":").await.unwrap();
+    // Its body is being read (each connection is served on its own, so a later request
+    // can be answered first): the drain has a publish to wait for.
+    wait_metric(server.admin, "pushline_publish_bytes_reading", |v| v > 0.0).await;
     assert_eq!(publish(2).await.unwrap().status(), 200);
     server.signal(libc::SIGTERM);
     server.wait_log("phase=\"draining\"");

@@ -60,7 +60,10 @@ async fn cpu_profile_of_a_busy_server_names_its_functions() {
     assert!(String::from_utf8_lossy(&refused).contains("already running"));
     // Raw addresses and mappings: named here, from the binary on disk, as the tools do.
     let folded = pushline_alloc::symbolize::folded(&gzipped, Kind::Cpu, &mut Default::default()).expect("a gzipped profile.proto");
-    assert!(folded.iter().any(|l| l.contains(";pushline::")), "server functions in the burst: {:?}", &folded[..folded.len().min(5)]);
+    // Named from the binary on disk: a pushline function, or one instantiated for a
+    // pushline type (`poll<pushline::listener::..>`); a raw address would be `pushline+0x..`.
+    // (A burst of broadcasts spends most samples in `send`, so which frames it catches varies.)
+    assert!(folded.iter().any(|l| l.contains("pushline::")), "server functions in the burst: {:#?}", &folded);
     drop(load);
 
     // The always-on window: the last minute, answered at once, names the delivery path.

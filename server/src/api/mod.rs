@@ -1,4 +1,5 @@
-//! The publish API under `/v1`: push to uids, publish to a topic, broadcast to everyone.
+//! The publish API under `/v1`: push to uids, publish to a topic, broadcast to everyone,
+//! or any of those, many at once (`/v1/batch`).
 //!
 //! Each request is checked (key, node budget, size, JSON) before anything is framed; a
 //! refusal names what is wrong. An accepted message is framed once and handed to the
@@ -15,6 +16,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::borrow::Cow;
+use std::collections::HashSet;
+
+use serde::de::DeserializeSeed;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -51,6 +55,8 @@ pub struct Api {
     pub max_message_bytes: usize,
     /// Most items in one `/v1/batch`, and most bytes in its body.
     pub max_batch: usize,
+    /// Most uids one request (a push, or a batch's pushes in all) pushes to.
+    pub max_push_uids: usize,
     pub max_batch_bytes: usize,
     /// Queued bytes across connections above which publishes are refused.
     pub node_queue_max_bytes: usize,
@@ -221,11 +227,11 @@ struct Uid<'a>(#[serde(borrow)] Cow<'a, str>);
 #[serde(deny_unknown_fields)]
 struct BatchItem<'a> {
     #[serde(borrow, default)]
-    push: Option<PushBody<'a>>,
+    push: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    publish: Option<PublishBody<'a>>,
+    publish: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    broadcast: Option<BroadcastBody<'a>>,
+    broadcast: Option<&'a RawValue>,
     #[serde(default)]
     idempotency_key: Option<String>,
 }
@@ -238,6 +244,15 @@ enum Body<'a> {
 }
 
 impl Body<'_> {
+    /// The endpoint that takes this body alone.
+    fn route(&self) -> &'static str {
+        match self {
+            Body::Push(_) => "push",
+            Body::Publish(_) => "publish",
+            Body::Broadcast(_) => "broadcast",
+        }
+    }
+
     fn kind(&self) -> PublishKind {
         match self {
             Body::Push(_) => PublishKind::Push,
@@ -402,7 +417,8 @@ impl Api {
             (Some(one), None) => Some(one.to_str().map_err(|_| Error::bad_request(idempotency::KEY_RULE))?.to_owned()),
             (Some(_), Some(_)) => return Err(Error::bad_request("Idempotency-Key given more than once")),
         };
-        let ndjson = header("content-type").is_some_and(|t| t.starts_with("application/x-ndjson") || t.starts_with("application/jsonl"));
+        let media_type = header("content-type").map(|t| t.split(';').next().unwrap_or_default().trim());
+        let ndjson = media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/x-ndjson") || t.eq_ignore_ascii_case("application/jsonl"));
         let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
         let budget = self.node_queue_max_bytes;
         if queued > budget {
@@ -440,6 +456,9 @@ impl Api {
         let Some(kind) = kind else {
             return self.batch(&body, ndjson, holder, accepted_at).await;
         };
+        if !is_object(&body) {
+            return Err(Error::bad_request("bad JSON: the body is an object"));
+        }
         let read = match kind {
             PublishKind::Push => serde_json::from_slice(&body).map(Body::Push),
             PublishKind::Topic => serde_json::from_slice(&body).map(Body::Publish),
@@ -452,6 +471,7 @@ impl Api {
             .transpose()
             .map_err(Error::bad_request)?;
         let checked = self.check(&read, holder, key)?;
+        self.within_uid_cap(checked.uids.len())?;
         let mut answers = self.run(&[&checked], publisher, accepted_at).await;
         let answer = answers.pop().ok_or_else(|| Error::unavailable("the registry gave no answer"))?;
         Ok(self.answer(&checked, answer).map_or_else(Reply::from, |body| json(StatusCode::OK, body)))
@@ -460,19 +480,29 @@ impl Api {
     /// `/v1/batch`: a JSON array (or NDJSON lines) of items, each checked, published and
     /// answered on its own, in order; one bad item fails only itself.
     async fn batch(&self, body: &[u8], ndjson: bool, holder: Option<&ApiKey>, accepted_at: Instant) -> Result<Reply, Error> {
+        let too_many = || Error::new(Kind::PayloadTooLarge, format!("batch has more than {} items (--max-batch)", self.max_batch));
         let raw: Vec<&RawValue> = if ndjson {
-            let lines = body.split(|b| *b == b'\n').enumerate().filter(|(_, line)| !line.trim_ascii().is_empty());
-            lines
-                .map(|(n, line)| serde_json::from_slice(line).map_err(|e| Error::bad_request(format!("line {}: bad JSON: {e}", n + 1))))
-                .collect::<Result<_, _>>()?
+            let mut raw = Vec::new();
+            for (n, line) in body.split(|b| *b == b'\n').enumerate().filter(|(_, line)| !line.trim_ascii().is_empty()) {
+                if raw.len() == self.max_batch {
+                    return Err(too_many());
+                }
+                raw.push(serde_json::from_slice(line).map_err(|e| Error::bad_request(format!("line {}: bad JSON: {e}", n + 1)))?);
+            }
+            raw
         } else {
-            serde_json::from_slice(body).map_err(|e| Error::bad_request(format!("bad JSON: a batch is an array of items: {e}")))?
+            // Read up to one item past the limit, so a body of a million tiny items costs
+            // no more than the limit's worth.
+            let mut items = serde_json::Deserializer::from_slice(body);
+            let raw = Items { max: self.max_batch }.deserialize(&mut items).and_then(|raw| items.end().map(|()| raw));
+            match raw {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return Err(too_many()),
+                Err(e) => return Err(Error::bad_request(format!("bad JSON: a batch is an array of items: {e}"))),
+            }
         };
         if raw.is_empty() {
             return Err(Error::bad_request("a batch needs at least one item"));
-        }
-        if raw.len() > self.max_batch {
-            return Err(Error::new(Kind::PayloadTooLarge, format!("batch has {} items; the limit is {} (--max-batch)", raw.len(), self.max_batch)));
         }
         let publisher = holder.map_or("", |key| key.name.as_str());
         let read: Vec<Result<(Body, Option<String>), Error>> = raw.iter().map(|item| read_item(item)).collect();
@@ -486,9 +516,25 @@ impl Api {
                     .map(|key| idempotency::Key::new(publisher, key, <&str>::from(body.kind()), item.get().as_bytes()))
                     .transpose()
                     .map_err(Error::bad_request)?;
+                if item.get().len() > self.max_message_bytes + ENVELOPE_ALLOWANCE {
+                    let limit = self.max_message_bytes + ENVELOPE_ALLOWANCE;
+                    return Err(Error::new(Kind::PayloadTooLarge, format!("item over {limit} bytes (what /v1/{} takes)", body.route())));
+                }
                 self.check(body, holder, key)
             })
             .collect();
+        // Two items with one key: the second would find the first still being published.
+        let mut keys = HashSet::new();
+        let checked: Vec<Result<Checked, Error>> = checked
+            .into_iter()
+            .map(|checked| match checked {
+                Ok(c) if c.key.as_ref().is_some_and(|key| !keys.insert(key.scoped.clone())) => {
+                    Err(Error::bad_request("this idempotency_key is given to an earlier item of the batch"))
+                }
+                other => other,
+            })
+            .collect();
+        self.within_uid_cap(checked.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.uids.len()).sum())?;
         let ready: Vec<&Checked> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
         let mut answers = self.run(&ready, publisher, accepted_at).await.into_iter().zip(&ready);
         let mut texts = Vec::with_capacity(checked.len());
@@ -505,6 +551,14 @@ impl Api {
         let results: Vec<&RawValue> = texts.iter().filter_map(|t| serde_json::from_str(t).ok()).collect();
         let body = serde_json::to_string(&Results { results }).map_err(|e| Error::unavailable(format!("could not write the answer: {e}")))?;
         Ok(json(StatusCode::OK, body))
+    }
+
+    /// 413 when a request would push to more than `--max-push-uids` uids.
+    fn within_uid_cap(&self, uids: usize) -> Result<(), Error> {
+        if uids > self.max_push_uids {
+            return Err(Error::new(Kind::PayloadTooLarge, format!("the request pushes to {uids} uids; the limit is {} (--max-push-uids)", self.max_push_uids)));
+        }
+        Ok(())
     }
 
     /// Checks one publish against the key's rights and the size limits.
@@ -533,7 +587,6 @@ impl Api {
         let jobs: Vec<Job> = checked
             .iter()
             .map(|c| {
-                self.metrics.published(c.kind);
                 let target = match c.kind {
                     PublishKind::Push => Target::Uids(c.uids.clone()),
                     PublishKind::Topic => Target::Topic(c.topic.unwrap_or_default()),
@@ -552,6 +605,7 @@ impl Api {
         let id = checked.id;
         match published {
             Ok(Published::Delivered(delivered, remember)) => {
+                self.metrics.published(checked.kind);
                 let online = (checked.kind == PublishKind::Push).then_some(delivered.online);
                 let reached = Reached { id, online, delivered: delivered.delivered, nodes: delivered.nodes, stored: delivered.stored };
                 let body = serde_json::to_string(&reached).map_err(|e| Error::new(Kind::Internal, format!("could not write the answer: {e}")))?;
@@ -575,15 +629,67 @@ impl Api {
     }
 }
 
+/// Whether `json` is an object: serde would also read a struct from an array of its
+/// fields in order, which is not a form this API takes.
+fn is_object(json: &[u8]) -> bool {
+    json.trim_ascii_start().first() == Some(&b'{')
+}
+
+/// A batch's items, read as raw JSON up to `max`: `None` past it.
+struct Items {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Items {
+    type Value = Option<Vec<&'de RawValue>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Items {
+    type Value = Option<Vec<&'de RawValue>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of items")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            if items.len() == self.max {
+                // Skipped, not kept: the rest costs parsing, no memory.
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                return Ok(None);
+            }
+            items.push(item);
+        }
+        Ok(Some(items))
+    }
+}
+
 /// One batch item read: its publish and its idempotency key, or why it is refused.
 fn read_item<'a>(item: &'a RawValue) -> Result<(Body<'a>, Option<String>), Error> {
+    if !is_object(item.get().as_bytes()) {
+        return Err(Error::bad_request("bad item: an item is an object"));
+    }
     let item: BatchItem = serde_json::from_str(item.get()).map_err(|e| Error::bad_request(format!("bad item: {e}")))?;
-    let body = match (item.push, item.publish, item.broadcast) {
-        (Some(push), None, None) => Body::Push(push),
-        (None, Some(publish), None) => Body::Publish(publish),
-        (None, None, Some(broadcast)) => Body::Broadcast(broadcast),
+    let (route, body) = match (item.push, item.publish, item.broadcast) {
+        (Some(push), None, None) => ("push", push),
+        (None, Some(publish), None) => ("publish", publish),
+        (None, None, Some(broadcast)) => ("broadcast", broadcast),
         _ => return Err(Error::bad_request("an item holds exactly one of `push`, `publish`, `broadcast`")),
     };
+    if !is_object(body.get().as_bytes()) {
+        return Err(Error::bad_request(format!("bad item: `{route}` is an object")));
+    }
+    let body = match route {
+        "push" => serde_json::from_str(body.get()).map(Body::Push),
+        "publish" => serde_json::from_str(body.get()).map(Body::Publish),
+        _ => serde_json::from_str(body.get()).map(Body::Broadcast),
+    }
+    .map_err(|e| Error::bad_request(format!("bad item: `{route}`: {e}")))?;
     Ok((body, item.idempotency_key))
 }
 

@@ -81,6 +81,11 @@ impl ApiKeys {
             let file: File = toml::from_str(&text).map_err(|e| Error::config(format!("--api-keys {shown}: {e}")))?;
             for entry in file.key {
                 let name = entry.name;
+                // A name scopes its holder's idempotency keys (`<name>/<key>`): one with a `/`
+                // could reach into another's, and `api-key` is --api-key's.
+                if name.is_empty() || name.contains('/') || name == "api-key" {
+                    return Err(Error::config(format!("--api-keys {shown}: key name `{name}`: names are not empty, have no `/` and are not `api-key` (--api-key's)")));
+                }
                 check_secret(&format!("--api-keys {shown}: key `{name}`"), &entry.secret).map_err(Error::config)?;
                 let mut scopes = [false; 3];
                 for scope in &entry.scopes {
@@ -141,6 +146,12 @@ mod tests {
         assert!(keys.find("nope").is_none() && keys.find(&"p".repeat(31)).is_none());
         std::fs::write(&path, "[[key]]\nname = \"x\"\nsecret = \"short\"\nscopes = [\"push\"]\n").unwrap();
         assert!(ApiKeys::load(None, Some(&path)).err().unwrap().message.contains("key `x` is 5 bytes"));
+        // A name scopes idempotency keys (`name/key`): none may reach into another's.
+        for name in ["a/b", "api-key", ""] {
+            std::fs::write(&path, format!("[[key]]\nname = \"{name}\"\nsecret = \"{pusher}\"\nscopes = [\"push\"]\n")).unwrap();
+            let refused = ApiKeys::load(None, Some(&path)).err().expect("refused").message;
+            assert!(refused.contains("names are not empty, have no `/` and are not `api-key`"), "{name}: {refused}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -113,10 +113,22 @@ pub struct Job<'a> {
 
 /// Each uid once, in the order given.
 pub fn distinct<'u>(uids: impl IntoIterator<Item = &'u str>) -> Vec<&'u str> {
-    let mut out: Vec<&str> = Vec::new();
+    let uids = uids.into_iter();
+    let mut out: Vec<&str> = Vec::with_capacity(uids.size_hint().0);
+    // A push names few uids: a scan beats hashing until it names many.
+    const SCAN_UP_TO: usize = 16;
+    let mut seen: HashSet<&str> = HashSet::new();
     for uid in uids {
-        // A push names few uids: a scan beats hashing until it names many.
-        if out.len() < 16 && !out.contains(&uid) || out.len() >= 16 && !out[16..].contains(&uid) && !out[..16].contains(&uid) {
+        if out.len() < SCAN_UP_TO {
+            if !out.contains(&uid) {
+                out.push(uid);
+            }
+            continue;
+        }
+        if seen.is_empty() {
+            seen.extend(out.iter().copied());
+        }
+        if seen.insert(uid) {
             out.push(uid);
         }
     }
@@ -432,6 +444,8 @@ impl Nodes {
             let (id, key, kind) = (job.draft.id, job.key, job.target.kind());
             let mut result = Delivered::default();
             let (mut repeated, mut remembered, mut mismatched, mut published) = (Vec::new(), Vec::new(), false, false);
+            // Other nodes a push reached, each once however many of its uids they hold.
+            let mut reached: Vec<u16> = Vec::new();
             for (stream, uid, channels) in &streams {
                 match appended.next().and_then(Appended::parse) {
                     Some(Appended::Repeated(record)) => match read_record(key, &record) {
@@ -447,11 +461,15 @@ impl Nodes {
                         }
                         match uid {
                             Some(uid) => {
-                                let (nodes, sessions) = remote.get(uid).map(|(n, s)| (n.len(), *s)).unwrap_or_default();
+                                let (nodes, sessions) = remote.get(uid).map(|(n, s)| (n.as_slice(), *s)).unwrap_or_default();
                                 result.online += sessions;
                                 if receivers >= *channels {
                                     result.delivered += sessions;
-                                    result.nodes += nodes;
+                                    for node in nodes {
+                                        if !reached.contains(node) {
+                                            reached.push(*node);
+                                        }
+                                    }
                                     self.metrics.relayed(Relayed::Out, kind);
                                 } else {
                                     self.metrics.dropped(DropReason::NodeUnreachable, sessions);
@@ -480,6 +498,7 @@ impl Nodes {
                 });
                 continue;
             }
+            result.nodes += reached.len();
             let (online_here, delivered_here) = self.awaited.wait(id, own, OWN_DELIVERY_WAIT).await;
             result.online += online_here;
             result.delivered += delivered_here;
