@@ -1,0 +1,180 @@
+//! `POST /v1/batch`: many publishes in one request, a JSON array or NDJSON lines, each
+//! read, checked, published and answered on its own, in order.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use hyper::StatusCode;
+use serde::de::DeserializeSeed;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::body::{is_object, Body};
+use super::{json, Api, Checked, Failed, Refused, Reply, ENVELOPE_ALLOWANCE};
+use crate::auth::api_keys::ApiKey;
+use crate::error::{Error, Kind};
+use crate::history::idempotency;
+
+/// One entry of a `/v1/batch`: exactly one of `push`, `publish`, `broadcast` (the bodies
+/// of those endpoints), and its own idempotency key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem<'a> {
+    #[serde(borrow, default)]
+    push: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    publish: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    broadcast: Option<&'a RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// Results in request order, as JSON texts.
+#[derive(Serialize)]
+struct Results<'a> {
+    results: Vec<&'a RawValue>,
+}
+
+impl Api {
+    /// `/v1/batch`: a JSON array (or NDJSON lines) of items, each checked, published and
+    /// answered on its own, in order; one bad item fails only itself.
+    pub(super) async fn batch(&self, body: &[u8], ndjson: bool, holder: Option<&ApiKey>, accepted_at: Instant) -> Result<Reply, Error> {
+        let too_many = || Error::new(Kind::PayloadTooLarge, format!("batch has more than {} items (--max-batch)", self.max_batch));
+        let raw: Vec<&RawValue> = if ndjson {
+            let mut raw = Vec::new();
+            for (n, line) in body.split(|b| *b == b'\n').enumerate().filter(|(_, line)| !line.trim_ascii().is_empty()) {
+                if raw.len() == self.max_batch {
+                    return Err(too_many());
+                }
+                raw.push(serde_json::from_slice(line).map_err(|e| Error::bad_request(format!("line {}: bad JSON: {e}", n + 1)))?);
+            }
+            raw
+        } else {
+            // Read up to one item past the limit, so a body of a million tiny items costs
+            // no more than the limit's worth.
+            let mut items = serde_json::Deserializer::from_slice(body);
+            let raw = Items { max: self.max_batch }.deserialize(&mut items).and_then(|raw| items.end().map(|()| raw));
+            match raw {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return Err(too_many()),
+                Err(e) => return Err(Error::bad_request(format!("bad JSON: a batch is an array of items: {e}"))),
+            }
+        };
+        if raw.is_empty() {
+            return Err(Error::bad_request("a batch needs at least one item"));
+        }
+        let publisher = holder.map_or("", |key| key.name.as_str());
+        let read: Vec<Result<(Body, Option<String>), Error>> = raw.iter().map(|item| read_item(item)).collect();
+        let checked: Vec<Result<Checked, Error>> = read
+            .iter()
+            .zip(&raw)
+            .map(|(read, item)| {
+                let (body, key) = read.as_ref().map_err(Clone::clone)?;
+                let key = key
+                    .as_deref()
+                    .map(|key| idempotency::Key::new(publisher, key, <&str>::from(body.kind()), item.get().as_bytes()))
+                    .transpose()
+                    .map_err(Error::bad_request)?;
+                if item.get().len() > self.max_message_bytes + ENVELOPE_ALLOWANCE {
+                    let limit = self.max_message_bytes + ENVELOPE_ALLOWANCE;
+                    return Err(Error::new(Kind::PayloadTooLarge, format!("item over {limit} bytes (what /v1/{} takes)", body.route())));
+                }
+                self.check(body, holder, key)
+            })
+            .collect();
+        // Two items with one key: the second would find the first still being published.
+        let mut keys = HashSet::new();
+        let checked: Vec<Result<Checked, Error>> = checked
+            .into_iter()
+            .map(|checked| match checked {
+                Ok(c) if c.key.as_ref().is_some_and(|key| !keys.insert(key.scoped.clone())) => {
+                    Err(Error::bad_request("this idempotency_key is given to an earlier item of the batch"))
+                }
+                other => other,
+            })
+            .collect();
+        self.within_uid_cap(checked.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.uids.len()).sum())?;
+        let ready: Vec<&Checked> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
+        let mut answers = self.run(&ready, publisher, accepted_at).await.into_iter().zip(&ready);
+        let mut texts = Vec::with_capacity(checked.len());
+        for item in &checked {
+            let text = match item {
+                Err(e) => refused(&Failed::from(e.clone())),
+                Ok(_) => match answers.next() {
+                    Some((answer, checked)) => self.answer(checked, answer).unwrap_or_else(|failed| refused(&failed)),
+                    None => refused(&Failed::from(Error::unavailable("the registry gave no answer"))),
+                },
+            };
+            texts.push(text);
+        }
+        let results: Vec<&RawValue> = texts.iter().filter_map(|t| serde_json::from_str(t).ok()).collect();
+        let body = serde_json::to_string(&Results { results }).map_err(|e| Error::unavailable(format!("could not write the answer: {e}")))?;
+        Ok(json(StatusCode::OK, body))
+    }
+
+}
+
+/// A batch's items, read as raw JSON up to `max`: `None` past it.
+struct Items {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Items {
+    type Value = Option<Vec<&'de RawValue>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Items {
+    type Value = Option<Vec<&'de RawValue>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of items")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            if items.len() == self.max {
+                // Skipped, not kept: the rest costs parsing, no memory.
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                return Ok(None);
+            }
+            items.push(item);
+        }
+        Ok(Some(items))
+    }
+}
+
+/// One batch item read: its publish and its idempotency key, or why it is refused.
+fn read_item<'a>(item: &'a RawValue) -> Result<(Body<'a>, Option<String>), Error> {
+    if !is_object(item.get().as_bytes()) {
+        return Err(Error::bad_request("bad item: an item is an object"));
+    }
+    let item: BatchItem = serde_json::from_str(item.get()).map_err(|e| Error::bad_request(format!("bad item: {e}")))?;
+    let (route, body) = match (item.push, item.publish, item.broadcast) {
+        (Some(push), None, None) => ("push", push),
+        (None, Some(publish), None) => ("publish", publish),
+        (None, None, Some(broadcast)) => ("broadcast", broadcast),
+        _ => return Err(Error::bad_request("an item holds exactly one of `push`, `publish`, `broadcast`")),
+    };
+    if !is_object(body.get().as_bytes()) {
+        return Err(Error::bad_request(format!("bad item: `{route}` is an object")));
+    }
+    let body = match route {
+        "push" => serde_json::from_str(body.get()).map(Body::Push),
+        "publish" => serde_json::from_str(body.get()).map(Body::Publish),
+        _ => serde_json::from_str(body.get()).map(Body::Broadcast),
+    }
+    .map_err(|e| Error::bad_request(format!("bad item: `{route}`: {e}")))?;
+    Ok((body, item.idempotency_key))
+}
+
+/// A batch item's refusal, as its entry in the results.
+fn refused(failed: &Failed) -> String {
+    let refused = Refused { error: &failed.error.message, status: Some(failed.error.kind.status()), id: failed.id };
+    serde_json::to_string(&refused).unwrap_or_default()
+}
