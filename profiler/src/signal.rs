@@ -137,6 +137,10 @@ const FRAME_SPAN: u64 = 8 << 20;
 /// Words above the stack pointer searched for a frame record when the frame-pointer
 /// register holds none.
 const SCAN_WORDS: u64 = 32;
+/// Farthest the caller's frame record found that way may be: a system-call wrapper's
+/// caller is a frame or two up, and a near bound keeps a stray stack pointer among the
+/// wrapper's locals from being taken for it.
+const SCAN_SPAN: u64 = 64 << 10;
 
 /// Whether `fp` can be a frame record above `below`: aligned, above it, within reach.
 fn plausible(fp: u64, below: u64) -> bool {
@@ -168,7 +172,9 @@ fn walk(pid: i32, sp: u64, mut fp: u64, out: &mut [u64]) -> usize {
     if !plausible(fp, sp) {
         let found = (0..SCAN_WORDS).map(|i| sp + 8 * i).find(|slot| {
             read(*slot, &mut page).is_some_and(|saved| {
-                plausible(saved, slot + 16) && read(saved, &mut page).is_some_and(|up| up == 0 || plausible(up, saved + 16))
+                plausible(saved, slot + 16)
+                    && saved - slot < SCAN_SPAN
+                    && read(saved, &mut page).is_some_and(|up| up == 0 || plausible(up, saved + 16))
             })
         });
         if let Some(slot) = found {
@@ -206,7 +212,7 @@ mod tests {
         let mut stack = [0u64; 16];
         let base = stack.as_ptr() as u64;
         stack[0] = 7; // the wrapper's locals: not pointers up the stack
-        stack[1] = base + 4096 * 1024;
+        stack[1] = base + 4096 * 1024; // a pointer far up the stack, or past it
         stack[4] = base + 8 * 8; // saved frame pointer -> the caller's record at [8]
         stack[5] = 0x1111; // return into the caller
         stack[8] = base + 12 * 8;
