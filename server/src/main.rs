@@ -26,7 +26,9 @@ fn main() -> ExitCode {
         }
     };
     if config.check_config {
-        return match config.validate() {
+        // The credential files too (JWT keys, --api-keys), read as a start reads them.
+        let checked = config.validate().and_then(|()| pushline::auth::Credentials::load(&config).map(drop));
+        return match checked {
             Ok(()) => {
                 println!("pushline: the configuration is valid");
                 ExitCode::SUCCESS

@@ -185,7 +185,7 @@ async fn a_batch_publishes_each_item_and_answers_each_in_order() {
     assert!(said(0).contains("exactly one of `push`, `publish`, `broadcast`"), "{answer}");
     assert!(said(1).contains("unknown field `nothing`"), "{answer}");
     assert_eq!(results[2]["status"], 400, "{answer}");
-    assert!(said(3).contains("an item is an object"), "{answer}");
+    assert!(said(3).contains("an item must be a JSON object"), "{answer}");
     assert_eq!(results[4]["status"], 400, "a body given as an array of its fields: {answer}");
     assert_eq!(results[5]["delivered"], 2, "{answer}");
     assert!(said(6).contains("given to an earlier item of the batch"), "{answer}");
@@ -208,4 +208,8 @@ async fn a_batch_publishes_each_item_and_answers_each_in_order() {
     assert_eq!(metric(&text, r#"pushline_api_requests_total{route="batch",status="413"}"#), 3.0);
     assert_eq!(metric(&text, r#"pushline_messages_published_total{kind="broadcast"}"#), 2.0, "refused batches published nothing");
     assert_eq!(metric(&text, r#"pushline_messages_published_total{kind="push"}"#), 7.0, "replays publish nothing");
+    // Every item of every batch that was read, by what it got.
+    for (status, items) in [("200", 11.0), ("400", 8.0), ("413", 1.0), ("422", 1.0)] {
+        assert_eq!(metric(&text, &format!(r#"pushline_api_batch_items_total{{status="{status}"}}"#)), items, "{status}\n{text}");
+    }
 }

@@ -54,6 +54,17 @@ fn check_config_lists_every_problem_and_binds_nothing() {
     }
     let unknown = check(&["--no-such-flag"]);
     assert_eq!(unknown.status.code(), Some(2));
+    // The credential files are read as a start reads them.
+    let dir = std::env::temp_dir().join(format!("pushline-check-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(&keys, format!("[[key]]\nname = \"a/b\"\nsecret = \"{}\"\nscopes = [\"push\"]\n", "s".repeat(32))).unwrap();
+    for (file, says) in [(keys.to_str().unwrap(), "key name `a/b`"), ("/nonexistent/keys.toml", "cannot read")] {
+        let refused = check(&["--listen", "127.0.0.1:1", "--admin-listen", "127.0.0.1:1", "--api-keys", file]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(refused.status.code() == Some(2) && stderr.contains(says), "{file}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

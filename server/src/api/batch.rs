@@ -59,7 +59,16 @@ impl Api {
             return Err(Error::bad_request("a batch needs at least one item"));
         }
         let publisher = holder.map_or("", |key| key.name.as_str());
-        let read: Vec<Result<(Body, Option<String>), Error>> = raw.iter().map(|item| read_item(item)).collect();
+        // An item is held to what its own endpoint takes before it is read: its uids would
+        // otherwise be parsed whole first.
+        let limit = self.max_message_bytes + ENVELOPE_ALLOWANCE;
+        let read: Vec<Result<(Body, Option<String>), Error>> = raw
+            .iter()
+            .map(|item| match item.get().len() {
+                n if n > limit => Err(Error::new(Kind::PayloadTooLarge, format!("item is {n} bytes, over {limit} (what its own endpoint takes)"))),
+                _ => read_item(item),
+            })
+            .collect();
         let checked: Vec<Result<Checked, Error>> = read
             .iter()
             .zip(&raw)
@@ -70,10 +79,6 @@ impl Api {
                     .map(|key| idempotency::Key::new(publisher, key, <&str>::from(body.kind()), item.get().as_bytes()))
                     .transpose()
                     .map_err(Error::bad_request)?;
-                if item.get().len() > self.max_message_bytes + ENVELOPE_ALLOWANCE {
-                    let limit = self.max_message_bytes + ENVELOPE_ALLOWANCE;
-                    return Err(Error::new(Kind::PayloadTooLarge, format!("item over {limit} bytes (what /v1/{} takes)", body.route())));
-                }
                 self.check(body, holder, key)
             })
             .collect();
@@ -95,13 +100,15 @@ impl Api {
         let mut body = String::with_capacity(16 + 96 * checked.len());
         body.push_str(r#"{"results":["#);
         for (i, item) in checked.iter().enumerate() {
-            let text = match item {
-                Err(e) => refused(&Failed::from(e.clone())),
+            let answered = match item {
+                Err(e) => Err(Failed::from(e.clone())),
                 Ok(_) => match answers.next() {
-                    Some((answer, checked)) => self.answer(checked, answer).unwrap_or_else(|failed| refused(&failed)),
-                    None => refused(&Failed::from(Error::unavailable("the registry gave no answer"))),
+                    Some((answer, checked)) => self.answer(checked, answer),
+                    None => Err(Failed::from(Error::unavailable("the registry gave no answer"))),
                 },
             };
+            self.metrics.api_batch_item(answered.as_ref().map_or_else(|failed| failed.error.kind.status(), |_| 200));
+            let text = answered.unwrap_or_else(|failed| refused(&failed));
             if i > 0 {
                 body.push(',');
             }
@@ -149,7 +156,7 @@ impl<'de> serde::de::Visitor<'de> for Items {
 /// One batch item read: its publish and its idempotency key, or why it is refused.
 fn read_item<'a>(item: &'a RawValue) -> Result<(Body<'a>, Option<String>), Error> {
     if !is_object(item.get().as_bytes()) {
-        return Err(Error::bad_request("bad item: an item is an object"));
+        return Err(Error::bad_request("bad item: an item must be a JSON object"));
     }
     let item: BatchItem = serde_json::from_str(item.get()).map_err(|e| Error::bad_request(format!("bad item: {e}")))?;
     let (route, body) = match (item.push, item.publish, item.broadcast) {
@@ -159,7 +166,7 @@ fn read_item<'a>(item: &'a RawValue) -> Result<(Body<'a>, Option<String>), Error
         _ => return Err(Error::bad_request("an item holds exactly one of `push`, `publish`, `broadcast`")),
     };
     if !is_object(body.get().as_bytes()) {
-        return Err(Error::bad_request(format!("bad item: `{route}` is an object")));
+        return Err(Error::bad_request(format!("bad item: `{route}` must be a JSON object")));
     }
     let body = match route {
         "push" => serde_json::from_str(body.get()).map(Body::Push),

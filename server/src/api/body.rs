@@ -48,15 +48,6 @@ pub enum Body<'a> {
 }
 
 impl Body<'_> {
-    /// The endpoint that takes this body alone.
-    pub fn route(&self) -> &'static str {
-        match self {
-            Body::Push(_) => "push",
-            Body::Publish(_) => "publish",
-            Body::Broadcast(_) => "broadcast",
-        }
-    }
-
     pub fn kind(&self) -> PublishKind {
         match self {
             Body::Push(_) => PublishKind::Push,

@@ -365,7 +365,7 @@ impl Api {
             return self.batch(&body, ndjson, holder, accepted_at).await;
         };
         if !is_object(&body) {
-            return Err(Error::bad_request("bad JSON: the body is an object"));
+            return Err(Error::bad_request("bad JSON: the body must be a JSON object"));
         }
         let read = match kind {
             PublishKind::Push => serde_json::from_slice(&body).map(Body::Push),

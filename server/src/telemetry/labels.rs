@@ -175,8 +175,12 @@ pub enum ApiStatus {
     MethodNotAllowed,
     #[strum(serialize = "408")]
     Timeout,
+    #[strum(serialize = "409")]
+    Conflict,
     #[strum(serialize = "413")]
     PayloadTooLarge,
+    #[strum(serialize = "422")]
+    Unprocessable,
     #[strum(serialize = "503")]
     Unavailable,
     #[strum(serialize = "other")]
@@ -193,7 +197,9 @@ impl ApiStatus {
             404 => ApiStatus::NotFound,
             405 => ApiStatus::MethodNotAllowed,
             408 => ApiStatus::Timeout,
+            409 => ApiStatus::Conflict,
             413 => ApiStatus::PayloadTooLarge,
+            422 => ApiStatus::Unprocessable,
             503 => ApiStatus::Unavailable,
             _ => ApiStatus::Other,
         }

@@ -43,6 +43,7 @@ pub const OUTBOUND_QUEUED_BYTES: &str = "pushline_outbound_queued_bytes";
 pub const OUTBOUND_QUEUED_MESSAGES: &str = "pushline_outbound_queued_messages";
 pub const CLIENT_ERRORS: &str = "pushline_client_errors_total";
 pub const API_REQUESTS: &str = "pushline_api_requests_total";
+pub const API_BATCH_ITEMS: &str = "pushline_api_batch_items_total";
 pub const JEMALLOC_BYTES: &str = "pushline_jemalloc_bytes";
 pub const JEMALLOC_FRAGMENTATION: &str = "pushline_jemalloc_fragmentation_ratio";
 pub const ALLOC_SITE_LIVE_BYTES: &str = "pushline_alloc_site_live_bytes";
@@ -100,6 +101,7 @@ pub struct Metrics {
     dropped: [Counter; DropReason::COUNT],
     client_errors: [Counter; ClientError::COUNT],
     api_requests: [[Counter; ApiStatus::COUNT]; ApiRoute::COUNT],
+    api_batch_items: [Counter; ApiStatus::COUNT],
     delivery_latency: LatencyHistogram,
     queued_bytes: Gauge,
     queued_messages: Gauge,
@@ -171,7 +173,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 24] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 25] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -181,6 +183,7 @@ impl Metrics {
             (MESSAGES_DROPPED, Some(Unit::Count), "Messages that did not reach a connection, by reason."),
             (CLIENT_ERRORS, Some(Unit::Count), "Client frames the server could not use, by reason."),
             (API_REQUESTS, Some(Unit::Count), "Publish API requests, by route and status."),
+            (API_BATCH_ITEMS, Some(Unit::Count), "Items of /v1/batch requests, by the status each would have had alone."),
             (REDIS_ERRORS, Some(Unit::Count), "Redis commands that failed, by command."),
             (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
             (REDIS_MASTER_CHANGES, Some(Unit::Count), "Times the Sentinels named a new Redis master and the link moved to it."),
@@ -250,6 +253,7 @@ impl Metrics {
             delivered: counter(MESSAGES_DELIVERED, &[]),
             dropped: each::<DropReason, _, _>(|r| counter(MESSAGES_DROPPED, &[("reason", r)])),
             client_errors: each::<ClientError, _, _>(|r| counter(CLIENT_ERRORS, &[("reason", r)])),
+            api_batch_items: each::<ApiStatus, _, _>(|status| counter(API_BATCH_ITEMS, &[("status", status)])),
             api_requests: each::<ApiRoute, _, _>(|route| {
                 each::<ApiStatus, _, _>(|status| counter(API_REQUESTS, &[("route", route), ("status", status)]))
             }),
@@ -389,6 +393,11 @@ impl Metrics {
 
     pub fn api_request(&self, route: ApiRoute, status: u16) {
         self.api_requests[route as usize][ApiStatus::of(status) as usize].increment(1);
+    }
+
+    /// An item of a `/v1/batch` answered with what `status` its own request would have had.
+    pub fn api_batch_item(&self, status: u16) {
+        self.api_batch_items[ApiStatus::of(status) as usize].increment(1);
     }
 
     /// Prometheus text exposition, with the gauges that are read at scrape time brought up
