@@ -100,7 +100,7 @@ pub struct Unavailable {
     pub reason: String,
 }
 
-/// Uids a push gives their messages before it lets other tasks run.
+/// Messages a publish request gives out before it lets other tasks run.
 const UIDS_PER_YIELD: usize = 256;
 
 /// One message of a publish request: what it says, where it goes, and its idempotency key.
@@ -164,7 +164,17 @@ impl Registry {
         match self {
             Registry::Memory { history, .. } => {
                 let mut answers = Vec::with_capacity(jobs.len());
+                // Messages given out since other tasks last ran (a push's own uids yield too).
+                let mut since_yield = 0;
                 for job in jobs {
+                    since_yield += match &job.target {
+                        Target::Uids(uids) => uids.len() % UIDS_PER_YIELD,
+                        _ => 1,
+                    };
+                    if since_yield >= UIDS_PER_YIELD {
+                        since_yield = 0;
+                        tokio::task::yield_now().await;
+                    }
                     let remember = match self.claim(job.key) {
                         Ok(remember) => remember,
                         Err(answered) => {
