@@ -14,6 +14,7 @@ use super::{json, Api, Checked, Failed, Refused, Reply, ENVELOPE_ALLOWANCE};
 use crate::auth::api_keys::ApiKey;
 use crate::error::{Error, Kind};
 use crate::history::idempotency;
+use crate::telemetry::PublishKind;
 
 /// One entry of a `/v1/batch`: exactly one of `push`, `publish`, `broadcast` (the bodies
 /// of those endpoints), and its own idempotency key.
@@ -69,6 +70,9 @@ impl Api {
                 _ => read_item(item),
             })
             .collect();
+        // Keys of the items checked so far: a second item with one would find the first
+        // still being published.
+        let mut keys = HashSet::new();
         let checked: Vec<Result<Checked, Error>> = read
             .iter()
             .zip(&raw)
@@ -79,21 +83,14 @@ impl Api {
                     .map(|key| idempotency::Key::new(publisher, key, <&str>::from(body.kind()), item.get().as_bytes()))
                     .transpose()
                     .map_err(Error::bad_request)?;
-                self.check(body, holder, key)
-            })
-            .collect();
-        // Two items with one key: the second would find the first still being published.
-        let mut keys = HashSet::new();
-        let checked: Vec<Result<Checked, Error>> = checked
-            .into_iter()
-            .map(|checked| match checked {
-                Ok(c) if c.key.as_ref().is_some_and(|key| !keys.insert(key.scoped.clone())) => {
-                    Err(Error::bad_request("this idempotency_key is given to an earlier item of the batch"))
+                let checked = self.check(body, holder, key)?;
+                if checked.key.as_ref().is_some_and(|key| !keys.insert(key.scoped.clone())) {
+                    return Err(Error::bad_request("this idempotency_key is given to an earlier item of the batch"));
                 }
-                other => other,
+                Ok(checked)
             })
             .collect();
-        self.within_uid_cap(checked.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.uids.len()).sum())?;
+        self.within_uid_cap(checked.iter().filter_map(|c| c.as_ref().ok()).map(Checked::uids).sum())?;
         let ready: Vec<&Checked> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
         let mut answers = self.run(&ready, publisher, accepted_at).await.into_iter().zip(&ready);
         // Each entry is JSON this server wrote (an answer, a refusal, a kept first answer).
@@ -159,21 +156,16 @@ fn read_item<'a>(item: &'a RawValue) -> Result<(Body<'a>, Option<String>), Error
         return Err(Error::bad_request("bad item: an item must be a JSON object"));
     }
     let item: BatchItem = serde_json::from_str(item.get()).map_err(|e| Error::bad_request(format!("bad item: {e}")))?;
-    let (route, body) = match (item.push, item.publish, item.broadcast) {
-        (Some(push), None, None) => ("push", push),
-        (None, Some(publish), None) => ("publish", publish),
-        (None, None, Some(broadcast)) => ("broadcast", broadcast),
+    let (field, kind, body) = match (item.push, item.publish, item.broadcast) {
+        (Some(push), None, None) => ("push", PublishKind::Push, push),
+        (None, Some(publish), None) => ("publish", PublishKind::Topic, publish),
+        (None, None, Some(broadcast)) => ("broadcast", PublishKind::Broadcast, broadcast),
         _ => return Err(Error::bad_request("an item holds exactly one of `push`, `publish`, `broadcast`")),
     };
     if !is_object(body.get().as_bytes()) {
-        return Err(Error::bad_request(format!("bad item: `{route}` must be a JSON object")));
+        return Err(Error::bad_request(format!("bad item: `{field}` must be a JSON object")));
     }
-    let body = match route {
-        "push" => serde_json::from_str(body.get()).map(Body::Push),
-        "publish" => serde_json::from_str(body.get()).map(Body::Publish),
-        _ => serde_json::from_str(body.get()).map(Body::Broadcast),
-    }
-    .map_err(|e| Error::bad_request(format!("bad item: `{route}`: {e}")))?;
+    let body = Body::read(kind, body.get().as_bytes()).map_err(|e| Error::bad_request(format!("bad item: `{field}`: {e}")))?;
     Ok((body, item.idempotency_key))
 }
 

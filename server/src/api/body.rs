@@ -47,7 +47,16 @@ pub enum Body<'a> {
     Broadcast(BroadcastBody<'a>),
 }
 
-impl Body<'_> {
+impl<'a> Body<'a> {
+    /// The body of a publish of `kind`, from `json` (already known to be an object).
+    pub fn read(kind: PublishKind, json: &'a [u8]) -> Result<Body<'a>, serde_json::Error> {
+        match kind {
+            PublishKind::Push => serde_json::from_slice(json).map(Body::Push),
+            PublishKind::Topic => serde_json::from_slice(json).map(Body::Publish),
+            PublishKind::Broadcast => serde_json::from_slice(json).map(Body::Broadcast),
+        }
+    }
+
     pub fn kind(&self) -> PublishKind {
         match self {
             Body::Push(_) => PublishKind::Push,
@@ -75,4 +84,3 @@ pub fn checked_uids<'a>(uids: &'a [Uid<'a>]) -> Result<Vec<&'a str>, Error> {
     // A uid listed twice gets the message once.
     Ok(registry::distinct(uids.iter().map(|Uid(u)| u.as_ref())))
 }
-

@@ -192,13 +192,21 @@ fn allowed(holder: Option<&ApiKey>, kind: PublishKind, topic: Option<&str>) -> R
 /// A publish checked (rights, names, sizes): what becomes a registry job.
 struct Checked<'a> {
     id: u64,
-    kind: PublishKind,
-    /// Each uid once (pushes).
-    uids: Vec<&'a str>,
-    topic: Option<&'a str>,
+    /// Each uid once (pushes), a topic, or everyone.
+    target: Target<'a>,
     /// Compacted JSON.
     data: Cow<'a, str>,
     key: Option<idempotency::Key>,
+}
+
+impl Checked<'_> {
+    /// The uids it pushes to (none for a topic or everyone).
+    fn uids(&self) -> usize {
+        match &self.target {
+            Target::Uids(uids) => uids.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// 503: Redis failed, so the message may have reached no one, or some (a batch can fail
@@ -288,7 +296,7 @@ fn as_text<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
 
 fn as_text_some<S: serde::Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
     match id {
-        Some(id) => s.collect_str(id),
+        Some(id) => as_text(id, s),
         None => s.serialize_none(),
     }
 }
@@ -367,19 +375,14 @@ impl Api {
         if !is_object(&body) {
             return Err(Error::bad_request("bad JSON: the body must be a JSON object"));
         }
-        let read = match kind {
-            PublishKind::Push => serde_json::from_slice(&body).map(Body::Push),
-            PublishKind::Topic => serde_json::from_slice(&body).map(Body::Publish),
-            PublishKind::Broadcast => serde_json::from_slice(&body).map(Body::Broadcast),
-        }
-        .map_err(|e| Error::bad_request(format!("bad JSON: {e}")))?;
+        let read = Body::read(kind, &body).map_err(|e| Error::bad_request(format!("bad JSON: {e}")))?;
         // Known by its holder, and by what it asked for: a reuse with another request is refused.
         let key = idempotency_header
             .map(|key| idempotency::Key::new(publisher, &key, <&str>::from(kind), &body))
             .transpose()
             .map_err(Error::bad_request)?;
         let checked = self.check(&read, holder, key)?;
-        self.within_uid_cap(checked.uids.len())?;
+        self.within_uid_cap(checked.uids())?;
         let mut answers = self.run(&[&checked], publisher, accepted_at).await;
         let answer = answers.pop().ok_or_else(|| Error::unavailable("the registry gave no answer"))?;
         Ok(self.answer(&checked, answer).map_or_else(Reply::from, |body| json(StatusCode::OK, body)))
@@ -395,23 +398,22 @@ impl Api {
 
     /// Checks one publish against the key's rights and the size limits.
     fn check<'b>(&self, body: &'b Body<'b>, holder: Option<&ApiKey>, key: Option<idempotency::Key>) -> Result<Checked<'b>, Error> {
-        let kind = body.kind();
-        let (uids, topic, data) = match body {
-            Body::Push(push) => (checked_uids(&push.uids)?, None, push.data),
+        let (target, topic, data) = match body {
+            Body::Push(push) => (Target::Uids(checked_uids(&push.uids)?), None, push.data),
             Body::Publish(publish) => {
                 hub::check_topic_name(&publish.topic).map_err(Error::bad_request)?;
-                (Vec::new(), Some(publish.topic.as_ref()), publish.data)
+                (Target::Topic(&publish.topic), Some(publish.topic.as_ref()), publish.data)
             }
-            Body::Broadcast(broadcast) => (Vec::new(), None, broadcast.data),
+            Body::Broadcast(broadcast) => (Target::Everyone, None, broadcast.data),
         };
-        allowed(holder, kind, topic)?;
+        allowed(holder, target.kind(), topic)?;
         let max = self.max_message_bytes;
         if data.get().len() > max {
             return Err(Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len())));
         }
         let data = json::compact(data.get())
             .map_err(|_| Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))?;
-        Ok(Checked { id: self.message_ids.next(), kind, uids, topic, data, key })
+        Ok(Checked { id: self.message_ids.next(), target, data, key })
     }
 
     /// Publishes checked messages, in order, each with its own answer.
@@ -419,12 +421,11 @@ impl Api {
         let jobs: Vec<Job> = checked
             .iter()
             .map(|c| {
-                let target = match c.kind {
-                    PublishKind::Push => Target::Uids(c.uids.clone()),
-                    PublishKind::Topic => Target::Topic(c.topic.unwrap_or_default()),
-                    PublishKind::Broadcast => Target::Everyone,
+                let topic = match c.target {
+                    Target::Topic(topic) => Some(topic),
+                    _ => None,
                 };
-                Job { draft: Draft { id: c.id, publisher, topic: c.topic, data: &c.data, accepted_at }, target, key: c.key.as_ref() }
+                Job { draft: Draft { id: c.id, publisher, topic, data: &c.data, accepted_at }, target: c.target.clone(), key: c.key.as_ref() }
             })
             .collect();
         self.registry.publish(&self.hub, &jobs).await
@@ -437,8 +438,9 @@ impl Api {
         let id = checked.id;
         match published {
             Ok(Published::Delivered(delivered, remember)) => {
-                self.metrics.published(checked.kind);
-                let online = (checked.kind == PublishKind::Push).then_some(delivered.online);
+                let kind = checked.target.kind();
+                self.metrics.published(kind);
+                let online = (kind == PublishKind::Push).then_some(delivered.online);
                 let reached = Reached { id, online, delivered: delivered.delivered, nodes: delivered.nodes, stored: delivered.stored };
                 let body = serde_json::to_string(&reached).map_err(|e| Error::new(Kind::Internal, format!("could not write the answer: {e}")))?;
                 remember.reply(&body);

@@ -426,17 +426,14 @@ impl Nodes {
                     }
                     self.awaited.expect(draft.id, local)
                 }
-                Target::Topic(topic) => {
-                    let stream = Stream::Topic((*topic).into());
+                Target::Topic(_) | Target::Everyone => {
+                    let stream = match job.target {
+                        Target::Topic(topic) => Stream::Topic(topic.into()),
+                        _ => Stream::Broadcast,
+                    };
                     let channel = RedisHistory::fanout_channel(prefix, stream.group());
-                    calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), Target::Topic(topic)), job.key, &[channel]));
+                    calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), job.target.clone()), job.key, &[channel]));
                     streams.push((stream, None, 1));
-                    self.awaited.expect(draft.id, 1)
-                }
-                Target::Everyone => {
-                    let channel = RedisHistory::fanout_channel(prefix, Stream::Broadcast.group());
-                    calls.push(self.history.append_call(&Stream::Broadcast, draft.id, &envelope, &relay(Stream::Broadcast.group(), Target::Everyone), job.key, &[channel]));
-                    streams.push((Stream::Broadcast, None, 1));
                     self.awaited.expect(draft.id, 1)
                 }
             };

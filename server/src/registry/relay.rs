@@ -22,7 +22,7 @@ use crate::telemetry::{DropReason, Metrics, PublishKind, Relayed};
 use crate::wire::{envelope_position, Message};
 
 /// What a relayed message is addressed to.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target<'a> {
     /// These uids' connections on the receiving node.
     Uids(Vec<&'a str>),

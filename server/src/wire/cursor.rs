@@ -50,9 +50,18 @@ impl StreamKey {
     }
 }
 
+/// An epoch as envelopes and cursors write it, written in place.
+pub struct EpochText(pub u32);
+
+impl fmt::Display for EpochText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
+
 /// An epoch as envelopes and cursors write it.
 pub fn epoch_text(epoch: u32) -> String {
-    format!("{epoch:08x}")
+    EpochText(epoch).to_string()
 }
 
 pub fn parse_epoch(text: &str) -> Option<u32> {

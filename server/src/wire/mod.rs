@@ -15,7 +15,7 @@ use bytes::Bytes;
 use pushline_alloc::Site;
 use strum::{EnumCount, IntoStaticStr, VariantArray};
 
-use cursor::{parse_epoch, Position, StreamKey};
+use cursor::{parse_epoch, EpochText, Position, StreamKey};
 
 /// The transports a client can hold a connection with. Label `transport` of the
 /// connection metrics; its number is an argument of the `conn_open` probe.
@@ -76,7 +76,7 @@ fn write_open_envelope(out: &mut Vec<u8>, id: u64, topic: Option<&str>, data: &s
 fn write_close_envelope(out: &mut Vec<u8>, position: Option<&Position>) {
     use std::io::Write;
     if let Some(p) = position {
-        let _ = write!(out, r#","stream":"{}","epoch":"{:08x}","offset":{}"#, p.key, p.epoch, p.offset);
+        let _ = write!(out, r#","stream":"{}","epoch":"{}","offset":{}"#, p.key, EpochText(p.epoch), p.offset);
     }
     out.push(b'}');
 }

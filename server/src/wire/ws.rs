@@ -287,21 +287,37 @@ fn append(text: &mut Vec<u8>, payload: &[u8], max_message: usize) -> Result<(), 
     }
 }
 
-/// A complete, unmasked server frame (FIN set).
-pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(payload.len() + 10);
-    buf.put_u8(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => buf.put_u8(n as u8),
+/// Longest header of a server frame (no mask): 2 bytes and a 64-bit length.
+pub const MAX_HEADER: usize = 10;
+
+/// The header of an unmasked server frame (FIN set) of `len` payload bytes, and its length.
+fn header(opcode: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut header = [0u8; MAX_HEADER];
+    header[0] = 0x80 | opcode;
+    let used = match len {
+        n if n < 126 => {
+            header[1] = n as u8;
+            2
+        }
         n if n <= u16::MAX as usize => {
-            buf.put_u8(126);
-            buf.put_u16(n as u16);
+            header[1] = 126;
+            header[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            4
         }
         n => {
-            buf.put_u8(127);
-            buf.put_u64(n as u64);
+            header[1] = 127;
+            header[2..].copy_from_slice(&(n as u64).to_be_bytes());
+            MAX_HEADER
         }
-    }
+    };
+    (header, used)
+}
+
+/// A complete, unmasked server frame (FIN set).
+pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let (header, used) = header(opcode, payload.len());
+    let mut buf = BytesMut::with_capacity(used + payload.len());
+    buf.put_slice(&header[..used]);
     buf.put_slice(payload);
     buf.freeze()
 }
@@ -322,36 +338,15 @@ pub fn text(json: &str) -> Bytes {
     frame(OP_TEXT, json.as_bytes())
 }
 
-/// Longest header of a server frame (no mask): 2 bytes and a 64-bit length.
-pub const MAX_HEADER: usize = 10;
-
 /// A text frame around a payload written after `MAX_HEADER` bytes of room in `buf`: the
 /// header goes at the end of that room, so the payload is never copied.
 pub fn text_in(mut buf: Vec<u8>) -> Bytes {
     if buf.len() < MAX_HEADER {
         buf.resize(MAX_HEADER, 0);
     }
-    let n = buf.len() - MAX_HEADER;
-    let mut header = [0u8; MAX_HEADER];
-    header[0] = 0x80 | OP_TEXT;
-    let len = match n {
-        n if n < 126 => {
-            header[1] = n as u8;
-            2
-        }
-        n if n <= u16::MAX as usize => {
-            header[1] = 126;
-            header[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-            4
-        }
-        n => {
-            header[1] = 127;
-            header[2..].copy_from_slice(&(n as u64).to_be_bytes());
-            MAX_HEADER
-        }
-    };
-    let start = MAX_HEADER - len;
-    buf[start..MAX_HEADER].copy_from_slice(&header[..len]);
+    let (header, used) = header(OP_TEXT, buf.len() - MAX_HEADER);
+    let start = MAX_HEADER - used;
+    buf[start..MAX_HEADER].copy_from_slice(&header[..used]);
     let mut frame = Bytes::from(buf);
     frame.advance(start);
     frame
