@@ -58,9 +58,19 @@ impl Cores {
         Ok(Cores { handles, next: AtomicUsize::new(0), stop, threads: Mutex::new(threads) })
     }
 
-    /// The runtime the next connection goes to, in turn.
-    pub fn next(&self) -> &Handle {
-        &self.handles[self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()]
+    /// The core the next connection goes to, in turn.
+    pub fn next(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
+    }
+
+    /// The runtime of `core`.
+    pub fn handle(&self, core: usize) -> &Handle {
+        &self.handles[core]
+    }
+
+    /// Every core's runtime, in order.
+    pub fn handles(&self) -> impl Iterator<Item = &Handle> {
+        self.handles.iter()
     }
 
     /// Every core's runtime but the calling thread's, for work split across cores.

@@ -92,8 +92,9 @@ const NOT_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\
 impl Router {
     /// Reads the request head, then hands the connection to the gateway or the API.
     /// `handshaking` is the connection's place among handshakes in progress, given back
-    /// once it is routed: an API connection's life is not a handshake.
-    async fn route(&self, stream: TcpStream, peer: SocketAddr, handshaking: OwnedSemaphorePermit) {
+    /// once it is routed: an API connection's life is not a handshake. `core`: the core
+    /// whose runtime this runs on, where a client connection stays.
+    async fn route(&self, stream: TcpStream, peer: SocketAddr, handshaking: OwnedSemaphorePermit, core: usize) {
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         let (mut stream, mut buf) = match &self.tls {
             None => (Socket::plain(stream), Vec::with_capacity(1024)),
@@ -122,7 +123,7 @@ impl Router {
                 return self.api.clone().serve(http::Prefixed::new(buf, stream)).await;
             }
         };
-        self.gateway.connect(stream, peer.ip(), head, buf, used, transport).await
+        self.gateway.connect(stream, peer.ip(), head, buf, used, transport, core).await
     }
 
     async fn refuse(&self, stream: &mut Socket, error: Error) {
@@ -180,16 +181,17 @@ pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Cance
                     continue;
                 };
                 let Ok(stream) = stream.into_std() else { continue };
-                let core = router.cores.next().clone();
+                let core = router.cores.next();
+                let runtime = router.cores.handle(core).clone();
                 let router = router.clone();
                 let handshake = Site::Http.instrument(async move {
                     // Registered with the core's runtime: connection memory.
                     match Site::ConnectionTask.scope(|| TcpStream::from_std(stream)) {
-                        Ok(stream) => router.route(stream, peer, handshaking).await,
+                        Ok(stream) => router.route(stream, peer, handshaking, core).await,
                         Err(e) => tracing::debug!(error = %e, "accepted socket unusable"),
                     }
                 });
-                Site::Http.scope(|| core.spawn(handshake));
+                Site::Http.scope(|| runtime.spawn(handshake));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {

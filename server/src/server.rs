@@ -21,7 +21,7 @@ use crate::auth::api_keys::ApiKeys;
 use crate::auth::{Auth, Credentials};
 use crate::api::Api;
 use crate::client::sweep::{self, Timers};
-use crate::client::Clients;
+use crate::client::{self, Clients};
 use crate::config::Config;
 use crate::conn::queue::Limits;
 use crate::cores::Cores;
@@ -169,6 +169,7 @@ impl Server {
             max_topic_changes_per_minute: config.max_topic_changes_per_minute,
             refresh_grace_ms: config.token_refresh_grace.as_millis() as u64,
         });
+        let inboxes = client::driver::start(&cores, &clients).map_err(io_error("cannot start the connection drivers".into()))?;
         let router = Arc::new(Router {
             cores: cores.clone(),
             gateway: Gateway {
@@ -178,6 +179,7 @@ impl Server {
                 session_ids: SessionIds::new(node),
                 metrics: metrics.clone(),
                 allowed_origins: config.allowed_origins.clone(),
+                inboxes,
             },
             api: Arc::new(Api {
                 registry,

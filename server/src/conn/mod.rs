@@ -1,19 +1,21 @@
-//! A connection as the rest of the server sees it: the handle a publisher delivers to.
+//! A connection: the handle a publisher delivers to, and the record its core's driver
+//! serves it from.
 //!
 //! [`Conn`] holds the connection's bounded outbound queue ([`queue`]), its topics, the
-//! time it last heard from the client, and the signals (work, ping, close) that wake the
-//! task owning the socket (`client`). Delivering takes the queue limits and metrics as
+//! time it last heard from the client, the signals (work, ping, close) that wake its
+//! core's driver through the core's [`Inbox`], and its socket's side ([`io::Io`]), which
+//! only that driver touches (`client`). Delivering takes the queue limits and metrics as
 //! arguments: a `Conn` knows nothing of the hub that holds it.
 
+pub mod inbox;
+pub mod io;
 pub mod queue;
 pub mod tracking;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Waker;
 
-use atomic_waker::AtomicWaker;
 use pushline_alloc::Site;
 
 use crate::auth::Grant;
@@ -21,10 +23,12 @@ use crate::clock;
 use crate::session::SessionId;
 use crate::telemetry::{probes, CloseReason, DropReason, Metrics};
 use crate::wire::{Message, Transport};
+pub use inbox::Inbox;
+use io::Io;
 use queue::{Enqueued, Limits, Outbox};
 use tracking::{Partial, Popped, Tracking};
 
-/// What producers ask of a connection's task, as bits set before waking it.
+/// What producers ask of a connection's driver, as bits set before waking it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Signals(u8);
 
@@ -47,8 +51,10 @@ impl Signals {
 }
 
 const NO_REASON: u8 = u8::MAX;
+/// The key of a connection not yet in its driver's table.
+const NO_KEY: u32 = u32::MAX;
 
-/// What the task is to write next.
+/// What the driver is to write next.
 pub enum Next {
     Write(Popped),
     /// Nothing; `lent`: the socket is now lent to publishers.
@@ -69,9 +75,14 @@ pub struct Conn {
     close_reason: AtomicU8,
     /// Its source address's entry in the per-address counts (`Admission`).
     pub address: u32,
-    waker: AtomicWaker,
+    /// Its key in its driver's table, once there.
+    key: AtomicU32,
+    /// Its core's driver's, told of signals.
+    inbox: Arc<Inbox>,
     outbox: Mutex<Outbox>,
     state: Mutex<ClientState>,
+    /// The socket's side; taken out when the connection closes.
+    io: Mutex<Option<Io>>,
 }
 
 /// What the connection's client asked for and was granted, changed by its commands.
@@ -98,7 +109,7 @@ pub struct ConnInfo {
 }
 
 impl Conn {
-    pub fn new(session: SessionId, uid: Arc<str>, transport: Transport, grant: Option<Grant>, address: u32) -> Conn {
+    pub fn new(session: SessionId, uid: Arc<str>, transport: Transport, grant: Option<Grant>, address: u32, inbox: Arc<Inbox>) -> Conn {
         let now = clock::now_ms();
         Conn {
             session,
@@ -109,22 +120,40 @@ impl Conn {
             signals: AtomicU8::new(0),
             close_reason: AtomicU8::new(NO_REASON),
             address,
-            waker: AtomicWaker::new(),
+            key: AtomicU32::new(NO_KEY),
+            inbox,
             outbox: Mutex::new(Outbox::default()),
             state: Mutex::new(ClientState { topics: Vec::new(), grant: grant.map(Box::new) }),
+            io: Mutex::new(None),
         }
     }
 
     fn signal(&self, signals: Signals) {
         if self.signals.fetch_or(signals.0, Ordering::AcqRel) & signals.0 != signals.0 {
-            self.waker.wake();
+            // Not yet in the driver's table: the driver takes the signals when it puts it
+            // there. Once it has, the swap in `take_signals` that follows makes the key
+            // seen here.
+            let key = self.key.load(Ordering::Acquire);
+            if key != NO_KEY {
+                self.inbox.wake(key);
+            }
         }
     }
 
-    /// Registers the task to wake, then takes the signals set since the last call.
-    pub fn take_signals(&self, waker: &Waker) -> Signals {
-        self.waker.register(waker);
+    /// Takes the signals set since the last call.
+    pub fn take_signals(&self) -> Signals {
         Signals(self.signals.swap(0, Ordering::AcqRel))
+    }
+
+    /// The driver put the connection in its table under `key`; signals from now on say so.
+    pub fn keyed(&self, key: u32) {
+        self.key.store(key, Ordering::Release);
+    }
+
+    /// The socket's side: only its driver (or, once closed, the task that finishes it)
+    /// locks it, and never while holding the outbox.
+    pub fn io(&self) -> MutexGuard<'_, Option<Io>> {
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn outbox(&self) -> MutexGuard<'_, Outbox> {
@@ -137,8 +166,8 @@ impl Conn {
     }
 
     /// Hands `msg` to the connection under `limits`; true if it was written or queued.
-    /// When the task has lent the socket (it owes nothing, the queue is empty), the
-    /// message is written here and now, and the task is not woken. Every message that
+    /// When the driver has lent the socket (it owes nothing, the queue is empty), the
+    /// message is written here and now, and the driver is not woken. Every message that
     /// does not make it is counted in `metrics` with its reason.
     pub fn deliver(&self, msg: &Arc<Message>, limits: &Limits, metrics: &Metrics) -> bool {
         let bytes = msg.bytes(self.transport);
@@ -155,12 +184,12 @@ impl Conn {
             if sent > 0 {
                 Site::OutboundQueue.scope(|| outbox.half_sent(msg, self.transport, sent as usize, since_ms));
                 drop(outbox);
-                // Counted as queued until the task takes the rest (`take_back`).
+                // Counted as queued until the driver takes the rest (`take_back`).
                 metrics.queued(1, size as isize - sent as isize);
                 self.signal(Signals::WORK);
                 return true;
             }
-            // The socket is full (or failed): the task takes it from here, and will see
+            // The socket is full (or failed): the driver takes it from here, and will see
             // any error itself.
             outbox.take_back();
         }
@@ -188,7 +217,7 @@ impl Conn {
         }
     }
 
-    /// A published message of `bytes` went to the socket whole (by the task, or by a
+    /// A published message of `bytes` went to the socket whole (by the driver, or by a
     /// publisher): counted, its latency from `accepted_at` recorded, and probed.
     pub fn written(&self, bytes: usize, accepted_at: std::time::Instant, metrics: &Metrics) {
         let latency = accepted_at.elapsed();
@@ -220,20 +249,20 @@ impl Conn {
         Next::Write(popped)
     }
 
-    /// Takes back the socket the task lent, with what a publisher left half-sent (counted
-    /// off the queue gauges: the task writes it now).
+    /// Takes back the socket the driver lent, with what a publisher left half-sent (counted
+    /// off the queue gauges: the driver writes it now).
     pub fn take_back(&self, metrics: &Metrics) -> Option<Partial> {
         let partial = self.outbox().take_back()?;
         metrics.queued(-1, -((partial.bytes.len() - partial.written) as isize));
         Some(partial)
     }
 
-    /// Writes a reply of the task's own (a pong, a command's answer) while the socket is
+    /// Writes a reply of the driver's own (a pong, a command's answer) while the socket is
     /// lent, under the lock publishers write under, so it cannot land inside one of their
     /// frames and the socket stays lent: no taking it back and lending it again per ping.
-    /// Returns the bytes sent, or None if the socket is not lent any more (the task takes
+    /// Returns the bytes sent, or None if the socket is not lent any more (the driver takes
     /// it back, with whatever a publisher left half-sent). When the socket took less than
-    /// all of it, or failed, it goes back to the task here, which writes the rest or sees
+    /// all of it, or failed, it goes back to the driver here, which writes the rest or sees
     /// the error.
     pub fn send_while_lent(&self, bytes: &[u8]) -> Option<usize> {
         let mut outbox = self.outbox();
@@ -241,7 +270,7 @@ impl Conn {
         let sent = send_lent(&outbox, fd, bytes).max(0) as usize;
         if sent < bytes.len() {
             // Nothing is half-sent while the socket is lent: a publisher that leaves a
-            // remainder takes the socket from the task's hands first (`half_sent`).
+            // remainder takes the socket from the driver's hands first (`half_sent`).
             let _none = outbox.take_back();
         }
         Some(sent)
@@ -268,7 +297,7 @@ impl Conn {
         metrics.queued(-(messages as isize), -(bytes as isize));
     }
 
-    /// Asks the task to close the connection; the first reason given wins.
+    /// Asks the driver to close the connection; the first reason given wins.
     pub fn request_close(&self, reason: CloseReason) {
         let _ = self.close_reason.compare_exchange(NO_REASON, reason as u8, Ordering::AcqRel, Ordering::Acquire);
         self.signal(Signals::CLOSE);
@@ -306,12 +335,12 @@ impl Conn {
         self.last_inbound_ms.store(now_ms as u32, Ordering::Relaxed);
     }
 
-    /// Tells the task the token has expired (it tells the client).
+    /// Tells the driver the token has expired (it tells the client).
     pub fn token_expired(&self) {
         self.signal(Signals::EXPIRED);
     }
 
-    /// Tells the task topics were left because their tickets expired (it tells the client).
+    /// Tells the driver topics were left because their tickets expired (it tells the client).
     pub fn tickets_expired(&self) {
         self.signal(Signals::REVOKED);
     }
@@ -345,7 +374,7 @@ impl Conn {
 /// Sends on the socket `fd` lent to publishers, without blocking or raising SIGPIPE.
 /// `_held` is the outbox whose lock the caller holds, which is what makes `fd` safe to use.
 fn send_lent(_held: &Outbox, fd: RawFd, bytes: &[u8]) -> isize {
-    // SAFETY: `bytes` is valid for its length. While the socket is lent the task neither
+    // SAFETY: `bytes` is valid for its length. While the socket is lent the driver neither
     // writes to it nor closes it: it takes it back under the outbox lock first, and the
     // outbox is closed, under that lock, before the fd is.
     unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }
@@ -363,7 +392,7 @@ mod tests {
     /// A frame heard after the sweeper read its clock is not 49 days of silence.
     #[test]
     fn heard_after_the_sweeper_read_the_clock_is_not_silent() {
-        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0);
+        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0, Arc::default());
         let now = clock::now_ms() + 10_000;
         conn.heard_from(now - 250);
         assert_eq!(conn.silent_ms(now), 250);
@@ -373,14 +402,14 @@ mod tests {
 
     /// A reply written while the socket is lent keeps it lent, so the next publish is still
     /// written directly, after the reply; a socket too full for a reply goes back to the
-    /// task, and what is published next waits in the queue.
+    /// driver, and what is published next waits in the queue.
     #[test]
-    fn a_reply_while_lent_keeps_the_order_and_a_full_socket_goes_back_to_the_task() {
+    fn a_reply_while_lent_keeps_the_order_and_a_full_socket_goes_back_to_the_driver() {
         let (ours, mut client) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let metrics = Metrics::new();
         let limits = Limits { max_messages: 8, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
-        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0);
+        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0, Arc::default());
         assert!(matches!(conn.pop(&metrics, Some(ours.as_raw_fd())), Next::Nothing { lent: true }));
 
         let pong = crate::wire::ws::text(r#"{"type":"pong"}"#);
@@ -398,8 +427,8 @@ mod tests {
         let mut filler = &ours;
         while filler.write(&[0u8; 65536]).is_ok() {}
         assert_eq!(conn.send_while_lent(&pong), Some(0));
-        assert_eq!(conn.send_while_lent(&pong), None, "the socket is the task's again");
+        assert_eq!(conn.send_while_lent(&pong), None, "the socket is the driver's again");
         assert!(conn.deliver(&msg, &limits, &metrics));
-        assert_eq!(conn.queued().0, 1, "queued for the task, behind the reply it now owes");
+        assert_eq!(conn.queued().0, 1, "queued for the driver, behind the reply it now owes");
     }
 }

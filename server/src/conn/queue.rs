@@ -1,14 +1,15 @@
 //! One connection's bounded outbound queue and the policy for when it is full.
 //!
 //! The queue holds `Arc<Message>`s (8 bytes each): the framed bytes are shared with every
-//! other connection that got the same message. An empty queue allocates nothing. What a
+//! other connection that got the same message. An empty queue allocates nothing, and
+//! costs the connection's record one pointer. What a
 //! resume replays, and the gaps drop-oldest leaves, go out before the queue
 //! ([`Tracking`]).
 //!
-//! The outbox also says who may write to the socket. Normally only the connection's task
-//! does. When the task has written everything it owes, a plain WebSocket's task lends the
+//! The outbox also says who may write to the socket. Normally only the connection's driver
+//! does. When the driver has written everything a plain WebSocket owes, it lends the
 //! socket to publishers ([`Outbox::lend`]): while the queue is empty, a publisher writes the
-//! message itself, under this lock, and the task is not woken at all. The task takes the
+//! message itself, under this lock, and the driver is not woken at all. The driver takes the
 //! socket back ([`Outbox::take_back`]) before it writes anything of its own.
 
 use std::collections::VecDeque;
@@ -38,10 +39,10 @@ pub enum Enqueued {
     Closed,
 }
 
-/// Who writes to the socket: the task (`TASK`), a publisher (the socket's fd plus one:
-/// the task lent it), or nobody: the connection is closing (`CLOSED`). A u32 beside
+/// Who writes to the socket: the driver (`DRIVER`), a publisher (the socket's fd plus one:
+/// the driver lent it), or nobody: the connection is closing (`CLOSED`). A u32 beside
 /// `full_since_s`: lending costs an idle connection nothing.
-const TASK: u32 = 0;
+const DRIVER: u32 = 0;
 const CLOSED: u32 = u32::MAX;
 
 /// Seconds of the process clock plus one: what `full_since_s` holds when set.
@@ -51,8 +52,8 @@ fn now_s_plus_one() -> u32 {
 
 #[derive(Default)]
 pub struct Outbox {
-    queue: VecDeque<Arc<Message>>,
-    bytes: usize,
+    /// Messages waiting; None (unallocated) when none are, as on an idle connection.
+    backlog: Option<Box<Backlog>>,
     /// When drop-oldest first had to drop for a queue that has not been read from since,
     /// in seconds of the process clock plus one (0: not full).
     full_since_s: u32,
@@ -60,43 +61,55 @@ pub struct Outbox {
     tracking: Option<Box<Tracking>>,
 }
 
+#[derive(Default)]
+struct Backlog {
+    queue: VecDeque<Arc<Message>>,
+    bytes: usize,
+}
+
 impl Outbox {
+    /// Messages queued, and their bytes (a replay aside).
+    fn backlog(&self) -> (usize, usize) {
+        self.backlog.as_ref().map_or((0, 0), |b| (b.queue.len(), b.bytes))
+    }
+
     /// `since_ms`: the connection's start, should it need a [`Tracking`] to note a gap.
     pub fn push(&mut self, msg: &Arc<Message>, transport: Transport, limits: &Limits, since_ms: u64) -> Enqueued {
         if self.writer == CLOSED {
             return Enqueued::Closed;
         }
         let size = msg.bytes(transport).len();
-        let full = |q: &Outbox| q.queue.len() >= limits.max_messages || q.bytes + size > limits.max_bytes;
-        if full(self) {
+        let (queued, queued_bytes) = self.backlog();
+        if queued >= limits.max_messages || queued_bytes + size > limits.max_bytes {
             match limits.policy {
                 SlowConsumer::Disconnect => {
-                    let (dropped, dropped_bytes) = (self.queue.len(), self.bytes);
                     self.close();
-                    return Enqueued::Overflow { dropped: dropped + 1, dropped_bytes: dropped_bytes + size };
+                    return Enqueued::Overflow { dropped: queued + 1, dropped_bytes: queued_bytes + size };
                 }
                 SlowConsumer::DropOldest => {
                     let (mut dropped, mut dropped_bytes) = (0, 0);
-                    while full(self) {
-                        let Some(old) = self.queue.pop_front() else { break };
+                    let backlog = self.backlog.get_or_insert_with(Box::default);
+                    while backlog.queue.len() >= limits.max_messages || backlog.bytes + size > limits.max_bytes {
+                        let Some(old) = backlog.queue.pop_front() else { break };
                         self.tracking.get_or_insert_with(|| Box::new(Tracking::new(since_ms))).lose(&old);
                         let old_size = old.bytes(transport).len();
-                        self.bytes -= old_size;
+                        backlog.bytes -= old_size;
                         dropped += 1;
                         dropped_bytes += old_size;
                     }
-                    self.queue.push_back(msg.clone());
-                    self.bytes += size;
+                    backlog.queue.push_back(msg.clone());
+                    backlog.bytes += size;
                     if self.full_since_s == 0 {
                         self.full_since_s = now_s_plus_one();
                     }
-                    return Enqueued::Queued { dropped, dropped_bytes, depth: self.queue.len() };
+                    return Enqueued::Queued { dropped, dropped_bytes, depth: backlog.queue.len() };
                 }
             }
         }
-        self.queue.push_back(msg.clone());
-        self.bytes += size;
-        Enqueued::Queued { dropped: 0, dropped_bytes: 0, depth: self.queue.len() }
+        let backlog = self.backlog.get_or_insert_with(Box::default);
+        backlog.queue.push_back(msg.clone());
+        backlog.bytes += size;
+        Enqueued::Queued { dropped: 0, dropped_bytes: 0, depth: backlog.queue.len() }
     }
 
     /// The next thing to write: a replayed message or notice, a gap notice, or the next
@@ -111,12 +124,16 @@ impl Outbox {
             return popped;
         }
         loop {
-            let msg = self.queue.pop_front()?;
+            let backlog = self.backlog.as_mut()?;
+            let Some(msg) = backlog.queue.pop_front() else {
+                self.backlog = None;
+                return None;
+            };
             self.full_since_s = 0;
-            self.bytes -= msg.bytes(transport).len();
-            if self.queue.is_empty() {
+            backlog.bytes -= msg.bytes(transport).len();
+            if backlog.queue.is_empty() {
                 // Give back a burst's worth of slots; an idle connection holds no queue memory.
-                self.queue = VecDeque::new();
+                self.backlog = None;
             }
             if let Some(position) = msg.position {
                 if transport == Transport::Sse && self.tracking.is_none() {
@@ -139,11 +156,11 @@ impl Outbox {
         }
     }
 
-    /// Lends the socket `fd` to publishers, if nothing is waiting for the task to write:
+    /// Lends the socket `fd` to publishers, if nothing is waiting for the driver to write:
     /// the queue is empty, and nothing tracks what this connection was sent (a resume, a
-    /// gap, a half-sent message all go through the task). True if it was lent.
+    /// gap, a half-sent message all go through the driver). True if it was lent.
     pub fn lend(&mut self, fd: std::os::fd::RawFd) -> bool {
-        if self.writer != TASK || !self.queue.is_empty() || self.tracking.is_some() || fd < 0 {
+        if self.writer != DRIVER || self.backlog().0 > 0 || self.tracking.is_some() || fd < 0 {
             return false;
         }
         self.writer = fd as u32 + 1;
@@ -152,33 +169,33 @@ impl Outbox {
 
     /// The socket's fd, while it is lent to publishers.
     pub fn lent(&self) -> Option<std::os::fd::RawFd> {
-        (self.writer != TASK && self.writer != CLOSED).then(|| (self.writer - 1) as std::os::fd::RawFd)
+        (self.writer != DRIVER && self.writer != CLOSED).then(|| (self.writer - 1) as std::os::fd::RawFd)
     }
 
-    /// Gives the socket back to the task (unless the connection is closing), with what a
-    /// publisher left half-sent, which the task must write before anything else.
+    /// Gives the socket back to the driver (unless the connection is closing), with what a
+    /// publisher left half-sent, which the driver must write before anything else.
     pub fn take_back(&mut self) -> Option<Partial> {
         if self.writer != CLOSED {
-            self.writer = TASK;
+            self.writer = DRIVER;
         }
         self.tracking.as_mut().and_then(|t| t.take_partial())
     }
 
-    /// A publisher's direct write took only `written` bytes of `message`: the task is to
-    /// write the rest, first. The socket goes back to the task.
+    /// A publisher's direct write took only `written` bytes of `message`: the driver is to
+    /// write the rest, first. The socket goes back to the driver.
     pub fn half_sent(&mut self, message: &Arc<Message>, transport: Transport, written: usize, since_ms: u64) {
-        self.writer = TASK;
+        self.writer = DRIVER;
         let bytes = message.bytes(transport).clone();
         self.tracking.get_or_insert_with(|| Box::new(Tracking::new(since_ms))).set_partial(Partial { bytes, written, message: message.clone() });
     }
 
     /// Starts a resume: `tracking` holds what to replay before the queue. A socket lent
-    /// to publishers goes back to the task first: nothing live may overtake the replay.
+    /// to publishers goes back to the driver first: nothing live may overtake the replay.
     /// A replay is a backlog like a full queue: until the client reads it, the
     /// slow-consumer timeout runs.
     pub fn resume(&mut self, mut tracking: Tracking) {
         if self.writer != CLOSED {
-            self.writer = TASK;
+            self.writer = DRIVER;
         }
         if let Some(earlier) = self.tracking.take() {
             tracking.inherit(*earlier);
@@ -200,16 +217,16 @@ impl Outbox {
         self.writer = CLOSED;
         let partial = self.tracking.as_mut().and_then(|t| t.take_partial()).map_or((0, 0), |p| (1, p.bytes.len() - p.written));
         let replay = self.tracking.as_ref().map_or((0, 0), |t| t.replay_left());
-        let left = (self.queue.len() + partial.0 + replay.0, self.bytes + partial.1 + replay.1);
-        self.queue = VecDeque::new();
-        self.bytes = 0;
+        let (queued, queued_bytes) = self.backlog();
+        let left = (queued + partial.0 + replay.0, queued_bytes + partial.1 + replay.1);
+        self.backlog = None;
         self.tracking = None;
         left
     }
 
     /// Messages owed: queued, and replayed not yet written.
     pub fn len(&self) -> usize {
-        self.queue.len() + self.tracking.as_ref().map_or(0, |t| t.replay_left().0)
+        self.backlog().0 + self.tracking.as_ref().map_or(0, |t| t.replay_left().0)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -217,12 +234,12 @@ impl Outbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty() && !self.tracking.as_ref().is_some_and(|t| t.has_pending())
+        self.backlog().0 == 0 && !self.tracking.as_ref().is_some_and(|t| t.has_pending())
     }
 
     /// Bytes owed: queued, and replayed not yet written.
     pub fn bytes(&self) -> usize {
-        self.bytes + self.tracking.as_ref().map_or(0, |t| t.replay_left().1)
+        self.backlog().1 + self.tracking.as_ref().map_or(0, |t| t.replay_left().1)
     }
 
     /// Milliseconds (of the process clock) since the queue became full, or a replay was
@@ -329,7 +346,7 @@ mod tests {
         let limits = Limits { max_messages: 8, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
         let mut q = Outbox::default();
         q.push(&msg(1), Transport::WebSocket, &limits, 0);
-        assert!(!q.lend(7), "a queued message waits for the task");
+        assert!(!q.lend(7), "a queued message waits for the driver");
         pop_text(&mut q, Transport::WebSocket);
         assert!(q.lend(7));
         assert_eq!(q.lent(), Some(7));
@@ -339,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn a_half_sent_message_goes_to_the_task_and_counts_when_closed() {
+    fn a_half_sent_message_goes_to_the_driver_and_counts_when_closed() {
         let mut q = Outbox::default();
         assert!(q.lend(3));
         let m = msg(1);

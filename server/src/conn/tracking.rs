@@ -42,7 +42,7 @@ pub struct Tracking {
     partial: Option<Partial>,
 }
 
-/// A message a publisher's direct write left half-sent: the task writes the rest first.
+/// A message a publisher's direct write left half-sent: the driver writes the rest first.
 pub struct Partial {
     pub bytes: Bytes,
     pub written: usize,

@@ -1,8 +1,9 @@
 //! A new client connection whose request is `GET /ws` (WebSocket) or `GET /sse`
 //! (Server-Sent Events), handed over by the listener with its request head read:
 //! authenticate ([`crate::auth`]), take a place ([`Admission`]), register with the hub, read
-//! what a returning client missed ([`resume`]), answer the handshake, and start the
-//! connection's task. Nothing of the handshake is kept after that.
+//! what a returning client missed ([`resume`]), answer the handshake, and hand the
+//! connection to its core's driver (`client::driver`). Nothing of the handshake is kept
+//! after that.
 
 
 mod sse;
@@ -17,8 +18,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::admission::{Admission, Reservation};
 use crate::auth::Identity;
-use crate::client::{self, Clients};
-use crate::conn::Conn;
+use crate::client::Clients;
+use crate::conn::io::Io;
+use crate::conn::{Conn, Inbox};
 use crate::error::{Error, Kind};
 use crate::history::read::From;
 use crate::history::resume::{self, History};
@@ -37,6 +39,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Origins browsers may connect from; empty: any.
     pub allowed_origins: Vec<String>,
+    /// Each core's driver's, in the cores' order: where a connection goes once admitted.
+    pub inboxes: Vec<Arc<Inbox>>,
 }
 
 /// What a successful handshake settles: who, what it may read, on which topics, and its
@@ -52,13 +56,16 @@ struct Admitted {
 
 impl Gateway {
     /// Serves the handshake of `transport` for a request whose head is `head`; `buf` holds
-    /// what was read, the head being its first `used` bytes.
-    pub async fn connect(&self, mut stream: Socket, peer: IpAddr, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport) {
+    /// what was read, the head being its first `used` bytes. It runs on `core`, where the
+    /// connection will live.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connect(&self, mut stream: Socket, peer: IpAddr, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport, core: usize) {
         let hub = &self.clients.hub;
+        let inbox = &self.inboxes[core];
         let admitted = self.admit(&head, peer, transport).and_then(|admitted| {
             let (slot, address) = admitted.reservation.hand_over();
             let Identity { uid, grant } = admitted.identity;
-            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address)));
+            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address, inbox.clone())));
             match Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)) {
                 Ok(()) => Ok((conn, slot, admitted.resume, admitted.plan)),
                 Err(e) => {
@@ -118,9 +125,16 @@ impl Gateway {
             }
         };
         probes::conn_open(conn.session.0, stream.as_raw_fd(), transport as u8);
-        // A task of its own, so the long-lived future holds none of the handshake's state.
-        let task = Site::ConnectionTask.instrument(client::serve(stream, conn, self.clients.clone(), slot, welcome, early));
-        Site::ConnectionTask.scope(|| tokio::spawn(task));
+        let socket = match stream.detach() {
+            Ok(socket) => socket,
+            Err(_) => {
+                conn.close_outbox(&self.metrics);
+                slot.release_address(conn.address);
+                return hub.unregister(&conn, CloseReason::IoError);
+            }
+        };
+        *conn.io() = Some(Site::ConnectionTask.scope(|| Io::new(socket, slot, welcome, early)));
+        inbox.arrive(conn);
     }
 
     /// Whether a page on the request's origin may read the SSE stream: any origin in open

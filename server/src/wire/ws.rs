@@ -184,6 +184,11 @@ impl Decoder {
         Decoder { fragmented: Fragmented::None }
     }
 
+    /// Between messages: it holds nothing.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.fragmented, Fragmented::None)
+    }
+
     /// Decodes the frame at the front of `buf`, unmasking its payload in place. A data
     /// message (all its fragments) may be at most `max_message` bytes.
     pub fn decode<'a>(&mut self, buf: &'a mut [u8], max_message: usize) -> Result<Decoded<'a>, ProtocolError> {
