@@ -178,6 +178,30 @@ pub async fn open(server: SocketAddr, source: IpAddr, query: &str, receive_buffe
     }
 }
 
+/// Opens `/sse?uid={uid}` (plain TCP) and reads up to the end of its welcome event.
+pub async fn open_sse(server: SocketAddr, source: IpAddr, uid: &str) -> io::Result<Stream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut tcp = socket.connect(server).await?;
+    let request = format!("GET /sse?uid={uid} HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        if tcp.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the welcome event"));
+        }
+        if !buf.starts_with(b"HTTP/1.1 200") && buf.len() >= 12 {
+            let line = String::from_utf8_lossy(&buf).lines().next().unwrap_or_default().to_owned();
+            return Err(io::Error::other(Refused { line, retry_after: None }));
+        }
+        if let Some(at) = buf.windows(14).position(|w| w == b"event: welcome") {
+            if buf[at..].windows(2).any(|w| w == b"\n\n") {
+                return Ok(Stream::Plain(tcp));
+            }
+        }
+    }
+}
+
 /// A handshake the server answered with something else than 101.
 #[derive(Debug)]
 pub struct Refused {

@@ -54,6 +54,9 @@ enum Scenario {
         /// Keep the connections open this many seconds after measuring (to profile them).
         #[arg(long, default_value_t = 0)]
         hold: u64,
+        /// SSE connections (`/sse`) instead of WebSocket ones.
+        #[arg(long)]
+        sse: bool,
     },
     /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client and CPU
     /// per delivery, then the same against the floor server, and the ratios.
@@ -220,7 +223,7 @@ async fn main() -> ExitCode {
         }
     }
     let result = match cli.scenario {
-        Scenario::Idle { connections, hold } => scenarios::idle::run(&cli.common, connections, hold).await,
+        Scenario::Idle { connections, hold, sse } => scenarios::idle::run(&cli.common, connections, hold, sse).await,
         Scenario::Fanout { connections, rounds, no_floor, floor_uring } => {
             scenarios::fanout::run(&cli.common, connections, rounds, !no_floor, floor_uring).await
         }

@@ -61,38 +61,33 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self.admission.held.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.admission.all_released.notify_waiters();
-        }
+        self.admission.release_place();
     }
 }
 
-impl Slot {
-    /// Gives back the count of the connection's source address (its task ends).
-    pub fn release_address(&self, address: u32) {
-        self.admission.release_address(address);
-    }
-}
-
-/// What a handshake took: its slot, and its address's count until the connection's task
-/// takes that over ([`Reservation::hand_over`]).
+/// What a handshake took: its slot, and its address's count until the connection takes
+/// both over ([`Reservation::hand_over`]).
 pub struct Reservation {
     slot: Option<Slot>,
     address: u32,
 }
 
 impl Reservation {
-    /// The slot, and the address id the connection must give back when it ends.
-    pub fn hand_over(mut self) -> (Slot, u32) {
-        let slot = self.slot.take().expect("a reservation is handed over once");
-        (slot, std::mem::replace(&mut self.address, UNCOUNTED))
+    /// Hands the place and the address's count to the connection, which gives both back
+    /// with [`Admission::release`] when it ends (a connection holds no pointer for them);
+    /// returns the address's id.
+    pub fn hand_over(mut self) -> u32 {
+        if let Some(slot) = self.slot.take() {
+            std::mem::forget(slot);
+        }
+        std::mem::replace(&mut self.address, UNCOUNTED)
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(slot) = &self.slot {
-            slot.release_address(self.address);
+            slot.admission.release_address(self.address);
         }
     }
 }
@@ -171,6 +166,19 @@ impl Admission {
         Ok(id)
     }
 
+    /// A connection that was handed its place ([`Reservation::hand_over`]) ended: its
+    /// place and its address's count (`address`) are given back.
+    pub fn release(&self, address: u32) {
+        self.release_address(address);
+        self.release_place();
+    }
+
+    fn release_place(&self) {
+        if self.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.all_released.notify_waiters();
+        }
+    }
+
     fn release_address(&self, id: u32) {
         if id == UNCOUNTED {
             return;
@@ -241,10 +249,12 @@ mod tests {
         let (a, b) = (admission.reserve(HOME).ok().unwrap(), admission.reserve(HOME).ok().unwrap());
         assert_eq!(admission.reserve(HOME).err().unwrap().kind, Kind::TooManyFromAddress);
         assert!(admission.reserve(other).is_ok(), "another address has its own count");
-        let (slot, address) = a.hand_over();
+        let held = admission.held.load(Ordering::Acquire);
+        let address = a.hand_over();
         assert!(admission.reserve(HOME).is_err(), "a handed-over connection still counts");
-        slot.release_address(address);
-        drop(slot);
+        assert_eq!(admission.held.load(Ordering::Acquire), held, "and still holds its place");
+        admission.release(address);
+        assert_eq!(admission.held.load(Ordering::Acquire), held - 1);
         let c = admission.reserve(HOME).ok().unwrap();
         drop((b, c));
         assert!(admission.addresses.lock().unwrap().ids.get(&HOME).is_none(), "no entry once none is open");

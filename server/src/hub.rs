@@ -249,7 +249,7 @@ impl Hub {
         self.open[conn.transport as usize].fetch_add(1, Ordering::Relaxed);
         self.metrics.connection_opened(conn.transport);
         if let Some(changes) = &self.changes {
-            let _ = changes.send(Change::Opened(conn.session, conn.uid.clone()));
+            let _ = changes.send(Change::Opened(conn.session, Arc::from(conn.uid.as_str())));
         }
         Ok(())
     }
@@ -269,7 +269,7 @@ impl Hub {
         self.open[conn.transport as usize].fetch_sub(1, Ordering::Relaxed);
         self.metrics.connection_closed(conn.transport, reason);
         if let Some(changes) = &self.changes {
-            let _ = changes.send(Change::Closed(conn.session, conn.uid.clone()));
+            let _ = changes.send(Change::Closed(conn.session, Arc::from(conn.uid.as_str())));
         }
     }
 
@@ -321,8 +321,9 @@ impl Hub {
     pub fn unsubscribe(&self, conn: &Arc<Conn>, topics: &[String]) {
         let removed: Vec<Arc<str>> = {
             let mut state = conn.state();
-            let (gone, kept): (Vec<_>, Vec<_>) = state.topics.drain(..).partition(|m| topics.iter().any(|t| **t == **m));
-            state.topics = kept;
+            let leaving = |m: &Arc<str>| topics.iter().any(|t| **t == **m);
+            let gone = state.topics.iter().filter(|m| leaving(m)).cloned().collect();
+            state.topics.retain(|m| !leaving(m));
             gone
         };
         self.remove_from_topics(conn, &removed);

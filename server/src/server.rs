@@ -162,6 +162,7 @@ impl Server {
         let api_keys = Arc::new(ArcSwap::from_pointee(credentials.api_keys));
         let clients = Arc::new(Clients {
             hub: hub.clone(),
+            admission: admission.clone(),
             metrics: metrics.clone(),
             auth: auth.clone(),
             max_message: config.max_client_frame_bytes,

@@ -1,5 +1,5 @@
-//! `idle`: hold N idle WebSocket connections and report what each costs the server:
-//! RSS growth per connection (user space), and kernel TCP memory per connection.
+//! `idle`: hold N idle WebSocket (or SSE) connections and report what each costs the
+//! server: RSS growth per connection (user space), and kernel TCP memory per connection.
 
 use std::time::Duration;
 
@@ -39,19 +39,27 @@ fn anon(pid: u32) -> u64 {
     pushline_alloc::process::Resident::of(pid).map_or(0, |r| r.anon)
 }
 
-pub async fn run(common: &Common, connections: usize, hold: u64) -> Result<Vec<Row>, String> {
+pub async fn run(common: &Common, connections: usize, hold: u64, sse: bool) -> Result<Vec<Row>, String> {
     let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
+    let open = |n: usize, prefix: &'static str| async move {
+        if sse {
+            super::open_sse_connections(server.client, n, common.parallel, common.spread, prefix).await
+        } else {
+            super::open_connections(server.client, n, common.parallel, common.spread, prefix).await
+        }
+    };
+    let gauge = if sse { r#"pushline_connections{transport="sse"}"# } else { r#"pushline_connections{transport="ws"}"# };
     // Before any connection: where memory-audit measures growth from, too.
     let anon_fresh = anon(server.pid());
-    let warm = super::open_connections(server.client, WARMUP, common.parallel, common.spread, "warm").await?;
-    server.wait_metric(r#"pushline_connections{transport="ws"}"#, WARMUP as f64, Duration::from_secs(30)).await?;
+    let warm = open(WARMUP, "warm").await?;
+    server.wait_metric(gauge, WARMUP as f64, Duration::from_secs(30)).await?;
     let (rss0, kernel0) = (server.rss_bytes(), tcp_kernel_bytes());
     let heap0 = server.metric(ALLOCATED).await as u64;
     let sites0 = site_bytes(&server).await;
 
     let n = connections.saturating_sub(WARMUP);
-    let held = super::open_connections(server.client, n, common.parallel, common.spread, "idle").await?;
-    server.wait_metric(r#"pushline_connections{transport="ws"}"#, connections as f64, Duration::from_secs(60)).await?;
+    let held = open(n, "idle").await?;
+    server.wait_metric(gauge, connections as f64, Duration::from_secs(60)).await?;
     // Let the allocator and the kernel settle before the reading: pages the handshakes
     // used and freed go back within jemalloc's decay time (10 s), so what is left is
     // what idle connections hold.

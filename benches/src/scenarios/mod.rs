@@ -52,6 +52,22 @@ pub async fn open_connections_from(
     Ok(streams)
 }
 
+/// As `open_connections`, over SSE (`/sse?uid={prefix}{i}`, plain TCP).
+pub async fn open_sse_connections(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<client::Stream>, String> {
+    let mut streams = Vec::with_capacity(n);
+    for first in (0..n).step_by(parallel.max(1)) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in first..(first + parallel.max(1)).min(n) {
+            let uid = format!("{prefix}{i}");
+            set.spawn(async move { client::open_sse(server, client::source_ip(i, spread), &uid).await });
+        }
+        while let Some(joined) = set.join_next().await {
+            streams.push(joined.map_err(|e| e.to_string())?.map_err(|e| format!("SSE connection {}: {e}", streams.len()))?);
+        }
+    }
+    Ok(streams)
+}
+
 /// Reads every stream on a task of its own and reports the moment each text frame arrives.
 pub fn arrivals(streams: Vec<client::Stream>) -> mpsc::UnboundedReceiver<Instant> {
     let (tx, rx) = mpsc::unbounded_channel();

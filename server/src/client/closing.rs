@@ -46,9 +46,9 @@ impl Drop for Closing {
             metrics.dropped(DropReason::ConnectionClosed, 1);
         }
         self.conn.close_outbox(metrics);
-        self.io.slot.release_address(self.conn.address);
         probes::conn_close(self.conn.session.0, self.reason as u8, self.conn.age_ms(clock::now_ms()));
         self.clients.hub.unregister(&self.conn, self.reason);
+        self.clients.admission.release(self.conn.address);
     }
 }
 

@@ -103,6 +103,11 @@ impl Driver {
     /// serves it (its welcome is owed, and bytes may have come before the registration).
     fn arrive(&mut self, conn: Arc<Conn>) {
         let Some(fd) = conn.io().as_ref().map(|io| io.socket.as_raw_fd()) else { return };
+        if self.conns.len() == self.conns.capacity() {
+            // Grown by an eighth, not doubled: a table only ever doubled carries up to a
+            // slot (16 bytes) of empty room per connection.
+            self.conns.reserve_exact(self.conns.capacity() / 8 + 64);
+        }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let registered = u32::try_from(key).map_err(|_| io::ErrorKind::OutOfMemory.into()).and_then(|_| {

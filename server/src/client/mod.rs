@@ -24,6 +24,7 @@ use pushline_alloc::Site;
 
 use arc_swap::ArcSwap;
 
+use crate::admission::Admission;
 use crate::auth::Auth;
 use crate::clock;
 use crate::config::MAX_CLIENT_FRAME_LIMIT;
@@ -43,6 +44,8 @@ const MAX_PENDING_REPLIES: usize = 32;
 /// What every connection shares.
 pub struct Clients {
     pub hub: Arc<Hub>,
+    /// Where a connection's place among `--max-connections` is given back.
+    pub admission: Arc<Admission>,
     pub metrics: Arc<Metrics>,
     /// Who may read what; swapped when keys are reloaded (SIGHUP).
     pub auth: Arc<ArcSwap<Auth>>,
@@ -136,10 +139,10 @@ impl Serving<'_> {
             }
         }
         if signals.has(Signals::PING) && self.io.replies() < MAX_PENDING_REPLIES {
-            self.io.busy().replies.push_back(match self.conn.transport {
-                Transport::WebSocket => ws::frame(ws::OP_PING, b""),
-                Transport::Sse => Bytes::from_static(sse::KEEPALIVE),
-            });
+            match self.conn.transport {
+                Transport::WebSocket => self.reply(ws::Control::new(ws::OP_PING, b"").as_bytes()),
+                Transport::Sse => self.reply(sse::KEEPALIVE),
+            }
         }
         Ok(())
     }
@@ -236,6 +239,40 @@ impl Serving<'_> {
                 self.io.lent = lent;
                 None
             }
+        }
+    }
+
+    /// Sends a reply (a pong, a command's answer) now when nothing is owed ahead of it, as
+    /// a heartbeat almost always finds; what the socket does not take waits in `Busy`,
+    /// ahead of queued messages, as replies do.
+    fn reply(&mut self, bytes: &[u8]) {
+        let ahead = self.io.busy.as_ref().is_some_and(|b| b.writing.is_some() || !b.replies.is_empty()) || self.io.socket.has_unsent();
+        let sent = match (ahead, self.io.lent) {
+            (true, _) => 0,
+            (false, true) => match self.conn.send_while_lent(bytes) {
+                Some(sent) => {
+                    // Short: the socket went back to the driver, for the rest first.
+                    self.io.lent = sent == bytes.len();
+                    sent
+                }
+                None => {
+                    // A publisher left a message half-sent: it goes first.
+                    self.reclaim();
+                    0
+                }
+            },
+            // A failure shows in the next write, where it closes the connection.
+            (false, false) => self.io.socket.write(bytes).unwrap_or(0),
+        };
+        if sent == bytes.len() {
+            return;
+        }
+        let rest = Bytes::copy_from_slice(&bytes[sent..]);
+        let busy = self.io.busy();
+        if sent > 0 {
+            busy.writing = Some(Writing { bytes: rest, written: 0, accepted_at: None });
+        } else {
+            busy.replies.push_back(rest);
         }
     }
 
@@ -363,16 +400,16 @@ impl Serving<'_> {
                 self.count_command()?;
                 let handled = commands::handle(&text, self.conn, self.clients);
                 self.count_topic_changes(handled.topic_changes)?;
-                self.io.busy().replies.push_back(handled.reply);
+                self.reply(&handled.reply);
             }
             ws::Event::Ping(payload) => {
                 probes::heartbeat(self.conn.session.0, 1);
-                self.io.busy().replies.push_back(ws::frame(ws::OP_PONG, payload));
+                self.reply(ws::Control::new(ws::OP_PONG, payload).as_bytes());
             }
             ws::Event::Pong => probes::heartbeat(self.conn.session.0, 2),
             ws::Event::Binary => {
                 self.clients.metrics.client_error(ClientError::BinaryFrame);
-                self.io.busy().replies.push_back(commands::error_reply("binary messages are not accepted; send JSON text"));
+                self.reply(&commands::error_reply("binary messages are not accepted; send JSON text"));
             }
             ws::Event::Close { code } => {
                 // Echo the client's code, as RFC 6455 5.5.1 asks.
@@ -430,7 +467,7 @@ mod tests {
     #[test]
     fn idle_connection_state_stays_small() {
         eprintln!("Conn {} Io {}", std::mem::size_of::<Conn>(), std::mem::size_of::<Io>());
-        // `Arc<Conn>` adds 16 bytes of counts: up to 240 it stays in jemalloc's 256-byte class.
-        assert!(std::mem::size_of::<Conn>() <= 240, "Conn is {} bytes", std::mem::size_of::<Conn>());
+        // `Arc<Conn>` adds 16 bytes of counts: up to 176 it stays in jemalloc's 192-byte class.
+        assert!(std::mem::size_of::<Conn>() <= 176, "Conn is {} bytes", std::mem::size_of::<Conn>());
     }
 }

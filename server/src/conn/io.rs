@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::admission::Slot;
 use crate::socket::RawSocket;
 use crate::wire::ws;
 
@@ -17,8 +16,6 @@ pub struct Io {
     pub window: Window,
     /// What the connection is partway through; None (unallocated) while idle.
     pub busy: Option<Box<Busy>>,
-    /// Its place among `--max-connections`, given back when the connection ends.
-    pub slot: Slot,
     /// The socket may have bytes to read: an edge was seen and no read since said
     /// WouldBlock (the driver's epoll set is edge-triggered).
     pub readable: bool,
@@ -68,7 +65,7 @@ pub struct Writing {
 impl Io {
     /// A connection's record as its handshake leaves it: `first` (the welcome) to write,
     /// and `early`, bytes the client sent right after its handshake, to handle.
-    pub fn new(socket: RawSocket, slot: Slot, first: Bytes, early: Vec<u8>) -> Io {
+    pub fn new(socket: RawSocket, first: Bytes, early: Vec<u8>) -> Io {
         let busy = Busy {
             partial: early.into_boxed_slice(),
             replies: VecDeque::new(),
@@ -80,7 +77,6 @@ impl Io {
             window: Window::default(),
             held_back: !busy.partial.is_empty(),
             busy: Some(Box::new(busy)),
-            slot,
             readable: false,
             lent: false,
         }

@@ -16,7 +16,9 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use compact_str::CompactString;
 use pushline_alloc::Site;
+use thin_vec::ThinVec;
 
 use crate::auth::Grant;
 use crate::clock;
@@ -65,7 +67,8 @@ pub enum Next {
 /// reads its last activity, the admin endpoints read it for introspection.
 pub struct Conn {
     pub session: SessionId,
-    pub uid: Arc<str>,
+    /// Inline up to 24 bytes: most uids cost the record no allocation of their own.
+    pub uid: CompactString,
     pub transport: Transport,
     /// Seconds of the process clock when the connection opened.
     opened_s: u32,
@@ -88,7 +91,8 @@ pub struct Conn {
 /// What the connection's client asked for and was granted, changed by its commands.
 #[derive(Default)]
 pub struct ClientState {
-    pub topics: Vec<Arc<str>>,
+    /// One pointer while empty (`ThinVec`), as most connections' are.
+    pub topics: ThinVec<Arc<str>>,
     /// What its token grants, until when; None in open mode.
     pub grant: Option<Box<Grant>>,
 }
@@ -109,7 +113,7 @@ pub struct ConnInfo {
 }
 
 impl Conn {
-    pub fn new(session: SessionId, uid: Arc<str>, transport: Transport, grant: Option<Grant>, address: u32, inbox: Arc<Inbox>) -> Conn {
+    pub fn new(session: SessionId, uid: CompactString, transport: Transport, grant: Option<Grant>, address: u32, inbox: Arc<Inbox>) -> Conn {
         let now = clock::now_ms();
         Conn {
             session,
@@ -123,7 +127,7 @@ impl Conn {
             key: AtomicU32::new(NO_KEY),
             inbox,
             outbox: Mutex::new(Outbox::default()),
-            state: Mutex::new(ClientState { topics: Vec::new(), grant: grant.map(Box::new) }),
+            state: Mutex::new(ClientState { topics: ThinVec::new(), grant: grant.map(Box::new) }),
             io: Mutex::new(None),
         }
     }

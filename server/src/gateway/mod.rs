@@ -63,18 +63,18 @@ impl Gateway {
         let hub = &self.clients.hub;
         let inbox = &self.inboxes[core];
         let admitted = self.admit(&head, peer, transport).and_then(|admitted| {
-            let (slot, address) = admitted.reservation.hand_over();
+            let address = admitted.reservation.hand_over();
             let Identity { uid, grant } = admitted.identity;
             let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address, inbox.clone())));
             match Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)) {
-                Ok(()) => Ok((conn, slot, admitted.resume, admitted.plan)),
+                Ok(()) => Ok((conn, admitted.resume, admitted.plan)),
                 Err(e) => {
-                    slot.release_address(address);
+                    self.admission.release(address);
                     Err(e)
                 }
             }
         });
-        let (conn, slot, request, plan) = match admitted {
+        let (conn, request, plan) = match admitted {
             Ok(admitted) => admitted,
             Err(error) => return self.refuse(&mut stream, &error).await,
         };
@@ -83,7 +83,7 @@ impl Gateway {
         if !plan.is_empty() {
             if let Err(error) = resume::resume(&self.history, &conn, &request, plan, hub.limits().max_bytes, &self.metrics).await {
                 conn.close_outbox(&self.metrics);
-                slot.release_address(conn.address);
+                self.admission.release(conn.address);
                 hub.unregister(&conn, CloseReason::IoError);
                 return self.refuse(&mut stream, &error).await;
             }
@@ -94,7 +94,7 @@ impl Gateway {
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
             conn.close_outbox(&self.metrics);
-            slot.release_address(conn.address);
+            self.admission.release(conn.address);
             return hub.unregister(&conn, CloseReason::IoError);
         }
         let early = buf.split_off(used);
@@ -129,11 +129,11 @@ impl Gateway {
             Ok(socket) => socket,
             Err(_) => {
                 conn.close_outbox(&self.metrics);
-                slot.release_address(conn.address);
+                self.admission.release(conn.address);
                 return hub.unregister(&conn, CloseReason::IoError);
             }
         };
-        *conn.io() = Some(Site::ConnectionTask.scope(|| Io::new(socket, slot, welcome, early)));
+        *conn.io() = Some(Site::ConnectionTask.scope(|| Io::new(socket, welcome, early)));
         inbox.arrive(conn);
     }
 

@@ -327,6 +327,29 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// A control frame built on the stack: a pong is answered without an allocation.
+pub struct Control {
+    bytes: [u8; 2 + MAX_CONTROL_PAYLOAD],
+    len: u8,
+}
+
+impl Control {
+    /// `payload` is cut to the 125 bytes a control frame may carry (a decoded one never
+    /// carries more).
+    pub fn new(opcode: u8, payload: &[u8]) -> Control {
+        let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
+        let mut bytes = [0u8; 2 + MAX_CONTROL_PAYLOAD];
+        bytes[0] = 0x80 | opcode;
+        bytes[1] = payload.len() as u8;
+        bytes[2..2 + payload.len()].copy_from_slice(payload);
+        Control { bytes, len: 2 + payload.len() as u8 }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
 /// A close frame; the reason is cut to fit a control frame, at a character boundary.
 pub fn close(code: u16, reason: &str) -> Bytes {
     let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
