@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use hashbrown::HashTable;
 use pushline_alloc::Site;
 use strum::EnumCount;
+use thin_vec::ThinVec;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::clock;
@@ -65,13 +66,16 @@ pub struct Counts {
 }
 
 /// The connections of one uid. Almost every uid has one, held without a Vec; the uid
-/// itself is read from the connections, so the table stores no key of its own.
+/// itself is read from the connections, so the table stores no key of its own. 16 bytes
+/// (a `ThinVec` is one pointer): the table's slot per uid.
 #[derive(Clone)]
 enum UidConns {
     One(Arc<Conn>),
     /// Never empty.
-    Many(Vec<Arc<Conn>>),
+    Many(ThinVec<Arc<Conn>>),
 }
+
+const _: () = assert!(std::mem::size_of::<UidConns>() == 16);
 
 impl UidConns {
     fn conns(&self) -> &[Arc<Conn>] {
@@ -87,7 +91,7 @@ impl UidConns {
 
     fn add(&mut self, conn: Arc<Conn>) {
         match self {
-            UidConns::One(first) => *self = UidConns::Many(vec![first.clone(), conn]),
+            UidConns::One(first) => *self = UidConns::Many(thin_vec::thin_vec![first.clone(), conn]),
             UidConns::Many(conns) => conns.push(conn),
         }
     }
