@@ -221,3 +221,47 @@ async fn client_close_is_echoed_and_unregisters() {
     let (_, reply) = post(t.client, "/v1/publish", json!({"topic": "t", "data": 1})).await;
     assert_eq!(reply["delivered"], 0);
 }
+
+/// Writes `bytes` and then ends the stream (FIN) in one TCP segment: corked, the bytes wait
+/// for the FIN to go out with them, so the server reads both at once.
+async fn send_then_end(stream: &mut tokio::net::TcpStream, bytes: &[u8]) {
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncWriteExt;
+    let on: libc::c_int = 1;
+    // SAFETY: TCP_CORK takes an int, read from `on` for `size_of::<c_int>()` bytes.
+    let corked = unsafe { libc::setsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CORK, (&on as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+    assert_eq!(corked, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+    stream.write_all(bytes).await.unwrap();
+    stream.shutdown().await.unwrap();
+}
+
+/// Bytes and the end of the stream read at once: the connection still closes, as the
+/// client's, whatever the bytes were (a pong, half a frame, a ping), on WebSocket and SSE.
+/// (Served from an edge-triggered epoll set, the end of file behind the bytes raises no
+/// edge of its own.)
+#[tokio::test]
+async fn bytes_then_the_end_of_the_stream_close_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = start(|_| {}).await;
+    let frames: [&[u8]; 3] = [&[0x8A, 0x80, 1, 2, 3, 4], &[0x81, 0x85, 1, 2], &[0x89, 0x80, 1, 2, 3, 4]];
+    let mut held = Vec::new();
+    for (i, bytes) in frames.iter().enumerate() {
+        let mut raw = RawWs::open(t.client, &format!("uid=eof{i}")).await;
+        send_then_end(&mut raw.stream, bytes).await;
+        held.push(raw);
+    }
+    let mut sse = tokio::net::TcpStream::connect(t.client).await.unwrap();
+    sse.write_all(b"GET /sse?uid=eofsse HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("event: welcome") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, sse.read(&mut chunk)).await.expect("welcome in time").unwrap();
+        assert!(n > 0, "closed before its welcome");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    send_then_end(&mut sse, b"anything").await;
+    wait_metric(t.admin, r#"pushline_connections_closed_total{transport="ws",reason="client"}"#, |v| v == 3.0).await;
+    wait_metric(t.admin, r#"pushline_connections_closed_total{transport="sse",reason="client"}"#, |v| v == 1.0).await;
+    wait_metric(t.admin, r#"pushline_connections{transport="ws"}"#, |v| v == 0.0).await;
+    drop((held, sse));
+}

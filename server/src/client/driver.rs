@@ -25,6 +25,18 @@ use super::{closing, Clients, Left, Serving, Stop};
 /// between batches.
 const EVENTS: usize = 256;
 
+/// What an epoll event said of a socket.
+#[derive(Clone, Copy)]
+struct Ready {
+    readable: bool,
+    /// The client closed its end (or the socket failed).
+    closed: bool,
+}
+
+impl Ready {
+    const NOTHING: Ready = Ready { readable: false, closed: false };
+}
+
 pub struct Driver {
     poll: AsyncFd<Poll>,
     events: Events,
@@ -34,7 +46,7 @@ pub struct Driver {
     /// Buffers traded with the inbox, and the keys of connections with reading left over.
     arrivals: Vec<Arc<Conn>>,
     woken: Vec<u32>,
-    ready: Vec<(usize, bool)>,
+    ready: Vec<(usize, Ready)>,
     again: Vec<usize>,
 }
 
@@ -123,14 +135,14 @@ impl Driver {
         }
         entry.insert(conn.clone());
         conn.keyed(key as u32);
-        self.serve(key, true);
+        self.serve(key, Ready { readable: true, closed: false });
     }
 
     fn serve_woken(&mut self) {
         self.inbox.take_woken(&mut self.woken);
         let mut woken = std::mem::take(&mut self.woken);
         for key in woken.drain(..) {
-            self.serve(key as usize, false);
+            self.serve(key as usize, Ready::NOTHING);
         }
         self.woken = woken;
     }
@@ -143,11 +155,14 @@ impl Driver {
             }
             return false;
         }
-        self.ready.extend(self.events.iter().map(|e| (e.token().0, e.is_readable() || e.is_read_closed() || e.is_error())));
+        self.ready.extend(self.events.iter().map(|e| {
+            let closed = e.is_read_closed() || e.is_error();
+            (e.token().0, Ready { readable: e.is_readable() || closed, closed })
+        }));
         let full = self.ready.len() == EVENTS;
         let mut ready = std::mem::take(&mut self.ready);
-        for (key, readable) in ready.drain(..) {
-            self.serve(key, readable);
+        for (key, readiness) in ready.drain(..) {
+            self.serve(key, readiness);
         }
         self.ready = ready;
         full
@@ -156,21 +171,22 @@ impl Driver {
     fn serve_again(&mut self) {
         let mut again = std::mem::take(&mut self.again);
         for key in again.drain(..) {
-            self.serve(key, false);
+            self.serve(key, Ready::NOTHING);
         }
         if self.again.is_empty() {
             self.again = again;
         }
     }
 
-    /// One wake-up of the connection under `key`; `readable`: its socket said so. A key
-    /// whose connection has gone (or whose place another took since) is served anyway,
-    /// or not at all: a wake-up with nothing to do costs a look.
-    fn serve(&mut self, key: usize, readable: bool) {
+    /// One wake-up of the connection under `key`, with what its socket said. A key whose
+    /// connection has gone (or whose place another took since) is served anyway, or not
+    /// at all: a wake-up with nothing to do costs a look.
+    fn serve(&mut self, key: usize, ready: Ready) {
         let Some(conn) = self.conns.get(key) else { return };
         let mut io = conn.io();
         let Some(record) = io.as_mut() else { return };
-        record.readable |= readable;
+        record.readable |= ready.readable;
+        record.peer_closed |= ready.closed;
         let outcome = Serving { io: record, conn, clients: &self.clients }.advance();
         drop(io);
         match outcome {

@@ -314,10 +314,11 @@ impl Serving<'_> {
                             self.io.held_back = filled > 0;
                             break Ok(Left::Waiting);
                         }
-                        if n < room && self.io.socket.is_plain() {
+                        if n < room && self.io.socket.is_plain() && !self.io.peer_closed {
                             // A short read drained the socket, sparing the read that would
                             // only say WouldBlock: whatever arrives after it raises a new edge.
-                            // (TLS may hold decrypted bytes back, so it reads to WouldBlock.)
+                            // (TLS may hold decrypted bytes back, and an end-of-file that came
+                            // with the bytes raises none: those read on, to WouldBlock or 0.)
                             self.io.readable = false;
                             break Ok(Left::Waiting);
                         }

@@ -19,6 +19,9 @@ pub struct Io {
     /// The socket may have bytes to read: an edge was seen and no read since said
     /// WouldBlock (the driver's epoll set is edge-triggered).
     pub readable: bool,
+    /// The client's end is closed (an edge said so): read to the end, since no further
+    /// edge will come for the end-of-file behind the last bytes.
+    pub peer_closed: bool,
     /// `busy.partial` holds frames held back: handle them once replies drain.
     pub held_back: bool,
     /// The socket is lent to publishers (nothing was owed when last flushed).
@@ -78,6 +81,7 @@ impl Io {
             held_back: !busy.partial.is_empty(),
             busy: Some(Box::new(busy)),
             readable: false,
+            peer_closed: false,
             lent: false,
         }
     }
