@@ -98,7 +98,12 @@ impl Tracking {
     pub fn advance(&mut self, position: Position) {
         match self.written.iter_mut().find(|w| w.key == position.key) {
             Some(w) => *w = position,
-            None => self.written.push(position),
+            None => {
+                // One place per stream the connection reads, and most read one or two: a
+                // first push would make room for four.
+                self.written.reserve_exact(1);
+                self.written.push(position)
+            }
         }
     }
 
