@@ -4,7 +4,9 @@
 //! discarded, which the client is told of before its next message.
 //!
 //! Boxed and created on first need, so a connection that never resumed, never lost a
-//! message and is not SSE holds a null pointer for all of it.
+//! message and is not SSE holds a null pointer for all of it; what is owed beside the
+//! queue is boxed again and given back once written, so an SSE connection's cursor is its
+//! `since` and one position per stream.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,12 +36,26 @@ pub struct Tracking {
     /// Wall-clock ms the positions start from: the cursor's `since`.
     since_ms: u64,
     written: Vec<Position>,
+    /// None (unallocated) once written: what an SSE connection keeps for its cursor is the
+    /// two fields above.
+    pending: Option<Box<Pending>>,
+}
+
+/// What is still owed the client beside its queue.
+#[derive(Default)]
+struct Pending {
     replay: VecDeque<Replayed>,
     /// Bytes of the replayed messages not yet written: they count as queued.
     replay_bytes: usize,
     lost: Vec<Lost>,
     /// A publisher's direct write that the socket took only part of.
     partial: Option<Partial>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.replay.is_empty() && self.lost.is_empty() && self.partial.is_none()
+    }
 }
 
 /// A message a publisher's direct write left half-sent: the driver writes the rest first.
@@ -64,29 +80,32 @@ pub struct Popped {
 
 impl Tracking {
     pub fn new(since_ms: u64) -> Tracking {
-        Tracking { since_ms, written: Vec::new(), replay: VecDeque::new(), replay_bytes: 0, lost: Vec::new(), partial: None }
+        Tracking { since_ms, written: Vec::new(), pending: None }
     }
 
     /// A resume: `positions` the client holds (carried into this connection's cursor) and
     /// what it missed, `replay_bytes` of messages as the connection writes them.
     pub fn resumed(since_ms: u64, positions: Vec<Position>, replay: VecDeque<Replayed>, replay_bytes: usize) -> Tracking {
-        Tracking { since_ms, written: positions, replay, replay_bytes, lost: Vec::new(), partial: None }
+        let pending = Pending { replay, replay_bytes, lost: Vec::new(), partial: None };
+        Tracking { since_ms, written: positions, pending: (!pending.is_empty()).then(|| Box::new(pending)) }
     }
 
     /// Takes over what drop-oldest noted in `earlier` (messages lost while the resume read
     /// history), so their gaps are still told.
     pub fn inherit(&mut self, earlier: Tracking) {
-        self.lost.extend(earlier.lost);
+        if let Some(earlier) = earlier.pending.filter(|p| !p.lost.is_empty()) {
+            self.pending().lost.extend(earlier.lost);
+        }
     }
 
     /// Replayed messages not yet written, and their bytes.
     pub fn replay_left(&self) -> (usize, usize) {
-        (self.replay.iter().filter(|r| matches!(r, Replayed::Message(_))).count(), self.replay_bytes)
+        self.pending.as_ref().map_or((0, 0), |p| (p.replay.iter().filter(|r| matches!(r, Replayed::Message(_))).count(), p.replay_bytes))
     }
 
     /// Whether replayed messages are still to be written.
     pub fn replaying(&self) -> bool {
-        self.replay_bytes > 0
+        self.pending.as_ref().is_some_and(|p| p.replay_bytes > 0)
     }
 
     /// Whether the client has been sent `position` (or a later one of the same epoch).
@@ -116,63 +135,112 @@ impl Tracking {
     /// Notes a message drop-oldest discarded, merging it with the run before it.
     pub fn lose(&mut self, msg: &Message) {
         let key = msg.position.map(|p| (p.key, p.epoch));
-        if let Some(run) = self.lost.iter_mut().find(|l| l.position.map(|p| (p.key, p.epoch)) == key) {
+        let lost = &mut self.pending().lost;
+        if let Some(run) = lost.iter_mut().find(|l| l.position.map(|p| (p.key, p.epoch)) == key) {
             run.count += 1;
             if let Some(p) = msg.position {
                 run.to = run.to.max(p.offset);
             }
             return;
         }
-        self.lost.push(Lost { position: msg.position, to: msg.position.map_or(0, |p| p.offset), count: 1 });
+        lost.push(Lost { position: msg.position, to: msg.position.map_or(0, |p| p.offset), count: 1 });
     }
 
     pub fn set_partial(&mut self, partial: Partial) {
-        self.partial = Some(partial);
+        self.pending().partial = Some(partial);
     }
 
     pub fn take_partial(&mut self) -> Option<Partial> {
-        self.partial.take()
+        let partial = self.pending.as_mut()?.partial.take();
+        self.settle();
+        partial
     }
 
     pub fn has_pending(&self) -> bool {
-        !self.replay.is_empty() || !self.lost.is_empty()
+        self.pending.as_ref().is_some_and(|p| !p.replay.is_empty() || !p.lost.is_empty())
+    }
+
+    fn pending(&mut self) -> &mut Pending {
+        self.pending.get_or_insert_with(Box::default)
+    }
+
+    /// Gives back what is no longer owed (a replay's buffer keeps its room otherwise).
+    fn settle(&mut self) {
+        if self.pending.as_ref().is_some_and(|p| p.is_empty()) {
+            self.pending = None;
+        }
     }
 
     /// The next replayed message or notice, then the next `gap` notice.
     pub fn pop_pending(&mut self, transport: Transport) -> Option<Popped> {
-        if let Some(next) = self.replay.pop_front() {
-            return Some(match next {
-                Replayed::Message(msg) => {
-                    if let Some(p) = msg.position {
-                        self.advance(p);
-                    }
-                    let bytes = msg.bytes(transport).clone();
-                    self.replay_bytes -= bytes.len();
-                    Popped { replayed: true, ..self.popped(transport, bytes, Some(msg)) }
+        let pending = self.pending.as_deref_mut()?;
+        let popped = match pending.replay.pop_front() {
+            Some(Replayed::Message(msg)) => {
+                let bytes = msg.bytes(transport).clone();
+                pending.replay_bytes -= bytes.len();
+                if let Some(p) = msg.position {
+                    self.advance(p);
                 }
-                Replayed::Resumed { json, since_ms } => {
-                    self.since_ms = since_ms;
-                    self.popped(transport, wire::notice(transport, "resumed", &json), None)
-                }
-            });
-        }
-        let lost = self.lost.pop()?;
-        let json = match lost.position {
-            Some(from) => serde_json::json!({
-                "type": "gap",
-                "stream": from.key.to_string(),
-                "epoch": epoch_text(from.epoch),
-                "from": from.offset,
-                "to": lost.to,
-            }),
-            None => serde_json::json!({ "type": "gap", "count": lost.count }),
+                Popped { replayed: true, ..self.popped(transport, bytes, Some(msg)) }
+            }
+            Some(Replayed::Resumed { json, since_ms }) => {
+                self.since_ms = since_ms;
+                self.popped(transport, wire::notice(transport, "resumed", &json), None)
+            }
+            None => {
+                let lost = pending.lost.pop()?;
+                let json = match lost.position {
+                    Some(from) => serde_json::json!({
+                        "type": "gap",
+                        "stream": from.key.to_string(),
+                        "epoch": epoch_text(from.epoch),
+                        "from": from.offset,
+                        "to": lost.to,
+                    }),
+                    None => serde_json::json!({ "type": "gap", "count": lost.count }),
+                };
+                self.popped(transport, wire::notice(transport, "gap", &json.to_string()), None)
+            }
         };
-        Some(self.popped(transport, wire::notice(transport, "gap", &json.to_string()), None))
+        self.settle();
+        Some(popped)
     }
 
     /// `bytes` with, for SSE, the cursor as it stands after them.
     pub fn popped(&self, transport: Transport, bytes: Bytes, message: Option<Arc<Message>>) -> Popped {
         let tail = (transport == Transport::Sse).then(|| sse::tail(&self.cursor()));
         Popped { bytes, tail, message, queued: false, replayed: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::cursor::StreamKey;
+    use std::time::Instant;
+
+    fn positioned(offset: u64) -> Arc<Message> {
+        let position = Position { key: StreamKey::Broadcast, epoch: 5, offset };
+        Arc::new(Message::new(offset, None, "1", Some(position), Instant::now()))
+    }
+
+    /// Once a replay is written, what it needed is given back: a resumed connection keeps
+    /// its positions, one per stream, and nothing of the replay.
+    #[test]
+    fn a_written_replay_is_given_back_and_the_cursor_keeps_one_place_per_stream() {
+        let replay: VecDeque<Replayed> = (1..=40).map(|i| Replayed::Message(positioned(i))).collect();
+        let bytes = replay.iter().map(|r| if let Replayed::Message(m) = r { m.bytes(Transport::Sse).len() } else { 0 }).sum();
+        let mut tracking = Tracking::resumed(0, Vec::new(), replay, bytes);
+        assert!(tracking.replaying());
+        assert_eq!(tracking.replay_left().0, 40);
+        for _ in 0..40 {
+            assert!(tracking.pop_pending(Transport::Sse).is_some_and(|p| p.replayed));
+        }
+        assert!(tracking.pop_pending(Transport::Sse).is_none());
+        assert!(tracking.pending.is_none(), "the replay's buffer was kept");
+        assert_eq!((tracking.written.len(), tracking.written.capacity()), (1, 1));
+        assert!(tracking.has(&positioned(40).position.unwrap()));
+        // The cursor's record: `since`, the positions, and a pointer for what may be owed.
+        assert!(std::mem::size_of::<Tracking>() <= 40, "Tracking is {} bytes", std::mem::size_of::<Tracking>());
     }
 }
