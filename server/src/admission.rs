@@ -1,8 +1,8 @@
 //! Admission: whether a new connection is taken, and what it holds while it lives.
 //!
-//! - `--max-connections` places: a [`Slot`], taken at the handshake and held by the
-//!   connection's task until it ends, so shutdown can wait for every task by waiting for
-//!   every slot;
+//! - `--max-connections` places: taken at the handshake (a [`Reservation`]), handed over
+//!   to the connection, and given back when it ends ([`Admission::release`]), so shutdown
+//!   can wait for every connection by waiting for every place;
 //! - `--max-connect-rate`: a token bucket over new connections, so a reconnect storm is
 //!   let in at a steady rate; refusals tell clients jittered delays, so their retries
 //!   spread;
@@ -53,9 +53,9 @@ pub struct Admission {
     addresses: Mutex<Addresses>,
 }
 
-/// A place among `max_connections`, held from the handshake until the connection's task
-/// ends. Dropping it gives the place back.
-pub struct Slot {
+/// A place among `max_connections` a handshake holds; dropped before the connection takes
+/// it over, it gives the place back.
+struct Slot {
     admission: Arc<Admission>,
 }
 

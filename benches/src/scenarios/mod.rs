@@ -34,36 +34,41 @@ pub async fn open_connections_from(
     net: u8,
     prefix: &str,
 ) -> Result<Vec<client::Stream>, String> {
-    let mut streams = Vec::with_capacity(uids.len());
-    let (mut next, n) = (uids.start, uids.end);
-    while next < n {
-        let batch = parallel.min(n - next);
-        let mut set = tokio::task::JoinSet::new();
-        for i in next..next + batch {
-            let uid = format!("{prefix}{i}");
-            set.spawn(async move { client::connect(server, client::source_ip_in(net, i, spread), &uid).await });
-        }
-        while let Some(joined) = set.join_next().await {
-            let stream = joined.map_err(|e| e.to_string())?.map_err(|e| format!("connection {}: {e}", streams.len()))?;
-            streams.push(stream);
-        }
-        next += batch;
-    }
-    Ok(streams)
+    open_in_batches(uids, parallel, "connection", |i| {
+        let uid = format!("{prefix}{i}");
+        async move { client::connect(server, client::source_ip_in(net, i, spread), &uid).await }
+    })
+    .await
 }
 
 /// As `open_connections`, over SSE (`/sse?uid={prefix}{i}`, plain TCP).
 pub async fn open_sse_connections(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<client::Stream>, String> {
-    let mut streams = Vec::with_capacity(n);
-    for first in (0..n).step_by(parallel.max(1)) {
+    open_in_batches(0..n, parallel, "SSE connection", |i| {
+        let uid = format!("{prefix}{i}");
+        async move { client::open_sse(server, client::source_ip(i, spread), &uid).await }
+    })
+    .await
+}
+
+/// Runs `open(i)` for each i in `uids`, `parallel` at a time; the first failure ends it.
+async fn open_in_batches<F, Fut>(uids: std::ops::Range<usize>, parallel: usize, what: &str, open: F) -> Result<Vec<client::Stream>, String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<client::Stream>> + Send + 'static,
+{
+    let mut streams = Vec::with_capacity(uids.len());
+    let (mut next, n) = (uids.start, uids.end);
+    while next < n {
+        let batch = parallel.max(1).min(n - next);
         let mut set = tokio::task::JoinSet::new();
-        for i in first..(first + parallel.max(1)).min(n) {
-            let uid = format!("{prefix}{i}");
-            set.spawn(async move { client::open_sse(server, client::source_ip(i, spread), &uid).await });
+        for i in next..next + batch {
+            set.spawn(open(i));
         }
         while let Some(joined) = set.join_next().await {
-            streams.push(joined.map_err(|e| e.to_string())?.map_err(|e| format!("SSE connection {}: {e}", streams.len()))?);
+            let stream = joined.map_err(|e| e.to_string())?.map_err(|e| format!("{what} {}: {e}", streams.len()))?;
+            streams.push(stream);
         }
+        next += batch;
     }
     Ok(streams)
 }

@@ -290,7 +290,7 @@ impl Serving<'_> {
     fn on_readable(&mut self) -> Result<Left, Stop> {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let partial = self.io.busy.as_mut().map(|b| std::mem::take(&mut b.partial)).unwrap_or_default();
+            let partial = self.io.take_partial();
             let mut filled = partial.len();
             scratch[..filled].copy_from_slice(&partial);
             drop(partial);
@@ -344,7 +344,7 @@ impl Serving<'_> {
     /// back while replies were backed up.
     fn on_held_bytes(&mut self) -> Result<(), Stop> {
         self.io.held_back = false;
-        let mut bytes = self.io.busy.as_mut().map(|b| std::mem::take(&mut b.partial)).unwrap_or_default().into_vec();
+        let mut bytes = self.io.take_partial().into_vec();
         let used = self.on_bytes(&mut bytes)?;
         bytes.drain(..used);
         self.io.held_back = !bytes.is_empty() && self.io.replies() >= MAX_PENDING_REPLIES;

@@ -91,6 +91,11 @@ impl Io {
         self.busy.get_or_insert_with(Box::default)
     }
 
+    /// Inbound bytes not yet handled, taken out (empty while idle).
+    pub fn take_partial(&mut self) -> Box<[u8]> {
+        self.busy.as_mut().map(|b| std::mem::take(&mut b.partial)).unwrap_or_default()
+    }
+
     pub fn replies(&self) -> usize {
         self.busy.as_ref().map_or(0, |b| b.replies.len())
     }

@@ -82,9 +82,7 @@ impl Gateway {
         // now leaves no gap; what is both read and queued is written once.
         if !plan.is_empty() {
             if let Err(error) = resume::resume(&self.history, &conn, &request, plan, hub.limits().max_bytes, &self.metrics).await {
-                conn.close_outbox(&self.metrics);
-                self.admission.release(conn.address);
-                hub.unregister(&conn, CloseReason::IoError);
+                self.abandon(&conn);
                 return self.refuse(&mut stream, &error).await;
             }
         }
@@ -93,9 +91,7 @@ impl Gateway {
             Transport::Sse => sse::response(self.cors(&head)),
         };
         if stream.write_all(response.as_bytes()).await.is_err() {
-            conn.close_outbox(&self.metrics);
-            self.admission.release(conn.address);
-            return hub.unregister(&conn, CloseReason::IoError);
+            return self.abandon(&conn);
         }
         let early = buf.split_off(used);
         drop(buf);
@@ -124,17 +120,22 @@ impl Gateway {
                 bytes.into()
             }
         };
-        probes::conn_open(conn.session.0, stream.as_raw_fd(), transport as u8);
         let socket = match stream.detach() {
             Ok(socket) => socket,
-            Err(_) => {
-                conn.close_outbox(&self.metrics);
-                self.admission.release(conn.address);
-                return hub.unregister(&conn, CloseReason::IoError);
-            }
+            Err(_) => return self.abandon(&conn),
         };
+        // Opened only now, so that every `conn_open` has its `conn_close`.
+        probes::conn_open(conn.session.0, socket.as_raw_fd(), transport as u8);
         *conn.io() = Some(Site::ConnectionTask.scope(|| Io::new(socket, welcome, early)));
         inbox.arrive(conn);
+    }
+
+    /// Undoes a registration whose handshake failed after it: the connection's queue is
+    /// stopped and counted, its place given back, and it leaves the hub.
+    fn abandon(&self, conn: &Arc<Conn>) {
+        conn.close_outbox(&self.metrics);
+        self.admission.release(conn.address);
+        self.clients.hub.unregister(conn, CloseReason::IoError);
     }
 
     /// Whether a page on the request's origin may read the SSE stream: any origin in open
