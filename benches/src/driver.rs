@@ -30,13 +30,18 @@ impl ServerProcess {
         ServerProcess::spawn(command, bin)
     }
 
-    /// The floor server (`floor.rs`): this binary, in its hidden `floor-server` mode. It has
-    /// no admin listener: its `admin` address is not one. `uring`: its broadcasts go
-    /// through io_uring.
+    /// The floor server (`floor.rs`): this binary, in its hidden `floor-server` mode. Its
+    /// `admin` address is a port of its own, with no metrics: a broadcast there reaches
+    /// this process's connections. `uring`: its broadcasts go through io_uring.
     pub fn start_floor(uring: bool) -> Result<ServerProcess, String> {
+        ServerProcess::start_floor_with(uring, &[])
+    }
+
+    /// As `start_floor`, with `extra` flags (`--listen`, `--reuse-port`).
+    fn start_floor_with(uring: bool, extra: &[String]) -> Result<ServerProcess, String> {
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut command = Command::new(&me);
-        command.arg("floor-server");
+        command.arg("floor-server").args(extra);
         if uring {
             command.arg("--uring");
         }
@@ -145,6 +150,14 @@ impl Nodes {
         Ok(Nodes { servers, redis })
     }
 
+    /// K floor servers on one port (SO_REUSEPORT), for `scale`.
+    pub fn start_floor(k: usize) -> Result<Nodes, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().map_err(|e| e.to_string())?.port();
+        let args = ["--reuse-port".to_owned(), "--listen".to_owned(), format!("127.0.0.1:{port}")];
+        let servers = (0..k).map(|_| ServerProcess::start_floor_with(false, &args)).collect::<Result<_, _>>()?;
+        Ok(Nodes { servers, redis: None })
+    }
+
     pub fn rss_bytes(&self) -> u64 {
         self.servers.iter().map(ServerProcess::rss_bytes).sum()
     }
@@ -189,6 +202,10 @@ pub struct RedisProcess {
 }
 
 impl RedisProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start() -> Result<RedisProcess, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().map_err(|e| e.to_string())?.port();
         RedisProcess::start_on(port)

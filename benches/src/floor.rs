@@ -16,6 +16,12 @@
 //!
 //! With `uring`, the broadcast's sends go through io_uring instead, `URING_BATCH` per
 //! system call: the issue's experiment of what batching system calls would save a fan-out.
+//!
+//! For `scale`, many floor processes share one port (`--listen ADDR --reuse-port`), and
+//! each also listens on a port of its own (its `admin` address), where a broadcast reaches
+//! that process's connections only. Its listeners are set as Pushline's are: TCP_NODELAY
+//! for what they accept, and TCP_DEFER_ACCEPT, so a connection is accepted with its
+//! request head already there.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -27,6 +33,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 const LISTENER: Token = Token(usize::MAX);
+/// The process's own port (see the module documentation).
+const CONTROL: Token = Token(usize::MAX - 1);
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// What Pushline sends for a 100-byte broadcast (`{"data":"x" * 98}`), byte for byte in
 /// length: the same bytes on the wire.
@@ -152,11 +160,34 @@ fn text_frame_into(payload: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Serves until killed; prints `floor listening client=ADDR` once it listens.
-pub fn serve(uring: bool) -> io::Result<()> {
+/// Binds as Pushline does (see the module documentation).
+fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    let defer: libc::c_int = 10;
+    // SAFETY: the fd is the socket's own, and the value is a c_int of the size given.
+    let set = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, (&defer as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(65_535)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Serves on `listen` (with SO_REUSEPORT if `reuse_port`) and on a port of its own.
+pub fn serve(listen: SocketAddr, reuse_port: bool, uring: bool) -> io::Result<()> {
     let mut poll = Poll::new()?;
-    let mut listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let mut listener = bind(listen, reuse_port)?;
+    let mut control = bind(SocketAddr::from(([127, 0, 0, 1], 0)), false)?;
     poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-    eprintln!("floor listening client={} admin=127.0.0.1:0", listener.local_addr()?);
+    poll.registry().register(&mut control, CONTROL, Interest::READABLE)?;
+    eprintln!("floor listening client={} admin={}", listener.local_addr()?, control.local_addr()?);
     let broadcast = text_frame(MESSAGE.as_bytes());
     let pong = text_frame(br#"{"type":"pong"}"#);
     let welcome = text_frame(br#"{"type":"welcome","uid":"floor","session":"1"}"#);
@@ -170,11 +201,11 @@ pub fn serve(uring: bool) -> io::Result<()> {
     loop {
         poll.poll(&mut events, None)?;
         for event in events.iter() {
-            if event.token() == LISTENER {
+            if event.token() == LISTENER || event.token() == CONTROL {
+                let listener = if event.token() == LISTENER { &listener } else { &control };
                 loop {
                     match listener.accept() {
                         Ok((mut stream, _)) => {
-                            let _ = stream.set_nodelay(true);
                             poll.registry().register(&mut stream, Token(next), Interest::READABLE)?;
                             conns.insert(next, Conn { stream, state: State::Request, buf: Vec::new(), uid: None });
                             next += 1;

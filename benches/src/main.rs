@@ -22,7 +22,7 @@ struct Cli {
     scenario: Scenario,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Common {
     /// The server binary to run (default: `pushline` next to this binary).
     #[arg(long, default_value_os_t = driver::default_server_bin())]
@@ -136,6 +136,9 @@ enum Scenario {
         nodes: usize,
         #[arg(long, default_value_t = 12)]
         workers: usize,
+        /// Skip the floor servers (`floor-server`, as many, on one port) measured after Pushline.
+        #[arg(long)]
+        no_floor: bool,
     },
     /// The floor server `fanout` and `heartbeat` measure Pushline against (started by them).
     #[command(hide = true)]
@@ -143,6 +146,11 @@ enum Scenario {
         /// Broadcasts through io_uring.
         #[arg(long)]
         uring: bool,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Shares `listen` with other processes (SO_REUSEPORT).
+        #[arg(long)]
+        reuse_port: bool,
     },
     /// One client process of `scale` (started by it).
     #[command(hide = true)]
@@ -209,9 +217,24 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A worker is one of many client processes sharing the machine's cores: one thread
+    // each, so its tasks never wake a second one.
+    let mut runtime = match cli.scenario {
+        Scenario::Worker { .. } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("pushline-bench: cannot start a runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(mut cli: Cli) -> ExitCode {
     if cli.common.tls {
         let dir = std::env::temp_dir().join(format!("pushline-bench-tls-{}", std::process::id()));
         match client::use_tls(&dir, 100_000) {
@@ -240,9 +263,9 @@ async fn main() -> ExitCode {
             let settings = scenarios::unicast::Settings { connections, rate, seconds, nodes, publishers, batch, new_connection_per_push, floor: !no_floor };
             scenarios::unicast::run(&cli.common, settings).await
         }
-        Scenario::Scale { connections, nodes, workers } => scenarios::scale::run(&cli.common, connections, nodes, workers).await,
-        Scenario::FloorServer { uring } => {
-            return match tokio::task::block_in_place(|| floor::serve(uring)) {
+        Scenario::Scale { connections, nodes, workers, no_floor } => scenarios::scale::run(&cli.common, connections, nodes, workers, !no_floor).await,
+        Scenario::FloorServer { uring, listen, reuse_port } => {
+            return match tokio::task::block_in_place(|| floor::serve(listen, reuse_port, uring)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pushline-bench floor-server: {e}");

@@ -3,8 +3,9 @@
 //! its own thread, so a ping is read and answered without another thread being woken to
 //! steal work (tokio's multi-threaded scheduler wakes a second worker whenever one epoll
 //! pass readies more than one task: about one futex wake per six heartbeats here, see
-//! flamegraphs/README.md). What is not a connection (accepting, the sweeper, Redis, the
-//! admin listener) stays on the runtimes it was started on.
+//! flamegraphs/README.md). The first core also accepts (see `Server::start`). What is not
+//! a connection (the sweeper, Redis, the admin listener) stays on the runtimes it was
+//! started on.
 
 use std::cell::Cell;
 use std::io;
@@ -79,7 +80,7 @@ impl Cores {
         self.handles.iter().enumerate().filter(move |(i, _)| Some(*i) != mine).map(|(_, h)| h)
     }
 
-    /// The core runtimes' counts added to `also`'s (the runtime that accepts).
+    /// The core runtimes' counts added to `also`'s (the main runtime: Redis, the sweeper).
     pub fn counts(&self, also: &Handle) -> RuntimeCounts {
         self.handles.iter().chain([also]).map(Handle::metrics).fold(RuntimeCounts::default(), |sum, m| RuntimeCounts {
             workers: sum.workers + m.num_workers(),

@@ -5,13 +5,15 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pushline_alloc::Site;
 use socket2::{Domain, Protocol, Type};
+use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -38,13 +40,29 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Binds a listening socket; with `reuse_port`, other processes may bind the same address.
-pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+///
+/// Connections are accepted once their first bytes have arrived (TCP_DEFER_ACCEPT, for up
+/// to `handshake_timeout`): every client here speaks first, so its request head, or its TLS
+/// ClientHello, is waiting when the connection is accepted, and is read at once, with no
+/// wait on the reactor. A connection that stays silent is held by the kernel as a small
+/// request socket, then accepted anyway and timed out like any other.
+pub fn bind(addr: SocketAddr, reuse_port: bool, handshake_timeout: Duration) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Inherited by every accepted socket (Linux copies it at accept): no call per connection.
+    socket.set_tcp_nodelay(true)?;
+    let defer = libc::c_int::try_from(handshake_timeout.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the fd is the socket's own, and the option's value is a c_int of that size.
+    let deferred = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, (&defer as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if deferred != 0 {
+        return Err(io::Error::last_os_error());
+    }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
@@ -94,7 +112,7 @@ impl Router {
     /// `handshaking` is the connection's place among handshakes in progress, given back
     /// once it is routed: an API connection's life is not a handshake. `core`: the core
     /// whose runtime this runs on, where a client connection stays.
-    async fn route(&self, stream: TcpStream, peer: SocketAddr, handshaking: OwnedSemaphorePermit, core: usize) {
+    async fn route(&self, stream: std::net::TcpStream, peer: SocketAddr, handshaking: OwnedSemaphorePermit, core: usize) {
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         let (mut stream, mut buf) = match &self.tls {
             None => (Socket::plain(stream), Vec::with_capacity(1024)),
@@ -133,7 +151,8 @@ impl Router {
 
     /// The TLS handshake of a new connection, and any request bytes that came with its
     /// last flight; None when it failed (answered and counted).
-    async fn tls_handshake(&self, mut stream: TcpStream, tls: &Tls) -> Option<(Socket, Vec<u8>)> {
+    async fn tls_handshake(&self, stream: std::net::TcpStream, tls: &Tls) -> Option<(Socket, Vec<u8>)> {
+        let Ok(mut stream) = Site::ConnectionTask.scope(|| TcpStream::from_std(stream)) else { return None };
         let mut first = [0u8; 1];
         match stream.peek(&mut first).await {
             Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => {}
@@ -160,37 +179,51 @@ impl Router {
     }
 }
 
+/// The client listener, watched by the reactor. Accepted sockets are not registered with
+/// it: each is read first, and waited on only if its request head has not arrived
+/// ([`crate::socket::Accepted`]).
+pub type Listener = AsyncFd<mio::net::TcpListener>;
+
+/// `listener`, to be watched by the current runtime's reactor.
+pub fn watch(listener: std::net::TcpListener) -> io::Result<Listener> {
+    // SAFETY: the listener owns its fd and is moved into the AsyncFd, which keeps it, open
+    // and the same, until it is dropped.
+    unsafe { AsyncFd::register(mio::net::TcpListener::from_std(listener)) }.map_err(io::Error::from)
+}
+
+/// The next connection, as a bare non-blocking socket (accept4 sets O_NONBLOCK).
+async fn accept(listener: &Listener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) {
+            return accepted.map(|(stream, peer)| (stream.into(), peer));
+        }
+    }
+}
+
 /// Accepts until `stop` fires, routing each connection on a task of its own, on the next
 /// core's runtime, where its whole life is spent.
-pub async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: CancellationToken) {
+pub async fn accept_loop(listener: Listener, router: Arc<Router>, stop: CancellationToken) {
     let mut backoff = Duration::ZERO;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = accept(&listener) => accepted,
         };
         match accepted {
-            Ok((mut stream, peer)) => {
+            Ok((stream, peer)) => {
                 pushline_alloc::baseline::record_once();
                 backoff = Duration::ZERO;
-                let _ = stream.set_nodelay(true);
                 let Ok(handshaking) = router.handshakes.clone().try_acquire_owned() else {
                     router.metrics.refused(RefuseReason::Handshakes);
                     let error = Error::new(Kind::Overloaded, "too many handshakes in progress; retry");
-                    tokio::spawn(async move { http::respond_error(&mut stream, &error, "").await });
+                    tokio::spawn(async move { http::respond_error(&mut Socket::plain(stream), &error, "").await });
                     continue;
                 };
-                let Ok(stream) = stream.into_std() else { continue };
                 let core = router.cores.next();
                 let runtime = router.cores.handle(core).clone();
                 let router = router.clone();
-                let handshake = Site::Http.instrument(async move {
-                    // Registered with the core's runtime: connection memory.
-                    match Site::ConnectionTask.scope(|| TcpStream::from_std(stream)) {
-                        Ok(stream) => router.route(stream, peer, handshaking, core).await,
-                        Err(e) => tracing::debug!(error = %e, "accepted socket unusable"),
-                    }
-                });
+                let handshake = Site::Http.instrument(async move { router.route(stream, peer, handshaking, core).await });
                 Site::Http.scope(|| runtime.spawn(handshake));
             }
             Err(e) if is_per_connection(&e) => {}

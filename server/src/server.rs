@@ -112,15 +112,21 @@ impl Server {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
         }
-        let client = listener::bind(config.listen, config.reuse_port)
+        let client = listener::bind(config.listen, config.reuse_port, config.handshake_timeout)
             .map_err(io_error(format!("cannot listen on {} (--listen)", config.listen)))?;
         let admin_listener = std::net::TcpListener::bind(config.admin_listen)
             .map_err(io_error(format!("cannot listen on {} (--admin-listen)", config.admin_listen)))?;
         let client_addr = client.local_addr().map_err(io_error("client listener".into()))?;
         let admin_addr = admin_listener.local_addr().map_err(io_error("admin listener".into()))?;
-        let client = tokio::net::TcpListener::from_std(client).map_err(io_error("client listener".into()))?;
 
         let cores = Arc::new(Cores::start(config.io_threads).map_err(io_error("cannot start the core runtimes (--io-threads)".into()))?);
+        // Accepted on the first core's runtime: a connection handed to that core is spawned
+        // there with no thread woken, and with one core (`--io-threads 1`) none ever is.
+        let accepting_core = cores.handle(0).clone();
+        let client = {
+            let _entered = accepting_core.enter();
+            listener::watch(client).map_err(io_error("client listener".into()))?
+        };
         let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => {
@@ -226,7 +232,7 @@ impl Server {
         };
         tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
         tokio::spawn(expire_history(history, hub.clone(), config.history_ttl, sweeper.clone()));
-        let accepting = tokio::spawn(listener::accept_loop(client, router, shutdown.token()));
+        let accepting = accepting_core.spawn(listener::accept_loop(client, router, shutdown.token()));
 
         let evicted = attached.as_ref().map_or_else(CancellationToken::new, Attached::evicted);
         tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "effective configuration");

@@ -1,8 +1,9 @@
-//! A client connection's socket: plain TCP, or TLS over it. On tokio's stream, [`Socket`]
-//! is registered with the reactor: the handshake's head reader, error answers and the
-//! publish API use it as an `AsyncRead` + `AsyncWrite`. Once a connection is served, its
-//! socket is [`Socket::detach`]ed into a [`RawSocket`], the same type on a bare `std`
-//! stream: read and written without waiting (`read`, `write`, `flush`), with no reactor
+//! A client connection's socket: plain TCP, or TLS over it. While its handshake is read
+//! and answered, a [`Socket`] is on an [`Accepted`] stream, an `AsyncRead` + `AsyncWrite`
+//! for the head reader, error answers and the publish API, which is registered with the
+//! reactor only once a read or write has to wait. Once a connection is served, its socket
+//! is [`Socket::detach`]ed into a [`RawSocket`], the same type on a bare `std` stream:
+//! read and written without waiting (`read`, `write`, `flush`), with no reactor
 //! registration of its own, since its core's driver polls readiness for every connection
 //! at once (`client::driver`).
 
@@ -16,9 +17,9 @@ use tokio::net::TcpStream;
 
 use crate::tls::session::TlsSession;
 
-/// A socket, plain or with TLS over it, on `T`: tokio's stream while its handshake is
-/// read and answered, a bare `std` stream (a [`RawSocket`]) once it is served.
-pub struct Socket<T = TcpStream> {
+/// A socket, plain or with TLS over it, on `T`: an [`Accepted`] stream while its handshake
+/// is read and answered, a bare `std` stream (a [`RawSocket`]) once it is served.
+pub struct Socket<T = Accepted> {
     tcp: T,
     /// Boxed: a plain connection pays one pointer for TLS it does not use.
     tls: Option<Box<TlsSession>>,
@@ -64,14 +65,8 @@ impl Tcp for std::net::TcpStream {
         recv(self.as_raw_fd(), buf)
     }
 
-    /// Without raising SIGPIPE.
     fn send(&self, bytes: &[u8]) -> io::Result<usize> {
-        // SAFETY: `bytes` is valid for its length, and the fd is open while `self` is.
-        let n = unsafe { libc::send(self.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        send(self.as_raw_fd(), bytes)
     }
 }
 
@@ -86,18 +81,121 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Writes once to `fd` from `bytes`, without raising SIGPIPE.
+fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is valid for its length; the caller's stream keeps `fd` open for the call.
+    let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// An accepted connection's stream until it is served: a bare socket, registered with the
+/// runtime's reactor the first time a read or write has to wait. A client whose request
+/// head has arrived by the time its core reads it (under load, nearly all) is answered and
+/// handed to the driver without ever being registered: two `epoll_ctl` calls and a
+/// reactor slot saved per connection.
+pub enum Accepted {
+    Bare(std::net::TcpStream),
+    Registered(TcpStream),
+    /// Its registration failed, which closed it.
+    Lost,
+}
+
+impl Accepted {
+    /// The stream, registered with the current runtime's reactor.
+    fn registered(&mut self) -> io::Result<&TcpStream> {
+        if let Accepted::Bare(_) = self {
+            let Accepted::Bare(bare) = std::mem::replace(self, Accepted::Lost) else { unreachable!("matched above") };
+            *self = Accepted::Registered(pushline_alloc::Site::ConnectionTask.scope(|| TcpStream::from_std(bare))?);
+        }
+        match self {
+            Accepted::Registered(tcp) => Ok(tcp),
+            _ => Err(lost()),
+        }
+    }
+
+    /// The stream registered with the reactor, for what waits on it directly (TLS).
+    pub fn into_registered(mut self) -> io::Result<TcpStream> {
+        self.registered()?;
+        match self {
+            Accepted::Registered(tcp) => Ok(tcp),
+            _ => Err(lost()),
+        }
+    }
+
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.registered()?.poll_read_ready(cx)
+    }
+
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.registered()?.poll_write_ready(cx)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Accepted::Bare(tcp) => Poll::Ready(tcp.shutdown(std::net::Shutdown::Write)),
+            Accepted::Registered(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Accepted::Lost => Poll::Ready(Err(lost())),
+        }
+    }
+}
+
+fn lost() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the socket could not be registered with the reactor")
+}
+
+impl From<std::net::TcpStream> for Accepted {
+    fn from(tcp: std::net::TcpStream) -> Accepted {
+        Accepted::Bare(tcp)
+    }
+}
+
+impl AsRawFd for Accepted {
+    /// -1 once lost: every call on it fails with EBADF.
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Accepted::Bare(tcp) => tcp.as_raw_fd(),
+            Accepted::Registered(tcp) => tcp.as_raw_fd(),
+            Accepted::Lost => -1,
+        }
+    }
+}
+
+impl Tcp for Accepted {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Accepted::Registered(tcp) => tcp.recv(buf),
+            _ => recv(self.as_raw_fd(), buf),
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Accepted::Registered(tcp) => tcp.send(bytes),
+            _ => send(self.as_raw_fd(), bytes),
+        }
+    }
+}
+
 impl Socket {
-    pub fn plain(tcp: TcpStream) -> Socket {
-        Socket { tcp, tls: None }
+    pub fn plain(tcp: impl Into<Accepted>) -> Socket {
+        Socket { tcp: tcp.into(), tls: None }
     }
 
     pub fn tls(tcp: TcpStream, session: Box<TlsSession>) -> Socket {
-        Socket { tcp, tls: Some(session) }
+        Socket { tcp: Accepted::Registered(tcp), tls: Some(session) }
     }
 
-    /// The socket without its reactor registration, for its core's driver to poll.
+    /// The socket without any reactor registration, for its core's driver to poll.
     pub fn detach(self) -> io::Result<RawSocket> {
-        Ok(Socket { tcp: self.tcp.into_std()?, tls: self.tls })
+        let tcp = match self.tcp {
+            Accepted::Bare(tcp) => tcp,
+            Accepted::Registered(tcp) => tcp.into_std()?,
+            Accepted::Lost => return Err(lost()),
+        };
+        Ok(Socket { tcp, tls: self.tls })
     }
 }
 
@@ -159,9 +257,6 @@ impl<T: AsRawFd> AsRawFd for Socket<T> {
 
 impl AsyncRead for Socket {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.tls.is_none() {
-            return Pin::new(&mut self.tcp).poll_read(cx, buf);
-        }
         loop {
             match self.read(buf.initialize_unfilled()) {
                 Ok(n) => {
@@ -177,9 +272,6 @@ impl AsyncRead for Socket {
 
 impl AsyncWrite for Socket {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
-        if self.tls.is_none() {
-            return Pin::new(&mut self.tcp).poll_write(cx, bytes);
-        }
         loop {
             match self.write(bytes) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
@@ -191,7 +283,7 @@ impl AsyncWrite for Socket {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if self.flush()? {
-                return Pin::new(&mut self.tcp).poll_flush(cx);
+                return Poll::Ready(Ok(()));
             }
             ready!(self.tcp.poll_write_ready(cx))?;
         }
@@ -201,6 +293,6 @@ impl AsyncWrite for Socket {
         let this = &mut *self;
         this.close_tls();
         ready!(Pin::new(&mut *this).poll_flush(cx))?;
-        Pin::new(&mut this.tcp).poll_shutdown(cx)
+        this.tcp.poll_shutdown(cx)
     }
 }

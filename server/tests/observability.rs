@@ -278,7 +278,9 @@ async fn heap_profile_charges_connection_memory_to_the_connection_path() {
         .filter(|l| ["pushline::gateway::", "pushline::client::", "pushline::conn::", "pushline::hub::", "pushline::listener::"].iter().any(|p| l.contains(p)))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, n)| n.parse::<i64>().ok()))
         .sum();
-    assert!(on_connection_path > (N * 300) as i64, "{on_connection_path} live bytes under the connection path for {N} connections");
+    // At least each connection's record (192 bytes in jemalloc's class); sampled, so an
+    // estimate (about 270 bytes a connection with the hub's and the driver's slots).
+    assert!(on_connection_path > (N * 192) as i64, "{on_connection_path} live bytes under the connection path for {N} connections");
 
     let (status, gzipped) = get_bytes(format!("http://{}/debug/pprof/heap", server.admin)).await;
     assert_eq!(status, 200);

@@ -112,7 +112,8 @@ impl Driver {
     }
 
     /// Puts a connection handed over by its handshake in the table and the epoll set, and
-    /// serves it (its welcome is owed, and bytes may have come before the registration).
+    /// serves it (what its welcome left, bytes that came with its head, messages queued
+    /// since it registered).
     fn arrive(&mut self, conn: Arc<Conn>) {
         let Some(fd) = conn.io().as_ref().map(|io| io.socket.as_raw_fd()) else { return };
         if self.conns.len() == self.conns.capacity() {
@@ -135,7 +136,11 @@ impl Driver {
         }
         entry.insert(conn.clone());
         conn.keyed(key as u32);
-        self.serve(key, Ready { readable: true, closed: false });
+        // A plain socket's bytes so far were read with its head (`early`), and any since
+        // raise an event: registering reports what is already there. TLS may hold
+        // records it has read but not yet decrypted, so it is read now.
+        let plain = conn.io().as_ref().is_some_and(|io| io.socket.is_plain());
+        self.serve(key, Ready { readable: !plain, closed: false });
     }
 
     fn serve_woken(&mut self) {

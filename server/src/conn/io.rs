@@ -66,20 +66,18 @@ pub struct Writing {
 }
 
 impl Io {
-    /// A connection's record as its handshake leaves it: `first` (the welcome) to write,
-    /// and `early`, bytes the client sent right after its handshake, to handle.
-    pub fn new(socket: RawSocket, first: Bytes, early: Vec<u8>) -> Io {
-        let busy = Busy {
-            partial: early.into_boxed_slice(),
-            replies: VecDeque::new(),
-            writing: Some(Writing { bytes: first, written: 0, accepted_at: None }),
-            decoder: ws::Decoder::new(),
-        };
+    /// A connection's record as its handshake leaves it: `unsent`, what of its answer and
+    /// welcome the socket did not take, to write first, and `early`, bytes the client sent
+    /// right after its handshake, to handle. With neither, it starts idle.
+    pub fn new(socket: RawSocket, unsent: Option<Writing>, early: Vec<u8>) -> Io {
+        let busy = (unsent.is_some() || !early.is_empty()).then(|| {
+            Box::new(Busy { partial: early.into_boxed_slice(), replies: VecDeque::new(), writing: unsent, decoder: ws::Decoder::new() })
+        });
         Io {
             socket,
             window: Window::default(),
-            held_back: !busy.partial.is_empty(),
-            busy: Some(Box::new(busy)),
+            held_back: busy.as_ref().is_some_and(|b| !b.partial.is_empty()),
+            busy,
             readable: false,
             peer_closed: false,
             lent: false,

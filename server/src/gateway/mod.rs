@@ -14,12 +14,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use pushline_alloc::Site;
-use tokio::io::AsyncWriteExt;
 
 use crate::admission::{Admission, Reservation};
 use crate::auth::Identity;
 use crate::client::Clients;
-use crate::conn::io::Io;
+use crate::conn::io::{Io, Writing};
 use crate::conn::{Conn, Inbox};
 use crate::error::{Error, Kind};
 use crate::history::read::From;
@@ -41,6 +40,17 @@ pub struct Gateway {
     pub allowed_origins: Vec<String>,
     /// Each core's driver's, in the cores' order: where a connection goes once admitted.
     pub inboxes: Vec<Arc<Inbox>>,
+}
+
+/// The first frame a connection gets: which session it is, for whom, and since when (the
+/// cursor of a fresh start).
+#[derive(serde::Serialize)]
+struct Welcome<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    session: String,
+    uid: &'a str,
+    since: String,
 }
 
 /// What a successful handshake settles: who, what it may read, on which topics, and its
@@ -86,13 +96,11 @@ impl Gateway {
                 return self.refuse(&mut stream, &error).await;
             }
         }
-        let response = match transport {
+        let mut first = match transport {
             Transport::WebSocket => ws::accept_response(&head),
             Transport::Sse => sse::response(self.cors(&head)),
-        };
-        if stream.write_all(response.as_bytes()).await.is_err() {
-            return self.abandon(&conn);
         }
+        .into_bytes();
         let early = buf.split_off(used);
         drop(buf);
         if !self.admission.is_accepting() {
@@ -101,32 +109,34 @@ impl Gateway {
             conn.request_close(CloseReason::Shutdown);
         }
         let since = conn.since_ms();
-        let welcome = serde_json::json!({
-            "type": "welcome",
-            "session": conn.session.to_string(),
-            "uid": &*conn.uid,
-            "since": since.to_string(),
-        })
-        .to_string();
-        let welcome = match transport {
-            Transport::WebSocket => wire::ws::text(&welcome),
+        let welcome = Welcome { kind: "welcome", session: conn.session.to_string(), uid: &conn.uid, since: since.to_string() };
+        let welcome = serde_json::to_string(&welcome).unwrap_or_default();
+        match transport {
+            Transport::WebSocket => first.extend_from_slice(&wire::ws::text(&welcome)),
             Transport::Sse => {
                 // A returning client's cursor stands until its `resumed` event: should this
                 // connection drop mid-replay, `EventSource` comes back with it again.
                 let cursor = head.header("last-event-id").or(head.query("cursor")).filter(|_| request.cursor.is_some());
                 let cursor = cursor.map_or_else(|| format!("s{since}"), str::to_owned);
-                let mut bytes = wire::sse::retry(conn.session.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32).to_vec();
-                bytes.extend_from_slice(&wire::sse::event("welcome", &welcome, &cursor));
-                bytes.into()
+                first.extend_from_slice(&wire::sse::retry(conn.session.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32));
+                first.extend_from_slice(&wire::sse::event("welcome", &welcome, &cursor));
             }
+        }
+        // The answer and the welcome in one write, one segment: what the socket does not
+        // take now (it nearly always takes all), the driver writes first.
+        let written = match stream.write(&first) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => return self.abandon(&conn),
         };
+        let unsent = (written < first.len()).then(|| Writing { bytes: first.into(), written, accepted_at: None });
         let socket = match stream.detach() {
             Ok(socket) => socket,
             Err(_) => return self.abandon(&conn),
         };
         // Opened only now, so that every `conn_open` has its `conn_close`.
         probes::conn_open(conn.session.0, socket.as_raw_fd(), transport as u8);
-        *conn.io() = Some(Site::ConnectionTask.scope(|| Io::new(socket, welcome, early)));
+        *conn.io() = Some(Site::ConnectionTask.scope(|| Io::new(socket, unsent, early)));
         inbox.arrive(conn);
     }
 
