@@ -295,7 +295,7 @@ impl Registrar {
         while !pending.is_empty() {
             let batch: Vec<(SessionId, Arc<str>, bool)> =
                 pending.iter().take(BATCH).map(|(s, p)| (*s, p.uid.clone(), p.opened)).collect();
-            let cmds: Vec<Cmd> = batch.iter().flat_map(|(s, u, open)| self.change_cmds(*s, u, *open)).collect();
+            let cmds = self.change_cmds(&batch);
             if let Err(e) = self.redis.batch(RedisCommand::Sessions, &cmds).await {
                 for (session, _, _) in &batch {
                     if let Some(p) = pending.get_mut(session) {
@@ -314,17 +314,35 @@ impl Registrar {
         Ok(())
     }
 
-    /// The writes of one session opening or closing: its uid entry and its member of
-    /// this run's sessions set.
-    fn change_cmds(&self, session: SessionId, uid: &str, open: bool) -> [Cmd; 2] {
-        let mut entry = redis::cmd(if open { "HSET" } else { "HDEL" });
-        entry.arg(self.keys.uid(uid)).arg(session.0);
-        if open {
-            entry.arg(self.epoch);
+    /// The writes of sessions opening or closing (each once in `batch`): each one's uid
+    /// entry, and its member of this run's sessions set, added in one SADD and removed in
+    /// one SREM for the whole batch, since they share that key.
+    fn change_cmds(&self, batch: &[(SessionId, Arc<str>, bool)]) -> Vec<Cmd> {
+        let mut cmds = Vec::with_capacity(batch.len() + 2);
+        let sessions = self.keys.sessions(self.node, self.epoch);
+        let (mut added, mut removed) = (redis::cmd("SADD"), redis::cmd("SREM"));
+        added.arg(&sessions);
+        removed.arg(&sessions);
+        let (mut any_added, mut any_removed) = (false, false);
+        for (session, uid, open) in batch {
+            let mut entry = redis::cmd(if *open { "HSET" } else { "HDEL" });
+            entry.arg(self.keys.uid(uid)).arg(session.0);
+            if *open {
+                entry.arg(self.epoch);
+            }
+            cmds.push(entry);
+            let member = format!("{}:{uid}", session.0);
+            if *open {
+                added.arg(member);
+                any_added = true;
+            } else {
+                removed.arg(member);
+                any_removed = true;
+            }
         }
-        let mut index = redis::cmd(if open { "SADD" } else { "SREM" });
-        index.arg(self.keys.sessions(self.node, self.epoch)).arg(format!("{}:{uid}", session.0));
-        [entry, index]
+        cmds.extend(any_added.then_some(added));
+        cmds.extend(any_removed.then_some(removed));
+        cmds
     }
 
     /// This run, as a member of `P:nodes`.
@@ -415,12 +433,12 @@ impl Registrar {
     /// Writes an open (HSET) or a close (HDEL) of every local session, a batch at a time.
     /// Returns the number of sessions.
     async fn write_every_session(&self, open: bool) -> redis::RedisResult<usize> {
-        let mut cmds = Vec::new();
-        self.hub.for_each(|conn| cmds.extend(self.change_cmds(conn.session, &conn.uid, open)));
-        for chunk in cmds.chunks(BATCH) {
-            self.redis.batch(RedisCommand::Sessions, chunk).await?;
+        let mut sessions = Vec::new();
+        self.hub.for_each(|conn| sessions.push((conn.session, Arc::<str>::from(&*conn.uid), open)));
+        for chunk in sessions.chunks(BATCH) {
+            self.redis.batch(RedisCommand::Sessions, &self.change_cmds(chunk)).await?;
         }
-        Ok(cmds.len() / 2)
+        Ok(sessions.len())
     }
 
     async fn register_all(&self) -> redis::RedisResult<()> {
