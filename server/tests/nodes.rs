@@ -220,15 +220,18 @@ async fn redis_memory_comes_back_after_nodes_die() {
     };
     let (baseline, used_before) = (keys(), used());
     let args = redis_args(&redis);
+    let mut used_dead = 0;
     for round in 0..10 {
         let doomed = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
         let clients = common::many_ws(doomed.client, 20, &format!("r{round}u")).await;
         wait_metric(doomed.admin, SESSIONS, |n| n == 20.0).await;
+        // Alive, its sessions are in Redis whatever the reaper has done with earlier rounds'
+        // (on a slow machine it may find a dead run before the last round is killed).
+        assert!(keys() >= baseline + 20, "round {round}'s sessions are in Redis: {} keys", keys());
+        used_dead = used_dead.max(used());
         doomed.signal(libc::SIGKILL);
         drop(clients);
     }
-    assert!(keys() >= baseline + 200, "the dead nodes' sessions are in Redis: {} keys", keys());
-    let used_dead = used();
     // Nobody pushes to these uids again; the survivor's reaper finds the dead runs.
     let deadline = Instant::now() + WAIT * 3;
     while keys() > baseline {
@@ -238,7 +241,7 @@ async fn redis_memory_comes_back_after_nodes_die() {
     assert_eq!(redis.cli(&["scard", "pushline:nodes"]), "1", "only the survivor's run is left");
     let used_after = used();
     // Keys are what leaks; the byte figures also carry Lua's VM and the allocator's own.
-    eprintln!("Redis used_memory_dataset: {used_before} B before, {used_dead} B with 10 dead nodes' sessions, {used_after} B after reaping");
+    eprintln!("Redis used_memory_dataset: {used_before} B before, at most {used_dead} B with dead nodes' sessions, {used_after} B after reaping");
 }
 
 #[tokio::test]
