@@ -566,6 +566,9 @@ impl Config {
         if self.queue_max_messages == 0 || self.fanout_batch == 0 || self.max_connections_per_uid == 0 {
             problems.push("--queue-max-messages, --fanout-batch and --max-connections-per-uid must be at least 1".into());
         }
+        if self.handshake_timeout.is_zero() {
+            problems.push("--handshake-timeout must be more than 0s: a head not whole in its first read would be refused".into());
+        }
         if self.idle_timeout.is_zero() {
             problems.push("--idle-timeout must be more than 0s".into());
         }

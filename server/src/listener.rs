@@ -33,6 +33,9 @@ const BACKLOG: i32 = 65_535;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long the kernel waits for a new connection's first bytes before accepting it anyway.
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -41,12 +44,13 @@ static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Binds a listening socket; with `reuse_port`, other processes may bind the same address.
 ///
-/// Connections are accepted once their first bytes have arrived (TCP_DEFER_ACCEPT, for up
-/// to `handshake_timeout`): every client here speaks first, so its request head, or its TLS
-/// ClientHello, is waiting when the connection is accepted, and is read at once, with no
-/// wait on the reactor. A connection that stays silent is held by the kernel as a small
-/// request socket, then accepted anyway and timed out like any other.
-pub fn bind(addr: SocketAddr, reuse_port: bool, handshake_timeout: Duration) -> io::Result<std::net::TcpListener> {
+/// Connections are accepted once their first bytes have arrived (TCP_DEFER_ACCEPT): every
+/// client here speaks first, so its request head, or its TLS ClientHello, is waiting when
+/// the connection is accepted, and is read at once, with no wait on the reactor. The kernel
+/// holds a silent connection as a small request socket for [`DEFER_ACCEPT_SECS`] (counted
+/// in SYN-ACK retransmits: up to about 3 s), then hands it over, to be timed out like any
+/// other: a short defer keeps `--handshake-timeout` the bound a client is held to.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if reuse_port {
@@ -55,7 +59,7 @@ pub fn bind(addr: SocketAddr, reuse_port: bool, handshake_timeout: Duration) -> 
     socket.set_nonblocking(true)?;
     // Inherited by every accepted socket (Linux copies it at accept): no call per connection.
     socket.set_tcp_nodelay(true)?;
-    let defer = libc::c_int::try_from(handshake_timeout.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    let defer: libc::c_int = DEFER_ACCEPT_SECS;
     // SAFETY: the fd is the socket's own, and the option's value is a c_int of that size.
     let deferred = unsafe {
         libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, (&defer as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)

@@ -112,7 +112,7 @@ impl Server {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
         }
-        let client = listener::bind(config.listen, config.reuse_port, config.handshake_timeout)
+        let client = listener::bind(config.listen, config.reuse_port)
             .map_err(io_error(format!("cannot listen on {} (--listen)", config.listen)))?;
         let admin_listener = std::net::TcpListener::bind(config.admin_listen)
             .map_err(io_error(format!("cannot listen on {} (--admin-listen)", config.admin_listen)))?;

@@ -187,9 +187,10 @@ impl Conn {
             }
             if sent > 0 {
                 Site::OutboundQueue.scope(|| outbox.half_sent(msg, self.transport, sent as usize, since_ms));
-                drop(outbox);
-                // Counted as queued until the driver takes the rest (`take_back`).
+                // Counted as queued until the driver takes the rest (`take_back`); counted
+                // before the lock is let go, so the driver never counts it off first.
                 metrics.queued(1, size as isize - sent as isize);
+                drop(outbox);
                 self.signal(Signals::WORK);
                 return true;
             }
@@ -198,12 +199,15 @@ impl Conn {
             outbox.take_back();
         }
         let outcome = Site::OutboundQueue.scope(|| outbox.push(msg, self.transport, limits, since_ms));
+        if let Enqueued::Queued { dropped, dropped_bytes, .. } = outcome {
+            // Under the lock, as above: the driver may pop it the moment the lock is free.
+            metrics.queued(1 - dropped as isize, size as isize - dropped_bytes as isize);
+        }
         drop(outbox);
         match outcome {
-            Enqueued::Queued { dropped, dropped_bytes, depth } => {
+            Enqueued::Queued { dropped, depth, .. } => {
                 probes::msg_enqueue(self.session.0, size, depth);
                 metrics.dropped(DropReason::QueueFull, dropped);
-                metrics.queued(1 - dropped as isize, size as isize - dropped_bytes as isize);
                 self.signal(Signals::WORK);
                 true
             }

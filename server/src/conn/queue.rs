@@ -83,8 +83,10 @@ impl Outbox {
         if queued >= limits.max_messages || queued_bytes + size > limits.max_bytes {
             match limits.policy {
                 SlowConsumer::Disconnect => {
-                    self.close();
-                    return Enqueued::Overflow { dropped: queued + 1, dropped_bytes: queued_bytes + size };
+                    // Everything closing drops is counted: the queue, and a half-sent
+                    // message or a replay left, which were counted as queued too.
+                    let (messages, bytes) = self.close();
+                    return Enqueued::Overflow { dropped: messages + 1, dropped_bytes: bytes + size };
                 }
                 SlowConsumer::DropOldest => {
                     let (mut dropped, mut dropped_bytes) = (0, 0);
@@ -367,5 +369,20 @@ mod tests {
         q.half_sent(&m, Transport::WebSocket, 10, 0);
         assert_eq!(q.close(), (1, m.bytes(Transport::WebSocket).len() - 10), "closing counts the half-sent message");
         assert!(!q.lend(3) && q.lent().is_none(), "a closed outbox lends nothing");
+    }
+
+    /// What an overflow discards is all counted dropped: the queue, the new message, and a
+    /// half-sent one (counted as queued, so the node's gauge must give it back too).
+    #[test]
+    fn an_overflow_counts_the_half_sent_message_it_drops() {
+        let limits = Limits { max_messages: 1, max_bytes: 1 << 20, policy: SlowConsumer::Disconnect };
+        let mut q = Outbox::default();
+        assert!(q.lend(3));
+        let (half, queued, new) = (msg(1), msg(2), msg(3));
+        q.half_sent(&half, Transport::WebSocket, 10, 0);
+        q.push(&queued, Transport::WebSocket, &limits, 0);
+        let len = |m: &Arc<Message>| m.bytes(Transport::WebSocket).len();
+        let expected = Enqueued::Overflow { dropped: 3, dropped_bytes: len(&half) - 10 + len(&queued) + len(&new) };
+        assert_eq!(q.push(&new, Transport::WebSocket, &limits, 0), expected);
     }
 }
