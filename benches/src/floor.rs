@@ -167,7 +167,7 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     socket.set_reuse_port(reuse_port)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
-    let defer: libc::c_int = 10;
+    let defer: libc::c_int = 1;
     // SAFETY: the fd is the socket's own, and the value is a c_int of the size given.
     let set = unsafe {
         libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, (&defer as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)

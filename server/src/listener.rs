@@ -13,7 +13,6 @@ use pushline_alloc::Site;
 use socket2::{Domain, Protocol, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +21,7 @@ use crate::cores::Cores;
 use crate::error::{Error, Kind};
 use crate::gateway::Gateway;
 use crate::http::{self, ReadHead};
-use crate::socket::Socket;
+use crate::socket::{Accepted, Socket};
 use crate::tls::{session, Tls};
 use crate::telemetry::logging::Throttle;
 use crate::telemetry::{probes, AcceptError, Metrics, RefuseReason};
@@ -156,7 +155,7 @@ impl Router {
     /// The TLS handshake of a new connection, and any request bytes that came with its
     /// last flight; None when it failed (answered and counted).
     async fn tls_handshake(&self, stream: std::net::TcpStream, tls: &Tls) -> Option<(Socket, Vec<u8>)> {
-        let Ok(mut stream) = Site::ConnectionTask.scope(|| TcpStream::from_std(stream)) else { return None };
+        let Ok(mut stream) = Accepted::from(stream).into_registered() else { return None };
         let mut first = [0u8; 1];
         match stream.peek(&mut first).await {
             Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => {}

@@ -115,7 +115,7 @@ impl Driver {
     /// serves it (what its welcome left, bytes that came with its head, messages queued
     /// since it registered).
     fn arrive(&mut self, conn: Arc<Conn>) {
-        let Some(fd) = conn.io().as_ref().map(|io| io.socket.as_raw_fd()) else { return };
+        let Some((fd, plain)) = conn.io().as_ref().map(|io| (io.socket.as_raw_fd(), io.socket.is_plain())) else { return };
         if self.conns.len() == self.conns.capacity() {
             // Grown by an eighth, not doubled: a table only ever doubled carries up to a
             // slot (16 bytes) of empty room per connection.
@@ -139,7 +139,6 @@ impl Driver {
         // A plain socket's bytes so far were read with its head (`early`), and any since
         // raise an event: registering reports what is already there. TLS may hold
         // records it has read but not yet decrypted, so it is read now.
-        let plain = conn.io().as_ref().is_some_and(|io| io.socket.is_plain());
         self.serve(key, Ready { readable: !plain, closed: false });
     }
 
