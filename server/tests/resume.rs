@@ -724,14 +724,29 @@ mod nodes {
         }
     }
 
-    /// Reads `client` until it has seen the message whose data is `last`.
-    fn read_until(mut client: Ws, mut tracker: Tracker, last: u64) -> tokio::task::JoinHandle<Tracker> {
+    /// Reads `client` (the connection of `uid` to `addr`, subscribed to `t`) until it has
+    /// seen the message whose data is `last`. Told of a `relay_lost` gap, it resumes from
+    /// its cursor, as the JavaScript client does (the node answers 503 while it cannot
+    /// read Redis: it tries again). Returns what it saw and every `resumed` answer.
+    fn follow(addr: SocketAddr, uid: &'static str, mut client: Ws, mut tracker: Tracker, last: u64) -> tokio::task::JoinHandle<(Tracker, Vec<Value>)> {
         tokio::spawn(async move {
+            let mut resumes = Vec::new();
             while tracker.seen.last() != Some(&json!(last)) {
-                let msg = next_json(&mut client).await;
+                let msg = next_json_within(&mut client, WAIT * 3).await;
+                if msg["type"] == "gap" && msg["reason"] == "relay_lost" {
+                    client = loop {
+                        let url = format!("ws://{addr}/ws?uid={uid}&topics=t&cursor={}", tracker.cursor());
+                        if let Ok((mut again, _)) = tokio_tungstenite::connect_async(url).await {
+                            resumes.push(until_resumed(&mut again, &mut tracker).await);
+                            break again;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    };
+                    continue;
+                }
                 tracker.take(&msg);
             }
-            tracker
+            (tracker, resumes)
         })
     }
 
@@ -754,7 +769,7 @@ mod nodes {
         let (live, welcome) = ws(node.client, "uid=live&topics=t").await;
         let mut live_tracker = Tracker::default();
         live_tracker.take(&welcome);
-        let live = read_until(live, live_tracker, 500);
+        let live = follow(node.client, "live", live, live_tracker, 500);
         let (away, welcome) = ws(node.client, "uid=away&topics=t").await;
         let mut away = Some(away);
         let mut away_tracker = Tracker::default();
@@ -785,8 +800,10 @@ mod nodes {
             }
         }
         assert!(killed.is_none(), "publishes during the failover were answered 503, then succeeded");
-        let live = tokio::time::timeout(WAIT * 2, live).await.expect("the live client got the last message").unwrap();
+        let (live, live_resumes) = tokio::time::timeout(WAIT * 2, live).await.expect("the live client got the last message").unwrap();
         check_every_acknowledged_message_arrived(&live, 1..=500, &retried);
+        let told = metric(&metrics(node.admin).await, "pushline_relay_lost_total");
+        assert!(told >= 2.0, "the node's clients were told when it stopped hearing its channels and again once it heard them: {told}");
 
         let (mut away, _) = ws(node.client, &format!("uid=away&topics=t&cursor={}", away_tracker.cursor())).await;
         let resumed = until_resumed(&mut away, &mut away_tracker).await;
@@ -798,7 +815,7 @@ mod nodes {
         } else {
             assert_eq!(t["reason"], "epoch_changed", "not recovered, and says why: {resumed}");
         }
-        eprintln!("{refused} publish attempts answered 503 during the failover; resumed: {resumed}");
+        eprintln!("{refused} publish attempts answered 503 during the failover; the live client resumed {} times; the away client: {resumed}", live_resumes.len());
     }
 
     /// A Sentinel failover (the master killed, Sentinel promotes its replica) while
@@ -864,36 +881,12 @@ mod nodes {
         let (on_b, welcome) = ws(b.client, "uid=b&topics=t").await;
         let mut tracker = Tracker::default();
         tracker.take(&welcome);
-        let on_b = read_until(on_b, tracker, LAST);
-        let (mut on_a, welcome) = ws(a.client, "uid=a&topics=t").await;
+        let on_b = follow(b.client, "b", on_b, tracker, LAST);
+        let (on_a, welcome) = ws(a.client, "uid=a&topics=t").await;
         let mut tracker = Tracker::default();
         tracker.take(&welcome);
         wait_interest(&redis, "t").await;
-        let a_addr = a.client;
-        let on_a = tokio::spawn(async move {
-            let mut told = 0;
-            while tracker.seen.last() != Some(&json!(LAST)) {
-                let msg = next_json_within(&mut on_a, WAIT * 3).await;
-                if msg["type"] == "gap" && msg["reason"] == "relay_lost" {
-                    told += 1;
-                    // Resume from the cursor, as a client told of a lost relay does; A
-                    // answers 503 while it cannot read Redis.
-                    on_a = loop {
-                        if let Ok((mut again, _)) = tokio_tungstenite::connect_async(format!("ws://{a_addr}/ws?uid=a&topics=t&cursor={}", tracker.cursor())).await {
-                            tracker.take(&next_json(&mut again).await);
-                            break again;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    };
-                    continue;
-                }
-                if msg["type"] == "resumed" {
-                    assert_eq!(msg["recovered"], true, "{msg}");
-                }
-                tracker.take(&msg);
-            }
-            (tracker, told)
-        });
+        let on_a = follow(a.client, "a", on_a, tracker, LAST);
 
         let mut retried = Vec::new();
         let mut heals_at = None;
@@ -917,11 +910,16 @@ mod nodes {
             // Publishes spread over the partition, as an application's would.
             tokio::time::sleep(std::time::Duration::from_millis(40)).await;
         }
-        let on_b = tokio::time::timeout(WAIT * 2, on_b).await.expect("B's client got the last message").unwrap();
+        let (on_b, b_resumes) = tokio::time::timeout(WAIT * 2, on_b).await.expect("B's client got the last message").unwrap();
         check_every_acknowledged_message_arrived(&on_b, 1..=LAST, &retried);
-        let (on_a, told) = tokio::time::timeout(WAIT * 6, on_a).await.expect("A's client got the last message").unwrap();
+        assert!(b_resumes.is_empty(), "B's link never broke: {b_resumes:?}");
+        let (on_a, a_resumes) = tokio::time::timeout(WAIT * 6, on_a).await.expect("A's client got the last message").unwrap();
         check_every_acknowledged_message_arrived(&on_a, 1..=LAST, &retried);
-        eprintln!("A's client was told of a lost relay {told} times; {} publishes retried", retried.len());
+        assert!(!a_resumes.is_empty(), "A's client was told of the lost relay");
+        for resumed in &a_resumes {
+            assert_eq!(resumed["recovered"], true, "{resumed}");
+        }
+        eprintln!("A's client was told of a lost relay and resumed {} times; {} publishes retried", a_resumes.len(), retried.len());
     }
 
     /// Redis comes back from an old snapshot and the node restarts with it (a host that

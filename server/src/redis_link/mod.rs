@@ -7,7 +7,7 @@
 //! the `redis` crate reconnects and resubscribes by itself after a connection is lost.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,12 +37,36 @@ pub const RELAY_BACKLOG: usize = 1024;
 
 /// Hands what Redis pushes (messages on subscribed channels, subscription changes,
 /// disconnections) to the relay reader, without blocking the connection and without
-/// growing past [`RELAY_BACKLOG`].
+/// growing past [`RELAY_BACKLOG`]; what it drops, it notes for the reader.
 #[derive(Clone)]
 struct Pushes {
     tx: mpsc::Sender<PushInfo>,
     metrics: Arc<Metrics>,
     breaks: Arc<AtomicU64>,
+    dropped: Arc<AtomicU8>,
+}
+
+/// What the relay backlog dropped since the reader last asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DroppedPushes {
+    None,
+    /// Messages only: this node's clients missed them.
+    Messages,
+    /// A disconnection or subscription change too: the node may no longer be subscribed.
+    Notices,
+}
+
+const DROPPED_MESSAGES: u8 = 1;
+const DROPPED_NOTICES: u8 = 2;
+
+impl DroppedPushes {
+    fn take(dropped: &AtomicU8) -> DroppedPushes {
+        match dropped.swap(0, Ordering::AcqRel) {
+            0 => DroppedPushes::None,
+            DROPPED_MESSAGES => DroppedPushes::Messages,
+            _ => DroppedPushes::Notices,
+        }
+    }
 }
 
 impl AsyncPushSender for Pushes {
@@ -50,10 +74,12 @@ impl AsyncPushSender for Pushes {
         if info.kind == redis::PushKind::Disconnection {
             self.breaks.fetch_add(1, Ordering::Relaxed);
         }
+        let message = matches!(info.kind, redis::PushKind::Message | redis::PushKind::SMessage);
         match self.tx.try_send(info) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 self.metrics.dropped(DropReason::RelayBacklog, 1);
+                self.dropped.fetch_or(if message { DROPPED_MESSAGES } else { DROPPED_NOTICES }, Ordering::AcqRel);
                 Ok(())
             }
             // The reader stopped: this node is shutting down.
@@ -74,6 +100,7 @@ pub struct Redis {
     link: Link,
     metrics: Arc<Metrics>,
     breaks: Arc<AtomicU64>,
+    dropped: Arc<AtomicU8>,
 }
 
 impl Redis {
@@ -84,7 +111,8 @@ impl Redis {
     pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<(Redis, Receiver<PushInfo>), Error> {
         let (tx, received) = mpsc::channel(RELAY_BACKLOG);
         let breaks = Arc::new(AtomicU64::new(0));
-        let pushes = Pushes { tx, metrics: metrics.clone(), breaks: breaks.clone() };
+        let dropped = Arc::new(AtomicU8::new(0));
+        let pushes = Pushes { tx, metrics: metrics.clone(), breaks: breaks.clone(), dropped: dropped.clone() };
         let urls = &config.redis_url;
         let shown = redacted_all(urls);
         let bad_url = |e: redis::RedisError| Error::config(format!("--redis-url {shown}: {e}"));
@@ -124,7 +152,7 @@ impl Redis {
                 Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone(), &asked).await?)
             }
         };
-        Ok((Redis { link, metrics, breaks }, received))
+        Ok((Redis { link, metrics, breaks, dropped }, received))
     }
 
     /// Times a link to a Redis server broke, moved to another master, or met a server
@@ -132,6 +160,11 @@ impl Redis {
     /// come back from a snapshot or a replica.
     pub fn breaks(&self) -> u64 {
         self.breaks.load(Ordering::Relaxed)
+    }
+
+    /// What the relay backlog dropped since the last call.
+    pub fn take_dropped_pushes(&self) -> DroppedPushes {
+        DroppedPushes::take(&self.dropped)
     }
 
     /// Whether channels are sharded (Redis Cluster: SPUBLISH / SSUBSCRIBE).
@@ -208,7 +241,7 @@ impl Redis {
     }
 
     /// A batch whose commands succeed or fail one by one.
-    async fn batch_results(&self, command: RedisCommand, cmds: &[Cmd]) -> RedisResult<Vec<RedisResult<Value>>> {
+    pub async fn batch_results(&self, command: RedisCommand, cmds: &[Cmd]) -> RedisResult<Vec<RedisResult<Value>>> {
         self.timed(command, cmds.len(), async {
             match self.link.clone() {
                 Link::Single(mut c) => one_by_one(pipeline(cmds).ignore_errors().query_async(&mut c).await),
@@ -350,13 +383,19 @@ mod tests {
     fn a_full_inbox_drops_and_counts_instead_of_growing() {
         let metrics = Arc::new(Metrics::new());
         let (tx, mut rx) = mpsc::channel(RELAY_BACKLOG);
-        let pushes = Pushes { tx, metrics: metrics.clone(), breaks: Arc::new(AtomicU64::new(0)) };
+        let dropped = Arc::new(AtomicU8::new(0));
+        let pushes = Pushes { tx, metrics: metrics.clone(), breaks: Arc::new(AtomicU64::new(0)), dropped: dropped.clone() };
         let message = || PushInfo { kind: redis::PushKind::Message, data: vec![] };
         for _ in 0..RELAY_BACKLOG + 3 {
             assert!(pushes.send(message()).is_ok(), "the connection keeps its push sender");
         }
         let text = metrics.render(Default::default());
         assert!(text.contains(r#"pushline_messages_dropped_total{reason="relay_backlog"} 3"#), "{text}");
+        assert_eq!(DroppedPushes::take(&dropped), DroppedPushes::Messages, "the reader learns its clients missed messages");
+        assert_eq!(DroppedPushes::take(&dropped), DroppedPushes::None, "once");
+        assert!(pushes.send(PushInfo { kind: redis::PushKind::Disconnection, data: vec![] }).is_ok());
+        assert!(pushes.send(message()).is_ok());
+        assert_eq!(DroppedPushes::take(&dropped), DroppedPushes::Notices, "a lost disconnection is not just a lost message");
         let mut queued = 0;
         while rx.try_recv().is_ok() {
             queued += 1;

@@ -286,6 +286,7 @@ impl Connected {
             redis: self.redis.clone(),
             node: self.node,
             channels: nodes.channels(),
+            own_channels: nodes.own_channels(),
             awaited,
             history: self.history.clone(),
         };
@@ -360,14 +361,16 @@ struct Entry<'a> {
 const OWN_DELIVERY_WAIT: Duration = Duration::from_secs(1);
 
 impl Nodes {
+    /// This node's channels, one per stream group, which only it listens to.
+    fn own_channels(&self) -> Vec<String> {
+        (0..GROUPS).map(|g| RedisHistory::node_channel(self.keys.prefix(), self.node, g)).collect()
+    }
+
     /// This node's channels and the fan-out channels, one of each per stream group:
     /// what it listens to.
     fn channels(&self) -> Vec<String> {
-        let prefix = self.keys.prefix();
-        (0..GROUPS)
-            .map(|g| RedisHistory::node_channel(prefix, self.node, g))
-            .chain((0..GROUPS).map(|g| RedisHistory::fanout_channel(prefix, g)))
-            .collect()
+        let fanout = (0..GROUPS).map(|g| RedisHistory::fanout_channel(self.keys.prefix(), g));
+        self.own_channels().into_iter().chain(fanout).collect()
     }
 
     /// Subscribes to this node's channels and the fan-out channels.

@@ -6,19 +6,20 @@
 //! envelope and delivery latency counts from the original publish.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::{PushInfo, PushKind, Value};
+use redis::{Cmd, PushInfo, PushKind, Value};
 use tokio::sync::mpsc::Receiver;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use pushline_alloc::Site;
 
 use crate::history::redis::RedisHistory;
 use crate::hub::Hub;
-use crate::redis_link::Redis;
-use crate::telemetry::{DropReason, Metrics, PublishKind, Relayed};
+use crate::redis_link::{DroppedPushes, Redis};
+use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
 use crate::wire::{envelope_position, Message};
 
 /// What a relayed message is addressed to.
@@ -215,7 +216,9 @@ impl Awaited {
 }
 
 /// Reads this node's subscriptions and delivers each message to local connections, in
-/// the order Redis sent them.
+/// the order Redis sent them, and makes sure the node still listens where its channels
+/// live: a failover, a slot move or a dropped link can take a subscription away, and
+/// Redis does not always say so.
 pub struct Inbox {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
@@ -223,63 +226,130 @@ pub struct Inbox {
     pub node: u16,
     /// The channels this node listens to.
     pub channels: Vec<String>,
+    /// This node's own channels (one per group, in the same slot as that group's fan-out
+    /// channel), which no other node listens to: a publish on one is answered with 1
+    /// while this node listens there, 0 once it does not.
+    pub own_channels: Vec<String>,
     pub awaited: Arc<Awaited>,
     /// Told every group sequence that arrives, so this node's floor covers what other
     /// nodes appended too.
     pub history: Arc<RedisHistory>,
 }
 
-/// Told to every connection of a node whose Redis link dropped.
+/// Told to every connection of a node that stopped hearing its channels (its Redis link
+/// dropped, a subscription was taken away, or messages were dropped on the way in), and
+/// again once it hears them all: what other nodes published in between is only in history.
 const RELAY_LOST: &str = r#"{"type":"gap","reason":"relay_lost"}"#;
 
-/// First wait before subscribing again after a failed attempt; doubles up to a second.
+/// How often a node checks that it still listens on each of its channels.
+const LISTENING_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// First wait before checking and subscribing again while deaf; doubles up to
+/// [`LISTENING_CHECK_EVERY`].
 const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(50);
+
+/// Whether the node may have missed messages on its channels since it last heard them all.
+#[derive(Default)]
+struct Hearing {
+    deaf: AtomicBool,
+    check_now: Notify,
+}
 
 impl Inbox {
     /// Runs until the Redis link is dropped.
-    pub async fn run(self, mut pushes: Receiver<PushInfo>) {
+    pub async fn run(self, pushes: Receiver<PushInfo>) {
+        let hearing = Hearing::default();
+        tokio::select! {
+            _ = self.read(pushes, &hearing) => {}
+            _ = self.keep_listening(&hearing) => {}
+        }
+    }
+
+    async fn read(&self, mut pushes: Receiver<PushInfo>, hearing: &Hearing) {
         while let Some(push) = pushes.recv().await {
             match push.kind {
                 PushKind::Message | PushKind::SMessage => self.deliver(&push.data).await,
                 PushKind::Disconnection => {
                     self.metrics.redis_reconnects.increment(1);
-                    tracing::warn!("lost a Redis connection; reconnecting and resubscribing, and telling every client here of a gap");
-                    // What other nodes published while the link was down never reaches this
-                    // node: every client here is told, and resumes from its cursor.
-                    let notice = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, RELAY_LOST, None, Instant::now())));
-                    self.hub.broadcast(&notice).await;
-                    // On a cluster the lost node may be a master whose replica takes its
-                    // slots: subscribe every channel again, wherever its slot now lives
-                    // (subscribing twice on one connection changes nothing).
-                    if self.redis.sharded() {
-                        self.channels.iter().for_each(|channel| self.resubscribe(channel.clone()));
-                    }
+                    self.went_deaf(hearing, "lost a Redis connection").await;
                 }
-                // Nothing here unsubscribes: on a cluster, an unasked-for SUNSUBSCRIBE means
-                // the channel's slot moved to another shard, and the redis crate has
-                // forgotten the subscription. Subscribe again, at the slot's new owner.
+                // Nothing here unsubscribes: an unasked-for (S)UNSUBSCRIBE means the
+                // channel's slot moved to another shard, and the redis crate has forgotten
+                // the subscription.
                 PushKind::SUnsubscribe | PushKind::Unsubscribe => {
                     let Some(Value::BulkString(channel)) = push.data.first() else { continue };
-                    let Some(channel) = self.channels.iter().find(|c| c.as_bytes() == channel.as_slice()) else { continue };
-                    tracing::info!(channel, "unsubscribed by Redis (a slot migration?); subscribing again");
-                    self.resubscribe(channel.clone());
+                    if self.channels.iter().any(|c| c.as_bytes() == channel.as_slice()) {
+                        self.went_deaf(hearing, "unsubscribed by Redis (a slot migration?)").await;
+                    }
                 }
                 _ => {}
+            }
+            match self.redis.take_dropped_pushes() {
+                DroppedPushes::None => {}
+                DroppedPushes::Messages => self.tell_relay_lost().await,
+                DroppedPushes::Notices => self.went_deaf(hearing, "dropped what Redis said about this node's subscriptions").await,
             }
         }
     }
 
-    /// Subscribes to `channel` again, retrying until it succeeds.
-    fn resubscribe(&self, channel: String) {
-        let redis = self.redis.clone();
-        tokio::spawn(async move {
-            let mut wait = RESUBSCRIBE_FIRST;
-            while let Err(e) = redis.subscribe(&channel).await {
-                tracing::debug!(channel, error = %e, "subscribing again failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
+    /// Tells every client here of the gap (once until the node hears again) and has the
+    /// subscriptions checked now.
+    async fn went_deaf(&self, hearing: &Hearing, why: &str) {
+        if !hearing.deaf.swap(true, Ordering::AcqRel) {
+            tracing::warn!("{why}: subscribing again, and telling every client here of a gap");
+            self.tell_relay_lost().await;
+        }
+        hearing.check_now.notify_one();
+    }
+
+    async fn tell_relay_lost(&self) {
+        self.metrics.relay_lost.increment(1);
+        let notice = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, RELAY_LOST, None, Instant::now())));
+        self.hub.broadcast(&notice).await;
+    }
+
+    /// Every [`LISTENING_CHECK_EVERY`] (and at once when told), publishes nothing on each
+    /// of this node's own channels. A group answered 0 has lost its subscription without
+    /// a word (seen after a cluster failover): the node goes deaf. While deaf, it
+    /// subscribes every channel again, wherever its slot now lives (subscribing twice
+    /// changes nothing), and checks again, sooner; once every channel is subscribed and
+    /// heard, its clients are told of the gap between.
+    async fn keep_listening(&self, hearing: &Hearing) {
+        let mut wait = LISTENING_CHECK_EVERY;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = hearing.check_now.notified() => {}
             }
-        });
+            let heard = self.hears_every_group().await;
+            if heard == Some(false) {
+                self.went_deaf(hearing, "no longer subscribed to a channel of this node").await;
+            }
+            if !hearing.deaf.load(Ordering::Acquire) {
+                wait = LISTENING_CHECK_EVERY;
+                continue;
+            }
+            let subscribed = futures_util::future::join_all(self.channels.iter().map(|c| self.redis.subscribe(c))).await;
+            if heard == Some(true) && subscribed.iter().all(Result::is_ok) {
+                hearing.deaf.store(false, Ordering::Release);
+                tracing::info!("hearing every channel again; telling every client here of the gap");
+                self.tell_relay_lost().await;
+                wait = LISTENING_CHECK_EVERY;
+            } else {
+                wait = if wait >= LISTENING_CHECK_EVERY { RESUBSCRIBE_FIRST } else { (wait * 2).min(LISTENING_CHECK_EVERY) };
+            }
+        }
+    }
+
+    /// Whether this node listens on every own channel: `Some(false)` if Redis answered 0
+    /// for one, `None` if it could not ask for some (Redis unreachable).
+    async fn hears_every_group(&self) -> Option<bool> {
+        let probes: Vec<Cmd> = self.own_channels.iter().map(|c| self.redis.publish_cmd(c, b"")).collect();
+        let answers = self.redis.batch_results(RedisCommand::Publish, &probes).await.ok()?;
+        if answers.iter().any(|a| matches!(a, Ok(Value::Int(0)))) {
+            return Some(false);
+        }
+        answers.iter().all(Result::is_ok).then_some(true)
     }
 
     /// One message on a channel: `data` is `[channel, payload]`.
@@ -289,6 +359,10 @@ impl Inbox {
             metrics.dropped(DropReason::BadRelay, 1);
             return;
         };
+        // A listening check's probe.
+        if payload.is_empty() {
+            return;
+        }
         let Some(relay) = Relay::decode(payload) else {
             tracing::warn!(bytes = payload.len(), "undecodable message on a node channel");
             metrics.dropped(DropReason::BadRelay, 1);

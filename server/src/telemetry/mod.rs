@@ -61,6 +61,7 @@ pub const REDIS_ERRORS: &str = "pushline_redis_errors_total";
 pub const REDIS_RECONNECTS: &str = "pushline_redis_reconnects_total";
 pub const REDIS_UP: &str = "pushline_redis_up";
 pub const REDIS_MASTER_CHANGES: &str = "pushline_redis_master_changes_total";
+pub const RELAY_LOST: &str = "pushline_relay_lost_total";
 pub const PUBLISH_BYTES_READING: &str = "pushline_publish_bytes_reading";
 pub const REGISTRY_SESSIONS: &str = "pushline_registry_sessions";
 pub const REGISTRY_PENDING: &str = "pushline_registry_pending_changes";
@@ -119,6 +120,7 @@ pub struct Metrics {
     redis_errors: [Counter; RedisCommand::COUNT],
     pub redis_reconnects: Counter,
     pub redis_master_changes: Counter,
+    pub relay_lost: Counter,
     pub redis_up: Gauge,
     pub registry_sessions: Gauge,
     pub publish_bytes_reading: Gauge,
@@ -173,7 +175,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 25] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 26] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -187,6 +189,7 @@ impl Metrics {
             (REDIS_ERRORS, Some(Unit::Count), "Redis commands that failed, by command."),
             (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
             (REDIS_MASTER_CHANGES, Some(Unit::Count), "Times the Sentinels named a new Redis master and the link moved to it."),
+            (RELAY_LOST, Some(Unit::Count), "Times this node told its clients of a relay_lost gap: it stopped hearing its Redis channels, heard them again, or dropped messages on the way in."),
             (RELAY_MESSAGES, Some(Unit::Count), "Messages sent to or received from other nodes, by direction and kind."),
             (MESSAGES_DEDUPLICATED, Some(Unit::Count), "Queued messages not written because a resume had replayed them already."),
             (HISTORY_EVICTED, Some(Unit::Count), "Streams whose history was forgotten early, by reason (their next message starts a new epoch)."),
@@ -274,6 +277,7 @@ impl Metrics {
             redis_errors: each::<RedisCommand, _, _>(|c| counter(REDIS_ERRORS, &[("command", c)])),
             redis_reconnects: counter(REDIS_RECONNECTS, &[]),
             redis_master_changes: counter(REDIS_MASTER_CHANGES, &[]),
+            relay_lost: counter(RELAY_LOST, &[]),
             redis_up: gauge(REDIS_UP, &[]),
             registry_sessions: gauge(REGISTRY_SESSIONS, &[]),
             publish_bytes_reading: gauge(PUBLISH_BYTES_READING, &[]),
