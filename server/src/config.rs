@@ -136,6 +136,17 @@ pub struct Config {
     #[arg(long = "public-topics", env = "PUSHLINE_PUBLIC_TOPICS", value_delimiter = ',')]
     pub public_topics: Vec<String>,
 
+    /// Topic patterns every client may publish to (`{"type":"publish"}`), besides what its
+    /// token's `publish` claim grants; the only way to let clients publish in open mode.
+    /// None by default.
+    #[arg(long = "client-publish-topics", env = "PUSHLINE_CLIENT_PUBLISH_TOPICS", value_delimiter = ',')]
+    pub client_publish_topics: Vec<String>,
+
+    /// Most publishes a client may send per second; more are answered with an error and
+    /// counted (`over_limit`), not published.
+    #[arg(long, env = "PUSHLINE_MAX_CLIENT_PUBLISHES_PER_SECOND", default_value_t = 10)]
+    pub max_client_publishes_per_second: u16,
+
     /// Time a client whose token expired has to send a fresh one (`refresh`) before it is
     /// closed (4001).
     #[arg(long, env = "PUSHLINE_TOKEN_REFRESH_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -484,6 +495,9 @@ impl Config {
         }
         if let Err(e) = crate::rights::Rights::parse(&self.public_topics, "") {
             problems.push(format!("--public-topics: {e}"));
+        }
+        if let Err(e) = crate::rights::Rights::parse(&self.client_publish_topics, "") {
+            problems.push(format!("--client-publish-topics: {e}"));
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => problems.push("--tls-cert needs --tls-key, the certificate's private key".into()),

@@ -371,10 +371,14 @@ impl Hub {
         (online, delivered)
     }
 
-    /// Delivers to every subscriber of `topic`. Returns the messages queued.
+    /// Delivers to every subscriber of `topic` (but the client that published it, unless
+    /// it asked for its message back). Returns the messages queued.
     pub async fn publish(self: &Arc<Self>, topic: &str, msg: &Arc<Message>) -> usize {
-        let subscribers: Vec<Arc<Conn>> =
-            self.read_topics(topic).get(topic).map(|s| s.values().cloned().collect()).unwrap_or_default();
+        let subscribers: Vec<Arc<Conn>> = self
+            .read_topics(topic)
+            .get(topic)
+            .map(|s| s.iter().filter(|(session, _)| msg.except != Some(**session)).map(|(_, conn)| conn.clone()).collect())
+            .unwrap_or_default();
         self.deliver_spread(subscribers, msg).await
     }
 

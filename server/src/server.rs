@@ -21,6 +21,7 @@ use crate::auth::api_keys::ApiKeys;
 use crate::auth::{Auth, Credentials};
 use crate::api::Api;
 use crate::client::sweep::{self, Timers};
+use crate::client::publish::Publishing;
 use crate::client::{self, Clients};
 use crate::config::Config;
 use crate::conn::queue::Limits;
@@ -166,6 +167,8 @@ impl Server {
         let admission = Arc::new(Admission::new(limits));
         let auth = Arc::new(ArcSwap::from_pointee(credentials.auth));
         let api_keys = Arc::new(ArcSwap::from_pointee(credentials.api_keys));
+        let registry = Arc::new(registry);
+        let message_ids = Arc::new(MessageIds::new(node));
         let clients = Arc::new(Clients {
             hub: hub.clone(),
             admission: admission.clone(),
@@ -175,6 +178,13 @@ impl Server {
             max_commands_per_second: config.max_commands_per_second,
             max_topic_changes_per_minute: config.max_topic_changes_per_minute,
             refresh_grace_ms: config.token_refresh_grace.as_millis() as u64,
+            publishing: Publishing {
+                registry: registry.clone(),
+                message_ids: message_ids.clone(),
+                max_message_bytes: config.max_message_bytes,
+                node_queue_max_bytes: config.node_queue_max_bytes,
+                max_per_second: config.max_client_publishes_per_second,
+            },
         });
         let inboxes = client::driver::start(&cores, &clients).map_err(io_error("cannot start the connection drivers".into()))?;
         let router = Arc::new(Router {
@@ -191,7 +201,7 @@ impl Server {
             api: Arc::new(Api {
                 registry,
                 hub: hub.clone(),
-                message_ids: MessageIds::new(node),
+                message_ids,
                 metrics: metrics.clone(),
                 api_keys: api_keys.clone(),
                 max_message_bytes: config.max_message_bytes,

@@ -456,3 +456,28 @@ async fn expired_tokens_grant_no_new_subscriptions_and_tickets_end_with_their_to
     let reply = next_json(&mut lapsed).await;
     assert!(reply["error"].as_str().unwrap().starts_with("your token expired"), "{reply}");
 }
+
+/// A token's `publish` claim grants the topics its holder may publish to, `{sub}`
+/// expanded; reading a topic grants no publishing, and an expired token publishes nothing.
+#[tokio::test]
+async fn a_tokens_publish_claim_grants_what_its_holder_may_publish() {
+    // The sweeper, which finds expired tokens, runs every quarter of the grace.
+    let t = secured(|c| c.token_refresh_grace = Duration::from_millis(1500)).await;
+    let token = hs256(json!({"sub": "alice", "exp": now() + 2, "topics": ["room.*"], "publish": ["room.{sub}.*"]}));
+    let (mut alice, _) = ws(t.client, &format!("token={token}&topics=room.alice.desk")).await;
+    send_json(&mut alice, json!({"type": "publish", "topic": "room.alice.desk", "data": "typing", "echo": true})).await;
+    let mut seen = vec![next_json(&mut alice).await, next_json(&mut alice).await];
+    seen.sort_by_key(|m| m["type"].as_str().unwrap().to_owned());
+    assert_eq!((seen[0]["type"].as_str(), seen[0]["data"].as_str(), seen[1]["type"].as_str()), (Some("message"), Some("typing"), Some("published")), "{seen:?}");
+    for forbidden in ["room.bob.desk", "room.alice", "room.alice%2Edesk"] {
+        send_json(&mut alice, json!({"type": "publish", "topic": forbidden, "data": 1})).await;
+        let refused = next_json(&mut alice).await;
+        assert!(refused["error"].as_str().unwrap().contains("not allowed to publish"), "{forbidden}: {refused}");
+    }
+    // Once the token expires, nothing more is published until it is refreshed.
+    let expired = next_json_within(&mut alice, Duration::from_secs(5)).await;
+    assert_eq!(expired["type"], "token_expired", "{expired}");
+    send_json(&mut alice, json!({"type": "publish", "topic": "room.alice.desk", "data": 2})).await;
+    let refused = next_json(&mut alice).await;
+    assert!(refused["error"].as_str().unwrap().contains("token expired"), "{refused}");
+}

@@ -265,3 +265,109 @@ async fn bytes_then_the_end_of_the_stream_close_the_connection() {
     wait_metric(t.admin, r#"pushline_connections{transport="ws"}"#, |v| v == 0.0).await;
     drop((held, sse));
 }
+
+/// Reads until a frame of `kind`; returns it and what came before it.
+async fn until_type(ws: &mut Ws, kind: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut before = Vec::new();
+    loop {
+        let msg = next_json(ws).await;
+        if msg["type"] == kind {
+            return (msg, before);
+        }
+        before.push(msg);
+    }
+}
+
+/// Client publishes in open mode, to topics `--client-publish-topics` lists: every
+/// subscriber gets it, the sender only its `published` answer (with its `ref`) unless it
+/// asks for an echo; it is kept in the topic's history; a topic outside the list, data over
+/// the size limit and publishes over the rate are refused, counted and never delivered.
+#[tokio::test]
+async fn a_client_publishes_to_the_topics_it_may_and_is_not_sent_its_own_message() {
+    let t = start(|c| {
+        c.client_publish_topics = vec!["chat.*".into()];
+        c.max_client_publishes_per_second = 3;
+        c.max_commands_per_second = 100;
+        c.max_message_bytes = 64;
+    })
+    .await;
+    let (mut alice, _) = ws(t.client, "uid=alice&topics=chat.room").await;
+    let (mut bob, welcome) = ws(t.client, "uid=bob&topics=chat.room,other").await;
+    let since = welcome["since"].as_str().unwrap().to_owned();
+
+    send_json(&mut alice, json!({"type": "publish", "topic": "chat.room", "data": {"text": "hi"}, "ref": "m1"})).await;
+    let got = next_json(&mut bob).await;
+    assert_eq!((got["type"].as_str(), got["topic"].as_str(), &got["data"]), (Some("message"), Some("chat.room"), &json!({"text": "hi"})), "{got}");
+    let answer = next_json(&mut alice).await;
+    assert_eq!((answer["type"].as_str(), answer["ref"].as_str(), answer["topic"].as_str()), (Some("published"), Some("m1"), Some("chat.room")), "{answer}");
+    assert_eq!(answer["id"], got["id"], "the answer names the message");
+
+    // The sender's next frame is the next message on the topic, not its own.
+    let (status, _) = post(t.client, "/v1/publish", json!({"topic": "chat.room", "data": "from the api"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(next_json(&mut alice).await["data"], "from the api");
+    assert_eq!(next_json(&mut bob).await["data"], "from the api");
+
+    send_json(&mut alice, json!({"type": "publish", "topic": "chat.room", "data": 2, "echo": true})).await;
+    let (own, _) = until_type(&mut alice, "message").await;
+    assert_eq!(own["data"], 2, "asked for, the sender gets its own message");
+    assert_eq!(next_json(&mut bob).await["data"], 2);
+
+    for (topic, data) in [("other", json!("no right")), ("chat.room", json!("x".repeat(100)))] {
+        send_json(&mut alice, json!({"type": "publish", "topic": topic, "data": data})).await;
+        let (refused, _) = until_type(&mut alice, "publish_failed").await;
+        assert!(refused["error"].as_str().unwrap().contains(if topic == "other" { "not allowed to publish" } else { "the limit is 64" }), "{refused}");
+    }
+    let mut answers = Vec::new();
+    for n in 0..20 {
+        send_json(&mut alice, json!({"type": "publish", "topic": "chat.room", "data": n, "ref": n.to_string()})).await;
+    }
+    while answers.len() < 20 {
+        let msg = next_json(&mut alice).await;
+        if msg["type"] == "published" || msg["type"] == "publish_failed" {
+            answers.push(msg);
+        }
+    }
+    let published = answers.iter().filter(|a| a["type"] == "published").count();
+    let mut refs: Vec<u64> = answers.iter().map(|a| a["ref"].as_str().unwrap().parse().unwrap()).collect();
+    refs.sort();
+    assert_eq!(refs, (0..20).collect::<Vec<_>>(), "one answer per publish, with its ref");
+    // 3 per clock second, the two above included: at least one of the burst goes, and a
+    // burst that crosses into the next second gets that second's 3 too.
+    assert!((1..=6).contains(&published), "3 per second: {answers:?}");
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, r#"pushline_client_errors_total{reason="publish_rate"}"#), (20 - published) as f64);
+    assert_eq!(metric(&text, r#"pushline_client_errors_total{reason="forbidden"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_client_errors_total{reason="too_large"}"#), 1.0);
+
+    // Bob gets exactly what was published: nothing refused reached him.
+    let mut got = Vec::new();
+    while got.len() < published {
+        got.push(next_json(&mut bob).await["data"].clone());
+    }
+    let accepted: Vec<_> = answers.iter().filter(|a| a["type"] == "published").map(|a| json!(a["ref"].as_str().unwrap().parse::<u64>().unwrap())).collect();
+    assert_eq!(got, accepted);
+
+    // Kept in history: a client resuming from before reads them all, its own included.
+    let (mut again, _) = ws(t.client, &format!("uid=bob&topics=chat.room&cursor=s{since}")).await;
+    let (resumed, replayed) = until_type(&mut again, "resumed").await;
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    let data: Vec<_> = replayed.iter().map(|m| m["data"].clone()).collect();
+    assert_eq!(data.len(), 3 + published, "{data:?}");
+    assert_eq!(data[0], json!({"text": "hi"}));
+}
+
+/// Open mode without `--client-publish-topics`: no client may publish.
+#[tokio::test]
+async fn open_mode_lets_no_client_publish_unless_told_which_topics() {
+    let t = start(|_| {}).await;
+    let (mut alice, _) = ws(t.client, "uid=alice&topics=room").await;
+    send_json(&mut alice, json!({"type": "publish", "topic": "room", "data": 1})).await;
+    let refused = next_json(&mut alice).await;
+    assert_eq!((refused["type"].as_str(), refused["topic"].as_str()), (Some("publish_failed"), Some("room")), "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("not allowed to publish to topic `room`"), "{refused}");
+    for bad in [json!({"type": "publish", "topic": "room"}), json!({"type": "publish", "data": 1})] {
+        send_json(&mut alice, bad).await;
+        assert!(next_json(&mut alice).await["error"].as_str().unwrap().contains("needs a `topic` and `data`"));
+    }
+}

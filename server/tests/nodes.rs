@@ -557,3 +557,37 @@ async fn a_batch_crosses_nodes_on_a_redis_cluster() {
     let (a, b) = (node(RegistryKind::RedisCluster, cluster.urls()).await, node(RegistryKind::RedisCluster, cluster.urls()).await);
     a_batch_crosses_nodes(&a, &b, false).await;
 }
+
+/// A client's publish on one node reaches the topic's subscribers on every node, once,
+/// and not the sender (the relay carries its session), on one Redis and on a Cluster.
+#[tokio::test]
+async fn a_client_publish_reaches_every_node_but_not_its_sender() {
+    let redis = RedisServer::start();
+    let cluster = RedisCluster::start();
+    for (kind, urls) in [(RegistryKind::Redis, vec![redis.url()]), (RegistryKind::RedisCluster, cluster.urls())] {
+        let start_node = || {
+            let urls = urls.clone();
+            common::start(move |c| {
+                c.registry = kind;
+                c.redis_url = urls;
+                c.client_publish_topics = vec!["room".into()];
+            })
+        };
+        let (a, b) = (start_node().await, start_node().await);
+        let (mut alice, _) = ws(a.client, "uid=alice&topics=room").await;
+        let (mut carol, _) = ws(a.client, "uid=carol&topics=room").await;
+        let (mut bob, _) = ws(b.client, "uid=bob&topics=room").await;
+        common::send_json(&mut alice, json!({"type": "publish", "topic": "room", "data": "hello", "ref": "1"})).await;
+        let answer = next_json(&mut alice).await;
+        assert_eq!((answer["type"].as_str(), answer["ref"].as_str()), (Some("published"), Some("1")), "{kind:?}: {answer}");
+        for other in [&mut carol, &mut bob] {
+            let got = next_json(other).await;
+            assert_eq!((got["data"].as_str(), &got["id"]), (Some("hello"), &answer["id"]), "{kind:?}: {got}");
+        }
+        let (status, _) = post(b.client, "/v1/publish", json!({"topic": "room", "data": "next"})).await;
+        assert_eq!(status, 200);
+        for client in [&mut alice, &mut carol, &mut bob] {
+            assert_eq!(next_json(client).await["data"], "next", "{kind:?}: each got one message, the sender none of its own");
+        }
+    }
+}

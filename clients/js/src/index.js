@@ -100,6 +100,9 @@ export class PushlineClient {
   #closed = false;
   #resuming = false;
   #transport;
+  /** Publishes sent on the current socket and not yet answered, by `ref`. */
+  #publishes = new Map();
+  #nextRef = 0;
 
   /**
    * @param {string} url the server's base URL, `https://push.example` (or http://)
@@ -158,6 +161,7 @@ export class PushlineClient {
 
   close() {
     this.#closed = true;
+    this.#abandonPublishes();
     clearTimeout(this.#timer);
     this.#socket?.close(1000, "client closed");
     this.#source?.close();
@@ -178,6 +182,27 @@ export class PushlineClient {
     if (held.length === 0) return;
     if (this.#socket?.readyState === 1) this.#send({ type: "unsubscribe", topics: held });
     else if (this.#source) this.#reopen();
+  }
+
+  /**
+   * Publishes `data` to `topic`, if the server lets this client (its token's `publish`
+   * claim, or `--client-publish-topics`). Resolves with the `published` answer (its `id`);
+   * rejects with the server's reason (`publish_failed`), or when the connection drops
+   * before the answer came (the message may or may not have gone out). With `echo: true`
+   * this client gets its own message too. WebSocket only.
+   */
+  publish(topic, data, { echo = false } = {}) {
+    if (this.#socket?.readyState !== 1) return Promise.reject(new Error("not connected over WebSocket"));
+    const ref = String(++this.#nextRef);
+    return new Promise((resolve, reject) => {
+      this.#publishes.set(ref, { resolve, reject });
+      this.#send({ type: "publish", topic, data, echo, ref });
+    });
+  }
+
+  #abandonPublishes() {
+    for (const { reject } of this.#publishes.values()) reject(new Error("the connection closed before the publish was answered"));
+    this.#publishes.clear();
   }
 
   async #token() {
@@ -236,6 +261,7 @@ export class PushlineClient {
     socket.onclose = () => {
       if (this.#socket !== socket) return;
       this.#socket = null;
+      this.#abandonPublishes();
       if (this.#closed) return;
       if (!opened && this.options.transport === "auto" && this.session === null) return this.#fallBack(new Error("WebSocket did not open"));
       this.#retry(retryAfter);
@@ -285,6 +311,7 @@ export class PushlineClient {
     if (this.#socket) {
       const socket = this.#socket;
       this.#socket = null;
+      this.#abandonPublishes();
       socket.onclose = null;
       socket.close();
       this.#retry();
@@ -338,6 +365,15 @@ export class PushlineClient {
         // history. Reconnect, which resumes from the cursor.
         if (message.reason === "relay_lost") this.#resume();
         break;
+      case "published":
+      case "publish_failed": {
+        const pending = this.#publishes.get(message.ref);
+        if (!pending) break;
+        this.#publishes.delete(message.ref);
+        if (message.type === "published") pending.resolve(message);
+        else pending.reject(Object.assign(new Error(message.error), { answer: message }));
+        break;
+      }
       case "error":
         this.#emit("error", new Error(message.error));
         break;

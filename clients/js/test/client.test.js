@@ -191,3 +191,31 @@ test("an expiring token is supplied again and the connection stays", async () =>
     await server.stop();
   }
 });
+
+test("a client publishes to a topic: the answer resolves, other clients get it, a refusal rejects", async () => {
+  const server = await startServer(await freePort(), ["--client-publish-topics", "chat.*"]);
+  const ada = new PushlineClient(server.url, { uid: "ada", topics: ["chat.room"], WebSocket, backoff: fast });
+  const bob = new PushlineClient(server.url, { uid: "bob", topics: ["chat.room"], WebSocket, backoff: fast });
+  const welcomes = [next(ada, "welcome"), next(bob, "welcome")];
+  ada.connect();
+  bob.connect();
+  try {
+    await Promise.all(welcomes);
+    const adaSeen = [];
+    ada.on("message", (m) => adaSeen.push(m.data));
+    const arrived = next(bob, "message");
+    const answer = await ada.publish("chat.room", { text: "hi" });
+    assert.equal(answer.type, "published");
+    const got = await arrived;
+    assert.deepEqual([got.id, got.data], [answer.id, { text: "hi" }]);
+    await assert.rejects(ada.publish("secret", 1), /not allowed to publish to topic `secret`/);
+    const echoed = next(ada, "message");
+    await ada.publish("chat.room", "mine", { echo: true });
+    assert.equal((await echoed).data, "mine");
+    assert.deepEqual(adaSeen, ["mine"], "its own message only when it asked");
+  } finally {
+    ada.close();
+    bob.close();
+    await server.stop();
+  }
+});

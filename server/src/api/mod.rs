@@ -44,9 +44,9 @@ const MAX_HEAD_BUFFER: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
 pub struct Api {
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub hub: Arc<Hub>,
-    pub message_ids: MessageIds,
+    pub message_ids: Arc<MessageIds>,
     pub metrics: Arc<Metrics>,
     /// The keys publishers present, each with its scopes; none in open mode. Swapped on SIGHUP.
     pub api_keys: Arc<ArcSwap<ApiKeys>>,
@@ -425,7 +425,7 @@ impl Api {
                     Target::Topic(topic) => Some(topic),
                     _ => None,
                 };
-                Job { draft: Draft { id: c.id, publisher, topic, data: &c.data, accepted_at }, target: c.target.clone(), key: c.key.as_ref() }
+                Job { draft: Draft { id: c.id, publisher, topic, data: &c.data, accepted_at, except: None }, target: c.target.clone(), key: c.key.as_ref() }
             })
             .collect();
         self.registry.publish(&self.hub, &jobs).await

@@ -19,6 +19,10 @@ use crate::rights::Rights;
 use crate::error::Error;
 use crate::telemetry::PublishKind;
 
+/// The publisher that clients' own publishes are charged to in history
+/// (`--history-max-bytes-per-key`); no API key may take the name.
+pub const CLIENTS_PUBLISHER: &str = "clients";
+
 /// Shortest key: 256 bits.
 pub const MIN_KEY_BYTES: usize = 32;
 
@@ -83,8 +87,10 @@ impl ApiKeys {
                 let name = entry.name;
                 // A name scopes its holder's idempotency keys (`<name>/<key>`): one with a `/`
                 // could reach into another's, and `api-key` is --api-key's.
-                if name.is_empty() || name.contains('/') || name == "api-key" {
-                    return Err(Error::config(format!("--api-keys {shown}: key name `{name}`: names are not empty, have no `/` and are not `api-key` (--api-key's)")));
+                if name.is_empty() || name.contains('/') || name == "api-key" || name == CLIENTS_PUBLISHER {
+                    return Err(Error::config(format!(
+                        "--api-keys {shown}: key name `{name}`: names are not empty, have no `/` and are not `api-key` (--api-key's) or `{CLIENTS_PUBLISHER}` (what clients publish)"
+                    )));
                 }
                 check_secret(&format!("--api-keys {shown}: key `{name}`"), &entry.secret).map_err(Error::config)?;
                 let mut scopes = [false; 3];

@@ -1,6 +1,8 @@
-//! Who a client is and what it may read: a JWT verified with this server's keys
-//! ([`keys`]), whose `sub` is the uid and whose `topics` claim lists the topics its holder
-//! may subscribe to ([`crate::rights`]); or, in open mode, the `?uid=` it names, reading anything.
+//! Who a client is and what it may read and publish: a JWT verified with this server's
+//! keys ([`keys`]), whose `sub` is the uid, whose `topics` claim lists the topics its holder
+//! may subscribe to and whose `publish` claim those it may publish to ([`crate::rights`]);
+//! or, in open mode, the `?uid=` it names, reading anything. Publishing needs a right in
+//! every mode: the token's, or `--client-publish-topics`.
 //!
 //! A token is refused, with the reason, when its header names another algorithm than its
 //! key's or a critical extension, when it is not yet valid (`nbf`) or no longer valid
@@ -33,7 +35,8 @@ impl Credentials {
     pub fn load(config: &Config) -> Result<Credentials, Error> {
         let keys = if config.open_mode() { None } else { Some(Keys::load(config.jwt_secret.as_deref(), &config.jwt_public_key)?) };
         let api_keys = ApiKeys::load(config.api_key.as_deref(), config.api_keys.as_deref())?;
-        Ok(Credentials { auth: Auth::new(keys, config.jwt_max_lifetime, config.public_topics.clone()), api_keys })
+        let auth = Auth::new(keys, config.jwt_max_lifetime, config.public_topics.clone(), config.client_publish_topics.clone());
+        Ok(Credentials { auth, api_keys })
     }
 }
 
@@ -49,6 +52,8 @@ pub struct Grant {
     /// Unix seconds.
     pub expires_at: u64,
     pub rights: Rights,
+    /// Topics its holder may publish to.
+    pub publish: Rights,
     /// Its holder has been told it expired (once: TCP does not lose the notice).
     pub expiry_told: bool,
     /// Topics subscribed with a per-subscription token, each until that token expires.
@@ -83,6 +88,8 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     topics: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
 }
 
 fn refused(message: impl Into<String>) -> Error {
@@ -101,11 +108,13 @@ pub struct Auth {
     /// Topics every authenticated client may read (`--public-topics`), `{sub}` expanded
     /// per client.
     public: Vec<String>,
+    /// Topics every client may publish to (`--client-publish-topics`), likewise.
+    publish: Vec<String>,
 }
 
 impl Auth {
-    pub fn new(keys: Option<Keys>, max_lifetime: Duration, public: Vec<String>) -> Auth {
-        Auth { keys, max_lifetime, public }
+    pub fn new(keys: Option<Keys>, max_lifetime: Duration, public: Vec<String>, publish: Vec<String>) -> Auth {
+        Auth { keys, max_lifetime, public, publish }
     }
 
     pub fn is_open(&self) -> bool {
@@ -160,13 +169,19 @@ impl Auth {
             )));
         }
         let rights = Rights::parse(&claims.topics, &claims.sub).map_err(|e| refused(format!("token `topics` claim: {e}")))?;
-        Ok((claims.sub, Grant { expires_at: claims.exp, rights, expiry_told: false, tickets: Vec::new(), revoked: Vec::new() }))
+        let publish = Rights::parse(&claims.publish, &claims.sub).map_err(|e| refused(format!("token `publish` claim: {e}")))?;
+        Ok((claims.sub, Grant { expires_at: claims.exp, rights, publish, expiry_told: false, tickets: Vec::new(), revoked: Vec::new() }))
     }
 
     /// Whether `uid`, holding `grant`, may read `topic`.
     pub fn may_read(&self, uid: &str, grant: Option<&Grant>, topic: &str) -> bool {
         let Some(grant) = grant else { return self.is_open() };
         grant.rights.allows(topic) || Rights::parse(&self.public, uid).is_ok_and(|public| public.allows(topic))
+    }
+
+    /// Whether `uid`, holding `grant` (None in open mode), may publish to `topic`.
+    pub fn may_publish(&self, uid: &str, grant: Option<&Grant>, topic: &str) -> bool {
+        grant.is_some_and(|g| g.publish.allows(topic)) || Rights::parse(&self.publish, uid).is_ok_and(|everyone| everyone.allows(topic))
     }
 
     /// The first of `topics` that `uid` may not read, as a refusal naming it.

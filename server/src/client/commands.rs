@@ -1,16 +1,20 @@
 //! What a WebSocket client may say once connected, as JSON text messages, each answered
 //! with one reply frame: `ping`; `subscribe` (to topics its token grants, or that a
 //! per-subscription `token` grants); `unsubscribe`; `refresh` (a fresh token for the same
-//! uid, whose rights apply from then on).
+//! uid, whose rights apply from then on); `publish` (to a topic it may publish to, answered
+//! once the registry took it: see [`super::publish`]).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
+use super::publish::{self, Publish};
 use super::Clients;
 use crate::auth::{Grant, Ticket};
+use crate::conn::io::Window;
 use crate::conn::Conn;
 use crate::telemetry::{probes, ClientError};
 use crate::wire::ws;
@@ -28,6 +32,7 @@ pub enum Command {
     Subscribe(Vec<String>, Option<String>),
     Unsubscribe(Vec<String>),
     Refresh(String),
+    Publish(Publish),
 }
 
 /// A command that could not be understood: the metric label and what to tell the client.
@@ -46,6 +51,14 @@ pub fn parse(text: &str) -> Result<Command, Refused> {
         topics: Vec<String>,
         #[serde(default)]
         token: Option<String>,
+        #[serde(default)]
+        topic: Option<String>,
+        #[serde(default, borrow)]
+        data: Option<&'a RawValue>,
+        #[serde(default)]
+        echo: bool,
+        #[serde(default, rename = "ref")]
+        reference: Option<String>,
     }
     if text == PING {
         return Ok(Command::Ping);
@@ -60,9 +73,13 @@ pub fn parse(text: &str) -> Result<Command, Refused> {
             Some(token) => Ok(Command::Refresh(token)),
             None => Err(Refused { reason: ClientError::BadToken, message: "refresh needs a `token`".into() }),
         },
+        "publish" => match (frame.topic, frame.data) {
+            (Some(topic), Some(data)) => Ok(Command::Publish(Publish { topic, data: data.to_owned(), echo: frame.echo, reference: frame.reference })),
+            _ => Err(Refused { reason: ClientError::BadJson, message: "publish needs a `topic` and `data`".into() }),
+        },
         other => Err(Refused {
             reason: ClientError::UnknownType,
-            message: format!("unknown type `{other}`; expected ping, subscribe, unsubscribe or refresh"),
+            message: format!("unknown type `{other}`; expected ping, subscribe, unsubscribe, refresh or publish"),
         }),
     }
 }
@@ -79,8 +96,9 @@ impl Handled {
     }
 }
 
-/// Carries out one client message on `conn`.
-pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients) -> Handled {
+/// Carries out one client message on `conn`, whose command window is `window`. A
+/// publish that went out has an empty reply: its answer comes later, on the connection's queue.
+pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Window) -> Handled {
     let refused = match parse(text) {
         Ok(Command::Ping) => {
             probes::heartbeat(conn.session.0, 0);
@@ -101,6 +119,7 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients) -> Handled {
             Ok(reply) => return Handled { reply: reply.0, topic_changes: reply.1 },
             Err(refused) => refused,
         },
+        Ok(Command::Publish(publish)) => return Handled::reply(publish::start(conn, clients, publish, window).unwrap_or_default()),
         Err(refused) => refused,
     };
     clients.metrics.client_error(refused.reason);
@@ -199,5 +218,9 @@ mod tests {
         assert_eq!(parse("{").unwrap_err().reason, ClientError::BadJson);
         assert_eq!(parse(r#"{"type":"dance"}"#).unwrap_err().reason, ClientError::UnknownType);
         assert_eq!(parse(r#"{"type":"subscribe","topics":"a"}"#).unwrap_err().reason, ClientError::BadJson);
+        let Command::Publish(publish) = parse(r#"{"type":"publish","topic":"chat","data":{"t": [1, 2]},"ref":"a1"}"#).unwrap() else { panic!("not a publish") };
+        assert_eq!((publish.topic.as_str(), publish.data.get(), publish.echo, publish.reference.as_deref()), ("chat", r#"{"t": [1, 2]}"#, false, Some("a1")));
+        assert_eq!(parse(r#"{"type":"publish","topic":"chat"}"#).unwrap_err().reason, ClientError::BadJson);
+        assert_eq!(parse(r#"{"type":"publish","data":1}"#).unwrap_err().reason, ClientError::BadJson);
     }
 }

@@ -12,6 +12,7 @@
 mod closing;
 pub mod commands;
 pub mod driver;
+pub mod publish;
 pub mod sweep;
 
 use std::cell::RefCell;
@@ -55,6 +56,7 @@ pub struct Clients {
     pub max_topic_changes_per_minute: u16,
     /// Time a client whose token expired has to refresh it.
     pub refresh_grace_ms: u64,
+    pub publishing: publish::Publishing,
 }
 
 thread_local! {
@@ -399,9 +401,11 @@ impl Serving<'_> {
         match event {
             ws::Event::Text(text) => {
                 self.count_command()?;
-                let handled = commands::handle(&text, self.conn, self.clients);
+                let handled = commands::handle(&text, self.conn, self.clients, &mut self.io.window);
                 self.count_topic_changes(handled.topic_changes)?;
-                self.reply(&handled.reply);
+                if !handled.reply.is_empty() {
+                    self.reply(&handled.reply);
+                }
             }
             ws::Event::Ping(payload) => {
                 probes::heartbeat(self.conn.session.0, 1);
@@ -433,6 +437,7 @@ impl Serving<'_> {
         if self.io.window.second != second {
             self.io.window.second = second;
             self.io.window.commands = 0;
+            self.io.window.publishes = 0;
         }
         self.io.window.commands += 1;
         if self.io.window.commands > self.clients.max_commands_per_second {

@@ -34,6 +34,8 @@ pub struct Window {
     /// Low bits of the process clock's second and minute these counts are for.
     pub second: u16,
     pub commands: u16,
+    /// Publishes this second.
+    pub publishes: u16,
     pub minute: u16,
     pub topic_changes: u16,
 }

@@ -408,7 +408,7 @@ impl Nodes {
             let draft = &job.draft;
             let published_ms = published_ms(draft);
             let envelope = open_envelope(draft.id, draft.topic, draft.data);
-            let relay = |group, target| Relay { origin: self.node, id: draft.id, published_ms, group: group as u8, sequence: 0, target, envelope: "" }.encode();
+            let relay = |group, target| Relay { origin: self.node, id: draft.id, published_ms, group: group as u8, sequence: 0, except: draft.except, target, envelope: "" }.encode();
             let mut streams = Vec::new();
             let own = match &job.target {
                 Target::Uids(uids) => {

@@ -53,20 +53,24 @@ pub struct Relay<'a> {
     /// The group's append sequence the message was given (0: not kept). The node encodes
     /// zeros; the append script writes it in.
     pub sequence: u64,
+    /// The publishing client's session, which the topic's delivery skips.
+    pub except: Option<u64>,
     pub target: Target<'a>,
     /// The JSON envelope; empty when encoding the header the append script completes.
     pub envelope: &'a str,
 }
 
 /// Digits of the sequence field: ASCII, so the append script writes it with
-/// `string.format('%020d', seq)` at bytes [`SEQUENCE_AT`]`..`[`HEADER`].
+/// `string.format('%020d', seq)` at bytes [`SEQUENCE_AT`]`..SEQUENCE_AT + 20`, keeping
+/// what is before and after it.
 const SEQUENCE_DIGITS: usize = 20;
 /// Where the sequence field starts (0-based).
 const SEQUENCE_AT: usize = 1 + 2 + 8 + 8 + 1;
-const HEADER: usize = SEQUENCE_AT + SEQUENCE_DIGITS;
+const HEADER: usize = SEQUENCE_AT + SEQUENCE_DIGITS + 1 + 8;
 
 impl<'a> Relay<'a> {
-    /// `kind(1) origin(2) id(8) published_ms(8) group(1) sequence(20 ASCII digits)`, then
+    /// `kind(1) origin(2) id(8) published_ms(8) group(1) sequence(20 ASCII digits)
+    /// has_except(1) except(8)`, then
     /// for a topic `len(2) topic`, for uids `count(4) (len(2) uid)*`, then the envelope to
     /// the end. Integers big-endian.
     pub fn encode(&self) -> Vec<u8> {
@@ -81,6 +85,8 @@ impl<'a> Relay<'a> {
         out.extend_from_slice(&self.published_ms.to_be_bytes());
         out.push(self.group);
         out.extend_from_slice(format!("{:0width$}", self.sequence, width = SEQUENCE_DIGITS).as_bytes());
+        out.push(self.except.is_some() as u8);
+        out.extend_from_slice(&self.except.unwrap_or(0).to_be_bytes());
         match &self.target {
             Target::Uids(uids) => {
                 out.extend_from_slice(&(uids.len() as u32).to_be_bytes());
@@ -113,6 +119,13 @@ impl<'a> Relay<'a> {
             return None;
         }
         let sequence = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        let has_except = r.take(1)?[0];
+        let except = u64::from_be_bytes(r.take(8)?.try_into().ok()?);
+        let except = match has_except {
+            0 => None,
+            1 => Some(except),
+            _ => return None,
+        };
         let target = match kind {
             b'P' => {
                 let count = u32::from_be_bytes(r.take(4)?.try_into().ok()?) as usize;
@@ -135,7 +148,7 @@ impl<'a> Relay<'a> {
             _ => return None,
         };
         let envelope = std::str::from_utf8(r.0).ok()?;
-        Some(Relay { origin, id, published_ms, group, sequence, target, envelope })
+        Some(Relay { origin, id, published_ms, group, sequence, except, target, envelope })
     }
 }
 
@@ -377,7 +390,9 @@ impl Inbox {
         }
         let age = Duration::from_millis(crate::clock::wall_ms().saturating_sub(relay.published_ms));
         let accepted_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, envelope_position(relay.envelope), accepted_at)));
+        // A gap the append script sent ahead of a client's message (id 0) is for every subscriber.
+        let except = relay.except.filter(|_| relay.id != 0);
+        let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(relay.id, relay.envelope, envelope_position(relay.envelope), accepted_at).except(except)));
         let (online, delivered) = match &relay.target {
             Target::Uids(uids) => hub.push(uids, &msg).await,
             Target::Topic(topic) => {
@@ -402,14 +417,14 @@ mod tests {
     #[test]
     fn every_target_round_trips() {
         for target in [Target::Uids(vec!["alice", "", "bob"]), Target::Topic("news"), Target::Everyone] {
-            let relay = Relay { origin: 7, id: 1 << 40, published_ms: 1_700_000_000_000, group: 15, sequence: 12_345_678_901, target, envelope: r#"{"a":[1,2]}"# };
+            let relay = Relay { origin: 7, id: 1 << 40, published_ms: 1_700_000_000_000, group: 15, sequence: 12_345_678_901, except: Some(42), target, envelope: r#"{"a":[1,2]}"# };
             assert_eq!(Relay::decode(&relay.encode()), Some(relay));
         }
     }
 
     #[test]
     fn truncated_or_unknown_input_is_refused() {
-        let bytes = Relay { origin: 1, id: 2, published_ms: 3, group: 0, sequence: 0, target: Target::Uids(vec!["x"]), envelope: "1" }.encode();
+        let bytes = Relay { origin: 1, id: 2, published_ms: 3, group: 0, sequence: 0, except: None, target: Target::Uids(vec!["x"]), envelope: "1" }.encode();
         for cut in 0..HEADER + 4 + 2 + 1 {
             assert_eq!(Relay::decode(&bytes[..cut]), None, "cut at {cut}");
         }

@@ -101,6 +101,12 @@ pub enum ClientError {
     BadToken,
     /// Over a per-connection limit (the connection is closed, 1008).
     OverLimit,
+    /// A publish over `--max-client-publishes-per-second` (not published).
+    PublishRate,
+    /// A publish whose data is over `--max-message-bytes`.
+    TooLarge,
+    /// A publish refused while the node's queued bytes were over budget.
+    OverBudget,
 }
 
 /// A Redis command, as Pushline uses them. Label `command` of the Redis metrics; its

@@ -43,6 +43,9 @@ pub struct Message {
     sse: Bytes,
     /// When the publish API accepted it; delivery latency is measured from here.
     pub accepted_at: Instant,
+    /// The session of the client that published it, which a topic's delivery skips (it
+    /// did not ask for its own message back).
+    pub except: Option<u64>,
 }
 
 /// The envelope up to its last field: what a Redis script appends the message's position
@@ -102,7 +105,7 @@ impl Message {
         write_close_envelope(&mut frame, position.as_ref());
         let ws = ws::text_in(frame);
         let sse = sse::head("message", ws::payload_of(&ws));
-        Message { id, position, ws, sse, accepted_at }
+        Message { id, position, ws, sse, accepted_at, except: None }
     }
 
     /// A message framed elsewhere (another node, or history): `envelope` is its JSON. An
@@ -112,7 +115,12 @@ impl Message {
         let ws = ws::text(envelope);
         let kind = envelope.strip_prefix(r#"{"type":""#).and_then(|rest| rest.split_once('"')).map_or("message", |(kind, _)| kind);
         let sse = sse::head(kind, envelope.as_bytes());
-        Message { id, position, ws, sse, accepted_at }
+        Message { id, position, ws, sse, accepted_at, except: None }
+    }
+
+    /// The same message, not delivered to the topic subscriber with this session.
+    pub fn except(self, session: Option<u64>) -> Message {
+        Message { except: session, ..self }
     }
 
     /// The JSON envelope, read back out of the WebSocket frame.
@@ -138,11 +146,13 @@ pub struct Draft<'a> {
     /// JSON, checked and compacted.
     pub data: &'a str,
     pub accepted_at: Instant,
+    /// A client's publish: its session, left out of the topic's delivery.
+    pub except: Option<u64>,
 }
 
 impl Draft<'_> {
     pub fn frame(&self, position: Option<Position>) -> std::sync::Arc<Message> {
-        Site::Codec.scope(|| std::sync::Arc::new(Message::new(self.id, self.topic, self.data, position, self.accepted_at)))
+        Site::Codec.scope(|| std::sync::Arc::new(Message::new(self.id, self.topic, self.data, position, self.accepted_at).except(self.except)))
     }
 }
 
