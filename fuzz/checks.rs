@@ -98,12 +98,13 @@ pub fn token(data: &[u8]) {
     static AUTH: OnceLock<Auth> = OnceLock::new();
     let auth = AUTH.get_or_init(|| {
         let keys = Keys::load(Some("fuzzing-secret-of-thirty-two-byt"), &[]).expect("a secret is a key");
-        Auth::new(Some(keys), Duration::from_secs(86400), vec!["public.*".into()])
+        Auth::new(Some(keys), Duration::from_secs(86400), vec!["public.*".into()], vec!["chat.{sub}.*".into()])
     });
     if let Ok(token) = std::str::from_utf8(data) {
-        if let Ok(identity) = auth.authenticate(Some(token), None) {
+        if let Ok(identity) = auth.authenticate(Some(token), None, None) {
             assert!(!identity.uid.is_empty());
             let _ = auth.may_read(&identity.uid, identity.grant.as_ref(), "public.news");
+            let _ = auth.may_publish(&identity.uid, identity.grant.as_ref(), "chat.x.y");
         }
     }
 }

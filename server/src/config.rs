@@ -142,6 +142,25 @@ pub struct Config {
     #[arg(long = "client-publish-topics", env = "PUSHLINE_CLIENT_PUBLISH_TOPICS", value_delimiter = ',')]
     pub client_publish_topics: Vec<String>,
 
+    /// Topic patterns that keep presence: who is subscribed, told to subscribers as they
+    /// join and leave (same syntax as --public-topics, without `{sub}`). None by default.
+    #[arg(long = "presence-topics", env = "PUSHLINE_PRESENCE_TOPICS", value_delimiter = ',')]
+    pub presence_topics: Vec<String>,
+
+    /// Largest member info (a token's `info` claim, or `?info=` in open mode), in bytes.
+    #[arg(long, env = "PUSHLINE_PRESENCE_INFO_BYTES", default_value_t = 512)]
+    pub presence_info_bytes: usize,
+
+    /// How often a presence topic's subscribers are told who joined and left (at most one
+    /// frame per topic per batch).
+    #[arg(long, env = "PUSHLINE_PRESENCE_BATCH", default_value = "200ms", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub presence_batch: Duration,
+
+    /// Above this many members, a presence topic's subscribers are told only the counts.
+    #[arg(long, env = "PUSHLINE_PRESENCE_EVENTS_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_events_max_members: usize,
+
     /// Most publishes a client may send per second; more are answered with an error and
     /// counted (`over_limit`), not published.
     #[arg(long, env = "PUSHLINE_MAX_CLIENT_PUBLISHES_PER_SECOND", default_value_t = 10)]
@@ -498,6 +517,17 @@ impl Config {
         }
         if let Err(e) = crate::rights::Rights::parse(&self.client_publish_topics, "") {
             problems.push(format!("--client-publish-topics: {e}"));
+        }
+        if self.presence_topics.iter().any(|p| p.contains("{sub}")) {
+            problems.push("--presence-topics: patterns name topics shared by many uids; `{sub}` has no place in them".into());
+        } else if let Err(e) = crate::rights::Rights::parse(&self.presence_topics, "") {
+            problems.push(format!("--presence-topics: {e}"));
+        }
+        if !self.presence_topics.is_empty() && self.registry != RegistryKind::Memory {
+            problems.push("--presence-topics works with --registry memory only in this version: presence across nodes on Redis is not built yet".into());
+        }
+        if self.presence_batch < Duration::from_millis(10) {
+            problems.push("--presence-batch must be at least 10ms".into());
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => problems.push("--tls-cert needs --tls-key, the certificate's private key".into()),

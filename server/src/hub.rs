@@ -23,6 +23,7 @@ use crate::cores::Cores;
 use crate::conn::queue::Limits;
 use crate::conn::{Conn, ConnInfo};
 use crate::error::{Error, Kind};
+use crate::presence::Presence;
 use crate::session::SessionId;
 use crate::telemetry::{CloseReason, Metrics};
 use crate::wire::{Message, Transport};
@@ -131,6 +132,8 @@ pub struct Hub {
     changes: Option<Changes>,
     /// The connections' runtimes, over which a large fan-out is split.
     cores: Arc<Cores>,
+    /// Told of every subscription to and departure from a topic, when presence is on.
+    presence: Option<Arc<Presence>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -147,8 +150,9 @@ pub fn check_topic_name(topic: &str) -> Result<(), String> {
 }
 
 impl Hub {
-    /// `changes`, when set, hears of every connection that registers or unregisters.
-    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>, cores: Arc<Cores>) -> Hub {
+    /// `changes`, when set, hears of every connection that registers or unregisters;
+    /// `presence`, of every topic a connection joins or leaves.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>, cores: Arc<Cores>, presence: Option<Arc<Presence>>) -> Hub {
         Hub {
             settings,
             metrics,
@@ -159,7 +163,12 @@ impl Hub {
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
             changes,
             cores,
+            presence,
         }
+    }
+
+    pub fn presence(&self) -> Option<&Arc<Presence>> {
+        self.presence.as_ref()
     }
 
     /// Limits of every connection's outbound queue.
@@ -270,6 +279,9 @@ impl Hub {
                 }
             }
         }
+        if let Some(presence) = &self.presence {
+            presence.forget(conn.session.0);
+        }
         self.open[conn.transport as usize].fetch_sub(1, Ordering::Relaxed);
         self.metrics.connection_closed(conn.transport, reason);
         if let Some(changes) = &self.changes {
@@ -317,6 +329,10 @@ impl Hub {
                 }
             }
             index.entry(name.clone()).or_default().insert(conn.session.0, conn.clone());
+            drop(index);
+            if let Some(presence) = &self.presence {
+                presence.subscribed(&name, conn);
+            }
             mine.push(name);
         }
         Ok(())
@@ -338,6 +354,9 @@ impl Hub {
             return;
         }
         for t in topics {
+            if let Some(presence) = &self.presence {
+                presence.unsubscribed(t, conn);
+            }
             let mut index = self.write_topics(t);
             if let Some(subscribers) = index.get_mut(t) {
                 subscribers.remove(&conn.session.0);

@@ -35,6 +35,7 @@ pub mod cores;
 pub mod error;
 pub mod gateway;
 pub mod history;
+pub mod presence;
 pub mod http;
 pub mod hub;
 pub mod listener;

@@ -33,6 +33,7 @@ use crate::tls::{self, Tls};
 use crate::history::memory::MemoryHistory;
 use crate::hub::{self, Hub};
 use crate::listener::{self, Router};
+use crate::presence::{self, Presence};
 use crate::registry::{self, Attached, Registry};
 use crate::session::{MessageIds, SessionIds};
 use crate::shutdown::{Phase, Shutdown};
@@ -148,7 +149,15 @@ impl Server {
             fanout_batch: config.fanout_batch,
         };
         let changes = connected.as_ref().map(|c| c.changes());
-        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes, cores.clone())));
+        let presence = (!config.presence_topics.is_empty()).then(|| {
+            let settings = presence::Settings {
+                topics: crate::rights::Rights::parse(&config.presence_topics, "").unwrap_or_default(),
+                batch: config.presence_batch,
+                events_max_members: config.presence_events_max_members,
+            };
+            Arc::new(Presence::new(settings, metrics.clone()))
+        });
+        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes, cores.clone(), presence.clone())));
         let history = Arc::new(Site::History.scope(|| MemoryHistory::new(crate::history::Settings::from_config(&config), metrics.clone())));
         let (registry, attached) = match connected {
             None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window, config.idempotency_max_keys) }, None),
@@ -197,6 +206,7 @@ impl Server {
                 metrics: metrics.clone(),
                 allowed_origins: config.allowed_origins.clone(),
                 inboxes,
+                presence_info_bytes: config.presence_info_bytes,
             },
             api: Arc::new(Api {
                 registry,
@@ -241,6 +251,9 @@ impl Server {
             refresh_grace: config.token_refresh_grace,
         };
         tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
+        if let Some(presence) = presence {
+            tokio::spawn(presence.tell(hub.clone(), sweeper.clone()));
+        }
         tokio::spawn(expire_history(history, hub.clone(), config.history_ttl, sweeper.clone()));
         let accepting = accepting_core.spawn(listener::accept_loop(client, router, shutdown.token()));
 

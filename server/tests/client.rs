@@ -371,3 +371,155 @@ async fn open_mode_lets_no_client_publish_unless_told_which_topics() {
         assert!(next_json(&mut alice).await["error"].as_str().unwrap().contains("needs a `topic` and `data`"));
     }
 }
+
+/// `?info=` as a query value.
+fn info_query(info: &serde_json::Value) -> String {
+    info.to_string().bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+async fn presence_server(max_members: usize) -> TestServer {
+    start(|c| {
+        c.presence_topics = vec!["room.*".into()];
+        c.presence_batch = std::time::Duration::from_millis(30);
+        c.presence_events_max_members = max_members;
+    })
+    .await
+}
+
+/// A uid is one member however many connections it has: it joins with its first and
+/// leaves with its last, and subscribers are told each once, with its info.
+#[tokio::test]
+async fn presence_tells_subscribers_when_a_uid_joins_and_leaves_once() {
+    let t = presence_server(1000).await;
+    let (mut watcher, _) = ws(t.client, "uid=carol&topics=room.1").await;
+    let (joined, _) = until_type(&mut watcher, "join").await;
+    assert_eq!(joined["uid"], "carol", "{joined}");
+    let info = json!({"name": "Alice", "color": "red"});
+    let (alice_1, _) = ws(t.client, &format!("uid=alice&topics=room.1&info={}", info_query(&info))).await;
+    let joined = next_json(&mut watcher).await;
+    assert_eq!(joined, json!({"type": "join", "topic": "room.1", "uid": "alice", "info": info}));
+    let (mut alice_2, _) = ws(t.client, "uid=alice").await;
+    subscribe(&mut alice_2, &["room.1"]).await;
+    let (_bob, _) = ws(t.client, "uid=bob&topics=room.1").await;
+    assert_eq!(next_json(&mut watcher).await["uid"], "bob", "alice's second connection is not a second join");
+    drop(alice_1);
+    // Closed once the counts hold one connection less; then a join shows no leave came first.
+    let deadline = std::time::Instant::now() + WAIT;
+    while get_json(t.client, "/v1/presence/stats?topic=room.1").await != json!({"topic": "room.1", "members": 3, "connections": 3}) {
+        assert!(std::time::Instant::now() < deadline, "alice's first connection never left");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (_dave, _) = ws(t.client, "uid=dave&topics=room.1").await;
+    assert_eq!(next_json(&mut watcher).await["uid"], "dave", "alice's first connection closing is not a leave");
+    alice_2.send(Message::text(json!({"type": "unsubscribe", "topics": ["room.1"]}).to_string())).await.unwrap();
+    let left = next_json(&mut watcher).await;
+    assert_eq!(left, json!({"type": "leave", "topic": "room.1", "uid": "alice"}), "alice left with her last connection");
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, "pushline_presence_members"), 3.0);
+    assert_eq!(metric(&text, r#"pushline_presence_events_total{kind="leave"}"#), 1.0);
+}
+
+/// Members page by page from a cursor, each once; the counts are exact; changes that meet
+/// in one batch go out as one frame, and only the counts above the members limit.
+#[tokio::test]
+async fn presence_pages_every_member_once_and_coalesces_what_changes_together() {
+    let t = presence_server(100).await;
+    let (mut watcher, _) = ws(t.client, "uid=watcher&topics=room.big").await;
+    until_type(&mut watcher, "join").await;
+    let mut members = Vec::new();
+    for i in 0..150 {
+        members.push(ws(t.client, &format!("uid=m{i:03}&topics=room.big")).await.0);
+    }
+    let stats = loop {
+        let stats = get_json(t.client, "/v1/presence/stats?topic=room.big").await;
+        if stats["members"] == 151 {
+            break stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(stats["connections"], 151);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    // Presence frames that come while paging.
+    let mut events = Vec::new();
+    loop {
+        let query = match &cursor {
+            Some(c) => json!({"type": "presence", "topic": "room.big", "limit": 40, "cursor": c}),
+            None => json!({"type": "presence", "topic": "room.big", "limit": 40}),
+        };
+        send_json(&mut watcher, query).await;
+        let (page, before) = until_type(&mut watcher, "presence").await;
+        events.extend(before);
+        assert_eq!(page["count"], 151);
+        seen.extend(page["members"].as_array().unwrap().iter().map(|m| m["uid"].as_str().unwrap().to_owned()));
+        match page["cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!((seen.len(), sorted.len()), (151, 151), "each member once");
+    let (status, page) = get_raw(t.client, "/v1/presence?topic=room.big&limit=1000").await;
+    assert_eq!((status, page["members"].as_array().map(Vec::len)), (200, Some(151)));
+
+    // 150 joins in a few frames, not 150: lists while the topic is small, counts only
+    // once it is over 100 members.
+    events.reverse();
+    let (mut frames, mut joined, mut counted) = (0, 0, 0);
+    while joined < 150 {
+        let event = match events.pop() {
+            Some(event) => event,
+            None => next_json(&mut watcher).await,
+        };
+        joined += match event["type"].as_str() {
+            Some("presence_count") => {
+                counted += 1;
+                event["joined"].as_u64().unwrap()
+            }
+            Some("presence_diff") => {
+                assert!(event["members"].as_u64().unwrap() <= 100, "{event}");
+                event["joined"].as_array().unwrap().len() as u64
+            }
+            Some("join") => 1,
+            _ => panic!("{event}"),
+        };
+        frames += 1;
+    }
+    assert!(frames < 150 && counted > 0, "{frames} frames for 150 joins, {counted} of them counts");
+    drop(members);
+    let mut left = 0;
+    while left < 150 {
+        let event = next_json(&mut watcher).await;
+        left += match event["type"].as_str() {
+            Some("presence_count") => event["left"].as_u64().unwrap(),
+            Some("presence_diff") => event["left"].as_array().unwrap().len() as u64,
+            Some("leave") => 1,
+            _ => panic!("{event}"),
+        };
+    }
+    assert_eq!(get_json(t.client, "/v1/presence/stats?topic=room.big").await["members"], 1);
+}
+
+/// Info must be a JSON object within --presence-info-bytes; a topic outside
+/// --presence-topics has no presence.
+#[tokio::test]
+async fn presence_refuses_bad_info_and_topics_without_presence() {
+    let t = presence_server(1000).await;
+    for (info, why) in [("[1]".to_owned(), "must be a JSON object"), (info_query(&json!({"x": "y".repeat(600)})), "at most 512"), ("{".into(), "not JSON")] {
+        match tokio_tungstenite::connect_async(format!("ws://{}/ws?uid=a&info={info}", t.client)).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+                assert_eq!(response.status(), 400, "{body}");
+                assert!(body.contains(why), "{body}");
+            }
+            other => panic!("{info}: expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    }
+    let (mut client, _) = ws(t.client, "uid=a&topics=news").await;
+    send_json(&mut client, json!({"type": "presence", "topic": "news"})).await;
+    assert!(next_json(&mut client).await["error"].as_str().unwrap().contains("not a presence topic"));
+    let (status, body) = get_raw(t.client, "/v1/presence/stats?topic=news").await;
+    assert_eq!(status, 404, "{body}");
+}

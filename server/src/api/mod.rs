@@ -138,6 +138,7 @@ impl Api {
             "/v1/publish" => ApiRoute::Publish,
             "/v1/broadcast" => ApiRoute::Broadcast,
             "/v1/batch" => ApiRoute::Batch,
+            "/v1/presence" | "/v1/presence/stats" => ApiRoute::Presence,
             _ => ApiRoute::Other,
         };
         let reply = match route {
@@ -152,10 +153,12 @@ impl Api {
                 }
                 None => Error::new(
                     Kind::NotFound,
-                    format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast, /v1/batch", req.uri().path()),
+                    format!("no endpoint {}; see /v1/push, /v1/publish, /v1/broadcast, /v1/batch, /v1/presence", req.uri().path()),
                 )
                 .into(),
             },
+            ApiRoute::Presence if req.method() != Method::GET => Error::new(Kind::MethodNotAllowed, "use GET").into(),
+            ApiRoute::Presence => self.presence(&req).map_or_else(Reply::from, |body| json(StatusCode::OK, body)),
             _ if req.method() != Method::POST => Error::new(Kind::MethodNotAllowed, "use POST").into(),
             _ => self.publish(req, route).await.unwrap_or_else(Reply::from),
         };
@@ -302,6 +305,30 @@ fn as_text_some<S: serde::Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S
 }
 
 impl Api {
+    /// `GET /v1/presence?topic=T&cursor=C&limit=N` (a page of members) or
+    /// `GET /v1/presence/stats?topic=T` (the counts), for a key that may publish to `T`.
+    fn presence(&self, req: &Request<Incoming>) -> Result<String, Error> {
+        let keys = self.api_keys.load_full();
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let holder = holder(&keys, header("x-api-key").or_else(|| bearer_token(header("authorization")?)))?;
+        let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
+        let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let topic = param("topic").ok_or_else(|| Error::bad_request("name the topic: ?topic="))?;
+        allowed(holder, PublishKind::Topic, Some(topic))?;
+        let presence = self.hub.presence().filter(|p| p.is_presence_topic(topic));
+        let presence = presence.ok_or_else(|| Error::new(Kind::NotFound, format!("`{topic}` is not a presence topic (--presence-topics)")))?;
+        let body = if req.uri().path().ends_with("/stats") {
+            serde_json::to_string(&presence.stats(topic))
+        } else {
+            let limit = match param("limit") {
+                Some(n) => n.parse::<usize>().map_err(|_| Error::bad_request("?limit= is a number"))?.clamp(1, crate::presence::MAX_PAGE),
+                None => crate::presence::MAX_PAGE,
+            };
+            serde_json::to_string(&presence.page(topic, param("cursor"), limit))
+        };
+        body.map_err(|e| Error::new(Kind::Internal, format!("could not write the answer: {e}")))
+    }
+
     /// A publish request (`route` is push, publish, broadcast or batch): Ok with its
     /// answer, or the reason the whole request is refused.
     async fn publish(&self, req: Request<Incoming>, route: ApiRoute) -> Result<Reply, Error> {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::Validation;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::clock;
 use crate::config::Config;
@@ -80,6 +81,9 @@ pub struct Identity {
     pub uid: String,
     /// None in open mode, where every topic may be read and nothing expires.
     pub grant: Option<Grant>,
+    /// What the holder shows of itself in presence topics: the token's `info` claim, or
+    /// `?info=` in open mode; checked by the gateway.
+    pub info: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +94,8 @@ struct Claims {
     topics: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    info: Option<Box<RawValue>>,
 }
 
 fn refused(message: impl Into<String>) -> Error {
@@ -121,14 +127,19 @@ impl Auth {
         self.keys.is_none()
     }
 
-    /// `token` from `?token=` or `Authorization: Bearer`; `uid` from `?uid=` (open mode).
-    pub fn authenticate(&self, token: Option<&str>, uid: Option<&str>) -> Result<Identity, Error> {
+    /// `token` from `?token=` or `Authorization: Bearer`; `uid` and `info` from `?uid=` and
+    /// `?info=` (open mode).
+    pub fn authenticate(&self, token: Option<&str>, uid: Option<&str>, info: Option<&str>) -> Result<Identity, Error> {
         let identity = match &self.keys {
-            None => Identity { uid: uid.ok_or_else(|| refused("open mode: pass the uid as ?uid="))?.to_owned(), grant: None },
+            None => {
+                let uid = uid.ok_or_else(|| refused("open mode: pass the uid as ?uid="))?.to_owned();
+                let info = info.map(|i| RawValue::from_string(i.to_owned())).transpose().map_err(|e| Error::bad_request(format!("?info= is not JSON: {e}")))?;
+                Identity { uid, grant: None, info }
+            }
             Some(_) => {
                 let token = token.ok_or_else(|| refused("missing token: pass ?token= or Authorization: Bearer"))?;
-                let (uid, grant) = self.verify(token)?;
-                Identity { uid, grant: Some(grant) }
+                let (claims, grant) = self.verify_claims(token)?;
+                Identity { uid: claims.sub, grant: Some(grant), info: claims.info }
             }
         };
         if identity.uid.is_empty() || identity.uid.len() > MAX_UID_BYTES {
@@ -139,6 +150,10 @@ impl Auth {
 
     /// Verifies a token: its `sub` and what it grants. In open mode every token is refused.
     pub fn verify(&self, token: &str) -> Result<(String, Grant), Error> {
+        self.verify_claims(token).map(|(claims, grant)| (claims.sub, grant))
+    }
+
+    fn verify_claims(&self, token: &str) -> Result<(Claims, Grant), Error> {
         let keys = self.keys.as_ref().ok_or_else(|| refused("open mode takes no tokens"))?;
         if token.len() > MAX_TOKEN_BYTES {
             return Err(refused(format!("token is over {MAX_TOKEN_BYTES} bytes")));
@@ -170,7 +185,8 @@ impl Auth {
         }
         let rights = Rights::parse(&claims.topics, &claims.sub).map_err(|e| refused(format!("token `topics` claim: {e}")))?;
         let publish = Rights::parse(&claims.publish, &claims.sub).map_err(|e| refused(format!("token `publish` claim: {e}")))?;
-        Ok((claims.sub, Grant { expires_at: claims.exp, rights, publish, expiry_told: false, tickets: Vec::new(), revoked: Vec::new() }))
+        let grant = Grant { expires_at: claims.exp, rights, publish, expiry_told: false, tickets: Vec::new(), revoked: Vec::new() };
+        Ok((claims, grant))
     }
 
     /// Whether `uid`, holding `grant`, may read `topic`.

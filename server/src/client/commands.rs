@@ -2,7 +2,8 @@
 //! with one reply frame: `ping`; `subscribe` (to topics its token grants, or that a
 //! per-subscription `token` grants); `unsubscribe`; `refresh` (a fresh token for the same
 //! uid, whose rights apply from then on); `publish` (to a topic it may publish to, answered
-//! once the registry took it: see [`super::publish`]).
+//! once the registry took it: see [`super::publish`]); `presence` (a page of a presence
+//! topic's members and its counts, for a topic it may read).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub enum Command {
     Unsubscribe(Vec<String>),
     Refresh(String),
     Publish(Publish),
+    /// A page of a topic's members after the cursor, at most `limit`.
+    Presence { topic: String, cursor: Option<String>, limit: Option<usize> },
 }
 
 /// A command that could not be understood: the metric label and what to tell the client.
@@ -59,6 +62,10 @@ pub fn parse(text: &str) -> Result<Command, Refused> {
         echo: bool,
         #[serde(default, rename = "ref")]
         reference: Option<String>,
+        #[serde(default)]
+        cursor: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
     }
     if text == PING {
         return Ok(Command::Ping);
@@ -77,9 +84,13 @@ pub fn parse(text: &str) -> Result<Command, Refused> {
             (Some(topic), Some(data)) => Ok(Command::Publish(Publish { topic, data: data.to_owned(), echo: frame.echo, reference: frame.reference })),
             _ => Err(Refused { reason: ClientError::BadJson, message: "publish needs a `topic` and `data`".into() }),
         },
+        "presence" => match frame.topic {
+            Some(topic) => Ok(Command::Presence { topic, cursor: frame.cursor, limit: frame.limit }),
+            None => Err(Refused { reason: ClientError::BadJson, message: "presence needs a `topic`".into() }),
+        },
         other => Err(Refused {
             reason: ClientError::UnknownType,
-            message: format!("unknown type `{other}`; expected ping, subscribe, unsubscribe, refresh or publish"),
+            message: format!("unknown type `{other}`; expected ping, subscribe, unsubscribe, refresh, publish or presence"),
         }),
     }
 }
@@ -120,6 +131,10 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
             Err(refused) => refused,
         },
         Ok(Command::Publish(publish)) => return Handled::reply(publish::start(conn, clients, publish, window).unwrap_or_default()),
+        Ok(Command::Presence { topic, cursor, limit }) => match presence(conn, clients, &topic, cursor.as_deref(), limit) {
+            Ok(reply) => return Handled::reply(reply),
+            Err(refused) => refused,
+        },
         Err(refused) => refused,
     };
     clients.metrics.client_error(refused.reason);
@@ -188,6 +203,21 @@ fn refresh(conn: &Arc<Conn>, clients: &Clients, token: &str) -> Result<(Bytes, u
     clients.hub.unsubscribe(conn, &revoked);
     let reply = serde_json::json!({ "type": "refreshed", "expires_at": expires_at, "revoked": revoked });
     Ok((ws::text(&reply.to_string()), revoked.len()))
+}
+
+/// A page of `topic`'s members, for a client that may read the topic.
+fn presence(conn: &Conn, clients: &Clients, topic: &str, cursor: Option<&str>, limit: Option<usize>) -> Result<Bytes, Refused> {
+    let presence = clients.hub.presence().filter(|p| p.is_presence_topic(topic)).ok_or_else(|| Refused {
+        reason: ClientError::Forbidden,
+        message: format!("`{topic}` is not a presence topic (--presence-topics)"),
+    })?;
+    if !clients.auth.load().may_read(&conn.uid, conn.state().grant.as_deref(), topic) {
+        return Err(Refused { reason: ClientError::Forbidden, message: format!("not allowed to read topic `{topic}`") });
+    }
+    let page = presence.page(topic, cursor, limit.unwrap_or(crate::presence::MAX_PAGE).clamp(1, crate::presence::MAX_PAGE));
+    let mut reply = serde_json::to_value(page).unwrap_or_default();
+    reply["type"] = "presence".into();
+    Ok(ws::text(&reply.to_string()))
 }
 
 fn topics_reply(kind: &str, topics: &[String]) -> Bytes {

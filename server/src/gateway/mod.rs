@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use pushline_alloc::Site;
+use serde_json::value::RawValue;
 
 use crate::admission::{Admission, Reservation};
 use crate::auth::Identity;
@@ -40,6 +41,8 @@ pub struct Gateway {
     pub allowed_origins: Vec<String>,
     /// Each core's driver's, in the cores' order: where a connection goes once admitted.
     pub inboxes: Vec<Arc<Inbox>>,
+    /// `--presence-info-bytes`.
+    pub presence_info_bytes: usize,
 }
 
 /// The first frame a connection gets: which session it is, for whom, and since when (the
@@ -74,8 +77,11 @@ impl Gateway {
         let inbox = &self.inboxes[core];
         let admitted = self.admit(&head, peer, transport).and_then(|admitted| {
             let address = admitted.reservation.hand_over();
-            let Identity { uid, grant } = admitted.identity;
+            let Identity { uid, grant, info } = admitted.identity;
             let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address, inbox.clone())));
+            if let (Some(info), Some(presence)) = (info, hub.presence()) {
+                presence.bring(conn.session.0, Arc::from(info));
+            }
             match Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)) {
                 Ok(()) => Ok((conn, admitted.resume, admitted.plan)),
                 Err(e) => {
@@ -168,6 +174,18 @@ impl Gateway {
         http::respond_error(stream, error, extra).await
     }
 
+    /// Member info, as presence shows it: a JSON object of at most `--presence-info-bytes`.
+    fn checked_info(&self, info: Box<RawValue>) -> Result<Box<RawValue>, Error> {
+        let max = self.presence_info_bytes;
+        if info.get().len() > max {
+            return Err(Error::bad_request(format!("member info is {} bytes; at most {max} (--presence-info-bytes)", info.get().len())));
+        }
+        if !info.get().trim_start().starts_with('{') {
+            return Err(Error::bad_request("member info (the token's `info` claim, or ?info=) must be a JSON object"));
+        }
+        Ok(info)
+    }
+
     fn admit(&self, head: &Head, peer: IpAddr, transport: Transport) -> Result<Admitted, Error> {
         if head.version >= 1 && head.header("host").is_none() {
             return Err(Error::bad_request("HTTP/1.1 requests need a Host header"));
@@ -181,7 +199,12 @@ impl Gateway {
             ws::check_upgrade(head)?;
         }
         let auth = self.clients.auth.load();
-        let identity = auth.authenticate(head.bearer(), head.query("uid"))?;
+        let mut identity = auth.authenticate(head.bearer(), head.query("uid"), head.query("info"))?;
+        identity.info = match (identity.info.take(), self.clients.hub.presence()) {
+            (Some(info), Some(_)) => Some(self.checked_info(info)?),
+            // Without presence topics nothing shows it: not kept.
+            _ => None,
+        };
         let mut topics: Vec<String> = Vec::new();
         for topic in head.query("topics").unwrap_or_default().split(',').filter(|t| !t.is_empty()) {
             if !topics.iter().any(|t| t == topic) {

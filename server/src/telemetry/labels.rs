@@ -87,6 +87,18 @@ pub enum PublishKind {
     Broadcast,
 }
 
+/// What a presence frame told. Label `kind` of `pushline_presence_events_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum PresenceEvent {
+    Join,
+    Leave,
+    /// Several joins and leaves in one batch.
+    Diff,
+    /// Only the counts: a topic above `--presence-events-max-members`.
+    Count,
+}
+
 /// A client frame the server could not use. Label `reason` of `pushline_client_errors_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
 #[strum(serialize_all = "snake_case")]
@@ -161,6 +173,7 @@ pub enum ApiRoute {
     Publish,
     Broadcast,
     Batch,
+    Presence,
     Other,
 }
 

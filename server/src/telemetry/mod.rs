@@ -19,7 +19,7 @@ use pushline_alloc::site::{Site, SITES};
 use strum::{EnumCount, VariantArray};
 
 pub use labels::{
-    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, EpochReset, Eviction, PublishKind, RedisCommand, RefuseReason, Relayed,
+    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, EpochReset, Eviction, PresenceEvent, PublishKind, RedisCommand, RefuseReason, Relayed,
     ResumeOutcome, TlsHandshake,
 };
 
@@ -62,6 +62,8 @@ pub const REDIS_RECONNECTS: &str = "pushline_redis_reconnects_total";
 pub const REDIS_UP: &str = "pushline_redis_up";
 pub const REDIS_MASTER_CHANGES: &str = "pushline_redis_master_changes_total";
 pub const RELAY_LOST: &str = "pushline_relay_lost_total";
+pub const PRESENCE_MEMBERS: &str = "pushline_presence_members";
+pub const PRESENCE_EVENTS: &str = "pushline_presence_events_total";
 pub const PUBLISH_BYTES_READING: &str = "pushline_publish_bytes_reading";
 pub const REGISTRY_SESSIONS: &str = "pushline_registry_sessions";
 pub const REGISTRY_PENDING: &str = "pushline_registry_pending_changes";
@@ -121,6 +123,8 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub redis_master_changes: Counter,
     pub relay_lost: Counter,
+    pub presence_members: Gauge,
+    presence_events: [Counter; PresenceEvent::COUNT],
     pub redis_up: Gauge,
     pub registry_sessions: Gauge,
     pub publish_bytes_reading: Gauge,
@@ -175,7 +179,7 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 26] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 27] = [
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -189,6 +193,7 @@ impl Metrics {
             (REDIS_ERRORS, Some(Unit::Count), "Redis commands that failed, by command."),
             (REDIS_RECONNECTS, Some(Unit::Count), "Times the Redis connection was lost (and reconnected)."),
             (REDIS_MASTER_CHANGES, Some(Unit::Count), "Times the Sentinels named a new Redis master and the link moved to it."),
+            (PRESENCE_EVENTS, Some(Unit::Count), "Presence frames sent to a topic's subscribers (one per topic per batch), by kind."),
             (RELAY_LOST, Some(Unit::Count), "Times this node told its clients of a relay_lost gap: it stopped hearing its Redis channels, heard them again, or dropped messages on the way in."),
             (RELAY_MESSAGES, Some(Unit::Count), "Messages sent to or received from other nodes, by direction and kind."),
             (MESSAGES_DEDUPLICATED, Some(Unit::Count), "Queued messages not written because a resume had replayed them already."),
@@ -203,7 +208,7 @@ impl Metrics {
             (NOT_REPLICATED, Some(Unit::Count), "Publishes answered 503 because their write did not reach --history-min-replicas Redis replicas in time."),
             (HISTORY_EPOCH_RESETS, Some(Unit::Count), "Times a group of streams was given new epochs because Redis held less history than this node had seen, by reason."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 23] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 24] = [
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
             (OPEN_FDS, Some(Unit::Count), "File descriptors this process has open."),
             (MAX_FDS, Some(Unit::Count), "This process's open-file limit."),
@@ -221,6 +226,7 @@ impl Metrics {
             (TOKIO_GLOBAL_QUEUE_DEPTH, Some(Unit::Count), "Tasks waiting in the serving runtime's global queue."),
             (REDIS_UP, Some(Unit::Count), "1 while the last Redis command succeeded, 0 after one failed."),
             (REGISTRY_SESSIONS, Some(Unit::Count), "This node's sessions registered in Redis."),
+            (PRESENCE_MEMBERS, Some(Unit::Count), "Members of presence topics, summed over topics (a uid in two topics counts twice)."),
             (REGISTRY_PENDING, Some(Unit::Count), "Session changes waiting to be written to Redis."),
             (HISTORY_MESSAGES, Some(Unit::Count), "Messages of history kept in this process (memory registry)."),
             (HISTORY_BYTES, Some(Unit::Bytes), "Bytes of history kept in this process, held against --history-max-bytes."),
@@ -278,6 +284,8 @@ impl Metrics {
             redis_reconnects: counter(REDIS_RECONNECTS, &[]),
             redis_master_changes: counter(REDIS_MASTER_CHANGES, &[]),
             relay_lost: counter(RELAY_LOST, &[]),
+            presence_members: gauge(PRESENCE_MEMBERS, &[]),
+            presence_events: each::<PresenceEvent, _, _>(|k| counter(PRESENCE_EVENTS, &[("kind", k)])),
             redis_up: gauge(REDIS_UP, &[]),
             registry_sessions: gauge(REGISTRY_SESSIONS, &[]),
             publish_bytes_reading: gauge(PUBLISH_BYTES_READING, &[]),
@@ -327,6 +335,10 @@ impl Metrics {
 
     pub fn accept_error(&self, kind: AcceptError) {
         self.accept_errors[kind as usize].increment(1);
+    }
+
+    pub fn presence_event(&self, kind: PresenceEvent) {
+        self.presence_events[kind as usize].increment(1);
     }
 
     pub fn published(&self, kind: PublishKind) {

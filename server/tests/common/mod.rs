@@ -300,6 +300,12 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> Value {
     response.json().await.expect("JSON")
 }
 
+/// A GET's status and JSON body, whatever the status.
+pub async fn get_raw(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let response = reqwest::get(format!("http://{addr}{path}")).await.expect("request");
+    (response.status().as_u16(), response.json().await.expect("JSON"))
+}
+
 /// Opens `n` WebSocket connections as uids `{prefix}0..n`, with their welcomes read.
 pub async fn many_ws(addr: SocketAddr, n: usize, prefix: &str) -> Vec<Ws> {
     let mut out = Vec::with_capacity(n);
