@@ -161,8 +161,8 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_PRESENCE_EVENTS_MAX_MEMBERS", default_value_t = 1000)]
     pub presence_events_max_members: usize,
 
-    /// Most publishes a client may send per second; more are answered with an error and
-    /// counted (`over_limit`), not published.
+    /// Most publishes a client may send per second; more are answered `publish_failed` and
+    /// counted (`publish_rate`), not published.
     #[arg(long, env = "PUSHLINE_MAX_CLIENT_PUBLISHES_PER_SECOND", default_value_t = 10)]
     pub max_client_publishes_per_second: u16,
 
@@ -522,9 +522,6 @@ impl Config {
             problems.push("--presence-topics: patterns name topics shared by many uids; `{sub}` has no place in them".into());
         } else if let Err(e) = crate::rights::Rights::parse(&self.presence_topics, "") {
             problems.push(format!("--presence-topics: {e}"));
-        }
-        if !self.presence_topics.is_empty() && self.registry != RegistryKind::Memory {
-            problems.push("--presence-topics works with --registry memory only in this version: presence across nodes on Redis is not built yet".into());
         }
         if self.presence_batch < Duration::from_millis(10) {
             problems.push("--presence-batch must be at least 10ms".into());

@@ -12,6 +12,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use compact_str::CompactString;
 use hashbrown::HashTable;
 use pushline_alloc::Site;
 use strum::EnumCount;
@@ -23,7 +24,6 @@ use crate::cores::Cores;
 use crate::conn::queue::Limits;
 use crate::conn::{Conn, ConnInfo};
 use crate::error::{Error, Kind};
-use crate::presence::Presence;
 use crate::session::SessionId;
 use crate::telemetry::{CloseReason, Metrics};
 use crate::wire::{Message, Transport};
@@ -41,6 +41,8 @@ pub enum Change {
     /// A topic got its first subscriber here, or lost its last: its messages are to be
     /// kept (for the history TTL from now).
     Listening(Arc<str>),
+    /// The connections a uid has here in a presence topic changed (sent by presence).
+    Member(Arc<str>, CompactString),
 }
 
 pub type Changes = UnboundedSender<Change>;
@@ -133,7 +135,15 @@ pub struct Hub {
     /// The connections' runtimes, over which a large fan-out is split.
     cores: Arc<Cores>,
     /// Told of every subscription to and departure from a topic, when presence is on.
-    presence: Option<Arc<Presence>>,
+    watcher: Option<Arc<dyn Watcher>>,
+}
+
+/// What presence hears from the hub: every topic a connection joins or leaves, and each
+/// close.
+pub trait Watcher: Send + Sync {
+    fn subscribed(&self, topic: &Arc<str>, conn: &Conn);
+    fn unsubscribed(&self, topic: &Arc<str>, conn: &Conn);
+    fn closed(&self, session: u64);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,8 +161,8 @@ pub fn check_topic_name(topic: &str) -> Result<(), String> {
 
 impl Hub {
     /// `changes`, when set, hears of every connection that registers or unregisters;
-    /// `presence`, of every topic a connection joins or leaves.
-    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>, cores: Arc<Cores>, presence: Option<Arc<Presence>>) -> Hub {
+    /// `watcher`, of every topic a connection joins or leaves.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>, cores: Arc<Cores>, watcher: Option<Arc<dyn Watcher>>) -> Hub {
         Hub {
             settings,
             metrics,
@@ -163,12 +173,8 @@ impl Hub {
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
             changes,
             cores,
-            presence,
+            watcher,
         }
-    }
-
-    pub fn presence(&self) -> Option<&Arc<Presence>> {
-        self.presence.as_ref()
     }
 
     /// Limits of every connection's outbound queue.
@@ -279,8 +285,8 @@ impl Hub {
                 }
             }
         }
-        if let Some(presence) = &self.presence {
-            presence.forget(conn.session.0);
+        if let Some(watcher) = &self.watcher {
+            watcher.closed(conn.session.0);
         }
         self.open[conn.transport as usize].fetch_sub(1, Ordering::Relaxed);
         self.metrics.connection_closed(conn.transport, reason);
@@ -330,8 +336,8 @@ impl Hub {
             }
             index.entry(name.clone()).or_default().insert(conn.session.0, conn.clone());
             drop(index);
-            if let Some(presence) = &self.presence {
-                presence.subscribed(&name, conn);
+            if let Some(watcher) = &self.watcher {
+                watcher.subscribed(&name, conn);
             }
             mine.push(name);
         }
@@ -354,8 +360,8 @@ impl Hub {
             return;
         }
         for t in topics {
-            if let Some(presence) = &self.presence {
-                presence.unsubscribed(t, conn);
+            if let Some(watcher) = &self.watcher {
+                watcher.unsubscribed(t, conn);
             }
             let mut index = self.write_topics(t);
             if let Some(subscribers) = index.get_mut(t) {

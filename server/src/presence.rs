@@ -11,11 +11,18 @@
 //! per subscriber. Members are read a page at a time, in uid order from a cursor, and the
 //! counts in O(1).
 //!
+//! This node's own members are kept here, by topic. On the memory registry they are all
+//! there is, and each change is told at once to the batches. On Redis they are this
+//! node's share: each change goes to the registry (`Change::Member`), which writes the
+//! uid's connection count here to Redis, where the members of every node are summed, and
+//! sends what changed to every node, whose batches tell their subscribers.
+//!
 //! A connection that brought no info and holds no presence topic costs nothing here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,7 +33,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::Conn;
-use crate::hub::Hub;
+use crate::hub::{Change, Changes, Hub, Watcher};
 use crate::rights::Rights;
 use crate::telemetry::{Metrics, PresenceEvent};
 use crate::wire::Message;
@@ -48,11 +55,16 @@ pub struct Presence {
     metrics: Arc<Metrics>,
     /// The info connections brought, by session: only those that brought some.
     infos: Mutex<HashMap<u64, Arc<RawValue>>>,
-    /// Each presence topic with members, sharded by the topic's hash.
+    /// This node's members of each presence topic, sharded by the topic's hash.
     rosters: Box<[Mutex<HashMap<Arc<str>, Roster>>]>,
     hasher: RandomState,
-    /// Topics with changes not yet told, in the order they first changed.
-    dirty: Mutex<Vec<Arc<str>>>,
+    /// Where this node's member changes go to be written to Redis; None on the memory
+    /// registry, where they are told here at once.
+    registry: Option<Changes>,
+    /// Versions of the memory registry's changes.
+    version: AtomicU64,
+    /// What the next batch tells.
+    told: Mutex<Told>,
 }
 
 #[derive(Default)]
@@ -60,8 +72,6 @@ struct Roster {
     /// By uid, so that pages walk them in order from a cursor.
     members: BTreeMap<CompactString, Member>,
     connections: usize,
-    /// Net changes since the last batch went out, by uid.
-    pending: HashMap<CompactString, Change>,
 }
 
 struct Member {
@@ -69,10 +79,27 @@ struct Member {
     info: Option<Arc<RawValue>>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Change {
-    Joined,
-    Left,
+/// Changes not yet told, by topic, in the order topics first changed.
+#[derive(Default)]
+struct Told {
+    topics: HashMap<Arc<str>, Changed>,
+    order: Vec<Arc<str>>,
+}
+
+/// A topic's changes since its last batch.
+#[derive(Default)]
+struct Changed {
+    /// The member count with the newest change, and that change's version.
+    members: (u64, usize),
+    uids: HashMap<CompactString, Turns>,
+}
+
+/// A uid's first and last change in a batch, by version (they may arrive out of order
+/// from several nodes): the same change told once; opposite ones changed nothing.
+struct Turns {
+    first: (u64, bool),
+    last: (u64, bool),
+    info: Option<Arc<RawValue>>,
 }
 
 /// One member, as pages and events show it.
@@ -102,23 +129,22 @@ pub struct Stats {
     pub connections: usize,
 }
 
-fn shown<'a>(members: &'a BTreeMap<CompactString, Member>, uid: &'a str) -> Shown<'a> {
-    Shown { uid, info: members.get(uid).and_then(|m| m.info.as_deref()) }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Presence {
-    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Presence {
+    /// `registry`: where member changes go on a Redis registry.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, registry: Option<Changes>) -> Presence {
         Presence {
             settings,
             metrics,
             infos: Mutex::new(HashMap::new()),
             rosters: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            dirty: Mutex::new(Vec::new()),
+            registry,
+            version: AtomicU64::new(0),
+            told: Mutex::new(Told::default()),
         }
     }
 
@@ -135,85 +161,33 @@ impl Presence {
         Site::Sessions.scope(|| lock(&self.infos).insert(session, info));
     }
 
-    /// A connection closed (after it left its topics).
-    pub fn forget(&self, session: u64) {
-        lock(&self.infos).remove(&session);
+    /// This node's connections of `uid` in `topic`, and the info its member shows.
+    pub fn local(&self, topic: &str, uid: &str) -> (u32, Option<Arc<RawValue>>) {
+        let shard = self.shard(topic);
+        shard.get(topic).and_then(|r| r.members.get(uid)).map_or((0, None), |m| (m.connections, m.info.clone()))
     }
 
-    /// `conn` subscribed to `topic`: its uid joins if this is its first connection there.
-    pub fn subscribed(&self, topic: &Arc<str>, conn: &Conn) {
-        if !self.is_presence_topic(topic) {
-            return;
-        }
-        let info = lock(&self.infos).get(&conn.session.0).cloned();
-        let _site = Site::Topics.enter();
-        let mut shard = self.shard(topic);
-        let roster = shard.entry(topic.clone()).or_default();
-        roster.connections += 1;
-        let uid = conn.uid.as_str();
-        if let Some(member) = roster.members.get_mut(uid) {
-            member.connections += 1;
-            return;
-        }
-        roster.members.insert(conn.uid.clone(), Member { connections: 1, info });
-        self.metrics.presence_members.increment(1.0);
-        let first_change = roster.pending.is_empty();
-        match roster.pending.get(uid) {
-            Some(Change::Left) => {
-                roster.pending.remove(uid);
-            }
-            _ => {
-                roster.pending.insert(conn.uid.clone(), Change::Joined);
+    /// Every (topic, uid) this node has a member in.
+    pub fn local_members(&self) -> Vec<(Arc<str>, CompactString)> {
+        let mut all = Vec::new();
+        for shard in self.rosters.iter() {
+            for (topic, roster) in lock(shard).iter() {
+                all.extend(roster.members.keys().map(|uid| (topic.clone(), uid.clone())));
             }
         }
-        if first_change && !roster.pending.is_empty() {
-            lock(&self.dirty).push(topic.clone());
-        }
+        all
     }
 
-    /// `conn` left `topic` (or closed): its uid leaves if that was its last connection there.
-    pub fn unsubscribed(&self, topic: &Arc<str>, conn: &Conn) {
-        if !self.is_presence_topic(topic) {
-            return;
-        }
-        let mut shard = self.shard(topic);
-        let Some(roster) = shard.get_mut(topic) else { return };
-        let uid = conn.uid.as_str();
-        let Some(member) = roster.members.get_mut(uid) else { return };
-        roster.connections -= 1;
-        member.connections -= 1;
-        if member.connections > 0 {
-            return;
-        }
-        roster.members.remove(uid);
-        self.metrics.presence_members.decrement(1.0);
-        let first_change = roster.pending.is_empty();
-        match roster.pending.get(uid) {
-            Some(Change::Joined) => {
-                roster.pending.remove(uid);
-            }
-            _ => {
-                roster.pending.insert(conn.uid.clone(), Change::Left);
-            }
-        }
-        let changed = first_change && !roster.pending.is_empty();
-        if roster.members.is_empty() && roster.pending.is_empty() {
-            shard.remove(topic);
-        }
-        drop(shard);
-        if changed {
-            lock(&self.dirty).push(topic.clone());
-        }
-    }
-
-    pub fn stats(&self, topic: &str) -> Stats {
+    /// The counts of `topic` on this node (all there is on the memory registry).
+    pub fn local_stats(&self, topic: &str) -> Stats {
         let shard = self.shard(topic);
         let (members, connections) = shard.get(topic).map_or((0, 0), |r| (r.members.len(), r.connections));
         Stats { topic: topic.to_owned(), members, connections }
     }
 
-    /// Up to `limit` members of `topic` after `cursor` (a uid; the start when None).
-    pub fn page(&self, topic: &str, cursor: Option<&str>, limit: usize) -> Page {
+    /// Up to `limit` of this node's members of `topic` after `cursor` (a uid; the start
+    /// when None).
+    pub fn local_page(&self, topic: &str, cursor: Option<&str>, limit: usize) -> Page {
         let shard = self.shard(topic);
         let Some(roster) = shard.get(topic) else {
             return Page { topic: topic.to_owned(), members: Vec::new(), count: 0, connections: 0, cursor: None };
@@ -230,6 +204,57 @@ impl Presence {
         Page { topic: topic.to_owned(), members, count: roster.members.len(), connections: roster.connections, cursor }
     }
 
+    /// `uid` joined (or left) `topic`, as of `version`, leaving it `members` members: told
+    /// with the next batch.
+    pub fn changed(&self, topic: &str, uid: &str, joined: bool, version: u64, members: usize, info: Option<Arc<RawValue>>) {
+        let _site = Site::Topics.enter();
+        let mut told = lock(&self.told);
+        let Told { topics, order } = &mut *told;
+        let changed = match topics.get_mut(topic) {
+            Some(changed) => changed,
+            None => {
+                let topic: Arc<str> = Arc::from(topic);
+                order.push(topic.clone());
+                topics.entry(topic).or_default()
+            }
+        };
+        if version >= changed.members.0 {
+            changed.members = (version, members);
+        }
+        let turn = (version, joined);
+        match changed.uids.get_mut(uid) {
+            Some(turns) => {
+                if version < turns.first.0 {
+                    turns.first = turn;
+                }
+                if version >= turns.last.0 {
+                    turns.last = turn;
+                    if joined {
+                        turns.info = info;
+                    }
+                }
+            }
+            None => {
+                changed.uids.insert(CompactString::from(uid), Turns { first: turn, last: turn, info });
+            }
+        }
+    }
+
+    /// On the memory registry, a member change is told here; on Redis, it goes to the
+    /// registry, which writes it and tells every node.
+    fn member_changed(&self, topic: &Arc<str>, uid: &CompactString, joined: Option<(bool, usize, Option<Arc<RawValue>>)>) {
+        match (&self.registry, joined) {
+            (Some(registry), _) => {
+                let _ = registry.send(Change::Member(topic.clone(), uid.clone()));
+            }
+            (None, Some((joined, members, info))) => {
+                let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+                self.changed(topic, uid, joined, version, members, info);
+            }
+            (None, None) => {}
+        }
+    }
+
     /// Tells every topic's subscribers what changed, once per batch, until `stop`.
     pub async fn tell(self: Arc<Self>, hub: Arc<Hub>, stop: CancellationToken) {
         let mut every = tokio::time::interval(self.settings.batch);
@@ -239,9 +264,10 @@ impl Presence {
                 _ = every.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let dirty = std::mem::take(&mut *lock(&self.dirty));
-            for topic in dirty {
-                let Some((kind, event)) = self.event(&topic) else { continue };
+            let Told { mut topics, order } = std::mem::take(&mut *lock(&self.told));
+            for topic in order {
+                let Some(changed) = topics.remove(&topic) else { continue };
+                let Some((kind, event)) = self.event(&topic, changed) else { continue };
                 self.metrics.presence_event(kind);
                 let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, &event, None, Instant::now())));
                 hub.publish(&topic, &msg).await;
@@ -249,33 +275,85 @@ impl Presence {
         }
     }
 
-    /// The frame telling `topic`'s subscribers its changes since the last batch.
-    fn event(&self, topic: &Arc<str>) -> Option<(PresenceEvent, String)> {
-        let mut shard = self.shard(topic);
-        let roster = shard.get_mut(topic)?;
-        let pending = std::mem::take(&mut roster.pending);
-        let members = roster.members.len();
-        let (joined, left): (Vec<_>, Vec<_>) = pending.iter().partition(|(_, change)| **change == Change::Joined);
-        let shown = |uid| shown(&roster.members, uid);
-        let event = if members > self.settings.events_max_members {
-            let event = serde_json::json!({"type": "presence_count", "topic": &**topic, "members": members, "joined": joined.len(), "left": left.len()});
+    /// The frame telling a topic's subscribers its changes since the last batch.
+    fn event(&self, topic: &str, changed: Changed) -> Option<(PresenceEvent, String)> {
+        let members = changed.members.1;
+        let mut joined = Vec::new();
+        let mut left = Vec::new();
+        for (uid, turns) in &changed.uids {
+            // A uid back where it was before the batch changed nothing.
+            match (turns.first.1, turns.last.1) {
+                (true, true) => joined.push(Shown { uid, info: turns.info.as_deref() }),
+                (false, false) => left.push(uid.as_str()),
+                _ => {}
+            }
+        }
+        Some(if members > self.settings.events_max_members {
+            let event = serde_json::json!({"type": "presence_count", "topic": topic, "members": members, "joined": joined.len(), "left": left.len()});
             (PresenceEvent::Count, event.to_string())
-        } else if let ([(uid, _)], []) = (&joined[..], &left[..]) {
-            let Shown { uid, info } = shown(uid.as_str());
-            (PresenceEvent::Join, serde_json::json!({"type": "join", "topic": &**topic, "uid": uid, "info": info}).to_string())
-        } else if let ([], [(uid, _)]) = (&joined[..], &left[..]) {
-            (PresenceEvent::Leave, serde_json::json!({"type": "leave", "topic": &**topic, "uid": uid.as_str()}).to_string())
+        } else if let ([one], []) = (&joined[..], &left[..]) {
+            (PresenceEvent::Join, serde_json::json!({"type": "join", "topic": topic, "uid": one.uid, "info": one.info}).to_string())
+        } else if let ([], [one]) = (&joined[..], &left[..]) {
+            (PresenceEvent::Leave, serde_json::json!({"type": "leave", "topic": topic, "uid": one}).to_string())
         } else if joined.is_empty() && left.is_empty() {
             return None;
         } else {
-            let came: Vec<Shown> = joined.iter().map(|(uid, _)| shown(uid.as_str())).collect();
-            let went: Vec<&str> = left.iter().map(|(uid, _)| uid.as_str()).collect();
-            let event = serde_json::json!({"type": "presence_diff", "topic": &**topic, "joined": came, "left": went, "members": members});
+            let event = serde_json::json!({"type": "presence_diff", "topic": topic, "joined": joined, "left": left, "members": members});
             (PresenceEvent::Diff, event.to_string())
+        })
+    }
+}
+
+impl Watcher for Presence {
+    /// A uid joins with its first connection here; on Redis every connection counts.
+    fn subscribed(&self, topic: &Arc<str>, conn: &Conn) {
+        if !self.is_presence_topic(topic) {
+            return;
+        }
+        let info = lock(&self.infos).get(&conn.session.0).cloned();
+        let _site = Site::Topics.enter();
+        let mut shard = self.shard(topic);
+        let roster = shard.entry(topic.clone()).or_default();
+        roster.connections += 1;
+        let joined = match roster.members.get_mut(conn.uid.as_str()) {
+            Some(member) => {
+                member.connections += 1;
+                None
+            }
+            None => {
+                roster.members.insert(conn.uid.clone(), Member { connections: 1, info: info.clone() });
+                self.metrics.presence_members.increment(1.0);
+                Some((true, roster.members.len(), info))
+            }
         };
+        drop(shard);
+        self.member_changed(topic, &conn.uid, joined);
+    }
+
+    /// A uid leaves with its last connection here.
+    fn unsubscribed(&self, topic: &Arc<str>, conn: &Conn) {
+        if !self.is_presence_topic(topic) {
+            return;
+        }
+        let mut shard = self.shard(topic);
+        let Some(roster) = shard.get_mut(topic) else { return };
+        let uid = conn.uid.as_str();
+        let Some(member) = roster.members.get_mut(uid) else { return };
+        roster.connections -= 1;
+        member.connections -= 1;
+        let left = (member.connections == 0).then(|| {
+            roster.members.remove(uid);
+            self.metrics.presence_members.decrement(1.0);
+            (false, roster.members.len(), None)
+        });
         if roster.members.is_empty() {
             shard.remove(topic);
         }
-        Some(event)
+        drop(shard);
+        self.member_changed(topic, &conn.uid, left);
+    }
+
+    fn closed(&self, session: u64) {
+        lock(&self.infos).remove(&session);
     }
 }

@@ -155,14 +155,15 @@ impl Server {
                 batch: config.presence_batch,
                 events_max_members: config.presence_events_max_members,
             };
-            Arc::new(Presence::new(settings, metrics.clone()))
+            Arc::new(Presence::new(settings, metrics.clone(), changes.clone()))
         });
-        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes, cores.clone(), presence.clone())));
+        let watcher = presence.clone().map(|p| p as Arc<dyn hub::Watcher>);
+        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes, cores.clone(), watcher)));
         let history = Arc::new(Site::History.scope(|| MemoryHistory::new(crate::history::Settings::from_config(&config), metrics.clone())));
         let (registry, attached) = match connected {
             None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window, config.idempotency_max_keys) }, None),
             Some(connected) => {
-                let (registry, attached) = connected.attach(hub.clone()).await?;
+                let (registry, attached) = connected.attach(hub.clone(), presence.clone()).await?;
                 (registry, Some(attached))
             }
         };
@@ -178,6 +179,7 @@ impl Server {
         let api_keys = Arc::new(ArcSwap::from_pointee(credentials.api_keys));
         let registry = Arc::new(registry);
         let message_ids = Arc::new(MessageIds::new(node));
+        let bytes_in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_publish_bytes_in_flight.div_ceil(1024)));
         let clients = Arc::new(Clients {
             hub: hub.clone(),
             admission: admission.clone(),
@@ -193,7 +195,9 @@ impl Server {
                 max_message_bytes: config.max_message_bytes,
                 node_queue_max_bytes: config.node_queue_max_bytes,
                 max_per_second: config.max_client_publishes_per_second,
+                bytes_in_flight: bytes_in_flight.clone(),
             },
+            presence: presence.clone(),
         });
         let inboxes = client::driver::start(&cores, &clients).map_err(io_error("cannot start the connection drivers".into()))?;
         let router = Arc::new(Router {
@@ -212,6 +216,7 @@ impl Server {
                 registry,
                 hub: hub.clone(),
                 message_ids,
+                presence: presence.clone(),
                 metrics: metrics.clone(),
                 api_keys: api_keys.clone(),
                 max_message_bytes: config.max_message_bytes,
@@ -220,7 +225,7 @@ impl Server {
                 max_batch_bytes: config.max_batch_bytes.min(config.max_publish_bytes_in_flight),
                 node_queue_max_bytes: config.node_queue_max_bytes,
                 request_timeout: config.handshake_timeout,
-                bodies: Arc::new(tokio::sync::Semaphore::new(config.max_publish_bytes_in_flight.div_ceil(1024))),
+                bodies: bytes_in_flight,
                 shutdown: shutdown.clone(),
                 demo: config.demo,
             }),

@@ -523,3 +523,42 @@ async fn presence_refuses_bad_info_and_topics_without_presence() {
     let (status, body) = get_raw(t.client, "/v1/presence/stats?topic=news").await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// A client that reads nothing while others fill its queue still gets one answer per
+/// publish when it reads again: answers are never what drop-oldest drops.
+#[tokio::test]
+async fn every_publish_is_answered_even_when_the_clients_queue_is_full() {
+    let t = start(|c| {
+        c.client_publish_topics = vec!["busy".into()];
+        c.queue_max_messages = 4;
+    })
+    .await;
+    let (mut quiet, _) = ws(t.client, "uid=quiet&topics=busy").await;
+    let noise = json!({"topic": "busy", "data": "x".repeat(60_000)});
+    // More than the socket buffers hold: the rest waits in its queue of 4, dropping the oldest.
+    for _ in 0..300 {
+        assert_eq!(post(t.client, "/v1/publish", noise.clone()).await.0, 200);
+    }
+    for n in 0..6 {
+        send_json(&mut quiet, json!({"type": "publish", "topic": "busy", "data": n, "ref": n.to_string()})).await;
+    }
+    // Published once counted (without echo, the client gets none of them back), and
+    // answered into the full queue.
+    wait_metric(t.admin, r#"pushline_messages_published_total{kind="topic"}"#, |n| n >= 306.0).await;
+    for _ in 0..20 {
+        post(t.client, "/v1/publish", noise.clone()).await;
+    }
+    let mut refs = Vec::new();
+    let mut dropped_told = false;
+    while refs.len() < 6 {
+        let msg = next_json(&mut quiet).await;
+        match msg["type"].as_str() {
+            Some("published") => refs.push(msg["ref"].as_str().unwrap().parse::<u64>().unwrap()),
+            Some("gap") => dropped_told = true,
+            _ => {}
+        }
+    }
+    refs.sort();
+    assert_eq!(refs, (0..6).collect::<Vec<_>>());
+    assert!(dropped_told, "the noise was dropped to make room, and the client told");
+}

@@ -591,3 +591,113 @@ async fn a_client_publish_reaches_every_node_but_not_its_sender() {
         }
     }
 }
+
+/// Reads presence frames until one about `uid`; returns it.
+async fn presence_about(ws: &mut Ws, uid: &str) -> Value {
+    loop {
+        let event = next_json(ws).await;
+        let names = |key: &str| event[key].as_array().into_iter().flatten().any(|m| m == uid || m["uid"] == uid);
+        if event["uid"] == uid || names("joined") || names("left") {
+            return event;
+        }
+    }
+}
+
+async fn presence_stats(node: &TestServer, topic: &str) -> Value {
+    common::get_json(node.client, &format!("/v1/presence/stats?topic={topic}")).await
+}
+
+/// Presence across two nodes, on one Redis and on a Cluster: a uid with connections on
+/// both nodes is one member, joining with its first and leaving with its last wherever
+/// they are; every node answers the same counts and pages.
+#[tokio::test]
+async fn presence_is_the_same_on_every_node() {
+    let redis = RedisServer::start();
+    let cluster = RedisCluster::start();
+    for (kind, urls) in [(RegistryKind::Redis, vec![redis.url()]), (RegistryKind::RedisCluster, cluster.urls())] {
+        let start_node = || {
+            let urls = urls.clone();
+            common::start(move |c| {
+                c.registry = kind;
+                c.redis_url = urls;
+                c.presence_topics = vec!["room.*".into()];
+                c.presence_batch = Duration::from_millis(30);
+            })
+        };
+        let (a, b) = (start_node().await, start_node().await);
+        let (mut watcher, _) = ws(a.client, "uid=watcher&topics=room.1").await;
+        assert_eq!(presence_about(&mut watcher, "watcher").await["type"], "join", "{kind:?}");
+        let (alice_b, _) = ws(b.client, "uid=alice&topics=room.1&info=%7B%22name%22%3A%22Alice%22%7D").await;
+        let joined = presence_about(&mut watcher, "alice").await;
+        assert_eq!((joined["type"].as_str(), &joined["info"]), (Some("join"), &json!({"name": "Alice"})), "{kind:?}: {joined}");
+        let (alice_a, _) = ws(a.client, "uid=alice&topics=room.1").await;
+        let (_bob_b, _) = ws(b.client, "uid=bob&topics=room.1").await;
+        let next = next_json(&mut watcher).await;
+        assert_eq!((next["type"].as_str(), next["uid"].as_str()), (Some("join"), Some("bob")), "{kind:?}: alice's second connection, on another node, is no second join: {next}");
+        for node in [&a, &b] {
+            assert_eq!(presence_stats(node, "room.1").await, json!({"topic": "room.1", "members": 3, "connections": 4}), "{kind:?}");
+        }
+        let page = common::get_json(b.client, "/v1/presence?topic=room.1&limit=2").await;
+        let rest = common::get_json(b.client, &format!("/v1/presence?topic=room.1&limit=2&cursor={}", page["cursor"].as_str().unwrap())).await;
+        let uids: Vec<&str> = page["members"].as_array().unwrap().iter().chain(rest["members"].as_array().unwrap()).map(|m| m["uid"].as_str().unwrap()).collect();
+        assert_eq!((uids, &rest["cursor"]), (vec!["alice", "bob", "watcher"], &Value::Null), "{kind:?}: pages in uid order, each once");
+        assert_eq!(page["members"][0]["info"], json!({"name": "Alice"}), "{kind:?}");
+
+        drop(alice_b);
+        let deadline = Instant::now() + WAIT;
+        while presence_stats(&a, "room.1").await["connections"] != 3 {
+            assert!(Instant::now() < deadline, "{kind:?}: alice's connection on B never left");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(alice_a);
+        let left = presence_about(&mut watcher, "alice").await;
+        assert_eq!(left, json!({"type": "leave", "topic": "room.1", "uid": "alice"}), "{kind:?}: alice left with her last connection, on A");
+        assert_eq!(presence_stats(&b, "room.1").await, json!({"topic": "room.1", "members": 2, "connections": 2}), "{kind:?}");
+    }
+}
+
+/// A node killed with SIGKILL: once its liveness key expires, a live node's reaper takes
+/// its members out, and subscribers on the other node are told they left.
+#[tokio::test]
+async fn a_killed_nodes_members_leave() {
+    let redis = RedisServer::start();
+    let a = common::start(|c| {
+        c.registry = RegistryKind::Redis;
+        c.redis_url = vec![redis.url()];
+        c.node_ttl = Duration::from_secs(1);
+        c.presence_topics = vec!["room.*".into()];
+        c.presence_batch = Duration::from_millis(30);
+    })
+    .await;
+    let mut args = redis_args(&redis);
+    args.extend(["--presence-topics", "room.*", "--presence-batch", "30ms"].map(String::from));
+    let b = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let (mut watcher, _) = ws(a.client, "uid=watcher&topics=room.1").await;
+    presence_about(&mut watcher, "watcher").await;
+    let mut _doomed = Vec::new();
+    for i in 0..3 {
+        _doomed.push(ws(b.client, &format!("uid=d{i}&topics=room.1")).await);
+    }
+    let mut joined = 0;
+    while joined < 3 {
+        let event = next_json(&mut watcher).await;
+        joined += match event["type"].as_str() {
+            Some("join") => 1,
+            Some("presence_diff") => event["joined"].as_array().unwrap().len(),
+            _ => 0,
+        };
+    }
+    b.signal(libc::SIGKILL);
+    let mut left = Vec::new();
+    while left.len() < 3 {
+        let event = common::next_json_within(&mut watcher, WAIT * 2).await;
+        match event["type"].as_str() {
+            Some("leave") => left.push(event["uid"].as_str().unwrap().to_owned()),
+            Some("presence_diff") => left.extend(event["left"].as_array().unwrap().iter().map(|u| u.as_str().unwrap().to_owned())),
+            _ => {}
+        }
+    }
+    left.sort();
+    assert_eq!(left, ["d0", "d1", "d2"]);
+    assert_eq!(presence_stats(&a, "room.1").await, json!({"topic": "room.1", "members": 1, "connections": 1}));
+}

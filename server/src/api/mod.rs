@@ -29,6 +29,7 @@ use crate::session::MessageIds;
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{ApiRoute, DropReason, Metrics, PublishKind};
 use crate::history::idempotency;
+use crate::presence::Presence;
 use crate::wire::{json, Draft};
 use body::{checked_uids, is_object, Body};
 
@@ -47,6 +48,8 @@ pub struct Api {
     pub registry: Arc<Registry>,
     pub hub: Arc<Hub>,
     pub message_ids: Arc<MessageIds>,
+    /// Presence topics' members, when `--presence-topics` names some.
+    pub presence: Option<Arc<Presence>>,
     pub metrics: Arc<Metrics>,
     /// The keys publishers present, each with its scopes; none in open mode. Swapped on SIGHUP.
     pub api_keys: Arc<ArcSwap<ApiKeys>>,
@@ -158,7 +161,7 @@ impl Api {
                 .into(),
             },
             ApiRoute::Presence if req.method() != Method::GET => Error::new(Kind::MethodNotAllowed, "use GET").into(),
-            ApiRoute::Presence => self.presence(&req).map_or_else(Reply::from, |body| json(StatusCode::OK, body)),
+            ApiRoute::Presence => self.presence(&req).await.map_or_else(Reply::from, |body| json(StatusCode::OK, body)),
             _ if req.method() != Method::POST => Error::new(Kind::MethodNotAllowed, "use POST").into(),
             _ => self.publish(req, route).await.unwrap_or_else(Reply::from),
         };
@@ -220,6 +223,10 @@ fn unavailable(e: Unavailable) -> Error {
         "registry unavailable: the message may not have reached every connection; retry, with an Idempotency-Key so that nothing is published twice: {}",
         e.reason
     ))
+}
+
+fn presence_unavailable(e: Unavailable) -> Error {
+    Error::unavailable(format!("presence unavailable; retry: {}", e.reason))
 }
 
 /// A publish that was not answered 200, with its message id when it may have gone out
@@ -307,7 +314,7 @@ fn as_text_some<S: serde::Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S
 impl Api {
     /// `GET /v1/presence?topic=T&cursor=C&limit=N` (a page of members) or
     /// `GET /v1/presence/stats?topic=T` (the counts), for a key that may publish to `T`.
-    fn presence(&self, req: &Request<Incoming>) -> Result<String, Error> {
+    async fn presence(&self, req: &Request<Incoming>) -> Result<String, Error> {
         let keys = self.api_keys.load_full();
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
         let holder = holder(&keys, header("x-api-key").or_else(|| bearer_token(header("authorization")?)))?;
@@ -315,16 +322,16 @@ impl Api {
         let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let topic = param("topic").ok_or_else(|| Error::bad_request("name the topic: ?topic="))?;
         allowed(holder, PublishKind::Topic, Some(topic))?;
-        let presence = self.hub.presence().filter(|p| p.is_presence_topic(topic));
+        let presence = self.presence.as_deref().filter(|p| p.is_presence_topic(topic));
         let presence = presence.ok_or_else(|| Error::new(Kind::NotFound, format!("`{topic}` is not a presence topic (--presence-topics)")))?;
         let body = if req.uri().path().ends_with("/stats") {
-            serde_json::to_string(&presence.stats(topic))
+            serde_json::to_string(&self.registry.presence_stats(presence, topic).await.map_err(presence_unavailable)?)
         } else {
             let limit = match param("limit") {
                 Some(n) => n.parse::<usize>().map_err(|_| Error::bad_request("?limit= is a number"))?.clamp(1, crate::presence::MAX_PAGE),
                 None => crate::presence::MAX_PAGE,
             };
-            serde_json::to_string(&presence.page(topic, param("cursor"), limit))
+            serde_json::to_string(&self.registry.presence_page(presence, topic, param("cursor"), limit).await.map_err(presence_unavailable)?)
         };
         body.map_err(|e| Error::new(Kind::Internal, format!("could not write the answer: {e}")))
     }

@@ -17,6 +17,7 @@ use super::Clients;
 use crate::auth::{Grant, Ticket};
 use crate::conn::io::Window;
 use crate::conn::Conn;
+use crate::presence::MAX_PAGE;
 use crate::telemetry::{probes, ClientError};
 use crate::wire::ws;
 
@@ -45,6 +46,11 @@ pub struct Refused {
     pub message: String,
 }
 
+/// A field that is there, whatever it holds (`null` too): `data` may be any JSON.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
 pub fn parse(text: &str) -> Result<Command, Refused> {
     #[derive(Deserialize)]
     struct Frame<'a> {
@@ -56,7 +62,7 @@ pub fn parse(text: &str) -> Result<Command, Refused> {
         token: Option<String>,
         #[serde(default)]
         topic: Option<String>,
-        #[serde(default, borrow)]
+        #[serde(default, borrow, deserialize_with = "present")]
         data: Option<&'a RawValue>,
         #[serde(default)]
         echo: bool,
@@ -108,7 +114,8 @@ impl Handled {
 }
 
 /// Carries out one client message on `conn`, whose command window is `window`. A
-/// publish that went out has an empty reply: its answer comes later, on the connection's queue.
+/// publish that went out, and a presence page, have an empty reply: their answer comes
+/// later, on the connection's queue.
 pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Window) -> Handled {
     let refused = match parse(text) {
         Ok(Command::Ping) => {
@@ -131,8 +138,8 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
             Err(refused) => refused,
         },
         Ok(Command::Publish(publish)) => return Handled::reply(publish::start(conn, clients, publish, window).unwrap_or_default()),
-        Ok(Command::Presence { topic, cursor, limit }) => match presence(conn, clients, &topic, cursor.as_deref(), limit) {
-            Ok(reply) => return Handled::reply(reply),
+        Ok(Command::Presence { topic, cursor, limit }) => match presence(conn, clients, topic, cursor, limit) {
+            Ok(()) => return Handled::reply(Bytes::new()),
             Err(refused) => refused,
         },
         Err(refused) => refused,
@@ -205,19 +212,31 @@ fn refresh(conn: &Arc<Conn>, clients: &Clients, token: &str) -> Result<(Bytes, u
     Ok((ws::text(&reply.to_string()), revoked.len()))
 }
 
-/// A page of `topic`'s members, for a client that may read the topic.
-fn presence(conn: &Conn, clients: &Clients, topic: &str, cursor: Option<&str>, limit: Option<usize>) -> Result<Bytes, Refused> {
-    let presence = clients.hub.presence().filter(|p| p.is_presence_topic(topic)).ok_or_else(|| Refused {
+/// A page of `topic`'s members, for a client that may read the topic: read where the
+/// members are (Redis, on many nodes), and queued on the connection as its answer.
+fn presence(conn: &Arc<Conn>, clients: &Clients, topic: String, cursor: Option<String>, limit: Option<usize>) -> Result<(), Refused> {
+    let presence = clients.presence.clone().filter(|p| p.is_presence_topic(&topic)).ok_or_else(|| Refused {
         reason: ClientError::Forbidden,
         message: format!("`{topic}` is not a presence topic (--presence-topics)"),
     })?;
-    if !clients.auth.load().may_read(&conn.uid, conn.state().grant.as_deref(), topic) {
+    if !clients.auth.load().may_read(&conn.uid, conn.state().grant.as_deref(), &topic) {
         return Err(Refused { reason: ClientError::Forbidden, message: format!("not allowed to read topic `{topic}`") });
     }
-    let page = presence.page(topic, cursor, limit.unwrap_or(crate::presence::MAX_PAGE).clamp(1, crate::presence::MAX_PAGE));
-    let mut reply = serde_json::to_value(page).unwrap_or_default();
-    reply["type"] = "presence".into();
-    Ok(ws::text(&reply.to_string()))
+    let limit = limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let (conn, registry, hub, metrics) = (conn.clone(), clients.publishing.registry.clone(), clients.hub.clone(), clients.metrics.clone());
+    conn.begin_request();
+    tokio::spawn(async move {
+        let answer = match registry.presence_page(&presence, &topic, cursor.as_deref(), limit).await {
+            Ok(page) => {
+                let mut answer = serde_json::to_value(page).unwrap_or_default();
+                answer["type"] = "presence".into();
+                answer
+            }
+            Err(e) => serde_json::json!({"type": "error", "error": format!("presence unavailable; retry: {}", e.reason), "topic": topic}),
+        };
+        conn.answer_request(&answer.to_string(), hub.limits(), &metrics);
+    });
+    Ok(())
 }
 
 fn topics_reply(kind: &str, topics: &[String]) -> Bytes {
@@ -251,6 +270,8 @@ mod tests {
         let Command::Publish(publish) = parse(r#"{"type":"publish","topic":"chat","data":{"t": [1, 2]},"ref":"a1"}"#).unwrap() else { panic!("not a publish") };
         assert_eq!((publish.topic.as_str(), publish.data.get(), publish.echo, publish.reference.as_deref()), ("chat", r#"{"t": [1, 2]}"#, false, Some("a1")));
         assert_eq!(parse(r#"{"type":"publish","topic":"chat"}"#).unwrap_err().reason, ClientError::BadJson);
+        let Command::Publish(publish) = parse(r#"{"type":"publish","topic":"chat","data":null}"#).unwrap() else { panic!("not a publish") };
+        assert_eq!(publish.data.get(), "null", "null is data like any JSON");
         assert_eq!(parse(r#"{"type":"publish","data":1}"#).unwrap_err().reason, ClientError::BadJson);
     }
 }

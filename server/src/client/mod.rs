@@ -57,6 +57,8 @@ pub struct Clients {
     /// Time a client whose token expired has to refresh it.
     pub refresh_grace_ms: u64,
     pub publishing: publish::Publishing,
+    /// Presence topics' members, when `--presence-topics` names some.
+    pub presence: Option<Arc<crate::presence::Presence>>,
 }
 
 thread_local! {
@@ -97,8 +99,9 @@ impl Serving<'_> {
             if self.flush().is_err() {
                 return Err(Stop(CloseReason::IoError));
             }
-            if self.io.replies() >= MAX_PENDING_REPLIES {
-                // Backpressure: read again once the client has taken its replies.
+            if self.backed_up() {
+                // Backpressure: read again once the client has taken its replies, or its
+                // requests served off the core are answered.
                 break Left::Waiting;
             }
             if self.io.held_back {
@@ -244,6 +247,12 @@ impl Serving<'_> {
         }
     }
 
+    /// Whether the client must wait before more of what it sent is read: its replies are
+    /// unsent, or as many of its requests as it may have are being served off the core.
+    fn backed_up(&self) -> bool {
+        self.io.replies() >= MAX_PENDING_REPLIES || self.conn.requests_full()
+    }
+
     /// Sends a reply (a pong, a command's answer) now when nothing is owed ahead of it, as
     /// a heartbeat almost always finds; what the socket does not take waits in `Busy`,
     /// ahead of queued messages, as replies do.
@@ -311,7 +320,7 @@ impl Serving<'_> {
                         scratch.copy_within(used..filled, 0);
                         filled -= used;
                         budget = budget.saturating_sub(n);
-                        if self.io.replies() >= MAX_PENDING_REPLIES {
+                        if self.backed_up() {
                             // What is left waits in `partial` until the replies drain.
                             self.io.held_back = filled > 0;
                             break Ok(Left::Waiting);
@@ -349,7 +358,7 @@ impl Serving<'_> {
         let mut bytes = self.io.take_partial().into_vec();
         let used = self.on_bytes(&mut bytes)?;
         bytes.drain(..used);
-        self.io.held_back = !bytes.is_empty() && self.io.replies() >= MAX_PENDING_REPLIES;
+        self.io.held_back = !bytes.is_empty() && self.backed_up();
         if !bytes.is_empty() {
             self.io.busy().partial = bytes.into_boxed_slice();
         }
@@ -375,7 +384,7 @@ impl Serving<'_> {
     fn decode(&mut self, decoder: &mut ws::Decoder, buf: &mut [u8]) -> Result<usize, Stop> {
         let mut used = 0;
         loop {
-            if self.io.replies() >= MAX_PENDING_REPLIES {
+            if self.backed_up() {
                 return Ok(used);
             }
             match decoder.decode(&mut buf[used..], self.clients.max_message) {

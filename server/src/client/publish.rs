@@ -13,6 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::commands::Refused;
 use super::Clients;
@@ -25,7 +26,7 @@ use crate::registry::relay::Target;
 use crate::registry::{Job, Published, Registry};
 use crate::session::MessageIds;
 use crate::telemetry::{ClientError, DropReason, Metrics, PublishKind};
-use crate::wire::{json, ws, Draft, Message};
+use crate::wire::{json, ws, Draft};
 
 /// Longest `ref` a client may attach to a publish, in bytes.
 const MAX_REF_BYTES: usize = 64;
@@ -38,6 +39,9 @@ pub struct Publishing {
     /// Queued bytes across connections above which publishes are refused.
     pub node_queue_max_bytes: usize,
     pub max_per_second: u16,
+    /// `--max-publish-bytes-in-flight`, in KiB permits, shared with the publish API: what
+    /// publishes being handled may hold at once, whoever sends them.
+    pub bytes_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// A publish as the client sent it.
@@ -65,7 +69,7 @@ impl Eq for Publish {}
 /// the node is over its queue budget: then counted, and the `publish_failed` answer returned.
 pub fn start(conn: &Arc<Conn>, clients: &Clients, publish: Publish, window: &mut Window) -> Option<Bytes> {
     match check(conn, clients, &publish, window) {
-        Ok(data) => {
+        Ok((data, held)) => {
             let sending = Sending {
                 id: clients.publishing.message_ids.next(),
                 conn: conn.clone(),
@@ -73,7 +77,9 @@ pub fn start(conn: &Arc<Conn>, clients: &Clients, publish: Publish, window: &mut
                 hub: clients.hub.clone(),
                 metrics: clients.metrics.clone(),
                 accepted_at: Instant::now(),
+                _held: held,
             };
+            conn.begin_request();
             tokio::spawn(sending.run(publish, data));
             None
         }
@@ -85,11 +91,11 @@ pub fn start(conn: &Arc<Conn>, clients: &Clients, publish: Publish, window: &mut
     }
 }
 
-/// The publish's data, compacted, if it may go out.
-fn check(conn: &Conn, clients: &Clients, publish: &Publish, window: &mut Window) -> Result<String, Refused> {
+/// The publish's data, compacted, and its share of the bytes in flight, if it may go out.
+fn check(conn: &Conn, clients: &Clients, publish: &Publish, window: &mut Window) -> Result<(String, OwnedSemaphorePermit), Refused> {
     let refused = |reason, message: String| Refused { reason, message };
     let topic = &publish.topic;
-    hub::check_topic_name(topic).map_err(|e| refused(ClientError::Forbidden, e))?;
+    hub::check_topic_name(topic).map_err(|e| refused(ClientError::BadTopic, e))?;
     if publish.reference.as_ref().is_some_and(|r| r.len() > MAX_REF_BYTES) {
         return Err(refused(ClientError::BadJson, format!("`ref` is over {MAX_REF_BYTES} bytes")));
     }
@@ -119,9 +125,15 @@ fn check(conn: &Conn, clients: &Clients, publish: &Publish, window: &mut Window)
         clients.metrics.dropped(DropReason::NodeOverBudget, 1);
         return Err(refused(ClientError::OverBudget, "this node has too much queued for slow clients; publish later".into()));
     }
-    json::compact(publish.data.get())
-        .map(|data| data.into_owned())
-        .map_err(|_| refused(ClientError::BadJson, format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))
+    let data = json::compact(publish.data.get())
+        .map_err(|_| refused(ClientError::BadJson, format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))?
+        .into_owned();
+    let kib = (data.len() + topic.len()).div_ceil(1024).max(1) as u32;
+    let held = publishing.bytes_in_flight.clone().try_acquire_many_owned(kib).map_err(|_| {
+        clients.metrics.dropped(DropReason::NodeOverBudget, 1);
+        refused(ClientError::OverBudget, "publishes being handled on this node are over its budget (--max-publish-bytes-in-flight); publish later".into())
+    })?;
+    Ok((data, held))
 }
 
 /// A publish on its way through the registry.
@@ -132,6 +144,8 @@ struct Sending {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     accepted_at: Instant,
+    /// Its share of `--max-publish-bytes-in-flight`, given back when it is answered.
+    _held: OwnedSemaphorePermit,
 }
 
 #[derive(Serialize)]
@@ -176,8 +190,7 @@ impl Sending {
         };
         let kind = if error.is_some() { "publish_failed" } else { "published" };
         let answer = Answer { kind, id: Some(self.id), topic, reference: publish.reference.as_deref(), error };
-        let Ok(answer) = serde_json::to_string(&answer) else { return };
-        let notice = Arc::new(Message::from_envelope(0, &answer, None, Instant::now()));
-        self.conn.deliver(&notice, self.hub.limits(), &self.metrics);
+        let answer = serde_json::to_string(&answer).unwrap_or_default();
+        self.conn.answer_request(&answer, self.hub.limits(), &self.metrics);
     }
 }

@@ -65,6 +65,9 @@ pub enum Next {
 
 /// The part of a connection that others see: the hub delivers into its queue, the sweeper
 /// reads its last activity, the admin endpoints read it for introspection.
+/// Requests of one client served off its core at once (see `Conn::begin_request`).
+pub const MAX_IN_FLIGHT: usize = 8;
+
 pub struct Conn {
     pub session: SessionId,
     /// Inline up to 24 bytes: most uids cost the record no allocation of their own.
@@ -76,6 +79,9 @@ pub struct Conn {
     last_inbound_ms: AtomicU32,
     signals: AtomicU8,
     close_reason: AtomicU8,
+    /// Requests of its client being served off its core (publishes, presence pages),
+    /// at most [`MAX_IN_FLIGHT`]: past it, the driver reads nothing more from it.
+    in_flight: AtomicU8,
     /// Its source address's entry in the per-address counts (`Admission`).
     pub address: u32,
     /// Its key in its driver's table, once there.
@@ -123,6 +129,7 @@ impl Conn {
             last_inbound_ms: AtomicU32::new(now as u32),
             signals: AtomicU8::new(0),
             close_reason: AtomicU8::new(NO_REASON),
+            in_flight: AtomicU8::new(0),
             address,
             key: AtomicU32::new(NO_KEY),
             inbox,
@@ -142,6 +149,24 @@ impl Conn {
                 self.inbox.wake(key);
             }
         }
+    }
+
+    /// A request of its client starts being served off its core.
+    pub fn begin_request(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A request served off its core is done: `answer` goes to the client (never dropped
+    /// for room), which also wakes the driver, in case it stopped reading for it.
+    pub fn answer_request(&self, answer: &str, limits: &Limits, metrics: &Metrics) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let answer = Site::Codec.scope(|| Arc::new(Message::answer(answer)));
+        self.deliver(&answer, limits, metrics);
+    }
+
+    /// Whether its client has as many requests being served as it may.
+    pub fn requests_full(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) as usize >= MAX_IN_FLIGHT
     }
 
     /// Takes the signals set since the last call.

@@ -92,7 +92,10 @@ impl Outbox {
                     let (mut dropped, mut dropped_bytes) = (0, 0);
                     let backlog = self.backlog.get_or_insert_with(Box::default);
                     while backlog.queue.len() >= limits.max_messages || backlog.bytes + size > limits.max_bytes {
-                        let Some(old) = backlog.queue.pop_front() else { break };
+                        // Answers the client waits for are kept: a connection has few of
+                        // them at once (`conn::MAX_IN_FLIGHT`).
+                        let Some(oldest) = backlog.queue.iter().position(|m| !m.answer) else { break };
+                        let Some(old) = backlog.queue.remove(oldest) else { break };
                         self.tracking.get_or_insert_with(|| Box::new(Tracking::new(since_ms))).lose(&old);
                         let old_size = old.bytes(transport).len();
                         backlog.bytes -= old_size;

@@ -79,7 +79,7 @@ impl Gateway {
             let address = admitted.reservation.hand_over();
             let Identity { uid, grant, info } = admitted.identity;
             let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address, inbox.clone())));
-            if let (Some(info), Some(presence)) = (info, hub.presence()) {
+            if let (Some(info), Some(presence)) = (info, &self.clients.presence) {
                 presence.bring(conn.session.0, Arc::from(info));
             }
             match Site::Sessions.scope(|| hub.register(&conn, &admitted.topics)) {
@@ -200,7 +200,7 @@ impl Gateway {
         }
         let auth = self.clients.auth.load();
         let mut identity = auth.authenticate(head.bearer(), head.query("uid"), head.query("info"))?;
-        identity.info = match (identity.info.take(), self.clients.hub.presence()) {
+        identity.info = match (identity.info.take(), &self.clients.presence) {
             (Some(info), Some(_)) => Some(self.checked_info(info)?),
             // Without presence topics nothing shows it: not kept.
             _ => None,

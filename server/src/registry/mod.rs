@@ -9,6 +9,7 @@
 //! included, delivers what arrives on its channels to its own connections (`relay`), so
 //! every node sees a stream's messages in offset order.
 
+pub mod members;
 pub mod presence;
 pub mod relay;
 
@@ -34,6 +35,8 @@ use crate::history::redis::{Appended, RedisHistory};
 use crate::history::resume::History;
 use crate::history::{Stream, GROUPS};
 use crate::wire::{open_envelope, Draft};
+use crate::presence::{Page, Presence, Stats};
+use members::Members;
 use presence::{Keys, Registrar};
 use crate::redis_link::Redis;
 use relay::{Awaited, Relay, Target};
@@ -226,6 +229,24 @@ impl Registry {
                 let delivered = hub.broadcast(&msg).await;
                 Delivered { delivered, stored: msg.position.is_some() as usize, ..Delivered::default() }
             }
+            // Only nodes send member changes, never the publish API.
+            Target::Members(_) => Delivered::default(),
+        }
+    }
+
+    /// A page of `topic`'s members: this node's on the memory registry, every node's on Redis.
+    pub async fn presence_page(&self, presence: &Presence, topic: &str, cursor: Option<&str>, limit: usize) -> Result<Page, Unavailable> {
+        match self {
+            Registry::Memory { .. } => Ok(presence.local_page(topic, cursor, limit)),
+            Registry::Redis(nodes) => nodes.members.page(topic, cursor, limit).await.map_err(|e| Unavailable { reason: format!("Redis: {e}") }),
+        }
+    }
+
+    /// `topic`'s counts, in O(1).
+    pub async fn presence_stats(&self, presence: &Presence, topic: &str) -> Result<Stats, Unavailable> {
+        match self {
+            Registry::Memory { .. } => Ok(presence.local_stats(topic)),
+            Registry::Redis(nodes) => nodes.members.stats(topic).await.map_err(|e| Unavailable { reason: format!("Redis: {e}") }),
         }
     }
 }
@@ -265,8 +286,9 @@ impl Connected {
         self.changes.0.clone()
     }
 
-    /// Subscribes and starts writing sessions and reading other nodes' messages.
-    pub async fn attach(self, hub: Arc<Hub>) -> Result<(Registry, Attached), Error> {
+    /// Subscribes and starts writing sessions (and presence members) and reading other
+    /// nodes' messages.
+    pub async fn attach(self, hub: Arc<Hub>, presence: Option<Arc<Presence>>) -> Result<(Registry, Attached), Error> {
         let awaited = Arc::new(Awaited::default());
         let nodes = Nodes {
             redis: self.redis.clone(),
@@ -277,6 +299,7 @@ impl Connected {
             liveness: Mutex::new(HashMap::new()),
             history: self.history.clone(),
             awaited: awaited.clone(),
+            members: Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch),
         };
         nodes.subscribe().await?;
         let stop = CancellationToken::new();
@@ -289,8 +312,10 @@ impl Connected {
             own_channels: nodes.own_channels(),
             awaited,
             history: self.history.clone(),
+            presence: presence.clone(),
         };
         let evicted = CancellationToken::new();
+        let writer = Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch);
         let registrar = Registrar {
             redis: self.redis,
             keys: self.keys,
@@ -301,6 +326,7 @@ impl Connected {
             metrics: self.metrics.clone(),
             evicted: evicted.clone(),
             history: self.history.clone(),
+            presence: presence.map(|presence| (presence, writer)),
         };
         registrar.announce().await.map_err(|e| Error::unavailable(format!("registering this node: {e}")))?;
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));
@@ -347,6 +373,8 @@ pub struct Nodes {
     history: Arc<RedisHistory>,
     /// Publishes of this node waiting for their messages to come back on its channels.
     awaited: Arc<Awaited>,
+    /// Presence topics' members on every node.
+    members: Members,
 }
 
 /// A session found in Redis.
@@ -428,6 +456,11 @@ impl Nodes {
                         streams.push((stream, Some(*uid), channels.len()));
                     }
                     self.awaited.expect(draft.id, local)
+                }
+                Target::Members(_) => {
+                    // Only nodes send member changes, never the publish API.
+                    planned.push((Vec::new(), None));
+                    continue;
                 }
                 Target::Topic(_) | Target::Everyone => {
                     let stream = match job.target {

@@ -33,6 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use redis::{Cmd, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,8 @@ use crate::redis_link::Redis;
 use crate::history::redis::RedisHistory;
 use crate::error::Error;
 use crate::hub::{Change, Hub};
+use crate::presence::Presence;
+use super::members::Members;
 use crate::session::SessionId;
 use crate::telemetry::{Metrics, RedisCommand};
 
@@ -153,6 +156,8 @@ pub struct Registrar {
     pub evicted: CancellationToken,
     /// Where topics' interest keys are: written while this node has subscribers to them.
     pub history: Arc<RedisHistory>,
+    /// This node's presence members, and where they are written, when presence is on.
+    pub presence: Option<(Arc<Presence>, Members)>,
 }
 
 /// What a liveness refresh found.
@@ -169,6 +174,9 @@ impl Registrar {
     pub async fn run(self, mut changes: UnboundedReceiver<Change>, stop: CancellationToken) {
         // Latest change per session not yet written.
         let mut pending: HashMap<SessionId, Pending> = HashMap::new();
+        // Presence members whose connections here changed, and the topics recorded for
+        // the reaper.
+        let mut members = Membership::default();
         // Topics whose interest key is to be written.
         let mut listening: HashSet<Arc<str>> = HashSet::new();
         let mut received = Vec::with_capacity(BATCH);
@@ -196,6 +204,9 @@ impl Registrar {
                         match change {
                             Change::Listening(topic) => {
                                 listening.insert(topic);
+                            }
+                            Change::Member(topic, uid) => {
+                                members.changed.insert((topic, uid));
                             }
                             change => coalesce(&mut pending, change),
                         }
@@ -225,6 +236,10 @@ impl Registrar {
                         Liveness::Held | Liveness::Unknown => {}
                     }
                     if must_register {
+                        if let Some((presence, _)) = &self.presence {
+                            members.changed.extend(presence.local_members());
+                            members.recorded.clear();
+                        }
                         match self.register_all().await {
                             Ok(()) => must_register = false,
                             Err(e) => tracing::warn!(error = %e, "registering sessions again failed; will retry at the next refresh"),
@@ -241,7 +256,11 @@ impl Registrar {
                 _ = stop.cancelled() => break,
             }
             if due {
-                match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending).await) {
+                let written = match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending).await) {
+                    Ok(()) => self.write_members(&mut members).await,
+                    failed => failed,
+                };
+                match written {
                     Ok(()) => {
                         retry = RETRY_FIRST;
                         failing = false;
@@ -260,7 +279,15 @@ impl Registrar {
         }
         // Shutdown: every connection has closed and reported it by now.
         while let Ok(change) = changes.try_recv() {
-            coalesce(&mut pending, change);
+            match change {
+                Change::Member(topic, uid) => {
+                    members.changed.insert((topic, uid));
+                }
+                change => coalesce(&mut pending, change),
+            }
+        }
+        if let Err(e) = self.write_members(&mut members).await {
+            tracing::warn!(error = %e, "could not take this node's presence members out of Redis; the reaper will, once its liveness key expires");
         }
         let left = self.leave(&mut pending).await;
         match left {
@@ -285,6 +312,29 @@ impl Registrar {
             self.redis.batch(RedisCommand::Interest, &cmds).await?;
             for topic in &batch {
                 topics.remove(topic);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes this node's changed presence members, a batch at a time; what fails stays.
+    async fn write_members(&self, members: &mut Membership) -> redis::RedisResult<()> {
+        let Some((presence, writer)) = &self.presence else {
+            members.changed.clear();
+            return Ok(());
+        };
+        while !members.changed.is_empty() {
+            let batch: Vec<(Arc<str>, CompactString)> = members.changed.iter().take(BATCH).cloned().collect();
+            let new_topics: Vec<Arc<str>> = {
+                let mut new: Vec<Arc<str>> = batch.iter().map(|(t, _)| t.clone()).filter(|t| !members.recorded.contains(t)).collect();
+                new.sort();
+                new.dedup();
+                new
+            };
+            writer.write(presence, &batch, &new_topics).await?;
+            members.recorded.extend(new_topics);
+            for member in &batch {
+                members.changed.remove(member);
             }
         }
         Ok(())
@@ -398,6 +448,10 @@ impl Registrar {
                 continue;
             }
             let removed = self.reap_run(node, epoch).await?;
+            if let Some((_, writer)) = &self.presence {
+                let left = writer.reap(node, epoch).await?;
+                tracing::info!(node, epoch, members = left, "took a node that is gone out of its presence topics");
+            }
             self.redis.query::<Value>(RedisCommand::Hdel, redis::cmd("SREM").arg(self.keys.runs()).arg(&run)).await?;
             tracing::info!(node, epoch, sessions = removed, "cleaned up after a node that is gone");
         }
@@ -479,9 +533,16 @@ struct Pending {
 }
 
 /// Keeps the latest change per session; an open never sent and its close cancel out.
+/// Presence members to write, and the topics this run has recorded for the reaper.
+#[derive(Default)]
+struct Membership {
+    changed: HashSet<(Arc<str>, CompactString)>,
+    recorded: HashSet<Arc<str>>,
+}
+
 fn coalesce(pending: &mut HashMap<SessionId, Pending>, change: Change) {
     match change {
-        Change::Listening(_) => {}
+        Change::Listening(_) | Change::Member(..) => {}
         Change::Opened(session, uid) => {
             pending.insert(session, Pending { uid, opened: true, tried: false });
         }

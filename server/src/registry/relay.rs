@@ -16,8 +16,12 @@ use tokio::sync::{oneshot, Notify};
 
 use pushline_alloc::Site;
 
+use serde_json::value::RawValue;
+
+use super::members;
 use crate::history::redis::RedisHistory;
 use crate::hub::Hub;
+use crate::presence::Presence;
 use crate::redis_link::{DroppedPushes, Redis};
 use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
 use crate::wire::{envelope_position, Message};
@@ -29,13 +33,15 @@ pub enum Target<'a> {
     Uids(Vec<&'a str>),
     Topic(&'a str),
     Everyone,
+    /// A presence topic's member change (see `members`), for every node's presence.
+    Members(&'a str),
 }
 
 impl Target<'_> {
     pub fn kind(&self) -> PublishKind {
         match self {
             Target::Uids(_) => PublishKind::Push,
-            Target::Topic(_) => PublishKind::Topic,
+            Target::Topic(_) | Target::Members(_) => PublishKind::Topic,
             Target::Everyone => PublishKind::Broadcast,
         }
     }
@@ -79,6 +85,7 @@ impl<'a> Relay<'a> {
             Target::Uids(_) => b'P',
             Target::Topic(_) => b'T',
             Target::Everyone => b'B',
+            Target::Members(_) => b'M',
         });
         out.extend_from_slice(&self.origin.to_be_bytes());
         out.extend_from_slice(&self.id.to_be_bytes());
@@ -96,7 +103,7 @@ impl<'a> Relay<'a> {
                     out.extend_from_slice(uid);
                 }
             }
-            Target::Topic(topic) => {
+            Target::Topic(topic) | Target::Members(topic) => {
                 out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
                 out.extend_from_slice(topic.as_bytes());
             }
@@ -140,9 +147,10 @@ impl<'a> Relay<'a> {
                 }
                 Target::Uids(uids)
             }
-            b'T' => {
+            b'T' | b'M' => {
                 let len = u16::from_be_bytes(r.take(2)?.try_into().ok()?) as usize;
-                Target::Topic(std::str::from_utf8(r.take(len)?).ok()?)
+                let topic = std::str::from_utf8(r.take(len)?).ok()?;
+                if kind == b'T' { Target::Topic(topic) } else { Target::Members(topic) }
             }
             b'B' => Target::Everyone,
             _ => return None,
@@ -247,6 +255,8 @@ pub struct Inbox {
     /// Told every group sequence that arrives, so this node's floor covers what other
     /// nodes appended too.
     pub history: Arc<RedisHistory>,
+    /// Told every member change of a presence topic, when presence is on.
+    pub presence: Option<Arc<Presence>>,
 }
 
 /// Told to every connection of a node that stopped hearing its channels (its Redis link
@@ -365,6 +375,19 @@ impl Inbox {
         answers.iter().all(Result::is_ok).then_some(true)
     }
 
+    /// A presence topic's member change, from any node: told with this node's next batch.
+    fn members_changed(&self, topic: &str, envelope: &str) {
+        let Some(presence) = &self.presence else { return };
+        let Ok(told) = serde_json::from_str::<members::Told>(envelope) else {
+            self.metrics.dropped(DropReason::BadRelay, 1);
+            return;
+        };
+        let info: Option<Arc<RawValue>> = told.info.map(|i| Arc::from(i.to_owned()));
+        for uid in told.uids {
+            presence.changed(topic, uid, told.joined, told.version, told.members, info.clone());
+        }
+    }
+
     /// One message on a channel: `data` is `[channel, payload]`.
     async fn deliver(&self, data: &[Value]) {
         let (hub, metrics) = (&self.hub, &self.metrics);
@@ -381,6 +404,10 @@ impl Inbox {
             metrics.dropped(DropReason::BadRelay, 1);
             return;
         };
+        if let Target::Members(topic) = relay.target {
+            self.members_changed(topic, relay.envelope);
+            return;
+        }
         if relay.sequence > 0 {
             self.history.observed(u64::from(relay.group), relay.sequence);
         }
@@ -403,6 +430,7 @@ impl Inbox {
                 let delivered = hub.broadcast(&msg).await;
                 (delivered, delivered)
             }
+            Target::Members(_) => (0, 0),
         };
         if own {
             self.awaited.arrived(relay.id, online, delivered);
@@ -416,7 +444,7 @@ mod tests {
 
     #[test]
     fn every_target_round_trips() {
-        for target in [Target::Uids(vec!["alice", "", "bob"]), Target::Topic("news"), Target::Everyone] {
+        for target in [Target::Uids(vec!["alice", "", "bob"]), Target::Topic("news"), Target::Everyone, Target::Members("room")] {
             let relay = Relay { origin: 7, id: 1 << 40, published_ms: 1_700_000_000_000, group: 15, sequence: 12_345_678_901, except: Some(42), target, envelope: r#"{"a":[1,2]}"# };
             assert_eq!(Relay::decode(&relay.encode()), Some(relay));
         }

@@ -117,8 +117,11 @@ pub enum ClientError {
     PublishRate,
     /// A publish whose data is over `--max-message-bytes`.
     TooLarge,
-    /// A publish refused while the node's queued bytes were over budget.
+    /// A publish refused while the node's queued bytes, or the bytes of publishes being
+    /// handled, were over budget.
     OverBudget,
+    /// A publish to a topic name that is empty or over 256 bytes.
+    BadTopic,
 }
 
 /// A Redis command, as Pushline uses them. Label `command` of the Redis metrics; its
@@ -147,6 +150,8 @@ pub enum RedisCommand {
     Interest,
     /// Waiting for a publish's write to reach `--history-min-replicas` replicas.
     Wait,
+    /// Presence: members written, pages and counts read, dead runs' members taken back.
+    Presence,
 }
 
 /// Direction of a message between nodes. Label `direction` of `pushline_relay_messages_total`.

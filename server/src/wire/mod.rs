@@ -46,6 +46,9 @@ pub struct Message {
     /// The session of the client that published it, which a topic's delivery skips (it
     /// did not ask for its own message back).
     pub except: Option<u64>,
+    /// The answer to a client's own request (a publish, a presence page): never dropped
+    /// to make room in a full queue.
+    pub answer: bool,
 }
 
 /// The envelope up to its last field: what a Redis script appends the message's position
@@ -105,7 +108,12 @@ impl Message {
         write_close_envelope(&mut frame, position.as_ref());
         let ws = ws::text_in(frame);
         let sse = sse::head("message", ws::payload_of(&ws));
-        Message { id, position, ws, sse, accepted_at, except: None }
+        Message { id, position, ws, sse, accepted_at, except: None, answer: false }
+    }
+
+    /// The answer to a client's request, as its queue carries it.
+    pub fn answer(json: &str) -> Message {
+        Message { answer: true, ..Message::from_envelope(0, json, None, Instant::now()) }
     }
 
     /// A message framed elsewhere (another node, or history): `envelope` is its JSON. An
@@ -115,7 +123,7 @@ impl Message {
         let ws = ws::text(envelope);
         let kind = envelope.strip_prefix(r#"{"type":""#).and_then(|rest| rest.split_once('"')).map_or("message", |(kind, _)| kind);
         let sse = sse::head(kind, envelope.as_bytes());
-        Message { id, position, ws, sse, accepted_at, except: None }
+        Message { id, position, ws, sse, accepted_at, except: None, answer: false }
     }
 
     /// The same message, not delivered to the topic subscriber with this session.
