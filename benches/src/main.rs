@@ -57,6 +57,9 @@ enum Scenario {
         /// SSE connections (`/sse`) instead of WebSocket ones.
         #[arg(long)]
         sse: bool,
+        /// Every connection subscribes to this topic, made a presence topic: each is a member.
+        #[arg(long)]
+        presence_topic: Option<String>,
     },
     /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client and CPU
     /// per delivery, then the same against the floor server, and the ratios.
@@ -246,7 +249,7 @@ async fn run(mut cli: Cli) -> ExitCode {
         }
     }
     let result = match cli.scenario {
-        Scenario::Idle { connections, hold, sse } => scenarios::idle::run(&cli.common, connections, hold, sse).await,
+        Scenario::Idle { connections, hold, sse, presence_topic } => scenarios::idle::run(&cli.common, connections, hold, sse, presence_topic.as_deref()).await,
         Scenario::Fanout { connections, rounds, no_floor, floor_uring } => {
             scenarios::fanout::run(&cli.common, connections, rounds, !no_floor, floor_uring).await
         }

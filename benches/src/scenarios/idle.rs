@@ -1,5 +1,7 @@
 //! `idle`: hold N idle WebSocket (or SSE) connections and report what each costs the
 //! server: RSS growth per connection (user space), and kernel TCP memory per connection.
+//! With `--presence-topic T`, every connection (a uid of its own) is a member of the
+//! presence topic T: what a member costs is the difference from a run without.
 
 use std::time::Duration;
 
@@ -39,13 +41,17 @@ fn anon(pid: u32) -> u64 {
     pushline_alloc::process::Resident::of(pid).map_or(0, |r| r.anon)
 }
 
-pub async fn run(common: &Common, connections: usize, hold: u64, sse: bool) -> Result<Vec<Row>, String> {
-    let server = ServerProcess::start(&common.server_bin, &common.server_args)?;
+pub async fn run(common: &Common, connections: usize, hold: u64, sse: bool, presence_topic: Option<&str>) -> Result<Vec<Row>, String> {
+    let mut args = common.server_args.clone();
+    if let Some(topic) = presence_topic {
+        args.push(format!("--presence-topics={topic}"));
+    }
+    let server = ServerProcess::start(&common.server_bin, &args)?;
     let open = |n: usize, prefix: &'static str| async move {
-        if sse {
-            super::open_sse_connections(server.client, n, common.parallel, common.spread, prefix).await
-        } else {
-            super::open_connections(server.client, n, common.parallel, common.spread, prefix).await
+        match (sse, presence_topic) {
+            (true, _) => super::open_sse_connections(server.client, n, common.parallel, common.spread, prefix).await,
+            (false, Some(topic)) => super::open_subscribed(server.client, n, common.parallel, common.spread, prefix, topic).await,
+            (false, None) => super::open_connections(server.client, n, common.parallel, common.spread, prefix).await,
         }
     };
     let gauge = if sse { r#"pushline_connections{transport="sse"}"# } else { r#"pushline_connections{transport="ws"}"# };

@@ -41,6 +41,15 @@ pub async fn open_connections_from(
     .await
 }
 
+/// As `open_connections`, each subscribed to `topic` at connect (`/ws?uid=..&topics=..`).
+pub async fn open_subscribed(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str, topic: &str) -> Result<Vec<client::Stream>, String> {
+    open_in_batches(0..n, parallel, "connection", |i| {
+        let query = format!("uid={prefix}{i}&topics={topic}");
+        async move { Ok(client::open(server, client::source_ip(i, spread), &query, None).await?.stream) }
+    })
+    .await
+}
+
 /// As `open_connections`, over SSE (`/sse?uid={prefix}{i}`, plain TCP).
 pub async fn open_sse_connections(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<client::Stream>, String> {
     open_in_batches(0..n, parallel, "SSE connection", |i| {

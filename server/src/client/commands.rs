@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::publish::{self, Publish};
-use super::Clients;
+use super::{Clients, Refused};
 use crate::auth::{Grant, Ticket};
 use crate::conn::io::Window;
 use crate::conn::Conn;
@@ -37,13 +37,6 @@ pub enum Command {
     Publish(Publish),
     /// A page of a topic's members after the cursor, at most `limit`.
     Presence { topic: String, cursor: Option<String>, limit: Option<usize> },
-}
-
-/// A command that could not be understood: the metric label and what to tell the client.
-#[derive(Debug)]
-pub struct Refused {
-    pub reason: ClientError,
-    pub message: String,
 }
 
 /// A field that is there, whatever it holds (`null` too): `data` may be any JSON.

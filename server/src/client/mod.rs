@@ -68,6 +68,13 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Site::Codec.scope(|| vec![0; MAX_CLIENT_FRAME_LIMIT + 4 * 1024]));
 }
 
+/// A command that could not be carried out: the metric label and what to tell the client.
+#[derive(Debug)]
+pub struct Refused {
+    pub reason: ClientError,
+    pub message: String,
+}
+
 /// The end of a connection, and why.
 pub struct Stop(pub CloseReason);
 

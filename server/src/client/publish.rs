@@ -15,8 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::commands::Refused;
-use super::Clients;
+use super::{Clients, Refused};
 use crate::auth::api_keys::CLIENTS_PUBLISHER;
 use crate::clock;
 use crate::conn::io::Window;

@@ -23,10 +23,9 @@ use std::sync::Arc;
 
 use compact_str::CompactString;
 use redis::{Cmd, Value};
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::relay::{Relay, Target};
+use super::relay::{Relay, Target, Told};
 use crate::history::redis::RedisHistory;
 use crate::history::Stream;
 use crate::presence::{Page, Presence, Stats};
@@ -78,18 +77,6 @@ if #left == 0 then return {0, 0} end
 local v = redis.call('INCR', KEYS[5])
 return {v, redis.call('ZCARD', KEYS[1]), unpack(left)}
 "#;
-
-/// A member change as it travels between nodes.
-#[derive(Serialize, Deserialize)]
-pub struct Told<'a> {
-    pub joined: bool,
-    pub version: u64,
-    pub members: usize,
-    #[serde(borrow)]
-    pub uids: Vec<&'a str>,
-    #[serde(borrow, skip_serializing_if = "Option::is_none")]
-    pub info: Option<&'a RawValue>,
-}
 
 /// Where a topic's presence is in Redis.
 pub struct Members {

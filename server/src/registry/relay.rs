@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::{Cmd, PushInfo, PushKind, Value};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Receiver;
 use tokio::sync::{oneshot, Notify};
 
@@ -18,7 +19,6 @@ use pushline_alloc::Site;
 
 use serde_json::value::RawValue;
 
-use super::members;
 use crate::history::redis::RedisHistory;
 use crate::hub::Hub;
 use crate::presence::Presence;
@@ -158,6 +158,18 @@ impl<'a> Relay<'a> {
         let envelope = std::str::from_utf8(r.0).ok()?;
         Some(Relay { origin, id, published_ms, group, sequence, except, target, envelope })
     }
+}
+
+/// A member change as it travels between nodes.
+#[derive(Serialize, Deserialize)]
+pub struct Told<'a> {
+    pub joined: bool,
+    pub version: u64,
+    pub members: usize,
+    #[serde(borrow)]
+    pub uids: Vec<&'a str>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    pub info: Option<&'a RawValue>,
 }
 
 struct Bytes<'a>(&'a [u8]);
@@ -378,7 +390,7 @@ impl Inbox {
     /// A presence topic's member change, from any node: told with this node's next batch.
     fn members_changed(&self, topic: &str, envelope: &str) {
         let Some(presence) = &self.presence else { return };
-        let Ok(told) = serde_json::from_str::<members::Told>(envelope) else {
+        let Ok(told) = serde_json::from_str::<Told>(envelope) else {
             self.metrics.dropped(DropReason::BadRelay, 1);
             return;
         };
