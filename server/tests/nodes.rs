@@ -653,6 +653,21 @@ async fn presence_is_the_same_on_every_node() {
         let left = presence_about(&mut watcher, "alice").await;
         assert_eq!(left, json!({"type": "leave", "topic": "room.1", "uid": "alice"}), "{kind:?}: alice left with her last connection, on A");
         assert_eq!(presence_stats(&b, "room.1").await, json!({"topic": "room.1", "members": 2, "connections": 2}), "{kind:?}");
+        if kind == RegistryKind::Redis {
+            drop((watcher, _bob_b));
+            let deadline = Instant::now() + WAIT;
+            while presence_stats(&a, "room.1").await["members"] != 0 {
+                assert!(Instant::now() < deadline, "members left behind");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Written with the last session changes: wait for those, then nothing is left.
+            for node in [&a, &b] {
+                wait_metric(node.admin, SESSIONS, |n| n == 0.0).await;
+            }
+            for pattern in ["pushline:p[mict]:*", "pushline:pn:*"] {
+                assert_eq!(redis.cli(&["keys", pattern]).trim(), "", "an empty topic leaves no key behind");
+            }
+        }
     }
 }
 

@@ -7,9 +7,7 @@
 //!   `ZRANGEBYLEX` from the cursor and the count a `ZCARD`;
 //! - `P:pi:{h}`: a hash, uid -> the info its member shows;
 //! - `P:pc:{h}`: a hash, uid -> its connections on every node;
-//! - `P:pt:{h}`: the topic's connections on every node;
-//! - `P:pv:{h}`: the version of its last member change, which orders changes that reach
-//!   a node by different paths;
+//! - `P:pt:{h}`: the topic's connections on every node (gone at 0);
 //! - `P:pn:{h}:<node>:<epoch>`: a hash, uid -> its connections on that run of that node.
 //!   A node writes its count, not a difference, so writing it twice changes nothing, and
 //!   what a dead run held is known and taken back;
@@ -17,7 +15,9 @@
 //!
 //! A change of a member (the first connection of a uid anywhere, or its last) is
 //! published on the topic's fan-out channel as a `Target::Members` relay, which every node
-//! hands to its presence batches.
+//! hands to its presence batches, with its version: the Redis server's clock in
+//! microseconds when the script ran, which orders changes that reach a node by different
+//! paths (a topic's keys live on one server). An empty topic leaves no key behind.
 
 use std::sync::Arc;
 
@@ -32,38 +32,41 @@ use crate::presence::{Page, Presence, Stats};
 use crate::redis_link::{Redis, Script};
 use crate::telemetry::RedisCommand;
 
-/// Sets one run's connections of a uid in a topic. KEYS: pm pi pc pt pv pn. ARGV: uid,
+/// The script's version of a change: the server's clock, in microseconds.
+const VERSION: &str = "local function version() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end\n";
+
+/// Sets one run's connections of a uid in a topic. KEYS: pm pi pc pt pn. ARGV: uid,
 /// the run's connections now, the info (empty: none). Returns `{0}` when the uid's
 /// membership did not change, else `{1 joined | 2 left, version, members}`.
 const SET: &str = r#"
 local uid, now = ARGV[1], tonumber(ARGV[2])
-local delta = now - tonumber(redis.call('HGET', KEYS[6], uid) or '0')
+local delta = now - tonumber(redis.call('HGET', KEYS[5], uid) or '0')
 if delta == 0 then return {0} end
-if now > 0 then redis.call('HSET', KEYS[6], uid, now) else redis.call('HDEL', KEYS[6], uid) end
-redis.call('INCRBY', KEYS[4], delta)
+if now > 0 then redis.call('HSET', KEYS[5], uid, now) else redis.call('HDEL', KEYS[5], uid) end
+if redis.call('INCRBY', KEYS[4], delta) <= 0 then redis.call('DEL', KEYS[4]) end
 local total = redis.call('HINCRBY', KEYS[3], uid, delta)
 if total <= 0 then
   redis.call('HDEL', KEYS[3], uid)
   if redis.call('ZREM', KEYS[1], uid) == 1 then
     redis.call('HDEL', KEYS[2], uid)
-    return {2, redis.call('INCR', KEYS[5]), redis.call('ZCARD', KEYS[1])}
+    return {2, version(), redis.call('ZCARD', KEYS[1])}
   end
 elseif total == delta then
   redis.call('ZADD', KEYS[1], 0, uid)
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], uid, ARGV[3]) end
-  return {1, redis.call('INCR', KEYS[5]), redis.call('ZCARD', KEYS[1])}
+  return {1, version(), redis.call('ZCARD', KEYS[1])}
 end
 return {0}
 "#;
 
-/// Takes back everything a dead run held in a topic. KEYS: pm pi pc pt pv pn (of the dead
+/// Takes back everything a dead run held in a topic. KEYS: pm pi pc pt pn (of the dead
 /// run). Returns `{version, members, uid...}` with the uids that left (none: `{0, 0}`).
 const REAP: &str = r#"
-local held = redis.call('HGETALL', KEYS[6])
+local held = redis.call('HGETALL', KEYS[5])
 local left = {}
 for i = 1, #held, 2 do
   local uid, n = held[i], tonumber(held[i + 1])
-  redis.call('INCRBY', KEYS[4], -n)
+  if redis.call('INCRBY', KEYS[4], -n) <= 0 then redis.call('DEL', KEYS[4]) end
   if redis.call('HINCRBY', KEYS[3], uid, -n) <= 0 then
     redis.call('HDEL', KEYS[3], uid)
     if redis.call('ZREM', KEYS[1], uid) == 1 then
@@ -72,11 +75,16 @@ for i = 1, #held, 2 do
     end
   end
 end
-redis.call('DEL', KEYS[6])
+redis.call('DEL', KEYS[5])
 if #left == 0 then return {0, 0} end
-local v = redis.call('INCR', KEYS[5])
-return {v, redis.call('ZCARD', KEYS[1]), unpack(left)}
+return {version(), redis.call('ZCARD', KEYS[1]), unpack(left)}
 "#;
+
+/// The set script with its version function: made once, kept for the process.
+fn set_script() -> &'static str {
+    static SCRIPT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| format!("{VERSION}{SET}"))
+}
 
 /// Where a topic's presence is in Redis.
 pub struct Members {
@@ -89,16 +97,16 @@ pub struct Members {
 
 impl Members {
     pub fn new(redis: Redis, prefix: &str, node: u16, epoch: u64) -> Members {
-        Members { redis, prefix: prefix.to_owned(), node, epoch, set: Script::new(SET) }
+        Members { redis, prefix: prefix.to_owned(), node, epoch, set: Script::new(set_script()) }
     }
 
-    /// The topic's keys: pm pi pc pt pv, and pn of the run `node:epoch`.
+    /// The topic's keys: pm pi pc pt, and pn of the run `node:epoch`.
     fn keys(&self, topic: &str, node: u16, epoch: u64) -> Vec<Vec<u8>> {
         use sha1::Digest;
         let digest = sha1::Sha1::digest(topic.as_bytes());
         let tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let p = &self.prefix;
-        ["pm", "pi", "pc", "pt", "pv"]
+        ["pm", "pi", "pc", "pt"]
             .iter()
             .map(|k| format!("{p}:{k}:{{{tag}}}").into_bytes())
             .chain([format!("{p}:pn:{{{tag}}}:{node}:{epoch}").into_bytes()])
@@ -156,7 +164,7 @@ impl Members {
         let mut left = 0;
         for topic in topics {
             let mut reap = redis::cmd("EVAL");
-            reap.arg(REAP).arg(6).arg(self.keys(&topic, node, epoch));
+            reap.arg(format!("{VERSION}{REAP}")).arg(5).arg(self.keys(&topic, node, epoch));
             let answer: Vec<Value> = self.redis.query(RedisCommand::Presence, &reap).await?;
             let (Some(version), Some(members)) = (answer.first(), answer.get(1)) else { continue };
             let (Ok(version), Ok(members)) = (redis::from_redis_value::<u64>(version.clone()), redis::from_redis_value::<usize>(members.clone())) else { continue };
