@@ -667,6 +667,9 @@ async fn presence_is_the_same_on_every_node() {
             for pattern in ["pushline:p[mict]:*", "pushline:pn:*"] {
                 assert_eq!(redis.cli(&["keys", pattern]).trim(), "", "an empty topic leaves no key behind");
             }
+            a.server.shutdown().await;
+            b.server.shutdown().await;
+            assert_eq!(redis.cli(&["keys", "pushline:pruns:*"]).trim(), "", "nodes that left need no reaping");
         }
     }
 }

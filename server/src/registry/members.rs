@@ -180,6 +180,11 @@ impl Members {
         Ok(left)
     }
 
+    /// This run is leaving, its members written out: no reaper needs its topics.
+    pub async fn left(&self) -> redis::RedisResult<()> {
+        self.redis.query::<Value>(RedisCommand::Presence, redis::cmd("DEL").arg(self.runs_topics(self.node, self.epoch))).await.map(drop)
+    }
+
     pub async fn stats(&self, topic: &str) -> redis::RedisResult<Stats> {
         let keys = self.keys(topic, self.node, self.epoch);
         let cmds = [redis::cmd("ZCARD").arg(&keys[0]).clone(), redis::cmd("GET").arg(&keys[3]).clone()];

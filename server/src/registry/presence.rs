@@ -518,6 +518,9 @@ impl Registrar {
         del.arg(DELETE_IF_OURS).arg(1).arg(self.keys.node(self.node)).arg(self.epoch);
         self.redis.query::<Value>(RedisCommand::Del, &del).await?;
         self.redis.query::<Value>(RedisCommand::Del, redis::cmd("DEL").arg(self.keys.sessions(self.node, self.epoch))).await?;
+        if let Some((_, writer)) = &self.presence {
+            writer.left().await?;
+        }
         self.redis.query::<Value>(RedisCommand::Del, redis::cmd("SREM").arg(self.keys.runs()).arg(self.run_name())).await?;
         self.metrics.registry_sessions.set(0.0);
         Ok(())
