@@ -110,11 +110,22 @@ pub struct Shown<'a> {
     pub info: Option<&'a RawValue>,
 }
 
+/// A member on a page: its info is written as it came, never parsed again.
+#[derive(Serialize)]
+pub struct Listed {
+    pub uid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<Box<RawValue>>,
+}
+
 /// A page of a topic's members and its counts, as the client and the API are answered.
 #[derive(Serialize)]
 pub struct Page {
+    /// `presence` when answering a client.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
     pub topic: String,
-    pub members: Vec<serde_json::Value>,
+    pub members: Vec<Listed>,
     /// Members and connections of the whole topic.
     pub count: usize,
     pub connections: usize,
@@ -190,18 +201,18 @@ impl Presence {
     pub fn local_page(&self, topic: &str, cursor: Option<&str>, limit: usize) -> Page {
         let shard = self.shard(topic);
         let Some(roster) = shard.get(topic) else {
-            return Page { topic: topic.to_owned(), members: Vec::new(), count: 0, connections: 0, cursor: None };
+            return Page { kind: None, topic: topic.to_owned(), members: Vec::new(), count: 0, connections: 0, cursor: None };
         };
         let from = cursor.map_or(Bound::Unbounded, |c| Bound::Excluded(CompactString::from(c)));
         let mut walk = roster.members.range((from, Bound::Unbounded));
         let mut members = Vec::with_capacity(limit.min(roster.members.len()));
         let mut last = None;
         for (uid, member) in walk.by_ref().take(limit) {
-            members.push(serde_json::to_value(Shown { uid, info: member.info.as_deref() }).unwrap_or_default());
+            members.push(Listed { uid: uid.to_string(), info: member.info.as_deref().map(ToOwned::to_owned) });
             last = Some(uid.to_string());
         }
         let cursor = last.filter(|_| walk.next().is_some());
-        Page { topic: topic.to_owned(), members, count: roster.members.len(), connections: roster.connections, cursor }
+        Page { kind: None, topic: topic.to_owned(), members, count: roster.members.len(), connections: roster.connections, cursor }
     }
 
     /// `uid` joined (or left) `topic`, as of `version`, leaving it `members` members: told
@@ -288,20 +299,55 @@ impl Presence {
                 _ => {}
             }
         }
-        Some(if members > self.settings.events_max_members {
-            let event = serde_json::json!({"type": "presence_count", "topic": topic, "members": members, "joined": joined.len(), "left": left.len()});
-            (PresenceEvent::Count, event.to_string())
+        let frame = |kind| Frame { kind, topic, uid: None, info: None, joined: None, left: None, members: None };
+        let (kind, frame) = if members > self.settings.events_max_members {
+            let counts = Frame { joined: Some(Joined::Count(joined.len())), left: Some(Left::Count(left.len())), members: Some(members), ..frame("presence_count") };
+            (PresenceEvent::Count, counts)
         } else if let ([one], []) = (&joined[..], &left[..]) {
-            (PresenceEvent::Join, serde_json::json!({"type": "join", "topic": topic, "uid": one.uid, "info": one.info}).to_string())
+            (PresenceEvent::Join, Frame { uid: Some(one.uid), info: one.info, ..frame("join") })
         } else if let ([], [one]) = (&joined[..], &left[..]) {
-            (PresenceEvent::Leave, serde_json::json!({"type": "leave", "topic": topic, "uid": one}).to_string())
+            (PresenceEvent::Leave, Frame { uid: Some(one), ..frame("leave") })
         } else if joined.is_empty() && left.is_empty() {
             return None;
         } else {
-            let event = serde_json::json!({"type": "presence_diff", "topic": topic, "joined": joined, "left": left, "members": members});
-            (PresenceEvent::Diff, event.to_string())
-        })
+            let diff = Frame { joined: Some(Joined::List(&joined)), left: Some(Left::List(&left)), members: Some(members), ..frame("presence_diff") };
+            (PresenceEvent::Diff, diff)
+        };
+        // Written, not built as a `Value`: info goes out as it came, never parsed again.
+        serde_json::to_string(&frame).ok().map(|frame| (kind, frame))
     }
+}
+
+/// A presence frame. Fields a kind does not use are left out.
+#[derive(Serialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    topic: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    joined: Option<Joined<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    left: Option<Left<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<usize>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Joined<'a> {
+    List(&'a [Shown<'a>]),
+    Count(usize),
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Left<'a> {
+    List(&'a [&'a str]),
+    Count(usize),
 }
 
 impl Watcher for Presence {

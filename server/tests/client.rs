@@ -507,7 +507,17 @@ async fn presence_pages_every_member_once_and_coalesces_what_changes_together() 
 #[tokio::test]
 async fn presence_refuses_bad_info_and_topics_without_presence() {
     let t = presence_server(1000).await;
-    for (info, why) in [("[1]".to_owned(), "must be a JSON object"), (info_query(&json!({"x": "y".repeat(600)})), "at most 512"), ("{".into(), "not JSON")] {
+    let deep = format!("{{\"a\":{}1{}}}", "[".repeat(130), "]".repeat(130));
+    let refused = [
+        ("[1]".to_owned(), "must be a JSON object"),
+        (info_query(&json!({"x": "y".repeat(600)})), "at most 512"),
+        ("{".into(), "not JSON"),
+        // Each parses as raw JSON, but not as JSON a reader takes whole: refused at the door.
+        ("%7B%22a%22%3A%22%5Cud800%22%7D".into(), "not JSON every reader can take"),
+        ("%7B%22a%22%3A1e999%7D".into(), "not JSON every reader can take"),
+        (deep.bytes().map(|b| format!("%{b:02X}")).collect(), "not JSON every reader can take"),
+    ];
+    for (info, why) in refused {
         match tokio_tungstenite::connect_async(format!("ws://{}/ws?uid=a&info={info}", t.client)).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
@@ -522,6 +532,33 @@ async fn presence_refuses_bad_info_and_topics_without_presence() {
     assert!(next_json(&mut client).await["error"].as_str().unwrap().contains("not a presence topic"));
     let (status, body) = get_raw(t.client, "/v1/presence/stats?topic=news").await;
     assert_eq!(status, 404, "{body}");
+}
+
+/// More publishes than a client may have handled at once (8), sent back to back and
+/// followed by nothing: every one is published and answered, without a further frame to
+/// wake the connection.
+#[tokio::test]
+async fn publishes_past_the_in_flight_bound_are_answered_without_more_input() {
+    let t = start(|c| {
+        c.client_publish_topics = vec!["chat".into()];
+        c.max_client_publishes_per_second = 100;
+    })
+    .await;
+    let (mut listener, _) = ws(t.client, "uid=listener&topics=chat").await;
+    let (mut sender, _) = ws(t.client, "uid=sender").await;
+    let frames: Vec<Message> = (0..20).map(|n| Message::text(json!({"type": "publish", "topic": "chat", "data": n, "ref": n.to_string()}).to_string())).collect();
+    sender.send_all(&mut futures_util::stream::iter(frames.into_iter().map(Ok))).await.unwrap();
+    let mut answered = Vec::new();
+    while answered.len() < 20 {
+        let answer = next_json(&mut sender).await;
+        assert_eq!(answer["type"], "published", "{answer}");
+        answered.push(answer["ref"].as_str().unwrap().parse::<u64>().unwrap());
+    }
+    answered.sort();
+    assert_eq!(answered, (0..20).collect::<Vec<_>>());
+    for _ in 0..20 {
+        assert_eq!(next_json(&mut listener).await["type"], "message");
+    }
 }
 
 /// A client that reads nothing while others fill its queue still gets one answer per

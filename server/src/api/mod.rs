@@ -321,6 +321,7 @@ impl Api {
         let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let topic = param("topic").ok_or_else(|| Error::bad_request("name the topic: ?topic="))?;
+        hub::check_topic_name(topic).map_err(Error::bad_request)?;
         allowed(holder, PublishKind::Topic, Some(topic))?;
         let presence = self.presence.as_deref().filter(|p| p.is_presence_topic(topic));
         let presence = presence.ok_or_else(|| Error::new(Kind::NotFound, format!("`{topic}` is not a presence topic (--presence-topics)")))?;

@@ -17,7 +17,7 @@ use super::{Clients, Refused};
 use crate::auth::{Grant, Ticket};
 use crate::conn::io::Window;
 use crate::conn::Conn;
-use crate::presence::MAX_PAGE;
+use crate::presence::{Page, MAX_PAGE};
 use crate::telemetry::{probes, ClientError};
 use crate::wire::ws;
 
@@ -208,6 +208,7 @@ fn refresh(conn: &Arc<Conn>, clients: &Clients, token: &str) -> Result<(Bytes, u
 /// A page of `topic`'s members, for a client that may read the topic: read where the
 /// members are (Redis, on many nodes), and queued on the connection as its answer.
 fn presence(conn: &Arc<Conn>, clients: &Clients, topic: String, cursor: Option<String>, limit: Option<usize>) -> Result<(), Refused> {
+    crate::hub::check_topic_name(&topic).map_err(|message| Refused { reason: ClientError::BadTopic, message })?;
     let presence = clients.presence.clone().filter(|p| p.is_presence_topic(&topic)).ok_or_else(|| Refused {
         reason: ClientError::Forbidden,
         message: format!("`{topic}` is not a presence topic (--presence-topics)"),
@@ -220,14 +221,10 @@ fn presence(conn: &Arc<Conn>, clients: &Clients, topic: String, cursor: Option<S
     conn.begin_request();
     tokio::spawn(async move {
         let answer = match registry.presence_page(&presence, &topic, cursor.as_deref(), limit).await {
-            Ok(page) => {
-                let mut answer = serde_json::to_value(page).unwrap_or_default();
-                answer["type"] = "presence".into();
-                answer
-            }
-            Err(e) => serde_json::json!({"type": "error", "error": format!("presence unavailable; retry: {}", e.reason), "topic": topic}),
+            Ok(page) => serde_json::to_string(&Page { kind: Some("presence"), ..page }).unwrap_or_default(),
+            Err(e) => serde_json::json!({"type": "error", "error": format!("presence unavailable; retry: {}", e.reason), "topic": topic}).to_string(),
         };
-        conn.answer_request(&answer.to_string(), hub.limits(), &metrics);
+        conn.answer_request(&answer, hub.limits(), &metrics);
     });
     Ok(())
 }

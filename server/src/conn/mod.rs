@@ -162,6 +162,9 @@ impl Conn {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         let answer = Site::Codec.scope(|| Arc::new(Message::answer(answer)));
         self.deliver(&answer, limits, metrics);
+        // Written through a lent socket, the answer wakes no one: the driver may be
+        // holding the client's next requests until one is answered.
+        self.signal(Signals::WORK);
     }
 
     /// Whether its client has as many requests being served as it may.

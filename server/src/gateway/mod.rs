@@ -180,10 +180,13 @@ impl Gateway {
         if info.get().len() > max {
             return Err(Error::bad_request(format!("member info is {} bytes; at most {max} (--presence-info-bytes)", info.get().len())));
         }
-        if !info.get().trim_start().starts_with('{') {
-            return Err(Error::bad_request("member info (the token's `info` claim, or ?info=) must be a JSON object"));
+        // Read whole, as any client of it will: a lone surrogate, a number out of range or
+        // nesting past serde's limit is refused here, not met later by every subscriber.
+        match serde_json::from_str::<serde_json::Value>(info.get()) {
+            Ok(serde_json::Value::Object(_)) => Ok(info),
+            Ok(_) => Err(Error::bad_request("member info (the token's `info` claim, or ?info=) must be a JSON object")),
+            Err(e) => Err(Error::bad_request(format!("member info is not JSON every reader can take: {e}"))),
         }
-        Ok(info)
     }
 
     fn admit(&self, head: &Head, peer: IpAddr, transport: Transport) -> Result<Admitted, Error> {

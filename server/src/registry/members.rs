@@ -28,7 +28,7 @@ use serde_json::value::RawValue;
 use super::relay::{Relay, Target, Told};
 use crate::history::redis::RedisHistory;
 use crate::history::Stream;
-use crate::presence::{Page, Presence, Stats};
+use crate::presence::{Listed, Page, Presence, Stats};
 use crate::redis_link::{Redis, Script};
 use crate::telemetry::RedisCommand;
 
@@ -212,12 +212,9 @@ impl Members {
         let members = uids
             .iter()
             .zip(infos)
-            .map(|(uid, info)| {
-                let info = info.and_then(|i| RawValue::from_string(i).ok());
-                serde_json::to_value(crate::presence::Shown { uid, info: info.as_deref() }).unwrap_or_default()
-            })
+            .map(|(uid, info)| Listed { uid: uid.clone(), info: info.and_then(|i| RawValue::from_string(i).ok()) })
             .collect();
         let cursor = uids.last().filter(|_| more).cloned();
-        Ok(Page { topic: topic.to_owned(), members, count: stats.members, connections: stats.connections, cursor })
+        Ok(Page { kind: None, topic: topic.to_owned(), members, count: stats.members, connections: stats.connections, cursor })
     }
 }

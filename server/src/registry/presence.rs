@@ -195,7 +195,11 @@ impl Registrar {
         tokio::pin!(retry_timer);
         loop {
             let mut due = !failing;
+            // Members left to write go a batch per turn, so that a burst of them does not
+            // hold up the liveness refresh past the node's TTL.
+            let more_members = !failing && !members.changed.is_empty();
             tokio::select! {
+                _ = std::future::ready(()), if more_members => {}
                 n = changes.recv_many(&mut received, BATCH) => {
                     if n == 0 {
                         break;
@@ -257,7 +261,7 @@ impl Registrar {
             }
             if due {
                 let written = match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending).await) {
-                    Ok(()) => self.write_members(&mut members).await,
+                    Ok(()) => self.write_members(&mut members, false).await,
                     failed => failed,
                 };
                 match written {
@@ -286,7 +290,7 @@ impl Registrar {
                 change => coalesce(&mut pending, change),
             }
         }
-        if let Err(e) = self.write_members(&mut members).await {
+        if let Err(e) = self.write_members(&mut members, true).await {
             tracing::warn!(error = %e, "could not take this node's presence members out of Redis; the reaper will, once its liveness key expires");
         }
         let left = self.leave(&mut pending).await;
@@ -317,13 +321,16 @@ impl Registrar {
         Ok(())
     }
 
-    /// Writes this node's changed presence members, a batch at a time; what fails stays.
-    async fn write_members(&self, members: &mut Membership) -> redis::RedisResult<()> {
+    /// Writes a batch of this node's changed presence members (all of them when `all`);
+    /// what fails stays.
+    async fn write_members(&self, members: &mut Membership, all: bool) -> redis::RedisResult<()> {
         let Some((presence, writer)) = &self.presence else {
             members.changed.clear();
             return Ok(());
         };
-        while !members.changed.is_empty() {
+        let mut turns = if all { usize::MAX } else { 1 };
+        while !members.changed.is_empty() && turns > 0 {
+            turns -= 1;
             let batch: Vec<(Arc<str>, CompactString)> = members.changed.iter().take(BATCH).cloned().collect();
             let new_topics: Vec<Arc<str>> = {
                 let mut new: Vec<Arc<str>> = batch.iter().map(|(t, _)| t.clone()).filter(|t| !members.recorded.contains(t)).collect();
