@@ -558,21 +558,29 @@ async fn a_batch_crosses_nodes_on_a_redis_cluster() {
     a_batch_crosses_nodes(&a, &b, false).await;
 }
 
+/// The tests that run on one Redis and on a Cluster alike, in turn.
+fn both_registries(redis: &RedisServer, cluster: &RedisCluster) -> [(RegistryKind, Vec<String>); 2] {
+    [(RegistryKind::Redis, vec![redis.url()]), (RegistryKind::RedisCluster, cluster.urls())]
+}
+
+/// A node on `urls`, after `tweak` edits its config.
+async fn node_with(kind: RegistryKind, urls: &[String], tweak: impl FnOnce(&mut pushline::Config)) -> TestServer {
+    let urls = urls.to_vec();
+    common::start(move |c| {
+        c.registry = kind;
+        c.redis_url = urls;
+        tweak(c);
+    })
+    .await
+}
+
 /// A client's publish on one node reaches the topic's subscribers on every node, once,
 /// and not the sender (the relay carries its session), on one Redis and on a Cluster.
 #[tokio::test]
 async fn a_client_publish_reaches_every_node_but_not_its_sender() {
-    let redis = RedisServer::start();
-    let cluster = RedisCluster::start();
-    for (kind, urls) in [(RegistryKind::Redis, vec![redis.url()]), (RegistryKind::RedisCluster, cluster.urls())] {
-        let start_node = || {
-            let urls = urls.clone();
-            common::start(move |c| {
-                c.registry = kind;
-                c.redis_url = urls;
-                c.client_publish_topics = vec!["room".into()];
-            })
-        };
+    let (redis, cluster) = (RedisServer::start(), RedisCluster::start());
+    for (kind, urls) in both_registries(&redis, &cluster) {
+        let start_node = || node_with(kind, &urls, |c| c.client_publish_topics = vec!["room".into()]);
         let (a, b) = (start_node().await, start_node().await);
         let (mut alice, _) = ws(a.client, "uid=alice&topics=room").await;
         let (mut carol, _) = ws(a.client, "uid=carol&topics=room").await;
@@ -612,14 +620,10 @@ async fn presence_stats(node: &TestServer, topic: &str) -> Value {
 /// they are; every node answers the same counts and pages.
 #[tokio::test]
 async fn presence_is_the_same_on_every_node() {
-    let redis = RedisServer::start();
-    let cluster = RedisCluster::start();
-    for (kind, urls) in [(RegistryKind::Redis, vec![redis.url()]), (RegistryKind::RedisCluster, cluster.urls())] {
+    let (redis, cluster) = (RedisServer::start(), RedisCluster::start());
+    for (kind, urls) in both_registries(&redis, &cluster) {
         let start_node = || {
-            let urls = urls.clone();
-            common::start(move |c| {
-                c.registry = kind;
-                c.redis_url = urls;
+            node_with(kind, &urls, |c| {
                 c.presence_topics = vec!["room.*".into()];
                 c.presence_batch = Duration::from_millis(30);
             })
