@@ -24,7 +24,9 @@
 //! someone else.
 //!
 //! The hub reports each open and close on a channel; one task coalesces them and writes
-//! them as one pipeline per batch, so a storm of connects costs a few round trips. While
+//! them as one pipeline per batch, so a storm of connects costs a few round trips. Presence
+//! reports on the same channel each (topic, uid) whose connections here changed; the same
+//! task writes them (`members`), and its reaper takes a dead run's members out too. While
 //! Redis is down, changes wait (an open and a close of the same session cancel out); when
 //! the liveness key turns out to be missing (Redis restarted empty, or the node was gone
 //! longer than its TTL), every local session is written again.
@@ -542,7 +544,6 @@ struct Pending {
     tried: bool,
 }
 
-/// Keeps the latest change per session; an open never sent and its close cancel out.
 /// Presence members to write, and the topics this run has recorded for the reaper.
 #[derive(Default)]
 struct Membership {
@@ -550,6 +551,7 @@ struct Membership {
     recorded: HashSet<Arc<str>>,
 }
 
+/// Keeps the latest change per session; an open never sent and its close cancel out.
 fn coalesce(pending: &mut HashMap<SessionId, Pending>, change: Change) {
     match change {
         Change::Listening(_) | Change::Member(..) => {}
