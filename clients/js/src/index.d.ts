@@ -110,6 +110,18 @@ export interface Events {
   state: ClientState;
   refreshed: { type: "refreshed"; expires_at: number; revoked: string[] };
   token_expired: { type: "token_expired"; grace_ms: number };
+  join: { type: "join"; topic: string; uid: string; info?: unknown };
+  leave: { type: "leave"; topic: string; uid: string };
+  presence_diff: { type: "presence_diff"; topic: string; joined: { uid: string; info?: unknown }[]; left: string[]; members: number };
+  presence_count: { type: "presence_count"; topic: string; members: number; joined: number; left: number };
+}
+
+/** The answer to a publish the server took. */
+export interface Published {
+  type: "published";
+  id: string;
+  topic: string;
+  ref: string;
 }
 
 export declare class PushlineClient {
@@ -126,4 +138,6 @@ export declare class PushlineClient {
   close(): void;
   subscribe(topics: string[]): void;
   unsubscribe(topics: string[]): void;
+  /** Rejects with the server's reason (`publish_failed`), or when the connection drops first. */
+  publish(topic: string, data: unknown, options?: { echo?: boolean }): Promise<Published>;
 }
