@@ -481,3 +481,31 @@ async fn a_tokens_publish_claim_grants_what_its_holder_may_publish() {
     let refused = next_json(&mut alice).await;
     assert!(refused["error"].as_str().unwrap().contains("token expired"), "{refused}");
 }
+
+/// Who may see a presence topic's members: a client that may read the topic, by its own
+/// token or by a per-subscription token it subscribed with; no one else.
+#[tokio::test]
+async fn presence_pages_go_to_clients_that_may_read_the_topic() {
+    let t = secured(|c| c.presence_topics = vec!["match.*".into()]).await;
+    let token = hs256(json!({"sub": "fan", "exp": now() + 60, "topics": ["news"]}));
+    let (mut fan, _) = ws(t.client, &format!("token={token}")).await;
+    let ticket = hs256(json!({"sub": "fan", "exp": now() + 60, "topics": ["match.42"]}));
+    send_json(&mut fan, json!({"type": "subscribe", "topics": ["match.42"], "token": ticket})).await;
+    assert_eq!(next_json(&mut fan).await["type"], "subscribed");
+    send_json(&mut fan, json!({"type": "presence", "topic": "match.42"})).await;
+    let page = loop {
+        let frame = next_json(&mut fan).await;
+        if frame["type"] == "presence" {
+            break frame;
+        }
+    };
+    assert_eq!((page["count"].as_u64(), page["members"][0]["uid"].as_str()), (Some(1), Some("fan")), "{page}");
+    send_json(&mut fan, json!({"type": "presence", "topic": "match.43"})).await;
+    let refused = loop {
+        let frame = next_json(&mut fan).await;
+        if frame["type"] == "error" {
+            break frame;
+        }
+    };
+    assert!(refused["error"].as_str().unwrap().contains("not allowed to read topic `match.43`"), "{refused}");
+}

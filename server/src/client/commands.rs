@@ -213,7 +213,13 @@ fn presence(conn: &Arc<Conn>, clients: &Clients, topic: String, cursor: Option<S
         reason: ClientError::Forbidden,
         message: format!("`{topic}` is not a presence topic (--presence-topics)"),
     })?;
-    if !clients.auth.load().may_read(&conn.uid, conn.state().grant.as_deref(), &topic) {
+    let may_read = {
+        let state = conn.state();
+        let grant = state.grant.as_deref();
+        // A topic a per-subscription token granted is readable while its ticket lasts.
+        clients.auth.load().may_read(&conn.uid, grant, &topic) || grant.is_some_and(|g| g.tickets.iter().any(|t| t.topic == topic))
+    };
+    if !may_read {
         return Err(Refused { reason: ClientError::Forbidden, message: format!("not allowed to read topic `{topic}`") });
     }
     let limit = limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
