@@ -63,11 +63,11 @@ pub enum Next {
     Nothing { lent: bool },
 }
 
-/// The part of a connection that others see: the hub delivers into its queue, the sweeper
-/// reads its last activity, the admin endpoints read it for introspection.
 /// Requests of one client served off its core at once (see `Conn::begin_request`).
 pub const MAX_IN_FLIGHT: usize = 8;
 
+/// The part of a connection that others see: the hub delivers into its queue, the sweeper
+/// reads its last activity, the admin endpoints read it for introspection.
 pub struct Conn {
     pub session: SessionId,
     /// Inline up to 24 bytes: most uids cost the record no allocation of their own.
