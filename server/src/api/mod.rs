@@ -278,7 +278,7 @@ impl Drop for Reading<'_> {
 /// What a publish reached, as its answer says it.
 #[derive(Serialize)]
 struct Reached {
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "json::id_as_text")]
     id: u64,
     /// Pushes only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -296,20 +296,10 @@ struct Refused<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
     /// Set when the message may have gone out in part (Redis failed).
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text_some")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json::id_as_text_some")]
     id: Option<u64>,
 }
 
-fn as_text<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(id)
-}
-
-fn as_text_some<S: serde::Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
-    match id {
-        Some(id) => as_text(id, s),
-        None => s.serialize_none(),
-    }
-}
 
 impl Api {
     /// `GET /v1/presence?topic=T&cursor=C&limit=N` (a page of members) or

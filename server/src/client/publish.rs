@@ -152,20 +152,13 @@ struct Answer<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     /// Set once it was published, or may have been in part.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "json::id_as_text_some")]
     id: Option<u64>,
     topic: &'a str,
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     reference: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-}
-
-fn as_text<S: serde::Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
-    match id {
-        Some(id) => s.collect_str(id),
-        None => s.serialize_none(),
-    }
 }
 
 impl Sending {

@@ -10,6 +10,20 @@ pub const MAX_DEPTH: usize = 64;
 #[derive(Debug, PartialEq, Eq)]
 pub struct TooDeep;
 
+/// A message id in an answer, as a string, as envelopes write it: it takes all 64 bits,
+/// more than a JavaScript number holds exactly.
+pub fn id_as_text<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+/// As [`id_as_text`], for an id an answer may not have.
+pub fn id_as_text_some<S: serde::Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => id_as_text(id, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// `json` (already known to be valid JSON) without whitespace between tokens; borrowed
 /// when it has none.
 pub fn compact(json: &str) -> Result<Cow<'_, str>, TooDeep> {
