@@ -170,12 +170,15 @@ impl Api {
     }
 }
 
-/// The API key a request presents, found; None in open mode.
-fn holder<'k>(keys: &'k ApiKeys, given: Option<&str>) -> Result<Option<&'k ApiKey>, Error> {
+/// The API key a request presents (`X-Api-Key`, or `Authorization: Bearer`), found; None
+/// in open mode.
+fn holder<'k>(keys: &'k ApiKeys, headers: &hyper::HeaderMap) -> Result<Option<&'k ApiKey>, Error> {
     if keys.is_open() {
         return Ok(None);
     }
-    given
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    header("x-api-key")
+        .or_else(|| bearer_token(header("authorization")?))
         .and_then(|given| keys.find(given))
         .map(Some)
         .ok_or_else(|| Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)"))
@@ -306,8 +309,7 @@ impl Api {
     /// `GET /v1/presence/stats?topic=T` (the counts), for a key that may publish to `T`.
     async fn presence(&self, req: &Request<Incoming>) -> Result<String, Error> {
         let keys = self.api_keys.load_full();
-        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let holder = holder(&keys, header("x-api-key").or_else(|| bearer_token(header("authorization")?)))?;
+        let holder = holder(&keys, req.headers())?;
         let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let topic = param("topic").ok_or_else(|| Error::bad_request("name the topic: ?topic="))?;
@@ -335,8 +337,7 @@ impl Api {
         }
         let keys = self.api_keys.load_full();
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let given = header("x-api-key").or_else(|| bearer_token(header("authorization")?));
-        let holder = holder(&keys, given)?;
+        let holder = holder(&keys, req.headers())?;
         let kind = match route {
             ApiRoute::Push => Some(PublishKind::Push),
             ApiRoute::Publish => Some(PublishKind::Topic),
