@@ -7,7 +7,6 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -361,10 +360,8 @@ impl Api {
         };
         let media_type = header("content-type").map(|t| t.split(';').next().unwrap_or_default().trim());
         let ndjson = media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/x-ndjson") || t.eq_ignore_ascii_case("application/jsonl"));
-        let queued = self.metrics.queued_bytes_now.load(Ordering::Relaxed);
         let budget = self.node_queue_max_bytes;
-        if queued > budget {
-            self.metrics.dropped(DropReason::NodeOverBudget, 1);
+        if let Some(queued) = self.metrics.over_queue_budget(budget) {
             return Err(Error::new(
                 Kind::Overloaded,
                 format!("node has {queued} bytes queued for slow clients, over its budget of {budget}; retry later"),

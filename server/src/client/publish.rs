@@ -6,7 +6,6 @@
 //! (`"echo":true`). Every publish gets one answer with the client's `ref`: `published`
 //! once the registry took it (on the connection's queue), or `publish_failed` saying why.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,9 +118,7 @@ fn check(conn: &Conn, clients: &Clients, publish: &Publish, window: &mut Window)
         return Err(refused(ClientError::PublishRate, format!("over {max} publishes per second (--max-client-publishes-per-second); not published")));
     }
     window.publishes += 1;
-    let queued = clients.metrics.queued_bytes_now.load(Ordering::Relaxed);
-    if queued > publishing.node_queue_max_bytes {
-        clients.metrics.dropped(DropReason::NodeOverBudget, 1);
+    if clients.metrics.over_queue_budget(publishing.node_queue_max_bytes).is_some() {
         return Err(refused(ClientError::OverBudget, "this node has too much queued for slow clients; publish later".into()));
     }
     let data = json::compact(publish.data.get())

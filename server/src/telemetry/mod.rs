@@ -345,6 +345,16 @@ impl Metrics {
         self.published[kind as usize].increment(1);
     }
 
+    /// The node's queued bytes when they are over `budget` (`--node-queue-max-bytes`): the
+    /// publish asking is refused, and counted dropped (`node_over_budget`) here.
+    pub fn over_queue_budget(&self, budget: usize) -> Option<usize> {
+        let queued = self.queued_bytes_now.load(Ordering::Relaxed);
+        (queued > budget).then(|| {
+            self.dropped(DropReason::NodeOverBudget, 1);
+            queued
+        })
+    }
+
     pub fn dropped(&self, reason: DropReason, count: usize) {
         if count > 0 {
             probes::msg_drop(reason as u8, count);
