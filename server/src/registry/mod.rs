@@ -290,6 +290,7 @@ impl Connected {
     /// nodes' messages.
     pub async fn attach(self, hub: Arc<Hub>, presence: Option<Arc<Presence>>) -> Result<(Registry, Attached), Error> {
         let awaited = Arc::new(Awaited::default());
+        let members = Arc::new(Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch));
         let nodes = Nodes {
             redis: self.redis.clone(),
             keys: self.keys.clone(),
@@ -299,7 +300,7 @@ impl Connected {
             liveness: Mutex::new(HashMap::new()),
             history: self.history.clone(),
             awaited: awaited.clone(),
-            members: Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch),
+            members: members.clone(),
         };
         nodes.subscribe().await?;
         let stop = CancellationToken::new();
@@ -315,7 +316,6 @@ impl Connected {
             presence: presence.clone(),
         };
         let evicted = CancellationToken::new();
-        let writer = Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch);
         let registrar = Registrar {
             redis: self.redis,
             keys: self.keys,
@@ -326,7 +326,7 @@ impl Connected {
             metrics: self.metrics.clone(),
             evicted: evicted.clone(),
             history: self.history.clone(),
-            presence: presence.map(|presence| (presence, writer)),
+            presence: presence.map(|presence| (presence, members)),
         };
         registrar.announce().await.map_err(|e| Error::unavailable(format!("registering this node: {e}")))?;
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));
@@ -373,8 +373,8 @@ pub struct Nodes {
     history: Arc<RedisHistory>,
     /// Publishes of this node waiting for their messages to come back on its channels.
     awaited: Arc<Awaited>,
-    /// Presence topics' members on every node.
-    members: Members,
+    /// Presence topics' members on every node (written by the registrar, read here).
+    members: Arc<Members>,
 }
 
 /// A session found in Redis.

@@ -159,7 +159,7 @@ pub struct Registrar {
     /// Where topics' interest keys are: written while this node has subscribers to them.
     pub history: Arc<RedisHistory>,
     /// This node's presence members, and where they are written, when presence is on.
-    pub presence: Option<(Arc<Presence>, Members)>,
+    pub presence: Option<(Arc<Presence>, Arc<Members>)>,
 }
 
 /// What a liveness refresh found.
