@@ -102,12 +102,12 @@ struct Turns {
     info: Option<Arc<RawValue>>,
 }
 
-/// One member, as pages and events show it.
+/// One member who joined, as a `presence_diff` lists it.
 #[derive(Serialize)]
-pub struct Shown<'a> {
-    pub uid: &'a str,
+struct Shown<'a> {
+    uid: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub info: Option<&'a RawValue>,
+    info: Option<&'a RawValue>,
 }
 
 /// A member on a page: its info is written as it came, never parsed again.
