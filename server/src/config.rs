@@ -161,6 +161,93 @@ pub struct Config {
     #[arg(long, env = "PUSHLINE_PRESENCE_EVENTS_MAX_MEMBERS", default_value_t = 1000)]
     pub presence_events_max_members: usize,
 
+    /// The application's URL asked before each connection is welcomed (a JSON POST of
+    /// the uid, the token's claims, the address, the topics and --hook-forward-headers);
+    /// 200 admits, and may set `uid`, `topics`, `info`, `expire_at`; 401/403 refuses.
+    #[arg(long, env = "PUSHLINE_CONNECT_HOOK")]
+    pub connect_hook: Option<String>,
+
+    /// The application's URL asked for each subscribe to a topic matching
+    /// --subscribe-hook-topics (a JSON POST of uid, topic, session); 200 admits, 401/403
+    /// refuses. For those topics the application decides, not the token.
+    #[arg(long, env = "PUSHLINE_SUBSCRIBE_HOOK", requires = "subscribe_hook_topics")]
+    pub subscribe_hook: Option<String>,
+
+    /// Topic patterns whose subscribes --subscribe-hook decides (same syntax as
+    /// --presence-topics).
+    #[arg(long = "subscribe-hook-topics", env = "PUSHLINE_SUBSCRIBE_HOOK_TOPICS", value_delimiter = ',')]
+    pub subscribe_hook_topics: Vec<String>,
+
+    /// Request headers of a connecting client passed to --connect-hook (`cookie`,
+    /// `x-forwarded-for`).
+    #[arg(long = "hook-forward-headers", env = "PUSHLINE_HOOK_FORWARD_HEADERS", value_delimiter = ',')]
+    pub hook_forward_headers: Vec<String>,
+
+    /// Time a hook has to answer; past it the client is refused with 503 and Retry-After.
+    #[arg(long, env = "PUSHLINE_HOOK_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub hook_timeout: Duration,
+
+    /// Most questions out at once to each hook from this node; past it clients are
+    /// refused with 503 and Retry-After, not queued.
+    #[arg(long, env = "PUSHLINE_HOOK_MAX_CONCURRENCY", default_value_t = 64)]
+    pub hook_max_concurrency: usize,
+
+    /// How long a subscribe hook's answer for a (uid, topic) is reused; 0: always ask.
+    #[arg(long, env = "PUSHLINE_HOOK_CACHE_TTL", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub hook_cache_ttl: Duration,
+
+    /// Failures in a row (timeouts, errors, statuses other than 200/401/403) that open a
+    /// hook's circuit breaker.
+    #[arg(long, env = "PUSHLINE_HOOK_BREAKER_FAILURES", default_value_t = 5)]
+    pub hook_breaker_failures: u32,
+
+    /// How long an open circuit breaker refuses without asking, before one question is
+    /// let through to see whether the application is back.
+    #[arg(long, env = "PUSHLINE_HOOK_BREAKER_COOLDOWN", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub hook_breaker_cooldown: Duration,
+
+    /// CA certificate (PEM) that https:// hook and webhook URLs are checked against,
+    /// instead of the system's roots.
+    #[arg(long, env = "PUSHLINE_HOOK_CA")]
+    pub hook_ca: Option<PathBuf>,
+
+    /// The application's URL that batches of events are POSTed to (topic_occupied,
+    /// topic_vacated, member_joined, member_left, client_publish), signed with
+    /// --webhook-secret.
+    #[arg(long, env = "PUSHLINE_WEBHOOK_URL", requires = "webhook_secret")]
+    pub webhook_url: Option<String>,
+
+    /// Key of each batch's `X-Pushline-Signature` (HMAC-SHA256).
+    #[arg(long, env = "PUSHLINE_WEBHOOK_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    pub webhook_secret: Option<String>,
+
+    /// Events sent to --webhook-url.
+    #[arg(long = "webhook-events", env = "PUSHLINE_WEBHOOK_EVENTS", value_delimiter = ',',
+          default_value = "topic_occupied,topic_vacated,member_joined,member_left")]
+    pub webhook_events: Vec<crate::webhooks::EventKind>,
+
+    /// Bytes of events waiting to be sent; past it new events are dropped and counted.
+    #[arg(long, env = "PUSHLINE_WEBHOOK_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub webhook_queue_bytes: usize,
+
+    /// Most events in one POST.
+    #[arg(long, env = "PUSHLINE_WEBHOOK_BATCH", default_value_t = 100)]
+    pub webhook_batch: usize,
+
+    /// Times a batch is tried (backing off from 100ms, doubling, at most 10s apart)
+    /// before its events are dropped and counted.
+    #[arg(long, env = "PUSHLINE_WEBHOOK_ATTEMPTS", default_value_t = 8)]
+    pub webhook_attempts: u32,
+
+    /// Time the application has to answer a webhook POST.
+    #[arg(long, env = "PUSHLINE_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "as_humantime")]
+    pub webhook_timeout: Duration,
+
     /// Most publishes a client may send per second; more are answered `publish_failed` and
     /// counted (`publish_rate`), not published.
     #[arg(long, env = "PUSHLINE_MAX_CLIENT_PUBLISHES_PER_SECOND", default_value_t = 10)]
@@ -497,7 +584,7 @@ impl Config {
     /// Every setting that cannot work, each with what to change.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        for (name, secret) in [("--jwt-secret", &self.jwt_secret), ("--api-key", &self.api_key), ("--admin-token", &self.admin_token)] {
+        for (name, secret) in [("--jwt-secret", &self.jwt_secret), ("--api-key", &self.api_key), ("--admin-token", &self.admin_token), ("--webhook-secret", &self.webhook_secret)] {
             match secret.as_deref().map(str::len) {
                 Some(0) => problems.push(format!("{name} is empty (an unset variable in the environment or file?); set a random value of at least {MIN_SECRET_BYTES} bytes, e.g. `openssl rand -base64 32`")),
                 Some(n) if n < MIN_SECRET_BYTES => {
@@ -553,12 +640,32 @@ impl Config {
         if self.reuse_port && self.registry == RegistryKind::Memory {
             problems.push("--reuse-port with --registry memory splits clients between processes that cannot reach each other's sessions (and would share node id 0); use --registry redis so they form a cluster".into());
         }
+        for (flag, url) in [("--connect-hook", &self.connect_hook), ("--subscribe-hook", &self.subscribe_hook), ("--webhook-url", &self.webhook_url)] {
+            if let Some(Err(e)) = url.as_deref().map(|url| crate::application::parse_url(flag, url)) {
+                problems.push(e.message);
+            }
+        }
+        if let Err(e) = crate::rights::Rights::parse(&self.subscribe_hook_topics, "") {
+            problems.push(format!("--subscribe-hook-topics: {e}"));
+        }
+        if !self.subscribe_hook_topics.is_empty() && self.subscribe_hook.is_none() {
+            problems.push("--subscribe-hook-topics names the topics --subscribe-hook decides: set --subscribe-hook too".into());
+        }
+        if self.hook_max_concurrency == 0 || self.hook_timeout.is_zero() {
+            problems.push("--hook-max-concurrency and --hook-timeout must be more than 0: no hook could be asked".into());
+        }
+        if self.webhook_batch == 0 || self.webhook_attempts == 0 || self.webhook_timeout.is_zero() {
+            problems.push("--webhook-batch, --webhook-attempts and --webhook-timeout must be more than 0: no webhook could be sent".into());
+        }
+        // Behind a connect hook the application authenticates every client, so the client
+        // listener may face the network in open mode, as long as the publish API has a key.
+        let vouched = self.connect_hook.is_some() && (self.api_key.is_some() || self.api_keys.is_some());
         if self.open_mode() {
             for (name, addr) in [("--listen", self.listen), ("--admin-listen", self.admin_listen)] {
-                if !addr.ip().is_loopback() {
+                if !addr.ip().is_loopback() && !(vouched && name == "--listen") {
                     problems.push(format!(
                         "open mode (no --jwt-secret) refuses a non-loopback listener: {name} {addr}; \
-                         set --jwt-secret and --api-key, or bind to 127.0.0.1"
+                         set --jwt-secret and --api-key (or --connect-hook and --api-key), or bind to 127.0.0.1"
                     ));
                 }
             }

@@ -117,6 +117,7 @@ impl Kind {
             Kind::TooManyFromAddress => RefuseReason::MaxConnectionsPerIp,
             Kind::RateLimited => RefuseReason::ConnectRate,
             Kind::ShuttingDown => RefuseReason::ShuttingDown,
+            Kind::Unavailable | Kind::Overloaded => RefuseReason::Unavailable,
             _ => RefuseReason::BadRequest,
         }
     }

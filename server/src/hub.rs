@@ -130,12 +130,27 @@ pub struct Hub {
     hasher: RandomState,
     /// Registered connections by transport.
     open: [AtomicUsize; Transport::COUNT],
-    /// Where opens and closes are reported when sessions are also registered elsewhere.
-    changes: Option<Changes>,
     /// The connections' runtimes, over which a large fan-out is split.
     cores: Arc<Cores>,
-    /// Told of every subscription to and departure from a topic, when presence is on.
-    watcher: Option<Arc<dyn Watcher>>,
+    observers: Observers,
+}
+
+/// Who hears what happens in the hub.
+#[derive(Default)]
+pub struct Observers {
+    /// Every connection that registers or unregisters, and each topic's first subscriber
+    /// and last departure here: sessions registered elsewhere too (Redis).
+    pub changes: Option<Changes>,
+    /// Every subscription to and departure from a topic: presence.
+    pub watcher: Option<Arc<dyn Watcher>>,
+    /// Each topic's first subscriber and last departure, where this node is all there
+    /// is (the memory registry): the webhooks.
+    pub occupancy: Option<Arc<dyn Occupancy>>,
+}
+
+/// What hears a topic become occupied, or vacant.
+pub trait Occupancy: Send + Sync {
+    fn changed(&self, topic: &str, occupied: bool);
 }
 
 /// What presence hears from the hub: every topic a connection joins or leaves, and each
@@ -160,9 +175,7 @@ pub fn check_topic_name(topic: &str) -> Result<(), String> {
 }
 
 impl Hub {
-    /// `changes`, when set, hears of every connection that registers or unregisters;
-    /// `watcher`, of every topic a connection joins or leaves.
-    pub fn new(settings: Settings, metrics: Arc<Metrics>, changes: Option<Changes>, cores: Arc<Cores>, watcher: Option<Arc<dyn Watcher>>) -> Hub {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, cores: Arc<Cores>, observers: Observers) -> Hub {
         Hub {
             settings,
             metrics,
@@ -171,9 +184,8 @@ impl Hub {
             abandoned: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
-            changes,
             cores,
-            watcher,
+            observers,
         }
     }
 
@@ -200,6 +212,11 @@ impl Hub {
             return true;
         }
         self.abandoned(topic).get(topic).is_some_and(|left| clock::now_ms().saturating_sub(*left) <= within_ms)
+    }
+
+    /// Whether `topic` has a subscriber here.
+    pub fn has_subscribers(&self, topic: &str) -> bool {
+        self.read_topics(topic).contains_key(topic)
     }
 
     /// Every topic with a subscriber here, with how many.
@@ -267,7 +284,7 @@ impl Hub {
         }
         self.open[conn.transport as usize].fetch_add(1, Ordering::Relaxed);
         self.metrics.connection_opened(conn.transport);
-        if let Some(changes) = &self.changes {
+        if let Some(changes) = &self.observers.changes {
             let _ = changes.send(Change::Opened(conn.session, Arc::from(conn.uid.as_str())));
         }
         Ok(())
@@ -285,12 +302,12 @@ impl Hub {
                 }
             }
         }
-        if let Some(watcher) = &self.watcher {
+        if let Some(watcher) = &self.observers.watcher {
             watcher.closed(conn.session.0);
         }
         self.open[conn.transport as usize].fetch_sub(1, Ordering::Relaxed);
         self.metrics.connection_closed(conn.transport, reason);
-        if let Some(changes) = &self.changes {
+        if let Some(changes) = &self.observers.changes {
             let _ = changes.send(Change::Closed(conn.session, Arc::from(conn.uid.as_str())));
         }
     }
@@ -330,13 +347,16 @@ impl Hub {
             };
             if !index.contains_key(&name) {
                 self.abandoned(&name).remove(&name);
-                if let Some(changes) = &self.changes {
+                if let Some(changes) = &self.observers.changes {
                     let _ = changes.send(Change::Listening(name.clone()));
+                }
+                if let Some(occupancy) = &self.observers.occupancy {
+                    occupancy.changed(&name, true);
                 }
             }
             index.entry(name.clone()).or_default().insert(conn.session.0, conn.clone());
             drop(index);
-            if let Some(watcher) = &self.watcher {
+            if let Some(watcher) = &self.observers.watcher {
                 watcher.subscribed(&name, conn);
             }
             mine.push(name);
@@ -360,7 +380,7 @@ impl Hub {
             return;
         }
         for t in topics {
-            if let Some(watcher) = &self.watcher {
+            if let Some(watcher) = &self.observers.watcher {
                 watcher.unsubscribed(t, conn);
             }
             let mut index = self.write_topics(t);
@@ -370,8 +390,11 @@ impl Hub {
                     index.remove(t);
                     let _site = Site::Topics.enter();
                     self.abandoned(t).insert(t.clone(), clock::now_ms());
-                    if let Some(changes) = &self.changes {
+                    if let Some(changes) = &self.observers.changes {
                         let _ = changes.send(Change::Listening(t.clone()));
+                    }
+                    if let Some(occupancy) = &self.observers.occupancy {
+                        occupancy.changed(t, false);
                     }
                 }
             }

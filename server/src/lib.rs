@@ -24,6 +24,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod application;
 pub mod auth;
 pub mod admission;
 pub mod api;
@@ -35,6 +36,7 @@ pub mod cores;
 pub mod error;
 pub mod gateway;
 pub mod history;
+pub mod hooks;
 pub mod presence;
 pub mod http;
 pub mod hub;
@@ -48,6 +50,7 @@ pub mod shutdown;
 pub mod socket;
 pub mod telemetry;
 pub mod tls;
+pub mod webhooks;
 pub mod wire;
 
 pub use admin::SYMBOLIZE;

@@ -36,6 +36,7 @@ use crate::conn::Conn;
 use crate::hub::{Change, Changes, Hub, Watcher};
 use crate::rights::Rights;
 use crate::telemetry::{Metrics, PresenceEvent};
+use crate::webhooks::Webhooks;
 use crate::wire::Message;
 
 const SHARDS: usize = 16;
@@ -61,6 +62,8 @@ pub struct Presence {
     /// Where this node's member changes go to be written to Redis; None on the memory
     /// registry, where they are told here at once.
     registry: Option<Changes>,
+    /// Told of each member change on the memory registry (on Redis, the registry tells it).
+    webhooks: Option<Arc<Webhooks>>,
     /// Versions of the memory registry's changes.
     version: AtomicU64,
     /// What the next batch tells.
@@ -146,13 +149,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Presence {
     /// `registry`: where member changes go on a Redis registry.
-    pub fn new(settings: Settings, metrics: Arc<Metrics>, registry: Option<Changes>) -> Presence {
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, registry: Option<Changes>, webhooks: Option<Arc<Webhooks>>) -> Presence {
         Presence {
             settings,
             metrics,
             infos: Mutex::new(HashMap::new()),
             rosters: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
+            webhooks: webhooks.filter(|_| registry.is_none()),
             registry,
             version: AtomicU64::new(0),
             told: Mutex::new(Told::default()),
@@ -259,6 +263,9 @@ impl Presence {
                 let _ = registry.send(Change::Member(topic.clone(), uid.clone()));
             }
             (None, Some((joined, members, info))) => {
+                if let Some(webhooks) = &self.webhooks {
+                    webhooks.member(topic, uid, joined, info.as_deref());
+                }
                 let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
                 self.changed(topic, uid, joined, version, members, info);
             }

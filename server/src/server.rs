@@ -3,8 +3,9 @@
 //!
 //! Shutdown ([`Phase`]): stop accepting (readyz turns 503) and let accepted publishes
 //! finish; close every client with 1001 after it has been sent what was queued for it;
-//! (on Redis) remove this node's sessions and liveness key; stop the sweeper and the
-//! admin listener. Each phase is bounded by `shutdown_grace`.
+//! (on Redis) remove this node's sessions and liveness key; send the webhook events still
+//! queued; stop the sweeper and the admin listener. Each phase is bounded by
+//! `shutdown_grace`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +40,9 @@ use crate::session::{MessageIds, SessionIds};
 use crate::shutdown::{Phase, Shutdown};
 use crate::telemetry::{CloseReason, Metrics};
 use crate::admin;
+use crate::application::Application;
+use crate::hooks::Hooks;
+use crate::webhooks::Webhooks;
 
 /// A running node.
 pub struct Server {
@@ -59,6 +63,8 @@ pub struct Server {
     tls: Option<Arc<Tls>>,
     metrics: Arc<Metrics>,
     sweeper: CancellationToken,
+    /// The webhook sender, and what stops it (after the registry has left).
+    webhooks: Option<(JoinHandle<()>, CancellationToken)>,
     admin: admin::Running,
     cores: Arc<Cores>,
 }
@@ -139,6 +145,16 @@ impl Server {
             }
             _ => None,
         };
+        let wants_application = config.connect_hook.is_some() || config.subscribe_hook.is_some() || config.webhook_url.is_some();
+        let application = match wants_application {
+            true => Some(Arc::new(Application::new(config.hook_ca.as_deref(), config.hook_max_concurrency, config.hook_timeout.min(config.webhook_timeout))?)),
+            false => None,
+        };
+        let hooks = Hooks::from_config(&config, application.clone(), &metrics)?.map(Arc::new);
+        let (webhooks, webhook_sender) = match Webhooks::from_config(&config, application, &metrics)? {
+            Some((webhooks, sender)) => (Some(webhooks), Some(sender)),
+            None => (None, None),
+        };
         let connected = registry::connect(&config, metrics.clone()).await?;
         let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);
         crate::telemetry::logging::set_node(node);
@@ -155,15 +171,18 @@ impl Server {
                 batch: config.presence_batch,
                 events_max_members: config.presence_events_max_members,
             };
-            Arc::new(Presence::new(settings, metrics.clone(), changes.clone()))
+            Arc::new(Presence::new(settings, metrics.clone(), changes.clone(), webhooks.clone()))
         });
         let watcher = presence.clone().map(|p| p as Arc<dyn hub::Watcher>);
-        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), changes, cores.clone(), watcher)));
+        // On Redis, the registry decides where a topic's subscribers are summed.
+        let occupancy = webhooks.clone().filter(|_| changes.is_none()).map(|w| w as Arc<dyn hub::Occupancy>);
+        let observers = hub::Observers { changes, watcher, occupancy };
+        let hub = Arc::new(Site::Sessions.scope(|| Hub::new(settings, metrics.clone(), cores.clone(), observers)));
         let history = Arc::new(Site::History.scope(|| MemoryHistory::new(crate::history::Settings::from_config(&config), metrics.clone())));
         let (registry, attached) = match connected {
             None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window, config.idempotency_max_keys) }, None),
             Some(connected) => {
-                let (registry, attached) = connected.attach(hub.clone(), presence.clone()).await?;
+                let (registry, attached) = connected.attach(hub.clone(), presence.clone(), webhooks.clone()).await?;
                 (registry, Some(attached))
             }
         };
@@ -198,6 +217,8 @@ impl Server {
                 bytes_in_flight: bytes_in_flight.clone(),
             },
             presence: presence.clone(),
+            hooks,
+            webhooks: webhooks.clone(),
         });
         let inboxes = client::driver::start(&cores, &clients).map_err(io_error("cannot start the connection drivers".into()))?;
         let router = Arc::new(Router {
@@ -261,6 +282,10 @@ impl Server {
         }
         tokio::spawn(expire_history(history, hub.clone(), config.history_ttl, sweeper.clone()));
         let accepting = accepting_core.spawn(listener::accept_loop(client, router, shutdown.token()));
+        let webhooks = webhooks.zip(webhook_sender).map(|(webhooks, sender)| {
+            let stop = CancellationToken::new();
+            (tokio::spawn(webhooks.send(sender, stop.clone(), config.shutdown_grace)), stop)
+        });
 
         let evicted = attached.as_ref().map_or_else(CancellationToken::new, Attached::evicted);
         tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "effective configuration");
@@ -280,6 +305,7 @@ impl Server {
             tls,
             metrics: metrics_handle,
             sweeper,
+            webhooks,
             admin,
             cores,
         })
@@ -335,6 +361,12 @@ impl Server {
         if let Some(attached) = self.registry {
             self.shutdown.enter(Phase::Leaving);
             attached.leave(grace).await;
+        }
+
+        if let Some((sending, stop)) = self.webhooks {
+            // The last events (the topics this node's clients left) are queued by now.
+            stop.cancel();
+            let _ = sending.await;
         }
 
         self.shutdown.enter(Phase::Stopped);

@@ -70,7 +70,23 @@ pub struct Ticket {
     pub expires_at: u64,
 }
 
+/// The expiry of a ticket held until its topic is left: granted by the application (a
+/// hook), not by a token. In seconds, so that `* 1000` stays in range.
+pub const HELD: u64 = u64::MAX / 1000;
+
 impl Grant {
+    /// What an open-mode connection holds once the connect hook gave it an expiry: every
+    /// topic, until then; no token can refresh it.
+    pub fn open_until(expires_at: u64) -> Grant {
+        let rights = Rights::parse(&["*".to_owned()], "").unwrap_or_default();
+        Grant { expires_at, rights, publish: Rights::default(), expiry_told: false, tickets: Vec::new(), revoked: Vec::new() }
+    }
+
+    /// Whether a ticket it holds grants `topic`.
+    pub fn has_ticket(&self, topic: &str) -> bool {
+        self.tickets.iter().any(|t| t.topic == topic)
+    }
+
     /// Whether it expired by `wall_ms`.
     pub fn expired(&self, wall_ms: u64) -> bool {
         wall_ms >= self.expires_at * 1000
@@ -100,6 +116,15 @@ struct Claims {
 
 fn refused(message: impl Into<String>) -> Error {
     Error::new(Kind::Unauthorized, message)
+}
+
+/// The claims of a token [`Auth::authenticate`] verified, as its payload holds them: what
+/// the connect hook is shown.
+pub fn claims_of(token: &str) -> Option<Box<RawValue>> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Whether `given` is `secret`, in time that does not depend on where they differ.

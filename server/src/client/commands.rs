@@ -14,9 +14,10 @@ use serde_json::value::RawValue;
 
 use super::publish::{self, Publish};
 use super::{Clients, Refused};
-use crate::auth::{Grant, Ticket};
+use crate::auth::{Grant, Ticket, HELD};
 use crate::conn::io::Window;
 use crate::conn::Conn;
+use crate::hub::Hub;
 use crate::presence::{Page, MAX_PAGE};
 use crate::telemetry::{probes, ClientError};
 use crate::wire::ws;
@@ -116,7 +117,8 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
             return Handled::reply(Bytes::from_static(PONG));
         }
         Ok(Command::Subscribe(topics, token)) => match subscribe(conn, clients, &topics, token.as_deref()) {
-            Ok(()) => return Handled { reply: topics_reply("subscribed", &topics), topic_changes: topics.len() },
+            Ok(Subscribed::Now) => return Handled { reply: topics_reply("subscribed", &topics), topic_changes: topics.len() },
+            Ok(Subscribed::Asking) => return Handled { reply: Bytes::new(), topic_changes: topics.len() },
             Err(refused) => refused,
         },
         Ok(Command::Unsubscribe(topics)) => {
@@ -151,14 +153,24 @@ fn own_token(conn: &Conn, clients: &Clients, token: &str) -> Result<Grant, Refus
     Ok(grant)
 }
 
+/// How a subscribe went: done, or waiting for the subscribe hook, whose answer comes on
+/// the connection's queue.
+enum Subscribed {
+    Now,
+    Asking,
+}
+
 /// Subscribes to `topics` if the connection's token (or `token`, for this subscription)
-/// grants them. Topics only `token` grants last until it expires. A connection whose own
+/// grants them, and the subscribe hook admits those it decides. Topics only `token` grants
+/// last until it expires; those the hook admitted, until left. A connection whose own
 /// token expired subscribes to nothing until it is refreshed.
-fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Option<&str>) -> Result<(), Refused> {
+fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Option<&str>) -> Result<Subscribed, Refused> {
     let extra = token.map(|t| own_token(conn, clients, t)).transpose()?;
     let auth = clients.auth.load();
+    let hooks = clients.hooks.as_ref().filter(|h| topics.iter().any(|t| h.decides(t)));
     let forbidden = |topic: &String| Refused { reason: ClientError::Forbidden, message: format!("not allowed to read topic `{topic}`") };
     let mut own: Vec<&String> = Vec::new();
+    let mut asked: Vec<&String> = Vec::new();
     let ticketed: Vec<&String> = {
         let state = conn.state();
         if state.grant.as_deref().is_some_and(|g| g.expired(crate::clock::wall_ms())) {
@@ -167,6 +179,13 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Opti
         }
         let mut ticketed = Vec::new();
         for topic in topics {
+            if state.topics.iter().any(|t| **t == **topic) {
+                continue;
+            }
+            if hooks.is_some_and(|h| h.decides(topic)) {
+                asked.push(topic);
+                continue;
+            }
             if auth.may_read(&conn.uid, state.grant.as_deref(), topic) {
                 own.push(topic);
                 continue;
@@ -178,27 +197,77 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Opti
         }
         ticketed
     };
-    clients.hub.subscribe(conn, topics).map_err(|message| Refused { reason: ClientError::TooManyTopics, message })?;
+    let tickets = |expires_at| move |topic: &&String| Ticket { topic: (*topic).clone(), expires_at };
+    let mut new_tickets: Vec<Ticket> = ticketed.iter().map(tickets(extra.as_ref().map_or(0, |g| g.expires_at))).collect();
+    let (Some(hooks), false) = (hooks, asked.is_empty()) else {
+        add(conn, &clients.hub, topics, &own, new_tickets)?;
+        return Ok(Subscribed::Now);
+    };
+    // Refused now rather than after the application was asked.
+    let held = conn.state().topics.len();
+    clients.hub.check_topics(&[], held + own.len() + ticketed.len() + asked.len()).map_err(|message| Refused { reason: ClientError::TooManyTopics, message })?;
+    new_tickets.extend(asked.iter().map(tickets(HELD)));
+    let asked: Vec<String> = asked.into_iter().cloned().collect();
+    let own: Vec<String> = own.into_iter().cloned().collect();
+    let (conn, hub, metrics, hooks, topics) = (conn.clone(), clients.hub.clone(), clients.metrics.clone(), hooks.clone(), topics.to_vec());
+    conn.begin_request();
+    tokio::spawn(async move {
+        let answers = futures_util::future::join_all(asked.iter().map(|topic| hooks.may_subscribe(&conn.uid, conn.session.0, topic))).await;
+        let refused = asked.iter().zip(answers).find_map(|(topic, answer)| answer.err().map(|e| (topic, e)));
+        let answer = match refused {
+            Some((topic, e)) => {
+                metrics.client_error(ClientError::Forbidden);
+                serde_json::json!({ "type": "error", "error": e.message, "topic": topic, "retry_after": e.retry_after() }).to_string()
+            }
+            None => {
+                let own: Vec<&String> = own.iter().collect();
+                match add(&conn, &hub, &topics, &own, new_tickets) {
+                    Ok(()) => serde_json::json!({ "type": "subscribed", "topics": topics }).to_string(),
+                    Err(refused) => {
+                        metrics.client_error(refused.reason);
+                        serde_json::json!({ "type": "error", "error": refused.message }).to_string()
+                    }
+                }
+            }
+        };
+        conn.answer_request(&answer, hub.limits(), &metrics);
+    });
+    Ok(Subscribed::Asking)
+}
+
+/// Adds `topics` to the connection; `own` are those its token grants, `tickets` hold the
+/// others.
+fn add(conn: &Arc<Conn>, hub: &Hub, topics: &[String], own: &[&String], tickets: Vec<Ticket>) -> Result<(), Refused> {
+    hub.subscribe(conn, topics).map_err(|message| Refused { reason: ClientError::TooManyTopics, message })?;
+    if conn.is_closed() {
+        // Closed while the hook was asked, perhaps after it was unregistered: what was
+        // just added would be held by no one.
+        hub.unsubscribe(conn, topics);
+        return Ok(());
+    }
     if let Some(grant) = conn.state().grant.as_deref_mut() {
         // A topic the connection's own token grants is held by it, whatever ticket it had.
-        grant.tickets.retain(|t| !own.iter().chain(&ticketed).any(|topic| **topic == t.topic));
-        if let Some(extra) = &extra {
-            grant.tickets.extend(ticketed.iter().map(|topic| Ticket { topic: (*topic).clone(), expires_at: extra.expires_at }));
-        }
+        grant.tickets.retain(|t| !own.iter().any(|topic| **topic == t.topic) && !tickets.iter().any(|new| new.topic == t.topic));
+        grant.tickets.extend(tickets);
     }
     Ok(())
 }
 
 /// Takes a fresh token: its expiry and rights apply from now; topics it no longer grants
-/// are left. Returns the reply and the topics left.
+/// are left, but for those a ticket holds (a per-subscription token's, or the
+/// application's). Returns the reply and the topics left.
 fn refresh(conn: &Arc<Conn>, clients: &Clients, token: &str) -> Result<(Bytes, usize), Refused> {
-    let grant = own_token(conn, clients, token)?;
+    let mut grant = own_token(conn, clients, token)?;
     let expires_at = grant.expires_at;
     let auth = clients.auth.load();
     let revoked: Vec<String> = {
         let mut state = conn.state();
+        if let Some(old) = state.grant.as_deref_mut() {
+            grant.tickets = std::mem::take(&mut old.tickets);
+        }
         state.grant = Some(Box::new(grant));
-        state.topics.iter().filter(|t| !auth.may_read(&conn.uid, state.grant.as_deref(), t)).map(|t| t.to_string()).collect()
+        let grant = state.grant.as_deref();
+        state.topics.iter().filter(|t| !auth.may_read(&conn.uid, grant, t) && !grant.is_some_and(|g| g.has_ticket(t))).map(|t| t.to_string()).collect()
     };
     clients.hub.unsubscribe(conn, &revoked);
     let reply = serde_json::json!({ "type": "refreshed", "expires_at": expires_at, "revoked": revoked });

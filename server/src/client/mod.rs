@@ -59,6 +59,10 @@ pub struct Clients {
     pub publishing: publish::Publishing,
     /// Presence topics' members, when `--presence-topics` names some.
     pub presence: Option<Arc<crate::presence::Presence>>,
+    /// The connect and subscribe hooks, when either is set.
+    pub hooks: Option<Arc<crate::hooks::Hooks>>,
+    /// Where events go to the application, when `--webhook-url` is set.
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 thread_local! {

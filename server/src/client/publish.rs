@@ -24,6 +24,7 @@ use crate::registry::relay::Target;
 use crate::registry::{Job, Published, Registry};
 use crate::session::MessageIds;
 use crate::telemetry::{ClientError, DropReason, Metrics, PublishKind};
+use crate::webhooks::Webhooks;
 use crate::wire::{json, ws, Draft};
 
 /// Longest `ref` a client may attach to a publish, in bytes.
@@ -74,6 +75,7 @@ pub fn start(conn: &Arc<Conn>, clients: &Clients, publish: Publish, window: &mut
                 registry: clients.publishing.registry.clone(),
                 hub: clients.hub.clone(),
                 metrics: clients.metrics.clone(),
+                webhooks: clients.webhooks.clone(),
                 accepted_at: Instant::now(),
                 _held: held,
             };
@@ -139,6 +141,8 @@ struct Sending {
     registry: Arc<Registry>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    /// Told of the publish once it went out, when `client_publish` is asked for.
+    webhooks: Option<Arc<Webhooks>>,
     accepted_at: Instant,
     /// Its share of `--max-publish-bytes-in-flight`, given back when it is answered.
     _held: OwnedSemaphorePermit,
@@ -167,6 +171,9 @@ impl Sending {
         let error = match self.registry.publish(&self.hub, &[job]).await.pop() {
             Some(Ok(Published::Delivered(..))) => {
                 self.metrics.published(PublishKind::Topic);
+                if let Some(webhooks) = &self.webhooks {
+                    webhooks.client_publish(topic, &self.conn.uid, self.conn.session.0, self.id, &publish.data);
+                }
                 None
             }
             Some(Ok(Published::NotReplicated { acked, wanted })) => Some(format!(

@@ -326,6 +326,11 @@ impl Conn {
         clock::wall_ms_at(self.opened_s as u64 * 1000)
     }
 
+    /// Whether its queue was stopped: it is closing, or closed.
+    pub fn is_closed(&self) -> bool {
+        self.outbox().is_closed()
+    }
+
     /// Stops the queue and counts what was left in it.
     pub fn close_outbox(&self, metrics: &Metrics) {
         let (messages, bytes) = self.outbox().close();

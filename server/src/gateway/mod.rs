@@ -17,7 +17,8 @@ use pushline_alloc::Site;
 use serde_json::value::RawValue;
 
 use crate::admission::{Admission, Reservation};
-use crate::auth::Identity;
+use crate::auth::{Grant, Identity, Ticket, HELD};
+use crate::hooks;
 use crate::client::Clients;
 use crate::conn::io::{Io, Writing};
 use crate::conn::{Conn, Inbox};
@@ -26,7 +27,7 @@ use crate::history::read::From;
 use crate::history::resume::{self, History};
 use crate::history::{Cursor, Stream};
 use crate::http::{self, Head};
-use crate::session::SessionIds;
+use crate::session::{SessionId, SessionIds};
 use crate::socket::Socket;
 use crate::telemetry::{probes, CloseReason, Metrics};
 use crate::wire::{self, Transport};
@@ -75,10 +76,15 @@ impl Gateway {
     pub async fn connect(&self, mut stream: Socket, peer: IpAddr, head: Head, mut buf: Vec<u8>, used: usize, transport: Transport, core: usize) {
         let hub = &self.clients.hub;
         let inbox = &self.inboxes[core];
-        let admitted = self.admit(&head, peer, transport).and_then(|admitted| {
+        let session = self.session_ids.next();
+        let admitted = match self.admit(&head, peer, transport) {
+            Ok(admitted) => self.authorize(admitted, session, &head, peer, transport).await,
+            Err(error) => Err(error),
+        };
+        let admitted = admitted.and_then(|admitted| {
             let address = admitted.reservation.hand_over();
             let Identity { uid, grant, info } = admitted.identity;
-            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(self.session_ids.next(), uid.into(), transport, grant, address, inbox.clone())));
+            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(session, uid.into(), transport, grant, address, inbox.clone())));
             if let (Some(info), Some(presence)) = (info, &self.clients.presence) {
                 presence.bring(conn.session.0, Arc::from(info));
             }
@@ -215,7 +221,6 @@ impl Gateway {
             }
         }
         self.clients.hub.check_topics(&topics, 0).map_err(Error::bad_request)?;
-        auth.check_topics(&identity.uid, identity.grant.as_ref(), &topics)?;
         // EventSource sends its last event id on its own when it reconnects; a first
         // connect (or a WebSocket) passes `?cursor=`.
         let cursor = match head.header("last-event-id").or(head.query("cursor")) {
@@ -223,8 +228,89 @@ impl Gateway {
             None => None,
         };
         let request = resume::Request { cursor, mailbox: matches!(head.query("mailbox"), Some("1" | "true")) };
-        let plan = resume::plan(&identity.uid, &topics, &request)?;
+        // Checked now, with what the client asked for, so that a bad cursor costs the
+        // application no question; planned again once the hooks had their say.
+        resume::plan(&identity.uid, &topics, &request)?;
         let reservation = self.admission.reserve(peer)?;
-        Ok(Admitted { identity, topics, reservation, resume: request, plan })
+        Ok(Admitted { identity, topics, reservation, resume: request, plan: Vec::new() })
+    }
+
+    /// Whether the admitted client may have the topics it asked for: the connect hook's
+    /// answer when there is one (which may change the uid, the topics, the info and the
+    /// expiry), else the token's rights, and the subscribe hook's answer for the topics it
+    /// decides. Then the resume is planned for the topics settled on.
+    async fn authorize(&self, mut admitted: Admitted, session: SessionId, head: &Head, peer: IpAddr, transport: Transport) -> Result<Admitted, Error> {
+        let auth = self.clients.auth.load();
+        let hooks = self.clients.hooks.as_deref();
+        // Topics the application granted: held by tickets, not by the token's rights.
+        let mut granted: Vec<String> = Vec::new();
+        if let Some(hook) = hooks.and_then(|h| h.connect.as_ref()) {
+            let claims = head.bearer().filter(|_| !auth.is_open()).and_then(crate::auth::claims_of);
+            let forward = &hooks.map_or(&[][..], |h| &h.forward_headers[..]);
+            let headers = forward.iter().filter_map(|name| Some((name.as_str(), head.header(name)?))).collect();
+            let question = hooks::Connecting {
+                uid: &admitted.identity.uid,
+                claims: claims.as_deref(),
+                address: peer.to_string(),
+                transport: transport.into(),
+                topics: &admitted.topics,
+                headers,
+            };
+            let answer: hooks::Admitted = hook.ask(&question).await?;
+            self.apply(&mut admitted, answer, &mut granted)?;
+        }
+        let identity = &admitted.identity;
+        let mut decided = Vec::new();
+        for topic in admitted.topics.iter().filter(|t| !granted.contains(t)) {
+            match hooks.filter(|h| h.decides(topic)) {
+                Some(hooks) => decided.push(hooks.may_subscribe(&identity.uid, session.0, topic)),
+                None if auth.may_read(&identity.uid, identity.grant.as_ref(), topic) => {}
+                None => return Err(Error::new(Kind::Forbidden, format!("not allowed to read topic `{topic}`"))),
+            }
+        }
+        futures_util::future::try_join_all(decided).await?;
+        if let Some(grant) = admitted.identity.grant.as_mut() {
+            let ticketed = admitted.topics.iter().filter(|t| granted.contains(t) || hooks.is_some_and(|h| h.decides(t)));
+            grant.tickets.extend(ticketed.map(|topic| Ticket { topic: topic.clone(), expires_at: HELD }));
+        }
+        admitted.plan = resume::plan(&admitted.identity.uid, &admitted.topics, &admitted.resume)?;
+        Ok(admitted)
+    }
+
+    /// Takes the connect hook's answer: the uid, topics (into `granted`), info and expiry
+    /// it names in place of the client's.
+    fn apply(&self, admitted: &mut Admitted, answer: hooks::Admitted, granted: &mut Vec<String>) -> Result<(), Error> {
+        let broken = |what: String| Error::unavailable(format!("the connect hook's answer {what}"));
+        let identity = &mut admitted.identity;
+        if let Some(uid) = answer.uid {
+            if uid.is_empty() || uid.len() > crate::auth::MAX_UID_BYTES {
+                return Err(broken(format!("names a uid of {} bytes; uids are 1 to {} bytes", uid.len(), crate::auth::MAX_UID_BYTES)));
+            }
+            identity.uid = uid;
+        }
+        if let Some(topics) = answer.topics {
+            let mut distinct: Vec<String> = Vec::with_capacity(topics.len());
+            for topic in topics {
+                if !distinct.contains(&topic) {
+                    distinct.push(topic);
+                }
+            }
+            self.clients.hub.check_topics(&distinct, 0).map_err(|e| broken(format!("names topics this server refuses: {e}")))?;
+            granted.clone_from(&distinct);
+            admitted.topics = distinct;
+        }
+        if let Some(info) = answer.info {
+            identity.info = match &self.clients.presence {
+                Some(_) => Some(self.checked_info(info).map_err(|e| broken(format!("has {}", e.message)))?),
+                None => None,
+            };
+        }
+        if let Some(expire_at) = answer.expire_at {
+            match identity.grant.as_mut() {
+                Some(grant) => grant.expires_at = grant.expires_at.min(expire_at),
+                None => identity.grant = Some(Grant::open_until(expire_at)),
+            }
+        }
+        Ok(())
     }
 }

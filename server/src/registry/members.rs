@@ -31,6 +31,7 @@ use crate::history::Stream;
 use crate::presence::{Listed, Page, Presence, Stats};
 use crate::redis_link::{Redis, Script};
 use crate::telemetry::RedisCommand;
+use crate::webhooks::Webhooks;
 
 /// The script's version of a change: the server's clock, in microseconds.
 const VERSION: &str = "local function version() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end\n";
@@ -80,6 +81,14 @@ if #left == 0 then return {0, 0} end
 return {version(), redis.call('ZCARD', KEYS[1]), unpack(left)}
 "#;
 
+/// A topic's Cluster hash tag: a hash of its name, so that any bytes it holds give its
+/// keys one slot.
+pub fn topic_tag(topic: &str) -> String {
+    use sha1::Digest;
+    let digest = sha1::Sha1::digest(topic.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The set script with its version function: made once, kept for the process.
 fn set_script() -> &'static str {
     static SCRIPT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -93,18 +102,18 @@ pub struct Members {
     node: u16,
     epoch: u64,
     set: Script,
+    /// Told of the member changes this node's writes made, and of a dead run's members.
+    webhooks: Option<Arc<Webhooks>>,
 }
 
 impl Members {
-    pub fn new(redis: Redis, prefix: &str, node: u16, epoch: u64) -> Members {
-        Members { redis, prefix: prefix.to_owned(), node, epoch, set: Script::new(set_script()) }
+    pub fn new(redis: Redis, prefix: &str, node: u16, epoch: u64, webhooks: Option<Arc<Webhooks>>) -> Members {
+        Members { redis, prefix: prefix.to_owned(), node, epoch, set: Script::new(set_script()), webhooks }
     }
 
     /// The topic's keys: pm pi pc pt, and pn of the run `node:epoch`.
     fn keys(&self, topic: &str, node: u16, epoch: u64) -> Vec<Vec<u8>> {
-        use sha1::Digest;
-        let digest = sha1::Sha1::digest(topic.as_bytes());
-        let tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let tag = topic_tag(topic);
         let p = &self.prefix;
         ["pm", "pi", "pc", "pt"]
             .iter()
@@ -142,6 +151,9 @@ impl Members {
         let mut told = Vec::new();
         for (((topic, uid), info), answer) in members.iter().zip(&infos).zip(answers) {
             let Ok((change, version, count)) = redis::from_redis_value::<(u8, u64, usize)>(answer) else { continue };
+            if let Some(webhooks) = &self.webhooks {
+                webhooks.member(topic, uid, change == 1, info.as_deref());
+            }
             let told_now = Told { joined: change == 1, version, members: count, uids: vec![uid.as_str()], info: info.as_deref() };
             told.push(self.tell(topic, &told_now));
         }
@@ -173,6 +185,9 @@ impl Members {
                 continue;
             }
             left += uids.len();
+            if let Some(webhooks) = &self.webhooks {
+                uids.iter().for_each(|uid| webhooks.member(&topic, uid, false, None));
+            }
             let told = Told { joined: false, version, members, uids: uids.iter().map(String::as_str).collect(), info: None };
             self.redis.batch(RedisCommand::Publish, &[self.tell(&topic, &told)]).await?;
         }

@@ -10,6 +10,7 @@
 //! every node sees a stream's messages in offset order.
 
 pub mod members;
+pub mod occupancy;
 pub mod presence;
 pub mod relay;
 
@@ -36,7 +37,9 @@ use crate::history::resume::History;
 use crate::history::{Stream, GROUPS};
 use crate::wire::{open_envelope, Draft};
 use crate::presence::{Page, Presence, Stats};
+use crate::webhooks::{EventKind, Webhooks};
 use members::Members;
+use occupancy::Occupancy;
 use presence::{Keys, Registrar};
 use crate::redis_link::Redis;
 use relay::{Awaited, Relay, Target};
@@ -288,9 +291,12 @@ impl Connected {
 
     /// Subscribes and starts writing sessions (and presence members) and reading other
     /// nodes' messages.
-    pub async fn attach(self, hub: Arc<Hub>, presence: Option<Arc<Presence>>) -> Result<(Registry, Attached), Error> {
+    pub async fn attach(self, hub: Arc<Hub>, presence: Option<Arc<Presence>>, webhooks: Option<Arc<Webhooks>>) -> Result<(Registry, Attached), Error> {
         let awaited = Arc::new(Awaited::default());
-        let members = Arc::new(Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch));
+        let members = Arc::new(Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch, webhooks.clone()));
+        let occupancy = webhooks
+            .filter(|w| w.wants(EventKind::TopicOccupied) || w.wants(EventKind::TopicVacated))
+            .map(|w| Occupancy::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch, w));
         let nodes = Nodes {
             redis: self.redis.clone(),
             keys: self.keys.clone(),
@@ -327,6 +333,7 @@ impl Connected {
             evicted: evicted.clone(),
             history: self.history.clone(),
             presence: presence.map(|presence| (presence, members)),
+            occupancy,
         };
         registrar.announce().await.map_err(|e| Error::unavailable(format!("registering this node: {e}")))?;
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));

@@ -46,6 +46,7 @@ use crate::error::Error;
 use crate::hub::{Change, Hub};
 use crate::presence::Presence;
 use super::members::Members;
+use super::occupancy::Occupancy;
 use crate::session::SessionId;
 use crate::telemetry::{Metrics, RedisCommand};
 
@@ -160,6 +161,8 @@ pub struct Registrar {
     pub history: Arc<RedisHistory>,
     /// This node's presence members, and where they are written, when presence is on.
     pub presence: Option<(Arc<Presence>, Arc<Members>)>,
+    /// Where this node's topics are written, when webhooks want topic_occupied/vacated.
+    pub occupancy: Option<Occupancy>,
 }
 
 /// What a liveness refresh found.
@@ -181,6 +184,9 @@ impl Registrar {
         let mut members = Membership::default();
         // Topics whose interest key is to be written.
         let mut listening: HashSet<Arc<str>> = HashSet::new();
+        // Topics that gained their first subscriber here or lost their last, for the
+        // occupancy webhooks.
+        let mut occupied: HashSet<Arc<str>> = HashSet::new();
         let mut received = Vec::with_capacity(BATCH);
         let history_ttl = self.history.settings().ttl;
         let mut relisten = tokio::time::interval((history_ttl / 3).max(Duration::from_secs(1)));
@@ -209,6 +215,9 @@ impl Registrar {
                     for change in received.drain(..) {
                         match change {
                             Change::Listening(topic) => {
+                                if self.occupancy.is_some() {
+                                    occupied.insert(topic.clone());
+                                }
                                 listening.insert(topic);
                             }
                             Change::Member(topic, uid) => {
@@ -242,6 +251,9 @@ impl Registrar {
                         Liveness::Held | Liveness::Unknown => {}
                     }
                     if must_register {
+                        if self.occupancy.is_some() {
+                            occupied.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic));
+                        }
                         if let Some((presence, _)) = &self.presence {
                             members.changed.extend(presence.local_members());
                             members.recorded.clear();
@@ -263,7 +275,10 @@ impl Registrar {
             }
             if due {
                 let written = match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending).await) {
-                    Ok(()) => self.write_members(&mut members, false).await,
+                    Ok(()) => match self.write_members(&mut members, false).await {
+                        Ok(()) => self.write_occupancy(&mut occupied).await,
+                        failed => failed,
+                    },
                     failed => failed,
                 };
                 match written {
@@ -289,11 +304,20 @@ impl Registrar {
                 Change::Member(topic, uid) => {
                     members.changed.insert((topic, uid));
                 }
+                Change::Listening(topic) if self.occupancy.is_some() => {
+                    occupied.insert(topic);
+                }
                 change => coalesce(&mut pending, change),
             }
         }
         if let Err(e) = self.write_members(&mut members, true).await {
             tracing::warn!(error = %e, "could not take this node's presence members out of Redis; the reaper will, once its liveness key expires");
+        }
+        if let Some(occupancy) = &self.occupancy {
+            let written = self.write_occupancy(&mut occupied).await;
+            if let Err(e) = written.and(occupancy.left().await) {
+                tracing::warn!(error = %e, "could not take this node out of its topics' occupancy in Redis; the reaper will, once its liveness key expires");
+            }
         }
         let left = self.leave(&mut pending).await;
         match left {
@@ -344,6 +368,20 @@ impl Registrar {
             members.recorded.extend(new_topics);
             for member in &batch {
                 members.changed.remove(member);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes whether this node still has subscribers to each of `topics`, a batch at a
+    /// time; what fails stays.
+    async fn write_occupancy(&self, topics: &mut HashSet<Arc<str>>) -> redis::RedisResult<()> {
+        let Some(occupancy) = &self.occupancy else { return Ok(()) };
+        while !topics.is_empty() {
+            let batch: Vec<(Arc<str>, bool)> = topics.iter().take(BATCH).map(|t| (t.clone(), self.hub.has_subscribers(t))).collect();
+            occupancy.write(&batch).await?;
+            for (topic, _) in &batch {
+                topics.remove(topic);
             }
         }
         Ok(())
@@ -460,6 +498,10 @@ impl Registrar {
             if let Some((_, writer)) = &self.presence {
                 let left = writer.reap(node, epoch).await?;
                 tracing::info!(node, epoch, members = left, "took a node that is gone out of its presence topics");
+            }
+            if let Some(occupancy) = &self.occupancy {
+                let vacated = occupancy.reap(node, epoch).await?;
+                tracing::info!(node, epoch, vacated, "took a node that is gone out of its topics' occupancy");
             }
             self.redis.query::<Value>(RedisCommand::Hdel, redis::cmd("SREM").arg(self.keys.runs()).arg(&run)).await?;
             tracing::info!(node, epoch, sessions = removed, "cleaned up after a node that is gone");

@@ -73,6 +73,9 @@ pub enum RefuseReason {
     Handshakes,
     /// Plain HTTP on the TLS port.
     NotTls,
+    /// Redis, or the connect or subscribe hook, could not answer (a timeout, an error,
+    /// over `--hook-max-concurrency`, an open circuit breaker).
+    Unavailable,
     /// A TLS handshake that failed (no shared version or suite, a bad record, a client
     /// that refused the certificate).
     TlsHandshake,
@@ -97,6 +100,48 @@ pub enum PresenceEvent {
     Diff,
     /// Only the counts: a topic above `--presence-events-max-members`.
     Count,
+}
+
+/// Which backend hook was asked. Label `hook` of the hook metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum HookKind {
+    Connect,
+    Subscribe,
+}
+
+/// How a hook question ended. Label `outcome` of `pushline_hook_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum HookOutcome {
+    /// The application answered 200.
+    Admitted,
+    /// The application answered 401 or 403.
+    Refused,
+    /// Answered from `--hook-cache-ttl`, the application not asked.
+    Cached,
+    /// Any other status, a bad answer, or no connection to the application.
+    Failed,
+    /// No answer within `--hook-timeout`.
+    Timeout,
+    /// Not asked: `--hook-max-concurrency` questions were already waiting.
+    OverCapacity,
+    /// Not asked: the circuit breaker was open after the application kept failing.
+    BreakerOpen,
+}
+
+/// What became of a webhook event. Label `outcome` of `pushline_webhook_events_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum WebhookOutcome {
+    /// In a batch the application answered 2xx.
+    Sent,
+    /// Not queued: the queue held `--webhook-queue-bytes` already.
+    QueueFull,
+    /// Its batch failed `--webhook-attempts` times.
+    GaveUp,
+    /// Still queued when the node stopped and its grace ran out.
+    Shutdown,
 }
 
 /// A client frame the server could not use. Label `reason` of `pushline_client_errors_total`.
@@ -152,6 +197,8 @@ pub enum RedisCommand {
     Wait,
     /// Presence: members written, pages and counts read, dead runs' members taken back.
     Presence,
+    /// Which topics have subscribers on some node, for the occupied/vacated webhooks.
+    Occupancy,
 }
 
 /// Direction of a message between nodes. Label `direction` of `pushline_relay_messages_total`.

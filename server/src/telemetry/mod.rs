@@ -19,8 +19,8 @@ use pushline_alloc::site::{Site, SITES};
 use strum::{EnumCount, VariantArray};
 
 pub use labels::{
-    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, EpochReset, Eviction, PresenceEvent, PublishKind, RedisCommand, RefuseReason, Relayed,
-    ResumeOutcome, TlsHandshake,
+    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, EpochReset, Eviction, HookKind, HookOutcome, PresenceEvent, PublishKind, RedisCommand, RefuseReason, Relayed,
+    ResumeOutcome, TlsHandshake, WebhookOutcome,
 };
 
 use crate::wire::Transport;
@@ -64,6 +64,12 @@ pub const REDIS_MASTER_CHANGES: &str = "pushline_redis_master_changes_total";
 pub const RELAY_LOST: &str = "pushline_relay_lost_total";
 pub const PRESENCE_MEMBERS: &str = "pushline_presence_members";
 pub const PRESENCE_EVENTS: &str = "pushline_presence_events_total";
+pub const HOOK_REQUESTS: &str = "pushline_hook_requests_total";
+pub const HOOK_SECONDS: &str = "pushline_hook_seconds";
+pub const HOOK_BREAKER_OPEN: &str = "pushline_hook_breaker_open";
+pub const WEBHOOK_EVENTS: &str = "pushline_webhook_events_total";
+pub const WEBHOOK_BATCHES: &str = "pushline_webhook_batches_total";
+pub const WEBHOOK_QUEUED_BYTES: &str = "pushline_webhook_queued_bytes";
 pub const PUBLISH_BYTES_READING: &str = "pushline_publish_bytes_reading";
 pub const REGISTRY_SESSIONS: &str = "pushline_registry_sessions";
 pub const REGISTRY_PENDING: &str = "pushline_registry_pending_changes";
@@ -125,6 +131,13 @@ pub struct Metrics {
     pub relay_lost: Counter,
     pub presence_members: Gauge,
     presence_events: [Counter; PresenceEvent::COUNT],
+    hook_requests: [[Counter; HookOutcome::COUNT]; HookKind::COUNT],
+    hook_seconds: [Histogram; HookKind::COUNT],
+    hook_breaker_open: [Gauge; HookKind::COUNT],
+    webhook_events: [Counter; WebhookOutcome::COUNT],
+    /// Batches the application answered 2xx, and attempts that failed.
+    webhook_batches: [Counter; 2],
+    pub webhook_queued_bytes: Gauge,
     pub redis_up: Gauge,
     pub registry_sessions: Gauge,
     pub publish_bytes_reading: Gauge,
@@ -164,6 +177,8 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REDIS_COMMAND_SECONDS.into()), REDIS_BUCKETS)
             .expect("Redis buckets are not empty")
+            .set_buckets_for_metric(Matcher::Full(HOOK_SECONDS.into()), LATENCY_BUCKETS)
+            .expect("latency buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
@@ -179,7 +194,10 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 27] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 30] = [
+            (HOOK_REQUESTS, Some(Unit::Count), "Questions to the connect and subscribe hooks, by hook and outcome (over_capacity and breaker_open were not asked)."),
+            (WEBHOOK_EVENTS, Some(Unit::Count), "Webhook events, by outcome: sent, or dropped and why."),
+            (WEBHOOK_BATCHES, Some(Unit::Count), "Webhook POSTs, by result: delivered (2xx) or failed (to be retried or given up)."),
             (CONNECTIONS_OPENED, Some(Unit::Count), "Connections that completed their handshake."),
             (CONNECTIONS_CLOSED, Some(Unit::Count), "Connections closed, by reason."),
             (CONNECTIONS_REFUSED, Some(Unit::Count), "Connection attempts turned away, by reason."),
@@ -208,7 +226,9 @@ impl Metrics {
             (NOT_REPLICATED, Some(Unit::Count), "Publishes answered 503 because their write did not reach --history-min-replicas Redis replicas in time."),
             (HISTORY_EPOCH_RESETS, Some(Unit::Count), "Times a group of streams was given new epochs because Redis held less history than this node had seen, by reason."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 24] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 26] = [
+            (HOOK_BREAKER_OPEN, Some(Unit::Count), "1 while a hook's circuit breaker is open (its application kept failing), by hook."),
+            (WEBHOOK_QUEUED_BYTES, Some(Unit::Bytes), "Bytes of webhook events waiting to be sent, held against --webhook-queue-bytes."),
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
             (OPEN_FDS, Some(Unit::Count), "File descriptors this process has open."),
             (MAX_FDS, Some(Unit::Count), "This process's open-file limit."),
@@ -234,7 +254,8 @@ impl Metrics {
             (PROFILER_FRAMES, Some(Unit::Count), "Frames in the profiler's stack table, against its cap (label `of`)."),
             (TLS_CERT_EXPIRY, Some(Unit::Seconds), "Seconds until the client listener's TLS certificate expires (0 without TLS)."),
         ];
-        const HISTOGRAMS: [(&str, Option<Unit>, &str); 1] = [
+        const HISTOGRAMS: [(&str, Option<Unit>, &str); 2] = [
+            (HOOK_SECONDS, Some(Unit::Seconds), "Time the application took to answer a hook question, by hook."),
             (REDIS_COMMAND_SECONDS, Some(Unit::Seconds), "Redis command round trips, by command."),
         ];
         let help = |name: &'static str, text: &'static str| (KeyName::from_const_str(name), SharedString::const_str(text));
@@ -286,6 +307,15 @@ impl Metrics {
             relay_lost: counter(RELAY_LOST, &[]),
             presence_members: gauge(PRESENCE_MEMBERS, &[]),
             presence_events: each::<PresenceEvent, _, _>(|k| counter(PRESENCE_EVENTS, &[("kind", k)])),
+            hook_requests: each::<HookKind, _, _>(|hook| each::<HookOutcome, _, _>(|o| counter(HOOK_REQUESTS, &[("hook", hook), ("outcome", o)]))),
+            hook_seconds: each::<HookKind, _, _>(|hook| {
+                let key = Key::from_parts(HOOK_SECONDS, vec![Label::from_static_parts("hook", hook)]);
+                recorder.register_histogram(&key, &META)
+            }),
+            hook_breaker_open: each::<HookKind, _, _>(|hook| gauge(HOOK_BREAKER_OPEN, &[("hook", hook)])),
+            webhook_events: each::<WebhookOutcome, _, _>(|o| counter(WEBHOOK_EVENTS, &[("outcome", o)])),
+            webhook_batches: ["delivered", "failed"].map(|result| counter(WEBHOOK_BATCHES, &[("result", result)])),
+            webhook_queued_bytes: gauge(WEBHOOK_QUEUED_BYTES, &[]),
             redis_up: gauge(REDIS_UP, &[]),
             registry_sessions: gauge(REGISTRY_SESSIONS, &[]),
             publish_bytes_reading: gauge(PUBLISH_BYTES_READING, &[]),
@@ -335,6 +365,27 @@ impl Metrics {
 
     pub fn accept_error(&self, kind: AcceptError) {
         self.accept_errors[kind as usize].increment(1);
+    }
+
+    /// A hook question ended with `outcome`, after `seconds` when it was asked.
+    pub fn hook(&self, kind: HookKind, outcome: HookOutcome, seconds: Option<f64>) {
+        self.hook_requests[kind as usize][outcome as usize].increment(1);
+        if let Some(seconds) = seconds {
+            self.hook_seconds[kind as usize].record(seconds);
+        }
+    }
+
+    pub fn hook_breaker(&self, kind: HookKind, open: bool) {
+        self.hook_breaker_open[kind as usize].set(if open { 1.0 } else { 0.0 });
+    }
+
+    pub fn webhook_events(&self, outcome: WebhookOutcome, events: usize) {
+        self.webhook_events[outcome as usize].increment(events as u64);
+    }
+
+    /// A webhook POST was answered 2xx (`delivered`), or was not.
+    pub fn webhook_batch(&self, delivered: bool) {
+        self.webhook_batches[usize::from(!delivered)].increment(1);
     }
 
     pub fn presence_event(&self, kind: PresenceEvent) {

@@ -1,6 +1,7 @@
 //! Test harness: real servers on free loopback ports, real WebSocket, SSE and HTTP clients.
 #![allow(dead_code)]
 
+pub mod app;
 pub mod proxy;
 pub mod redis;
 

@@ -1,0 +1,294 @@
+//! Webhooks: events POSTed to the application (`--webhook-url`) in batches, each signed.
+//!
+//! Events: `topic_occupied` (a topic's first subscriber on any node) and `topic_vacated`
+//! (its last gone), `member_joined` and `member_left` (presence), `client_publish` (a
+//! client's own publish, when asked for in `--webhook-events`). Each is sent by one node
+//! only: the one that saw it happen where the state lives (this process on the memory
+//! registry; on Redis, the node whose script made the change, or the reaper that took a
+//! dead node's share out).
+//!
+//! A batch is `{"time_ms":..,"events":[..]}` with `X-Pushline-Timestamp: <unix seconds>`
+//! and `X-Pushline-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`: the
+//! timestamp is signed, so an old batch replayed is told apart. Events wait in a queue of
+//! at most `--webhook-queue-bytes`; one batch is out at a time, in order, tried
+//! `--webhook-attempts` times with backoff. What is dropped (queue full, attempts spent,
+//! shutdown) is counted by reason in `pushline_webhook_events_total`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::Uri;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::application::Application;
+use crate::clock;
+use crate::config::Config;
+use crate::error::Error;
+use crate::telemetry::{Metrics, WebhookOutcome};
+
+/// First wait before a batch is tried again; doubles up to [`RETRY_MOST`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MOST: Duration = Duration::from_secs(10);
+/// Largest answer read from the application (it is not used).
+const MAX_ANSWER_BYTES: usize = 4 * 1024;
+
+/// An event the application may be told of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum EventKind {
+    TopicOccupied,
+    TopicVacated,
+    MemberJoined,
+    MemberLeft,
+    ClientPublish,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 5] = [EventKind::TopicOccupied, EventKind::TopicVacated, EventKind::MemberJoined, EventKind::MemberLeft, EventKind::ClientPublish];
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    name: EventKind,
+    topic: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<&'a RawValue>,
+    /// A client publish's message id and data, and the publishing session.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::wire::json::id_as_text_some")]
+    id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<String>,
+    time_ms: u64,
+}
+
+pub struct Webhooks {
+    wanted: Vec<EventKind>,
+    queue: Mutex<Queue>,
+    /// Told when an event is queued.
+    queued: Notify,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<Box<str>>,
+    bytes: usize,
+}
+
+/// Where batches go and how they are sent.
+pub struct Sender {
+    pub application: Arc<Application>,
+    pub url: Uri,
+    pub secret: String,
+    pub batch: usize,
+    pub attempts: u32,
+    pub timeout: Duration,
+}
+
+impl Webhooks {
+    /// The webhooks and their sender, when `--webhook-url` is set.
+    pub fn from_config(config: &Config, application: Option<Arc<Application>>, metrics: &Arc<Metrics>) -> Result<Option<(Arc<Webhooks>, Sender)>, Error> {
+        let (Some(url), Some(secret), Some(application)) = (&config.webhook_url, &config.webhook_secret, application) else { return Ok(None) };
+        let webhooks = Webhooks {
+            wanted: config.webhook_events.clone(),
+            queue: Mutex::default(),
+            queued: Notify::new(),
+            max_bytes: config.webhook_queue_bytes,
+            metrics: metrics.clone(),
+        };
+        let sender = Sender {
+            application,
+            url: crate::application::parse_url("--webhook-url", url)?,
+            secret: secret.clone(),
+            batch: config.webhook_batch,
+            attempts: config.webhook_attempts,
+            timeout: config.webhook_timeout,
+        };
+        Ok(Some((Arc::new(webhooks), sender)))
+    }
+
+    pub fn wants(&self, kind: EventKind) -> bool {
+        self.wanted.contains(&kind)
+    }
+
+    /// A topic got its first subscriber, or lost its last (`occupied` false), everywhere.
+    pub fn topic(&self, topic: &str, occupied: bool) {
+        let name = if occupied { EventKind::TopicOccupied } else { EventKind::TopicVacated };
+        self.push(Event { name, topic, uid: None, info: None, id: None, data: None, session: None, time_ms: clock::wall_ms() });
+    }
+
+    /// `uid` became a member of `topic` (with `info`), or stopped being one.
+    pub fn member(&self, topic: &str, uid: &str, joined: bool, info: Option<&RawValue>) {
+        let name = if joined { EventKind::MemberJoined } else { EventKind::MemberLeft };
+        self.push(Event { name, topic, uid: Some(uid), info, id: None, data: None, session: None, time_ms: clock::wall_ms() });
+    }
+
+    /// A client published `data` to `topic` as message `id`.
+    pub fn client_publish(&self, topic: &str, uid: &str, session: u64, id: u64, data: &RawValue) {
+        let session = Some(crate::session::SessionId(session).to_string());
+        self.push(Event { name: EventKind::ClientPublish, topic, uid: Some(uid), info: None, id: Some(id), data: Some(data), session, time_ms: clock::wall_ms() });
+    }
+
+    fn push(&self, event: Event<'_>) {
+        if !self.wants(event.name) {
+            return;
+        }
+        let Ok(text) = serde_json::to_string(&event) else { return };
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.bytes + text.len() > self.max_bytes {
+                drop(queue);
+                self.metrics.webhook_events(WebhookOutcome::QueueFull, 1);
+                return;
+            }
+            queue.bytes += text.len();
+            queue.events.push_back(text.into_boxed_str());
+            self.metrics.webhook_queued_bytes.set(queue.bytes as f64);
+        }
+        self.queued.notify_one();
+    }
+
+    /// Up to `most` events from the front, and their bytes; they stay counted against the
+    /// queue's bound until [`Webhooks::done`].
+    fn front(&self, most: usize) -> Vec<Box<str>> {
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.events.iter().take(most).cloned().collect()
+    }
+
+    /// The first `n` events are done with (sent, or given up on).
+    fn done(&self, n: usize) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..n {
+            if let Some(event) = queue.events.pop_front() {
+                queue.bytes -= event.len();
+            }
+        }
+        self.metrics.webhook_queued_bytes.set(queue.bytes as f64);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).events.is_empty()
+    }
+
+    /// Sends batches until `stop`; then what is queued, until `grace` runs out: what is
+    /// left then is counted as dropped.
+    pub async fn send(self: Arc<Self>, sender: Sender, stop: CancellationToken, grace: Duration) {
+        loop {
+            let queued = self.queued.notified();
+            if self.is_empty() {
+                tokio::select! {
+                    _ = queued => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            self.send_batch(&sender, &stop).await;
+            if stop.is_cancelled() {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(grace, async {
+            while !self.is_empty() {
+                self.send_batch(&sender, &CancellationToken::new()).await;
+            }
+        })
+        .await;
+        let left = self.queue.lock().unwrap_or_else(|e| e.into_inner()).events.len();
+        if left > 0 {
+            self.metrics.webhook_events(WebhookOutcome::Shutdown, left);
+            tracing::warn!(events = left, "webhook events still queued at shutdown were not sent");
+        }
+    }
+
+    /// Sends the front batch, trying again with backoff up to the attempts allowed (or
+    /// until `stop`, which leaves it queued).
+    async fn send_batch(&self, sender: &Sender, stop: &CancellationToken) {
+        let events = self.front(sender.batch);
+        if events.is_empty() {
+            return;
+        }
+        let mut body = format!("{{\"time_ms\":{},\"events\":[", clock::wall_ms());
+        for (i, event) in events.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(event);
+        }
+        body.push_str("]}");
+        let body = Bytes::from(body);
+        let mut wait = RETRY_FIRST;
+        for attempt in 1..=sender.attempts {
+            // Signed afresh each attempt: the timestamp says when it was sent.
+            let headers = signed(&sender.secret, &body, clock::wall_ms() / 1000);
+            let answer = tokio::time::timeout(sender.timeout, sender.application.post(&sender.url, &headers, body.clone(), MAX_ANSWER_BYTES)).await;
+            let failure = match answer {
+                Ok(Ok(answer)) if (200..300).contains(&answer.status) => None,
+                Ok(Ok(answer)) => Some(format!("answered {}", answer.status)),
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(format!("no answer within {:?} (--webhook-timeout)", sender.timeout)),
+            };
+            self.metrics.webhook_batch(failure.is_none());
+            let Some(failure) = failure else {
+                self.metrics.webhook_events(WebhookOutcome::Sent, events.len());
+                return self.done(events.len());
+            };
+            tracing::debug!(attempt, error = %failure, "webhook batch failed");
+            if attempt == sender.attempts {
+                tracing::warn!(events = events.len(), attempts = attempt, error = %failure, "webhook batch given up: its events are dropped");
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+            }
+            wait = (wait * 2).min(RETRY_MOST);
+        }
+        self.metrics.webhook_events(WebhookOutcome::GaveUp, events.len());
+        self.done(events.len());
+    }
+}
+
+impl crate::hub::Occupancy for Webhooks {
+    fn changed(&self, topic: &str, occupied: bool) {
+        self.topic(topic, occupied);
+    }
+}
+
+/// The headers that let the application check a batch came from here, and when.
+pub fn signed(secret: &str, body: &[u8], unix_seconds: u64) -> [(HeaderName, HeaderValue); 2] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut context = ring::hmac::Context::with_key(&key);
+    context.update(format!("{unix_seconds}.").as_bytes());
+    context.update(body);
+    let tag = context.sign();
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let value = |text: String| HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"));
+    [
+        (HeaderName::from_static("x-pushline-timestamp"), value(unix_seconds.to_string())),
+        (HeaderName::from_static("x-pushline-signature"), value(format!("sha256={hex}"))),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_the_timestamp_and_body() {
+        // `printf '1700000000.{"events":[]}' | openssl dgst -sha256 -hmac secret`
+        let [(_, timestamp), (_, signature)] = signed("secret", br#"{"events":[]}"#, 1_700_000_000);
+        assert_eq!(timestamp, "1700000000");
+        assert_eq!(signature, "sha256=3947de27ec923573170fccda604ddfb25583ff98dc51e96cca2e11c59545026a");
+    }
+}
