@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::app::{App, Asked, Reply};
 use common::redis::{RedisCluster, RedisServer};
 use common::{next_json, post, subscribe, wait_metric, ws, Process, TestServer, Ws, WAIT};
 use pushline::config::RegistryKind;
@@ -722,4 +723,82 @@ async fn a_killed_nodes_members_leave() {
     left.sort();
     assert_eq!(left, ["d0", "d1", "d2"]);
     assert_eq!(presence_stats(&a, "room.1").await, json!({"topic": "room.1", "members": 1, "connections": 1}));
+}
+
+const WEBHOOK_SECRET: &str = "webhook-secret-of-thirty-two-by!";
+
+/// Every event the application was sent, without times or sessions, until `n` came; each
+/// batch's signature is left to the single-node tests (`application.rs`).
+async fn webhook_events(app: &mut App, n: usize) -> Vec<(String, String, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        for event in app.next().await.json()["events"].as_array().unwrap() {
+            let field = |name: &str| event[name].as_str().unwrap_or("").to_owned();
+            got.push((field("name"), field("topic"), field("uid")));
+        }
+    }
+    got.sort();
+    got
+}
+
+fn webhook_config(url: String) -> impl FnOnce(&mut pushline::Config) {
+    move |c| {
+        c.webhook_url = Some(url);
+        c.webhook_secret = Some(WEBHOOK_SECRET.into());
+        c.presence_topics = vec!["room".into()];
+    }
+}
+
+/// Two nodes tell one application: a topic held on both is occupied once and vacated
+/// once, a uid with a connection on each node joins once and leaves once, on one Redis and
+/// on a Redis Cluster. A last event on each node (whose queue is in order) shows nothing
+/// was sent twice before it.
+#[tokio::test]
+async fn webhooks_are_sent_once_per_event_across_nodes() {
+    let (redis, cluster) = (RedisServer::start(), RedisCluster::start());
+    for (kind, urls) in both_registries(&redis, &cluster) {
+        let mut app = App::start(|_: &Asked| Reply::Json(200, json!({}))).await;
+        let a = node_with(kind, &urls, webhook_config(app.url("/events"))).await;
+        let b = node_with(kind, &urls, webhook_config(app.url("/events"))).await;
+        let (ann_a, _) = ws(a.client, "uid=ann&topics=room").await;
+        let (ann_b, _) = ws(b.client, "uid=ann&topics=room").await;
+        let (bob_b, _) = ws(b.client, "uid=bob&topics=room").await;
+        let got = webhook_events(&mut app, 3).await;
+        assert_eq!(got, [("member_joined", "room", "ann"), ("member_joined", "room", "bob"), ("topic_occupied", "room", "")].map(|(n, t, u)| (n.into(), t.into(), u.into())), "{kind:?}");
+        drop(ann_a);
+        drop(ann_b);
+        drop(bob_b);
+        let got = webhook_events(&mut app, 3).await;
+        assert_eq!(got, [("member_left", "room", "ann"), ("member_left", "room", "bob"), ("topic_vacated", "room", "")].map(|(n, t, u)| (n.into(), t.into(), u.into())), "{kind:?}");
+        let (_last_a, _) = ws(a.client, "uid=x&topics=last-a").await;
+        let (_last_b, _) = ws(b.client, "uid=x&topics=last-b").await;
+        let got = webhook_events(&mut app, 2).await;
+        assert_eq!(got, [("topic_occupied", "last-a", ""), ("topic_occupied", "last-b", "")].map(|(n, t, u)| (n.into(), t.into(), u.into())), "{kind:?}: no event twice");
+    }
+}
+
+/// A node killed with SIGKILL: once its liveness key expires, a live node's reaper tells
+/// the application its members left and the topics only it held are vacant.
+#[tokio::test]
+async fn a_killed_nodes_topics_and_members_are_told_gone_by_the_reaper() {
+    let redis = RedisServer::start();
+    let mut app = App::start(|_: &Asked| Reply::Json(200, json!({}))).await;
+    let url = app.url("/events");
+    let a = common::start(|c| {
+        c.registry = RegistryKind::Redis;
+        c.redis_url = vec![redis.url()];
+        c.node_ttl = Duration::from_secs(1);
+        webhook_config(url.clone())(c);
+    })
+    .await;
+    let mut args = redis_args(&redis);
+    args.extend(["--presence-topics", "room", "--webhook-url", &url, "--webhook-secret", WEBHOOK_SECRET].map(String::from));
+    let b = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let (_ann, _) = ws(a.client, "uid=ann&topics=room").await;
+    let (_carol, _) = ws(b.client, "uid=carol&topics=room,lonely").await;
+    let got = webhook_events(&mut app, 4).await;
+    assert_eq!(got.len(), 4, "{got:?}");
+    b.signal(libc::SIGKILL);
+    let got = webhook_events(&mut app, 2).await;
+    assert_eq!(got, [("member_left", "room", "carol"), ("topic_vacated", "lonely", "")].map(|(n, t, u)| (n.into(), t.into(), u.into())));
 }
