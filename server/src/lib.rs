@@ -5,9 +5,10 @@
 //! - [`listener`] accepts TCP connections (SO_REUSEPORT, file-limit backoff), reads
 //!   each one's request head ([`http`]) and routes it: `/ws` and `/sse` to the
 //!   [`gateway`], everything else to the publish [`api`];
-//! - [`gateway`] authenticates ([`auth`]), takes a place ([`admission`]), registers the
-//!   connection with the [`hub`], replays what a returning client missed ([`history`])
-//!   and answers the handshake;
+//! - [`gateway`] authenticates ([`auth`]), takes a place ([`admission`]), asks the
+//!   application when configured to ([`hooks`]), registers the connection with the
+//!   [`hub`], replays what a returning client missed ([`history`]) and answers the
+//!   handshake;
 //! - [`api`] checks a publish and hands it to the [`registry`], which gives it its place
 //!   in its stream ([`history`]) and delivers it through the [`hub`] here and over Redis
 //!   ([`redis_link`]) to other nodes;
@@ -17,7 +18,9 @@
 //!   whose bounded queues the client tasks drain;
 //! - [`wire`] frames bytes (the WebSocket codec, SSE, published messages), with no I/O.
 //!
-//! Beside the flow: [`admin`] serves metrics, profiles and introspection on its own
+//! Beside the flow: [`webhooks`] tell the application of topics occupied and vacated,
+//! members and client publishes, over the same HTTP client as the hooks
+//! ([`application`]); [`admin`] serves metrics, profiles and introspection on its own
 //! runtime; [`telemetry`] names every metric and probe; [`config`], [`error`], topic
 //! [`rights`], [`session`] ids and the [`clock`] are at the bottom. Memory accounting lives in the
 //! `pushline-alloc` crate; the binary installs its allocator.
