@@ -88,6 +88,12 @@ enum Scenario {
         #[arg(long)]
         no_floor: bool,
     },
+    /// What --connect-hook adds to a connect: N connects (`parallel` at a time) timed to the
+    /// welcome, with a local application answering every hook, and without the hook.
+    Hook {
+        #[arg(long, default_value_t = 5_000)]
+        connections: usize,
+    },
     /// N clients connect at once, `handshakes` at a time.
     Storm {
         #[arg(long, default_value_t = 10_000)]
@@ -259,6 +265,7 @@ async fn run(mut cli: Cli) -> ExitCode {
         Scenario::Slow { connections, slow_percent, rounds } => {
             scenarios::slow::run(&cli.common, connections, slow_percent, rounds).await
         }
+        Scenario::Hook { connections } => scenarios::hook::run(&cli.common, connections, cli.common.parallel).await,
         Scenario::Storm { connections, handshakes, reconnect } => {
             scenarios::storm::run(&cli.common, connections, handshakes, reconnect).await
         }

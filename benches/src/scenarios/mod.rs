@@ -2,6 +2,7 @@
 
 pub mod fanout;
 pub mod heartbeat;
+pub mod hook;
 pub mod idle;
 pub mod registry;
 pub mod resume;
