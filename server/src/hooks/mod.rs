@@ -104,10 +104,13 @@ pub struct Subscribing<'a> {
 #[derive(Deserialize)]
 struct Allowed {}
 
+/// A subscribe answer kept: admitted, or the refusal; and until when.
+type Kept = (Result<(), Error>, Instant);
+
 struct Cache {
     ttl: Duration,
-    /// (uid, topic) -> (admitted, or the refusal's text; until).
-    answers: Mutex<HashMap<(CompactString, Box<str>), (Result<(), Error>, Instant)>>,
+    /// By (uid, topic).
+    answers: Mutex<HashMap<(CompactString, Box<str>), Kept>>,
 }
 
 impl Hooks {

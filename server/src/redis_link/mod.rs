@@ -211,8 +211,8 @@ impl Redis {
     /// (EVALSHA). Where Redis does not have the script (it restarted), it is loaded and
     /// those invocations, which did not run, are sent again, with the script's restart
     /// argument (if it has one) set to `1`. Fails if any failed.
-    pub async fn scripts(&self, command: RedisCommand, script: &Script, invocations: &[(Vec<Vec<u8>>, Vec<Vec<u8>>)]) -> RedisResult<Vec<Value>> {
-        let evalsha = |(keys, args): &(Vec<Vec<u8>>, Vec<Vec<u8>>), restarted: bool| {
+    pub async fn scripts(&self, command: RedisCommand, script: &Script, invocations: &[Invocation]) -> RedisResult<Vec<Value>> {
+        let evalsha = |(keys, args): &Invocation, restarted: bool| {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(&script.hash).arg(keys.len()).arg(keys);
             for (i, arg) in args.iter().enumerate() {
@@ -351,6 +351,9 @@ fn certificates(config: &Config) -> Result<Option<TlsCertificates>, Error> {
 fn is_noscript(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
+
+/// One call of a script: its keys and its arguments.
+pub type Invocation = (Vec<Vec<u8>>, Vec<Vec<u8>>);
 
 /// A Lua script, called by its hash.
 pub struct Script {

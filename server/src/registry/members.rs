@@ -29,7 +29,7 @@ use super::relay::{Relay, Target, Told};
 use crate::history::redis::RedisHistory;
 use crate::history::Stream;
 use crate::presence::{Listed, Page, Presence, Stats};
-use crate::redis_link::{Redis, Script};
+use crate::redis_link::{Invocation, Redis, Script};
 use crate::telemetry::RedisCommand;
 use crate::webhooks::Webhooks;
 
@@ -138,7 +138,7 @@ impl Members {
             self.redis.query::<Value>(RedisCommand::Presence, &add).await?;
         }
         let mut infos = Vec::with_capacity(members.len());
-        let invocations: Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)> = members
+        let invocations: Vec<Invocation> = members
             .iter()
             .map(|(topic, uid)| {
                 let (connections, info) = presence.local(topic, uid);

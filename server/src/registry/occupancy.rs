@@ -13,7 +13,7 @@ use std::sync::Arc;
 use redis::Value;
 
 use super::members::topic_tag;
-use crate::redis_link::{Redis, Script};
+use crate::redis_link::{Invocation, Redis, Script};
 use crate::telemetry::RedisCommand;
 use crate::webhooks::Webhooks;
 
@@ -63,7 +63,7 @@ impl Occupancy {
             self.redis.query::<Value>(RedisCommand::Occupancy, &add).await?;
         }
         let run = format!("{}:{}", self.node, self.epoch);
-        let invocations: Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)> =
+        let invocations: Vec<Invocation> =
             topics.iter().map(|(topic, held)| (vec![self.key(topic)], vec![run.clone().into_bytes(), vec![if *held { b'1' } else { b'0' }]])).collect();
         let answers = self.redis.scripts(RedisCommand::Occupancy, &self.set, &invocations).await?;
         for ((topic, _), answer) in topics.iter().zip(answers) {
@@ -85,7 +85,7 @@ impl Occupancy {
             return Ok(0);
         }
         let run = format!("{node}:{epoch}");
-        let invocations: Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)> = topics.iter().map(|t| (vec![self.key(t)], vec![run.clone().into_bytes(), b"0".to_vec()])).collect();
+        let invocations: Vec<Invocation> = topics.iter().map(|t| (vec![self.key(t)], vec![run.clone().into_bytes(), b"0".to_vec()])).collect();
         let answers = self.redis.scripts(RedisCommand::Occupancy, &self.set, &invocations).await?;
         let mut vacated = 0;
         for (topic, answer) in topics.iter().zip(answers) {
