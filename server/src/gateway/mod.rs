@@ -289,12 +289,8 @@ impl Gateway {
             identity.uid = uid;
         }
         if let Some(topics) = answer.topics {
-            let mut distinct: Vec<String> = Vec::with_capacity(topics.len());
-            for topic in topics {
-                if !distinct.contains(&topic) {
-                    distinct.push(topic);
-                }
-            }
+            let mut seen = std::collections::HashSet::with_capacity(topics.len());
+            let distinct: Vec<String> = topics.into_iter().filter(|t| seen.insert(t.clone())).collect();
             self.clients.hub.check_topics(&distinct, 0).map_err(|e| broken(format!("names topics this server refuses: {e}")))?;
             granted.clone_from(&distinct);
             admitted.topics = distinct;
