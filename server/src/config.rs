@@ -248,6 +248,17 @@ pub struct Config {
     #[serde(serialize_with = "as_humantime")]
     pub webhook_timeout: Duration,
 
+    /// A Pusher Channels app, `ID:KEY:SECRET` (repeat): Pusher clients connect at
+    /// `/app/KEY`, the Pusher HTTP API is served at `/apps/ID/...`. None: Pusher is off.
+    #[arg(long = "pusher-app", env = "PUSHLINE_PUSHER_APP", value_delimiter = ',', hide_env_values = true)]
+    #[serde(skip)]
+    pub pusher_app: Vec<String>,
+
+    /// Let Pusher clients send `client-` events on private channels.
+    #[arg(long, env = "PUSHLINE_PUSHER_CLIENT_EVENTS", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub pusher_client_events: bool,
+
     /// Most publishes a client may send per second; more are answered `publish_failed` and
     /// counted (`publish_rate`), not published.
     #[arg(long, env = "PUSHLINE_MAX_CLIENT_PUBLISHES_PER_SECOND", default_value_t = 10)]
@@ -653,6 +664,9 @@ impl Config {
         }
         if self.hook_max_concurrency == 0 || self.hook_timeout.is_zero() {
             problems.push("--hook-max-concurrency and --hook-timeout must be more than 0: no hook could be asked".into());
+        }
+        if let Err(e) = crate::pusher::Apps::parse(&self.pusher_app, self.pusher_client_events) {
+            problems.push(e);
         }
         if self.webhook_batch == 0 || self.webhook_attempts == 0 || self.webhook_timeout.is_zero() {
             problems.push("--webhook-batch, --webhook-attempts and --webhook-timeout must be more than 0: no webhook could be sent".into());

@@ -160,6 +160,12 @@ pub async fn respond_error(stream: &mut (impl AsyncWrite + Unpin), error: &Error
     let _ = stream.shutdown().await;
 }
 
+/// Writes `bytes` and closes the connection (a refusal that is not an HTTP error).
+pub async fn write_and_close(stream: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) {
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.shutdown().await;
+}
+
 /// Bytes of a request still arriving after its response that a closing connection reads
 /// and discards, so the client reads the response instead of a reset.
 const LINGER_BYTES: usize = 1024 * 1024;

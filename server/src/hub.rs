@@ -166,12 +166,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Checks a topic name.
+/// Checks a topic name a native client or publisher gave: topics in the Pusher
+/// protocol's namespace are its channels, reached only through it.
 pub fn check_topic_name(topic: &str) -> Result<(), String> {
+    check_length(topic)?;
+    if topic.starts_with(crate::pusher::PREFIX) {
+        return Err(format!("topics starting with `{}` are Pusher channels, reached only through the Pusher protocol", crate::pusher::PREFIX));
+    }
+    Ok(())
+}
+
+fn check_length(topic: &str) -> Result<(), String> {
     if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
         return Err(format!("topic names are 1 to {MAX_TOPIC_BYTES} bytes; got {} bytes", topic.len()));
     }
     Ok(())
+}
+
+/// Checks a topic a connection of `transport` subscribes to: a Pusher connection holds
+/// only Pusher channels, the others none.
+fn check_topic_for(transport: Transport, topic: &str) -> Result<(), String> {
+    match transport {
+        Transport::Pusher if topic.starts_with(crate::pusher::PREFIX) => check_length(topic),
+        Transport::Pusher => Err("a Pusher connection holds only Pusher channels".into()),
+        _ => check_topic_name(topic),
+    }
 }
 
 impl Hub {
@@ -183,7 +202,7 @@ impl Hub {
             topics: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             abandoned: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            open: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            open: std::array::from_fn(|_| AtomicUsize::new(0)),
             cores,
             observers,
         }
@@ -314,8 +333,12 @@ impl Hub {
 
     /// Checks topic names, and that a connection holding `held` topics may add `topics`.
     pub fn check_topics(&self, topics: &[String], held: usize) -> Result<(), String> {
+        self.check_topics_for(Transport::WebSocket, topics, held)
+    }
+
+    fn check_topics_for(&self, transport: Transport, topics: &[String], held: usize) -> Result<(), String> {
         for topic in topics {
-            check_topic_name(topic)?;
+            check_topic_for(transport, topic)?;
         }
         let max = self.settings.max_topics_per_connection;
         if held + topics.len() > max {
@@ -334,7 +357,7 @@ impl Hub {
                 new.push(t.clone());
             }
         }
-        self.check_topics(&new, mine.len())?;
+        self.check_topics_for(conn.transport, &new, mine.len())?;
         if new.is_empty() {
             return Ok(());
         }

@@ -41,6 +41,7 @@ pub mod gateway;
 pub mod history;
 pub mod hooks;
 pub mod presence;
+pub mod pusher;
 pub mod http;
 pub mod hub;
 pub mod listener;

@@ -134,6 +134,7 @@ impl Router {
         let transport = match (head.method.as_str(), head.path.as_str()) {
             ("GET", "/ws") => Transport::WebSocket,
             ("GET", "/sse") => Transport::Sse,
+            ("GET", path) if path.starts_with("/app/") => Transport::Pusher,
             _ => {
                 drop(handshaking);
                 let Ok(_place) = self.api_connections.clone().try_acquire_owned() else {

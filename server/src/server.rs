@@ -155,6 +155,10 @@ impl Server {
             Some((webhooks, sender)) => (Some(webhooks), Some(sender)),
             None => (None, None),
         };
+        let pusher = match crate::pusher::Apps::parse(&config.pusher_app, config.pusher_client_events).map_err(Error::config)? {
+            apps if apps.is_empty() => None,
+            apps => Some(Arc::new(apps)),
+        };
         let connected = registry::connect(&config, metrics.clone()).await?;
         let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);
         crate::telemetry::logging::set_node(node);
@@ -219,6 +223,7 @@ impl Server {
             presence: presence.clone(),
             hooks,
             webhooks: webhooks.clone(),
+            pusher: pusher.clone(),
         });
         let inboxes = client::driver::start(&cores, &clients).map_err(io_error("cannot start the connection drivers".into()))?;
         let router = Arc::new(Router {
@@ -249,6 +254,7 @@ impl Server {
                 bodies: bytes_in_flight,
                 shutdown: shutdown.clone(),
                 demo: config.demo,
+                pusher: pusher.clone(),
             }),
             api_connections: Arc::new(tokio::sync::Semaphore::new(config.max_api_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),

@@ -21,6 +21,12 @@ impl SessionId {
         (self.0 >> COUNTER_BITS) as u16
     }
 
+    /// The id with this node and counter, if they fit.
+    pub fn from_parts(node: u16, counter: u64) -> Option<SessionId> {
+        let id = SessionId(((node as u64) << COUNTER_BITS) | counter);
+        (counter <= COUNTER_MASK && id.node() == node).then_some(id)
+    }
+
     pub fn counter(self) -> u64 {
         self.0 & COUNTER_MASK
     }

@@ -34,6 +34,7 @@ use body::{checked_uids, is_object, Body};
 
 mod batch;
 mod body;
+mod pusher;
 
 /// Room in a request body for the envelope around `data` (uids, topic).
 const ENVELOPE_ALLOWANCE: usize = 1024 * 1024;
@@ -69,6 +70,8 @@ pub struct Api {
     pub shutdown: Arc<Shutdown>,
     /// Serve the demo page (`--demo`).
     pub demo: bool,
+    /// The Pusher apps, when `--pusher-app` names some: their HTTP API is served here.
+    pub pusher: Option<Arc<crate::pusher::Apps>>,
 }
 
 /// The demo page and the client it runs, shipped in the binary.
@@ -141,6 +144,7 @@ impl Api {
             "/v1/broadcast" => ApiRoute::Broadcast,
             "/v1/batch" => ApiRoute::Batch,
             "/v1/presence" | "/v1/presence/stats" => ApiRoute::Presence,
+            path if path.starts_with("/apps/") => ApiRoute::Pusher,
             _ => ApiRoute::Other,
         };
         let reply = match route {
@@ -159,6 +163,7 @@ impl Api {
                 )
                 .into(),
             },
+            ApiRoute::Pusher => self.pusher(req).await.unwrap_or_else(Reply::from),
             ApiRoute::Presence if req.method() != Method::GET => Error::new(Kind::MethodNotAllowed, "use GET").into(),
             ApiRoute::Presence => self.presence(&req).await.map_or_else(Reply::from, |body| json(StatusCode::OK, body)),
             _ if req.method() != Method::POST => Error::new(Kind::MethodNotAllowed, "use POST").into(),
@@ -448,7 +453,7 @@ impl Api {
                     Target::Topic(topic) => Some(topic),
                     _ => None,
                 };
-                Job { draft: Draft { id: c.id, publisher, topic, data: &c.data, accepted_at, except: None }, target: c.target.clone(), key: c.key.as_ref() }
+                Job { draft: Draft { id: c.id, publisher, topic, data: &c.data, accepted_at, except: None, pusher: None }, target: c.target.clone(), key: c.key.as_ref() }
             })
             .collect();
         self.registry.publish(&self.hub, &jobs).await

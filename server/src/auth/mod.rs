@@ -44,6 +44,17 @@ impl Credentials {
 /// Longest uid, in bytes.
 pub const MAX_UID_BYTES: usize = 256;
 
+/// Checks a uid a client claims, a token names or an application gives.
+pub fn check_uid(uid: &str) -> Result<(), String> {
+    if uid.is_empty() || uid.len() > MAX_UID_BYTES {
+        return Err(format!("uid must be 1 to {MAX_UID_BYTES} bytes"));
+    }
+    if uid.starts_with(crate::pusher::PREFIX) {
+        return Err(format!("uids starting with `{}` are Pusher connections'", crate::pusher::PREFIX));
+    }
+    Ok(())
+}
+
 /// Longest token accepted, in bytes: a JWT is a few hundred.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -167,9 +178,7 @@ impl Auth {
                 Identity { uid: claims.sub, grant: Some(grant), info: claims.info }
             }
         };
-        if identity.uid.is_empty() || identity.uid.len() > MAX_UID_BYTES {
-            return Err(refused(format!("uid must be 1 to {MAX_UID_BYTES} bytes")));
-        }
+        check_uid(&identity.uid).map_err(refused)?;
         Ok(identity)
     }
 

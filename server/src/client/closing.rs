@@ -18,6 +18,7 @@ use crate::clock;
 use crate::conn::io::Io;
 use crate::conn::Conn;
 use crate::telemetry::{probes, CloseReason, DropReason};
+use crate::pusher;
 use crate::wire::{ws, Transport};
 
 use super::{Clients, Serving, SCRATCH};
@@ -93,8 +94,11 @@ impl Closing {
                 Some(ws::close(ws::CLOSE_TRY_AGAIN_LATER, "slow consumer: outbound queue full"))
             }
             (Transport::WebSocket, CloseReason::TokenExpired) => Some(ws::close(ws::CLOSE_TOKEN_EXPIRED, "token expired")),
+            (Transport::Pusher, CloseReason::Shutdown) => Some(ws::close(pusher::CLOSE_RECONNECT, "server shutting down")),
+            (Transport::Pusher, CloseReason::IdleTimeout) => Some(ws::close(pusher::CLOSE_NO_PONG, "idle timeout: no ping or pong in time")),
+            (Transport::Pusher, CloseReason::SlowConsumer) => Some(ws::close(pusher::CLOSE_OVER_CAPACITY, "slow consumer: outbound queue full")),
             // Client closes and protocol errors already queued their close frame.
-            (Transport::WebSocket, _) => None,
+            (Transport::WebSocket | Transport::Pusher, _) => None,
         };
         // SAFETY: the fd is the socket's, which `self.io` holds open until after `watched`
         // is dropped below.

@@ -13,6 +13,7 @@ mod closing;
 pub mod commands;
 pub mod driver;
 pub mod publish;
+mod pusher;
 pub mod sweep;
 
 use std::cell::RefCell;
@@ -63,6 +64,8 @@ pub struct Clients {
     pub hooks: Option<Arc<crate::hooks::Hooks>>,
     /// Where events go to the application, when `--webhook-url` is set.
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// The Pusher apps, when `--pusher-app` names some.
+    pub pusher: Option<Arc<crate::pusher::Apps>>,
 }
 
 thread_local! {
@@ -156,7 +159,7 @@ impl Serving<'_> {
         }
         if signals.has(Signals::PING) && self.io.replies() < MAX_PENDING_REPLIES {
             match self.conn.transport {
-                Transport::WebSocket => self.reply(ws::Control::new(ws::OP_PING, b"").as_bytes()),
+                Transport::WebSocket | Transport::Pusher => self.reply(ws::Control::new(ws::OP_PING, b"").as_bytes()),
                 Transport::Sse => self.reply(sse::KEEPALIVE),
             }
         }
@@ -239,7 +242,7 @@ impl Serving<'_> {
         if let Some(bytes) = self.io.busy.as_mut().and_then(|b| b.replies.pop_front()) {
             return Some(Writing { bytes, written: 0, accepted_at: None });
         }
-        let lend = (self.conn.transport == Transport::WebSocket && self.io.socket.is_plain()).then(|| self.io.socket.as_raw_fd());
+        let lend = (self.conn.transport.is_websocket() && self.io.socket.is_plain()).then(|| self.io.socket.as_raw_fd());
         match self.conn.pop(&self.clients.metrics, lend) {
             Next::Write(popped) => {
                 let accepted_at = popped.message.as_ref().filter(|_| popped.queued).map(|m| m.accepted_at);
@@ -421,7 +424,16 @@ impl Serving<'_> {
         match event {
             ws::Event::Text(text) => {
                 self.count_command()?;
-                let handled = commands::handle(&text, self.conn, self.clients, &mut self.io.window);
+                let handled = match self.conn.transport {
+                    Transport::Pusher => match pusher::handle(&text, self.conn, self.clients, &mut self.io.window) {
+                        Ok(handled) => handled,
+                        Err(close) => {
+                            self.io.busy().replies.push_back(ws::close(close.code, close.reason));
+                            return Err(Stop(CloseReason::PolicyViolation));
+                        }
+                    },
+                    _ => commands::handle(&text, self.conn, self.clients, &mut self.io.window),
+                };
                 self.count_topic_changes(handled.topic_changes)?;
                 if !handled.reply.is_empty() {
                     self.reply(&handled.reply);

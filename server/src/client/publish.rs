@@ -166,7 +166,7 @@ impl Sending {
     async fn run(self, publish: Publish, data: String) {
         let topic = publish.topic.as_str();
         let except = (!publish.echo).then_some(self.conn.session.0);
-        let draft = Draft { id: self.id, publisher: CLIENTS_PUBLISHER, topic: Some(topic), data: &data, accepted_at: self.accepted_at, except };
+        let draft = Draft { id: self.id, publisher: CLIENTS_PUBLISHER, topic: Some(topic), data: &data, accepted_at: self.accepted_at, except, pusher: None };
         let job = Job { draft, target: Target::Topic(topic), key: None };
         let error = match self.registry.publish(&self.hub, &[job]).await.pop() {
             Some(Ok(Published::Delivered(..))) => {

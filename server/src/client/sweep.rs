@@ -97,7 +97,7 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
                 }
             }
             match conn.transport {
-                Transport::WebSocket => {
+                Transport::WebSocket | Transport::Pusher => {
                     if conn.silent_ms(now) >= idle_ms {
                         conn.request_close(CloseReason::IdleTimeout);
                     } else if ping_due {

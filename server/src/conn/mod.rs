@@ -73,6 +73,8 @@ pub struct Conn {
     /// Inline up to 24 bytes: most uids cost the record no allocation of their own.
     pub uid: CompactString,
     pub transport: Transport,
+    /// A Pusher connection's app, its index in the configured apps; 0 for the others.
+    pub app: u16,
     /// Seconds of the process clock when the connection opened.
     opened_s: u32,
     /// Milliseconds of the process clock, wrapping: only differences under 49 days are read.
@@ -119,12 +121,13 @@ pub struct ConnInfo {
 }
 
 impl Conn {
-    pub fn new(session: SessionId, uid: CompactString, transport: Transport, grant: Option<Grant>, address: u32, inbox: Arc<Inbox>) -> Conn {
+    pub fn new(session: SessionId, uid: CompactString, (transport, app): (Transport, u16), grant: Option<Grant>, address: u32, inbox: Arc<Inbox>) -> Conn {
         let now = clock::now_ms();
         Conn {
             session,
             uid,
             transport,
+            app,
             opened_s: (now / 1000) as u32,
             last_inbound_ms: AtomicU32::new(now as u32),
             signals: AtomicU8::new(0),
@@ -433,7 +436,7 @@ mod tests {
     /// A frame heard after the sweeper read its clock is not 49 days of silence.
     #[test]
     fn heard_after_the_sweeper_read_the_clock_is_not_silent() {
-        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0, Arc::default());
+        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), (Transport::WebSocket, 0), None, 0, Arc::default());
         let now = clock::now_ms() + 10_000;
         conn.heard_from(now - 250);
         assert_eq!(conn.silent_ms(now), 250);
@@ -450,7 +453,7 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let metrics = Metrics::new();
         let limits = Limits { max_messages: 8, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
-        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), Transport::WebSocket, None, 0, Arc::default());
+        let conn = Conn::new(SessionIds::new(0).next(), "u".into(), (Transport::WebSocket, 0), None, 0, Arc::default());
         assert!(matches!(conn.pop(&metrics, Some(ours.as_raw_fd())), Next::Nothing { lent: true }));
 
         let pong = crate::wire::ws::text(r#"{"type":"pong"}"#);

@@ -272,7 +272,7 @@ mod tests {
     fn pop_text(q: &mut Outbox, transport: Transport) -> Option<String> {
         let popped = q.pop(transport, 0, |_| panic!("nothing was sent twice"))?;
         let mut text = match transport {
-            Transport::WebSocket => String::from_utf8(crate::wire::ws::payload_of(&popped.bytes).to_vec()).unwrap(),
+            Transport::WebSocket | Transport::Pusher => String::from_utf8(crate::wire::ws::payload_of(&popped.bytes).to_vec()).unwrap(),
             Transport::Sse => String::from_utf8(popped.bytes.to_vec()).unwrap(),
         };
         if let Some(tail) = popped.tail {

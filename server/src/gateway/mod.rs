@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use crate::admission::{Admission, Reservation};
 use crate::auth::{Grant, Identity, Ticket, HELD};
 use crate::hooks;
+use crate::pusher;
 use crate::client::Clients;
 use crate::conn::io::{Io, Writing};
 use crate::conn::{Conn, Inbox};
@@ -29,7 +30,7 @@ use crate::history::{Cursor, Stream};
 use crate::http::{self, Head};
 use crate::session::{SessionId, SessionIds};
 use crate::socket::Socket;
-use crate::telemetry::{probes, CloseReason, Metrics};
+use crate::telemetry::{probes, CloseReason, Metrics, RefuseReason};
 use crate::wire::{self, Transport};
 
 pub struct Gateway {
@@ -77,14 +78,22 @@ impl Gateway {
         let hub = &self.clients.hub;
         let inbox = &self.inboxes[core];
         let session = self.session_ids.next();
-        let admitted = match self.admit(&head, peer, transport) {
-            Ok(admitted) => self.authorize(admitted, session, &head, peer, transport).await,
-            Err(error) => Err(error),
+        let app = match transport {
+            Transport::Pusher => match self.pusher_app(&head) {
+                Ok(app) => app,
+                Err((code, message)) => return self.refuse_pusher(&mut stream, &head, code, &message).await,
+            },
+            _ => 0,
+        };
+        let admitted = match (transport, self.admit(&head, peer, transport)) {
+            (Transport::Pusher, Ok(admitted)) => Ok(Admitted { identity: Identity { uid: pusher::uid(session), grant: None, info: None }, ..admitted }),
+            (_, Ok(admitted)) => self.authorize(admitted, session, &head, peer, transport).await,
+            (_, Err(error)) => Err(error),
         };
         let admitted = admitted.and_then(|admitted| {
             let address = admitted.reservation.hand_over();
             let Identity { uid, grant, info } = admitted.identity;
-            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(session, uid.into(), transport, grant, address, inbox.clone())));
+            let conn = Site::Sessions.scope(|| Arc::new(Conn::new(session, uid.into(), (transport, app), grant, address, inbox.clone())));
             if let (Some(info), Some(presence)) = (info, &self.clients.presence) {
                 presence.bring(conn.session.0, Arc::from(info));
             }
@@ -109,7 +118,7 @@ impl Gateway {
             }
         }
         let mut first = match transport {
-            Transport::WebSocket => ws::accept_response(&head),
+            Transport::WebSocket | Transport::Pusher => ws::accept_response(&head),
             Transport::Sse => sse::response(self.cors(&head)),
         }
         .into_bytes();
@@ -125,6 +134,7 @@ impl Gateway {
         let welcome = serde_json::to_string(&welcome).unwrap_or_default();
         match transport {
             Transport::WebSocket => first.extend_from_slice(&wire::ws::text(&welcome)),
+            Transport::Pusher => first.extend_from_slice(&wire::ws::text(&pusher::established(conn.session))),
             Transport::Sse => {
                 // A returning client's cursor stands until its `resumed` event: should this
                 // connection drop mid-replay, `EventSource` comes back with it again.
@@ -150,6 +160,33 @@ impl Gateway {
         probes::conn_open(conn.session.0, socket.as_raw_fd(), transport as u8);
         *conn.io() = Some(Site::ConnectionTask.scope(|| Io::new(socket, unsent, early)));
         inbox.arrive(conn);
+    }
+
+    /// The app a Pusher connection names (`/app/{key}?protocol=7`), or the close code and
+    /// message that refuse it.
+    fn pusher_app(&self, head: &Head) -> Result<u16, (u16, String)> {
+        let key = head.path.strip_prefix("/app/").unwrap_or_default();
+        let apps = self.clients.pusher.as_deref().filter(|apps| !apps.is_empty());
+        let Some((app, _)) = apps.and_then(|apps| apps.by_key(key)) else {
+            return Err((pusher::CLOSE_UNKNOWN_APP, format!("App key {key} does not exist")));
+        };
+        match head.query("protocol") {
+            Some(pusher::PROTOCOL) => Ok(app),
+            other => Err((pusher::CLOSE_PROTOCOL, format!("Unsupported protocol version {}: this server speaks 7", other.unwrap_or("(none)")))),
+        }
+    }
+
+    /// Refuses a Pusher connection as the protocol does: the WebSocket is opened, told
+    /// `pusher:error` and closed with `code`, so the client knows not to come back.
+    async fn refuse_pusher(&self, stream: &mut Socket, head: &Head, code: u16, message: &str) {
+        self.metrics.refused(RefuseReason::BadRequest);
+        if let Err(error) = ws::check_upgrade(head) {
+            return self.refuse(stream, &error).await;
+        }
+        let mut answer = ws::accept_response(head).into_bytes();
+        answer.extend_from_slice(&wire::ws::text(&pusher::error(Some(code), message)));
+        answer.extend_from_slice(&wire::ws::close(code, message));
+        http::write_and_close(stream, &answer).await;
     }
 
     /// Undoes a registration whose handshake failed after it: the connection's queue is
@@ -204,8 +241,14 @@ impl Gateway {
                 return Err(Error::new(Kind::Forbidden, format!("origin `{origin}` is not allowed (--allowed-origins)")));
             }
         }
-        if transport == Transport::WebSocket {
+        if transport.is_websocket() {
             ws::check_upgrade(head)?;
+        }
+        if transport == Transport::Pusher {
+            // Anonymous until it subscribes: a private channel's authorization says who.
+            let identity = Identity { uid: String::new(), grant: None, info: None };
+            let resume = resume::Request { cursor: None, mailbox: false };
+            return Ok(Admitted { identity, topics: Vec::new(), reservation: self.admission.reserve(peer)?, resume, plan: Vec::new() });
         }
         let auth = self.clients.auth.load();
         let mut identity = auth.authenticate(head.bearer(), head.query("uid"), head.query("info"))?;
@@ -283,9 +326,7 @@ impl Gateway {
         let broken = |what: String| Error::unavailable(format!("the connect hook's answer {what}"));
         let identity = &mut admitted.identity;
         if let Some(uid) = answer.uid {
-            if uid.is_empty() || uid.len() > crate::auth::MAX_UID_BYTES {
-                return Err(broken(format!("names a uid of {} bytes; uids are 1 to {} bytes", uid.len(), crate::auth::MAX_UID_BYTES)));
-            }
+            crate::auth::check_uid(&uid).map_err(|e| broken(format!("names a uid this server refuses: {e}")))?;
             identity.uid = uid;
         }
         if let Some(topics) = answer.topics {

@@ -35,7 +35,7 @@ use crate::history::memory::MemoryHistory;
 use crate::history::redis::{Appended, RedisHistory};
 use crate::history::resume::History;
 use crate::history::{Stream, GROUPS};
-use crate::wire::{open_envelope, Draft};
+use crate::wire::Draft;
 use crate::presence::{Page, Presence, Stats};
 use crate::webhooks::{EventKind, Webhooks};
 use members::Members;
@@ -442,7 +442,7 @@ impl Nodes {
         for job in jobs {
             let draft = &job.draft;
             let published_ms = published_ms(draft);
-            let envelope = open_envelope(draft.id, draft.topic, draft.data);
+            let envelope = draft.open_envelope();
             let relay = |group, target| Relay { origin: self.node, id: draft.id, published_ms, group: group as u8, sequence: 0, except: draft.except, target, envelope: "" }.encode();
             let mut streams = Vec::new();
             let own = match &job.target {

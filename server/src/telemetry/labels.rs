@@ -226,6 +226,8 @@ pub enum ApiRoute {
     Broadcast,
     Batch,
     Presence,
+    /// The Pusher HTTP API (`/apps/...`).
+    Pusher,
     Other,
 }
 

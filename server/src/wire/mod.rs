@@ -25,11 +25,19 @@ pub enum Transport {
     WebSocket,
     #[strum(serialize = "sse")]
     Sse,
+    /// A WebSocket speaking the Pusher Channels protocol (`/app/{key}`).
+    #[strum(serialize = "pusher")]
+    Pusher,
 }
 
 impl Transport {
     pub fn as_str(self) -> &'static str {
         self.into()
+    }
+
+    /// Whether it is framed as WebSocket frames.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Transport::WebSocket | Transport::Pusher)
     }
 }
 
@@ -98,13 +106,44 @@ pub fn envelope_position(envelope: &str) -> Option<Position> {
     Some(Position { key: StreamKey::parse(key)?, epoch: parse_epoch(epoch)?, offset: offset.parse().ok()? })
 }
 
+/// A Pusher event's name and channel: a message published with them is framed as Pusher
+/// clients read it, `{"event":..,"channel":..,"data":..}` (the fields after those, its id
+/// and position, are ignored by them).
+#[derive(Clone, Copy, Debug)]
+pub struct PusherEvent<'a> {
+    pub event: &'a str,
+    pub channel: &'a str,
+}
+
+fn write_open_pusher(out: &mut Vec<u8>, id: u64, pusher: PusherEvent<'_>, data: &str) {
+    use std::io::Write;
+    out.extend_from_slice(br#"{"event":"#);
+    let _ = serde_json::to_writer(&mut *out, pusher.event);
+    out.extend_from_slice(br#","channel":"#);
+    let _ = serde_json::to_writer(&mut *out, pusher.channel);
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(data.as_bytes());
+    let _ = write!(out, r#","id":"{id}""#);
+}
+
 impl Message {
     /// `data` is JSON, already checked and compacted ([`json::compact`]).
     pub fn new(id: u64, topic: Option<&str>, data: &str, position: Option<Position>, accepted_at: Instant) -> Message {
+        Message::framed(ENVELOPE_ROOM + data.len() + topic.map_or(0, str::len), |frame| write_open_envelope(frame, id, topic, data), id, position, accepted_at)
+    }
+
+    /// A Pusher event (see [`PusherEvent`]); `data` is JSON, checked.
+    pub fn pusher(id: u64, pusher: PusherEvent<'_>, data: &str, position: Option<Position>, accepted_at: Instant) -> Message {
+        let room = ENVELOPE_ROOM + data.len() + pusher.event.len() + pusher.channel.len();
+        Message::framed(room, |frame| write_open_pusher(frame, id, pusher, data), id, position, accepted_at)
+    }
+
+    /// A message whose envelope `open` writes up to its position, in about `room` bytes.
+    fn framed(room: usize, open: impl FnOnce(&mut Vec<u8>), id: u64, position: Option<Position>, accepted_at: Instant) -> Message {
         // Written once, straight into its WebSocket frame, after room for the longest header.
-        let mut frame = Vec::with_capacity(ws::MAX_HEADER + ENVELOPE_ROOM + data.len() + topic.map_or(0, str::len));
+        let mut frame = Vec::with_capacity(ws::MAX_HEADER + room);
         frame.resize(ws::MAX_HEADER, 0);
-        write_open_envelope(&mut frame, id, topic, data);
+        open(&mut frame);
         write_close_envelope(&mut frame, position.as_ref());
         let ws = ws::text_in(frame);
         let sse = sse::head("message", ws::payload_of(&ws));
@@ -139,7 +178,7 @@ impl Message {
     /// The bytes to write: a whole WebSocket frame, or an SSE event's head.
     pub fn bytes(&self, transport: Transport) -> &Bytes {
         match transport {
-            Transport::WebSocket => &self.ws,
+            Transport::WebSocket | Transport::Pusher => &self.ws,
             Transport::Sse => &self.sse,
         }
     }
@@ -156,11 +195,29 @@ pub struct Draft<'a> {
     pub accepted_at: Instant,
     /// A client's publish: its session, left out of the topic's delivery.
     pub except: Option<u64>,
+    /// A Pusher event: framed for Pusher clients.
+    pub pusher: Option<PusherEvent<'a>>,
 }
 
 impl Draft<'_> {
     pub fn frame(&self, position: Option<Position>) -> std::sync::Arc<Message> {
-        Site::Codec.scope(|| std::sync::Arc::new(Message::new(self.id, self.topic, self.data, position, self.accepted_at).except(self.except)))
+        let message = match self.pusher {
+            None => Message::new(self.id, self.topic, self.data, position, self.accepted_at),
+            Some(pusher) => Message::pusher(self.id, pusher, self.data, position, self.accepted_at),
+        };
+        Site::Codec.scope(|| std::sync::Arc::new(message.except(self.except)))
+    }
+
+    /// The envelope up to its position, for a Redis script to end (see [`open_envelope`]).
+    pub fn open_envelope(&self) -> String {
+        match self.pusher {
+            None => open_envelope(self.id, self.topic, self.data),
+            Some(pusher) => {
+                let mut out = Vec::with_capacity(ENVELOPE_ROOM + self.data.len());
+                write_open_pusher(&mut out, self.id, pusher, self.data);
+                String::from_utf8(out).unwrap_or_default()
+            }
+        }
     }
 }
 
@@ -168,7 +225,7 @@ impl Draft<'_> {
 /// (for SSE, an event's head).
 pub fn notice(transport: Transport, kind: &str, json: &str) -> Bytes {
     match transport {
-        Transport::WebSocket => ws::text(json),
+        Transport::WebSocket | Transport::Pusher => ws::text(json),
         Transport::Sse => sse::head(kind, json.as_bytes()),
     }
 }

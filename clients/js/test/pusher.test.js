@@ -1,0 +1,172 @@
+// The Pusher Channels protocol, spoken by clients no one here wrote: pusher-js (the
+// browser and Node client) connects, subscribes to public and private channels, sends and
+// receives client events; the `pusher` server library triggers events and batches through
+// the signed HTTP API, and a request with a wrong signature, a stale timestamp or a changed
+// body is refused.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash, createHmac } from "node:crypto";
+import Pusher from "pusher-js";
+import PusherServer from "pusher";
+
+import { freePort, startServer } from "../harness.js";
+
+const APP = { appId: "42", key: "app-key", secret: "app-secret-of-sixteen-bytes" };
+
+async function pusherServer(args = []) {
+  const port = await freePort();
+  const server = await startServer(port, ["--pusher-app", `${APP.appId}:${APP.key}:${APP.secret}`, ...args]);
+  const api = new PusherServer({ ...APP, host: "127.0.0.1", port: String(port), useTLS: false });
+  return { server, port, api };
+}
+
+/** A pusher-js client whose private channels are authorized by the server library. */
+function client(port, api, key = APP.key) {
+  return new Pusher(key, {
+    cluster: "local",
+    wsHost: "127.0.0.1",
+    wsPort: port,
+    forceTLS: false,
+    enabledTransports: ["ws"],
+    disableStats: true,
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => callback(null, api.authorizeChannel(socketId, channelName)),
+    },
+  });
+}
+
+function once(target, event, ms = 10000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${event} within ${ms} ms`)), ms);
+    target.bind(event, function handler(data) {
+      clearTimeout(timer);
+      target.unbind(event, handler);
+      resolve(data);
+    });
+  });
+}
+
+function connected(pusher) {
+  return new Promise((resolve, reject) => {
+    pusher.connection.bind("connected", () => resolve(pusher.connection.socket_id));
+    pusher.connection.bind("failed", () => reject(new Error("connection failed")));
+  });
+}
+
+test("pusher-js receives what the pusher library triggers on a public channel, once each", async () => {
+  const { server, port, api } = await pusherServer();
+  const pusher = client(port, api);
+  try {
+    const socketId = await connected(pusher);
+    assert.match(socketId, /^\d+\.\d+$/);
+    const channel = pusher.subscribe("news");
+    await once(channel, "pusher:subscription_succeeded");
+    const got = once(channel, "greet");
+    const response = await api.trigger("news", "greet", { hello: "world" });
+    assert.equal(response.status, 200);
+    assert.deepEqual(await got, { hello: "world" });
+    const batch = once(channel, "second");
+    await api.triggerBatch([
+      { channel: "elsewhere", name: "first", data: { n: 1 } },
+      { channel: "news", name: "second", data: { n: 2 } },
+    ]);
+    assert.deepEqual(await batch, { n: 2 });
+  } finally {
+    pusher.disconnect();
+    await server.stop();
+  }
+});
+
+test("private channels need the app's signature; client events reach the others, not the sender", async () => {
+  const { server, port, api } = await pusherServer(["--pusher-client-events"]);
+  const [alice, bob] = [client(port, api), client(port, api)];
+  try {
+    const [aliceId] = await Promise.all([connected(alice), connected(bob)]);
+    const [a, b] = [alice.subscribe("private-room"), bob.subscribe("private-room")];
+    await Promise.all([once(a, "pusher:subscription_succeeded"), once(b, "pusher:subscription_succeeded")]);
+
+    let aliceGotHerOwn = false;
+    a.bind("client-typing", () => (aliceGotHerOwn = true));
+    const typing = once(b, "client-typing");
+    assert.ok(a.trigger("client-typing", { who: "alice" }));
+    assert.deepEqual(await typing, { who: "alice" });
+
+    // Excluding alice's socket: bob gets it, and then the next event shows alice got neither.
+    const toBob = once(b, "note");
+    await api.trigger("private-room", "note", "for bob", { socket_id: aliceId });
+    assert.equal(await toBob, "for bob");
+    const both = once(a, "after");
+    await api.trigger("private-room", "after", "all");
+    assert.equal(await both, "all");
+    assert.equal(aliceGotHerOwn, false, "a client event is not sent back to its sender");
+
+    // A forged authorization is refused on that channel alone.
+    const forger = new Pusher(APP.key, {
+      cluster: "local", wsHost: "127.0.0.1", wsPort: port, forceTLS: false, enabledTransports: ["ws"], disableStats: true,
+      channelAuthorization: { customHandler: (_params, callback) => callback(null, { auth: `${APP.key}:${"0".repeat(64)}` }) },
+    });
+    try {
+      await connected(forger);
+      const refused = once(forger.subscribe("private-room"), "pusher:subscription_error");
+      assert.equal((await refused).status, 401);
+    } finally {
+      forger.disconnect();
+    }
+  } finally {
+    alice.disconnect();
+    bob.disconnect();
+    await server.stop();
+  }
+});
+
+test("an unknown app key is refused with the protocol's 4001, and pusher-js does not retry", async () => {
+  const { server, port, api } = await pusherServer();
+  const pusher = client(port, api, "no-such-key");
+  const states = [];
+  pusher.connection.bind("state_change", ({ current }) => states.push(current));
+  const disconnected = once(pusher.connection, "disconnected");
+  try {
+    // During the handshake pusher-js wraps the server's pusher:error.
+    const error = await once(pusher.connection, "error");
+    assert.equal(error.error.data.code, 4001);
+    assert.match(error.error.data.message, /no-such-key/);
+    await disconnected;
+    // A refusal (4000-4099) is not retried: a retry would be `connecting` again within
+    // pusher-js's first backoff (1 s).
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.deepEqual(states, ["disconnected"], "no `connecting` after the refusal");
+  } finally {
+    pusher.disconnect();
+    await server.stop();
+  }
+});
+
+test("the HTTP API refuses a wrong signature, a stale timestamp and a changed body, saying which", async () => {
+  const { server, port } = await pusherServer();
+  try {
+    const body = JSON.stringify({ name: "e", channel: "news", data: "{}" });
+    const md5 = (text) => createHash("md5").update(text).digest("hex");
+    const send = async ({ timestamp = Math.floor(Date.now() / 1000), secret = APP.secret, sentBody = body } = {}) => {
+      const path = `/apps/${APP.appId}/events`;
+      const query = `auth_key=${APP.key}&auth_timestamp=${timestamp}&auth_version=1.0&body_md5=${md5(body)}`;
+      const signature = createHmac("sha256", secret).update(`POST\n${path}\n${query}`).digest("hex");
+      const response = await fetch(`http://127.0.0.1:${port}${path}?${query}&auth_signature=${signature}`, {
+        method: "POST", headers: { "content-type": "application/json" }, body: sentBody,
+      });
+      return { status: response.status, text: await response.text() };
+    };
+    assert.equal((await send()).status, 200);
+    const wrong = await send({ secret: "not-the-apps-secret" });
+    assert.equal(wrong.status, 401);
+    assert.match(wrong.text, /Invalid signature/);
+    const stale = await send({ timestamp: Math.floor(Date.now() / 1000) - 3600 });
+    assert.equal(stale.status, 401);
+    assert.match(stale.text, /Timestamp expired/);
+    const changed = await send({ sentBody: body.replace("news", "other") });
+    assert.equal(changed.status, 401);
+    assert.match(changed.text, /body_md5/);
+  } finally {
+    await server.stop();
+  }
+});

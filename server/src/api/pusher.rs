@@ -1,0 +1,221 @@
+//! The Pusher HTTP API (`/apps/{app_id}/...`), for the Pusher server libraries:
+//! `POST /apps/{id}/events` (an event to one or many channels, `socket_id` left out) and
+//! `POST /apps/{id}/batch_events` (up to 10 events). Every request is signed with the
+//! app's secret: `auth_key`, `auth_timestamp` (within 600 s), `auth_version=1.0`,
+//! `body_md5`, and `auth_signature = HMAC-SHA256(secret, "METHOD\nPATH\nsorted query")`;
+//! a request that fails any of them is a 401 that says which.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use md5::{Digest, Md5};
+use serde::Deserialize;
+
+use super::{json, Api, Reply};
+use crate::auth::api_keys::CLIENTS_PUBLISHER;
+use crate::error::{Error, Kind};
+use crate::pusher::{self, App};
+use crate::registry::relay::Target;
+use crate::registry::{Job, Published};
+use crate::telemetry::PublishKind;
+use crate::wire::{Draft, PusherEvent};
+
+/// How far a request's `auth_timestamp` may be from now, in seconds.
+const MAX_SKEW: u64 = 600;
+/// Most channels one event goes to, and most events in a batch (the protocol's limits).
+const MAX_CHANNELS: usize = 100;
+const MAX_BATCH: usize = 10;
+
+#[derive(Deserialize)]
+struct Event {
+    name: String,
+    data: String,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    socket_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    batch: Vec<Event>,
+}
+
+fn unauthorized(message: impl Into<String>) -> Error {
+    Error::new(Kind::Unauthorized, message)
+}
+
+/// Checks a request's signature against `app`'s secret.
+fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body: &[u8]) -> Result<(), Error> {
+    let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    if param("auth_key") != Some(app.key.as_str()) {
+        return Err(unauthorized("auth_key is not this app's key"));
+    }
+    if param("auth_version") != Some("1.0") {
+        return Err(unauthorized("auth_version must be 1.0"));
+    }
+    let now = crate::clock::wall_ms() / 1000;
+    match param("auth_timestamp").and_then(|t| t.parse::<u64>().ok()) {
+        Some(t) if t.abs_diff(now) <= MAX_SKEW => {}
+        Some(t) => return Err(unauthorized(format!("Timestamp expired: auth_timestamp {t} is more than {MAX_SKEW} s from the server's time {now}"))),
+        None => return Err(unauthorized("auth_timestamp is missing")),
+    }
+    if !body.is_empty() {
+        let md5: String = Md5::digest(body).iter().map(|b| format!("{b:02x}")).collect();
+        if param("body_md5") != Some(md5.as_str()) {
+            return Err(unauthorized("body_md5 is not the MD5 of the body: the body was changed, or not signed"));
+        }
+    }
+    let mut signed: Vec<(String, &str)> = query.iter().filter(|(k, _)| k != "auth_signature").map(|(k, v)| (k.to_ascii_lowercase(), v.as_str())).collect();
+    signed.sort();
+    let signed: Vec<String> = signed.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let expected = pusher::sign(&app.secret, &format!("{method}\n{path}\n{}", signed.join("&")));
+    match param("auth_signature") {
+        Some(given) if crate::auth::same_secret(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        _ => Err(unauthorized("Invalid signature: auth_signature is not HMAC-SHA256 of \"METHOD\\nPATH\\nsorted query\" with the app's secret")),
+    }
+}
+
+impl Api {
+    /// A request to the Pusher HTTP API.
+    pub(super) async fn pusher(&self, req: Request<Incoming>) -> Result<Reply, Error> {
+        let not_found = || Error::new(Kind::NotFound, format!("no Pusher endpoint {}; see POST /apps/{{id}}/events and /apps/{{id}}/batch_events", req.uri().path()));
+        let apps = self.pusher.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "no Pusher apps are configured (--pusher-app)"))?;
+        let path = req.uri().path().to_owned();
+        let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
+        let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(not_found()) };
+        let (_, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
+        if !matches!(endpoint, "events" | "batch_events") {
+            return Err(not_found());
+        }
+        if req.method() != hyper::Method::POST {
+            return Err(Error::new(Kind::MethodNotAllowed, "use POST"));
+        }
+        if !self.shutdown.is_serving() {
+            return Err(Error::new(Kind::ShuttingDown, "this node is shutting down; send to another"));
+        }
+        let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
+        let method = req.method().as_str().to_owned();
+        let body = self.pusher_body(req).await?;
+        verify(app, &method, &path, &query, &body)?;
+        let events = match endpoint {
+            "events" => vec![serde_json::from_slice::<Event>(&body).map_err(|e| Error::bad_request(format!("bad event: {e}")))?],
+            _ => {
+                let batch = serde_json::from_slice::<Batch>(&body).map_err(|e| Error::bad_request(format!("bad batch: {e}")))?.batch;
+                if batch.len() > MAX_BATCH {
+                    return Err(Error::new(Kind::PayloadTooLarge, format!("a batch holds at most {MAX_BATCH} events; this one {}", batch.len())));
+                }
+                batch
+            }
+        };
+        self.trigger(app, &events).await?;
+        Ok(json(StatusCode::OK, "{}".into()))
+    }
+
+    /// The body, within the size a batch of events may have.
+    async fn pusher_body(&self, req: Request<Incoming>) -> Result<Bytes, Error> {
+        let limit = MAX_BATCH * (self.max_message_bytes + 4096);
+        let kib = limit.div_ceil(1024) as u32;
+        let Ok(_permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
+            return Err(Error::new(Kind::Overloaded, "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later"));
+        };
+        match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
+            Ok(Ok(body)) => Ok(body.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes"))),
+            Ok(Err(e)) => Err(Error::bad_request(format!("could not read body: {e}"))),
+            Err(_) => Err(Error::new(Kind::Timeout, "request body not received in time")),
+        }
+    }
+
+    /// Publishes each event to each of its channels; all are checked first.
+    async fn trigger(&self, app: &App, events: &[Event]) -> Result<(), Error> {
+        let mut planned = Vec::new();
+        for event in events {
+            if event.name.is_empty() || event.name.len() > pusher::MAX_CHANNEL {
+                return Err(Error::bad_request("event names are 1 to 200 characters"));
+            }
+            if event.data.len() > self.max_message_bytes {
+                return Err(Error::new(Kind::PayloadTooLarge, format!("event data is {} bytes; the limit is {}", event.data.len(), self.max_message_bytes)));
+            }
+            let channels: Vec<&str> = match (&event.channel, &event.channels) {
+                (Some(one), None) => vec![one.as_str()],
+                (None, Some(many)) if !many.is_empty() && many.len() <= MAX_CHANNELS => many.iter().map(String::as_str).collect(),
+                _ => return Err(Error::bad_request(format!("name the event's `channel`, or 1 to {MAX_CHANNELS} `channels`"))),
+            };
+            for channel in &channels {
+                pusher::check_channel(channel).map_err(Error::bad_request)?;
+            }
+            let except = match &event.socket_id {
+                Some(socket_id) => Some(pusher::session_of(socket_id).ok_or_else(|| Error::bad_request(format!("socket_id `{socket_id}` is not a socket id")))?.0),
+                None => None,
+            };
+            // The protocol's event data is a string: framed as the JSON string it is.
+            let data = serde_json::to_string(&event.data).unwrap_or_default();
+            for channel in channels {
+                planned.push((event, channel, pusher::topic(app, channel), except, data.clone(), self.message_ids.next()));
+            }
+        }
+        if let Some(queued) = self.metrics.over_queue_budget(self.node_queue_max_bytes) {
+            return Err(Error::new(Kind::Overloaded, format!("node has {queued} bytes queued for slow clients, over its budget; retry later")));
+        }
+        let accepted_at = Instant::now();
+        let jobs: Vec<Job> = planned
+            .iter()
+            .map(|(event, channel, topic, except, data, id)| Job {
+                draft: Draft {
+                    id: *id,
+                    publisher: CLIENTS_PUBLISHER,
+                    topic: Some(topic),
+                    data,
+                    accepted_at,
+                    except: *except,
+                    pusher: Some(PusherEvent { event: &event.name, channel }),
+                },
+                target: Target::Topic(topic),
+                key: None,
+            })
+            .collect();
+        for answer in self.registry.publish(&self.hub, &jobs).await {
+            match answer {
+                Ok(Published::Delivered(..)) => self.metrics.published(PublishKind::Topic),
+                Ok(_) => {}
+                Err(e) => return Err(Error::unavailable(format!("registry unavailable: the event may not have reached every subscriber: {}", e.reason))),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_signed_as_the_protocol_says_verifies() {
+        // The worked example of Pusher's HTTP API documentation ("Generating
+        // authentication signatures"), with its timestamp taken as now.
+        let app = App { id: "3".into(), key: "278d425bdf160c739803".into(), secret: "7ad3773142a6692b25b8".into() };
+        let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
+        let md5: String = Md5::digest(body).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(md5, "ec365a775a4cd0599faeb73354201b6f");
+        let now = (crate::clock::wall_ms() / 1000).to_string();
+        let mut query = vec![
+            ("auth_key".to_owned(), app.key.clone()),
+            ("auth_timestamp".to_owned(), now.clone()),
+            ("auth_version".to_owned(), "1.0".to_owned()),
+            ("body_md5".to_owned(), md5.clone()),
+        ];
+        let signature = pusher::sign(&app.secret, &format!("POST\n/apps/3/events\nauth_key={}&auth_timestamp={now}&auth_version=1.0&body_md5={md5}", app.key));
+        query.push(("auth_signature".to_owned(), signature));
+        assert!(verify(&app, "POST", "/apps/3/events", &query, body).is_ok());
+        let changed = br#"{"name":"foo","channels":["project-4"],"data":"{\"some\":\"data\"}"}"#;
+        assert!(verify(&app, "POST", "/apps/3/events", &query, changed).unwrap_err().message.contains("body_md5"));
+        query[1].1 = "1353088179".into();
+        assert!(verify(&app, "POST", "/apps/3/events", &query, body).unwrap_err().message.contains("Timestamp expired"));
+    }
+}

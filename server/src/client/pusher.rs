@@ -1,0 +1,196 @@
+//! What a Pusher client may say (protocol 7): `pusher:ping`; `pusher:subscribe` to a
+//! public channel, or to a private one (`private-`, `private-encrypted-`) with the
+//! authorization its application signed; `pusher:unsubscribe`; and `client-` events on a
+//! private channel it holds, when the apps allow them (`--pusher-client-events`), at most
+//! 10 a second. Presence and cache channels are refused with a `pusher:subscription_error`
+//! that says so: they are not served yet.
+//!
+//! A client event goes out like a client's publish: through the registry, to the
+//! channel's subscribers on every node, not back to its sender.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::commands::Handled;
+use super::Clients;
+use crate::auth::api_keys::CLIENTS_PUBLISHER;
+use crate::conn::io::Window;
+use crate::conn::Conn;
+use crate::pusher::{self, App, Kind};
+use crate::registry::relay::Target;
+use crate::registry::Job;
+use crate::telemetry::{ClientError, DropReason};
+use crate::wire::{json, ws, Draft, PusherEvent};
+
+/// A reason to close the connection, with the protocol's code.
+pub struct Close {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    channel: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Subscription {
+    channel: String,
+    #[serde(default)]
+    auth: Option<String>,
+}
+
+fn reply(text: &str) -> Handled {
+    Handled { reply: ws::text(text), topic_changes: 0 }
+}
+
+fn error(clients: &Clients, reason: ClientError, message: &str) -> Handled {
+    clients.metrics.client_error(reason);
+    reply(&pusher::error(None, message))
+}
+
+/// The `data` of a `pusher:` event: an object, or (as some clients send it) a string
+/// holding one.
+fn data_of<'d, T: Deserialize<'d>>(data: Option<&'d RawValue>) -> Option<T> {
+    let data = data?;
+    serde_json::from_str(data.get()).ok()
+}
+
+fn subscription_error(channel: &str, kind: &str, status: u16, message: &str) -> Handled {
+    let data = serde_json::json!({ "type": kind, "error": message, "status": status }).to_string();
+    reply(&pusher::frame("pusher:subscription_error", Some(channel), &data))
+}
+
+/// Carries out one Pusher frame from `conn`, whose command window is `window`.
+pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Window) -> Result<Handled, Close> {
+    let Some(app) = clients.pusher.as_deref().and_then(|apps| apps.get(conn.app)) else {
+        return Err(Close { code: pusher::CLOSE_UNKNOWN_APP, reason: "the app is no longer configured" });
+    };
+    let frame: Frame = match serde_json::from_str(text) {
+        Ok(frame) => frame,
+        Err(e) => return Ok(error(clients, ClientError::BadJson, &format!("bad JSON: {e}"))),
+    };
+    match &*frame.event {
+        "pusher:ping" => Ok(reply(r#"{"event":"pusher:pong","data":"{}"}"#)),
+        "pusher:pong" => Ok(Handled { reply: Bytes::new(), topic_changes: 0 }),
+        "pusher:subscribe" => {
+            let subscription = data_of::<Subscription>(frame.data).or_else(|| data_of::<String>(frame.data).and_then(|s| serde_json::from_str(&s).ok()));
+            match subscription {
+                Some(subscription) => Ok(subscribe(conn, clients, app, subscription)),
+                None => Ok(error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`")),
+            }
+        }
+        "pusher:unsubscribe" => {
+            #[derive(Deserialize)]
+            struct Unsubscription {
+                channel: String,
+            }
+            match data_of::<Unsubscription>(frame.data) {
+                Some(u) => {
+                    clients.hub.unsubscribe(conn, &[pusher::topic(app, &u.channel)]);
+                    Ok(Handled { reply: Bytes::new(), topic_changes: 1 })
+                }
+                None => Ok(error(clients, ClientError::BadJson, "pusher:unsubscribe needs data with a `channel`")),
+            }
+        }
+        event if event.starts_with("client-") => client_event(conn, clients, app, event, frame.channel.as_deref(), frame.data, window),
+        event => Ok(error(clients, ClientError::UnknownType, &format!("unknown event `{event}`; expected pusher:ping, pusher:subscribe, pusher:unsubscribe or a client- event"))),
+    }
+}
+
+fn subscribe(conn: &Arc<Conn>, clients: &Clients, app: &App, subscription: Subscription) -> Handled {
+    let channel = subscription.channel.as_str();
+    if let Err(e) = pusher::check_channel(channel) {
+        clients.metrics.client_error(ClientError::BadTopic);
+        return subscription_error(channel, "InvalidChannel", 400, &e);
+    }
+    match Kind::of(channel) {
+        Kind::Public => {}
+        Kind::Private => {
+            let socket_id = pusher::socket_id(conn.session);
+            let auth = subscription.auth.as_deref().unwrap_or_default();
+            if !pusher::authorized(app, auth, &socket_id, channel, None) {
+                clients.metrics.client_error(ClientError::Forbidden);
+                return subscription_error(channel, "AuthError", 401, &format!("Invalid signature: expected HMAC-SHA256 of `{socket_id}:{channel}` with the app's secret"));
+            }
+        }
+        Kind::Presence | Kind::Cache => {
+            clients.metrics.client_error(ClientError::Forbidden);
+            return subscription_error(channel, "NotSupported", 501, "presence and cache channels are not served by this server yet");
+        }
+    }
+    match clients.hub.subscribe(conn, &[pusher::topic(app, channel)]) {
+        Ok(()) => Handled { reply: ws::text(&pusher::frame("pusher_internal:subscription_succeeded", Some(channel), r#""{}""#)), topic_changes: 1 },
+        Err(message) => {
+            clients.metrics.client_error(ClientError::TooManyTopics);
+            subscription_error(channel, "LimitReached", 400, &message)
+        }
+    }
+}
+
+fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, channel: Option<&str>, data: Option<&RawValue>, window: &mut Window) -> Result<Handled, Close> {
+    let apps = clients.pusher.as_deref().map_or(false, |apps| apps.client_events);
+    if !apps {
+        return Ok(error(clients, ClientError::Forbidden, "To send client events, you must enable this feature (--pusher-client-events)"));
+    }
+    let Some(channel) = channel else { return Ok(error(clients, ClientError::BadJson, "a client event needs a `channel`")) };
+    if Kind::of(channel) != Kind::Private {
+        return Ok(error(clients, ClientError::Forbidden, "client events are sent on private channels only"));
+    }
+    let topic = pusher::topic(app, channel);
+    if !conn.state().topics.iter().any(|t| **t == *topic) {
+        return Ok(error(clients, ClientError::Forbidden, &format!("not subscribed to `{channel}`: subscribe before sending client events on it")));
+    }
+    if event.len() > pusher::MAX_CHANNEL {
+        return Ok(error(clients, ClientError::BadJson, "event names are at most 200 characters"));
+    }
+    if window.publishes >= pusher::CLIENT_EVENTS_PER_SECOND {
+        clients.metrics.client_error(ClientError::PublishRate);
+        return Err(Close { code: pusher::CLOSE_CLIENT_EVENTS_RATE, reason: "Client event rejected - only 10 accepted per second" });
+    }
+    window.publishes += 1;
+    let publishing = &clients.publishing;
+    let data = data.map_or("null", RawValue::get);
+    if data.len() > publishing.max_message_bytes {
+        return Ok(error(clients, ClientError::TooLarge, &format!("event data is {} bytes; at most {}", data.len(), publishing.max_message_bytes)));
+    }
+    let Ok(data) = json::compact(data).map(Cow::into_owned) else {
+        return Ok(error(clients, ClientError::BadJson, "event data nests too deep"));
+    };
+    let kib = (data.len() + topic.len()).div_ceil(1024).max(1) as u32;
+    let Ok(held) = publishing.bytes_in_flight.clone().try_acquire_many_owned(kib) else {
+        clients.metrics.dropped(DropReason::NodeOverBudget, 1);
+        return Ok(error(clients, ClientError::OverBudget, "this node has too many publishes in hand; send later"));
+    };
+    let (id, registry, hub, metrics) = (publishing.message_ids.next(), publishing.registry.clone(), clients.hub.clone(), clients.metrics.clone());
+    let (event, channel, session) = (event.to_owned(), channel.to_owned(), conn.session.0);
+    let accepted_at = Instant::now();
+    tokio::spawn(async move {
+        let _held = held;
+        let draft = Draft {
+            id,
+            publisher: CLIENTS_PUBLISHER,
+            topic: Some(&topic),
+            data: &data,
+            accepted_at,
+            except: Some(session),
+            pusher: Some(PusherEvent { event: &event, channel: &channel }),
+        };
+        let job = Job { draft, target: Target::Topic(&topic), key: None };
+        if let Some(Err(e)) = registry.publish(&hub, &[job]).await.pop() {
+            metrics.dropped(DropReason::RegistryUnavailable, 1);
+            tracing::debug!(error = %e.reason, "a Pusher client event did not reach every node");
+        }
+    });
+    Ok(Handled { reply: Bytes::new(), topic_changes: 0 })
+}

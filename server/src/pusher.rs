@@ -1,0 +1,235 @@
+//! The Pusher Channels protocol (version 7), the parts every side of it shares: the apps
+//! (`--pusher-app ID:KEY:SECRET`), channel names and the topics they are here, socket
+//! ids, the frames, and the signatures (channel authorization, signed API requests).
+//!
+//! Pusher is an adapter over the same core as the native protocol: a channel of an app is
+//! a hub topic in a namespace native clients cannot reach (`pusher:<app id>:<channel>`),
+//! a Pusher connection is a `Conn` whose transport is [`Transport::Pusher`], and an event
+//! is a message framed for Pusher clients ([`crate::wire::PusherEvent`]). What the
+//! clients say is read in `client::pusher`; the HTTP API is `api::pusher`.
+//!
+//! [`Transport::Pusher`]: crate::wire::Transport::Pusher
+
+use crate::session::SessionId;
+
+/// Topics (and uids) starting with this are the Pusher protocol's.
+pub const PREFIX: &str = "pusher:";
+
+/// The protocol version spoken.
+pub const PROTOCOL: &str = "7";
+/// Seconds of silence after which a client pings (`pusher:connection_established`).
+pub const ACTIVITY_TIMEOUT: u32 = 120;
+/// Longest channel name, in characters (all ASCII).
+pub const MAX_CHANNEL: usize = 200;
+/// Client events a connection may send per second (the protocol's default).
+pub const CLIENT_EVENTS_PER_SECOND: u16 = 10;
+
+/// Close codes: 4000-4099 tell the client not to reconnect, 4100-4199 to back off,
+/// 4200-4299 to reconnect at once.
+pub const CLOSE_UNKNOWN_APP: u16 = 4001;
+pub const CLOSE_PROTOCOL: u16 = 4007;
+pub const CLOSE_OVER_CAPACITY: u16 = 4100;
+pub const CLOSE_RECONNECT: u16 = 4200;
+pub const CLOSE_NO_PONG: u16 = 4201;
+pub const CLOSE_CLIENT_EVENTS_RATE: u16 = 4301;
+
+pub struct App {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+}
+
+/// The configured apps; a connection holds its app's index.
+pub struct Apps {
+    apps: Vec<App>,
+    /// Whether clients may send `client-` events on private channels.
+    pub client_events: bool,
+}
+
+impl Apps {
+    /// Apps from `ID:KEY:SECRET` specifications.
+    pub fn parse(specs: &[String], client_events: bool) -> Result<Apps, String> {
+        let mut apps: Vec<App> = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let mut parts = spec.splitn(3, ':');
+            let (Some(id), Some(key), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err("--pusher-app is ID:KEY:SECRET".into());
+            };
+            // An id of at most 40 keeps every channel's topic within a topic's 256 bytes.
+            let name_ok = |s: &str, most: usize| !s.is_empty() && s.len() <= most && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !name_ok(id, 40) || !name_ok(key, 64) {
+                return Err(format!("--pusher-app `{id}:{key}:..`: the id is 1 to 40 and the key 1 to 64 letters, digits, `-`, `_` or `.`"));
+            }
+            if secret.len() < 16 {
+                return Err(format!("--pusher-app `{id}`: the secret is {} bytes; use at least 16 random bytes", secret.len()));
+            }
+            if apps.iter().any(|a| a.id == id || a.key == key) {
+                return Err(format!("--pusher-app `{id}:{key}`: an app with that id or key is already configured"));
+            }
+            apps.push(App { id: id.to_owned(), key: key.to_owned(), secret: secret.to_owned() });
+        }
+        if apps.len() > u16::MAX as usize {
+            return Err("too many --pusher-app".into());
+        }
+        Ok(Apps { apps, client_events })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty()
+    }
+
+    pub fn get(&self, index: u16) -> Option<&App> {
+        self.apps.get(index as usize)
+    }
+
+    pub fn by_key(&self, key: &str) -> Option<(u16, &App)> {
+        self.apps.iter().enumerate().find(|(_, a)| a.key == key).map(|(i, a)| (i as u16, a))
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<(u16, &App)> {
+        self.apps.iter().enumerate().find(|(_, a)| a.id == id).map(|(i, a)| (i as u16, a))
+    }
+}
+
+/// What kind of channel a name is, by its prefix.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Kind {
+    Public,
+    /// `private-` and `private-encrypted-` (whose payloads are relayed as sent).
+    Private,
+    Presence,
+    /// `cache-`, `private-cache-`, `presence-cache-`: not served yet.
+    Cache,
+}
+
+impl Kind {
+    pub fn of(channel: &str) -> Kind {
+        if channel.starts_with("cache-") || channel.starts_with("private-cache-") || channel.starts_with("presence-cache-") {
+            Kind::Cache
+        } else if channel.starts_with("private-") {
+            Kind::Private
+        } else if channel.starts_with("presence-") {
+            Kind::Presence
+        } else {
+            Kind::Public
+        }
+    }
+}
+
+/// Checks a channel name: 1 to 200 of `A-Z a-z 0-9 _ - = @ , . ;`.
+pub fn check_channel(channel: &str) -> Result<(), String> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b);
+    if channel.is_empty() || channel.len() > MAX_CHANNEL || !channel.bytes().all(allowed) {
+        return Err(format!("channel names are 1 to {MAX_CHANNEL} of A-Z a-z 0-9 _ - = @ , . ;"));
+    }
+    Ok(())
+}
+
+/// The hub topic of `channel` of `app`.
+pub fn topic(app: &App, channel: &str) -> String {
+    format!("{PREFIX}{}:{channel}", app.id)
+}
+
+/// The channel a topic of `app` is, if it is one.
+pub fn channel_of<'t>(app: &App, topic: &'t str) -> Option<&'t str> {
+    topic.strip_prefix(PREFIX)?.strip_prefix(app.id.as_str())?.strip_prefix(':')
+}
+
+/// A connection's socket id, `<node>.<counter>` of its session: unique across nodes.
+pub fn socket_id(session: SessionId) -> String {
+    format!("{}.{}", session.node(), session.counter())
+}
+
+/// The session a socket id names.
+pub fn session_of(socket_id: &str) -> Option<SessionId> {
+    let (node, counter) = socket_id.split_once('.')?;
+    SessionId::from_parts(node.parse().ok()?, counter.parse().ok()?)
+}
+
+/// The uid of a Pusher connection: its socket id, in the protocol's namespace.
+pub fn uid(session: SessionId) -> String {
+    format!("{PREFIX}{}", socket_id(session))
+}
+
+/// A frame: `{"event":..,"channel":..,"data":..}`; `data` is JSON (the protocol's own
+/// events carry a JSON string holding JSON).
+pub fn frame(event: &str, channel: Option<&str>, data: &str) -> String {
+    let mut out = String::with_capacity(64 + data.len());
+    out.push_str(r#"{"event":"#);
+    out.push_str(&serde_json::to_string(event).unwrap_or_default());
+    if let Some(channel) = channel {
+        out.push_str(r#","channel":"#);
+        out.push_str(&serde_json::to_string(channel).unwrap_or_default());
+    }
+    out.push_str(r#","data":"#);
+    out.push_str(data);
+    out.push('}');
+    out
+}
+
+/// `data` as the JSON string the protocol's events carry.
+pub fn stringified(data: &serde_json::Value) -> String {
+    serde_json::to_string(&data.to_string()).unwrap_or_default()
+}
+
+/// `pusher:connection_established`.
+pub fn established(session: SessionId) -> String {
+    let data = serde_json::json!({ "socket_id": socket_id(session), "activity_timeout": ACTIVITY_TIMEOUT });
+    frame("pusher:connection_established", None, &stringified(&data))
+}
+
+/// `pusher:error` with a code (None: no code).
+pub fn error(code: Option<u16>, message: &str) -> String {
+    frame("pusher:error", None, &serde_json::json!({ "code": code, "message": message }).to_string())
+}
+
+/// Hex HMAC-SHA256 of `text` with `secret`.
+pub fn sign(secret: &str, text: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::sign(&key, text.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `auth` (`KEY:hex signature`) authorizes `socket_id` on `channel`: the
+/// signature covers `socket_id:channel`, and `:channel_data` for a presence channel.
+/// Compared in constant time.
+pub fn authorized(app: &App, auth: &str, socket_id: &str, channel: &str, channel_data: Option<&str>) -> bool {
+    let Some((key, signature)) = auth.split_once(':') else { return false };
+    let mut signed = format!("{socket_id}:{channel}");
+    if let Some(data) = channel_data {
+        signed.push(':');
+        signed.push_str(data);
+    }
+    key == app.key && crate::auth::same_secret(signature.as_bytes(), sign(&app.secret, &signed).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        App { id: "1".into(), key: "278d425bdf160c739803".into(), secret: "7ad3773142a6692b25b8".into() }
+    }
+
+    #[test]
+    fn a_private_channel_signature_is_the_protocols() {
+        // The example in Pusher's channel authorization documentation.
+        let auth = "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
+        assert!(authorized(&app(), auth, "1234.1234", "private-foobar", None));
+        assert!(!authorized(&app(), auth, "1234.1235", "private-foobar", None));
+        assert!(!authorized(&app(), auth, "1234.1234", "private-foobaz", None));
+    }
+
+    #[test]
+    fn socket_ids_name_their_session_and_topics_their_channel() {
+        let session = SessionId::from_parts(3, 77).unwrap();
+        assert_eq!(socket_id(session), "3.77");
+        assert_eq!(session_of("3.77"), Some(session));
+        assert_eq!(session_of("3.x"), None);
+        assert_eq!(channel_of(&app(), &topic(&app(), "private-a")), Some("private-a"));
+        assert_eq!(channel_of(&app(), "pusher:12:private-a"), None);
+        assert!(check_channel("private-encrypted-a=b@c,d.e;f_g").is_ok());
+        assert!(check_channel("a b").is_err() && check_channel(&"a".repeat(201)).is_err());
+        assert_eq!(Kind::of("presence-cache-x"), Kind::Cache);
+        assert_eq!(Kind::of("private-encrypted-x"), Kind::Private);
+    }
+}
