@@ -39,22 +39,7 @@ impl Application {
     /// host, whose connects give up after `connect_timeout`. Redirects are not followed: a
     /// hook's answer is its own.
     pub fn new(ca: Option<&Path>, idle_per_host: usize, connect_timeout: Duration) -> Result<Application, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
-            Some(path) => {
-                let bad = |e: &dyn std::fmt::Display| Error::config(format!("--hook-ca {}: {e}", path.display()));
-                for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
-                    roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-                }
-            }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                let (added, _) = roots.add_parsable_certificates(found.certs);
-                if added == 0 {
-                    tracing::warn!(errors = ?found.errors, "no system root certificates found: https:// hooks and webhooks will fail (install ca-certificates, or set --hook-ca)");
-                }
-            }
-        }
+        let roots = roots(ca)?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::config(format!("TLS for hooks: {e}")))?
@@ -89,6 +74,31 @@ impl Application {
             .to_bytes();
         Ok(Answer { status, body })
     }
+}
+
+/// The certificates `https://` applications are checked against: `--hook-ca`'s alone
+/// when set (at least one), else the system's.
+pub fn roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let bad = |e: &dyn std::fmt::Display| Error::config(format!("--hook-ca {}: {e}", path.display()));
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(&"no PEM certificate in it"));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::warn!(errors = ?found.errors, "no system root certificates found: https:// hooks and webhooks will fail (install ca-certificates, or set --hook-ca)");
+            }
+        }
+    }
+    Ok(roots)
 }
 
 /// An application URL, `http://` or `https://`.

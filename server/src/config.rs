@@ -165,12 +165,14 @@ pub struct Config {
     /// the uid, the token's claims, the address, the topics and --hook-forward-headers);
     /// 200 admits, and may set `uid`, `topics`, `info`, `expire_at`; 401/403 refuses.
     #[arg(long, env = "PUSHLINE_CONNECT_HOOK")]
+    #[serde(serialize_with = "redacted_url")]
     pub connect_hook: Option<String>,
 
     /// The application's URL asked for each subscribe to a topic matching
     /// --subscribe-hook-topics (a JSON POST of uid, topic, session); 200 admits, 401/403
     /// refuses. For those topics the application decides, not the token.
     #[arg(long, env = "PUSHLINE_SUBSCRIBE_HOOK", requires = "subscribe_hook_topics")]
+    #[serde(serialize_with = "redacted_url")]
     pub subscribe_hook: Option<String>,
 
     /// Topic patterns whose subscribes --subscribe-hook decides (same syntax as
@@ -218,6 +220,7 @@ pub struct Config {
     /// topic_vacated, member_joined, member_left, client_publish), signed with
     /// --webhook-secret.
     #[arg(long, env = "PUSHLINE_WEBHOOK_URL", requires = "webhook_secret")]
+    #[serde(serialize_with = "redacted_url")]
     pub webhook_url: Option<String>,
 
     /// Key of each batch's `X-Pushline-Signature` (HMAC-SHA256).
@@ -522,6 +525,20 @@ pub struct Config {
     pub log: String,
 }
 
+/// An application URL as the log shows it: credentials and query hidden, since either may
+/// hold a secret.
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    let Some(url) = url else { return s.serialize_none() };
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, _)) => (rest, "?***"),
+        None => (rest, ""),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or_else(|| authority.to_owned(), |(_, host)| format!("***@{host}"));
+    s.serialize_str(&format!("{scheme}://{host}{path}{query}"))
+}
+
 fn as_humantime<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
 }
@@ -656,8 +673,16 @@ impl Config {
                 problems.push(e.message);
             }
         }
-        if let Err(e) = crate::rights::Rights::parse(&self.subscribe_hook_topics, "") {
+        if self.subscribe_hook_topics.iter().any(|p| p.contains("{sub}")) {
+            problems.push("--subscribe-hook-topics: the hook is asked about every uid alike; `{sub}` has no place in its patterns".into());
+        } else if let Err(e) = crate::rights::Rights::parse(&self.subscribe_hook_topics, "") {
             problems.push(format!("--subscribe-hook-topics: {e}"));
+        }
+        if let Some(Err(e)) = self.hook_ca.as_deref().map(|ca| crate::application::roots(Some(ca))) {
+            problems.push(e.message);
+        }
+        if self.hook_breaker_failures == 0 {
+            problems.push("--hook-breaker-failures must be at least 1".into());
         }
         if !self.subscribe_hook_topics.is_empty() && self.subscribe_hook.is_none() {
             problems.push("--subscribe-hook-topics names the topics --subscribe-hook decides: set --subscribe-hook too".into());
@@ -809,6 +834,17 @@ pub fn redacted(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn application_urls_are_logged_without_their_secrets() {
+        let mut config = Config::for_loopback();
+        config.connect_hook = Some("https://user:pass@app.example:8443/hooks/connect?key=s3cret".into());
+        config.webhook_url = Some("http://app.example/events".into());
+        let logged = serde_json::to_value(&config).unwrap();
+        assert_eq!(logged["connect_hook"], "https://***@app.example:8443/hooks/connect?***");
+        assert_eq!(logged["webhook_url"], "http://app.example/events");
+        assert!(logged["subscribe_hook"].is_null());
+    }
 
     fn args(list: &[&str]) -> Vec<String> {
         std::iter::once("pushline").chain(list.iter().copied()).map(str::to_owned).collect()

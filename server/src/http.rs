@@ -38,6 +38,15 @@ impl Head {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
+    /// Every value of a header, in order, joined as HTTP joins repeated fields (`; ` for
+    /// `Cookie`, `, ` for the others); None when it is not there.
+    pub fn header_joined(&self, name: &str) -> Option<String> {
+        let mut values = self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).peekable();
+        values.peek()?;
+        let separator = if name.eq_ignore_ascii_case("cookie") { "; " } else { ", " };
+        Some(values.collect::<Vec<_>>().join(separator))
+    }
+
     /// True if a comma-separated header lists `token` (case-insensitive).
     pub fn header_has(&self, name: &str, token: &str) -> bool {
         self.header(name).is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))

@@ -231,7 +231,12 @@ impl Webhooks {
         for attempt in 1..=sender.attempts {
             // Signed afresh each attempt: the timestamp says when it was sent.
             let headers = signed(&sender.secret, &body, clock::wall_ms() / 1000);
-            let answer = tokio::time::timeout(sender.timeout, sender.application.post(&sender.url, &headers, body.clone(), MAX_ANSWER_BYTES)).await;
+            let post = tokio::time::timeout(sender.timeout, sender.application.post(&sender.url, &headers, body.clone(), MAX_ANSWER_BYTES));
+            // Stopping leaves the batch queued, for the drain within the shutdown grace.
+            let answer = tokio::select! {
+                answer = post => answer,
+                _ = stop.cancelled() => return,
+            };
             let failure = match answer {
                 Ok(Ok(answer)) if (200..300).contains(&answer.status) => None,
                 Ok(Ok(answer)) => Some(format!("answered {}", answer.status)),

@@ -269,6 +269,25 @@ async fn the_subscribe_hook_decides_its_topics_and_its_answers_are_cached() {
     assert_eq!(metric(&text, r#"pushline_hook_requests_total{hook="subscribe",outcome="cached"}"#), 3.0, "room.2 again on the first connection, then both on the second");
 }
 
+/// A subscribe the hook is still deciding holds the client's next command: an unsubscribe
+/// sent right after it comes after it, and the topic ends up left.
+#[tokio::test]
+async fn an_unsubscribe_sent_while_the_hook_decides_comes_after_the_subscribe() {
+    let app = App::start(|_: &Asked| Reply::Later(Duration::from_millis(300), 200, json!({}))).await;
+    let url = app.url("/subscribe");
+    let server = start(move |c| {
+        c.subscribe_hook = Some(url);
+        c.subscribe_hook_topics = vec!["room.*".into()];
+    })
+    .await;
+    let (mut ann, _) = ws(server.client, "uid=ann").await;
+    send_json(&mut ann, json!({"type": "subscribe", "topics": ["room.1"]})).await;
+    send_json(&mut ann, json!({"type": "unsubscribe", "topics": ["room.1"]})).await;
+    assert_eq!(next_json(&mut ann).await["type"], "subscribed");
+    assert_eq!(next_json(&mut ann).await["type"], "unsubscribed");
+    assert_eq!(publish(server.client, "room.1", json!(1)).await, 0, "left, as the client last asked");
+}
+
 /// An https:// hook is checked against --hook-ca.
 #[tokio::test]
 async fn a_hook_over_https_is_checked_against_the_ca_given() {

@@ -83,6 +83,10 @@ impl ApiKeys {
             let shown = path.display();
             let text = std::fs::read_to_string(path).map_err(|e| Error::config(format!("--api-keys: cannot read {shown}: {e}")))?;
             let file: File = toml::from_str(&text).map_err(|e| Error::config(format!("--api-keys {shown}: {e}")))?;
+            if file.key.is_empty() {
+                // Read as "no keys", it would leave the publish API open to anyone.
+                return Err(Error::config(format!("--api-keys {shown} holds no [[key]]: the publish API would take no key; add one, or leave --api-keys out")));
+            }
             for entry in file.key {
                 let name = entry.name;
                 // A name scopes its holder's idempotency keys (`<name>/<key>`): one with a `/`
@@ -134,6 +138,19 @@ impl ApiKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keys_file_with_no_key_is_refused_not_read_as_open() {
+        let dir = std::env::temp_dir().join(format!("pushline-no-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for text in ["", "key = []\n"] {
+            let path = dir.join("keys.toml");
+            std::fs::write(&path, text).unwrap();
+            let refused = ApiKeys::load(None, Some(&path)).err().expect("refused");
+            assert!(refused.message.contains("holds no [[key]]"), "{}", refused.message);
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn scopes_and_topics_bound_a_key() {

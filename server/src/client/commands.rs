@@ -210,16 +210,16 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Opti
     let asked: Vec<String> = asked.into_iter().cloned().collect();
     let own: Vec<String> = own.into_iter().cloned().collect();
     let (conn, hub, metrics, hooks, topics) = (conn.clone(), clients.hub.clone(), clients.metrics.clone(), hooks.clone(), topics.to_vec());
-    conn.begin_request();
+    // Nothing more is read from the client until the application has answered: its next
+    // command (an unsubscribe of the same topic, say) comes after this one.
+    conn.begin_exclusive_request();
     tokio::spawn(async move {
-        let answers = futures_util::future::join_all(asked.iter().map(|topic| hooks.may_subscribe(&conn.uid, conn.session.0, topic))).await;
-        let refused = asked.iter().zip(answers).find_map(|(topic, answer)| answer.err().map(|e| (topic, e)));
-        let answer = match refused {
-            Some((topic, e)) => {
+        let answer = match hooks.may_subscribe_all(&conn.uid, conn.session.0, &asked).await {
+            Err((topic, e)) => {
                 metrics.client_error(ClientError::Forbidden);
                 serde_json::json!({ "type": "error", "error": e.message, "topic": topic, "retry_after": e.retry_after() }).to_string()
             }
-            None => {
+            Ok(()) => {
                 let own: Vec<&String> = own.iter().collect();
                 match add(&conn, &hub, &topics, &own, new_tickets) {
                     Ok(()) => serde_json::json!({ "type": "subscribed", "topics": topics }).to_string(),
@@ -230,7 +230,7 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Opti
                 }
             }
         };
-        conn.answer_request(&answer, hub.limits(), &metrics);
+        conn.answer_exclusive_request(&answer, hub.limits(), &metrics);
     });
     Ok(Subscribed::Asking)
 }

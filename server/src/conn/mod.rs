@@ -159,10 +159,26 @@ impl Conn {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// A request that must be answered before the client's next is read (a subscribe
+    /// the application decides: an unsubscribe sent after it must come after it) starts.
+    pub fn begin_exclusive_request(&self) {
+        self.in_flight.fetch_add(MAX_IN_FLIGHT as u8, Ordering::AcqRel);
+    }
+
     /// A request served off its core is done: `answer` goes to the client (never dropped
     /// for room), which also wakes the driver, in case it stopped reading for it.
     pub fn answer_request(&self, answer: &str, limits: &Limits, metrics: &Metrics) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.answer(answer, limits, metrics);
+    }
+
+    /// An exclusive request is done (see [`Conn::begin_exclusive_request`]).
+    pub fn answer_exclusive_request(&self, answer: &str, limits: &Limits, metrics: &Metrics) {
+        self.in_flight.fetch_sub(MAX_IN_FLIGHT as u8, Ordering::AcqRel);
+        self.answer(answer, limits, metrics);
+    }
+
+    fn answer(&self, answer: &str, limits: &Limits, metrics: &Metrics) {
         let answer = Site::Codec.scope(|| Arc::new(Message::answer(answer)));
         self.deliver(&answer, limits, metrics);
         // Written through a lent socket, the answer wakes no one: the driver may be

@@ -290,7 +290,7 @@ impl Gateway {
         if let Some(hook) = hooks.and_then(|h| h.connect.as_ref()) {
             let claims = head.bearer().filter(|_| !auth.is_open()).and_then(crate::auth::claims_of);
             let forward = &hooks.map_or(&[][..], |h| &h.forward_headers[..]);
-            let headers = forward.iter().filter_map(|name| Some((name.as_str(), head.header(name)?))).collect();
+            let headers = forward.iter().filter_map(|name| Some((name.as_str(), head.header_joined(name)?))).collect();
             let question = hooks::Connecting {
                 uid: &admitted.identity.uid,
                 claims: claims.as_deref(),
@@ -306,12 +306,14 @@ impl Gateway {
         let mut decided = Vec::new();
         for topic in admitted.topics.iter().filter(|t| !granted.contains(t)) {
             match hooks.filter(|h| h.decides(topic)) {
-                Some(hooks) => decided.push(hooks.may_subscribe(&identity.uid, session.0, topic)),
+                Some(_) => decided.push(topic),
                 None if auth.may_read(&identity.uid, identity.grant.as_ref(), topic) => {}
                 None => return Err(Error::new(Kind::Forbidden, format!("not allowed to read topic `{topic}`"))),
             }
         }
-        futures_util::future::try_join_all(decided).await?;
+        if let Some(hooks) = hooks.filter(|_| !decided.is_empty()) {
+            hooks.may_subscribe_all(&identity.uid, session.0, decided).await.map_err(|(_, e)| e)?;
+        }
         if let Some(grant) = admitted.identity.grant.as_mut() {
             let ticketed = admitted.topics.iter().filter(|t| granted.contains(t) || hooks.is_some_and(|h| h.decides(t)));
             grant.tickets.extend(ticketed.map(|topic| Ticket { topic: topic.clone(), expires_at: HELD }));

@@ -30,6 +30,7 @@ use crate::application::Application;
 use crate::config::Config;
 use crate::error::{Error, Kind};
 use crate::rights::Rights;
+use crate::telemetry::logging::Throttle;
 use crate::telemetry::{HookKind, HookOutcome, Metrics};
 use breaker::{Breaker, Pass};
 
@@ -62,6 +63,8 @@ pub struct Hook {
     out: Semaphore,
     breaker: Breaker,
     metrics: Arc<Metrics>,
+    /// One warning a second at most about its failures.
+    log: Throttle,
 }
 
 /// What the connect hook is asked.
@@ -74,7 +77,7 @@ pub struct Connecting<'a> {
     pub address: String,
     pub transport: &'static str,
     pub topics: &'a [String],
-    pub headers: HashMap<&'a str, &'a str>,
+    pub headers: HashMap<&'a str, String>,
 }
 
 /// What the connect hook may answer with 200; whatever it leaves out stays as asked.
@@ -127,6 +130,7 @@ impl Hooks {
                 out: Semaphore::new(config.hook_max_concurrency),
                 breaker: Breaker::new(config.hook_breaker_failures, config.hook_breaker_cooldown),
                 metrics: metrics.clone(),
+                log: Throttle::new(Duration::from_secs(1)),
             }))
         };
         let subscribe_topics = Rights::parse(&config.subscribe_hook_topics, "").map_err(|e| Error::config(format!("--subscribe-hook-topics: {e}")))?;
@@ -143,6 +147,16 @@ impl Hooks {
     /// Whether the subscribe hook decides subscribes to `topic`.
     pub fn decides(&self, topic: &str) -> bool {
         self.subscribe.is_some() && self.subscribe_topics.allows(topic)
+    }
+
+    /// Asks the subscribe hook about each of `topics`, one at a time (a client holds one
+    /// place among `--hook-max-concurrency` at most), stopping at the first that is not
+    /// admitted: Err names it.
+    pub async fn may_subscribe_all<'t>(&self, uid: &str, session: u64, topics: impl IntoIterator<Item = &'t String>) -> Result<(), (&'t String, Error)> {
+        for topic in topics {
+            self.may_subscribe(uid, session, topic).await.map_err(|e| (topic, e))?;
+        }
+        Ok(())
     }
 
     /// Asks the subscribe hook whether `uid` (on `session`) may subscribe to `topic`, or
@@ -189,7 +203,8 @@ impl Cache {
 
 impl Hook {
     /// Asks the application; Ok with its 200 answer, Err with its refusal (401/403, the
-    /// client is told its text) or with a 503 to retry later.
+    /// client is told its text) or with a 503 to retry later. What went wrong with the
+    /// application is logged, not told to the client, who may be anyone.
     pub async fn ask<T: DeserializeOwned>(&self, question: &impl Serialize) -> Result<T, Error> {
         let what = <&str>::from(self.kind);
         let now = Instant::now();
@@ -206,39 +221,46 @@ impl Hook {
             return Err(Error::new(Kind::Overloaded, format!("the {what} hook has --hook-max-concurrency questions out; retry")).with_retry_after(1));
         };
         let body = Bytes::from(serde_json::to_vec(question).unwrap_or_default());
+        // Given up at the timeout, the request is dropped and its connection closed.
         let asked = tokio::time::timeout(self.timeout, self.application.post(&self.url, &[], body, MAX_ANSWER_BYTES)).await;
-        let seconds = Some(now.elapsed().as_secs_f64());
-        let failed = |outcome, message: String| {
-            if self.breaker.failed(Instant::now()) {
-                tracing::warn!(hook = what, "the {what} hook failed {}: its circuit breaker is open; new questions are refused with 503 until it answers again", message);
+        let answered = Some(now.elapsed().as_secs_f64());
+        let failed = |outcome, seconds, told: String, detail: String| {
+            let opened = self.breaker.failed(Instant::now());
+            if let Some(held_back) = self.log.allow() {
+                tracing::warn!(hook = what, held_back, breaker_opened = opened, "the {what} hook failed: {detail}");
             }
             self.metrics.hook_breaker(self.kind, self.breaker.is_open());
             self.metrics.hook(self.kind, outcome, seconds);
-            Err(Error::unavailable(format!("the {what} hook {message}; retry later")))
+            Err(Error::unavailable(format!("the {what} hook {told}; retry later")))
         };
         let answer = match asked {
-            Err(_) => return failed(HookOutcome::Timeout, format!("did not answer within {:?} (--hook-timeout)", self.timeout)),
-            Ok(Err(e)) => return failed(HookOutcome::Failed, format!("could not be asked: {e}")),
+            Err(_) => {
+                let told = format!("did not answer within {:?} (--hook-timeout)", self.timeout);
+                return failed(HookOutcome::Timeout, None, told.clone(), told);
+            }
+            Ok(Err(e)) => return failed(HookOutcome::Failed, None, "could not be asked".into(), e),
             Ok(Ok(answer)) => answer,
         };
         match answer.status {
-            200 => match serde_json::from_slice::<T>(&answer.body) {
+            // An object, whatever serde would read a struct from.
+            200 if answer.body.trim_ascii_start().starts_with(b"{") => match serde_json::from_slice::<T>(&answer.body) {
                 Ok(admitted) => {
                     self.breaker.succeeded();
                     self.metrics.hook_breaker(self.kind, false);
-                    self.metrics.hook(self.kind, HookOutcome::Admitted, seconds);
+                    self.metrics.hook(self.kind, HookOutcome::Admitted, answered);
                     Ok(admitted)
                 }
-                Err(e) => failed(HookOutcome::Failed, format!("answered 200 with a body that is not its answer: {e}")),
+                Err(e) => failed(HookOutcome::Failed, answered, "gave an answer this server cannot use".into(), format!("answered 200 with a body that is not its answer: {e}")),
             },
+            200 => failed(HookOutcome::Failed, answered, "gave an answer this server cannot use".into(), "answered 200 with a body that is not a JSON object".into()),
             401 | 403 => {
                 self.breaker.succeeded();
                 self.metrics.hook_breaker(self.kind, false);
-                self.metrics.hook(self.kind, HookOutcome::Refused, seconds);
+                self.metrics.hook(self.kind, HookOutcome::Refused, answered);
                 let kind = if answer.status == 401 { Kind::Unauthorized } else { Kind::Forbidden };
                 Err(Error::new(kind, refusal(&answer.body)))
             }
-            status => failed(HookOutcome::Failed, format!("answered {status}")),
+            status => failed(HookOutcome::Failed, answered, format!("answered {status}"), format!("answered {status}")),
         }
     }
 }
