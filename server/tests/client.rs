@@ -599,3 +599,54 @@ async fn every_publish_is_answered_even_when_the_clients_queue_is_full() {
     assert_eq!(refs, (0..6).collect::<Vec<_>>());
     assert!(dropped_told, "the noise was dropped to make room, and the client told");
 }
+
+/// 10,000 members in one topic, on a server in a process of its own (the file table holds
+/// both sides of 10,000 connections only split in two): the counts are exact, a page walk
+/// returns each member once, and 50 more joining cost each subscriber one `presence_count`
+/// frame per batch, however many joined in it.
+#[tokio::test]
+async fn ten_thousand_members_are_counted_paged_once_and_told_in_coalesced_frames() {
+    let server = Process::spawn(&["--presence-topics", "room.big", "--presence-batch", "100ms"], None);
+    let mut members = Vec::with_capacity(10_050);
+    for chunk in 0..100 {
+        let queries: Vec<String> = (0..100).map(|i| format!("uid=m{:05}&topics=room.big", chunk * 100 + i)).collect();
+        let opened = futures_util::future::join_all(queries.iter().map(|q| RawWs::open(server.client, q))).await;
+        members.extend(opened);
+    }
+    let stats = loop {
+        let stats = get_json(server.client, "/v1/presence/stats?topic=room.big").await;
+        if stats["members"] == 10_000 {
+            break stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(stats["connections"], 10_000);
+    let (mut seen, mut cursor) = (Vec::with_capacity(10_000), String::new());
+    loop {
+        let page = get_json(server.client, &format!("/v1/presence?topic=room.big&limit=1000&cursor={cursor}")).await;
+        assert_eq!(page["count"], 10_000);
+        seen.extend(page["members"].as_array().unwrap().iter().map(|m| m["uid"].as_str().unwrap().to_owned()));
+        match page["cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..10_000).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(seen, expected, "every member once, in uid order");
+
+    let mut watcher = RawWs::open(server.client, "uid=watcher&topics=room.big").await;
+    // The watcher's own join, told to it (and everyone) as a count.
+    let own = serde_json::from_slice::<serde_json::Value>(&watcher.next_frame().await.unwrap().1).unwrap();
+    assert_eq!((own["type"].as_str(), own["members"].as_u64()), (Some("presence_count"), Some(10_001)), "{own}");
+    let queries: Vec<String> = (0..50).map(|i| format!("uid=late{i:02}&topics=room.big")).collect();
+    let late = futures_util::future::join_all(queries.iter().map(|q| RawWs::open(server.client, q))).await;
+    let (mut frames, mut joined) = (0, 0);
+    while joined < 50 {
+        let frame = serde_json::from_slice::<serde_json::Value>(&watcher.next_frame().await.unwrap().1).unwrap();
+        assert_eq!(frame["type"], "presence_count", "above --presence-events-max-members only counts: {frame}");
+        frames += 1;
+        joined += frame["joined"].as_u64().unwrap();
+    }
+    assert!(frames <= 5, "50 joins reached the watcher in {frames} frames: one per batch they spanned");
+    drop((members, late));
+}
