@@ -88,6 +88,16 @@ enum Scenario {
         #[arg(long)]
         no_floor: bool,
     },
+    /// What a join costs in a presence topic of `members`: `joins` clients join one every
+    /// `gap_ms` and leave, against the same topic without presence.
+    Presence {
+        #[arg(long, default_value_t = 10_000)]
+        members: usize,
+        #[arg(long, default_value_t = 200)]
+        joins: usize,
+        #[arg(long, default_value_t = 10)]
+        gap_ms: u64,
+    },
     /// What --connect-hook adds to a connect: N connects (`parallel` at a time) timed to the
     /// welcome, with a local application answering every hook, and without the hook.
     Hook {
@@ -265,6 +275,7 @@ async fn run(mut cli: Cli) -> ExitCode {
         Scenario::Slow { connections, slow_percent, rounds } => {
             scenarios::slow::run(&cli.common, connections, slow_percent, rounds).await
         }
+        Scenario::Presence { members, joins, gap_ms } => scenarios::presence::run(&cli.common, members, joins, std::time::Duration::from_millis(gap_ms)).await,
         Scenario::Hook { connections } => scenarios::hook::run(&cli.common, connections, cli.common.parallel).await,
         Scenario::Storm { connections, handshakes, reconnect } => {
             scenarios::storm::run(&cli.common, connections, handshakes, reconnect).await

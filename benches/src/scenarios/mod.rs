@@ -4,6 +4,7 @@ pub mod fanout;
 pub mod heartbeat;
 pub mod hook;
 pub mod idle;
+pub mod presence;
 pub mod registry;
 pub mod resume;
 pub mod scale;
