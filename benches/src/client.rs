@@ -128,7 +128,8 @@ pub struct Opened {
     pub rest: Vec<u8>,
 }
 
-/// Opens `/ws?{query}` and reads up to the end of the welcome frame.
+/// Opens `/ws?{query}` (or the path `query` names, when it starts with `/`) and reads up
+/// to the end of the welcome frame.
 pub async fn open(server: SocketAddr, source: IpAddr, query: &str, receive_buffer: Option<u32>) -> io::Result<Opened> {
     let socket = TcpSocket::new_v4()?;
     if let Some(size) = receive_buffer {
@@ -145,8 +146,9 @@ pub async fn open(server: SocketAddr, source: IpAddr, query: &str, receive_buffe
             Stream::Tls(Box::new(tls.connect(name, tcp).await?))
         }
     };
+    let target = if query.starts_with('/') { query.to_owned() } else { format!("/ws?{query}") };
     let request = format!(
-        "GET /ws?{query} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {target} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;

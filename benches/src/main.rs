@@ -60,6 +60,9 @@ enum Scenario {
         /// Every connection subscribes to this topic, made a presence topic: each is a member.
         #[arg(long)]
         presence_topic: Option<String>,
+        /// Pusher protocol connections (`/app/KEY?protocol=7`) instead of native ones.
+        #[arg(long)]
+        pusher: bool,
     },
     /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client and CPU
     /// per delivery, then the same against the floor server, and the ratios.
@@ -265,7 +268,7 @@ async fn run(mut cli: Cli) -> ExitCode {
         }
     }
     let result = match cli.scenario {
-        Scenario::Idle { connections, hold, sse, presence_topic } => scenarios::idle::run(&cli.common, connections, hold, sse, presence_topic.as_deref()).await,
+        Scenario::Idle { connections, hold, sse, presence_topic, pusher } => scenarios::idle::run(&cli.common, connections, hold, sse, presence_topic.as_deref(), pusher).await,
         Scenario::Fanout { connections, rounds, no_floor, floor_uring } => {
             scenarios::fanout::run(&cli.common, connections, rounds, !no_floor, floor_uring).await
         }

@@ -453,9 +453,12 @@ impl Hub {
         self.deliver_spread(subscribers, msg).await
     }
 
-    /// Delivers to every connection. Returns the messages queued.
+    /// Delivers to every native connection (a Pusher client reads only its protocol's
+    /// frames). Returns the messages queued.
     pub async fn broadcast(self: &Arc<Self>, msg: &Arc<Message>) -> usize {
-        let conns: Vec<Arc<Conn>> = self.uids.iter().flat_map(|shard| lock(shard).iter().flat_map(|e| e.conns().iter().cloned()).collect::<Vec<_>>()).collect();
+        let native = |c: &&Arc<Conn>| c.transport != Transport::Pusher;
+        let conns: Vec<Arc<Conn>> =
+            self.uids.iter().flat_map(|shard| lock(shard).iter().flat_map(|e| e.conns().iter().filter(native).cloned()).collect::<Vec<_>>()).collect();
         self.deliver_spread(conns, msg).await
     }
 

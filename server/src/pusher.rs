@@ -17,7 +17,7 @@ pub const PREFIX: &str = "pusher:";
 
 /// The protocol version spoken.
 pub const PROTOCOL: &str = "7";
-/// Seconds of silence after which a client pings (`pusher:connection_established`).
+/// Most seconds of silence after which a client pings (`pusher:connection_established`).
 pub const ACTIVITY_TIMEOUT: u32 = 120;
 /// Longest channel name, in characters (all ASCII).
 pub const MAX_CHANNEL: usize = 200;
@@ -172,9 +172,15 @@ pub fn stringified(data: &serde_json::Value) -> String {
     serde_json::to_string(&data.to_string()).unwrap_or_default()
 }
 
-/// `pusher:connection_established`.
-pub fn established(session: SessionId) -> String {
-    let data = serde_json::json!({ "socket_id": socket_id(session), "activity_timeout": ACTIVITY_TIMEOUT });
+/// The `activity_timeout` told to clients: seconds of silence before a client pings, well
+/// within `idle_timeout`, at most the protocol's 120.
+pub fn activity_timeout(idle_timeout: std::time::Duration) -> u32 {
+    (idle_timeout.as_secs() / 2).clamp(1, ACTIVITY_TIMEOUT as u64) as u32
+}
+
+/// `pusher:connection_established`; `activity_timeout` from [`activity_timeout`].
+pub fn established(session: SessionId, activity_timeout: u32) -> String {
+    let data = serde_json::json!({ "socket_id": socket_id(session), "activity_timeout": activity_timeout });
     frame("pusher:connection_established", None, &stringified(&data))
 }
 

@@ -237,6 +237,7 @@ impl Server {
                 allowed_origins: config.allowed_origins.clone(),
                 inboxes,
                 presence_info_bytes: config.presence_info_bytes,
+                pusher_activity_timeout: crate::pusher::activity_timeout(config.idle_timeout),
             },
             api: Arc::new(Api {
                 registry,

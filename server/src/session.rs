@@ -45,8 +45,16 @@ pub struct SessionIds {
 }
 
 impl SessionIds {
+    /// Counting from a random start below 2^36: a run's ids are not the last run's, so a
+    /// Pusher channel authorization, which signs a socket id, is not good again after a
+    /// restart.
     pub fn new(node: u16) -> Self {
-        SessionIds { node, next: AtomicU64::new(1) }
+        let mut seed = [0u8; 8];
+        let start = match getrandom::fill(&mut seed) {
+            Ok(()) => u64::from_le_bytes(seed) & ((1 << 36) - 1),
+            Err(_) => crate::clock::wall_ms() & ((1 << 36) - 1),
+        };
+        SessionIds { node, next: AtomicU64::new(start.max(1)) }
     }
 
     pub fn next(&self) -> SessionId {

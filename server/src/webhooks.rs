@@ -142,7 +142,8 @@ impl Webhooks {
     }
 
     fn push(&self, event: Event<'_>) {
-        if !self.wants(event.name) {
+        // Pusher channels are told in Pusher's own webhooks (not served yet), not here.
+        if !self.wants(event.name) || event.topic.starts_with(crate::pusher::PREFIX) {
             return;
         }
         let Ok(text) = serde_json::to_string(&event) else { return };

@@ -41,20 +41,31 @@ fn anon(pid: u32) -> u64 {
     pushline_alloc::process::Resident::of(pid).map_or(0, |r| r.anon)
 }
 
-pub async fn run(common: &Common, connections: usize, hold: u64, sse: bool, presence_topic: Option<&str>) -> Result<Vec<Row>, String> {
+/// The app Pusher connections (`--pusher`) name.
+const PUSHER_APP: &str = "--pusher-app=bench:bench-key:bench-secret-0123456789";
+
+pub async fn run(common: &Common, connections: usize, hold: u64, sse: bool, presence_topic: Option<&str>, pusher: bool) -> Result<Vec<Row>, String> {
     let mut args = common.server_args.clone();
     if let Some(topic) = presence_topic {
         args.push(format!("--presence-topics={topic}"));
     }
+    if pusher {
+        args.push(PUSHER_APP.into());
+    }
     let server = ServerProcess::start(&common.server_bin, &args)?;
     let open = |n: usize, prefix: &'static str| async move {
         match (sse, presence_topic) {
+            _ if pusher => super::open_pusher(server.client, n, common.parallel, common.spread, prefix).await,
             (true, _) => super::open_sse_connections(server.client, n, common.parallel, common.spread, prefix).await,
             (false, Some(topic)) => super::open_subscribed(server.client, n, common.parallel, common.spread, prefix, topic).await,
             (false, None) => super::open_connections(server.client, n, common.parallel, common.spread, prefix).await,
         }
     };
-    let gauge = if sse { r#"pushline_connections{transport="sse"}"# } else { r#"pushline_connections{transport="ws"}"# };
+    let gauge = match (sse, pusher) {
+        (_, true) => r#"pushline_connections{transport="pusher"}"#,
+        (true, _) => r#"pushline_connections{transport="sse"}"#,
+        _ => r#"pushline_connections{transport="ws"}"#,
+    };
     // Before any connection: where memory-audit measures growth from, too.
     let anon_fresh = anon(server.pid());
     let warm = open(WARMUP, "warm").await?;

@@ -52,6 +52,15 @@ pub async fn open_subscribed(server: SocketAddr, n: usize, parallel: usize, spre
     .await
 }
 
+/// As `open_connections`, Pusher clients of the idle scenario's app (`/app/bench-key`).
+pub async fn open_pusher(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<client::Stream>, String> {
+    open_in_batches(0..n, parallel, "Pusher connection", |i| {
+        let path = format!("/app/bench-key?protocol=7&client={prefix}{i}");
+        async move { Ok(client::open(server, client::source_ip(i, spread), &path, None).await?.stream) }
+    })
+    .await
+}
+
 /// As `open_connections`, over SSE (`/sse?uid={prefix}{i}`, plain TCP).
 pub async fn open_sse_connections(server: SocketAddr, n: usize, parallel: usize, spread: u8, prefix: &str) -> Result<Vec<client::Stream>, String> {
     open_in_batches(0..n, parallel, "SSE connection", |i| {

@@ -170,3 +170,35 @@ test("the HTTP API refuses a wrong signature, a stale timestamp and a changed bo
     await server.stop();
   }
 });
+
+test("pusher-js subscribing 25 channels at once stays connected; activity_timeout follows --idle-timeout; the native API cannot reach Pusher clients", async () => {
+  const { server, port, api } = await pusherServer(["--idle-timeout", "20s"]);
+  const pusher = client(port, api);
+  const states = [];
+  pusher.connection.bind("state_change", ({ current }) => states.push(current));
+  try {
+    const socketId = await connected(pusher);
+    assert.equal(pusher.connection.activityTimeout, 10000, "half of --idle-timeout, so its pings come in time");
+    const channels = Array.from({ length: 25 }, (_, i) => pusher.subscribe(`news-${i}`));
+    await Promise.all(channels.map((c) => once(c, "pusher:subscription_succeeded")));
+    assert.deepEqual(states, ["connected"], "no reconnect: a burst of subscribes is not a command flood");
+
+    const post = async (path, body) => {
+      const response = await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", body: JSON.stringify(body) });
+      return { status: response.status, body: await response.json() };
+    };
+    const pushed = await post("/v1/push", { uids: [`pusher:${socketId}`], data: "native" });
+    assert.equal(pushed.status, 400, JSON.stringify(pushed.body));
+    const broadcast = await post("/v1/broadcast", { data: "native" });
+    assert.equal(broadcast.body.delivered, 0, "a broadcast reaches native clients only");
+    const published = await post("/v1/publish", { topic: `pusher:${APP.appId}:news-0`, data: "native" });
+    assert.equal(published.status, 400);
+    // And the channel still works through the Pusher API.
+    const got = once(channels[0], "still");
+    await api.trigger("news-0", "still", "here");
+    assert.equal(await got, "here");
+  } finally {
+    pusher.disconnect();
+    await server.stop();
+  }
+});

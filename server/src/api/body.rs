@@ -81,6 +81,9 @@ pub fn checked_uids<'a>(uids: &'a [Uid<'a>]) -> Result<Vec<&'a str>, Error> {
     if let Some(Uid(bad)) = uids.iter().find(|Uid(u)| u.is_empty() || u.len() > crate::auth::MAX_UID_BYTES) {
         return Err(Error::bad_request(format!("uid `{bad}` is {} bytes; uids are 1 to {} bytes", bad.len(), crate::auth::MAX_UID_BYTES)));
     }
+    if let Some(Uid(bad)) = uids.iter().find(|Uid(u)| u.starts_with(crate::pusher::PREFIX)) {
+        return Err(Error::bad_request(format!("uid `{bad}` is a Pusher connection's: reach it through the Pusher API")));
+    }
     // A uid listed twice gets the message once.
     Ok(registry::distinct(uids.iter().map(|Uid(u)| u.as_ref())))
 }

@@ -43,7 +43,15 @@ struct Event {
 
 #[derive(Deserialize)]
 struct Batch {
-    batch: Vec<Event>,
+    batch: Vec<Box<serde_json::value::RawValue>>,
+}
+
+/// An event, read only from a JSON object (serde would read a struct from an array too).
+fn event(json: &[u8]) -> Result<Event, Error> {
+    if !json.trim_ascii_start().starts_with(b"{") {
+        return Err(Error::bad_request("an event is a JSON object"));
+    }
+    serde_json::from_slice(json).map_err(|e| Error::bad_request(format!("bad event: {e}")))
 }
 
 fn unauthorized(message: impl Into<String>) -> Error {
@@ -63,7 +71,7 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
     match param("auth_timestamp").and_then(|t| t.parse::<u64>().ok()) {
         Some(t) if t.abs_diff(now) <= MAX_SKEW => {}
         Some(t) => return Err(unauthorized(format!("Timestamp expired: auth_timestamp {t} is more than {MAX_SKEW} s from the server's time {now}"))),
-        None => return Err(unauthorized("auth_timestamp is missing")),
+        None => return Err(unauthorized("auth_timestamp is missing, or not Unix seconds")),
     }
     if !body.is_empty() {
         let md5: String = Md5::digest(body).iter().map(|b| format!("{b:02x}")).collect();
@@ -104,13 +112,16 @@ impl Api {
         let body = self.pusher_body(req).await?;
         verify(app, &method, &path, &query, &body)?;
         let events = match endpoint {
-            "events" => vec![serde_json::from_slice::<Event>(&body).map_err(|e| Error::bad_request(format!("bad event: {e}")))?],
+            "events" => vec![event(&body)?],
             _ => {
+                if !body.trim_ascii_start().starts_with(b"{") {
+                    return Err(Error::bad_request("a batch is a JSON object: {\"batch\":[..]}"));
+                }
                 let batch = serde_json::from_slice::<Batch>(&body).map_err(|e| Error::bad_request(format!("bad batch: {e}")))?.batch;
                 if batch.len() > MAX_BATCH {
                     return Err(Error::new(Kind::PayloadTooLarge, format!("a batch holds at most {MAX_BATCH} events; this one {}", batch.len())));
                 }
-                batch
+                batch.iter().map(|item| event(item.get().as_bytes())).collect::<Result<Vec<_>, _>>()?
             }
         };
         self.trigger(app, &events).await?;
@@ -120,6 +131,10 @@ impl Api {
     /// The body, within the size a batch of events may have.
     async fn pusher_body(&self, req: Request<Incoming>) -> Result<Bytes, Error> {
         let limit = MAX_BATCH * (self.max_message_bytes + 4096);
+        let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
+        }
         let kib = limit.div_ceil(1024) as u32;
         let Ok(_permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
             return Err(Error::new(Kind::Overloaded, "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later"));
@@ -142,11 +157,14 @@ impl Api {
             if event.data.len() > self.max_message_bytes {
                 return Err(Error::new(Kind::PayloadTooLarge, format!("event data is {} bytes; the limit is {}", event.data.len(), self.max_message_bytes)));
             }
-            let channels: Vec<&str> = match (&event.channel, &event.channels) {
+            let mut channels: Vec<&str> = match (&event.channel, &event.channels) {
                 (Some(one), None) => vec![one.as_str()],
                 (None, Some(many)) if !many.is_empty() && many.len() <= MAX_CHANNELS => many.iter().map(String::as_str).collect(),
                 _ => return Err(Error::bad_request(format!("name the event's `channel`, or 1 to {MAX_CHANNELS} `channels`"))),
             };
+            // A channel named twice gets the event once.
+            let mut seen = std::collections::HashSet::new();
+            channels.retain(|c| seen.insert(*c));
             for channel in &channels {
                 pusher::check_channel(channel).map_err(Error::bad_request)?;
             }

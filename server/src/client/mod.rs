@@ -423,16 +423,27 @@ impl Serving<'_> {
     fn on_event(&mut self, event: ws::Event<'_>) -> Result<(), Stop> {
         match event {
             ws::Event::Text(text) => {
-                self.count_command()?;
+                // This second's client events are counted in the window as it handles them.
+                self.roll_second();
                 let handled = match self.conn.transport {
                     Transport::Pusher => match pusher::handle(&text, self.conn, self.clients, &mut self.io.window) {
-                        Ok(handled) => handled,
+                        // pusher-js sends every subscribe at once when it connects: those
+                        // count against the topic changes a minute, not the commands a
+                        // second.
+                        Ok(handled) if handled.topic_changes > 0 => handled,
+                        Ok(handled) => {
+                            self.count_command()?;
+                            handled
+                        }
                         Err(close) => {
                             self.io.busy().replies.push_back(ws::close(close.code, close.reason));
                             return Err(Stop(CloseReason::PolicyViolation));
                         }
                     },
-                    _ => commands::handle(&text, self.conn, self.clients, &mut self.io.window),
+                    _ => {
+                        self.count_command()?;
+                        commands::handle(&text, self.conn, self.clients, &mut self.io.window)
+                    }
                 };
                 self.count_topic_changes(handled.topic_changes)?;
                 if !handled.reply.is_empty() {
@@ -446,7 +457,11 @@ impl Serving<'_> {
             ws::Event::Pong => probes::heartbeat(self.conn.session.0, 2),
             ws::Event::Binary => {
                 self.clients.metrics.client_error(ClientError::BinaryFrame);
-                self.reply(&commands::error_reply("binary messages are not accepted; send JSON text"));
+                let why = "binary messages are not accepted; send JSON text";
+                match self.conn.transport {
+                    Transport::Pusher => self.reply(&ws::text(&crate::pusher::error(None, why))),
+                    _ => self.reply(&commands::error_reply(why)),
+                }
             }
             ws::Event::Close { code } => {
                 // Echo the client's code, as RFC 6455 5.5.1 asks.
@@ -463,14 +478,19 @@ impl Serving<'_> {
         Stop(CloseReason::PolicyViolation)
     }
 
-    /// One more command this second, within `--max-commands-per-second`.
-    fn count_command(&mut self) -> Result<(), Stop> {
+    /// Starts the counts of a new second, when this is one.
+    fn roll_second(&mut self) {
         let second = (clock::now_ms() / 1000) as u16;
         if self.io.window.second != second {
             self.io.window.second = second;
             self.io.window.commands = 0;
             self.io.window.publishes = 0;
         }
+    }
+
+    /// One more command this second, within `--max-commands-per-second`.
+    fn count_command(&mut self) -> Result<(), Stop> {
+        self.roll_second();
         self.io.window.commands += 1;
         if self.io.window.commands > self.clients.max_commands_per_second {
             return Err(self.policy_violation("too many commands per second"));

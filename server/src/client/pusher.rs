@@ -76,6 +76,9 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
     let Some(app) = clients.pusher.as_deref().and_then(|apps| apps.get(conn.app)) else {
         return Err(Close { code: pusher::CLOSE_UNKNOWN_APP, reason: "the app is no longer configured" });
     };
+    if !text.trim_start().starts_with('{') {
+        return Ok(error(clients, ClientError::BadJson, "a frame is a JSON object"));
+    }
     let frame: Frame = match serde_json::from_str(text) {
         Ok(frame) => frame,
         Err(e) => return Ok(error(clients, ClientError::BadJson, &format!("bad JSON: {e}"))),
@@ -95,7 +98,7 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
             struct Unsubscription {
                 channel: String,
             }
-            match data_of::<Unsubscription>(frame.data) {
+            match data_of::<Unsubscription>(frame.data).or_else(|| data_of::<String>(frame.data).and_then(|s| serde_json::from_str(&s).ok())) {
                 Some(u) => {
                     clients.hub.unsubscribe(conn, &[pusher::topic(app, &u.channel)]);
                     Ok(Handled { reply: Bytes::new(), topic_changes: 1 })
@@ -144,8 +147,10 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
         return Ok(error(clients, ClientError::Forbidden, "To send client events, you must enable this feature (--pusher-client-events)"));
     }
     let Some(channel) = channel else { return Ok(error(clients, ClientError::BadJson, "a client event needs a `channel`")) };
-    if Kind::of(channel) != Kind::Private {
-        return Ok(error(clients, ClientError::Forbidden, "client events are sent on private channels only"));
+    // Encrypted channels' payloads are the clients' own ciphertext; the protocol gives
+    // them no client events.
+    if Kind::of(channel) != Kind::Private || channel.starts_with("private-encrypted-") {
+        return Ok(error(clients, ClientError::Forbidden, "client events are sent on private channels only (not encrypted ones)"));
     }
     let topic = pusher::topic(app, channel);
     if !conn.state().topics.iter().any(|t| **t == *topic) {

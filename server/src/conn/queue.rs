@@ -81,7 +81,9 @@ impl Outbox {
         let size = msg.bytes(transport).len();
         let (queued, queued_bytes) = self.backlog();
         if queued >= limits.max_messages || queued_bytes + size > limits.max_bytes {
-            match limits.policy {
+            // A Pusher client has no gap notice to read: it is closed (4100), to come back.
+            let policy = if transport == Transport::Pusher { SlowConsumer::Disconnect } else { limits.policy };
+            match policy {
                 SlowConsumer::Disconnect => {
                     // Everything closing drops is counted: the queue, and a half-sent
                     // message or a replay left, which were counted as queued too.
@@ -332,6 +334,15 @@ mod tests {
         assert!(matches!(q.push(&msg(3), Transport::WebSocket, &limits, 0), Enqueued::Overflow { dropped: 3, .. }));
         assert_eq!(q.push(&msg(4), Transport::WebSocket, &limits, 0), Enqueued::Closed);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_pusher_queue_that_overflows_closes_whatever_the_policy() {
+        let limits = Limits { max_messages: 2, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
+        let mut q = Outbox::default();
+        q.push(&msg(1), Transport::Pusher, &limits, 0);
+        q.push(&msg(2), Transport::Pusher, &limits, 0);
+        assert!(matches!(q.push(&msg(3), Transport::Pusher, &limits, 0), Enqueued::Overflow { dropped: 3, .. }), "no gap notice a Pusher client cannot read");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Gateway {
     pub inboxes: Vec<Arc<Inbox>>,
     /// `--presence-info-bytes`.
     pub presence_info_bytes: usize,
+    /// Seconds a Pusher client is told to ping after, within `--idle-timeout`.
+    pub pusher_activity_timeout: u32,
 }
 
 /// The first frame a connection gets: which session it is, for whom, and since when (the
@@ -134,7 +136,7 @@ impl Gateway {
         let welcome = serde_json::to_string(&welcome).unwrap_or_default();
         match transport {
             Transport::WebSocket => first.extend_from_slice(&wire::ws::text(&welcome)),
-            Transport::Pusher => first.extend_from_slice(&wire::ws::text(&pusher::established(conn.session))),
+            Transport::Pusher => first.extend_from_slice(&wire::ws::text(&pusher::established(conn.session, self.pusher_activity_timeout))),
             Transport::Sse => {
                 // A returning client's cursor stands until its `resumed` event: should this
                 // connection drop mid-replay, `EventSource` comes back with it again.
