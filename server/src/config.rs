@@ -231,7 +231,7 @@ pub struct Config {
     /// Events sent to --webhook-url.
     #[arg(long = "webhook-events", env = "PUSHLINE_WEBHOOK_EVENTS", value_delimiter = ',',
           default_value = "topic_occupied,topic_vacated,member_joined,member_left")]
-    pub webhook_events: Vec<crate::webhooks::EventKind>,
+    pub webhook_events: Vec<EventKind>,
 
     /// Bytes of events waiting to be sent; past it new events are dropped and counted.
     #[arg(long, env = "PUSHLINE_WEBHOOK_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -523,6 +523,22 @@ pub struct Config {
     /// Log filter (tracing-subscriber `EnvFilter` syntax, e.g. `info,pushline=debug`).
     #[arg(long, env = "PUSHLINE_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// A webhook event the application may be told of (`--webhook-events`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum EventKind {
+    TopicOccupied,
+    TopicVacated,
+    MemberJoined,
+    MemberLeft,
+    ClientPublish,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 5] = [EventKind::TopicOccupied, EventKind::TopicVacated, EventKind::MemberJoined, EventKind::MemberLeft, EventKind::ClientPublish];
 }
 
 /// An application URL as the log shows it: credentials and query hidden, since either may

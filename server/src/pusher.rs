@@ -195,6 +195,23 @@ pub fn sign(secret: &str, text: &str) -> String {
     ring::hmac::sign(&key, text.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `signature` (lower-case hex) is the HMAC-SHA256 of `text` with `secret`,
+/// checked in constant time.
+pub fn verify(secret: &str, text: &str, signature: &str) -> bool {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let bytes = signature.as_bytes();
+    if bytes.len() != 64 {
+        return false;
+    }
+    let Some(tag) = bytes.chunks(2).map(|pair| Some(hex(pair[0])? << 4 | hex(pair[1])?)).collect::<Option<Vec<u8>>>() else { return false };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::verify(&key, text.as_bytes(), &tag).is_ok()
+}
+
 /// Whether `auth` (`KEY:hex signature`) authorizes `socket_id` on `channel`: the
 /// signature covers `socket_id:channel`, and `:channel_data` for a presence channel.
 /// Compared in constant time.
@@ -205,7 +222,7 @@ pub fn authorized(app: &App, auth: &str, socket_id: &str, channel: &str, channel
         signed.push(':');
         signed.push_str(data);
     }
-    key == app.key && crate::auth::same_secret(signature.as_bytes(), sign(&app.secret, &signed).as_bytes())
+    key == app.key && verify(&app.secret, &signed, signature)
 }
 
 #[cfg(test)]

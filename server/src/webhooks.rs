@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::application::Application;
 use crate::clock;
 use crate::config::Config;
+pub use crate::config::EventKind;
 use crate::error::Error;
 use crate::telemetry::{Metrics, WebhookOutcome};
 
@@ -37,22 +38,6 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MOST: Duration = Duration::from_secs(10);
 /// Largest answer read from the application (it is not used).
 const MAX_ANSWER_BYTES: usize = 4 * 1024;
-
-/// An event the application may be told of.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[clap(rename_all = "snake_case")]
-pub enum EventKind {
-    TopicOccupied,
-    TopicVacated,
-    MemberJoined,
-    MemberLeft,
-    ClientPublish,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 5] = [EventKind::TopicOccupied, EventKind::TopicVacated, EventKind::MemberJoined, EventKind::MemberLeft, EventKind::ClientPublish];
-}
 
 #[derive(Serialize)]
 struct Event<'a> {

@@ -82,9 +82,9 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
     let mut signed: Vec<(String, &str)> = query.iter().filter(|(k, _)| k != "auth_signature").map(|(k, v)| (k.to_ascii_lowercase(), v.as_str())).collect();
     signed.sort();
     let signed: Vec<String> = signed.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let expected = pusher::sign(&app.secret, &format!("{method}\n{path}\n{}", signed.join("&")));
+    let signed = format!("{method}\n{path}\n{}", signed.join("&"));
     match param("auth_signature") {
-        Some(given) if crate::auth::same_secret(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(given) if pusher::verify(&app.secret, &signed, given) => Ok(()),
         _ => Err(unauthorized("Invalid signature: auth_signature is not HMAC-SHA256 of \"METHOD\\nPATH\\nsorted query\" with the app's secret")),
     }
 }
