@@ -445,10 +445,15 @@ impl Hub {
     /// Delivers to every subscriber of `topic` (but the client that published it, unless
     /// it asked for its message back). Returns the messages queued.
     pub async fn publish(self: &Arc<Self>, topic: &str, msg: &Arc<Message>) -> usize {
+        self.publish_to(topic, msg, |_| true).await
+    }
+
+    /// As [`Hub::publish`], to the subscribers `keep` holds to.
+    pub async fn publish_to(self: &Arc<Self>, topic: &str, msg: &Arc<Message>, keep: impl Fn(&Conn) -> bool) -> usize {
         let subscribers: Vec<Arc<Conn>> = self
             .read_topics(topic)
             .get(topic)
-            .map(|s| s.iter().filter(|(session, _)| msg.except != Some(**session)).map(|(_, conn)| conn.clone()).collect())
+            .map(|s| s.iter().filter(|(session, conn)| msg.except != Some(**session) && keep(conn)).map(|(_, conn)| conn.clone()).collect())
             .unwrap_or_default();
         self.deliver_spread(subscribers, msg).await
     }

@@ -49,6 +49,8 @@ pub struct Settings {
     pub topics: Rights,
     pub batch: Duration,
     pub events_max_members: usize,
+    /// `--presence-info-bytes`: the most a member's info may hold.
+    pub info_bytes: usize,
 }
 
 pub struct Presence {
@@ -56,6 +58,9 @@ pub struct Presence {
     metrics: Arc<Metrics>,
     /// The info connections brought, by session: only those that brought some.
     infos: Mutex<HashMap<u64, Arc<RawValue>>>,
+    /// The member a Pusher connection is in its presence channels (the `user_id` its
+    /// application signed), by session; the others are their uid.
+    users: Mutex<HashMap<u64, CompactString>>,
     /// This node's members of each presence topic, sharded by the topic's hash.
     rosters: Box<[Mutex<HashMap<Arc<str>, Roster>>]>,
     hasher: RandomState,
@@ -154,6 +159,7 @@ impl Presence {
             settings,
             metrics,
             infos: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
             rosters: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             webhooks: webhooks.filter(|_| registry.is_none()),
@@ -164,7 +170,39 @@ impl Presence {
     }
 
     pub fn is_presence_topic(&self, topic: &str) -> bool {
-        self.settings.topics.allows(topic)
+        self.settings.topics.allows(topic) || crate::pusher::is_presence_topic(topic)
+    }
+
+    /// A Pusher connection joins presence channels as `user`, showing `info`; a
+    /// connection is one user. Err: it is already another.
+    pub fn bring_user(&self, session: u64, user: &str, info: Option<Arc<RawValue>>) -> Result<(), String> {
+        let mut users = lock(&self.users);
+        match users.get(&session) {
+            Some(known) if known != user => return Err(format!("this connection is user `{known}` in presence channels; one connection is one user")),
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        Site::Sessions.scope(|| users.insert(session, CompactString::from(user)));
+        drop(users);
+        if let Some(info) = info {
+            self.bring(session, info);
+        }
+        Ok(())
+    }
+
+    /// The Pusher user a connection is in presence channels, if it joined one.
+    pub fn user_of(&self, session: u64) -> Option<CompactString> {
+        lock(&self.users).get(&session).cloned()
+    }
+
+    /// The most bytes a member's info may hold.
+    pub fn info_bytes(&self) -> usize {
+        self.settings.info_bytes
+    }
+
+    /// Who a connection is as a member: its Pusher user, or its uid.
+    fn member_of(&self, conn: &Conn) -> CompactString {
+        lock(&self.users).get(&conn.session.0).cloned().unwrap_or_else(|| conn.uid.clone())
     }
 
     fn shard(&self, topic: &str) -> MutexGuard<'_, HashMap<Arc<str>, Roster>> {
@@ -285,11 +323,35 @@ impl Presence {
             let Told { mut topics, order } = std::mem::take(&mut *lock(&self.told));
             for topic in order {
                 let Some(changed) = topics.remove(&topic) else { continue };
+                if let Some(channel) = crate::pusher::channel_of_topic(&topic) {
+                    self.tell_pusher(&hub, &topic, channel, changed).await;
+                    continue;
+                }
                 let Some((kind, event)) = self.event(&topic, changed) else { continue };
                 self.metrics.presence_event(kind);
                 let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, &event, None, Instant::now())));
                 hub.publish(&topic, &msg).await;
             }
+        }
+    }
+
+    /// A Pusher presence channel's changes, as its clients read them: a
+    /// `pusher_internal:member_added` or `member_removed` per member, not sent to the
+    /// member's own connections.
+    async fn tell_pusher(&self, hub: &Arc<Hub>, topic: &str, channel: &str, changed: Changed) {
+        for (uid, turns) in &changed.uids {
+            let (event, data) = match (turns.first.1, turns.last.1) {
+                (true, true) => {
+                    let info = turns.info.as_deref().map_or("null", RawValue::get);
+                    ("pusher_internal:member_added", format!(r#"{{"user_id":{},"user_info":{info}}}"#, serde_json::to_string(uid.as_str()).unwrap_or_default()))
+                }
+                (false, false) => ("pusher_internal:member_removed", format!(r#"{{"user_id":{}}}"#, serde_json::to_string(uid.as_str()).unwrap_or_default())),
+                _ => continue,
+            };
+            self.metrics.presence_event(if turns.last.1 { PresenceEvent::Join } else { PresenceEvent::Leave });
+            let frame = crate::pusher::frame(event, Some(channel), &serde_json::to_string(&data).unwrap_or_default());
+            let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, &frame, None, Instant::now())));
+            hub.publish_to(topic, &msg, |conn| self.member_of(conn) != *uid).await;
         }
     }
 
@@ -364,23 +426,24 @@ impl Watcher for Presence {
             return;
         }
         let info = lock(&self.infos).get(&conn.session.0).cloned();
+        let uid = self.member_of(conn);
         let _site = Site::Topics.enter();
         let mut shard = self.shard(topic);
         let roster = shard.entry(topic.clone()).or_default();
         roster.connections += 1;
-        let joined = match roster.members.get_mut(conn.uid.as_str()) {
+        let joined = match roster.members.get_mut(uid.as_str()) {
             Some(member) => {
                 member.connections += 1;
                 None
             }
             None => {
-                roster.members.insert(conn.uid.clone(), Member { connections: 1, info: info.clone() });
+                roster.members.insert(uid.clone(), Member { connections: 1, info: info.clone() });
                 self.metrics.presence_members.increment(1.0);
                 Some((true, roster.members.len(), info))
             }
         };
         drop(shard);
-        self.member_changed(topic, &conn.uid, joined);
+        self.member_changed(topic, &uid, joined);
     }
 
     /// A uid leaves with its last connection here.
@@ -388,9 +451,10 @@ impl Watcher for Presence {
         if !self.is_presence_topic(topic) {
             return;
         }
+        let member_uid = self.member_of(conn);
         let mut shard = self.shard(topic);
         let Some(roster) = shard.get_mut(topic) else { return };
-        let uid = conn.uid.as_str();
+        let uid = member_uid.as_str();
         let Some(member) = roster.members.get_mut(uid) else { return };
         roster.connections -= 1;
         member.connections -= 1;
@@ -403,10 +467,11 @@ impl Watcher for Presence {
             shard.remove(topic);
         }
         drop(shard);
-        self.member_changed(topic, &conn.uid, left);
+        self.member_changed(topic, &member_uid, left);
     }
 
     fn closed(&self, session: u64) {
         lock(&self.infos).remove(&session);
+        lock(&self.users).remove(&session);
     }
 }

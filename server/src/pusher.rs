@@ -130,6 +130,16 @@ pub fn topic(app: &App, channel: &str) -> String {
     format!("{PREFIX}{}:{channel}", app.id)
 }
 
+/// The channel a Pusher topic is, whatever its app.
+pub fn channel_of_topic(topic: &str) -> Option<&str> {
+    topic.strip_prefix(PREFIX)?.split_once(':').map(|(_, channel)| channel)
+}
+
+/// Whether a topic is a Pusher presence channel: its members are kept by presence.
+pub fn is_presence_topic(topic: &str) -> bool {
+    channel_of_topic(topic).is_some_and(|channel| Kind::of(channel) == Kind::Presence)
+}
+
 /// The channel a topic of `app` is, if it is one.
 pub fn channel_of<'t>(app: &App, topic: &'t str) -> Option<&'t str> {
     topic.strip_prefix(PREFIX)?.strip_prefix(app.id.as_str())?.strip_prefix(':')

@@ -169,11 +169,13 @@ impl Server {
             fanout_batch: config.fanout_batch,
         };
         let changes = connected.as_ref().map(|c| c.changes());
-        let presence = (!config.presence_topics.is_empty()).then(|| {
+        // Pusher presence channels keep their members here too.
+        let presence = (!config.presence_topics.is_empty() || pusher.is_some()).then(|| {
             let settings = presence::Settings {
                 topics: crate::rights::Rights::parse(&config.presence_topics, "").unwrap_or_default(),
                 batch: config.presence_batch,
                 events_max_members: config.presence_events_max_members,
+                info_bytes: config.presence_info_bytes,
             };
             Arc::new(Presence::new(settings, metrics.clone(), changes.clone(), webhooks.clone()))
         });

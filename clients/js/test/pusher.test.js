@@ -10,7 +10,7 @@ import { createHash, createHmac } from "node:crypto";
 import Pusher from "pusher-js";
 import PusherServer from "pusher";
 
-import { freePort, startServer } from "../harness.js";
+import { freePort, startServer, startRedis } from "../harness.js";
 
 const APP = { appId: "42", key: "app-key", secret: "app-secret-of-sixteen-bytes" };
 
@@ -200,5 +200,88 @@ test("pusher-js subscribing 25 channels at once stays connected; activity_timeou
   } finally {
     pusher.disconnect();
     await server.stop();
+  }
+});
+
+/** A pusher-js client joining presence channels as `user`. */
+function member(port, api, user) {
+  return new Pusher(APP.key, {
+    cluster: "local", wsHost: "127.0.0.1", wsPort: port, forceTLS: false, enabledTransports: ["ws"],
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) =>
+        callback(null, api.authorizeChannel(socketId, channelName, { user_id: user, user_info: { name: user.toUpperCase() } })),
+    },
+  });
+}
+
+test("presence channels: pusher-js sees the members, who joins and who leaves, once per user; client events carry the sender", async () => {
+  const { server, port, api } = await pusherServer(["--pusher-client-events", "--presence-batch", "20ms"]);
+  const alice = member(port, api, "alice");
+  const bobs = [member(port, api, "bob"), member(port, api, "bob")];
+  try {
+    const room = alice.subscribe("presence-room");
+    const ok = await once(room, "pusher:subscription_succeeded");
+    assert.equal(ok.count, 1);
+    assert.equal(ok.me.id, "alice");
+    assert.deepEqual(ok.me.info, { name: "ALICE" });
+
+    // bob, on two connections, is one member: alice is told once.
+    const added = [];
+    room.bind("pusher:member_added", (m) => added.push(m));
+    const told = once(room, "pusher:member_added");
+    const firstBob = bobs[0].subscribe("presence-room");
+    const seen = await once(firstBob, "pusher:subscription_succeeded");
+    assert.equal(seen.count, 2);
+    assert.deepEqual(seen.members, { alice: { name: "ALICE" }, bob: { name: "BOB" } });
+    await once(bobs[1].subscribe("presence-room"), "pusher:subscription_succeeded");
+    const typing = once(room, "client-typing");
+    firstBob.trigger("client-typing", { at: 1 });
+    const [, metadata] = await new Promise((resolve) => room.bind("client-typing", (data, meta) => resolve([data, meta])));
+    assert.equal(metadata.user_id, "bob", "a presence client event names its sender");
+    await typing;
+    assert.deepEqual([(await told).id, (await told).info], ["bob", { name: "BOB" }]);
+    assert.equal(room.members.count, 2);
+
+    // bob leaves when his last connection does; his second connection was no second join
+    // (member events go out in order, so one would have come before this leave).
+    const removed = once(room, "pusher:member_removed");
+    bobs[0].disconnect();
+    bobs[1].disconnect();
+    assert.equal((await removed).id, "bob");
+    assert.equal(room.members.count, 1);
+    assert.deepEqual(added.map((m) => m.id), ["bob"], "bob joined once");
+  } finally {
+    alice.disconnect();
+    bobs.forEach((b) => b.disconnect());
+    await server.stop();
+  }
+});
+
+test("a presence channel is one across two nodes on Redis: members on either are listed and told", async () => {
+  const redis = await startRedis(await freePort());
+  const args = ["--registry", "redis", "--redis-url", redis.url, "--presence-batch", "20ms"];
+  const a = await pusherServer(args);
+  const b = await pusherServer(args);
+  const alice = member(a.port, a.api, "alice");
+  const bob = member(b.port, b.api, "bob");
+  try {
+    const room = alice.subscribe("presence-room");
+    await once(room, "pusher:subscription_succeeded");
+    const told = once(room, "pusher:member_added");
+    const there = await once(bob.subscribe("presence-room"), "pusher:subscription_succeeded");
+    assert.deepEqual(Object.keys(there.members).sort(), ["alice", "bob"], "the other node's member is listed");
+    assert.equal((await told).id, "bob");
+    // An event through node b's API reaches alice on node a.
+    const got = once(room, "hello");
+    await b.api.trigger("presence-room", "hello", { from: "b" });
+    assert.deepEqual(await got, { from: "b" });
+    const removed = once(room, "pusher:member_removed");
+    bob.disconnect();
+    assert.equal((await removed).id, "bob");
+  } finally {
+    alice.disconnect();
+    bob.disconnect();
+    await Promise.all([a.server.stop(), b.server.stop()]);
+    await redis.stop();
   }
 });

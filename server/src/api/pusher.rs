@@ -192,7 +192,7 @@ impl Api {
                     data,
                     accepted_at,
                     except: *except,
-                    pusher: Some(PusherEvent { event: &event.name, channel }),
+                    pusher: Some(PusherEvent { event: &event.name, channel, user_id: None }),
                 },
                 target: Target::Topic(topic),
                 key: None,

@@ -48,7 +48,25 @@ struct Subscription {
     channel: String,
     #[serde(default)]
     auth: Option<String>,
+    /// A presence channel's member, as the application signed it: a JSON string of
+    /// `{"user_id":..,"user_info":..}`.
+    #[serde(default)]
+    channel_data: Option<String>,
 }
+
+/// The member a presence subscription names.
+#[derive(Deserialize)]
+struct ChannelData<'a> {
+    #[serde(borrow)]
+    user_id: &'a RawValue,
+    #[serde(default, borrow)]
+    user_info: Option<&'a RawValue>,
+}
+
+/// Longest `user_id`, in bytes (the protocol's 128 characters).
+const MAX_USER_ID: usize = 128;
+/// Most members a presence channel's subscription lists.
+const MAX_PRESENCE_MEMBERS: usize = crate::presence::MAX_PAGE;
 
 fn reply(text: &str) -> Handled {
     Handled { reply: ws::text(text), topic_changes: 0 }
@@ -127,9 +145,10 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, app: &App, subscription: Subsc
                 return subscription_error(channel, "AuthError", 401, &format!("Invalid signature: expected HMAC-SHA256 of `{socket_id}:{channel}` with the app's secret"));
             }
         }
-        Kind::Presence | Kind::Cache => {
+        Kind::Presence => return subscribe_presence(conn, clients, app, subscription),
+        Kind::Cache => {
             clients.metrics.client_error(ClientError::Forbidden);
-            return subscription_error(channel, "NotSupported", 501, "presence and cache channels are not served by this server yet");
+            return subscription_error(channel, "NotSupported", 501, "cache channels are not served by this server yet");
         }
     }
     match clients.hub.subscribe(conn, &[pusher::topic(app, channel)]) {
@@ -141,6 +160,88 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, app: &App, subscription: Subsc
     }
 }
 
+/// A presence channel: the signature covers the member too; the member joins through
+/// presence (once per user, however many connections), and the subscription's answer,
+/// once the members are read, lists them.
+fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscription: Subscription) -> Handled {
+    let channel = subscription.channel.as_str();
+    let socket_id = pusher::socket_id(conn.session);
+    let data = subscription.channel_data.as_deref().unwrap_or_default();
+    if !pusher::authorized(app, subscription.auth.as_deref().unwrap_or_default(), &socket_id, channel, Some(data)) {
+        clients.metrics.client_error(ClientError::Forbidden);
+        return subscription_error(channel, "AuthError", 401, &format!("Invalid signature: expected HMAC-SHA256 of `{socket_id}:{channel}:<channel_data>` with the app's secret"));
+    }
+    let Some(presence) = clients.presence.clone() else {
+        return subscription_error(channel, "NotSupported", 501, "presence is off on this server");
+    };
+    let member = match serde_json::from_str::<ChannelData>(data) {
+        Ok(member) => member,
+        Err(e) => return subscription_error(channel, "InvalidChannelData", 400, &format!("channel_data is not {{\"user_id\":..,\"user_info\":..}}: {e}")),
+    };
+    // A number is a user id too; a string is the id it spells.
+    let user = match serde_json::from_str::<serde_json::Value>(member.user_id.get()) {
+        Ok(serde_json::Value::String(user)) => user,
+        Ok(serde_json::Value::Number(n)) => n.to_string(),
+        _ => return subscription_error(channel, "InvalidChannelData", 400, "user_id is a string or a number"),
+    };
+    if user.is_empty() || user.len() > MAX_USER_ID {
+        return subscription_error(channel, "InvalidChannelData", 400, &format!("user_id is 1 to {MAX_USER_ID} bytes"));
+    }
+    let info = match member.user_info {
+        Some(info) if info.get().len() > presence.info_bytes() => {
+            return subscription_error(channel, "InvalidChannelData", 400, &format!("user_info is over {} bytes (--presence-info-bytes)", presence.info_bytes()));
+        }
+        Some(info) => match json::compact(info.get()) {
+            Ok(compact) => RawValue::from_string(compact.into_owned()).ok().map(Arc::from),
+            Err(_) => return subscription_error(channel, "InvalidChannelData", 400, "user_info nests too deep"),
+        },
+        None => None,
+    };
+    if let Err(e) = presence.bring_user(conn.session.0, &user, info) {
+        return subscription_error(channel, "InvalidChannelData", 400, &e);
+    }
+    let topic = pusher::topic(app, channel);
+    if let Err(message) = clients.hub.subscribe(conn, std::slice::from_ref(&topic)) {
+        clients.metrics.client_error(ClientError::TooManyTopics);
+        return subscription_error(channel, "LimitReached", 400, &message);
+    }
+    let (conn, hub, metrics, registry) = (conn.clone(), clients.hub.clone(), clients.metrics.clone(), clients.publishing.registry.clone());
+    let channel = channel.to_owned();
+    // Its next frame is read once this is answered: an unsubscribe comes after it.
+    conn.begin_exclusive_request();
+    tokio::spawn(async move {
+        let answer = match registry.presence_page(&presence, &topic, None, MAX_PRESENCE_MEMBERS + 1).await {
+            Ok(page) if page.count > MAX_PRESENCE_MEMBERS => {
+                hub.unsubscribe(&conn, &[topic]);
+                let data = serde_json::json!({ "type": "LimitReached", "error": format!("presence channels hold at most {MAX_PRESENCE_MEMBERS} members here"), "status": 400 });
+                pusher::frame("pusher:subscription_error", Some(&channel), &data.to_string())
+            }
+            Ok(page) => {
+                let mut ids: Vec<String> = page.members.iter().map(|m| m.uid.clone()).collect();
+                let mut hash = serde_json::Map::new();
+                for member in page.members {
+                    let info = member.info.and_then(|i| serde_json::from_str(i.get()).ok()).unwrap_or(serde_json::Value::Null);
+                    hash.insert(member.uid, info);
+                }
+                // On Redis this node's own write may not be read back yet.
+                if !hash.contains_key(&user) {
+                    ids.push(user.clone());
+                    hash.insert(user.clone(), serde_json::Value::Null);
+                }
+                let presence = serde_json::json!({ "presence": { "count": ids.len(), "ids": ids, "hash": hash } });
+                pusher::frame("pusher_internal:subscription_succeeded", Some(&channel), &pusher::stringified(&presence))
+            }
+            Err(e) => {
+                hub.unsubscribe(&conn, &[topic]);
+                let data = serde_json::json!({ "type": "Unavailable", "error": format!("presence unavailable; retry: {}", e.reason), "status": 503 });
+                pusher::frame("pusher:subscription_error", Some(&channel), &data.to_string())
+            }
+        };
+        conn.answer_exclusive_request(&answer, hub.limits(), &metrics);
+    });
+    Handled { reply: Bytes::new(), topic_changes: 1 }
+}
+
 fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, channel: Option<&str>, data: Option<&RawValue>, window: &mut Window) -> Result<Handled, Close> {
     let apps = clients.pusher.as_deref().map_or(false, |apps| apps.client_events);
     if !apps {
@@ -149,8 +250,8 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
     let Some(channel) = channel else { return Ok(error(clients, ClientError::BadJson, "a client event needs a `channel`")) };
     // Encrypted channels' payloads are the clients' own ciphertext; the protocol gives
     // them no client events.
-    if Kind::of(channel) != Kind::Private || channel.starts_with("private-encrypted-") {
-        return Ok(error(clients, ClientError::Forbidden, "client events are sent on private channels only (not encrypted ones)"));
+    if !matches!(Kind::of(channel), Kind::Private | Kind::Presence) || channel.starts_with("private-encrypted-") {
+        return Ok(error(clients, ClientError::Forbidden, "client events are sent on private and presence channels only (not encrypted ones)"));
     }
     let topic = pusher::topic(app, channel);
     if !conn.state().topics.iter().any(|t| **t == *topic) {
@@ -179,6 +280,8 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
     };
     let (id, registry, hub, metrics) = (publishing.message_ids.next(), publishing.registry.clone(), clients.hub.clone(), clients.metrics.clone());
     let (event, channel, session) = (event.to_owned(), channel.to_owned(), conn.session.0);
+    // On a presence channel, who sent it (the protocol adds it for the others to see).
+    let user = clients.presence.as_ref().filter(|_| Kind::of(&channel) == Kind::Presence).and_then(|p| p.user_of(session));
     let accepted_at = Instant::now();
     tokio::spawn(async move {
         let _held = held;
@@ -189,7 +292,7 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
             data: &data,
             accepted_at,
             except: Some(session),
-            pusher: Some(PusherEvent { event: &event, channel: &channel }),
+            pusher: Some(PusherEvent { event: &event, channel: &channel, user_id: user.as_deref() }),
         };
         let job = Job { draft, target: Target::Topic(&topic), key: None };
         if let Some(Err(e)) = registry.publish(&hub, &[job]).await.pop() {

@@ -113,6 +113,8 @@ pub fn envelope_position(envelope: &str) -> Option<Position> {
 pub struct PusherEvent<'a> {
     pub event: &'a str,
     pub channel: &'a str,
+    /// A client event on a presence channel: the user who sent it.
+    pub user_id: Option<&'a str>,
 }
 
 fn write_open_pusher(out: &mut Vec<u8>, id: u64, pusher: PusherEvent<'_>, data: &str) {
@@ -123,6 +125,10 @@ fn write_open_pusher(out: &mut Vec<u8>, id: u64, pusher: PusherEvent<'_>, data: 
     let _ = serde_json::to_writer(&mut *out, pusher.channel);
     out.extend_from_slice(br#","data":"#);
     out.extend_from_slice(data.as_bytes());
+    if let Some(user_id) = pusher.user_id {
+        out.extend_from_slice(br#","user_id":"#);
+        let _ = serde_json::to_writer(&mut *out, user_id);
+    }
     let _ = write!(out, r#","id":"{id}""#);
 }
 
