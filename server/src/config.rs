@@ -262,6 +262,18 @@ pub struct Config {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub pusher_client_events: bool,
 
+    /// Where each Pusher app's webhooks are POSTed, in Pusher's format, signed with the
+    /// app's key and secret: channel_occupied, channel_vacated, member_added,
+    /// member_removed.
+    #[arg(long, env = "PUSHLINE_PUSHER_WEBHOOK_URL")]
+    #[serde(serialize_with = "redacted_url")]
+    pub pusher_webhook_url: Option<String>,
+
+    /// Send Pusher `client_event` webhooks too.
+    #[arg(long, env = "PUSHLINE_PUSHER_WEBHOOK_CLIENT_EVENTS", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub pusher_webhook_client_events: bool,
+
     /// Most publishes a client may send per second; more are answered `publish_failed` and
     /// counted (`publish_rate`), not published.
     #[arg(long, env = "PUSHLINE_MAX_CLIENT_PUBLISHES_PER_SECOND", default_value_t = 10)]
@@ -684,7 +696,7 @@ impl Config {
         if self.reuse_port && self.registry == RegistryKind::Memory {
             problems.push("--reuse-port with --registry memory splits clients between processes that cannot reach each other's sessions (and would share node id 0); use --registry redis so they form a cluster".into());
         }
-        for (flag, url) in [("--connect-hook", &self.connect_hook), ("--subscribe-hook", &self.subscribe_hook), ("--webhook-url", &self.webhook_url)] {
+        for (flag, url) in [("--connect-hook", &self.connect_hook), ("--subscribe-hook", &self.subscribe_hook), ("--webhook-url", &self.webhook_url), ("--pusher-webhook-url", &self.pusher_webhook_url)] {
             if let Some(Err(e)) = url.as_deref().map(|url| crate::application::parse_url(flag, url)) {
                 problems.push(e.message);
             }
@@ -708,6 +720,9 @@ impl Config {
         }
         if let Err(e) = crate::pusher::Apps::parse(&self.pusher_app, self.pusher_client_events) {
             problems.push(e);
+        }
+        if self.pusher_webhook_url.is_some() && self.pusher_app.is_empty() {
+            problems.push("--pusher-webhook-url tells Pusher apps' events: name the apps with --pusher-app".into());
         }
         if self.webhook_batch == 0 || self.webhook_attempts == 0 || self.webhook_timeout.is_zero() {
             problems.push("--webhook-batch, --webhook-attempts and --webhook-timeout must be more than 0: no webhook could be sent".into());

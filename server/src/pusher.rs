@@ -78,6 +78,10 @@ impl Apps {
         self.apps.is_empty()
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &App> {
+        self.apps.iter()
+    }
+
     pub fn get(&self, index: u16) -> Option<&App> {
         self.apps.get(index as usize)
     }

@@ -63,8 +63,8 @@ pub struct Server {
     tls: Option<Arc<Tls>>,
     metrics: Arc<Metrics>,
     sweeper: CancellationToken,
-    /// The webhook sender, and what stops it (after the registry has left).
-    webhooks: Option<(JoinHandle<()>, CancellationToken)>,
+    /// The webhook senders, and what stops them (after the registry has left).
+    webhooks: Option<(tokio::task::JoinSet<()>, CancellationToken)>,
     admin: admin::Running,
     cores: Arc<Cores>,
 }
@@ -145,15 +145,15 @@ impl Server {
             }
             _ => None,
         };
-        let wants_application = config.connect_hook.is_some() || config.subscribe_hook.is_some() || config.webhook_url.is_some();
+        let wants_application = config.connect_hook.is_some() || config.subscribe_hook.is_some() || config.webhook_url.is_some() || config.pusher_webhook_url.is_some();
         let application = match wants_application {
             true => Some(Arc::new(Application::new(config.hook_ca.as_deref(), config.hook_max_concurrency, config.hook_timeout.min(config.webhook_timeout))?)),
             false => None,
         };
         let hooks = Hooks::from_config(&config, application.clone(), &metrics)?.map(Arc::new);
-        let (webhooks, webhook_sender) = match Webhooks::from_config(&config, application, &metrics)? {
-            Some((webhooks, sender)) => (Some(webhooks), Some(sender)),
-            None => (None, None),
+        let (webhooks, webhook_senders) = match Webhooks::from_config(&config, application, &metrics)? {
+            Some((webhooks, senders)) => (Some(webhooks), senders),
+            None => (None, Vec::new()),
         };
         let pusher = match crate::pusher::Apps::parse(&config.pusher_app, config.pusher_client_events).map_err(Error::config)? {
             apps if apps.is_empty() => None,
@@ -291,9 +291,13 @@ impl Server {
         }
         tokio::spawn(expire_history(history, hub.clone(), config.history_ttl, sweeper.clone()));
         let accepting = accepting_core.spawn(listener::accept_loop(client, router, shutdown.token()));
-        let webhooks = webhooks.zip(webhook_sender).map(|(webhooks, sender)| {
+        let webhooks = (!webhook_senders.is_empty()).then(|| {
             let stop = CancellationToken::new();
-            (tokio::spawn(webhooks.send(sender, stop.clone(), config.shutdown_grace)), stop)
+            let mut sending = tokio::task::JoinSet::new();
+            for (outlet, sender) in webhook_senders {
+                sending.spawn(outlet.send(sender, stop.clone(), config.shutdown_grace));
+            }
+            (sending, stop)
         });
 
         let evicted = attached.as_ref().map_or_else(CancellationToken::new, Attached::evicted);
@@ -375,7 +379,7 @@ impl Server {
         if let Some((sending, stop)) = self.webhooks {
             // The last events (the topics this node's clients left) are queued by now.
             stop.cancel();
-            let _ = sending.await;
+            sending.join_all().await;
         }
 
         self.shutdown.enter(Phase::Stopped);

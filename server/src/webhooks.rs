@@ -13,6 +13,12 @@
 //! at most `--webhook-queue-bytes`; one batch is out at a time, in order, tried
 //! `--webhook-attempts` times with backoff. What is dropped (queue full, attempts spent,
 //! shutdown) is counted by reason in `pushline_webhook_events_total`.
+//!
+//! Pusher channels are told in Pusher's format instead (`--pusher-webhook-url`), each app
+//! in batches of its own, signed as Pusher signs them (`X-Pusher-Key`, `X-Pusher-Signature:
+//! hex HMAC-SHA256(app secret, body)`): `channel_occupied`, `channel_vacated`,
+//! `member_added`, `member_removed`, and `client_event` when asked for. Each destination
+//! is an [`Outlet`]: its own queue, bound and sender.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -57,13 +63,39 @@ struct Event<'a> {
     time_ms: u64,
 }
 
+/// Where events go: native topics' to `--webhook-url`, each Pusher app's channels' to
+/// `--pusher-webhook-url` in batches of that app.
 pub struct Webhooks {
+    native: Option<Arc<Outlet>>,
+    /// By app id.
+    pusher: Vec<(String, Arc<Outlet>)>,
+}
+
+/// One destination's events: what it wants, its queue and its format.
+pub struct Outlet {
     wanted: Vec<EventKind>,
+    pusher: bool,
     queue: Mutex<Queue>,
     /// Told when an event is queued.
     queued: Notify,
     max_bytes: usize,
     metrics: Arc<Metrics>,
+}
+
+/// A Pusher webhook event.
+#[derive(Serialize)]
+struct PusherEvent<'a> {
+    name: &'static str,
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    /// A client event's name, data (a string, as the protocol's data is), and sender.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket_id: Option<&'a str>,
 }
 
 #[derive(Default)]
@@ -72,66 +104,153 @@ struct Queue {
     bytes: usize,
 }
 
-/// Where batches go and how they are sent.
+/// Where one outlet's batches go and how they are sent.
 pub struct Sender {
     pub application: Arc<Application>,
     pub url: Uri,
-    pub secret: String,
+    pub signing: Signing,
     pub batch: usize,
     pub attempts: u32,
     pub timeout: Duration,
 }
 
+/// How a batch is signed.
+pub enum Signing {
+    /// `X-Pushline-Timestamp` and `X-Pushline-Signature`, with `--webhook-secret`.
+    Pushline(String),
+    /// `X-Pusher-Key` and `X-Pusher-Signature`, with the app's key and secret.
+    Pusher { key: String, secret: String },
+}
+
 impl Webhooks {
-    /// The webhooks and their sender, when `--webhook-url` is set.
-    pub fn from_config(config: &Config, application: Option<Arc<Application>>, metrics: &Arc<Metrics>) -> Result<Option<(Arc<Webhooks>, Sender)>, Error> {
-        let (Some(url), Some(secret), Some(application)) = (&config.webhook_url, &config.webhook_secret, application) else { return Ok(None) };
-        let webhooks = Webhooks {
-            wanted: config.webhook_events.clone(),
-            queue: Mutex::default(),
-            queued: Notify::new(),
-            max_bytes: config.webhook_queue_bytes,
-            metrics: metrics.clone(),
+    /// The webhooks and each outlet's sender, when `--webhook-url` or
+    /// `--pusher-webhook-url` is set.
+    pub fn from_config(config: &Config, application: Option<Arc<Application>>, metrics: &Arc<Metrics>) -> Result<Option<(Arc<Webhooks>, Vec<(Arc<Outlet>, Sender)>)>, Error> {
+        let Some(application) = application else { return Ok(None) };
+        let outlet = |wanted: Vec<EventKind>, pusher: bool| {
+            Arc::new(Outlet { wanted, pusher, queue: Mutex::default(), queued: Notify::new(), max_bytes: config.webhook_queue_bytes, metrics: metrics.clone() })
         };
-        let sender = Sender {
-            application,
-            url: crate::application::parse_url("--webhook-url", url)?,
-            secret: secret.clone(),
-            batch: config.webhook_batch,
-            attempts: config.webhook_attempts,
-            timeout: config.webhook_timeout,
+        let sender = |flag, url: &str, signing| -> Result<Sender, Error> {
+            Ok(Sender {
+                application: application.clone(),
+                url: crate::application::parse_url(flag, url)?,
+                signing,
+                batch: config.webhook_batch,
+                attempts: config.webhook_attempts,
+                timeout: config.webhook_timeout,
+            })
         };
-        Ok(Some((Arc::new(webhooks), sender)))
+        let mut senders = Vec::new();
+        let native = match (&config.webhook_url, &config.webhook_secret) {
+            (Some(url), Some(secret)) => {
+                let native = outlet(config.webhook_events.clone(), false);
+                senders.push((native.clone(), sender("--webhook-url", url, Signing::Pushline(secret.clone()))?));
+                Some(native)
+            }
+            _ => None,
+        };
+        let mut pusher = Vec::new();
+        if let Some(url) = &config.pusher_webhook_url {
+            let apps = crate::pusher::Apps::parse(&config.pusher_app, config.pusher_client_events).map_err(Error::config)?;
+            let mut wanted = vec![EventKind::TopicOccupied, EventKind::TopicVacated, EventKind::MemberJoined, EventKind::MemberLeft];
+            if config.pusher_webhook_client_events {
+                wanted.push(EventKind::ClientPublish);
+            }
+            for app in apps.iter() {
+                let app_outlet = outlet(wanted.clone(), true);
+                let signing = Signing::Pusher { key: app.key.clone(), secret: app.secret.clone() };
+                senders.push((app_outlet.clone(), sender("--pusher-webhook-url", url, signing)?));
+                pusher.push((app.id.clone(), app_outlet));
+            }
+        }
+        if native.is_none() && pusher.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((Arc::new(Webhooks { native, pusher }), senders)))
     }
 
+    /// Whether any outlet wants `kind`.
     pub fn wants(&self, kind: EventKind) -> bool {
-        self.wanted.contains(&kind)
+        self.native.iter().chain(self.pusher.iter().map(|(_, o)| o)).any(|o| o.wants(kind))
+    }
+
+    /// The outlet of `topic`'s events: its Pusher app's, or the native one; and the
+    /// Pusher channel it is.
+    fn outlet_of<'t>(&self, topic: &'t str) -> Option<(&Outlet, Option<&'t str>)> {
+        match topic.strip_prefix(crate::pusher::PREFIX).and_then(|rest| rest.split_once(':')) {
+            Some((app, channel)) => self.pusher.iter().find(|(id, _)| id == app).map(|(_, o)| (&**o, Some(channel))),
+            None if topic.starts_with(crate::pusher::PREFIX) => None,
+            None => self.native.as_deref().map(|o| (o, None)),
+        }
     }
 
     /// A topic got its first subscriber, or lost its last (`occupied` false), everywhere.
     pub fn topic(&self, topic: &str, occupied: bool) {
         let name = if occupied { EventKind::TopicOccupied } else { EventKind::TopicVacated };
-        self.push(Event { name, topic, uid: None, info: None, id: None, data: None, session: None, time_ms: clock::wall_ms() });
+        match self.outlet_of(topic) {
+            Some((outlet, Some(channel))) => {
+                let pusher_name = if occupied { "channel_occupied" } else { "channel_vacated" };
+                outlet.push_pusher(name, PusherEvent { name: pusher_name, channel, user_id: None, event: None, data: None, socket_id: None });
+            }
+            Some((outlet, None)) => outlet.push(Event { name, topic, uid: None, info: None, id: None, data: None, session: None, time_ms: clock::wall_ms() }),
+            None => {}
+        }
     }
 
     /// `uid` became a member of `topic` (with `info`), or stopped being one.
     pub fn member(&self, topic: &str, uid: &str, joined: bool, info: Option<&RawValue>) {
         let name = if joined { EventKind::MemberJoined } else { EventKind::MemberLeft };
-        self.push(Event { name, topic, uid: Some(uid), info, id: None, data: None, session: None, time_ms: clock::wall_ms() });
+        match self.outlet_of(topic) {
+            Some((outlet, Some(channel))) => {
+                let pusher_name = if joined { "member_added" } else { "member_removed" };
+                outlet.push_pusher(name, PusherEvent { name: pusher_name, channel, user_id: Some(uid), event: None, data: None, socket_id: None });
+            }
+            Some((outlet, None)) => outlet.push(Event { name, topic, uid: Some(uid), info, id: None, data: None, session: None, time_ms: clock::wall_ms() }),
+            None => {}
+        }
     }
 
     /// A client published `data` to `topic` as message `id`.
     pub fn client_publish(&self, topic: &str, uid: &str, session: u64, id: u64, data: &RawValue) {
-        let session = Some(crate::session::SessionId(session).to_string());
-        self.push(Event { name: EventKind::ClientPublish, topic, uid: Some(uid), info: None, id: Some(id), data: Some(data), session, time_ms: clock::wall_ms() });
+        if let Some((outlet, None)) = self.outlet_of(topic) {
+            let session = Some(crate::session::SessionId(session).to_string());
+            outlet.push(Event { name: EventKind::ClientPublish, topic, uid: Some(uid), info: None, id: Some(id), data: Some(data), session, time_ms: clock::wall_ms() });
+        }
+    }
+
+    /// A Pusher client sent `event` with `data` (JSON) on the channel `topic` is.
+    pub fn client_event(&self, topic: &str, event: &str, data: &str, socket_id: &str, user_id: Option<&str>) {
+        if let Some((outlet, Some(channel))) = self.outlet_of(topic) {
+            // The protocol's data is a string: the client's JSON, as text.
+            let data = Some(data.to_owned());
+            outlet.push_pusher(EventKind::ClientPublish, PusherEvent { name: "client_event", channel, user_id, event: Some(event), data, socket_id: Some(socket_id) });
+        }
+    }
+}
+
+impl Outlet {
+    pub fn wants(&self, kind: EventKind) -> bool {
+        self.wanted.contains(&kind)
+    }
+
+    fn push_pusher(&self, kind: EventKind, event: PusherEvent<'_>) {
+        if self.pusher && self.wants(kind) {
+            if let Ok(text) = serde_json::to_string(&event) {
+                self.queue_text(text);
+            }
+        }
     }
 
     fn push(&self, event: Event<'_>) {
-        // Pusher channels are told in Pusher's own webhooks (not served yet), not here.
-        if !self.wants(event.name) || event.topic.starts_with(crate::pusher::PREFIX) {
+        if self.pusher || !self.wants(event.name) {
             return;
         }
-        let Ok(text) = serde_json::to_string(&event) else { return };
+        if let Ok(text) = serde_json::to_string(&event) {
+            self.queue_text(text);
+        }
+    }
+
+    fn queue_text(&self, text: String) {
         {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             if queue.bytes + text.len() > self.max_bytes {
@@ -216,7 +335,10 @@ impl Webhooks {
         let mut wait = RETRY_FIRST;
         for attempt in 1..=sender.attempts {
             // Signed afresh each attempt: the timestamp says when it was sent.
-            let headers = signed(&sender.secret, &body, clock::wall_ms() / 1000);
+            let headers = match &sender.signing {
+                Signing::Pushline(secret) => signed(secret, &body, clock::wall_ms() / 1000).to_vec(),
+                Signing::Pusher { key, secret } => pusher_signed(key, secret, &body).to_vec(),
+            };
             let post = tokio::time::timeout(sender.timeout, sender.application.post(&sender.url, &headers, body.clone(), MAX_ANSWER_BYTES));
             // Stopping leaves the batch queued, for the drain within the shutdown grace.
             let answer = tokio::select! {
@@ -254,6 +376,17 @@ impl crate::hub::Occupancy for Webhooks {
     fn changed(&self, topic: &str, occupied: bool) {
         self.topic(topic, occupied);
     }
+}
+
+/// The headers Pusher signs a webhook with: its app's key, and the hex HMAC-SHA256 of
+/// the body with the app's secret.
+pub fn pusher_signed(key: &str, secret: &str, body: &[u8]) -> [(HeaderName, HeaderValue); 2] {
+    let key_value = HeaderValue::from_str(key).unwrap_or(HeaderValue::from_static(""));
+    let signature = crate::pusher::sign(secret, &String::from_utf8_lossy(body));
+    [
+        (HeaderName::from_static("x-pusher-key"), key_value),
+        (HeaderName::from_static("x-pusher-signature"), HeaderValue::from_str(&signature).unwrap_or(HeaderValue::from_static(""))),
+    ]
 }
 
 /// The headers that let the application check a batch came from here, and when.

@@ -285,3 +285,47 @@ test("a presence channel is one across two nodes on Redis: members on either are
     await redis.stop();
   }
 });
+
+test("Pusher webhooks: channel_occupied/vacated, member_added/removed and client_event, each batch valid to the pusher library's own check", async () => {
+  const http = await import("node:http");
+  const events = [];
+  let invalid = 0;
+  const checker = new PusherServer({ ...APP, host: "127.0.0.1", port: "1", useTLS: false });
+  const receiver = http.createServer((req, res) => {
+    let body = "";
+    req.on("data", (chunk) => (body += chunk));
+    req.on("end", () => {
+      const webhook = checker.webhook({ headers: req.headers, rawBody: body });
+      if (webhook.isValid()) events.push(...webhook.getEvents());
+      else invalid++;
+      res.end("{}");
+    });
+  });
+  await new Promise((resolve) => receiver.listen(0, "127.0.0.1", resolve));
+  const url = `http://127.0.0.1:${receiver.address().port}/pusher`;
+  const { server, port, api } = await pusherServer(["--pusher-webhook-url", url, "--pusher-webhook-client-events", "--pusher-client-events", "--presence-batch", "20ms"]);
+  const until = async (n) => {
+    for (let i = 0; i < 500 && events.length < n; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    return events.map(({ name, channel, user_id, event }) => [name, channel, event ?? user_id ?? null]).sort();
+  };
+  const alice = member(port, api, "alice");
+  try {
+    const room = alice.subscribe("presence-room");
+    await once(room, "pusher:subscription_succeeded");
+    assert.deepEqual(await until(2), [["channel_occupied", "presence-room", null], ["member_added", "presence-room", "alice"]]);
+    events.length = 0;
+    room.trigger("client-wave", { hi: 1 });
+    assert.deepEqual(await until(1), [["client_event", "presence-room", "client-wave"]]);
+    assert.equal(events[0].data, JSON.stringify({ hi: 1 }));
+    assert.equal(events[0].user_id, "alice");
+    assert.equal(events[0].socket_id, alice.connection.socket_id);
+    events.length = 0;
+    alice.disconnect();
+    assert.deepEqual(await until(2), [["channel_vacated", "presence-room", null], ["member_removed", "presence-room", "alice"]]);
+    assert.equal(invalid, 0, "every batch's X-Pusher-Signature checks out");
+  } finally {
+    alice.disconnect();
+    await server.stop();
+    receiver.close();
+  }
+});

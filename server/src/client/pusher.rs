@@ -279,6 +279,7 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
         return Ok(error(clients, ClientError::OverBudget, "this node has too many publishes in hand; send later"));
     };
     let (id, registry, hub, metrics) = (publishing.message_ids.next(), publishing.registry.clone(), clients.hub.clone(), clients.metrics.clone());
+    let webhooks = clients.webhooks.clone();
     let (event, channel, session) = (event.to_owned(), channel.to_owned(), conn.session.0);
     // On a presence channel, who sent it (the protocol adds it for the others to see).
     let user = clients.presence.as_ref().filter(|_| Kind::of(&channel) == Kind::Presence).and_then(|p| p.user_of(session));
@@ -295,9 +296,16 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
             pusher: Some(PusherEvent { event: &event, channel: &channel, user_id: user.as_deref() }),
         };
         let job = Job { draft, target: Target::Topic(&topic), key: None };
-        if let Some(Err(e)) = registry.publish(&hub, &[job]).await.pop() {
-            metrics.dropped(DropReason::RegistryUnavailable, 1);
-            tracing::debug!(error = %e.reason, "a Pusher client event did not reach every node");
+        match registry.publish(&hub, &[job]).await.pop() {
+            Some(Err(e)) => {
+                metrics.dropped(DropReason::RegistryUnavailable, 1);
+                tracing::debug!(error = %e.reason, "a Pusher client event did not reach every node");
+            }
+            _ => {
+                if let Some(webhooks) = &webhooks {
+                    webhooks.client_event(&topic, &event, &data, &pusher::socket_id(crate::session::SessionId(session)), user.as_deref());
+                }
+            }
         }
     });
     Ok(Handled { reply: Bytes::new(), topic_changes: 0 })
