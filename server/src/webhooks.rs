@@ -114,6 +114,9 @@ pub struct Sender {
     pub timeout: Duration,
 }
 
+/// An outlet and the sender that empties it.
+pub type Sending = (Arc<Outlet>, Sender);
+
 /// How a batch is signed.
 pub enum Signing {
     /// `X-Pushline-Timestamp` and `X-Pushline-Signature`, with `--webhook-secret`.
@@ -125,7 +128,7 @@ pub enum Signing {
 impl Webhooks {
     /// The webhooks and each outlet's sender, when `--webhook-url` or
     /// `--pusher-webhook-url` is set.
-    pub fn from_config(config: &Config, application: Option<Arc<Application>>, metrics: &Arc<Metrics>) -> Result<Option<(Arc<Webhooks>, Vec<(Arc<Outlet>, Sender)>)>, Error> {
+    pub fn from_config(config: &Config, application: Option<Arc<Application>>, metrics: &Arc<Metrics>) -> Result<Option<(Arc<Webhooks>, Vec<Sending>)>, Error> {
         let Some(application) = application else { return Ok(None) };
         let outlet = |wanted: Vec<EventKind>, pusher: bool| {
             Arc::new(Outlet { wanted, pusher, queue: Mutex::default(), queued: Notify::new(), max_bytes: config.webhook_queue_bytes, metrics: metrics.clone() })

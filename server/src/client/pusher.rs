@@ -243,8 +243,7 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
 }
 
 fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, channel: Option<&str>, data: Option<&RawValue>, window: &mut Window) -> Result<Handled, Close> {
-    let apps = clients.pusher.as_deref().map_or(false, |apps| apps.client_events);
-    if !apps {
+    if !clients.pusher.as_deref().is_some_and(|apps| apps.client_events) {
         return Ok(error(clients, ClientError::Forbidden, "To send client events, you must enable this feature (--pusher-client-events)"));
     }
     let Some(channel) = channel else { return Ok(error(clients, ClientError::BadJson, "a client event needs a `channel`")) };
