@@ -337,21 +337,25 @@ impl Presence {
 
     /// A Pusher presence channel's changes, as its clients read them: a
     /// `pusher_internal:member_added` or `member_removed` per member, not sent to the
-    /// member's own connections.
+    /// member's own connections. A batch's changes of a member are not netted: a client
+    /// that subscribed in between listed the member as it was then, so it is told the
+    /// first change and then the last when they differ, ending where the member is.
     async fn tell_pusher(&self, hub: &Arc<Hub>, topic: &str, channel: &str, changed: Changed) {
         for (uid, turns) in &changed.uids {
-            let (event, data) = match (turns.first.1, turns.last.1) {
-                (true, true) => {
+            let told = if turns.first.1 == turns.last.1 { &[turns.last.1][..] } else { &[turns.first.1, turns.last.1][..] };
+            for &joined in told {
+                let user = serde_json::to_string(uid.as_str()).unwrap_or_default();
+                let (event, data) = if joined {
                     let info = turns.info.as_deref().map_or("null", RawValue::get);
-                    ("pusher_internal:member_added", format!(r#"{{"user_id":{},"user_info":{info}}}"#, serde_json::to_string(uid.as_str()).unwrap_or_default()))
-                }
-                (false, false) => ("pusher_internal:member_removed", format!(r#"{{"user_id":{}}}"#, serde_json::to_string(uid.as_str()).unwrap_or_default())),
-                _ => continue,
-            };
-            self.metrics.presence_event(if turns.last.1 { PresenceEvent::Join } else { PresenceEvent::Leave });
-            let frame = crate::pusher::frame(event, Some(channel), &serde_json::to_string(&data).unwrap_or_default());
-            let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, &frame, None, Instant::now())));
-            hub.publish_to(topic, &msg, |conn| self.member_of(conn) != *uid).await;
+                    ("pusher_internal:member_added", format!(r#"{{"user_id":{user},"user_info":{info}}}"#))
+                } else {
+                    ("pusher_internal:member_removed", format!(r#"{{"user_id":{user}}}"#))
+                };
+                self.metrics.presence_event(if joined { PresenceEvent::Join } else { PresenceEvent::Leave });
+                let frame = crate::pusher::frame(event, Some(channel), &serde_json::to_string(&data).unwrap_or_default());
+                let msg = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, &frame, None, Instant::now())));
+                hub.publish_to(topic, &msg, |conn| self.member_of(conn) != *uid).await;
+            }
         }
     }
 

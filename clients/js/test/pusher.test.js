@@ -329,3 +329,23 @@ test("Pusher webhooks: channel_occupied/vacated, member_added/removed and client
     receiver.close();
   }
 });
+
+test("a member who comes and goes within one presence batch is still told to a client that subscribed in between", async () => {
+  const { server, port, api } = await pusherServer(["--presence-batch", "400ms"]);
+  const [x, s] = [member(port, api, "x"), member(port, api, "s")];
+  try {
+    await once(x.subscribe("presence-g"), "pusher:subscription_succeeded");
+    const room = s.subscribe("presence-g");
+    const listed = await once(room, "pusher:subscription_succeeded");
+    assert.deepEqual(Object.keys(listed.members).sort(), ["s", "x"], "s listed x as it was when s came");
+    const removed = once(room, "pusher:member_removed");
+    x.unsubscribe("presence-g");
+    // x's join and leave fall in one batch: s, which saw x joined, is told x left.
+    assert.equal((await removed).id, "x");
+    assert.equal(room.members.count, 1);
+  } finally {
+    x.disconnect();
+    s.disconnect();
+    await server.stop();
+  }
+});

@@ -65,7 +65,7 @@ struct ChannelData<'a> {
 
 /// Longest `user_id`, in bytes (the protocol's 128 characters).
 const MAX_USER_ID: usize = 128;
-/// Most members a presence channel's subscription lists.
+/// Most members a presence channel's subscription lists (its count is the whole one).
 const MAX_PRESENCE_MEMBERS: usize = crate::presence::MAX_PAGE;
 
 fn reply(text: &str) -> Handled {
@@ -178,10 +178,11 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
         Ok(member) => member,
         Err(e) => return subscription_error(channel, "InvalidChannelData", 400, &format!("channel_data is not {{\"user_id\":..,\"user_info\":..}}: {e}")),
     };
-    // A number is a user id too; a string is the id it spells.
+    // A string is the id it spells; a number, the id as written (`1` is `"1"`, and no
+    // two numbers written differently are one user).
     let user = match serde_json::from_str::<serde_json::Value>(member.user_id.get()) {
         Ok(serde_json::Value::String(user)) => user,
-        Ok(serde_json::Value::Number(n)) => n.to_string(),
+        Ok(serde_json::Value::Number(_)) => member.user_id.get().to_owned(),
         _ => return subscription_error(channel, "InvalidChannelData", 400, "user_id is a string or a number"),
     };
     if user.is_empty() || user.len() > MAX_USER_ID {
@@ -210,12 +211,7 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
     // Its next frame is read once this is answered: an unsubscribe comes after it.
     conn.begin_exclusive_request();
     tokio::spawn(async move {
-        let answer = match registry.presence_page(&presence, &topic, None, MAX_PRESENCE_MEMBERS + 1).await {
-            Ok(page) if page.count > MAX_PRESENCE_MEMBERS => {
-                hub.unsubscribe(&conn, &[topic]);
-                let data = serde_json::json!({ "type": "LimitReached", "error": format!("presence channels hold at most {MAX_PRESENCE_MEMBERS} members here"), "status": 400 });
-                pusher::frame("pusher:subscription_error", Some(&channel), &data.to_string())
-            }
+        let answer = match registry.presence_page(&presence, &topic, None, MAX_PRESENCE_MEMBERS).await {
             Ok(page) => {
                 let mut ids: Vec<String> = page.members.iter().map(|m| m.uid.clone()).collect();
                 let mut hash = serde_json::Map::new();
@@ -224,11 +220,13 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
                     hash.insert(member.uid, info);
                 }
                 // On Redis this node's own write may not be read back yet.
+                let mut count = page.count;
                 if !hash.contains_key(&user) {
                     ids.push(user.clone());
                     hash.insert(user.clone(), serde_json::Value::Null);
+                    count = count.max(ids.len());
                 }
-                let presence = serde_json::json!({ "presence": { "count": ids.len(), "ids": ids, "hash": hash } });
+                let presence = serde_json::json!({ "presence": { "count": count, "ids": ids, "hash": hash } });
                 pusher::frame("pusher_internal:subscription_succeeded", Some(&channel), &pusher::stringified(&presence))
             }
             Err(e) => {

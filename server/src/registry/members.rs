@@ -154,7 +154,7 @@ impl Members {
             if let Some(webhooks) = &self.webhooks {
                 webhooks.member(topic, uid, change == 1, info.as_deref());
             }
-            let told_now = Told { joined: change == 1, version, members: count, uids: vec![uid.as_str()], info: info.as_deref() };
+            let told_now = Told { joined: change == 1, version, members: count, uids: vec![uid.as_str().into()], info: info.as_deref() };
             told.push(self.tell(topic, &told_now));
         }
         self.redis.batch(RedisCommand::Publish, &told).await.map(drop)
@@ -188,7 +188,7 @@ impl Members {
             if let Some(webhooks) = &self.webhooks {
                 uids.iter().for_each(|uid| webhooks.member(&topic, uid, false, None));
             }
-            let told = Told { joined: false, version, members, uids: uids.iter().map(String::as_str).collect(), info: None };
+            let told = Told { joined: false, version, members, uids: uids.iter().map(|u| u.as_str().into()).collect(), info: None };
             self.redis.batch(RedisCommand::Publish, &[self.tell(&topic, &told)]).await?;
         }
         self.redis.query::<Value>(RedisCommand::Presence, redis::cmd("DEL").arg(&index)).await?;

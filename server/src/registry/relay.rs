@@ -166,8 +166,10 @@ pub struct Told<'a> {
     pub joined: bool,
     pub version: u64,
     pub members: usize,
+    /// Read owned: a uid with an escape (`"`, `\\`, a control character) cannot be
+    /// borrowed from the JSON it came in.
     #[serde(borrow)]
-    pub uids: Vec<&'a str>,
+    pub uids: Vec<std::borrow::Cow<'a, str>>,
     #[serde(borrow, skip_serializing_if = "Option::is_none")]
     pub info: Option<&'a RawValue>,
 }
@@ -395,7 +397,7 @@ impl Inbox {
             return;
         };
         let info: Option<Arc<RawValue>> = told.info.map(|i| Arc::from(i.to_owned()));
-        for uid in told.uids {
+        for uid in &told.uids {
             presence.changed(topic, uid, told.joined, told.version, told.members, info.clone());
         }
     }
@@ -453,6 +455,15 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_change_of_a_uid_with_escapes_is_read_back() {
+        let uids = ["q\"", "bs\\", "n\n", "x\u{1f}"];
+        let told = Told { joined: true, version: 7, members: 4, uids: uids.iter().map(|u| (*u).into()).collect(), info: None };
+        let text = serde_json::to_string(&told).unwrap();
+        let read: Told = serde_json::from_str(&text).expect("escaped uids are read, owned");
+        assert_eq!(read.uids, uids);
+    }
 
     #[test]
     fn every_target_round_trips() {
