@@ -101,6 +101,14 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         gap_ms: u64,
     },
+    /// The Pusher protocol's fan-out against the native one: N subscribers of one channel,
+    /// `rounds` 100-byte events through the signed Pusher API, then the same natively.
+    Pusher {
+        #[arg(long, default_value_t = 15_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// What --connect-hook adds to a connect: N connects (`parallel` at a time) timed to the
     /// welcome, with a local application answering every hook, and without the hook.
     Hook {
@@ -279,6 +287,7 @@ async fn run(mut cli: Cli) -> ExitCode {
             scenarios::slow::run(&cli.common, connections, slow_percent, rounds).await
         }
         Scenario::Presence { members, joins, gap_ms } => scenarios::presence::run(&cli.common, members, joins, std::time::Duration::from_millis(gap_ms)).await,
+        Scenario::Pusher { connections, rounds } => scenarios::pusher::run(&cli.common, connections, rounds).await,
         Scenario::Hook { connections } => scenarios::hook::run(&cli.common, connections, cli.common.parallel).await,
         Scenario::Storm { connections, handshakes, reconnect } => {
             scenarios::storm::run(&cli.common, connections, handshakes, reconnect).await

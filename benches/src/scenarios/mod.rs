@@ -5,6 +5,7 @@ pub mod heartbeat;
 pub mod hook;
 pub mod idle;
 pub mod presence;
+pub mod pusher;
 pub mod registry;
 pub mod resume;
 pub mod scale;
