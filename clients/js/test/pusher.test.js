@@ -349,3 +349,49 @@ test("a member who comes and goes within one presence batch is still told to a c
     await server.stop();
   }
 });
+
+test("Laravel Echo (its pusher broadcaster, on pusher-js) listens, whispers and joins as a Laravel app's browser would", async () => {
+  const { default: Echo } = await import("laravel-echo");
+  const { server, port, api } = await pusherServer(["--pusher-client-events", "--presence-batch", "20ms"]);
+  const echo = (user) =>
+    new Echo({
+      broadcaster: "pusher",
+      key: APP.key,
+      cluster: "local",
+      wsHost: "127.0.0.1",
+      wsPort: port,
+      forceTLS: false,
+      enabledTransports: ["ws"],
+      Pusher,
+      // As a Laravel app's /broadcasting/auth answers, with the pusher library.
+      authorizer: (channel) => ({
+        authorize: (socketId, callback) => {
+          const presence = channel.name.startsWith("presence-") ? { user_id: user, user_info: { name: user } } : undefined;
+          callback(null, api.authorizeChannel(socketId, channel.name, presence));
+        },
+      }),
+    });
+  const [ann, ben] = [echo("ann"), echo("ben")];
+  try {
+    // A Laravel event broadcast on a private channel: Echo's `private('orders')` is `private-orders`.
+    const shipped = new Promise((resolve) => ann.private("orders").listen(".OrderShipped", resolve));
+    await once(ann.connector.pusher.channel("private-orders"), "pusher:subscription_succeeded");
+    await api.trigger("private-orders", "OrderShipped", { order: 7 });
+    assert.deepEqual(await shipped, { order: 7 });
+
+    // Presence: `join('room')` is `presence-room`; `here`, `joining`, `whisper`.
+    const here = new Promise((resolve) => ann.join("room").here(resolve));
+    assert.deepEqual((await here).map((m) => m.name), ["ann"]);
+    const joining = new Promise((resolve) => ann.join("room").joining(resolve));
+    const benRoom = ben.join("room");
+    await new Promise((resolve) => benRoom.here(resolve));
+    assert.equal((await joining).name, "ben");
+    const whispered = new Promise((resolve) => ann.join("room").listenForWhisper("typing", resolve));
+    benRoom.whisper("typing", { ben: true });
+    assert.deepEqual(await whispered, { ben: true });
+  } finally {
+    ann.disconnect();
+    ben.disconnect();
+    await server.stop();
+  }
+});
