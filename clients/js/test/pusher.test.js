@@ -242,6 +242,12 @@ test("presence channels: pusher-js sees the members, who joins and who leaves, o
     assert.deepEqual([(await told).id, (await told).info], ["bob", { name: "BOB" }]);
     assert.equal(room.members.count, 2);
 
+    // The HTTP API tells the same, through the library's signed GET.
+    const info = await (await api.get({ path: "/channels/presence-room", params: { info: "user_count,subscription_count" } })).json();
+    assert.deepEqual(info, { occupied: true, user_count: 2, subscription_count: 3 });
+    const users = await (await api.get({ path: "/channels/presence-room/users" })).json();
+    assert.deepEqual(users, { users: [{ id: "alice" }, { id: "bob" }] });
+
     // bob leaves when his last connection does; his second connection was no second join
     // (member events go out in order, so one would have come before this leave).
     const removed = once(room, "pusher:member_removed");

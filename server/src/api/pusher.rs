@@ -1,6 +1,9 @@
 //! The Pusher HTTP API (`/apps/{app_id}/...`), for the Pusher server libraries:
-//! `POST /apps/{id}/events` (an event to one or many channels, `socket_id` left out) and
-//! `POST /apps/{id}/batch_events` (up to 10 events). Every request is signed with the
+//! `POST /apps/{id}/events` (an event to one or many channels, `socket_id` left out),
+//! `POST /apps/{id}/batch_events` (up to 10 events), and for presence channels
+//! `GET /apps/{id}/channels/{name}` (`occupied`, `user_count`, `subscription_count`) and
+//! `GET /apps/{id}/channels/{name}/users`, read where the members are (every node's, on
+//! Redis). Every request is signed with the
 //! app's secret: `auth_key`, `auth_timestamp` (within 600 s), `auth_version=1.0`,
 //! `body_md5`, and `auth_signature = HMAC-SHA256(secret, "METHOD\nPATH\nsorted query")`;
 //! a request that fails any of them is a 401 that says which.
@@ -92,12 +95,24 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
 impl Api {
     /// A request to the Pusher HTTP API.
     pub(super) async fn pusher(&self, req: Request<Incoming>) -> Result<Reply, Error> {
-        let not_found = || Error::new(Kind::NotFound, format!("no Pusher endpoint {}; see POST /apps/{{id}}/events and /apps/{{id}}/batch_events", req.uri().path()));
+        let not_found = || Error::new(Kind::NotFound, format!("no Pusher endpoint {}; see POST /apps/{{id}}/events and /apps/{{id}}/batch_events, GET /apps/{{id}}/channels/{{presence channel}}[/users]", req.uri().path()));
         let apps = self.pusher.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "no Pusher apps are configured (--pusher-app)"))?;
         let path = req.uri().path().to_owned();
         let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
         let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(not_found()) };
         let (_, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
+        if let Some(channel) = endpoint.strip_prefix("channels/") {
+            if req.method() != hyper::Method::GET {
+                return Err(Error::new(Kind::MethodNotAllowed, "use GET"));
+            }
+            let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
+            verify(app, "GET", &path, &query, b"")?;
+            let body = match channel.strip_suffix("/users") {
+                Some(channel) => self.pusher_users(app, channel).await?,
+                None => self.pusher_channel(app, channel).await?,
+            };
+            return Ok(json(StatusCode::OK, body));
+        }
         if !matches!(endpoint, "events" | "batch_events") {
             return Err(not_found());
         }
@@ -126,6 +141,35 @@ impl Api {
         };
         self.trigger(app, &events).await?;
         Ok(json(StatusCode::OK, "{}".into()))
+    }
+
+    /// A presence channel's members are known on every node; other channels' are not
+    /// served yet.
+    fn presence_channel(&self, channel: &str) -> Result<&crate::presence::Presence, Error> {
+        pusher::check_channel(channel).map_err(Error::bad_request)?;
+        match (pusher::Kind::of(channel), self.presence.as_deref()) {
+            (pusher::Kind::Presence, Some(presence)) => Ok(presence),
+            _ => Err(Error::new(Kind::NotFound, "channel information is served for presence channels only, yet")),
+        }
+    }
+
+    /// `GET /apps/{id}/channels/{name}`: `{"occupied":..,"user_count":..,"subscription_count":..}`.
+    async fn pusher_channel(&self, app: &App, channel: &str) -> Result<String, Error> {
+        let presence = self.presence_channel(channel)?;
+        let stats = self.registry.presence_stats(presence, &pusher::topic(app, channel)).await.map_err(|e| Error::unavailable(format!("presence unavailable; retry: {}", e.reason)))?;
+        Ok(serde_json::json!({ "occupied": stats.connections > 0, "user_count": stats.members, "subscription_count": stats.connections }).to_string())
+    }
+
+    /// `GET /apps/{id}/channels/{name}/users`: `{"users":[{"id":..}]}`, the first 1,000.
+    async fn pusher_users(&self, app: &App, channel: &str) -> Result<String, Error> {
+        let presence = self.presence_channel(channel)?;
+        let page = self
+            .registry
+            .presence_page(presence, &pusher::topic(app, channel), None, crate::presence::MAX_PAGE)
+            .await
+            .map_err(|e| Error::unavailable(format!("presence unavailable; retry: {}", e.reason)))?;
+        let users: Vec<serde_json::Value> = page.members.iter().map(|m| serde_json::json!({ "id": m.uid })).collect();
+        Ok(serde_json::json!({ "users": users }).to_string())
     }
 
     /// The body, within the size a batch of events may have.
