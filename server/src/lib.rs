@@ -18,6 +18,11 @@
 //!   whose bounded queues the client tasks drain;
 //! - [`wire`] frames bytes (the WebSocket codec, SSE, published messages), with no I/O.
 //!
+//! The Pusher Channels protocol is a second adapter over the same core: its shared parts
+//! are [`pusher`] (apps, channels as topics, socket ids, frames, signatures); the gateway
+//! takes its connections at `/app/{key}`, `client` reads its frames, `api` serves its
+//! signed HTTP API.
+//!
 //! Beside the flow: [`webhooks`] tell the application of topics occupied and vacated,
 //! members and client publishes, over the same HTTP client as the hooks
 //! ([`application`]); [`admin`] serves metrics, profiles and introspection on its own
