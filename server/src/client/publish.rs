@@ -123,15 +123,25 @@ fn check(conn: &Conn, clients: &Clients, publish: &Publish, window: &mut Window)
     if clients.metrics.over_queue_budget(publishing.node_queue_max_bytes).is_some() {
         return Err(refused(ClientError::OverBudget, "this node has too much queued for slow clients; publish later".into()));
     }
-    let data = json::compact(publish.data.get())
-        .map_err(|_| refused(ClientError::BadJson, format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))?
-        .into_owned();
-    let kib = (data.len() + topic.len()).div_ceil(1024).max(1) as u32;
-    let held = publishing.bytes_in_flight.clone().try_acquire_many_owned(kib).map_err(|_| {
-        clients.metrics.dropped(DropReason::NodeOverBudget, 1);
-        refused(ClientError::OverBudget, "publishes being handled on this node are over its budget (--max-publish-bytes-in-flight); publish later".into())
-    })?;
-    Ok((data, held))
+    publishing.hold(publish.data.get(), topic, &clients.metrics)
+}
+
+impl Publishing {
+    /// A client's `data` compacted, with its share of `--max-publish-bytes-in-flight`
+    /// held while it is published to `topic`; refused (and a refusal for room counted)
+    /// when it nests too deep or the node has no room.
+    pub fn hold(&self, data: &str, topic: &str, metrics: &Metrics) -> Result<(String, OwnedSemaphorePermit), Refused> {
+        let data = json::compact(data)
+            .map_err(|_| Refused { reason: ClientError::BadJson, message: format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH) })?
+            .into_owned();
+        let kib = (data.len() + topic.len()).div_ceil(1024).max(1) as u32;
+        let held = self.bytes_in_flight.clone().try_acquire_many_owned(kib).map_err(|_| {
+            metrics.dropped(DropReason::NodeOverBudget, 1);
+            let message = "publishes being handled on this node are over its budget (--max-publish-bytes-in-flight); publish later".into();
+            Refused { reason: ClientError::OverBudget, message }
+        })?;
+        Ok((data, held))
+    }
 }
 
 /// A publish on its way through the registry.

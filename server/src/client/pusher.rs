@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -79,9 +80,9 @@ fn error(clients: &Clients, reason: ClientError, message: &str) -> Handled {
 
 /// The `data` of a `pusher:` event: an object, or (as some clients send it) a string
 /// holding one.
-fn data_of<'d, T: Deserialize<'d>>(data: Option<&'d RawValue>) -> Option<T> {
+fn data_of<T: DeserializeOwned>(data: Option<&RawValue>) -> Option<T> {
     let data = data?;
-    serde_json::from_str(data.get()).ok()
+    serde_json::from_str(data.get()).ok().or_else(|| serde_json::from_str::<String>(data.get()).ok().and_then(|inner| serde_json::from_str(&inner).ok()))
 }
 
 fn subscription_error(channel: &str, kind: &str, status: u16, message: &str) -> Handled {
@@ -105,7 +106,7 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
         "pusher:ping" => Ok(reply(r#"{"event":"pusher:pong","data":"{}"}"#)),
         "pusher:pong" => Ok(Handled { reply: Bytes::new(), topic_changes: 0 }),
         "pusher:subscribe" => {
-            let subscription = data_of::<Subscription>(frame.data).or_else(|| data_of::<String>(frame.data).and_then(|s| serde_json::from_str(&s).ok()));
+            let subscription = data_of::<Subscription>(frame.data);
             match subscription {
                 Some(subscription) => Ok(subscribe(conn, clients, app, subscription)),
                 None => Ok(error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`")),
@@ -116,7 +117,7 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
             struct Unsubscription {
                 channel: String,
             }
-            match data_of::<Unsubscription>(frame.data).or_else(|| data_of::<String>(frame.data).and_then(|s| serde_json::from_str(&s).ok())) {
+            match data_of::<Unsubscription>(frame.data) {
                 Some(u) => {
                     clients.hub.unsubscribe(conn, &[pusher::topic(app, &u.channel)]);
                     Ok(Handled { reply: Bytes::new(), topic_changes: 1 })
@@ -267,13 +268,9 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
     if data.len() > publishing.max_message_bytes {
         return Ok(error(clients, ClientError::TooLarge, &format!("event data is {} bytes; at most {}", data.len(), publishing.max_message_bytes)));
     }
-    let Ok(data) = json::compact(data).map(Cow::into_owned) else {
-        return Ok(error(clients, ClientError::BadJson, "event data nests too deep"));
-    };
-    let kib = (data.len() + topic.len()).div_ceil(1024).max(1) as u32;
-    let Ok(held) = publishing.bytes_in_flight.clone().try_acquire_many_owned(kib) else {
-        clients.metrics.dropped(DropReason::NodeOverBudget, 1);
-        return Ok(error(clients, ClientError::OverBudget, "this node has too many publishes in hand; send later"));
+    let (data, held) = match publishing.hold(data, &topic, &clients.metrics) {
+        Ok(held) => held,
+        Err(refused) => return Ok(error(clients, refused.reason, &refused.message)),
     };
     let (id, registry, hub, metrics) = (publishing.message_ids.next(), publishing.registry.clone(), clients.hub.clone(), clients.metrics.clone());
     let webhooks = clients.webhooks.clone();
