@@ -373,28 +373,7 @@ impl Api {
             ));
         }
         let limit = if kind.is_some() { self.max_message_bytes + ENVELOPE_ALLOWANCE } else { self.max_batch_bytes };
-        let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
-        }
-        let kib = declared.unwrap_or(limit).div_ceil(1024).max(1) as u32;
-        let Ok(permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
-            self.metrics.dropped(DropReason::NodeOverBudget, 1);
-            let error = "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later";
-            return Err(Error::new(Kind::Overloaded, error));
-        };
-        let _reading = Reading::new(permits, &self.metrics);
-        let body = match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
-            Ok(Ok(body)) => body.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
-            }
-            Ok(Err(e)) => return Err(Error::bad_request(format!("could not read body: {e}"))),
-            Err(_) => {
-                let timeout = self.request_timeout;
-                return Err(Error::new(Kind::Timeout, format!("request body not received within {timeout:?}")));
-            }
-        };
+        let (body, _reading) = self.read_body(req, limit).await?;
         let accepted_at = Instant::now();
         let publisher = holder.map_or("", |key| key.name.as_str());
         let Some(kind) = kind else {
@@ -414,6 +393,32 @@ impl Api {
         let mut answers = self.run(&[&checked], publisher, accepted_at).await;
         let answer = answers.pop().ok_or_else(|| Error::unavailable("the registry gave no answer"))?;
         Ok(self.answer(&checked, answer).map_or_else(Reply::from, |body| json(StatusCode::OK, body)))
+    }
+
+    /// Reads a body of at most `limit` bytes (413 past it, from its Content-Length when it
+    /// has one), holding its share of `--max-publish-bytes-in-flight` while the returned
+    /// `Reading` lives (503 when the node has no room), within the request timeout (408).
+    async fn read_body(&self, req: Request<Incoming>, limit: usize) -> Result<(Bytes, Reading<'_>), Error> {
+        let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
+        }
+        let kib = declared.unwrap_or(limit).div_ceil(1024).max(1) as u32;
+        let Ok(permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
+            self.metrics.dropped(DropReason::NodeOverBudget, 1);
+            let error = "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later";
+            return Err(Error::new(Kind::Overloaded, error));
+        };
+        let reading = Reading::new(permits, &self.metrics);
+        match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
+            Ok(Ok(body)) => Ok((body.to_bytes(), reading)),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes"))),
+            Ok(Err(e)) => Err(Error::bad_request(format!("could not read body: {e}"))),
+            Err(_) => {
+                let timeout = self.request_timeout;
+                Err(Error::new(Kind::Timeout, format!("request body not received within {timeout:?}")))
+            }
+        }
     }
 
     /// 413 when a request would push to more than `--max-push-uids` uids.

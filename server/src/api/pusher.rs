@@ -10,8 +10,6 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use md5::{Digest, Md5};
@@ -124,7 +122,8 @@ impl Api {
         }
         let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let method = req.method().as_str().to_owned();
-        let body = self.pusher_body(req).await?;
+        // Room for a batch of events.
+        let (body, _reading) = self.read_body(req, MAX_BATCH * (self.max_message_bytes + 4096)).await?;
         verify(app, &method, &path, &query, &body)?;
         let events = match endpoint {
             "events" => vec![event(&body)?],
@@ -170,25 +169,6 @@ impl Api {
             .map_err(|e| Error::unavailable(format!("presence unavailable; retry: {}", e.reason)))?;
         let users: Vec<serde_json::Value> = page.members.iter().map(|m| serde_json::json!({ "id": m.uid })).collect();
         Ok(serde_json::json!({ "users": users }).to_string())
-    }
-
-    /// The body, within the size a batch of events may have.
-    async fn pusher_body(&self, req: Request<Incoming>) -> Result<Bytes, Error> {
-        let limit = MAX_BATCH * (self.max_message_bytes + 4096);
-        let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
-        }
-        let kib = limit.div_ceil(1024) as u32;
-        let Ok(_permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
-            return Err(Error::new(Kind::Overloaded, "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later"));
-        };
-        match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
-            Ok(Ok(body)) => Ok(body.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes"))),
-            Ok(Err(e)) => Err(Error::bad_request(format!("could not read body: {e}"))),
-            Err(_) => Err(Error::new(Kind::Timeout, "request body not received in time")),
-        }
     }
 
     /// Publishes each event to each of its channels; all are checked first.
