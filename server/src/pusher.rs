@@ -204,9 +204,9 @@ pub fn error(code: Option<u16>, message: &str) -> String {
 }
 
 /// Hex HMAC-SHA256 of `text` with `secret`.
-pub fn sign(secret: &str, text: &str) -> String {
+pub fn sign(secret: &str, text: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    ring::hmac::sign(&key, text.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::wire::hex(ring::hmac::sign(&key, text).as_ref())
 }
 
 /// Whether `signature` (lower-case hex) is the HMAC-SHA256 of `text` with `secret`,

@@ -385,7 +385,7 @@ impl crate::hub::Occupancy for Webhooks {
 /// the body with the app's secret.
 pub fn pusher_signed(key: &str, secret: &str, body: &[u8]) -> [(HeaderName, HeaderValue); 2] {
     let key_value = HeaderValue::from_str(key).unwrap_or(HeaderValue::from_static(""));
-    let signature = crate::pusher::sign(secret, &String::from_utf8_lossy(body));
+    let signature = crate::pusher::sign(secret, body);
     [
         (HeaderName::from_static("x-pusher-key"), key_value),
         (HeaderName::from_static("x-pusher-signature"), HeaderValue::from_str(&signature).unwrap_or(HeaderValue::from_static(""))),
@@ -399,7 +399,7 @@ pub fn signed(secret: &str, body: &[u8], unix_seconds: u64) -> [(HeaderName, Hea
     context.update(format!("{unix_seconds}.").as_bytes());
     context.update(body);
     let tag = context.sign();
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::wire::hex(tag.as_ref());
     let value = |text: String| HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"));
     [
         (HeaderName::from_static("x-pushline-timestamp"), value(unix_seconds.to_string())),

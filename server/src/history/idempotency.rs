@@ -41,7 +41,7 @@ impl Key {
         digest.update(route.as_bytes());
         digest.update(&[0]);
         digest.update(body);
-        let fingerprint = digest.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let fingerprint = crate::wire::hex(&digest.finish().as_ref()[..8]);
         Ok(Key { holder: holder.to_owned(), scoped: format!("{holder}/{key}"), fingerprint })
     }
 

@@ -366,7 +366,7 @@ pub struct Script {
 impl Script {
     pub fn new(code: &'static str) -> Script {
         use sha1::Digest;
-        let hash = sha1::Sha1::digest(code.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let hash = crate::wire::hex(&sha1::Sha1::digest(code.as_bytes()));
         Script { code, hash, restart_arg: None }
     }
 

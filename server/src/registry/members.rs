@@ -86,7 +86,7 @@ return {version(), redis.call('ZCARD', KEYS[1]), unpack(left)}
 pub fn topic_tag(topic: &str) -> String {
     use sha1::Digest;
     let digest = sha1::Sha1::digest(topic.as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::wire::hex(&digest[..8])
 }
 
 /// The set script with its version function: made once, kept for the process.

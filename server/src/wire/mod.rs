@@ -41,6 +41,18 @@ impl Transport {
     }
 }
 
+/// `bytes` as lower-case hex, as digests and signatures are written (Redis script hashes,
+/// key tags, webhook and Pusher signatures).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
 /// A published message, framed for every transport.
 pub struct Message {
     pub id: u64,
@@ -239,6 +251,12 @@ pub fn notice(transport: Transport, kind: &str, json: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
+    }
 
     #[test]
     fn a_relayed_envelope_frames_the_same_bytes() {
