@@ -151,13 +151,13 @@ impl Server {
             false => None,
         };
         let hooks = Hooks::from_config(&config, application.clone(), &metrics)?.map(Arc::new);
-        let (webhooks, webhook_senders) = match Webhooks::from_config(&config, application, &metrics)? {
-            Some((webhooks, senders)) => (Some(webhooks), senders),
-            None => (None, Vec::new()),
-        };
         let pusher = match crate::pusher::Apps::parse(&config.pusher_app, config.pusher_client_events).map_err(Error::config)? {
             apps if apps.is_empty() => None,
             apps => Some(Arc::new(apps)),
+        };
+        let (webhooks, webhook_senders) = match Webhooks::from_config(&config, application, pusher.as_deref(), &metrics)? {
+            Some((webhooks, senders)) => (Some(webhooks), senders),
+            None => (None, Vec::new()),
         };
         let connected = registry::connect(&config, metrics.clone()).await?;
         let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);

@@ -126,9 +126,9 @@ pub enum Signing {
 }
 
 impl Webhooks {
-    /// The webhooks and each outlet's sender, when `--webhook-url` or
-    /// `--pusher-webhook-url` is set.
-    pub fn from_config(config: &Config, application: Option<Arc<Application>>, metrics: &Arc<Metrics>) -> Result<Option<(Arc<Webhooks>, Vec<Sending>)>, Error> {
+    /// The webhooks and each outlet's sender, when `--webhook-url` is set, or
+    /// `--pusher-webhook-url` with the Pusher `apps`.
+    pub fn from_config(config: &Config, application: Option<Arc<Application>>, apps: Option<&crate::pusher::Apps>, metrics: &Arc<Metrics>) -> Result<Option<(Arc<Webhooks>, Vec<Sending>)>, Error> {
         let Some(application) = application else { return Ok(None) };
         let outlet = |wanted: Vec<EventKind>, pusher: bool| {
             Arc::new(Outlet { wanted, pusher, queue: Mutex::default(), queued: Notify::new(), max_bytes: config.webhook_queue_bytes, metrics: metrics.clone() })
@@ -153,8 +153,7 @@ impl Webhooks {
             _ => None,
         };
         let mut pusher = Vec::new();
-        if let Some(url) = &config.pusher_webhook_url {
-            let apps = crate::pusher::Apps::parse(&config.pusher_app, config.pusher_client_events).map_err(Error::config)?;
+        if let (Some(url), Some(apps)) = (&config.pusher_webhook_url, apps) {
             let mut wanted = vec![EventKind::TopicOccupied, EventKind::TopicVacated, EventKind::MemberJoined, EventKind::MemberLeft];
             if config.pusher_webhook_client_events {
                 wanted.push(EventKind::ClientPublish);
