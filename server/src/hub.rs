@@ -238,6 +238,11 @@ impl Hub {
         self.read_topics(topic).contains_key(topic)
     }
 
+    /// How many subscribers `topic` has here.
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.read_topics(topic).get(topic).map_or(0, HashMap::len)
+    }
+
     /// Every topic with a subscriber here, with how many.
     pub fn topic_subscribers(&self) -> Vec<(Arc<str>, usize)> {
         self.topics

@@ -21,6 +21,8 @@ pub const PROTOCOL: &str = "7";
 pub const ACTIVITY_TIMEOUT: u32 = 120;
 /// Longest channel name, in characters (all ASCII).
 pub const MAX_CHANNEL: usize = 200;
+/// Longest user id, in bytes (the protocol's 128 characters).
+pub const MAX_USER_ID: usize = 128;
 /// Client events a connection may send per second (the protocol's default).
 pub const CLIENT_EVENTS_PER_SECOND: u16 = 10;
 
@@ -28,6 +30,8 @@ pub const CLIENT_EVENTS_PER_SECOND: u16 = 10;
 /// 4200-4299 to reconnect at once.
 pub const CLOSE_UNKNOWN_APP: u16 = 4001;
 pub const CLOSE_PROTOCOL: u16 = 4007;
+/// The application ended the user's connections (`terminate_connections`).
+pub const CLOSE_TERMINATED: u16 = 4009;
 pub const CLOSE_OVER_CAPACITY: u16 = 4100;
 pub const CLOSE_RECONNECT: u16 = 4200;
 pub const CLOSE_NO_PONG: u16 = 4201;
@@ -102,14 +106,20 @@ pub enum Kind {
     /// `private-` and `private-encrypted-` (whose payloads are relayed as sent).
     Private,
     Presence,
-    /// `cache-`, `private-cache-`, `presence-cache-`: not served yet.
-    Cache,
+    /// `#server-to-user-<id>`: the events the application sends to a signed-in user, and
+    /// how its connections are ended. Only that user's connections hold it.
+    ServerToUser,
 }
 
+/// A signed-in user's channel is this and its id.
+pub const SERVER_TO_USER: &str = "#server-to-user-";
+
 impl Kind {
+    /// The kind of `channel`; a cache channel (see [`is_cache`]) is the kind its
+    /// prefix after `cache-` says (`private-cache-` is private).
     pub fn of(channel: &str) -> Kind {
-        if channel.starts_with("cache-") || channel.starts_with("private-cache-") || channel.starts_with("presence-cache-") {
-            Kind::Cache
+        if channel.starts_with(SERVER_TO_USER) {
+            Kind::ServerToUser
         } else if channel.starts_with("private-") {
             Kind::Private
         } else if channel.starts_with("presence-") {
@@ -120,13 +130,49 @@ impl Kind {
     }
 }
 
-/// Checks a channel name: 1 to 200 of `A-Z a-z 0-9 _ - = @ , . ;`.
+/// Whether `channel` is a cache channel: its last event is given to each new subscriber.
+pub fn is_cache(channel: &str) -> bool {
+    ["cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-"].iter().any(|prefix| channel.starts_with(prefix))
+}
+
+/// Whether `topic` is a Pusher cache channel: its history is kept whether or not anyone
+/// listens, for the next subscriber.
+pub fn is_cache_topic(topic: &str) -> bool {
+    channel_of_topic(topic).is_some_and(is_cache)
+}
+
+/// Bytes a channel name, a user id or an event name may be made of.
+fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b)
+}
+
+/// Checks a channel name: 1 to 200 of `A-Z a-z 0-9 _ - = @ , . ;`, or a signed-in user's
+/// `#server-to-user-<user id>`.
 pub fn check_channel(channel: &str) -> Result<(), String> {
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b);
-    if channel.is_empty() || channel.len() > MAX_CHANNEL || !channel.bytes().all(allowed) {
+    let name = channel.strip_prefix(SERVER_TO_USER).unwrap_or(channel);
+    if name.is_empty() || channel.len() > MAX_CHANNEL || !name.bytes().all(name_byte) {
         return Err(format!("channel names are 1 to {MAX_CHANNEL} of A-Z a-z 0-9 _ - = @ , . ;"));
     }
     Ok(())
+}
+
+/// Checks a signed-in user's id: it names the user's channel, so it is made of what
+/// channel names are, at most 128 bytes.
+pub fn check_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_USER_ID || !id.bytes().all(name_byte) {
+        return Err(format!("a signed-in user's id is 1 to {MAX_USER_ID} of A-Z a-z 0-9 _ - = @ , . ;"));
+    }
+    Ok(())
+}
+
+/// Whether `event` is a name only the protocol may give an event.
+pub fn is_reserved_event(event: &str) -> bool {
+    event.starts_with("pusher:") || event.starts_with("pusher_internal:")
+}
+
+/// The topic of a signed-in user's channel.
+pub fn user_topic(app: &App, user: &str) -> String {
+    topic(app, &format!("{SERVER_TO_USER}{user}"))
 }
 
 /// The hub topic of `channel` of `app`.
@@ -266,7 +312,13 @@ mod tests {
         assert_eq!(channel_of(&app(), "pusher:12:private-a"), None);
         assert!(check_channel("private-encrypted-a=b@c,d.e;f_g").is_ok());
         assert!(check_channel("a b").is_err() && check_channel(&"a".repeat(201)).is_err());
-        assert_eq!(Kind::of("presence-cache-x"), Kind::Cache);
+        assert_eq!(Kind::of("presence-cache-x"), Kind::Presence);
+        assert!(is_cache("presence-cache-x") && is_cache("cache-x") && !is_cache("private-x"));
         assert_eq!(Kind::of("private-encrypted-x"), Kind::Private);
+        assert_eq!(Kind::of("#server-to-user-a@b.c"), Kind::ServerToUser);
+        assert!(check_channel("#server-to-user-a@b.c").is_ok());
+        assert!(check_channel("#server-to-user-").is_err() && check_channel("#other").is_err());
+        assert!(check_user_id("a@b.c").is_ok() && check_user_id("a:b").is_err() && check_user_id("").is_err());
+        assert!(is_reserved_event("pusher:x") && is_reserved_event("pusher_internal:terminate") && !is_reserved_event("client-x"));
     }
 }

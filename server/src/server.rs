@@ -188,7 +188,7 @@ impl Server {
         let (registry, attached) = match connected {
             None => (Registry::Memory { history: history.clone(), idempotency: Idempotency::new(config.idempotency_window, config.idempotency_max_keys) }, None),
             Some(connected) => {
-                let (registry, attached) = connected.attach(hub.clone(), presence.clone(), webhooks.clone()).await?;
+                let (registry, attached) = connected.attach(hub.clone(), presence.clone(), webhooks.clone(), pusher.is_some()).await?;
                 (registry, Some(attached))
             }
         };

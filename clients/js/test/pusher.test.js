@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { createHash, createHmac } from "node:crypto";
 import Pusher from "pusher-js";
 import PusherServer from "pusher";
+import WebSocket from "ws";
 
 import { freePort, startServer, startRedis } from "../harness.js";
 
@@ -398,6 +399,150 @@ test("Laravel Echo (its pusher broadcaster, on pusher-js) listens, whispers and 
   } finally {
     ann.disconnect();
     ben.disconnect();
+    await server.stop();
+  }
+});
+
+/** A pusher-js client that signs in as `user` (the application signs with the pusher library). */
+function signedIn(port, api, user) {
+  return new Pusher(APP.key, {
+    cluster: "local", wsHost: "127.0.0.1", wsPort: port, forceTLS: false, enabledTransports: ["ws"], disableStats: true,
+    userAuthentication: { customHandler: ({ socketId }, callback) => callback(null, api.authenticateUser(socketId, { id: user, name: user })) },
+    channelAuthorization: { customHandler: ({ socketId, channelName }, callback) => callback(null, api.authorizeChannel(socketId, channelName)) },
+  });
+}
+
+/** Resolves with the close code once pusher-js's connection is `disconnected` and stays so. */
+function closedFor(pusher) {
+  return new Promise((resolve) => {
+    pusher.connection.bind("error", (e) => e?.data?.code && resolve(e.data.code));
+  });
+}
+
+test("signin across two nodes: sendToUser reaches each of the user's connections once, terminateUserConnections closes them all with 4009, and pusher-js stays away; channels and cache channels are every node's", async () => {
+  const redis = await startRedis(await freePort());
+  const args = ["--registry", "redis", "--redis-url", redis.url];
+  const a = await pusherServer(args);
+  const b = await pusherServer(args);
+  const [onA, onB, other] = [signedIn(a.port, a.api, "carol"), signedIn(b.port, b.api, "carol"), signedIn(b.port, b.api, "dave")];
+  try {
+    await Promise.all([onA, onB, other].map(connected));
+    const signins = [onA, onB, other].map((p) => new Promise((resolve) => p.connection.bind("message", (m) => m.event === "pusher:signin_success" && resolve(JSON.parse(m.data.user_data)))));
+    [onA, onB, other].forEach((p) => p.signin());
+    assert.deepEqual((await signins[0]).id, "carol");
+    await Promise.all(signins);
+    // pusher-js subscribes to the user's own channel once signed in.
+    await Promise.all([onA, onB, other].map((p) => new Promise((resolve) => {
+      const check = () => (p.user.serverToUserChannel?.subscribed ? resolve() : setTimeout(check, 10));
+      check();
+    })));
+
+    const got = [onA, onB].map((p) => new Promise((resolve) => p.user.bind("notice", resolve)));
+    let daveGot = false;
+    other.user.bind("notice", () => (daveGot = true));
+    await a.api.sendToUser("carol", "notice", { n: 1 });
+    assert.deepEqual(await Promise.all(got), [{ n: 1 }, { n: 1 }], "both of carol's connections, one per node");
+
+    // The channel list is every node's, read from either node.
+    const listed = await (await a.api.get({ path: "/channels" })).json();
+    assert.deepEqual(Object.keys(listed.channels).sort(), ["#server-to-user-carol", "#server-to-user-dave"]);
+    // A cache channel's last event, published on node a with no one subscribed, is given on node b.
+    await a.api.trigger("cache-weather", "now", { sky: "grey" });
+    assert.deepEqual(await once(other.subscribe("cache-weather"), "now"), { sky: "grey" });
+    assert.deepEqual((await (await a.api.get({ path: "/channels/cache-weather" })).json()).occupied, true);
+
+    const closes = [onA, onB].map(closedFor);
+    const response = await b.api.terminateUserConnections("carol");
+    assert.equal(response.status, 200);
+    assert.deepEqual(await Promise.all(closes), [4009, 4009]);
+    assert.equal(onA.connection.state, "disconnected", "4009 is a close pusher-js does not reconnect after");
+    // dave is untouched: an event to him still arrives, and he saw none of carol's.
+    const daves = new Promise((resolve) => other.user.bind("notice", resolve));
+    await a.api.sendToUser("dave", "notice", { n: 2 });
+    assert.deepEqual(await daves, { n: 2 });
+    assert.equal(daveGot, true);
+  } finally {
+    [onA, onB, other].forEach((p) => p.disconnect());
+    await Promise.all([a.server.stop(), b.server.stop()]);
+    await redis.stop();
+  }
+});
+
+test("a user's channel is held only by a connection signed in as that user; a forged signin and reserved event names are refused", async () => {
+  const { server, port, api } = await pusherServer();
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/app/${APP.key}?protocol=7&client=js&version=8.4.0`);
+  const frames = [];
+  const next = (event) => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${event}; got ${JSON.stringify(frames)}`)), 5000);
+    const look = () => {
+      const i = frames.findIndex((f) => f.event === event);
+      if (i >= 0) { clearTimeout(timer); resolve(frames.splice(i, 1)[0]); } else setTimeout(look, 5);
+    };
+    look();
+  });
+  ws.on("message", (data) => frames.push(JSON.parse(data)));
+  try {
+    const established = await next("pusher:connection_established");
+    const socketId = JSON.parse(established.data).socket_id;
+    ws.send(JSON.stringify({ event: "pusher:subscribe", data: { channel: "#server-to-user-erin" } }));
+    assert.equal((await next("pusher:subscription_error")).data.status, 403);
+    // Signed for another socket: refused.
+    const forged = api.authenticateUser("1.1", { id: "erin" });
+    ws.send(JSON.stringify({ event: "pusher:signin", data: forged }));
+    assert.match((await next("pusher:error")).data.message, /Invalid signature/);
+    ws.send(JSON.stringify({ event: "pusher:signin", data: api.authenticateUser(socketId, { id: "erin" }) }));
+    await next("pusher:signin_success");
+    ws.send(JSON.stringify({ event: "pusher:subscribe", data: { channel: "#server-to-user-erin" } }));
+    await next("pusher_internal:subscription_succeeded");
+    ws.send(JSON.stringify({ event: "pusher:signin", data: api.authenticateUser(socketId, { id: "frank" }) }));
+    assert.match((await next("pusher:error")).data.message, /another user/);
+    await assert.rejects(api.trigger("news", "pusher_internal:terminate", {}), (e) => e.status === 400);
+    // Unsubscribing does not let go of the user's channel: the app still reaches it.
+    ws.send(JSON.stringify({ event: "pusher:unsubscribe", data: { channel: "#server-to-user-erin" } }));
+    await api.sendToUser("erin", "still", { here: true });
+    assert.equal(JSON.parse((await next("still")).data).here, true);
+  } finally {
+    ws.close();
+    await server.stop();
+  }
+});
+
+test("cache channels give a new subscriber the last event, or pusher:cache_miss; channels are listed and described through the signed API", async () => {
+  const { server, port, api } = await pusherServer(["--presence-batch", "20ms"]);
+  const [reader, late] = [client(port, api), client(port, api)];
+  try {
+    await Promise.all([connected(reader), connected(late)]);
+    const empty = reader.subscribe("cache-empty");
+    await once(empty, "pusher:cache_miss");
+    await api.trigger("cache-scores", "goal", { n: 1 });
+    await api.trigger("cache-scores", "goal", { n: 2 });
+    const scores = reader.subscribe("cache-scores");
+    assert.deepEqual(await once(scores, "goal"), { n: 2 }, "the last event, once subscribed");
+    assert.equal(scores.subscribed, true);
+    const live = once(scores, "goal");
+    await api.trigger("cache-scores", "goal", { n: 3 });
+    assert.deepEqual(await live, { n: 3 });
+    // A private cache channel is authorized as a private one.
+    await api.trigger("private-cache-box", "state", "full");
+    assert.equal(await once(late.subscribe("private-cache-box"), "state"), "full");
+    const news = late.subscribe("news");
+    await once(news, "pusher:subscription_succeeded");
+
+    const all = await (await api.get({ path: "/channels", params: { info: "subscription_count" } })).json();
+    assert.deepEqual(all.channels, {
+      "cache-empty": { subscription_count: 1 },
+      "cache-scores": { subscription_count: 1 },
+      news: { subscription_count: 1 },
+      "private-cache-box": { subscription_count: 1 },
+    });
+    const prefixed = await (await api.get({ path: "/channels", params: { filter_by_prefix: "cache-" } })).json();
+    assert.deepEqual(Object.keys(prefixed.channels), ["cache-empty", "cache-scores"]);
+    assert.deepEqual(await (await api.get({ path: "/channels/news", params: { info: "subscription_count" } })).json(), { occupied: true, subscription_count: 1 });
+    assert.deepEqual(await (await api.get({ path: "/channels/nobody-here" })).json(), { occupied: false });
+    await assert.rejects(api.get({ path: "/channels", params: { info: "user_count" } }), (e) => e.status === 400);
+  } finally {
+    reader.disconnect();
+    late.disconnect();
     await server.stop();
   }
 });

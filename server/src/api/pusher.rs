@@ -1,9 +1,10 @@
 //! The Pusher HTTP API (`/apps/{app_id}/...`), for the Pusher server libraries:
 //! `POST /apps/{id}/events` (an event to one or many channels, `socket_id` left out),
-//! `POST /apps/{id}/batch_events` (up to 10 events), and for presence channels
-//! `GET /apps/{id}/channels/{name}` (`occupied`, `user_count`, `subscription_count`) and
-//! `GET /apps/{id}/channels/{name}/users`, read where the members are (every node's, on
-//! Redis). Every request is signed with the
+//! `POST /apps/{id}/batch_events` (up to 10 events),
+//! `POST /apps/{id}/users/{user}/terminate_connections` (every node's connections signed
+//! in as the user), `GET /apps/{id}/channels` (the occupied ones), and
+//! `GET /apps/{id}/channels/{name}` and, for presence channels, `.../{name}/users`, read
+//! where they are known (every node's, on Redis). Every request is signed with the
 //! app's secret: `auth_key`, `auth_timestamp` (within 600 s), `auth_version=1.0`,
 //! `body_md5`, and `auth_signature = HMAC-SHA256(secret, "METHOD\nPATH\nsorted query")`;
 //! a request that fails any of them is a 401 that says which.
@@ -22,13 +23,15 @@ use crate::pusher::{self, App};
 use crate::registry::relay::Target;
 use crate::registry::{Job, Published};
 use crate::telemetry::PublishKind;
-use crate::wire::{Draft, PusherEvent};
+use crate::wire::{Draft, PusherEvent, TERMINATE};
 
 /// How far a request's `auth_timestamp` may be from now, in seconds.
 const MAX_SKEW: u64 = 600;
 /// Most channels one event goes to, and most events in a batch (the protocol's limits).
 const MAX_CHANNELS: usize = 100;
 const MAX_BATCH: usize = 10;
+/// Most channels `GET /apps/{id}/channels` lists.
+const MAX_LISTED: usize = 10_000;
 
 #[derive(Deserialize)]
 struct Event {
@@ -93,25 +96,42 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
 impl Api {
     /// A request to the Pusher HTTP API.
     pub(super) async fn pusher(&self, req: Request<Incoming>) -> Result<Reply, Error> {
-        let not_found = || Error::new(Kind::NotFound, format!("no Pusher endpoint {}; see POST /apps/{{id}}/events and /apps/{{id}}/batch_events, GET /apps/{{id}}/channels/{{presence channel}}[/users]", req.uri().path()));
+        let not_found = || {
+            Error::new(
+                Kind::NotFound,
+                format!(
+                    "no Pusher endpoint {}; see POST /apps/{{id}}/events, /apps/{{id}}/batch_events, /apps/{{id}}/users/{{user}}/terminate_connections, GET /apps/{{id}}/channels[/{{name}}[/users]]",
+                    req.uri().path()
+                ),
+            )
+        };
         let apps = self.pusher.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "no Pusher apps are configured (--pusher-app)"))?;
         let path = req.uri().path().to_owned();
         let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
         let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(not_found()) };
         let (_, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
-        if let Some(channel) = endpoint.strip_prefix("channels/") {
+        let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
+        let info = |name: &str| query.iter().any(|(k, v)| k == "info" && v.split(',').any(|item| item == name));
+        if endpoint == "channels" || endpoint.starts_with("channels/") {
             if req.method() != hyper::Method::GET {
                 return Err(Error::new(Kind::MethodNotAllowed, "use GET"));
             }
-            let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
             verify(app, "GET", &path, &query, b"")?;
-            let body = match channel.strip_suffix("/users") {
-                Some(channel) => self.pusher_users(app, channel).await?,
-                None => self.pusher_channel(app, channel).await?,
+            let (user_count, subscription_count) = (info("user_count"), info("subscription_count"));
+            let body = match endpoint.strip_prefix("channels/") {
+                None => {
+                    let prefix = query.iter().find(|(k, _)| k == "filter_by_prefix").map_or("", |(_, v)| v.as_str());
+                    self.pusher_channels(app, prefix, user_count, subscription_count).await?
+                }
+                Some(channel) => match channel.strip_suffix("/users") {
+                    Some(channel) => self.pusher_users(app, channel).await?,
+                    None => self.pusher_channel(app, channel, user_count, subscription_count).await?,
+                },
             };
             return Ok(json(StatusCode::OK, body));
         }
-        if !matches!(endpoint, "events" | "batch_events") {
+        let terminated_user = endpoint.strip_prefix("users/").and_then(|rest| rest.strip_suffix("/terminate_connections"));
+        if !matches!(endpoint, "events" | "batch_events") && terminated_user.is_none() {
             return Err(not_found());
         }
         if req.method() != hyper::Method::POST {
@@ -120,11 +140,15 @@ impl Api {
         if !self.shutdown.is_serving() {
             return Err(Error::new(Kind::ShuttingDown, "this node is shutting down; send to another"));
         }
-        let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let method = req.method().as_str().to_owned();
         // Room for a batch of events.
         let (body, _reading) = self.read_body(req, MAX_BATCH * (self.max_message_bytes + 4096)).await?;
         verify(app, &method, &path, &query, &body)?;
+        if let Some(user) = terminated_user {
+            pusher::check_user_id(user).map_err(Error::bad_request)?;
+            self.terminate(app, user).await?;
+            return Ok(json(StatusCode::OK, "{}".into()));
+        }
         let events = match endpoint {
             "events" => vec![event(&body)?],
             _ => {
@@ -142,33 +166,90 @@ impl Api {
         Ok(json(StatusCode::OK, "{}".into()))
     }
 
-    /// A presence channel's members are known on every node; other channels' are not
-    /// served yet.
-    fn presence_channel(&self, channel: &str) -> Result<&crate::presence::Presence, Error> {
-        pusher::check_channel(channel).map_err(Error::bad_request)?;
-        match (pusher::Kind::of(channel), self.presence.as_deref()) {
-            (pusher::Kind::Presence, Some(presence)) => Ok(presence),
-            _ => Err(Error::new(Kind::NotFound, "channel information is served for presence channels only, yet")),
-        }
+    fn presence_on(&self) -> Result<&crate::presence::Presence, Error> {
+        self.presence.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "presence is off on this server"))
     }
 
-    /// `GET /apps/{id}/channels/{name}`: `{"occupied":..,"user_count":..,"subscription_count":..}`.
-    async fn pusher_channel(&self, app: &App, channel: &str) -> Result<String, Error> {
-        let presence = self.presence_channel(channel)?;
-        let stats = self.registry.presence_stats(presence, &pusher::topic(app, channel)).await.map_err(|e| Error::unavailable(format!("presence unavailable; retry: {}", e.reason)))?;
-        Ok(serde_json::json!({ "occupied": stats.connections > 0, "user_count": stats.members, "subscription_count": stats.connections }).to_string())
+    /// `GET /apps/{id}/channels`: `{"channels":{"<name>":{..info}}}`, the occupied channels
+    /// named from `filter_by_prefix`, at most [`MAX_LISTED`]; `user_count` is asked only of
+    /// presence channels, `subscription_count` given where it is known (one node).
+    async fn pusher_channels(&self, app: &App, prefix: &str, user_count: bool, subscription_count: bool) -> Result<String, Error> {
+        if user_count && !prefix.starts_with("presence-") {
+            return Err(Error::bad_request("info=user_count is only for presence channels: add filter_by_prefix=presence-"));
+        }
+        let unavailable = |e: crate::registry::Unavailable| Error::unavailable(format!("channels unavailable; retry: {}", e.reason));
+        let channels = self.registry.pusher_channels(&self.hub, &app.id, prefix, MAX_LISTED).await.map_err(unavailable)?;
+        let mut out = serde_json::Map::new();
+        for (channel, subscriptions) in channels {
+            let mut info = serde_json::Map::new();
+            if user_count {
+                let stats = self.registry.presence_stats(self.presence_on()?, &pusher::topic(app, &channel)).await.map_err(unavailable)?;
+                info.insert("user_count".into(), stats.members.into());
+            }
+            if let (true, Some(n)) = (subscription_count, subscriptions) {
+                info.insert("subscription_count".into(), n.into());
+            }
+            out.insert(channel, info.into());
+        }
+        Ok(serde_json::json!({ "channels": out }).to_string())
+    }
+
+    /// `GET /apps/{id}/channels/{name}`: `{"occupied":..}`, with a presence channel's
+    /// `user_count` and `subscription_count`, and another's `subscription_count` when asked
+    /// and known (one node).
+    async fn pusher_channel(&self, app: &App, channel: &str, user_count: bool, subscription_count: bool) -> Result<String, Error> {
+        pusher::check_channel(channel).map_err(Error::bad_request)?;
+        let topic = pusher::topic(app, channel);
+        if pusher::Kind::of(channel) == pusher::Kind::Presence {
+            let stats = self.registry.presence_stats(self.presence_on()?, &topic).await.map_err(|e| Error::unavailable(format!("presence unavailable; retry: {}", e.reason)))?;
+            return Ok(serde_json::json!({ "occupied": stats.connections > 0, "user_count": stats.members, "subscription_count": stats.connections }).to_string());
+        }
+        if user_count {
+            return Err(Error::bad_request("info=user_count is only for presence channels"));
+        }
+        let (occupied, subscriptions) = self.registry.pusher_channel(&self.hub, &topic).await.map_err(|e| Error::unavailable(format!("channel unavailable; retry: {}", e.reason)))?;
+        let mut out = serde_json::json!({ "occupied": occupied });
+        if let (true, Some(n)) = (subscription_count, subscriptions) {
+            out["subscription_count"] = n.into();
+        }
+        Ok(out.to_string())
     }
 
     /// `GET /apps/{id}/channels/{name}/users`: `{"users":[{"id":..}]}`, the first 1,000.
     async fn pusher_users(&self, app: &App, channel: &str) -> Result<String, Error> {
-        let presence = self.presence_channel(channel)?;
+        pusher::check_channel(channel).map_err(Error::bad_request)?;
+        if pusher::Kind::of(channel) != pusher::Kind::Presence {
+            return Err(Error::bad_request("users are listed for presence channels only"));
+        }
         let page = self
             .registry
-            .presence_page(presence, &pusher::topic(app, channel), None, crate::presence::MAX_PAGE)
+            .presence_page(self.presence_on()?, &pusher::topic(app, channel), None, crate::presence::MAX_PAGE)
             .await
             .map_err(|e| Error::unavailable(format!("presence unavailable; retry: {}", e.reason)))?;
         let users: Vec<serde_json::Value> = page.members.iter().map(|m| serde_json::json!({ "id": m.uid })).collect();
         Ok(serde_json::json!({ "users": users }).to_string())
+    }
+
+    /// Closes the connections signed in as `user`, on every node: [`TERMINATE`] goes to the
+    /// user's topic like any event, and each connection it reaches closes with 4009.
+    async fn terminate(&self, app: &App, user: &str) -> Result<(), Error> {
+        let channel = format!("{}{user}", pusher::SERVER_TO_USER);
+        let topic = pusher::topic(app, &channel);
+        let draft = Draft {
+            id: self.message_ids.next(),
+            publisher: CLIENTS_PUBLISHER,
+            topic: Some(&topic),
+            data: "{}",
+            accepted_at: Instant::now(),
+            except: None,
+            pusher: Some(PusherEvent { event: TERMINATE, channel: &channel, user_id: None }),
+        };
+        let job = Job { draft, target: Target::Topic(&topic), key: None };
+        let published = self.registry.publish(&self.hub, &[job]).await.pop();
+        match published {
+            Some(Err(e)) => Err(Error::unavailable(format!("registry unavailable: the user's connections on other nodes may be open still; retry: {}", e.reason))),
+            _ => Ok(()),
+        }
     }
 
     /// Publishes each event to each of its channels; all are checked first.
@@ -177,6 +258,9 @@ impl Api {
         for event in events {
             if event.name.is_empty() || event.name.len() > pusher::MAX_CHANNEL {
                 return Err(Error::bad_request("event names are 1 to 200 characters"));
+            }
+            if pusher::is_reserved_event(&event.name) {
+                return Err(Error::bad_request(format!("event `{}`: names starting pusher: or pusher_internal: are the protocol's own", event.name)));
             }
             if event.data.len() > self.max_message_bytes {
                 return Err(Error::new(Kind::PayloadTooLarge, format!("event data is {} bytes; the limit is {}", event.data.len(), self.max_message_bytes)));

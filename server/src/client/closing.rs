@@ -97,6 +97,7 @@ impl Closing {
             (Transport::Pusher, CloseReason::Shutdown) => Some(ws::close(pusher::CLOSE_RECONNECT, "server shutting down")),
             (Transport::Pusher, CloseReason::IdleTimeout) => Some(ws::close(pusher::CLOSE_NO_PONG, "idle timeout: no ping or pong in time")),
             (Transport::Pusher, CloseReason::SlowConsumer) => Some(ws::close(pusher::CLOSE_OVER_CAPACITY, "slow consumer: outbound queue full")),
+            (Transport::Pusher, CloseReason::Terminated) => Some(ws::close(pusher::CLOSE_TERMINATED, "You got disconnected by the app.")),
             // Client closes and protocol errors already queued their close frame.
             (Transport::WebSocket | Transport::Pusher, _) => None,
         };

@@ -230,7 +230,7 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, topics: &[String], token: Opti
                 }
             }
         };
-        conn.answer_exclusive_request(&answer, hub.limits(), &metrics);
+        conn.answer_exclusive_request(&[&answer], hub.limits(), &metrics);
     });
     Ok(Subscribed::Asking)
 }

@@ -1,12 +1,15 @@
 //! What a Pusher client may say (protocol 7): `pusher:ping`; `pusher:subscribe` to a
-//! public channel, or to a private one (`private-`, `private-encrypted-`) with the
-//! authorization its application signed; `pusher:unsubscribe`; and `client-` events on a
-//! private channel it holds, when the apps allow them (`--pusher-client-events`), at most
-//! 10 a second. Presence and cache channels are refused with a `pusher:subscription_error`
-//! that says so: they are not served yet.
+//! public channel, to a private one (`private-`, `private-encrypted-`) or a presence one
+//! with the authorization its application signed, to a cache channel (then its last event,
+//! or `pusher:cache_miss`), or to its own `#server-to-user-` channel once signed in;
+//! `pusher:unsubscribe`; `pusher:signin` (user authentication, signed by the application);
+//! and `client-` events on a private or presence channel it holds, when the apps allow
+//! them (`--pusher-client-events`), at most 10 a second.
 //!
 //! A client event goes out like a client's publish: through the registry, to the
-//! channel's subscribers on every node, not back to its sender.
+//! channel's subscribers on every node, not back to its sender. A signed-in connection
+//! holds its user's topic, which is how the application reaches (and ends) the user's
+//! connections on every node.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -22,6 +25,9 @@ use super::Clients;
 use crate::auth::api_keys::CLIENTS_PUBLISHER;
 use crate::conn::io::Window;
 use crate::conn::Conn;
+use crate::history::read::From;
+use crate::history::resume::History;
+use crate::history::Stream;
 use crate::pusher::{self, App, Kind};
 use crate::registry::relay::Target;
 use crate::registry::Job;
@@ -64,8 +70,6 @@ struct ChannelData<'a> {
     user_info: Option<&'a RawValue>,
 }
 
-/// Longest `user_id`, in bytes (the protocol's 128 characters).
-const MAX_USER_ID: usize = 128;
 /// Most members a presence channel's subscription lists (its count is the whole one).
 const MAX_PRESENCE_MEMBERS: usize = crate::presence::MAX_PAGE;
 
@@ -118,6 +122,9 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
                 channel: String,
             }
             match data_of::<Unsubscription>(frame.data) {
+                // A signed-in connection keeps its user's channel: the application ends
+                // the user's connections through it.
+                Some(u) if Kind::of(&u.channel) == Kind::ServerToUser => Ok(Handled { reply: Bytes::new(), topic_changes: 0 }),
                 Some(u) => {
                     clients.hub.unsubscribe(conn, &[pusher::topic(app, &u.channel)]);
                     Ok(Handled { reply: Bytes::new(), topic_changes: 1 })
@@ -125,8 +132,12 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
                 None => Ok(error(clients, ClientError::BadJson, "pusher:unsubscribe needs data with a `channel`")),
             }
         }
+        "pusher:signin" => match data_of::<Signin>(frame.data) {
+            Some(signin) => Ok(signin_user(conn, clients, app, signin)),
+            None => Ok(error(clients, ClientError::BadJson, "pusher:signin needs data with `auth` and `user_data`")),
+        },
         event if event.starts_with("client-") => client_event(conn, clients, app, event, frame.channel.as_deref(), frame.data, window),
-        event => Ok(error(clients, ClientError::UnknownType, &format!("unknown event `{event}`; expected pusher:ping, pusher:subscribe, pusher:unsubscribe or a client- event"))),
+        event => Ok(error(clients, ClientError::UnknownType, &format!("unknown event `{event}`; expected pusher:ping, pusher:subscribe, pusher:unsubscribe, pusher:signin or a client- event"))),
     }
 }
 
@@ -147,18 +158,109 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, app: &App, subscription: Subsc
             }
         }
         Kind::Presence => return subscribe_presence(conn, clients, app, subscription),
-        Kind::Cache => {
+        // Held since the connection signed in as that user; asked for by pusher-js then.
+        Kind::ServerToUser if holds(conn, &pusher::topic(app, channel)) => return succeeded(channel),
+        Kind::ServerToUser => {
             clients.metrics.client_error(ClientError::Forbidden);
-            return subscription_error(channel, "NotSupported", 501, "cache channels are not served by this server yet");
+            return subscription_error(channel, "AuthError", 403, "only a connection signed in as this user (pusher:signin) holds its channel");
         }
     }
-    match clients.hub.subscribe(conn, &[pusher::topic(app, channel)]) {
-        Ok(()) => Handled { reply: ws::text(&pusher::frame("pusher_internal:subscription_succeeded", Some(channel), r#""{}""#)), topic_changes: 1 },
-        Err(message) => {
-            clients.metrics.client_error(ClientError::TooManyTopics);
-            subscription_error(channel, "LimitReached", 400, &message)
+    let topic = pusher::topic(app, channel);
+    if let Err(message) = clients.hub.subscribe(conn, std::slice::from_ref(&topic)) {
+        clients.metrics.client_error(ClientError::TooManyTopics);
+        return subscription_error(channel, "LimitReached", 400, &message);
+    }
+    if !pusher::is_cache(channel) {
+        return Handled { topic_changes: 1, ..succeeded(channel) };
+    }
+    let (conn, hub, metrics, history) = (conn.clone(), clients.hub.clone(), clients.metrics.clone(), clients.publishing.registry.history());
+    let channel = channel.to_owned();
+    conn.begin_exclusive_request();
+    tokio::spawn(async move {
+        let last = last_event(&history, &topic, &channel).await;
+        let succeeded = pusher::frame("pusher_internal:subscription_succeeded", Some(&channel), r#""{}""#);
+        conn.answer_exclusive_request(&[&succeeded, &last], hub.limits(), &metrics);
+    });
+    Handled { reply: Bytes::new(), topic_changes: 1 }
+}
+
+fn succeeded(channel: &str) -> Handled {
+    reply(&pusher::frame("pusher_internal:subscription_succeeded", Some(channel), r#""{}""#))
+}
+
+fn holds(conn: &Conn, topic: &str) -> bool {
+    conn.state().topics.iter().any(|t| **t == *topic)
+}
+
+/// A cache channel's last event, for a new subscriber: the newest its topic's history
+/// keeps (`--history-ttl`), or `pusher:cache_miss` when it keeps none.
+async fn last_event(history: &History, topic: &str, channel: &str) -> String {
+    let miss = || pusher::frame("pusher:cache_miss", Some(channel), r#""{}""#);
+    let stream = Stream::Topic(Arc::from(topic));
+    if !history.keeps(&stream) {
+        return miss();
+    }
+    match history.read(&[(stream, From::Start)]).await {
+        Ok(found) => found
+            .into_iter()
+            .next()
+            .and_then(|found| found.messages.last().and_then(|m| std::str::from_utf8(m.envelope()).ok().map(str::to_owned)))
+            .unwrap_or_else(miss),
+        Err(e) => {
+            tracing::debug!(error = %e, channel, "a cache channel's last event could not be read; told as a miss");
+            miss()
         }
     }
+}
+
+#[derive(Deserialize)]
+struct Signin {
+    auth: String,
+    /// JSON of the user, as the application signed it: `{"id":"..",..}`.
+    user_data: String,
+}
+
+/// `pusher:signin`: the application signed `socket_id::user::user_data`; the connection
+/// then holds the user's `#server-to-user-<id>` topic, which the application sends to
+/// and ends the user's connections through.
+fn signin_user(conn: &Arc<Conn>, clients: &Clients, app: &App, signin: Signin) -> Handled {
+    let refused = |message: &str| {
+        clients.metrics.client_error(ClientError::Forbidden);
+        reply(&pusher::error(Some(pusher::CLOSE_TERMINATED), message))
+    };
+    let socket_id = pusher::socket_id(conn.session);
+    let signed = format!("{socket_id}::user::{}", signin.user_data);
+    let verified = signin.auth.split_once(':').is_some_and(|(key, signature)| key == app.key && pusher::verify(&app.secret, &signed, signature));
+    if !verified {
+        return refused(&format!("Invalid signature: expected HMAC-SHA256 of `{socket_id}::user::<user_data>` with the app's secret"));
+    }
+    #[derive(Deserialize)]
+    struct User {
+        id: String,
+    }
+    let user = match serde_json::from_str::<User>(&signin.user_data) {
+        Ok(user) => user,
+        Err(e) => return refused(&format!("user_data is not a JSON object with a string `id`: {e}")),
+    };
+    if let Err(e) = pusher::check_user_id(&user.id) {
+        return refused(&e);
+    }
+    let topic = pusher::user_topic(app, &user.id);
+    let user_prefix = pusher::topic(app, pusher::SERVER_TO_USER);
+    let signed_in_as = conn.state().topics.iter().find(|t| t.starts_with(&user_prefix)).cloned();
+    let topic_changes = match signed_in_as {
+        Some(held) if *held == *topic => 0,
+        Some(_) => return refused("this connection is signed in as another user"),
+        None => {
+            if let Err(message) = clients.hub.subscribe(conn, std::slice::from_ref(&topic)) {
+                clients.metrics.client_error(ClientError::TooManyTopics);
+                return reply(&pusher::error(None, &message));
+            }
+            1
+        }
+    };
+    let data = serde_json::json!({ "user_data": signin.user_data });
+    Handled { reply: ws::text(&pusher::frame("pusher:signin_success", None, &pusher::stringified(&data))), topic_changes }
 }
 
 /// A presence channel: the signature covers the member too; the member joins through
@@ -186,8 +288,8 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
         Ok(serde_json::Value::Number(_)) => member.user_id.get().to_owned(),
         _ => return subscription_error(channel, "InvalidChannelData", 400, "user_id is a string or a number"),
     };
-    if user.is_empty() || user.len() > MAX_USER_ID {
-        return subscription_error(channel, "InvalidChannelData", 400, &format!("user_id is 1 to {MAX_USER_ID} bytes"));
+    if user.is_empty() || user.len() > pusher::MAX_USER_ID {
+        return subscription_error(channel, "InvalidChannelData", 400, &format!("user_id is 1 to {} bytes", pusher::MAX_USER_ID));
     }
     let info = match member.user_info {
         Some(info) if info.get().len() > presence.info_bytes() => {
@@ -212,6 +314,7 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
     // Its next frame is read once this is answered: an unsubscribe comes after it.
     conn.begin_exclusive_request();
     tokio::spawn(async move {
+        let mut last = None;
         let answer = match registry.presence_page(&presence, &topic, None, MAX_PRESENCE_MEMBERS).await {
             Ok(page) => {
                 let mut ids: Vec<String> = page.members.iter().map(|m| m.uid.clone()).collect();
@@ -228,6 +331,9 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
                     count = count.max(ids.len());
                 }
                 let presence = serde_json::json!({ "presence": { "count": count, "ids": ids, "hash": hash } });
+                if pusher::is_cache(&channel) {
+                    last = Some(last_event(&registry.history(), &topic, &channel).await);
+                }
                 pusher::frame("pusher_internal:subscription_succeeded", Some(&channel), &pusher::stringified(&presence))
             }
             Err(e) => {
@@ -236,7 +342,8 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
                 pusher::frame("pusher:subscription_error", Some(&channel), &data.to_string())
             }
         };
-        conn.answer_exclusive_request(&answer, hub.limits(), &metrics);
+        let answers: Vec<&str> = std::iter::once(answer.as_str()).chain(last.as_deref()).collect();
+        conn.answer_exclusive_request(&answers, hub.limits(), &metrics);
     });
     Handled { reply: Bytes::new(), topic_changes: 1 }
 }
@@ -252,7 +359,7 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
         return Ok(error(clients, ClientError::Forbidden, "client events are sent on private and presence channels only (not encrypted ones)"));
     }
     let topic = pusher::topic(app, channel);
-    if !conn.state().topics.iter().any(|t| **t == *topic) {
+    if !holds(conn, &topic) {
         return Ok(error(clients, ClientError::Forbidden, &format!("not subscribed to `{channel}`: subscribe before sending client events on it")));
     }
     if event.len() > pusher::MAX_CHANNEL {

@@ -173,9 +173,11 @@ impl Conn {
     }
 
     /// An exclusive request is done (see [`Conn::begin_exclusive_request`]).
-    pub fn answer_exclusive_request(&self, answer: &str, limits: &Limits, metrics: &Metrics) {
+    pub fn answer_exclusive_request(&self, answers: &[&str], limits: &Limits, metrics: &Metrics) {
         self.in_flight.fetch_sub(MAX_IN_FLIGHT as u8, Ordering::AcqRel);
-        self.answer(answer, limits, metrics);
+        for answer in answers {
+            self.answer(answer, limits, metrics);
+        }
     }
 
     fn answer(&self, answer: &str, limits: &Limits, metrics: &Metrics) {
@@ -221,6 +223,10 @@ impl Conn {
     /// message is written here and now, and the driver is not woken. Every message that
     /// does not make it is counted in `metrics` with its reason.
     pub fn deliver(&self, msg: &Arc<Message>, limits: &Limits, metrics: &Metrics) -> bool {
+        if msg.terminates {
+            self.request_close(CloseReason::Terminated);
+            return true;
+        }
         let bytes = msg.bytes(self.transport);
         let size = bytes.len();
         let since_ms = self.since_ms();

@@ -41,7 +41,7 @@ use crate::wire::{envelope_position, Message};
 /// interest key, its idempotency key (or the stream again), the group's `born` key, the
 /// group's sequence, the group's generation, the Redis run the generation was set under.
 /// ARGV: 1 an epoch for a new stream, 2 history size, 3 TTL ms, 4 `1` if the stream keeps
-/// history only while listened to (a topic), 5 idempotency window ms (`0`: no key),
+/// history only while listened to (a topic, but a Pusher cache channel), 5 idempotency window ms (`0`: no key),
 /// 6 message id, 7 the stream's key as envelopes write it, 8 the envelope without its
 /// closing brace, 9 the relay header (the script writes the sequence into it), 10 PUBLISH
 /// or SPUBLISH, 11 now (ms), 12 the idempotency key's record (the request's fingerprint and the message id), 13 the
@@ -349,7 +349,11 @@ impl RedisHistory {
             epoch_text(new_epoch()).into_bytes(),
             kept.to_string().into_bytes(),
             self.settings.ttl.as_millis().to_string().into_bytes(),
-            if matches!(stream, Stream::Topic(_)) { b"1".to_vec() } else { b"0".to_vec() },
+            match stream {
+                // A Pusher cache channel keeps its last event for whoever subscribes next.
+                Stream::Topic(topic) if !crate::pusher::is_cache_topic(topic) => b"1".to_vec(),
+                _ => b"0".to_vec(),
+            },
             window.to_string().into_bytes(),
             id.to_string().into_bytes(),
             stream.key().to_string().into_bytes(),

@@ -27,14 +27,14 @@ pub enum History {
 }
 
 impl History {
-    fn keeps(&self, stream: &Stream) -> bool {
+    pub fn keeps(&self, stream: &Stream) -> bool {
         match self {
             History::Memory(h) => h.settings().keeps(stream),
             History::Redis(h) => h.settings().keeps(stream),
         }
     }
 
-    async fn read(&self, plan: &[(Stream, From)]) -> Result<Vec<Found>, Error> {
+    pub async fn read(&self, plan: &[(Stream, From)]) -> Result<Vec<Found>, Error> {
         match self {
             History::Memory(h) => Ok(plan.iter().map(|(stream, from)| h.read(stream, *from)).collect()),
             History::Redis(h) => h.read(plan).await,

@@ -221,7 +221,7 @@ impl Registry {
             Target::Topic(topic) => {
                 let stream = Stream::Topic((*topic).into());
                 let _order = history.order(&stream).await;
-                let listened = hub.listened_within(topic, history.settings().ttl.as_millis() as u64);
+                let listened = hub.listened_within(topic, history.settings().ttl.as_millis() as u64) || crate::pusher::is_cache_topic(topic);
                 let msg = history.append(&stream, listened, draft.publisher, |position| draft.frame(position));
                 let delivered = hub.publish(topic, &msg).await;
                 Delivered { delivered, stored: msg.position.is_some() as usize, ..Delivered::default() }
@@ -242,6 +242,44 @@ impl Registry {
         match self {
             Registry::Memory { .. } => Ok(presence.local_page(topic, cursor, limit)),
             Registry::Redis(nodes) => nodes.members.page(topic, cursor, limit).await.map_err(|e| Unavailable { reason: format!("Redis: {e}") }),
+        }
+    }
+
+    /// The occupied channels of Pusher app `app_id` named from `prefix`, at most `limit`,
+    /// by name, each with its subscriptions where they are known: every node's channels on
+    /// Redis (subscriptions not summed there), this node's on the memory registry.
+    pub async fn pusher_channels(&self, hub: &Hub, app_id: &str, prefix: &str, limit: usize) -> Result<Vec<(String, Option<usize>)>, Unavailable> {
+        match self {
+            Registry::Memory { .. } => {
+                let app = format!("{}{app_id}:", crate::pusher::PREFIX);
+                let mut channels: Vec<(String, Option<usize>)> = hub
+                    .topic_subscribers()
+                    .into_iter()
+                    .filter_map(|(topic, subscribers)| topic.strip_prefix(app.as_str()).filter(|c| c.starts_with(prefix)).map(|c| (c.to_owned(), Some(subscribers))))
+                    .collect();
+                channels.sort_unstable();
+                channels.truncate(limit);
+                Ok(channels)
+            }
+            Registry::Redis(nodes) => occupancy::channels(&nodes.redis, nodes.keys.prefix(), app_id, prefix, limit)
+                .await
+                .map(|names| names.into_iter().map(|name| (name, None)).collect())
+                .map_err(|e| Unavailable { reason: format!("Redis: {e}") }),
+        }
+    }
+
+    /// Whether the Pusher channel `topic` has subscribers, and how many where that is
+    /// known (as [`Registry::pusher_channels`]).
+    pub async fn pusher_channel(&self, hub: &Hub, topic: &str) -> Result<(bool, Option<usize>), Unavailable> {
+        match self {
+            Registry::Memory { .. } => {
+                let subscribers = hub.subscriber_count(topic);
+                Ok((subscribers > 0, Some(subscribers)))
+            }
+            Registry::Redis(nodes) => occupancy::occupied(&nodes.redis, nodes.keys.prefix(), topic)
+                .await
+                .map(|occupied| (occupied, None))
+                .map_err(|e| Unavailable { reason: format!("Redis: {e}") }),
         }
     }
 
@@ -291,12 +329,12 @@ impl Connected {
 
     /// Subscribes and starts writing sessions (and presence members) and reading other
     /// nodes' messages.
-    pub async fn attach(self, hub: Arc<Hub>, presence: Option<Arc<Presence>>, webhooks: Option<Arc<Webhooks>>) -> Result<(Registry, Attached), Error> {
+    /// With `pusher` (apps configured), Pusher channels' occupancy is written.
+    pub async fn attach(self, hub: Arc<Hub>, presence: Option<Arc<Presence>>, webhooks: Option<Arc<Webhooks>>, pusher: bool) -> Result<(Registry, Attached), Error> {
         let awaited = Arc::new(Awaited::default());
         let members = Arc::new(Members::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch, webhooks.clone()));
-        let occupancy = webhooks
-            .filter(|w| w.wants(EventKind::TopicOccupied) || w.wants(EventKind::TopicVacated))
-            .map(|w| Occupancy::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch, w));
+        let occupancy_webhooks = webhooks.filter(|w| w.wants(EventKind::TopicOccupied) || w.wants(EventKind::TopicVacated));
+        let occupancy = (occupancy_webhooks.is_some() || pusher).then(|| Occupancy::new(self.redis.clone(), self.keys.prefix(), self.node, self.epoch, occupancy_webhooks));
         let nodes = Nodes {
             redis: self.redis.clone(),
             keys: self.keys.clone(),

@@ -161,7 +161,8 @@ pub struct Registrar {
     pub history: Arc<RedisHistory>,
     /// This node's presence members, and where they are written, when presence is on.
     pub presence: Option<(Arc<Presence>, Arc<Members>)>,
-    /// Where this node's topics are written, when webhooks want topic_occupied/vacated.
+    /// Where this node's topics are written, when webhooks want topic_occupied/vacated or
+    /// Pusher apps are configured.
     pub occupancy: Option<Occupancy>,
 }
 
@@ -215,7 +216,7 @@ impl Registrar {
                     for change in received.drain(..) {
                         match change {
                             Change::Listening(topic) => {
-                                if self.occupancy.is_some() {
+                                if self.occupancy.as_ref().is_some_and(|o| o.tracks(&topic)) {
                                     occupied.insert(topic.clone());
                                 }
                                 listening.insert(topic);
@@ -251,8 +252,8 @@ impl Registrar {
                         Liveness::Held | Liveness::Unknown => {}
                     }
                     if must_register {
-                        if self.occupancy.is_some() {
-                            occupied.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic));
+                        if let Some(occupancy) = &self.occupancy {
+                            occupied.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic).filter(|topic| occupancy.tracks(topic)));
                         }
                         if let Some((presence, _)) = &self.presence {
                             members.changed.extend(presence.local_members());
@@ -304,7 +305,7 @@ impl Registrar {
                 Change::Member(topic, uid) => {
                     members.changed.insert((topic, uid));
                 }
-                Change::Listening(topic) if self.occupancy.is_some() => {
+                Change::Listening(topic) if self.occupancy.as_ref().is_some_and(|o| o.tracks(&topic)) => {
                     occupied.insert(topic);
                 }
                 change => coalesce(&mut pending, change),

@@ -23,6 +23,8 @@ pub enum CloseReason {
     TokenExpired,
     /// Over a per-connection limit: commands per second, topic changes per minute (1008).
     PolicyViolation,
+    /// The application ended its user's connections (Pusher `terminate_connections`, 4009).
+    Terminated,
 }
 
 /// Why a message did not reach a connection. Label `reason` of `pushline_messages_dropped_total`.

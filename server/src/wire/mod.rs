@@ -69,7 +69,14 @@ pub struct Message {
     /// The answer to a client's own request (a publish, a presence page): never dropped
     /// to make room in a full queue.
     pub answer: bool,
+    /// Not written: the connections it reaches are closed (see [`TERMINATE`]).
+    pub terminates: bool,
 }
+
+/// The Pusher event that, published to a user's `#server-to-user-` topic, closes that
+/// user's connections wherever they are (`terminate_connections`). No publisher can send
+/// an event of that name: the API refuses `pusher` names, clients send only `client-` ones.
+pub const TERMINATE: &str = "pusher_internal:terminate";
 
 /// The envelope up to its last field: what a Redis script appends the message's position
 /// to once it knows its offset (the same bytes [`Message::new`] writes).
@@ -153,7 +160,8 @@ impl Message {
     /// A Pusher event (see [`PusherEvent`]); `data` is JSON, checked.
     pub fn pusher(id: u64, pusher: PusherEvent<'_>, data: &str, position: Option<Position>, accepted_at: Instant) -> Message {
         let room = ENVELOPE_ROOM + data.len() + pusher.event.len() + pusher.channel.len();
-        Message::framed(room, |frame| write_open_pusher(frame, id, pusher, data), id, position, accepted_at)
+        let message = Message::framed(room, |frame| write_open_pusher(frame, id, pusher, data), id, position, accepted_at);
+        Message { terminates: pusher.event == TERMINATE, ..message }
     }
 
     /// A message whose envelope `open` writes up to its position, in about `room` bytes.
@@ -165,7 +173,7 @@ impl Message {
         write_close_envelope(&mut frame, position.as_ref());
         let ws = ws::text_in(frame);
         let sse = sse::head("message", ws::payload_of(&ws));
-        Message { id, position, ws, sse, accepted_at, except: None, answer: false }
+        Message { id, position, ws, sse, accepted_at, except: None, answer: false, terminates: false }
     }
 
     /// The answer to a client's request, as its queue carries it.
@@ -180,7 +188,8 @@ impl Message {
         let ws = ws::text(envelope);
         let kind = envelope.strip_prefix(r#"{"type":""#).and_then(|rest| rest.split_once('"')).map_or("message", |(kind, _)| kind);
         let sse = sse::head(kind, envelope.as_bytes());
-        Message { id, position, ws, sse, accepted_at, except: None, answer: false }
+        let terminates = envelope.strip_prefix(r#"{"event":""#).is_some_and(|rest| rest.starts_with(TERMINATE) && rest[TERMINATE.len()..].starts_with('"'));
+        Message { id, position, ws, sse, accepted_at, except: None, answer: false, terminates }
     }
 
     /// The same message, not delivered to the topic subscriber with this session.
