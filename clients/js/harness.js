@@ -36,7 +36,8 @@ export async function startServer(port, args = []) {
 }
 
 function stop(child) {
-  if (child.exitCode !== null) return Promise.resolve();
+  // A child killed by a signal has no exit code, only its signal.
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
   return new Promise((resolve) => {
     child.once("exit", resolve);
     child.kill("SIGKILL");

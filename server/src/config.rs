@@ -257,6 +257,11 @@ pub struct Config {
     #[serde(skip)]
     pub pusher_app: Vec<String>,
 
+    /// The config file's `[[pusher_app]]` tables: apps with options of their own.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub pusher_app_tables: Vec<crate::pusher::AppTable>,
+
     /// Let Pusher clients send `client-` events on private channels.
     #[arg(long, env = "PUSHLINE_PUSHER_CLIENT_EVENTS", default_value_t = false, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -590,7 +595,18 @@ impl Config {
     /// The settings of a TOML file's `text` (called `origin` in messages) under the
     /// command line `args`, which win over it.
     pub fn with_file(text: &str, origin: &str, args: Vec<String>) -> Result<Config, Error> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| Error::config(format!("config file {origin}: {e}")))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::config(format!("config file {origin}: {e}")))?;
+        // `[[pusher_app]]` tables carry options no flag spells: read as they are.
+        let pusher_app_tables: Vec<crate::pusher::AppTable> = match table.remove("pusher_app") {
+            Some(toml::Value::Array(items)) if items.iter().all(toml::Value::is_table) => {
+                toml::Value::Array(items).try_into().map_err(|e| Error::config(format!("config file {origin}: [[pusher_app]]: {e}")))?
+            }
+            Some(other) => {
+                table.insert("pusher_app".into(), other);
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         // TOML values become flags placed before the user's own, so a later flag overrides
         // them (args_override_self); a key whose environment variable is set is skipped so
         // the environment wins over the file.
@@ -626,7 +642,13 @@ impl Config {
         merged.extend(from_file);
         merged.extend(args.into_iter().skip(1));
         let matches = Config::command().try_get_matches_from(merged).map_err(|e| Error::config(e.render().to_string()))?;
-        Config::from_arg_matches(&matches).map_err(|e| Error::config(e.render().to_string()))
+        let config = Config::from_arg_matches(&matches).map_err(|e| Error::config(e.render().to_string()))?;
+        Ok(Config { pusher_app_tables, ..config })
+    }
+
+    /// The Pusher apps, from `--pusher-app` and the file's `[[pusher_app]]` tables.
+    pub fn pusher_apps(&self) -> Result<crate::pusher::Apps, String> {
+        crate::pusher::Apps::parse(&self.pusher_app, &self.pusher_app_tables, self.pusher_client_events)
     }
 
     /// Checks settings against each other; the message says what to change.
@@ -718,10 +740,10 @@ impl Config {
         if self.hook_max_concurrency == 0 || self.hook_timeout.is_zero() {
             problems.push("--hook-max-concurrency and --hook-timeout must be more than 0: no hook could be asked".into());
         }
-        if let Err(e) = crate::pusher::Apps::parse(&self.pusher_app, self.pusher_client_events) {
+        if let Err(e) = self.pusher_apps() {
             problems.push(e);
         }
-        if self.pusher_webhook_url.is_some() && self.pusher_app.is_empty() {
+        if self.pusher_webhook_url.is_some() && self.pusher_app.is_empty() && self.pusher_app_tables.is_empty() {
             problems.push("--pusher-webhook-url tells Pusher apps' events: name the apps with --pusher-app".into());
         }
         if self.webhook_batch == 0 || self.webhook_attempts == 0 || self.webhook_timeout.is_zero() {
@@ -900,6 +922,21 @@ mod tests {
         let err = Config::load_from(args(&["--config", file])).unwrap_err();
         assert!(err.message.contains("unknown setting `max_conections`"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pusher_app_tables_carry_their_options_beside_the_flag_apps() {
+        let text = "[[pusher_app]]\nid = \"1\"\nkey = \"k1\"\nsecret = \"0123456789abcdef\"\nmax_connections = 5\nallowed_origins = [\"https://a.example\"]\nwebhook_url = \"http://127.0.0.1:1/hook\"\n";
+        let config = Config::with_file(text, "test", args(&["--pusher-app", "2:k2:fedcba9876543210", "--pusher-client-events"])).unwrap();
+        let apps = config.pusher_apps().unwrap();
+        let [flagged, tabled] = [apps.by_id("2").unwrap().1, apps.by_id("1").unwrap().1];
+        assert!(flagged.client_events && tabled.client_events, "--pusher-client-events is every app's default");
+        assert_eq!((tabled.max_connections, tabled.allowed_origins.as_slice()), (5, &["https://a.example".to_owned()][..]));
+        assert_eq!(tabled.webhook_url.as_deref(), Some("http://127.0.0.1:1/hook"));
+        let unknown = Config::with_file("[[pusher_app]]\nid = \"1\"\nkey = \"k\"\nsecret = \"0123456789abcdef\"\nclient_event = true\n", "test", args(&[])).unwrap_err();
+        assert!(unknown.message.contains("unknown field `client_event`"), "{unknown}");
+        let same_key = Config::with_file(text, "test", args(&["--pusher-app", "3:k1:fedcba9876543210"])).unwrap();
+        assert!(same_key.validate().unwrap_err().message.contains("already configured"));
     }
 
     #[test]

@@ -307,7 +307,7 @@ impl Hub {
             tracing::warn!(session = %conn.session, error = %e, "topics given at connect were not checked");
         }
         self.open[conn.transport as usize].fetch_add(1, Ordering::Relaxed);
-        self.metrics.connection_opened(conn.transport);
+        self.metrics.connection_opened(conn.transport, conn.app);
         if let Some(changes) = &self.observers.changes {
             let _ = changes.send(Change::Opened(conn.session, Arc::from(conn.uid.as_str())));
         }
@@ -330,7 +330,7 @@ impl Hub {
             watcher.closed(conn.session.0);
         }
         self.open[conn.transport as usize].fetch_sub(1, Ordering::Relaxed);
-        self.metrics.connection_closed(conn.transport, reason);
+        self.metrics.connection_closed(conn.transport, conn.app, reason);
         if let Some(changes) = &self.observers.changes {
             let _ = changes.send(Change::Closed(conn.session, Arc::from(conn.uid.as_str())));
         }

@@ -30,7 +30,10 @@ pub const CLIENT_EVENTS_PER_SECOND: u16 = 10;
 /// 4200-4299 to reconnect at once.
 pub const CLOSE_UNKNOWN_APP: u16 = 4001;
 pub const CLOSE_PROTOCOL: u16 = 4007;
-/// The application ended the user's connections (`terminate_connections`).
+/// The app has as many connections as it may (`max_connections`).
+pub const CLOSE_OVER_QUOTA: u16 = 4004;
+/// The application ended the user's connections (`terminate_connections`); also a
+/// refused origin or sign-in, as the protocol's "unauthorized".
 pub const CLOSE_TERMINATED: u16 = 4009;
 pub const CLOSE_OVER_CAPACITY: u16 = 4100;
 pub const CLOSE_RECONNECT: u16 = 4200;
@@ -41,41 +44,83 @@ pub struct App {
     pub id: String,
     pub key: String,
     pub secret: String,
+    /// Whether its clients may send `client-` events on private and presence channels.
+    pub client_events: bool,
+    /// Most connections it may have open on a node; 0: no cap but the node's.
+    pub max_connections: usize,
+    /// Where its webhooks go, if not to `--pusher-webhook-url`.
+    pub webhook_url: Option<String>,
+    /// Origins its browser clients may connect from; empty: any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// An app as a `[[pusher_app]]` table of the config file writes it, with its options.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppTable {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    /// Default: `--pusher-client-events`.
+    #[serde(default)]
+    pub client_events: Option<bool>,
+    #[serde(default)]
+    pub max_connections: usize,
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 /// The configured apps; a connection holds its app's index.
 pub struct Apps {
     apps: Vec<App>,
-    /// Whether clients may send `client-` events on private channels.
-    pub client_events: bool,
 }
 
 impl Apps {
-    /// Apps from `ID:KEY:SECRET` specifications.
-    pub fn parse(specs: &[String], client_events: bool) -> Result<Apps, String> {
-        let mut apps: Vec<App> = Vec::with_capacity(specs.len());
-        for spec in specs {
+    /// Apps from `ID:KEY:SECRET` specifications (`--pusher-app`) and the config file's
+    /// `[[pusher_app]]` tables; `client_events` is `--pusher-client-events`.
+    pub fn parse(specs: &[String], tables: &[AppTable], client_events: bool) -> Result<Apps, String> {
+        let mut apps: Vec<App> = Vec::with_capacity(specs.len() + tables.len());
+        let from_flags = specs.iter().map(|spec| {
             let mut parts = spec.splitn(3, ':');
-            let (Some(id), Some(key), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err("--pusher-app is ID:KEY:SECRET".into());
-            };
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(id), Some(key), Some(secret)) => Ok(AppTable {
+                    id: id.to_owned(),
+                    key: key.to_owned(),
+                    secret: secret.to_owned(),
+                    client_events: None,
+                    max_connections: 0,
+                    webhook_url: None,
+                    allowed_origins: Vec::new(),
+                }),
+                _ => Err("--pusher-app is ID:KEY:SECRET".to_owned()),
+            }
+        });
+        for table in from_flags.chain(tables.iter().cloned().map(Ok)) {
+            let AppTable { id, key, secret, client_events: own_client_events, max_connections, webhook_url, allowed_origins } = table?;
             // An id of at most 40 keeps every channel's topic within a topic's 256 bytes.
             let name_ok = |s: &str, most: usize| !s.is_empty() && s.len() <= most && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-            if !name_ok(id, 40) || !name_ok(key, 64) {
-                return Err(format!("--pusher-app `{id}:{key}:..`: the id is 1 to 40 and the key 1 to 64 letters, digits, `-`, `_` or `.`"));
+            if !name_ok(&id, 40) || !name_ok(&key, 64) {
+                return Err(format!("Pusher app `{id}:{key}:..`: the id is 1 to 40 and the key 1 to 64 letters, digits, `-`, `_` or `.`"));
             }
             if secret.len() < 16 {
-                return Err(format!("--pusher-app `{id}`: the secret is {} bytes; use at least 16 random bytes", secret.len()));
+                return Err(format!("Pusher app `{id}`: the secret is {} bytes; use at least 16 random bytes", secret.len()));
             }
             if apps.iter().any(|a| a.id == id || a.key == key) {
-                return Err(format!("--pusher-app `{id}:{key}`: an app with that id or key is already configured"));
+                return Err(format!("Pusher app `{id}:{key}`: an app with that id or key is already configured"));
             }
-            apps.push(App { id: id.to_owned(), key: key.to_owned(), secret: secret.to_owned() });
+            if let Some(url) = &webhook_url {
+                if !url.starts_with("http://") && !url.starts_with("https://") {
+                    return Err(format!("Pusher app `{id}`: webhook_url `{url}` is not an http:// or https:// URL"));
+                }
+            }
+            apps.push(App { id, key, secret, client_events: own_client_events.unwrap_or(client_events), max_connections, webhook_url, allowed_origins });
         }
         if apps.len() > u16::MAX as usize {
-            return Err("too many --pusher-app".into());
+            return Err("too many Pusher apps".into());
         }
-        Ok(Apps { apps, client_events })
+        Ok(Apps { apps })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -290,7 +335,15 @@ mod tests {
     use super::*;
 
     fn app() -> App {
-        App { id: "1".into(), key: "278d425bdf160c739803".into(), secret: "7ad3773142a6692b25b8".into() }
+        App {
+            id: "1".into(),
+            key: "278d425bdf160c739803".into(),
+            secret: "7ad3773142a6692b25b8".into(),
+            client_events: false,
+            max_connections: 0,
+            webhook_url: None,
+            allowed_origins: Vec::new(),
+        }
     }
 
     #[test]

@@ -135,7 +135,12 @@ impl Server {
             let _entered = accepting_core.enter();
             listener::watch(client).map_err(io_error("client listener".into()))?
         };
-        let metrics = Arc::new(Site::Metrics.scope(Metrics::new));
+        let pusher = match config.pusher_apps().map_err(Error::config)? {
+            apps if apps.is_empty() => None,
+            apps => Some(Arc::new(apps)),
+        };
+        let app_ids: Vec<&str> = pusher.iter().flat_map(|apps| apps.iter().map(|app| app.id.as_str())).collect();
+        let metrics = Arc::new(Site::Metrics.scope(|| Metrics::with_pusher_apps(&app_ids)));
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => {
                 let files = tls::Files { cert: cert.clone(), key: key.clone(), ticket_key: config.tls_ticket_key.clone() };
@@ -145,16 +150,13 @@ impl Server {
             }
             _ => None,
         };
-        let wants_application = config.connect_hook.is_some() || config.subscribe_hook.is_some() || config.webhook_url.is_some() || config.pusher_webhook_url.is_some();
+        let app_webhooks = pusher.iter().any(|apps| apps.iter().any(|app| app.webhook_url.is_some()));
+        let wants_application = config.connect_hook.is_some() || config.subscribe_hook.is_some() || config.webhook_url.is_some() || config.pusher_webhook_url.is_some() || app_webhooks;
         let application = match wants_application {
             true => Some(Arc::new(Application::new(config.hook_ca.as_deref(), config.hook_max_concurrency, config.hook_timeout.min(config.webhook_timeout))?)),
             false => None,
         };
         let hooks = Hooks::from_config(&config, application.clone(), &metrics)?.map(Arc::new);
-        let pusher = match crate::pusher::Apps::parse(&config.pusher_app, config.pusher_client_events).map_err(Error::config)? {
-            apps if apps.is_empty() => None,
-            apps => Some(Arc::new(apps)),
-        };
         let (webhooks, webhook_senders) = match Webhooks::from_config(&config, application, pusher.as_deref(), &metrics)? {
             Some((webhooks, senders)) => (Some(webhooks), senders),
             None => (None, Vec::new()),

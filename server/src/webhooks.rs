@@ -153,17 +153,17 @@ impl Webhooks {
             _ => None,
         };
         let mut pusher = Vec::new();
-        if let (Some(url), Some(apps)) = (&config.pusher_webhook_url, apps) {
-            let mut wanted = vec![EventKind::TopicOccupied, EventKind::TopicVacated, EventKind::MemberJoined, EventKind::MemberLeft];
-            if config.pusher_webhook_client_events {
-                wanted.push(EventKind::ClientPublish);
-            }
-            for app in apps.iter() {
-                let app_outlet = outlet(wanted.clone(), true);
-                let signing = Signing::Pusher { key: app.key.clone(), secret: app.secret.clone() };
-                senders.push((app_outlet.clone(), sender("--pusher-webhook-url", url, signing)?));
-                pusher.push((app.id.clone(), app_outlet));
-            }
+        let mut wanted = vec![EventKind::TopicOccupied, EventKind::TopicVacated, EventKind::MemberJoined, EventKind::MemberLeft];
+        if config.pusher_webhook_client_events {
+            wanted.push(EventKind::ClientPublish);
+        }
+        // Each app's own webhook_url, else --pusher-webhook-url.
+        for app in apps.iter().flat_map(|apps| apps.iter()) {
+            let Some(url) = app.webhook_url.as_ref().or(config.pusher_webhook_url.as_ref()) else { continue };
+            let app_outlet = outlet(wanted.clone(), true);
+            let signing = Signing::Pusher { key: app.key.clone(), secret: app.secret.clone() };
+            senders.push((app_outlet.clone(), sender("--pusher-webhook-url", url, signing)?));
+            pusher.push((app.id.clone(), app_outlet));
         }
         if native.is_none() && pusher.is_empty() {
             return Ok(None);

@@ -540,9 +540,86 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
     assert.deepEqual(await (await api.get({ path: "/channels/news", params: { info: "subscription_count" } })).json(), { occupied: true, subscription_count: 1 });
     assert.deepEqual(await (await api.get({ path: "/channels/nobody-here" })).json(), { occupied: false });
     await assert.rejects(api.get({ path: "/channels", params: { info: "user_count" } }), (e) => e.status === 400);
+
+    // Metrics by app: its open connections, and its events by source (one per channel).
+    const metrics = await (await fetch(`${server.admin}/metrics`)).text();
+    assert.match(metrics, /^pushline_pusher_connections\{app="42"\} 2$/m);
+    assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="api"\} 4$/m);
+    assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="client"\} 0$/m);
   } finally {
     reader.disconnect();
     late.disconnect();
+    await server.stop();
+  }
+});
+
+test("[[pusher_app]] tables give each app its own options: a connection quota (4004), allowed origins (4009) and client events", async () => {
+  const { writeFileSync, mkdtempSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const path = await import("node:path");
+  const file = path.join(mkdtempSync(path.join(tmpdir(), "pushline-")), "pushline.toml");
+  writeFileSync(file, `
+[[pusher_app]]
+id = "1"
+key = "quiet-key"
+secret = "quiet-secret-sixteen-bytes"
+max_connections = 1
+allowed_origins = ["https://good.example"]
+
+[[pusher_app]]
+id = "2"
+key = "chatty-key"
+secret = "chatty-secret-sixteen-bytes"
+client_events = true
+`);
+  const port = await freePort();
+  const server = await startServer(port, ["--config", file]);
+  const open = (key, origin) => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/app/${key}?protocol=7`, origin ? { origin } : {});
+    const frames = [];
+    const closed = new Promise((resolve) => ws.on("close", (code) => resolve(code)));
+    const first = new Promise((resolve) => ws.on("message", (data) => { frames.push(JSON.parse(data)); if (frames.length === 1) resolve(frames[0]); }));
+    return { ws, frames, closed, first };
+  };
+  const quiet = new PusherServer({ appId: "1", key: "quiet-key", secret: "quiet-secret-sixteen-bytes", host: "127.0.0.1", port: String(port), useTLS: false });
+  const chatty = new PusherServer({ appId: "2", key: "chatty-key", secret: "chatty-secret-sixteen-bytes", host: "127.0.0.1", port: String(port), useTLS: false });
+  const sockets = [];
+  try {
+    const refusedOrigin = open("quiet-key", "https://evil.example");
+    assert.equal((await refusedOrigin.first).data.code, 4009);
+    assert.equal(await refusedOrigin.closed, 4009);
+
+    const one = open("quiet-key", "https://good.example");
+    sockets.push(one.ws);
+    assert.equal((await one.first).event, "pusher:connection_established");
+    const two = open("quiet-key");
+    assert.equal(await two.closed, 4004, "the app's second connection is over its quota of 1");
+
+    // Client events: off for app 1 (the default), on for app 2.
+    const subscribe = (conn, api, channel) => {
+      const socketId = JSON.parse(conn.frames[0].data).socket_id;
+      conn.ws.send(JSON.stringify({ event: "pusher:subscribe", data: { channel, ...api.authorizeChannel(socketId, channel) } }));
+    };
+    const waitFor = (conn, test) => new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`not seen; got ${JSON.stringify(conn.frames)}`)), 5000);
+      const look = () => { const f = conn.frames.find(test); if (f) { clearTimeout(timer); resolve(f); } else setTimeout(look, 5); };
+      look();
+    });
+    subscribe(one, quiet, "private-a");
+    await waitFor(one, (f) => f.event === "pusher_internal:subscription_succeeded");
+    one.ws.send(JSON.stringify({ event: "client-x", channel: "private-a", data: {} }));
+    assert.match((await waitFor(one, (f) => f.event === "pusher:error")).data.message, /enable this feature/);
+
+    const [c1, c2] = [open("chatty-key"), open("chatty-key")];
+    sockets.push(c1.ws, c2.ws);
+    await Promise.all([c1.first, c2.first]);
+    subscribe(c1, chatty, "private-b");
+    subscribe(c2, chatty, "private-b");
+    await Promise.all([c1, c2].map((c) => waitFor(c, (f) => f.event === "pusher_internal:subscription_succeeded")));
+    c1.ws.send(JSON.stringify({ event: "client-x", channel: "private-b", data: { hi: 1 } }));
+    assert.deepEqual((await waitFor(c2, (f) => f.event === "client-x")).data, { hi: 1 });
+  } finally {
+    sockets.forEach((s) => s.close());
     await server.stop();
   }
 });

@@ -22,7 +22,7 @@ use crate::error::{Error, Kind};
 use crate::pusher::{self, App};
 use crate::registry::relay::Target;
 use crate::registry::{Job, Published};
-use crate::telemetry::PublishKind;
+use crate::telemetry::{PublishKind, PusherSource};
 use crate::wire::{Draft, PusherEvent, TERMINATE};
 
 /// How far a request's `auth_timestamp` may be from now, in seconds.
@@ -109,7 +109,7 @@ impl Api {
         let path = req.uri().path().to_owned();
         let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
         let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(not_found()) };
-        let (_, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
+        let (index, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
         let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let info = |name: &str| query.iter().any(|(k, v)| k == "info" && v.split(',').any(|item| item == name));
         if endpoint == "channels" || endpoint.starts_with("channels/") {
@@ -162,7 +162,8 @@ impl Api {
                 batch.iter().map(|item| event(item.get().as_bytes())).collect::<Result<Vec<_>, _>>()?
             }
         };
-        self.trigger(app, &events).await?;
+        let published = self.trigger(app, &events).await?;
+        self.metrics.pusher_events(index, PusherSource::Api, published);
         Ok(json(StatusCode::OK, "{}".into()))
     }
 
@@ -252,8 +253,9 @@ impl Api {
         }
     }
 
-    /// Publishes each event to each of its channels; all are checked first.
-    async fn trigger(&self, app: &App, events: &[Event]) -> Result<(), Error> {
+    /// Publishes each event to each of its channels; all are checked first. Returns how
+    /// many (event, channel) were published.
+    async fn trigger(&self, app: &App, events: &[Event]) -> Result<usize, Error> {
         let mut planned = Vec::new();
         for event in events {
             if event.name.is_empty() || event.name.len() > pusher::MAX_CHANNEL {
@@ -313,7 +315,7 @@ impl Api {
                 Err(e) => return Err(Error::unavailable(format!("registry unavailable: the event may not have reached every subscriber: {}", e.reason))),
             }
         }
-        Ok(())
+        Ok(jobs.len())
     }
 }
 
@@ -325,7 +327,15 @@ mod tests {
     fn a_request_signed_as_the_protocol_says_verifies() {
         // The worked example of Pusher's HTTP API documentation ("Generating
         // authentication signatures"), with its timestamp taken as now.
-        let app = App { id: "3".into(), key: "278d425bdf160c739803".into(), secret: "7ad3773142a6692b25b8".into() };
+        let app = App {
+            id: "3".into(),
+            key: "278d425bdf160c739803".into(),
+            secret: "7ad3773142a6692b25b8".into(),
+            client_events: false,
+            max_connections: 0,
+            webhook_url: None,
+            allowed_origins: Vec::new(),
+        };
         let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
         let md5 = crate::wire::hex(&Md5::digest(body));
         assert_eq!(md5, "ec365a775a4cd0599faeb73354201b6f");

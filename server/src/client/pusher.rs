@@ -31,7 +31,7 @@ use crate::history::Stream;
 use crate::pusher::{self, App, Kind};
 use crate::registry::relay::Target;
 use crate::registry::Job;
-use crate::telemetry::{ClientError, DropReason};
+use crate::telemetry::{ClientError, DropReason, PusherSource};
 use crate::wire::{json, ws, Draft, PusherEvent};
 
 /// A reason to close the connection, with the protocol's code.
@@ -301,6 +301,8 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
         },
         None => None,
     };
+    // Told as its own member even before its write is read back (on Redis).
+    let own_info = info.as_ref().and_then(|i: &Arc<RawValue>| serde_json::from_str::<serde_json::Value>(i.get()).ok()).unwrap_or(serde_json::Value::Null);
     if let Err(e) = presence.bring_user(conn.session.0, &user, info) {
         return subscription_error(channel, "InvalidChannelData", 400, &e);
     }
@@ -327,7 +329,7 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
                 let mut count = page.count;
                 if !hash.contains_key(&user) {
                     ids.push(user.clone());
-                    hash.insert(user.clone(), serde_json::Value::Null);
+                    hash.insert(user.clone(), own_info);
                     count = count.max(ids.len());
                 }
                 let presence = serde_json::json!({ "presence": { "count": count, "ids": ids, "hash": hash } });
@@ -349,8 +351,8 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
 }
 
 fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, channel: Option<&str>, data: Option<&RawValue>, window: &mut Window) -> Result<Handled, Close> {
-    if !clients.pusher.as_deref().is_some_and(|apps| apps.client_events) {
-        return Ok(error(clients, ClientError::Forbidden, "To send client events, you must enable this feature (--pusher-client-events)"));
+    if !app.client_events {
+        return Ok(error(clients, ClientError::Forbidden, "To send client events, you must enable this feature (--pusher-client-events, or the app's client_events)"));
     }
     let Some(channel) = channel else { return Ok(error(clients, ClientError::BadJson, "a client event needs a `channel`")) };
     // Encrypted channels' payloads are the clients' own ciphertext; the protocol gives
@@ -381,7 +383,7 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
     };
     let (id, registry, hub, metrics) = (publishing.message_ids.next(), publishing.registry.clone(), clients.hub.clone(), clients.metrics.clone());
     let webhooks = clients.webhooks.clone();
-    let (event, channel, session) = (event.to_owned(), channel.to_owned(), conn.session.0);
+    let (event, channel, session, app_index) = (event.to_owned(), channel.to_owned(), conn.session.0, conn.app);
     // On a presence channel, who sent it (the protocol adds it for the others to see).
     let user = clients.presence.as_ref().filter(|_| Kind::of(&channel) == Kind::Presence).and_then(|p| p.user_of(session));
     let accepted_at = Instant::now();
@@ -403,6 +405,7 @@ fn client_event(conn: &Arc<Conn>, clients: &Clients, app: &App, event: &str, cha
                 tracing::debug!(error = %e.reason, "a Pusher client event did not reach every node");
             }
             _ => {
+                metrics.pusher_events(app_index, PusherSource::Client, 1);
                 if let Some(webhooks) = &webhooks {
                     webhooks.client_event(&topic, &event, &data, &pusher::socket_id(crate::session::SessionId(session)), user.as_deref());
                 }

@@ -169,13 +169,23 @@ impl Gateway {
     fn pusher_app(&self, head: &Head) -> Result<u16, (u16, String)> {
         let key = head.path.strip_prefix("/app/").unwrap_or_default();
         let apps = self.clients.pusher.as_deref().filter(|apps| !apps.is_empty());
-        let Some((app, _)) = apps.and_then(|apps| apps.by_key(key)) else {
+        let Some((index, app)) = apps.and_then(|apps| apps.by_key(key)) else {
             return Err((pusher::CLOSE_UNKNOWN_APP, format!("App key {key} does not exist")));
         };
-        match head.query("protocol") {
-            Some(pusher::PROTOCOL) => Ok(app),
-            other => Err((pusher::CLOSE_PROTOCOL, format!("Unsupported protocol version {}: this server speaks 7", other.unwrap_or("(none)")))),
+        if head.query("protocol") != Some(pusher::PROTOCOL) {
+            let given = head.query("protocol").unwrap_or("(none)");
+            return Err((pusher::CLOSE_PROTOCOL, format!("Unsupported protocol version {given}: this server speaks 7")));
         }
+        if let (false, Some(origin)) = (app.allowed_origins.is_empty(), head.header("origin")) {
+            if !app.allowed_origins.iter().any(|allowed| allowed == origin) {
+                return Err((pusher::CLOSE_TERMINATED, format!("The origin {origin} is not allowed to connect to app {}", app.id)));
+            }
+        }
+        // Counted as connections register: a burst of handshakes may pass it by a few.
+        if app.max_connections > 0 && self.metrics.pusher_connections(index) >= app.max_connections {
+            return Err((pusher::CLOSE_OVER_QUOTA, format!("Application {} is over its connection quota ({})", app.id, app.max_connections)));
+        }
+        Ok(index)
     }
 
     /// Refuses a Pusher connection as the protocol does: the WebSocket is opened, told

@@ -104,6 +104,16 @@ pub enum PresenceEvent {
     Count,
 }
 
+/// Who sent a Pusher event. Label `source` of `pushline_pusher_events_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum PusherSource {
+    /// The HTTP API (`events`, `batch_events`): one per channel it went to.
+    Api,
+    /// A client's `client-` event.
+    Client,
+}
+
 /// Which backend hook was asked. Label `hook` of the hook metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
 #[strum(serialize_all = "snake_case")]

@@ -19,8 +19,8 @@ use pushline_alloc::site::{Site, SITES};
 use strum::{EnumCount, VariantArray};
 
 pub use labels::{
-    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, EpochReset, Eviction, HookKind, HookOutcome, PresenceEvent, PublishKind, RedisCommand, RefuseReason, Relayed,
-    ResumeOutcome, TlsHandshake, WebhookOutcome,
+    AcceptError, ApiRoute, ApiStatus, ClientError, CloseReason, DropReason, EpochReset, Eviction, HookKind, HookOutcome, PresenceEvent, PublishKind, PusherSource, RedisCommand, RefuseReason,
+    Relayed, ResumeOutcome, TlsHandshake, WebhookOutcome,
 };
 
 use crate::wire::Transport;
@@ -89,6 +89,8 @@ pub const RESUME_REPLAYED: &str = "pushline_resume_replayed_messages_total";
 pub const IDEMPOTENT_REPLAYS: &str = "pushline_idempotent_replays_total";
 pub const TLS_HANDSHAKES: &str = "pushline_tls_handshakes_total";
 pub const TLS_CERT_EXPIRY: &str = "pushline_tls_cert_expiry_seconds";
+pub const PUSHER_CONNECTIONS: &str = "pushline_pusher_connections";
+pub const PUSHER_EVENTS: &str = "pushline_pusher_events_total";
 
 const REDIS_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -170,10 +172,25 @@ pub struct Metrics {
     /// these at scrape time, and the publish API checks the byte budget against them.
     pub queued_bytes_now: AtomicUsize,
     pub queued_messages_now: AtomicUsize,
+    /// Each configured Pusher app's, in the apps' order (labelled by app id: apps are
+    /// configured, never made by requests, so the series are bounded).
+    pusher_apps: Vec<PusherAppMetrics>,
+}
+
+struct PusherAppMetrics {
+    connections: Gauge,
+    /// The same number, read for the app's `max_connections`.
+    open: AtomicUsize,
+    events: [Counter; PusherSource::COUNT],
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::with_pusher_apps(&[])
+    }
+
+    /// With series of their own for the Pusher apps with these ids.
+    pub fn with_pusher_apps(pusher_apps: &[&str]) -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REDIS_COMMAND_SECONDS.into()), REDIS_BUCKETS)
             .expect("Redis buckets are not empty")
@@ -194,7 +211,8 @@ impl Metrics {
             std::array::from_fn(|i| make(L::VARIANTS[i].into()))
         }
         // What each metric means, for the exposition's HELP lines.
-        const COUNTERS: [(&str, Option<Unit>, &str); 30] = [
+        const COUNTERS: [(&str, Option<Unit>, &str); 31] = [
+            (PUSHER_EVENTS, Some(Unit::Count), "Events published on a Pusher app's channels, by app and source (api: one per channel; client: client- events)."),
             (HOOK_REQUESTS, Some(Unit::Count), "Questions to the connect and subscribe hooks, by hook and outcome (over_capacity and breaker_open were not asked)."),
             (WEBHOOK_EVENTS, Some(Unit::Count), "Webhook events, by outcome: sent, or dropped and why."),
             (WEBHOOK_BATCHES, Some(Unit::Count), "Webhook POSTs, by result: delivered (2xx) or failed (to be retried or given up)."),
@@ -226,7 +244,8 @@ impl Metrics {
             (NOT_REPLICATED, Some(Unit::Count), "Publishes answered 503 because their write did not reach --history-min-replicas Redis replicas in time."),
             (HISTORY_EPOCH_RESETS, Some(Unit::Count), "Times a group of streams was given new epochs because Redis held less history than this node had seen, by reason."),
         ];
-        const GAUGES: [(&str, Option<Unit>, &str); 26] = [
+        const GAUGES: [(&str, Option<Unit>, &str); 27] = [
+            (PUSHER_CONNECTIONS, Some(Unit::Count), "Open Pusher protocol connections, by app."),
             (HOOK_BREAKER_OPEN, Some(Unit::Count), "1 while a hook's circuit breaker is open (its application kept failing), by hook."),
             (WEBHOOK_QUEUED_BYTES, Some(Unit::Bytes), "Bytes of webhook events waiting to be sent, held against --webhook-queue-bytes."),
             (PROCESS_RESIDENT, Some(Unit::Bytes), "Resident memory of this process."),
@@ -342,18 +361,54 @@ impl Metrics {
             redis_log: std::array::from_fn(|_| Throttle::new(LOG_EVERY)),
             queued_bytes_now: AtomicUsize::new(0),
             queued_messages_now: AtomicUsize::new(0),
+            pusher_apps: pusher_apps
+                .iter()
+                .map(|app| {
+                    let label = |extra: Option<(&'static str, &'static str)>| {
+                        let mut labels = vec![Label::new("app", app.to_string())];
+                        labels.extend(extra.map(|(k, v)| Label::from_static_parts(k, v)));
+                        labels
+                    };
+                    PusherAppMetrics {
+                        connections: recorder.register_gauge(&Key::from_parts(PUSHER_CONNECTIONS, label(None)), &META),
+                        open: AtomicUsize::new(0),
+                        events: each::<PusherSource, _, _>(|source| recorder.register_counter(&Key::from_parts(PUSHER_EVENTS, label(Some(("source", source)))), &META)),
+                    }
+                })
+                .collect(),
             handle,
         }
     }
 
-    pub fn connection_opened(&self, t: Transport) {
+    /// A connection opened; `app` is its Pusher app's index (Pusher connections).
+    pub fn connection_opened(&self, t: Transport, app: u16) {
         self.opened[t as usize].increment(1);
         self.connections[t as usize].increment(1.0);
+        if let (Transport::Pusher, Some(app)) = (t, self.pusher_apps.get(app as usize)) {
+            app.connections.increment(1.0);
+            app.open.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    pub fn connection_closed(&self, t: Transport, reason: CloseReason) {
+    pub fn connection_closed(&self, t: Transport, app: u16, reason: CloseReason) {
         self.closed[t as usize][reason as usize].increment(1);
         self.connections[t as usize].decrement(1.0);
+        if let (Transport::Pusher, Some(app)) = (t, self.pusher_apps.get(app as usize)) {
+            app.connections.decrement(1.0);
+            app.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Open connections of Pusher app `app` (its index).
+    pub fn pusher_connections(&self, app: u16) -> usize {
+        self.pusher_apps.get(app as usize).map_or(0, |app| app.open.load(Ordering::Relaxed))
+    }
+
+    /// Events published on the channels of Pusher app `app` (its index).
+    pub fn pusher_events(&self, app: u16, source: PusherSource, events: usize) {
+        if let Some(app) = self.pusher_apps.get(app as usize) {
+            app.events[source as usize].increment(events as u64);
+        }
     }
 
     pub fn refused(&self, reason: RefuseReason) {
