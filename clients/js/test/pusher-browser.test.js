@@ -1,8 +1,8 @@
 // The Pusher protocol in a real browser (Debian's chromium, headless, driven by
 // puppeteer-core): Laravel Echo on pusher-js's web build, on two pages served by an
 // application whose /broadcasting/auth answers with the `pusher` server library, against
-// two Pushline nodes sharing one port on Redis. Members come and go as pages do, pages
-// whisper to each other, and when the node under a page is killed the page reconnects
+// two Pushline nodes sharing one port on Redis. Public, private and presence channels;
+// members come and go as pages do, pages whisper to each other, and when the node under a page is killed the page reconnects
 // (pusher-js's own backoff) to the other one, and again after that node is restarted.
 
 import { test } from "node:test";
@@ -41,6 +41,9 @@ async function application(api, wsPort) {
     .listenForWhisper("typing", (e) => window.log.push(["whisper", e.from]))
     .listen(".Announcement", (e) => window.log.push(["announcement", e.n]));
   window.whisper = () => room.whisper("typing", { from: ${JSON.stringify(user)} });
+  echo.channel("news").listen(".Tick", (e) => window.log.push(["tick", e.n]));
+  echo.private("orders.${user}").listen(".Shipped", (e) => window.log.push(["shipped", e.n]));
+  window.subscribed = () => ["news", "private-orders.${user}", "presence-room"].every((name) => echo.connector.pusher.channel(name)?.subscribed);
 </script>`;
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, "http://app");
@@ -102,6 +105,14 @@ test("in Chromium, Laravel Echo on pusher-js: members as pages come and go, whis
     await ann.waitForFunction(() => window.log.some(([kind, from]) => kind === "whisper" && from === "ben"), within);
     await api.trigger("presence-room", "Announcement", { n: 1 });
     for (const page of [ann, ben]) await page.waitForFunction(() => window.log.some(([kind, n]) => kind === "announcement" && n === 1), within);
+    // A public channel reaches both pages; each page's private channel (authorized by the
+    // application's endpoint) only its own.
+    for (const page of [ann, ben]) await page.waitForFunction(() => window.subscribed(), within);
+    await api.trigger("news", "Tick", { n: 1 });
+    await api.trigger("private-orders.ben", "Shipped", { n: 7 });
+    for (const page of [ann, ben]) await page.waitForFunction(() => window.log.some(([kind, n]) => kind === "tick" && n === 1), within);
+    await ben.waitForFunction(() => window.log.some(([kind, n]) => kind === "shipped" && n === 7), within);
+    assert.equal(await ann.evaluate(() => window.log.some(([kind]) => kind === "shipped")), false, "ann's page holds only ann's orders");
 
     // ben leaves: ann is told.
     await ben.close();
