@@ -55,6 +55,7 @@ test("the dashboard draws a live server, lists its connections and shows a CPU f
     await page.$eval("#uid", (el) => { el.value = ""; el.dispatchEvent(new Event("input")); });
     await page.waitForFunction(() => document.querySelectorAll("#table tbody tr").length >= 100, { timeout: 10000 });
     assert.equal(await page.$eval("#conns", (el) => el.textContent), "300");
+    await page.waitForFunction(() => [...document.querySelectorAll("#protocols tr")].some((row) => row.textContent === "ws300"), { timeout: 10000 });
     const bytes = await page.$eval("#bytes-legend", (el) => el.textContent);
     assert.match(bytes, /connection_task: \d+ B/);
     assert.match(await page.$eval("#fragmentation", (el) => el.textContent), /fragmentation \(active \/ allocated\) \d\.\d{3}/);

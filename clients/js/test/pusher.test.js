@@ -546,6 +546,8 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
     assert.match(metrics, /^pushline_pusher_connections\{app="42"\} 2$/m);
     assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="api"\} 4$/m);
     assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="client"\} 0$/m);
+    const stats = await (await fetch(`${server.admin}/debug/stats`)).json();
+    assert.deepEqual([stats.transports.pusher, stats.pusher_apps["42"]], [2, 2], "the dashboard's connections by protocol and app");
   } finally {
     reader.disconnect();
     late.disconnect();

@@ -59,6 +59,9 @@ pub fn stats(admin: &Admin) -> Value {
     json!({
         "time_ms": crate::clock::wall_ms(),
         "connections": memory["connections"],
+        // Gauges kept as connections open and close, not refreshed by a scrape.
+        "transports": by_label(&all, "pushline_connections", "transport"),
+        "pusher_apps": by_label(&all, "pushline_pusher_connections", "app"),
         "published": sum("pushline_messages_published_total", "kind"),
         "delivered": get("pushline_messages_delivered_total"),
         "dropped": by_label(&all, "pushline_messages_dropped_total", "reason"),
