@@ -63,6 +63,10 @@ enum Scenario {
         /// Pusher protocol connections (`/app/KEY?protocol=7`) instead of native ones.
         #[arg(long)]
         pusher: bool,
+        /// Every connection subscribes to this topic (with --pusher: this public channel):
+        /// what a subscription costs is the difference from a run without.
+        #[arg(long)]
+        topic: Option<String>,
     },
     /// Broadcast 100 bytes to N connections, `rounds` times; time to the last client and CPU
     /// per delivery, then the same against the floor server, and the ratios.
@@ -276,7 +280,9 @@ async fn run(mut cli: Cli) -> ExitCode {
         }
     }
     let result = match cli.scenario {
-        Scenario::Idle { connections, hold, sse, presence_topic, pusher } => scenarios::idle::run(&cli.common, connections, hold, sse, presence_topic.as_deref(), pusher).await,
+        Scenario::Idle { connections, hold, sse, presence_topic, pusher, topic } => {
+            scenarios::idle::run(&cli.common, connections, hold, sse, presence_topic.as_deref(), pusher, topic.as_deref()).await
+        }
         Scenario::Fanout { connections, rounds, no_floor, floor_uring } => {
             scenarios::fanout::run(&cli.common, connections, rounds, !no_floor, floor_uring).await
         }

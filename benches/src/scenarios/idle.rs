@@ -41,20 +41,30 @@ fn anon(pid: u32) -> u64 {
     pushline_alloc::process::Resident::of(pid).map_or(0, |r| r.anon)
 }
 
-/// The app Pusher connections (`--pusher`) name.
-const PUSHER_APP: &str = "--pusher-app=bench:bench-key:bench-secret-0123456789";
-
-pub async fn run(common: &Common, connections: usize, hold: u64, sse: bool, presence_topic: Option<&str>, pusher: bool) -> Result<Vec<Row>, String> {
+pub async fn run(common: &Common, connections: usize, hold: u64, sse: bool, presence_topic: Option<&str>, pusher: bool, topic: Option<&str>) -> Result<Vec<Row>, String> {
+    if topic.is_some() && (sse || presence_topic.is_some()) {
+        return Err("--topic subscribes WebSocket or Pusher connections; it goes with neither --sse nor --presence-topic".into());
+    }
     let mut args = common.server_args.clone();
     if let Some(topic) = presence_topic {
         args.push(format!("--presence-topics={topic}"));
     }
     if pusher {
-        args.push(PUSHER_APP.into());
+        let (id, key, secret) = super::pusher::APP;
+        args.push(format!("--pusher-app={id}:{key}:{secret}"));
     }
     let server = ServerProcess::start(&common.server_bin, &args)?;
     let open = |n: usize, prefix: &'static str| async move {
-        match (sse, presence_topic) {
+        let (addr, spread) = (server.client, common.spread);
+        match (sse, presence_topic.or(topic)) {
+            (_, Some(channel)) if pusher => {
+                let channel = channel.to_owned();
+                super::open_in_batches(0..n, common.parallel, "Pusher client", move |i| {
+                    let channel = channel.clone();
+                    async move { super::pusher::subscribed(addr, i, spread, &channel).await }
+                })
+                .await
+            }
             _ if pusher => super::open_pusher(server.client, n, common.parallel, common.spread, prefix).await,
             (true, _) => super::open_sse_connections(server.client, n, common.parallel, common.spread, prefix).await,
             (false, Some(topic)) => super::open_subscribed(server.client, n, common.parallel, common.spread, prefix, topic).await,

@@ -14,19 +14,21 @@ use crate::driver::{http, ServerProcess};
 use crate::report::Row;
 use crate::Common;
 
-const APP: (&str, &str, &str) = ("bench", "bench-key", "bench-secret-0123456789");
+/// The bench app: id, key, secret.
+pub const APP: (&str, &str, &str) = ("bench", "bench-key", "bench-secret-0123456789");
 
 struct Figures {
     last_client_ms: f64,
     cpu_us: f64,
 }
 
-/// A Pusher client of the bench app, subscribed to `news` (its answer read).
-async fn subscribed(server: std::net::SocketAddr, i: usize, spread: u8) -> std::io::Result<client::Stream> {
+/// A Pusher client of the bench app, subscribed to the public `channel` (its answer read).
+pub async fn subscribed(server: std::net::SocketAddr, i: usize, spread: u8, channel: &str) -> std::io::Result<client::Stream> {
     let path = format!("/app/{}?protocol=7&client=bench{i}", APP.1);
     let opened = client::open(server, client::source_ip(i, spread), &path, None).await?;
     let mut stream = opened.stream;
-    stream.write_all(&client::text_frame(br#"{"event":"pusher:subscribe","data":{"channel":"news"}}"#)).await?;
+    let subscribe = serde_json::json!({ "event": "pusher:subscribe", "data": { "channel": channel } }).to_string();
+    stream.write_all(&client::text_frame(subscribe.as_bytes())).await?;
     let mut buf = opened.rest;
     loop {
         while let Some((_, payload, used)) = client::frame_payload(&buf) {
@@ -88,7 +90,7 @@ pub async fn run(common: &Common, connections: usize, rounds: usize) -> Result<V
     args.push(format!("--pusher-app={}:{}:{}", APP.0, APP.1, APP.2));
     let server = ServerProcess::start(&common.server_bin, &args)?;
     let (addr, spread) = (server.client, common.spread);
-    let streams = super::open_in_batches(0..connections, common.parallel, "Pusher client", move |i| subscribed(addr, i, spread)).await?;
+    let streams = super::open_in_batches(0..connections, common.parallel, "Pusher client", move |i| subscribed(addr, i, spread, "news")).await?;
     let path = format!("/apps/{}/events", APP.0);
     let body = format!(r#"{{"name":"tick","channel":"news","data":"{data}"}}"#);
     let pusher = measure(&server, streams, rounds, || {
