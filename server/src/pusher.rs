@@ -54,6 +54,22 @@ pub struct App {
     pub allowed_origins: Vec<String>,
 }
 
+#[cfg(test)]
+impl App {
+    /// App `id` with the key and secret of Pusher's documented examples, no options.
+    pub fn documented(id: &str) -> App {
+        App {
+            id: id.into(),
+            key: "278d425bdf160c739803".into(),
+            secret: "7ad3773142a6692b25b8".into(),
+            client_events: false,
+            max_connections: 0,
+            webhook_url: None,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
 /// An app as a `[[pusher_app]]` table of the config file writes it, with its options.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -335,15 +351,7 @@ mod tests {
     use super::*;
 
     fn app() -> App {
-        App {
-            id: "1".into(),
-            key: "278d425bdf160c739803".into(),
-            secret: "7ad3773142a6692b25b8".into(),
-            client_events: false,
-            max_connections: 0,
-            webhook_url: None,
-            allowed_origins: Vec::new(),
-        }
+        App::documented("1")
     }
 
     #[test]

@@ -327,15 +327,7 @@ mod tests {
     fn a_request_signed_as_the_protocol_says_verifies() {
         // The worked example of Pusher's HTTP API documentation ("Generating
         // authentication signatures"), with its timestamp taken as now.
-        let app = App {
-            id: "3".into(),
-            key: "278d425bdf160c739803".into(),
-            secret: "7ad3773142a6692b25b8".into(),
-            client_events: false,
-            max_connections: 0,
-            webhook_url: None,
-            allowed_origins: Vec::new(),
-        };
+        let app = App::documented("3");
         let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
         let md5 = crate::wire::hex(&Md5::digest(body));
         assert_eq!(md5, "ec365a775a4cd0599faeb73354201b6f");
