@@ -935,6 +935,13 @@ mod tests {
         assert_eq!(tabled.webhook_url.as_deref(), Some("http://127.0.0.1:1/hook"));
         let unknown = Config::with_file("[[pusher_app]]\nid = \"1\"\nkey = \"k\"\nsecret = \"0123456789abcdef\"\nclient_event = true\n", "test", args(&[])).unwrap_err();
         assert!(unknown.message.contains("unknown field `client_event`"), "{unknown}");
+        for origin in ["https://a.example/", "a.example", "https://*.example"] {
+            let text = format!("[[pusher_app]]\nid = \"1\"\nkey = \"k\"\nsecret = \"0123456789abcdef\"\nallowed_origins = [\"{origin}\"]\n");
+            let config = Config::with_file(&text, "test", args(&[])).unwrap();
+            assert!(config.validate().unwrap_err().message.contains("is not an origin"), "{origin}");
+        }
+        let any = Config::with_file("[[pusher_app]]\nid = \"1\"\nkey = \"k\"\nsecret = \"0123456789abcdef\"\nallowed_origins = [\"*\"]\n", "test", args(&[])).unwrap();
+        assert!(any.pusher_apps().unwrap().by_id("1").unwrap().1.allows_origin("https://anywhere.example"));
         let same_key = Config::with_file(text, "test", args(&["--pusher-app", "3:k1:fedcba9876543210"])).unwrap();
         assert!(same_key.validate().unwrap_err().message.contains("already configured"));
     }

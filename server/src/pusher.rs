@@ -50,7 +50,7 @@ pub struct App {
     pub max_connections: usize,
     /// Where its webhooks go, if not to `--pusher-webhook-url`.
     pub webhook_url: Option<String>,
-    /// Origins its browser clients may connect from; empty: any.
+    /// Origins its browser clients may connect from, lower case; empty: any.
     pub allowed_origins: Vec<String>,
 }
 
@@ -131,7 +131,16 @@ impl Apps {
                     return Err(format!("Pusher app `{id}`: webhook_url `{url}` is not an http:// or https:// URL"));
                 }
             }
-            apps.push(App { id, key, secret, client_events: own_client_events.unwrap_or(client_events), max_connections, webhook_url, allowed_origins });
+            let mut origins = Vec::with_capacity(allowed_origins.len());
+            for origin in allowed_origins {
+                match origin.as_str() {
+                    // Any origin: the same as none listed.
+                    "*" => {}
+                    origin if is_origin(origin) => origins.push(origin.to_ascii_lowercase()),
+                    origin => return Err(format!("Pusher app `{id}`: allowed_origins `{origin}` is not an origin (scheme://host[:port], no path; or `*`)")),
+                }
+            }
+            apps.push(App { id, key, secret, client_events: own_client_events.unwrap_or(client_events), max_connections, webhook_url, allowed_origins: origins });
         }
         if apps.len() > u16::MAX as usize {
             return Err("too many Pusher apps".into());
@@ -188,6 +197,20 @@ impl Kind {
         } else {
             Kind::Public
         }
+    }
+}
+
+/// Whether `text` is an origin as browsers send it: `scheme://host[:port]`, no path.
+fn is_origin(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(scheme, rest)| {
+        !scheme.is_empty() && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) && !rest.is_empty() && !rest.contains(['/', '?', '#', '*'])
+    })
+}
+
+impl App {
+    /// Whether a browser page of `origin` may connect (origins compare without case).
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.allowed_origins.is_empty() || self.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
     }
 }
 
@@ -381,5 +404,7 @@ mod tests {
         assert!(check_channel("#server-to-user-").is_err() && check_channel("#other").is_err());
         assert!(check_user_id("a@b.c").is_ok() && check_user_id("a:b").is_err() && check_user_id("").is_err());
         assert!(is_reserved_event("pusher:x") && is_reserved_event("pusher_internal:terminate") && !is_reserved_event("client-x"));
+        assert!(is_origin("https://a.example") && is_origin("http://127.0.0.1:8080"));
+        assert!(!is_origin("https://a.example/") && !is_origin("*") && !is_origin("a.example") && !is_origin("https://"));
     }
 }

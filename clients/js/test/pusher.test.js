@@ -443,13 +443,13 @@ test("signin across two nodes: sendToUser reaches each of the user's connections
     await a.api.sendToUser("carol", "notice", { n: 1 });
     assert.deepEqual(await Promise.all(got), [{ n: 1 }, { n: 1 }], "both of carol's connections, one per node");
 
-    // The channel list is every node's, read from either node.
-    const listed = await (await a.api.get({ path: "/channels" })).json();
-    assert.deepEqual(Object.keys(listed.channels).sort(), ["#server-to-user-carol", "#server-to-user-dave"]);
     // A cache channel's last event, published on node a with no one subscribed, is given on node b.
     await a.api.trigger("cache-weather", "now", { sky: "grey" });
     assert.deepEqual(await once(other.subscribe("cache-weather"), "now"), { sky: "grey" });
     assert.deepEqual((await (await a.api.get({ path: "/channels/cache-weather" })).json()).occupied, true);
+    // The channel list is every node's, read from either node; users' channels are not in it.
+    const listed = await (await a.api.get({ path: "/channels" })).json();
+    assert.deepEqual(listed.channels, { "cache-weather": {} });
 
     const closes = [onA, onB].map(closedFor);
     const response = await b.api.terminateUserConnections("carol");
@@ -508,7 +508,7 @@ test("a user's channel is held only by a connection signed in as that user; a fo
 });
 
 test("cache channels give a new subscriber the last event, or pusher:cache_miss; channels are listed and described through the signed API", async () => {
-  const { server, port, api } = await pusherServer(["--presence-batch", "20ms"]);
+  const { server, port, api } = await pusherServer(["--presence-batch", "20ms", "--pusher-client-events"]);
   const [reader, late] = [client(port, api), client(port, api)];
   try {
     await Promise.all([connected(reader), connected(late)]);
@@ -524,7 +524,17 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
     assert.deepEqual(await live, { n: 3 });
     // A private cache channel is authorized as a private one.
     await api.trigger("private-cache-box", "state", "full");
-    assert.equal(await once(late.subscribe("private-cache-box"), "state"), "full");
+    const box = late.subscribe("private-cache-box");
+    assert.equal(await once(box, "state"), "full");
+    // A client's event on a cache channel is not what later subscribers are given.
+    box.trigger("client-poison", { bad: true });
+    const clientEvents = async () => Number((await (await fetch(`${server.admin}/metrics`)).text()).match(/^pushline_pusher_events_total\{app="42",source="client"\} (\d+)$/m)?.[1]);
+    while ((await clientEvents()) < 1) await new Promise((resolve) => setTimeout(resolve, 10));
+    const readerBox = reader.subscribe("private-cache-box");
+    let poisoned = false;
+    readerBox.bind("client-poison", () => (poisoned = true));
+    assert.equal(await once(readerBox, "state"), "full");
+    assert.equal(poisoned, false);
     const news = late.subscribe("news");
     await once(news, "pusher:subscription_succeeded");
 
@@ -533,7 +543,7 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
       "cache-empty": { subscription_count: 1 },
       "cache-scores": { subscription_count: 1 },
       news: { subscription_count: 1 },
-      "private-cache-box": { subscription_count: 1 },
+      "private-cache-box": { subscription_count: 2 },
     });
     const prefixed = await (await api.get({ path: "/channels", params: { filter_by_prefix: "cache-" } })).json();
     assert.deepEqual(Object.keys(prefixed.channels), ["cache-empty", "cache-scores"]);
@@ -545,7 +555,7 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
     const metrics = await (await fetch(`${server.admin}/metrics`)).text();
     assert.match(metrics, /^pushline_pusher_connections\{app="42"\} 2$/m);
     assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="api"\} 4$/m);
-    assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="client"\} 0$/m);
+    assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="client"\} 1$/m);
     const stats = await (await fetch(`${server.admin}/debug/stats`)).json();
     assert.deepEqual([stats.transports.pusher, stats.pusher_apps["42"]], [2, 2], "the dashboard's connections by protocol and app");
   } finally {
@@ -591,7 +601,7 @@ client_events = true
     assert.equal((await refusedOrigin.first).data.code, 4009);
     assert.equal(await refusedOrigin.closed, 4009);
 
-    const one = open("quiet-key", "https://good.example");
+    const one = open("quiet-key", "https://Good.Example");
     sockets.push(one.ws);
     assert.equal((await one.first).event, "pusher:connection_established");
     const two = open("quiet-key");

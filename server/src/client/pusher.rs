@@ -134,7 +134,10 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
         }
         "pusher:signin" => match data_of::<Signin>(frame.data) {
             Some(signin) => Ok(signin_user(conn, clients, app, signin)),
-            None => Ok(error(clients, ClientError::BadJson, "pusher:signin needs data with `auth` and `user_data`")),
+            None => {
+                clients.metrics.client_error(ClientError::BadJson);
+                Ok(reply(&pusher::error(Some(pusher::CLOSE_TERMINATED), "pusher:signin needs data with the strings `auth` and `user_data`")))
+            }
         },
         event if event.starts_with("client-") => client_event(conn, clients, app, event, frame.channel.as_deref(), frame.data, window),
         event => Ok(error(clients, ClientError::UnknownType, &format!("unknown event `{event}`; expected pusher:ping, pusher:subscribe, pusher:unsubscribe, pusher:signin or a client- event"))),
@@ -192,8 +195,8 @@ fn holds(conn: &Conn, topic: &str) -> bool {
     conn.state().topics.iter().any(|t| **t == *topic)
 }
 
-/// A cache channel's last event, for a new subscriber: the newest its topic's history
-/// keeps (`--history-ttl`), or `pusher:cache_miss` when it keeps none.
+/// A cache channel's last event, for a new subscriber: the newest the application
+/// triggered that its topic's history keeps (`--history-ttl`), or `pusher:cache_miss`.
 async fn last_event(history: &History, topic: &str, channel: &str) -> String {
     let miss = || pusher::frame("pusher:cache_miss", Some(channel), r#""{}""#);
     let stream = Stream::Topic(Arc::from(topic));
@@ -201,10 +204,14 @@ async fn last_event(history: &History, topic: &str, channel: &str) -> String {
         return miss();
     }
     match history.read(&[(stream, From::Start)]).await {
+        // The last event the application triggered: a client's `client-` event on a
+        // private cache channel is not the state later subscribers are given.
         Ok(found) => found
             .into_iter()
             .next()
-            .and_then(|found| found.messages.last().and_then(|m| std::str::from_utf8(m.envelope()).ok().map(str::to_owned)))
+            .and_then(|found| {
+                found.messages.iter().rev().map(|m| m.envelope()).find(|envelope| !envelope.starts_with(br#"{"event":"client-"#)).and_then(|e| std::str::from_utf8(e).ok().map(str::to_owned))
+            })
             .unwrap_or_else(miss),
         Err(e) => {
             tracing::debug!(error = %e, channel, "a cache channel's last event could not be read; told as a miss");
@@ -254,7 +261,7 @@ fn signin_user(conn: &Arc<Conn>, clients: &Clients, app: &App, signin: Signin) -
         None => {
             if let Err(message) = clients.hub.subscribe(conn, std::slice::from_ref(&topic)) {
                 clients.metrics.client_error(ClientError::TooManyTopics);
-                return reply(&pusher::error(None, &message));
+                return reply(&pusher::error(Some(pusher::CLOSE_TERMINATED), &format!("the user's channel is one of the connection's topics: {message}")));
             }
             1
         }

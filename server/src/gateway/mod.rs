@@ -176,10 +176,8 @@ impl Gateway {
             let given = head.query("protocol").unwrap_or("(none)");
             return Err((pusher::CLOSE_PROTOCOL, format!("Unsupported protocol version {given}: this server speaks 7")));
         }
-        if let (false, Some(origin)) = (app.allowed_origins.is_empty(), head.header("origin")) {
-            if !app.allowed_origins.iter().any(|allowed| allowed == origin) {
-                return Err((pusher::CLOSE_TERMINATED, format!("The origin {origin} is not allowed to connect to app {}", app.id)));
-            }
+        if let Some(origin) = head.header("origin").filter(|origin| !app.allows_origin(origin)) {
+            return Err((pusher::CLOSE_TERMINATED, format!("The origin {origin} is not allowed to connect to app {}", app.id)));
         }
         // Counted as connections register: a burst of handshakes may pass it by a few.
         if app.max_connections > 0 && self.metrics.pusher_connections(index) >= app.max_connections {

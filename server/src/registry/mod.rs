@@ -245,7 +245,7 @@ impl Registry {
         }
     }
 
-    /// The occupied channels of Pusher app `app_id` named from `prefix`, at most `limit`,
+    /// The occupied channels of Pusher app `app_id` (not its users') named from `prefix`, at most `limit`,
     /// by name, each with its subscriptions where they are known: every node's channels on
     /// Redis (subscriptions not summed there), this node's on the memory registry.
     pub async fn pusher_channels(&self, hub: &Hub, app_id: &str, prefix: &str, limit: usize) -> Result<Vec<(String, Option<usize>)>, Unavailable> {
@@ -255,7 +255,10 @@ impl Registry {
                 let mut channels: Vec<(String, Option<usize>)> = hub
                     .topic_subscribers()
                     .into_iter()
-                    .filter_map(|(topic, subscribers)| topic.strip_prefix(app.as_str()).filter(|c| c.starts_with(prefix)).map(|c| (c.to_owned(), Some(subscribers))))
+                    .filter_map(|(topic, subscribers)| {
+                        let channel = topic.strip_prefix(app.as_str()).filter(|c| c.starts_with(prefix) && !c.starts_with(crate::pusher::SERVER_TO_USER))?;
+                        Some((channel.to_owned(), Some(subscribers)))
+                    })
                     .collect();
                 channels.sort_unstable();
                 channels.truncate(limit);

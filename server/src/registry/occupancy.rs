@@ -9,8 +9,8 @@
 //! - `P:ot:{h}`: a set of the runs (`<node>:<epoch>`) with subscribers to the topic; gone
 //!   when empty. A Pusher channel's is `P:ot:{a}:<h>`, `{a}` a hash of its app, in the
 //!   slot of
-//! - `P:pch:{a}`: the app's occupied channels (a sorted set, all scores 0, so it reads by
-//!   name prefix), changed by the same script as the channel's set;
+//! - `P:pch:{a}`: the app's occupied channels but users' (a sorted set, all scores 0, so it
+//!   reads by name prefix), changed by the same script as the channel's set;
 //! - `P:oruns:<node>:<epoch>`: the topics a run has written, for the reaper.
 
 use std::sync::Arc;
@@ -39,16 +39,17 @@ end
 return 0
 "#;
 
-/// Where a topic's occupancy is: its set's key, and for a Pusher channel its app's
-/// channel index and its name there.
+/// Where a topic's occupancy is: its set's key, and for a Pusher channel (not a user's)
+/// its app's channel index and its name there.
 fn keys(prefix: &str, topic: &str) -> (Vec<u8>, Option<(Vec<u8>, String)>) {
     match topic.strip_prefix(pusher::PREFIX).and_then(|rest| rest.split_once(':')) {
-        Some((app, channel)) => {
+        // A user's channel is not listed among the app's channels.
+        Some((app, channel)) if !channel.starts_with(pusher::SERVER_TO_USER) => {
             let app_tag = topic_tag(&format!("{}{app}", pusher::PREFIX));
             let set = format!("{prefix}:ot:{{{app_tag}}}:{}", topic_tag(topic)).into_bytes();
             (set, Some((format!("{prefix}:pch:{{{app_tag}}}").into_bytes(), channel.to_owned())))
         }
-        None => (format!("{prefix}:ot:{{{}}}", topic_tag(topic)).into_bytes(), None),
+        _ => (format!("{prefix}:ot:{{{}}}", topic_tag(topic)).into_bytes(), None),
     }
 }
 
