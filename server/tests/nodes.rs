@@ -802,3 +802,78 @@ async fn a_killed_nodes_topics_and_members_are_told_gone_by_the_reaper() {
     let got = webhook_events(&mut app, 2).await;
     assert_eq!(got, [("member_left", "room", "carol"), ("topic_vacated", "lonely", "")].map(|(n, t, u)| (n.into(), t.into(), u.into())));
 }
+
+/// A Pusher client of app 7 on `addr`, with its socket id.
+async fn pusher_client(addr: SocketAddr) -> (Ws, String) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/app/key7?protocol=7")).await.expect("pusher connects");
+    let established = next_json(&mut ws).await;
+    assert_eq!(established["event"], "pusher:connection_established", "{established}");
+    let data: Value = serde_json::from_str(established["data"].as_str().unwrap_or_default()).unwrap_or_default();
+    (ws, data["socket_id"].as_str().unwrap_or_default().to_owned())
+}
+
+/// `GET /apps/7/channels`, signed as the Pusher libraries sign it.
+async fn pusher_channels(addr: SocketAddr) -> Value {
+    const SECRET: &str = "secret-of-app-seven";
+    let path = "/apps/7/channels";
+    let query = format!("auth_key=key7&auth_timestamp={}&auth_version=1.0", pushline::clock::wall_ms() / 1000);
+    let signature = pushline::pusher::sign(SECRET, format!("GET\n{path}\n{query}").as_bytes());
+    common::get_json(addr, &format!("{path}?{query}&auth_signature={signature}")).await
+}
+
+/// Reads the channel list until it is `expected` (the occupancy is written with the
+/// node's next batch).
+async fn channels_become(addr: SocketAddr, expected: Value, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let listed = pusher_channels(addr).await;
+        if listed["channels"] == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: channels {listed}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Pusher's channel list and its users' channels across two nodes, on one Redis and on a
+/// Cluster (a channel's occupancy set and its app's index share a slot): a channel held on
+/// one node is listed by the other, a signed-in user's channel is not, terminating the user
+/// from one node closes its connection on the other with 4009, and a channel left is
+/// listed no more.
+#[tokio::test]
+async fn pusher_channels_and_users_are_every_nodes() {
+    use futures_util::StreamExt;
+    let (redis, cluster) = (RedisServer::start(), RedisCluster::start());
+    for (kind, urls) in both_registries(&redis, &cluster) {
+        let start_node = || node_with(kind, &urls, |c| c.pusher_app = vec!["7:key7:secret-of-app-seven".into()]);
+        let (a, b) = (start_node().await, start_node().await);
+        let (mut reader, _) = pusher_client(a.client).await;
+        common::send_json(&mut reader, json!({"event": "pusher:subscribe", "data": {"channel": "news"}})).await;
+        assert_eq!(next_json(&mut reader).await["event"], "pusher_internal:subscription_succeeded");
+        let (mut user, socket_id) = pusher_client(b.client).await;
+        let user_data = r#"{"id":"u1"}"#;
+        let auth = format!("key7:{}", pushline::pusher::sign("secret-of-app-seven", format!("{socket_id}::user::{user_data}").as_bytes()));
+        common::send_json(&mut user, json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}})).await;
+        assert_eq!(next_json(&mut user).await["event"], "pusher:signin_success", "{kind:?}");
+        channels_become(b.client, json!({"news": {}}), &format!("{kind:?}: news, held on node a, read from b")).await;
+
+        let body = "{}";
+        let path = "/apps/7/users/u1/terminate_connections";
+        let md5 = pushline::wire::hex(&<md5::Md5 as md5::Digest>::digest(body.as_bytes()));
+        let query = format!("auth_key=key7&auth_timestamp={}&auth_version=1.0&body_md5={md5}", pushline::clock::wall_ms() / 1000);
+        let signature = pushline::pusher::sign("secret-of-app-seven", format!("POST\n{path}\n{query}").as_bytes());
+        let (status, _, _) = common::post_raw(a.client, &format!("{path}?{query}&auth_signature={signature}"), body, None).await;
+        assert_eq!(status, 200, "{kind:?}");
+        let closed = loop {
+            match tokio::time::timeout(WAIT, user.next()).await.expect("closed in time") {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        };
+        assert_eq!(closed, Some(4009), "{kind:?}: the user's connection on node b is terminated from node a");
+
+        drop(reader);
+        channels_become(b.client, json!({}), &format!("{kind:?}: news, left on node a")).await;
+    }
+}
