@@ -410,7 +410,14 @@ impl Api {
             return Err(Error::new(Kind::Overloaded, error));
         };
         let reading = Reading::new(permits, &self.metrics);
-        match tokio::time::timeout(self.request_timeout, Limited::new(req.into_body(), limit).collect()).await {
+        let mut collect = std::pin::pin!(Limited::new(req.into_body(), limit).collect());
+        // A body that came with its head (most publishes) is read whole at once: no timer
+        // is armed for it.
+        let collected = match futures_util::poll!(collect.as_mut()) {
+            std::task::Poll::Ready(collected) => Ok(collected),
+            std::task::Poll::Pending => tokio::time::timeout(self.request_timeout, collect).await,
+        };
+        match collected {
             Ok(Ok(body)) => Ok((body.to_bytes(), reading)),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes"))),
             Ok(Err(e)) => Err(Error::bad_request(format!("could not read body: {e}"))),

@@ -38,9 +38,10 @@ struct Kept {
     owner: Arc<str>,
 }
 
-/// Bytes a kept message holds: both framings and the message itself.
+/// Bytes a kept message holds: both framings (the SSE one as it would be once an SSE
+/// client has been sent it) and the message itself.
 fn size_of(msg: &Message) -> usize {
-    msg.bytes(Transport::WebSocket).len() + msg.bytes(Transport::Sse).len() + std::mem::size_of::<Message>() + 32
+    msg.len(Transport::WebSocket) + msg.len(Transport::Sse) + std::mem::size_of::<Message>() + 32
 }
 
 pub struct MemoryHistory {

@@ -9,6 +9,7 @@ pub mod json;
 pub mod sse;
 pub mod ws;
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -59,8 +60,9 @@ pub struct Message {
     /// Where it sits in its stream; None when its stream keeps no history.
     pub position: Option<Position>,
     ws: Bytes,
-    /// The SSE event's head; each connection ends it with its own cursor.
-    sse: Bytes,
+    /// The SSE event's head, made for the first SSE connection it goes to (most messages
+    /// never meet one); each connection ends it with its own cursor.
+    sse: OnceLock<Bytes>,
     /// When the publish API accepted it; delivery latency is measured from here.
     pub accepted_at: Instant,
     /// The session of the client that published it, which a topic's delivery skips (it
@@ -172,8 +174,7 @@ impl Message {
         open(&mut frame);
         write_close_envelope(&mut frame, position.as_ref());
         let ws = ws::text_in(frame);
-        let sse = sse::head("message", ws::payload_of(&ws));
-        Message { id, position, ws, sse, accepted_at, except: None, answer: false, terminates: false }
+        Message { id, position, ws, sse: OnceLock::new(), accepted_at, except: None, answer: false, terminates: false }
     }
 
     /// The answer to a client's request, as its queue carries it.
@@ -186,10 +187,8 @@ impl Message {
     /// SSE event of its own type.
     pub fn from_envelope(id: u64, envelope: &str, position: Option<Position>, accepted_at: Instant) -> Message {
         let ws = ws::text(envelope);
-        let kind = envelope.strip_prefix(r#"{"type":""#).and_then(|rest| rest.split_once('"')).map_or("message", |(kind, _)| kind);
-        let sse = sse::head(kind, envelope.as_bytes());
         let terminates = envelope.strip_prefix(r#"{"event":""#).is_some_and(|rest| rest.starts_with(TERMINATE) && rest[TERMINATE.len()..].starts_with('"'));
-        Message { id, position, ws, sse, accepted_at, except: None, answer: false, terminates }
+        Message { id, position, ws, sse: OnceLock::new(), accepted_at, except: None, answer: false, terminates }
     }
 
     /// The same message, not delivered to the topic subscriber with this session.
@@ -206,9 +205,26 @@ impl Message {
     pub fn bytes(&self, transport: Transport) -> &Bytes {
         match transport {
             Transport::WebSocket | Transport::Pusher => &self.ws,
-            Transport::Sse => &self.sse,
+            Transport::Sse => self.sse.get_or_init(|| Site::Codec.scope(|| sse::head(sse_kind(self.envelope()), self.envelope()))),
         }
     }
+
+    /// The length of [`Message::bytes`] for `transport`, without making the SSE head.
+    pub fn len(&self, transport: Transport) -> usize {
+        match transport {
+            Transport::WebSocket | Transport::Pusher => self.ws.len(),
+            Transport::Sse => sse::head_len(sse_kind(self.envelope()), self.envelope()),
+        }
+    }
+}
+
+/// The SSE event an envelope is: its `type` (`message`, or a notice's: `gap`, ...).
+fn sse_kind(envelope: &[u8]) -> &str {
+    envelope
+        .strip_prefix(br#"{"type":""#)
+        .and_then(|rest| rest.iter().position(|b| *b == b'"').map(|end| &rest[..end]))
+        .and_then(|kind| std::str::from_utf8(kind).ok())
+        .unwrap_or("message")
 }
 
 /// A publish before its stream has given it a position: checked, not yet framed.
@@ -294,5 +310,19 @@ mod tests {
         assert!(sse.starts_with("event: message\ndata: {"), "{sse}");
         assert!(sse.ends_with("}\n"), "the connection ends the event with its cursor");
         assert_eq!(envelope_position(std::str::from_utf8(m.envelope()).unwrap()), None);
+    }
+
+    #[test]
+    fn the_sse_head_is_made_when_first_asked_and_its_length_known_before() {
+        let gap = Message::from_envelope(0, r#"{"type":"gap","stream":"t1","reason":"trimmed"}"#, None, Instant::now());
+        let m = Message::new(7, Some("t"), "1", None, Instant::now());
+        for (msg, kind) in [(&gap, "gap"), (&m, "message")] {
+            assert!(msg.sse.get().is_none(), "not made for a message no SSE client got");
+            let length = msg.len(Transport::Sse);
+            let sse = msg.bytes(Transport::Sse).clone();
+            assert_eq!((sse.len(), msg.len(Transport::WebSocket)), (length, msg.bytes(Transport::WebSocket).len()));
+            assert!(sse.starts_with(format!("event: {kind}\ndata: {{").as_bytes()));
+            assert_eq!(msg.bytes(Transport::Sse).as_ptr(), sse.as_ptr(), "made once");
+        }
     }
 }

@@ -18,6 +18,11 @@ pub fn head(event: &str, json: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// The length of [`head`]`(event, json)`.
+pub fn head_len(event: &str, json: &[u8]) -> usize {
+    event.len() + json.len() + 15
+}
+
 /// The tail that ends an event: its id, the connection's cursor.
 pub fn tail(cursor: &str) -> Bytes {
     Bytes::from(format!("id: {cursor}\n\n"))
