@@ -266,7 +266,12 @@ pub fn topic(app: &App, channel: &str) -> String {
 
 /// The channel a Pusher topic is, whatever its app.
 pub fn channel_of_topic(topic: &str) -> Option<&str> {
-    topic.strip_prefix(PREFIX)?.split_once(':').map(|(_, channel)| channel)
+    app_and_channel(topic).map(|(_, channel)| channel)
+}
+
+/// The app id and the channel a Pusher topic is.
+pub fn app_and_channel(topic: &str) -> Option<(&str, &str)> {
+    topic.strip_prefix(PREFIX)?.split_once(':')
 }
 
 /// Whether a topic is a Pusher presence channel: its members are kept by presence.
@@ -309,6 +314,11 @@ pub fn frame(event: &str, channel: Option<&str>, data: &str) -> String {
     out.push_str(data);
     out.push('}');
     out
+}
+
+/// `pusher_internal:subscription_succeeded` for a channel with no members to list.
+pub fn subscription_succeeded(channel: &str) -> String {
+    frame("pusher_internal:subscription_succeeded", Some(channel), r#""{}""#)
 }
 
 /// `data` as the JSON string the protocol's events carry.
@@ -360,13 +370,18 @@ pub fn verify(secret: &str, text: &str, signature: &str) -> bool {
 /// signature covers `socket_id:channel`, and `:channel_data` for a presence channel.
 /// Compared in constant time.
 pub fn authorized(app: &App, auth: &str, socket_id: &str, channel: &str, channel_data: Option<&str>) -> bool {
-    let Some((key, signature)) = auth.split_once(':') else { return false };
     let mut signed = format!("{socket_id}:{channel}");
     if let Some(data) = channel_data {
         signed.push(':');
         signed.push_str(data);
     }
-    key == app.key && verify(&app.secret, &signed, signature)
+    signed_by(app, auth, &signed)
+}
+
+/// Whether `auth` (`KEY:hex signature`) is `app`'s signature of `text`, compared in
+/// constant time: a channel authorization, or a user's sign-in.
+pub fn signed_by(app: &App, auth: &str, text: &str) -> bool {
+    auth.split_once(':').is_some_and(|(key, signature)| key == app.key && verify(&app.secret, text, signature))
 }
 
 #[cfg(test)]

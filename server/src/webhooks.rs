@@ -179,7 +179,7 @@ impl Webhooks {
     /// The outlet of `topic`'s events: its Pusher app's, or the native one; and the
     /// Pusher channel it is.
     fn outlet_of<'t>(&self, topic: &'t str) -> Option<(&Outlet, Option<&'t str>)> {
-        match topic.strip_prefix(crate::pusher::PREFIX).and_then(|rest| rest.split_once(':')) {
+        match crate::pusher::app_and_channel(topic) {
             Some((app, channel)) => self.pusher.iter().find(|(id, _)| id == app).map(|(_, o)| (&**o, Some(channel))),
             None if topic.starts_with(crate::pusher::PREFIX) => None,
             None => self.native.as_deref().map(|o| (o, None)),

@@ -248,6 +248,8 @@ test("presence channels: pusher-js sees the members, who joins and who leaves, o
     assert.deepEqual(info, { occupied: true, user_count: 2, subscription_count: 3 });
     const users = await (await api.get({ path: "/channels/presence-room/users" })).json();
     assert.deepEqual(users, { users: [{ id: "alice" }, { id: "bob" }] });
+    const listed = await (await api.get({ path: "/channels", params: { filter_by_prefix: "presence-", info: "user_count" } })).json();
+    assert.deepEqual(listed, { channels: { "presence-room": { user_count: 2 } } });
 
     // bob leaves when his last connection does; his second connection was no second join
     // (member events go out in order, so one would have come before this leave).

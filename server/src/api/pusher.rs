@@ -179,13 +179,21 @@ impl Api {
             return Err(Error::bad_request("info=user_count is only for presence channels: add filter_by_prefix=presence-"));
         }
         let unavailable = |e: crate::registry::Unavailable| Error::unavailable(format!("channels unavailable; retry: {}", e.reason));
-        let channels = self.registry.pusher_channels(&self.hub, &app.id, prefix, MAX_LISTED).await.map_err(unavailable)?;
+        let channels = self.registry.pusher_channels(&self.hub, app, prefix, MAX_LISTED).await.map_err(unavailable)?;
+        // The presence channels' counts, read together (one round trip each on Redis).
+        let members = match user_count {
+            true => {
+                let presence = self.presence_on()?;
+                let reads = channels.iter().map(|(channel, _)| async move { self.registry.presence_stats(presence, &pusher::topic(app, channel)).await.map(|stats| Some(stats.members)) });
+                futures_util::future::try_join_all(reads).await.map_err(unavailable)?
+            }
+            false => vec![None; channels.len()],
+        };
         let mut out = serde_json::Map::new();
-        for (channel, subscriptions) in channels {
+        for ((channel, subscriptions), members) in channels.into_iter().zip(members) {
             let mut info = serde_json::Map::new();
-            if user_count {
-                let stats = self.registry.presence_stats(self.presence_on()?, &pusher::topic(app, &channel)).await.map_err(unavailable)?;
-                info.insert("user_count".into(), stats.members.into());
+            if let Some(members) = members {
+                info.insert("user_count".into(), members.into());
             }
             if let (true, Some(n)) = (subscription_count, subscriptions) {
                 info.insert("subscription_count".into(), n.into());

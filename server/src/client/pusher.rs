@@ -181,14 +181,13 @@ fn subscribe(conn: &Arc<Conn>, clients: &Clients, app: &App, subscription: Subsc
     conn.begin_exclusive_request();
     tokio::spawn(async move {
         let last = last_event(&history, &topic, &channel).await;
-        let succeeded = pusher::frame("pusher_internal:subscription_succeeded", Some(&channel), r#""{}""#);
-        conn.answer_exclusive_request(&[&succeeded, &last], hub.limits(), &metrics);
+        conn.answer_exclusive_request(&[&pusher::subscription_succeeded(&channel), &last], hub.limits(), &metrics);
     });
     Handled { reply: Bytes::new(), topic_changes: 1 }
 }
 
 fn succeeded(channel: &str) -> Handled {
-    reply(&pusher::frame("pusher_internal:subscription_succeeded", Some(channel), r#""{}""#))
+    reply(&pusher::subscription_succeeded(channel))
 }
 
 fn holds(conn: &Conn, topic: &str) -> bool {
@@ -236,9 +235,7 @@ fn signin_user(conn: &Arc<Conn>, clients: &Clients, app: &App, signin: Signin) -
         reply(&pusher::error(Some(pusher::CLOSE_TERMINATED), message))
     };
     let socket_id = pusher::socket_id(conn.session);
-    let signed = format!("{socket_id}::user::{}", signin.user_data);
-    let verified = signin.auth.split_once(':').is_some_and(|(key, signature)| key == app.key && pusher::verify(&app.secret, &signed, signature));
-    if !verified {
+    if !pusher::signed_by(app, &signin.auth, &format!("{socket_id}::user::{}", signin.user_data)) {
         return refused(&format!("Invalid signature: expected HMAC-SHA256 of `{socket_id}::user::<user_data>` with the app's secret"));
     }
     #[derive(Deserialize)]

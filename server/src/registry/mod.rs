@@ -248,15 +248,14 @@ impl Registry {
     /// The occupied channels of Pusher app `app_id` (not its users') named from `prefix`, at most `limit`,
     /// by name, each with its subscriptions where they are known: every node's channels on
     /// Redis (subscriptions not summed there), this node's on the memory registry.
-    pub async fn pusher_channels(&self, hub: &Hub, app_id: &str, prefix: &str, limit: usize) -> Result<Vec<(String, Option<usize>)>, Unavailable> {
+    pub async fn pusher_channels(&self, hub: &Hub, app: &crate::pusher::App, prefix: &str, limit: usize) -> Result<Vec<(String, Option<usize>)>, Unavailable> {
         match self {
             Registry::Memory { .. } => {
-                let app = format!("{}{app_id}:", crate::pusher::PREFIX);
                 let mut channels: Vec<(String, Option<usize>)> = hub
                     .topic_subscribers()
                     .into_iter()
                     .filter_map(|(topic, subscribers)| {
-                        let channel = topic.strip_prefix(app.as_str()).filter(|c| c.starts_with(prefix) && !c.starts_with(crate::pusher::SERVER_TO_USER))?;
+                        let channel = crate::pusher::channel_of(app, &topic).filter(|c| c.starts_with(prefix) && !c.starts_with(crate::pusher::SERVER_TO_USER))?;
                         Some((channel.to_owned(), Some(subscribers)))
                     })
                     .collect();
@@ -264,7 +263,7 @@ impl Registry {
                 channels.truncate(limit);
                 Ok(channels)
             }
-            Registry::Redis(nodes) => occupancy::channels(&nodes.redis, nodes.keys.prefix(), app_id, prefix, limit)
+            Registry::Redis(nodes) => occupancy::channels(&nodes.redis, nodes.keys.prefix(), &app.id, prefix, limit)
                 .await
                 .map(|names| names.into_iter().map(|name| (name, None)).collect())
                 .map_err(|e| Unavailable { reason: format!("Redis: {e}") }),

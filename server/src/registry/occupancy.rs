@@ -42,7 +42,7 @@ return 0
 /// Where a topic's occupancy is: its set's key, and for a Pusher channel (not a user's)
 /// its app's channel index and its name there.
 fn keys(prefix: &str, topic: &str) -> (Vec<u8>, Option<(Vec<u8>, String)>) {
-    match topic.strip_prefix(pusher::PREFIX).and_then(|rest| rest.split_once(':')) {
+    match pusher::app_and_channel(topic) {
         // A user's channel is not listed among the app's channels.
         Some((app, channel)) if !channel.starts_with(pusher::SERVER_TO_USER) => {
             let app_tag = topic_tag(&format!("{}{app}", pusher::PREFIX));
