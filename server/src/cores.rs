@@ -51,9 +51,11 @@ impl Cores {
             let stopping = stop.clone();
             threads.push(std::thread::Builder::new().name(format!("pushline-core-{core}")).spawn(move || {
                 CORE.with(|c| c.set(Some(core)));
+                pushline_alloc::allocator::thread_caches::start();
                 let _site = Site::ConnectionTask.enter();
                 runtime.block_on(stopping.cancelled());
                 runtime.shutdown_timeout(Duration::from_millis(100));
+                pushline_alloc::allocator::thread_caches::stop();
             })?);
         }
         Ok(Cores { handles, next: AtomicUsize::new(0), stop, threads: Mutex::new(threads) })

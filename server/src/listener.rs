@@ -142,7 +142,7 @@ impl Router {
                     self.metrics.refused(RefuseReason::ApiConnections);
                     return http::respond_error(&mut stream, &error, "").await;
                 };
-                return self.api.clone().serve(http::Prefixed::new(buf, stream)).await;
+                return self.api.clone().serve(stream, buf).await;
             }
         };
         self.gateway.connect(stream, peer.ip(), head, buf, used, transport, core).await

@@ -50,7 +50,12 @@ fn main() -> ExitCode {
         #[cfg(feature = "console")]
         config.console_listen,
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("pushline").build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pushline")
+        .on_thread_start(pushline_alloc::allocator::thread_caches::start)
+        .on_thread_stop(pushline_alloc::allocator::thread_caches::stop)
+        .build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pushline: cannot start the runtime: {e}");

@@ -213,3 +213,138 @@ async fn a_batch_publishes_each_item_and_answers_each_in_order() {
         assert_eq!(metric(&text, &format!(r#"pushline_api_batch_items_total{{status="{status}"}}"#)), items, "{status}\n{text}");
     }
 }
+
+/// The responses of one connection, parsed with httparse as they arrive: each one's
+/// status, headers and body, until `n` are whole or the connection ends.
+async fn responses(stream: &mut tokio::net::TcpStream, n: usize) -> Vec<(u16, Vec<(String, String)>, String)> {
+    use tokio::io::AsyncReadExt;
+    let (mut read, mut answered) = (Vec::new(), Vec::new());
+    while answered.len() < n {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = response.parse(&read) {
+            let fields: Vec<(String, String)> =
+                response.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
+            let length: usize = fields.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
+            if response.code == Some(100) {
+                read.drain(..head);
+                continue;
+            }
+            if read.len() >= head + length {
+                answered.push((response.code.unwrap(), fields, String::from_utf8_lossy(&read[head..head + length]).into_owned()));
+                read.drain(..head + length);
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk)).await.expect("an answer within 10 s") {
+            Ok(0) | Err(_) => break,
+            Ok(got) => read.extend_from_slice(&chunk[..got]),
+        }
+    }
+    answered
+}
+
+fn header<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn request(path: &str, extra: &str, body: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())
+}
+
+/// Publishes on one connection are answered in order, whoever reads them: plain requests
+/// by the server's own path, a chunked body, `Expect: 100-continue` or a GET by hyper, to
+/// which the rest of the connection then belongs.
+#[tokio::test]
+async fn one_connection_answers_every_kind_of_request_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let t = start(|c| c.api_key = Some("an-api-key-of-at-least-32-bytes-long".into())).await;
+    let (mut a, _) = ws(t.client, "uid=a").await;
+    let key = "Authorization: Bearer an-api-key-of-at-least-32-bytes-long\r\n";
+    let push = |n: u32| json!({"uids": ["a"], "data": n}).to_string();
+    let mut stream = tokio::net::TcpStream::connect(t.client).await.unwrap();
+    // Two pushes and a refused one in one write; the refusal's body was sent whole, so the
+    // connection goes on.
+    let pipelined = [request("/v1/push", key, &push(1)), request("/v1/push", "", &push(99)), request("/v1/push", key, &push(2))].concat();
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    let answered = responses(&mut stream, 3).await;
+    let statuses: Vec<u16> = answered.iter().map(|(status, ..)| *status).collect();
+    assert_eq!(statuses, [200, 401, 200]);
+    for (_, fields, _) in &answered {
+        assert_eq!(header(fields, "content-type"), Some("application/json"));
+        assert!(httpdate::parse_http_date(header(fields, "date").expect("a Date header")).is_ok());
+        assert_eq!(header(fields, "connection"), None, "kept alive");
+    }
+    // A head that arrives in pieces, and its body after it.
+    let split = request("/v1/push", key, &push(3));
+    let (head, body) = split.split_at(split.find("\r\n\r\n").unwrap() + 4);
+    for piece in [&head[..10], &head[10..], body] {
+        stream.write_all(piece.as_bytes()).await.unwrap();
+        stream.flush().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(responses(&mut stream, 1).await[0].0, 200);
+    // Then hyper's: a chunked body, a push that waits for 100-continue, a GET.
+    let chunked = format!("POST /v1/push HTTP/1.1\r\nHost: x\r\n{key}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n", push(4).len(), push(4));
+    stream.write_all(chunked.as_bytes()).await.unwrap();
+    assert_eq!(responses(&mut stream, 1).await[0].0, 200);
+    let expecting = format!("POST /v1/push HTTP/1.1\r\nHost: x\r\n{key}Expect: 100-continue\r\nContent-Length: {}\r\n\r\n", push(5).len());
+    stream.write_all(expecting.as_bytes()).await.unwrap();
+    let continued = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut interim = vec![0u8; continued.len()];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut interim).await.unwrap();
+    assert_eq!(interim, continued, "the body is asked for");
+    stream.write_all(push(5).as_bytes()).await.unwrap();
+    assert_eq!(responses(&mut stream, 1).await[0].0, 200);
+    stream.write_all(b"GET /v1/push HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(responses(&mut stream, 1).await[0].0, 405);
+    for n in 1..=5 {
+        assert_eq!(next_json(&mut a).await["data"], n, "each push delivered once, in order");
+    }
+    let text = metrics(t.admin).await;
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="push",status="200"}"#), 5.0);
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="push",status="401"}"#), 1.0);
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="push",status="405"}"#), 1.0);
+}
+
+/// A request refused on its head while its body is still on the way is answered, then the
+/// connection is closed; one whose body stops coming is answered 408; an idle connection
+/// is closed after the request timeout.
+#[tokio::test]
+async fn refused_and_stalled_requests_end_their_connection_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = start(|c| {
+        c.api_key = Some("an-api-key-of-at-least-32-bytes-long".into());
+        c.handshake_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let key = "Authorization: Bearer an-api-key-of-at-least-32-bytes-long\r\n";
+    let cases = [
+        ("", 100_000, 401, "missing or wrong API key"),
+        (key, 100_000_000, 413, "request body over"),
+        (key, 100, 408, "request body not received within 1s"),
+    ];
+    for (extra, length, status, error) in cases {
+        let mut stream = tokio::net::TcpStream::connect(t.client).await.unwrap();
+        let head = format!("POST /v1/broadcast HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {length}\r\n\r\n{{\"data\":");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let answered = responses(&mut stream, 1).await;
+        let (got, fields, body) = &answered[0];
+        assert_eq!(*got, status, "{body}");
+        assert!(body.contains(error), "{body}");
+        assert_eq!(header(fields, "connection"), Some("close"));
+        // More of the body is taken and dropped, then the connection ends.
+        let _ = stream.write_all(&[b' '; 4096]).await;
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "closed after {status}");
+    }
+    // An answered connection that sends nothing more is closed once its timeout passes.
+    let mut idle = tokio::net::TcpStream::connect(t.client).await.unwrap();
+    idle.write_all(request("/v1/broadcast", key, r#"{"data":1}"#).as_bytes()).await.unwrap();
+    assert_eq!(responses(&mut idle, 1).await[0].0, 200);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), idle.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "an idle connection is closed: {closed:?}");
+}

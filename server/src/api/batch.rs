@@ -4,13 +4,12 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use hyper::StatusCode;
 use serde::de::DeserializeSeed;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::body::{is_object, Body};
-use super::{json, Api, Checked, Failed, Refused, Reply, ENVELOPE_ALLOWANCE};
+use super::{Answer, Api, Checked, Failed, Refused, ENVELOPE_ALLOWANCE};
 use crate::auth::api_keys::ApiKey;
 use crate::error::{Error, Kind};
 use crate::history::idempotency;
@@ -34,7 +33,7 @@ struct BatchItem<'a> {
 impl Api {
     /// `/v1/batch`: a JSON array (or NDJSON lines) of items, each checked, published and
     /// answered on its own, in order; one bad item fails only itself.
-    pub(super) async fn batch(&self, body: &[u8], ndjson: bool, holder: Option<&ApiKey>, accepted_at: Instant) -> Result<Reply, Error> {
+    pub(super) async fn batch(&self, body: &[u8], ndjson: bool, holder: Option<&ApiKey>, accepted_at: Instant) -> Result<Answer, Error> {
         let too_many = || Error::new(Kind::PayloadTooLarge, format!("batch has more than {} items (--max-batch)", self.max_batch));
         let raw: Vec<&RawValue> = if ndjson {
             let mut raw = Vec::new();
@@ -112,7 +111,7 @@ impl Api {
             body.push_str(&text);
         }
         body.push_str("]}");
-        Ok(json(StatusCode::OK, body))
+        Ok(Answer::ok(body))
     }
 }
 

@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::auth::api_keys::{ApiKey, ApiKeys};
 use crate::error::{Error, Kind};
 use crate::http::{bearer_token, Prefixed};
+use crate::socket::Socket;
 use crate::hub::{self, Hub};
 use crate::registry::relay::Target;
 use crate::registry::{Job, Published, Registry, Unavailable};
@@ -34,6 +35,7 @@ use body::{checked_uids, is_object, Body};
 
 mod batch;
 mod body;
+mod connection;
 mod pusher;
 
 /// Room in a request body for the envelope around `data` (uids, topic).
@@ -92,26 +94,58 @@ fn json(status: StatusCode, body: String) -> Reply {
     response
 }
 
-/// The one place an error becomes a response: its status, its `Retry-After`, `body`.
-fn error_reply(error: &Error, body: String) -> Reply {
-    let status = StatusCode::from_u16(error.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut reply = json(status, body);
-    if let Some(seconds) = error.retry_after() {
-        reply.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
+/// A JSON answer before it is written, by hyper or by [`connection`]'s plain path: its
+/// status, its `Retry-After`, its body.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<u32>,
+    body: String,
+}
+
+impl Answer {
+    fn ok(body: String) -> Answer {
+        Answer { status: StatusCode::OK, retry_after: None, body }
     }
-    reply
+
+    /// The one place an error becomes an answer, with `body`.
+    fn error(error: &Error, body: String) -> Answer {
+        let status = StatusCode::from_u16(error.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Answer { status, retry_after: error.retry_after(), body }
+    }
+}
+
+impl From<Error> for Answer {
+    fn from(error: Error) -> Answer {
+        let body = error.body();
+        Answer::error(&error, body)
+    }
+}
+
+impl From<Answer> for Reply {
+    fn from(answer: Answer) -> Reply {
+        let mut reply = json(answer.status, answer.body);
+        if let Some(seconds) = answer.retry_after {
+            reply.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
+        }
+        reply
+    }
 }
 
 impl From<Error> for Reply {
     fn from(error: Error) -> Reply {
-        let body = error.body();
-        error_reply(&error, body)
+        Answer::from(error).into()
     }
 }
 
 impl Api {
-    /// Serves HTTP/1.1 requests on one connection until it closes or the server stops.
-    pub async fn serve(self: Arc<Self>, io: Prefixed) {
+    /// Serves a publish API connection whose first bytes (a whole request head at least)
+    /// are in `read`, until it closes or the server stops.
+    pub async fn serve(self: Arc<Self>, stream: Socket, read: Vec<u8>) {
+        connection::serve(self, stream, read).await
+    }
+
+    /// Serves HTTP/1.1 requests with hyper until the connection closes or the server stops.
+    async fn serve_with_hyper(self: Arc<Self>, io: Prefixed) {
         let api = self.clone();
         let service = hyper::service::service_fn(move |req| {
             let api = api.clone();
@@ -138,15 +172,7 @@ impl Api {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Reply {
-        let route = match req.uri().path() {
-            "/v1/push" => ApiRoute::Push,
-            "/v1/publish" => ApiRoute::Publish,
-            "/v1/broadcast" => ApiRoute::Broadcast,
-            "/v1/batch" => ApiRoute::Batch,
-            "/v1/presence" | "/v1/presence/stats" => ApiRoute::Presence,
-            path if path.starts_with("/apps/") => ApiRoute::Pusher,
-            _ => ApiRoute::Other,
-        };
+        let route = route_of(req.uri().path());
         let reply = match route {
             ApiRoute::Other if matches!(req.uri().path(), "/ws" | "/sse") => {
                 Error::bad_request("open /ws and /sse on a connection of their own").into()
@@ -167,22 +193,90 @@ impl Api {
             ApiRoute::Presence if req.method() != Method::GET => Error::new(Kind::MethodNotAllowed, "use GET").into(),
             ApiRoute::Presence => self.presence(&req).await.map_or_else(Reply::from, |body| json(StatusCode::OK, body)),
             _ if req.method() != Method::POST => Error::new(Kind::MethodNotAllowed, "use POST").into(),
-            _ => self.publish(req, route).await.unwrap_or_else(Reply::from),
+            _ => self.publish(req, route).await.unwrap_or_else(Answer::from).into(),
         };
         self.metrics.api_request(route, reply.status().as_u16());
         reply
     }
 }
 
+/// The route a request's path names.
+fn route_of(path: &str) -> ApiRoute {
+    match path {
+        "/v1/push" => ApiRoute::Push,
+        "/v1/publish" => ApiRoute::Publish,
+        "/v1/broadcast" => ApiRoute::Broadcast,
+        "/v1/batch" => ApiRoute::Batch,
+        "/v1/presence" | "/v1/presence/stats" => ApiRoute::Presence,
+        path if path.starts_with("/apps/") => ApiRoute::Pusher,
+        _ => ApiRoute::Other,
+    }
+}
+
+/// A header's value as text, as `HeaderValue::to_str` reads it: visible ASCII and tabs.
+fn header_text(value: &[u8]) -> Option<&str> {
+    value.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)).then(|| std::str::from_utf8(value).ok()).flatten()
+}
+
+/// What the API reads from a publish request's head, whichever parser read it: hyper's
+/// header map, or httparse's headers on the plain path.
+struct PublishHead<'h> {
+    /// `X-Api-Key`, else the token of `Authorization: Bearer` (the first of each).
+    api_key: Option<&'h str>,
+    /// The first `Idempotency-Key` (None if it is not text), and whether another was given.
+    idempotency_key: Option<Option<&'h str>>,
+    idempotency_key_twice: bool,
+    /// The media type of `Content-Type`, without its parameters.
+    media_type: Option<&'h str>,
+    /// `Content-Length`, when given and a number.
+    declared: Option<usize>,
+}
+
+impl<'h> PublishHead<'h> {
+    /// Reads the head from its headers, in order, as (name, value) pairs.
+    fn read(headers: impl Iterator<Item = (&'h str, &'h [u8])>) -> PublishHead<'h> {
+        let (mut api_key, mut authorization, mut content_type, mut declared) = (None, None, None, None);
+        let (mut idempotency_key, mut idempotency_key_twice) = (None, false);
+        for (name, value) in headers {
+            let first = |slot: &mut Option<Option<&'h str>>| {
+                if slot.is_none() {
+                    *slot = Some(header_text(value));
+                }
+            };
+            if name.eq_ignore_ascii_case("x-api-key") {
+                first(&mut api_key);
+            } else if name.eq_ignore_ascii_case("authorization") {
+                first(&mut authorization);
+            } else if name.eq_ignore_ascii_case("idempotency-key") {
+                idempotency_key_twice |= idempotency_key.is_some();
+                first(&mut idempotency_key);
+            } else if name.eq_ignore_ascii_case("content-type") {
+                first(&mut content_type);
+            } else if name.eq_ignore_ascii_case("content-length") && declared.is_none() {
+                declared = Some(header_text(value).and_then(|v| v.parse::<usize>().ok()));
+            }
+        }
+        PublishHead {
+            api_key: api_key.flatten().or_else(|| bearer_token(authorization.flatten()?)),
+            idempotency_key,
+            idempotency_key_twice,
+            media_type: content_type.flatten().map(|t| t.split(';').next().unwrap_or_default().trim()),
+            declared: declared.flatten(),
+        }
+    }
+
+    fn of(headers: &'h hyper::HeaderMap) -> PublishHead<'h> {
+        PublishHead::read(headers.iter().map(|(name, value)| (name.as_str(), value.as_bytes())))
+    }
+}
+
 /// The API key a request presents (`X-Api-Key`, or `Authorization: Bearer`), found; None
 /// in open mode.
-fn holder<'k>(keys: &'k ApiKeys, headers: &hyper::HeaderMap) -> Result<Option<&'k ApiKey>, Error> {
+fn holder<'k>(keys: &'k ApiKeys, given: Option<&str>) -> Result<Option<&'k ApiKey>, Error> {
     if keys.is_open() {
         return Ok(None);
     }
-    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    header("x-api-key")
-        .or_else(|| bearer_token(header("authorization")?))
+    given
         .and_then(|given| keys.find(given))
         .map(Some)
         .ok_or_else(|| Error::new(Kind::Unauthorized, "missing or wrong API key (Authorization: Bearer KEY or X-Api-Key)"))
@@ -200,6 +294,19 @@ fn allowed(holder: Option<&ApiKey>, kind: PublishKind, topic: Option<&str>) -> R
         }
         _ => Ok(()),
     }
+}
+
+/// A publish request admitted on its head, its body still to read.
+struct Admitted<'k> {
+    /// The key it presented; None in open mode.
+    holder: Option<&'k ApiKey>,
+    /// None for a batch.
+    kind: Option<PublishKind>,
+    idempotency_key: Option<String>,
+    /// A batch given as NDJSON lines.
+    ndjson: bool,
+    /// Most bytes its body may have.
+    limit: usize,
 }
 
 /// A publish checked (rights, names, sizes): what becomes a registry job.
@@ -249,12 +356,12 @@ impl From<Error> for Failed {
     }
 }
 
-impl From<Failed> for Reply {
-    fn from(failed: Failed) -> Reply {
+impl From<Failed> for Answer {
+    fn from(failed: Failed) -> Answer {
         match failed.id {
             Some(id) => {
                 let body = serde_json::to_string(&Refused { error: &failed.error.message, status: None, id: Some(id) }).unwrap_or_default();
-                error_reply(&failed.error, body)
+                Answer::error(&failed.error, body)
             }
             None => failed.error.into(),
         }
@@ -313,7 +420,7 @@ impl Api {
     /// `GET /v1/presence/stats?topic=T` (the counts), for a key that may publish to `T`.
     async fn presence(&self, req: &Request<Incoming>) -> Result<String, Error> {
         let keys = self.api_keys.load_full();
-        let holder = holder(&keys, req.headers())?;
+        let holder = holder(&keys, PublishHead::of(req.headers()).api_key)?;
         let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let topic = param("topic").ok_or_else(|| Error::bad_request("name the topic: ?topic="))?;
@@ -333,15 +440,45 @@ impl Api {
         body.map_err(|e| Error::new(Kind::Internal, format!("could not write the answer: {e}")))
     }
 
-    /// A publish request (`route` is push, publish, broadcast or batch): Ok with its
-    /// answer, or the reason the whole request is refused.
-    async fn publish(&self, req: Request<Incoming>, route: ApiRoute) -> Result<Reply, Error> {
+    /// A publish request (`route` is push, publish, broadcast or batch) that hyper read:
+    /// Ok with its answer, or the reason the whole request is refused.
+    async fn publish(&self, req: Request<Incoming>, route: ApiRoute) -> Result<Answer, Error> {
+        let keys = self.api_keys.load_full();
+        let head = PublishHead::of(req.headers());
+        let admitted = self.admit(&head, &keys, route)?;
+        let (body, _reading) = self.read_body(req, admitted.limit).await?;
+        self.publish_body(admitted, &body).await
+    }
+
+    /// Reads a body of at most `limit` bytes (413 past it), holding its share of
+    /// `--max-publish-bytes-in-flight` while the returned `Reading` lives (see
+    /// [`Api::reserve_body`]), within the request timeout (408).
+    async fn read_body(&self, req: Request<Incoming>, limit: usize) -> Result<(Bytes, Reading<'_>), Error> {
+        let declared = PublishHead::of(req.headers()).declared;
+        let reading = self.reserve_body(declared, limit)?;
+        let mut collect = std::pin::pin!(Limited::new(req.into_body(), limit).collect());
+        // A body that came with its head (most publishes) is read whole at once: no timer
+        // is armed for it.
+        let collected = match futures_util::poll!(collect.as_mut()) {
+            std::task::Poll::Ready(collected) => Ok(collected),
+            std::task::Poll::Pending => tokio::time::timeout(self.request_timeout, collect).await,
+        };
+        match collected {
+            Ok(Ok(body)) => Ok((body.to_bytes(), reading)),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes"))),
+            Ok(Err(e)) => Err(Error::bad_request(format!("could not read body: {e}"))),
+            Err(_) => Err(self.body_timeout()),
+        }
+    }
+
+    /// The first checks of a publish request, on its head alone: the node is serving, the
+    /// key is known and may publish this kind, the idempotency key is well-formed, the
+    /// node is within its queue budget.
+    fn admit<'k>(&self, head: &PublishHead<'_>, keys: &'k ApiKeys, route: ApiRoute) -> Result<Admitted<'k>, Error> {
         if !self.shutdown.is_serving() {
             return Err(Error::new(Kind::ShuttingDown, "this node is shutting down; publish to another"));
         }
-        let keys = self.api_keys.load_full();
-        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let holder = holder(&keys, req.headers())?;
+        let holder = holder(keys, head.api_key)?;
         let kind = match route {
             ApiRoute::Push => Some(PublishKind::Push),
             ApiRoute::Publish => Some(PublishKind::Topic),
@@ -354,17 +491,15 @@ impl Api {
         }
         // A key that is not plain ASCII, or given twice, is refused: read as absent, a
         // retry would publish again.
-        let mut sent = req.headers().get_all("idempotency-key").iter();
-        let idempotency_header = match (sent.next(), sent.next()) {
+        let idempotency_key = match (head.idempotency_key, head.idempotency_key_twice) {
             (None, _) => None,
             (Some(_), _) if kind.is_none() => {
                 return Err(Error::bad_request("a batch takes no Idempotency-Key header: give each item its own `idempotency_key`"));
             }
-            (Some(one), None) => Some(one.to_str().map_err(|_| Error::bad_request(idempotency::KEY_RULE))?.to_owned()),
-            (Some(_), Some(_)) => return Err(Error::bad_request("Idempotency-Key given more than once")),
+            (Some(_), true) => return Err(Error::bad_request("Idempotency-Key given more than once")),
+            (Some(one), false) => Some(one.ok_or_else(|| Error::bad_request(idempotency::KEY_RULE))?.to_owned()),
         };
-        let media_type = header("content-type").map(|t| t.split(';').next().unwrap_or_default().trim());
-        let ndjson = media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/x-ndjson") || t.eq_ignore_ascii_case("application/jsonl"));
+        let ndjson = head.media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/x-ndjson") || t.eq_ignore_ascii_case("application/jsonl"));
         let budget = self.node_queue_max_bytes;
         if let Some(queued) = self.metrics.over_queue_budget(budget) {
             return Err(Error::new(
@@ -373,33 +508,37 @@ impl Api {
             ));
         }
         let limit = if kind.is_some() { self.max_message_bytes + ENVELOPE_ALLOWANCE } else { self.max_batch_bytes };
-        let (body, _reading) = self.read_body(req, limit).await?;
+        Ok(Admitted { holder, kind, idempotency_key, ndjson, limit })
+    }
+
+    /// A publish admitted on its head, published from its `body`.
+    async fn publish_body(&self, admitted: Admitted<'_>, body: &[u8]) -> Result<Answer, Error> {
         let accepted_at = Instant::now();
+        let Admitted { holder, kind, idempotency_key, ndjson, .. } = admitted;
         let publisher = holder.map_or("", |key| key.name.as_str());
         let Some(kind) = kind else {
-            return self.batch(&body, ndjson, holder, accepted_at).await;
+            return self.batch(body, ndjson, holder, accepted_at).await;
         };
-        if !is_object(&body) {
+        if !is_object(body) {
             return Err(Error::bad_request("bad JSON: the body must be a JSON object"));
         }
-        let read = Body::read(kind, &body).map_err(|e| Error::bad_request(format!("bad JSON: {e}")))?;
+        let read = Body::read(kind, body).map_err(|e| Error::bad_request(format!("bad JSON: {e}")))?;
         // Known by its holder, and by what it asked for: a reuse with another request is refused.
-        let key = idempotency_header
-            .map(|key| idempotency::Key::new(publisher, &key, <&str>::from(kind), &body))
+        let key = idempotency_key
+            .map(|key| idempotency::Key::new(publisher, &key, <&str>::from(kind), body))
             .transpose()
             .map_err(Error::bad_request)?;
         let checked = self.check(&read, holder, key)?;
         self.within_uid_cap(checked.uids())?;
         let mut answers = self.run(&[&checked], publisher, accepted_at).await;
         let answer = answers.pop().ok_or_else(|| Error::unavailable("the registry gave no answer"))?;
-        Ok(self.answer(&checked, answer).map_or_else(Reply::from, |body| json(StatusCode::OK, body)))
+        Ok(self.answer(&checked, answer).map_or_else(Answer::from, Answer::ok))
     }
 
-    /// Reads a body of at most `limit` bytes (413 past it, from its Content-Length when it
-    /// has one), holding its share of `--max-publish-bytes-in-flight` while the returned
-    /// `Reading` lives (503 when the node has no room), within the request timeout (408).
-    async fn read_body(&self, req: Request<Incoming>, limit: usize) -> Result<(Bytes, Reading<'_>), Error> {
-        let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    /// A body of at most `limit` bytes may be read: 413 past it (from its Content-Length,
+    /// `declared`, when it has one), 503 when the node has no room for it; its share of
+    /// `--max-publish-bytes-in-flight` is held while the returned `Reading` lives.
+    fn reserve_body(&self, declared: Option<usize>, limit: usize) -> Result<Reading<'_>, Error> {
         if declared.is_some_and(|n| n > limit) {
             return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
         }
@@ -409,23 +548,12 @@ impl Api {
             let error = "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later";
             return Err(Error::new(Kind::Overloaded, error));
         };
-        let reading = Reading::new(permits, &self.metrics);
-        let mut collect = std::pin::pin!(Limited::new(req.into_body(), limit).collect());
-        // A body that came with its head (most publishes) is read whole at once: no timer
-        // is armed for it.
-        let collected = match futures_util::poll!(collect.as_mut()) {
-            std::task::Poll::Ready(collected) => Ok(collected),
-            std::task::Poll::Pending => tokio::time::timeout(self.request_timeout, collect).await,
-        };
-        match collected {
-            Ok(Ok(body)) => Ok((body.to_bytes(), reading)),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes"))),
-            Ok(Err(e)) => Err(Error::bad_request(format!("could not read body: {e}"))),
-            Err(_) => {
-                let timeout = self.request_timeout;
-                Err(Error::new(Kind::Timeout, format!("request body not received within {timeout:?}")))
-            }
-        }
+        Ok(Reading::new(permits, &self.metrics))
+    }
+
+    fn body_timeout(&self) -> Error {
+        let timeout = self.request_timeout;
+        Error::new(Kind::Timeout, format!("request body not received within {timeout:?}"))
     }
 
     /// 413 when a request would push to more than `--max-push-uids` uids.

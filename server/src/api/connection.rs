@@ -1,0 +1,203 @@
+//! One publish API connection. The requests a publisher sends over and over (a `POST` to
+//! `/v1/push`, `/v1/publish`, `/v1/broadcast` or `/v1/batch` over HTTP/1.1, its body's
+//! length given, nothing else asked of HTTP) are parsed with httparse, read into one
+//! buffer kept for the connection's life, and answered here. The first request that is
+//! anything else (another route or method, a chunked body, `Expect`, `Connection: close`,
+//! HTTP/1.0, a head httparse refuses or that outgrows the buffer) is handed to hyper with
+//! the connection and every byte already read, and hyper serves the rest of it.
+//!
+//! Why not hyper for every request: per keep-alive push, hyper's request and response
+//! header maps, its body channel, the timer it allocates for each request and its
+//! dispatcher came to ~15 allocations and a third of the push's user-space CPU
+//! (`pushline-bench unicast`, see the README's floor table for the figures before and after).
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::{route_of, Answer, Api, PublishHead, MAX_HEADERS, MAX_HEAD_BUFFER};
+use crate::http::Prefixed;
+use crate::shutdown::Phase;
+use crate::socket::Socket;
+use crate::telemetry::ApiRoute;
+
+/// What the bytes at the start of the buffer hold.
+enum Next {
+    /// A whole plain request head, `head` bytes long, its body `body` bytes.
+    Plain { route: ApiRoute, head: usize, body: usize },
+    /// Not a whole head yet.
+    Partial,
+    /// A request for hyper: not plain, or not HTTP at all (hyper answers that).
+    Hyper,
+}
+
+/// Reads the request head at the start of `bytes` into `headers`.
+fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next {
+    let mut request = httparse::Request::new(headers);
+    let head = match request.parse(bytes) {
+        Ok(httparse::Status::Complete(head)) => head,
+        Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BUFFER => return Next::Partial,
+        _ => return Next::Hyper,
+    };
+    let path = request.path.unwrap_or_default();
+    let route = route_of(path.split_once('?').map_or(path, |(path, _)| path));
+    let publishes = matches!(route, ApiRoute::Push | ApiRoute::Publish | ApiRoute::Broadcast | ApiRoute::Batch);
+    if request.method != Some("POST") || request.version != Some(1) || !publishes {
+        return Next::Hyper;
+    }
+    let mut length = None;
+    for header in request.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let digits = !header.value.is_empty() && header.value.len() <= 12 && header.value.iter().all(u8::is_ascii_digit);
+            if length.is_some() || !digits {
+                return Next::Hyper;
+            }
+            length = std::str::from_utf8(header.value).ok().and_then(|v| v.parse::<usize>().ok());
+        } else if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("expect") || name.eq_ignore_ascii_case("upgrade") {
+            return Next::Hyper;
+        } else if name.eq_ignore_ascii_case("connection") && !header.value.eq_ignore_ascii_case(b"keep-alive") {
+            return Next::Hyper;
+        }
+    }
+    match length {
+        Some(body) => Next::Plain { route, head, body },
+        None => Next::Hyper,
+    }
+}
+
+/// Serves `stream`, whose first bytes are in `buf`, until it closes, the server closes
+/// connections, or a request goes to hyper.
+pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
+    let mut out = Vec::new();
+    // Made once for the connection, not per request: each would take a lock (the timer
+    // wheel's, the shutdown signal's list of waiters) to register and to drop. The timer
+    // is moved to the current deadline only when it fires early.
+    let closing = api.shutdown.reached(Phase::Closing);
+    let timer = tokio::time::sleep_until(Instant::now() + api.request_timeout);
+    tokio::pin!(closing, timer);
+    loop {
+        // Wait for a whole head: for at most the request timeout, and only until the
+        // server closes its connections.
+        let deadline = Instant::now() + api.request_timeout;
+        let (route, head, body) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match next(&buf, &mut headers) {
+                Next::Plain { route, head, body } => break (route, head, body),
+                Next::Hyper => return api.clone().serve_with_hyper(Prefixed::new(buf, stream)).await,
+                Next::Partial => {}
+            }
+            if buf.len() == buf.capacity() {
+                buf.reserve(4096);
+            }
+            tokio::select! {
+                biased;
+                read = stream.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                _ = &mut timer => {
+                    if Instant::now() < deadline {
+                        timer.as_mut().reset(deadline);
+                    } else {
+                        return;
+                    }
+                }
+                _ = &mut closing => return,
+            }
+        };
+        // Tracked, as hyper's requests are, so a graceful shutdown waits for it.
+        let (answer, served) = api.shutdown.track(serve_one(&api, &mut stream, &mut buf, route, head, body)).await;
+        api.metrics.api_request(route, answer.status.as_u16());
+        let closing = api.shutdown.phase() >= Phase::Closing;
+        write_answer(&mut out, &answer, !served || closing);
+        if stream.write_all(&out).await.is_err() || AsyncWriteExt::flush(&mut stream).await.is_err() {
+            return;
+        }
+        if !served {
+            // The body was not read: drain what the client still sends, so it reads the
+            // answer rather than a reset.
+            let _ = Prefixed::new(Vec::new(), stream).shutdown().await;
+            return;
+        }
+        if closing {
+            let _ = stream.shutdown().await;
+            return;
+        }
+        buf.drain(..head + body);
+    }
+}
+
+/// Answers the plain request at the start of `buf`, reading the rest of its body into
+/// `buf` first. `served` is false when the body was left unread (the request was refused
+/// on its head before the whole body arrived, or it did not arrive in time): the
+/// connection cannot go on.
+async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, route: ApiRoute, head: usize, body: usize) -> (Answer, bool) {
+    let whole = head + body;
+    let arrived = |buf: &Vec<u8>| buf.len() >= whole;
+    let keys = api.api_keys.load_full();
+    let admitted = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        // The same bytes `next` read as a whole head.
+        let _ = request.parse(&buf[..head]);
+        let read = PublishHead::read(request.headers.iter().map(|h| (h.name, h.value)));
+        api.admit(&read, &keys, route)
+    };
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(error) => return (error.into(), arrived(buf)),
+    };
+    let reading = match api.reserve_body(Some(body), admitted.limit) {
+        Ok(reading) => reading,
+        Err(error) => return (error.into(), arrived(buf)),
+    };
+    if !arrived(buf) {
+        buf.reserve(whole - buf.len());
+        let deadline = Instant::now() + api.request_timeout;
+        while !arrived(buf) {
+            match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return (crate::error::Error::bad_request("the connection ended inside the request body").into(), false),
+                Err(_) => return (api.body_timeout().into(), false),
+            }
+        }
+    }
+    let answer = api.publish_body(admitted, &buf[head..whole]).await;
+    drop(reading);
+    (answer.unwrap_or_else(Answer::from), true)
+}
+
+/// Writes `answer` as an HTTP/1.1 response into `out`, with the headers hyper would send.
+fn write_answer(out: &mut Vec<u8>, answer: &Answer, close: bool) {
+    out.clear();
+    let status = answer.status;
+    // Writes into a Vec cannot fail.
+    let _ = write!(out, "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n", status.as_str(), status.canonical_reason().unwrap_or(""));
+    if let Some(seconds) = answer.retry_after {
+        let _ = write!(out, "retry-after: {seconds}\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let _ = write!(out, "content-length: {}\r\ndate: ", answer.body.len());
+    DATE.with(|date| {
+        let mut date = date.borrow_mut();
+        let now = SystemTime::now();
+        let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if date.0 != second {
+            *date = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(date.1.as_bytes());
+    });
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(answer.body.as_bytes());
+}
+
+thread_local! {
+    /// The `Date` header's value, made once a second per thread, as hyper does.
+    static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
