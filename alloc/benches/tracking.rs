@@ -1,4 +1,5 @@
-//! What site tracking costs per allocation: an allocate + free pair with tracking on,
+//! What site tracking costs per allocation: an allocate + free pair with tracking on (on a
+//! thread without site caches, and on one that keeps them, as the server's threads do),
 //! with it switched off (one atomic load), and straight to jemalloc.
 //!
 //!     cargo bench -p pushline-alloc --bench tracking
@@ -15,7 +16,8 @@ use pushline_alloc::{allocator, Site, SiteAllocator};
 static ALLOCATOR: SiteAllocator = SiteAllocator;
 
 /// 24 B: a small object; 100 B: a framed message; 4 KiB: a read buffer; 64 B fills its
-/// size class exactly, so when tracked it takes the site-arena path.
+/// size class exactly, so when tracked it takes the site-arena path (through the thread's
+/// site cache where it keeps them).
 const SIZES: [usize; 4] = [24, 64, 100, 4096];
 
 fn pairs(c: &mut Criterion, label: &str, allocator: &dyn GlobalAlloc) {
@@ -38,6 +40,9 @@ fn pairs(c: &mut Criterion, label: &str, allocator: &dyn GlobalAlloc) {
 fn tracked(c: &mut Criterion) {
     let _site = Site::Sessions.enter();
     pairs(c, "tracking_on", &SiteAllocator);
+    allocator::thread_caches::start();
+    pairs(c, "tracking_on_site_caches", &SiteAllocator);
+    allocator::thread_caches::stop();
 }
 
 fn switched_off(c: &mut Criterion) {

@@ -18,16 +18,17 @@ use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::{route_of, Answer, Api, PublishHead, MAX_HEADERS, MAX_HEAD_BUFFER};
+use super::{route_of, Admitted, Answer, Api, PublishHead, MAX_HEADERS, MAX_HEAD_BUFFER};
+use crate::error::Error;
 use crate::http::Prefixed;
 use crate::shutdown::Phase;
 use crate::socket::Socket;
 use crate::telemetry::ApiRoute;
 
 /// What the bytes at the start of the buffer hold.
-enum Next {
+enum Next<'b> {
     /// A whole plain request head, `head` bytes long, its body `body` bytes.
-    Plain { route: ApiRoute, head: usize, body: usize },
+    Plain { route: ApiRoute, head: usize, body: usize, fields: PublishHead<'b> },
     /// Not a whole head yet.
     Partial,
     /// A request for hyper: not plain, or not HTTP at all (hyper answers that).
@@ -35,7 +36,7 @@ enum Next {
 }
 
 /// Reads the request head at the start of `bytes` into `headers`.
-fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next {
+fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next<'b> {
     let mut request = httparse::Request::new(headers);
     let head = match request.parse(bytes) {
         Ok(httparse::Status::Complete(head)) => head,
@@ -64,7 +65,7 @@ fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next {
         }
     }
     match length {
-        Some(body) => Next::Plain { route, head, body },
+        Some(body) => Next::Plain { route, head, body, fields: PublishHead::read(request.headers.iter().map(|h| (h.name, h.value))) },
         None => Next::Hyper,
     }
 }
@@ -83,10 +84,15 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
         // Wait for a whole head: for at most the request timeout, and only until the
         // server closes its connections.
         let deadline = Instant::now() + api.request_timeout;
-        let (route, head, body) = loop {
+        // Read as the head is whole: a reload (SIGHUP) applies to the next request.
+        let keys;
+        let (route, head, body, admitted) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             match next(&buf, &mut headers) {
-                Next::Plain { route, head, body } => break (route, head, body),
+                Next::Plain { route, head, body, fields } => {
+                    keys = api.api_keys.load_full();
+                    break (route, head, body, api.admit(&fields, &keys, route));
+                }
                 Next::Hyper => return api.clone().serve_with_hyper(Prefixed::new(buf, stream)).await,
                 Next::Partial => {}
             }
@@ -110,7 +116,7 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
             }
         };
         // Tracked, as hyper's requests are, so a graceful shutdown waits for it.
-        let (answer, served) = api.shutdown.track(serve_one(&api, &mut stream, &mut buf, route, head, body)).await;
+        let (answer, served) = api.shutdown.track(serve_one(&api, &mut stream, &mut buf, head, body, admitted)).await;
         api.metrics.api_request(route, answer.status.as_u16());
         let closing = api.shutdown.phase() >= Phase::Closing;
         write_answer(&mut out, &answer, !served || closing);
@@ -131,22 +137,13 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
     }
 }
 
-/// Answers the plain request at the start of `buf`, reading the rest of its body into
-/// `buf` first. `served` is false when the body was left unread (the request was refused
+/// Answers the plain request at the start of `buf`, `admitted` (or not) on its head,
+/// reading the rest of its body into `buf` first. `served` is false when the body was left unread (the request was refused
 /// on its head before the whole body arrived, or it did not arrive in time): the
 /// connection cannot go on.
-async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, route: ApiRoute, head: usize, body: usize) -> (Answer, bool) {
+async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, head: usize, body: usize, admitted: Result<Admitted<'_>, Error>) -> (Answer, bool) {
     let whole = head + body;
     let arrived = |buf: &Vec<u8>| buf.len() >= whole;
-    let keys = api.api_keys.load_full();
-    let admitted = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        // The same bytes `next` read as a whole head.
-        let _ = request.parse(&buf[..head]);
-        let read = PublishHead::read(request.headers.iter().map(|h| (h.name, h.value)));
-        api.admit(&read, &keys, route)
-    };
     let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(error) => return (error.into(), arrived(buf)),
@@ -161,7 +158,7 @@ async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, route: Api
         while !arrived(buf) {
             match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return (crate::error::Error::bad_request("the connection ended inside the request body").into(), false),
+                Ok(_) => return (Error::bad_request("the connection ended inside the request body").into(), false),
                 Err(_) => return (api.body_timeout().into(), false),
             }
         }
