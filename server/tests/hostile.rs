@@ -286,3 +286,32 @@ async fn a_client_that_keeps_sending_to_a_closing_connection_is_cut_off_in_bound
     let stopped = hose.await.unwrap();
     assert!(stopped < Duration::from_secs(10), "writes failed only after {stopped:?}");
 }
+
+/// A publish API connection that once sent a large body keeps no large buffer while it
+/// idles: those bytes were budgeted only while they were read.
+#[tokio::test]
+async fn a_large_body_leaves_no_large_buffer_behind() {
+    let server = Process::spawn(&[], None);
+    let http_live = |memory: &serde_json::Value| {
+        memory["sites"].as_array().unwrap().iter().find(|s| s["site"] == "http").unwrap()["live_bytes"].as_i64().unwrap()
+    };
+    let before = http_live(&get_json(server.admin, "/debug/memory").await);
+    let mut stream = TcpStream::connect(server.client).await.unwrap();
+    let item = format!(r#"{{"broadcast":{{"data":"{}"}}}}"#, "x".repeat(60_000));
+    let body = vec![item.as_str(); 64].join("\n");
+    let head = format!("POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    // The answer ends with the results' closing `]}`.
+    while !answer[..got].ends_with(b"]}") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut stream, &mut answer[got..])).await.unwrap().unwrap();
+        assert!(n > 0, "answered: {}", String::from_utf8_lossy(&answer[..got]));
+        got += n;
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..got]));
+    let kept = http_live(&get_json(server.admin, "/debug/memory").await) - before;
+    assert!(kept < 256 * 1024, "an idle connection after a {} byte body keeps {kept} bytes", body.len());
+    drop(stream);
+}

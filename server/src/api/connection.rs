@@ -25,6 +25,9 @@ use crate::shutdown::Phase;
 use crate::socket::Socket;
 use crate::telemetry::ApiRoute;
 
+/// Most bytes a connection's read or answer buffer keeps between requests.
+const KEPT_BUFFER: usize = 16 * 1024;
+
 /// What the bytes at the start of the buffer hold.
 enum Next<'b> {
     /// A whole plain request head, `head` bytes long, its body `body` bytes.
@@ -134,6 +137,13 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
             return;
         }
         buf.drain(..head + body);
+        // A large body or answer leaves no large buffer behind on an idle connection: those
+        // bytes were counted against the node's budget only while the request was read.
+        for kept in [&mut buf, &mut out] {
+            if kept.capacity() > KEPT_BUFFER {
+                kept.shrink_to(KEPT_BUFFER.max(kept.len()));
+            }
+        }
     }
 }
 
@@ -153,7 +163,7 @@ async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, head: usiz
         Err(error) => return (error.into(), arrived(buf)),
     };
     if !arrived(buf) {
-        buf.reserve(whole - buf.len());
+        buf.reserve_exact(whole - buf.len());
         let deadline = Instant::now() + api.request_timeout;
         while !arrived(buf) {
             match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
