@@ -1,6 +1,7 @@
 //! One publish API connection. The requests a publisher sends over and over (a `POST` to
-//! `/v1/push`, `/v1/publish`, `/v1/broadcast` or `/v1/batch` over HTTP/1.1, its body's
-//! length given, nothing else asked of HTTP) are parsed with httparse, read into one
+//! `/v1/push`, `/v1/publish`, `/v1/broadcast`, `/v1/batch` or the Pusher API's
+//! `/apps/...` over HTTP/1.1, its body's length given, nothing else asked of HTTP) are
+//! parsed with httparse, read into one
 //! buffer kept for the connection's life, and answered here. The first request that is
 //! anything else (another route or method, a chunked body, `Expect`, `Connection: close`,
 //! HTTP/1.0, a head httparse refuses or that outgrows the buffer) is handed to hyper with
@@ -18,20 +19,40 @@ use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::{route_of, Admitted, Answer, Api, PublishHead, MAX_HEADERS, MAX_HEAD_BUFFER};
+use super::pusher::PusherPost;
+use super::{route_of, Answer, Api, PublishHead, MAX_HEADERS, MAX_HEAD_BUFFER};
 use crate::error::Error;
 use crate::http::Prefixed;
 use crate::shutdown::Phase;
 use crate::socket::Socket;
 use crate::telemetry::ApiRoute;
 
+/// A plain request checked on its head, its body still to read.
+enum Admitted<'a> {
+    /// `/v1/push`, `/v1/publish`, `/v1/broadcast`, `/v1/batch`.
+    Publish(super::Admitted<'a>),
+    /// A Pusher HTTP API `POST`.
+    Pusher(PusherPost<'a>),
+}
+
+impl Admitted<'_> {
+    /// Most bytes its body may have.
+    fn limit(&self, api: &Api) -> usize {
+        match self {
+            Admitted::Publish(publish) => publish.limit,
+            Admitted::Pusher(_) => api.pusher_body_limit(),
+        }
+    }
+}
+
 /// Most bytes a connection's read or answer buffer keeps between requests.
 const KEPT_BUFFER: usize = 16 * 1024;
 
 /// What the bytes at the start of the buffer hold.
 enum Next<'b> {
-    /// A whole plain request head, `head` bytes long, its body `body` bytes.
-    Plain { route: ApiRoute, head: usize, body: usize, fields: PublishHead<'b> },
+    /// A whole plain request head, `head` bytes long, its body `body` bytes; `target` is
+    /// its path and query.
+    Plain { route: ApiRoute, head: usize, body: usize, fields: PublishHead<'b>, target: &'b str },
     /// Not a whole head yet.
     Partial,
     /// A request for hyper: not plain, or not HTTP at all (hyper answers that).
@@ -46,9 +67,9 @@ fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next<'b> {
         Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BUFFER => return Next::Partial,
         _ => return Next::Hyper,
     };
-    let path = request.path.unwrap_or_default();
-    let route = route_of(path.split_once('?').map_or(path, |(path, _)| path));
-    let publishes = matches!(route, ApiRoute::Push | ApiRoute::Publish | ApiRoute::Broadcast | ApiRoute::Batch);
+    let target = request.path.unwrap_or_default();
+    let route = route_of(target.split_once('?').map_or(target, |(path, _)| path));
+    let publishes = matches!(route, ApiRoute::Push | ApiRoute::Publish | ApiRoute::Broadcast | ApiRoute::Batch | ApiRoute::Pusher);
     if request.method != Some("POST") || request.version != Some(1) || !publishes {
         return Next::Hyper;
     }
@@ -68,7 +89,7 @@ fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next<'b> {
         }
     }
     match length {
-        Some(body) => Next::Plain { route, head, body, fields: PublishHead::read(request.headers.iter().map(|h| (h.name, h.value))) },
+        Some(body) => Next::Plain { route, head, body, fields: PublishHead::read(request.headers.iter().map(|h| (h.name, h.value))), target },
         None => Next::Hyper,
     }
 }
@@ -92,9 +113,16 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
         let (route, head, body, admitted) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             match next(&buf, &mut headers) {
-                Next::Plain { route, head, body, fields } => {
+                Next::Plain { route, head, body, fields, target } => {
                     keys = api.api_keys.load_full();
-                    break (route, head, body, api.admit(&fields, &keys, route));
+                    let admitted = match route {
+                        ApiRoute::Pusher => {
+                            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                            api.admit_pusher(path, query).map(Admitted::Pusher)
+                        }
+                        _ => api.admit(&fields, &keys, route).map(Admitted::Publish),
+                    };
+                    break (route, head, body, admitted);
                 }
                 Next::Hyper => return api.clone().serve_with_hyper(Prefixed::new(buf, stream)).await,
                 Next::Partial => {}
@@ -158,7 +186,7 @@ async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, head: usiz
         Ok(admitted) => admitted,
         Err(error) => return (error.into(), arrived(buf)),
     };
-    let reading = match api.reserve_body(Some(body), admitted.limit) {
+    let reading = match api.reserve_body(Some(body), admitted.limit(api)) {
         Ok(reading) => reading,
         Err(error) => return (error.into(), arrived(buf)),
     };
@@ -173,7 +201,10 @@ async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, head: usiz
             }
         }
     }
-    let answer = api.publish_body(admitted, &buf[head..whole]).await;
+    let answer = match admitted {
+        Admitted::Publish(publish) => api.publish_body(publish, &buf[head..whole]).await,
+        Admitted::Pusher(post) => api.pusher_post(post, &buf[head..whole]).await,
+    };
     drop(reading);
     (answer.unwrap_or_else(Answer::from), true)
 }

@@ -62,6 +62,34 @@ fn unauthorized(message: impl Into<String>) -> Error {
     Error::new(Kind::Unauthorized, message)
 }
 
+/// A Pusher `POST` checked on its head; its body is still to read.
+pub(super) struct PusherPost<'a> {
+    /// The app's place among the configured ones (its metrics' label).
+    index: u16,
+    app: &'a App,
+    path: String,
+    query: Vec<(String, String)>,
+}
+
+/// Whether `endpoint` (the path after `/apps/{id}/`) is one that takes a POST.
+fn is_posted(endpoint: &str) -> bool {
+    matches!(endpoint, "events" | "batch_events") || terminated_user(endpoint).is_some()
+}
+
+/// The user of `users/{user}/terminate_connections`.
+fn terminated_user(endpoint: &str) -> Option<&str> {
+    endpoint.strip_prefix("users/").and_then(|rest| rest.strip_suffix("/terminate_connections"))
+}
+
+fn no_endpoint(path: &str) -> Error {
+    Error::new(
+        Kind::NotFound,
+        format!(
+            "no Pusher endpoint {path}; see POST /apps/{{id}}/events, /apps/{{id}}/batch_events, /apps/{{id}}/users/{{user}}/terminate_connections, GET /apps/{{id}}/channels[/{{name}}[/users]]"
+        ),
+    )
+}
+
 /// Checks a request's signature against `app`'s secret.
 fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body: &[u8]) -> Result<(), Error> {
     let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
@@ -96,20 +124,12 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
 impl Api {
     /// A request to the Pusher HTTP API.
     pub(super) async fn pusher(&self, req: Request<Incoming>) -> Result<Reply, Error> {
-        let not_found = || {
-            Error::new(
-                Kind::NotFound,
-                format!(
-                    "no Pusher endpoint {}; see POST /apps/{{id}}/events, /apps/{{id}}/batch_events, /apps/{{id}}/users/{{user}}/terminate_connections, GET /apps/{{id}}/channels[/{{name}}[/users]]",
-                    req.uri().path()
-                ),
-            )
-        };
+        let not_found = || no_endpoint(req.uri().path());
         let apps = self.pusher.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "no Pusher apps are configured (--pusher-app)"))?;
         let path = req.uri().path().to_owned();
         let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
         let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(not_found()) };
-        let (index, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
+        let (_, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
         let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let info = |name: &str| query.iter().any(|(k, v)| k == "info" && v.split(',').any(|item| item == name));
         if endpoint == "channels" || endpoint.starts_with("channels/") {
@@ -130,32 +150,54 @@ impl Api {
             };
             return Ok(json(StatusCode::OK, body));
         }
-        let terminated_user = endpoint.strip_prefix("users/").and_then(|rest| rest.strip_suffix("/terminate_connections"));
-        if !matches!(endpoint, "events" | "batch_events") && terminated_user.is_none() {
-            return Err(not_found());
-        }
         if req.method() != hyper::Method::POST {
-            return Err(Error::new(Kind::MethodNotAllowed, "use POST"));
+            return Err(if is_posted(endpoint) { Error::new(Kind::MethodNotAllowed, "use POST") } else { not_found() });
         }
+        let post = self.admit_pusher(req.uri().path(), req.uri().query().unwrap_or_default())?;
+        let (body, _reading) = self.read_body(req, self.pusher_body_limit()).await?;
+        self.pusher_post(post, &body).await.map(|answer| answer.into())
+    }
+
+    /// Room for a batch of events.
+    pub(super) fn pusher_body_limit(&self) -> usize {
+        MAX_BATCH * (self.max_message_bytes + 4096)
+    }
+
+    /// The first checks of a Pusher `POST` on its path and query alone: the app exists,
+    /// the endpoint is one that takes a POST, the node is serving.
+    pub(super) fn admit_pusher(&self, path: &str, query: &str) -> Result<PusherPost<'_>, Error> {
+        let apps = self.pusher.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "no Pusher apps are configured (--pusher-app)"))?;
+        let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
+        let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(no_endpoint(path)) };
+        let (index, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
+        if !is_posted(endpoint) {
+            return Err(no_endpoint(path));
+        }
+        let query = crate::http::query_pairs(query)?;
         if !self.shutdown.is_serving() {
             return Err(Error::new(Kind::ShuttingDown, "this node is shutting down; send to another"));
         }
-        let method = req.method().as_str().to_owned();
-        // Room for a batch of events.
-        let (body, _reading) = self.read_body(req, MAX_BATCH * (self.max_message_bytes + 4096)).await?;
-        verify(app, &method, &path, &query, &body)?;
-        if let Some(user) = terminated_user {
+        Ok(PusherPost { index, app, path: path.to_owned(), query })
+    }
+
+    /// A Pusher `POST` admitted on its head, answered from its `body`: its signature
+    /// checked, then its events triggered or its user's connections terminated.
+    pub(super) async fn pusher_post(&self, post: PusherPost<'_>, body: &[u8]) -> Result<super::Answer, Error> {
+        let PusherPost { index, app, path, query } = post;
+        verify(app, "POST", &path, &query, body)?;
+        let endpoint = path.trim_start_matches("/apps/").split_once('/').map_or("", |(_, endpoint)| endpoint);
+        if let Some(user) = terminated_user(endpoint) {
             pusher::check_user_id(user).map_err(Error::bad_request)?;
             self.terminate(app, user).await?;
-            return Ok(json(StatusCode::OK, "{}".into()));
+            return Ok(super::Answer::ok("{}".into()));
         }
         let events = match endpoint {
-            "events" => vec![event(&body)?],
+            "events" => vec![event(body)?],
             _ => {
                 if !body.trim_ascii_start().starts_with(b"{") {
                     return Err(Error::bad_request("a batch is a JSON object: {\"batch\":[..]}"));
                 }
-                let batch = serde_json::from_slice::<Batch>(&body).map_err(|e| Error::bad_request(format!("bad batch: {e}")))?.batch;
+                let batch = serde_json::from_slice::<Batch>(body).map_err(|e| Error::bad_request(format!("bad batch: {e}")))?.batch;
                 if batch.len() > MAX_BATCH {
                     return Err(Error::new(Kind::PayloadTooLarge, format!("a batch holds at most {MAX_BATCH} events; this one {}", batch.len())));
                 }
@@ -164,7 +206,7 @@ impl Api {
         };
         let published = self.trigger(app, &events).await?;
         self.metrics.pusher_events(index, PusherSource::Api, published);
-        Ok(json(StatusCode::OK, "{}".into()))
+        Ok(super::Answer::ok("{}".into()))
     }
 
     fn presence_on(&self) -> Result<&crate::presence::Presence, Error> {
