@@ -1,5 +1,6 @@
 //! The publish API under `/v1`: push to uids, publish to a topic, broadcast to everyone,
-//! or any of those, many at once (`/v1/batch`).
+//! or any of those, many at once (`/v1/batch`); and the Pusher HTTP API (`pusher`).
+//! A connection's plain requests are read and answered by `connection`, the rest by hyper.
 //!
 //! Each request is checked (key, node budget, size, JSON) before anything is framed; a
 //! refusal names what is wrong. An accepted message is framed once and handed to the
