@@ -21,11 +21,19 @@ use crate::Shared;
 /// How often the ring is drained and the thread list read.
 const PASS: Duration = Duration::from_millis(100);
 
+/// Passes in which a thread's name is read again after the thread is found: a new thread
+/// names itself once running, at once; reading every thread's name on every pass would be
+/// a file opened per thread ten times a second (thousands a second over the 60 processes
+/// of `pushline-bench scale`).
+const NAMING_PASSES: u8 = 3;
+
 /// A thread's CPU-time timer, and the thread's name as last read.
 struct Timer {
     id: libc::timer_t,
     name_id: u64,
     name: String,
+    /// Passes since the thread was found, up to [`NAMING_PASSES`].
+    passes: u8,
 }
 
 /// The CPU clock of thread `tid` of this process (Linux: `MAKE_THREAD_CPUCLOCK`).
@@ -53,7 +61,7 @@ impl Timer {
             if libc::timer_create(thread_cpu_clock(tid), &mut event, &mut id) != 0 {
                 return None;
             }
-            let timer = Timer { id, name_id, name };
+            let timer = Timer { id, name_id, name, passes: 0 };
             timer.set(hz);
             Some(timer)
         }
@@ -72,16 +80,15 @@ impl Drop for Timer {
     }
 }
 
-/// Thread ids of this process, with their names.
-fn threads() -> Vec<(i32, String)> {
+/// Thread ids of this process.
+fn threads() -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
-    dir.filter_map(|entry| {
-        let entry = entry.ok()?;
-        let tid: i32 = entry.file_name().to_str()?.parse().ok()?;
-        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        Some((tid, name.trim_end().to_owned()))
-    })
-    .collect()
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect()
+}
+
+/// The name of thread `tid` of this process.
+fn thread_name(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap_or_default().trim_end().to_owned()
 }
 
 pub fn run(shared: Arc<Shared>) {
@@ -117,24 +124,30 @@ pub fn run(shared: Arc<Shared>) {
             });
         }
         // Then the threads: ended ones lose their timer, new ones get one, and a name set
-        // after a thread was found (a new thread names itself once running) is taken.
+        // just after a thread was found (a new thread names itself once running) is taken
+        // in its first passes.
         let hz = shared.hz();
         let live = threads();
-        timers.retain(|tid, _| live.iter().any(|(t, _)| t == tid));
+        timers.retain(|tid, _| live.contains(tid));
         {
             let mut table = shared.lock_table();
-            for (tid, name) in live.iter().filter(|(tid, _)| *tid != own) {
-                match timers.get_mut(tid) {
-                    Some(timer) if timer.name != *name => {
-                        timer.name_id = table.thread_id(name);
-                        timer.name.clone_from(name);
+            for &tid in live.iter().filter(|tid| **tid != own) {
+                match timers.get_mut(&tid) {
+                    Some(timer) if timer.passes < NAMING_PASSES => {
+                        timer.passes += 1;
+                        let name = thread_name(tid);
+                        if timer.name != name {
+                            timer.name_id = table.thread_id(&name);
+                            timer.name = name;
+                        }
                     }
                     Some(_) => {}
                     None => {
                         // A thread that ended since the list was read gets none; one
                         // whose timer could not be made is tried again on the next pass.
-                        if let Some(timer) = Timer::create(*tid, hz_set.max(hz), table.thread_id(name), name.clone()) {
-                            timers.insert(*tid, timer);
+                        let name = thread_name(tid);
+                        if let Some(timer) = Timer::create(tid, hz_set.max(hz), table.thread_id(&name), name) {
+                            timers.insert(tid, timer);
                         }
                     }
                 }
