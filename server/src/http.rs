@@ -13,6 +13,9 @@ use crate::error::Error;
 use crate::socket::Socket;
 use crate::wire::cursor::MAX_CURSOR_BYTES;
 
+/// Most header fields a request head may have, on every path.
+pub const MAX_HEADERS: usize = 64;
+
 /// Largest request head accepted, not counting a cursor (`Last-Event-ID`, `?cursor=`).
 const MAX_HEAD: usize = 8 * 1024;
 /// Room beyond `MAX_HEAD` for the cursor a returning client sends back: the longest the
@@ -118,7 +121,7 @@ fn too_long() -> Error {
 
 /// Parses the request head at the start of `buf`; `None` while it is incomplete.
 pub fn parse(buf: &[u8]) -> Option<ReadHead> {
-    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Partial) => None,

@@ -266,11 +266,11 @@ async fn one_connection_answers_every_kind_of_request_in_order() {
     let mut stream = tokio::net::TcpStream::connect(t.client).await.unwrap();
     // Two pushes and a refused one in one write; the refusal's body was sent whole, so the
     // connection goes on.
-    let pipelined = [request("/v1/push", key, &push(1)), request("/v1/push", "", &push(99)), request("/v1/push", key, &push(2))].concat();
+    let pipelined = [request("/v1/push", key, &push(1)), request("/v1/push", key, "{not json"), request("/v1/push", key, &push(2))].concat();
     stream.write_all(pipelined.as_bytes()).await.unwrap();
     let answered = responses(&mut stream, 3).await;
     let statuses: Vec<u16> = answered.iter().map(|(status, ..)| *status).collect();
-    assert_eq!(statuses, [200, 401, 200]);
+    assert_eq!(statuses, [200, 400, 200]);
     for (_, fields, _) in &answered {
         assert_eq!(header(fields, "content-type"), Some("application/json"));
         assert!(httpdate::parse_http_date(header(fields, "date").expect("a Date header")).is_ok());
@@ -299,11 +299,18 @@ async fn one_connection_answers_every_kind_of_request_in_order() {
     assert_eq!(responses(&mut stream, 1).await[0].0, 200);
     stream.write_all(b"GET /v1/push HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     assert_eq!(responses(&mut stream, 1).await[0].0, 405);
+    // A request without a valid key ends its connection (hyper's, here; the plain path's in
+    // the next test), so it cannot hold an API connection by asking again and again.
+    stream.write_all(request("/v1/push", "", &push(99)).as_bytes()).await.unwrap();
+    let refused = responses(&mut stream, 2).await;
+    assert_eq!(refused.len(), 1, "one answer, then the end");
+    assert_eq!((refused[0].0, header(&refused[0].1, "connection")), (401, Some("close")));
     for n in 1..=5 {
         assert_eq!(next_json(&mut a).await["data"], n, "each push delivered once, in order");
     }
     let text = metrics(t.admin).await;
     assert_eq!(metric(&text, r#"pushline_api_requests_total{route="push",status="200"}"#), 5.0);
+    assert_eq!(metric(&text, r#"pushline_api_requests_total{route="push",status="400"}"#), 1.0);
     assert_eq!(metric(&text, r#"pushline_api_requests_total{route="push",status="401"}"#), 1.0);
     assert_eq!(metric(&text, r#"pushline_api_requests_total{route="push",status="405"}"#), 1.0);
 }
@@ -322,6 +329,7 @@ async fn refused_and_stalled_requests_end_their_connection_answered() {
     let key = "Authorization: Bearer an-api-key-of-at-least-32-bytes-long\r\n";
     let cases = [
         ("", 100_000, 401, "missing or wrong API key"),
+        ("", 8, 401, "missing or wrong API key"),
         (key, 100_000_000, 413, "request body over"),
         (key, 100, 408, "request body not received within 1s"),
     ];

@@ -16,11 +16,13 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::pusher::PusherPost;
-use super::{route_of, Answer, Api, PublishHead, MAX_HEADERS, MAX_HEAD_BUFFER};
+use super::{route_of, Answer, Api, PublishHead, MAX_HEAD_BUFFER};
+use crate::http::MAX_HEADERS;
 use crate::error::Error;
 use crate::http::Prefixed;
 use crate::shutdown::Phase;
@@ -62,8 +64,9 @@ enum Next<'b> {
 /// Reads the request head at the start of `bytes` into `headers`.
 fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next<'b> {
     let mut request = httparse::Request::new(headers);
+    // A head over the limit is hyper's to refuse (431).
     let head = match request.parse(bytes) {
-        Ok(httparse::Status::Complete(head)) => head,
+        Ok(httparse::Status::Complete(head)) if head <= MAX_HEAD_BUFFER => head,
         Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BUFFER => return Next::Partial,
         _ => return Next::Hyper,
     };
@@ -149,8 +152,17 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
         // Tracked, as hyper's requests are, so a graceful shutdown waits for it.
         let (answer, served) = api.shutdown.track(serve_one(&api, &mut stream, &mut buf, head, body, admitted)).await;
         api.metrics.api_request(route, answer.status.as_u16());
-        let closing = api.shutdown.phase() >= Phase::Closing;
-        write_answer(&mut out, &answer, !served || closing);
+        // A request without a valid key does not keep its connection, so that it cannot
+        // hold one of `--max-api-connections` by asking again before each timeout.
+        let last = api.shutdown.phase() >= Phase::Closing || answer.status == StatusCode::UNAUTHORIZED;
+        if served {
+            // The request is done with before its answer is written: a large body leaves
+            // no large buffer behind (it was counted against the node's budget only while
+            // it was read), even while a slow client reads the answer.
+            buf.drain(..head + body);
+            keep_small(&mut buf);
+        }
+        write_answer(&mut out, &answer, !served || last);
         if stream.write_all(&out).await.is_err() || AsyncWriteExt::flush(&mut stream).await.is_err() {
             return;
         }
@@ -160,25 +172,25 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
             let _ = Prefixed::new(Vec::new(), stream).shutdown().await;
             return;
         }
-        if closing {
+        if last {
             let _ = stream.shutdown().await;
             return;
         }
-        buf.drain(..head + body);
-        // A large body or answer leaves no large buffer behind on an idle connection: those
-        // bytes were counted against the node's budget only while the request was read.
-        for kept in [&mut buf, &mut out] {
-            if kept.capacity() > KEPT_BUFFER {
-                kept.shrink_to(KEPT_BUFFER.max(kept.len()));
-            }
-        }
+        keep_small(&mut out);
+    }
+}
+
+/// Gives back what `kept` holds beyond [`KEPT_BUFFER`] and its bytes.
+fn keep_small(kept: &mut Vec<u8>) {
+    if kept.capacity() > KEPT_BUFFER {
+        kept.shrink_to(KEPT_BUFFER.max(kept.len()));
     }
 }
 
 /// Answers the plain request at the start of `buf`, `admitted` (or not) on its head,
-/// reading the rest of its body into `buf` first. `served` is false when the body was left unread (the request was refused
-/// on its head before the whole body arrived, or it did not arrive in time): the
-/// connection cannot go on.
+/// reading the rest of its body into `buf` first. `served` is false when the body was left
+/// unread (the request was refused on its head before the whole body arrived, or it did
+/// not arrive in time): the connection cannot go on.
 async fn serve_one(api: &Api, stream: &mut Socket, buf: &mut Vec<u8>, head: usize, body: usize, admitted: Result<Admitted<'_>, Error>) -> (Answer, bool) {
     let whole = head + body;
     let arrived = |buf: &Vec<u8>| buf.len() >= whole;

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::auth::api_keys::{ApiKey, ApiKeys};
 use crate::error::{Error, Kind};
-use crate::http::{bearer_token, Prefixed};
+use crate::http::{bearer_token, Prefixed, MAX_HEADERS};
 use crate::socket::Socket;
 use crate::hub::{self, Hub};
 use crate::registry::relay::Target;
@@ -45,7 +45,6 @@ const ENVELOPE_ALLOWANCE: usize = 1024 * 1024;
 /// Most bytes hyper buffers for a request head (its minimum is 8 KiB); the listener's own
 /// head reader takes 8 KiB.
 const MAX_HEAD_BUFFER: usize = 16 * 1024;
-const MAX_HEADERS: usize = 64;
 
 pub struct Api {
     pub registry: Arc<Registry>,
@@ -197,6 +196,11 @@ impl Api {
             _ => self.publish(req, route).await.unwrap_or_else(Answer::from).into(),
         };
         self.metrics.api_request(route, reply.status().as_u16());
+        // As on the plain path: a request without a valid key does not keep its connection.
+        let mut reply = reply;
+        if reply.status() == StatusCode::UNAUTHORIZED {
+            reply.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+        }
         reply
     }
 }
@@ -289,6 +293,7 @@ fn allowed(holder: Option<&ApiKey>, kind: PublishKind, topic: Option<&str>) -> R
         Some(key) if !key.allows(kind, topic) => {
             let what = match (kind, topic) {
                 (PublishKind::Topic, Some(topic)) => format!("publish to topic `{topic}`"),
+                (PublishKind::Topic, None) => "publish to topics".to_owned(),
                 (kind, _) => <&str>::from(kind).to_owned(),
             };
             Err(Error::new(Kind::Forbidden, format!("API key `{}` may not {what}", key.name)))
@@ -514,6 +519,7 @@ impl Api {
 
     /// A publish admitted on its head, published from its `body`.
     async fn publish_body(&self, admitted: Admitted<'_>, body: &[u8]) -> Result<Answer, Error> {
+        self.not_closing()?;
         let accepted_at = Instant::now();
         let Admitted { holder, kind, idempotency_key, ndjson, .. } = admitted;
         let publisher = holder.map_or("", |key| key.name.as_str());
@@ -550,6 +556,16 @@ impl Api {
             return Err(Error::new(Kind::Overloaded, error));
         };
         Ok(Reading::new(permits, &self.metrics))
+    }
+
+    /// 503 for a publish whose body arrived after draining ended: its clients are being
+    /// closed, so it would reach no one (and the memory registry's copy ends with the
+    /// process); the publisher should send it to another node.
+    fn not_closing(&self) -> Result<(), Error> {
+        if self.shutdown.phase() >= Phase::Closing {
+            return Err(Error::new(Kind::ShuttingDown, "this node closed its connections before the body arrived; publish to another"));
+        }
+        Ok(())
     }
 
     fn body_timeout(&self) -> Error {

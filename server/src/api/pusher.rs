@@ -184,6 +184,7 @@ impl Api {
     /// checked, then its events triggered or its user's connections terminated.
     pub(super) async fn pusher_post(&self, post: PusherPost<'_>, body: &[u8]) -> Result<super::Answer, Error> {
         let PusherPost { index, app, path, query } = post;
+        self.not_closing()?;
         verify(app, "POST", &path, &query, body)?;
         let endpoint = path.trim_start_matches("/apps/").split_once('/').map_or("", |(_, endpoint)| endpoint);
         if let Some(user) = terminated_user(endpoint) {
