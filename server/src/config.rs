@@ -469,7 +469,7 @@ pub struct Config {
     pub idempotency_max_keys: usize,
 
     /// Bytes of publish request bodies this node reads at once (a body counts its
-    /// Content-Length, or the largest allowed); past it, publishes get 503.
+    /// Content-Length, or, chunked, what has arrived of it); past it, publishes get 503.
     #[arg(long, env = "PUSHLINE_MAX_PUBLISH_BYTES_IN_FLIGHT", default_value_t = 64 << 20)]
     pub max_publish_bytes_in_flight: usize,
 

@@ -315,3 +315,40 @@ async fn a_large_body_leaves_no_large_buffer_behind() {
     assert!(kept < 256 * 1024, "an idle connection after a {} byte body keeps {kept} bytes", body.len());
     drop(stream);
 }
+
+/// A body without a Content-Length (chunked) is charged against the node's body budget as
+/// it arrives, not as the largest its endpoint takes: four silent chunked batches do not
+/// hold a budget every other publisher needs.
+#[tokio::test]
+async fn a_chunked_body_is_charged_what_it_sent() {
+    let server = Process::spawn(&["--max-publish-bytes-in-flight", "4194304"], None);
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(server.client).await.unwrap();
+        stream.write_all(b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+        silent.push(stream);
+    }
+    wait_metric(server.admin, "pushline_publish_bytes_reading", |v| v >= 4.0 * 1024.0).await;
+    let text = metrics(server.admin).await;
+    assert_eq!(metric(&text, "pushline_publish_bytes_reading"), 4.0 * 1024.0, "a KiB each, until their bodies come");
+    let (status, _, reply) = post_raw(server.client, "/v1/broadcast", json!({"data": 1}).to_string(), None).await;
+    assert_eq!(status, 200, "{reply}");
+    drop(silent);
+    // And a chunked body is held to the budget by what it sends.
+    let small = Process::spawn(&["--max-publish-bytes-in-flight", "65536"], None);
+    let mut stream = TcpStream::connect(small.client).await.unwrap();
+    let body = format!(r#"{{"data":"{}"}}"#, "x".repeat(70_000));
+    let request = format!("POST /v1/broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // The answer's JSON ends with `}`.
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"}") {
+        let mut got = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut got)).await.unwrap().unwrap();
+        assert!(n > 0, "answered: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&got[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:.300}");
+    assert!(answer.contains("--max-publish-bytes-in-flight"), "{answer:.300}");
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use arc_swap::ArcSwap;
@@ -376,7 +376,7 @@ impl From<Failed> for Answer {
 
 /// A body's share of `--max-publish-bytes-in-flight`, shown in a gauge while held.
 struct Reading<'a> {
-    _permits: tokio::sync::OwnedSemaphorePermit,
+    permits: tokio::sync::OwnedSemaphorePermit,
     bytes: f64,
     metrics: &'a Metrics,
 }
@@ -385,7 +385,23 @@ impl<'a> Reading<'a> {
     fn new(permits: tokio::sync::OwnedSemaphorePermit, metrics: &'a Metrics) -> Reading<'a> {
         let bytes = permits.num_permits() as f64 * 1024.0;
         metrics.publish_bytes_reading.increment(bytes);
-        Reading { _permits: permits, bytes, metrics }
+        Reading { permits, bytes, metrics }
+    }
+
+    /// Holds enough of `bodies` for `bytes` read so far, taking more permits when they
+    /// outgrow what is held; false when the node has none to give.
+    fn cover(&mut self, bytes: usize, bodies: &Arc<tokio::sync::Semaphore>) -> bool {
+        let held = self.permits.num_permits();
+        let needed = bytes.div_ceil(1024);
+        if needed <= held {
+            return true;
+        }
+        let Ok(more) = bodies.clone().try_acquire_many_owned(u32::try_from(needed - held).unwrap_or(u32::MAX)) else { return false };
+        let added = more.num_permits() as f64 * 1024.0;
+        self.permits.merge(more);
+        self.metrics.publish_bytes_reading.increment(added);
+        self.bytes += added;
+        true
     }
 }
 
@@ -461,20 +477,31 @@ impl Api {
     /// [`Api::reserve_body`]), within the request timeout (408).
     async fn read_body(&self, req: Request<Incoming>, limit: usize) -> Result<(Bytes, Reading<'_>), Error> {
         let declared = PublishHead::of(req.headers()).declared;
-        let reading = self.reserve_body(declared, limit)?;
-        let mut collect = std::pin::pin!(Limited::new(req.into_body(), limit).collect());
+        let mut reading = self.reserve_body(declared, limit)?;
+        let mut body = req.into_body();
+        let mut read = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+        let mut collect = std::pin::pin!(async {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| Error::bad_request(format!("could not read body: {e}")))?;
+                let Ok(data) = frame.into_data() else { continue };
+                if read.len() + data.len() > limit {
+                    return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
+                }
+                // A body without a Content-Length is charged as it arrives.
+                if !reading.cover(read.len() + data.len(), &self.bodies) {
+                    return Err(self.over_body_budget());
+                }
+                read.extend_from_slice(&data);
+            }
+            Ok(())
+        });
         // A body that came with its head (most publishes) is read whole at once: no timer
         // is armed for it.
         let collected = match futures_util::poll!(collect.as_mut()) {
-            std::task::Poll::Ready(collected) => Ok(collected),
-            std::task::Poll::Pending => tokio::time::timeout(self.request_timeout, collect).await,
+            std::task::Poll::Ready(collected) => collected,
+            std::task::Poll::Pending => tokio::time::timeout(self.request_timeout, collect).await.map_err(|_| self.body_timeout())?,
         };
-        match collected {
-            Ok(Ok(body)) => Ok((body.to_bytes(), reading)),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes"))),
-            Ok(Err(e)) => Err(Error::bad_request(format!("could not read body: {e}"))),
-            Err(_) => Err(self.body_timeout()),
-        }
+        collected.map(|()| (Bytes::from(read), reading))
     }
 
     /// The first checks of a publish request, on its head alone: the node is serving, the
@@ -544,18 +571,21 @@ impl Api {
 
     /// A body of at most `limit` bytes may be read: 413 past it (from its Content-Length,
     /// `declared`, when it has one), 503 when the node has no room for it; its share of
-    /// `--max-publish-bytes-in-flight` is held while the returned `Reading` lives.
+    /// `--max-publish-bytes-in-flight` (its Content-Length, else a first KiB, then what
+    /// arrives: [`Reading::cover`]) is held while the returned `Reading` lives.
     fn reserve_body(&self, declared: Option<usize>, limit: usize) -> Result<Reading<'_>, Error> {
         if declared.is_some_and(|n| n > limit) {
             return Err(Error::new(Kind::PayloadTooLarge, format!("request body over {limit} bytes")));
         }
-        let kib = declared.unwrap_or(limit).div_ceil(1024).max(1) as u32;
-        let Ok(permits) = self.bodies.clone().try_acquire_many_owned(kib) else {
-            self.metrics.dropped(DropReason::NodeOverBudget, 1);
-            let error = "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later";
-            return Err(Error::new(Kind::Overloaded, error));
-        };
+        let kib = declared.unwrap_or(0).div_ceil(1024).max(1) as u32;
+        let permits = self.bodies.clone().try_acquire_many_owned(kib).map_err(|_| self.over_body_budget())?;
         Ok(Reading::new(permits, &self.metrics))
+    }
+
+    fn over_body_budget(&self) -> Error {
+        self.metrics.dropped(DropReason::NodeOverBudget, 1);
+        let error = "publish bodies being read are over this node's budget (--max-publish-bytes-in-flight); retry later";
+        Error::new(Kind::Overloaded, error)
     }
 
     /// 503 for a publish whose body arrived after draining ended: its clients are being
