@@ -1,16 +1,17 @@
 //! One publish API connection. The requests a publisher sends over and over (a `POST` to
 //! `/v1/push`, `/v1/publish`, `/v1/broadcast`, `/v1/batch` or the Pusher API's
 //! `/apps/...` over HTTP/1.1, its body's length given, nothing else asked of HTTP) are
-//! parsed with httparse, read into one
-//! buffer kept for the connection's life, and answered here. The first request that is
-//! anything else (another route or method, a chunked body, `Expect`, `Connection: close`,
-//! HTTP/1.0, a head httparse refuses or that outgrows the buffer) is handed to hyper with
-//! the connection and every byte already read, and hyper serves the rest of it.
+//! parsed with httparse, read into one buffer kept for the connection's life, and
+//! answered here. The first request that is anything else (another route or method, a
+//! chunked body, `Expect`, `Connection: close`, HTTP/1.0, a head httparse refuses or that
+//! outgrows the buffer) is handed to hyper with the connection and every byte already
+//! read, and hyper serves the rest of it.
 //!
 //! Why not hyper for every request: per keep-alive push, hyper's request and response
 //! header maps, its body channel, the timer it allocates for each request and its
-//! dispatcher came to ~15 allocations and a third of the push's user-space CPU
-//! (`pushline-bench unicast`, see the README's floor table for the figures before and after).
+//! dispatcher came to 8 of the push's 18 allocations and about a third of its user-space
+//! CPU (`pushline-bench unicast`; the README's floor table has the figures before and
+//! after).
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -22,9 +23,8 @@ use tokio::time::Instant;
 
 use super::pusher::PusherPost;
 use super::{route_of, Answer, Api, PublishHead, MAX_HEAD_BUFFER};
-use crate::http::MAX_HEADERS;
 use crate::error::Error;
-use crate::http::Prefixed;
+use crate::http::{Prefixed, MAX_HEADERS};
 use crate::shutdown::Phase;
 use crate::socket::Socket;
 use crate::telemetry::ApiRoute;
