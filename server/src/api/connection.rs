@@ -17,12 +17,11 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::pusher::PusherPost;
-use super::{route_of, Answer, Api, PublishHead, MAX_HEAD_BUFFER};
+use super::{ends_connection, route_of, Answer, Api, PublishHead, MAX_HEAD_BUFFER};
 use crate::error::Error;
 use crate::http::{Prefixed, MAX_HEADERS};
 use crate::shutdown::Phase;
@@ -111,19 +110,21 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
         // Wait for a whole head: for at most the request timeout, and only until the
         // server closes its connections.
         let deadline = Instant::now() + api.request_timeout;
-        // Read as the head is whole: a reload (SIGHUP) applies to the next request.
+        // Read as a publish's head is whole: a reload (SIGHUP) applies to the next request.
         let keys;
         let (route, head, body, admitted) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             match next(&buf, &mut headers) {
                 Next::Plain { route, head, body, fields, target } => {
-                    keys = api.api_keys.load_full();
                     let admitted = match route {
                         ApiRoute::Pusher => {
                             let (path, query) = target.split_once('?').unwrap_or((target, ""));
                             api.admit_pusher(path, query).map(Admitted::Pusher)
                         }
-                        _ => api.admit(&fields, &keys, route).map(Admitted::Publish),
+                        _ => {
+                            keys = api.api_keys.load_full();
+                            api.admit(&fields, &keys, route).map(Admitted::Publish)
+                        }
                     };
                     break (route, head, body, admitted);
                 }
@@ -152,9 +153,7 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
         // Tracked, as hyper's requests are, so a graceful shutdown waits for it.
         let (answer, served) = api.shutdown.track(serve_one(&api, &mut stream, &mut buf, head, body, admitted)).await;
         api.metrics.api_request(route, answer.status.as_u16());
-        // A request without a valid key does not keep its connection, so that it cannot
-        // hold one of `--max-api-connections` by asking again before each timeout.
-        let last = api.shutdown.phase() >= Phase::Closing || answer.status == StatusCode::UNAUTHORIZED;
+        let last = api.shutdown.phase() >= Phase::Closing || ends_connection(answer.status);
         if served {
             // The request is done with before its answer is written: a large body leaves
             // no large buffer behind (it was counted against the node's budget only while

@@ -173,7 +173,7 @@ impl Api {
 
     async fn route(&self, req: Request<Incoming>) -> Reply {
         let route = route_of(req.uri().path());
-        let reply = match route {
+        let mut reply: Reply = match route {
             ApiRoute::Other if matches!(req.uri().path(), "/ws" | "/sse") => {
                 Error::bad_request("open /ws and /sse on a connection of their own").into()
             }
@@ -196,13 +196,18 @@ impl Api {
             _ => self.publish(req, route).await.unwrap_or_else(Answer::from).into(),
         };
         self.metrics.api_request(route, reply.status().as_u16());
-        // As on the plain path: a request without a valid key does not keep its connection.
-        let mut reply = reply;
-        if reply.status() == StatusCode::UNAUTHORIZED {
+        if ends_connection(reply.status()) {
             reply.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
         }
         reply
     }
+}
+
+/// Whether an answer of `status` ends its connection, on either path: a request without a
+/// valid key (401) must not keep one of `--max-api-connections` by asking again before
+/// each timeout.
+fn ends_connection(status: StatusCode) -> bool {
+    status == StatusCode::UNAUTHORIZED
 }
 
 /// The route a request's path names.
@@ -233,14 +238,12 @@ struct PublishHead<'h> {
     idempotency_key_twice: bool,
     /// The media type of `Content-Type`, without its parameters.
     media_type: Option<&'h str>,
-    /// `Content-Length`, when given and a number.
-    declared: Option<usize>,
 }
 
 impl<'h> PublishHead<'h> {
     /// Reads the head from its headers, in order, as (name, value) pairs.
     fn read(headers: impl Iterator<Item = (&'h str, &'h [u8])>) -> PublishHead<'h> {
-        let (mut api_key, mut authorization, mut content_type, mut declared) = (None, None, None, None);
+        let (mut api_key, mut authorization, mut content_type) = (None, None, None);
         let (mut idempotency_key, mut idempotency_key_twice) = (None, false);
         for (name, value) in headers {
             let first = |slot: &mut Option<Option<&'h str>>| {
@@ -257,8 +260,6 @@ impl<'h> PublishHead<'h> {
                 first(&mut idempotency_key);
             } else if name.eq_ignore_ascii_case("content-type") {
                 first(&mut content_type);
-            } else if name.eq_ignore_ascii_case("content-length") && declared.is_none() {
-                declared = Some(header_text(value).and_then(|v| v.parse::<usize>().ok()));
             }
         }
         PublishHead {
@@ -266,7 +267,6 @@ impl<'h> PublishHead<'h> {
             idempotency_key,
             idempotency_key_twice,
             media_type: content_type.flatten().map(|t| t.split(';').next().unwrap_or_default().trim()),
-            declared: declared.flatten(),
         }
     }
 
@@ -374,18 +374,22 @@ impl From<Failed> for Answer {
     }
 }
 
+/// Bytes `permits` (one per KiB) stand for, as the gauge counts them.
+fn kib_as_bytes(permits: &tokio::sync::OwnedSemaphorePermit) -> f64 {
+    permits.num_permits() as f64 * 1024.0
+}
+
 /// A body's share of `--max-publish-bytes-in-flight`, shown in a gauge while held.
 struct Reading<'a> {
+    /// One per KiB.
     permits: tokio::sync::OwnedSemaphorePermit,
-    bytes: f64,
     metrics: &'a Metrics,
 }
 
 impl<'a> Reading<'a> {
     fn new(permits: tokio::sync::OwnedSemaphorePermit, metrics: &'a Metrics) -> Reading<'a> {
-        let bytes = permits.num_permits() as f64 * 1024.0;
-        metrics.publish_bytes_reading.increment(bytes);
-        Reading { permits, bytes, metrics }
+        metrics.publish_bytes_reading.increment(kib_as_bytes(&permits));
+        Reading { permits, metrics }
     }
 
     /// Holds enough of `bodies` for `bytes` read so far, taking more permits when they
@@ -397,17 +401,15 @@ impl<'a> Reading<'a> {
             return true;
         }
         let Ok(more) = bodies.clone().try_acquire_many_owned(u32::try_from(needed - held).unwrap_or(u32::MAX)) else { return false };
-        let added = more.num_permits() as f64 * 1024.0;
+        self.metrics.publish_bytes_reading.increment(kib_as_bytes(&more));
         self.permits.merge(more);
-        self.metrics.publish_bytes_reading.increment(added);
-        self.bytes += added;
         true
     }
 }
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        self.metrics.publish_bytes_reading.decrement(self.bytes);
+        self.metrics.publish_bytes_reading.decrement(kib_as_bytes(&self.permits));
     }
 }
 
@@ -476,7 +478,7 @@ impl Api {
     /// `--max-publish-bytes-in-flight` while the returned `Reading` lives (see
     /// [`Api::reserve_body`]), within the request timeout (408).
     async fn read_body(&self, req: Request<Incoming>, limit: usize) -> Result<(Bytes, Reading<'_>), Error> {
-        let declared = PublishHead::of(req.headers()).declared;
+        let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         let mut reading = self.reserve_body(declared, limit)?;
         let mut body = req.into_body();
         let mut read = Vec::with_capacity(declared.unwrap_or(0).min(limit));
