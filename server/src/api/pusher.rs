@@ -124,12 +124,8 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
 impl Api {
     /// A request to the Pusher HTTP API.
     pub(super) async fn pusher(&self, req: Request<Incoming>) -> Result<Reply, Error> {
-        let not_found = || no_endpoint(req.uri().path());
-        let apps = self.pusher.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "no Pusher apps are configured (--pusher-app)"))?;
         let path = req.uri().path().to_owned();
-        let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
-        let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(not_found()) };
-        let (_, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
+        let (index, app, endpoint) = self.pusher_target(&path)?;
         let query = crate::http::query_pairs(req.uri().query().unwrap_or_default())?;
         let info = |name: &str| query.iter().any(|(k, v)| k == "info" && v.split(',').any(|item| item == name));
         if endpoint == "channels" || endpoint.starts_with("channels/") {
@@ -150,10 +146,12 @@ impl Api {
             };
             return Ok(json(StatusCode::OK, body));
         }
-        if req.method() != hyper::Method::POST {
-            return Err(if is_posted(endpoint) { Error::new(Kind::MethodNotAllowed, "use POST") } else { not_found() });
+        match (req.method() == hyper::Method::POST, is_posted(endpoint)) {
+            (true, true) => {}
+            (false, true) => return Err(Error::new(Kind::MethodNotAllowed, "use POST")),
+            (_, false) => return Err(no_endpoint(&path)),
         }
-        let post = self.admit_pusher(req.uri().path(), req.uri().query().unwrap_or_default())?;
+        let post = self.pusher_post_head(index, app, &path, query)?;
         let (body, _reading) = self.read_body(req, self.pusher_body_limit()).await?;
         self.pusher_post(post, &body).await.map(|answer| answer.into())
     }
@@ -163,17 +161,28 @@ impl Api {
         MAX_BATCH * (self.max_message_bytes + 4096)
     }
 
-    /// The first checks of a Pusher `POST` on its path and query alone: the app exists,
-    /// the endpoint is one that takes a POST, the node is serving.
-    pub(super) fn admit_pusher(&self, path: &str, query: &str) -> Result<PusherPost<'_>, Error> {
+    /// The app (its index and itself) and the endpoint a Pusher API path names; 404 when
+    /// it names none.
+    fn pusher_target<'p>(&self, path: &'p str) -> Result<(u16, &App, &'p str), Error> {
         let apps = self.pusher.as_deref().ok_or_else(|| Error::new(Kind::NotFound, "no Pusher apps are configured (--pusher-app)"))?;
         let mut parts = path.trim_start_matches("/apps/").splitn(2, '/');
         let (Some(id), Some(endpoint)) = (parts.next(), parts.next()) else { return Err(no_endpoint(path)) };
         let (index, app) = apps.by_id(id).ok_or_else(|| Error::new(Kind::NotFound, format!("no Pusher app {id}")))?;
+        Ok((index, app, endpoint))
+    }
+
+    /// The first checks of a Pusher `POST` on its path and query alone: the app exists,
+    /// the endpoint is one that takes a POST, the node is serving.
+    pub(super) fn admit_pusher(&self, path: &str, query: &str) -> Result<PusherPost<'_>, Error> {
+        let (index, app, endpoint) = self.pusher_target(path)?;
         if !is_posted(endpoint) {
             return Err(no_endpoint(path));
         }
-        let query = crate::http::query_pairs(query)?;
+        self.pusher_post_head(index, app, path, crate::http::query_pairs(query)?)
+    }
+
+    /// A POST to a posted endpoint of `app`, taken while the node is serving.
+    fn pusher_post_head<'a>(&self, index: u16, app: &'a App, path: &str, query: Vec<(String, String)>) -> Result<PusherPost<'a>, Error> {
         if !self.shutdown.is_serving() {
             return Err(Error::new(Kind::ShuttingDown, "this node is shutting down; send to another"));
         }
