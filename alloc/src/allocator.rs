@@ -207,7 +207,7 @@ fn arena_of_site(site: u8) -> u32 {
 ///
 /// jemalloc does not trim explicit caches as it trims a thread's own: each holds at most
 /// its bins' slots (a few hundred small blocks per size class in use) until the thread
-/// lets them go with [`ThreadCaches::stop`]. Only the server's long-lived threads keep them.
+/// lets them go with [`thread_caches::stop`]. Only the server's long-lived threads keep them.
 pub mod thread_caches {
     use super::*;
 
