@@ -214,41 +214,6 @@ async fn a_batch_publishes_each_item_and_answers_each_in_order() {
     }
 }
 
-/// The responses of one connection, parsed with httparse as they arrive: each one's
-/// status, headers and body, until `n` are whole or the connection ends.
-async fn responses(stream: &mut tokio::net::TcpStream, n: usize) -> Vec<(u16, Vec<(String, String)>, String)> {
-    use tokio::io::AsyncReadExt;
-    let (mut read, mut answered) = (Vec::new(), Vec::new());
-    while answered.len() < n {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        if let Ok(httparse::Status::Complete(head)) = response.parse(&read) {
-            let fields: Vec<(String, String)> =
-                response.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
-            let length: usize = fields.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
-            if response.code == Some(100) {
-                read.drain(..head);
-                continue;
-            }
-            if read.len() >= head + length {
-                answered.push((response.code.unwrap(), fields, String::from_utf8_lossy(&read[head..head + length]).into_owned()));
-                read.drain(..head + length);
-                continue;
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk)).await.expect("an answer within 10 s") {
-            Ok(0) | Err(_) => break,
-            Ok(got) => read.extend_from_slice(&chunk[..got]),
-        }
-    }
-    answered
-}
-
-fn header<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-}
-
 fn request(path: &str, extra: &str, body: &str) -> String {
     format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())
 }

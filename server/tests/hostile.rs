@@ -302,15 +302,9 @@ async fn a_large_body_leaves_no_large_buffer_behind() {
     let head = format!("POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n", body.len());
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(body.as_bytes()).await.unwrap();
-    let mut answer = vec![0u8; 64 * 1024];
-    let mut got = 0;
-    // The answer ends with the results' closing `]}`.
-    while !answer[..got].ends_with(b"]}") {
-        let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut stream, &mut answer[got..])).await.unwrap().unwrap();
-        assert!(n > 0, "answered: {}", String::from_utf8_lossy(&answer[..got]));
-        got += n;
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..got]));
+    let answered = responses(&mut stream, 1).await;
+    let (status, _, body) = answered.first().expect("an answer");
+    assert_eq!(*status, 200, "{body}");
     let kept = http_live(&get_json(server.admin, "/debug/memory").await) - before;
     assert!(kept < 256 * 1024, "an idle connection after a {} byte body keeps {kept} bytes", body.len());
     drop(stream);
@@ -340,15 +334,8 @@ async fn a_chunked_body_is_charged_what_it_sent() {
     let body = format!(r#"{{"data":"{}"}}"#, "x".repeat(70_000));
     let request = format!("POST /v1/broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
     stream.write_all(request.as_bytes()).await.unwrap();
-    // The answer's JSON ends with `}`.
-    let mut answer = Vec::new();
-    while !answer.ends_with(b"}") {
-        let mut got = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut got)).await.unwrap().unwrap();
-        assert!(n > 0, "answered: {}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&got[..n]);
-    }
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:.300}");
-    assert!(answer.contains("--max-publish-bytes-in-flight"), "{answer:.300}");
+    let answered = responses(&mut stream, 1).await;
+    let (status, _, body) = answered.first().expect("an answer");
+    assert_eq!(*status, 503, "{body}");
+    assert!(body.contains("--max-publish-bytes-in-flight"), "{body}");
 }
