@@ -117,6 +117,9 @@ async fn redis_restarting_empty_loses_nothing_silently_and_nodes_recover() {
         assert!(Instant::now() < deadline, "sessions were not registered again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Each counts its one session once: the count started again with Redis.
+    wait_metric(a.admin, SESSIONS, |n| n == 1.0).await;
+    wait_metric(b.admin, SESSIONS, |n| n == 1.0).await;
     // Subscriptions come back too: a cross-node push delivers again, with no restart.
     let deadline = Instant::now() + WAIT;
     loop {

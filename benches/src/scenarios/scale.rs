@@ -173,6 +173,8 @@ pub async fn run(common: &Common, connections: usize, k: usize, workers: usize, 
         None => 0.0,
     };
 
+    const ROUND_TRIPS: &str = "pushline_redis_command_seconds_count";
+    let trips0 = nodes.metric_total(ROUND_TRIPS).await;
     let redis_cpu0 = redis_cpu();
     let connected = connect(common, &nodes, connections, workers, 0)?;
     let redis_connect_cpu = redis_cpu().since(redis_cpu0);
@@ -181,6 +183,7 @@ pub async fn run(common: &Common, connections: usize, k: usize, workers: usize, 
     if k > 1 {
         nodes.wait_metric("pushline_registry_sessions", opened as f64, Duration::from_secs(120)).await?;
     }
+    let registry_trips = nodes.metric_total(ROUND_TRIPS).await - trips0;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss1 = nodes.rss_bytes();
     let redis1 = match &nodes.redis {
@@ -213,6 +216,7 @@ pub async fn run(common: &Common, connections: usize, k: usize, workers: usize, 
         Row::new("scale", "server_cpu_per_handshake", connected.server_cpu.total().as_secs_f64() * 1e6 / n, "us"),
         Row::new("scale", "client_cpu_per_handshake", connected.client_cpu.as_secs_f64() * 1e6 / n, "us"),
         Row::new("scale", "redis_cpu_per_handshake", redis_connect_cpu.total().as_secs_f64() * 1e6 / n, "us"),
+        Row::new("scale", "redis_round_trips_per_handshake", registry_trips / n, "round trips"),
         Row::new("scale", "server_rss_total", rss1 as f64, "bytes"),
         Row::new("scale", "server_rss_per_connection", rss1.saturating_sub(rss0) as f64 / n, "bytes"),
         Row::new("scale", "redis_memory_per_session", (redis1 - redis0) / n, "bytes"),

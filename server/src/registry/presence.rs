@@ -204,11 +204,14 @@ impl Registrar {
         tokio::pin!(retry_timer);
         loop {
             let mut due = !failing;
-            // Members left to write go a batch per turn, so that a burst of them does not
-            // hold up the liveness refresh past the node's TTL.
-            let more_members = !failing && !members.changed.is_empty();
+            // Sessions and members left to write go a batch per turn, so that a storm of
+            // connects (or every session registered again) does not hold up the liveness
+            // refresh past the node's TTL: a refresh that waits behind a minute of writes
+            // to a slow Redis lets the key lapse, and the node then writes everything
+            // again.
+            let more = !failing && (!pending.is_empty() || !members.changed.is_empty());
             tokio::select! {
-                _ = std::future::ready(()), if more_members => {}
+                _ = std::future::ready(()), if more => {}
                 n = changes.recv_many(&mut received, BATCH) => {
                     if n == 0 {
                         break;
@@ -252,15 +255,18 @@ impl Registrar {
                         Liveness::Held | Liveness::Unknown => {}
                     }
                     if must_register {
-                        if let Some(occupancy) = &self.occupancy {
-                            occupied.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic).filter(|topic| occupancy.tracks(topic)));
-                        }
-                        if let Some((presence, _)) = &self.presence {
-                            members.changed.extend(presence.local_members());
-                            members.recorded.clear();
-                        }
-                        match self.register_all().await {
-                            Ok(()) => must_register = false,
+                        match self.announce().await {
+                            Ok(()) => {
+                                must_register = false;
+                                self.register_again(&mut pending);
+                                if let Some(occupancy) = &self.occupancy {
+                                    occupied.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic).filter(|topic| occupancy.tracks(topic)));
+                                }
+                                if let Some((presence, _)) = &self.presence {
+                                    members.changed.extend(presence.local_members());
+                                    members.recorded.clear();
+                                }
+                            }
                             Err(e) => tracing::warn!(error = %e, "registering sessions again failed; will retry at the next refresh"),
                         }
                     }
@@ -275,7 +281,7 @@ impl Registrar {
                 _ = stop.cancelled() => break,
             }
             if due {
-                let written = match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending).await) {
+                let written = match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending, false).await) {
                     Ok(()) => match self.write_members(&mut members, false).await {
                         Ok(()) => self.write_occupancy(&mut occupied).await,
                         failed => failed,
@@ -388,9 +394,12 @@ impl Registrar {
         Ok(())
     }
 
-    /// Writes pending changes, a batch at a time; what fails stays pending.
-    async fn flush(&self, pending: &mut HashMap<SessionId, Pending>) -> redis::RedisResult<()> {
-        while !pending.is_empty() {
+    /// Writes one batch of pending changes, or every one when `all`; what fails stays
+    /// pending.
+    async fn flush(&self, pending: &mut HashMap<SessionId, Pending>, all: bool) -> redis::RedisResult<()> {
+        let mut turns = if all { usize::MAX } else { 1 };
+        while !pending.is_empty() && turns > 0 {
+            turns -= 1;
             let batch: Vec<(SessionId, Arc<str>, bool)> =
                 pending.iter().take(BATCH).map(|(s, p)| (*s, p.uid.clone(), p.opened)).collect();
             let cmds = self.change_cmds(&batch);
@@ -403,9 +412,14 @@ impl Registrar {
                 return Err(e);
             }
             let mut opened = 0.0;
-            for (session, _, open) in &batch {
-                pending.remove(session);
-                opened += if *open { 1.0 } else { -1.0 };
+            for (session, _, _) in &batch {
+                if let Some(written) = pending.remove(session) {
+                    opened += match (written.opened, written.counted) {
+                        (true, _) => 1.0,
+                        (false, true) => -1.0,
+                        (false, false) => 0.0,
+                    };
+                }
             }
             self.metrics.registry_sessions.increment(opened);
         }
@@ -537,23 +551,29 @@ impl Registrar {
         Ok(removed)
     }
 
-    /// Writes an open (HSET) or a close (HDEL) of every local session, a batch at a time.
-    /// Returns the number of sessions.
-    async fn write_every_session(&self, open: bool) -> redis::RedisResult<usize> {
+    /// Writes a close (HDEL) of every local session, a batch at a time.
+    async fn remove_every_session(&self) -> redis::RedisResult<()> {
         let mut sessions = Vec::new();
         // The uids cloned as they are stored: inline, with no allocation, up to 24 bytes.
-        self.hub.for_each(|conn| sessions.push((conn.session, conn.uid.clone(), open)));
+        self.hub.for_each(|conn| sessions.push((conn.session, conn.uid.clone(), false)));
         for chunk in sessions.chunks(BATCH) {
             self.redis.batch(RedisCommand::Sessions, &self.change_cmds(chunk)).await?;
         }
-        Ok(sessions.len())
+        Ok(())
     }
 
-    async fn register_all(&self) -> redis::RedisResult<()> {
-        self.announce().await?;
-        let sessions = self.write_every_session(true).await?;
-        self.metrics.registry_sessions.set(sessions as f64);
-        Ok(())
+    /// Queues every local session to be written again, after the liveness key was found
+    /// missing. Redis may still hold any of them (the key lapsed, and no reaper took them
+    /// yet), so each is marked tried: its close is written even if it comes first. The
+    /// count of written sessions starts again from what is written from here on.
+    fn register_again(&self, pending: &mut HashMap<SessionId, Pending>) {
+        for change in pending.values_mut() {
+            change.counted = false;
+        }
+        self.hub.for_each(|conn| {
+            pending.insert(conn.session, Pending { uid: Arc::from(conn.uid.as_str()), opened: true, tried: true, counted: true });
+        });
+        self.metrics.registry_sessions.set(0.0);
     }
 
     async fn leave(&self, pending: &mut HashMap<SessionId, Pending>) -> redis::RedisResult<()> {
@@ -562,9 +582,9 @@ impl Registrar {
             // carry the same session ids, are not ours to delete. Ours are reaped by epoch.
             return Ok(());
         }
-        self.flush(pending).await?;
+        self.flush(pending, true).await?;
         // Connections still open past the shutdown grace.
-        self.write_every_session(false).await?;
+        self.remove_every_session().await?;
         const DELETE_IF_OURS: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
         let mut del = redis::cmd("EVAL");
         del.arg(DELETE_IF_OURS).arg(1).arg(self.keys.node(self.node)).arg(self.epoch);
@@ -585,6 +605,9 @@ struct Pending {
     opened: bool,
     /// A write of it was sent and failed; Redis may have applied it anyway.
     tried: bool,
+    /// Writing it changes `pushline_registry_sessions`: false for a close whose open was
+    /// never counted (it failed, or it was written before the count started again).
+    counted: bool,
 }
 
 /// Presence members to write, and the topics this run has recorded for the reaper.
@@ -599,15 +622,20 @@ fn coalesce(pending: &mut HashMap<SessionId, Pending>, change: Change) {
     match change {
         Change::Listening(_) | Change::Member(..) => {}
         Change::Opened(session, uid) => {
-            pending.insert(session, Pending { uid, opened: true, tried: false });
+            pending.insert(session, Pending { uid, opened: true, tried: false, counted: true });
         }
-        Change::Closed(session, uid) => {
-            if let Some(Pending { opened: true, tried: false, .. }) = pending.get(&session) {
+        Change::Closed(session, uid) => match pending.get(&session) {
+            Some(Pending { opened: true, tried: false, .. }) => {
                 pending.remove(&session);
-            } else {
-                pending.insert(session, Pending { uid, opened: false, tried: false });
             }
-        }
+            // An open that may be in Redis but was never counted.
+            Some(Pending { opened: true, tried: true, .. }) => {
+                pending.insert(session, Pending { uid, opened: false, tried: true, counted: false });
+            }
+            _ => {
+                pending.insert(session, Pending { uid, opened: false, tried: false, counted: true });
+            }
+        },
     }
 }
 
@@ -637,5 +665,15 @@ mod tests {
         pending.get_mut(&SessionId(1)).unwrap().tried = true;
         coalesce(&mut pending, Change::Closed(SessionId(1), uid));
         assert!(!pending[&SessionId(1)].opened);
+        assert!(!pending[&SessionId(1)].counted, "its open was never counted, so neither is its close");
+    }
+
+    #[test]
+    fn only_a_close_of_a_counted_open_is_counted() {
+        let mut pending = HashMap::new();
+        let uid: Arc<str> = Arc::from("carol");
+        // Its open was written in an earlier batch.
+        coalesce(&mut pending, Change::Closed(SessionId(7), uid));
+        assert!(pending[&SessionId(7)].counted);
     }
 }
