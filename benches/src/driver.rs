@@ -196,8 +196,8 @@ impl Nodes {
 }
 
 /// A `redis-server` on a free port with no persistence.
-/// redis-server's nice value: a weight of about ten default processes under CFS.
-const REDIS_NICE: i32 = -10;
+/// redis-server's nice value: a weight of about 87 default processes under CFS.
+const REDIS_NICE: i32 = -20;
 
 pub struct RedisProcess {
     child: Child,
@@ -239,7 +239,7 @@ impl RedisProcess {
         // A deployment gives Redis a core of its own. Here it shares two with every node
         // and client process, and at its fair share (1/121 of the CPU in a 1M scale run)
         // it answers past the nodes' command timeout and their liveness keys lapse: give
-        // it the weight of about ten of them.
+        // it the weight of a crowd of them.
         // SAFETY: setpriority reads nothing through pointers.
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, child.id(), REDIS_NICE) } != 0 {
             eprintln!("note: could not raise redis-server's CPU priority (nice {REDIS_NICE}: {}); at scale it may starve", std::io::Error::last_os_error());

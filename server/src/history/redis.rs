@@ -313,7 +313,7 @@ impl RedisHistory {
         let cmds: Vec<redis::Cmd> = (0..GROUPS)
             .map(|g| redis::cmd("SET").arg(self.born_key(g)).arg(now).arg("NX").arg("PX").arg(BORN_TTL.as_millis() as u64).clone())
             .collect();
-        self.redis.batch(RedisCommand::Set, &cmds).await.map(drop).map_err(|e| Error::unavailable(format!("marking history in Redis: {e}")))
+        self.redis.batch(RedisCommand::Set, cmds).await.map(drop).map_err(|e| Error::unavailable(format!("marking history in Redis: {e}")))
     }
 
     /// The keys and arguments of one append: `envelope` without its closing brace,
@@ -385,7 +385,7 @@ impl RedisHistory {
         let redis = self.redis.clone();
         let cmds: Vec<redis::Cmd> = keys.iter().map(|k| redis::cmd("SET").arg(k).arg(&reply).arg("XX").arg("KEEPTTL").clone()).collect();
         tokio::spawn(async move {
-            if let Err(e) = redis.batch(RedisCommand::Set, &cmds).await {
+            if let Err(e) = redis.batch(RedisCommand::Set, cmds).await {
                 tracing::debug!(error = %e, "could not store a reply for its idempotency key");
             }
         });
@@ -454,7 +454,7 @@ impl RedisHistory {
             redis::cmd("GET").arg(&born).clone(),
             redis::cmd("GET").arg(self.group_key(stream.group(), "gen")).clone(),
         ];
-        let values = self.redis.batch(RedisCommand::History, &cmds).await?;
+        let values = self.redis.batch(RedisCommand::History, Vec::from(cmds)).await?;
         let [meta, entries, born_ms, group_gen]: [Value; 4] =
             values.try_into().map_err(|_| redis::RedisError::from((redis::ErrorKind::Parse, "history read: not four replies")))?;
         let (epoch, last, gen): (Option<String>, Option<u64>, Option<String>) = redis::from_redis_value(meta)?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig, SendError};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{ClientTlsConfig, Cmd, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, TlsCertificates, Value};
+use redis::{ClientTlsConfig, Cmd, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, RedisWrite, TlsCertificates, ToRedisArgs, Value};
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver};
 
 mod sentinel;
@@ -187,7 +187,7 @@ impl Redis {
     /// Runs commands (of the kind `command` names) as one batch: one pipeline (one round trip) on a single Redis; on a
     /// cluster, where a pipeline must stay within one slot, all at once over the
     /// multiplexed shard connections. Fails as a whole if any command failed.
-    pub async fn batch(&self, command: RedisCommand, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
+    pub async fn batch(&self, command: RedisCommand, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
@@ -196,7 +196,7 @@ impl Redis {
                 Link::Single(mut c) => pipeline(cmds).query_async(&mut c).await,
                 Link::Sentinel(f) => f.checked(pipeline(cmds).query_async(&mut f.master())).await,
                 Link::Cluster(c) => {
-                    let each = cmds.iter().map(|cmd| {
+                    let each = cmds.into_iter().map(|cmd| {
                         let mut c = c.clone();
                         async move { cmd.query_async::<Value>(&mut c).await }
                     });
@@ -225,7 +225,7 @@ impl Redis {
             cmd
         };
         let by_hash: Vec<Cmd> = invocations.iter().map(|i| evalsha(i, false)).collect();
-        let mut results = self.batch_results(command, &by_hash).await?;
+        let mut results = self.batch_results(command, by_hash).await?;
         let missing: Vec<usize> = (0..results.len()).filter(|i| matches!(&results[*i], Err(e) if is_noscript(e))).collect();
         if !missing.is_empty() {
             self.breaks.fetch_add(1, Ordering::Relaxed);
@@ -233,7 +233,7 @@ impl Redis {
             load.arg("LOAD").arg(script.code);
             self.query::<Value>(command, &load).await?;
             let again: Vec<Cmd> = missing.iter().map(|i| evalsha(&invocations[*i], true)).collect();
-            for (i, result) in missing.into_iter().zip(self.batch_results(command, &again).await?) {
+            for (i, result) in missing.into_iter().zip(self.batch_results(command, again).await?) {
                 results[i] = result;
             }
         }
@@ -241,7 +241,7 @@ impl Redis {
     }
 
     /// A batch whose commands succeed or fail one by one.
-    pub async fn batch_results(&self, command: RedisCommand, cmds: &[Cmd]) -> RedisResult<Vec<RedisResult<Value>>> {
+    pub async fn batch_results(&self, command: RedisCommand, cmds: Vec<Cmd>) -> RedisResult<Vec<RedisResult<Value>>> {
         self.timed(command, cmds.len(), async {
             match self.link.clone() {
                 Link::Single(mut c) => one_by_one(pipeline(cmds).ignore_errors().query_async(&mut c).await),
@@ -251,7 +251,7 @@ impl Redis {
                     Ok(results)
                 }
                 Link::Cluster(c) => {
-                    let each = cmds.iter().map(|cmd| {
+                    let each = cmds.into_iter().map(|cmd| {
                         let mut c = c.clone();
                         async move { cmd.query_async::<Value>(&mut c).await }
                     });
@@ -292,10 +292,25 @@ impl Redis {
     }
 }
 
-fn pipeline(cmds: &[Cmd]) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
+/// One argument made of `pieces` end to end, written straight into the command: a key
+/// such as `prefix:uid:alice` costs no String of its own.
+pub struct Joined<'a, const N: usize>(pub [&'a [u8]; N]);
+
+impl<const N: usize> ToRedisArgs for Joined<'_, N> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        for piece in self.0 {
+            // The writer appends to the command's buffer in memory: it cannot fail.
+            let _ = arg.write_all(piece);
+        }
+    }
+}
+
+fn pipeline(cmds: Vec<Cmd>) -> redis::Pipeline {
+    let mut pipe = redis::Pipeline::with_capacity(cmds.len());
     for cmd in cmds {
-        pipe.add_command(cmd.clone());
+        pipe.add_command(cmd);
     }
     pipe
 }

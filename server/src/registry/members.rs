@@ -157,7 +157,7 @@ impl Members {
             let told_now = Told { joined: change == 1, version, members: count, uids: vec![uid.as_str().into()], info: info.as_deref() };
             told.push(self.tell(topic, &told_now));
         }
-        self.redis.batch(RedisCommand::Publish, &told).await.map(drop)
+        self.redis.batch(RedisCommand::Publish, told).await.map(drop)
     }
 
     /// The relay that tells every node of a member change.
@@ -189,7 +189,7 @@ impl Members {
                 uids.iter().for_each(|uid| webhooks.member(&topic, uid, false, None));
             }
             let told = Told { joined: false, version, members, uids: uids.iter().map(|u| u.as_str().into()).collect(), info: None };
-            self.redis.batch(RedisCommand::Publish, &[self.tell(&topic, &told)]).await?;
+            self.redis.batch(RedisCommand::Publish, vec![self.tell(&topic, &told)]).await?;
         }
         self.redis.query::<Value>(RedisCommand::Presence, redis::cmd("DEL").arg(&index)).await?;
         Ok(left)
@@ -203,7 +203,7 @@ impl Members {
     pub async fn stats(&self, topic: &str) -> redis::RedisResult<Stats> {
         let keys = self.keys(topic, self.node, self.epoch);
         let cmds = [redis::cmd("ZCARD").arg(&keys[0]).clone(), redis::cmd("GET").arg(&keys[3]).clone()];
-        let answers = self.redis.batch(RedisCommand::Presence, &cmds).await?;
+        let answers = self.redis.batch(RedisCommand::Presence, Vec::from(cmds)).await?;
         let members: usize = redis::from_redis_value(answers[0].clone())?;
         let connections: Option<i64> = redis::from_redis_value(answers[1].clone())?;
         Ok(Stats { topic: topic.to_owned(), members, connections: connections.unwrap_or(0).max(0) as usize })

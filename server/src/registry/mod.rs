@@ -603,8 +603,15 @@ impl Nodes {
 
     /// Where each uid's sessions on other live nodes are: uid -> (nodes, sessions).
     async fn locate<'u>(&self, uids: &[&'u str]) -> ::redis::RedisResult<HashMap<&'u str, (Vec<u16>, usize)>> {
-        let lookups: Vec<Cmd> = uids.iter().map(|uid| ::redis::cmd("HGETALL").arg(self.keys.uid(uid)).clone()).collect();
-        let found = self.redis.batch(RedisCommand::Hgetall, &lookups).await?;
+        let lookups: Vec<Cmd> = uids
+            .iter()
+            .map(|uid| {
+                let mut lookup = Cmd::with_capacity(2, self.keys.prefix().len() + uid.len() + 16);
+                lookup.arg("HGETALL").arg(self.keys.uid_arg(uid));
+                lookup
+            })
+            .collect();
+        let found = self.redis.batch(RedisCommand::Hgetall, lookups).await?;
         let mut remote: Vec<Entry> = Vec::new();
         let mut stale: Vec<Entry> = Vec::new();
         for (uid, hash) in uids.iter().zip(found) {
@@ -710,7 +717,7 @@ impl Nodes {
             return Ok(live);
         }
         let reads: Vec<Cmd> = unknown.iter().map(|n| ::redis::cmd("GET").arg(self.keys.node(*n)).clone()).collect();
-        let epochs = self.redis.batch(RedisCommand::Get, &reads).await?;
+        let epochs = self.redis.batch(RedisCommand::Get, reads).await?;
         let mut cache = self.liveness.lock().unwrap_or_else(|e| e.into_inner());
         for (node, value) in unknown.into_iter().zip(epochs) {
             let epoch = ::redis::from_redis_value::<Option<u64>>(value).ok().flatten();
@@ -729,11 +736,11 @@ impl Nodes {
         }
         let cmds: Vec<Cmd> = stale
             .iter()
-            .map(|e| ::redis::cmd("EVAL").arg(presence::DELETE_IF_EPOCH).arg(1).arg(self.keys.uid(e.uid)).arg(e.session.0).arg(e.epoch).clone())
+            .map(|e| ::redis::cmd("EVAL").arg(presence::DELETE_IF_EPOCH).arg(1).arg(self.keys.uid_arg(e.uid)).arg(e.session.0).arg(e.epoch).clone())
             .collect();
         let redis = self.redis.clone();
         tokio::spawn(async move {
-            if let Err(e) = redis.batch(RedisCommand::Hdel, &cmds).await {
+            if let Err(e) = redis.batch(RedisCommand::Hdel, cmds).await {
                 tracing::debug!(error = %e, "could not delete sessions of dead nodes");
             }
         });

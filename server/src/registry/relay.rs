@@ -382,7 +382,7 @@ impl Inbox {
     /// for one, `None` if it could not ask for some (Redis unreachable).
     async fn hears_every_group(&self) -> Option<bool> {
         let probes: Vec<Cmd> = self.own_channels.iter().map(|c| self.redis.publish_cmd(c, b"")).collect();
-        let answers = self.redis.batch_results(RedisCommand::Publish, &probes).await.ok()?;
+        let answers = self.redis.batch_results(RedisCommand::Publish, probes).await.ok()?;
         if answers.iter().any(|a| matches!(a, Ok(Value::Int(0)))) {
             return Some(false);
         }
