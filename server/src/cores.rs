@@ -19,9 +19,12 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
-    /// Which core runtime this thread runs, if it is one.
-    static CORE: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Which core runtime this thread runs, if it is one: its `Cores`' id and its index.
+    static CORE: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
 }
+
+/// Tells apart the `Cores` of servers run in one process (tests).
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 /// Task counts over every runtime serving clients, for metrics and the admin.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,6 +35,7 @@ pub struct RuntimeCounts {
 }
 
 pub struct Cores {
+    id: usize,
     handles: Vec<Handle>,
     next: AtomicUsize,
     stop: CancellationToken,
@@ -43,6 +47,7 @@ impl Cores {
     pub fn start(count: usize) -> io::Result<Cores> {
         let count = if count == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { count };
         let stop = CancellationToken::new();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for core in 0..count {
@@ -50,7 +55,7 @@ impl Cores {
             handles.push(runtime.handle().clone());
             let stopping = stop.clone();
             threads.push(std::thread::Builder::new().name(format!("pushline-core-{core}")).spawn(move || {
-                CORE.with(|c| c.set(Some(core)));
+                CORE.with(|c| c.set(Some((id, core))));
                 pushline_alloc::allocator::thread_caches::start();
                 let _site = Site::ConnectionTask.enter();
                 runtime.block_on(stopping.cancelled());
@@ -58,7 +63,7 @@ impl Cores {
                 pushline_alloc::allocator::thread_caches::stop();
             })?);
         }
-        Ok(Cores { handles, next: AtomicUsize::new(0), stop, threads: Mutex::new(threads) })
+        Ok(Cores { id, handles, next: AtomicUsize::new(0), stop, threads: Mutex::new(threads) })
     }
 
     /// The core the next connection goes to, in turn.
@@ -76,9 +81,14 @@ impl Cores {
         self.handles.iter()
     }
 
+    /// The index of the core whose thread calls this, if it is one of these.
+    pub fn current(&self) -> Option<usize> {
+        CORE.with(Cell::get).filter(|(id, _)| *id == self.id).map(|(_, core)| core)
+    }
+
     /// Every core's runtime but the calling thread's, for work split across cores.
     pub fn others(&self) -> impl Iterator<Item = &Handle> {
-        let mine = CORE.with(Cell::get);
+        let mine = self.current();
         self.handles.iter().enumerate().filter(move |(i, _)| Some(*i) != mine).map(|(_, h)| h)
     }
 

@@ -161,7 +161,7 @@ impl Server {
             Some((webhooks, senders)) => (Some(webhooks), senders),
             None => (None, Vec::new()),
         };
-        let connected = registry::connect(&config, metrics.clone()).await?;
+        let connected = registry::connect(&config, metrics.clone(), &cores).await?;
         let node = connected.as_ref().map_or(config.node_id.unwrap_or(0), |c| c.node);
         crate::telemetry::logging::set_node(node);
         let settings = hub::Settings {

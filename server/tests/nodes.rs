@@ -75,6 +75,28 @@ async fn a_push_reaches_a_uids_connections_on_every_node() {
 }
 
 #[tokio::test]
+async fn a_publish_talks_to_redis_over_its_own_cores_link() {
+    let redis = RedisServer::start();
+    let node = common::start(|c| {
+        c.registry = RegistryKind::Redis;
+        c.redis_url = vec![redis.url()];
+        c.io_threads = 2;
+    })
+    .await;
+    // Offline: the push looks its uid up, then appends to its stream.
+    push(node.client, &["nobody"], json!(1)).await;
+    let listed = redis.cli(&["CLIENT", "LIST"]);
+    let links: Vec<&str> = listed.lines().filter(|l| !l.contains("cmd=client|list")).collect();
+    let field = |line: &str, name: &str| line.split(' ').find_map(|kv| kv.strip_prefix(name)).unwrap_or("").to_string();
+    assert_eq!(links.len(), 3, "the main link and one per core:\n{listed}");
+    let subscribed: Vec<&&str> = links.iter().filter(|l| field(l, "sub=") != "0").collect();
+    assert_eq!(subscribed.len(), 1, "only the main link subscribes:\n{listed}");
+    let appended: Vec<&&str> = links.iter().filter(|l| field(l, "cmd=") == "evalsha").collect();
+    assert_eq!(appended.len(), 1, "one link ran the append:\n{listed}");
+    assert_eq!(field(appended[0], "sub="), "0", "the append went over a core's link, not the main one:\n{listed}");
+}
+
+#[tokio::test]
 async fn topics_and_broadcasts_reach_every_node() {
     let redis = RedisServer::start();
     let (a, b) = (node_on(&redis).await, node_on(&redis).await);

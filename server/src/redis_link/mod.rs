@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig, SendError};
@@ -22,6 +22,7 @@ mod sentinel;
 use sentinel::{sentinel_client, Following};
 
 use crate::config::{redacted_all, Config, RegistryKind};
+use crate::cores::Cores;
 use crate::error::Error;
 use crate::telemetry::{probes, DropReason, Metrics, RedisCommand};
 
@@ -98,9 +99,21 @@ enum Link {
 #[derive(Clone)]
 pub struct Redis {
     link: Link,
+    /// A single Redis's client, to open the core links with.
+    single: Option<redis::Client>,
+    /// One more connection to a single Redis per core runtime, driven on that core: a
+    /// command sent from a core thread (a publish's session lookup and append) is written
+    /// and answered there, and wakes no other thread, where the main link's connection
+    /// task lives on the main runtime. Subscriptions stay on the main link.
+    core_links: Arc<OnceLock<CoreLinks>>,
     metrics: Arc<Metrics>,
     breaks: Arc<AtomicU64>,
     dropped: Arc<AtomicU8>,
+}
+
+struct CoreLinks {
+    cores: Arc<Cores>,
+    links: Box<[ConnectionManager]>,
 }
 
 impl Redis {
@@ -117,6 +130,7 @@ impl Redis {
         let shown = redacted_all(urls);
         let bad_url = |e: redis::RedisError| Error::config(format!("--redis-url {shown}: {e}"));
         let certificates = certificates(config)?;
+        let mut single = None;
         let link = match config.registry {
             RegistryKind::Memory => return Err(Error::config("the memory registry has no Redis")),
             RegistryKind::Redis => {
@@ -126,7 +140,9 @@ impl Redis {
                     None => redis::Client::open(info),
                 }
                 .map_err(bad_url)?;
-                Link::Single(manager(&client, pushes, &shown).await?)
+                let link = Link::Single(manager(&client, pushes, &shown).await?);
+                single = Some(client);
+                link
             }
             RegistryKind::RedisCluster => {
                 let mut builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
@@ -152,7 +168,32 @@ impl Redis {
                 Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone(), &asked).await?)
             }
         };
-        Ok((Redis { link, metrics, breaks, dropped }, received))
+        Ok((Redis { link, single, core_links: Arc::default(), metrics, breaks, dropped }, received))
+    }
+
+    /// Opens a link on each of `cores`' runtimes, where this is a single Redis (a
+    /// Cluster's and the Sentinels' links keep their one connection task per server).
+    pub async fn connect_cores(&self, cores: &Arc<Cores>) -> Result<(), Error> {
+        let Some(client) = &self.single else { return Ok(()) };
+        let mut links = Vec::new();
+        for handle in cores.handles() {
+            let client = client.clone();
+            // Made by a task on that core, so the connection's own task is spawned there.
+            let made = handle.spawn(async move { core_manager(&client).await }).await;
+            links.push(made.map_err(|e| Error::unavailable(format!("opening a core's Redis link: {e}")))??);
+        }
+        let _ = self.core_links.set(CoreLinks { cores: cores.clone(), links: links.into() });
+        Ok(())
+    }
+
+    /// The link for a command sent from this thread: its core's, on a core thread.
+    fn link(&self) -> Link {
+        if let Some(core) = self.core_links.get() {
+            if let Some(link) = core.cores.current().and_then(|i| core.links.get(i)) {
+                return Link::Single(link.clone());
+            }
+        }
+        self.link.clone()
     }
 
     /// Times a link to a Redis server broke, moved to another master, or met a server
@@ -175,7 +216,7 @@ impl Redis {
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, command: RedisCommand, cmd: &Cmd) -> RedisResult<T> {
         self.timed(command, 1, async {
-            match self.link.clone() {
+            match self.link() {
                 Link::Single(mut c) => cmd.query_async(&mut c).await,
                 Link::Cluster(mut c) => cmd.query_async(&mut c).await,
                 Link::Sentinel(f) => f.checked(cmd.query_async(&mut f.master())).await,
@@ -192,7 +233,7 @@ impl Redis {
             return Ok(Vec::new());
         }
         self.timed(command, cmds.len(), async {
-            match self.link.clone() {
+            match self.link() {
                 Link::Single(mut c) => pipeline(cmds).query_async(&mut c).await,
                 Link::Sentinel(f) => f.checked(pipeline(cmds).query_async(&mut f.master())).await,
                 Link::Cluster(c) => {
@@ -243,7 +284,7 @@ impl Redis {
     /// A batch whose commands succeed or fail one by one.
     pub async fn batch_results(&self, command: RedisCommand, cmds: Vec<Cmd>) -> RedisResult<Vec<RedisResult<Value>>> {
         self.timed(command, cmds.len(), async {
-            match self.link.clone() {
+            match self.link() {
                 Link::Single(mut c) => one_by_one(pipeline(cmds).ignore_errors().query_async(&mut c).await),
                 Link::Sentinel(f) => {
                     let results = one_by_one(f.checked(pipeline(cmds).ignore_errors().query_async(&mut f.master())).await)?;
@@ -346,6 +387,18 @@ async fn manager(client: &redis::Client, pushes: Pushes, shown: &str) -> Result<
         .await
         .map_err(|_| Error::unavailable(format!("cannot reach Redis at {shown}: timed out")))?
         .map_err(|e| Error::unavailable(format!("cannot reach Redis at {shown}: {e}")))
+}
+
+/// A connection manager for commands only, on the runtime that calls it.
+async fn core_manager(client: &redis::Client) -> Result<ConnectionManager, Error> {
+    let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_connection_manager_with_config(config))
+        .await
+        .map_err(|_| Error::unavailable("cannot open a core's link to Redis: timed out"))?
+        .map_err(|e| Error::unavailable(format!("cannot open a core's link to Redis: {e}")))
 }
 
 /// The CA and client certificate `--redis-ca`, `--redis-client-cert` and

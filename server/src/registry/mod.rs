@@ -27,6 +27,7 @@ use pushline_alloc::Site;
 
 use crate::config::{Config, RegistryKind};
 use crate::error::Error;
+use crate::cores::Cores;
 use crate::hub::{Change, Changes, Hub};
 use crate::session::SessionId;
 use crate::telemetry::{DropReason, Metrics, RedisCommand, Relayed};
@@ -308,12 +309,14 @@ pub struct Connected {
     history: Arc<RedisHistory>,
 }
 
-/// Connects to Redis and claims a node id; `None` for the memory registry.
-pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<Option<Connected>, Error> {
+/// Connects to Redis (once from the main runtime, once from each of `cores`) and claims a
+/// node id; `None` for the memory registry.
+pub async fn connect(config: &Config, metrics: Arc<Metrics>, cores: &Arc<Cores>) -> Result<Option<Connected>, Error> {
     if config.registry == RegistryKind::Memory {
         return Ok(None);
     }
     let (redis, pushes) = Site::Redis.instrument(Redis::connect(config, metrics.clone())).await?;
+    Site::Redis.instrument(redis.connect_cores(cores)).await?;
     let keys = Keys::new(&config.redis_prefix);
     let epoch = crate::clock::wall_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;
