@@ -97,6 +97,34 @@ async fn a_publish_talks_to_redis_over_its_own_cores_link() {
 }
 
 #[tokio::test]
+async fn after_redis_restarts_each_cores_first_publish_succeeds() {
+    let redis = RedisServer::start();
+    let node = common::start(|c| {
+        c.registry = RegistryKind::Redis;
+        c.redis_url = vec![redis.url()];
+        c.io_threads = 2;
+    })
+    .await;
+    let port = redis.kill();
+    wait_metric(node.admin, "pushline_redis_reconnects_total", |n| n >= 1.0).await;
+    // An outage of a second, longer than a link's attempts to reconnect at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let redis = RedisServer::start_on(port, &[]);
+    // The main link is back (it subscribes again by itself); the cores' links, idle and
+    // last refused, are not.
+    let deadline = Instant::now() + WAIT;
+    while !redis.cli(&["CLIENT", "LIST"]).lines().any(|l| !l.contains(" sub=0 ")) {
+        assert!(Instant::now() < deadline, "the main link never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One new connection per core, in turn: each core's first command after the restart.
+    for n in 0..2 {
+        let (status, body) = post(node.client, "/v1/push", json!({"uids": ["nobody"], "data": n})).await;
+        assert_eq!(status, 200, "publish {n}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn topics_and_broadcasts_reach_every_node() {
     let redis = RedisServer::start();
     let (a, b) = (node_on(&redis).await, node_on(&redis).await);

@@ -186,14 +186,27 @@ impl Redis {
         Ok(())
     }
 
-    /// The link for a command sent from this thread: its core's, on a core thread.
-    fn link(&self) -> Link {
-        if let Some(core) = self.core_links.get() {
-            if let Some(link) = core.cores.current().and_then(|i| core.links.get(i)) {
-                return Link::Single(link.clone());
-            }
+    /// This core thread's own link, on a core thread of a node on a single Redis.
+    fn core_link(&self) -> Option<ConnectionManager> {
+        let core = self.core_links.get()?;
+        core.cores.current().and_then(|i| core.links.get(i)).cloned()
+    }
+
+    /// Sends on a single Redis's link for this thread: its core's, else `main`. A core link
+    /// that has not reconnected since Redis came back answers its next command with the
+    /// refusal it met while Redis was down, having sent nothing; that command goes over the
+    /// main link, which the node's own timers keep reconnected, and the core link
+    /// reconnects meanwhile.
+    async fn on_single<T, F, Fut>(&self, main: ConnectionManager, send: F) -> RedisResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(core) = self.core_link() else { return send(main).await };
+        match send(core).await {
+            Err(e) if e.is_connection_refusal() => send(main).await,
+            answer => answer,
         }
-        self.link.clone()
     }
 
     /// Times a link to a Redis server broke, moved to another master, or met a server
@@ -216,8 +229,8 @@ impl Redis {
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, command: RedisCommand, cmd: &Cmd) -> RedisResult<T> {
         self.timed(command, 1, async {
-            match self.link() {
-                Link::Single(mut c) => cmd.query_async(&mut c).await,
+            match self.link.clone() {
+                Link::Single(main) => self.on_single(main, |mut c| async move { cmd.query_async(&mut c).await }).await,
                 Link::Cluster(mut c) => cmd.query_async(&mut c).await,
                 Link::Sentinel(f) => f.checked(cmd.query_async(&mut f.master())).await,
             }
@@ -233,8 +246,11 @@ impl Redis {
             return Ok(Vec::new());
         }
         self.timed(command, cmds.len(), async {
-            match self.link() {
-                Link::Single(mut c) => pipeline(cmds).query_async(&mut c).await,
+            match self.link.clone() {
+                Link::Single(main) => {
+                    let pipe = &pipeline(cmds);
+                    self.on_single(main, |mut c| async move { pipe.query_async(&mut c).await }).await
+                }
                 Link::Sentinel(f) => f.checked(pipeline(cmds).query_async(&mut f.master())).await,
                 Link::Cluster(c) => {
                     let each = cmds.into_iter().map(|cmd| {
@@ -284,8 +300,12 @@ impl Redis {
     /// A batch whose commands succeed or fail one by one.
     pub async fn batch_results(&self, command: RedisCommand, cmds: Vec<Cmd>) -> RedisResult<Vec<RedisResult<Value>>> {
         self.timed(command, cmds.len(), async {
-            match self.link() {
-                Link::Single(mut c) => one_by_one(pipeline(cmds).ignore_errors().query_async(&mut c).await),
+            match self.link.clone() {
+                Link::Single(main) => {
+                    let mut pipe = pipeline(cmds);
+                    let pipe = &*pipe.ignore_errors();
+                    one_by_one(self.on_single(main, |mut c| async move { pipe.query_async(&mut c).await }).await)
+                }
                 Link::Sentinel(f) => {
                     let results = one_by_one(f.checked(pipeline(cmds).ignore_errors().query_async(&mut f.master())).await)?;
                     results.iter().filter_map(|r| r.as_ref().err()).for_each(|e| f.check(e));
