@@ -74,15 +74,19 @@ async fn a_push_reaches_a_uids_connections_on_every_node() {
     assert_eq!(common::metric(&metrics, r#"pushline_relay_messages_total{direction="in",kind="push"}"#), 3.0);
 }
 
-#[tokio::test]
-async fn a_publish_talks_to_redis_over_its_own_cores_link() {
-    let redis = RedisServer::start();
-    let node = common::start(|c| {
+async fn node_on_two_cores(redis: &RedisServer) -> TestServer {
+    common::start(|c| {
         c.registry = RegistryKind::Redis;
         c.redis_url = vec![redis.url()];
         c.io_threads = 2;
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_publish_talks_to_redis_over_its_own_cores_link() {
+    let redis = RedisServer::start();
+    let node = node_on_two_cores(&redis).await;
     // Offline: the push looks its uid up, then appends to its stream.
     push(node.client, &["nobody"], json!(1)).await;
     let listed = redis.cli(&["CLIENT", "LIST"]);
@@ -99,12 +103,7 @@ async fn a_publish_talks_to_redis_over_its_own_cores_link() {
 #[tokio::test]
 async fn after_redis_restarts_each_cores_first_publish_succeeds() {
     let redis = RedisServer::start();
-    let node = common::start(|c| {
-        c.registry = RegistryKind::Redis;
-        c.redis_url = vec![redis.url()];
-        c.io_threads = 2;
-    })
-    .await;
+    let node = node_on_two_cores(&redis).await;
     let port = redis.kill();
     wait_metric(node.admin, "pushline_redis_reconnects_total", |n| n >= 1.0).await;
     // An outage of a second, longer than a link's attempts to reconnect at once.
