@@ -313,6 +313,22 @@ async fn refused_and_stalled_requests_end_their_connection_answered() {
         let ended = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
         assert!(ended.is_ok(), "closed after {status}");
     }
+    // A body whose end cannot be known is refused in JSON, as every other refusal is, and
+    // its connection ends: nothing after it can be read as the next request.
+    for lengths in ["Content-Length: 5\r\nContent-Length: 5\r\n", "Content-Length: -5\r\n", "Content-Length: 5x\r\n", "Content-Length: 1000000000000\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(t.client).await.unwrap();
+        let smuggled = request("/v1/broadcast", key, r#"{"data":"smuggled"}"#);
+        let head = format!("POST /v1/broadcast HTTP/1.1\r\nHost: x\r\n{key}{lengths}\r\n{{\"a\"}}{smuggled}");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let answered = responses(&mut stream, 1).await;
+        let (got, fields, body) = &answered[0];
+        assert_eq!(*got, 400, "{lengths}: {body}");
+        assert!(body.contains("Content-Length must be given once"), "{lengths}: {body}");
+        assert_eq!(header(fields, "connection"), Some("close"), "{lengths}");
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(matches!(ended, Ok(Ok(0)) | Ok(Err(_))), "{lengths}: no second answer, the connection ends: {:?}", String::from_utf8_lossy(&rest));
+    }
     // An answered connection that sends nothing more is closed once its timeout passes.
     let mut idle = tokio::net::TcpStream::connect(t.client).await.unwrap();
     idle.write_all(request("/v1/broadcast", key, r#"{"data":1}"#).as_bytes()).await.unwrap();

@@ -54,6 +54,9 @@ enum Next<'b> {
     /// A whole plain request head, `head` bytes long, its body `body` bytes; `target` is
     /// its path and query.
     Plain { route: ApiRoute, head: usize, body: usize, fields: PublishHead<'b>, target: &'b str },
+    /// A publish whose `Content-Length` is repeated, or not one decimal number: where its
+    /// body ends cannot be known, so it is answered and its connection ends.
+    BadLength(ApiRoute),
     /// Not a whole head yet.
     Partial,
     /// A request for hyper: not plain, or not HTTP at all (hyper answers that).
@@ -81,7 +84,7 @@ fn next<'b>(bytes: &'b [u8], headers: &mut [httparse::Header<'b>]) -> Next<'b> {
         if name.eq_ignore_ascii_case("content-length") {
             let digits = !header.value.is_empty() && header.value.len() <= 12 && header.value.iter().all(u8::is_ascii_digit);
             if length.is_some() || !digits {
-                return Next::Hyper;
+                return Next::BadLength(route);
             }
             length = std::str::from_utf8(header.value).ok().and_then(|v| v.parse::<usize>().ok());
         } else if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("expect") || name.eq_ignore_ascii_case("upgrade") {
@@ -129,6 +132,16 @@ pub(super) async fn serve(api: Arc<Api>, mut stream: Socket, mut buf: Vec<u8>) {
                     break (route, head, body, admitted);
                 }
                 Next::Hyper => return api.clone().serve_with_hyper(Prefixed::new(buf, stream)).await,
+                Next::BadLength(route) => {
+                    let answer = Answer::from(Error::bad_request("Content-Length must be given once, as a decimal number of bytes (at most 12 digits)"));
+                    api.metrics.api_request(route, answer.status.as_u16());
+                    write_answer(&mut out, &answer, true);
+                    if stream.write_all(&out).await.is_ok() && AsyncWriteExt::flush(&mut stream).await.is_ok() {
+                        // Drain what the client still sends, so it reads the answer rather than a reset.
+                        let _ = Prefixed::new(Vec::new(), stream).shutdown().await;
+                    }
+                    return;
+                }
                 Next::Partial => {}
             }
             if buf.len() == buf.capacity() {
