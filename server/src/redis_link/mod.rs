@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig, SendError};
@@ -99,13 +99,12 @@ enum Link {
 #[derive(Clone)]
 pub struct Redis {
     link: Link,
-    /// A single Redis's client, to open the core links with.
-    single: Option<redis::Client>,
     /// One more connection to a single Redis per core runtime, driven on that core: a
     /// command sent from a core thread (a publish's session lookup and append) is written
     /// and answered there, and wakes no other thread, where the main link's connection
-    /// task lives on the main runtime. Subscriptions stay on the main link.
-    core_links: Arc<OnceLock<CoreLinks>>,
+    /// task lives on the main runtime. Subscriptions stay on the main link. None through
+    /// Sentinel or on a Cluster, whose links keep one connection task per server.
+    core_links: Option<Arc<CoreLinks>>,
     metrics: Arc<Metrics>,
     breaks: Arc<AtomicU64>,
     dropped: Arc<AtomicU8>,
@@ -116,12 +115,26 @@ struct CoreLinks {
     links: Box<[ConnectionManager]>,
 }
 
+impl CoreLinks {
+    /// Opens a link to `client`'s Redis on each of `cores`' runtimes.
+    async fn connect(client: &redis::Client, cores: &Arc<Cores>, shown: &str) -> Result<CoreLinks, Error> {
+        let mut links = Vec::new();
+        for handle in cores.handles() {
+            let (client, shown) = (client.clone(), shown.to_owned());
+            // Made by a task on that core, so the connection's own task is spawned there.
+            let made = handle.spawn(async move { manager(&client, None, &shown).await }).await;
+            links.push(made.map_err(|e| Error::unavailable(format!("opening a core's Redis link: {e}")))??);
+        }
+        Ok(CoreLinks { cores: cores.clone(), links: links.into() })
+    }
+}
+
 impl Redis {
-    /// Connects to the Redis `config` names: one server, a cluster's seed nodes, or the
-    /// master the Sentinels name. Messages from channels this node subscribes to, and a
-    /// `Disconnection` each time the link drops or moves to a new master, arrive on the
-    /// returned receiver.
-    pub async fn connect(config: &Config, metrics: Arc<Metrics>) -> Result<(Redis, Receiver<PushInfo>), Error> {
+    /// Connects to the Redis `config` names: one server (from the calling runtime, and
+    /// from each of `cores`), a cluster's seed nodes, or the master the Sentinels name.
+    /// Messages from channels this node subscribes to, and a `Disconnection` each time the
+    /// link drops or moves to a new master, arrive on the returned receiver.
+    pub async fn connect(config: &Config, metrics: Arc<Metrics>, cores: &Arc<Cores>) -> Result<(Redis, Receiver<PushInfo>), Error> {
         let (tx, received) = mpsc::channel(RELAY_BACKLOG);
         let breaks = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicU8::new(0));
@@ -130,7 +143,7 @@ impl Redis {
         let shown = redacted_all(urls);
         let bad_url = |e: redis::RedisError| Error::config(format!("--redis-url {shown}: {e}"));
         let certificates = certificates(config)?;
-        let mut single = None;
+        let mut core_links = None;
         let link = match config.registry {
             RegistryKind::Memory => return Err(Error::config("the memory registry has no Redis")),
             RegistryKind::Redis => {
@@ -140,9 +153,9 @@ impl Redis {
                     None => redis::Client::open(info),
                 }
                 .map_err(bad_url)?;
-                let link = Link::Single(manager(&client, pushes, &shown).await?);
-                single = Some(client);
-                link
+                let main = manager(&client, Some(pushes), &shown).await?;
+                core_links = Some(Arc::new(CoreLinks::connect(&client, cores, &shown).await?));
+                Link::Single(main)
             }
             RegistryKind::RedisCluster => {
                 let mut builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
@@ -168,27 +181,12 @@ impl Redis {
                 Link::Sentinel(Following::start(sentinel, name, pushes, metrics.clone(), &asked).await?)
             }
         };
-        Ok((Redis { link, single, core_links: Arc::default(), metrics, breaks, dropped }, received))
-    }
-
-    /// Opens a link on each of `cores`' runtimes, where this is a single Redis (a
-    /// Cluster's and the Sentinels' links keep their one connection task per server).
-    pub async fn connect_cores(&self, cores: &Arc<Cores>) -> Result<(), Error> {
-        let Some(client) = &self.single else { return Ok(()) };
-        let mut links = Vec::new();
-        for handle in cores.handles() {
-            let client = client.clone();
-            // Made by a task on that core, so the connection's own task is spawned there.
-            let made = handle.spawn(async move { core_manager(&client).await }).await;
-            links.push(made.map_err(|e| Error::unavailable(format!("opening a core's Redis link: {e}")))??);
-        }
-        let _ = self.core_links.set(CoreLinks { cores: cores.clone(), links: links.into() });
-        Ok(())
+        Ok((Redis { link, core_links, metrics, breaks, dropped }, received))
     }
 
     /// This core thread's own link, on a core thread of a node on a single Redis.
     fn core_link(&self) -> Option<ConnectionManager> {
-        let core = self.core_links.get()?;
+        let core = self.core_links.as_ref()?;
         core.cores.current().and_then(|i| core.links.get(i)).cloned()
     }
 
@@ -394,31 +392,21 @@ fn resp3(info: ConnectionInfo) -> ConnectionInfo {
     info.set_redis_settings(settings)
 }
 
-/// A connection manager on `client` that hands what Redis pushes to `pushes` and
-/// subscribes again after reconnecting.
-async fn manager(client: &redis::Client, pushes: Pushes, shown: &str) -> Result<ConnectionManager, Error> {
-    let config = ConnectionManagerConfig::new()
-        .set_push_sender(pushes)
-        .set_automatic_resubscription()
+/// A connection manager on `client`, on the runtime that calls it. With `pushes`, it hands
+/// what Redis pushes there and subscribes again after reconnecting; without, it carries
+/// commands only.
+async fn manager(client: &redis::Client, pushes: Option<Pushes>, shown: &str) -> Result<ConnectionManager, Error> {
+    let mut config = ConnectionManagerConfig::new()
         .set_number_of_retries(1)
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    if let Some(pushes) = pushes {
+        config = config.set_push_sender(pushes).set_automatic_resubscription();
+    }
     tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_connection_manager_with_config(config))
         .await
         .map_err(|_| Error::unavailable(format!("cannot reach Redis at {shown}: timed out")))?
         .map_err(|e| Error::unavailable(format!("cannot reach Redis at {shown}: {e}")))
-}
-
-/// A connection manager for commands only, on the runtime that calls it.
-async fn core_manager(client: &redis::Client) -> Result<ConnectionManager, Error> {
-    let config = ConnectionManagerConfig::new()
-        .set_number_of_retries(1)
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT));
-    tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_connection_manager_with_config(config))
-        .await
-        .map_err(|_| Error::unavailable("cannot open a core's link to Redis: timed out"))?
-        .map_err(|e| Error::unavailable(format!("cannot open a core's link to Redis: {e}")))
 }
 
 /// The CA and client certificate `--redis-ca`, `--redis-client-cert` and

@@ -89,7 +89,7 @@ impl Following {
             .map_err(|_| Error::unavailable(format!("cannot reach the Redis master {shown}: timed out")))?
             .map_err(|e| Error::unavailable(format!("cannot reach the Redis master {shown}: {e}")))?;
         let address = address(&client);
-        let manager = manager(&client, pushes.clone(), &address).await?;
+        let manager = manager(&client, Some(pushes.clone()), &address).await?;
         tracing::info!(master = %address, "Sentinel names the Redis master");
         let following = Arc::new(Following {
             master: RwLock::new((address, manager)),
@@ -186,7 +186,7 @@ impl Following {
 
     /// Replaces the link by one to the new master and subscribes its channels there.
     async fn move_to(&self, client: &redis::Client, address: String) {
-        let Ok(manager) = manager(client, self.pushes.clone(), &address).await else { return };
+        let Ok(manager) = manager(client, Some(self.pushes.clone()), &address).await else { return };
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for channel in &channels {
             if let Err(e) = manager.clone().subscribe(channel).await {

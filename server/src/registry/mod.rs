@@ -315,8 +315,7 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>, cores: &Arc<Cores>)
     if config.registry == RegistryKind::Memory {
         return Ok(None);
     }
-    let (redis, pushes) = Site::Redis.instrument(Redis::connect(config, metrics.clone())).await?;
-    Site::Redis.instrument(redis.connect_cores(cores)).await?;
+    let (redis, pushes) = Site::Redis.instrument(Redis::connect(config, metrics.clone(), cores)).await?;
     let keys = Keys::new(&config.redis_prefix);
     let epoch = crate::clock::wall_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;
