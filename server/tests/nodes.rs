@@ -188,6 +188,43 @@ async fn redis_restarting_empty_loses_nothing_silently_and_nodes_recover() {
     assert!(common::metric(&common::metrics(b.admin).await, "pushline_redis_reconnects_total") >= 1.0);
 }
 
+/// A node tells its clients it hears again only once Redis lists their sessions again:
+/// from that notice on, a push through another node reaches them. (It used to be told as
+/// soon as its subscriptions were back; a push in between, before its next liveness
+/// refresh, reached no one, and the client, just told it had everything since, never knew.)
+#[tokio::test]
+async fn a_node_is_heard_again_only_once_redis_lists_its_sessions_again() {
+    let redis = RedisServer::start();
+    // No liveness refresh of its own falls between Redis coming back and the push below.
+    let slow_refresh = |c: &mut pushline::Config| c.node_ttl = Duration::from_secs(600);
+    let a = node_with(RegistryKind::Redis, &[redis.url()], slow_refresh).await;
+    let b = node_with(RegistryKind::Redis, &[redis.url()], slow_refresh).await;
+    let (mut on_a, _) = client(&a, "local").await;
+    let (mut on_b, _) = client(&b, "remote").await;
+    push(a.client, &["remote"], json!(1)).await;
+    assert_eq!(next_json(&mut on_b).await["data"], 1);
+
+    let port = redis.kill();
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(next_json(ws).await["reason"], "relay_lost", "told when its node stops hearing");
+    }
+    let redis = RedisServer::start_on(port, &[]);
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(next_json(ws).await["reason"], "relay_lost", "told when its node hears again");
+    }
+    assert_eq!(redis.cli(&["hlen", "pushline:uid:remote"]), "1", "heard again before its session was listed");
+    let body = push(a.client, &["remote"], json!(2)).await;
+    assert_eq!(body["delivered"], 1, "{body}");
+    let got = next_json(&mut on_b).await;
+    let got = if got["type"] == "gap" {
+        assert_eq!(got["reason"], "epoch_changed", "{got}");
+        next_json(&mut on_b).await
+    } else {
+        got
+    };
+    assert_eq!(got["data"], 2, "{got}");
+}
+
 /// The first message after one or more `{"type":"gap","reason":"relay_lost"}` notices.
 async fn after_relay_lost(ws: &mut Ws) -> Value {
     let mut told = 0;

@@ -41,7 +41,7 @@ use crate::presence::{Page, Presence, Stats};
 use crate::webhooks::{EventKind, Webhooks};
 use members::Members;
 use occupancy::Occupancy;
-use presence::{Keys, Registrar};
+use presence::{Keys, Listed, Registrar};
 use crate::redis_link::Redis;
 use relay::{Awaited, Relay, Target};
 
@@ -352,6 +352,7 @@ impl Connected {
         };
         nodes.subscribe().await?;
         let stop = CancellationToken::new();
+        let listed = Arc::new(Listed::default());
         let inbox = relay::Inbox {
             hub: hub.clone(),
             metrics: self.metrics.clone(),
@@ -362,6 +363,7 @@ impl Connected {
             awaited,
             history: self.history.clone(),
             presence: presence.clone(),
+            listed: listed.clone(),
         };
         let evicted = CancellationToken::new();
         let registrar = Registrar {
@@ -376,6 +378,7 @@ impl Connected {
             history: self.history.clone(),
             presence: presence.map(|presence| (presence, members)),
             occupancy,
+            listed,
         };
         registrar.announce().await.map_err(|e| Error::unavailable(format!("registering this node: {e}")))?;
         let writing = tokio::spawn(Site::Redis.instrument(registrar.run(self.changes.1, stop.clone())));

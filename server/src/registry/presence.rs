@@ -40,6 +40,7 @@ use std::io::Write;
 
 use redis::{Cmd, RedisWrite, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_link::{Joined, Redis};
@@ -56,6 +57,40 @@ use crate::telemetry::{Metrics, RedisCommand};
 const BATCH: usize = 1024;
 /// First wait after a failed write; doubles up to `node_ttl / 3`.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// How many breaks of the Redis link Redis is known to list this node's sessions after.
+/// The relay tells its clients it hears again only once it is (see
+/// [`super::relay::Inbox`]): a push through another node finds a uid's nodes in Redis, so
+/// until then it would reach no one here, after a notice that promised everything since.
+pub struct Listed {
+    after_break: watch::Sender<u64>,
+    check: Notify,
+}
+
+impl Default for Listed {
+    fn default() -> Listed {
+        Listed { after_break: watch::Sender::new(0), check: Notify::new() }
+    }
+}
+
+impl Listed {
+    /// Returns once Redis lists every session this node held when the link had broken
+    /// `breaks` times: asks the registrar to check its liveness key now (and again each
+    /// `every` while it waits), which writes every session again if Redis lost them.
+    pub async fn after(&self, breaks: u64, every: Duration) {
+        let mut listed = self.after_break.subscribe();
+        loop {
+            self.check.notify_one();
+            if let Ok(Ok(_)) = tokio::time::timeout(every, listed.wait_for(|n| *n >= breaks)).await {
+                return;
+            }
+        }
+    }
+
+    fn confirm(&self, breaks: u64) {
+        self.after_break.send_if_modified(|n| std::mem::replace(n, breaks.max(*n)) < breaks);
+    }
+}
 
 /// Key and channel names under one prefix.
 #[derive(Clone)]
@@ -168,6 +203,7 @@ pub struct Registrar {
     /// Where this node's topics are written, when webhooks want topic_occupied/vacated or
     /// Pusher apps are configured.
     pub occupancy: Option<Occupancy>,
+    pub listed: Arc<Listed>,
 }
 
 /// What a liveness refresh found.
@@ -204,6 +240,9 @@ impl Registrar {
         let mut retry = RETRY_FIRST;
         let mut failing = false;
         let mut must_register = false;
+        // The link's break count at a liveness refresh that found this node's sessions
+        // in Redis, or had them queued again: confirmed once they are written.
+        let mut relisting: Option<u64> = None;
         let mut reap = tokio::time::interval(self.ttl);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let retry_timer = tokio::time::sleep(retry);
@@ -247,8 +286,11 @@ impl Registrar {
                     listening.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic));
                     due = true;
                 }
+                _ = self.listed.check.notified() => refresh.reset_immediately(),
                 _ = refresh.tick(), if !self.evicted.is_cancelled() => {
-                    match self.refresh_liveness().await {
+                    let breaks = self.redis.breaks();
+                    let liveness = self.refresh_liveness().await;
+                    match liveness {
                         Liveness::Missing => {
                             must_register = true;
                             // Redis lost its keys, topics' interest keys with them: mark
@@ -282,6 +324,9 @@ impl Registrar {
                             Err(e) => tracing::warn!(error = %e, "registering sessions again failed; will retry at the next refresh"),
                         }
                     }
+                    if !must_register && matches!(liveness, Liveness::Held | Liveness::Missing) {
+                        relisting = Some(breaks);
+                    }
                     due = true;
                 }
                 _ = reap.tick() => {
@@ -304,6 +349,11 @@ impl Registrar {
                     Ok(()) => {
                         retry = RETRY_FIRST;
                         failing = false;
+                        if pending.is_empty() {
+                            if let Some(breaks) = relisting.take() {
+                                self.listed.confirm(breaks);
+                            }
+                        }
                     }
                     Err(e) => {
                         if !failing {

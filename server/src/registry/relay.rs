@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::history::redis::RedisHistory;
 use crate::hub::Hub;
+use super::presence::Listed;
 use crate::presence::Presence;
 use crate::redis_link::{DroppedPushes, Redis};
 use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
@@ -271,11 +272,15 @@ pub struct Inbox {
     pub history: Arc<RedisHistory>,
     /// Told every member change of a presence topic, when presence is on.
     pub presence: Option<Arc<Presence>>,
+    /// Whether Redis lists this node's sessions since the link's last break.
+    pub listed: Arc<Listed>,
 }
 
 /// Told to every connection of a node that stopped hearing its channels (its Redis link
 /// dropped, a subscription was taken away, or messages were dropped on the way in), and
-/// again once it hears them all: what other nodes published in between is only in history.
+/// again once it hears them all and Redis lists its sessions (a Redis that came back empty
+/// lists them once the registrar has written them again): what other nodes published in
+/// between is only in history.
 const RELAY_LOST: &str = r#"{"type":"gap","reason":"relay_lost"}"#;
 
 /// How often a node checks that it still listens on each of its channels.
@@ -350,7 +355,8 @@ impl Inbox {
     /// a word (seen after a cluster failover): the node goes deaf. While deaf, it
     /// subscribes every channel again, wherever its slot now lives (subscribing twice
     /// changes nothing), and checks again, sooner; once every channel is subscribed and
-    /// heard, its clients are told of the gap between.
+    /// heard, and Redis lists this node's sessions again, its clients are told of the gap
+    /// between.
     async fn keep_listening(&self, hearing: &Hearing) {
         let mut wait = LISTENING_CHECK_EVERY;
         loop {
@@ -368,6 +374,12 @@ impl Inbox {
             }
             let subscribed = futures_util::future::join_all(self.channels.iter().map(|c| self.redis.subscribe(c))).await;
             if heard == Some(true) && subscribed.iter().all(Result::is_ok) {
+                let breaks = self.redis.breaks();
+                self.listed.after(breaks, LISTENING_CHECK_EVERY).await;
+                if self.redis.breaks() != breaks {
+                    wait = RESUBSCRIBE_FIRST;
+                    continue;
+                }
                 hearing.deaf.store(false, Ordering::Release);
                 tracing::info!("hearing every channel again; telling every client here of the gap");
                 self.tell_relay_lost().await;
