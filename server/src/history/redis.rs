@@ -46,7 +46,13 @@ use crate::wire::{envelope_position, Message};
 /// closing brace, 9 the relay header (the script writes the sequence into it), 10 PUBLISH
 /// or SPUBLISH, 11 now (ms), 12 the idempotency key's record (the request's fingerprint and the message id), 13 the
 /// highest group sequence this node has seen, 14 a generation for the group should it
-/// need a new one, 15 `1` to check the Redis run, 16.. channels.
+/// need a new one, 15 `1` to check the Redis run, 16 empty, or (a uid's stream on one
+/// Redis) `<this node> <its epoch> <1 if it holds the uid> <group>`: the script finds the
+/// uid's nodes itself, 17 `--redis-prefix` (locating only), 18.. channels (when not
+/// locating). Locating reads the uid's sessions (KEYS[9]) and each of their nodes'
+/// liveness keys (not declared: one Redis only), deletes dead nodes' entries, and
+/// publishes to the live nodes' channels, then this node's if it holds the uid: a push
+/// is one round trip, not a lookup and then the script.
 ///
 /// Every kept append takes the group's next sequence number. One at or below what this
 /// node has already seen means the group's data went back (a failover to a replica that
@@ -66,7 +72,8 @@ use crate::wire::{envelope_position, Message};
 /// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
 /// then its message id, or its reply once known), else `{1, epoch, offset, receivers,
 /// sequence, reset}` (offset 0: not kept; reset `1` when this append found the group's
-/// history behind this node, `2` when under another Redis run).
+/// history behind this node, `2` when under another Redis run), and when it located:
+/// `channels, sessions, {node...}` (the live sessions on other nodes, and those nodes).
 pub const APPEND: &str = r#"
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[4])
@@ -129,22 +136,75 @@ if keep then
 else
   envelope = envelope .. '}'
 end
+local channels, sessions, reached = {}, 0, {}
+if ARGV[16] == '' then
+  for i = 18, #ARGV do channels[#channels + 1] = ARGV[i] end
+else
+  local me, mine, here, group = string.match(ARGV[16], '^(%d+) (%d+) (%d) (%d+)$')
+  me, mine = tonumber(me), tonumber(mine)
+  local held = redis.call('HGETALL', KEYS[9])
+  local live, seen = {}, {}
+  for i = 1, #held, 2 do
+    -- A session id's top 16 bits are its node: long division, exact in doubles.
+    local node, rest = 0, 0
+    for d = 1, #held[i] do
+      rest = rest * 10 + string.byte(held[i], d) - 48
+      local digit = math.floor(rest / 281474976710656)
+      node = node * 10 + digit
+      rest = rest - digit * 281474976710656
+    end
+    local written = tonumber(held[i + 1])
+    if node == me then
+      -- Sessions here are the hub's; an older epoch is a previous run of this node.
+      if written < mine then redis.call('HDEL', KEYS[9], held[i]) end
+    else
+      if live[node] == nil then
+        live[node] = tonumber(redis.call('GET', ARGV[17] .. ':node:' .. node) or '0')
+      end
+      if live[node] == written then
+        sessions = sessions + 1
+        if not seen[node] then
+          seen[node] = true
+          reached[#reached + 1] = node
+          channels[#channels + 1] = ARGV[17] .. ':to:' .. node .. ':{g' .. group .. '}'
+        end
+      elseif live[node] == 0 or live[node] > written then
+        -- The node is gone, or a newer run holds its id (one newer than the key is
+        -- neither delivered to nor deleted).
+        redis.call('HDEL', KEYS[9], held[i])
+      end
+    end
+  end
+  if here == '1' then channels[#channels + 1] = ARGV[17] .. ':to:' .. me .. ':{g' .. group .. '}' end
+end
 local receivers = 0
 local header = string.sub(ARGV[9], 1, 20) .. string.format('%020d', seq) .. string.sub(ARGV[9], 41)
-for i = 16, #ARGV do
+for _, channel in ipairs(channels) do
   if gap then
-    redis.call(ARGV[10], ARGV[i], string.sub(header, 1, 3) .. string.rep('\0', 8) .. string.sub(header, 12) .. gap)
+    redis.call(ARGV[10], channel, string.sub(header, 1, 3) .. string.rep('\0', 8) .. string.sub(header, 12) .. gap)
   end
-  receivers = receivers + redis.call(ARGV[10], ARGV[i], header .. envelope)
+  receivers = receivers + redis.call(ARGV[10], channel, header .. envelope)
 end
 if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[4], ARGV[12], 'PX', ARGV[5])
 end
-return {1, epoch, offset, receivers, seq, rolled}
+if ARGV[16] == '' then
+  return {1, epoch, offset, receivers, seq, rolled}
+end
+return {1, epoch, offset, receivers, seq, rolled, #channels, sessions, reached}
 "#;
 
 /// The append script's argument (0-based) asking it to check the Redis run.
 const CHECK_RUN_ARG: usize = 14;
+
+/// Where the append script publishes a message.
+pub enum Route<'a> {
+    /// On these channels.
+    Channels(&'a [String]),
+    /// On the channels of the nodes that hold the uid's live sessions, found by the
+    /// script (one Redis only): this node's id and epoch, and whether it holds the uid.
+    Locate { uid_key: Vec<u8>, node: u16, epoch: u64, here: bool },
+}
 
 /// What the append script did.
 #[derive(Debug, PartialEq, Eq)]
@@ -152,8 +212,20 @@ pub enum Appended {
     /// The idempotency key was used before: the first message's id, or the reply to it.
     Repeated(String),
     /// Published to `receivers` subscribers; kept at `offset` (0: not kept), the group's
-    /// `sequence`; `reset` when the group took a new generation, and why.
-    Published { epoch: u32, offset: u64, receivers: usize, sequence: u64, reset: Option<EpochReset> },
+    /// `sequence`; `reset` when the group took a new generation, and why; `located` when
+    /// the script found the uid's nodes.
+    Published { epoch: u32, offset: u64, receivers: usize, sequence: u64, reset: Option<EpochReset>, located: Option<Located> },
+}
+
+/// A uid's nodes as the append script found them.
+#[derive(Debug, PartialEq, Eq, Default)]
+pub struct Located {
+    /// Channels published on: the other nodes', and this one's if it holds the uid.
+    pub channels: usize,
+    /// Live sessions of the uid on other nodes.
+    pub sessions: usize,
+    /// Those other nodes.
+    pub nodes: Vec<u16>,
 }
 
 impl Appended {
@@ -163,7 +235,16 @@ impl Appended {
         let number = |v: &Value| redis::from_redis_value_ref::<u64>(v).ok();
         match items.as_slice() {
             [flag, first] if number(flag) == Some(0) => Some(Appended::Repeated(text(first)?)),
-            [flag, epoch, offset, receivers, sequence, reset] if number(flag) == Some(1) => {
+            [flag, epoch, offset, receivers, sequence, reset, located @ ..] if number(flag) == Some(1) => {
+                let located = match located {
+                    [] => None,
+                    [channels, sessions, Value::Array(nodes)] => Some(Located {
+                        channels: number(channels)? as usize,
+                        sessions: number(sessions)? as usize,
+                        nodes: nodes.iter().map(|n| number(n).and_then(|n| u16::try_from(n).ok())).collect::<Option<_>>()?,
+                    }),
+                    _ => return None,
+                };
                 let offset = number(offset)?;
                 let epoch = if offset == 0 { 0 } else { super::parse_epoch(&text(epoch)?)? };
                 let reset = match number(reset)? {
@@ -171,7 +252,7 @@ impl Appended {
                     1 => Some(EpochReset::Rollback),
                     _ => Some(EpochReset::RedisRun),
                 };
-                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, sequence: number(sequence)?, reset })
+                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, sequence: number(sequence)?, reset, located })
             }
             _ => None,
         }
@@ -325,7 +406,7 @@ impl RedisHistory {
         envelope: &str,
         relay: &[u8],
         idempotency: Option<&Key>,
-        channels: &[String],
+        route: Route<'_>,
     ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let key = self.stream_key(stream);
         let idempotency_key = match idempotency {
@@ -366,8 +447,19 @@ impl RedisHistory {
             epoch_text(new_epoch()).into_bytes(),
             if kept > 0 && self.check_run(group) { b"1".to_vec() } else { b"0".to_vec() },
         ];
-        args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
-        (keys.into_iter().map(String::into_bytes).collect(), args)
+        let mut keys: Vec<Vec<u8>> = keys.into_iter().map(String::into_bytes).collect();
+        match route {
+            Route::Channels(channels) => {
+                args.extend([Vec::new(), Vec::new()]);
+                args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
+            }
+            Route::Locate { uid_key, node, epoch, here } => {
+                keys.push(uid_key);
+                args.push(format!("{node} {epoch} {} {group}", here as u8).into_bytes());
+                args.push(self.prefix.as_bytes().to_vec());
+            }
+        }
+        (keys, args)
     }
 
     /// The idempotency keys of streams that kept a repeated key's reply.
@@ -491,9 +583,24 @@ mod tests {
     #[test]
     fn append_replies_parse() {
         let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3), Value::Int(9), Value::Int(0)]);
-        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, sequence: 9, reset: None }));
+        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, sequence: 9, reset: None, located: None }));
         let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0)]);
-        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, sequence: 0, reset: None }));
+        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, sequence: 0, reset: None, located: None }));
+        let located = Value::Array(vec![
+            Value::Int(1),
+            Value::BulkString(b"0000002a".to_vec()),
+            Value::Int(7),
+            Value::Int(2),
+            Value::Int(9),
+            Value::Int(0),
+            Value::Int(2),
+            Value::Int(3),
+            Value::Array(vec![Value::Int(4)]),
+        ]);
+        let found = Located { channels: 2, sessions: 3, nodes: vec![4] };
+        assert_eq!(Appended::parse(located), Some(Appended::Published { epoch: 42, offset: 7, receivers: 2, sequence: 9, reset: None, located: Some(found) }));
+        let node_out_of_range = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0), Value::Int(1), Value::Int(1), Value::Array(vec![Value::Int(70000)])]);
+        assert_eq!(Appended::parse(node_out_of_range), None);
         let repeated = Value::Array(vec![Value::Int(0), Value::BulkString(b"123".to_vec())]);
         assert_eq!(Appended::parse(repeated), Some(Appended::Repeated("123".into())));
         assert_eq!(Appended::parse(Value::Nil), None);

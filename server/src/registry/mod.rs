@@ -33,7 +33,7 @@ use crate::session::SessionId;
 use crate::telemetry::{DropReason, Metrics, RedisCommand, Relayed};
 use crate::history::idempotency::{self, Claim, Claimed, Idempotency};
 use crate::history::memory::MemoryHistory;
-use crate::history::redis::{Appended, RedisHistory};
+use crate::history::redis::{Appended, RedisHistory, Route};
 use crate::history::resume::History;
 use crate::history::{Stream, GROUPS};
 use crate::wire::Draft;
@@ -472,7 +472,10 @@ impl Nodes {
             Target::Uids(uids) => uids.as_slice(),
             _ => &[],
         }).copied());
-        let remote = if pushed.is_empty() {
+        // On one Redis the append script finds each uid's nodes itself; on a Cluster a
+        // uid's sessions and its stream live in different slots, so they are read first.
+        let locating = !self.redis.sharded();
+        let remote = if pushed.is_empty() || locating {
             HashMap::new()
         } else {
             match self.locate(&pushed).await {
@@ -497,6 +500,13 @@ impl Nodes {
                         let stream = Stream::Uid((*uid).into());
                         let here = hub.has_uid(uid);
                         local += here as usize;
+                        let relay = relay(stream.group(), Target::Uids(vec![uid]));
+                        if locating {
+                            let route = Route::Locate { uid_key: self.keys.uid_arg(uid).0.concat(), node: self.node, epoch: self.epoch, here };
+                            calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay, job.key, route));
+                            streams.push((stream, Some(*uid), 0));
+                            continue;
+                        }
                         let nodes = remote.get(uid).map(|(nodes, _)| nodes.as_slice()).unwrap_or_default();
                         let channels: Vec<String> = nodes
                             .iter()
@@ -504,7 +514,7 @@ impl Nodes {
                             .chain(here.then_some(self.node))
                             .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
                             .collect();
-                        calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), Target::Uids(vec![uid])), job.key, &channels));
+                        calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay, job.key, Route::Channels(&channels)));
                         streams.push((stream, Some(*uid), channels.len()));
                     }
                     self.awaited.expect(draft.id, local)
@@ -520,7 +530,7 @@ impl Nodes {
                         _ => Stream::Broadcast,
                     };
                     let channel = RedisHistory::fanout_channel(prefix, stream.group());
-                    calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), job.target.clone()), job.key, &[channel]));
+                    calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), job.target.clone()), job.key, Route::Channels(&[channel])));
                     streams.push((stream, None, 1));
                     self.awaited.expect(draft.id, 1)
                 }
@@ -547,7 +557,7 @@ impl Nodes {
                         Some(first) => repeated.push(first.to_owned()),
                         None => mismatched = true,
                     },
-                    Some(Appended::Published { offset, receivers, sequence, reset, .. }) => {
+                    Some(Appended::Published { offset, receivers, sequence, reset, located, .. }) => {
                         published = true;
                         self.history.appended(stream.group(), sequence, reset);
                         result.stored += (offset > 0) as usize;
@@ -556,9 +566,12 @@ impl Nodes {
                         }
                         match uid {
                             Some(uid) => {
-                                let (nodes, sessions) = remote.get(uid).map(|(n, s)| (n.as_slice(), *s)).unwrap_or_default();
+                                let (nodes, sessions, channels) = match &located {
+                                    Some(l) => (l.nodes.as_slice(), l.sessions, l.channels),
+                                    None => remote.get(uid).map(|(n, s)| (n.as_slice(), *s, *channels)).unwrap_or((&[], 0, *channels)),
+                                };
                                 result.online += sessions;
-                                if receivers >= *channels {
+                                if receivers >= channels {
                                     result.delivered += sessions;
                                     for node in nodes {
                                         if !reached.contains(node) {
