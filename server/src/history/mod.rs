@@ -62,14 +62,11 @@ impl Stream {
 pub const GROUPS: u64 = 16;
 
 /// A fresh epoch: random, so that a stream recreated anywhere (another node, a restarted
-/// process, a flushed Redis) never reuses one a client may hold.
+/// process, a flushed Redis) never reuses one a client may hold. From a per-thread
+/// generator seeded from the OS once: every append on Redis offers the script two, and a
+/// `getrandom` call each was two system calls per push.
 pub fn new_epoch() -> u32 {
-    let mut bytes = [0u8; 4];
-    if getrandom::fill(&mut bytes).is_err() {
-        // No entropy source: the clock still makes a repeat unlikely.
-        return (crate::clock::wall_ms() as u32).wrapping_mul(2_654_435_761);
-    }
-    u32::from_ne_bytes(bytes)
+    fastrand::u32(..)
 }
 
 /// How much history is kept, and where none is.
