@@ -18,6 +18,7 @@ use pushline_alloc::Site;
 use strum::EnumCount;
 use thin_vec::ThinVec;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 use crate::clock;
 use crate::cores::Cores;
@@ -43,6 +44,9 @@ pub enum Change {
     Listening(Arc<str>),
     /// The connections a uid has here in a presence topic changed (sent by presence).
     Member(Arc<str>, CompactString),
+    /// Asks to be told once this session's open is written, so that a push through any
+    /// node finds it (a resume reads history only then).
+    Written(SessionId, oneshot::Sender<()>),
 }
 
 pub type Changes = UnboundedSender<Change>;
@@ -312,6 +316,17 @@ impl Hub {
             let _ = changes.send(Change::Opened(conn.session, Arc::from(conn.uid.as_str())));
         }
         Ok(())
+    }
+
+    /// Resolves once the registry has written `session`'s open, where a registry writes
+    /// them (on Redis); None on one node, where registering is all there is. An error
+    /// means it was not written (the session closed, or the registry stopped).
+    pub fn written(&self, session: SessionId) -> Option<oneshot::Receiver<()>> {
+        let changes = self.observers.changes.as_ref()?;
+        let (tx, rx) = oneshot::channel();
+        // Unsent, the sender is dropped with it, and the receiver says so.
+        let _ = changes.send(Change::Written(session, tx));
+        Some(rx)
     }
 
     /// Removes a connection from every map; its task calls this once, as it ends.

@@ -151,6 +151,13 @@ impl Outbox {
                         skipped(&msg);
                         continue;
                     }
+                    if tracking.missed_before(&position) {
+                        // The gap first; the message stays at the front of the queue.
+                        let backlog = self.backlog.get_or_insert_with(Box::default);
+                        backlog.bytes += msg.bytes(transport).len();
+                        backlog.queue.push_front(msg);
+                        return tracking.pop_pending(transport);
+                    }
                     tracking.advance(position);
                 }
             }
@@ -309,6 +316,38 @@ mod tests {
         let gap: serde_json::Value = serde_json::from_str(&pop_text(&mut q, Transport::WebSocket).unwrap()).unwrap();
         assert_eq!(gap, serde_json::json!({"type": "gap", "stream": "b", "epoch": "00000005", "from": 1, "to": 4}));
         assert!(pop_text(&mut q, Transport::WebSocket).unwrap().ends_with(r#""offset":5}"#));
+    }
+
+    /// An SSE connection (it tracks what it was sent) whose uid stream skips offsets is
+    /// told the run before the message; a run drop-oldest already told is not told twice.
+    #[test]
+    fn a_uid_stream_that_skips_offsets_is_told_the_run_it_never_got() {
+        let uid = |offset| {
+            let position = Position { key: StreamKey::Uid(7), epoch: 5, offset };
+            Arc::new(Message::new(offset, None, "1", Some(position), Instant::now()))
+        };
+        let limits = Limits { max_messages: 2, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
+        let mut q = Outbox::default();
+        q.push(&uid(1), Transport::Sse, &limits, 0);
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().contains("u.00000007:00000005:1\n"));
+        q.push(&uid(4), Transport::Sse, &limits, 0);
+        let gap = pop_text(&mut q, Transport::Sse).unwrap();
+        assert!(gap.starts_with("event: gap\n") && gap.contains(r#""from":2"#) && gap.contains(r#""to":3"#), "{gap}");
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().contains(r#""offset":4}"#));
+        assert_eq!(q.bytes(), 0);
+        for offset in 5..=8 {
+            q.push(&uid(offset), Transport::Sse, &limits, 0);
+        }
+        let told = pop_text(&mut q, Transport::Sse).unwrap();
+        assert!(told.contains(r#""from":5"#) && told.contains(r#""to":6"#), "{told}");
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().contains(r#""offset":7}"#), "no second gap for the dropped run");
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().contains(r#""offset":8}"#));
+        // A topic's stream may skip the client's own publishes: not a loss.
+        let topic = |offset| Arc::new(Message::new(offset, None, "1", Some(Position { key: StreamKey::Topic(3), epoch: 5, offset }), Instant::now()));
+        q.push(&topic(1), Transport::Sse, &limits, 0);
+        q.push(&topic(3), Transport::Sse, &limits, 0);
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().contains(r#""offset":1}"#));
+        assert!(pop_text(&mut q, Transport::Sse).unwrap().contains(r#""offset":3}"#));
     }
 
     #[test]

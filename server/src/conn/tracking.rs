@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::wire::cursor::{epoch_text, Cursor, Position};
+use crate::wire::cursor::{epoch_text, Cursor, Position, StreamKey};
 use crate::wire::{self, sse, Message, Transport};
 
 /// What a resume queues for the connection, in order.
@@ -132,8 +132,34 @@ impl Tracking {
         out
     }
 
+    /// Whether `position`, in the connection's uid stream, skips offsets of the epoch
+    /// written last: they never reached this node for it (on a Redis Cluster, a push
+    /// whose lookup ran before Redis listed a resuming session, and whose append ran after
+    /// its history was read). The run is noted as lost, to be told before `position`.
+    /// Only the uid stream: a topic's messages the client published itself skip it.
+    pub fn missed_before(&mut self, position: &Position) -> bool {
+        if !matches!(position.key, StreamKey::Uid(_)) {
+            return false;
+        }
+        let Some(last) = self.written.iter_mut().find(|w| w.key == position.key && w.epoch == position.epoch) else { return false };
+        if position.offset <= last.offset + 1 {
+            return false;
+        }
+        let from = Position { offset: last.offset + 1, ..*last };
+        last.offset = position.offset - 1;
+        let count = (position.offset - from.offset) as usize;
+        self.pending().lost.push(Lost { position: Some(from), to: position.offset - 1, count });
+        true
+    }
+
     /// Notes a message drop-oldest discarded, merging it with the run before it.
     pub fn lose(&mut self, msg: &Message) {
+        // Told as this run, not again as a skip when the next message comes.
+        if let Some(p) = msg.position {
+            if let Some(last) = self.written.iter_mut().find(|w| w.key == p.key && w.epoch == p.epoch) {
+                last.offset = last.offset.max(p.offset);
+            }
+        }
         let key = msg.position.map(|p| (p.key, p.epoch));
         let lost = &mut self.pending().lost;
         if let Some(run) = lost.iter_mut().find(|l| l.position.map(|p| (p.key, p.epoch)) == key) {
@@ -216,7 +242,6 @@ impl Tracking {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::cursor::StreamKey;
     use std::time::Instant;
 
     fn positioned(offset: u64) -> Arc<Message> {

@@ -33,6 +33,10 @@ use crate::socket::Socket;
 use crate::telemetry::{probes, CloseReason, Metrics, RefuseReason};
 use crate::wire::{self, Transport};
 
+/// How long a resume waits for Redis to list its session before it reads its uid's
+/// stream: past it, the handshake is refused (503) rather than risk a gap.
+const WRITTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct Gateway {
     pub admission: Arc<Admission>,
     pub history: History,
@@ -112,8 +116,16 @@ impl Gateway {
             Err(error) => return self.refuse(&mut stream, &error).await,
         };
         // Registered first: anything published from here on is queued, so reading history
-        // now leaves no gap; what is both read and queued is written once.
+        // now leaves no gap; what is both read and queued is written once. On Redis a push
+        // through another node finds the uid's nodes there: its own stream is read once
+        // Redis lists this session.
         if !plan.is_empty() {
+            if plan.iter().any(|(stream, _)| matches!(stream, Stream::Uid(_))) {
+                if let Err(error) = self.written(&conn).await {
+                    self.abandon(&conn);
+                    return self.refuse(&mut stream, &error).await;
+                }
+            }
             if let Err(error) = resume::resume(&self.history, &conn, &request, plan, hub.limits().max_bytes, &self.metrics).await {
                 self.abandon(&conn);
                 return self.refuse(&mut stream, &error).await;
@@ -197,6 +209,16 @@ impl Gateway {
         answer.extend_from_slice(&wire::ws::text(&pusher::error(Some(code), message)));
         answer.extend_from_slice(&wire::ws::close(code, message));
         http::write_and_close(stream, &answer).await;
+    }
+
+    /// Waits until the registry has written `conn`'s session (at most [`WRITTEN_WAIT`]),
+    /// where it writes sessions at all.
+    async fn written(&self, conn: &Conn) -> Result<(), Error> {
+        let Some(written) = self.clients.hub.written(conn.session) else { return Ok(()) };
+        match tokio::time::timeout(WRITTEN_WAIT, written).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Error::unavailable("registry unavailable: this session could not be written to Redis in time, and its history is read only once it is; retry")),
+        }
     }
 
     /// Undoes a registration whose handshake failed after it: the connection's queue is

@@ -40,7 +40,7 @@ use std::io::Write;
 
 use redis::{Cmd, RedisWrite, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_link::{Joined, Redis};
@@ -220,6 +220,8 @@ impl Registrar {
     pub async fn run(self, mut changes: UnboundedReceiver<Change>, stop: CancellationToken) {
         // Latest change per session not yet written.
         let mut pending: HashMap<SessionId, Pending> = HashMap::new();
+        // Opens someone waits to see written (resumes): written first, then told.
+        let mut waiting: HashMap<SessionId, oneshot::Sender<()>> = HashMap::new();
         // Sessions open here, from the changes received.
         let mut known: i64 = 0;
         // Presence members whose connections here changed, and the topics recorded for
@@ -271,6 +273,14 @@ impl Registrar {
                             }
                             Change::Member(topic, uid) => {
                                 members.changed.insert((topic, uid));
+                            }
+                            Change::Written(session, told) => {
+                                if pending.get(&session).is_some_and(|p| p.opened) {
+                                    waiting.insert(session, told);
+                                } else {
+                                    // Written already (or closed since).
+                                    let _ = told.send(());
+                                }
                             }
                             change => {
                                 known += match change {
@@ -338,7 +348,7 @@ impl Registrar {
                 _ = stop.cancelled() => break,
             }
             if due {
-                let written = match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending, false).await) {
+                let written = match self.write_interest(&mut listening, history_ttl).await.and(self.flush(&mut pending, &mut waiting, false).await) {
                     Ok(()) => match self.write_members(&mut members, false).await {
                         Ok(()) => self.write_occupancy(&mut occupied).await,
                         failed => failed,
@@ -459,12 +469,19 @@ impl Registrar {
 
     /// Writes one batch of pending changes, or every one when `all`; what fails stays
     /// pending.
-    async fn flush(&self, pending: &mut HashMap<SessionId, Pending>, all: bool) -> redis::RedisResult<()> {
+    async fn flush(&self, pending: &mut HashMap<SessionId, Pending>, waiting: &mut HashMap<SessionId, oneshot::Sender<()>>, all: bool) -> redis::RedisResult<()> {
         let mut turns = if all { usize::MAX } else { 1 };
+        // Awaited opens are closed (or coalesced away) before being written, or go first.
+        waiting.retain(|session, _| pending.get(session).is_some_and(|p| p.opened));
         while !pending.is_empty() && turns > 0 {
             turns -= 1;
-            let batch: Vec<(SessionId, Arc<str>, bool)> =
-                pending.iter().take(BATCH).map(|(s, p)| (*s, p.uid.clone(), p.opened)).collect();
+            let awaited = waiting.keys().copied();
+            let rest = pending.keys().copied().filter(|s| !waiting.contains_key(s));
+            let batch: Vec<(SessionId, Arc<str>, bool)> = awaited
+                .chain(rest)
+                .take(BATCH)
+                .filter_map(|s| pending.get(&s).map(|p| (s, p.uid.clone(), p.opened)))
+                .collect();
             let cmds = self.change_cmds(&batch);
             if let Err(e) = self.redis.batch(RedisCommand::Sessions, cmds).await {
                 for (session, _, _) in &batch {
@@ -476,6 +493,9 @@ impl Registrar {
             }
             for (session, _, _) in &batch {
                 pending.remove(session);
+                if let Some(told) = waiting.remove(session) {
+                    let _ = told.send(());
+                }
             }
         }
         Ok(())
@@ -635,7 +655,7 @@ impl Registrar {
             // carry the same session ids, are not ours to delete. Ours are reaped by epoch.
             return Ok(());
         }
-        self.flush(pending, true).await?;
+        self.flush(pending, &mut HashMap::new(), true).await?;
         // Connections still open past the shutdown grace.
         self.remove_every_session().await?;
         const DELETE_IF_OURS: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
@@ -679,7 +699,8 @@ struct Membership {
 /// Keeps the latest change per session; an open never sent and its close cancel out.
 fn coalesce(pending: &mut HashMap<SessionId, Pending>, change: Change) {
     match change {
-        Change::Listening(_) | Change::Member(..) => {}
+        // Told nothing: whoever waits for it is told it was not written.
+        Change::Listening(_) | Change::Member(..) | Change::Written(..) => {}
         Change::Opened(session, uid) => {
             pending.insert(session, Pending { uid, opened: true, tried: false });
         }
