@@ -9,6 +9,7 @@
 //! included, delivers what arrives on its channels to its own connections (`relay`), so
 //! every node sees a stream's messages in offset order.
 
+pub mod listed;
 pub mod members;
 pub mod occupancy;
 pub mod presence;
@@ -41,7 +42,8 @@ use crate::presence::{Page, Presence, Stats};
 use crate::webhooks::{EventKind, Webhooks};
 use members::Members;
 use occupancy::Occupancy;
-use presence::{Keys, Listed, Registrar};
+use listed::Listed;
+use presence::{Keys, Registrar};
 use crate::redis_link::Redis;
 use relay::{Awaited, Relay, Target};
 

@@ -40,7 +40,7 @@ use std::io::Write;
 
 use redis::{Cmd, RedisWrite, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_link::{Joined, Redis};
@@ -48,6 +48,7 @@ use crate::history::redis::RedisHistory;
 use crate::error::Error;
 use crate::hub::{Change, Hub};
 use crate::presence::Presence;
+use super::listed::Listed;
 use super::members::Members;
 use super::occupancy::Occupancy;
 use crate::session::SessionId;
@@ -57,40 +58,6 @@ use crate::telemetry::{Metrics, RedisCommand};
 const BATCH: usize = 1024;
 /// First wait after a failed write; doubles up to `node_ttl / 3`.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
-
-/// How many breaks of the Redis link Redis is known to list this node's sessions after.
-/// The relay tells its clients it hears again only once it is (see
-/// [`super::relay::Inbox`]): a push through another node finds a uid's nodes in Redis, so
-/// until then it would reach no one here, after a notice that promised everything since.
-pub struct Listed {
-    after_break: watch::Sender<u64>,
-    check: Notify,
-}
-
-impl Default for Listed {
-    fn default() -> Listed {
-        Listed { after_break: watch::Sender::new(0), check: Notify::new() }
-    }
-}
-
-impl Listed {
-    /// Returns once Redis lists every session this node held when the link had broken
-    /// `breaks` times: asks the registrar to check its liveness key now (and again each
-    /// `every` while it waits), which writes every session again if Redis lost them.
-    pub async fn after(&self, breaks: u64, every: Duration) {
-        let mut listed = self.after_break.subscribe();
-        loop {
-            self.check.notify_one();
-            if let Ok(Ok(_)) = tokio::time::timeout(every, listed.wait_for(|n| *n >= breaks)).await {
-                return;
-            }
-        }
-    }
-
-    fn confirm(&self, breaks: u64) {
-        self.after_break.send_if_modified(|n| std::mem::replace(n, breaks.max(*n)) < breaks);
-    }
-}
 
 /// Key and channel names under one prefix.
 #[derive(Clone)]
@@ -296,7 +263,7 @@ impl Registrar {
                     listening.extend(self.hub.topic_subscribers().into_iter().map(|(topic, _)| topic));
                     due = true;
                 }
-                _ = self.listed.check.notified() => refresh.reset_immediately(),
+                _ = self.listed.asked() => refresh.reset_immediately(),
                 _ = refresh.tick(), if !self.evicted.is_cancelled() => {
                     let breaks = self.redis.breaks();
                     let liveness = self.refresh_liveness().await;

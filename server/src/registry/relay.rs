@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::history::redis::RedisHistory;
 use crate::hub::Hub;
-use super::presence::Listed;
+use super::listed::Listed;
 use crate::presence::Presence;
 use crate::redis_link::{DroppedPushes, Redis};
 use crate::telemetry::{DropReason, Metrics, PublishKind, RedisCommand, Relayed};
