@@ -20,6 +20,7 @@
 //! stream that arrive together share one read.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,11 +31,12 @@ use tokio::sync::{Notify, OnceCell};
 
 use super::idempotency::Key;
 use super::read::{select, Found, From, Loss};
-use super::{epoch_text, new_epoch, Settings, Stream, GROUPS};
+use super::{new_epoch, Settings, Stream, GROUPS};
 use crate::telemetry::{EpochReset, Metrics};
 use crate::error::Error;
-use crate::redis_link::{Redis, Script};
+use crate::redis_link::{Invocation, Redis, Script};
 use crate::telemetry::RedisCommand;
+use crate::wire::cursor::EpochText;
 use crate::wire::{envelope_position, Message};
 
 /// Appends a message to its stream and publishes it. KEYS: the stream, its hash, its
@@ -203,7 +205,7 @@ pub enum Route<'a> {
     Channels(&'a [String]),
     /// On the channels of the nodes that hold the uid's live sessions, found by the
     /// script (one Redis only): this node's id and epoch, and whether it holds the uid.
-    Locate { uid_key: Vec<u8>, node: u16, epoch: u64, here: bool },
+    Locate { uid_key: &'a [&'a [u8]], node: u16, epoch: u64, here: bool },
 }
 
 /// What the append script did.
@@ -407,59 +409,63 @@ impl RedisHistory {
         relay: &[u8],
         idempotency: Option<&Key>,
         route: Route<'_>,
-    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    ) -> Invocation {
         let key = self.stream_key(stream);
-        let idempotency_key = match idempotency {
-            Some(k) => format!("{key}:k:{}", k.scoped),
-            None => key.clone(),
-        };
+        let key = key.as_bytes();
         let group = stream.group();
-        let keys = vec![
-            key.clone(),
-            format!("{key}:m"),
-            format!("{key}:i"),
-            idempotency_key,
-            self.born_key(group),
-            self.group_key(group, "seq"),
-            self.group_key(group, "gen"),
-            self.group_key(group, "run"),
-        ];
+        let group_key = format!("{}:h:{{g{group}}}:", self.prefix);
+        let group_key = group_key.as_bytes();
         let kept = if self.settings.keeps(stream) { self.settings.size } else { 0 };
         let window = idempotency.map_or(0, |_| self.settings.idempotency_window.as_millis() as u64);
-        let mut args: Vec<Vec<u8>> = vec![
-            epoch_text(new_epoch()).into_bytes(),
-            kept.to_string().into_bytes(),
-            self.settings.ttl.as_millis().to_string().into_bytes(),
-            match stream {
-                // A Pusher cache channel keeps its last event for whoever subscribes next.
-                Stream::Topic(topic) if !crate::pusher::is_cache_topic(topic) => b"1".to_vec(),
-                _ => b"0".to_vec(),
-            },
-            window.to_string().into_bytes(),
-            id.to_string().into_bytes(),
-            stream.key().to_string().into_bytes(),
-            envelope.as_bytes().to_vec(),
-            relay.to_vec(),
-            if self.redis.sharded() { b"SPUBLISH".to_vec() } else { b"PUBLISH".to_vec() },
-            crate::clock::wall_ms().to_string().into_bytes(),
-            idempotency.map(|k| k.record(&id.to_string())).unwrap_or_default().into_bytes(),
-            self.seen[group as usize].load(Ordering::Relaxed).to_string().into_bytes(),
-            epoch_text(new_epoch()).into_bytes(),
-            if kept > 0 && self.check_run(group) { b"1".to_vec() } else { b"0".to_vec() },
-        ];
-        let mut keys: Vec<Vec<u8>> = keys.into_iter().map(String::into_bytes).collect();
+        let channels = match &route {
+            Route::Channels(channels) => channels.iter().map(|c| c.len()).sum(),
+            Route::Locate { uid_key, .. } => uid_key.iter().map(|p| p.len()).sum::<usize>() + self.prefix.len() + 32,
+        };
+        let idempotency_bytes = idempotency.map_or(0, |k| k.scoped.len() + k.record_len() + 24);
+        let mut call = Invocation::with_capacity(27, 8 * key.len() + 4 * group_key.len() + envelope.len() + relay.len() + idempotency_bytes + channels + 160);
+        call.key(&[key]).key(&[key, b":m"]).key(&[key, b":i"]);
+        match idempotency {
+            Some(k) => call.key(&[key, b":k:", k.scoped.as_bytes()]),
+            None => call.key(&[key]),
+        };
+        call.key(&[group_key, b"born"]).key(&[group_key, b"seq"]).key(&[group_key, b"gen"]).key(&[group_key, b"run"]);
+        if let Route::Locate { uid_key, .. } = &route {
+            call.key(uid_key);
+        }
+        // A Pusher cache channel keeps its last event for whoever subscribes next.
+        let while_listened = matches!(stream, Stream::Topic(topic) if !crate::pusher::is_cache_topic(topic));
+        let check_run = kept > 0 && self.check_run(group);
+        call.display(EpochText(new_epoch()))
+            .display(kept)
+            .display(self.settings.ttl.as_millis())
+            .arg(&[if while_listened { b"1" } else { b"0" }])
+            .display(window)
+            .display(id)
+            .display(stream.key())
+            .arg(&[envelope.as_bytes()])
+            .arg(&[relay])
+            .arg(&[if self.redis.sharded() { b"SPUBLISH" } else { b"PUBLISH" }])
+            .display(crate::clock::wall_ms())
+            .arg_with(|bytes| {
+                if let Some(k) = idempotency {
+                    k.write_record(id, bytes);
+                }
+            })
+            .display(self.seen[group as usize].load(Ordering::Relaxed))
+            .display(EpochText(new_epoch()))
+            .arg(&[if check_run { b"1" } else { b"0" }]);
         match route {
             Route::Channels(channels) => {
-                args.extend([Vec::new(), Vec::new()]);
-                args.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
+                call.arg(&[]).arg(&[]);
+                for channel in channels {
+                    call.arg(&[channel.as_bytes()]);
+                }
             }
-            Route::Locate { uid_key, node, epoch, here } => {
-                keys.push(uid_key);
-                args.push(format!("{node} {epoch} {} {group}", here as u8).into_bytes());
-                args.push(self.prefix.as_bytes().to_vec());
+            Route::Locate { node, epoch, here, .. } => {
+                call.arg_with(|bytes| drop(write!(bytes, "{node} {epoch} {} {group}", here as u8))).arg(&[self.prefix.as_bytes()]);
             }
         }
-        (keys, args)
+        call
     }
 
     /// The idempotency keys of streams that kept a repeated key's reply.

@@ -142,9 +142,13 @@ impl Members {
             .iter()
             .map(|(topic, uid)| {
                 let (connections, info) = presence.local(topic, uid);
-                let args = vec![uid.as_bytes().to_vec(), connections.to_string().into_bytes(), info.as_ref().map_or(Vec::new(), |i| i.get().as_bytes().to_vec())];
+                let mut call = Invocation::default();
+                for key in self.keys(topic, self.node, self.epoch) {
+                    call.key(&[&key]);
+                }
+                call.arg(&[uid.as_bytes()]).display(connections).arg(&[info.as_ref().map_or(&b""[..], |i| i.get().as_bytes())]);
                 infos.push(info);
-                (self.keys(topic, self.node, self.epoch), args)
+                call
             })
             .collect();
         let answers = self.redis.scripts(RedisCommand::Presence, &self.set, &invocations).await?;

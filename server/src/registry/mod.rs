@@ -504,7 +504,8 @@ impl Nodes {
                         local += here as usize;
                         let relay = relay(stream.group(), Target::Uids(vec![uid]));
                         if locating {
-                            let route = Route::Locate { uid_key: self.keys.uid_arg(uid).0.concat(), node: self.node, epoch: self.epoch, here };
+                            let uid_key = self.keys.uid_arg(uid);
+                            let route = Route::Locate { uid_key: &uid_key.0, node: self.node, epoch: self.epoch, here };
                             calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay, job.key, route));
                             streams.push((stream, Some(*uid), 0));
                             continue;

@@ -56,13 +56,16 @@ fn keys(prefix: &str, topic: &str) -> (Vec<u8>, Option<(Vec<u8>, String)>) {
 /// The script's keys and arguments for `run` holding `topic` or not.
 fn invocation(prefix: &str, topic: &str, run: &str, held: bool) -> Invocation {
     let (set, index) = keys(prefix, topic);
-    let mut args = vec![run.as_bytes().to_vec(), vec![if held { b'1' } else { b'0' }]];
-    let mut keys = vec![set];
-    if let Some((index, channel)) = index {
-        keys.push(index);
-        args.push(channel.into_bytes());
+    let mut call = Invocation::default();
+    call.key(&[&set]);
+    if let Some((index, _)) = &index {
+        call.key(&[index]);
     }
-    (keys, args)
+    call.arg(&[run.as_bytes()]).arg(&[if held { b"1" } else { b"0" }]);
+    if let Some((_, channel)) = &index {
+        call.arg(&[channel.as_bytes()]);
+    }
+    call
 }
 
 /// The occupied channels of Pusher app `app_id` whose names start with `prefix`, at most
