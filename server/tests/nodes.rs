@@ -225,6 +225,37 @@ async fn a_node_is_heard_again_only_once_redis_lists_its_sessions_again() {
     assert_eq!(got["data"], 2, "{got}");
 }
 
+/// A `FLUSHALL` under running nodes leaves their links up, so no `relay_lost` comes from
+/// a dropped link; a push meanwhile finds the uid offline. Once the node has written its
+/// sessions again it tells its clients, so one that missed a push is told (found by the
+/// attack: 40 pushes answered `delivered: 0` never reached a live client, which was told
+/// nothing).
+#[tokio::test]
+async fn after_a_flushall_a_node_tells_its_clients_once_listed_again() {
+    let redis = RedisServer::start();
+    let every_2s = |c: &mut pushline::Config| c.node_ttl = Duration::from_secs(6);
+    let a = node_with(RegistryKind::Redis, &[redis.url()], every_2s).await;
+    let b = node_with(RegistryKind::Redis, &[redis.url()], every_2s).await;
+    let (mut on_b, _) = client(&b, "fl").await;
+    push(a.client, &["fl"], json!(1)).await;
+    assert_eq!(next_json(&mut on_b).await["data"], 1);
+
+    redis.cli(&["flushall"]);
+    let missed = push(a.client, &["fl"], json!(2)).await;
+    if missed["delivered"] == 0 {
+        let told = next_json(&mut on_b).await;
+        assert_eq!((told["type"].as_str(), told["reason"].as_str()), (Some("gap"), Some("relay_lost")), "told of the push it missed: {told}");
+        assert_eq!(redis.cli(&["hlen", "pushline:uid:fl"]), "1", "told once listed again");
+    }
+    let body = push(a.client, &["fl"], json!(3)).await;
+    assert_eq!(body["delivered"], 1, "{body}");
+    let mut got = next_json(&mut on_b).await;
+    while got["type"] == "gap" {
+        got = next_json(&mut on_b).await;
+    }
+    assert_eq!(got["data"], if missed["delivered"] == 0 { 3 } else { 2 }, "{got}");
+}
+
 /// The first message after one or more `{"type":"gap","reason":"relay_lost"}` notices.
 async fn after_relay_lost(ws: &mut Ws) -> Value {
     let mut told = 0;
@@ -274,6 +305,35 @@ async fn a_killed_nodes_uids_go_offline_and_reach_clients_where_they_reconnect()
     assert_eq!(next_json(&mut carol_c).await["data"], "here");
     // The lookup that found B's session dead deleted it: only C's is left.
     assert_eq!(redis.cli(&["hlen", "pushline:uid:carol"]), "1");
+}
+
+/// A node killed, its liveness key not yet expired: a push to a uid it shares with a live
+/// node is delivered there, and the reply counts that delivery and only the dead node's
+/// session as unreached (found by the attack: one node that did not hear a push made
+/// the reply say `delivered: 0, nodes: 0` for every node, though the others got it).
+#[tokio::test]
+async fn a_push_counts_what_live_nodes_got_while_a_dead_node_still_looks_alive() {
+    let redis = RedisServer::start();
+    let a = node_on(&redis).await;
+    let (mut on_b, _) = client(&node_on(&redis).await, "shared").await;
+    let c = Process::spawn(&["--registry", "redis", "--redis-url", &redis.url(), "--node-ttl", "60s"], None);
+    let (_on_c, _) = ws(c.client, "uid=shared").await;
+    let deadline = Instant::now() + WAIT;
+    while push(a.client, &["shared"], json!(0)).await["online"] != 2 {
+        assert!(Instant::now() < deadline, "the session on C never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.signal(libc::SIGKILL);
+    let unreached = r#"pushline_messages_dropped_total{reason="node_unreachable"}"#;
+    let before = common::metric(&common::metrics(a.admin).await, unreached);
+    let body = push(a.client, &["shared"], json!("after")).await;
+    assert_eq!((body["online"].as_u64(), body["delivered"].as_u64(), body["nodes"].as_u64()), (Some(2), Some(1), Some(1)), "{body}");
+    assert_eq!(common::metric(&common::metrics(a.admin).await, unreached) - before, 1.0, "C's session alone is unreached");
+    loop {
+        if next_json(&mut on_b).await["data"] == "after" {
+            break;
+        }
+    }
 }
 
 #[tokio::test]
@@ -587,7 +647,12 @@ async fn a_flushed_redis_keeps_listened_topics_history_again_at_once() {
     }
     let (status, body) = post(a.client, "/v1/publish", json!({"topic": "t6", "data": 1})).await;
     assert_eq!((status, body["stored"].as_u64()), (200, Some(1)), "{body}");
-    assert_eq!(next_json(&mut client).await["offset"], 1, "kept again, in a new epoch");
+    // The node tells its clients of the flush (`relay_lost`) once its sessions are back.
+    let mut got = next_json(&mut client).await;
+    while got["reason"] == "relay_lost" {
+        got = next_json(&mut client).await;
+    }
+    assert_eq!(got["offset"], 1, "kept again, in a new epoch: {got}");
 }
 
 /// A batch's items for uids on both nodes: each delivered once, every stream in offset

@@ -350,6 +350,21 @@ mod tests {
         assert!(pop_text(&mut q, Transport::Sse).unwrap().contains(r#""offset":3}"#));
     }
 
+    /// Drop-oldest discarding messages the client already has (a resume replayed them,
+    /// and they also arrived live) tells no gap: nothing was lost.
+    #[test]
+    fn dropping_what_the_client_already_has_is_no_gap() {
+        let limits = Limits { max_messages: 2, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };
+        let mut q = Outbox::default();
+        let at = positioned(5).position.unwrap();
+        q.resume(Tracking::resumed(0, vec![at], Default::default(), 0));
+        for offset in 3..=7 {
+            q.push(&positioned(offset), Transport::WebSocket, &limits, 0);
+        }
+        assert!(pop_text(&mut q, Transport::WebSocket).unwrap().ends_with(r#""offset":6}"#), "no gap first");
+        assert!(pop_text(&mut q, Transport::WebSocket).unwrap().ends_with(r#""offset":7}"#));
+    }
+
     #[test]
     fn sse_events_end_with_the_connection_cursor_and_nothing_is_sent_twice() {
         let limits = Limits { max_messages: 10, max_bytes: 1 << 20, policy: SlowConsumer::DropOldest };

@@ -152,8 +152,12 @@ impl Tracking {
         true
     }
 
-    /// Notes a message drop-oldest discarded, merging it with the run before it.
+    /// Notes a message drop-oldest discarded, merging it with the run before it; one the
+    /// client was already sent (a resume replayed it) is no loss.
     pub fn lose(&mut self, msg: &Message) {
+        if msg.position.is_some_and(|p| self.has(&p)) {
+            return;
+        }
         // Told as this run, not again as a skip when the next message comes.
         if let Some(p) = msg.position {
             if let Some(last) = self.written.iter_mut().find(|w| w.key == p.key && w.epoch == p.epoch) {

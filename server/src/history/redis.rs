@@ -73,9 +73,10 @@ use crate::wire::{envelope_position, Message};
 /// generation (a restart or failover that lost nothing starts new epochs all the same).
 /// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
 /// then its message id, or its reply once known), else `{1, epoch, offset, receivers,
-/// sequence, reset}` (offset 0: not kept; reset `1` when this append found the group's
-/// history behind this node, `2` when under another Redis run), and when it located:
-/// `channels, sessions, {node...}` (the live sessions on other nodes, and those nodes).
+/// sequence, reset, {subscribers per channel}}` (offset 0: not kept; reset `1` when this
+/// append found the group's history behind this node, `2` when under another Redis run),
+/// and when it located: `{node...}, {sessions...}` (the other nodes that hold the uid's
+/// live sessions, in the order of their channels, and how many each).
 pub const APPEND: &str = r#"
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[4])
@@ -138,7 +139,7 @@ if keep then
 else
   envelope = envelope .. '}'
 end
-local channels, sessions, reached = {}, 0, {}
+local channels, reached, counts = {}, {}, {}
 if ARGV[16] == '' then
   for i = 18, #ARGV do channels[#channels + 1] = ARGV[i] end
 else
@@ -164,12 +165,13 @@ else
         live[node] = tonumber(redis.call('GET', ARGV[17] .. ':node:' .. node) or '0')
       end
       if live[node] == written then
-        sessions = sessions + 1
         if not seen[node] then
-          seen[node] = true
+          seen[node] = #reached + 1
           reached[#reached + 1] = node
+          counts[#counts + 1] = 0
           channels[#channels + 1] = ARGV[17] .. ':to:' .. node .. ':{g' .. group .. '}'
         end
+        counts[seen[node]] = counts[seen[node]] + 1
       elseif live[node] == 0 or live[node] > written then
         -- The node is gone, or a newer run holds its id (one newer than the key is
         -- neither delivered to nor deleted).
@@ -179,21 +181,22 @@ else
   end
   if here == '1' then channels[#channels + 1] = ARGV[17] .. ':to:' .. me .. ':{g' .. group .. '}' end
 end
-local receivers = 0
+local receivers, heard = 0, {}
 local header = string.sub(ARGV[9], 1, 20) .. string.format('%020d', seq) .. string.sub(ARGV[9], 41)
-for _, channel in ipairs(channels) do
+for i, channel in ipairs(channels) do
   if gap then
     redis.call(ARGV[10], channel, string.sub(header, 1, 3) .. string.rep('\0', 8) .. string.sub(header, 12) .. gap)
   end
-  receivers = receivers + redis.call(ARGV[10], channel, header .. envelope)
+  heard[i] = redis.call(ARGV[10], channel, header .. envelope)
+  receivers = receivers + heard[i]
 end
 if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[4], ARGV[12], 'PX', ARGV[5])
 end
 if ARGV[16] == '' then
-  return {1, epoch, offset, receivers, seq, rolled}
+  return {1, epoch, offset, receivers, seq, rolled, heard}
 end
-return {1, epoch, offset, receivers, seq, rolled, #channels, sessions, reached}
+return {1, epoch, offset, receivers, seq, rolled, heard, reached, counts}
 "#;
 
 /// The append script's argument (0-based) asking it to check the Redis run.
@@ -213,21 +216,11 @@ pub enum Route<'a> {
 pub enum Appended {
     /// The idempotency key was used before: the first message's id, or the reply to it.
     Repeated(String),
-    /// Published to `receivers` subscribers; kept at `offset` (0: not kept), the group's
-    /// `sequence`; `reset` when the group took a new generation, and why; `located` when
-    /// the script found the uid's nodes.
-    Published { epoch: u32, offset: u64, receivers: usize, sequence: u64, reset: Option<EpochReset>, located: Option<Located> },
-}
-
-/// A uid's nodes as the append script found them.
-#[derive(Debug, PartialEq, Eq, Default)]
-pub struct Located {
-    /// Channels published on: the other nodes', and this one's if it holds the uid.
-    pub channels: usize,
-    /// Live sessions of the uid on other nodes.
-    pub sessions: usize,
-    /// Those other nodes.
-    pub nodes: Vec<u16>,
+    /// Published to `receivers` subscribers in all, `heard` per channel; kept at
+    /// `offset` (0: not kept), the group's `sequence`; `reset` when the group took a new
+    /// generation, and why; `located` when the script found the uid's nodes: each other
+    /// node with the uid's live sessions there, in the order of their channels.
+    Published { epoch: u32, offset: u64, receivers: usize, heard: Vec<usize>, sequence: u64, reset: Option<EpochReset>, located: Option<Vec<(u16, usize)>> },
 }
 
 impl Appended {
@@ -237,14 +230,19 @@ impl Appended {
         let number = |v: &Value| redis::from_redis_value_ref::<u64>(v).ok();
         match items.as_slice() {
             [flag, first] if number(flag) == Some(0) => Some(Appended::Repeated(text(first)?)),
-            [flag, epoch, offset, receivers, sequence, reset, located @ ..] if number(flag) == Some(1) => {
+            [flag, epoch, offset, receivers, sequence, reset, heard, located @ ..] if number(flag) == Some(1) => {
+                let numbers = |v: &Value| match v {
+                    Value::Array(items) => items.iter().map(number).collect::<Option<Vec<u64>>>(),
+                    _ => None,
+                };
+                let heard = numbers(heard)?.into_iter().map(|n| n as usize).collect();
                 let located = match located {
                     [] => None,
-                    [channels, sessions, Value::Array(nodes)] => Some(Located {
-                        channels: number(channels)? as usize,
-                        sessions: number(sessions)? as usize,
-                        nodes: nodes.iter().map(|n| number(n).and_then(|n| u16::try_from(n).ok())).collect::<Option<_>>()?,
-                    }),
+                    [nodes, sessions] => {
+                        let nodes = numbers(nodes)?.into_iter().map(|n| u16::try_from(n).ok());
+                        let sessions = numbers(sessions)?;
+                        Some(nodes.zip(sessions).map(|(node, n)| Some((node?, n as usize))).collect::<Option<Vec<_>>>()?)
+                    }
                     _ => return None,
                 };
                 let offset = number(offset)?;
@@ -254,7 +252,7 @@ impl Appended {
                     1 => Some(EpochReset::Rollback),
                     _ => Some(EpochReset::RedisRun),
                 };
-                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, sequence: number(sequence)?, reset, located })
+                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, heard, sequence: number(sequence)?, reset, located })
             }
             _ => None,
         }
@@ -588,24 +586,15 @@ mod tests {
 
     #[test]
     fn append_replies_parse() {
-        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3), Value::Int(9), Value::Int(0)]);
-        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, sequence: 9, reset: None, located: None }));
-        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0)]);
-        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, sequence: 0, reset: None, located: None }));
-        let located = Value::Array(vec![
-            Value::Int(1),
-            Value::BulkString(b"0000002a".to_vec()),
-            Value::Int(7),
-            Value::Int(2),
-            Value::Int(9),
-            Value::Int(0),
-            Value::Int(2),
-            Value::Int(3),
-            Value::Array(vec![Value::Int(4)]),
-        ]);
-        let found = Located { channels: 2, sessions: 3, nodes: vec![4] };
-        assert_eq!(Appended::parse(located), Some(Appended::Published { epoch: 42, offset: 7, receivers: 2, sequence: 9, reset: None, located: Some(found) }));
-        let node_out_of_range = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0), Value::Int(1), Value::Int(1), Value::Array(vec![Value::Int(70000)])]);
+        let ints = |ns: &[i64]| Value::Array(ns.iter().map(|n| Value::Int(*n)).collect());
+        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3), Value::Int(9), Value::Int(0), ints(&[2, 1])]);
+        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, heard: vec![2, 1], sequence: 9, reset: None, located: None }));
+        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0), ints(&[2])]);
+        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, heard: vec![2], sequence: 0, reset: None, located: None }));
+        let located = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(1), Value::Int(9), Value::Int(0), ints(&[0, 1, 0]), ints(&[4, 9]), ints(&[3, 1])]);
+        let found = Some(vec![(4, 3), (9, 1)]);
+        assert_eq!(Appended::parse(located), Some(Appended::Published { epoch: 42, offset: 7, receivers: 1, heard: vec![0, 1, 0], sequence: 9, reset: None, located: found }));
+        let node_out_of_range = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0), ints(&[2]), ints(&[70000]), ints(&[1])]);
         assert_eq!(Appended::parse(node_out_of_range), None);
         let repeated = Value::Array(vec![Value::Int(0), Value::BulkString(b"123".to_vec())]);
         assert_eq!(Appended::parse(repeated), Some(Appended::Repeated("123".into())));

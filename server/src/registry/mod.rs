@@ -318,6 +318,7 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>, cores: &Arc<Cores>)
         return Ok(None);
     }
     let (redis, pushes) = Site::Redis.instrument(Redis::connect(config, metrics.clone(), cores)).await?;
+    warn_if_redis_evicts_any_key(&redis).await;
     let keys = Keys::new(&config.redis_prefix);
     let epoch = crate::clock::wall_ms();
     let node = presence::claim_node_id(&redis, &keys, config.node_id, epoch, config.node_ttl).await?;
@@ -325,6 +326,21 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>, cores: &Arc<Cores>)
     let history = Arc::new(RedisHistory::new(redis.clone(), &config.redis_prefix, crate::history::Settings::from_config(config), metrics.clone()));
     history.mark_born().await?;
     Ok(Some(Connected { redis, pushes, keys, node, epoch, ttl: config.node_ttl, changes: unbounded_channel(), metrics, history }))
+}
+
+/// Session keys have no TTL (they live as long as their node): a Redis that may evict
+/// any key (`allkeys-*`) can drop one, and its connections stay unreachable until the
+/// node's liveness key goes too. Said at start; a Redis that hides CONFIG is not asked.
+async fn warn_if_redis_evicts_any_key(redis: &Redis) {
+    let asked = redis.query::<Vec<String>>(RedisCommand::Get, ::redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy")).await;
+    if let Ok([_, policy]) = asked.as_deref() {
+        if policy.starts_with("allkeys") {
+            tracing::warn!(
+                policy = policy.as_str(),
+                "Redis may evict any key when full (maxmemory-policy {policy}): an evicted session key leaves its connections unreachable; use noeviction or a volatile-* policy (only history keys, which expire, are then evicted)"
+            );
+        }
+    }
 }
 
 impl Connected {
@@ -507,18 +523,18 @@ impl Nodes {
                             let uid_key = self.keys.uid_arg(uid);
                             let route = Route::Locate { uid_key: &uid_key.0, node: self.node, epoch: self.epoch, here };
                             calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay, job.key, route));
-                            streams.push((stream, Some(*uid), 0));
+                            streams.push((stream, Some(*uid)));
                             continue;
                         }
-                        let nodes = remote.get(uid).map(|(nodes, _)| nodes.as_slice()).unwrap_or_default();
+                        let nodes = remote.get(uid).map(Vec::as_slice).unwrap_or_default();
                         let channels: Vec<String> = nodes
                             .iter()
-                            .copied()
+                            .map(|(node, _)| *node)
                             .chain(here.then_some(self.node))
                             .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
                             .collect();
                         calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay, job.key, Route::Channels(&channels)));
-                        streams.push((stream, Some(*uid), channels.len()));
+                        streams.push((stream, Some(*uid)));
                     }
                     self.awaited.expect(draft.id, local)
                 }
@@ -534,7 +550,7 @@ impl Nodes {
                     };
                     let channel = RedisHistory::fanout_channel(prefix, stream.group());
                     calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), job.target.clone()), job.key, Route::Channels(&[channel])));
-                    streams.push((stream, None, 1));
+                    streams.push((stream, None));
                     self.awaited.expect(draft.id, 1)
                 }
             };
@@ -554,13 +570,13 @@ impl Nodes {
             let (mut repeated, mut remembered, mut mismatched, mut published) = (Vec::new(), Vec::new(), false, false);
             // Other nodes a push reached, each once however many of its uids they hold.
             let mut reached: Vec<u16> = Vec::new();
-            for (stream, uid, channels) in &streams {
+            for (stream, uid) in &streams {
                 match appended.next().and_then(Appended::parse) {
                     Some(Appended::Repeated(record)) => match read_record(key, &record) {
                         Some(first) => repeated.push(first.to_owned()),
                         None => mismatched = true,
                     },
-                    Some(Appended::Published { offset, receivers, sequence, reset, located, .. }) => {
+                    Some(Appended::Published { offset, receivers, heard, sequence, reset, located, .. }) => {
                         published = true;
                         self.history.appended(stream.group(), sequence, reset);
                         result.stored += (offset > 0) as usize;
@@ -568,22 +584,24 @@ impl Nodes {
                             remembered.push(self.history.idempotency_key(stream, &key.scoped));
                         }
                         match uid {
+                            // Other nodes' channels come first, in the order of `nodes`; a
+                            // node that did not hear it (dead, its key not yet expired)
+                            // leaves the others delivered.
                             Some(uid) => {
-                                let (nodes, sessions, channels) = match &located {
-                                    Some(l) => (l.nodes.as_slice(), l.sessions, l.channels),
-                                    None => remote.get(uid).map(|(n, s)| (n.as_slice(), *s, *channels)).unwrap_or((&[], 0, *channels)),
-                                };
-                                result.online += sessions;
-                                if receivers >= channels {
-                                    result.delivered += sessions;
-                                    for node in nodes {
+                                let nodes = located.as_deref().or(remote.get(uid).map(Vec::as_slice)).unwrap_or_default();
+                                for (i, (node, sessions)) in nodes.iter().enumerate() {
+                                    result.online += sessions;
+                                    if heard.get(i).is_some_and(|n| *n > 0) {
+                                        result.delivered += sessions;
                                         if !reached.contains(node) {
                                             reached.push(*node);
                                         }
+                                    } else {
+                                        self.metrics.dropped(DropReason::NodeUnreachable, *sessions);
                                     }
+                                }
+                                if heard.iter().any(|n| *n > 0) {
                                     self.metrics.relayed(Relayed::Out, kind);
-                                } else {
-                                    self.metrics.dropped(DropReason::NodeUnreachable, sessions);
                                 }
                             }
                             // This node reads the fan-out channel too.
@@ -622,8 +640,8 @@ impl Nodes {
         answers
     }
 
-    /// Where each uid's sessions on other live nodes are: uid -> (nodes, sessions).
-    async fn locate<'u>(&self, uids: &[&'u str]) -> ::redis::RedisResult<HashMap<&'u str, (Vec<u16>, usize)>> {
+    /// Where each uid's sessions on other live nodes are: uid -> each node and its sessions.
+    async fn locate<'u>(&self, uids: &[&'u str]) -> ::redis::RedisResult<HashMap<&'u str, Vec<(u16, usize)>>> {
         let lookups: Vec<Cmd> = uids
             .iter()
             .map(|uid| {
@@ -662,15 +680,16 @@ impl Nodes {
         if !doubtful.is_empty() {
             live.extend(self.live_epochs(&doubtful, true).await?);
         }
-        let mut located: HashMap<&'u str, (Vec<u16>, usize)> = HashMap::new();
+        let mut located: HashMap<&'u str, Vec<(u16, usize)>> = HashMap::new();
         for entry in remote {
             match live.get(&entry.session.node()).copied().flatten() {
                 Some(epoch) if epoch == entry.epoch => {
-                    let (nodes, sessions) = located.entry(entry.uid).or_default();
-                    if !nodes.contains(&entry.session.node()) {
-                        nodes.push(entry.session.node());
+                    let nodes = located.entry(entry.uid).or_default();
+                    let node = entry.session.node();
+                    match nodes.iter_mut().find(|(n, _)| *n == node) {
+                        Some((_, sessions)) => *sessions += 1,
+                        None => nodes.push((node, 1)),
                     }
-                    *sessions += 1;
                 }
                 // Written by a run newer than the key just read: neither deliver nor delete.
                 Some(epoch) if epoch < entry.epoch => {}

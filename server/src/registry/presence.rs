@@ -212,6 +212,11 @@ impl Registrar {
         // The link's break count at a liveness refresh that found this node's sessions
         // in Redis, or had them queued again: confirmed once they are written.
         let mut relisting: Option<u64> = None;
+        // The link's break count at the last refresh; and whether Redis lost this node's
+        // sessions with the link unbroken (a FLUSHALL, an eviction, a lapse while slow):
+        // then no `relay_lost` was told, and pushes meanwhile found none of its clients.
+        let mut breaks_before = self.redis.breaks();
+        let mut lost_unbroken = false;
         let mut reap = tokio::time::interval(self.ttl);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let retry_timer = tokio::time::sleep(retry);
@@ -270,6 +275,7 @@ impl Registrar {
                     match liveness {
                         Liveness::Missing => {
                             must_register = true;
+                            lost_unbroken |= breaks == breaks_before;
                             // Redis lost its keys, topics' interest keys with them: mark
                             // them again now, not a third of the history TTL from now.
                             relisten.reset_immediately();
@@ -304,6 +310,7 @@ impl Registrar {
                     if !must_register && matches!(liveness, Liveness::Held | Liveness::Missing) {
                         relisting = Some(breaks);
                     }
+                    breaks_before = breaks;
                     due = true;
                 }
                 _ = reap.tick() => {
@@ -329,6 +336,12 @@ impl Registrar {
                         if pending.is_empty() {
                             if let Some(breaks) = relisting.take() {
                                 self.listed.confirm(breaks);
+                                // A broken link's clients are told by the relay, once
+                                // this confirms; an unbroken one's only from here.
+                                if std::mem::take(&mut lost_unbroken) {
+                                    tracing::warn!("this node's sessions are in Redis again after Redis lost them with the link up (a FLUSHALL or an eviction?): telling every client here of a gap");
+                                    super::relay::tell_relay_lost(&self.hub, &self.metrics).await;
+                                }
                             }
                         }
                     }

@@ -283,6 +283,13 @@ pub struct Inbox {
 /// between is only in history.
 const RELAY_LOST: &str = r#"{"type":"gap","reason":"relay_lost"}"#;
 
+/// Tells every client here that messages published meanwhile may not have reached it.
+pub async fn tell_relay_lost(hub: &Arc<Hub>, metrics: &Metrics) {
+    metrics.relay_lost.increment(1);
+    let notice = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, RELAY_LOST, None, Instant::now())));
+    hub.broadcast(&notice).await;
+}
+
 /// How often a node checks that it still listens on each of its channels.
 const LISTENING_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -345,9 +352,7 @@ impl Inbox {
     }
 
     async fn tell_relay_lost(&self) {
-        self.metrics.relay_lost.increment(1);
-        let notice = Site::Codec.scope(|| Arc::new(Message::from_envelope(0, RELAY_LOST, None, Instant::now())));
-        self.hub.broadcast(&notice).await;
+        tell_relay_lost(&self.hub, &self.metrics).await;
     }
 
     /// Every [`LISTENING_CHECK_EVERY`] (and at once when told), publishes nothing on each
