@@ -75,8 +75,9 @@ pub struct Conn {
     pub transport: Transport,
     /// A Pusher connection's app, its index in the configured apps; 0 for the others.
     pub app: u16,
-    /// Seconds of the process clock when the connection opened.
-    opened_s: u32,
+    /// Tenths of a second of the process clock when the connection opened (13 years in a
+    /// u32).
+    opened_ds: u32,
     /// Milliseconds of the process clock, wrapping: only differences under 49 days are read.
     last_inbound_ms: AtomicU32,
     signals: AtomicU8,
@@ -128,7 +129,7 @@ impl Conn {
             uid,
             transport,
             app,
-            opened_s: (now / 1000) as u32,
+            opened_ds: (now / 100) as u32,
             last_inbound_ms: AtomicU32::new(now as u32),
             signals: AtomicU8::new(0),
             close_reason: AtomicU8::new(NO_REASON),
@@ -346,9 +347,14 @@ impl Conn {
         self.signal(Signals::WORK);
     }
 
-    /// Wall-clock ms the connection opened at (to the second): the `since` of its cursor.
+    /// The `since` of its cursor: wall-clock ms just after the connection opened (the end
+    /// of its tenth of a second). Not before: a client whose `since` came before its
+    /// history began (a node's start, the first append after a flush) is told its empty
+    /// streams are `unknown`, and the start of the second (as it was) fell before a node's
+    /// start for clients that came within that second. Nothing is missed by it being
+    /// later: a resume reads from `since` less a 5 s margin.
     pub fn since_ms(&self) -> u64 {
-        clock::wall_ms_at(self.opened_s as u64 * 1000)
+        clock::wall_ms_at((self.opened_ds as u64 + 1) * 100)
     }
 
     /// Whether its queue was stopped: it is closing, or closed.
@@ -393,7 +399,7 @@ impl Conn {
 
     /// Milliseconds since the connection opened.
     pub fn age_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.opened_s as u64 * 1000)
+        now_ms.saturating_sub(self.opened_ds as u64 * 100)
     }
 
     /// The client just sent something.
