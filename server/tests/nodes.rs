@@ -256,6 +256,51 @@ async fn after_a_flushall_a_node_tells_its_clients_once_listed_again() {
     assert_eq!(got["data"], if missed["delivered"] == 0 { 3 } else { 2 }, "{got}");
 }
 
+/// After a `FLUSHALL`, what one node appends is kept when another node appends to the
+/// same stream next (found by the attack: the second node, checking the Redis run for
+/// the first time, found the group's generation unstamped, took it for a restore and
+/// started the stream again: five pushes answered `stored: 1` were gone). Two processes,
+/// as the attack ran them.
+#[tokio::test]
+async fn after_a_flushall_a_second_nodes_append_keeps_what_the_first_stored() {
+    let redis = RedisServer::start();
+    // No liveness refresh between the flush and the pushes.
+    let args = ["--registry", "redis", "--redis-url", &redis.url(), "--node-ttl", "600s"];
+    let (a, b) = (Process::spawn(&args, None), Process::spawn(&args, None));
+    // Two: the first loads the script, which counts as a break and has the next append
+    // check the run again (and stamp it).
+    for _ in 0..2 {
+        push(a.client, &["hz"], json!(0)).await;
+    }
+    redis.cli(&["flushall"]);
+    for n in 1..=3 {
+        assert_eq!(push(a.client, &["hz"], json!(n)).await["stored"], 1);
+    }
+    assert_eq!(push(b.client, &["hz"], json!(4)).await["stored"], 1);
+    let (mut mailbox, _) = ws(a.client, "uid=hz&mailbox=1").await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let msg = next_json(&mut mailbox).await;
+        if msg["type"] == "message" {
+            got.push((msg["data"].clone(), msg["offset"].clone()));
+        }
+    }
+    assert_eq!(got, (1..=4).map(|n| (json!(n), json!(n))).collect::<Vec<_>>(), "every push since the flush, in one epoch");
+}
+
+/// A node warns at start when Redis may evict any key: session keys have no TTL, and one
+/// evicted leaves its connections unreachable (the attack found the check asked Redis
+/// and misread its RESP3 answer, so it never warned).
+#[tokio::test]
+async fn a_node_warns_when_redis_may_evict_its_session_keys() {
+    let redis = RedisServer::start();
+    redis.cli(&["config", "set", "maxmemory-policy", "allkeys-lru"]);
+    let node = Process::spawn(&["--registry", "redis", "--redis-url", &redis.url()], None);
+    // Said while it starts, before it listens.
+    let warned = node.startup_log.iter().find(|l| l.contains("may evict any key"));
+    assert!(warned.is_some_and(|l| l.contains("allkeys-lru")), "{:?}", node.startup_log);
+}
+
 /// The first message after one or more `{"type":"gap","reason":"relay_lost"}` notices.
 async fn after_relay_lost(ws: &mut Ws) -> Value {
     let mut told = 0;

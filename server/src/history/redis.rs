@@ -100,6 +100,7 @@ if keep then
     gen = false
     rolled = 1
   end
+  local stamped = false
   if ARGV[15] == '1' then
     local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
     local written_under = redis.call('GET', KEYS[8])
@@ -110,10 +111,17 @@ if keep then
       redis.call('SET', KEYS[8], run)
       gen = false
     end
+    stamped = true
   end
   if not gen then
     gen = ARGV[14]
     redis.call('SET', KEYS[7], gen)
+    -- A generation is always stamped with its run: one set without it (after a FLUSHALL,
+    -- by a node that had checked the run before) made the next node that checks take
+    -- the group for a restored one, and start every stream again over what it held.
+    if not stamped then
+      redis.call('SET', KEYS[8], string.match(redis.call('INFO', 'server'), 'run_id:(%w+)'))
+    end
   end
   local meta = redis.call('HMGET', KEYS[2], 'epoch', 'gen', 'last')
   epoch = meta[1]

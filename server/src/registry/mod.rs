@@ -332,8 +332,9 @@ pub async fn connect(config: &Config, metrics: Arc<Metrics>, cores: &Arc<Cores>)
 /// any key (`allkeys-*`) can drop one, and its connections stay unreachable until the
 /// node's liveness key goes too. Said at start; a Redis that hides CONFIG is not asked.
 async fn warn_if_redis_evicts_any_key(redis: &Redis) {
-    let asked = redis.query::<Vec<String>>(RedisCommand::Get, ::redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy")).await;
-    if let Ok([_, policy]) = asked.as_deref() {
+    // A map in RESP3, a flat list in RESP2: read as a map either way.
+    let asked = redis.query::<HashMap<String, String>>(RedisCommand::Get, ::redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy")).await;
+    if let Some(policy) = asked.ok().and_then(|mut config| config.remove("maxmemory-policy")) {
         if policy.starts_with("allkeys") {
             tracing::warn!(
                 policy = policy.as_str(),
