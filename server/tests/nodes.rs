@@ -188,6 +188,12 @@ async fn redis_restarting_empty_loses_nothing_silently_and_nodes_recover() {
     assert!(common::metric(&common::metrics(b.admin).await, "pushline_redis_reconnects_total") >= 1.0);
 }
 
+/// Two nodes on `redis`, each with `--node-ttl` `ttl`.
+async fn two_nodes(redis: &RedisServer, ttl: Duration) -> (TestServer, TestServer) {
+    let with_ttl = |c: &mut pushline::Config| c.node_ttl = ttl;
+    (node_with(RegistryKind::Redis, &[redis.url()], with_ttl).await, node_with(RegistryKind::Redis, &[redis.url()], with_ttl).await)
+}
+
 /// A node tells its clients it hears again only once Redis lists their sessions again:
 /// from that notice on, a push through another node reaches them. (It used to be told as
 /// soon as its subscriptions were back; a push in between, before its next liveness
@@ -196,9 +202,7 @@ async fn redis_restarting_empty_loses_nothing_silently_and_nodes_recover() {
 async fn a_node_is_heard_again_only_once_redis_lists_its_sessions_again() {
     let redis = RedisServer::start();
     // No liveness refresh of its own falls between Redis coming back and the push below.
-    let slow_refresh = |c: &mut pushline::Config| c.node_ttl = Duration::from_secs(600);
-    let a = node_with(RegistryKind::Redis, &[redis.url()], slow_refresh).await;
-    let b = node_with(RegistryKind::Redis, &[redis.url()], slow_refresh).await;
+    let (a, b) = two_nodes(&redis, Duration::from_secs(600)).await;
     let (mut on_a, _) = client(&a, "local").await;
     let (mut on_b, _) = client(&b, "remote").await;
     push(a.client, &["remote"], json!(1)).await;
@@ -233,9 +237,8 @@ async fn a_node_is_heard_again_only_once_redis_lists_its_sessions_again() {
 #[tokio::test]
 async fn after_a_flushall_a_node_tells_its_clients_once_listed_again() {
     let redis = RedisServer::start();
-    let every_2s = |c: &mut pushline::Config| c.node_ttl = Duration::from_secs(6);
-    let a = node_with(RegistryKind::Redis, &[redis.url()], every_2s).await;
-    let b = node_with(RegistryKind::Redis, &[redis.url()], every_2s).await;
+    // A liveness refresh every 2 s.
+    let (a, b) = two_nodes(&redis, Duration::from_secs(6)).await;
     let (mut on_b, _) = client(&b, "fl").await;
     push(a.client, &["fl"], json!(1)).await;
     assert_eq!(next_json(&mut on_b).await["data"], 1);
@@ -319,6 +322,16 @@ fn redis_args(redis: &RedisServer) -> Vec<String> {
     ["--registry", "redis", "--redis-url", &redis.url(), "--node-ttl", "1s"].map(String::from).to_vec()
 }
 
+/// Pushes to `uid` through `via` until the answer counts `sessions` online (polling: a
+/// session written by a node in another process has no signal to await here).
+async fn online_through(via: SocketAddr, uid: &str, sessions: u64) {
+    let deadline = Instant::now() + WAIT;
+    while push(via, &[uid], json!(0)).await["online"] != sessions {
+        assert!(Instant::now() < deadline, "{uid} never showed {sessions} sessions online");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_killed_nodes_uids_go_offline_and_reach_clients_where_they_reconnect() {
     let redis = RedisServer::start();
@@ -326,11 +339,7 @@ async fn a_killed_nodes_uids_go_offline_and_reach_clients_where_they_reconnect()
     let args = redis_args(&redis);
     let b = Process::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
     let (_carol_b, _) = ws(b.client, "uid=carol").await;
-    let deadline = Instant::now() + WAIT;
-    while push(a.client, &["carol"], json!(0)).await["online"] != 1 {
-        assert!(Instant::now() < deadline, "carol never showed as online on node B");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    online_through(a.client, "carol", 1).await;
 
     b.signal(libc::SIGKILL);
     // Offline once B's liveness key expires (1 s), without anyone cleaning up for B.
@@ -363,11 +372,7 @@ async fn a_push_counts_what_live_nodes_got_while_a_dead_node_still_looks_alive()
     let (mut on_b, _) = client(&node_on(&redis).await, "shared").await;
     let c = Process::spawn(&["--registry", "redis", "--redis-url", &redis.url(), "--node-ttl", "60s"], None);
     let (_on_c, _) = ws(c.client, "uid=shared").await;
-    let deadline = Instant::now() + WAIT;
-    while push(a.client, &["shared"], json!(0)).await["online"] != 2 {
-        assert!(Instant::now() < deadline, "the session on C never showed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    online_through(a.client, "shared", 2).await;
     c.signal(libc::SIGKILL);
     let unreached = r#"pushline_messages_dropped_total{reason="node_unreachable"}"#;
     let before = common::metric(&common::metrics(a.admin).await, unreached);
