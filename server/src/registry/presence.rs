@@ -451,7 +451,8 @@ impl Registrar {
     /// pending.
     async fn flush(&self, pending: &mut HashMap<SessionId, Pending>, waiting: &mut HashMap<SessionId, oneshot::Sender<()>>, all: bool) -> redis::RedisResult<()> {
         let mut turns = if all { usize::MAX } else { 1 };
-        // Awaited opens are closed (or coalesced away) before being written, or go first.
+        // An awaited open closed before it was written is dropped (its waiter is told it
+        // was not written); the others go first.
         waiting.retain(|session, _| pending.get(session).is_some_and(|p| p.opened));
         while !pending.is_empty() && turns > 0 {
             turns -= 1;
