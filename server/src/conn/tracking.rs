@@ -113,6 +113,11 @@ impl Tracking {
         self.written.iter().any(|w| w.key == position.key && w.epoch == position.epoch && w.offset >= position.offset)
     }
 
+    /// The last position written in `position`'s stream, if it is of the same epoch.
+    fn written_in(&mut self, position: &Position) -> Option<&mut Position> {
+        self.written.iter_mut().find(|w| w.key == position.key && w.epoch == position.epoch)
+    }
+
     /// Records `position` as written.
     pub fn advance(&mut self, position: Position) {
         match self.written.iter_mut().find(|w| w.key == position.key) {
@@ -141,7 +146,7 @@ impl Tracking {
         if !matches!(position.key, StreamKey::Uid(_)) {
             return false;
         }
-        let Some(last) = self.written.iter_mut().find(|w| w.key == position.key && w.epoch == position.epoch) else { return false };
+        let Some(last) = self.written_in(position) else { return false };
         if position.offset <= last.offset + 1 {
             return false;
         }
@@ -160,7 +165,7 @@ impl Tracking {
         }
         // Told as this run, not again as a skip when the next message comes.
         if let Some(p) = msg.position {
-            if let Some(last) = self.written.iter_mut().find(|w| w.key == p.key && w.epoch == p.epoch) {
+            if let Some(last) = self.written_in(&p) {
                 last.offset = last.offset.max(p.offset);
             }
         }

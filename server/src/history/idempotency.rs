@@ -57,11 +57,6 @@ impl Key {
         let _ = write!(out, "{}|{id}", self.fingerprint);
     }
 
-    /// About how long a `record` is, to size a buffer.
-    pub fn record_len(&self) -> usize {
-        self.fingerprint.len() + 21
-    }
-
     /// The value of a `record` of this key, or None when it was made by another request.
     /// A record without a fingerprint (written before they were kept) is taken as is.
     pub fn read<'r>(&self, record: &'r str) -> Option<&'r str> {

@@ -72,12 +72,15 @@ use crate::wire::{envelope_position, Message};
 /// data may have come back from a snapshot or a replica, and the group takes a new
 /// generation (a restart or failover that lost nothing starts new epochs all the same).
 /// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
-/// then its message id, or its reply once known), else `{1, epoch, offset, receivers,
-/// sequence, reset, {subscribers per channel}}` (offset 0: not kept; reset `1` when this
+/// then its message id, or its reply once known), else `{1, epoch, offset, sequence,
+/// reset, {subscribers per channel}}` (offset 0: not kept; reset `1` when this
 /// append found the group's history behind this node, `2` when under another Redis run),
 /// and when it located: `{node...}, {sessions...}` (the other nodes that hold the uid's
 /// live sessions, in the order of their channels, and how many each).
 pub const APPEND: &str = r#"
+local function redis_run()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+end
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[4])
   if first then return {0, first} end
@@ -102,7 +105,7 @@ if keep then
   end
   local stamped = false
   if ARGV[15] == '1' then
-    local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+    local run = redis_run()
     local written_under = redis.call('GET', KEYS[8])
     if written_under ~= run then
       if rolled == 0 and gen and written_under then
@@ -120,7 +123,7 @@ if keep then
     -- by a node that had checked the run before) made the next node that checks take
     -- the group for a restored one, and start every stream again over what it held.
     if not stamped then
-      redis.call('SET', KEYS[8], string.match(redis.call('INFO', 'server'), 'run_id:(%w+)'))
+      redis.call('SET', KEYS[8], redis_run())
     end
   end
   local meta = redis.call('HMGET', KEYS[2], 'epoch', 'gen', 'last')
@@ -189,22 +192,21 @@ else
   end
   if here == '1' then channels[#channels + 1] = ARGV[17] .. ':to:' .. me .. ':{g' .. group .. '}' end
 end
-local receivers, heard = 0, {}
+local heard = {}
 local header = string.sub(ARGV[9], 1, 20) .. string.format('%020d', seq) .. string.sub(ARGV[9], 41)
 for i, channel in ipairs(channels) do
   if gap then
     redis.call(ARGV[10], channel, string.sub(header, 1, 3) .. string.rep('\0', 8) .. string.sub(header, 12) .. gap)
   end
   heard[i] = redis.call(ARGV[10], channel, header .. envelope)
-  receivers = receivers + heard[i]
 end
 if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[4], ARGV[12], 'PX', ARGV[5])
 end
 if ARGV[16] == '' then
-  return {1, epoch, offset, receivers, seq, rolled, heard}
+  return {1, epoch, offset, seq, rolled, heard}
 end
-return {1, epoch, offset, receivers, seq, rolled, heard, reached, counts}
+return {1, epoch, offset, seq, rolled, heard, reached, counts}
 "#;
 
 /// The append script's argument (0-based) asking it to check the Redis run.
@@ -224,11 +226,11 @@ pub enum Route<'a> {
 pub enum Appended {
     /// The idempotency key was used before: the first message's id, or the reply to it.
     Repeated(String),
-    /// Published to `receivers` subscribers in all, `heard` per channel; kept at
-    /// `offset` (0: not kept), the group's `sequence`; `reset` when the group took a new
-    /// generation, and why; `located` when the script found the uid's nodes: each other
-    /// node with the uid's live sessions there, in the order of their channels.
-    Published { epoch: u32, offset: u64, receivers: usize, heard: Vec<usize>, sequence: u64, reset: Option<EpochReset>, located: Option<Vec<(u16, usize)>> },
+    /// Published to `heard` subscribers on each channel; kept at `offset` (0: not kept),
+    /// the group's `sequence`; `reset` when the group took a new generation, and why;
+    /// `located` when the script found the uid's nodes: each other node with the uid's
+    /// live sessions there, in the order of their channels.
+    Published { epoch: u32, offset: u64, heard: Vec<usize>, sequence: u64, reset: Option<EpochReset>, located: Option<Vec<(u16, usize)>> },
 }
 
 impl Appended {
@@ -238,7 +240,7 @@ impl Appended {
         let number = |v: &Value| redis::from_redis_value_ref::<u64>(v).ok();
         match items.as_slice() {
             [flag, first] if number(flag) == Some(0) => Some(Appended::Repeated(text(first)?)),
-            [flag, epoch, offset, receivers, sequence, reset, heard, located @ ..] if number(flag) == Some(1) => {
+            [flag, epoch, offset, sequence, reset, heard, located @ ..] if number(flag) == Some(1) => {
                 let numbers = |v: &Value| match v {
                     Value::Array(items) => items.iter().map(number).collect::<Option<Vec<u64>>>(),
                     _ => None,
@@ -260,7 +262,7 @@ impl Appended {
                     1 => Some(EpochReset::Rollback),
                     _ => Some(EpochReset::RedisRun),
                 };
-                Some(Appended::Published { epoch, offset, receivers: number(receivers)? as usize, heard, sequence: number(sequence)?, reset, located })
+                Some(Appended::Published { epoch, offset, heard, sequence: number(sequence)?, reset, located })
             }
             _ => None,
         }
@@ -427,7 +429,8 @@ impl RedisHistory {
             Route::Channels(channels) => channels.iter().map(|c| c.len()).sum(),
             Route::Locate { uid_key, .. } => uid_key.iter().map(|p| p.len()).sum::<usize>() + self.prefix.len() + 32,
         };
-        let idempotency_bytes = idempotency.map_or(0, |k| k.scoped.len() + k.record_len() + 24);
+        // A key's name and its record (the fingerprint, `|` and a message id).
+        let idempotency_bytes = idempotency.map_or(0, |k| k.scoped.len() + k.fingerprint.len() + 48);
         let mut call = Invocation::with_capacity(27, 8 * key.len() + 4 * group_key.len() + envelope.len() + relay.len() + idempotency_bytes + channels + 160);
         call.key(&[key]).key(&[key, b":m"]).key(&[key, b":i"]);
         match idempotency {
@@ -595,14 +598,14 @@ mod tests {
     #[test]
     fn append_replies_parse() {
         let ints = |ns: &[i64]| Value::Array(ns.iter().map(|n| Value::Int(*n)).collect());
-        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(3), Value::Int(9), Value::Int(0), ints(&[2, 1])]);
-        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, receivers: 3, heard: vec![2, 1], sequence: 9, reset: None, located: None }));
-        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0), ints(&[2])]);
-        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, receivers: 2, heard: vec![2], sequence: 0, reset: None, located: None }));
-        let located = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(1), Value::Int(9), Value::Int(0), ints(&[0, 1, 0]), ints(&[4, 9]), ints(&[3, 1])]);
+        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(9), Value::Int(0), ints(&[2, 1])]);
+        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, heard: vec![2, 1], sequence: 9, reset: None, located: None }));
+        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(0), Value::Int(0), ints(&[2])]);
+        assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, heard: vec![2], sequence: 0, reset: None, located: None }));
+        let located = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(9), Value::Int(0), ints(&[0, 1, 0]), ints(&[4, 9]), ints(&[3, 1])]);
         let found = Some(vec![(4, 3), (9, 1)]);
-        assert_eq!(Appended::parse(located), Some(Appended::Published { epoch: 42, offset: 7, receivers: 1, heard: vec![0, 1, 0], sequence: 9, reset: None, located: found }));
-        let node_out_of_range = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(2), Value::Int(0), Value::Int(0), ints(&[2]), ints(&[70000]), ints(&[1])]);
+        assert_eq!(Appended::parse(located), Some(Appended::Published { epoch: 42, offset: 7, heard: vec![0, 1, 0], sequence: 9, reset: None, located: found }));
+        let node_out_of_range = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(0), Value::Int(0), ints(&[2]), ints(&[70000]), ints(&[1])]);
         assert_eq!(Appended::parse(node_out_of_range), None);
         let repeated = Value::Array(vec![Value::Int(0), Value::BulkString(b"123".to_vec())]);
         assert_eq!(Appended::parse(repeated), Some(Appended::Repeated("123".into())));

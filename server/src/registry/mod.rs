@@ -577,7 +577,7 @@ impl Nodes {
                         Some(first) => repeated.push(first.to_owned()),
                         None => mismatched = true,
                     },
-                    Some(Appended::Published { offset, receivers, heard, sequence, reset, located, .. }) => {
+                    Some(Appended::Published { offset, heard, sequence, reset, located, .. }) => {
                         published = true;
                         self.history.appended(stream.group(), sequence, reset);
                         result.stored += (offset > 0) as usize;
@@ -607,7 +607,7 @@ impl Nodes {
                             }
                             // This node reads the fan-out channel too.
                             None => {
-                                result.nodes += receivers.saturating_sub(1);
+                                result.nodes += heard.iter().sum::<usize>().saturating_sub(1);
                                 self.metrics.relayed(Relayed::Out, kind);
                             }
                         }
