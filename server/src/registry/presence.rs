@@ -186,7 +186,7 @@ enum Liveness {
 impl Registrar {
     pub async fn run(self, mut changes: UnboundedReceiver<Change>, stop: CancellationToken) {
         // Latest change per session not yet written.
-        let mut pending: HashMap<SessionId, Pending> = HashMap::new();
+        let mut pending = Unwritten::default();
         // Opens someone waits to see written (resumes): written first, then told.
         let mut waiting: HashMap<SessionId, oneshot::Sender<()>> = HashMap::new();
         // Sessions open here, from the changes received.
@@ -356,7 +356,7 @@ impl Registrar {
                 }
             }
             self.metrics.registry_pending.set(pending.len() as f64);
-            self.metrics.registry_sessions.set(registered(known, &pending));
+            self.metrics.registry_sessions.set(pending.registered(known));
         }
         // Shutdown: every connection has closed and reported it by now.
         while let Ok(change) = changes.try_recv() {
@@ -449,7 +449,7 @@ impl Registrar {
 
     /// Writes one batch of pending changes, or every one when `all`; what fails stays
     /// pending.
-    async fn flush(&self, pending: &mut HashMap<SessionId, Pending>, waiting: &mut HashMap<SessionId, oneshot::Sender<()>>, all: bool) -> redis::RedisResult<()> {
+    async fn flush(&self, pending: &mut Unwritten, waiting: &mut HashMap<SessionId, oneshot::Sender<()>>, all: bool) -> redis::RedisResult<()> {
         let mut turns = if all { usize::MAX } else { 1 };
         // An awaited open closed before it was written is dropped (its waiter is told it
         // was not written); the others go first.
@@ -466,9 +466,7 @@ impl Registrar {
             let cmds = self.change_cmds(&batch);
             if let Err(e) = self.redis.batch(RedisCommand::Sessions, cmds).await {
                 for (session, _, _) in &batch {
-                    if let Some(p) = pending.get_mut(session) {
-                        p.tried = true;
-                    }
+                    pending.mark_tried(session);
                 }
                 return Err(e);
             }
@@ -624,13 +622,13 @@ impl Registrar {
     /// Queues every local session to be written again, after the liveness key was found
     /// missing. Redis may still hold any of them (the key lapsed, and no reaper took them
     /// yet), so each is marked tried: its close is written even if it comes first.
-    fn register_again(&self, pending: &mut HashMap<SessionId, Pending>) {
+    fn register_again(&self, pending: &mut Unwritten) {
         self.hub.for_each(|conn| {
             pending.insert(conn.session, Pending { uid: Arc::from(conn.uid.as_str()), opened: true, tried: true });
         });
     }
 
-    async fn leave(&self, pending: &mut HashMap<SessionId, Pending>) -> redis::RedisResult<()> {
+    async fn leave(&self, pending: &mut Unwritten) -> redis::RedisResult<()> {
         if self.evicted.is_cancelled() {
             // The id is another process's now: its liveness key, and uid entries that may
             // carry the same session ids, are not ours to delete. Ours are reaped by epoch.
@@ -661,13 +659,72 @@ struct Pending {
     tried: bool,
 }
 
-/// `pushline_registry_sessions`: the sessions Redis has been told this node holds, from
-/// the `known` open here, less opens not yet written, plus closes not yet written. Derived
-/// rather than counted write by write, so that it is exact again once every change is
-/// written, whatever Redis lost or restored meanwhile.
-fn registered(known: i64, pending: &HashMap<SessionId, Pending>) -> f64 {
-    let unwritten: i64 = pending.values().map(|p| if p.opened { -1 } else { 1 }).sum();
-    (known + unwritten) as f64
+/// Session changes not yet known to be written, latest per session, with their balance
+/// (closes less opens) kept as they come and go: `registered` is read every turn of the
+/// registrar, and summing a backlog of a million sessions written again after Redis lost
+/// them, once per batch of 1,024, cost as much as writing them.
+#[derive(Default)]
+struct Unwritten {
+    changes: HashMap<SessionId, Pending>,
+    balance: i64,
+}
+
+impl Unwritten {
+    fn weight(change: &Pending) -> i64 {
+        if change.opened { -1 } else { 1 }
+    }
+
+    fn insert(&mut self, session: SessionId, change: Pending) {
+        self.balance += Unwritten::weight(&change);
+        if let Some(replaced) = self.changes.insert(session, change) {
+            self.balance -= Unwritten::weight(&replaced);
+        }
+    }
+
+    fn remove(&mut self, session: &SessionId) {
+        if let Some(removed) = self.changes.remove(session) {
+            self.balance -= Unwritten::weight(&removed);
+        }
+    }
+
+    fn get(&self, session: &SessionId) -> Option<&Pending> {
+        self.changes.get(session)
+    }
+
+    /// A write of it was sent and failed.
+    fn mark_tried(&mut self, session: &SessionId) {
+        if let Some(change) = self.changes.get_mut(session) {
+            change.tried = true;
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &SessionId> {
+        self.changes.keys()
+    }
+
+    fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// `pushline_registry_sessions`: the sessions Redis has been told this node holds,
+    /// from the `known` open here, less opens not yet written, plus closes not yet
+    /// written. Derived rather than counted write by write, so that it is exact again once
+    /// every change is written, whatever Redis lost or restored meanwhile.
+    fn registered(&self, known: i64) -> f64 {
+        (known + self.balance) as f64
+    }
+}
+
+impl std::ops::Index<&SessionId> for Unwritten {
+    type Output = Pending;
+
+    fn index(&self, session: &SessionId) -> &Pending {
+        &self.changes[session]
+    }
 }
 
 /// Presence members to write, and the topics this run has recorded for the reaper.
@@ -678,7 +735,7 @@ struct Membership {
 }
 
 /// Keeps the latest change per session; an open never sent and its close cancel out.
-fn coalesce(pending: &mut HashMap<SessionId, Pending>, change: Change) {
+fn coalesce(pending: &mut Unwritten, change: Change) {
     match change {
         // Told nothing: whoever waits for it is told it was not written.
         Change::Listening(_) | Change::Member(..) | Change::Written(..) => {}
@@ -701,7 +758,7 @@ mod tests {
 
     #[test]
     fn an_open_and_close_not_yet_written_cancel_out() {
-        let mut pending = HashMap::new();
+        let mut pending = Unwritten::default();
         let uid: Arc<str> = Arc::from("alice");
         coalesce(&mut pending, Change::Opened(SessionId(1), uid.clone()));
         coalesce(&mut pending, Change::Opened(SessionId(2), uid.clone()));
@@ -714,24 +771,30 @@ mod tests {
 
     #[test]
     fn a_close_after_a_failed_open_is_still_written() {
-        let mut pending = HashMap::new();
+        let mut pending = Unwritten::default();
         let uid: Arc<str> = Arc::from("bob");
         coalesce(&mut pending, Change::Opened(SessionId(1), uid.clone()));
         // The HSET was sent and failed: Redis may hold it, so the HDEL must go out.
-        pending.get_mut(&SessionId(1)).unwrap().tried = true;
+        pending.mark_tried(&SessionId(1));
         coalesce(&mut pending, Change::Closed(SessionId(1), uid));
         assert!(!pending[&SessionId(1)].opened);
     }
 
     #[test]
     fn registered_sessions_leave_out_unwritten_opens_and_keep_unwritten_closes() {
-        let mut pending = HashMap::new();
+        let mut pending = Unwritten::default();
         let uid: Arc<str> = Arc::from("carol");
         // 3 open here; 7 and 8 were written; 9 is not yet; 6 closed, its HDEL not yet written.
         coalesce(&mut pending, Change::Opened(SessionId(9), uid.clone()));
         coalesce(&mut pending, Change::Closed(SessionId(6), uid));
-        assert_eq!(registered(3, &pending), 3.0 - 1.0 + 1.0);
-        pending.clear();
-        assert_eq!(registered(3, &pending), 3.0, "exact once everything is written");
+        assert_eq!(pending.registered(3), 3.0 - 1.0 + 1.0);
+        pending.remove(&SessionId(9));
+        pending.remove(&SessionId(6));
+        assert_eq!(pending.registered(3), 3.0, "exact once everything is written");
+        // A failed open replaced by its close: the open's share goes with it.
+        coalesce(&mut pending, Change::Opened(SessionId(5), Arc::from("dan")));
+        pending.mark_tried(&SessionId(5));
+        coalesce(&mut pending, Change::Closed(SessionId(5), Arc::from("dan")));
+        assert_eq!(pending.registered(2), 3.0, "2 open here, and 5's close not yet written");
     }
 }
