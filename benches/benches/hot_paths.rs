@@ -10,6 +10,7 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pushline::config::SlowConsumer;
 use pushline::conn::queue::Limits;
+use pushline::conn::inbox::Inbox;
 use pushline::conn::Conn;
 use pushline::registry::relay::{Relay, Target};
 use pushline::session::{MessageIds, SessionIds};
@@ -33,7 +34,7 @@ fn framing(c: &mut Criterion) {
 fn relay(c: &mut Criterion) {
     let msg = Message::new(42, None, DATA_100B, None, Instant::now());
     let envelope = std::str::from_utf8(msg.envelope()).unwrap();
-    let relay = Relay { origin: 1, id: 42, published_ms: 0, target: Target::Uids(vec!["alice", "bob"]), envelope };
+    let relay = Relay { origin: 1, id: 42, published_ms: 0, group: 3, sequence: 7, except: None, target: Target::Uids(vec!["alice", "bob"]), envelope };
     let bytes = relay.encode();
     c.bench_function("relay_encode/push to 2 uids", |b| b.iter(|| black_box(&relay).encode()));
     c.bench_function("relay_decode/push to 2 uids", |b| b.iter(|| Relay::decode(black_box(&bytes))));
@@ -56,13 +57,14 @@ fn fanout_enqueue(c: &mut Criterion) {
     let limits = Limits { max_messages: config.queue_max_messages, max_bytes: config.queue_max_bytes, policy: SlowConsumer::DropOldest };
     let sessions = SessionIds::new(0);
     let msg = Arc::new(Message::new(1, None, DATA_100B, None, Instant::now()));
+    let inbox = Arc::new(Inbox::default());
     let mut group = c.benchmark_group("fanout_enqueue");
     group.throughput(Throughput::Elements(CONNECTIONS as u64));
     group.bench_function("100B to 10k connections", |b| {
         b.iter_batched(
             || {
                 (0..CONNECTIONS)
-                    .map(|i| Arc::new(Conn::new(sessions.next(), Arc::from(format!("u{i}")), Transport::WebSocket, None, 0)))
+                    .map(|i| Arc::new(Conn::new(sessions.next(), format!("u{i}").into(), (Transport::WebSocket, 0), None, 0, inbox.clone())))
                     .collect::<Vec<_>>()
             },
             |conns| {

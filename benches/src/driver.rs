@@ -30,7 +30,7 @@ impl ServerProcess {
         ServerProcess::spawn(command, bin)
     }
 
-    /// The floor server (`floor.rs`): this binary, in its hidden `floor-server` mode. Its
+    /// The floor server (`floor/`): this binary, in its hidden `floor-server` mode. Its
     /// `admin` address is a port of its own, with no metrics: a broadcast there reaches
     /// this process's connections. `uring`: its broadcasts go through io_uring.
     pub fn start_floor(uring: bool) -> Result<ServerProcess, String> {
@@ -156,6 +156,21 @@ impl Nodes {
         let args = ["--reuse-port".to_owned(), "--listen".to_owned(), format!("127.0.0.1:{port}")];
         let servers = (0..k).map(|_| ServerProcess::start_floor_with(false, &args)).collect::<Result<_, _>>()?;
         Ok(Nodes { servers, redis: None })
+    }
+
+    /// K floor servers on a `redis-server` started here, each on a port of its own: the
+    /// first relays pushes for uids it does not hold to the others (`unicast --nodes K`).
+    pub fn start_floor_on_redis(k: usize) -> Result<Nodes, String> {
+        let redis = RedisProcess::start()?;
+        let on_redis = ["--redis".to_owned(), format!("127.0.0.1:{}", redis.port)];
+        let mut others = (1..k).map(|_| ServerProcess::start_floor_with(false, &on_redis)).collect::<Result<Vec<_>, _>>()?;
+        let mut args = on_redis.to_vec();
+        for other in &others {
+            args.extend(["--relay-to".to_owned(), other.client.port().to_string()]);
+        }
+        let mut servers = vec![ServerProcess::start_floor_with(false, &args)?];
+        servers.append(&mut others);
+        Ok(Nodes { servers, redis: Some(redis) })
     }
 
     pub fn rss_bytes(&self) -> u64 {

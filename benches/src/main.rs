@@ -149,7 +149,7 @@ enum Scenario {
         /// Open a connection for every request (a new HTTP client each time).
         #[arg(long)]
         new_connection_per_push: bool,
-        /// Skip the same run against the floor server (one node only).
+        /// Skip the same run against the floor server (with `--nodes K`, K of them on a Redis).
         #[arg(long)]
         no_floor: bool,
     },
@@ -185,6 +185,12 @@ enum Scenario {
         /// Shares `listen` with other processes (SO_REUSEPORT).
         #[arg(long)]
         reuse_port: bool,
+        /// A node among others on the Redis at this address (`unicast --nodes 2`).
+        #[arg(long)]
+        redis: Option<std::net::SocketAddr>,
+        /// With `--redis`: the client port of a node to relay pushes for uids not here to (repeat).
+        #[arg(long)]
+        relay_to: Vec<u16>,
     },
     /// One client process of `scale` (started by it).
     #[command(hide = true)]
@@ -303,8 +309,8 @@ async fn run(mut cli: Cli) -> ExitCode {
             scenarios::unicast::run(&cli.common, settings).await
         }
         Scenario::Scale { connections, nodes, workers, no_floor } => scenarios::scale::run(&cli.common, connections, nodes, workers, !no_floor).await,
-        Scenario::FloorServer { uring, listen, reuse_port } => {
-            return match tokio::task::block_in_place(|| floor::serve(listen, reuse_port, uring)) {
+        Scenario::FloorServer { uring, listen, reuse_port, redis, relay_to } => {
+            return match tokio::task::block_in_place(|| floor::serve(listen, reuse_port, uring, redis, &relay_to)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pushline-bench floor-server: {e}");

@@ -1,6 +1,6 @@
 //! `fanout`: N connections, one 100-byte broadcast at a time; how long until the last
 //! client has it, and what each delivery costs the server in CPU, user and kernel apart.
-//! Then the same against the floor (`floor.rs`), and Pushline's figures as ratios to it.
+//! Then the same against the floor (`floor/`), and Pushline's figures as ratios to it.
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! `heartbeat`: what keeping connections alive costs. First N connections send nothing
 //! (server CPU per connection-second idle), then each sends a JSON ping every
 //! `interval` and reads the pong (server CPU per heartbeat, user and kernel apart). Then
-//! the pinging against the floor (`floor.rs`), and Pushline's figures as ratios to it.
+//! the pinging against the floor (`floor/`), and Pushline's figures as ratios to it.
 
 use std::time::{Duration, Instant};
 

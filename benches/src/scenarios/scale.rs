@@ -4,7 +4,7 @@
 //! Reports time to all-connected, the CPU each side spent connecting (servers, clients,
 //! Redis), server memory per connection summed over the nodes, Redis memory per session,
 //! client memory separately, and one broadcast to everyone. Then the same connections and
-//! one broadcast against as many floor servers (`floor.rs`) on one port, each broadcasting
+//! one broadcast against as many floor servers (`floor/`) on one port, each broadcasting
 //! to its own share, and Pushline's times as ratios to theirs.
 //!
 //! With more nodes than cores, each node gets one core thread (`--io-threads`, unless

@@ -4,8 +4,9 @@
 //! (measured by the clients, on the same clock as the publisher: both are this process),
 //! server CPU per push, and with `--nodes 2` Redis commands per push: the clients are on
 //! one node and the pushes go to the other, so every push crosses nodes through Redis.
-//! On one node, the same run against the floor server (`floor.rs`: parse, look up, write),
-//! and Pushline's CPU per push as a ratio to it. `--new-connection-per-push` opens a
+//! Then the same run against the floor server (`floor/`: parse, look up, write; with
+//! `--nodes K`, K floor servers on a Redis, the first relaying each request's pushes with
+//! one `PUBLISH` to each other), and Pushline's CPU per push as a ratio to it. `--new-connection-per-push` opens a
 //! connection for every request instead, for comparison.
 
 use std::net::SocketAddr;
@@ -100,11 +101,16 @@ pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String
         ]);
     }
     drop(nodes);
-    if settings.floor && k == 1 && !common.tls {
-        let floor = Nodes { servers: vec![ServerProcess::start_floor(false)?], redis: None };
-        let streams = super::open_connections(floor.servers[0].client, settings.connections, common.parallel, common.spread, "u").await?;
-        let figures = measure(streams, floor.servers[0].client, || floor.cpu_time(), settings).await?;
+    if settings.floor && !common.tls {
+        let floor = match k {
+            1 => Nodes { servers: vec![ServerProcess::start_floor(false)?], redis: None },
+            _ => Nodes::start_floor_on_redis(k)?,
+        };
+        let (publish_to, clients_on) = (&floor.servers[0], floor.servers.last().ok_or("no node")?);
+        let streams = super::open_connections(clients_on.client, settings.connections, common.parallel, common.spread, "u").await?;
+        let figures = measure(streams, publish_to.client, || floor.cpu_time(), settings).await?;
         rows.extend([
+            Row::new("unicast", "floor_pushes_delivered", figures.delivered as f64, "count"),
             Row::new("unicast", "floor_latency_p99", figures.p99_ms, "ms"),
             Row::new("unicast", "floor_cpu_per_push", figures.cpu_us, "us"),
             Row::new("unicast", "floor_user_cpu_per_push", figures.user_us, "us"),

@@ -32,6 +32,10 @@ use base64::Engine;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use relay::{Relay, Relayed};
+
+mod relay;
+
 const LISTENER: Token = Token(usize::MAX);
 /// The process's own port (see the module documentation).
 const CONTROL: Token = Token(usize::MAX - 1);
@@ -71,45 +75,74 @@ enum Item<'a> {
     Push(Push<'a>),
 }
 
-/// Writes a message frame with `data` to each connection of `push.uids`; the connections reached.
-fn push_to(conns: &mut HashMap<usize, Conn>, uids: &HashMap<String, usize>, push: &Push<'_>, id: u64, frame: &mut Vec<u8>) -> usize {
-    let mut delivered = 0;
-    for uid in &push.uids {
-        let Some(conn) = uids.get(*uid).and_then(|token| conns.get_mut(token)) else { continue };
-        let payload = format!(r#"{{"type":"message","id":"{id}","topic":null,"data":{}}}"#, push.data.get());
-        frame.clear();
-        text_frame_into(payload.as_bytes(), frame);
-        delivered += matches!(conn.stream.write(frame), Ok(n) if n == frame.len()) as usize;
-    }
-    delivered
+/// A push's result: its id, the connections here it reached, and whether it went to
+/// Redis for the other nodes.
+struct Pushed {
+    id: u64,
+    delivered: usize,
+    relayed: bool,
 }
 
-/// The answer to a `/v1/push` or `/v1/batch` body, kept alive; the id counter advances.
-fn answer_pushes(conns: &mut HashMap<usize, Conn>, uids: &HashMap<String, usize>, path: &str, body: &[u8], next_id: &mut u64) -> String {
-    let mut frame = Vec::with_capacity(256);
-    let json = if path == "/v1/batch" {
-        match serde_json::from_slice::<Vec<Item>>(body) {
-            Ok(items) => {
-                let mut results = String::from(r#"{"results":["#);
-                for (i, Item::Push(push)) in items.iter().enumerate() {
-                    *next_id += 1;
-                    let delivered = push_to(conns, uids, push, *next_id, &mut frame);
-                    results.push_str(&format!(r#"{}{{"id":"{}","delivered":{delivered}}}"#, if i > 0 { "," } else { "" }, next_id));
-                }
-                results + "]}"
-            }
-            Err(e) => format!(r#"{{"error":"{e}"}}"#),
-        }
+/// Writes a message frame with `data` to `conn`; whether the kernel took all of it.
+fn write_message(conn: &mut Conn, id: u64, data: &[u8], frame: &mut Vec<u8>) -> bool {
+    let mut payload = format!(r#"{{"type":"message","id":"{id}","topic":null,"data":"#).into_bytes();
+    payload.extend_from_slice(data);
+    payload.push(b'}');
+    frame.clear();
+    text_frame_into(&payload, frame);
+    matches!(conn.stream.write(frame), Ok(n) if n == frame.len())
+}
+
+/// Each push of a `/v1/push` or `/v1/batch` body, written to the connections of its uids
+/// here; with `relayed`, a uid with none here is added to it, for the other nodes.
+fn push_all<'a>(
+    conns: &mut HashMap<usize, Conn>,
+    uids: &HashMap<String, usize>,
+    path: &str,
+    body: &'a [u8],
+    next_id: &mut u64,
+    mut relayed: Option<&mut Vec<Relayed<'a>>>,
+) -> Result<Vec<Pushed>, String> {
+    let pushes = if path == "/v1/batch" {
+        serde_json::from_slice::<Vec<Item>>(body).map(|items| items.into_iter().map(|Item::Push(push)| push).collect())
     } else {
-        match serde_json::from_slice::<Push>(body) {
-            Ok(push) => {
-                *next_id += 1;
-                let delivered = push_to(conns, uids, &push, *next_id, &mut frame);
-                format!(r#"{{"id":"{}","delivered":{delivered}}}"#, next_id)
+        serde_json::from_slice::<Push>(body).map(|push| vec![push])
+    }
+    .map_err(|e| format!(r#"{{"error":"{e}"}}"#))?;
+    let mut frame = Vec::with_capacity(256);
+    let mut results = Vec::with_capacity(pushes.len());
+    for push in pushes {
+        *next_id += 1;
+        let mut pushed = Pushed { id: *next_id, delivered: 0, relayed: false };
+        for uid in push.uids {
+            match (uids.get(uid).and_then(|token| conns.get_mut(token)), relayed.as_deref_mut()) {
+                (Some(conn), _) => pushed.delivered += write_message(conn, pushed.id, push.data.get().as_bytes(), &mut frame) as usize,
+                (None, Some(relayed)) => {
+                    relayed.push(Relayed { id: pushed.id, uid, data: push.data.get() });
+                    pushed.relayed = true;
+                }
+                (None, None) => {}
             }
-            Err(e) => format!(r#"{{"error":"{e}"}}"#),
         }
+        results.push(pushed);
+    }
+    Ok(results)
+}
+
+/// The answer to pushes, kept alive: `nodes` is how many other nodes heard the relayed ones.
+fn answer(results: &[Pushed], batch: bool, nodes: i64) -> String {
+    let result = |p: &Pushed| match p.relayed {
+        true => format!(r#"{{"id":"{}","delivered":{},"nodes":{nodes}}}"#, p.id, p.delivered),
+        false => format!(r#"{{"id":"{}","delivered":{}}}"#, p.id, p.delivered),
     };
+    let json = match batch {
+        true => format!(r#"{{"results":[{}]}}"#, results.iter().map(result).collect::<Vec<_>>().join(",")),
+        false => results.first().map(result).unwrap_or_default(),
+    };
+    ok(&json)
+}
+
+fn ok(json: &str) -> String {
     format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())
 }
 
@@ -181,12 +214,19 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
 }
 
 /// Serves on `listen` (with SO_REUSEPORT if `reuse_port`) and on a port of its own.
-pub fn serve(listen: SocketAddr, reuse_port: bool, uring: bool) -> io::Result<()> {
+/// Serves until killed. `redis`: a node on the Redis there ([`relay`]), which relays pushes
+/// for uids not here to the nodes whose client ports `relay_to` names, and delivers here
+/// what other nodes relay.
+pub fn serve(listen: SocketAddr, reuse_port: bool, uring: bool, redis: Option<SocketAddr>, relay_to: &[u16]) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut listener = bind(listen, reuse_port)?;
     let mut control = bind(SocketAddr::from(([127, 0, 0, 1], 0)), false)?;
     poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
     poll.registry().register(&mut control, CONTROL, Interest::READABLE)?;
+    // Each relayed request waits for Redis with its connection's token, whether it was a
+    // batch, and its results.
+    let mut relay: Option<Relay<(usize, bool, Vec<Pushed>)>> =
+        redis.map(|addr| Relay::connect(addr, listener.local_addr()?.port(), relay_to, poll.registry())).transpose()?;
     eprintln!("floor listening client={} admin={}", listener.local_addr()?, control.local_addr()?);
     let broadcast = text_frame(MESSAGE.as_bytes());
     let pong = text_frame(br#"{"type":"pong"}"#);
@@ -213,6 +253,25 @@ pub fn serve(listen: SocketAddr, reuse_port: bool, uring: bool) -> io::Result<()
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(_) => break,
                     }
+                }
+                continue;
+            }
+            if event.token() == relay::PUBLISHER {
+                for ((token, batch, results), nodes) in relay.as_mut().map(Relay::answered).transpose()?.unwrap_or_default() {
+                    if let Some(conn) = conns.get_mut(&token) {
+                        let _ = conn.stream.write_all(answer(&results, batch, nodes).as_bytes());
+                    }
+                }
+                continue;
+            }
+            if event.token() == relay::SUBSCRIBER {
+                let mut frame = Vec::with_capacity(256);
+                if let Some(relay) = relay.as_mut() {
+                    relay.heard(|id, uid, data| {
+                        if let Some(conn) = uids.get(uid).and_then(|token| conns.get_mut(token)) {
+                            write_message(conn, id, data, &mut frame);
+                        }
+                    })?;
                 }
                 continue;
             }
@@ -303,7 +362,19 @@ pub fn serve(listen: SocketAddr, reuse_port: bool, uring: bool) -> io::Result<()
                 }
             }
             for (path, body) in pushed {
-                let reply = answer_pushes(&mut conns, &uids, &path, &body, &mut next_id);
+                let batch = path == "/v1/batch";
+                let mut relayed = Vec::new();
+                let relaying = relay.as_ref().is_some_and(Relay::has_peers);
+                let reply = match push_all(&mut conns, &uids, &path, &body, &mut next_id, relaying.then_some(&mut relayed)) {
+                    Err(error) => ok(&error),
+                    Ok(results) => match relay.as_mut() {
+                        Some(relay) if !relayed.is_empty() => {
+                            relay.publish(&relayed, (token, batch, results))?;
+                            continue;
+                        }
+                        _ => answer(&results, batch, 0),
+                    },
+                };
                 if let Some(conn) = conns.get_mut(&token) {
                     let _ = conn.stream.write_all(reply.as_bytes());
                 }
