@@ -169,8 +169,15 @@ impl Presence {
         }
     }
 
+    /// Whether `topic` keeps members: a native topic `--presence-topics` names, or a
+    /// Pusher `presence-` channel. The native patterns never reach Pusher's namespace
+    /// (`*` would make every public channel's subscribers members, each told the others'
+    /// socket ids).
     pub fn is_presence_topic(&self, topic: &str) -> bool {
-        self.settings.topics.allows(topic) || crate::pusher::is_presence_topic(topic)
+        match topic.starts_with(crate::pusher::PREFIX) {
+            true => crate::pusher::is_presence_topic(topic),
+            false => self.settings.topics.allows(topic),
+        }
     }
 
     /// A Pusher connection joins presence channels as `user`, showing `info`; a

@@ -19,6 +19,8 @@ pub const PREFIX: &str = "pusher:";
 pub const PROTOCOL: &str = "7";
 /// Most seconds of silence after which a client pings (`pusher:connection_established`).
 pub const ACTIVITY_TIMEOUT: u32 = 120;
+/// What the server says to a client silent for its `activity_timeout`.
+pub const PING: &str = r#"{"event":"pusher:ping","data":"{}"}"#;
 /// Longest channel name, in characters (all ASCII).
 pub const MAX_CHANNEL: usize = 200;
 /// Longest user id, in bytes (the protocol's 128 characters).

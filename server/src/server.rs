@@ -286,6 +286,10 @@ impl Server {
             sse_keepalive: config.sse_keepalive,
             slow_consumer_timeout: config.slow_consumer_timeout,
             refresh_grace: config.token_refresh_grace,
+            pusher_activity: match pusher.is_some() {
+                true => Duration::from_secs(crate::pusher::activity_timeout(config.idle_timeout).into()),
+                false => Duration::ZERO,
+            },
         };
         tokio::spawn(sweep::run(hub.clone(), timers, sweeper.clone()));
         if let Some(presence) = presence {

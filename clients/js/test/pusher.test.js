@@ -204,6 +204,51 @@ test("pusher-js subscribing 25 channels at once stays connected; activity_timeou
   }
 });
 
+test("pusher-js keeps its connection when channels are refused, is pinged on a busy channel past --idle-timeout, and --presence-topics never makes it a member", async () => {
+  // activity_timeout 2 s; `*` would match every Pusher channel if native patterns reached them.
+  const { server, port, api } = await pusherServer(["--idle-timeout", "4s", "--presence-topics", "*"]);
+  const refused = new Pusher(APP.key, {
+    cluster: "local", wsHost: "127.0.0.1", wsPort: port, forceTLS: false, enabledTransports: ["ws"], disableStats: true,
+    channelAuthorization: { customHandler: (_, callback) => callback(null, { auth: `${APP.key}:${"0".repeat(64)}` }) },
+  });
+  const other = client(port, api);
+  const states = [];
+  refused.connection.bind("state_change", ({ current }) => states.push(current));
+  const heard = { refused: [], other: [] };
+  refused.connection.bind("message", (m) => heard.refused.push(m.event));
+  other.connection.bind("message", (m) => heard.other.push(m.event));
+  try {
+    await Promise.all([connected(refused), connected(other)]);
+    // More refusals than --max-commands-per-second (20): they are topic changes.
+    const privates = Array.from({ length: 30 }, (_, i) => refused.subscribe(`private-lapsed-${i}`));
+    await Promise.all(privates.map((c) => once(c, "pusher:subscription_error")));
+    const busy = [refused.subscribe("busy"), other.subscribe("busy")];
+    await Promise.all(busy.map((c) => once(c, "pusher:subscription_succeeded")));
+
+    // Events every 250 ms for 6 s: pusher-js hears them, so it never pings on its own.
+    let got = 0;
+    busy[0].bind("tick", () => got++);
+    const started = Date.now();
+    for (let n = 0; Date.now() - started < 6000; n++) {
+      await api.trigger("busy", "tick", { n });
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.deepEqual(states.filter((s) => s !== "connecting"), ["connected"], `no reconnect; states: ${states}`);
+    assert.ok(heard.refused.includes("pusher:ping"), "the server pinged the client it heard nothing from");
+    assert.ok(got >= 20, `every event arrived on the one connection (${got})`);
+    const member = (events) => events.filter((e) => e.startsWith("pusher_internal:member_"));
+    assert.deepEqual(member(heard.refused), [], "a public channel has no members");
+    assert.deepEqual(member(heard.other), [], "a public channel has no members");
+    const metrics = await (await fetch(`${server.admin}/metrics`)).text();
+    assert.doesNotMatch(metrics, /pushline_connections_closed_total\{[^}]*reason="idle_timeout"[^}]*\} [1-9]/);
+  } finally {
+    refused.disconnect();
+    other.disconnect();
+    await server.stop();
+  }
+});
+
 /** A pusher-js client joining presence channels as `user`. */
 function member(port, api, user) {
   return new Pusher(APP.key, {

@@ -159,7 +159,9 @@ impl Serving<'_> {
         }
         if signals.has(Signals::PING) && self.io.replies() < MAX_PENDING_REPLIES {
             match self.conn.transport {
-                Transport::WebSocket | Transport::Pusher => self.reply(ws::Control::new(ws::OP_PING, b"").as_bytes()),
+                Transport::WebSocket => self.reply(ws::Control::new(ws::OP_PING, b"").as_bytes()),
+                // Every Pusher client answers the protocol's own ping with `pusher:pong`.
+                Transport::Pusher => self.reply(&ws::text(crate::pusher::PING)),
                 Transport::Sse => self.reply(sse::KEEPALIVE),
             }
         }

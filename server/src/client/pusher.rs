@@ -1,4 +1,5 @@
-//! What a Pusher client may say (protocol 7): `pusher:ping`; `pusher:subscribe` to a
+//! What a Pusher client may say (protocol 7): `pusher:ping`, and `pusher:pong` to the
+//! server's (sent when it has been silent for its `activity_timeout`, see `sweep`); `pusher:subscribe` to a
 //! public channel, to a private one (`private-`, `private-encrypted-`) or a presence one
 //! with the authorization its application signed, to a cache channel (then its last event,
 //! or `pusher:cache_miss`), or to its own `#server-to-user-` channel once signed in;
@@ -109,28 +110,33 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
     match &*frame.event {
         "pusher:ping" => Ok(reply(r#"{"event":"pusher:pong","data":"{}"}"#)),
         "pusher:pong" => Ok(Handled { reply: Bytes::new(), topic_changes: 0 }),
+        // A subscribe or an unsubscribe is a topic change, refused or not: pusher-js sends
+        // all of a page's at once, and a handful refused (a lapsed authorization, a channel
+        // past the connection's topics) must not count as commands a second, whose limit
+        // closes the connection (pusher-js then reconnects and sends them all again).
         "pusher:subscribe" => {
-            let subscription = data_of::<Subscription>(frame.data);
-            match subscription {
-                Some(subscription) => Ok(subscribe(conn, clients, app, subscription)),
-                None => Ok(error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`")),
-            }
+            let handled = match data_of::<Subscription>(frame.data) {
+                Some(subscription) => subscribe(conn, clients, app, subscription),
+                None => error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`"),
+            };
+            Ok(Handled { topic_changes: handled.topic_changes.max(1), ..handled })
         }
         "pusher:unsubscribe" => {
             #[derive(Deserialize)]
             struct Unsubscription {
                 channel: String,
             }
-            match data_of::<Unsubscription>(frame.data) {
+            let handled = match data_of::<Unsubscription>(frame.data) {
                 // A signed-in connection keeps its user's channel: the application ends
                 // the user's connections through it.
-                Some(u) if Kind::of(&u.channel) == Kind::ServerToUser => Ok(Handled { reply: Bytes::new(), topic_changes: 0 }),
+                Some(u) if Kind::of(&u.channel) == Kind::ServerToUser => Handled { reply: Bytes::new(), topic_changes: 1 },
                 Some(u) => {
                     clients.hub.unsubscribe(conn, &[pusher::topic(app, &u.channel)]);
-                    Ok(Handled { reply: Bytes::new(), topic_changes: 1 })
+                    Handled { reply: Bytes::new(), topic_changes: 1 }
                 }
-                None => Ok(error(clients, ClientError::BadJson, "pusher:unsubscribe needs data with a `channel`")),
-            }
+                None => error(clients, ClientError::BadJson, "pusher:unsubscribe needs data with a `channel`"),
+            };
+            Ok(Handled { topic_changes: handled.topic_changes.max(1), ..handled })
         }
         "pusher:signin" => match data_of::<Signin>(frame.data) {
             Some(signin) => Ok(signin_user(conn, clients, app, signin)),

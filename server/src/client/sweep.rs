@@ -1,6 +1,7 @@
 //! The one timer for all connections: closes WebSocket connections that have been silent
 //! past `idle_timeout` and connections whose queue has stayed full, unread, past
-//! `slow_consumer_timeout`, and sends server pings and SSE keep-alives when they are due.
+//! `slow_consumer_timeout`, and sends server pings and SSE keep-alives when they are due,
+//! and `pusher:ping` to a Pusher client silent for its `activity_timeout`.
 //!
 //! A timer per connection would cost a timer-wheel entry and a wake-up each; one sweep
 //! over the hub costs a few nanoseconds per connection, and nothing between sweeps.
@@ -25,12 +26,16 @@ pub struct Timers {
     pub slow_consumer_timeout: Duration,
     /// A connection whose token expired is closed this long after (4001), unless refreshed.
     pub refresh_grace: Duration,
+    /// The `activity_timeout` told to Pusher clients (zero when no app is served): one
+    /// silent this long is pinged. pusher-js pings only when it has heard nothing for it,
+    /// so a client of a busy channel would never speak, and be closed as idle.
+    pub pusher_activity: Duration,
 }
 
 impl Timers {
     /// How often to sweep: a quarter of the shortest deadline kept, within 50 ms..30 s.
     fn period(&self) -> Duration {
-        let deadlines = [self.idle_timeout, self.ping_interval, self.sse_keepalive, self.slow_consumer_timeout, self.refresh_grace];
+        let deadlines = [self.idle_timeout, self.ping_interval, self.sse_keepalive, self.slow_consumer_timeout, self.refresh_grace, self.pusher_activity];
         let shortest = deadlines.into_iter().filter(|d| !d.is_zero()).min();
         (shortest.unwrap_or(self.idle_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
     }
@@ -41,6 +46,7 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
     let ping_ms = timers.ping_interval.as_millis() as u64;
     let keepalive_ms = timers.sse_keepalive.as_millis() as u64;
     let stuck_ms = timers.slow_consumer_timeout.as_millis() as u64;
+    let activity_ms = timers.pusher_activity.as_millis() as u64;
     let mut ticks = tokio::time::interval(timers.period());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_ping, mut last_keepalive) = (now_ms(), now_ms());
@@ -98,9 +104,10 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
             }
             match conn.transport {
                 Transport::WebSocket | Transport::Pusher => {
-                    if conn.silent_ms(now) >= idle_ms {
+                    let silent = conn.silent_ms(now);
+                    if silent >= idle_ms {
                         conn.request_close(CloseReason::IdleTimeout);
-                    } else if ping_due {
+                    } else if ping_due || (conn.transport == Transport::Pusher && activity_ms > 0 && silent >= activity_ms) {
                         conn.ping();
                     }
                 }
