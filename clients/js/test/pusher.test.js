@@ -605,6 +605,16 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
     assert.match(metrics, /^pushline_pusher_events_total\{app="42",source="client"\} 1$/m);
     const stats = await (await fetch(`${server.admin}/debug/stats`)).json();
     assert.deepEqual([stats.transports.pusher, stats.pusher_apps["42"]], [2, 2], "the dashboard's connections by protocol and app");
+
+    // A trigger asking `info` is answered with the attributes of the channels it went to.
+    const triggered = await (await api.trigger(["news", "private-cache-box"], "tick", {}, { info: "subscription_count" })).json();
+    assert.deepEqual(triggered, { channels: { news: { subscription_count: 1 }, "private-cache-box": { subscription_count: 2 } } });
+    const batch = await api.triggerBatch([
+      { channel: "news", name: "tick", data: {}, info: "subscription_count" },
+      { channel: "cache-empty", name: "tick", data: {} },
+    ]);
+    assert.deepEqual(await batch.json(), { batch: [{ subscription_count: 1 }, {}] });
+    await assert.rejects(api.trigger("news", "tick", {}, { info: "everything" }), (e) => e.status === 400);
   } finally {
     reader.disconnect();
     late.disconnect();
@@ -677,6 +687,16 @@ client_events = true
     await Promise.all([c1, c2].map((c) => waitFor(c, (f) => f.event === "pusher_internal:subscription_succeeded")));
     c1.ws.send(JSON.stringify({ event: "client-x", channel: "private-b", data: { hi: 1 } }));
     assert.deepEqual((await waitFor(c2, (f) => f.event === "client-x")).data, { hi: 1 });
+
+    // Each refusal is counted under what it was, once.
+    const unknown = open("no-such-key");
+    assert.equal(await unknown.closed, 4001);
+    const metrics = await (await fetch(`${server.admin}/metrics`)).text();
+    const refused = (reason) => Number(metrics.match(new RegExp(`pushline_connections_refused_total\\{reason="${reason}"\\} (\\d+)`))?.[1] ?? 0);
+    assert.deepEqual(
+      { forbidden: refused("forbidden"), max_connections: refused("max_connections"), unauthorized: refused("unauthorized"), bad_request: refused("bad_request") },
+      { forbidden: 1, max_connections: 1, unauthorized: 1, bad_request: 0 },
+    );
   } finally {
     sockets.forEach((s) => s.close());
     await server.stop();

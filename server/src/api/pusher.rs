@@ -43,11 +43,73 @@ struct Event {
     channels: Option<Vec<String>>,
     #[serde(default)]
     socket_id: Option<String>,
+    /// Attributes of the channels triggered to, to answer with (`user_count`,
+    /// `subscription_count`, comma-separated).
+    #[serde(default)]
+    info: Option<String>,
+}
+
+/// The channel attributes a request's `info` asks for.
+#[derive(Clone, Copy, Default)]
+struct Asked {
+    user_count: bool,
+    subscription_count: bool,
+}
+
+impl Asked {
+    /// `info`'s attributes; an unknown one is refused, before anything is triggered.
+    fn from(info: Option<&str>) -> Result<Asked, Error> {
+        let mut asked = Asked::default();
+        for item in info.unwrap_or_default().split(',').map(str::trim).filter(|item| !item.is_empty()) {
+            match item {
+                "user_count" => asked.user_count = true,
+                "subscription_count" => asked.subscription_count = true,
+                other => return Err(Error::bad_request(format!("info `{other}`: the attributes are user_count and subscription_count"))),
+            }
+        }
+        Ok(asked)
+    }
+
+    fn any(self) -> bool {
+        self.user_count || self.subscription_count
+    }
+}
+
+/// What is known of a channel: whether anyone is subscribed, its members (a presence
+/// channel's), and its subscriptions (where they are counted).
+struct ChannelState {
+    occupied: bool,
+    users: Option<usize>,
+    subscriptions: Option<usize>,
+}
+
+impl ChannelState {
+    /// The attributes `asked` for that are known.
+    fn attributes(&self, asked: Asked) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        if let (true, Some(n)) = (asked.user_count, self.users) {
+            out.insert("user_count".into(), n.into());
+        }
+        if let (true, Some(n)) = (asked.subscription_count, self.subscriptions) {
+            out.insert("subscription_count".into(), n.into());
+        }
+        out
+    }
 }
 
 #[derive(Deserialize)]
 struct Batch {
     batch: Vec<Box<serde_json::value::RawValue>>,
+}
+
+impl Event {
+    /// The channels the event names, each once.
+    fn channels(&self) -> Vec<&str> {
+        let mut channels: Vec<&str> = self.channel.iter().chain(self.channels.iter().flatten()).map(String::as_str).collect();
+        let mut seen = std::collections::HashSet::new();
+        channels.retain(|c| seen.insert(*c));
+        channels
+    }
 }
 
 /// An event, read only from a JSON object (serde would read a struct from an array too).
@@ -214,9 +276,35 @@ impl Api {
                 batch.iter().map(|item| event(item.get().as_bytes())).collect::<Result<Vec<_>, _>>()?
             }
         };
+        let asked = events.iter().map(|event| Asked::from(event.info.as_deref())).collect::<Result<Vec<_>, _>>()?;
         let published = self.trigger(app, &events).await?;
         self.metrics.pusher_events(index, PusherSource::Api, published);
-        Ok(super::Answer::ok("{}".into()))
+        if !asked.iter().any(|asked| asked.any()) {
+            return Ok(super::Answer::ok("{}".into()));
+        }
+        // Read after the events went out, as Pusher answers: the attributes of each
+        // channel triggered to (`events`), or of each event's channel (`batch_events`).
+        let answer = match endpoint {
+            "events" => {
+                let mut channels = serde_json::Map::new();
+                for channel in events[0].channels() {
+                    channels.insert(channel.to_owned(), self.channel_state(app, channel).await?.attributes(asked[0]).into());
+                }
+                serde_json::json!({ "channels": channels })
+            }
+            _ => {
+                let mut batch = Vec::with_capacity(events.len());
+                for (event, asked) in events.iter().zip(asked) {
+                    let attributes = match (asked.any(), event.channels().first()) {
+                        (true, Some(channel)) => self.channel_state(app, channel).await?.attributes(asked),
+                        _ => serde_json::Map::new(),
+                    };
+                    batch.push(serde_json::Value::from(attributes));
+                }
+                serde_json::json!({ "batch": batch })
+            }
+        };
+        Ok(super::Answer::ok(answer.to_string()))
     }
 
     fn presence_on(&self) -> Result<&crate::presence::Presence, Error> {
@@ -260,20 +348,26 @@ impl Api {
     /// and known (one node).
     async fn pusher_channel(&self, app: &App, channel: &str, user_count: bool, subscription_count: bool) -> Result<String, Error> {
         pusher::check_channel(channel).map_err(Error::bad_request)?;
+        let presence = pusher::Kind::of(channel) == pusher::Kind::Presence;
+        if user_count && !presence {
+            return Err(Error::bad_request("info=user_count is only for presence channels"));
+        }
+        let state = self.channel_state(app, channel).await?;
+        let asked = Asked { user_count: presence, subscription_count: presence || subscription_count };
+        let mut out = state.attributes(asked);
+        out.insert("occupied".into(), state.occupied.into());
+        Ok(serde_json::Value::from(out).to_string())
+    }
+
+    /// What is known of `channel` of `app`, on every node.
+    async fn channel_state(&self, app: &App, channel: &str) -> Result<ChannelState, Error> {
         let topic = pusher::topic(app, channel);
         if pusher::Kind::of(channel) == pusher::Kind::Presence {
             let stats = self.registry.presence_stats(self.presence_on()?, &topic).await.map_err(|e| Error::unavailable(format!("presence unavailable; retry: {}", e.reason)))?;
-            return Ok(serde_json::json!({ "occupied": stats.connections > 0, "user_count": stats.members, "subscription_count": stats.connections }).to_string());
-        }
-        if user_count {
-            return Err(Error::bad_request("info=user_count is only for presence channels"));
+            return Ok(ChannelState { occupied: stats.connections > 0, users: Some(stats.members), subscriptions: Some(stats.connections) });
         }
         let (occupied, subscriptions) = self.registry.pusher_channel(&self.hub, &topic).await.map_err(|e| Error::unavailable(format!("channel unavailable; retry: {}", e.reason)))?;
-        let mut out = serde_json::json!({ "occupied": occupied });
-        if let (true, Some(n)) = (subscription_count, subscriptions) {
-            out["subscription_count"] = n.into();
-        }
-        Ok(out.to_string())
+        Ok(ChannelState { occupied, users: None, subscriptions })
     }
 
     /// `GET /apps/{id}/channels/{name}/users`: `{"users":[{"id":..}]}`, the first 1,000.
@@ -327,14 +421,10 @@ impl Api {
             if event.data.len() > self.max_message_bytes {
                 return Err(Error::new(Kind::PayloadTooLarge, format!("event data is {} bytes; the limit is {}", event.data.len(), self.max_message_bytes)));
             }
-            let mut channels: Vec<&str> = match (&event.channel, &event.channels) {
-                (Some(one), None) => vec![one.as_str()],
-                (None, Some(many)) if !many.is_empty() && many.len() <= MAX_CHANNELS => many.iter().map(String::as_str).collect(),
-                _ => return Err(Error::bad_request(format!("name the event's `channel`, or 1 to {MAX_CHANNELS} `channels`"))),
-            };
-            // A channel named twice gets the event once.
-            let mut seen = std::collections::HashSet::new();
-            channels.retain(|c| seen.insert(*c));
+            let channels = event.channels();
+            if channels.is_empty() || channels.len() > MAX_CHANNELS || (event.channel.is_some() && event.channels.is_some()) {
+                return Err(Error::bad_request(format!("name the event's `channel`, or 1 to {MAX_CHANNELS} `channels`")));
+            }
             for channel in &channels {
                 pusher::check_channel(channel).map_err(Error::bad_request)?;
             }

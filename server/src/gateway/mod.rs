@@ -37,6 +37,14 @@ use crate::wire::{self, Transport};
 /// stream: past it, the handshake is refused (503) rather than risk a gap.
 const WRITTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Why a Pusher connection is refused: the protocol's close code, the reason it is
+/// counted under, and what the client is told.
+struct PusherRefusal {
+    code: u16,
+    reason: RefuseReason,
+    message: String,
+}
+
 pub struct Gateway {
     pub admission: Arc<Admission>,
     pub history: History,
@@ -87,7 +95,7 @@ impl Gateway {
         let app = match transport {
             Transport::Pusher => match self.pusher_app(&head) {
                 Ok(app) => app,
-                Err((code, message)) => return self.refuse_pusher(&mut stream, &head, code, &message).await,
+                Err(refusal) => return self.refuse_pusher(&mut stream, &head, refusal).await,
             },
             _ => 0,
         };
@@ -176,38 +184,40 @@ impl Gateway {
         inbox.arrive(conn);
     }
 
-    /// The app a Pusher connection names (`/app/{key}?protocol=7`), or the close code and
-    /// message that refuse it.
-    fn pusher_app(&self, head: &Head) -> Result<u16, (u16, String)> {
+    /// The app a Pusher connection names (`/app/{key}?protocol=7`), or why it is refused.
+    fn pusher_app(&self, head: &Head) -> Result<u16, PusherRefusal> {
+        let refused = |code, reason, message| PusherRefusal { code, reason, message };
         let key = head.path.strip_prefix("/app/").unwrap_or_default();
         let apps = self.clients.pusher.as_deref().filter(|apps| !apps.is_empty());
         let Some((index, app)) = apps.and_then(|apps| apps.by_key(key)) else {
-            return Err((pusher::CLOSE_UNKNOWN_APP, format!("App key {key} does not exist")));
+            return Err(refused(pusher::CLOSE_UNKNOWN_APP, RefuseReason::Unauthorized, format!("App key {key} does not exist")));
         };
         if head.query("protocol") != Some(pusher::PROTOCOL) {
             let given = head.query("protocol").unwrap_or("(none)");
-            return Err((pusher::CLOSE_PROTOCOL, format!("Unsupported protocol version {given}: this server speaks 7")));
+            return Err(refused(pusher::CLOSE_PROTOCOL, RefuseReason::BadRequest, format!("Unsupported protocol version {given}: this server speaks 7")));
         }
         if let Some(origin) = head.header("origin").filter(|origin| !app.allows_origin(origin)) {
-            return Err((pusher::CLOSE_TERMINATED, format!("The origin {origin} is not allowed to connect to app {}", app.id)));
+            return Err(refused(pusher::CLOSE_TERMINATED, RefuseReason::Forbidden, format!("The origin {origin} is not allowed to connect to app {}", app.id)));
         }
         // Counted as connections register: a burst of handshakes may pass it by a few.
         if app.max_connections > 0 && self.metrics.pusher_connections(index) >= app.max_connections {
-            return Err((pusher::CLOSE_OVER_QUOTA, format!("Application {} is over its connection quota ({})", app.id, app.max_connections)));
+            let message = format!("Application {} is over its connection quota ({})", app.id, app.max_connections);
+            return Err(refused(pusher::CLOSE_OVER_QUOTA, RefuseReason::MaxConnections, message));
         }
         Ok(index)
     }
 
     /// Refuses a Pusher connection as the protocol does: the WebSocket is opened, told
-    /// `pusher:error` and closed with `code`, so the client knows not to come back.
-    async fn refuse_pusher(&self, stream: &mut Socket, head: &Head, code: u16, message: &str) {
-        self.metrics.refused(RefuseReason::BadRequest);
+    /// `pusher:error` and closed with the refusal's code, so the client knows not to come
+    /// back. A request that is no WebSocket upgrade is refused as that, once.
+    async fn refuse_pusher(&self, stream: &mut Socket, head: &Head, refusal: PusherRefusal) {
         if let Err(error) = ws::check_upgrade(head) {
             return self.refuse(stream, &error).await;
         }
+        self.metrics.refused(refusal.reason);
         let mut answer = ws::accept_response(head).into_bytes();
-        answer.extend_from_slice(&wire::ws::text(&pusher::error(Some(code), message)));
-        answer.extend_from_slice(&wire::ws::close(code, message));
+        answer.extend_from_slice(&wire::ws::text(&pusher::error(Some(refusal.code), &refusal.message)));
+        answer.extend_from_slice(&wire::ws::close(refusal.code, &refusal.message));
         http::write_and_close(stream, &answer).await;
     }
 
