@@ -167,6 +167,22 @@ test("the HTTP API refuses a wrong signature, a stale timestamp and a changed bo
     const changed = await send({ sentBody: body.replace("news", "other") });
     assert.equal(changed.status, 401);
     assert.match(changed.text, /body_md5/);
+
+    // An unsigned request is refused on its head: its body is never waited for, nor held
+    // against the node's budget for bodies being read.
+    const { connect } = await import("node:net");
+    const socket = connect(port, "127.0.0.1");
+    const answered = new Promise((resolve) => {
+      let text = "";
+      socket.on("data", (chunk) => (text += chunk));
+      socket.on("close", () => resolve(text));
+    });
+    socket.write(`POST /apps/${APP.appId}/events?auth_key=${APP.key} HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n{`);
+    const reading = async () => Number((await (await fetch(`${server.admin}/metrics`)).text()).match(/^pushline_publish_bytes_reading (\d+)/m)?.[1]);
+    const timeout = new Promise((_, reject) => setTimeout(() => reject(new Error("no answer before the body")), 3000));
+    const answer = await Promise.race([answered, timeout.catch(async (e) => { throw new Error(`${e.message}; bytes reading: ${await reading()}`); })]);
+    assert.match(answer, /^HTTP\/1.1 401/);
+    assert.equal(await reading(), 0);
   } finally {
     await server.stop();
   }
@@ -619,6 +635,37 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
     reader.disconnect();
     late.disconnect();
     await server.stop();
+  }
+});
+
+test("clients' events are kept in no history: however many, a cache channel still gives the application's last event, on one node and across two on Redis", async () => {
+  const redis = await startRedis(await freePort());
+  const settings = ["--history-size", "2", "--pusher-client-events"];
+  const alone = await pusherServer(settings);
+  const onRedis = ["--registry", "redis", "--redis-url", redis.url, ...settings];
+  const [a, b] = [await pusherServer(onRedis), await pusherServer(onRedis)];
+  const clients = [];
+  try {
+    for (const [name, first, second] of [["one node", alone, alone], ["two nodes", a, b]]) {
+      const talker = client(first.port, first.api);
+      const late = client(second.port, second.api);
+      clients.push(talker, late);
+      await Promise.all([connected(talker), connected(late)]);
+      await first.api.trigger("private-cache-room", "state", { topic: "weather" });
+      const room = talker.subscribe("private-cache-room");
+      assert.deepEqual(await once(room, "state"), { topic: "weather" }, name);
+      // More client events than the channel's history holds.
+      for (let n = 0; n < 5; n++) room.trigger("client-typing", { n });
+      const clientEvents = async () => Number((await (await fetch(`${first.server.admin}/metrics`)).text()).match(/^pushline_pusher_events_total\{app="42",source="client"\} (\d+)$/m)?.[1] ?? 0);
+      while ((await clientEvents()) < 5) await new Promise((resolve) => setTimeout(resolve, 10));
+      const cached = late.subscribe("private-cache-room");
+      const missed = once(cached, "pusher:cache_miss").then(() => "cache_miss", () => "none");
+      assert.deepEqual(await Promise.race([once(cached, "state"), missed]), { topic: "weather" }, `${name}: the application's last event`);
+    }
+  } finally {
+    clients.forEach((c) => c.disconnect());
+    await Promise.all([alone.server.stop(), a.server.stop(), b.server.stop()]);
+    await redis.stop();
   }
 });
 

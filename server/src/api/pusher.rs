@@ -152,8 +152,12 @@ fn no_endpoint(path: &str) -> Error {
     )
 }
 
-/// Checks a request's signature against `app`'s secret.
-fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body: &[u8]) -> Result<(), Error> {
+/// Checks a request's signature against `app`'s secret: all of it but the body, which
+/// the signature covers through the signed `body_md5` ([`verify_body`], once the body is
+/// read). So a request no one signed is refused on its head: reading the bodies of
+/// unsigned requests would let anyone who knows an app id hold the node's
+/// `--max-publish-bytes-in-flight`, and every publish with it.
+fn verify_head(app: &App, method: &str, path: &str, query: &[(String, String)]) -> Result<(), Error> {
     let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     if param("auth_key") != Some(app.key.as_str()) {
         return Err(unauthorized("auth_key is not this app's key"));
@@ -167,12 +171,6 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
         Some(t) => return Err(unauthorized(format!("Timestamp expired: auth_timestamp {t} is more than {MAX_SKEW} s from the server's time {now}"))),
         None => return Err(unauthorized("auth_timestamp is missing, or not Unix seconds")),
     }
-    if !body.is_empty() {
-        let md5 = crate::wire::hex(&Md5::digest(body));
-        if param("body_md5") != Some(md5.as_str()) {
-            return Err(unauthorized("body_md5 is not the MD5 of the body: the body was changed, or not signed"));
-        }
-    }
     let mut signed: Vec<(String, &str)> = query.iter().filter(|(k, _)| k != "auth_signature").map(|(k, v)| (k.to_ascii_lowercase(), v.as_str())).collect();
     signed.sort();
     let signed: Vec<String> = signed.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -180,6 +178,19 @@ fn verify(app: &App, method: &str, path: &str, query: &[(String, String)], body:
     match param("auth_signature") {
         Some(given) if pusher::verify(&app.secret, &signed, given) => Ok(()),
         _ => Err(unauthorized("Invalid signature: auth_signature is not HMAC-SHA256 of \"METHOD\\nPATH\\nsorted query\" with the app's secret")),
+    }
+}
+
+/// The body of a request whose head [`verify_head`] passed is the one signed: its MD5 is
+/// the signed `body_md5`.
+fn verify_body(query: &[(String, String)], body: &[u8]) -> Result<(), Error> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let md5 = crate::wire::hex(&Md5::digest(body));
+    match query.iter().find(|(k, _)| k == "body_md5") {
+        Some((_, given)) if *given == md5 => Ok(()),
+        _ => Err(unauthorized("body_md5 is not the MD5 of the body: the body was changed, or not signed")),
     }
 }
 
@@ -194,7 +205,7 @@ impl Api {
             if req.method() != hyper::Method::GET {
                 return Err(Error::new(Kind::MethodNotAllowed, "use GET"));
             }
-            verify(app, "GET", &path, &query, b"")?;
+            verify_head(app, "GET", &path, &query)?;
             let (user_count, subscription_count) = (info("user_count"), info("subscription_count"));
             let body = match endpoint.strip_prefix("channels/") {
                 None => {
@@ -234,7 +245,7 @@ impl Api {
     }
 
     /// The first checks of a Pusher `POST` on its path and query alone: the app exists,
-    /// the endpoint is one that takes a POST, the node is serving.
+    /// the endpoint is one that takes a POST, the node is serving, the request is signed.
     pub(super) fn admit_pusher(&self, path: &str, query: &str) -> Result<PusherPost<'_>, Error> {
         let (index, app, endpoint) = self.pusher_target(path)?;
         if !is_posted(endpoint) {
@@ -243,11 +254,13 @@ impl Api {
         self.pusher_post_head(index, app, path, crate::http::query_pairs(query)?)
     }
 
-    /// A POST to a posted endpoint of `app`, taken while the node is serving.
+    /// A POST to a posted endpoint of `app`, signed, taken while the node is serving; its
+    /// body is read only then.
     fn pusher_post_head<'a>(&self, index: u16, app: &'a App, path: &str, query: Vec<(String, String)>) -> Result<PusherPost<'a>, Error> {
         if !self.shutdown.is_serving() {
             return Err(Error::new(Kind::ShuttingDown, "this node is shutting down; send to another"));
         }
+        verify_head(app, "POST", path, &query)?;
         Ok(PusherPost { index, app, path: path.to_owned(), query })
     }
 
@@ -256,7 +269,7 @@ impl Api {
     pub(super) async fn pusher_post(&self, post: PusherPost<'_>, body: &[u8]) -> Result<super::Answer, Error> {
         let PusherPost { index, app, path, query } = post;
         self.not_closing()?;
-        verify(app, "POST", &path, &query, body)?;
+        verify_body(&query, body)?;
         let endpoint = path.trim_start_matches("/apps/").split_once('/').map_or("", |(_, endpoint)| endpoint);
         if let Some(user) = terminated_user(endpoint) {
             pusher::check_user_id(user).map_err(Error::bad_request)?;
@@ -491,10 +504,11 @@ mod tests {
         let signed = format!("POST\n/apps/3/events\nauth_key={}&auth_timestamp={now}&auth_version=1.0&body_md5={md5}", app.key);
         let signature = pusher::sign(&app.secret, signed.as_bytes());
         query.push(("auth_signature".to_owned(), signature));
-        assert!(verify(&app, "POST", "/apps/3/events", &query, body).is_ok());
+        assert!(verify_head(&app, "POST", "/apps/3/events", &query).is_ok());
+        assert!(verify_body(&query, body).is_ok());
         let changed = br#"{"name":"foo","channels":["project-4"],"data":"{\"some\":\"data\"}"}"#;
-        assert!(verify(&app, "POST", "/apps/3/events", &query, changed).unwrap_err().message.contains("body_md5"));
+        assert!(verify_body(&query, changed).unwrap_err().message.contains("body_md5"));
         query[1].1 = "1353088179".into();
-        assert!(verify(&app, "POST", "/apps/3/events", &query, body).unwrap_err().message.contains("Timestamp expired"));
+        assert!(verify_head(&app, "POST", "/apps/3/events", &query).unwrap_err().message.contains("Timestamp expired"));
     }
 }

@@ -106,10 +106,15 @@ impl Settings {
     }
 
     /// Whether messages of `stream` are numbered and kept.
+    /// Whether `stream` keeps history. `--history-off` names a Pusher channel by its name
+    /// (`cache-scores`, `cache-*`), as the application knows it, or by its topic.
     pub fn keeps(&self, stream: &Stream) -> bool {
         self.size > 0
             && match stream {
-                Stream::Topic(topic) => !self.off.allows(topic),
+                Stream::Topic(topic) => {
+                    let channel = crate::pusher::app_and_channel(topic).map(|(_, channel)| channel);
+                    !self.off.allows(topic) && !channel.is_some_and(|channel| self.off.allows(channel))
+                }
                 _ => true,
             }
     }
@@ -136,6 +141,19 @@ mod tests {
             let key = stream.key();
             assert_eq!(StreamKey::parse(&key.to_string()), Some(key));
         }
+    }
 
+    #[test]
+    fn history_off_names_a_pusher_channel_by_its_name_or_its_topic() {
+        let mut config = crate::config::Config::for_loopback();
+        config.history_off = vec!["cache-off*".into(), "typing.*".into(), "pusher:7:cache-x".into()];
+        let settings = Settings::from_config(&config);
+        let keeps = |topic: &str| settings.keeps(&Stream::Topic(topic.into()));
+        assert!(!keeps("pusher:1:cache-off-scores"), "by its name, in any app");
+        assert!(!keeps("pusher:7:cache-x"), "by its topic");
+        assert!(keeps("pusher:8:cache-x"), "a topic names one app's channel");
+        assert!(!keeps("typing.alice"));
+        assert!(keeps("pusher:1:cache-scores"));
+        assert!(keeps("news"));
     }
 }

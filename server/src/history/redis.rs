@@ -71,19 +71,21 @@ use crate::wire::{envelope_position, Message};
 /// the Redis run (`run_id`) the group's generation was set under: another run means the
 /// data may have come back from a snapshot or a replica, and the group takes a new
 /// generation (a restart or failover that lost nothing starts new epochs all the same).
-/// Returns `{0, record}` for a repeated idempotency key (the first request's fingerprint,
-/// then its message id, or its reply once known), else `{1, epoch, offset, sequence,
-/// reset, {subscribers per channel}}` (offset 0: not kept; reset `1` when this
-/// append found the group's history behind this node, `2` when under another Redis run),
-/// and when it located: `{node...}, {sessions...}` (the other nodes that hold the uid's
-/// live sessions, in the order of their channels, and how many each).
+/// Returns one string (an array's values each cost the node a parse and an allocation, a
+/// few microseconds a push): `0 RECORD` for a repeated idempotency key (the first
+/// request's fingerprint, then its message id, or its reply once known), else
+/// `1 EPOCH OFFSET SEQUENCE RESET HEARD` (offset 0: not kept, and the epoch empty; reset
+/// `1` when this append found the group's history behind this node, `2` when under
+/// another Redis run; HEARD the subscribers per channel, comma-separated), and when it
+/// located, ` NODES SESSIONS` (the other nodes that hold the uid's live sessions, in the
+/// order of their channels, and how many each; both comma-separated).
 pub const APPEND: &str = r#"
 local function redis_run()
   return string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
 end
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[4])
-  if first then return {0, first} end
+  if first then return '0 ' .. first end
 end
 local size = tonumber(ARGV[2])
 local keep = size > 0
@@ -203,10 +205,16 @@ end
 if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[4], ARGV[12], 'PX', ARGV[5])
 end
-if ARGV[16] == '' then
-  return {1, epoch, offset, seq, rolled, heard}
+local function ints(list)
+  local out = {}
+  for i, n in ipairs(list) do out[i] = string.format('%d', n) end
+  return table.concat(out, ',')
 end
-return {1, epoch, offset, seq, rolled, heard, reached, counts}
+local reply = string.format('1 %s %d %d %d %s', epoch, offset, seq, rolled, ints(heard))
+if ARGV[16] == '' then
+  return reply
+end
+return reply .. ' ' .. ints(reached) .. ' ' .. ints(counts)
 "#;
 
 /// The append script's argument (0-based) asking it to check the Redis run.
@@ -234,38 +242,39 @@ pub enum Appended {
 }
 
 impl Appended {
+    /// Reads the append script's reply (see [`APPEND`]).
     pub fn parse(value: Value) -> Option<Appended> {
-        let Value::Array(items) = value else { return None };
-        let text = |v: &Value| redis::from_redis_value_ref::<String>(v).ok();
-        let number = |v: &Value| redis::from_redis_value_ref::<u64>(v).ok();
-        match items.as_slice() {
-            [flag, first] if number(flag) == Some(0) => Some(Appended::Repeated(text(first)?)),
-            [flag, epoch, offset, sequence, reset, heard, located @ ..] if number(flag) == Some(1) => {
-                let numbers = |v: &Value| match v {
-                    Value::Array(items) => items.iter().map(number).collect::<Option<Vec<u64>>>(),
-                    _ => None,
-                };
-                let heard = numbers(heard)?.into_iter().map(|n| n as usize).collect();
-                let located = match located {
-                    [] => None,
-                    [nodes, sessions] => {
-                        let nodes = numbers(nodes)?.into_iter().map(|n| u16::try_from(n).ok());
-                        let sessions = numbers(sessions)?;
-                        Some(nodes.zip(sessions).map(|(node, n)| Some((node?, n as usize))).collect::<Option<Vec<_>>>()?)
-                    }
-                    _ => return None,
-                };
-                let offset = number(offset)?;
-                let epoch = if offset == 0 { 0 } else { super::parse_epoch(&text(epoch)?)? };
-                let reset = match number(reset)? {
-                    0 => None,
-                    1 => Some(EpochReset::Rollback),
-                    _ => Some(EpochReset::RedisRun),
-                };
-                Some(Appended::Published { epoch, offset, heard, sequence: number(sequence)?, reset, located })
-            }
-            _ => None,
+        let Value::BulkString(reply) = value else { return None };
+        let reply = std::str::from_utf8(&reply).ok()?;
+        if let Some(record) = reply.strip_prefix("0 ") {
+            return Some(Appended::Repeated(record.to_owned()));
         }
+        let numbers = |list: &str| -> Option<Vec<u64>> {
+            match list {
+                "" => Some(Vec::new()),
+                list => list.split(',').map(|n| n.parse().ok()).collect(),
+            }
+        };
+        let mut fields = reply.strip_prefix("1 ")?.split(' ');
+        let (epoch, offset, sequence, reset, heard) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+        let located = match (fields.next(), fields.next(), fields.next()) {
+            (None, None, None) => None,
+            (Some(nodes), Some(sessions), None) => {
+                let nodes = numbers(nodes)?.into_iter().map(|n| u16::try_from(n).ok());
+                Some(nodes.zip(numbers(sessions)?).map(|(node, n)| Some((node?, n as usize))).collect::<Option<Vec<_>>>()?)
+            }
+            _ => return None,
+        };
+        let offset = offset.parse().ok()?;
+        let epoch = if offset == 0 { 0 } else { super::parse_epoch(epoch)? };
+        let reset = match reset {
+            "0" => None,
+            "1" => Some(EpochReset::Rollback),
+            "2" => Some(EpochReset::RedisRun),
+            _ => return None,
+        };
+        let heard = numbers(heard)?.into_iter().map(|n| n as usize).collect();
+        Some(Appended::Published { epoch, offset, heard, sequence: sequence.parse().ok()?, reset, located })
     }
 }
 
@@ -408,10 +417,12 @@ impl RedisHistory {
     }
 
     /// The keys and arguments of one append: `envelope` without its closing brace,
-    /// `relay` the header each channel's message starts with.
+    /// `relay` the header each channel's message starts with; unless `keep`, the message
+    /// is published and not kept (see [`crate::wire::Draft::is_client_event`]).
     pub fn append_call(
         &self,
         stream: &Stream,
+        keep: bool,
         id: u64,
         envelope: &str,
         relay: &[u8],
@@ -423,7 +434,7 @@ impl RedisHistory {
         let group = stream.group();
         let group_key = format!("{}:h:{{g{group}}}:", self.prefix);
         let group_key = group_key.as_bytes();
-        let kept = if self.settings.keeps(stream) { self.settings.size } else { 0 };
+        let kept = if keep && self.settings.keeps(stream) { self.settings.size } else { 0 };
         let window = idempotency.map_or(0, |_| self.settings.idempotency_window.as_millis() as u64);
         let channels = match &route {
             Route::Channels(channels) => channels.iter().map(|c| c.len()).sum(),
@@ -597,18 +608,17 @@ mod tests {
 
     #[test]
     fn append_replies_parse() {
-        let ints = |ns: &[i64]| Value::Array(ns.iter().map(|n| Value::Int(*n)).collect());
-        let published = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(9), Value::Int(0), ints(&[2, 1])]);
-        assert_eq!(Appended::parse(published), Some(Appended::Published { epoch: 42, offset: 7, heard: vec![2, 1], sequence: 9, reset: None, located: None }));
-        let unkept = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(0), Value::Int(0), ints(&[2])]);
+        let reply = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        assert_eq!(Appended::parse(reply("1 0000002a 7 9 0 2,1")), Some(Appended::Published { epoch: 42, offset: 7, heard: vec![2, 1], sequence: 9, reset: None, located: None }));
+        let unkept = reply("1  0 0 0 2");
         assert_eq!(Appended::parse(unkept), Some(Appended::Published { epoch: 0, offset: 0, heard: vec![2], sequence: 0, reset: None, located: None }));
-        let located = Value::Array(vec![Value::Int(1), Value::BulkString(b"0000002a".to_vec()), Value::Int(7), Value::Int(9), Value::Int(0), ints(&[0, 1, 0]), ints(&[4, 9]), ints(&[3, 1])]);
         let found = Some(vec![(4, 3), (9, 1)]);
-        assert_eq!(Appended::parse(located), Some(Appended::Published { epoch: 42, offset: 7, heard: vec![0, 1, 0], sequence: 9, reset: None, located: found }));
-        let node_out_of_range = Value::Array(vec![Value::Int(1), Value::BulkString(Vec::new()), Value::Int(0), Value::Int(0), Value::Int(0), ints(&[2]), ints(&[70000]), ints(&[1])]);
-        assert_eq!(Appended::parse(node_out_of_range), None);
-        let repeated = Value::Array(vec![Value::Int(0), Value::BulkString(b"123".to_vec())]);
-        assert_eq!(Appended::parse(repeated), Some(Appended::Repeated("123".into())));
+        assert_eq!(Appended::parse(reply("1 0000002a 7 9 2 0,1,0 4,9 3,1")), Some(Appended::Published { epoch: 42, offset: 7, heard: vec![0, 1, 0], sequence: 9, reset: Some(EpochReset::RedisRun), located: found }));
+        let nowhere = reply("1 0000002a 7 9 0 1  ");
+        assert_eq!(Appended::parse(nowhere), Some(Appended::Published { epoch: 42, offset: 7, heard: vec![1], sequence: 9, reset: None, located: Some(Vec::new()) }));
+        assert_eq!(Appended::parse(reply("1  0 0 0 2 70000 1")), None, "a node id out of range");
+        assert_eq!(Appended::parse(reply("1 0000002a 7 9 3 2")), None, "an unknown reset");
+        assert_eq!(Appended::parse(reply("0 fingerprint|123")), Some(Appended::Repeated("fingerprint|123".into())));
         assert_eq!(Appended::parse(Value::Nil), None);
     }
 }

@@ -225,7 +225,10 @@ impl Registry {
                 let stream = Stream::Topic((*topic).into());
                 let _order = history.order(&stream).await;
                 let listened = hub.listened_within(topic, history.settings().ttl.as_millis() as u64) || crate::pusher::is_cache_topic(topic);
-                let msg = history.append(&stream, listened, draft.publisher, |position| draft.frame(position));
+                let msg = match draft.is_client_event() {
+                    true => draft.frame(None),
+                    false => history.append(&stream, listened, draft.publisher, |position| draft.frame(position)),
+                };
                 let delivered = hub.publish(topic, &msg).await;
                 Delivered { delivered, stored: msg.position.is_some() as usize, ..Delivered::default() }
             }
@@ -523,7 +526,7 @@ impl Nodes {
                         if locating {
                             let uid_key = self.keys.uid_arg(uid);
                             let route = Route::Locate { uid_key: &uid_key.0, node: self.node, epoch: self.epoch, here };
-                            calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay, job.key, route));
+                            calls.push(self.history.append_call(&stream, true, draft.id, &envelope, &relay, job.key, route));
                             streams.push((stream, Some(*uid)));
                             continue;
                         }
@@ -534,7 +537,7 @@ impl Nodes {
                             .chain(here.then_some(self.node))
                             .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
                             .collect();
-                        calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay, job.key, Route::Channels(&channels)));
+                        calls.push(self.history.append_call(&stream, true, draft.id, &envelope, &relay, job.key, Route::Channels(&channels)));
                         streams.push((stream, Some(*uid)));
                     }
                     self.awaited.expect(draft.id, local)
@@ -550,7 +553,8 @@ impl Nodes {
                         _ => Stream::Broadcast,
                     };
                     let channel = RedisHistory::fanout_channel(prefix, stream.group());
-                    calls.push(self.history.append_call(&stream, draft.id, &envelope, &relay(stream.group(), job.target.clone()), job.key, Route::Channels(&[channel])));
+                    let relay = relay(stream.group(), job.target.clone());
+                    calls.push(self.history.append_call(&stream, !draft.is_client_event(), draft.id, &envelope, &relay, job.key, Route::Channels(&[channel])));
                     streams.push((stream, None));
                     self.awaited.expect(draft.id, 1)
                 }

@@ -243,6 +243,13 @@ pub struct Draft<'a> {
 }
 
 impl Draft<'_> {
+    /// A Pusher client's `client-` event: kept in no history. No Pusher client reads one
+    /// back (a cache channel gives the application's last event), and kept, a client's
+    /// events would push the application's out of the channel's history, and the node's.
+    pub fn is_client_event(&self) -> bool {
+        self.pusher.is_some_and(|pusher| pusher.event.starts_with("client-"))
+    }
+
     pub fn frame(&self, position: Option<Position>) -> std::sync::Arc<Message> {
         let message = match self.pusher {
             None => Message::new(self.id, self.topic, self.data, position, self.accepted_at),
