@@ -631,6 +631,7 @@ test("cache channels give a new subscriber the last event, or pusher:cache_miss;
     ]);
     assert.deepEqual(await batch.json(), { batch: [{ subscription_count: 1 }, {}] });
     await assert.rejects(api.trigger("news", "tick", {}, { info: "everything" }), (e) => e.status === 400);
+    await assert.rejects(api.triggerBatch([]), (e) => e.status === 400, "an empty batch");
   } finally {
     reader.disconnect();
     late.disconnect();
@@ -723,6 +724,11 @@ client_events = true
     });
     subscribe(one, quiet, "private-a");
     await waitFor(one, (f) => f.event === "pusher_internal:subscription_succeeded");
+    // A subscription whose fields are not strings is refused on its channel, which the
+    // client can then stop waiting for.
+    one.ws.send(JSON.stringify({ event: "pusher:subscribe", data: { channel: "presence-x", auth: "k:1", channel_data: { user_id: "a" } } }));
+    const invalid = await waitFor(one, (f) => f.event === "pusher:subscription_error");
+    assert.equal(invalid.channel, "presence-x");
     one.ws.send(JSON.stringify({ event: "client-x", channel: "private-a", data: {} }));
     assert.match((await waitFor(one, (f) => f.event === "pusher:error")).data.message, /enable this feature/);
 

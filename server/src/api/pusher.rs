@@ -283,6 +283,9 @@ impl Api {
                     return Err(Error::bad_request("a batch is a JSON object: {\"batch\":[..]}"));
                 }
                 let batch = serde_json::from_slice::<Batch>(body).map_err(|e| Error::bad_request(format!("bad batch: {e}")))?.batch;
+                if batch.is_empty() {
+                    return Err(Error::bad_request(format!("a batch holds 1 to {MAX_BATCH} events; this one none")));
+                }
                 if batch.len() > MAX_BATCH {
                     return Err(Error::new(Kind::PayloadTooLarge, format!("a batch holds at most {MAX_BATCH} events; this one {}", batch.len())));
                 }

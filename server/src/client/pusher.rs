@@ -51,6 +51,12 @@ struct Frame<'a> {
     channel: Option<Cow<'a, str>>,
 }
 
+/// A subscription's channel alone, to refuse one whose other fields are not read.
+#[derive(Deserialize)]
+struct Channel {
+    channel: String,
+}
+
 #[derive(Deserialize)]
 struct Subscription {
     channel: String,
@@ -115,9 +121,14 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
         // past the connection's topics) must not count as commands a second, whose limit
         // closes the connection (pusher-js then reconnects and sends them all again).
         "pusher:subscribe" => {
-            let handled = match data_of::<Subscription>(frame.data) {
-                Some(subscription) => subscribe(conn, clients, app, subscription),
-                None => error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`"),
+            let handled = match (data_of::<Subscription>(frame.data), data_of::<Channel>(frame.data)) {
+                (Some(subscription), _) => subscribe(conn, clients, app, subscription),
+                // Refused on its channel, so the client's subscription ends rather than waits.
+                (None, Some(Channel { channel })) => {
+                    clients.metrics.client_error(ClientError::BadJson);
+                    subscription_error(&channel, "InvalidRequest", 400, "`auth` and `channel_data` are strings (`channel_data` a JSON string of {user_id, user_info})")
+                }
+                (None, None) => error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`"),
             };
             Ok(Handled { topic_changes: handled.topic_changes.max(1), ..handled })
         }
@@ -338,7 +349,9 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
                 // On Redis this node's own write may not be read back yet.
                 let mut count = page.count;
                 if !hash.contains_key(&user) {
-                    ids.push(user.clone());
+                    // In its place: the ids are listed by user id.
+                    let at = ids.binary_search(&user).unwrap_or_else(|at| at);
+                    ids.insert(at, user.clone());
                     hash.insert(user.clone(), own_info);
                     count = count.max(ids.len());
                 }
