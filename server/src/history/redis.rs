@@ -289,6 +289,34 @@ struct StreamRead {
     stale: bool,
 }
 
+/// `stream`'s key (`PREFIX:h:{gN}:u5:alice`, `...:t4:news`, `...:b`), and the length of
+/// its group's key prefix (`PREFIX:h:{gN}:`), which it starts with. Written without
+/// the formatting machinery: a push on Redis names its stream every time.
+fn stream_and_group_key(prefix: &str, stream: &Stream) -> (String, usize) {
+    let mut digits = itoa::Buffer::new();
+    let name = match stream {
+        Stream::Uid(uid) => Some(('u', uid)),
+        Stream::Topic(topic) => Some(('t', topic)),
+        Stream::Broadcast => None,
+    };
+    let mut key = String::with_capacity(prefix.len() + 32 + name.map_or(0, |(_, n)| n.len()));
+    key.push_str(&prefix);
+    key.push_str(":h:{g");
+    key.push_str(digits.format(stream.group()));
+    key.push_str("}:");
+    let group = key.len();
+    match name {
+        Some((kind, name)) => {
+            key.push(kind);
+            key.push_str(digits.format(name.len()));
+            key.push(':');
+            key.push_str(name);
+        }
+        None => key.push('b'),
+    }
+    (key, group)
+}
+
 /// One read of a stream that resumes arriving together share.
 #[derive(Default)]
 struct Flight {
@@ -341,12 +369,11 @@ impl RedisHistory {
 
     /// The key of a stream's entries; its other keys add a suffix.
     pub fn stream_key(&self, stream: &Stream) -> String {
-        let name = match stream {
-            Stream::Uid(uid) => format!("u{}:{uid}", uid.len()),
-            Stream::Topic(topic) => format!("t{}:{topic}", topic.len()),
-            Stream::Broadcast => "b".into(),
-        };
-        format!("{}:h:{{g{}}}:{name}", self.prefix, stream.group())
+        self.stream_and_group_key(stream).0
+    }
+
+    fn stream_and_group_key(&self, stream: &Stream) -> (String, usize) {
+        stream_and_group_key(&self.prefix, stream)
     }
 
     pub fn interest_key(&self, topic: &str) -> String {
@@ -429,11 +456,9 @@ impl RedisHistory {
         idempotency: Option<&Key>,
         route: Route<'_>,
     ) -> Invocation {
-        let key = self.stream_key(stream);
-        let key = key.as_bytes();
+        let (key, group_key) = self.stream_and_group_key(stream);
+        let (key, group_key) = (key.as_bytes(), &key.as_bytes()[..group_key]);
         let group = stream.group();
-        let group_key = format!("{}:h:{{g{group}}}:", self.prefix);
-        let group_key = group_key.as_bytes();
         let kept = if keep && self.settings.keeps(stream) { self.settings.size } else { 0 };
         let window = idempotency.map_or(0, |_| self.settings.idempotency_window.as_millis() as u64);
         let channels = match &route {
@@ -455,24 +480,24 @@ impl RedisHistory {
         // A Pusher cache channel keeps its last event for whoever subscribes next.
         let while_listened = matches!(stream, Stream::Topic(topic) if !crate::pusher::is_cache_topic(topic));
         let check_run = kept > 0 && self.check_run(group);
-        call.display(EpochText(new_epoch()))
-            .display(kept)
-            .display(self.settings.ttl.as_millis())
+        call.arg(&[&EpochText(new_epoch()).digits()])
+            .number(kept)
+            .number(self.settings.ttl.as_millis() as u64)
             .arg(&[if while_listened { b"1" } else { b"0" }])
-            .display(window)
-            .display(id)
-            .display(stream.key())
+            .number(window)
+            .number(id)
+            .arg_with(|bytes| stream.key().write_to(bytes))
             .arg(&[envelope.as_bytes()])
             .arg(&[relay])
             .arg(&[if self.redis.sharded() { b"SPUBLISH" } else { b"PUBLISH" }])
-            .display(crate::clock::wall_ms())
+            .number(crate::clock::wall_ms())
             .arg_with(|bytes| {
                 if let Some(k) = idempotency {
                     k.write_record(id, bytes);
                 }
             })
-            .display(self.seen[group as usize].load(Ordering::Relaxed))
-            .display(EpochText(new_epoch()))
+            .number(self.seen[group as usize].load(Ordering::Relaxed))
+            .arg(&[&EpochText(new_epoch()).digits()])
             .arg(&[if check_run { b"1" } else { b"0" }]);
         match route {
             Route::Channels(channels) => {
@@ -605,6 +630,20 @@ impl RedisHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_keys_are_written_as_before_their_numbers_left_the_formatting_machinery() {
+        for stream in [Stream::Uid("alice".into()), Stream::Topic("news.eu".into()), Stream::Broadcast, Stream::Uid("é:{x}".into())] {
+            let name = match &stream {
+                Stream::Uid(uid) => format!("u{}:{uid}", uid.len()),
+                Stream::Topic(topic) => format!("t{}:{topic}", topic.len()),
+                Stream::Broadcast => "b".into(),
+            };
+            let (key, group) = stream_and_group_key("pl", &stream);
+            assert_eq!(key, format!("pl:h:{{g{}}}:{name}", stream.group()));
+            assert_eq!(&key[..group], format!("pl:h:{{g{}}}:", stream.group()));
+        }
+    }
 
     #[test]
     fn append_replies_parse() {

@@ -146,7 +146,7 @@ impl Members {
                 for key in self.keys(topic, self.node, self.epoch) {
                     call.key(&[&key]);
                 }
-                call.arg(&[uid.as_bytes()]).display(connections).arg(&[info.as_ref().map_or(&b""[..], |i| i.get().as_bytes())]);
+                call.arg(&[uid.as_bytes()]).number(connections).arg(&[info.as_ref().map_or(&b""[..], |i| i.get().as_bytes())]);
                 infos.push(info);
                 call
             })

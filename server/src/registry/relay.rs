@@ -73,6 +73,17 @@ pub struct Relay<'a> {
 const SEQUENCE_DIGITS: usize = 20;
 /// Where the sequence field starts (0-based).
 const SEQUENCE_AT: usize = 1 + 2 + 8 + 8 + 1;
+
+/// `value` in [`SEQUENCE_DIGITS`] decimal digits, zero-padded (a u64 has at most 20):
+/// what `{:020}` writes, without the formatting machinery.
+fn decimal_digits(mut value: u64) -> [u8; SEQUENCE_DIGITS] {
+    let mut digits = [b'0'; SEQUENCE_DIGITS];
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    digits
+}
 const HEADER: usize = SEQUENCE_AT + SEQUENCE_DIGITS + 1 + 8;
 
 impl<'a> Relay<'a> {
@@ -92,7 +103,7 @@ impl<'a> Relay<'a> {
         out.extend_from_slice(&self.id.to_be_bytes());
         out.extend_from_slice(&self.published_ms.to_be_bytes());
         out.push(self.group);
-        out.extend_from_slice(format!("{:0width$}", self.sequence, width = SEQUENCE_DIGITS).as_bytes());
+        out.extend_from_slice(&decimal_digits(self.sequence));
         out.push(self.except.is_some() as u8);
         out.extend_from_slice(&self.except.unwrap_or(0).to_be_bytes());
         match &self.target {
@@ -472,6 +483,13 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sequence_is_twenty_zero_padded_digits() {
+        for value in [0, 7, 1234567890, u64::MAX] {
+            assert_eq!(decimal_digits(value), *format!("{value:020}").as_bytes());
+        }
+    }
 
     #[test]
     fn a_member_change_of_a_uid_with_escapes_is_read_back() {

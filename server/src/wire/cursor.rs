@@ -29,13 +29,39 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// `value`'s last `N` hex digits, lower case, zero-padded: what `{:0Nx}` writes, without
+/// the formatting machinery (a push on Redis writes several).
+pub fn hex_digits<const N: usize>(value: u64) -> [u8; N] {
+    let mut digits = [b'0'; N];
+    for (i, digit) in digits.iter_mut().rev().enumerate() {
+        *digit = b"0123456789abcdef"[((value >> (4 * i)) & 0xf) as usize];
+    }
+    digits
+}
+
+impl StreamKey {
+    /// Appends the key as cursors write it to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        match *self {
+            StreamKey::Uid(hash) => {
+                out.extend_from_slice(b"u.");
+                out.extend_from_slice(&hex_digits::<8>(hash.into()));
+            }
+            StreamKey::Topic(hash) => {
+                out.extend_from_slice(b"t.");
+                out.extend_from_slice(&hex_digits::<16>(hash));
+            }
+            StreamKey::Broadcast => out.push(b'b'),
+        }
+    }
+}
+
 impl fmt::Display for StreamKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StreamKey::Uid(hash) => write!(f, "u.{hash:08x}"),
-            StreamKey::Topic(hash) => write!(f, "t.{hash:016x}"),
-            StreamKey::Broadcast => f.write_str("b"),
-        }
+        let mut text = Vec::with_capacity(18);
+        self.write_to(&mut text);
+        // Only ASCII was written.
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -53,9 +79,15 @@ impl StreamKey {
 /// An epoch as envelopes and cursors write it, written in place.
 pub struct EpochText(pub u32);
 
+impl EpochText {
+    pub fn digits(&self) -> [u8; 8] {
+        hex_digits(self.0.into())
+    }
+}
+
 impl fmt::Display for EpochText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:08x}", self.0)
+        f.write_str(std::str::from_utf8(&self.digits()).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -158,6 +190,17 @@ mod tests {
         assert_eq!(StreamKey::parse("u.123"), None);
         assert_eq!(StreamKey::parse("x.12345678"), None);
         assert_eq!(parse_epoch(&epoch_text(0xdead_beef)), Some(0xdead_beef));
+    }
+
+    #[test]
+    fn hex_digits_are_what_formatting_writes() {
+        for value in [0, 1, 0xabc, 0xdead_beef, u64::MAX] {
+            assert_eq!(hex_digits::<16>(value), *format!("{value:016x}").as_bytes());
+            assert_eq!(hex_digits::<8>(value & 0xffff_ffff), *format!("{:08x}", value & 0xffff_ffff).as_bytes());
+        }
+        assert_eq!(StreamKey::Uid(0xab).to_string(), "u.000000ab");
+        assert_eq!(StreamKey::Topic(0xab).to_string(), "t.00000000000000ab");
+        assert_eq!(epoch_text(0xab), "000000ab");
     }
 
     #[test]
