@@ -1022,6 +1022,36 @@ mod nodes {
     /// replica; with the replica gone, 503 `not_replicated` within the timeout (published
     /// on the master all the same), and a retry with its key is not answered 200 either.
     #[tokio::test]
+    async fn a_key_reused_on_some_of_a_pushs_uids_publishes_nothing_and_its_retry_is_refused_alike() {
+        let redis = RedisServer::start();
+        let t = node(RegistryKind::Redis, vec![redis.url()]).await;
+        let (mut ann, _) = ws(t.client, "uid=ann").await;
+        let (mut bob, _) = ws(t.client, "uid=bob").await;
+        let send = |idem: Option<&'static str>, uids: Value| async move {
+            let mut request = reqwest::Client::new().post(format!("http://{}/v1/push", t.client)).body(json!({"uids": uids, "data": "x"}).to_string());
+            if let Some(idem) = idem {
+                request = request.header("Idempotency-Key", idem);
+            }
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), serde_json::from_str::<Value>(&response.text().await.unwrap()).unwrap())
+        };
+        let first = send(Some("k"), json!(["ann"])).await;
+        assert_eq!(first.0, 200, "{}", first.1);
+        assert_eq!(next_json(&mut ann).await["data"], "x");
+        // The key again, on ann's stream and a new one: refused whole, and so is its retry.
+        for attempt in ["first", "retry"] {
+            let (status, reply) = send(Some("k"), json!(["ann", "bob"])).await;
+            assert_eq!((status, reply["error"].as_str()), (422, Some("idempotency key reused with a different request")), "{attempt}");
+        }
+        assert_eq!(send(None, json!(["bob"])).await.0, 200);
+        let marker = next_json(&mut bob).await;
+        assert_eq!((marker["data"].as_str(), marker["offset"].as_u64()), (Some("x"), Some(1)), "bob got nothing before this push: {marker}");
+        // The first request's retry is still answered as the first.
+        let retry = send(Some("k"), json!(["ann"])).await;
+        assert_eq!((retry.0, &retry.1["id"]), (200, &first.1["id"]), "{}", retry.1);
+    }
+
+    #[tokio::test]
     async fn a_publish_that_did_not_reach_its_replicas_is_answered_503() {
         let master = RedisServer::start();
         let replica_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -1061,6 +1091,7 @@ mod nodes {
         assert_eq!(next_json(&mut client).await["data"], 2, "published on the master all the same");
         let (status, retry) = send(2).await;
         assert_eq!(status, 503, "a retry is not durable either: {retry}");
+        assert_eq!(retry["id"], reply["id"], "the retry names the message its key published");
         assert_eq!(metric(&metrics(t.admin).await, "pushline_publishes_not_replicated_total"), 2.0);
     }
 

@@ -669,11 +669,12 @@ impl Api {
             }
             Ok(Published::InProgress) => Err(Error::new(Kind::Conflict, "a request with this Idempotency-Key is being handled; retry").into()),
             Ok(Published::Mismatch) => Err(Error::new(Kind::Unprocessable, "idempotency key reused with a different request").into()),
-            Ok(Published::NotReplicated { acked, wanted }) => Err(Failed {
+            // A retry names the message its key published.
+            Ok(Published::NotReplicated { acked, wanted, first }) => Err(Failed {
                 error: Error::unavailable(format!(
                     "not_replicated: published, but its write reached {acked} of the {wanted} Redis replicas --history-min-replicas asks for in time, so it may not survive a failover; retry with the same Idempotency-Key (nothing is published twice)"
                 )),
-                id: Some(id),
+                id: Some(first.unwrap_or(id)),
             }),
             Err(e) => Err(Failed { error: unavailable(e), id: Some(id) }),
         }

@@ -186,7 +186,7 @@ impl Sending {
                 }
                 None
             }
-            Some(Ok(Published::NotReplicated { acked, wanted })) => Some(format!(
+            Some(Ok(Published::NotReplicated { acked, wanted, .. })) => Some(format!(
                 "not_replicated: published, but its write reached {acked} of the {wanted} Redis replicas asked for in time, so it may not survive a failover"
             )),
             Some(Err(e)) => Some(format!("registry unavailable: the message may not have reached every subscriber: {}", e.reason)),

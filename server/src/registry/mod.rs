@@ -82,8 +82,9 @@ pub enum Published<'a> {
     /// The idempotency key was used with another request (route or body).
     Mismatch,
     /// Published, but its write reached `acked` of the `wanted` replicas within the
-    /// timeout (`--history-min-replicas`): it may not survive a failover.
-    NotReplicated { acked: usize, wanted: usize },
+    /// timeout (`--history-min-replicas`): it may not survive a failover. `first`: the id
+    /// of the message a retry's key had published (the one to tell the publisher).
+    NotReplicated { acked: usize, wanted: usize, first: Option<u64> },
 }
 
 /// Where the reply to a publish with an idempotency key is kept for its retries.
@@ -505,11 +506,19 @@ impl Nodes {
                 Err(e) => return jobs.iter().map(|_| Err(self.unavailable(&e))).collect(),
             }
         };
+        let refused = match self.reused_keys(jobs).await {
+            Ok(refused) => refused,
+            Err(e) => return jobs.iter().map(|_| Err(self.unavailable(&e))).collect(),
+        };
         let prefix = self.keys.prefix();
         let mut calls = Vec::new();
         // Per job: its streams with the channels each was published to, and its wait.
         let mut planned = Vec::with_capacity(jobs.len());
-        for job in jobs {
+        for (job, refused) in jobs.iter().zip(&refused) {
+            if *refused {
+                planned.push((Vec::new(), None));
+                continue;
+            }
             let draft = &job.draft;
             let published_ms = published_ms(draft);
             let envelope = draft.open_envelope();
@@ -561,7 +570,12 @@ impl Nodes {
             };
             planned.push((streams, own));
         }
-        let mut appended = match self.redis.scripts(RedisCommand::Append, self.history.script(), &calls).await {
+        let appended = match calls.is_empty() {
+            // Every job was refused: nothing to append.
+            true => Ok(Vec::new()),
+            false => self.redis.scripts(RedisCommand::Append, self.history.script(), &calls).await,
+        };
+        let mut appended = match appended {
             Ok(appended) => appended.into_iter(),
             Err(e) => {
                 jobs.iter().for_each(|job| self.awaited.forget(job.draft.id));
@@ -569,7 +583,11 @@ impl Nodes {
             }
         };
         let mut answers = Vec::with_capacity(jobs.len());
-        for (job, (streams, own)) in jobs.iter().zip(planned) {
+        for ((job, (streams, own)), refused) in jobs.iter().zip(planned).zip(refused) {
+            if refused {
+                answers.push(Ok(Published::Mismatch));
+                continue;
+            }
             let (id, key, kind) = (job.draft.id, job.key, job.target.kind());
             let mut result = Delivered::default();
             let (mut repeated, mut remembered, mut mismatched, mut published) = (Vec::new(), Vec::new(), false, false);
@@ -643,6 +661,42 @@ impl Nodes {
             answers.push(Ok(Published::Delivered(result, remember)));
         }
         answers
+    }
+
+    /// Per job: whether its idempotency key was used by another request on any of its
+    /// streams. The append script checks the key of each stream as it appends, so a
+    /// request reusing a key on some of its streams would publish to the others, and a
+    /// retry of it would then be refused; read first, such a request is refused whole,
+    /// before anything is published. One round trip, for requests with keys only.
+    async fn reused_keys(&self, jobs: &[Job<'_>]) -> ::redis::RedisResult<Vec<bool>> {
+        let streams = |job: &Job<'_>| -> Vec<Stream> {
+            match &job.target {
+                Target::Uids(uids) => uids.iter().map(|uid| Stream::Uid((*uid).into())).collect(),
+                Target::Topic(topic) => vec![Stream::Topic((*topic).into())],
+                Target::Everyone => vec![Stream::Broadcast],
+                Target::Members(_) => Vec::new(),
+            }
+        };
+        let mut asked = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            if let Some(key) = job.key {
+                for stream in streams(job) {
+                    asked.push((i, ::redis::cmd("GET").arg(self.history.idempotency_key(&stream, &key.scoped)).clone()));
+                }
+            }
+        }
+        let mut refused = vec![false; jobs.len()];
+        if asked.is_empty() {
+            return Ok(refused);
+        }
+        let (owners, cmds): (Vec<usize>, Vec<Cmd>) = asked.into_iter().unzip();
+        let records = self.redis.batch(RedisCommand::Get, cmds).await?;
+        for (i, record) in owners.into_iter().zip(records) {
+            if let Ok(Some(record)) = ::redis::from_redis_value::<Option<String>>(record) {
+                refused[i] |= read_record(jobs[i].key, &record).is_none();
+            }
+        }
+        Ok(refused)
     }
 
     /// Where each uid's sessions on other live nodes are: uid -> each node and its sessions.
@@ -726,7 +780,11 @@ impl Nodes {
                 Ok(acked) if *acked >= wanted => answer,
                 Ok(acked) => {
                     self.metrics.not_replicated.increment(1);
-                    Ok(Published::NotReplicated { acked: *acked, wanted })
+                    let first = match &answer {
+                        Ok(Published::Repeated(reply)) => first_id(reply),
+                        _ => None,
+                    };
+                    Ok(Published::NotReplicated { acked: *acked, wanted, first })
                 }
                 Err(e) => Err(self.unavailable(e)),
             })
@@ -814,6 +872,11 @@ fn first_reply(id: u64, repeated: &[String]) -> String {
         Some(reply) => reply.clone(),
         None => serde_json::json!({ "id": repeated.first().cloned().unwrap_or_else(|| id.to_string()), "repeated": true }).to_string(),
     }
+}
+
+/// The message id of a repeated key's reply ([`first_reply`]).
+fn first_id(reply: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(reply).ok()?.get("id")?.as_str()?.parse().ok()
 }
 
 /// Session id -> epoch pairs of an HGETALL answer; entries that do not parse are skipped.
