@@ -286,8 +286,10 @@ impl Server {
             sse_keepalive: config.sse_keepalive,
             slow_consumer_timeout: config.slow_consumer_timeout,
             refresh_grace: config.token_refresh_grace,
+            // At most half the idle timeout: below 2 s the whole seconds clients are told
+            // round up to all of it.
             pusher_activity: match pusher.is_some() {
-                true => Duration::from_secs(crate::pusher::activity_timeout(config.idle_timeout).into()),
+                true => Duration::from_secs(crate::pusher::activity_timeout(config.idle_timeout).into()).min(config.idle_timeout / 2),
                 false => Duration::ZERO,
             },
         };

@@ -168,6 +168,15 @@ test("the HTTP API refuses a wrong signature, a stale timestamp and a changed bo
     assert.equal(changed.status, 401);
     assert.match(changed.text, /body_md5/);
 
+    // A user id percent-encoded in the path, as some libraries send it, is the id.
+    const terminate = async (user) => {
+      const path = `/apps/${APP.appId}/users/${user}/terminate_connections`;
+      const query = `auth_key=${APP.key}&auth_timestamp=${Math.floor(Date.now() / 1000)}&auth_version=1.0`;
+      const signature = createHmac("sha256", APP.secret).update(`POST\n${path}\n${query}`).digest("hex");
+      return (await fetch(`http://127.0.0.1:${port}${path}?${query}&auth_signature=${signature}`, { method: "POST" })).status;
+    };
+    assert.deepEqual([await terminate("al@ice"), await terminate(encodeURIComponent("al@ice;x=1"))], [200, 200]);
+
     // An unsigned request is refused on its head: its body is never waited for, nor held
     // against the node's budget for bodies being read.
     const { connect } = await import("node:net");
@@ -261,6 +270,26 @@ test("pusher-js keeps its connection when channels are refused, is pinged on a b
   } finally {
     refused.disconnect();
     other.disconnect();
+    await server.stop();
+  }
+});
+
+test("below 2 s of --idle-timeout a busy pusher-js client is still pinged in time", async () => {
+  const { server, port, api } = await pusherServer(["--idle-timeout", "1s"]);
+  const pusher = client(port, api);
+  const states = [];
+  pusher.connection.bind("state_change", ({ current }) => states.push(current));
+  try {
+    await connected(pusher);
+    await once(pusher.subscribe("busy"), "pusher:subscription_succeeded");
+    const started = Date.now();
+    for (let n = 0; Date.now() - started < 3000; n++) {
+      await api.trigger("busy", "tick", { n });
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    assert.deepEqual(states.filter((s) => s !== "connecting"), ["connected"], `no reconnect; states: ${states}`);
+  } finally {
+    pusher.disconnect();
     await server.stop();
   }
 });

@@ -272,8 +272,11 @@ impl Api {
         verify_body(&query, body)?;
         let endpoint = path.trim_start_matches("/apps/").split_once('/').map_or("", |(_, endpoint)| endpoint);
         if let Some(user) = terminated_user(endpoint) {
-            pusher::check_user_id(user).map_err(Error::bad_request)?;
-            self.terminate(app, user).await?;
+            // Some libraries percent-encode the id in the path (`@`, `,`, `;`, `=` are in
+            // the user id alphabet), others send it as it is; `%` is not in it.
+            let user = percent_encoding::percent_decode_str(user).decode_utf8().map_err(|_| Error::bad_request("the user id is not UTF-8 once percent-decoded"))?;
+            pusher::check_user_id(&user).map_err(Error::bad_request)?;
+            self.terminate(app, &user).await?;
             return Ok(super::Answer::ok("{}".into()));
         }
         let events = match endpoint {
