@@ -55,6 +55,23 @@ function connected(pusher) {
   });
 }
 
+/** The states `pusher` goes through from now on. */
+function statesOf(pusher) {
+  const states = [];
+  pusher.connection.bind("state_change", ({ current }) => states.push(current));
+  return states;
+}
+
+/** Triggers `tick` on `channel` every `every` ms for `ms`: a channel busy enough that its
+ * pusher-js clients, hearing it, never ping on their own. */
+async function keepBusy(api, channel, ms, every) {
+  const started = Date.now();
+  for (let n = 0; Date.now() - started < ms; n++) {
+    await api.trigger(channel, "tick", { n });
+    await new Promise((resolve) => setTimeout(resolve, every));
+  }
+}
+
 test("pusher-js receives what the pusher library triggers on a public channel, once each", async () => {
   const { server, port, api } = await pusherServer();
   const pusher = client(port, api);
@@ -200,8 +217,7 @@ test("the HTTP API refuses a wrong signature, a stale timestamp and a changed bo
 test("pusher-js subscribing 25 channels at once stays connected; activity_timeout follows --idle-timeout; the native API cannot reach Pusher clients", async () => {
   const { server, port, api } = await pusherServer(["--idle-timeout", "20s"]);
   const pusher = client(port, api);
-  const states = [];
-  pusher.connection.bind("state_change", ({ current }) => states.push(current));
+  const states = statesOf(pusher);
   try {
     const socketId = await connected(pusher);
     assert.equal(pusher.connection.activityTimeout, 10000, "half of --idle-timeout, so its pings come in time");
@@ -237,8 +253,7 @@ test("pusher-js keeps its connection when channels are refused, is pinged on a b
     channelAuthorization: { customHandler: (_, callback) => callback(null, { auth: `${APP.key}:${"0".repeat(64)}` }) },
   });
   const other = client(port, api);
-  const states = [];
-  refused.connection.bind("state_change", ({ current }) => states.push(current));
+  const states = statesOf(refused);
   const heard = { refused: [], other: [] };
   refused.connection.bind("message", (m) => heard.refused.push(m.event));
   other.connection.bind("message", (m) => heard.other.push(m.event));
@@ -250,14 +265,9 @@ test("pusher-js keeps its connection when channels are refused, is pinged on a b
     const busy = [refused.subscribe("busy"), other.subscribe("busy")];
     await Promise.all(busy.map((c) => once(c, "pusher:subscription_succeeded")));
 
-    // Events every 250 ms for 6 s: pusher-js hears them, so it never pings on its own.
     let got = 0;
     busy[0].bind("tick", () => got++);
-    const started = Date.now();
-    for (let n = 0; Date.now() - started < 6000; n++) {
-      await api.trigger("busy", "tick", { n });
-      await new Promise((resolve) => setTimeout(resolve, 250));
-    }
+    await keepBusy(api, "busy", 6000, 250);
     await new Promise((resolve) => setTimeout(resolve, 300));
     assert.deepEqual(states.filter((s) => s !== "connecting"), ["connected"], `no reconnect; states: ${states}`);
     assert.ok(heard.refused.includes("pusher:ping"), "the server pinged the client it heard nothing from");
@@ -277,16 +287,11 @@ test("pusher-js keeps its connection when channels are refused, is pinged on a b
 test("below 2 s of --idle-timeout a busy pusher-js client is still pinged in time", async () => {
   const { server, port, api } = await pusherServer(["--idle-timeout", "1s"]);
   const pusher = client(port, api);
-  const states = [];
-  pusher.connection.bind("state_change", ({ current }) => states.push(current));
+  const states = statesOf(pusher);
   try {
     await connected(pusher);
     await once(pusher.subscribe("busy"), "pusher:subscription_succeeded");
-    const started = Date.now();
-    for (let n = 0; Date.now() - started < 3000; n++) {
-      await api.trigger("busy", "tick", { n });
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
+    await keepBusy(api, "busy", 3000, 100);
     assert.deepEqual(states.filter((s) => s !== "connecting"), ["connected"], `no reconnect; states: ${states}`);
   } finally {
     pusher.disconnect();
