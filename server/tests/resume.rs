@@ -1022,7 +1022,7 @@ mod nodes {
     /// replica; with the replica gone, 503 `not_replicated` within the timeout (published
     /// on the master all the same), and a retry with its key is not answered 200 either.
     #[tokio::test]
-    async fn a_key_reused_on_some_of_a_pushs_uids_publishes_nothing_and_its_retry_is_refused_alike() {
+    async fn a_key_reused_by_another_request_publishes_nothing_and_its_retry_is_refused_alike() {
         let redis = RedisServer::start();
         let t = node(RegistryKind::Redis, vec![redis.url()]).await;
         let (mut ann, _) = ws(t.client, "uid=ann").await;
@@ -1049,6 +1049,9 @@ mod nodes {
         // The first request's retry is still answered as the first.
         let retry = send(Some("k"), json!(["ann"])).await;
         assert_eq!((retry.0, &retry.1["id"]), (200, &first.1["id"]), "{}", retry.1);
+        // Nor may another request use the key on streams of its own.
+        let elsewhere = send(Some("k"), json!(["cy"])).await;
+        assert_eq!(elsewhere.0, 422, "{}", elsewhere.1);
     }
 
     #[tokio::test]
@@ -1092,7 +1095,10 @@ mod nodes {
         let (status, retry) = send(2).await;
         assert_eq!(status, 503, "a retry is not durable either: {retry}");
         assert_eq!(retry["id"], reply["id"], "the retry names the message its key published");
-        assert_eq!(metric(&metrics(t.admin).await, "pushline_publishes_not_replicated_total"), 2.0);
+        let unkeyed = reqwest::Client::new().post(format!("http://{}/v1/publish", t.client)).body(json!({"topic": "t", "data": 3}).to_string()).send().await.unwrap();
+        assert_eq!(unkeyed.status(), 503);
+        assert!(unkeyed.text().await.unwrap().contains("a retry publishes it again"), "a request without a key is not told a retry is safe");
+        assert_eq!(metric(&metrics(t.admin).await, "pushline_publishes_not_replicated_total"), 3.0);
     }
 
     #[tokio::test]

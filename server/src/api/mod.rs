@@ -672,7 +672,11 @@ impl Api {
             // A retry names the message its key published.
             Ok(Published::NotReplicated { acked, wanted, first }) => Err(Failed {
                 error: Error::unavailable(format!(
-                    "not_replicated: published, but its write reached {acked} of the {wanted} Redis replicas --history-min-replicas asks for in time, so it may not survive a failover; retry with the same Idempotency-Key (nothing is published twice)"
+                    "not_replicated: published, but its write reached {acked} of the {wanted} Redis replicas --history-min-replicas asks for in time, so it may not survive a failover; {}",
+                    match checked.key {
+                        Some(_) => "retry with the same Idempotency-Key (nothing is published twice)",
+                        None => "a retry publishes it again: send an Idempotency-Key to retry safely",
+                    }
                 )),
                 id: Some(first.unwrap_or(id)),
             }),

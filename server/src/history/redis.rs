@@ -12,7 +12,9 @@
 //! Every one expires: the stream and its hash `--history-ttl` after the last message, the
 //! interest key `--history-ttl` after its last subscriber left, the idempotency key
 //! after `--idempotency-window`. `P:h:{gN}:born` holds when the group's history began
-//! (a flushed Redis begins again), refreshed at each node start.
+//! (a flushed Redis begins again), refreshed at each node start. Outside the streams,
+//! `P:k:<key>` holds the fingerprint of the request that used an idempotency key first,
+//! for `--idempotency-window`.
 //!
 //! [`APPEND`] gives a message its offset, keeps it and publishes it, in one script on the
 //! stream's shard, onto channels in the same slot: every node receives a stream's
@@ -511,6 +513,12 @@ impl RedisHistory {
             }
         }
         call
+    }
+
+    /// Where an idempotency key (`scoped`: its holder's) is claimed for the request that
+    /// used it first, for the key's window.
+    pub fn request_key(&self, scoped: &str) -> String {
+        format!("{}:k:{scoped}", self.prefix)
     }
 
     /// The idempotency keys of streams that kept a repeated key's reply.

@@ -663,12 +663,21 @@ impl Nodes {
         answers
     }
 
-    /// Per job: whether its idempotency key was used by another request on any of its
-    /// streams. The append script checks the key of each stream as it appends, so a
-    /// request reusing a key on some of its streams would publish to the others, and a
-    /// retry of it would then be refused; read first, such a request is refused whole,
-    /// before anything is published. One round trip, for requests with keys only.
+    /// Per job: whether its idempotency key was used by another request. The append
+    /// script checks the key of each stream as it appends, which alone would let a request
+    /// reusing a key publish to the streams the first did not take (and have its retry
+    /// refused), or on streams of its own. So first, in one round trip, a keyed job claims
+    /// its key for its request (`SET NX` of the request's fingerprint, for the key's
+    /// window) and reads each stream's record: a key claimed by another request, or
+    /// recorded on one of its streams by another, refuses the job whole, before anything is
+    /// published. Of two different requests sent at once with one key, one claims it.
     async fn reused_keys(&self, jobs: &[Job<'_>]) -> ::redis::RedisResult<Vec<bool>> {
+        /// What each command of the round trip asks.
+        enum Check {
+            Claim,
+            Claimed,
+            Stream,
+        }
         let streams = |job: &Job<'_>| -> Vec<Stream> {
             match &job.target {
                 Target::Uids(uids) => uids.iter().map(|uid| Stream::Uid((*uid).into())).collect(),
@@ -677,11 +686,15 @@ impl Nodes {
                 Target::Members(_) => Vec::new(),
             }
         };
+        let window = self.history.settings().idempotency_window.as_millis().max(1) as u64;
         let mut asked = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             if let Some(key) = job.key {
+                let claim = self.history.request_key(&key.scoped);
+                asked.push((i, Check::Claim, ::redis::cmd("SET").arg(&claim).arg(&key.fingerprint).arg("NX").arg("PX").arg(window).clone()));
+                asked.push((i, Check::Claimed, ::redis::cmd("GET").arg(&claim).clone()));
                 for stream in streams(job) {
-                    asked.push((i, ::redis::cmd("GET").arg(self.history.idempotency_key(&stream, &key.scoped)).clone()));
+                    asked.push((i, Check::Stream, ::redis::cmd("GET").arg(self.history.idempotency_key(&stream, &key.scoped)).clone()));
                 }
             }
         }
@@ -689,12 +702,17 @@ impl Nodes {
         if asked.is_empty() {
             return Ok(refused);
         }
-        let (owners, cmds): (Vec<usize>, Vec<Cmd>) = asked.into_iter().unzip();
+        let (checks, cmds): (Vec<(usize, Check)>, Vec<Cmd>) = asked.into_iter().map(|(i, check, cmd)| ((i, check), cmd)).unzip();
         let records = self.redis.batch(RedisCommand::Get, cmds).await?;
-        for (i, record) in owners.into_iter().zip(records) {
-            if let Ok(Some(record)) = ::redis::from_redis_value::<Option<String>>(record) {
-                refused[i] |= read_record(jobs[i].key, &record).is_none();
-            }
+        for ((i, check), record) in checks.into_iter().zip(records) {
+            let (Some(key), Ok(Some(record))) = (jobs[i].key, ::redis::from_redis_value::<Option<String>>(record)) else { continue };
+            refused[i] |= match check {
+                Check::Claim => false,
+                // On a Cluster the claim and its read may run in either order: nothing
+                // read is no other request's claim either.
+                Check::Claimed => record != key.fingerprint,
+                Check::Stream => key.read(&record).is_none(),
+            };
         }
         Ok(refused)
     }
