@@ -1052,6 +1052,19 @@ mod nodes {
         // Nor may another request use the key on streams of its own.
         let elsewhere = send(Some("k"), json!(["cy"])).await;
         assert_eq!(elsewhere.0, 422, "{}", elsewhere.1);
+
+        // A request cut short: ann's stream took it, bob's record is gone as if its append
+        // never ran. Its retry publishes to bob under the first id, and says it repeats.
+        let both = send(Some("k2"), json!(["ann", "bob"])).await;
+        assert_eq!(both.0, 200, "{}", both.1);
+        assert_eq!(next_json(&mut ann).await["id"], both.1["id"]);
+        assert_eq!(next_json(&mut bob).await["id"], both.1["id"]);
+        let records = redis.cli(&["KEYS", "*:u3:bob:k:*k2"]);
+        let record = records.lines().next().expect("bob's record of k2");
+        redis.cli(&["DEL", record]);
+        let (status, retry) = send(Some("k2"), json!(["ann", "bob"])).await;
+        assert_eq!((status, &retry["id"], retry["repeated"].as_bool(), retry["stored"].as_u64()), (200, &both.1["id"], Some(true), Some(1)), "{retry}");
+        assert_eq!(next_json(&mut bob).await["id"], both.1["id"], "bob's stream took it under the first id");
     }
 
     #[tokio::test]

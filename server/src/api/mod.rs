@@ -424,6 +424,10 @@ struct Reached {
     delivered: usize,
     nodes: usize,
     stored: usize,
+    /// A retry that published what its key's first request had not (see
+    /// [`crate::registry::Delivered::first`]): its id is the first's, its counts its own.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    repeated: bool,
 }
 
 /// A publish that was not made: the body of its error answer, or its entry in a batch's
@@ -658,7 +662,8 @@ impl Api {
                 let kind = checked.target.kind();
                 self.metrics.published(kind);
                 let online = (kind == PublishKind::Push).then_some(delivered.online);
-                let reached = Reached { id, online, delivered: delivered.delivered, nodes: delivered.nodes, stored: delivered.stored };
+                let id = delivered.first.unwrap_or(id);
+                let reached = Reached { id, online, delivered: delivered.delivered, nodes: delivered.nodes, stored: delivered.stored, repeated: delivered.first.is_some() };
                 let body = serde_json::to_string(&reached).map_err(|e| Error::new(Kind::Internal, format!("could not write the answer: {e}")))?;
                 remember.reply(&body);
                 Ok(body)

@@ -13,7 +13,7 @@
 //! interest key `--history-ttl` after its last subscriber left, the idempotency key
 //! after `--idempotency-window`. `P:h:{gN}:born` holds when the group's history began
 //! (a flushed Redis begins again), refreshed at each node start. Outside the streams,
-//! `P:k:<key>` holds the fingerprint of the request that used an idempotency key first,
+//! `P:k:<key>` holds the fingerprint and message id of the request that used an idempotency key first,
 //! for `--idempotency-window`.
 //!
 //! [`APPEND`] gives a message its offset, keeps it and publishes it, in one script on the

@@ -68,6 +68,19 @@ pub struct Delivered {
     pub nodes: usize,
     /// Streams that kept the message in their history (for a push, one per uid).
     pub stored: usize,
+    /// The first request's message id, when this retry of its idempotency key published
+    /// what it had not (it was cut short, or is under way): the counts are this retry's.
+    pub first: Option<u64>,
+}
+
+/// What a keyed publish's claim of its idempotency key on Redis said ([`Nodes::claims`]).
+enum KeyClaim {
+    /// Unkeyed, or claimed now by this request.
+    Ours,
+    /// Claimed by another request, or used by one on a stream of this request.
+    Refused,
+    /// Claimed by this request before, under the message id it holds.
+    Retry(u64),
 }
 
 /// The answer to a publish.
@@ -506,20 +519,27 @@ impl Nodes {
                 Err(e) => return jobs.iter().map(|_| Err(self.unavailable(&e))).collect(),
             }
         };
-        let refused = match self.reused_keys(jobs).await {
-            Ok(refused) => refused,
+        let claims = match self.claims(jobs).await {
+            Ok(claims) => claims,
             Err(e) => return jobs.iter().map(|_| Err(self.unavailable(&e))).collect(),
         };
         let prefix = self.keys.prefix();
         let mut calls = Vec::new();
         // Per job: its streams with the channels each was published to, and its wait.
         let mut planned = Vec::with_capacity(jobs.len());
-        for (job, refused) in jobs.iter().zip(&refused) {
-            if *refused {
-                planned.push((Vec::new(), None));
-                continue;
-            }
-            let draft = &job.draft;
+        for (job, claim) in jobs.iter().zip(&claims) {
+            let retried;
+            let draft = match claim {
+                KeyClaim::Refused => {
+                    planned.push((Vec::new(), None));
+                    continue;
+                }
+                KeyClaim::Retry(first) => {
+                    retried = Draft { id: *first, ..job.draft };
+                    &retried
+                }
+                KeyClaim::Ours => &job.draft,
+            };
             let published_ms = published_ms(draft);
             let envelope = draft.open_envelope();
             let relay = |group, target| Relay { origin: self.node, id: draft.id, published_ms, group: group as u8, sequence: 0, except: draft.except, target, envelope: "" }.encode();
@@ -583,13 +603,17 @@ impl Nodes {
             }
         };
         let mut answers = Vec::with_capacity(jobs.len());
-        for ((job, (streams, own)), refused) in jobs.iter().zip(planned).zip(refused) {
-            if refused {
-                answers.push(Ok(Published::Mismatch));
-                continue;
-            }
-            let (id, key, kind) = (job.draft.id, job.key, job.target.kind());
-            let mut result = Delivered::default();
+        for ((job, (streams, own)), claim) in jobs.iter().zip(planned).zip(claims) {
+            let (id, first) = match claim {
+                KeyClaim::Refused => {
+                    answers.push(Ok(Published::Mismatch));
+                    continue;
+                }
+                KeyClaim::Retry(first) => (first, Some(first)),
+                KeyClaim::Ours => (job.draft.id, None),
+            };
+            let (key, kind) = (job.key, job.target.kind());
+            let mut result = Delivered { first, ..Delivered::default() };
             let (mut repeated, mut remembered, mut mismatched, mut published) = (Vec::new(), Vec::new(), false, false);
             // Other nodes a push reached, each once however many of its uids they hold.
             let mut reached: Vec<u16> = Vec::new();
@@ -663,15 +687,17 @@ impl Nodes {
         answers
     }
 
-    /// Per job: whether its idempotency key was used by another request. The append
-    /// script checks the key of each stream as it appends, which alone would let a request
-    /// reusing a key publish to the streams the first did not take (and have its retry
-    /// refused), or on streams of its own. So first, in one round trip, a keyed job claims
-    /// its key for its request (`SET NX` of the request's fingerprint, for the key's
-    /// window) and reads each stream's record: a key claimed by another request, or
-    /// recorded on one of its streams by another, refuses the job whole, before anything is
-    /// published. Of two different requests sent at once with one key, one claims it.
-    async fn reused_keys(&self, jobs: &[Job<'_>]) -> ::redis::RedisResult<Vec<bool>> {
+    /// Per job, what its idempotency key's claim says. The append script checks the key of
+    /// each stream as it appends, which alone would let a request reusing a key publish to
+    /// the streams the first did not take (and have its retry refused), or on streams of
+    /// its own. So first, in one round trip, a keyed job claims its key for its request
+    /// (`SET NX` of the request's fingerprint and message id, for the key's window) and
+    /// reads each stream's record: a key claimed by another request, or recorded on one of
+    /// its streams by another, refuses the job whole, before anything is published. Of two
+    /// different requests sent at once with one key, one claims it. A key this request
+    /// claimed before under another id is a retry: it publishes what is missing (the first
+    /// was cut short, or is under way) under the first id, which each stream takes once.
+    async fn claims(&self, jobs: &[Job<'_>]) -> ::redis::RedisResult<Vec<KeyClaim>> {
         /// What each command of the round trip asks.
         enum Check {
             Claim,
@@ -691,30 +717,42 @@ impl Nodes {
         for (i, job) in jobs.iter().enumerate() {
             if let Some(key) = job.key {
                 let claim = self.history.request_key(&key.scoped);
-                asked.push((i, Check::Claim, ::redis::cmd("SET").arg(&claim).arg(&key.fingerprint).arg("NX").arg("PX").arg(window).clone()));
+                let value = format!("{}|{}", key.fingerprint, job.draft.id);
+                asked.push((i, Check::Claim, ::redis::cmd("SET").arg(&claim).arg(value).arg("NX").arg("PX").arg(window).clone()));
                 asked.push((i, Check::Claimed, ::redis::cmd("GET").arg(&claim).clone()));
                 for stream in streams(job) {
                     asked.push((i, Check::Stream, ::redis::cmd("GET").arg(self.history.idempotency_key(&stream, &key.scoped)).clone()));
                 }
             }
         }
-        let mut refused = vec![false; jobs.len()];
+        let mut claims: Vec<KeyClaim> = jobs.iter().map(|_| KeyClaim::Ours).collect();
         if asked.is_empty() {
-            return Ok(refused);
+            return Ok(claims);
         }
         let (checks, cmds): (Vec<(usize, Check)>, Vec<Cmd>) = asked.into_iter().map(|(i, check, cmd)| ((i, check), cmd)).unzip();
         let records = self.redis.batch(RedisCommand::Get, cmds).await?;
         for ((i, check), record) in checks.into_iter().zip(records) {
             let (Some(key), Ok(Some(record))) = (jobs[i].key, ::redis::from_redis_value::<Option<String>>(record)) else { continue };
-            refused[i] |= match check {
-                Check::Claim => false,
+            let claim = match check {
+                Check::Claim => continue,
                 // On a Cluster the claim and its read may run in either order: nothing
                 // read is no other request's claim either.
-                Check::Claimed => record != key.fingerprint,
-                Check::Stream => key.read(&record).is_none(),
+                Check::Claimed => match record.split_once('|') {
+                    Some((fingerprint, _)) if fingerprint != key.fingerprint => KeyClaim::Refused,
+                    Some((_, first)) => match first.parse::<u64>() {
+                        Ok(first) if first != jobs[i].draft.id => KeyClaim::Retry(first),
+                        _ => continue,
+                    },
+                    None => KeyClaim::Refused,
+                },
+                Check::Stream if key.read(&record).is_none() => KeyClaim::Refused,
+                Check::Stream => continue,
             };
+            if !matches!(claims[i], KeyClaim::Refused) {
+                claims[i] = claim;
+            }
         }
-        Ok(refused)
+        Ok(claims)
     }
 
     /// Where each uid's sessions on other live nodes are: uid -> each node and its sessions.
@@ -800,6 +838,7 @@ impl Nodes {
                     self.metrics.not_replicated.increment(1);
                     let first = match &answer {
                         Ok(Published::Repeated(reply)) => first_id(reply),
+                        Ok(Published::Delivered(delivered, _)) => delivered.first,
                         _ => None,
                     };
                     Ok(Published::NotReplicated { acked: *acked, wanted, first })

@@ -228,6 +228,7 @@ fn sse_kind(envelope: &[u8]) -> &str {
 }
 
 /// A publish before its stream has given it a position: checked, not yet framed.
+#[derive(Clone, Copy)]
 pub struct Draft<'a> {
     pub id: u64,
     /// The API key's name that published it ("" in open mode): charged with its history.
