@@ -302,7 +302,7 @@ fn stream_and_group_key(prefix: &str, stream: &Stream) -> (String, usize) {
         Stream::Broadcast => None,
     };
     let mut key = String::with_capacity(prefix.len() + 32 + name.map_or(0, |(_, n)| n.len()));
-    key.push_str(&prefix);
+    key.push_str(prefix);
     key.push_str(":h:{g");
     key.push_str(digits.format(stream.group()));
     key.push_str("}:");
@@ -446,13 +446,12 @@ impl RedisHistory {
     }
 
     /// The keys and arguments of one append: `envelope` without its closing brace,
-    /// `relay` the header each channel's message starts with; unless `keep`, the message
-    /// is published and not kept (see [`crate::wire::Draft::is_client_event`]).
+    /// `relay` the header each channel's message starts with; a Pusher client's event is
+    /// published and not kept (see [`crate::wire::Draft::is_client_event`]).
     pub fn append_call(
         &self,
         stream: &Stream,
-        keep: bool,
-        id: u64,
+        draft: &crate::wire::Draft<'_>,
         envelope: &str,
         relay: &[u8],
         idempotency: Option<&Key>,
@@ -461,6 +460,7 @@ impl RedisHistory {
         let (key, group_key) = self.stream_and_group_key(stream);
         let (key, group_key) = (key.as_bytes(), &key.as_bytes()[..group_key]);
         let group = stream.group();
+        let (id, keep) = (draft.id, !draft.is_client_event());
         let kept = if keep && self.settings.keeps(stream) { self.settings.size } else { 0 };
         let window = idempotency.map_or(0, |_| self.settings.idempotency_window.as_millis() as u64);
         let channels = match &route {

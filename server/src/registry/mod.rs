@@ -83,6 +83,16 @@ enum KeyClaim {
     Retry(u64),
 }
 
+impl KeyClaim {
+    /// The id `job` is published under: a retry's, the first request's.
+    fn id_of(&self, job: &Job<'_>) -> u64 {
+        match self {
+            KeyClaim::Retry(first) => *first,
+            _ => job.draft.id,
+        }
+    }
+}
+
 /// The answer to a publish.
 pub enum Published<'a> {
     /// Sent; `remember` keeps the reply for retries with the same idempotency key.
@@ -555,7 +565,7 @@ impl Nodes {
                         if locating {
                             let uid_key = self.keys.uid_arg(uid);
                             let route = Route::Locate { uid_key: &uid_key.0, node: self.node, epoch: self.epoch, here };
-                            calls.push(self.history.append_call(&stream, true, draft.id, &envelope, &relay, job.key, route));
+                            calls.push(self.history.append_call(&stream, draft, &envelope, &relay, job.key, route));
                             streams.push((stream, Some(*uid)));
                             continue;
                         }
@@ -566,7 +576,7 @@ impl Nodes {
                             .chain(here.then_some(self.node))
                             .map(|node| RedisHistory::node_channel(prefix, node, stream.group()))
                             .collect();
-                        calls.push(self.history.append_call(&stream, true, draft.id, &envelope, &relay, job.key, Route::Channels(&channels)));
+                        calls.push(self.history.append_call(&stream, draft, &envelope, &relay, job.key, Route::Channels(&channels)));
                         streams.push((stream, Some(*uid)));
                     }
                     self.awaited.expect(draft.id, local)
@@ -583,7 +593,7 @@ impl Nodes {
                     };
                     let channel = RedisHistory::fanout_channel(prefix, stream.group());
                     let relay = relay(stream.group(), job.target.clone());
-                    calls.push(self.history.append_call(&stream, !draft.is_client_event(), draft.id, &envelope, &relay, job.key, Route::Channels(&[channel])));
+                    calls.push(self.history.append_call(&stream, draft, &envelope, &relay, job.key, Route::Channels(&[channel])));
                     streams.push((stream, None));
                     self.awaited.expect(draft.id, 1)
                 }
@@ -598,7 +608,7 @@ impl Nodes {
         let mut appended = match appended {
             Ok(appended) => appended.into_iter(),
             Err(e) => {
-                jobs.iter().for_each(|job| self.awaited.forget(job.draft.id));
+                jobs.iter().zip(&claims).for_each(|(job, claim)| self.awaited.forget(claim.id_of(job)));
                 return jobs.iter().map(|_| Err(self.unavailable(&e))).collect();
             }
         };
