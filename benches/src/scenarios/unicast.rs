@@ -115,8 +115,11 @@ pub async fn run(common: &Common, settings: Settings) -> Result<Vec<Row>, String
             Row::new("unicast", "floor_cpu_per_push", figures.cpu_us, "us"),
             Row::new("unicast", "floor_user_cpu_per_push", figures.user_us, "us"),
             Row::new("unicast", "floor_kernel_cpu_per_push", figures.kernel_us, "us"),
-            Row::new("unicast", "cpu_per_push_vs_floor", pushline.cpu_us / figures.cpu_us, "ratio"),
         ]);
+        // A run too short for the floor to use a clock tick of CPU has no ratio.
+        if figures.cpu_us > 0.0 {
+            rows.push(Row::new("unicast", "cpu_per_push_vs_floor", pushline.cpu_us / figures.cpu_us, "ratio"));
+        }
     }
     Ok(rows)
 }

@@ -14,5 +14,6 @@ pub fn run_bench(args: &[&str]) -> HashMap<String, f64> {
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     std::fs::remove_file(&json).unwrap();
-    rows.iter().map(|r| (r["metric"].as_str().unwrap().to_owned(), r["value"].as_f64().unwrap())).collect()
+    // JSON has no infinity or NaN: such a value is written null, read back as NaN.
+    rows.iter().map(|r| (r["metric"].as_str().unwrap().to_owned(), r["value"].as_f64().unwrap_or(f64::NAN))).collect()
 }
