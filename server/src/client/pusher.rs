@@ -121,14 +121,16 @@ pub fn handle(text: &str, conn: &Arc<Conn>, clients: &Clients, window: &mut Wind
         // past the connection's topics) must not count as commands a second, whose limit
         // closes the connection (pusher-js then reconnects and sends them all again).
         "pusher:subscribe" => {
-            let handled = match (data_of::<Subscription>(frame.data), data_of::<Channel>(frame.data)) {
-                (Some(subscription), _) => subscribe(conn, clients, app, subscription),
-                // Refused on its channel, so the client's subscription ends rather than waits.
-                (None, Some(Channel { channel })) => {
-                    clients.metrics.client_error(ClientError::BadJson);
-                    subscription_error(&channel, "InvalidRequest", 400, "`auth` and `channel_data` are strings (`channel_data` a JSON string of {user_id, user_info})")
-                }
-                (None, None) => error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`"),
+            let handled = match data_of::<Subscription>(frame.data) {
+                Some(subscription) => subscribe(conn, clients, app, subscription),
+                None => match data_of::<Channel>(frame.data) {
+                    // Refused on its channel, so the client's subscription ends rather than waits.
+                    Some(Channel { channel }) => {
+                        clients.metrics.client_error(ClientError::BadJson);
+                        subscription_error(&channel, "InvalidRequest", 400, "`auth` and `channel_data` are strings (`channel_data` a JSON string of {user_id, user_info})")
+                    }
+                    None => error(clients, ClientError::BadJson, "pusher:subscribe needs data with a `channel`"),
+                },
             };
             Ok(Handled { topic_changes: handled.topic_changes.max(1), ..handled })
         }

@@ -13,8 +13,8 @@
 //! interest key `--history-ttl` after its last subscriber left, the idempotency key
 //! after `--idempotency-window`. `P:h:{gN}:born` holds when the group's history began
 //! (a flushed Redis begins again), refreshed at each node start. Outside the streams,
-//! `P:k:<key>` holds the fingerprint and message id of the request that used an idempotency key first,
-//! for `--idempotency-window`.
+//! `P:k:<key>` holds the fingerprint and message id of the request that used an
+//! idempotency key first, for `--idempotency-window`.
 //!
 //! [`APPEND`] gives a message its offset, keeps it and publishes it, in one script on the
 //! stream's shard, onto channels in the same slot: every node receives a stream's
@@ -371,11 +371,7 @@ impl RedisHistory {
 
     /// The key of a stream's entries; its other keys add a suffix.
     pub fn stream_key(&self, stream: &Stream) -> String {
-        self.stream_and_group_key(stream).0
-    }
-
-    fn stream_and_group_key(&self, stream: &Stream) -> (String, usize) {
-        stream_and_group_key(&self.prefix, stream)
+        stream_and_group_key(&self.prefix, stream).0
     }
 
     pub fn interest_key(&self, topic: &str) -> String {
@@ -457,7 +453,7 @@ impl RedisHistory {
         idempotency: Option<&Key>,
         route: Route<'_>,
     ) -> Invocation {
-        let (key, group_key) = self.stream_and_group_key(stream);
+        let (key, group_key) = stream_and_group_key(&self.prefix, stream);
         let (key, group_key) = (key.as_bytes(), &key.as_bytes()[..group_key]);
         let group = stream.group();
         let (id, keep) = (draft.id, !draft.is_client_event());
