@@ -128,7 +128,10 @@ impl Outbox {
             let popped = tracking.pop_pending(transport);
             // The client is reading its replay; the timeout counts from its last progress.
             self.full_since_s = if tracking.replaying() { now_s_plus_one() } else { 0 };
-            return popped;
+            if popped.is_some() {
+                return popped;
+            }
+            // Only gaps the replay had filled since were owed: the queue is next.
         }
         loop {
             let backlog = self.backlog.as_mut()?;
