@@ -123,17 +123,17 @@ impl Gateway {
             Ok(admitted) => admitted,
             Err(error) => return self.refuse(&mut stream, &error).await,
         };
+        // On Redis a push through another node finds the uid's nodes there: the client is
+        // welcomed (and a resume reads its uid's stream) once Redis lists this session, or
+        // a push in between would reach no one here, and the client, with no place yet in
+        // its uid's stream, could not tell it missed it.
+        if let Err(error) = self.written(&conn).await {
+            self.abandon(&conn);
+            return self.refuse(&mut stream, &error).await;
+        }
         // Registered first: anything published from here on is queued, so reading history
-        // now leaves no gap; what is both read and queued is written once. On Redis a push
-        // through another node finds the uid's nodes there: its own stream is read once
-        // Redis lists this session.
+        // now leaves no gap; what is both read and queued is written once.
         if !plan.is_empty() {
-            if plan.iter().any(|(stream, _)| matches!(stream, Stream::Uid(_))) {
-                if let Err(error) = self.written(&conn).await {
-                    self.abandon(&conn);
-                    return self.refuse(&mut stream, &error).await;
-                }
-            }
             if let Err(error) = resume::resume(&self.history, &conn, &request, plan, hub.limits().max_bytes, &self.metrics).await {
                 self.abandon(&conn);
                 return self.refuse(&mut stream, &error).await;
@@ -227,7 +227,7 @@ impl Gateway {
         let Some(written) = self.clients.hub.written(conn.session) else { return Ok(()) };
         match tokio::time::timeout(WRITTEN_WAIT, written).await {
             Ok(Ok(())) => Ok(()),
-            _ => Err(Error::unavailable("registry unavailable: this session could not be written to Redis in time, and its history is read only once it is; retry")),
+            _ => Err(Error::unavailable("registry unavailable: this session could not be written to Redis in time, and until it is a push through another node would not reach it; retry")),
         }
     }
 
