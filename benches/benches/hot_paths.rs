@@ -16,7 +16,8 @@ use pushline::registry::relay::{Relay, Target};
 use pushline::session::{MessageIds, SessionIds};
 use pushline::telemetry::Metrics;
 use pushline::wire::ws::{self, OP_TEXT};
-use pushline::wire::{Message, Transport};
+use pushline::wire::cursor::{Position, StreamKey};
+use pushline::wire::{envelope_position, Message, Transport};
 
 const DATA_100B: &str = r#"{"title":"Pushline","body":"a hundred bytes of JSON payload for the benchmark, give or take a few.."}"#;
 
@@ -41,6 +42,10 @@ fn relay(c: &mut Criterion) {
     c.bench_function("message_from_envelope/100B", |b| {
         b.iter(|| Message::from_envelope(42, black_box(envelope), None, Instant::now()))
     });
+    let position = Position { key: StreamKey::Topic(9), epoch: 3, offset: 1234 };
+    let positioned = Message::new(42, None, DATA_100B, Some(position), Instant::now());
+    let envelope = std::str::from_utf8(positioned.envelope()).unwrap();
+    c.bench_function("envelope_position/100B", |b| b.iter(|| envelope_position(black_box(envelope))));
 }
 
 fn ids(c: &mut Criterion) {

@@ -118,12 +118,13 @@ fn write_close_envelope(out: &mut Vec<u8>, position: Option<&Position>) {
 
 /// The position written at the end of an envelope by [`Message::new`] (or by the Redis
 /// script that mirrors it).
+/// Read from the end, a field at a time: every relayed message is read so, and searching
+/// for the field names took ~200 ns of it (a substring searcher made per name).
 pub fn envelope_position(envelope: &str) -> Option<Position> {
-    let at = envelope.rfind(r#","stream":""#)?;
-    let rest = envelope[at..].strip_prefix(r#","stream":""#)?;
-    let (key, rest) = rest.split_once(r#"","epoch":""#)?;
-    let (epoch, rest) = rest.split_once(r#"","offset":"#)?;
-    let offset = rest.strip_suffix('}')?;
+    let (rest, offset) = envelope.strip_suffix('}')?.rsplit_once(':')?;
+    let (rest, epoch) = rest.strip_suffix(r#"","offset""#)?.rsplit_once('"')?;
+    let (rest, key) = rest.strip_suffix(r#"","epoch":"#)?.rsplit_once('"')?;
+    rest.ends_with(r#","stream":"#).then_some(())?;
     Some(Position { key: StreamKey::parse(key)?, epoch: parse_epoch(epoch)?, offset: offset.parse().ok()? })
 }
 
@@ -318,6 +319,12 @@ mod tests {
         assert!(sse.starts_with("event: message\ndata: {"), "{sse}");
         assert!(sse.ends_with("}\n"), "the connection ends the event with its cursor");
         assert_eq!(envelope_position(std::str::from_utf8(m.envelope()).unwrap()), None);
+        // A position in the data is not the message's.
+        let data = r#"{"stream":"t.0000000000000009","epoch":"00000003","offset":7}"#;
+        for data in [data.to_owned(), format!("[{data}]"), r#""","stream":"b","epoch":"00000003","offset":7""#.to_owned()] {
+            let m = Message::new(42, None, &data, None, Instant::now());
+            assert_eq!(envelope_position(std::str::from_utf8(m.envelope()).unwrap()), None, "{data}");
+        }
     }
 
     #[test]
