@@ -177,6 +177,34 @@ async fn silent_client_is_closed_after_idle_timeout() {
     assert_eq!(next_json(&mut talker).await["type"], "pong", "the talker is still connected");
 }
 
+/// A Pusher client that never answers is pinged once per `activity_timeout` of silence,
+/// then closed as the protocol closes it (4201) at `--idle-timeout`. (It was pinged at
+/// every sweep: four times a second here.)
+#[tokio::test]
+async fn a_silent_pusher_client_is_pinged_once_per_activity_timeout_then_closed() {
+    let t = start(|c| {
+        c.idle_timeout = std::time::Duration::from_secs(4);
+        c.pusher_app = vec!["7:key7:secret-of-app-seven".into()];
+    })
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/app/key7?protocol=7", t.client)).await.expect("pusher connects");
+    let established = next_json(&mut ws).await;
+    assert_eq!(established["data"].as_str().map(|d| d.contains(r#""activity_timeout":2"#)), Some(true), "{established}");
+    let mut pings = 0;
+    let close = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("closed within the wait") {
+            Some(Ok(Message::Text(text))) => {
+                assert!(text.contains("pusher:ping"), "{text}");
+                pings += 1;
+            }
+            Some(Ok(Message::Close(frame))) => break frame,
+            other => panic!("expected a pusher:ping or the close, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(4201));
+    assert_eq!(pings, 1, "pinged once in the 2 s between its activity timeout and its idle timeout");
+}
+
 #[tokio::test]
 async fn bad_client_frames_get_an_error_and_keep_the_connection() {
     let t = start(|_| {}).await;

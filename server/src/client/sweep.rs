@@ -41,6 +41,13 @@ impl Timers {
     }
 }
 
+/// Whether `silent` passed a multiple of `every` since the last sweep: a Pusher client that
+/// does not answer is pinged once per `activity_timeout` of silence (until it is closed as
+/// idle), not at every sweep.
+fn crossed(silent: u64, since_last_sweep: u64, every: u64) -> bool {
+    every > 0 && silent >= every && silent / every > silent.saturating_sub(since_last_sweep) / every
+}
+
 pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
     let idle_ms = timers.idle_timeout.as_millis() as u64;
     let ping_ms = timers.ping_interval.as_millis() as u64;
@@ -49,13 +56,14 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
     let activity_ms = timers.pusher_activity.as_millis() as u64;
     let mut ticks = tokio::time::interval(timers.period());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut last_ping, mut last_keepalive) = (now_ms(), now_ms());
+    let (mut last_ping, mut last_keepalive, mut last_sweep) = (now_ms(), now_ms(), now_ms());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
         let now = now_ms();
+        let since_last_sweep = now.saturating_sub(std::mem::replace(&mut last_sweep, now));
         let ping_due = ping_ms > 0 && now - last_ping >= ping_ms;
         let keepalive_due = keepalive_ms > 0 && now - last_keepalive >= keepalive_ms;
         if ping_due {
@@ -107,7 +115,7 @@ pub async fn run(hub: Arc<Hub>, timers: Timers, stop: CancellationToken) {
                     let silent = conn.silent_ms(now);
                     if silent >= idle_ms {
                         conn.request_close(CloseReason::IdleTimeout);
-                    } else if ping_due || (conn.transport == Transport::Pusher && activity_ms > 0 && silent >= activity_ms) {
+                    } else if ping_due || (conn.transport == Transport::Pusher && crossed(silent, since_last_sweep, activity_ms)) {
                         conn.ping();
                     }
                 }
