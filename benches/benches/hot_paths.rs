@@ -27,6 +27,10 @@ fn framing(c: &mut Criterion) {
     c.bench_function("message_new/100B (envelope + ws + sse)", |b| {
         b.iter(|| Message::new(black_box(42), Some("news"), DATA_100B, None, Instant::now()))
     });
+    let position = Position { key: StreamKey::Topic(9), epoch: 3, offset: 1234 };
+    c.bench_function("message_new/100B positioned (envelope + ws)", |b| {
+        b.iter(|| Message::new(black_box(42), None, DATA_100B, Some(position), Instant::now()))
+    });
     c.bench_function("json_compact/100B (depth check, already compact)", |b| {
         b.iter(|| pushline::wire::json::compact(black_box(DATA_100B)))
     });

@@ -206,7 +206,13 @@ async fn past_the_window_the_client_is_told_what_it_lost() {
     assert_eq!(metric(&text, "pushline_history_messages"), 3.0);
     assert!(metric(&text, "pushline_history_bytes") > 0.0);
     let (mut client, _) = ws(t.client, &format!("uid=carol&topics=news&cursor={}", tracker.cursor())).await;
+    // Told before the first replayed message, which moves the cursor past the hole: a
+    // connection that drops before `resumed` leaves no gap the client was not told of.
+    let gap = next_json(&mut client).await;
+    assert_eq!((gap["type"].as_str(), gap["from"].as_u64(), gap["to"].as_u64(), gap["reason"].as_str()), (Some("gap"), Some(2), Some(8), Some("trimmed")), "{gap}");
+    tracker.take(&gap);
     let resumed = until_resumed(&mut client, &mut tracker).await;
+    assert_eq!(tracker.told_gaps, 1);
     assert_eq!(resumed["recovered"], false);
     let news = resumed["streams"].as_array().unwrap().iter().find(|s| s["stream"].as_str().unwrap().starts_with("t.")).unwrap().clone();
     assert_eq!(news["reason"], "trimmed", "{resumed}");
@@ -587,6 +593,8 @@ async fn a_replay_never_read_counts_as_queued_and_is_closed_as_a_slow_consumer()
     // A client that reads gets the newest that fit, and is told the rest did not.
     let mut tracker = Tracker::default();
     let (mut client, _) = ws(t.client, "uid=reader&topics=big&cursor=s0").await;
+    let gap = next_json(&mut client).await;
+    assert_eq!((gap["type"].as_str(), gap["reason"].as_str()), (Some("gap"), Some("queue_limit")), "told before the replay: {gap}");
     let resumed = until_resumed(&mut client, &mut tracker).await;
     let entry = resumed["streams"].as_array().unwrap().iter().find(|s| s["stream"].as_str().unwrap().starts_with("t.")).unwrap().clone();
     assert_eq!((resumed["recovered"].as_bool(), entry["reason"].as_str()), (Some(false), Some("queue_limit")), "{resumed}");

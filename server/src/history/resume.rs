@@ -89,7 +89,7 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
     for (stream, _) in &plan {
         found.push(if history.keeps(stream) { read.next().ok_or_else(|| Error::new(Kind::Internal, "history read fewer streams than asked"))? } else { Found::not_kept() });
     }
-    let replay_bytes = hold_to(&mut found, max_bytes, conn.transport);
+    let mut replay_bytes = hold_to(&mut found, max_bytes, conn.transport);
     let mut replay = VecDeque::new();
     let mut streams = Vec::new();
     let (mut recovered, mut replayed) = (true, 0);
@@ -118,6 +118,10 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
         };
         positions.extend(stands);
         replayed += found.messages.len();
+        if let Some(gap) = found.loss.and_then(|loss| gap_before(stream, from, loss, &found.messages)) {
+            replay_bytes += gap.bytes(conn.transport).len();
+            replay.push_back(Replayed::Message(gap));
+        }
         replay.extend(found.messages.into_iter().map(Replayed::Message));
         streams.push(entry);
     }
@@ -133,6 +137,30 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
     conn.resume(Tracking::resumed(client_since, positions, replay, replay_bytes), metrics);
     metrics.resumed(if recovered { ResumeOutcome::Recovered } else { ResumeOutcome::NotRecovered }, replayed);
     Ok(())
+}
+
+/// The `gap` notice written before a stream's replay that skips messages the client never
+/// had (trimmed, past the queue limit, or of an epoch since replaced): the first replayed
+/// message moves the client's cursor past them, so a connection that drops before its
+/// `resumed` would otherwise leave the client with a gap it was never told of.
+fn gap_before(stream: &Stream, from: &From, loss: Loss, replayed: &[Arc<Message>]) -> Option<Arc<Message>> {
+    let first = replayed.first()?.position?;
+    let mut gap = serde_json::json!({ "type": "gap", "stream": stream.key().to_string() });
+    match (loss, from) {
+        (Loss::Trimmed | Loss::QueueLimit, From::After(p)) if p.epoch == first.epoch => {
+            gap["epoch"] = epoch_text(first.epoch).into();
+            gap["from"] = (p.offset + 1).into();
+            gap["to"] = (first.offset - 1).into();
+        }
+        (Loss::EpochChanged, From::After(p)) => {
+            gap["epoch"] = epoch_text(p.epoch).into();
+            gap["from"] = (p.offset + 1).into();
+        }
+        (Loss::Trimmed | Loss::QueueLimit, From::Since(_) | From::Start) => {}
+        _ => return None,
+    }
+    gap["reason"] = <&str>::from(loss).into();
+    Some(Arc::new(Message::from_envelope(0, &gap.to_string(), None, std::time::Instant::now())))
 }
 
 /// Drops the oldest messages of `found`, across its streams, until what is left takes at
