@@ -61,7 +61,15 @@ export class Cursor {
 
   /** Takes one server message; true when it carried a position. */
   take(message) {
-    if (message.type === "resumed" && message.since) this.since = message.since;
+    if (message.type === "resumed") {
+      if (message.since) this.since = message.since;
+      // A position ahead of the stream (not one this server wrote) stands at the stream's
+      // real top from now on, as the server's does; held, every later message would look
+      // like one already seen.
+      for (const entry of message.streams ?? []) {
+        if (entry.reason === "cursor_ahead" && entry.epoch) this.positions.set(entry.stream, { epoch: entry.epoch, offset: entry.offset });
+      }
+    }
     if (message.stream && message.epoch && message.offset !== undefined) {
       this.positions.set(message.stream, { epoch: message.epoch, offset: message.offset });
       return true;

@@ -36,6 +36,35 @@ test("a cursor round-trips and tells duplicates and gaps", () => {
   assert.equal(cursor.check({ stream: "b", epoch: "0000000d", offset: 1 }), "new");
 });
 
+test("a client whose cursor is ahead of a stream gets every later message of it", async () => {
+  const server = await startServer(await freePort());
+  try {
+    // The stream's epoch and top, from a client that reads it.
+    const probe = new PushlineClient(server.url, { uid: "probe", topics: ["news"], WebSocket });
+    const message = next(probe, "message");
+    probe.connect();
+    await next(probe, "welcome");
+    await publish(server.url, { topic: "news", data: { n: 1 } });
+    const { stream, epoch, offset } = await message;
+    probe.close();
+    // A position 1000 past the top, in the stream's own epoch (a cursor restored from elsewhere).
+    const client = new PushlineClient(server.url, { uid: "ada", topics: ["news"], WebSocket, cursor: `s${Date.now()},${stream}:${epoch}:${offset + 1000}` });
+    const resumed = next(client, "resumed");
+    client.connect();
+    const entry = (await resumed).streams.find((s) => s.stream === stream);
+    assert.equal(entry.reason, "cursor_ahead");
+    const seen = [];
+    client.on("message", (m) => seen.push(m.data.n));
+    const last = next(client, "message", (m) => m.data.n === 4);
+    for (let n = 2; n <= 4; n++) await publish(server.url, { topic: "news", data: { n } });
+    await last;
+    assert.deepEqual(seen, [2, 3, 4]);
+    client.close();
+  } finally {
+    await server.stop();
+  }
+});
+
 test("messages arrive over WebSocket, and a dropped network loses none of them", async () => {
   const server = await startServer(await freePort());
   const network = await proxy(new URL(server.url).port);
