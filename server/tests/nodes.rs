@@ -142,6 +142,61 @@ async fn a_push_right_after_the_welcome_reaches_the_client_through_another_node(
     }
 }
 
+/// A Cluster shard that restarts empty loses the sessions in its slots while the node's
+/// liveness key, in another shard, stands: after the break the node writes every session
+/// again. (Found by an attack: the uids of that shard were answered `delivered: 0` for
+/// good, and their clients were never told.)
+#[tokio::test]
+async fn a_cluster_shard_restarting_empty_leaves_every_client_reachable() {
+    let mut cluster = RedisCluster::start();
+    let a = node(RegistryKind::RedisCluster, cluster.urls()).await;
+    // The clients' node is the binary, alone in its process: with both nodes in the
+    // test's process this test passed without the fix too (why is not understood).
+    let urls = cluster.urls();
+    let mut args = vec!["--registry", "redis-cluster"];
+    for url in &urls {
+        args.extend(["--redis-url", url.as_str()]);
+    }
+    let b = Process::spawn(&args, None);
+    let mut clients = Vec::new();
+    let mut b_id = 0;
+    for n in 0..30 {
+        let uid = format!("reachable{n}");
+        let (client, welcome) = ws(b.client, &format!("uid={uid}")).await;
+        b_id = node_of(&welcome);
+        clients.push((uid, client));
+    }
+    let key = |uid: &str| format!("pushline:uid:{uid}");
+    let liveness = cluster.owner(&format!("pushline:node:{b_id}"));
+    let victim = (0..3)
+        .find(|shard| *shard != liveness && clients.iter().any(|(uid, _)| cluster.owner(&key(uid)) == *shard))
+        .expect("a shard holding sessions and not the liveness key");
+    let lost: Vec<String> = clients.iter().map(|(uid, _)| uid.clone()).filter(|uid| cluster.owner(&key(uid)) == victim).collect();
+    cluster.restart_empty(victim);
+    assert_eq!(cluster.nodes[victim].cli(&["dbsize"]), "0", "the shard came back empty");
+    // Redis itself says when the sessions are back: nothing the node exports would (it
+    // counted them all written throughout).
+    let deadline = Instant::now() + WAIT * 2;
+    while lost.iter().any(|uid| cluster.nodes[victim].cli(&["hlen", &key(uid)]) != "1") {
+        assert!(Instant::now() < deadline, "the sessions of the shard that restarted were never written again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (n, (uid, client)) in clients.iter_mut().enumerate() {
+        let body = push(a.client, &[uid.as_str()], json!(n)).await;
+        assert_eq!(body["delivered"], 1, "{uid} (its shard restarted: {}): {body}", lost.contains(uid));
+        // Before it: `relay_lost` (its node stopped hearing, and heard again), and for the
+        // uids of that shard `epoch_changed` (their history went with it).
+        let got = loop {
+            let got = next_json(client).await;
+            if got["type"] != "gap" {
+                break got;
+            }
+            assert!(got["reason"] == "relay_lost" || (got["reason"] == "epoch_changed" && lost.contains(uid)), "{got}");
+        };
+        assert_eq!(got["data"], n, "{got}");
+    }
+}
+
 #[tokio::test]
 async fn topics_and_broadcasts_reach_every_node() {
     let redis = RedisServer::start();

@@ -272,12 +272,26 @@ impl Registrar {
                 _ = refresh.tick(), if !self.evicted.is_cancelled() => {
                     let breaks = self.redis.breaks();
                     let liveness = self.refresh_liveness().await;
+                    // On a Cluster the liveness key is in one shard: another that broke
+                    // may have come back empty (restarted without persistence, or a
+                    // replica promoted before it had every write) with this key intact,
+                    // and the sessions in its slots gone. After any break, all is written
+                    // again (found by an attack: a shard restarted empty left a third of
+                    // the connected clients unreachable for good, untold).
+                    let shard_may_have_lost = self.redis.sharded() && breaks != breaks_before && matches!(liveness, Liveness::Held);
+                    if shard_may_have_lost {
+                        tracing::warn!("a link to a Redis Cluster shard broke: writing every session again, in case that shard came back without them");
+                    }
                     match liveness {
                         Liveness::Missing => {
                             must_register = true;
                             lost_unbroken |= breaks == breaks_before;
                             // Redis lost its keys, topics' interest keys with them: mark
                             // them again now, not a third of the history TTL from now.
+                            relisten.reset_immediately();
+                        }
+                        Liveness::Held if shard_may_have_lost => {
+                            must_register = true;
                             relisten.reset_immediately();
                         }
                         Liveness::Taken(other) => {
@@ -310,7 +324,11 @@ impl Registrar {
                     if !must_register && matches!(liveness, Liveness::Held | Liveness::Missing) {
                         relisting = Some(breaks);
                     }
-                    breaks_before = breaks;
+                    // A refresh that could not reach Redis judges nothing: the breaks
+                    // since are weighed at the next.
+                    if !matches!(liveness, Liveness::Unknown) {
+                        breaks_before = breaks;
+                    }
                     due = true;
                 }
                 _ = reap.tick() => {

@@ -171,6 +171,9 @@ pub fn cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// How each cluster node runs. A replica may take over however long its master has been gone.
+const CLUSTER_NODE: &[&str] = &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0"];
+
 /// Three masters (and, if asked, a replica of each), all slots assigned.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -183,12 +186,7 @@ impl RedisCluster {
 
     /// Three masters with `replicas` replicas each: `nodes[..3]` start as the masters.
     pub fn start_with_replicas(replicas: usize) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
-            .map(|_| {
-                // A replica may take over however long its master has been gone.
-                RedisServer::start_on(free_port(true), &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0"])
-            })
-            .collect();
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas)).map(|_| RedisServer::start_on(free_port(true), CLUSTER_NODE)).collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
@@ -220,6 +218,27 @@ impl RedisCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Kills master `node` (SIGKILL) and starts it again on its port and directory: it
+    /// comes back with its identity and slots (its nodes.conf) and none of its keys, as a
+    /// master without persistence does; returns once the cluster is whole again.
+    pub fn restart_empty(&mut self, node: usize) {
+        let old = &mut self.nodes[node];
+        let _ = old.child.kill();
+        let _ = old.child.wait();
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &old.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(&old.dir).args(CLUSTER_NODE);
+        let fresh = RedisServer::run(command, old.port, old.dir.clone(), "Ready to accept connections");
+        // The directory is the new server's now: not removed with the old one.
+        std::mem::forget(std::mem::replace(old, fresh));
+        let deadline = Instant::now() + WAIT;
+        for node in &self.nodes {
+            while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "the cluster did not take the restarted master back");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
     }
 
     pub fn id(&self, node: usize) -> String {
