@@ -467,6 +467,10 @@ async fn malformed_forged_and_foreign_cursors_get_clear_answers() {
     let resumed = until_resumed(&mut client, &mut tracker).await;
     assert_eq!(resumed["recovered"], false);
     assert_eq!(resumed["streams"][0]["reason"], "cursor_ahead", "{resumed}");
+    // A `since` far ahead skipped the stream's message and called it recovered.
+    let (mut client, _) = ws(t.client, &format!("uid=hal&cursor=s{}", u64::MAX)).await;
+    let resumed = until_resumed(&mut client, &mut Tracker::default()).await;
+    assert_eq!((resumed["recovered"].as_bool(), resumed["streams"][0]["reason"].as_str()), (Some(false), Some("cursor_ahead")), "{resumed}");
 }
 
 /// At the most topics a connection may hold, the SSE `id:` the server writes (a position
