@@ -58,10 +58,12 @@ impl StreamKey {
 
 impl fmt::Display for StreamKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut text = Vec::with_capacity(18);
-        self.write_to(&mut text);
-        // Only ASCII was written.
-        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+        // Hex digits are ASCII.
+        match *self {
+            StreamKey::Uid(hash) => write!(f, "u.{}", std::str::from_utf8(&hex_digits::<8>(hash.into())).map_err(|_| fmt::Error)?),
+            StreamKey::Topic(hash) => write!(f, "t.{}", std::str::from_utf8(&hex_digits::<16>(hash)).map_err(|_| fmt::Error)?),
+            StreamKey::Broadcast => f.write_str("b"),
+        }
     }
 }
 
