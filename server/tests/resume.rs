@@ -221,6 +221,48 @@ async fn past_the_window_the_client_is_told_what_it_lost() {
     assert_eq!(tracker.seen, vec![json!({"n": 0}), json!({"n": 8}), json!({"n": 9}), json!({"n": 10})], "what is kept still comes");
 }
 
+/// What history no longer holds and what the queue limit cut are told apart, each with
+/// its range, before the replay (both were told `trimmed`, so a client told "gone" was
+/// given 12..16 on its next resume); a mailbox that lost pushes to trimming says so.
+#[tokio::test]
+async fn a_replay_cut_by_history_and_by_the_queue_tells_each_part_apart() {
+    let t = start(|c| {
+        c.history_size = 10;
+        c.queue_max_bytes = 32 * 1024;
+        c.max_message_bytes = 8 * 1024;
+    })
+    .await;
+    let mut tracker = Tracker::default();
+    let (mut client, welcome) = ws(t.client, "uid=eve").await;
+    tracker.take(&welcome);
+    push(t.client, "eve", json!({"n": 0})).await;
+    tracker.take(&next_json(&mut client).await);
+    drop(client);
+    let blob = "x".repeat(6000);
+    for n in 1..=20 {
+        push(t.client, "eve", json!({"n": n, "blob": blob})).await;
+    }
+    // Offsets 2..=21 were pushed; history keeps 12..=21; the queue holds five of them.
+    let (mut client, _) = ws(t.client, &format!("uid=eve&cursor={}", tracker.cursor())).await;
+    let trimmed = next_json(&mut client).await;
+    assert_eq!((trimmed["from"].as_u64(), trimmed["to"].as_u64(), trimmed["reason"].as_str()), (Some(2), Some(11), Some("trimmed")), "{trimmed}");
+    let cut = next_json(&mut client).await;
+    assert_eq!((cut["from"].as_u64(), cut["reason"].as_str()), (Some(12), Some("queue_limit")), "{cut}");
+    let first = next_json(&mut client).await;
+    assert_eq!(first["offset"].as_u64(), cut["to"].as_u64().map(|to| to + 1), "the replay starts where the gaps end: {first}");
+
+    let (mut mailbox, _) = ws(t.client, "uid=eve&mailbox=1").await;
+    let gap = next_json(&mut mailbox).await;
+    assert_eq!((gap["from"].as_u64(), gap["to"].as_u64(), gap["reason"].as_str()), (Some(1), Some(11), Some("trimmed")), "{gap}");
+    let resumed = loop {
+        let msg = next_json(&mut mailbox).await;
+        if msg["type"] == "resumed" {
+            break msg;
+        }
+    };
+    assert_eq!((resumed["recovered"].as_bool(), resumed["streams"][0]["reason"].as_str()), (Some(false), Some("trimmed")), "{resumed}");
+}
+
 #[tokio::test]
 async fn after_a_restart_every_position_is_reported_lost() {
     let t = start(|_| {}).await;

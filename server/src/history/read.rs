@@ -99,6 +99,8 @@ pub fn select(from: From, tail: Position, kept: &[Arc<Message>], ttl: Duration) 
             }
             kept.iter().take_while(|m| id_time_ms(m.id) < from_ms).count()
         }
+        // The mailbox: pushes stored and since trimmed are lost to it too.
+        From::Start if first > 1 => return all(Loss::Trimmed),
         From::Start => 0,
     };
     Found { messages: kept.iter().skip(skip).cloned().collect(), tail: Some(tail), loss: None }

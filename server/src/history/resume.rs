@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::memory::MemoryHistory;
 use super::read::{Found, From, Loss};
 use super::redis::RedisHistory;
-use super::{epoch_text, Cursor, Stream};
+use super::{epoch_text, Cursor, Position, Stream};
 use crate::conn::tracking::{Replayed, Tracking};
 use crate::conn::Conn;
 use crate::error::{Error, Kind};
@@ -89,13 +89,15 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
     for (stream, _) in &plan {
         found.push(if history.keeps(stream) { read.next().ok_or_else(|| Error::new(Kind::Internal, "history read fewer streams than asked"))? } else { Found::not_kept() });
     }
+    // Where each stream's history begins, before the queue limit cut the oldest off.
+    let kept_from: Vec<Option<Position>> = found.iter().map(|f| f.messages.first().and_then(|m| m.position)).collect();
     let mut replay_bytes = hold_to(&mut found, max_bytes, conn.transport);
     let mut replay = VecDeque::new();
     let mut streams = Vec::new();
     let (mut recovered, mut replayed) = (true, 0);
     let cursor = request.cursor.as_ref();
     let mut positions = Vec::new();
-    for ((stream, from), found) in plan.iter().zip(found) {
+    for (((stream, from), found), kept_from) in plan.iter().zip(found).zip(kept_from) {
         let mut entry = serde_json::json!({ "stream": stream.key().to_string(), "replayed": found.messages.len(), "recovered": found.loss.is_none() });
         if let Some(tail) = found.tail {
             entry["epoch"] = epoch_text(tail.epoch).into();
@@ -118,7 +120,7 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
         };
         positions.extend(stands);
         replayed += found.messages.len();
-        if let Some(gap) = found.loss.and_then(|loss| gap_before(stream, from, loss, &found.messages)) {
+        for gap in found.loss.map(|loss| gaps_before(stream, from, loss, kept_from, &found.messages)).unwrap_or_default() {
             replay_bytes += gap.bytes(conn.transport).len();
             replay.push_back(Replayed::Message(gap));
         }
@@ -139,28 +141,32 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
     Ok(())
 }
 
-/// The `gap` notice written before a stream's replay that skips messages the client never
-/// had (trimmed, past the queue limit, or of an epoch since replaced): the first replayed
-/// message moves the client's cursor past them, so a connection that drops before its
-/// `resumed` would otherwise leave the client with a gap it was never told of.
-fn gap_before(stream: &Stream, from: &From, loss: Loss, replayed: &[Arc<Message>]) -> Option<Arc<Message>> {
-    let first = replayed.first()?.position?;
-    let mut gap = serde_json::json!({ "type": "gap", "stream": stream.key().to_string() });
-    match (loss, from) {
-        (Loss::Trimmed | Loss::QueueLimit, From::After(p)) if p.epoch == first.epoch => {
-            gap["epoch"] = epoch_text(first.epoch).into();
-            gap["from"] = (p.offset + 1).into();
-            gap["to"] = (first.offset - 1).into();
-        }
-        (Loss::EpochChanged, From::After(p)) => {
-            gap["epoch"] = epoch_text(p.epoch).into();
-            gap["from"] = (p.offset + 1).into();
-        }
-        (Loss::Trimmed | Loss::QueueLimit, From::Since(_) | From::Start) => {}
-        _ => return None,
-    }
-    gap["reason"] = <&str>::from(loss).into();
-    Some(Arc::new(Message::from_envelope(0, &gap.to_string(), None, std::time::Instant::now())))
+/// The `gap` notices written before a stream's replay that skips messages the client
+/// never had: the first replayed message moves the client's cursor past them, so a
+/// connection that drops before its `resumed` would otherwise leave the client with a gap
+/// it was never told of. What history no longer holds is told `trimmed`, and what it
+/// holds but the queue limit cut `queue_limit` (a later resume may still give those), each
+/// with its range; a replaced epoch `epoch_changed`, from the client's old position.
+fn gaps_before(stream: &Stream, from: &From, loss: Loss, kept_from: Option<Position>, replayed: &[Arc<Message>]) -> Vec<Arc<Message>> {
+    let Some(first) = replayed.first().and_then(|m| m.position) else { return Vec::new() };
+    let key = stream.key().to_string();
+    let gap = |mut fields: serde_json::Value, reason: Loss| {
+        fields["type"] = "gap".into();
+        fields["stream"] = key.as_str().into();
+        fields["reason"] = <&str>::from(reason).into();
+        Arc::new(Message::from_envelope(0, &fields.to_string(), None, std::time::Instant::now()))
+    };
+    let range = |from: u64, to: u64, reason| (from <= to).then(|| gap(serde_json::json!({ "epoch": epoch_text(first.epoch), "from": from, "to": to }), reason));
+    // The client's last offset in the replayed epoch (none before the first: a mailbox).
+    let held = match (loss, from) {
+        (Loss::EpochChanged, From::After(p)) => return vec![gap(serde_json::json!({ "epoch": epoch_text(p.epoch), "from": p.offset + 1 }), loss)],
+        (Loss::Trimmed | Loss::QueueLimit, From::After(p)) if p.epoch == first.epoch => p.offset,
+        (Loss::Trimmed | Loss::QueueLimit, From::Start) => 0,
+        (Loss::Trimmed | Loss::QueueLimit, From::Since(_)) => return vec![gap(serde_json::json!({}), loss)],
+        _ => return Vec::new(),
+    };
+    let kept = kept_from.filter(|k| k.epoch == first.epoch).map_or(first.offset, |k| k.offset);
+    [range(held + 1, kept - 1, Loss::Trimmed), range(kept, first.offset - 1, Loss::QueueLimit)].into_iter().flatten().collect()
 }
 
 /// Drops the oldest messages of `found`, across its streams, until what is left takes at
