@@ -1156,3 +1156,38 @@ async fn pusher_channels_and_users_are_every_nodes() {
         channels_become(b.client, json!({}), &format!("{kind:?}: news, left on node a")).await;
     }
 }
+
+/// A signed Pusher trigger of `event` on `channel` through `addr` (app 7): its status.
+async fn pusher_trigger(addr: SocketAddr, channel: &str, event: &str) -> u16 {
+    let body = json!({"name": event, "channel": channel, "data": "{}"}).to_string();
+    let path = "/apps/7/events";
+    let md5 = pushline::wire::hex(&<md5::Md5 as md5::Digest>::digest(body.as_bytes()));
+    let query = format!("auth_key=key7&auth_timestamp={}&auth_version=1.0&body_md5={md5}", pushline::clock::wall_ms() / 1000);
+    let signature = pushline::pusher::sign("secret-of-app-seven", format!("POST\n{path}\n{query}").as_bytes());
+    let (status, _, _) = common::post_raw(addr, &format!("{path}?{query}&auth_signature={signature}"), body, None).await;
+    status
+}
+
+/// After Redis restarted empty, a channel's next message comes with the stream's
+/// `epoch_changed` gap: a native client reads it, a Pusher client gets only the event (it
+/// was sent the native frame, which is no Pusher event; found by an attack).
+#[tokio::test]
+async fn a_pusher_client_is_not_sent_a_native_gap_when_a_channels_epoch_changes() {
+    let redis = RedisServer::start();
+    let node = node_with(RegistryKind::Redis, &[redis.url()], |c| c.pusher_app = vec!["7:key7:secret-of-app-seven".into()]).await;
+    let (mut reader, _) = pusher_client(node.client).await;
+    common::send_json(&mut reader, json!({"event": "pusher:subscribe", "data": {"channel": "news"}})).await;
+    assert_eq!(next_json(&mut reader).await["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(pusher_trigger(node.client, "news", "first").await, 200);
+    assert_eq!(next_json(&mut reader).await["event"], "first");
+    let port = redis.kill();
+    let _redis = RedisServer::start_on(port, &[]);
+    // Refused (503) until the node's link is back.
+    let deadline = Instant::now() + WAIT;
+    while pusher_trigger(node.client, "news", "second").await != 200 {
+        assert!(Instant::now() < deadline, "the trigger never succeeded after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = next_json(&mut reader).await;
+    assert_eq!(got["event"], "second", "{got}");
+}

@@ -228,6 +228,11 @@ impl Conn {
             self.request_close(CloseReason::Terminated);
             return true;
         }
+        // A stream's notice (an `epoch_changed` gap from the append script) is not the
+        // Pusher protocol's: a Pusher client has no gap to read.
+        if self.transport == Transport::Pusher && msg.envelope().starts_with(br#"{"type":"gap""#) {
+            return true;
+        }
         let bytes = msg.bytes(self.transport);
         let size = bytes.len();
         let since_ms = self.since_ms();
