@@ -230,7 +230,7 @@ impl Conn {
         }
         // A stream's notice (an `epoch_changed` gap from the append script) is not the
         // Pusher protocol's: a Pusher client has no gap to read.
-        if self.transport == Transport::Pusher && msg.envelope().starts_with(br#"{"type":"gap""#) {
+        if self.transport == Transport::Pusher && msg.is_notice() {
             return true;
         }
         let bytes = msg.bytes(self.transport);

@@ -16,6 +16,11 @@ use bytes::Bytes;
 use crate::wire::cursor::{epoch_text, Cursor, Position, StreamKey};
 use crate::wire::{self, sse, Message, Transport};
 
+/// The last position `written` holds in `position`'s stream, if it is of the same epoch.
+fn written_in<'a>(written: &'a mut [Position], position: &Position) -> Option<&'a mut Position> {
+    written.iter_mut().find(|w| w.key == position.key && w.epoch == position.epoch)
+}
+
 /// What a resume queues for the connection, in order.
 pub enum Replayed {
     Message(Arc<Message>),
@@ -117,10 +122,6 @@ impl Tracking {
         self.written.iter().any(|w| w.key == position.key && w.epoch == position.epoch && w.offset >= position.offset)
     }
 
-    /// The last position written in `position`'s stream, if it is of the same epoch.
-    fn written_in(&mut self, position: &Position) -> Option<&mut Position> {
-        self.written.iter_mut().find(|w| w.key == position.key && w.epoch == position.epoch)
-    }
 
     /// Records `position` as written.
     pub fn advance(&mut self, position: Position) {
@@ -150,7 +151,7 @@ impl Tracking {
         if !matches!(position.key, StreamKey::Uid(_)) {
             return false;
         }
-        let Some(last) = self.written_in(position) else { return false };
+        let Some(last) = written_in(&mut self.written, position) else { return false };
         if position.offset <= last.offset + 1 {
             return false;
         }
@@ -169,7 +170,7 @@ impl Tracking {
         }
         // Told as this run, not again as a skip when the next message comes.
         if let Some(p) = msg.position {
-            if let Some(last) = self.written_in(&p) {
+            if let Some(last) = written_in(&mut self.written, &p) {
                 last.offset = last.offset.max(p.offset);
             }
         }
@@ -236,7 +237,7 @@ impl Tracking {
                     };
                     let to = run.to;
                     if let Some(from) = run.position.as_mut().filter(|_| run.before_replay) {
-                        let written = self.written.iter().find(|w| w.key == from.key && w.epoch == from.epoch).map(|w| w.offset);
+                        let written = written_in(&mut self.written, from).map(|w| w.offset);
                         if written.is_some_and(|w| w >= to) {
                             continue;
                         }

@@ -21,6 +21,14 @@ pub enum From {
     Start,
 }
 
+impl From {
+    /// A `since` no server wrote (later than now, past clock skew): like a position ahead,
+    /// reading from it would skip what the stream holds and call that recovered.
+    fn since_ahead(self) -> bool {
+        matches!(self, From::Since(since) if since > crate::clock::wall_ms() + SINCE_MARGIN_MS)
+    }
+}
+
 /// Why a stream could not be resumed from the client's position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
@@ -59,7 +67,7 @@ impl Found {
         let vouched_from = known_since_ms.max(crate::clock::wall_ms().saturating_sub(ttl.as_millis() as u64));
         let loss = match from {
             From::After(_) => Some(Loss::Unknown),
-            From::Since(since) if since > crate::clock::wall_ms() + SINCE_MARGIN_MS => Some(Loss::CursorAhead),
+            _ if from.since_ahead() => Some(Loss::CursorAhead),
             From::Since(since) if since < vouched_from => Some(Loss::Unknown),
             From::Since(_) | From::Start => None,
         };
@@ -83,11 +91,7 @@ pub fn select(from: From, tail: Position, kept: &[Arc<Message>], ttl: Duration) 
         From::After(p) if p.offset > tail.offset => return Found { messages: Vec::new(), tail: Some(tail), loss: Some(Loss::CursorAhead) },
         From::After(p) if p.offset + 1 < first => return all(Loss::Trimmed),
         From::After(p) => (p.offset + 1 - first) as usize,
-        // A `since` no server wrote (later than now, past clock skew): like a position
-        // ahead, it would skip what the stream holds and call that recovered.
-        From::Since(since_ms) if since_ms > crate::clock::wall_ms() + SINCE_MARGIN_MS => {
-            return Found { messages: Vec::new(), tail: Some(tail), loss: Some(Loss::CursorAhead) };
-        }
+        _ if from.since_ahead() => return Found { messages: Vec::new(), tail: Some(tail), loss: Some(Loss::CursorAhead) },
         From::Since(since_ms) => {
             let from_ms = since_ms.saturating_sub(SINCE_MARGIN_MS);
             // Messages before the oldest kept may have come after `since`, unless they

@@ -84,12 +84,17 @@ enum KeyClaim {
 }
 
 impl KeyClaim {
+    /// The first request's message id, for a retry.
+    fn first(&self) -> Option<u64> {
+        match self {
+            KeyClaim::Retry(first) => Some(*first),
+            _ => None,
+        }
+    }
+
     /// The id `job` is published under: a retry's, the first request's.
     fn id_of(&self, job: &Job<'_>) -> u64 {
-        match self {
-            KeyClaim::Retry(first) => *first,
-            _ => job.draft.id,
-        }
+        self.first().unwrap_or(job.draft.id)
     }
 }
 
@@ -538,18 +543,11 @@ impl Nodes {
         // Per job: its streams with the channels each was published to, and its wait.
         let mut planned = Vec::with_capacity(jobs.len());
         for (job, claim) in jobs.iter().zip(&claims) {
-            let retried;
-            let draft = match claim {
-                KeyClaim::Refused => {
-                    planned.push((Vec::new(), None));
-                    continue;
-                }
-                KeyClaim::Retry(first) => {
-                    retried = Draft { id: *first, ..job.draft };
-                    &retried
-                }
-                KeyClaim::Ours => &job.draft,
-            };
+            if matches!(claim, KeyClaim::Refused) {
+                planned.push((Vec::new(), None));
+                continue;
+            }
+            let draft = &Draft { id: claim.id_of(job), ..job.draft };
             let published_ms = published_ms(draft);
             let envelope = draft.open_envelope();
             let relay = |group, target| Relay { origin: self.node, id: draft.id, published_ms, group: group as u8, sequence: 0, except: draft.except, target, envelope: "" }.encode();
@@ -614,14 +612,11 @@ impl Nodes {
         };
         let mut answers = Vec::with_capacity(jobs.len());
         for ((job, (streams, own)), claim) in jobs.iter().zip(planned).zip(claims) {
-            let (id, first) = match claim {
-                KeyClaim::Refused => {
-                    answers.push(Ok(Published::Mismatch));
-                    continue;
-                }
-                KeyClaim::Retry(first) => (first, Some(first)),
-                KeyClaim::Ours => (job.draft.id, None),
-            };
+            if matches!(claim, KeyClaim::Refused) {
+                answers.push(Ok(Published::Mismatch));
+                continue;
+            }
+            let (id, first) = (claim.id_of(job), claim.first());
             let (key, kind) = (job.key, job.target.kind());
             let mut result = Delivered { first, ..Delivered::default() };
             let (mut repeated, mut remembered, mut mismatched, mut published) = (Vec::new(), Vec::new(), false, false);

@@ -278,10 +278,6 @@ impl Registrar {
                     // and the sessions in its slots gone. After any break, all is written
                     // again (found by an attack: a shard restarted empty left a third of
                     // the connected clients unreachable for good, untold).
-                    let shard_may_have_lost = self.redis.sharded() && breaks != breaks_before && matches!(liveness, Liveness::Held);
-                    if shard_may_have_lost {
-                        tracing::warn!("a link to a Redis Cluster shard broke: writing every session again, in case that shard came back without them");
-                    }
                     match liveness {
                         Liveness::Missing => {
                             must_register = true;
@@ -290,7 +286,8 @@ impl Registrar {
                             // them again now, not a third of the history TTL from now.
                             relisten.reset_immediately();
                         }
-                        Liveness::Held if shard_may_have_lost => {
+                        Liveness::Held if self.redis.sharded() && breaks != breaks_before => {
+                            tracing::warn!("a link to a Redis Cluster shard broke: writing every session again, in case that shard came back without them");
                             must_register = true;
                             relisten.reset_immediately();
                         }

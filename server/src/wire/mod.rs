@@ -199,6 +199,12 @@ impl Message {
         Message { id, position, ws, sse: OnceLock::new(), accepted_at, except: None, answer: false, terminates }
     }
 
+    /// Whether it is a notice (`gap`, ...) rather than a message: its envelope's type, as
+    /// its SSE event is named.
+    pub fn is_notice(&self) -> bool {
+        sse_kind(self.envelope()) != "message"
+    }
+
     /// The same message, not delivered to the topic subscriber with this session.
     pub fn except(self, session: Option<u64>) -> Message {
         Message { except: session, ..self }
