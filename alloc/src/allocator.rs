@@ -68,6 +68,20 @@ pub struct SiteAllocator;
 
 static TRACKING: AtomicBool = AtomicBool::new(true);
 
+/// Keeps glibc's own malloc to one arena. It still serves what C code allocates
+/// (`opendir` in the profiler's thread walk, libc internals), and by default gives each
+/// thread that calls it an arena of its own: 64 MiB of address space apiece, which
+/// `gcore` writes out as zeros (450 MB of an idle two-core server's 590 MB core, 129 MB
+/// without them). What little goes through it needs no arena per thread. Call it before
+/// any thread starts.
+pub fn one_libc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable of glibc's allocator; no other thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Stops charging allocations to sites, for the life of the process. Call it before the
 /// runtime starts: counters of memory allocated before it are left as they were, so
 /// the table stops meaning anything and the server reports tracking as off.

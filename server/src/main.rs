@@ -14,6 +14,7 @@ use pushline_alloc::SiteAllocator;
 static ALLOCATOR: SiteAllocator = SiteAllocator;
 
 fn main() -> ExitCode {
+    pushline_alloc::allocator::one_libc_arena();
     if std::env::args().nth(1).as_deref() == Some(pushline::SYMBOLIZE) {
         let named = std::env::args().nth(3).as_deref() == Some("pprof");
         return symbolize(std::env::args().nth(2).as_deref().and_then(Kind::parse), named);

@@ -88,15 +88,22 @@ async fn objects_and_gdb_on_a_core_count_the_connections() {
     std::fs::create_dir_all(&dir).unwrap();
     let prefix = dir.join("core");
     let gcore = std::process::Command::new("gcore").args(["-o", prefix.to_str().unwrap(), &server.pid().to_string()]).output().expect("gcore (apt-get install gdb)");
-    assert!(gcore.status.success(), "gcore: {}", String::from_utf8_lossy(&gcore.stderr));
+    // gcore says it saved the core and exits 0 even when writing it out failed after
+    // that (a full disk, or gdb killed): its own words and the file's size tell which.
+    let said = format!("{}{}", String::from_utf8_lossy(&gcore.stdout), String::from_utf8_lossy(&gcore.stderr));
     let core = format!("{}.{}", prefix.display(), server.pid());
+    let size = std::fs::metadata(&core).map(|m| m.len()).unwrap_or(0);
+    assert!(gcore.status.success() && said.contains("Saved corefile") && size > 0, "gcore wrote {size} bytes: {said}");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/gdb/pushline.py");
     let gdb = std::process::Command::new("gdb")
         .args(["-batch", "-ex", &format!("source {script}"), "-ex", "pushline-sites", bin("pushline").to_str().unwrap(), &core])
         .output()
         .expect("gdb (apt-get install gdb)");
     let out = String::from_utf8_lossy(&gdb.stdout);
-    let row = out.lines().find(|l| l.starts_with("sessions")).unwrap_or_else(|| panic!("no site table in gdb output:\n{out}\n{}", String::from_utf8_lossy(&gdb.stderr)));
+    let row = out.lines().find(|l| l.starts_with("sessions")).unwrap_or_else(|| {
+        let free = std::process::Command::new("df").arg(&dir).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        panic!("no site table in gdb output (core of {size} bytes; gcore said: {said}; {free}):\n{out}\n{}", String::from_utf8_lossy(&gdb.stderr))
+    });
     let live_allocs: i64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(live_allocs >= N as i64, "each connection holds its record: {row}");
     std::fs::remove_dir_all(&dir).unwrap();
