@@ -4,7 +4,8 @@
 //! CA and client certificate from `--redis-ca`, `--redis-client-cert`, `--redis-client-key`.
 //!
 //! Both speak RESP3 so that commands and subscriptions share one multiplexed connection;
-//! the `redis` crate reconnects and resubscribes by itself after a connection is lost.
+//! the `redis` crate reconnects and resubscribes by itself after a connection is lost,
+//! and a Cluster link that stops answering altogether is made anew ([`cluster`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -13,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig, SendError};
 use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
 use redis::{ClientTlsConfig, Cmd, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, RedisResult, RedisWrite, TlsCertificates, ToRedisArgs, Value};
 use tokio::sync::mpsc::{self, error::TrySendError, Receiver};
 
+mod cluster;
 mod sentinel;
 
+use cluster::Cluster;
 use sentinel::{sentinel_client, Following};
 
 use crate::config::{redacted_all, Config, RegistryKind};
@@ -92,7 +94,7 @@ impl AsyncPushSender for Pushes {
 #[derive(Clone)]
 enum Link {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
     Sentinel(Arc<Following>),
 }
 
@@ -160,7 +162,7 @@ impl Redis {
             RegistryKind::RedisCluster => {
                 let mut builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
                     .use_protocol(ProtocolVersion::RESP3)
-                    .push_sender(pushes)
+                    .push_sender(pushes.clone())
                     .retries(1)
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT);
@@ -168,11 +170,7 @@ impl Redis {
                     builder = builder.certs(certificates);
                 }
                 let client = builder.build().map_err(bad_url)?;
-                let connection = tokio::time::timeout(CONNECT_TIMEOUT * 5, client.get_async_connection())
-                    .await
-                    .map_err(|_| Error::unavailable(format!("cannot reach the Redis Cluster at {shown}: timed out")))?
-                    .map_err(|e| Error::unavailable(format!("cannot reach the Redis Cluster at {shown}: {e}")))?;
-                Link::Cluster(connection)
+                Link::Cluster(Cluster::connect(client, pushes, shown.clone()).await?)
             }
             RegistryKind::RedisSentinel => {
                 let master = urls[0].as_str().into_connection_info().map_err(bad_url)?;
@@ -229,7 +227,7 @@ impl Redis {
         self.timed(command, 1, async {
             match self.link.clone() {
                 Link::Single(main) => self.on_single(main, |mut c| async move { cmd.query_async(&mut c).await }).await,
-                Link::Cluster(mut c) => cmd.query_async(&mut c).await,
+                Link::Cluster(c) => c.run(|mut c| async move { cmd.query_async(&mut c).await }).await,
                 Link::Sentinel(f) => f.checked(cmd.query_async(&mut f.master())).await,
             }
         })
@@ -251,10 +249,7 @@ impl Redis {
                 }
                 Link::Sentinel(f) => f.checked(pipeline(cmds).query_async(&mut f.master())).await,
                 Link::Cluster(c) => {
-                    let each = cmds.into_iter().map(|cmd| {
-                        let mut c = c.clone();
-                        async move { cmd.query_async::<Value>(&mut c).await }
-                    });
+                    let each = cmds.iter().map(|cmd| c.run(move |mut c| async move { cmd.query_async::<Value>(&mut c).await }));
                     futures_util::future::join_all(each).await.into_iter().collect()
                 }
             }
@@ -310,10 +305,7 @@ impl Redis {
                     Ok(results)
                 }
                 Link::Cluster(c) => {
-                    let each = cmds.into_iter().map(|cmd| {
-                        let mut c = c.clone();
-                        async move { cmd.query_async::<Value>(&mut c).await }
-                    });
+                    let each = cmds.iter().map(|cmd| c.run(move |mut c| async move { cmd.query_async::<Value>(&mut c).await }));
                     Ok(futures_util::future::join_all(each).await)
                 }
             }
@@ -326,7 +318,7 @@ impl Redis {
         self.timed(RedisCommand::Subscribe, 1, async {
             match self.link.clone() {
                 Link::Single(mut c) => c.subscribe(channel).await,
-                Link::Cluster(mut c) => c.ssubscribe(channel).await,
+                Link::Cluster(c) => c.subscribe(channel).await,
                 Link::Sentinel(f) => f.subscribe(channel).await,
             }
         })
