@@ -197,6 +197,62 @@ async fn a_cluster_shard_restarting_empty_leaves_every_client_reachable() {
     }
 }
 
+/// A shard that loses keys with every link up (FLUSHALL on a shard without the node's
+/// liveness key) is noticed by the node's mark there: its sessions and its run's listing
+/// are written again, and its clients told of the gap (attack 40, N2 and N3).
+#[tokio::test]
+async fn a_cluster_shard_flushed_with_its_link_up_leaves_every_client_reachable() {
+    let cluster = RedisCluster::start();
+    let a = node(RegistryKind::RedisCluster, cluster.urls()).await;
+    let b = node(RegistryKind::RedisCluster, cluster.urls()).await;
+    let mut clients = Vec::new();
+    let mut b_id = 0;
+    for n in 0..30 {
+        let uid = format!("flushed{n}");
+        let (client, welcome) = ws(b.client, &format!("uid={uid}")).await;
+        b_id = node_of(&welcome);
+        clients.push((uid, client));
+    }
+    let key = |uid: &str| format!("pushline:uid:{uid}");
+    let liveness = cluster.owner(&format!("pushline:node:{b_id}"));
+    let victim = (0..3)
+        .find(|shard| *shard != liveness && clients.iter().any(|(uid, _)| cluster.owner(&key(uid)) == *shard))
+        .expect("a shard holding sessions and not the liveness key");
+    let lost: Vec<String> = clients.iter().map(|(uid, _)| uid.clone()).filter(|uid| cluster.owner(&key(uid)) == victim).collect();
+    // The marks are set with the first liveness refresh after the node started: wait
+    // for the one in the victim's slots before flushing it.
+    let deadline = Instant::now() + WAIT * 2;
+    while !cluster.nodes[victim].cli(&["keys", &format!("pushline:shard:*:{b_id}")]).contains("pushline:shard:") {
+        assert!(Instant::now() < deadline, "node {b_id} never set its mark in shard {victim}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cluster.nodes[victim].cli(&["flushall"]), "OK");
+    let deadline = Instant::now() + WAIT * 2;
+    while lost.iter().any(|uid| cluster.nodes[victim].cli(&["hlen", &key(uid)]) != "1") {
+        assert!(Instant::now() < deadline, "the sessions of the flushed shard were never written again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let runs = cluster.nodes[cluster.owner("pushline:nodes")].cli(&["smembers", "pushline:nodes"]);
+    assert!(runs.lines().any(|run| run.starts_with(&format!("{b_id}:"))), "node {b_id}'s run is listed for the reaper: {runs}");
+    for (n, (uid, client)) in clients.iter_mut().enumerate() {
+        let body = push(a.client, &[uid.as_str()], json!(n)).await;
+        assert_eq!(body["delivered"], 1, "{uid} (its shard was flushed: {}): {body}", lost.contains(uid));
+        // Before it, `relay_lost` (pushes may have found it offline meanwhile), and for
+        // the uids of that shard `epoch_changed` (their history went with it).
+        let mut told = false;
+        let got = loop {
+            let got = next_json(client).await;
+            if got["type"] != "gap" {
+                break got;
+            }
+            told |= got["reason"] == "relay_lost";
+            assert!(got["reason"] == "relay_lost" || (got["reason"] == "epoch_changed" && lost.contains(uid)), "{got}");
+        };
+        assert!(told, "{uid} was told of the gap");
+        assert_eq!(got["data"], n, "{got}");
+    }
+}
+
 #[tokio::test]
 async fn topics_and_broadcasts_reach_every_node() {
     let redis = RedisServer::start();

@@ -14,6 +14,7 @@ pub mod members;
 pub mod occupancy;
 pub mod presence;
 pub mod relay;
+pub mod shards;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -12,6 +12,9 @@
 //!   found without scanning every uid.
 //! - `P:nodes`: a set of `<id>:<epoch>`, every node run that has registered sessions and
 //!   not yet been cleaned up after.
+//! - `P:shard:{TAG}:<id>`: on a Redis Cluster, the node's epoch in each range of slots,
+//!   with the liveness key's TTL: how a shard that lost keys with its link up is noticed
+//!   (`shards`).
 //!
 //! Every node reaps: once per `--node-ttl` it reads `P:nodes`, and for a run whose
 //! liveness key is gone (or holds a newer epoch) it takes a short lock, deletes that
@@ -51,6 +54,7 @@ use crate::presence::Presence;
 use super::listed::Listed;
 use super::members::Members;
 use super::occupancy::Occupancy;
+use super::shards::ShardMarks;
 use crate::session::SessionId;
 use crate::telemetry::{Metrics, RedisCommand};
 
@@ -83,6 +87,11 @@ impl Keys {
     /// The live sessions of one run of a node.
     pub fn sessions(&self, node: u16, epoch: u64) -> String {
         format!("{}:sessions:{node}:{epoch}", self.prefix)
+    }
+
+    /// A node's mark in the shard that holds hash tag `tag` (see `shards`).
+    pub fn shard_mark(&self, tag: &str, node: u16) -> String {
+        format!("{}:shard:{{{tag}}}:{node}", self.prefix)
     }
 
     /// The node runs that have registered sessions.
@@ -217,6 +226,7 @@ impl Registrar {
         // then no `relay_lost` was told, and pushes meanwhile found none of its clients.
         let mut breaks_before = self.redis.breaks();
         let mut lost_unbroken = false;
+        let mut marks = ShardMarks::default();
         let mut reap = tokio::time::interval(self.ttl);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let retry_timer = tokio::time::sleep(retry);
@@ -301,6 +311,16 @@ impl Registrar {
                             continue;
                         }
                         Liveness::Held | Liveness::Unknown => {}
+                    }
+                    // A shard that lost keys with its link up (see `shards`).
+                    if self.redis.sharded() && matches!(liveness, Liveness::Held | Liveness::Missing) {
+                        let lost = marks.refresh(&self.redis, &self.keys, self.node, self.epoch, self.ttl).await;
+                        if lost == Some(true) && !must_register {
+                            tracing::warn!("a Redis Cluster shard lost this node's mark with its link up (a FLUSHALL or an eviction?): writing every session again");
+                            must_register = true;
+                            lost_unbroken |= breaks == breaks_before;
+                            relisten.reset_immediately();
+                        }
                     }
                     if must_register {
                         match self.announce().await {
