@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the hot paths: framing a message, the JSON envelope and
-//! its relay between nodes, session and message ids, and enqueueing a fan-out.
+//! its relay between nodes, session and message ids, keeping a message in the memory
+//! history, and enqueueing a fan-out.
 //!
 //!     cargo bench -p pushline-bench --bench hot_paths
 
@@ -12,6 +13,8 @@ use pushline::config::SlowConsumer;
 use pushline::conn::queue::Limits;
 use pushline::conn::inbox::Inbox;
 use pushline::conn::Conn;
+use pushline::history::memory::MemoryHistory;
+use pushline::history::{Settings, Stream};
 use pushline::registry::relay::{Relay, Target};
 use pushline::session::{MessageIds, SessionIds};
 use pushline::telemetry::Metrics;
@@ -59,6 +62,25 @@ fn ids(c: &mut Criterion) {
     c.bench_function("message_id/next", |b| b.iter(|| messages.next()));
 }
 
+/// A push's append to its uid stream, one node: 1,000 uid streams already full (as they
+/// are once a server has run a while), appended to in turn.
+fn history_append(c: &mut Criterion) {
+    const STREAMS: usize = 1000;
+    let settings = Settings::from_config(&pushline::Config::for_loopback());
+    let history = MemoryHistory::new(settings, Arc::new(Metrics::new()));
+    let streams: Vec<Stream> = (0..STREAMS).map(|i| Stream::Uid(Arc::from(format!("u{i}")))).collect();
+    let msg = Arc::new(Message::new(1, None, DATA_100B, None, Instant::now()));
+    for stream in &streams {
+        for _ in 0..history.settings().size {
+            history.append(stream, true, "", |_| msg.clone());
+        }
+    }
+    let mut next = streams.iter().cycle();
+    c.bench_function("history_append/full uid stream of 1000", |b| {
+        b.iter(|| history.append(next.next().unwrap(), true, "", |_| msg.clone()))
+    });
+}
+
 fn fanout_enqueue(c: &mut Criterion) {
     const CONNECTIONS: usize = 10_000;
     let metrics = Metrics::new();
@@ -88,5 +110,5 @@ fn fanout_enqueue(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, framing, relay, ids, fanout_enqueue);
+criterion_group!(benches, framing, relay, ids, history_append, fanout_enqueue);
 criterion_main!(benches);

@@ -142,6 +142,71 @@ async fn a_push_right_after_the_welcome_reaches_the_client_through_another_node(
     }
 }
 
+/// Thirty clients of one node on a Cluster, and a shard that holds some of their
+/// sessions but not their node's liveness key: what a shard losing its keys costs.
+struct ShardLoss {
+    clients: Vec<(String, Ws)>,
+    node: u64,
+    victim: usize,
+    /// The uids whose sessions are in the victim shard.
+    lost: Vec<String>,
+}
+
+fn uid_key(uid: &str) -> String {
+    format!("pushline:uid:{uid}")
+}
+
+impl ShardLoss {
+    async fn open(cluster: &RedisCluster, at: SocketAddr, name: &str) -> ShardLoss {
+        let mut clients = Vec::new();
+        let mut node = 0;
+        for n in 0..30 {
+            let uid = format!("{name}{n}");
+            let (client, welcome) = ws(at, &format!("uid={uid}")).await;
+            node = node_of(&welcome);
+            clients.push((uid, client));
+        }
+        let liveness = cluster.owner(&format!("pushline:node:{node}"));
+        let victim = (0..3)
+            .find(|shard| *shard != liveness && clients.iter().any(|(uid, _)| cluster.owner(&uid_key(uid)) == *shard))
+            .expect("a shard holding sessions and not the liveness key");
+        let lost = clients.iter().map(|(uid, _)| uid.clone()).filter(|uid| cluster.owner(&uid_key(uid)) == victim).collect();
+        ShardLoss { clients, node, victim, lost }
+    }
+
+    /// Until Redis itself lists the victim's sessions again: nothing the node exports
+    /// would say (it counted them all written throughout).
+    async fn wait_written_again(&self, cluster: &RedisCluster) {
+        let deadline = Instant::now() + WAIT * 2;
+        while self.lost.iter().any(|uid| cluster.nodes[self.victim].cli(&["hlen", &uid_key(uid)]) != "1") {
+            assert!(Instant::now() < deadline, "the sessions of shard {} were never written again", self.victim);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Pushes to every client through `through`: each gets it, told first of the gap
+    /// (`relay_lost`), and for the victim's uids `epoch_changed` too (their history went
+    /// with the shard).
+    async fn each_reached(&mut self, through: SocketAddr) {
+        for (n, (uid, client)) in self.clients.iter_mut().enumerate() {
+            let lost = self.lost.contains(uid);
+            let body = push(through, &[uid.as_str()], json!(n)).await;
+            assert_eq!(body["delivered"], 1, "{uid} (in the shard that lost its keys: {lost}): {body}");
+            let mut told = false;
+            let got = loop {
+                let got = next_json(client).await;
+                if got["type"] != "gap" {
+                    break got;
+                }
+                told |= got["reason"] == "relay_lost";
+                assert!(got["reason"] == "relay_lost" || (got["reason"] == "epoch_changed" && lost), "{got}");
+            };
+            assert!(told, "{uid} was told of the gap");
+            assert_eq!(got["data"], n, "{got}");
+        }
+    }
+}
+
 /// A Cluster shard that restarts empty loses the sessions in its slots while the node's
 /// liveness key, in another shard, stands: after the break the node writes every session
 /// again. (Found by an attack: the uids of that shard were answered `delivered: 0` for
@@ -158,43 +223,11 @@ async fn a_cluster_shard_restarting_empty_leaves_every_client_reachable() {
         args.extend(["--redis-url", url.as_str()]);
     }
     let b = Process::spawn(&args, None);
-    let mut clients = Vec::new();
-    let mut b_id = 0;
-    for n in 0..30 {
-        let uid = format!("reachable{n}");
-        let (client, welcome) = ws(b.client, &format!("uid={uid}")).await;
-        b_id = node_of(&welcome);
-        clients.push((uid, client));
-    }
-    let key = |uid: &str| format!("pushline:uid:{uid}");
-    let liveness = cluster.owner(&format!("pushline:node:{b_id}"));
-    let victim = (0..3)
-        .find(|shard| *shard != liveness && clients.iter().any(|(uid, _)| cluster.owner(&key(uid)) == *shard))
-        .expect("a shard holding sessions and not the liveness key");
-    let lost: Vec<String> = clients.iter().map(|(uid, _)| uid.clone()).filter(|uid| cluster.owner(&key(uid)) == victim).collect();
-    cluster.restart_empty(victim);
-    assert_eq!(cluster.nodes[victim].cli(&["dbsize"]), "0", "the shard came back empty");
-    // Redis itself says when the sessions are back: nothing the node exports would (it
-    // counted them all written throughout).
-    let deadline = Instant::now() + WAIT * 2;
-    while lost.iter().any(|uid| cluster.nodes[victim].cli(&["hlen", &key(uid)]) != "1") {
-        assert!(Instant::now() < deadline, "the sessions of the shard that restarted were never written again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for (n, (uid, client)) in clients.iter_mut().enumerate() {
-        let body = push(a.client, &[uid.as_str()], json!(n)).await;
-        assert_eq!(body["delivered"], 1, "{uid} (its shard restarted: {}): {body}", lost.contains(uid));
-        // Before it: `relay_lost` (its node stopped hearing, and heard again), and for the
-        // uids of that shard `epoch_changed` (their history went with it).
-        let got = loop {
-            let got = next_json(client).await;
-            if got["type"] != "gap" {
-                break got;
-            }
-            assert!(got["reason"] == "relay_lost" || (got["reason"] == "epoch_changed" && lost.contains(uid)), "{got}");
-        };
-        assert_eq!(got["data"], n, "{got}");
-    }
+    let mut loss = ShardLoss::open(&cluster, b.client, "reachable").await;
+    cluster.restart_empty(loss.victim);
+    assert_eq!(cluster.nodes[loss.victim].cli(&["dbsize"]), "0", "the shard came back empty");
+    loss.wait_written_again(&cluster).await;
+    loss.each_reached(a.client).await;
 }
 
 /// A shard that loses keys with every link up (FLUSHALL on a shard without the node's
@@ -205,20 +238,8 @@ async fn a_cluster_shard_flushed_with_its_link_up_leaves_every_client_reachable(
     let cluster = RedisCluster::start();
     let a = node(RegistryKind::RedisCluster, cluster.urls()).await;
     let b = node(RegistryKind::RedisCluster, cluster.urls()).await;
-    let mut clients = Vec::new();
-    let mut b_id = 0;
-    for n in 0..30 {
-        let uid = format!("flushed{n}");
-        let (client, welcome) = ws(b.client, &format!("uid={uid}")).await;
-        b_id = node_of(&welcome);
-        clients.push((uid, client));
-    }
-    let key = |uid: &str| format!("pushline:uid:{uid}");
-    let liveness = cluster.owner(&format!("pushline:node:{b_id}"));
-    let victim = (0..3)
-        .find(|shard| *shard != liveness && clients.iter().any(|(uid, _)| cluster.owner(&key(uid)) == *shard))
-        .expect("a shard holding sessions and not the liveness key");
-    let lost: Vec<String> = clients.iter().map(|(uid, _)| uid.clone()).filter(|uid| cluster.owner(&key(uid)) == victim).collect();
+    let mut loss = ShardLoss::open(&cluster, b.client, "flushed").await;
+    let (victim, b_id) = (loss.victim, loss.node);
     // The marks are set with the first liveness refresh after the node started: wait
     // for the one in the victim's slots before flushing it.
     let deadline = Instant::now() + WAIT * 2;
@@ -227,30 +248,10 @@ async fn a_cluster_shard_flushed_with_its_link_up_leaves_every_client_reachable(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(cluster.nodes[victim].cli(&["flushall"]), "OK");
-    let deadline = Instant::now() + WAIT * 2;
-    while lost.iter().any(|uid| cluster.nodes[victim].cli(&["hlen", &key(uid)]) != "1") {
-        assert!(Instant::now() < deadline, "the sessions of the flushed shard were never written again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    loss.wait_written_again(&cluster).await;
     let runs = cluster.nodes[cluster.owner("pushline:nodes")].cli(&["smembers", "pushline:nodes"]);
     assert!(runs.lines().any(|run| run.starts_with(&format!("{b_id}:"))), "node {b_id}'s run is listed for the reaper: {runs}");
-    for (n, (uid, client)) in clients.iter_mut().enumerate() {
-        let body = push(a.client, &[uid.as_str()], json!(n)).await;
-        assert_eq!(body["delivered"], 1, "{uid} (its shard was flushed: {}): {body}", lost.contains(uid));
-        // Before it, `relay_lost` (pushes may have found it offline meanwhile), and for
-        // the uids of that shard `epoch_changed` (their history went with it).
-        let mut told = false;
-        let got = loop {
-            let got = next_json(client).await;
-            if got["type"] != "gap" {
-                break got;
-            }
-            told |= got["reason"] == "relay_lost";
-            assert!(got["reason"] == "relay_lost" || (got["reason"] == "epoch_changed" && lost.contains(uid)), "{got}");
-        };
-        assert!(told, "{uid} was told of the gap");
-        assert_eq!(got["data"], n, "{got}");
-    }
+    loss.each_reached(a.client).await;
 }
 
 #[tokio::test]
