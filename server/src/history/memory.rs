@@ -127,10 +127,14 @@ impl MemoryHistory {
             }
             return frame(None);
         }
-        let kept = shard.entry(stream.clone()).or_insert_with(|| {
+        // Looked up before inserting: a stream is nearly always there already, and the
+        // entry API would take a clone of its name for every append.
+        if !shard.contains_key(stream) {
             self.streams.fetch_add(1, Ordering::Relaxed);
-            Kept { epoch: new_epoch(), last: 0, entries: VecDeque::new(), bytes: 0, written_ms: now, owner: self.unowned.clone() }
-        });
+            let kept = Kept { epoch: new_epoch(), last: 0, entries: VecDeque::new(), bytes: 0, written_ms: now, owner: self.unowned.clone() };
+            shard.insert(stream.clone(), kept);
+        }
+        let Some(kept) = shard.get_mut(stream) else { unreachable!("inserted above, under the shard's lock") };
         let charged_before = kept.bytes;
         kept.last += 1;
         kept.written_ms = now;
@@ -139,7 +143,8 @@ impl MemoryHistory {
         kept.entries.push_back(msg.clone());
         kept.bytes += size;
         let (mut gone, mut gone_bytes) = (0, 0);
-        let oldest_kept_ms = crate::clock::wall_ms().saturating_sub(self.settings.ttl.as_millis() as u64);
+        // The new message's id carries the wall clock it was made at: now, read once.
+        let oldest_kept_ms = id_time_ms(msg.id).saturating_sub(self.settings.ttl.as_millis() as u64);
         while kept.entries.len() > self.settings.size || kept.entries.front().is_some_and(|m| id_time_ms(m.id) < oldest_kept_ms) {
             let Some(old) = kept.entries.pop_front() else { break };
             gone += 1;
