@@ -341,6 +341,9 @@ impl Registrar {
                     if !must_register && matches!(liveness, Liveness::Held | Liveness::Missing) {
                         relisting = Some(breaks);
                     }
+                    if matches!(liveness, Liveness::Held | Liveness::Missing) {
+                        pending.repeat_closes();
+                    }
                     // A refresh that could not reach Redis judges nothing: the breaks
                     // since are weighed at the next.
                     if !matches!(liveness, Liveness::Unknown) {
@@ -506,7 +509,7 @@ impl Registrar {
                 return Err(e);
             }
             for (session, _, _) in &batch {
-                pending.remove(session);
+                pending.written(session);
                 if let Some(told) = waiting.remove(session) {
                     let _ = told.send(());
                 }
@@ -659,7 +662,7 @@ impl Registrar {
     /// yet), so each is marked tried: its close is written even if it comes first.
     fn register_again(&self, pending: &mut Unwritten) {
         self.hub.for_each(|conn| {
-            pending.insert(conn.session, Pending { uid: Arc::from(conn.uid.as_str()), opened: true, tried: true });
+            pending.insert(conn.session, Pending { uid: Arc::from(conn.uid.as_str()), opened: true, tried: true, repeat: false });
         });
     }
 
@@ -692,6 +695,11 @@ struct Pending {
     opened: bool,
     /// A write of it was sent and failed; Redis may have applied it anyway.
     tried: bool,
+    /// A close whose open was sent and failed: that open may still reach Redis after the
+    /// close does (the redis crate retries a Cluster's CLUSTERDOWN by itself, past the
+    /// node's own timeout: found by an attack, a refused handshake's session listed for
+    /// good), so the close is written once more a while later.
+    repeat: bool,
 }
 
 /// Session changes not yet known to be written, latest per session, with their balance
@@ -702,6 +710,10 @@ struct Pending {
 struct Unwritten {
     changes: HashMap<SessionId, Pending>,
     balance: i64,
+    /// Closes written that are to be written once more, since the last liveness refresh,
+    /// and since the one before: a close is repeated two refreshes after it was written.
+    written_to_repeat: Vec<(SessionId, Arc<str>)>,
+    repeating: Vec<(SessionId, Arc<str>)>,
 }
 
 impl Unwritten {
@@ -724,6 +736,23 @@ impl Unwritten {
 
     fn get(&self, session: &SessionId) -> Option<&Pending> {
         self.changes.get(session)
+    }
+
+    /// Its change is in Redis.
+    fn written(&mut self, session: &SessionId) {
+        if let Some(change) = self.changes.get(session).filter(|c| c.repeat) {
+            self.written_to_repeat.push((*session, change.uid.clone()));
+        }
+        self.remove(session);
+    }
+
+    /// At a liveness refresh that reached Redis: the closes to repeat that were written
+    /// before the previous refresh are pending again, once.
+    fn repeat_closes(&mut self) {
+        let due = std::mem::replace(&mut self.repeating, std::mem::take(&mut self.written_to_repeat));
+        for (session, uid) in due {
+            self.insert(session, Pending { uid, opened: false, tried: false, repeat: false });
+        }
     }
 
     /// A write of it was sent and failed.
@@ -775,15 +804,13 @@ fn coalesce(pending: &mut Unwritten, change: Change) {
         // Told nothing: whoever waits for it is told it was not written.
         Change::Listening(_) | Change::Member(..) | Change::Written(..) => {}
         Change::Opened(session, uid) => {
-            pending.insert(session, Pending { uid, opened: true, tried: false });
+            pending.insert(session, Pending { uid, opened: true, tried: false, repeat: false });
         }
-        Change::Closed(session, uid) => {
-            if let Some(Pending { opened: true, tried: false, .. }) = pending.get(&session) {
-                pending.remove(&session);
-            } else {
-                pending.insert(session, Pending { uid, opened: false, tried: false });
-            }
-        }
+        Change::Closed(session, uid) => match pending.get(&session) {
+            Some(Pending { opened: true, tried: false, .. }) => pending.remove(&session),
+            Some(Pending { opened: true, tried: true, .. }) => pending.insert(session, Pending { uid, opened: false, tried: false, repeat: true }),
+            _ => pending.insert(session, Pending { uid, opened: false, tried: false, repeat: false }),
+        },
     }
 }
 
@@ -805,14 +832,29 @@ mod tests {
     }
 
     #[test]
-    fn a_close_after_a_failed_open_is_still_written() {
+    fn a_close_after_a_failed_open_is_still_written_and_once_more_later() {
         let mut pending = Unwritten::default();
         let uid: Arc<str> = Arc::from("bob");
         coalesce(&mut pending, Change::Opened(SessionId(1), uid.clone()));
         // The HSET was sent and failed: Redis may hold it, so the HDEL must go out.
         pending.mark_tried(&SessionId(1));
-        coalesce(&mut pending, Change::Closed(SessionId(1), uid));
+        coalesce(&mut pending, Change::Closed(SessionId(1), uid.clone()));
         assert!(!pending[&SessionId(1)].opened);
+        // A close of an open that was written is written once.
+        coalesce(&mut pending, Change::Closed(SessionId(2), uid));
+        pending.written(&SessionId(1));
+        pending.written(&SessionId(2));
+        assert!(pending.is_empty());
+        // The HSET may land after the HDEL: the HDEL goes out again, two refreshes on.
+        pending.repeat_closes();
+        assert!(pending.is_empty(), "not at the first refresh after it was written");
+        pending.repeat_closes();
+        assert_eq!(pending.keys().copied().collect::<Vec<_>>(), [SessionId(1)]);
+        assert!(!pending[&SessionId(1)].opened && !pending[&SessionId(1)].repeat);
+        pending.written(&SessionId(1));
+        pending.repeat_closes();
+        pending.repeat_closes();
+        assert!(pending.is_empty(), "once");
     }
 
     #[test]
