@@ -120,7 +120,7 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
         };
         positions.extend(stands);
         replayed += found.messages.len();
-        for gap in found.loss.map(|loss| gaps_before(stream, from, loss, kept_from, &found.messages)).unwrap_or_default() {
+        for gap in found.loss.map(|loss| gaps_before(stream, from, loss, kept_from, &found.messages, found.tail)).unwrap_or_default() {
             replay_bytes += gap.bytes(conn.transport).len();
             replay.push_back(Replayed::Message(gap));
         }
@@ -146,9 +146,10 @@ pub async fn resume(history: &History, conn: &Conn, request: &Request, plan: Vec
 /// connection that drops before its `resumed` would otherwise leave the client with a gap
 /// it was never told of. What history no longer holds is told `trimmed`, and what it
 /// holds but the queue limit cut `queue_limit` (a later resume may still give those), each
-/// with its range; a replaced epoch `epoch_changed`, from the client's old position.
-fn gaps_before(stream: &Stream, from: &From, loss: Loss, kept_from: Option<Position>, replayed: &[Arc<Message>]) -> Vec<Arc<Message>> {
-    let Some(first) = replayed.first().and_then(|m| m.position) else { return Vec::new() };
+/// with its range; a replaced epoch `epoch_changed`, from the client's old position, then
+/// the new epoch's own ranges. When the queue limit cut all of a stream, the ranges run to
+/// its last offset (`tail`).
+fn gaps_before(stream: &Stream, from: &From, loss: Loss, kept_from: Option<Position>, replayed: &[Arc<Message>], tail: Option<Position>) -> Vec<Arc<Message>> {
     let key = stream.key().to_string();
     let gap = |mut fields: serde_json::Value, reason: Loss| {
         fields["type"] = "gap".into();
@@ -156,17 +157,26 @@ fn gaps_before(stream: &Stream, from: &From, loss: Loss, kept_from: Option<Posit
         fields["reason"] = <&str>::from(reason).into();
         Arc::new(Message::from_envelope(0, &fields.to_string(), None, std::time::Instant::now()))
     };
-    let range = |from: u64, to: u64, reason| (from <= to).then(|| gap(serde_json::json!({ "epoch": epoch_text(first.epoch), "from": from, "to": to }), reason));
-    // The client's last offset in the replayed epoch (none before the first: a mailbox).
+    let mut gaps = Vec::new();
+    if let (Loss::EpochChanged, From::After(p)) = (loss, from) {
+        gaps.push(gap(serde_json::json!({ "epoch": epoch_text(p.epoch), "from": p.offset + 1 }), loss));
+    }
+    // Where the replay starts: its first message, else just past the stream's last.
+    let next = replayed.first().and_then(|m| m.position).or_else(|| tail.map(|t| Position { offset: t.offset + 1, ..t }));
+    let Some(next) = next else { return gaps };
+    let range = |from: u64, to: u64, reason| (from <= to).then(|| gap(serde_json::json!({ "epoch": epoch_text(next.epoch), "from": from, "to": to }), reason));
+    // The client's last offset in the replayed epoch (none before the first: a mailbox,
+    // or an epoch it never saw).
     let held = match (loss, from) {
-        (Loss::EpochChanged, From::After(p)) => return vec![gap(serde_json::json!({ "epoch": epoch_text(p.epoch), "from": p.offset + 1 }), loss)],
-        (Loss::Trimmed | Loss::QueueLimit, From::After(p)) if p.epoch == first.epoch => p.offset,
+        (Loss::EpochChanged, From::After(_)) => 0,
+        (Loss::Trimmed | Loss::QueueLimit, From::After(p)) if p.epoch == next.epoch => p.offset,
         (Loss::Trimmed | Loss::QueueLimit, From::Start) => 0,
         (Loss::Trimmed | Loss::QueueLimit, From::Since(_)) => return vec![gap(serde_json::json!({}), loss)],
         _ => return Vec::new(),
     };
-    let kept = kept_from.filter(|k| k.epoch == first.epoch).map_or(first.offset, |k| k.offset);
-    [range(held + 1, kept - 1, Loss::Trimmed), range(kept, first.offset - 1, Loss::QueueLimit)].into_iter().flatten().collect()
+    let kept = kept_from.filter(|k| k.epoch == next.epoch).map_or(next.offset, |k| k.offset);
+    gaps.extend([range(held + 1, kept - 1, Loss::Trimmed), range(kept, next.offset - 1, Loss::QueueLimit)].into_iter().flatten());
+    gaps
 }
 
 /// Drops the oldest messages of `found`, across its streams, until what is left takes at
@@ -213,6 +223,42 @@ mod tests {
 
         let mailbox = plan("alice", &topics, &Request { cursor: None, mailbox: true }).unwrap();
         assert_eq!(mailbox, vec![(Stream::Uid("alice".into()), From::Start)]);
+    }
+
+    /// The gap notices' fields, in order.
+    fn told(gaps: &[Arc<Message>]) -> Vec<serde_json::Value> {
+        gaps.iter().map(|g| serde_json::from_slice(g.envelope()).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_new_epoch_cut_by_the_queue_is_told_after_the_old_epochs_gap() {
+        let stream = Stream::Uid("alice".into());
+        let at = |epoch, offset| Position { key: stream.key(), epoch, offset };
+        let replayed = [Arc::new(Message::new(9, None, "1", Some(at(2, 9)), std::time::Instant::now()))];
+        let gaps = gaps_before(&stream, &From::After(at(1, 30)), Loss::EpochChanged, Some(at(2, 1)), &replayed, Some(at(2, 9)));
+        let told = told(&gaps);
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert_eq!((told[0]["reason"].as_str(), told[0]["epoch"].as_str(), told[0]["from"].as_u64()), (Some("epoch_changed"), Some(epoch_text(1).as_str()), Some(31)));
+        assert_eq!((told[1]["reason"].as_str(), told[1]["epoch"].as_str()), (Some("queue_limit"), Some(epoch_text(2).as_str())));
+        assert_eq!((told[1]["from"].as_u64(), told[1]["to"].as_u64()), (Some(1), Some(8)));
+    }
+
+    #[test]
+    fn a_stream_the_queue_cut_whole_is_told_up_to_its_last_offset() {
+        let stream = Stream::Topic("news".into());
+        let at = |offset| Position { key: stream.key(), epoch: 7, offset };
+        let gaps = gaps_before(&stream, &From::After(at(3)), Loss::QueueLimit, Some(at(5)), &[], Some(at(20)));
+        let told = told(&gaps);
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert_eq!((told[0]["reason"].as_str(), told[0]["from"].as_u64(), told[0]["to"].as_u64()), (Some("trimmed"), Some(4), Some(4)));
+        assert_eq!((told[1]["reason"].as_str(), told[1]["from"].as_u64(), told[1]["to"].as_u64()), (Some("queue_limit"), Some(5), Some(20)));
+        // An epoch change with nothing kept of the new epoch: the old epoch's gap alone.
+        let gaps = gaps_before(&stream, &From::After(at(3)), Loss::EpochChanged, None, &[], None);
+        assert_eq!(told_reasons(&gaps), ["epoch_changed"]);
+    }
+
+    fn told_reasons(gaps: &[Arc<Message>]) -> Vec<String> {
+        told(gaps).iter().map(|g| g["reason"].as_str().unwrap_or_default().to_owned()).collect()
     }
 
     #[test]
