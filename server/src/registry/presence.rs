@@ -314,7 +314,7 @@ impl Registrar {
                     }
                     // A shard that lost keys with its link up (see `shards`).
                     if self.redis.sharded() && matches!(liveness, Liveness::Held | Liveness::Missing) {
-                        let lost = marks.refresh(&self.redis, &self.keys, self.node, self.epoch, self.ttl).await;
+                        let lost = marks.refresh(&self.redis, |tag| self.keys.shard_mark(tag, self.node), self.epoch, self.ttl).await;
                         if lost == Some(true) && !must_register {
                             tracing::warn!("a Redis Cluster shard lost this node's mark with its link up (a FLUSHALL or an eviction?): writing every session again");
                             must_register = true;

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use redis::{Cmd, Value};
 
-use super::presence::Keys;
 use crate::redis_link::Redis;
 use crate::telemetry::RedisCommand;
 
@@ -29,9 +28,10 @@ pub struct ShardMarks {
 }
 
 impl ShardMarks {
-    /// Sets this node's mark in every range of slots; true when a mark it had set was
-    /// gone (its shard lost keys), None when the Cluster could not be asked.
-    pub async fn refresh(&mut self, redis: &Redis, keys: &Keys, node: u16, epoch: u64, ttl: Duration) -> Option<bool> {
+    /// Sets this node's mark (`key` of a hash tag) to its `epoch` in every range of slots;
+    /// true when a mark it had set was gone (its shard lost keys), None when the Cluster
+    /// could not be asked.
+    pub async fn refresh(&mut self, redis: &Redis, key: impl Fn(&str) -> String, epoch: u64, ttl: Duration) -> Option<bool> {
         let ranges: Value = redis.query(RedisCommand::Set, redis::cmd("CLUSTER").arg("SLOTS")).await.ok()?;
         let firsts = first_slots(&ranges);
         if firsts.is_empty() {
@@ -42,7 +42,7 @@ impl ShardMarks {
             .map(|slot| {
                 let tag = self.tags.entry(*slot).or_insert_with(|| tag_for(*slot));
                 let mut cmd = redis::cmd("SET");
-                cmd.arg(keys.shard_mark(tag, node)).arg(epoch).arg("PX").arg(ttl.as_millis() as u64).arg("GET");
+                cmd.arg(key(tag)).arg(epoch).arg("PX").arg(ttl.as_millis() as u64).arg("GET");
                 cmd
             })
             .collect();
