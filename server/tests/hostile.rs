@@ -207,6 +207,13 @@ async fn small_holes_are_closed() {
     let deep = format!("{}{}", "[".repeat(32_000), "]".repeat(32_000));
     let (status, _, reply) = post_raw(t.client, "/v1/broadcast", format!(r#"{{"data":{deep}}}"#), None).await;
     assert_eq!(status, 400, "{reply}");
+    // So is data a strict decoder would refuse, which the node would otherwise pass on
+    // (found by an attack: a Go or serde client lost the whole frame).
+    for (data, why) in [("[1e400]", "number"), (r#""x\ud800""#, "surrogate")] {
+        let (status, _, reply) = post_raw(t.client, "/v1/push", format!(r#"{{"uids":["dup"],"data":{data}}}"#), None).await;
+        assert_eq!(status, 400, "{data}: {reply}");
+        assert!(reply["error"].as_str().is_some_and(|e| e.contains(why)), "{data}: {reply}");
+    }
 }
 
 #[tokio::test]

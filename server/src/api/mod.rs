@@ -632,8 +632,7 @@ impl Api {
         if data.get().len() > max {
             return Err(Error::new(Kind::PayloadTooLarge, format!("data is {} bytes; the limit is {max}", data.get().len())));
         }
-        let data = json::compact(data.get())
-            .map_err(|_| Error::bad_request(format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH)))?;
+        let data = json::compact(data.get()).map_err(|unfit| Error::bad_request(format!("data {unfit}")))?;
         Ok(Checked { id: self.message_ids.next(), target, data, key })
     }
 

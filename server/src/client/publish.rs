@@ -131,9 +131,7 @@ impl Publishing {
     /// held while it is published to `topic`; refused (and a refusal for room counted)
     /// when it nests too deep or the node has no room.
     pub fn hold(&self, data: &str, topic: &str, metrics: &Metrics) -> Result<(String, OwnedSemaphorePermit), Refused> {
-        let data = json::compact(data)
-            .map_err(|_| Refused { reason: ClientError::BadJson, message: format!("data nests deeper than {} arrays and objects", json::MAX_DEPTH) })?
-            .into_owned();
+        let data = json::compact(data).map_err(|unfit| Refused { reason: ClientError::BadJson, message: format!("data {unfit}") })?.into_owned();
         let kib = (data.len() + topic.len()).div_ceil(1024).max(1) as u32;
         let held = self.bytes_in_flight.clone().try_acquire_many_owned(kib).map_err(|_| {
             metrics.dropped(DropReason::NodeOverBudget, 1);

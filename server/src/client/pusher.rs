@@ -320,7 +320,7 @@ fn subscribe_presence(conn: &Arc<Conn>, clients: &Clients, app: &App, subscripti
         }
         Some(info) => match json::compact(info.get()) {
             Ok(compact) => RawValue::from_string(compact.into_owned()).ok().map(Arc::from),
-            Err(_) => return subscription_error(channel, "InvalidChannelData", 400, "user_info nests too deep"),
+            Err(unfit) => return subscription_error(channel, "InvalidChannelData", 400, &format!("user_info {unfit}")),
         },
         None => None,
     };
