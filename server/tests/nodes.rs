@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::app::{App, Asked, Reply};
 use common::redis::{RedisCluster, RedisServer};
-use common::{next_json, post, subscribe, wait_metric, ws, Process, TestServer, Ws, WAIT};
+use common::{next_json, post, subscribe, wait_metric, ws, Process, RawWs, TestServer, Ws, WAIT};
 use pushline::config::RegistryKind;
 use serde_json::{json, Value};
 
@@ -252,6 +252,22 @@ async fn a_cluster_shard_flushed_with_its_link_up_leaves_every_client_reachable(
     let runs = cluster.nodes[cluster.owner("pushline:nodes")].cli(&["smembers", "pushline:nodes"]);
     assert!(runs.lines().any(|run| run.starts_with(&format!("{b_id}:"))), "node {b_id}'s run is listed for the reaper: {runs}");
     loss.each_reached(a.client).await;
+}
+
+/// A handshake refused because Redis could not list its session is counted as refused,
+/// on both metrics, and not as an I/O error (found by an attack: `io_error` alerts fired
+/// during Redis outages).
+#[tokio::test]
+async fn a_handshake_refused_while_redis_is_down_is_counted_refused() {
+    let redis = RedisServer::start();
+    let at = node_on(&redis).await;
+    redis.kill();
+    let (status, _) = RawWs::try_handshake(at.client, "GET /ws?uid=refused HTTP/1.1\r\nHost: x\r\n").await;
+    assert_eq!(status, 503);
+    let text = common::metrics(at.admin).await;
+    let closed = |reason: &str| common::metric(&text, &format!(r#"pushline_connections_closed_total{{transport="ws",reason="{reason}"}}"#));
+    assert_eq!((closed("refused"), closed("io_error")), (1.0, 0.0), "{text}");
+    assert_eq!(common::metric(&text, r#"pushline_connections_refused_total{reason="unavailable"}"#), 1.0, "{text}");
 }
 
 #[tokio::test]

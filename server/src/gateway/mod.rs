@@ -236,7 +236,7 @@ impl Gateway {
     fn abandon(&self, conn: &Arc<Conn>) {
         conn.close_outbox(&self.metrics);
         self.admission.release(conn.address);
-        self.clients.hub.unregister(conn, CloseReason::IoError);
+        self.clients.hub.unregister(conn, CloseReason::Refused);
     }
 
     /// Whether a page on the request's origin may read the SSE stream: any origin in open

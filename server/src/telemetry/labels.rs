@@ -25,6 +25,9 @@ pub enum CloseReason {
     PolicyViolation,
     /// The application ended its user's connections (Pusher `terminate_connections`, 4009).
     Terminated,
+    /// Registered, then refused before its handshake was answered (503: Redis did not
+    /// list its session in time, or its history could not be read): never served.
+    Refused,
 }
 
 /// Why a message did not reach a connection. Label `reason` of `pushline_messages_dropped_total`.
