@@ -222,6 +222,14 @@ impl Redis {
         matches!(self.link, Link::Cluster(_))
     }
 
+    /// Whether, after a break, the link may reach a server that lacks this node's last
+    /// writes while still holding its liveness key: a Cluster shard that came back empty
+    /// beside the shard holding that key, or a replica the Sentinels promoted before it had
+    /// every write.
+    pub fn breaks_may_lose_writes(&self) -> bool {
+        matches!(self.link, Link::Cluster(_) | Link::Sentinel(_))
+    }
+
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, command: RedisCommand, cmd: &Cmd) -> RedisResult<T> {
         self.timed(command, 1, async {

@@ -287,7 +287,9 @@ impl Registrar {
                     // replica promoted before it had every write) with this key intact,
                     // and the sessions in its slots gone. After any break, all is written
                     // again (found by an attack: a shard restarted empty left a third of
-                    // the connected clients unreachable for good, untold).
+                    // the connected clients unreachable for good, untold). So after a
+                    // Sentinel failover: the promoted replica has the liveness key, and
+                    // may lack the last session writes.
                     match liveness {
                         Liveness::Missing => {
                             must_register = true;
@@ -296,8 +298,8 @@ impl Registrar {
                             // them again now, not a third of the history TTL from now.
                             relisten.reset_immediately();
                         }
-                        Liveness::Held if self.redis.sharded() && breaks != breaks_before => {
-                            tracing::warn!("a link to a Redis Cluster shard broke: writing every session again, in case that shard came back without them");
+                        Liveness::Held if self.redis.breaks_may_lose_writes() && breaks != breaks_before => {
+                            tracing::warn!("a Redis link broke (a Cluster shard, or a Sentinel failover): writing every session again, in case the server it reaches now lacks them");
                             must_register = true;
                             relisten.reset_immediately();
                         }
