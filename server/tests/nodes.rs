@@ -1187,6 +1187,21 @@ async fn channels_become(addr: SocketAddr, expected: Value, what: &str) {
     }
 }
 
+/// A signed-in user's `user_data`, echoed back to its client, is held to what strict
+/// decoders read, as presence `channel_data` is (found by an attack).
+#[tokio::test]
+async fn a_pusher_signin_strict_decoders_could_not_read_is_refused() {
+    let node = node_with(RegistryKind::Memory, &[], |c| c.pusher_app = vec!["7:key7:secret-of-app-seven".into()]).await;
+    for user_data in [r#"{"id":"u1","user_info":{"n":1e400}}"#, r#"{"id":"u1","user_info":{"s":"\ud800"}}"#, r#"{"id":"u1"}"#] {
+        let (mut user, socket_id) = pusher_client(node.client).await;
+        let auth = format!("key7:{}", pushline::pusher::sign("secret-of-app-seven", format!("{socket_id}::user::{user_data}").as_bytes()));
+        common::send_json(&mut user, json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}})).await;
+        let got = next_json(&mut user).await;
+        let expected = if user_data == r#"{"id":"u1"}"# { "pusher:signin_success" } else { "pusher:error" };
+        assert_eq!(got["event"], expected, "{user_data}: {got}");
+    }
+}
+
 /// Pusher's channel list and its users' channels across two nodes, on one Redis and on a
 /// Cluster (a channel's occupancy set and its app's index share a slot): a channel held on
 /// one node is listed by the other, a signed-in user's channel is not, terminating the user

@@ -265,6 +265,10 @@ fn signin_user(conn: &Arc<Conn>, clients: &Clients, app: &App, signin: Signin) -
         Ok(user) => user,
         Err(e) => return refused(&format!("user_data is not a JSON object with a string `id`: {e}")),
     };
+    // Echoed back to the client: held to what strict decoders read, as `channel_data` is.
+    if let Err(unfit) = json::compact(&signin.user_data) {
+        return refused(&format!("user_data {unfit}"));
+    }
     if let Err(e) = pusher::check_user_id(&user.id) {
         return refused(&e);
     }

@@ -17,7 +17,7 @@
 //!   (`shards`).
 //!
 //! Every node reaps: once per `--node-ttl` it reads `P:nodes`, and for a run whose
-//! liveness key is gone (or holds a newer epoch) it takes a short lock, deletes that
+//! liveness key is gone (or holds a newer epoch), at two passes in a row, it takes a short lock, deletes that
 //! run's uid entries (each only if it still holds that epoch), a batch at a time, then its
 //! sessions set and its `P:nodes` member. Redis memory comes back after nodes die.
 //!
@@ -222,11 +222,15 @@ impl Registrar {
         // in Redis, or had them queued again: confirmed once they are written.
         let mut relisting: Option<u64> = None;
         // The link's break count at the last refresh; and whether Redis lost this node's
-        // sessions with the link unbroken (a FLUSHALL, an eviction, a lapse while slow):
-        // then no `relay_lost` was told, and pushes meanwhile found none of its clients.
+        // sessions where the relay's own `relay_lost` may not cover it: with the link
+        // unbroken (a FLUSHALL, an eviction, a lapse while slow), or in a shard whose mark
+        // vanished, which can come after a break the relay has already told and healed.
+        // Pushes meanwhile found none of its clients: they are told once it is written.
         let mut breaks_before = self.redis.breaks();
         let mut lost_unbroken = false;
         let mut marks = ShardMarks::default();
+        // Runs of other nodes whose liveness key the last reap found gone.
+        let mut gone_before = HashSet::new();
         let mut reap = tokio::time::interval(self.ttl);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let retry_timer = tokio::time::sleep(retry);
@@ -317,10 +321,13 @@ impl Registrar {
                     // A shard that lost keys with its link up (see `shards`).
                     if self.redis.sharded() && matches!(liveness, Liveness::Held | Liveness::Missing) {
                         let lost = marks.refresh(&self.redis, |tag| self.keys.shard_mark(tag, self.node), self.epoch, self.ttl).await;
-                        if lost == Some(true) && !must_register {
-                            tracing::warn!("a Redis Cluster shard lost this node's mark with its link up (a FLUSHALL or an eviction?): writing every session again");
+                        if lost == Some(true) {
+                            tracing::warn!("a Redis Cluster shard lost this node's mark (a FLUSHALL, an eviction, a restart): writing every session again, then telling every client here of a gap");
                             must_register = true;
-                            lost_unbroken |= breaks == breaks_before;
+                            // Told even when a break was seen too: the relay may have told
+                            // its gap and heard again before the loss (found by an attack:
+                            // a FLUSHALL 3 s after a shard restart went untold).
+                            lost_unbroken = true;
                             relisten.reset_immediately();
                         }
                     }
@@ -354,7 +361,7 @@ impl Registrar {
                     due = true;
                 }
                 _ = reap.tick() => {
-                    if let Err(e) = self.reap().await {
+                    if let Err(e) = self.reap(&mut gone_before).await {
                         tracing::debug!(error = %e, "reaping after dead nodes failed; will retry");
                     }
                 }
@@ -587,8 +594,15 @@ impl Registrar {
 
     /// Cleans up after every node run in `P:nodes` whose liveness key no longer holds its
     /// epoch, one run at a time, under a lock so that one node does each.
-    async fn reap(&self) -> redis::RedisResult<()> {
+    ///
+    /// A run is reaped only when its key was gone at the previous pass too, a whole
+    /// `--node-ttl` before: a live node whose key Redis lost (a FLUSHALL of its shard) sets
+    /// it again within a third of that, and writes its sessions again, which a reap racing
+    /// that rewrite would delete for good (found by an attack: a live run reaped 2 ms
+    /// before it rewrote). `gone_before` holds the runs found gone at the previous pass.
+    async fn reap(&self, gone_before: &mut HashSet<String>) -> redis::RedisResult<()> {
         let runs: Vec<String> = self.redis.query(RedisCommand::Get, redis::cmd("SMEMBERS").arg(self.keys.runs())).await?;
+        let seen_gone = std::mem::take(gone_before);
         for run in runs {
             let Some((node, epoch)) = run.split_once(':').and_then(|(n, e)| Some((n.parse::<u16>().ok()?, e.parse::<u64>().ok()?)))
             else {
@@ -599,6 +613,10 @@ impl Registrar {
             }
             let live: Option<u64> = self.redis.query(RedisCommand::Get, redis::cmd("GET").arg(self.keys.node(node))).await?;
             if live.is_some_and(|live| live <= epoch) {
+                continue;
+            }
+            if !seen_gone.contains(&run) {
+                gone_before.insert(run);
                 continue;
             }
             let mut lock = redis::cmd("SET");
