@@ -122,7 +122,6 @@ impl Tracking {
         self.written.iter().any(|w| w.key == position.key && w.epoch == position.epoch && w.offset >= position.offset)
     }
 
-
     /// Records `position` as written.
     pub fn advance(&mut self, position: Position) {
         match self.written.iter_mut().find(|w| w.key == position.key) {

@@ -18,7 +18,7 @@ use pushline_alloc::Site;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::aio::AsyncPushSender;
-use redis::{PushInfo, PushKind, RedisError, RedisResult};
+use redis::{Cmd, PushInfo, PushKind, RedisError, RedisResult, Value};
 
 use super::{Pushes, CONNECT_TIMEOUT};
 use crate::clock;
@@ -78,6 +78,13 @@ impl Cluster {
             }
         }
         self.remaking.store(false, Ordering::Release);
+    }
+
+    /// Runs each of `cmds` at once over the shard connections (a pipeline must stay within
+    /// one slot), one result each.
+    pub(super) async fn each(self: &Arc<Self>, cmds: &[Cmd]) -> Vec<RedisResult<Value>> {
+        let each = cmds.iter().map(|cmd| self.run(move |mut c| async move { cmd.query_async::<Value>(&mut c).await }));
+        futures_util::future::join_all(each).await
     }
 
     pub(super) async fn subscribe(self: &Arc<Self>, channel: &str) -> RedisResult<()> {

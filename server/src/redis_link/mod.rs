@@ -256,10 +256,7 @@ impl Redis {
                     self.on_single(main, |mut c| async move { pipe.query_async(&mut c).await }).await
                 }
                 Link::Sentinel(f) => f.checked(pipeline(cmds).query_async(&mut f.master())).await,
-                Link::Cluster(c) => {
-                    let each = cmds.iter().map(|cmd| c.run(move |mut c| async move { cmd.query_async::<Value>(&mut c).await }));
-                    futures_util::future::join_all(each).await.into_iter().collect()
-                }
+                Link::Cluster(c) => c.each(&cmds).await.into_iter().collect(),
             }
         })
         .await
@@ -312,10 +309,7 @@ impl Redis {
                     results.iter().filter_map(|r| r.as_ref().err()).for_each(|e| f.check(e));
                     Ok(results)
                 }
-                Link::Cluster(c) => {
-                    let each = cmds.iter().map(|cmd| c.run(move |mut c| async move { cmd.query_async::<Value>(&mut c).await }));
-                    Ok(futures_util::future::join_all(each).await)
-                }
+                Link::Cluster(c) => Ok(c.each(&cmds).await),
             }
         })
         .await
